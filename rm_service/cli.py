@@ -1,0 +1,220 @@
+"""`rm-service` command line. Flags override settings from the environment (RM_* variables).
+
+Errors print one line to stderr and exit with status 2; no tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from rm_service.errors import RMError
+
+
+def _import(args) -> int:
+    from rm_service.importers import import_hh
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
+
+    store = Store(StoreSettings())
+    try:
+        counts, rejected = import_hh(store, Path(args.file), args.annotator)
+    finally:
+        store.close()
+    print(f"imported {args.file}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
+    for reason in rejected[:10]:
+        print(f"  rejected: {reason}")
+    if len(rejected) > 10:
+        print(f"  ... and {len(rejected) - 10} more")
+    return 0
+
+
+def _export(args) -> int:
+    from rm_service.importers import export_hh
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
+
+    store = Store(StoreSettings())
+    try:
+        n, snapshot = export_hh(store, Path(args.out), args.snapshot)
+    finally:
+        store.close()
+    print(f"exported {n} pairs of snapshot {snapshot} to {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
+    from rm_service.store.db import Store
+    from rm_service.train.run import train
+
+    overrides = {k: v for k, v in {
+        "backbone": args.backbone, "max_minutes": args.max_minutes, "max_pairs": args.max_pairs,
+        "ensemble_size": args.ensemble_size, "max_steps": args.max_steps, "max_tokens": args.max_tokens,
+        "seed": args.seed, "promote": False if args.no_promote else None,
+    }.items() if v is not None}
+    settings = TrainSettings(**overrides)
+    store = Store(StoreSettings())
+    try:
+        result = train(store, settings, ModelSettings())
+    finally:
+        store.close()
+    m = result.metrics
+    print(f"trained {result.version} on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
+          f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
+          f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)")
+    print(result.gate_message)
+    return 0
+
+
+def _eval(args) -> int:
+    from rm_service.evaluate import evaluate_file, load_for_eval
+
+    runtime, version = load_for_eval(args.model)
+    result = evaluate_file(runtime, Path(args.data), limit=args.limit, max_batch_tokens=args.batch_tokens)
+    print(f"{'model':<12}{'pairs':>8}{'accuracy':>10}{'loss':>9}{'ECE':>8}{'pairs/s':>9}")
+    print(f"{version:<12}{int(result['num_pairs']):>8}{result['accuracy']:>10.4f}{result['loss']:>9.4f}{result['ece']:>8.4f}{result['pairs_per_s']:>9.1f}")
+    return 0
+
+
+def _models(args) -> int:
+    from rm_service import registry
+    from rm_service.settings import StoreSettings, TrainSettings
+    from rm_service.store.db import Store
+
+    store = Store(StoreSettings())
+    try:
+        if args.action == "list":
+            print(f"{'version':<9}{'status':<11}{'backbone':<24}{'accuracy':>9}{'pairs':>7}  snapshot")
+            for r in registry.list_models(store):
+                print(f"{r.version:<9}{r.status:<11}{r.backbone[:23]:<24}{r.metrics.get('accuracy', float('nan')):>9.4f}"
+                      f"{int(r.metrics.get('train_pairs', 0)):>7}  {r.snapshot_id or ''}")
+        elif args.action == "show":
+            r = registry.get_model(store, args.version)
+            print(json.dumps(r.__dict__, indent=2, default=str))
+        elif args.action == "promote":
+            ok, message = registry.promote(store, args.version, TrainSettings().gate_tolerance, force=args.force)
+            print(message)
+            return 0 if ok else 1
+    finally:
+        store.close()
+    return 0
+
+
+def _stats(args) -> int:
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
+
+    store = Store(StoreSettings())
+    try:
+        print(json.dumps(store.stats(), indent=2))
+    finally:
+        store.close()
+    return 0
+
+
+def _serve(args) -> int:
+    from rm_service.server.app import serve_forever
+    from rm_service.settings import ServeSettings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
+                                   "with_store": False if args.no_store else None}.items() if v is not None}
+    asyncio.run(serve_forever(ServeSettings(**overrides), Path(args.port_file) if args.port_file else None))
+    return 0
+
+
+def _demo(args) -> int:
+    from rm_service.demo import run_demo
+
+    return run_demo(Path(args.data), args.max_minutes, args.max_pairs, args.backbone)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rm-service", description="Preference data and reward models for RLHF.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC reward server")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1; env RM_SERVE_HOST)")
+    s.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one; env RM_SERVE_PORT)")
+    s.add_argument("--model", help="registry version, bundled name (smollm2-135m-instruct, minilm-l6) or HF directory; default: the promoted version")
+    s.add_argument("--port-file", help="write the bound port to this file once serving")
+    s.add_argument("--no-store", action="store_true", help="serve scores only; do not open the preference store")
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("import", help="import preference data into the store")
+    s.add_argument("--format", choices=["hh"], default="hh", help="hh: HH-RLHF text pairs (JSONL of chosen/rejected)")
+    s.add_argument("--annotator", default="hh-rlhf", help="provenance recorded with each label")
+    s.add_argument("file")
+    s.set_defaults(func=_import)
+
+    s = sub.add_parser("export", help="export a snapshot's pairs")
+    s.add_argument("--format", choices=["hh"], default="hh")
+    s.add_argument("--snapshot", help="snapshot id (default: a new snapshot of everything stored)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=_export)
+
+    s = sub.add_parser("train", help="train a Bradley-Terry reward model from the store and register it")
+    s.add_argument("--backbone", help="smollm2-135m-instruct (default), minilm-l6, or an HF directory")
+    s.add_argument("--max-minutes", type=float, help="wall-clock budget (default 15)")
+    s.add_argument("--max-pairs", type=int, help="use at most this many training pairs")
+    s.add_argument("--max-steps", type=int, help="most optimiser steps per head")
+    s.add_argument("--max-tokens", type=int, help="tokens kept per item (the start is cut first)")
+    s.add_argument("--ensemble-size", type=int, help="score heads on bootstrap resamples (default 4)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--no-promote", action="store_true", help="register as candidate only")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("eval", help="pairwise accuracy of a model on a preference file")
+    s.add_argument("--data", required=True, help="HH-RLHF JSONL file")
+    s.add_argument("--model", help="registry version (v3), version directory, bundled name or HF directory; default: the promoted version")
+    s.add_argument("--limit", type=int, help="evaluate the first N pairs only")
+    s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
+    s.set_defaults(func=_eval)
+
+    s = sub.add_parser("models", help="the model registry")
+    s.add_argument("action", choices=["list", "show", "promote"])
+    s.add_argument("version", nargs="?")
+    s.add_argument("--force", action="store_true", help="promote even if the gate refuses")
+    s.set_defaults(func=_models)
+
+    s = sub.add_parser("stats", help="label and queue counts")
+    s.set_defaults(func=_stats)
+
+    s = sub.add_parser("demo", help="import HH-RLHF, train, serve, score held-out pairs over gRPC")
+    s.add_argument("--data", default=str(Path("..") / "shared" / "data" / "hh_harmless_pairs.jsonl"))
+    s.add_argument("--backbone", default="smollm2-135m-instruct")
+    s.add_argument("--max-minutes", type=float, default=8.0, help="training budget")
+    s.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs")
+    s.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "models" and args.action in ("show", "promote") and not args.version:
+        print(f"rm-service models {args.action}: a version is required", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except RMError as exc:
+        print(f"rm-service {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"rm-service {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

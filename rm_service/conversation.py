@@ -1,0 +1,73 @@
+"""Messages, conversations and their content-addressed ids.
+
+A preference item is (prompt, completion): the prompt holds every turn before the
+completion (multi-turn chats are first class), the completion is the final assistant turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from rm_service.errors import InvalidArgument
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+def validate_messages(messages: list[Message], field: str, max_chars: int | None = None) -> None:
+    """Raise InvalidArgument naming `field[i].role|content` for the first bad message."""
+    if not messages:
+        raise InvalidArgument(field, "must hold at least one message")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"{field}[{i}].role", f"unknown role {m.role!r}; expected one of {', '.join(ROLES)}")
+        if not m.content.strip():
+            raise InvalidArgument(f"{field}[{i}].content", "must not be empty")
+        if max_chars is not None and len(m.content) > max_chars:
+            raise InvalidArgument(f"{field}[{i}].content", f"is {len(m.content)} characters; the limit is {max_chars}")
+    if messages[-1].role == "assistant":
+        raise InvalidArgument(f"{field}[{len(messages) - 1}].role", "the prompt must end with a user or system turn")
+
+
+def validate_text(text: str, field: str, max_chars: int | None = None) -> None:
+    if not text.strip():
+        raise InvalidArgument(field, "must not be empty")
+    if max_chars is not None and len(text) > max_chars:
+        raise InvalidArgument(field, f"is {len(text)} characters; the limit is {max_chars}")
+
+
+def validate_finite(value: float, field: str, minimum: float | None = None) -> None:
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise InvalidArgument(field, f"must be >= {minimum}, got {value}")
+
+
+def canonical_json(messages: list[Message]) -> str:
+    """The canonical serialisation that ids hash: compact JSON of [{role, content}, ...]."""
+    return json.dumps([m.as_dict() for m in messages], ensure_ascii=False, separators=(",", ":"))
+
+
+def conversation_id(messages: list[Message]) -> str:
+    """Content address of a prompt: the same turns always give the same id."""
+    return hashlib.sha256(canonical_json(messages).encode()).hexdigest()[:32]
+
+
+def completion_id(conv_id: str, text: str) -> str:
+    """Content address of a completion within its conversation."""
+    return hashlib.sha256(f"{conv_id}\x00{text}".encode()).hexdigest()[:32]
+
+
+def messages_from_json(text: str) -> list[Message]:
+    return [Message(d["role"], d["content"]) for d in json.loads(text)]

@@ -1,0 +1,1 @@
+"""Backbones, the formatting contract, and the reward-model module."""

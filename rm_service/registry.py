@@ -1,0 +1,172 @@
+"""The reward-model registry: versions v1, v2, ... with artifacts, metrics and a status.
+
+A version's artifact directory holds `version.json` (formatting contract, backbone,
+normalisation, golden pairs, metrics) and `head.safetensors` (the K score heads), or a
+full HF directory for imported checkpoints. Status: candidate -> promoted -> retired, or
+rejected by the promotion gate. Exactly one version is promoted at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from rm_service.conversation import Message
+from rm_service.errors import FailedPrecondition, NotFound
+from rm_service.models.formatting import FormatSpec
+from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
+from rm_service.settings import ModelSettings
+from rm_service.store.db import Store
+
+log = logging.getLogger(__name__)
+STATUSES = ("candidate", "promoted", "rejected", "retired")
+
+
+@dataclass
+class ModelRecord:
+    version: str
+    parent: str | None
+    snapshot_id: str | None
+    backbone: str
+    format_hash: str
+    status: str
+    metrics: dict
+    reward_mean: float
+    reward_std: float
+    ensemble_size: int
+    artifact_path: str
+    created_at_ms: int | None = None
+
+
+_COLUMNS = "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, ensemble_size, artifact_path, epoch_ms(created_at)"
+
+
+def _record(row) -> ModelRecord:
+    rec = ModelRecord(*row)
+    rec.metrics = json.loads(rec.metrics) if isinstance(rec.metrics, str) else (rec.metrics or {})
+    return rec
+
+
+def list_models(store: Store) -> list[ModelRecord]:
+    with store._lock:
+        rows = store.con.execute(f"SELECT {_COLUMNS} FROM models ORDER BY number").fetchall()
+    return [_record(r) for r in rows]
+
+
+def get_model(store: Store, version: str) -> ModelRecord:
+    with store._lock:
+        row = store.con.execute(f"SELECT {_COLUMNS} FROM models WHERE version = ?", [version]).fetchone()
+    if row is None:
+        raise NotFound(f"model version {version!r} not found")
+    return _record(row)
+
+
+def promoted(store: Store) -> ModelRecord | None:
+    with store._lock:
+        row = store.con.execute(f"SELECT {_COLUMNS} FROM models WHERE status = 'promoted'").fetchone()
+    return _record(row) if row else None
+
+
+def next_version(store: Store) -> tuple[str, int]:
+    with store._lock:
+        number = store.con.execute("SELECT coalesce(max(number), 0) + 1 FROM models").fetchone()[0]
+    return f"v{number}", int(number)
+
+
+def register(store: Store, rec: ModelRecord, number: int) -> None:
+    with store._lock:
+        store.con.execute(
+            """INSERT INTO models (version, number, parent, snapshot_id, backbone, format_hash, status, metrics,
+                                   reward_mean, reward_std, ensemble_size, artifact_path)
+               VALUES (?, ?, ?, ?, ?, ?, 'candidate', ?, ?, ?, ?, ?)""",
+            [rec.version, number, rec.parent, rec.snapshot_id, rec.backbone, rec.format_hash, json.dumps(rec.metrics),
+             rec.reward_mean, rec.reward_std, rec.ensemble_size, rec.artifact_path],
+        )
+
+
+def promote(store: Store, version: str, tolerance: float, force: bool = False) -> tuple[bool, str]:
+    """Promotion gate: promote `version` unless its held-out accuracy is below the promoted
+    version's by more than `tolerance`. Returns (promoted?, reason). A refused candidate
+    becomes `rejected`; the previously promoted version becomes `retired`."""
+    candidate = get_model(store, version)
+    current = promoted(store)
+    if current is not None and current.version == version:
+        return True, f"{version} is already promoted"
+    acc_new = candidate.metrics.get("accuracy", float("nan"))
+    if current is not None and not force:
+        acc_old = current.metrics.get("accuracy", float("nan"))
+        if math.isnan(acc_new) or (not math.isnan(acc_old) and acc_new < acc_old - tolerance):
+            _set_status(store, version, "rejected")
+            return False, f"{version} held-out accuracy {acc_new:.4f} is below {current.version}'s {acc_old:.4f} minus tolerance {tolerance}"
+    with store._lock:
+        store.con.execute("BEGIN TRANSACTION")
+        try:
+            store.con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
+            store.con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])
+            store.con.execute("COMMIT")
+        except Exception:
+            store.con.execute("ROLLBACK")
+            raise
+    return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
+
+
+def _set_status(store: Store, version: str, status: str) -> None:
+    with store._lock:
+        store.con.execute("UPDATE models SET status = ? WHERE version = ?", [status, version])
+
+
+def write_head_artifact(directory: Path, meta: dict, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Write a head-mode version: version.json + head.safetensors, atomically (temp + rename)."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({"weight": torch.from_numpy(np.ascontiguousarray(weight)).float(), "bias": torch.from_numpy(np.ascontiguousarray(bias)).float()},
+              str(tmp / "head.safetensors"))
+    (tmp / "version.json").write_text(json.dumps(meta, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSettings | None = None) -> tuple[ModelRuntime, dict]:
+    """Load a version's artifact into a runtime; checks the backbone identity and the golden pairs."""
+    directory = Path(directory)
+    meta = json.loads((directory / "version.json").read_text())
+    spec = FormatSpec(**meta["format"])
+    runtime = load_backbone_runtime(meta["backbone"], spec.max_tokens, device=device, precision="bf16" if meta.get("autocast_bf16") else "fp32",
+                                    settings=settings, spec=spec)
+    if runtime.backbone_key != meta["backbone_key"]:
+        raise FailedPrecondition(f"{directory}: backbone {meta['backbone']!r} is {runtime.backbone_key}, "
+                                 f"but the version was trained on {meta['backbone_key']}")
+    head = load_file(str(directory / "head.safetensors"))
+    score = torch.nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias=True)
+    with torch.no_grad():
+        score.weight.copy_(head["weight"])
+        score.bias.copy_(head["bias"])
+    runtime.model.score = score.to(runtime.device)
+    runtime.reward_mean, runtime.reward_std = float(meta["reward_mean"]), float(meta["reward_std"])
+    check_golden(runtime, meta.get("golden", []), meta.get("golden_tolerance", 0.05), directory)
+    return runtime, meta
+
+
+def check_golden(runtime: ModelRuntime, golden: list[dict], tolerance: float, where: Path) -> None:
+    """Re-score the stored golden items; refuse the version if any score moved beyond tolerance."""
+    if not golden:
+        return
+    items = [runtime.format([Message(**m) for m in g["prompt"]], g["completion"]) for g in golden]
+    raw = runtime.run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
+    for g, got in zip(golden, raw):
+        if abs(float(got) - g["raw_score"]) > tolerance * max(1.0, abs(g["raw_score"])):
+            raise FailedPrecondition(
+                f"{where}: golden pair check failed: an item scored {float(got):.5f} at load but {g['raw_score']:.5f} "
+                "in training; the backbone, tokenizer or formatting differs from training. Refusing to serve this version"
+            )

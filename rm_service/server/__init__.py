@@ -1,0 +1,1 @@
+"""The gRPC server: RewardService, PreferenceService, TrainingService, health, reflection."""

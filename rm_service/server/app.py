@@ -1,0 +1,141 @@
+"""Build, start and stop the gRPC server (grpc.aio).
+
+Health (`grpc.health.v1`) answers NOT_SERVING until the model is loaded, SERVING after,
+and NOT_SERVING again while draining. Reflection lists every service, so grpcurl works
+without .proto files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_service.errors import FailedPrecondition, Unimplemented
+from rm_service.server.models import ServedModels, load_for_serving
+from rm_service.server.preference import PreferenceService
+from rm_service.server.reward import RewardService
+from rm_service.server.rpc import rpc, stream_rpc
+from rm_service.settings import ModelSettings, ServeSettings, StoreSettings
+from rm_service.store.db import Store
+
+log = logging.getLogger(__name__)
+
+
+class TrainingService(training_pb2_grpc.TrainingServiceServicer):
+    @rpc
+    async def RequestRetrain(self, request, context):
+        raise Unimplemented("RequestRetrain is not implemented yet; run `rm-service train`")
+
+    @rpc
+    async def GetJob(self, request, context):
+        raise Unimplemented("GetJob is not implemented yet")
+
+    @stream_rpc
+    async def WatchJob(self, request, context):
+        raise Unimplemented("WatchJob is not implemented yet")
+        yield  # pragma: no cover
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RewardServer:
+    """One server process: the model(s) it serves and, unless disabled, the store."""
+
+    def __init__(self, settings: ServeSettings, store_settings: StoreSettings | None = None, models: ModelSettings | None = None):
+        if not is_loopback(settings.host):
+            raise FailedPrecondition(
+                f"refusing to bind {settings.host}: authentication is not built yet, so rm-service binds only "
+                "loopback addresses (127.0.0.1, ::1, localhost)"
+            )
+        self.settings = settings
+        self.store_settings = store_settings or StoreSettings()
+        self.models = models or ModelSettings()
+        self.store: Store | None = None
+        self.served = ServedModels()
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
+        options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
+                   ("grpc.max_send_message_length", self.settings.max_message_bytes)]
+        self.server = grpc.aio.server(options=options)
+        if self.settings.with_store:
+            self.store = Store(self.store_settings)
+        max_chars = self.store_settings.max_text_chars
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.served, self.settings, self.store, max_chars), self.server)
+        names = [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
+        if self.store is not None:
+            preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store), self.server)
+            training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(), self.server)
+            names += [preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
+                      training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
+        self.port = self.server.add_insecure_port(f"{host}:{self.settings.port}")
+        await self.server.start()
+        log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
+        served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
+        self.served.add(served)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
+        return self.port
+
+    async def _set_health(self, status) -> None:
+        for service in ("", "rm.v1.RewardService"):
+            await self.health.set(service, status)
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish, close the store."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(self.settings.grace_seconds)
+        if self.store is not None:
+            self.store.checkpoint()
+            self.store.close()
+            self.store = None
+
+
+async def serve_forever(settings: ServeSettings, port_file: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and exit."""
+    server = RewardServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await server.start()
+        if port_file is not None:
+            port_file.write_text(str(port))
+        print(f"rm-service serving {server.served.default} on {settings.host}:{port}", flush=True)
+        await stop.wait()
+        log.info("shutting down: draining in-flight calls")
+    finally:
+        await server.stop()
+    print("rm-service stopped cleanly", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

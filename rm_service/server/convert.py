@@ -1,0 +1,63 @@
+"""proto <-> domain conversion, with validation errors that name the request field."""
+
+from __future__ import annotations
+
+import math
+
+from rm_service.api.v1 import preference_pb2, reward_pb2
+from rm_service.conversation import Message, validate_messages, validate_text
+from rm_service.registry import ModelRecord
+from rm_service.store.labels import LabelIn
+
+SOURCE_NAMES = {preference_pb2.HUMAN: "HUMAN", preference_pb2.JUDGE: "JUDGE", preference_pb2.IMPORT: "IMPORT"}
+STATUS_VALUES = {"INSERTED": preference_pb2.INSERTED, "DUPLICATE": preference_pb2.DUPLICATE,
+                 "REJECTED": preference_pb2.REJECTED, "CONFLICT": preference_pb2.CONFLICT}
+
+
+def messages(pb_messages) -> list[Message]:
+    return [Message(m.role, m.content) for m in pb_messages]
+
+
+def score_items(request: reward_pb2.ScoreRequest, max_items: int, max_chars: int) -> list[tuple[list[Message], str]]:
+    """Validated (prompt, completion) pairs of a Score request."""
+    from rm_service.errors import InvalidArgument
+
+    if not request.items:
+        raise InvalidArgument("items", "must hold at least one item")
+    if len(request.items) > max_items:
+        raise InvalidArgument("items", f"holds {len(request.items)} items; the limit per request is {max_items}")
+    out = []
+    for i, item in enumerate(request.items):
+        prompt = messages(item.prompt)
+        validate_messages(prompt, f"items[{i}].prompt", max_chars)
+        validate_text(item.completion, f"items[{i}].completion", max_chars)
+        out.append((prompt, item.completion))
+    return out
+
+
+def label(pb: preference_pb2.Label) -> LabelIn:
+    """A proto label as the store takes it (the store validates it)."""
+    return LabelIn(
+        label_id=pb.label_id,
+        prompt=messages(pb.prompt),
+        responses=list(pb.responses),
+        ranks=list(pb.ranks),
+        source=SOURCE_NAMES.get(pb.source, preference_pb2.LabelSource.Name(pb.source) if pb.source in preference_pb2.LabelSource.values() else str(pb.source)),
+        annotator=pb.annotator,
+        strength=pb.strength if pb.HasField("strength") else None,
+        rationale=pb.rationale,
+        metadata=dict(pb.metadata),
+        task_id=pb.task_id,
+    )
+
+
+def model_info(rec: ModelRecord, loaded: bool) -> reward_pb2.ModelInfo:
+    info = reward_pb2.ModelInfo(
+        version=rec.version, parent=rec.parent or "", snapshot_id=rec.snapshot_id or "", backbone=rec.backbone,
+        status=rec.status, format_hash=rec.format_hash, reward_mean=rec.reward_mean, reward_std=rec.reward_std,
+        ensemble_size=rec.ensemble_size, loaded=loaded,
+        metrics={k: float(v) for k, v in rec.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+    )
+    if rec.created_at_ms:
+        info.created_at.FromMilliseconds(int(rec.created_at_ms))
+    return info

@@ -1,0 +1,92 @@
+"""Settings: one pydantic model per component, every field overridable by environment.
+
+Environment names are the prefix plus the field name in upper case, e.g. `RM_SERVE_PORT=50051`
+or `RM_TRAIN_BACKBONE=minilm-l6`. `RM_HOME` sets the service home (default `./var`), under
+which the store file, model artifacts and the model cache live unless set otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def rm_home() -> Path:
+    """The service home directory: `$RM_HOME`, default `./var`."""
+    return Path(os.environ.get("RM_HOME", "var")).resolve()
+
+
+class StoreSettings(BaseSettings):
+    """The DuckDB preference store."""
+
+    model_config = SettingsConfigDict(env_prefix="RM_STORE_")
+
+    path: Path = Field(default_factory=lambda: rm_home() / "rm.duckdb", description="DuckDB file of the preference store.")
+    max_text_chars: int = Field(32_000, gt=0, description="Longest accepted message or response, in characters.")
+    max_responses: int = Field(16, ge=2, description="Most responses a single label may rank (K).")
+
+
+class ModelSettings(BaseSettings):
+    """Where models and artifacts live."""
+
+    model_config = SettingsConfigDict(env_prefix="RM_MODELS_")
+
+    cache_dir: Path = Field(
+        default_factory=lambda: rm_home() / "cache" / "models",
+        description="Bundled models converted to HF directories (GGUF dequantised once) are cached here.",
+    )
+    artifacts_dir: Path = Field(
+        default_factory=lambda: rm_home() / "registry",
+        description="Reward-model versions: one directory per version.",
+    )
+
+
+class ServeSettings(BaseSettings):
+    """The gRPC reward server."""
+
+    model_config = SettingsConfigDict(env_prefix="RM_SERVE_")
+
+    host: str = Field("127.0.0.1", description="Address to bind. Loopback by default.")
+    port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
+    model: str | None = Field(
+        None,
+        description="Serve this model (a registry version, a bundled name or an HF directory) instead of the promoted version.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model; auto picks CUDA when present.")
+    max_items_per_request: int = Field(512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above).")
+    max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one model batch (padded tokens).")
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent.")
+    grace_seconds: float = Field(10.0, ge=0, description="On shutdown, how long in-flight calls may take to finish.")
+    with_store: bool = Field(True, description="Open the preference store and serve PreferenceService from this process.")
+    torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
+
+
+class TrainSettings(BaseSettings):
+    """Reward-model training (Bradley-Terry)."""
+
+    model_config = SettingsConfigDict(env_prefix="RM_TRAIN_")
+
+    backbone: str = Field("smollm2-135m-instruct", description="Bundled model name or HF directory to build the reward model on.")
+    mode: Literal["head"] = Field("head", description="head: frozen backbone, cached features, trained score heads.")
+    ensemble_size: int = Field(4, ge=1, le=64, description="Score heads trained on bootstrap resamples; served as mean and std.")
+    max_tokens: int = Field(1024, ge=16, description="Tokens kept per (conversation, completion); the start is cut first.")
+    max_pairs: int | None = Field(None, gt=0, description="Use at most this many training pairs (None: all).")
+    max_minutes: float = Field(15.0, gt=0, description="Wall-clock budget for feature extraction and fitting together.")
+    max_steps: int = Field(2000, gt=0, description="Most optimiser steps per score head.")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Conversations held out for evaluation (split by conversation).")
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate of the score heads.")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (the head's L2 regularisation).")
+    batch_size: int = Field(256, gt=0, description="Pairs per optimiser step.")
+    feature_batch_tokens: int = Field(4096, gt=0, description="Token budget of one feature-extraction batch.")
+    center_coef: float = Field(1e-3, ge=0, description="Weight of the centring term coef * (r_chosen + r_rejected)^2.")
+    patience: int = Field(100, ge=1, description="Early stopping: steps without held-out loss improvement.")
+    seed: int = Field(0, description="Seed for the split, the bootstrap and the heads' initialisation.")
+    promote: bool = Field(True, description="Promote the new version when it passes the gate.")
+    gate_tolerance: float = Field(0.02, ge=0, description="Promote only if held-out accuracy >= promoted's minus this.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Backbone precision: bf16 autocast, fp32, or auto (bf16 for causal backbones, where it is faster on CPU; fp32 for encoders)."
+    )

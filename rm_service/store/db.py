@@ -1,0 +1,273 @@
+"""Store: the one process-wide owner of the DuckDB file.
+
+DuckDB allows one writing process per file; this class is that writer. Every write runs in
+one transaction and a label counts as stored only after its COMMIT returns. A second process
+that opens a file in use gets `Unavailable` with a hint to go through the server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from rm_service.conversation import Message, completion_id, conversation_id, canonical_json, messages_from_json
+from rm_service.errors import InvalidArgument, NotFound, Unavailable
+from rm_service.settings import StoreSettings
+from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, expand_pairs, validate_label
+from rm_service.store.schema import migrate
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One Bradley-Terry comparison expanded from a label: chosen over rejected."""
+
+    label_id: str
+    conversation_id: str
+    prompt: list[Message]
+    chosen_id: str
+    chosen: str
+    rejected_id: str
+    rejected: str
+    strength: float | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    snapshot_id: str
+    max_seq: int
+    num_labels: int
+
+
+class Store:
+    def __init__(self, settings: StoreSettings | None = None, read_only: bool = False):
+        self.settings = settings or StoreSettings()
+        path = Path(self.settings.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            raise Unavailable(
+                f"cannot open the store {path}: {exc}. Another process (a running `rm-service serve`?) "
+                "owns it; send labels through the server's IngestLabels instead"
+            ) from exc
+        self._lock = threading.RLock()  # one writer: DuckDB connections are not thread-safe
+        if not read_only:
+            migrate(self.con)
+
+    def close(self) -> None:
+        with self._lock:
+            self.con.close()
+
+    def checkpoint(self) -> None:
+        with self._lock:
+            self.con.execute("CHECKPOINT")
+
+    # -- ingestion -------------------------------------------------------------------------
+
+    def ingest(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
+        """Validate and store labels in one transaction; one outcome per label, in order.
+
+        A bad label is REJECTED and never blocks the others. A label_id already stored (or
+        earlier in the same call) with the same payload is a DUPLICATE, with another payload
+        a CONFLICT; neither writes anything.
+        """
+        outcomes: list[IngestOutcome | None] = [None] * len(labels)
+        valid: list[tuple[int, LabelIn, str]] = []
+        for i, label in enumerate(labels):
+            try:
+                validate_label(label, f"{field}[{i}]", self.settings.max_text_chars, self.settings.max_responses)
+            except InvalidArgument as exc:
+                outcomes[i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
+                continue
+            valid.append((i, label, label.payload_hash()))
+        with self._lock:
+            self.con.execute("BEGIN TRANSACTION")
+            try:
+                known = self._stored_hashes([lab.label_id for _, lab, _ in valid])
+                rows = _Rows()
+                for i, label, phash in valid:
+                    if label.label_id in known:
+                        same = known[label.label_id] == phash
+                        outcomes[i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
+                                                    "" if same else "label_id already stored with a different payload")
+                        continue
+                    known[label.label_id] = phash
+                    rows.add(label, phash, origin)
+                    outcomes[i] = IngestOutcome(label.label_id, "INSERTED")
+                rows.write(self.con)
+                self.con.execute("COMMIT")
+            except Exception:
+                self.con.execute("ROLLBACK")
+                raise
+        return [o for o in outcomes if o is not None]
+
+    def _stored_hashes(self, label_ids: list[str]) -> dict[str, str]:
+        if not label_ids:
+            return {}
+        rows = self.con.execute(
+            "SELECT label_id, payload_hash FROM labels WHERE label_id IN (SELECT unnest(?::VARCHAR[]))", [label_ids]
+        ).fetchall()
+        return dict(rows)
+
+    # -- snapshots and pairs ---------------------------------------------------------------
+
+    def create_snapshot(self) -> Snapshot:
+        """Freeze the set of labels committed so far: a reproducible training input."""
+        with self._lock:
+            self.con.execute("BEGIN TRANSACTION")
+            try:
+                max_seq, count = self.con.execute("SELECT coalesce(max(seq), 0), count(*) FROM labels").fetchone()
+                number = self.con.execute("SELECT count(*) FROM snapshots").fetchone()[0] + 1
+                snap = Snapshot(f"snap-{number:06d}", int(max_seq), int(count))
+                self.con.execute("INSERT INTO snapshots (snapshot_id, max_seq, num_labels) VALUES (?, ?, ?)",
+                                 [snap.snapshot_id, snap.max_seq, snap.num_labels])
+                self.con.execute("COMMIT")
+            except Exception:
+                self.con.execute("ROLLBACK")
+                raise
+        return snap
+
+    def get_snapshot(self, snapshot_id: str | None = None) -> Snapshot | None:
+        """A snapshot by id, or the latest one (None if there is none)."""
+        with self._lock:
+            if snapshot_id:
+                row = self.con.execute("SELECT snapshot_id, max_seq, num_labels FROM snapshots WHERE snapshot_id = ?", [snapshot_id]).fetchone()
+                if row is None:
+                    raise NotFound(f"snapshot {snapshot_id!r} not found")
+            else:
+                row = self.con.execute("SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC LIMIT 1").fetchone()
+        return Snapshot(*row) if row else None
+
+    def pairs(self, snapshot: Snapshot, policy: PairPolicy = "all") -> list[Pair]:
+        """Bradley-Terry pairs of every label in the snapshot, in label commit order."""
+        with self._lock:
+            rows = self.con.execute(
+                """
+                SELECT l.label_id, l.conversation_id, c.messages, l.strength, l.source,
+                       list(r.completion_id ORDER BY r.position), list(r.rank ORDER BY r.position),
+                       list(k.text ORDER BY r.position)
+                FROM labels l
+                JOIN conversations c ON c.id = l.conversation_id
+                JOIN label_rankings r ON r.label_id = l.label_id
+                JOIN completions k ON k.id = r.completion_id
+                WHERE l.seq <= ?
+                GROUP BY ALL
+                ORDER BY min(l.seq)
+                """,
+                [snapshot.max_seq],
+            ).fetchall()
+        out = []
+        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts in rows:
+            prompt = messages_from_json(messages)
+            for i, j in expand_pairs(ranks, policy):
+                out.append(Pair(label_id, conv_id, prompt, comp_ids[i], texts[i], comp_ids[j], texts[j], strength, source))
+        return out
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self, since_snapshot_id: str | None = None) -> dict:
+        with self._lock:
+            q = self.con.execute
+            by_source = dict(q("SELECT source, count(*) FROM labels GROUP BY source").fetchall())
+            snap = self.get_snapshot(since_snapshot_id)
+            since = q("SELECT count(*) FROM labels WHERE seq > ?", [snap.max_seq if snap else 0]).fetchone()[0]
+            queued = q("SELECT count(*) FROM tasks WHERE state = 'queued' OR (state = 'leased' AND lease_expires_at < now())").fetchone()[0]
+            leased = q("SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_expires_at >= now()").fetchone()[0]
+            pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
+                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[0]
+            return {
+                "labels_total": sum(by_source.values()),
+                "labels_by_source": by_source,
+                "conversations": q("SELECT count(*) FROM conversations").fetchone()[0],
+                "completions": q("SELECT count(*) FROM completions").fetchone()[0],
+                "pairs": int(pairs),
+                "latest_snapshot_id": snap.snapshot_id if snap else "",
+                "labels_since_snapshot": since,
+                "queue_depth": queued,
+                "tasks_leased": leased,
+            }
+
+
+class _Rows:
+    """Column buffers for one ingestion transaction, written with one INSERT per table."""
+
+    def __init__(self):
+        self.conversations = {"id": [], "messages": [], "num_turns": []}
+        self.completions = {"id": [], "conversation_id": [], "text": [], "origin": []}
+        self.labels = {k: [] for k in ("label_id", "conversation_id", "source", "annotator", "strength", "rationale", "metadata", "task_id", "payload_hash")}
+        self.rankings = {"label_id": [], "position": [], "completion_id": [], "rank": []}
+        self._seen_conv: set[str] = set()
+        self._seen_comp: set[str] = set()
+
+    def add(self, label: LabelIn, phash: str, origin: str) -> None:
+        conv = conversation_id(label.prompt)
+        if conv not in self._seen_conv:
+            self._seen_conv.add(conv)
+            _append(self.conversations, id=conv, messages=canonical_json(label.prompt), num_turns=len(label.prompt))
+        for position, (text, rank) in enumerate(zip(label.responses, label.ranks)):
+            comp = completion_id(conv, text)
+            if comp not in self._seen_comp:
+                self._seen_comp.add(comp)
+                _append(self.completions, id=comp, conversation_id=conv, text=text, origin=label.metadata.get("origin", origin))
+            _append(self.rankings, label_id=label.label_id, position=position, completion_id=comp, rank=rank)
+        _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
+                strength=label.strength, rationale=label.rationale, metadata=json.dumps(label.metadata, sort_keys=True),
+                task_id=label.task_id or None, payload_hash=phash)
+
+    def write(self, con: duckdb.DuckDBPyConnection) -> None:
+        if not self.labels["label_id"]:
+            return
+        c = self.conversations
+        con.execute("""INSERT INTO conversations (id, messages, num_turns)
+                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[])::JSON, unnest(?::INTEGER[]))
+                       WHERE id NOT IN (SELECT id FROM conversations)""", [c["id"], c["messages"], c["num_turns"]])
+        k = self.completions
+        con.execute("""INSERT INTO completions (id, conversation_id, text, origin)
+                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]))
+                       WHERE id NOT IN (SELECT id FROM completions)""", [k["id"], k["conversation_id"], k["text"], k["origin"]])
+        lab = self.labels
+        con.execute("""INSERT INTO labels (label_id, seq, conversation_id, source, annotator, strength, rationale, metadata, task_id, payload_hash)
+                       SELECT l, nextval('label_seq'), c, s, a, st, r, m::JSON, t, h FROM (
+                         SELECT unnest(?::VARCHAR[]) AS l, unnest(?::VARCHAR[]) AS c, unnest(?::VARCHAR[]) AS s, unnest(?::VARCHAR[]) AS a,
+                                unnest(?::DOUBLE[]) AS st, unnest(?::VARCHAR[]) AS r, unnest(?::VARCHAR[]) AS m, unnest(?::VARCHAR[]) AS t,
+                                unnest(?::VARCHAR[]) AS h, generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i""",
+                    [lab["label_id"], lab["conversation_id"], lab["source"], lab["annotator"], lab["strength"], lab["rationale"],
+                     lab["metadata"], lab["task_id"], lab["payload_hash"], lab["label_id"]])
+        r = self.rankings
+        con.execute("""INSERT INTO label_rankings (label_id, position, completion_id, rank)
+                       SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[])""",
+                    [r["label_id"], r["position"], r["completion_id"], r["rank"]])
+
+
+def _append(columns: dict[str, list], **values) -> None:
+    for key, value in values.items():
+        columns[key].append(value)
+
+
+def get_features(store: Store, backbone_key: str, format_hash: str, completion_ids: list[str]) -> dict[str, tuple[list[float], int]]:
+    """Cached pooled features {completion_id: (vector, num_tokens)} for a backbone and format."""
+    if not completion_ids:
+        return {}
+    with store._lock:
+        rows = store.con.execute(
+            """SELECT completion_id, vector, num_tokens FROM features
+               WHERE backbone_key = ? AND format_hash = ? AND completion_id IN (SELECT unnest(?::VARCHAR[]))""",
+            [backbone_key, format_hash, completion_ids],
+        ).fetchall()
+    return {cid: (vec, n) for cid, vec, n in rows}
+
+
+def put_features(store: Store, backbone_key: str, format_hash: str, completion_ids: list[str], vectors, num_tokens: list[int]) -> None:
+    """Cache features in one transaction; rows already cached are kept."""
+    with store._lock:
+        store.con.execute(
+            """INSERT INTO features (completion_id, backbone_key, format_hash, vector, num_tokens)
+               SELECT unnest(?::VARCHAR[]), ?, ?, unnest(?::FLOAT[][]), unnest(?::INTEGER[])
+               ON CONFLICT DO NOTHING""",
+            [completion_ids, backbone_key, format_hash, [list(map(float, v)) for v in vectors], num_tokens],
+        )

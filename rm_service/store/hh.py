@@ -1,0 +1,81 @@
+"""The HH-RLHF text format (Anthropic's hh-rlhf): one JSON object a line,
+`{"chosen": str, "rejected": str}`, each a whole conversation:
+
+    "\\n\\nHuman: <turn>\\n\\nAssistant: <turn> ... \\n\\nAssistant: <final turn>"
+
+The two share every turn but the final assistant turn. A pair maps to prompt = every turn
+before the final one (roles user/assistant), chosen/rejected = the two final turns.
+Turn text is kept byte for byte, so export(import(file)) reproduces each line's text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from rm_service.conversation import Message
+
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_ROLE = {"Human": "user", "Assistant": "assistant"}
+_NAME = {"user": "Human", "assistant": "Assistant"}
+
+
+class HHFormatError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class HHPair:
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+def parse_conversation(text: str) -> list[Message]:
+    """Split HH text into messages; raises HHFormatError if it is not in the format."""
+    parts = _TURN.split(text)
+    if parts[0] != "" or len(parts) < 3:
+        raise HHFormatError("does not start with '\\n\\nHuman: '")
+    # parts = ["", role, content, role, content, ...]
+    return [Message(_ROLE[parts[i]], parts[i + 1]) for i in range(1, len(parts), 2)]
+
+
+def parse_pair(record: dict) -> HHPair:
+    for key in ("chosen", "rejected"):
+        if not isinstance(record.get(key), str):
+            raise HHFormatError(f"field {key!r} is missing or not a string")
+    chosen = parse_conversation(record["chosen"])
+    rejected = parse_conversation(record["rejected"])
+    if chosen[-1].role != "assistant" or rejected[-1].role != "assistant":
+        raise HHFormatError("the final turn is not an Assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise HHFormatError("chosen and rejected do not share the turns before the final one")
+    return HHPair(chosen[:-1], chosen[-1].content, rejected[-1].content)
+
+
+def render_conversation(messages: list[Message]) -> str:
+    return "".join(f"\n\n{_NAME[m.role]}: {m.content}" for m in messages)
+
+
+def render_pair(prompt: list[Message], chosen: str, rejected: str) -> dict[str, str]:
+    return {
+        "chosen": render_conversation([*prompt, Message("assistant", chosen)]),
+        "rejected": render_conversation([*prompt, Message("assistant", rejected)]),
+    }
+
+
+def read_pairs(path: Path) -> Iterator[tuple[int, str, HHPair | HHFormatError]]:
+    """(line number, line hash, pair or the error that line raised) for every non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            digest = hashlib.sha256(line.rstrip("\n").encode()).hexdigest()[:24]
+            try:
+                yield number, digest, parse_pair(json.loads(line))
+            except (HHFormatError, json.JSONDecodeError) as exc:
+                yield number, digest, HHFormatError(f"line {number}: {exc}")

@@ -1,0 +1,125 @@
+"""Store schema and migrations.
+
+`schema_version` holds one row per applied migration; opening a file applies the ones it
+lacks, in order, each in its own transaction. Add a migration by appending to MIGRATIONS.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+V1 = """
+CREATE TABLE conversations (
+    id          VARCHAR PRIMARY KEY,          -- sha256 of the canonical messages JSON
+    messages    JSON NOT NULL,                -- [{role, content}, ...], oldest first
+    num_turns   INTEGER NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE completions (
+    id              VARCHAR PRIMARY KEY,      -- sha256 of (conversation id, text)
+    conversation_id VARCHAR NOT NULL,
+    text            VARCHAR NOT NULL,
+    origin          VARCHAR NOT NULL,         -- dataset | policy@<version> | human
+    sampling        JSON,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE SEQUENCE label_seq START 1;
+CREATE TABLE labels (
+    label_id        VARCHAR PRIMARY KEY,      -- client idempotency key
+    seq             BIGINT NOT NULL UNIQUE,   -- commit order; snapshots are seq bounds
+    conversation_id VARCHAR NOT NULL,
+    source          VARCHAR NOT NULL,         -- HUMAN | JUDGE | IMPORT
+    annotator       VARCHAR NOT NULL,
+    strength        DOUBLE,
+    rationale       VARCHAR,
+    metadata        JSON,
+    task_id         VARCHAR,
+    payload_hash    VARCHAR NOT NULL,         -- tells a retry (same hash) from a conflict
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE label_rankings (
+    label_id      VARCHAR NOT NULL,
+    position      INTEGER NOT NULL,           -- index in the label's responses
+    completion_id VARCHAR NOT NULL,
+    rank          INTEGER NOT NULL,           -- 0 = best; equal ranks are ties
+    PRIMARY KEY (label_id, position)
+);
+CREATE TABLE tasks (
+    task_id          VARCHAR PRIMARY KEY,
+    conversation_id  VARCHAR NOT NULL,
+    completion_ids   VARCHAR[] NOT NULL,
+    policy_version   VARCHAR,
+    priority         INTEGER NOT NULL DEFAULT 0,
+    state            VARCHAR NOT NULL,        -- queued | leased | done
+    lease_owner      VARCHAR,
+    lease_expires_at TIMESTAMPTZ,
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE snapshots (
+    snapshot_id VARCHAR PRIMARY KEY,
+    max_seq     BIGINT NOT NULL,              -- the snapshot holds labels with seq <= max_seq
+    num_labels  BIGINT NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+);
+CREATE TABLE models (
+    version       VARCHAR PRIMARY KEY,        -- v1, v2, ...
+    number        INTEGER NOT NULL UNIQUE,
+    parent        VARCHAR,
+    snapshot_id   VARCHAR,
+    backbone      VARCHAR NOT NULL,
+    format_hash   VARCHAR NOT NULL,
+    status        VARCHAR NOT NULL,           -- candidate | promoted | rejected | retired
+    metrics       JSON,
+    reward_mean   DOUBLE NOT NULL,
+    reward_std    DOUBLE NOT NULL,
+    ensemble_size INTEGER NOT NULL,
+    artifact_path VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    promoted_at   TIMESTAMPTZ
+);
+CREATE TABLE jobs (
+    job_id        VARCHAR PRIMARY KEY,
+    kind          VARCHAR NOT NULL,
+    state         VARCHAR NOT NULL,           -- queued | running | succeeded | failed
+    snapshot_id   VARCHAR,
+    model_version VARCHAR,
+    error         VARCHAR,
+    metrics       JSON,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    finished_at   TIMESTAMPTZ
+);
+CREATE TABLE features (
+    completion_id VARCHAR NOT NULL,
+    backbone_key  VARCHAR NOT NULL,           -- backbone identity (name or weights hash)
+    format_hash   VARCHAR NOT NULL,
+    vector        FLOAT[] NOT NULL,           -- pooled last-token features, [H]
+    num_tokens    INTEGER NOT NULL,
+    PRIMARY KEY (completion_id, backbone_key, format_hash)
+);
+"""
+
+MIGRATIONS: list[str] = [V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(con: duckdb.DuckDBPyConnection) -> int:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)")
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+    return int(row[0])
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply missing migrations; return the schema version now in force."""
+    version = current_version(con)
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"store schema version {version} is newer than this rm-service ({SCHEMA_VERSION}); upgrade rm-service")
+    for number in range(version + 1, SCHEMA_VERSION + 1):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(MIGRATIONS[number - 1])
+            con.execute("INSERT INTO schema_version (version) VALUES (?)", [number])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION

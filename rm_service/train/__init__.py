@@ -1,0 +1,1 @@
+"""Reward-model training: Bradley-Terry loss, score heads, evaluation, the training run."""

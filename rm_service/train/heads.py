@@ -1,0 +1,88 @@
+"""Head mode: fit K linear score heads on frozen, cached features with the Bradley-Terry loss.
+
+Each head k sees its own bootstrap resample of the training pairs (Poisson(1) counts, the
+online bootstrap), so the spread of the K rewards estimates the model's uncertainty.
+Features are standardised with training statistics; the fitted affine map is folded back
+into W and b so the served head reads raw features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rm_service.train.loss import bradley_terry_loss
+
+
+@dataclass
+class HeadFit:
+    weight: np.ndarray  # [K, H], applies to raw features
+    bias: np.ndarray  # [K]
+    steps: int
+    best_heldout_loss: float
+    seconds: float
+
+
+def fit_heads(
+    h_chosen: np.ndarray,
+    h_rejected: np.ndarray,
+    heldout: tuple[np.ndarray, np.ndarray] | None,
+    ensemble_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    batch_size: int,
+    max_steps: int,
+    patience: int,
+    center_coef: float = 0.0,
+    margin: np.ndarray | None = None,
+    seed: int = 0,
+    deadline: float | None = None,
+) -> HeadFit:
+    """h_chosen, h_rejected: [N, H] training features; heldout: ([M, H], [M, H]) for early stopping."""
+    start = time.monotonic()
+    gen = torch.Generator().manual_seed(seed)
+    x_w, x_l = torch.from_numpy(h_chosen).float(), torch.from_numpy(h_rejected).float()  # [N, H]
+    mu = torch.cat([x_w, x_l]).mean(0)  # [H]
+    sigma = torch.cat([x_w, x_l]).std(0).clamp_min(1e-6)  # [H]
+    z_w, z_l = (x_w - mu) / sigma, (x_l - mu) / sigma  # [N, H]
+    n, hidden = z_w.shape
+    counts = torch.poisson(torch.ones(n, ensemble_size), generator=gen) if ensemble_size > 1 else torch.ones(n, 1)  # [N, K]
+    m = torch.from_numpy(margin).float() if margin is not None else None  # [N]
+
+    w = torch.nn.Parameter(torch.randn(ensemble_size, hidden, generator=gen) * 0.01)  # [K, H]
+    b = torch.nn.Parameter(torch.zeros(ensemble_size))  # [K]
+    opt = torch.optim.AdamW([w, b], lr=learning_rate, weight_decay=weight_decay)
+
+    def rewards(z: torch.Tensor) -> torch.Tensor:
+        return z @ w.T + b  # [N, H] -> [N, K]
+
+    if heldout is not None:
+        hz_w = (torch.from_numpy(heldout[0]).float() - mu) / sigma
+        hz_l = (torch.from_numpy(heldout[1]).float() - mu) / sigma
+    best = (float("inf"), w.detach().clone(), b.detach().clone(), 0)
+    step = 0
+    for step in range(1, max_steps + 1):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)  # [B]
+        loss = bradley_terry_loss(rewards(z_w[idx]), rewards(z_l[idx]), None if m is None else m[idx], center_coef, counts[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if heldout is not None and (step % 10 == 0 or step == max_steps):
+            with torch.no_grad():
+                held = bradley_terry_loss(rewards(hz_w).mean(1), rewards(hz_l).mean(1)).item()
+            if held < best[0]:
+                best = (held, w.detach().clone(), b.detach().clone(), step)
+            elif step - best[3] >= patience:
+                break
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    if heldout is None:
+        best = (float("nan"), w.detach().clone(), b.detach().clone(), step)
+    _, w_best, b_best, _ = best
+    # Fold the standardisation in: W z + b = (W / sigma) x + (b - W (mu / sigma)).
+    weight = w_best / sigma  # [K, H]
+    bias = b_best - weight @ mu  # [K]
+    return HeadFit(weight.numpy(), bias.numpy(), step, best[0], time.monotonic() - start)
