@@ -132,7 +132,7 @@ def _serve(args) -> int:
 def _demo(args) -> int:
     from rm_service.demo import run_demo
 
-    return run_demo(Path(args.data), args.max_minutes, args.max_pairs, args.backbone)
+    return run_demo(Path(args.data), args.max_minutes, args.max_pairs, args.backbone, args.max_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="import HH-RLHF, train, serve, score held-out pairs over gRPC")
     s.add_argument("--data", default=str(Path("..") / "shared" / "data" / "hh_harmless_pairs.jsonl"))
-    s.add_argument("--backbone", default="smollm2-135m-instruct")
+    s.add_argument("--backbone", default="minilm-l6", help="minilm-l6 (default: fits the CPU budget) or smollm2-135m-instruct")
+    s.add_argument("--max-tokens", type=int, default=384, help="tokens kept per item")
     s.add_argument("--max-minutes", type=float, default=8.0, help="training budget")
     s.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs")
     s.set_defaults(func=_demo)

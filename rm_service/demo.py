@@ -38,7 +38,7 @@ def _done(start: float, note: str = "") -> None:
     print(f"   done in {time.monotonic() - start:.1f}s {note}", flush=True)
 
 
-def run_demo(data: Path, max_minutes: float, max_pairs: int | None, backbone: str) -> int:
+def run_demo(data: Path, max_minutes: float, max_pairs: int | None, backbone: str, max_tokens: int = 384) -> int:
     if not data.exists():
         print(f"demo: no data file at {data}", file=sys.stderr)
         return 2
@@ -56,7 +56,7 @@ def run_demo(data: Path, max_minutes: float, max_pairs: int | None, backbone: st
     _done(t, f"({counts['INSERTED']} labels stored, {counts['REJECTED']} malformed lines rejected)")
 
     t = _stage(f"2/5 train a reward model on {backbone} (head mode, budget {max_minutes:g} min)")
-    settings = TrainSettings(backbone=backbone, max_minutes=max_minutes, max_pairs=max_pairs)
+    settings = TrainSettings(backbone=backbone, max_minutes=max_minutes, max_pairs=max_pairs, max_tokens=max_tokens)
     result = train(store, settings, ModelSettings())
     m = result.metrics
     _done(t, f"({result.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs; {result.gate_message})")

@@ -153,6 +153,7 @@ def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSe
         score.weight.copy_(head["weight"])
         score.bias.copy_(head["bias"])
     runtime.model.score = score.to(runtime.device)
+    runtime.model.pooling = meta.get("pooling", runtime.model.pooling)
     runtime.reward_mean, runtime.reward_std = float(meta["reward_mean"]), float(meta["reward_std"])
     check_golden(runtime, meta.get("golden", []), meta.get("golden_tolerance", 0.05), directory)
     return runtime, meta

@@ -88,5 +88,5 @@ class TrainSettings(BaseSettings):
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
     gate_tolerance: float = Field(0.02, ge=0, description="Promote only if held-out accuracy >= promoted's minus this.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Backbone precision: bf16 autocast, fp32, or auto (bf16 for causal backbones, where it is faster on CPU; fp32 for encoders)."
+        "auto", description="Backbone precision: bf16 autocast, fp32, or auto (bf16 on CUDA, fp32 on CPU: this machine's CPU runs bf16 matmuls at under 1 GFLOP/s)."
     )

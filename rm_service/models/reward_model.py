@@ -1,7 +1,8 @@
 """The reward model r(x, y): a backbone, a pooled feature, and K score heads.
 
     h = backbone(x ++ y)[last real token]          (causal: the EOS that closes y)
-      | backbone(x, y).pooler_output               (encoder: the pooled [CLS])
+      | mean over tokens of backbone(x, y)         (encoder, head mode: sentence-transformers pool this way)
+      | backbone(x, y).pooler_output               (encoder checkpoint with a trained classifier)
     r = W h (+ b)                                  W: [K, H], one row per ensemble member
 
 The served reward is the mean over the K members and the uncertainty their std.
@@ -25,7 +26,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.score = score
-        self.pooling = pooling  # "last_token" | "pooler" | "cls"
+        self.pooling = pooling  # "last_token" | "mean" | "pooler" | "cls"
 
     @property
     def ensemble_size(self) -> int:
@@ -46,6 +47,9 @@ class RewardModel(nn.Module):
         hidden = out.last_hidden_state  # [B, T, H]
         if self.pooling == "cls":
             return hidden[:, 0]  # [B, H]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)  # [B, H]
         last = attention_mask.sum(dim=1) - 1  # [B] index of the last real token
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # [B, H]
 
@@ -55,10 +59,14 @@ class RewardModel(nn.Module):
         return self.score(h.to(self.score.weight.dtype))  # [B, K]
 
 
-def _pooling_for(backbone: nn.Module, is_encoder: bool) -> str:
+def _pooling_for(backbone: nn.Module, is_encoder: bool, has_trained_head: bool) -> str:
+    """Causal: the last real token. Encoder: its classifier's pooling when it has a trained
+    one (HF's *ForSequenceClassification reads the pooler), else the token mean."""
     if not is_encoder:
         return "last_token"
-    return "pooler" if getattr(backbone, "pooler", None) is not None else "cls"
+    if has_trained_head:
+        return "pooler" if getattr(backbone, "pooler", None) is not None else "cls"
+    return "mean"
 
 
 def load_reward_model(model_dir: str | Path, is_encoder: bool, ensemble_size: int = 1, seed: int = 0) -> RewardModel:
@@ -72,7 +80,8 @@ def load_reward_model(model_dir: str | Path, is_encoder: bool, ensemble_size: in
 
     config = AutoConfig.from_pretrained(model_dir)
     archs = config.architectures or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
+    has_trained_head = any(a.endswith("ForSequenceClassification") for a in archs)
+    if has_trained_head:
         seq = AutoModelForSequenceClassification.from_pretrained(model_dir)
         backbone = seq.base_model
         score = getattr(seq, "score", None) or getattr(seq, "classifier", None)
@@ -88,6 +97,6 @@ def load_reward_model(model_dir: str | Path, is_encoder: bool, ensemble_size: in
         std = getattr(backbone.config, "initializer_range", 0.02)
         with torch.no_grad():
             score.weight.copy_(torch.randn(score.weight.shape, generator=generator) * std)
-    model = RewardModel(backbone, score, _pooling_for(backbone, is_encoder))
+    model = RewardModel(backbone, score, _pooling_for(backbone, is_encoder, has_trained_head))
     model.eval()
     return model

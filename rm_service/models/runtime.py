@@ -113,5 +113,5 @@ def load_backbone_runtime(
         backbone=name_or_path,
         backbone_key=backbone_key(model_dir, name_or_path),
         device=dev,
-        autocast_bf16=precision == "bf16" or (precision == "auto" and (spec.kind == "causal" or dev.type == "cuda")),
+        autocast_bf16=precision == "bf16" or (precision == "auto" and dev.type == "cuda"),
     )

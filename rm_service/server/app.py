@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -76,6 +78,7 @@ class RewardServer:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
+        torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
         self.server = grpc.aio.server(options=options)
         if self.settings.with_store:
             self.store = Store(self.store_settings)

@@ -22,14 +22,14 @@ class HeadFit:
     weight: np.ndarray  # [K, H], applies to raw features
     bias: np.ndarray  # [K]
     steps: int
-    best_heldout_loss: float
+    best_validation_loss: float
     seconds: float
 
 
 def fit_heads(
     h_chosen: np.ndarray,
     h_rejected: np.ndarray,
-    heldout: tuple[np.ndarray, np.ndarray] | None,
+    validation: tuple[np.ndarray, np.ndarray] | None,
     ensemble_size: int,
     learning_rate: float,
     weight_decay: float,
@@ -41,7 +41,7 @@ def fit_heads(
     seed: int = 0,
     deadline: float | None = None,
 ) -> HeadFit:
-    """h_chosen, h_rejected: [N, H] training features; heldout: ([M, H], [M, H]) for early stopping."""
+    """h_chosen, h_rejected: [N, H] training features; validation: ([M, H], [M, H]) for early stopping."""
     start = time.monotonic()
     gen = torch.Generator().manual_seed(seed)
     x_w, x_l = torch.from_numpy(h_chosen).float(), torch.from_numpy(h_rejected).float()  # [N, H]
@@ -59,9 +59,9 @@ def fit_heads(
     def rewards(z: torch.Tensor) -> torch.Tensor:
         return z @ w.T + b  # [N, H] -> [N, K]
 
-    if heldout is not None:
-        hz_w = (torch.from_numpy(heldout[0]).float() - mu) / sigma
-        hz_l = (torch.from_numpy(heldout[1]).float() - mu) / sigma
+    if validation is not None:
+        vz_w = (torch.from_numpy(validation[0]).float() - mu) / sigma
+        vz_l = (torch.from_numpy(validation[1]).float() - mu) / sigma
     best = (float("inf"), w.detach().clone(), b.detach().clone(), 0)
     step = 0
     for step in range(1, max_steps + 1):
@@ -70,16 +70,16 @@ def fit_heads(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if heldout is not None and (step % 10 == 0 or step == max_steps):
+        if validation is not None and (step % 10 == 0 or step == max_steps):
             with torch.no_grad():
-                held = bradley_terry_loss(rewards(hz_w).mean(1), rewards(hz_l).mean(1)).item()
-            if held < best[0]:
-                best = (held, w.detach().clone(), b.detach().clone(), step)
+                val_loss = bradley_terry_loss(rewards(vz_w).mean(1), rewards(vz_l).mean(1)).item()
+            if val_loss < best[0]:
+                best = (val_loss, w.detach().clone(), b.detach().clone(), step)
             elif step - best[3] >= patience:
                 break
         if deadline is not None and time.monotonic() > deadline:
             break
-    if heldout is None:
+    if validation is None:
         best = (float("nan"), w.detach().clone(), b.detach().clone(), step)
     _, w_best, b_best, _ = best
     # Fold the standardisation in: W z + b = (W / sigma) x + (b - W (mu / sigma)).

@@ -21,13 +21,13 @@ def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, bins: int = 10) -
 def expected_calibration_error(delta: np.ndarray, bins: int = 10) -> float:
     """ECE of p = sigmoid(delta) as the probability that the chosen one wins.
 
-    Pairs are folded so p >= 0.5 (predicting whichever side the model favours); in each
+    Pairs are folded so confidence >= 0.5 (predicting whichever side the model favours); in each
     confidence bin, |mean confidence - fraction where the favoured side was the chosen one|,
     weighted by the bin's share of pairs.
     """
     p = 1.0 / (1.0 + np.exp(-delta))  # [N]
     confidence = np.maximum(p, 1.0 - p)
-    correct = (p >= 0.5).astype(np.float64)
+    correct = (delta > 0) + 0.5 * (delta == 0)  # the favoured side was the chosen one (a tie: half)
     edges = np.linspace(0.5, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
     ece = 0.0

@@ -61,10 +61,17 @@ def train(store: Store, settings: TrainSettings, models: ModelSettings | None = 
     if len(train_pairs) < 2:
         raise FailedPrecondition(f"only {len(train_pairs)} training pairs have features within the budget; raise max_minutes")
 
-    h_w, h_l = _stack(features, train_pairs)
+    # Early stopping watches a validation split carved from the training conversations, so
+    # the held-out pairs stay unseen until the final measurement.
+    val_pairs = [p for p in train_pairs if is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed + 1)]
+    fit_pairs = [p for p in train_pairs if not is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed + 1)]
+    if not val_pairs or not fit_pairs:
+        fit_pairs, val_pairs = train_pairs, []
+    h_w, h_l = _stack(features, fit_pairs)
+    validation = _stack(features, val_pairs) if val_pairs else None
     heldout = _stack(features, held_pairs) if held_pairs else None
-    margin = np.array([p.strength or 0.0 for p in train_pairs], dtype=np.float32) if any(p.strength for p in train_pairs) else None
-    fit = fit_heads(h_w, h_l, heldout, settings.ensemble_size, settings.learning_rate, settings.weight_decay,
+    margin = np.array([p.strength or 0.0 for p in fit_pairs], dtype=np.float32) if any(p.strength for p in fit_pairs) else None
+    fit = fit_heads(h_w, h_l, validation, settings.ensemble_size, settings.learning_rate, settings.weight_decay,
                     settings.batch_size, settings.max_steps, settings.patience, settings.center_coef, margin,
                     settings.seed, deadline=max(deadline, time.monotonic() + 30))
 
@@ -74,6 +81,7 @@ def train(store: Store, settings: TrainSettings, models: ModelSettings | None = 
     train_metrics = pair_metrics(rewards(h_w), rewards(h_l))
     metrics = pair_metrics(*map(rewards, heldout)) if heldout else {"accuracy": float("nan")}
     metrics.update({"train_accuracy": train_metrics["accuracy"], "train_pairs": float(len(train_pairs)),
+                    "validation_pairs": float(len(val_pairs)),
                     "heldout_pairs": float(len(held_pairs)), "head_steps": float(fit.steps)})
     reference = rewards(np.concatenate([h_w, h_l]))
     reward_mean, reward_std = float(reference.mean()), float(reference.std() or 1.0)
@@ -84,6 +92,7 @@ def train(store: Store, settings: TrainSettings, models: ModelSettings | None = 
     meta = {
         "version": version, "mode": "head", "backbone": settings.backbone, "backbone_key": runtime.backbone_key,
         "format": runtime.spec.model_dump(), "format_hash": runtime.spec.hash, "autocast_bf16": runtime.autocast_bf16,
+        "pooling": runtime.model.pooling,
         "ensemble_size": settings.ensemble_size, "reward_mean": reward_mean, "reward_std": reward_std,
         "metrics": metrics, "snapshot_id": snapshot.snapshot_id, "parent": parent,
         "settings": settings.model_dump(mode="json"), "golden": golden, "golden_tolerance": 0.02,
@@ -111,7 +120,8 @@ def cached_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], batc
         todo.setdefault(p.chosen_id, (p.prompt, p.chosen))
         todo.setdefault(p.rejected_id, (p.prompt, p.rejected))
     ids = list(todo)
-    cached = get_features(store, runtime.backbone_key, runtime.spec.hash, ids)
+    key = feature_key(runtime)
+    cached = get_features(store, key, runtime.spec.hash, ids)
     out = {cid: np.asarray(vec, dtype=np.float32) for cid, (vec, _) in cached.items()}
     missing = [cid for cid in ids if cid not in out]
     log.info("features: %d cached, %d to compute", len(out), len(missing))
@@ -131,10 +141,15 @@ def cached_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], batc
             bar.set_postfix(tokens_per_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}")
 
         vectors = runtime.run(items, batch_tokens, what="features", progress=progress)
-        put_features(store, runtime.backbone_key, runtime.spec.hash, part, vectors, [len(x) for x in items])
+        put_features(store, key, runtime.spec.hash, part, vectors, [len(x) for x in items])
         out.update(zip(part, vectors))
     bar.close()
     return out
+
+
+def feature_key(runtime: ModelRuntime) -> str:
+    """Cache key of a backbone's features: its identity and how tokens are pooled."""
+    return f"{runtime.backbone_key}:{runtime.model.pooling}"
 
 
 def golden_items(runtime: ModelRuntime, pairs: list[Pair]) -> list[dict]:

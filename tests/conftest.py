@@ -1,0 +1,137 @@
+"""Fixtures: tiny models built from configs, stores in temp dirs, real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def hh_lines(n: int | None = None) -> list[str]:
+    lines = [l for l in HH_FILE.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return lines[:n] if n else lines
+
+
+def _tiny_tokenizer():
+    """A real byte-level BPE tokenizer trained on HH text, with a chat template and EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [json.loads(l)["chosen"] for l in hh_lines(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _llama_config(vocab_size: int, pad_id: int, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=pad_id, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A TRL-style reward checkpoint: LlamaForSequenceClassification, num_labels=1."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-rm")
+    model = LlamaForSequenceClassification(_llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, num_labels=1))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A plain causal backbone (LlamaModel) for head-mode training."""
+    from transformers import LlamaModel
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-backbone")
+    model = LlamaModel(_llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id))
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    """A tiny BERT cross-encoder with the bundled MiniLM tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from rm_service.models.resolver import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("minilm-l6"))
+    torch.manual_seed(2)
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=512)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh RM_HOME: store, registry and caches under a temp dir."""
+    monkeypatch.setenv("RM_HOME", str(tmp_path / "home"))
+    for var in ("RM_STORE_PATH", "RM_MODELS_ARTIFACTS_DIR", "RM_MODELS_CACHE_DIR", "RM_SERVE_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "home"
+
+
+class ServerThread:
+    """A real RewardServer on port 0, run on an event loop in a background thread."""
+
+    def __init__(self, serve_settings, store_settings=None, models=None):
+        from rm_service.server.app import RewardServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = RewardServer(serve_settings, store_settings, models)
+        self.port = self._call(self.server.start(), timeout=300)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _call(self, coro, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self._call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def server(home, tiny_rm_dir):
+    """The server with the tiny TRL-style checkpoint and a store in the temp home."""
+    from rm_service.settings import ServeSettings
+
+    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir)))
+    yield srv
+    srv.stop()

@@ -1,0 +1,116 @@
+"""Bradley-Terry loss, metrics, head mode on a tiny backbone, registry gate, golden pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import HH_FILE
+from rm_service import registry
+from rm_service.errors import FailedPrecondition
+from rm_service.importers import import_hh
+from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
+from rm_service.store.db import Store
+from rm_service.train.heads import fit_heads
+from rm_service.train.loss import bradley_terry_loss
+from rm_service.train.metrics import expected_calibration_error, pair_metrics
+from rm_service.train.run import train
+
+
+def test_loss_matches_hand_computed_values():
+    r_chosen, r_rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # -log sigmoid(1) = log(1 + e^-1) = 0.31326; -log sigmoid(-1) = 1.31326
+    assert bradley_terry_loss(r_chosen, r_rejected).item() == pytest.approx((0.3132617 + 1.3132617) / 2, abs=1e-6)
+    with_margin = bradley_terry_loss(r_chosen, r_rejected, margin=torch.tensor([1.0, 0.0]))
+    assert with_margin.item() == pytest.approx((math.log(2) + 1.3132617) / 2, abs=1e-6)
+    centred = bradley_terry_loss(r_chosen, r_rejected, center_coef=0.1)
+    assert centred.item() == pytest.approx((0.3132617 + 0.1 * 9 + 1.3132617 + 0.1 * 1) / 2, abs=1e-6)
+
+
+def test_metrics_accuracy_loss_and_ece():
+    m = pair_metrics(np.array([1.0, 2.0, 0.0, 0.5]), np.array([0.0, 1.0, 1.0, 0.5]))
+    assert m["accuracy"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert m["num_pairs"] == 4
+    # Perfectly calibrated: confidence sigmoid(0) = 0.5 everywhere gives ECE 0.
+    assert expected_calibration_error(np.zeros(10)) == pytest.approx(0.0)
+    # Always confident and always wrong: ECE ~ confidence.
+    assert expected_calibration_error(np.full(10, -10.0)) == pytest.approx(1 / (1 + math.exp(-10)), abs=1e-6)
+
+
+def test_heads_learn_a_separable_preference():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=8)
+    x = rng.normal(size=(400, 2, 8)).astype(np.float32)
+    better = (x @ direction)[:, 0] > (x @ direction)[:, 1]
+    h_w = np.where(better[:, None], x[:, 0], x[:, 1])
+    h_l = np.where(better[:, None], x[:, 1], x[:, 0])
+    fit = fit_heads(h_w[:300], h_l[:300], (h_w[300:], h_l[300:]), ensemble_size=3, learning_rate=0.05, weight_decay=0.0,
+                    batch_size=64, max_steps=300, patience=300)
+    held = pair_metrics((h_w[300:] @ fit.weight.T + fit.bias).mean(1), (h_l[300:] @ fit.weight.T + fit.bias).mean(1))
+    assert held["accuracy"] > 0.9
+    assert fit.weight.shape == (3, 8) and not np.allclose(fit.weight[0], fit.weight[1])  # bootstrap: members differ
+
+
+@pytest.fixture
+def trained(home, tiny_backbone_dir, tmp_path):
+    """60 HH labels in a store and a head-mode model v1 trained on the tiny backbone."""
+    small = tmp_path / "hh60.jsonl"
+    small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:60]), encoding="utf-8")
+    store = Store(StoreSettings())
+    import_hh(store, small)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, max_steps=50, ensemble_size=2, max_tokens=256,
+                             heldout_fraction=0.2)
+    result = train(store, settings, ModelSettings(), show_progress=False)
+    yield store, result, settings
+    store.close()
+
+
+def test_train_registers_and_promotes_a_version(trained):
+    store, result, _ = trained
+    assert result.version == "v1" and result.promoted
+    rec = registry.get_model(store, "v1")
+    assert rec.status == "promoted" and rec.ensemble_size == 2 and rec.snapshot_id == "snap-000001"
+    assert 0 <= rec.metrics["accuracy"] <= 1 and rec.metrics["train_pairs"] + rec.metrics["heldout_pairs"] == 60
+    cached = store.con.execute("SELECT count(*) FROM features").fetchone()[0]
+    assert cached == 120  # every completion's features cached once
+
+
+def test_artifact_loads_and_scores_like_training(trained):
+    store, _, _ = trained
+    rec = registry.get_model(store, "v1")
+    runtime, meta = registry.load_artifact(rec.artifact_path)
+    assert runtime.spec.hash == rec.format_hash == meta["format_hash"]
+    assert runtime.model.ensemble_size == 2 and len(meta["golden"]) == 4
+
+
+def test_tampered_golden_pair_refuses_the_version(trained):
+    store, _, _ = trained
+    rec = registry.get_model(store, "v1")
+    meta_path = f"{rec.artifact_path}/version.json"
+    meta = json.loads(open(meta_path).read())
+    meta["golden"][0]["raw_score"] += 1.0
+    open(meta_path, "w").write(json.dumps(meta))
+    with pytest.raises(FailedPrecondition, match="golden pair check failed"):
+        registry.load_artifact(rec.artifact_path)
+
+
+def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypatch):
+    store, _, settings = trained
+    computed = []
+    import rm_service.train.run as run
+
+    original = run.put_features
+    monkeypatch.setattr(run, "put_features", lambda s, b, f, ids, *a: (computed.extend(ids), original(s, b, f, ids, *a)))
+    second = train(store, settings.model_copy(update={"promote": False}), ModelSettings(), show_progress=False, parent="v1")
+    assert computed == []  # nothing new to compute
+    assert registry.get_model(store, second.version).status == "candidate"
+    # Pretend v2 is much worse: the gate must refuse it and keep v1 promoted.
+    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.1) WHERE version = ?", [second.version])
+    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.9) WHERE version = 'v1'")
+    ok, message = registry.promote(store, second.version, tolerance=0.02)
+    assert not ok and "below v1" in message
+    assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "rejected"
