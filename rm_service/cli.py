@@ -124,7 +124,8 @@ def _serve(args) -> int:
     from rm_service.settings import ServeSettings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
-                                   "with_store": False if args.no_store else None}.items() if v is not None}
+                                   "with_store": False if args.no_store else None,
+                                   "with_model": False if args.no_model else None}.items() if v is not None}
     asyncio.run(serve_forever(ServeSettings(**overrides), Path(args.port_file) if args.port_file else None))
     return 0
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="registry version, bundled name (smollm2-135m-instruct, minilm-l6) or HF directory; default: the promoted version")
     s.add_argument("--port-file", help="write the bound port to this file once serving")
     s.add_argument("--no-store", action="store_true", help="serve scores only; do not open the preference store")
+    s.add_argument("--no-model", action="store_true", help="serve the preference store only; load no reward model")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("import", help="import preference data into the store")

@@ -28,6 +28,9 @@ class StoreSettings(BaseSettings):
     path: Path = Field(default_factory=lambda: rm_home() / "rm.duckdb", description="DuckDB file of the preference store.")
     max_text_chars: int = Field(32_000, gt=0, description="Longest accepted message or response, in characters.")
     max_responses: int = Field(16, ge=2, description="Most responses a single label may rank (K).")
+    group_commit_max_labels: int = Field(
+        4096, ge=1, description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group commit)."
+    )
 
 
 class ModelSettings(BaseSettings):
@@ -62,6 +65,7 @@ class ServeSettings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent.")
     grace_seconds: float = Field(10.0, ge=0, description="On shutdown, how long in-flight calls may take to finish.")
     with_store: bool = Field(True, description="Open the preference store and serve PreferenceService from this process.")
+    with_model: bool = Field(True, description="Load a reward model and serve RewardService (off: a store-only process).")
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
 
 

@@ -139,9 +139,11 @@ def test_get_model_describes_the_served_version(stubs, tiny_rm_dir):
 
 
 def test_methods_of_later_issues_are_unimplemented(stubs):
-    _, preference, _ = stubs
+    from rm_service.api.v1 import training_pb2, training_pb2_grpc
+
+    *_, channel = stubs
     with pytest.raises(grpc.RpcError) as err:
-        preference.LeaseTasks(preference_pb2.LeaseTasksRequest(owner="x"), timeout=30)
+        training_pb2_grpc.TrainingServiceStub(channel).RequestRetrain(training_pb2.RetrainRequest(), timeout=30)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

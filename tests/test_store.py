@@ -10,6 +10,7 @@ from rm_service.conversation import Message
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
 from rm_service.store.labels import LabelIn, expand_pairs
+from rm_service.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 PROMPT = [Message("user", "Is the sky blue?")]
 
@@ -105,6 +106,38 @@ def test_reopening_keeps_committed_labels(tmp_path):
     s = Store(StoreSettings(path=path))
     try:
         assert s.con.execute("SELECT label_id FROM labels").fetchall() == [("a",)]
-        assert s.con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+        assert s.con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         s.close()
+
+
+def test_opening_an_older_file_upgrades_it(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))  # a file written by schema v1, with a queued task
+    con.execute(MIGRATIONS[0])
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)")
+    con.execute("INSERT INTO schema_version (version) VALUES (1)")
+    con.execute("INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('t1', 'c1', ['a', 'b'], 'queued')")
+    con.close()
+    s = Store(StoreSettings(path=path))
+    try:
+        assert [r[0] for r in s.con.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == list(range(1, SCHEMA_VERSION + 1))
+        assert s.con.execute("SELECT task_id, lease_count, closed_by FROM tasks").fetchall() == [("t1", 0, None)]
+    finally:
+        s.close()
+
+
+def test_a_newer_file_is_refused(tmp_path):
+    path = tmp_path / "new.duckdb"
+    Store(StoreSettings(path=path)).close()
+    import duckdb
+
+    con = duckdb.connect(str(path))
+    con.execute("INSERT INTO schema_version (version) VALUES (?)", [SCHEMA_VERSION + 1])
+    con.close()
+    from rm_service.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="newer than this rm-service"):
+        Store(StoreSettings(path=path))

@@ -28,6 +28,7 @@ from rm_service.server.reward import RewardService
 from rm_service.server.rpc import rpc, stream_rpc
 from rm_service.settings import ModelSettings, ServeSettings, StoreSettings
 from rm_service.store.db import Store
+from rm_service.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class RewardServer:
         self.store_settings = store_settings or StoreSettings()
         self.models = models or ModelSettings()
         self.store: Store | None = None
+        self.writer: GroupCommitWriter | None = None
         self.served = ServedModels()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -80,13 +82,18 @@ class RewardServer:
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
         torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
         self.server = grpc.aio.server(options=options)
+        if not self.settings.with_store and not self.settings.with_model:
+            raise FailedPrecondition("nothing to serve: both the store and the model are disabled")
         if self.settings.with_store:
             self.store = Store(self.store_settings)
+            self.writer = GroupCommitWriter(self.store, self.store_settings.group_commit_max_labels)
         max_chars = self.store_settings.max_text_chars
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.served, self.settings, self.store, max_chars), self.server)
-        names = [reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name]
+        names = []
+        if self.settings.with_model:
+            reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.served, self.settings, self.store, max_chars), self.server)
+            names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
-            preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store), self.server)
+            preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
             training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(), self.server)
             names += [preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
                       training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]
@@ -97,15 +104,18 @@ class RewardServer:
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
         self.port = self.server.add_insecure_port(f"{host}:{self.settings.port}")
         await self.server.start()
-        log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
-        served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
-        self.served.add(served)
+        if self.settings.with_model:
+            log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
+            served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
+            self.served.add(served)
+            log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
+        else:
+            log.info("serving the store only on %s:%d", self.settings.host, self.port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
         return self.port
 
     async def _set_health(self, status) -> None:
-        for service in ("", "rm.v1.RewardService"):
+        for service in ("", "rm.v1.RewardService", "rm.v1.PreferenceService"):
             await self.health.set(service, status)
 
     async def stop(self) -> None:
@@ -113,6 +123,9 @@ class RewardServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)  # commit what is queued
+            self.writer = None
         if self.store is not None:
             self.store.checkpoint()
             self.store.close()
@@ -130,7 +143,8 @@ async def serve_forever(settings: ServeSettings, port_file: Path | None = None) 
         port = await server.start()
         if port_file is not None:
             port_file.write_text(str(port))
-        print(f"rm-service serving {server.served.default} on {settings.host}:{port}", flush=True)
+        what = server.served.default if settings.with_model else "the preference store"
+        print(f"rm-service serving {what} on {settings.host}:{port}", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
     finally:

@@ -61,3 +61,18 @@ def model_info(rec: ModelRecord, loaded: bool) -> reward_pb2.ModelInfo:
     if rec.created_at_ms:
         info.created_at.FromMilliseconds(int(rec.created_at_ms))
     return info
+
+
+def candidate(pb: preference_pb2.Candidate):
+    from rm_service.store.tasks import Candidate
+
+    return Candidate(prompt=messages(pb.prompt), completions=list(pb.completions), policy_version=pb.policy_version,
+                     sampling=dict(pb.sampling), priority=pb.priority)
+
+
+def task(t) -> preference_pb2.Task:
+    from rm_service.api.v1 import common_pb2
+
+    return preference_pb2.Task(task_id=t.task_id, prompt=[common_pb2.Message(role=m.role, content=m.content) for m in t.prompt],
+                               completions=t.completions, policy_version=t.policy_version,
+                               lease_expires_unix_ms=t.lease_expires_unix_ms)

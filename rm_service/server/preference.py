@@ -1,41 +1,52 @@
-"""PreferenceService: label ingestion and store statistics."""
+"""PreferenceService: label ingestion (group commit), the labeling queue, statistics."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
-from rm_service.errors import InvalidArgument, Unimplemented
-from rm_service.server.convert import STATUS_VALUES, label
+from rm_service.errors import InvalidArgument
+from rm_service.server.convert import STATUS_VALUES, candidate, label, task
 from rm_service.server.rpc import rpc
+from rm_service.store import tasks
 from rm_service.store.db import Store
+from rm_service.store.writer import GroupCommitWriter
+
+MAX_LEASE_SECONDS = 24 * 3600
+MAX_TASKS_PER_LEASE = 1000
 
 
 class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, writer: GroupCommitWriter):
         self.store = store
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")  # the one writer
+        self.writer = writer
 
     @rpc
     async def IngestLabels(self, request: preference_pb2.IngestLabelsRequest, context) -> preference_pb2.IngestLabelsResponse:
         if not request.labels:
             raise InvalidArgument("labels", "must hold at least one label")
-        labels = [label(pb) for pb in request.labels]
-        outcomes = await asyncio.get_running_loop().run_in_executor(self.writer, self.store.ingest, labels, "dataset")
+        outcomes = await self.writer.ingest([label(pb) for pb in request.labels])
         return preference_pb2.IngestLabelsResponse(
             results=[preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason) for o in outcomes]
         )
 
     @rpc
     async def GetStats(self, request: preference_pb2.GetStatsRequest, context) -> preference_pb2.Stats:
-        stats = await asyncio.get_running_loop().run_in_executor(self.writer, self.store.stats, request.since_snapshot_id or None)
+        stats = await asyncio.to_thread(self.store.stats, request.since_snapshot_id or None)
         return preference_pb2.Stats(**stats)
 
     @rpc
-    async def SubmitCandidates(self, request, context):
-        raise Unimplemented("SubmitCandidates is not implemented yet")
+    async def SubmitCandidates(self, request: preference_pb2.SubmitCandidatesRequest, context) -> preference_pb2.SubmitCandidatesResponse:
+        if not request.candidates:
+            raise InvalidArgument("candidates", "must hold at least one candidate")
+        ids = await asyncio.to_thread(tasks.submit, self.store, [candidate(c) for c in request.candidates])
+        return preference_pb2.SubmitCandidatesResponse(task_ids=ids)
 
     @rpc
-    async def LeaseTasks(self, request, context):
-        raise Unimplemented("LeaseTasks is not implemented yet")
+    async def LeaseTasks(self, request: preference_pb2.LeaseTasksRequest, context) -> preference_pb2.LeaseTasksResponse:
+        if request.max_tasks > MAX_TASKS_PER_LEASE:
+            raise InvalidArgument("max_tasks", f"is {request.max_tasks}; the limit is {MAX_TASKS_PER_LEASE}")
+        if request.lease_seconds > MAX_LEASE_SECONDS:
+            raise InvalidArgument("lease_seconds", f"is {request.lease_seconds}; the limit is {MAX_LEASE_SECONDS}")
+        leased = await asyncio.to_thread(tasks.lease, self.store, request.owner, request.max_tasks, request.lease_seconds)
+        return preference_pb2.LeaseTasksResponse(tasks=[task(t) for t in leased])

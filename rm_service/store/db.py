@@ -57,7 +57,11 @@ class Store:
             ) from exc
         self._lock = threading.RLock()  # one writer: DuckDB connections are not thread-safe
         if not read_only:
-            migrate(self.con)
+            try:
+                migrate(self.con)
+            except Exception:
+                self.con.close()
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -70,41 +74,58 @@ class Store:
     # -- ingestion -------------------------------------------------------------------------
 
     def ingest(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
-        """Validate and store labels in one transaction; one outcome per label, in order.
+        """Validate and store labels in one transaction; one outcome per label, in order."""
+        return self.ingest_batches([labels], origin, field)[0]
 
-        A bad label is REJECTED and never blocks the others. A label_id already stored (or
-        earlier in the same call) with the same payload is a DUPLICATE, with another payload
-        a CONFLICT; neither writes anything.
+    def ingest_batches(self, batches: list[list[LabelIn]], origin: str = "dataset", field: str = "labels") -> list[list[IngestOutcome]]:
+        """Store several requests' labels in ONE transaction (group commit).
+
+        A bad label is REJECTED (its reason names `field[i].<name>`, i counted within its
+        own batch) and never blocks the others. A label_id already stored, or earlier in
+        this call, with the same payload is a DUPLICATE; with another payload a CONFLICT;
+        neither writes anything. A label answering an unknown task is REJECTED. Outcomes
+        are returned only after COMMIT: an INSERTED label is durable.
         """
-        outcomes: list[IngestOutcome | None] = [None] * len(labels)
-        valid: list[tuple[int, LabelIn, str]] = []
-        for i, label in enumerate(labels):
-            try:
-                validate_label(label, f"{field}[{i}]", self.settings.max_text_chars, self.settings.max_responses)
-            except InvalidArgument as exc:
-                outcomes[i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
-                continue
-            valid.append((i, label, label.payload_hash()))
+        outcomes: list[list[IngestOutcome | None]] = [[None] * len(b) for b in batches]
+        valid: list[tuple[int, int, LabelIn, str]] = []
+        for b, labels in enumerate(batches):
+            for i, label in enumerate(labels):
+                try:
+                    validate_label(label, f"{field}[{i}]", self.settings.max_text_chars, self.settings.max_responses)
+                except InvalidArgument as exc:
+                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
+                    continue
+                valid.append((b, i, label, label.payload_hash()))
         with self._lock:
             self.con.execute("BEGIN TRANSACTION")
             try:
-                known = self._stored_hashes([lab.label_id for _, lab, _ in valid])
+                known = self._stored_hashes([lab.label_id for _, _, lab, _ in valid])
+                tasks = self._open_tasks([lab.task_id for _, _, lab, _ in valid if lab.task_id])
                 rows = _Rows()
-                for i, label, phash in valid:
+                for b, i, label, phash in valid:
                     if label.label_id in known:
                         same = known[label.label_id] == phash
-                        outcomes[i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
-                                                    "" if same else "label_id already stored with a different payload")
+                        outcomes[b][i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
+                                                       "" if same else "label_id already stored with a different payload")
+                        continue
+                    if label.task_id and label.task_id not in tasks:
+                        outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{field}[{i}].task_id: unknown task {label.task_id!r}")
                         continue
                     known[label.label_id] = phash
                     rows.add(label, phash, origin)
-                    outcomes[i] = IngestOutcome(label.label_id, "INSERTED")
+                    outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
                 rows.write(self.con)
                 self.con.execute("COMMIT")
             except Exception:
                 self.con.execute("ROLLBACK")
                 raise
-        return [o for o in outcomes if o is not None]
+        return [[o for o in batch if o is not None] for batch in outcomes]
+
+    def _open_tasks(self, task_ids: list[str]) -> set[str]:
+        if not task_ids:
+            return set()
+        rows = self.con.execute("SELECT task_id FROM tasks WHERE task_id IN (SELECT unnest(?::VARCHAR[]))", [task_ids]).fetchall()
+        return {r[0] for r in rows}
 
     def _stored_hashes(self, label_ids: list[str]) -> dict[str, str]:
         if not label_ids:
@@ -178,6 +199,8 @@ class Store:
             since = q("SELECT count(*) FROM labels WHERE seq > ?", [snap.max_seq if snap else 0]).fetchone()[0]
             queued = q("SELECT count(*) FROM tasks WHERE state = 'queued' OR (state = 'leased' AND lease_expires_at < now())").fetchone()[0]
             leased = q("SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_expires_at >= now()").fetchone()[0]
+            done = q("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
+            shared, agreement = q(_AGREEMENT_SQL).fetchone()
             pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
                          JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[0]
             return {
@@ -190,7 +213,30 @@ class Store:
                 "labels_since_snapshot": since,
                 "queue_depth": queued,
                 "tasks_leased": leased,
+                "tasks_done": done,
+                "judge_human_shared_pairs": int(shared),
+                "judge_human_agreement": float(agreement) if agreement is not None else 0.0,
             }
+
+
+# Pairs (x, y) of completions ordered by id; x_wins per source is the share of that source's
+# pairwise votes preferring x. A pair counts when both a judge and a person voted on it
+# without a split; they agree when both majorities pick the same completion.
+_AGREEMENT_SQL = """
+WITH votes AS (
+    SELECT l.source, least(a.completion_id, b.completion_id) AS x, greatest(a.completion_id, b.completion_id) AS y,
+           (a.completion_id < b.completion_id)::INTEGER AS x_wins
+    FROM labels l
+    JOIN label_rankings a ON a.label_id = l.label_id
+    JOIN label_rankings b ON b.label_id = l.label_id AND a.rank < b.rank
+    WHERE l.source IN ('HUMAN', 'JUDGE')
+), majority AS (
+    SELECT x, y, avg(x_wins) FILTER (WHERE source = 'HUMAN') AS human, avg(x_wins) FILTER (WHERE source = 'JUDGE') AS judge
+    FROM votes GROUP BY x, y
+)
+SELECT count(*), avg(((human > 0.5) = (judge > 0.5))::INTEGER)
+FROM majority WHERE human IS NOT NULL AND judge IS NOT NULL AND human <> 0.5 AND judge <> 0.5
+"""
 
 
 class _Rows:
@@ -242,6 +288,13 @@ class _Rows:
         con.execute("""INSERT INTO label_rankings (label_id, position, completion_id, rank)
                        SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[])""",
                     [r["label_id"], r["position"], r["completion_id"], r["rank"]])
+        answered = [t for t in lab["task_id"] if t]
+        if answered:  # a label answering a task closes it
+            closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t]
+            con.execute("""UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
+                           FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
+                           WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",
+                        [[t for t, _ in closes], [l for _, l in closes]])
 
 
 def _append(columns: dict[str, list], **values) -> None:

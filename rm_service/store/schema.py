@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import duckdb
 
+from rm_service.errors import FailedPrecondition
+
 V1 = """
 CREATE TABLE conversations (
     id          VARCHAR PRIMARY KEY,          -- sha256 of the canonical messages JSON
@@ -98,7 +100,15 @@ CREATE TABLE features (
 );
 """
 
-MIGRATIONS: list[str] = [V1]
+# v2: the labeling queue records sampling parameters, how often a task was leased, and the
+# label that closed it.
+V2 = """
+ALTER TABLE tasks ADD COLUMN sampling JSON;
+ALTER TABLE tasks ADD COLUMN lease_count INTEGER DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN closed_by VARCHAR;
+"""
+
+MIGRATIONS: list[str] = [V1, V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -112,7 +122,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
     """Apply missing migrations; return the schema version now in force."""
     version = current_version(con)
     if version > SCHEMA_VERSION:
-        raise RuntimeError(f"store schema version {version} is newer than this rm-service ({SCHEMA_VERSION}); upgrade rm-service")
+        raise FailedPrecondition(f"store schema version {version} is newer than this rm-service ({SCHEMA_VERSION}); upgrade rm-service")
     for number in range(version + 1, SCHEMA_VERSION + 1):
         con.execute("BEGIN TRANSACTION")
         try:

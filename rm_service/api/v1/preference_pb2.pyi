@@ -155,7 +155,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, since_snapshot_id: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased")
+    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement")
     class LabelsBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,9 @@ class Stats(_message.Message):
     LABELS_SINCE_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     TASKS_LEASED_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_SHARED_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     labels_total: int
     labels_by_source: _containers.ScalarMap[str, int]
     conversations: int
@@ -181,4 +184,7 @@ class Stats(_message.Message):
     labels_since_snapshot: int
     queue_depth: int
     tasks_leased: int
-    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ...) -> None: ...
+    tasks_done: int
+    judge_human_shared_pairs: int
+    judge_human_agreement: float
+    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ...) -> None: ...

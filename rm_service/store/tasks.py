@@ -1,0 +1,130 @@
+"""The labeling queue: trainers submit their samples, labelers (people or judges) lease them.
+
+A task is a prompt with K >= 2 completions to rank. `submit` is idempotent (the task id is
+the hash of prompt, completions and policy version). `lease` hands out the highest-priority
+tasks that are queued or whose lease expired, marking them leased to `owner` until
+now + lease_seconds; a label with `task_id` closes its task (see Store.ingest_batches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from rm_service.conversation import Message, canonical_json, completion_id, conversation_id, messages_from_json, validate_messages, validate_text
+from rm_service.errors import InvalidArgument
+from rm_service.store.db import Store
+
+
+@dataclass(frozen=True)
+class Candidate:
+    prompt: list[Message]
+    completions: list[str]
+    policy_version: str = ""
+    sampling: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    prompt: list[Message]
+    completions: list[str]
+    policy_version: str
+    lease_expires_unix_ms: int
+
+
+def task_id(c: Candidate) -> str:
+    blob = json.dumps([canonical_json(c.prompt), c.completions, c.policy_version], ensure_ascii=False)
+    return "task-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def validate_candidate(c: Candidate, field: str, max_chars: int, max_responses: int) -> None:
+    validate_messages(c.prompt, f"{field}.prompt", max_chars)
+    if len(c.completions) < 2:
+        raise InvalidArgument(f"{field}.completions", f"needs at least 2 completions to compare, got {len(c.completions)}")
+    if len(c.completions) > max_responses:
+        raise InvalidArgument(f"{field}.completions", f"has {len(c.completions)} completions; the limit is {max_responses}")
+    for i, text in enumerate(c.completions):
+        validate_text(text, f"{field}.completions[{i}]", max_chars)
+    if len(set(c.completions)) != len(c.completions):
+        raise InvalidArgument(f"{field}.completions", "completions must all be different")
+
+
+def submit(store: Store, candidates: list[Candidate]) -> list[str]:
+    """Queue candidates (all validated first: a bad one fails the call, naming its field)."""
+    for i, c in enumerate(candidates):
+        validate_candidate(c, f"candidates[{i}]", store.settings.max_text_chars, store.settings.max_responses)
+    ids = []
+    with store._lock:
+        store.con.execute("BEGIN TRANSACTION")
+        try:
+            for c in candidates:
+                ids.append(_insert(store, c))
+            store.con.execute("COMMIT")
+        except Exception:
+            store.con.execute("ROLLBACK")
+            raise
+    return ids
+
+
+def _insert(store: Store, c: Candidate) -> str:
+    tid = task_id(c)
+    conv = conversation_id(c.prompt)
+    q = store.con.execute
+    q("INSERT INTO conversations (id, messages, num_turns) VALUES (?, ?::JSON, ?) ON CONFLICT DO NOTHING",
+      [conv, canonical_json(c.prompt), len(c.prompt)])
+    origin = f"policy@{c.policy_version}" if c.policy_version else "policy"
+    comp_ids = []
+    for text in c.completions:
+        cid = completion_id(conv, text)
+        comp_ids.append(cid)
+        q("INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON CONFLICT DO NOTHING",
+          [cid, conv, text, origin, json.dumps(c.sampling)])
+    q("""INSERT INTO tasks (task_id, conversation_id, completion_ids, policy_version, priority, state, sampling)
+         VALUES (?, ?, ?, ?, ?, 'queued', ?::JSON) ON CONFLICT DO NOTHING""",
+      [tid, conv, comp_ids, c.policy_version, c.priority, json.dumps(c.sampling)])
+    return tid
+
+
+def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int) -> list[Task]:
+    """Lease up to max_tasks tasks, highest priority first, then oldest."""
+    if not owner.strip():
+        raise InvalidArgument("owner", "is required (who takes the lease)")
+    if max_tasks <= 0:
+        raise InvalidArgument("max_tasks", f"must be > 0, got {max_tasks}")
+    if lease_seconds <= 0:
+        raise InvalidArgument("lease_seconds", f"must be > 0, got {lease_seconds}")
+    expires_ms = int(time.time() * 1000) + lease_seconds * 1000
+    with store._lock:
+        store.con.execute("BEGIN TRANSACTION")
+        try:
+            rows = store.con.execute(
+                """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, '')
+                   FROM tasks t JOIN conversations c ON c.id = t.conversation_id
+                   WHERE t.state = 'queued' OR (t.state = 'leased' AND t.lease_expires_at < now())
+                   ORDER BY t.priority DESC, t.created_at, t.task_id LIMIT ?""",
+                [max_tasks],
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            if ids:
+                store.con.execute(
+                    """UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires_at = make_timestamptz(? * 1000),
+                       lease_count = lease_count + 1 WHERE task_id IN (SELECT unnest(?::VARCHAR[]))""",
+                    [owner, expires_ms, ids],
+                )
+            texts = _texts(store, [cid for r in rows for cid in r[2]])
+            store.con.execute("COMMIT")
+        except Exception:
+            store.con.execute("ROLLBACK")
+            raise
+    return [Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms) for tid, msgs, comp_ids, pv in rows]
+
+
+def _texts(store: Store, ids: list[str]) -> dict[str, str]:
+    if not ids:
+        return {}
+    rows = store.con.execute("SELECT id, text FROM completions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()
+    return dict(rows)

@@ -1,0 +1,82 @@
+"""Group commit: one writer thread owns the store's writes and commits many requests'
+labels per transaction.
+
+Requests wait in a queue; the writer takes every request waiting (up to `max_labels`
+labels) and stores them in one transaction, then answers each. While a COMMIT runs, new
+requests gather for the next one, so the number of commits grows with the commit
+rate, not with the request rate. A request is answered only after its COMMIT returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+
+from rm_service.store.db import Store
+from rm_service.store.labels import IngestOutcome, LabelIn
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class GroupCommitWriter:
+    def __init__(self, store: Store, max_labels: int = 4096):
+        self.store = store
+        self.max_labels = max_labels
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0  # transactions committed (for metrics and benchmarks)
+
+    def submit(self, labels: list[LabelIn], origin: str = "dataset") -> Future:
+        future: Future = Future()
+        self._queue.put((labels, origin, future))
+        return future
+
+    async def ingest(self, labels: list[LabelIn], origin: str = "dataset") -> list[IngestOutcome]:
+        return await asyncio.wrap_future(self.submit(labels, origin))
+
+    def close(self) -> None:
+        """Finish every queued request, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            group, stop = [first], False
+            count = len(first[0])
+            while count < self.max_labels and self.max_labels > 1:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                group.append(nxt)
+                count += len(nxt[0])
+            self._commit(group)
+            if stop:
+                return
+
+    def _commit(self, group: list) -> None:
+        by_origin: dict[str, list] = {}
+        for item in group:
+            by_origin.setdefault(item[1], []).append(item)
+        for origin, items in by_origin.items():
+            try:
+                results = self.store.ingest_batches([labels for labels, _, _ in items], origin)
+                self.commits += 1
+            except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
+                log.exception("group commit of %d requests failed", len(items))
+                for _, _, future in items:
+                    future.set_exception(exc)
+                continue
+            for (_, _, future), outcomes in zip(items, results):
+                future.set_result(outcomes)
