@@ -18,13 +18,13 @@ from rm_service.errors import RMError
 
 
 def _import(args) -> int:
-    from rm_service.importers import import_hh
+    from rm_service.formats import import_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
     store = Store(StoreSettings())
     try:
-        counts, rejected = import_hh(store, Path(args.file), args.annotator)
+        counts, rejected = import_file(store, Path(args.file), args.format, args.annotator)
     finally:
         store.close()
     print(f"imported {args.file}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
@@ -36,16 +36,17 @@ def _import(args) -> int:
 
 
 def _export(args) -> int:
-    from rm_service.importers import export_hh
+    from rm_service.formats import export_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
     store = Store(StoreSettings())
     try:
-        n, snapshot = export_hh(store, Path(args.out), args.snapshot)
+        n, snapshot = export_file(store, Path(args.out), args.format, args.snapshot)
     finally:
         store.close()
-    print(f"exported {n} pairs of snapshot {snapshot} to {args.out}")
+    unit = "labels" if args.format in ("ranking", "parquet") else "pairs"
+    print(f"exported {n} {unit} of snapshot {snapshot} to {args.out} ({args.format})")
     return 0
 
 
@@ -136,6 +137,11 @@ def _demo(args) -> int:
     return run_demo(Path(args.data), args.max_minutes, args.max_pairs, args.backbone, args.max_tokens)
 
 
+FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
+FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL conversational preference JSONL (explicit or implicit prompt); "
+               "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rm-service", description="Preference data and reward models for RLHF.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -151,13 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("import", help="import preference data into the store")
-    s.add_argument("--format", choices=["hh"], default="hh", help="hh: HH-RLHF text pairs (JSONL of chosen/rejected)")
-    s.add_argument("--annotator", default="hh-rlhf", help="provenance recorded with each label")
+    s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help=FORMAT_HELP)
+    s.add_argument("--annotator", help="provenance recorded with each label (default: the format's name; hh-rlhf for hh)")
     s.add_argument("file")
     s.set_defaults(func=_import)
 
-    s = sub.add_parser("export", help="export a snapshot's pairs")
-    s.add_argument("--format", choices=["hh"], default="hh")
+    s = sub.add_parser("export", help="export a snapshot (reproducible while ingestion goes on)")
+    s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help=FORMAT_HELP)
     s.add_argument("--snapshot", help="snapshot id (default: a new snapshot of everything stored)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)

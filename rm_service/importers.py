@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from rm_service.store.hh import HHFormatError, read_pairs, render_pair
 from rm_service.store.labels import LabelIn
 
 BATCH = 1000
+log = logging.getLogger(__name__)
 
 
 def hh_labels(path: Path, annotator: str = "hh-rlhf") -> tuple[list[LabelIn], list[str]]:
@@ -43,9 +45,15 @@ def import_hh(store: Store, path: Path, annotator: str = "hh-rlhf") -> tuple[Cou
 
 
 def export_hh(store: Store, out: Path, snapshot_id: str | None = None) -> tuple[int, str]:
-    """Write a snapshot's pairs in HH format (one line per chosen/rejected pair)."""
+    """Write a snapshot's pairs in HH format (one line per chosen/rejected pair).
+
+    HH text has only Human and Assistant turns: pairs whose prompt has a system message
+    cannot be written and are left out with a warning (use the trl or ranking format)."""
     snapshot = store.get_snapshot(snapshot_id) if snapshot_id else store.create_snapshot()
-    pairs = store.pairs(snapshot)
+    all_pairs = store.pairs(snapshot)
+    pairs = [p for p in all_pairs if all(m.role != "system" for m in p.prompt)]
+    if len(pairs) < len(all_pairs):
+        log.warning("left out %d pairs with system messages: the HH format cannot hold them", len(all_pairs) - len(pairs))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for p in pairs:

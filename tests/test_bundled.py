@@ -21,7 +21,7 @@ def test_unknown_name_is_invalid_argument(tmp_path):
 @pytest.mark.slow
 def test_minilm_loads_from_the_package_and_scores():
     runtime = load_backbone_runtime("minilm-l6", max_tokens=256)
-    assert runtime.spec.kind == "encoder" and runtime.model.pooling == "pooler"
+    assert runtime.spec.kind == "encoder" and runtime.model.pooling == "mean"  # head mode on a sentence encoder
     item = runtime.format(PROMPT, "Happy to help with math.")
     assert runtime.run([item], 4096).shape == (1, 1)
 
