@@ -75,12 +75,24 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from rm_service.evaluate import evaluate_file, load_for_eval
+    from rm_service.evaluate import evaluate_pairs, file_pairs, format_report, load_for_eval, snapshot_pairs
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
 
-    runtime, version = load_for_eval(args.model)
-    result = evaluate_file(runtime, Path(args.data), limit=args.limit, max_batch_tokens=args.batch_tokens)
-    print(f"{'model':<12}{'pairs':>8}{'accuracy':>10}{'loss':>9}{'ECE':>8}{'pairs/s':>9}")
-    print(f"{version:<12}{int(result['num_pairs']):>8}{result['accuracy']:>10.4f}{result['loss']:>9.4f}{result['ece']:>8.4f}{result['pairs_per_s']:>9.1f}")
+    if (args.data is None) == (args.snapshot is None):
+        print("rm-service eval: pass exactly one of --data FILE or --snapshot ID|latest", file=sys.stderr)
+        return 2
+    if args.data is not None:
+        pairs = file_pairs(Path(args.data), args.format)
+        runtime, version = load_for_eval(args.model)
+    else:
+        store = Store(StoreSettings())
+        try:
+            pairs = snapshot_pairs(store, None if args.snapshot == "latest" else args.snapshot, heldout_only=not args.all_pairs)
+            runtime, version = load_for_eval(args.model, store=store)
+        finally:
+            store.close()
+    print(format_report(version, evaluate_pairs(runtime, pairs[: args.limit], args.batch_tokens)))
     return 0
 
 
@@ -103,6 +115,8 @@ def _models(args) -> int:
             ok, message = registry.promote(store, args.version, TrainSettings().gate_tolerance, force=args.force)
             print(message)
             return 0 if ok else 1
+        elif args.action == "rollback":
+            print(registry.rollback(store))
     finally:
         store.close()
     return 0
@@ -179,15 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-promote", action="store_true", help="register as candidate only")
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("eval", help="pairwise accuracy of a model on a preference file")
-    s.add_argument("--data", required=True, help="HH-RLHF JSONL file")
+    s = sub.add_parser("eval", help="pairwise accuracy, loss and ECE of a model, overall, by turns and by length")
+    s.add_argument("--data", help="a preference file (see --format)")
+    s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help="format of --data")
+    s.add_argument("--snapshot", help="evaluate a store snapshot instead (an id or 'latest'): its held-out conversations")
+    s.add_argument("--all-pairs", action="store_true", help="with --snapshot, every pair, not only the held-out ones")
     s.add_argument("--model", help="registry version (v3), version directory, bundled name or HF directory; default: the promoted version")
     s.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("models", help="the model registry")
-    s.add_argument("action", choices=["list", "show", "promote"])
+    s.add_argument("action", choices=["list", "show", "promote", "rollback"])
     s.add_argument("version", nargs="?")
     s.add_argument("--force", action="store_true", help="promote even if the gate refuses")
     s.set_defaults(func=_models)

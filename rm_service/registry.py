@@ -118,6 +118,29 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False) -
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
 
 
+def rollback(store: Store) -> str:
+    """Promote again the version promoted before the current one; the current one is retired."""
+    current = promoted(store)
+    if current is None:
+        raise FailedPrecondition("no promoted version to roll back from")
+    with store._lock:
+        row = store.con.execute(
+            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at DESC LIMIT 1"
+        ).fetchone()
+    if row is None:
+        raise FailedPrecondition(f"{current.version} is the only version ever promoted; nothing to roll back to")
+    with store._lock:
+        store.con.execute("BEGIN TRANSACTION")
+        try:
+            store.con.execute("UPDATE models SET status = 'retired' WHERE version = ?", [current.version])
+            store.con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [row[0]])
+            store.con.execute("COMMIT")
+        except Exception:
+            store.con.execute("ROLLBACK")
+            raise
+    return f"rolled back from {current.version} to {row[0]}"
+
+
 def _set_status(store: Store, version: str, status: str) -> None:
     with store._lock:
         store.con.execute("UPDATE models SET status = ? WHERE version = ?", [status, version])

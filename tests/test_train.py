@@ -114,3 +114,28 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     ok, message = registry.promote(store, second.version, tolerance=0.02)
     assert not ok and "below v1" in message
     assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "rejected"
+
+
+def test_rollback_returns_to_the_previous_version(trained):
+    store, _, settings = trained
+    second = train(store, settings, ModelSettings(), show_progress=False, parent="v1")
+    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.5)")  # make the gate indifferent
+    ok, _ = registry.promote(store, second.version, tolerance=0.02, force=True)
+    assert ok and registry.promoted(store).version == second.version
+    assert registry.rollback(store) == f"rolled back from {second.version} to v1"
+    assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "retired"
+
+
+def test_eval_reports_overall_by_turns_and_by_length(trained):
+    from rm_service.evaluate import evaluate_pairs, format_report, load_for_eval, snapshot_pairs
+
+    store, _, settings = trained
+    runtime, version = load_for_eval(None, store=store)
+    pairs = snapshot_pairs(store, None, heldout_only=False)
+    report = evaluate_pairs(runtime, pairs, show_progress=False)
+    assert version == "v1" and report.overall["num_pairs"] == 60
+    assert sum(m["num_pairs"] for m in report.by_turns.values()) == 60
+    assert sum(m["num_pairs"] for m in report.by_length.values()) == 60
+    assert set(report.by_turns) <= {"1 turn", "2 turns", "3 turns", "4+ turns"}
+    table = format_report(version, report)
+    assert table.splitlines()[2].startswith("| all | 60 |")

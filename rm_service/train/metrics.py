@@ -36,3 +36,26 @@ def expected_calibration_error(delta: np.ndarray, bins: int = 10) -> float:
         if mask.any():
             ece += mask.mean() * abs(confidence[mask].mean() - correct[mask].mean())
     return float(ece)
+
+
+def turn_bucket(num_user_turns: int) -> str:
+    return f"{num_user_turns} turn{'s' if num_user_turns > 1 else ''}" if num_user_turns < 4 else "4+ turns"
+
+
+LENGTH_EDGES = (128, 256, 512)
+
+
+def length_bucket(num_tokens: int) -> str:
+    """Bucket of a pair by its longer item's token count."""
+    low = 0
+    for edge in LENGTH_EDGES:
+        if num_tokens < edge:
+            return f"{low}-{edge - 1} tokens"
+        low = edge
+    return f"{LENGTH_EDGES[-1]}+ tokens"
+
+
+def grouped_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, groups: list[str]) -> dict[str, dict[str, float]]:
+    """pair_metrics per group label, groups in sorted order."""
+    keys = np.asarray(groups)
+    return {g: pair_metrics(r_chosen[keys == g], r_rejected[keys == g]) for g in sorted(set(groups))}

@@ -1,0 +1,332 @@
+"""Crash harness: SIGKILL the store-only server while clients ingest labels, restart it on the
+same DuckDB file, and check what the file holds.
+
+Each round proves, cumulatively over every round so far on one store file:
+
+- durability: every label acknowledged INSERTED is stored (an ack means its COMMIT returned);
+- idempotency: no label_id is stored twice;
+- nothing invented: every stored label was either acked or sent in a call whose outcome the
+  client could not know (it failed, or was in flight when the server died), and its stored
+  payload hash is the one of the label that was sent;
+- atomicity: every stored label has exactly its 2 rankings, its conversation and its
+  completions, and no ranking exists without its label (no half-written transaction);
+- recovery: the server restarts on the file after the kill, reaches SERVING, and exits 0 on
+  SIGTERM.
+
+Run `python tests/crash_harness.py --rounds 50`; tests/test_durability.py runs 10 rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import grpc
+
+from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
+from rm_service.client import Client
+from rm_service.server.convert import label as label_in
+
+REPO = Path(__file__).resolve().parent.parent
+RPC_DEADLINE_S = 5.0
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+CLIENT_LIMIT_S = 60.0  # a client that has not seen the server die by then is a harness failure
+
+
+# A server process imports everything first (torch alone takes ~3 s on a small machine), then
+# waits for a line on stdin before it runs `rm-service serve`: the store is opened only then.
+SERVE_AFTER_GO = (
+    "import sys; import rm_service.server.app; sys.stdin.readline(); "
+    "from rm_service.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+class ServerProcess:
+    """`rm-service serve --no-model --port 0` as a subprocess on the given store file; it
+    imports at once and serves after `go()`."""
+
+    def __init__(self, store: Path, log: Path, extra_env: dict[str, str] | None = None):
+        self.port_file = log.with_suffix(".port")
+        self.port_file.unlink(missing_ok=True)
+        self.log = log
+        env = {**os.environ, "RM_HOME": str(store.parent / "home"), "RM_STORE_PATH": str(store), **(extra_env or {})}
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SERVE_AFTER_GO, "serve", "--no-model", "--port", "0", "--port-file", str(self.port_file)],
+                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+            )
+        self.address = ""
+
+    def go(self) -> "ServerProcess":
+        try:
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it already exited; wait_serving reports how
+        return self
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_serving(self, timeout: float = START_TIMEOUT_S) -> str:
+        """Wait for the port file, then for grpc.health.v1 SERVING; returns the address."""
+        deadline = time.monotonic() + timeout
+        while not self.port_file.exists() or not self.port_file.read_text().strip().isdigit():
+            if not self.alive():
+                raise RuntimeError(f"server exited with {self.proc.returncode} before serving:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no port file after {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
+        client = Client(self.address)
+        try:
+            client.wait_serving(max(1.0, deadline - time.monotonic()), self.alive)
+        finally:
+            client.close()
+        return self.address
+
+    def sigkill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT_S)
+
+    def sigterm(self) -> int:
+        """SIGTERM, then wait for the drain; returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(STOP_TIMEOUT_S)
+
+    def ensure_dead(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+class Launcher:
+    """Keeps `spares` server processes importing ahead of need, so each start costs opening
+    the store rather than an interpreter start-up. `close()` kills the spares."""
+
+    def __init__(self, store: Path, workdir: Path, spares: int = 2):
+        self.store, self.workdir, self.count = store, workdir, 0
+        self.spares: list[ServerProcess] = []
+        for _ in range(spares):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self.count += 1
+        self.spares.append(ServerProcess(self.store, self.workdir / f"server-{self.count:03d}.log"))
+
+    def start(self) -> ServerProcess:
+        server = self.spares.pop(0)
+        self._spawn()
+        return server.go()
+
+    def close(self) -> None:
+        for spare in self.spares:
+            spare.ensure_dead()
+
+
+def make_label(label_id: str, rng: random.Random) -> preference_pb2.Label:
+    """A valid pairwise label; multi-turn for some ids, and some responses shared with other labels."""
+    turns = [common_pb2.Message(role="user", content=f"Question for {label_id}: how do I {rng.choice(['bake', 'fix', 'plan'])} it?")]
+    if rng.random() < 0.5:
+        turns += [common_pb2.Message(role="assistant", content="Can you say more?"),
+                  common_pb2.Message(role="user", content=f"More detail {rng.randint(0, 10**6)}.")]
+    return preference_pb2.Label(label_id=label_id, prompt=turns,
+                                responses=[f"Answer A to {label_id}.", rng.choice(["I don't know.", "Ask someone else."])],
+                                ranks=[0, 1], source=preference_pb2.HUMAN, annotator="crash-harness")
+
+
+@dataclass
+class ClientLog:
+    """What one client learned: ids acked INSERTED, ids whose fate it cannot know, anything odd."""
+
+    acked: set[str] = field(default_factory=set)
+    unknown: set[str] = field(default_factory=set)
+    hashes: dict[str, str] = field(default_factory=dict)  # payload hash of every label sent
+    odd: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def run_client(address: str, round_: int, client: int, rng: random.Random, log: ClientLog) -> None:
+    """Send IngestLabels of 1-8 new labels until the first RPC error (the server died)."""
+    channel = grpc.insecure_channel(address)
+    stub = preference_pb2_grpc.PreferenceServiceStub(channel)
+    n, deadline = 0, time.monotonic() + CLIENT_LIMIT_S
+    try:
+        while time.monotonic() < deadline:
+            labels = [make_label(f"r{round_}-c{client}-{n + i}", rng) for i in range(rng.randint(1, 8))]
+            n += len(labels)
+            ids = [pb.label_id for pb in labels]
+            log.hashes.update((pb.label_id, label_in(pb).payload_hash()) for pb in labels)
+            try:
+                response = stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=labels), timeout=RPC_DEADLINE_S)
+            except grpc.RpcError as exc:
+                log.unknown.update(ids)
+                log.error = exc.code().name
+                return
+            if [r.label_id for r in response.results] != ids:
+                log.odd.append(f"results {[r.label_id for r in response.results]} do not match the request {ids}")
+            for r in response.results:
+                if r.status == preference_pb2.INSERTED:
+                    log.acked.add(r.label_id)
+                else:
+                    log.odd.append(f"{r.label_id}: {preference_pb2.IngestStatus.Name(r.status)} {r.reason}")
+        log.odd.append(f"client {client} never saw the server die within {CLIENT_LIMIT_S:.0f}s")
+    finally:
+        channel.close()
+
+
+def check_store(store: Path, acked: set[str], unknown: set[str], hashes: dict[str, str]) -> tuple[list[str], set[str]]:
+    """The invariants over the whole file; returns (violations, stored ids)."""
+    v: list[str] = []
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+        stored = dict(q("SELECT label_id, payload_hash FROM labels"))
+        twice = q("SELECT label_id, count(*) FROM labels GROUP BY label_id HAVING count(*) > 1")
+        bad_rankings = q("""SELECT l.label_id, count(r.label_id) FROM labels l LEFT JOIN label_rankings r USING (label_id)
+                            GROUP BY l.label_id HAVING count(r.label_id) <> 2 OR list_sort(list(r.position)) <> [0, 1]""")
+        orphan_rankings = q("SELECT DISTINCT label_id FROM label_rankings WHERE label_id NOT IN (SELECT label_id FROM labels)")
+        no_conversation = q("SELECT label_id FROM labels WHERE conversation_id NOT IN (SELECT id FROM conversations)")
+        no_completion = q("""SELECT r.label_id, r.completion_id FROM label_rankings r
+                             WHERE r.completion_id NOT IN (SELECT id FROM completions)""")
+    finally:
+        con.close()
+    ids = set(stored)
+
+    def add(what: str, items) -> None:
+        items = sorted(items)
+        if items:
+            v.append(f"{what} ({len(items)}): {items[:10]}")
+
+    add("acked but not stored", acked - ids)
+    add("stored more than once", twice)
+    add("stored but never acked nor in an unknown call", ids - acked - unknown)
+    add("stored payload differs from the one sent", [i for i, h in stored.items() if i in hashes and hashes[i] != h])
+    add("labels without exactly rankings 0 and 1", bad_rankings)
+    add("rankings without a label", orphan_rankings)
+    add("labels without their conversation", no_conversation)
+    add("rankings without their completion", no_completion)
+    return v, ids
+
+
+def run_round(round_: int, store: Path, launcher: Launcher, clients: int, seed: int,
+              acked: set[str], unknown: set[str], hashes: dict[str, str]) -> dict:
+    """One round: ingest, SIGKILL, restart to SERVING, SIGTERM, check the file."""
+    rng = random.Random(seed + round_)
+    delay = rng.uniform(0.3, 2.0)
+    violations: list[str] = []
+    server = launcher.start()
+    try:
+        address = server.wait_serving()
+        logs = [ClientLog() for _ in range(clients)]
+        threads = [threading.Thread(target=run_client, args=(address, round_, c, random.Random(f"{seed}-{round_}-{c}"), logs[c]),
+                                    name=f"client-{c}", daemon=True) for c in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(delay)  # the random kill point: the only sleep that is not polling
+        server.sigkill()
+        for t in threads:
+            t.join(CLIENT_LIMIT_S + RPC_DEADLINE_S)
+            if t.is_alive():
+                violations.append(f"{t.name} did not stop after the server died")
+    finally:
+        server.ensure_dead()
+    round_acked = set().union(*(log.acked for log in logs))
+    round_unknown = set().union(*(log.unknown for log in logs))
+    for log in logs:
+        acked |= log.acked
+        unknown |= log.unknown
+        hashes.update(log.hashes)
+        violations += log.odd
+
+    restarted = launcher.start()
+    try:
+        restarted.wait_serving()  # recovery: the file opens and the server serves after SIGKILL
+        code = restarted.sigterm()
+        if code != 0:
+            violations.append(f"restarted server exited with {code} on SIGTERM:\n{restarted.log_tail()}")
+    finally:
+        restarted.ensure_dead()
+
+    found, stored = check_store(store, acked, unknown, hashes)
+    violations += found
+    if violations:
+        raise AssertionError(f"round {round_} (kill after {delay:.2f}s) violated durability:\n  " + "\n  ".join(violations))
+    return {"round": round_, "kill_after_s": round(delay, 2), "acked": len(round_acked), "unknown": len(round_unknown),
+            "unknown_stored": len(round_unknown & stored), "stored_total": len(stored),
+            "errors": sorted({log.error for log in logs if log.error})}
+
+
+def run_crash_rounds(rounds: int, workdir: Path, clients: int = 8, seed: int = 0) -> dict:
+    """Run `rounds` crash rounds on one store file under `workdir` (which must not hold one yet).
+
+    Returns {rounds, acked, unknown, unknown_stored, stored, violations, per_round, seconds};
+    raises AssertionError with the details on the first round that breaks an invariant.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = workdir / "rm.duckdb"
+    if store.exists():
+        raise FileExistsError(f"{store} already exists; the checks need a fresh store")
+    acked: set[str] = set()
+    unknown: set[str] = set()
+    hashes: dict[str, str] = {}
+    started = time.monotonic()
+    launcher = Launcher(store, workdir)
+    try:
+        per_round = [run_round(r, store, launcher, clients, seed, acked, unknown, hashes) for r in range(rounds)]
+    finally:
+        launcher.close()
+    _, stored = check_store(store, acked, unknown, hashes)
+    return {"rounds": rounds, "acked": len(acked), "unknown": len(unknown), "unknown_stored": len(unknown & stored),
+            "stored": len(stored), "violations": [], "per_round": per_round, "seconds": round(time.monotonic() - started, 1)}
+
+
+def format_summary(result: dict) -> str:
+    rows = ["| round | kill after s | acked | unknown | unknown stored | stored (total) | client errors |",
+            "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["per_round"]:
+        rows.append(f"| {r['round']} | {r['kill_after_s']:.2f} | {r['acked']} | {r['unknown']} | {r['unknown_stored']} "
+                    f"| {r['stored_total']} | {', '.join(r['errors'])} |")
+    rows.append(f"| **all {result['rounds']}** | | **{result['acked']}** | **{result['unknown']}** | **{result['unknown_stored']}** "
+                f"| **{result['stored']}** | |")
+    rows.append("")
+    rows.append(f"violations: {len(result['violations'])}; {result['seconds']:.1f} s; every acked label stored, none twice, "
+                "none invented, no half-writes")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, help="directory for the store and server logs (default: a temp dir)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="rm-crash-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        try:
+            result = run_crash_rounds(args.rounds, workdir, args.clients, args.seed)
+        except AssertionError as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
+    print(format_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
