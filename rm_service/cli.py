@@ -55,19 +55,25 @@ def _train(args) -> int:
     from rm_service.store.db import Store
     from rm_service.train.run import train
 
+    from rm_service.train.ddp import launched_world
+
     overrides = {k: v for k, v in {
-        "backbone": args.backbone, "max_minutes": args.max_minutes, "max_pairs": args.max_pairs,
-        "ensemble_size": args.ensemble_size, "max_steps": args.max_steps, "max_tokens": args.max_tokens,
-        "seed": args.seed, "promote": False if args.no_promote else None,
+        "backbone": args.backbone, "mode": args.mode, "lora_rank": args.lora_rank, "max_minutes": args.max_minutes,
+        "max_pairs": args.max_pairs, "ensemble_size": args.ensemble_size, "max_steps": args.max_steps,
+        "max_tokens": args.max_tokens, "epochs": args.epochs, "seed": args.seed, "promote": False if args.no_promote else None,
     }.items() if v is not None}
     settings = TrainSettings(**overrides)
-    store = Store(StoreSettings())
+    world = launched_world()
+    store = Store(StoreSettings()) if world.main else None  # under torchrun, rank 0 owns the store
     try:
-        result = train(store, settings, ModelSettings())
+        result = train(store, settings, ModelSettings(), show_progress=world.main)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
+    if result is None:
+        return 0
     m = result.metrics
-    print(f"trained {result.version} on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
+    print(f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
           f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
           f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)")
     print(result.gate_message)
@@ -183,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_export)
 
     s = sub.add_parser("train", help="train a Bradley-Terry reward model from the store and register it")
-    s.add_argument("--backbone", help="smollm2-135m-instruct (default), minilm-l6, or an HF directory")
+    s.add_argument("--backbone", help="smollm2-135m-instruct (default), minilm-l6, or an HF directory (a TRL reward checkpoint trains further)")
+    s.add_argument("--mode", choices=["head", "full"], help="head: frozen backbone + cached features (default); full: fine-tune the backbone")
+    s.add_argument("--lora-rank", type=int, help="full mode: LoRA rank (0 = all weights)")
+    s.add_argument("--epochs", type=float, help="full mode: passes over the training pairs")
     s.add_argument("--max-minutes", type=float, help="wall-clock budget (default 15)")
     s.add_argument("--max-pairs", type=int, help="use at most this many training pairs")
     s.add_argument("--max-steps", type=int, help="most optimiser steps per head")

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition, NotFound
 from rm_service.models.formatting import FormatSpec
-from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
+from rm_service.models.resolver import resolve
+from rm_service.models.runtime import ModelRuntime, backbone_key, load_backbone_runtime
 from rm_service.settings import ModelSettings
 from rm_service.store.db import Store
 
@@ -148,10 +149,8 @@ def _set_status(store: Store, version: str, status: str) -> None:
 
 def write_head_artifact(directory: Path, meta: dict, weight: np.ndarray, bias: np.ndarray) -> None:
     """Write a head-mode version: version.json + head.safetensors, atomically (temp + rename)."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = directory.with_name(directory.name + ".tmp")  # may already hold ./backbone (full mode)
+    tmp.mkdir(parents=True, exist_ok=True)
     save_file({"weight": torch.from_numpy(np.ascontiguousarray(weight)).float(), "bias": torch.from_numpy(np.ascontiguousarray(bias)).float()},
               str(tmp / "head.safetensors"))
     (tmp / "version.json").write_text(json.dumps(meta, indent=2))
@@ -165,10 +164,14 @@ def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSe
     directory = Path(directory)
     meta = json.loads((directory / "version.json").read_text())
     spec = FormatSpec(**meta["format"])
-    runtime = load_backbone_runtime(meta["backbone"], spec.max_tokens, device=device, precision="bf16" if meta.get("autocast_bf16") else "fp32",
+    backbone = meta["backbone"]
+    if backbone.startswith("./"):  # a fine-tuned backbone stored inside the version
+        backbone = str(directory / backbone[2:])
+    runtime = load_backbone_runtime(backbone, spec.max_tokens, device=device, precision="bf16" if meta.get("autocast_bf16") else "fp32",
                                     settings=settings, spec=spec)
-    if runtime.backbone_key != meta["backbone_key"]:
-        raise FailedPrecondition(f"{directory}: backbone {meta['backbone']!r} is {runtime.backbone_key}, "
+    key = backbone_key(resolve(backbone, settings), meta["backbone"])
+    if key != meta["backbone_key"]:
+        raise FailedPrecondition(f"{directory}: backbone {meta['backbone']!r} is {key}, "
                                  f"but the version was trained on {meta['backbone_key']}")
     head = load_file(str(directory / "head.safetensors"))
     score = torch.nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias=True)

@@ -75,7 +75,9 @@ class TrainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RM_TRAIN_")
 
     backbone: str = Field("smollm2-135m-instruct", description="Bundled model name or HF directory to build the reward model on.")
-    mode: Literal["head"] = Field("head", description="head: frozen backbone, cached features, trained score heads.")
+    mode: Literal["head", "full"] = Field(
+        "head", description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or LoRA adapters) with the heads."
+    )
     ensemble_size: int = Field(4, ge=1, le=64, description="Score heads trained on bootstrap resamples; served as mean and std.")
     max_tokens: int = Field(1024, ge=16, description="Tokens kept per (conversation, completion); the start is cut first.")
     max_pairs: int | None = Field(None, gt=0, description="Use at most this many training pairs (None: all).")
@@ -87,9 +89,19 @@ class TrainSettings(BaseSettings):
     batch_size: int = Field(256, gt=0, description="Pairs per optimiser step.")
     feature_batch_tokens: int = Field(4096, gt=0, description="Token budget of one feature-extraction batch.")
     center_coef: float = Field(1e-3, ge=0, description="Weight of the centring term coef * (r_chosen + r_rejected)^2.")
-    patience: int = Field(100, ge=1, description="Early stopping: steps without held-out loss improvement.")
+    patience: int = Field(100, ge=1, description="Early stopping: optimiser steps without validation-loss improvement.")
     seed: int = Field(0, description="Seed for the split, the bootstrap and the heads' initialisation.")
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
+    full_learning_rate: float = Field(2e-5, gt=0, description="Full mode: AdamW learning rate of the backbone (LoRA adapters get 10x).")
+    lora_rank: int = Field(0, ge=0, description="Full mode: LoRA rank on every linear layer of the backbone; 0 fine-tunes all weights.")
+    micro_batch_pairs: int = Field(4, gt=0, description="Full mode: pairs per forward/backward pass.")
+    grad_accum: int = Field(4, gt=0, description="Full mode: micro-batches accumulated per optimiser step.")
+    epochs: float = Field(1.0, gt=0, description="Full mode: passes over the training pairs.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Full mode: fraction of steps with linear learning-rate warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Full mode: gradient clipping norm.")
+    eval_every: int = Field(25, gt=0, description="Full mode: optimiser steps between validation-loss checks (early stopping).")
+    checkpoint_every: int = Field(50, gt=0, description="Full mode: optimiser steps between resumable checkpoints.")
+    resume: bool = Field(True, description="Full mode: continue from the run's last checkpoint when one exists.")
     gate_tolerance: float = Field(0.02, ge=0, description="Promote only if held-out accuracy >= promoted's minus this.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Backbone precision: bf16 autocast, fp32, or auto (bf16 on CUDA, fp32 on CPU: this machine's CPU runs bf16 matmuls at under 1 GFLOP/s)."

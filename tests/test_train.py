@@ -101,7 +101,7 @@ def test_tampered_golden_pair_refuses_the_version(trained):
 def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypatch):
     store, _, settings = trained
     computed = []
-    import rm_service.train.run as run
+    import rm_service.train.head_mode as run
 
     original = run.put_features
     monkeypatch.setattr(run, "put_features", lambda s, b, f, ids, *a: (computed.extend(ids), original(s, b, f, ids, *a)))

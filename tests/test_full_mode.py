@@ -1,0 +1,142 @@
+"""Full mode: fine-tuning the backbone (or LoRA), resume, TRL checkpoints, torchrun DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import HH_FILE, REPO
+from rm_service import registry
+from rm_service.importers import import_hh
+from rm_service.models.runtime import load_backbone_runtime
+from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
+from rm_service.store.db import Store
+from rm_service.train import full_mode
+from rm_service.train.data import prepare_split
+from rm_service.train.run import train
+
+
+def _store_with_labels(tmp_path, n=40) -> Store:
+    small = tmp_path / f"hh{n}.jsonl"
+    small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    store = Store(StoreSettings())
+    import_hh(store, small)
+    return store
+
+
+def _settings(backbone, **kw) -> TrainSettings:
+    base = dict(backbone=str(backbone), mode="full", max_tokens=128, micro_batch_pairs=4, grad_accum=1, epochs=1.0,
+                ensemble_size=2, heldout_fraction=0.2, max_minutes=5, eval_every=2, checkpoint_every=1, full_learning_rate=1e-3)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def test_one_step_changes_every_trainable_parameter(home, tmp_path, tiny_backbone_dir):
+    store = _store_with_labels(tmp_path, 8)
+    settings = _settings(tiny_backbone_dir, max_pairs=4, heldout_fraction=0.01, epochs=1.0)
+    split = prepare_split(store, settings)
+    split.validation, split.heldout = [], []
+    runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=2)
+    before = {k: v.detach().clone() for k, v in runtime.model.named_parameters()}
+    full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
+    unchanged = [k for k, v in runtime.model.named_parameters() if torch.equal(v, before[k])]
+    assert unchanged == []
+    store.close()
+
+
+def test_full_mode_registers_a_version_that_serves_its_own_backbone(home, tmp_path, tiny_backbone_dir):
+    store = _store_with_labels(tmp_path)
+    result = train(store, _settings(tiny_backbone_dir), ModelSettings(), show_progress=False)
+    rec = registry.get_model(store, result.version)
+    runtime, meta = registry.load_artifact(rec.artifact_path)  # golden pairs re-scored: must match training
+    assert meta["mode"] == "full" and meta["backbone"] == "./backbone" and runtime.model.ensemble_size == 2
+    assert result.metrics["full_steps"] >= 1 and result.metrics["tokens_per_s"] > 0
+    base = load_backbone_runtime(str(tiny_backbone_dir), 128)
+    moved = [k for k, v in runtime.model.backbone.state_dict().items() if not torch.equal(v, base.model.backbone.state_dict()[k])]
+    assert moved  # the served backbone is the fine-tuned one
+    store.close()
+
+
+def test_lora_trains_only_adapters_and_heads(home, tmp_path, tiny_backbone_dir):
+    store = _store_with_labels(tmp_path, 8)
+    settings = _settings(tiny_backbone_dir, lora_rank=4, max_pairs=4, heldout_fraction=0.01)
+    split = prepare_split(store, settings)
+    split.validation, split.heldout = [], []
+    runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=2)
+    base = {k: v.detach().clone() for k, v in runtime.model.backbone.state_dict().items()}
+    full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
+    merged = runtime.model.backbone.state_dict()
+    assert set(merged) == set(base)  # adapters merged back into plain weights
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(k.endswith("weight") and "proj" in k for k in changed)  # only LoRA-targeted linears moved
+    assert not any("norm" in k or "embed" in k for k in changed)
+    store.close()
+
+
+def test_a_trl_reward_checkpoint_trains_further(home, tmp_path, tiny_rm_dir):
+    store = _store_with_labels(tmp_path, 8)
+    settings = _settings(tiny_rm_dir, ensemble_size=1, max_pairs=4, heldout_fraction=0.01)
+    split = prepare_split(store, settings)
+    split.validation, split.heldout = [], []
+    runtime = load_backbone_runtime(settings.backbone, 128)
+    head_before = runtime.model.score.weight.detach().clone()
+    from transformers import AutoModelForSequenceClassification
+
+    trl_head = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).score.weight
+    assert torch.equal(head_before, trl_head)  # starts from the checkpoint's trained head
+    full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
+    assert not torch.equal(runtime.model.score.weight, head_before)
+    store.close()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(home, tmp_path, tiny_backbone_dir, monkeypatch):
+    store = _store_with_labels(tmp_path, 24)
+    settings = _settings(tiny_backbone_dir, heldout_fraction=0.01, epochs=2.0, ensemble_size=1)
+    split = prepare_split(store, settings)
+    split.validation, split.heldout = [], []
+    total = -(-2 * len(split.fit) // 4)
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_decide = full_mode.decide
+
+    def crash_after_three(flag, world):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the machine went away after step 3's checkpoint
+        return real_decide(flag, world)
+
+    monkeypatch.setattr(full_mode, "decide", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        full_mode.fit_full_mode(load_backbone_runtime(settings.backbone, 128), split, settings, float("inf"), run, show_progress=False)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
+    monkeypatch.setattr(full_mode, "decide", real_decide)
+    steps_run = []
+    monkeypatch.setattr(full_mode.torch.optim.AdamW, "step", lambda self, *a, **k: steps_run.append(1) or None)
+    scores = full_mode.fit_full_mode(load_backbone_runtime(settings.backbone, 128), split, settings, float("inf"), run, show_progress=False)
+    assert scores.steps == total and len(steps_run) == total - 3  # continued, did not start over
+    store.close()
+
+
+def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
+    store = _store_with_labels(tmp_path, 24)
+    store.close()
+    from rm_service.server.app import free_port
+
+    env = {**os.environ, "RM_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "rm_service.cli", "train", "--mode", "full", "--backbone", str(tiny_backbone_dir), "--max-tokens", "128",
+           "--ensemble-size", "2", "--epochs", "1"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained v1 (full mode)" in result.stdout
+    store = Store(StoreSettings())
+    try:
+        assert registry.get_model(store, "v1").status == "promoted"
+        runtime, _ = registry.load_artifact(registry.get_model(store, "v1").artifact_path)
+        assert runtime.model.ensemble_size == 2
+    finally:
+        store.close()
