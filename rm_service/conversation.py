@@ -26,6 +26,13 @@ class Message:
 
 
 def validate_messages(messages: list[Message], field: str, max_chars: int | None = None) -> None:
+    """A prompt: valid turns, ending with a user or system turn (the completion comes next)."""
+    validate_turns(messages, field, max_chars)
+    if messages[-1].role == "assistant":
+        raise InvalidArgument(f"{field}[{len(messages) - 1}].role", "the prompt must end with a user or system turn")
+
+
+def validate_turns(messages: list[Message], field: str, max_chars: int | None = None) -> None:
     """Raise InvalidArgument naming `field[i].role|content` for the first bad message."""
     if not messages:
         raise InvalidArgument(field, "must hold at least one message")
@@ -36,8 +43,6 @@ def validate_messages(messages: list[Message], field: str, max_chars: int | None
             raise InvalidArgument(f"{field}[{i}].content", "must not be empty")
         if max_chars is not None and len(m.content) > max_chars:
             raise InvalidArgument(f"{field}[{i}].content", f"is {len(m.content)} characters; the limit is {max_chars}")
-    if messages[-1].role == "assistant":
-        raise InvalidArgument(f"{field}[{len(messages) - 1}].role", "the prompt must end with a user or system turn")
 
 
 def validate_text(text: str, field: str, max_chars: int | None = None) -> None:

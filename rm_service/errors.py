@@ -33,6 +33,10 @@ class Overloaded(RMError):
     """An admission limit (queue, in-flight items) is reached; retry later."""
 
 
+class DeadlineExceeded(RMError):
+    """The call's deadline passed (or its caller left) before the work reached the model."""
+
+
 class Unavailable(RMError):
     """Not ready yet, draining, or the store is locked by another process."""
 
@@ -58,6 +62,7 @@ STATUS_CODES: dict[type[RMError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

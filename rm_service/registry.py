@@ -116,7 +116,27 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False) -
         except Exception:
             store.con.execute("ROLLBACK")
             raise
+    write_promoted_pointer(candidate)
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
+
+
+POINTER = "promoted.json"
+
+
+def write_promoted_pointer(rec: ModelRecord) -> None:
+    """`<artifacts dir>/promoted.json`: how scorers without the store (scale-out replicas)
+    learn of a promotion. Written atomically (temp file + rename)."""
+    directory = Path(rec.artifact_path).parent
+    tmp = directory / f".{POINTER}.tmp"
+    tmp.write_text(json.dumps({"version": rec.version, "artifact_path": rec.artifact_path}))
+    tmp.replace(directory / POINTER)
+
+
+def read_promoted_pointer(artifacts_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(artifacts_dir) / POINTER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def rollback(store: Store) -> str:
@@ -139,6 +159,7 @@ def rollback(store: Store) -> str:
         except Exception:
             store.con.execute("ROLLBACK")
             raise
+    write_promoted_pointer(get_model(store, row[0]))
     return f"rolled back from {current.version} to {row[0]}"
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,12 +61,44 @@ class ServeSettings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model; auto picks CUDA when present.")
     max_items_per_request: int = Field(512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above).")
-    max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one model batch (padded tokens).")
+    max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one model batch (padded tokens: count x longest).")
+    max_inflight_items: int = Field(4096, gt=0, description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once.")
+    max_queued_tokens: int = Field(1_000_000, gt=0, description="Tokens admitted and not yet scored; beyond it RESOURCE_EXHAUSTED at once.")
+    max_wait_ms: float = Field(0.0, ge=0, description="Wait this long before forming a batch (0: no timer; a batch leaves when the model is free).")
+    follow_registry: bool = Field(True, description="Hot-swap to each version the registry promotes (polls promoted.json).")
+    watch_interval_s: float = Field(1.0, gt=0, description="How often to look for a promotion.")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent.")
     grace_seconds: float = Field(10.0, ge=0, description="On shutdown, how long in-flight calls may take to finish.")
     with_store: bool = Field(True, description="Open the preference store and serve PreferenceService from this process.")
     with_model: bool = Field(True, description="Load a reward model and serve RewardService (off: a store-only process).")
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
+    metrics_port: int = Field(
+        9464, ge=-1, le=65535,
+        description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
+                    "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or json: one object per line with time, level, logger, message.")
+
+
+class SecuritySettings(BaseSettings):
+    """Authentication (bearer tokens with roles) and TLS for the gRPC server. Off by default: a
+    server without tokens binds loopback addresses only."""
+
+    model_config = SettingsConfigDict(env_prefix="RM_AUTH_")
+
+    tokens_file: Path | None = Field(
+        None,
+        description="File of bearer tokens, one `role:token` per line (roles: scorer, labeler, admin; # starts a comment). "
+                    "Keeps secrets off the command line; make it readable by the server's user only.",
+    )
+    tokens: SecretStr | None = Field(
+        None, description="Bearer tokens as `role:token,role:token`, added to those of tokens_file. Prefer tokens_file."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate chain of the server; with tls_key, serve TLS only.")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle for mutual TLS: clients must present a certificate signed by it (needs tls_cert)."
+    )
 
 
 class TrainSettings(BaseSettings):

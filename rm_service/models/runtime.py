@@ -52,16 +52,31 @@ class ModelRuntime:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
+    def run_collated(self, batch: dict[str, torch.Tensor], what: str = "rewards") -> np.ndarray:
+        """One padded batch: features [b, H] or member rewards [b, K]."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self._autocast():
+            h = self.model.features(**batch).float()  # [b, H]
+        values = h if what == "features" else self.model.score(h.to(self.model.score.weight.dtype)).float()  # [b, H|K]
+        return values.cpu().numpy()
+
+    @torch.inference_mode()
+    def rewards_at(self, input_ids: list[int], positions: list[int]) -> np.ndarray:
+        """Member rewards read at several positions of one causal sequence: [P, K].
+
+        With causal attention the hidden state at position t sees tokens <= t only, so this
+        equals scoring each prefix ending at t on its own, from one forward pass."""
+        ids = torch.tensor([input_ids], device=self.device)  # [1, T]
+        with self._autocast():
+            hidden = self.model.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state  # [1, T, H]
+        h = hidden[0, positions].float()  # [P, H]
+        return self.model.score(h.to(self.model.score.weight.dtype)).float().cpu().numpy()  # [P, K]
+
     def run(self, items: list[Formatted], max_batch_tokens: int, what: str = "rewards", progress=None) -> np.ndarray:
         """Features [N, H] (what="features") or member rewards [N, K] (what="rewards")."""
         out: np.ndarray | None = None
         for batch_idx in token_budget_batches([len(x) for x in items], max_batch_tokens):
-            batch = {k: v.to(self.device) for k, v in collate([items[i] for i in batch_idx], self.pad_id).items()}
-            with self._autocast():
-                h = self.model.features(**batch)  # [b, H]
-            h = h.float()
-            values = h if what == "features" else self.model.score(h.to(self.model.score.weight.dtype)).float()  # [b, H|K]
-            values = values.cpu().numpy()
+            values = self.run_collated(collate([items[i] for i in batch_idx], self.pad_id), what)
             if out is None:
                 out = np.zeros((len(items), values.shape[1]), dtype=np.float32)
             out[batch_idx] = values

@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.errors import FailedPrecondition, Unimplemented
-from rm_service.server.models import ServedModels, load_for_serving
+from rm_service.server.batcher import Batcher
+from rm_service.server.models import ServedModels, follow_registry, load_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
 from rm_service.server.rpc import rpc, stream_rpc
@@ -75,6 +76,8 @@ class RewardServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.batcher: Batcher | None = None
+        self._follower: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
@@ -90,7 +93,11 @@ class RewardServer:
         max_chars = self.store_settings.max_text_chars
         names = []
         if self.settings.with_model:
-            reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.served, self.settings, self.store, max_chars), self.server)
+            st = self.settings
+            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms)
+            self.batcher.start()
+            reward = RewardService(self.served, self.batcher, st, self.store, max_chars)
+            reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, self.server)
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
@@ -107,8 +114,11 @@ class RewardServer:
         if self.settings.with_model:
             log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
             served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
-            self.served.add(served)
+            self.served.swap_in(served, "loaded")
             log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
+            if self.settings.follow_registry and served.record.status != "external":
+                self._follower = asyncio.get_running_loop().create_task(
+                    follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s))
         else:
             log.info("serving the store only on %s:%d", self.settings.host, self.port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -121,8 +131,13 @@ class RewardServer:
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish, close the store."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._follower is not None:
+            self._follower.cancel()
         if self.server is not None:
-            await self.server.stop(self.settings.grace_seconds)
+            await self.server.stop(self.settings.grace_seconds)  # new calls: UNAVAILABLE; in-flight ones finish
+        if self.batcher is not None:
+            await self.batcher.stop()
+            self.batcher = None
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)  # commit what is queued
             self.writer = None

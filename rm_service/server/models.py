@@ -1,7 +1,15 @@
-"""The versions this server process has loaded, and the one it serves by default."""
+"""The versions this server process has loaded, the one it serves by default, and hot-swap.
+
+Hot-swap: a new version is loaded and warmed (its golden pairs re-scored) beside the old
+one, then the default switches with one assignment; batches formed before the switch finish
+on the old model, which stays loaded for pinned requests. A version that fails to load
+leaves the old one serving. Scorers follow the registry through `promoted.json` in the
+artifacts directory, so a replica needs no store to pick up promotions.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,17 +29,16 @@ log = logging.getLogger(__name__)
 class Served:
     runtime: ModelRuntime
     record: ModelRecord
+    backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
 
 
 class ServedModels:
-    def __init__(self):
+    def __init__(self, max_loaded: int = 2):
         self.versions: dict[str, Served] = {}
         self.default: str | None = None
-
-    def add(self, served: Served, make_default: bool = True) -> None:
-        self.versions[served.record.version] = served
-        if make_default or self.default is None:
-            self.default = served.record.version
+        self.max_loaded = max_loaded
+        self._watchers: set[asyncio.Queue] = set()
+        self.failed: dict[str, str] = {}  # version -> why it could not be loaded
 
     def get(self, version: str = "") -> Served:
         """The pinned version if loaded, else the default one."""
@@ -40,28 +47,93 @@ class ServedModels:
             raise NotFound(f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})")
         return self.versions[name]
 
+    def swap_in(self, served: Served, kind: str = "promoted") -> None:
+        """Make `served` the default (atomic for the event loop) and tell every watcher."""
+        self.versions[served.record.version] = served
+        previous, self.default = self.default, served.record.version
+        while len(self.versions) > self.max_loaded:  # unload the oldest non-default version
+            oldest = next(v for v in self.versions if v != self.default)
+            del self.versions[oldest]
+        if previous != self.default:
+            log.info("now serving %s (was %s)", self.default, previous)
+            for queue in self._watchers:
+                queue.put_nowait((kind, served.record))
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.default is not None:
+            queue.put_nowait(("current", self.versions[self.default].record))
+        self._watchers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._watchers.discard(queue)
+
 
 def load_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
-    """The model `serve` starts with: --model (a registry version, bundled name or HF
-    directory) or else the promoted version of the registry."""
+    """The model `serve` starts with: --model (a registry version, version directory, bundled
+    name or HF directory), else the promoted version (from the store, or without one from
+    the registry's promoted.json)."""
     name = settings.model
-    if store is not None and (name is None or not _is_external(name)):
-        rec = registry.get_model(store, name) if name else registry.promoted(store)
-        if rec is None:
-            raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
-        runtime, _ = registry.load_artifact(rec.artifact_path, device=settings.device, settings=models)
-        return Served(runtime, rec)
-    if name is None:
-        raise FailedPrecondition("no store to read the registry from; pass --model NAME|PATH")
+    if name is None or not _is_external(name):
+        if store is not None:
+            rec = registry.get_model(store, name) if name else registry.promoted(store)
+            if rec is None:
+                raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
+            return load_version_dir(rec.artifact_path, settings, models, rec)
+        directory = Path(models.artifacts_dir) / name if name else _pointer_dir(models)
+        return load_version_dir(directory, settings, models)
     if _is_version_dir(name):
-        runtime, meta = registry.load_artifact(name, device=settings.device, settings=models)
-        rec = ModelRecord(meta["version"], meta.get("parent"), meta.get("snapshot_id"), meta["backbone"], meta["format_hash"],
-                          "external", meta.get("metrics", {}), meta["reward_mean"], meta["reward_std"], meta["ensemble_size"], name)
-        return Served(runtime, rec)
+        return load_version_dir(name, settings, models)
     runtime = load_backbone_runtime(name, max_tokens=1024, device=settings.device)
-    version = Path(name).name
-    rec = ModelRecord(version, None, None, name, runtime.spec.hash, "external", {}, 0.0, 1.0, runtime.model.ensemble_size, name)
-    return Served(runtime, rec)
+    rec = ModelRecord(Path(name).name, None, None, name, runtime.spec.hash, "external", {}, 0.0, 1.0, runtime.model.ensemble_size, name)
+    return Served(runtime, rec, make_backend(runtime, settings))
+
+
+def load_version_dir(directory: str | Path, settings: ServeSettings, models: ModelSettings, rec: ModelRecord | None = None) -> Served:
+    """Load and warm a registry version (the golden-pair check runs the model)."""
+    if not (Path(directory) / "version.json").exists():
+        raise NotFound(f"no model version at {directory}")
+    runtime, meta = registry.load_artifact(directory, device=settings.device, settings=models)
+    if rec is None:
+        rec = ModelRecord(meta["version"], meta.get("parent"), meta.get("snapshot_id"), meta["base_backbone"] if "base_backbone" in meta else meta["backbone"],
+                          meta["format_hash"], "promoted", meta.get("metrics", {}), meta["reward_mean"], meta["reward_std"],
+                          meta["ensemble_size"], str(directory))
+    return Served(runtime, rec, make_backend(runtime, settings))
+
+
+def make_backend(runtime: ModelRuntime, settings: ServeSettings):
+    """The object that runs batches (pad_id, run_collated). The torch runtime for now."""
+    return runtime
+
+
+def _pointer_dir(models: ModelSettings) -> Path:
+    pointer = registry.read_promoted_pointer(models.artifacts_dir)
+    if pointer is None:
+        raise FailedPrecondition(f"no promoted version in {models.artifacts_dir} (no promoted.json); pass --model")
+    return Path(pointer["artifact_path"])
+
+
+async def follow_registry(served: ServedModels, settings: ServeSettings, models: ModelSettings, interval: float) -> None:
+    """Poll promoted.json; hot-swap to each newly promoted version (forever, until cancelled)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        pointer = registry.read_promoted_pointer(models.artifacts_dir)
+        if pointer is None or pointer["version"] == served.default or pointer["version"] in served.failed:
+            continue
+        version = pointer["version"]
+        if version in served.versions:  # a rollback to a version still loaded
+            served.swap_in(served.versions[version], "rolled_back")
+            continue
+        log.info("promotion of %s seen: loading it beside %s", version, served.default)
+        try:
+            new = await loop.run_in_executor(None, load_version_dir, pointer["artifact_path"], settings, models)
+        except Exception as exc:  # noqa: BLE001 - a bad candidate must never take the server down
+            served.failed[version] = str(exc)
+            log.error("could not load %s; %s keeps serving: %s", version, served.default, exc)
+            continue
+        served.swap_in(new)
 
 
 def _is_version_dir(name: str) -> bool:

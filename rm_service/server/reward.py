@@ -1,8 +1,9 @@
-"""RewardService: Score and the model registry read API."""
+"""RewardService: Score and ScoreTurns through the batcher, and the model registry read API."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -10,46 +11,68 @@ import numpy as np
 
 from rm_service import registry
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
-from rm_service.errors import NotFound, Unimplemented
-from rm_service.server.convert import model_info, score_items
-from rm_service.server.models import ServedModels
+from rm_service.conversation import Message, validate_turns
+from rm_service.errors import InvalidArgument, NotFound
+from rm_service.models.formatting import Formatted
+from rm_service.server.batcher import Batcher, Ticket
+from rm_service.server.convert import messages, model_info, score_items
+from rm_service.server.models import Served, ServedModels
 from rm_service.server.rpc import rpc, stream_rpc
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
 
 
+def ticket(context: grpc.aio.ServicerContext) -> Ticket:
+    remaining = context.time_remaining()
+    return Ticket(None if remaining is None else time.monotonic() + remaining, context.cancelled)
+
+
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, served: ServedModels, settings: ServeSettings, store: Store | None, max_chars: int):
+    def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int):
         self.served = served
+        self.batcher = batcher
         self.settings = settings
         self.store = store
         self.max_chars = max_chars
-        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # one model thread
-        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenise")
+        self.tokenise_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenise")
+
+    async def _tokenise(self, served: Served, pairs: list[tuple[list[Message], str]]) -> list[Formatted]:
+        runtime = served.runtime
+        return await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, lambda: [runtime.format(p, c) for p, c in pairs])
 
     @rpc
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
-        items = score_items(request, self.settings.max_items_per_request, self.max_chars)
-        served = self.served.get(request.model_version)
-        runtime = served.runtime
-        loop = asyncio.get_running_loop()
-        formatted = await loop.run_in_executor(self.cpu_pool, lambda: [runtime.format(p, c) for p, c in items])
-        if context.cancelled() or (context.time_remaining() is not None and context.time_remaining() <= 0):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the items reached the model")
-        members = await loop.run_in_executor(self.model_thread, runtime.run, formatted, self.settings.max_batch_tokens)  # [N, K]
+        pairs = score_items(request, self.settings.max_items_per_request, self.max_chars)
+        served = self.served.get(request.model_version)  # pinned for the whole request, even across a hot-swap
+        formatted = await self._tokenise(served, pairs)
+        members = await self.batcher.score(served.record.version, served.backend, formatted, ticket(context))  # [N, K]
         raw = members.mean(axis=1)  # [N]
         std = members.std(axis=1) if members.shape[1] > 1 else np.zeros_like(raw)  # [N]
-        reward = runtime.normalise(raw)
+        reward = served.runtime.normalise(raw)
         results = [
             reward_pb2.ScoreResult(id=item.id, reward=float(reward[i]), raw_score=float(raw[i]), uncertainty=float(std[i]),
                                    num_tokens=len(formatted[i]), truncated=formatted[i].truncated)
             for i, item in enumerate(request.items)
         ]
-        return reward_pb2.ScoreResponse(results=results, model_version=served.record.version, format_hash=runtime.spec.hash)
+        return reward_pb2.ScoreResponse(results=results, model_version=served.record.version, format_hash=served.runtime.spec.hash)
 
     @rpc
-    async def ScoreTurns(self, request, context):
-        raise Unimplemented("ScoreTurns is not implemented yet")
+    async def ScoreTurns(self, request: reward_pb2.ScoreTurnsRequest, context) -> reward_pb2.ScoreTurnsResponse:
+        conversation = messages(request.conversation)
+        turns = _assistant_turns(conversation, self.max_chars)
+        served = self.served.get(request.model_version)
+        runtime = served.runtime
+        items = await self._tokenise(served, [(conversation[:i], conversation[i].content) for i in turns])
+        positions = _prefix_positions(items)
+        if positions is not None and runtime.spec.kind == "causal":  # one forward pass, score read at each turn's end
+            members = await self.batcher.on_model_thread(runtime.rewards_at, items[-1].input_ids, positions)  # [P, K]
+        else:  # encoders, or a truncated conversation: each turn as its own item
+            members = await self.batcher.score(served.record.version, served.backend, items, ticket(context))
+        raw = members.mean(axis=1)
+        reward = runtime.normalise(raw)
+        return reward_pb2.ScoreTurnsResponse(
+            turns=[reward_pb2.TurnReward(message_index=i, reward=float(r), raw_score=float(s)) for i, r, s in zip(turns, reward, raw)],
+            model_version=served.record.version, format_hash=runtime.spec.hash)
 
     @rpc
     async def ListModels(self, request, context) -> reward_pb2.ListModelsResponse:
@@ -72,5 +95,30 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     @stream_rpc
     async def WatchModels(self, request, context):
-        raise Unimplemented("WatchModels is not implemented yet")
-        yield  # pragma: no cover - makes this an async generator
+        queue = self.served.subscribe()
+        try:
+            while True:
+                kind, rec = await queue.get()
+                yield reward_pb2.ModelEvent(kind=kind, model=model_info(rec, rec.version in self.served.versions))
+        finally:
+            self.served.unsubscribe(queue)
+
+
+def _assistant_turns(conversation: list[Message], max_chars: int) -> list[int]:
+    """Indexes of the assistant messages that follow a user turn; validates the conversation."""
+    validate_turns(conversation, "conversation", max_chars)
+    turns = [i for i, m in enumerate(conversation) if m.role == "assistant" and any(p.role == "user" for p in conversation[:i])]
+    if not turns:
+        raise InvalidArgument("conversation", "has no assistant turn after a user turn")
+    return turns
+
+
+def _prefix_positions(items: list[Formatted]) -> list[int] | None:
+    """Each turn's last token index in the last item, if every item is a prefix of it."""
+    full = items[-1].input_ids
+    if any(x.truncated for x in items):
+        return None
+    for x in items:
+        if full[: len(x)] != x.input_ids:
+            return None
+    return [len(x) - 1 for x in items]

@@ -1,0 +1,275 @@
+"""The production serving path on real servers: batching, deadlines, admission, hot-swap,
+WatchModels, ScoreTurns, scale-out and graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import HH_FILE, REPO, ServerThread
+from rm_service import registry
+from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from rm_service.importers import import_hh
+from rm_service.settings import ModelSettings, ServeSettings, StoreSettings, TrainSettings
+from rm_service.store.db import Store
+from rm_service.train.run import train
+
+PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers."),
+          common_pb2.Message(role="assistant", content="Which river?"),
+          common_pb2.Message(role="user", content="The longest one.")]
+
+
+def _request(completions, version=""):
+    return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)],
+                                   model_version=version)
+
+
+class Stall:
+    """Wraps a backend: every batch waits until `release()`; counts what reached the model."""
+
+    def __init__(self, backend):
+        self.backend, self.pad_id = backend, backend.pad_id
+        self.gate = threading.Event()
+        self.items_run = 0
+
+    def run_collated(self, batch):
+        self.gate.wait(30)
+        self.items_run += int(batch["input_ids"].shape[0])
+        return self.backend.run_collated(batch)
+
+    def release(self):
+        self.gate.set()
+
+
+@pytest.fixture
+def stalled(home, tiny_rm_dir):
+    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, max_inflight_items=8))
+    served = srv.server.served.get()
+    stall = Stall(served.backend)
+    served.backend = stall
+    channel = grpc.insecure_channel(srv.address)
+    yield srv, reward_pb2_grpc.RewardServiceStub(channel), stall
+    stall.release()
+    channel.close()
+    srv.stop()
+
+
+def test_an_items_score_does_not_depend_on_its_batch(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        alone = stub.Score(_request(["The Nile."]), timeout=30).results[0].raw_score
+        long = "The Nile, in Africa, runs about 6,650 km from Lake Victoria to the Mediterranean. " * 8
+        with_others = stub.Score(_request([long, "The Nile.", "Amazon", long[:100]]), timeout=30).results[1].raw_score
+    assert abs(alone - with_others) <= 1e-5
+
+
+def test_a_deadline_against_a_stalled_model_never_runs_the_item(stalled):
+    srv, stub, stall = stalled
+    with pytest.raises(grpc.RpcError) as first:  # occupies the model thread
+        stub.Score(_request(["first"]), timeout=0.05)
+    with pytest.raises(grpc.RpcError) as second:  # waits in the queue behind it, then expires
+        stub.Score(_request(["second"]), timeout=0.05)
+    assert first.value.code() == second.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stall.release()
+    _wait(lambda: srv.server.batcher.inflight_items == 0 and srv.server.batcher.queued_tokens == 0)
+    assert stall.items_run <= 1  # the queued item was dropped before the model
+
+
+def test_cancelled_calls_leak_no_permits(stalled):
+    srv, stub, stall = stalled
+    srv.server.batcher.max_inflight_items = 1000
+    futures = [stub.Score.future(_request([f"c{i}"]), timeout=30) for i in range(100)]
+    _wait(lambda: srv.server.batcher.inflight_items == 100)
+    for f in futures:
+        f.cancel()
+    stall.release()
+    _wait(lambda: srv.server.batcher.inflight_items == 0 and srv.server.batcher.queued_tokens == 0)
+    assert stall.items_run <= 1  # at most the batch already on the model
+
+
+def test_overload_is_resource_exhausted_at_once_never_unknown(stalled):
+    srv, stub, stall = stalled  # in-flight limit 8
+    futures = [stub.Score.future(_request([f"x{i}"]), timeout=30) for i in range(32)]
+    codes, rejected_after = [], []
+    start = time.monotonic()
+    for f in futures:
+        try:
+            f.result(timeout=0.5)
+        except grpc.FutureTimeoutError:
+            continue  # admitted, waiting for the stalled model
+        except grpc.RpcError as err:
+            codes.append(err.code())
+            rejected_after.append(time.monotonic() - start)
+    assert codes and set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert len(codes) == 32 - 8
+    stall.release()
+    admitted = [f for f in futures if not f.done() or f.exception() is None]
+    assert all(f.result(timeout=30).results for f in admitted)
+
+
+def test_too_large_a_message_is_resource_exhausted_and_the_server_goes_on(home, tiny_rm_dir):
+    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, max_message_bytes=4096))
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Score(_request(["x" * 10_000]), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stub.Score(_request(["fine"]), timeout=30).results
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def registry_with_two_versions(home, tmp_path, tiny_backbone_dir):
+    """v1 and v2 trained (head mode) on the tiny backbone; the store closed, as for replicas."""
+    small = tmp_path / "hh40.jsonl"
+    small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:40]), encoding="utf-8")
+    store = Store(StoreSettings())
+    import_hh(store, small)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_steps=20, ensemble_size=2, max_tokens=128, promote=False)
+    train(store, settings, ModelSettings(), show_progress=False)
+    train(store, settings.model_copy(update={"seed": 1}), ModelSettings(), show_progress=False)
+    registry.promote(store, "v1", 0.0)
+    records = {v: registry.get_model(store, v) for v in ("v1", "v2")}
+    store.close()
+    return records
+
+
+def test_hot_swap_under_load_fails_no_call(registry_with_two_versions):
+    records = registry_with_two_versions
+    srv = ServerThread(ServeSettings(port=0, with_store=False, watch_interval_s=0.1))
+    channel = grpc.insecure_channel(srv.address)
+    stub = reward_pb2_grpc.RewardServiceStub(channel)
+    seen, failures, stop = [], [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                seen.append(stub.Score(_request(["The Nile.", "The Amazon."]), timeout=30).model_version)
+            except grpc.RpcError as err:
+                failures.append(err.code())
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(4):
+                pool.submit(load)
+            _wait(lambda: len(seen) > 20)
+            registry.write_promoted_pointer(records["v2"])  # what `models promote v2` does
+            _wait(lambda: seen and seen[-1] == "v2")
+            _wait(lambda: seen.count("v2") > 20)
+            stop.set()
+        assert failures == [] and set(seen) == {"v1", "v2"}
+        first_v2 = seen.index("v2")
+        assert seen[first_v2 + 8 :].count("v1") == 0  # after the switch, new calls use v2 (4 threads may straddle it)
+        pinned = stub.Score(_request(["x"], version="v1"), timeout=30)  # the old version stays loaded
+        assert pinned.model_version == "v1"
+    finally:
+        stop.set()
+        channel.close()
+        srv.stop()
+
+
+def test_a_corrupt_candidate_leaves_the_old_version_serving(registry_with_two_versions, tmp_path):
+    records = registry_with_two_versions
+    srv = ServerThread(ServeSettings(port=0, with_store=False, watch_interval_s=0.1))
+    try:
+        v2_dir = records["v2"].artifact_path
+        with open(f"{v2_dir}/head.safetensors", "wb") as f:
+            f.write(b"not a safetensors file")
+        registry.write_promoted_pointer(records["v2"])
+        _wait(lambda: "v2" in srv.server.served.failed)
+        with grpc.insecure_channel(srv.address) as channel:
+            response = reward_pb2_grpc.RewardServiceStub(channel).Score(_request(["still fine"]), timeout=30)
+        assert response.model_version == "v1"
+    finally:
+        srv.stop()
+
+
+def test_watch_models_streams_promotions(registry_with_two_versions):
+    records = registry_with_two_versions
+    srv = ServerThread(ServeSettings(port=0, with_store=False, watch_interval_s=0.1))
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stream = reward_pb2_grpc.RewardServiceStub(channel).WatchModels(reward_pb2.WatchModelsRequest(), timeout=30)
+            first = next(stream)
+            assert (first.kind, first.model.version) == ("current", "v1")
+            registry.write_promoted_pointer(records["v2"])
+            second = next(stream)
+            assert (second.kind, second.model.version, second.model.loaded) == ("promoted", "v2", True)
+            stream.cancel()
+    finally:
+        srv.stop()
+
+
+def test_score_turns_equals_scoring_each_turn(server):
+    conversation = [common_pb2.Message(role="system", content="Be brief."),
+                    common_pb2.Message(role="user", content="Hi"), common_pb2.Message(role="assistant", content="Hello!"),
+                    common_pb2.Message(role="user", content="A river?"), common_pb2.Message(role="assistant", content="The Nile.")]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        turns = stub.ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation), timeout=30)
+        assert [t.message_index for t in turns.turns] == [2, 4]
+        for t in turns.turns:
+            item = reward_pb2.ScoreItem(prompt=conversation[: t.message_index], completion=conversation[t.message_index].content)
+            alone = stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30).results[0]
+            assert abs(alone.raw_score - t.raw_score) <= 1e-5
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation[:2]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "conversation" in err.value.details()
+
+
+def test_two_scorers_behind_client_side_round_robin(home, tiny_rm_dir):
+    a = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False))
+    b = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False))
+    try:
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        with grpc.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")]) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            scores = {stub.Score(_request(["same text"]), timeout=30).results[0].raw_score for _ in range(20)}
+        assert a.server.batcher.items_scored > 0 and b.server.batcher.items_scored > 0
+        assert a.server.batcher.items_scored + b.server.batcher.items_scored == 20
+        assert len(scores) == 1  # same model, same answer, whichever replica
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_sigterm_finishes_calls_in_flight(home, tiny_rm_dir, tmp_path):
+    port_file = tmp_path / "port"
+    env = {**os.environ, "RM_HOME": str(home), "RM_SERVE_MAX_WAIT_MS": "400"}  # items wait in the queue at SIGTERM
+    proc = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file),
+                             "--model", str(tiny_rm_dir), "--no-store"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(lambda: port_file.exists() and port_file.read_text(), timeout=120)
+        from rm_service.client import Client
+
+        client = Client(f"127.0.0.1:{port_file.read_text()}")
+        client.wait_serving(60, lambda: proc.poll() is None)
+        futures = [client.reward.Score.future(_request([f"in flight {i}"]), timeout=30) for i in range(8)]
+        time.sleep(0.1)  # the calls are admitted and queued (max_wait 400 ms)
+        proc.send_signal(signal.SIGTERM)
+        assert all(f.result().results for f in futures)  # drained, not dropped
+        assert proc.wait(timeout=60) == 0
+        assert "stopped cleanly" in proc.stdout.read()
+        client.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _wait(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
