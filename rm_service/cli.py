@@ -140,14 +140,28 @@ def _stats(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
-    from rm_service.server.app import serve_forever
-    from rm_service.settings import ServeSettings
+def serve_settings(args):
+    """ServeSettings and SecuritySettings from the environment, overridden by the serve flags."""
+    from rm_service.settings import SecuritySettings, ServeSettings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
-                                   "with_store": False if args.no_store else None,
-                                   "with_model": False if args.no_model else None}.items() if v is not None}
-    asyncio.run(serve_forever(ServeSettings(**overrides), Path(args.port_file) if args.port_file else None))
+    def given(values: dict) -> dict:
+        return {k: v for k, v in values.items() if v is not None}
+
+    serve = ServeSettings(**given({"host": args.host, "port": args.port, "model": args.model,
+                                   "with_store": False if args.no_store else None, "with_model": False if args.no_model else None,
+                                   "metrics_port": args.metrics_port, "log_format": args.log_format}))
+    security = SecuritySettings(**given({"tokens_file": args.tokens_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                                         "tls_client_ca": args.tls_client_ca}))
+    return serve, security
+
+
+def _serve(args) -> int:
+    from rm_service.logs import set_log_format
+    from rm_service.server.app import serve_forever
+
+    serve, security = serve_settings(args)
+    set_log_format(serve.log_format)
+    asyncio.run(serve_forever(serve, Path(args.port_file) if args.port_file else None, security))
     return 0
 
 
@@ -174,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port-file", help="write the bound port to this file once serving")
     s.add_argument("--no-store", action="store_true", help="serve scores only; do not open the preference store")
     s.add_argument("--no-model", action="store_true", help="serve the preference store only; load no reward model")
+    s.add_argument("--tokens-file", help="bearer tokens, one role:token per line (roles scorer, labeler, admin); "
+                   "required to bind a non-loopback address (env RM_AUTH_TOKENS_FILE; RM_AUTH_TOKENS adds more)")
+    s.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (env RM_AUTH_TLS_CERT; needs --tls-key)")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert (env RM_AUTH_TLS_KEY)")
+    s.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it, mutual TLS (env RM_AUTH_TLS_CLIENT_CA)")
+    s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the same host (default 9464; 0 any; -1 off; env RM_SERVE_METRICS_PORT)")
+    s.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object per log line (env RM_SERVE_LOG_FORMAT)")
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("import", help="import preference data into the store")

@@ -3,12 +3,16 @@
 Health (`grpc.health.v1`) answers NOT_SERVING until the model is loaded, SERVING after,
 and NOT_SERVING again while draining. Reflection lists every service, so grpcurl works
 without .proto files.
+
+Security (server.auth): with bearer tokens configured every call except health and reflection
+needs a token with the method's role; without tokens the server binds loopback only. TLS (and
+mutual TLS with a client CA) comes from SecuritySettings. Metrics (server.metrics) are served
+over HTTP on `metrics_port` of the same host.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -22,12 +26,14 @@ from grpc_reflection.v1alpha import reflection
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.errors import FailedPrecondition, Unimplemented
+from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, is_loopback, server_credentials  # noqa: F401 (is_loopback re-exported)
 from rm_service.server.batcher import Batcher
+from rm_service.server.metrics import Metrics
 from rm_service.server.models import ServedModels, follow_registry, load_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
 from rm_service.server.rpc import rpc, stream_rpc
-from rm_service.settings import ModelSettings, ServeSettings, StoreSettings
+from rm_service.settings import ModelSettings, SecuritySettings, ServeSettings, StoreSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
 
@@ -49,24 +55,17 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
         yield  # pragma: no cover
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class RewardServer:
     """One server process: the model(s) it serves and, unless disabled, the store."""
 
-    def __init__(self, settings: ServeSettings, store_settings: StoreSettings | None = None, models: ModelSettings | None = None):
-        if not is_loopback(settings.host):
-            raise FailedPrecondition(
-                f"refusing to bind {settings.host}: authentication is not built yet, so rm-service binds only "
-                "loopback addresses (127.0.0.1, ::1, localhost)"
-            )
+    def __init__(self, settings: ServeSettings, store_settings: StoreSettings | None = None, models: ModelSettings | None = None,
+                 security: SecuritySettings | None = None):
+        self.security = security or SecuritySettings()
+        self.tokens = Tokens.from_settings(self.security)
+        self.credentials = server_credentials(self.security)
+        check_bind(settings.host, self.tokens, self.credentials is not None)
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
         self.settings = settings
         self.store_settings = store_settings or StoreSettings()
         self.models = models or ModelSettings()
@@ -84,7 +83,8 @@ class RewardServer:
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
         torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
-        self.server = grpc.aio.server(options=options)
+        interceptors = [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else [])
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         if not self.settings.with_store and not self.settings.with_model:
             raise FailedPrecondition("nothing to serve: both the store and the model are disabled")
         if self.settings.with_store:
@@ -94,9 +94,11 @@ class RewardServer:
         names = []
         if self.settings.with_model:
             st = self.settings
-            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms)
+            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms, observer=self.metrics)
+            self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
             reward = RewardService(self.served, self.batcher, st, self.store, max_chars)
+            reward._tokenise = self.metrics.timed("tokenise", reward._tokenise)  # no hook in RewardService yet
             reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, self.server)
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
@@ -109,8 +111,16 @@ class RewardServer:
         reflection.enable_server_reflection(names, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
-        self.port = self.server.add_insecure_port(f"{host}:{self.settings.port}")
+        address = f"{host}:{self.settings.port}"
+        if self.credentials is not None:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         await self.server.start()
+        log.info("gRPC on %s:%d: %s, %s", self.settings.host, self.port,
+                 ("mutual TLS" if self.security.tls_client_ca else "TLS") if self.credentials else "plaintext",
+                 f"bearer tokens required ({len(self.tokens)} configured)" if self.tokens else "no authentication (loopback only)")
+        self._start_metrics()
         if self.settings.with_model:
             log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
             served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
@@ -124,6 +134,20 @@ class RewardServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
+    def _start_metrics(self) -> None:
+        port = self.settings.metrics_port
+        if port < 0:
+            return
+        try:
+            self.metrics_port = self.metrics.serve_http(self.settings.host, port)
+        except OSError as exc:
+            if "metrics_port" in self.settings.model_fields_set:
+                raise FailedPrecondition(f"cannot serve metrics on {self.settings.host}:{port}: {exc.strerror}; set RM_SERVE_METRICS_PORT "
+                                         "(serve --metrics-port) to a free port, 0 for any, or -1 for none") from None
+            log.warning("metrics off: the default metrics port %d is taken (%s); set RM_SERVE_METRICS_PORT", port, exc.strerror)
+            return
+        log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+
     async def _set_health(self, status) -> None:
         for service in ("", "rm.v1.RewardService", "rm.v1.PreferenceService"):
             await self.health.set(service, status)
@@ -135,6 +159,7 @@ class RewardServer:
             self._follower.cancel()
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)  # new calls: UNAVAILABLE; in-flight ones finish
+        await asyncio.to_thread(self.metrics.close)
         if self.batcher is not None:
             await self.batcher.stop()
             self.batcher = None
@@ -147,9 +172,9 @@ class RewardServer:
             self.store = None
 
 
-async def serve_forever(settings: ServeSettings, port_file: Path | None = None) -> None:
+async def serve_forever(settings: ServeSettings, port_file: Path | None = None, security: SecuritySettings | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain and exit."""
-    server = RewardServer(settings)
+    server = RewardServer(settings, security=security)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

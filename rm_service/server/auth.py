@@ -1,0 +1,198 @@
+"""Bearer tokens with roles, the bind rule, and TLS credentials for the gRPC server.
+
+Clients send metadata `authorization: Bearer <token>`. A token has one role: `scorer` may call
+RewardService, `labeler` PreferenceService, `admin` everything (TrainingService only admin).
+Health and reflection stay open so probes and `grpcurl list` need no token. A missing or
+unknown token is UNAUTHENTICATED; a known token without the method's role PERMISSION_DENIED.
+
+Tokens come from SecuritySettings (a `role:token` file and/or RM_AUTH_TOKENS), are compared
+with hmac.compare_digest against every configured token, and are never logged. With no tokens
+configured authentication is off, and the server binds loopback addresses only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from pathlib import Path
+
+import grpc
+
+from rm_service.errors import FailedPrecondition, PermissionDenied, RMError, Unauthenticated, status_code
+from rm_service.server.handlers import with_behaviour
+from rm_service.settings import SecuritySettings
+
+log = logging.getLogger(__name__)
+
+ROLES = ("scorer", "labeler", "admin")
+ADMIN = "admin"
+# The one method -> role table: every method of a service needs its service's role (admin passes
+# everywhere). Services listed in OPEN need no token; any service not listed needs admin.
+SERVICE_ROLES = {
+    "rm.v1.RewardService": "scorer",
+    "rm.v1.PreferenceService": "labeler",
+    "rm.v1.TrainingService": ADMIN,
+}
+OPEN = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+MIN_TOKEN_CHARS = 16
+
+
+def required_role(method: str) -> str | None:
+    """The role `/package.Service/Method` needs; None when the method is open (probes)."""
+    service = method.lstrip("/").split("/", 1)[0]
+    return None if service in OPEN else SERVICE_ROLES.get(service, ADMIN)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Tokens:
+    """The configured (role, token) pairs. Its repr and every error message leave the tokens out."""
+
+    def __init__(self, entries: list[tuple[str, bytes]]):
+        self._entries = entries
+
+    @classmethod
+    def from_settings(cls, security: SecuritySettings) -> Tokens:
+        entries: list[tuple[str, bytes]] = []
+        if security.tokens_file is not None:
+            entries += _parse(_read(security.tokens_file, "RM_AUTH_TOKENS_FILE").decode("utf-8").splitlines(),
+                              f"RM_AUTH_TOKENS_FILE {security.tokens_file} line")
+            _warn_if_readable_by_others(security.tokens_file)
+        if security.tokens is not None:
+            entries += _parse(security.tokens.get_secret_value().split(","), "RM_AUTH_TOKENS entry")
+        roles: dict[bytes, str] = {}
+        for role, token in entries:
+            if roles.setdefault(token, role) != role:
+                raise FailedPrecondition("the same bearer token is configured with two roles; give each token one role")
+        return cls(entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Tokens({len(self)} configured)"
+
+    def role_of(self, presented: str) -> str | None:
+        """The role of a presented token, or None. Compares against every token (no early exit)."""
+        candidate = presented.encode("utf-8")
+        found = None
+        for role, token in self._entries:
+            if hmac.compare_digest(token, candidate) and found is None:
+                found = role
+        return found
+
+
+def _parse(lines: list[str], where: str) -> list[tuple[str, bytes]]:
+    entries = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        role, sep, token = (part.strip() for part in line.partition(":"))
+        if not sep or role not in ROLES:  # the message never echoes the line: it may be a bare token
+            raise FailedPrecondition(f"{where} {n}: expected role:token with role one of {', '.join(ROLES)}")
+        if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+            raise FailedPrecondition(f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces")
+        entries.append((role, token.encode("ascii")))
+    return entries
+
+
+def _read(path: Path, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(f"{setting}: cannot read {path}: {exc.strerror}") from None
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    if Path(path).stat().st_mode & 0o077:
+        log.warning("tokens file %s is accessible to other users; chmod 600 it", path)
+
+
+def bearer_token(metadata) -> str | None:
+    """The token of an `authorization: Bearer <token>` entry; '' when malformed, None when absent."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            value = value.decode("latin-1") if isinstance(value, bytes) else value
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the bearer token and role of every call to a non-open method."""
+
+    def __init__(self, tokens: Tokens):
+        self.tokens = tokens
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        needed = required_role(details.method)
+        if handler is None or needed is None:
+            return handler
+        token = bearer_token(details.invocation_metadata)
+        role = self.tokens.role_of(token) if token else None
+        if role is not None and role in (needed, ADMIN):
+            return handler
+        if token is None:
+            error: RMError = Unauthenticated("missing bearer token: send metadata `authorization: Bearer <token>`")
+        elif role is None:
+            error = Unauthenticated("invalid bearer token")
+        else:
+            error = PermissionDenied(f"role {role} may not call {details.method}; it needs the {needed} or admin role")
+        return with_behaviour(handler, _refuse(details.method, error))
+
+
+def _refuse(method: str, error: RMError):
+    code = status_code(error)
+
+    async def refuse(request, context: grpc.aio.ServicerContext):
+        peer = context.peer()
+        log.warning("%s: %s from %s", code.name, method, peer, extra={"method": method, "peer": peer, "code": code.name})
+        await context.abort(code, str(error))
+
+    return refuse
+
+
+def check_bind(host: str, tokens: Tokens, tls: bool) -> None:
+    """Refuse a non-loopback bind without tokens; warn about one without TLS."""
+    if is_loopback(host):
+        return
+    if not tokens:
+        raise FailedPrecondition(
+            f"refusing to bind {host}: no bearer tokens are configured, and a server on a non-loopback address must "
+            "authenticate its callers. Set RM_AUTH_TOKENS_FILE (serve --tokens-file PATH, lines role:token) or "
+            "RM_AUTH_TOKENS, or bind 127.0.0.1"
+        )
+    if not tls:
+        log.warning("binding %s without TLS: bearer tokens and data travel in clear text; set RM_AUTH_TLS_CERT and "
+                    "RM_AUTH_TLS_KEY (serve --tls-cert, --tls-key)", host)
+
+
+def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | None:
+    """TLS credentials (mutual TLS when a client CA is set), or None for plaintext."""
+    if security.tls_cert is None and security.tls_key is None:
+        if security.tls_client_ca is not None:
+            raise FailedPrecondition("RM_AUTH_TLS_CLIENT_CA (--tls-client-ca) needs RM_AUTH_TLS_CERT and RM_AUTH_TLS_KEY as well")
+        return None
+    if security.tls_cert is None or security.tls_key is None:
+        raise FailedPrecondition("TLS needs both RM_AUTH_TLS_CERT (--tls-cert) and RM_AUTH_TLS_KEY (--tls-key)")
+    cert = _pem(security.tls_cert, "RM_AUTH_TLS_CERT")
+    key = _pem(security.tls_key, "RM_AUTH_TLS_KEY")
+    ca = _pem(security.tls_client_ca, "RM_AUTH_TLS_CLIENT_CA") if security.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _pem(path: Path, setting: str) -> bytes:
+    data = _read(path, setting)
+    if b"-----BEGIN " not in data:
+        raise FailedPrecondition(f"{setting}: {path} is not a PEM file")
+    return data

@@ -1,0 +1,155 @@
+"""Prometheus metrics of one server: its own CollectorRegistry, the batcher observer hooks, an
+RPC-counting interceptor and the /metrics HTTP endpoint.
+
+| Metric | Type | Labels |
+|---|---|---|
+| rm_queue_depth | gauge | items waiting for a batch (Batcher.queue_depth()) |
+| rm_inflight_items | gauge | items admitted and not yet answered |
+| rm_batch_size | histogram | items per model batch |
+| rm_batch_padding_ratio | histogram | padded / real tokens per batch |
+| rm_stage_seconds | histogram | stage = tokenise (per request), queue_wait (per item), inference (per batch) |
+| rm_rejections_total | counter | reason (the admission limit reached) |
+| rm_dropped_items_total | counter | reason |
+| rm_scores_total | counter | version: items scored |
+| rm_rpcs_total | counter | method, code |
+| rm_rpc_seconds | histogram | method |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from rm_service.server.handlers import behaviour, with_behaviour
+
+log = logging.getLogger(__name__)
+
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """One server's metrics. Also the batcher's observer: batch(), rejected(), dropped()."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.queue_depth = Gauge("rm_queue_depth", "Score items waiting for a model batch.", registry=r)
+        self.inflight_items = Gauge("rm_inflight_items", "Score items admitted and not yet answered.", registry=r)
+        self.batch_size = Histogram("rm_batch_size", "Items per model batch.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
+        self.padding_ratio = Histogram("rm_batch_padding_ratio", "Padded tokens / real tokens of a model batch (1: no padding).",
+                                       buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10), registry=r)
+        self.stage_seconds = Histogram("rm_stage_seconds", "Latency of a stage: tokenise (per request), queue_wait (per item), "
+                                       "inference (per batch).", ["stage"], buckets=SECONDS, registry=r)
+        self.rejections = Counter("rm_rejections", "Score requests refused by admission control (RESOURCE_EXHAUSTED), by limit.",
+                                  ["reason"], registry=r)
+        self.dropped_items = Counter("rm_dropped_items", "Items dropped before the model: their request expired or was cancelled.",
+                                     ["reason"], registry=r)
+        self.scores = Counter("rm_scores", "Items scored, by model version.", ["version"], registry=r)
+        self.rpcs = Counter("rm_rpcs", "Finished RPCs, by method and status code.", ["method", "code"], registry=r)
+        self.rpc_seconds = Histogram("rm_rpc_seconds", "RPC latency, by method.", ["method"], buckets=SECONDS, registry=r)
+        self._httpd = None
+
+    # The batcher observer interface (rm_service.server.batcher).
+    def batch(self, version: str, n_items: int, padded_tokens: int, real_tokens: int, seconds: float, queue_waits) -> None:
+        self.batch_size.observe(n_items)
+        self.padding_ratio.observe(padded_tokens / max(real_tokens, 1))
+        self.stage_seconds.labels("inference").observe(seconds)
+        wait = self.stage_seconds.labels("queue_wait")
+        for w in queue_waits:
+            wait.observe(w)
+        self.scores.labels(version).inc(n_items)
+
+    def rejected(self, reason: str | None) -> None:
+        self.rejections.labels(reason or "unknown").inc()
+
+    def dropped(self, reason: str | None) -> None:
+        self.dropped_items.labels(reason or "expired_or_cancelled").inc()
+
+    def watch_batcher(self, batcher) -> None:
+        """Read queue depth and in-flight items from the batcher at scrape time."""
+        self.queue_depth.set_function(batcher.queue_depth)
+        self.inflight_items.set_function(lambda: batcher.inflight_items)
+
+    def timed(self, stage: str, fn):
+        """Wrap an async function so its duration lands in rm_stage_seconds{stage=...}."""
+        hist = self.stage_seconds.labels(stage)
+
+        async def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                hist.observe(time.perf_counter() - start)
+
+        return wrapper
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP on host:port (0: a free port) in a daemon thread; returns the port."""
+        self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._httpd.server_port
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _RpcInterceptor(self)
+
+
+class _RpcInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every call to a known method by its final status code (auth refusals included
+    when this interceptor runs before the auth one)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:  # unknown method: not counted, so callers cannot grow the label set
+            return None
+        method, fn = details.method, behaviour(handler)
+        done = self._done
+        if handler.response_streaming and inspect.isasyncgenfunction(fn):
+            async def streaming(request, context):
+                start, code = time.perf_counter(), None
+                try:
+                    async for response in fn(request, context):
+                        yield response
+                except BaseException as exc:
+                    code = _code(context, exc)
+                    raise
+                finally:
+                    done(method, code or context.code() or grpc.StatusCode.OK, start)
+            return with_behaviour(handler, streaming)
+
+        async def unary(request, context):
+            start, code = time.perf_counter(), None
+            try:
+                return await fn(request, context)
+            except BaseException as exc:
+                code = _code(context, exc)
+                raise
+            finally:
+                done(method, code or context.code() or grpc.StatusCode.OK, start)
+        return with_behaviour(handler, unary)
+
+    def _done(self, method: str, code: grpc.StatusCode, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self.metrics.rpcs.labels(method, code.name).inc()
+        self.metrics.rpc_seconds.labels(method).observe(seconds)
+        log.debug("rpc %s %s %.4fs", method, code.name, seconds, extra={"method": method, "code": code.name, "seconds": round(seconds, 6)})
+
+
+def _code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
