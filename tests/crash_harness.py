@@ -44,17 +44,8 @@ STOP_TIMEOUT_S = 30.0
 CLIENT_LIMIT_S = 60.0  # a client that has not seen the server die by then is a harness failure
 
 
-# A server process imports everything first (torch alone takes ~3 s on a small machine), then
-# waits for a line on stdin before it runs `rm-service serve`: the store is opened only then.
-SERVE_AFTER_GO = (
-    "import sys; import rm_service.server.app; sys.stdin.readline(); "
-    "from rm_service.cli import main; sys.exit(main(sys.argv[1:]))"
-)
-
-
 class ServerProcess:
-    """`rm-service serve --no-model --port 0` as a subprocess on the given store file; it
-    imports at once and serves after `go()`."""
+    """`rm-service serve --no-model --port 0` as a subprocess on the given store file."""
 
     def __init__(self, store: Path, log: Path, extra_env: dict[str, str] | None = None):
         self.port_file = log.with_suffix(".port")
@@ -63,18 +54,10 @@ class ServerProcess:
         env = {**os.environ, "RM_HOME": str(store.parent / "home"), "RM_STORE_PATH": str(store), **(extra_env or {})}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", SERVE_AFTER_GO, "serve", "--no-model", "--port", "0", "--port-file", str(self.port_file)],
-                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "rm_service.cli", "serve", "--no-model", "--port", "0", "--port-file", str(self.port_file)],
+                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
         self.address = ""
-
-    def go(self) -> "ServerProcess":
-        try:
-            self.proc.stdin.write(b"go\n")
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it already exited; wait_serving reports how
-        return self
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -112,30 +95,6 @@ class ServerProcess:
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
-
-
-class Launcher:
-    """Keeps `spares` server processes importing ahead of need, so each start costs opening
-    the store rather than an interpreter start-up. `close()` kills the spares."""
-
-    def __init__(self, store: Path, workdir: Path, spares: int = 2):
-        self.store, self.workdir, self.count = store, workdir, 0
-        self.spares: list[ServerProcess] = []
-        for _ in range(spares):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        self.count += 1
-        self.spares.append(ServerProcess(self.store, self.workdir / f"server-{self.count:03d}.log"))
-
-    def start(self) -> ServerProcess:
-        server = self.spares.pop(0)
-        self._spawn()
-        return server.go()
-
-    def close(self) -> None:
-        for spare in self.spares:
-            spare.ensure_dead()
 
 
 def make_label(label_id: str, rng: random.Random) -> preference_pb2.Label:
@@ -223,13 +182,13 @@ def check_store(store: Path, acked: set[str], unknown: set[str], hashes: dict[st
     return v, ids
 
 
-def run_round(round_: int, store: Path, launcher: Launcher, clients: int, seed: int,
+def run_round(round_: int, store: Path, workdir: Path, clients: int, seed: int,
               acked: set[str], unknown: set[str], hashes: dict[str, str]) -> dict:
     """One round: ingest, SIGKILL, restart to SERVING, SIGTERM, check the file."""
     rng = random.Random(seed + round_)
     delay = rng.uniform(0.3, 2.0)
     violations: list[str] = []
-    server = launcher.start()
+    server = ServerProcess(store, workdir / f"server-r{round_:03d}.log")
     try:
         address = server.wait_serving()
         logs = [ClientLog() for _ in range(clients)]
@@ -253,7 +212,7 @@ def run_round(round_: int, store: Path, launcher: Launcher, clients: int, seed: 
         hashes.update(log.hashes)
         violations += log.odd
 
-    restarted = launcher.start()
+    restarted = ServerProcess(store, workdir / f"server-r{round_:03d}-restart.log")
     try:
         restarted.wait_serving()  # recovery: the file opens and the server serves after SIGKILL
         code = restarted.sigterm()
@@ -286,11 +245,7 @@ def run_crash_rounds(rounds: int, workdir: Path, clients: int = 8, seed: int = 0
     unknown: set[str] = set()
     hashes: dict[str, str] = {}
     started = time.monotonic()
-    launcher = Launcher(store, workdir)
-    try:
-        per_round = [run_round(r, store, launcher, clients, seed, acked, unknown, hashes) for r in range(rounds)]
-    finally:
-        launcher.close()
+    per_round = [run_round(r, store, workdir, clients, seed, acked, unknown, hashes) for r in range(rounds)]
     _, stored = check_store(store, acked, unknown, hashes)
     return {"rounds": rounds, "acked": len(acked), "unknown": len(unknown), "unknown_stored": len(unknown & stored),
             "stored": len(stored), "violations": [], "per_round": per_round, "seconds": round(time.monotonic() - started, 1)}

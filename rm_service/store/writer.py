@@ -66,6 +66,9 @@ class GroupCommitWriter:
                 return
 
     def _commit(self, group: list) -> None:
+        # A request whose caller left (deadline, cancel) before we got to it is skipped and
+        # never written; the rest are marked running, so answering them cannot fail.
+        group = [item for item in group if item[2].set_running_or_notify_cancel()]
         by_origin: dict[str, list] = {}
         for item in group:
             by_origin.setdefault(item[1], []).append(item)
