@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.errors import FailedPrecondition, Unimplemented
+from rm_service.server.handlers import DecodeGuard
 from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, is_loopback, server_credentials  # noqa: F401 (is_loopback re-exported)
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Metrics
@@ -83,7 +84,7 @@ class RewardServer:
         options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
                    ("grpc.max_send_message_length", self.settings.max_message_bytes)]
         torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
-        interceptors = [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else [])
+        interceptors = [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else []) + [DecodeGuard()]
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         if not self.settings.with_store and not self.settings.with_model:
             raise FailedPrecondition("nothing to serve: both the store and the model are disabled")

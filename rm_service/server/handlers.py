@@ -21,3 +21,51 @@ def with_behaviour(handler: grpc.RpcMethodHandler, fn) -> grpc.RpcMethodHandler:
     else:
         make = grpc.unary_unary_rpc_method_handler
     return make(fn, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _safe_deserializer(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes get INVALID_ARGUMENT naming the request instead of grpc's
+    UNKNOWN (grpc.aio answers UNKNOWN when the deserializer raises)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        fn = behaviour(handler)
+        method = handler_call_details.method
+
+        if handler.response_streaming:
+            async def guarded_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}")
+                async for response in fn(request, context):
+                    yield response
+
+            guarded = guarded_stream
+        else:
+            async def guarded_unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}")
+                return await fn(request, context)
+
+            guarded = guarded_unary
+        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        return make(guarded, request_deserializer=_safe_deserializer(handler.request_deserializer),
+                    response_serializer=handler.response_serializer)
