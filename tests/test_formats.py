@@ -269,3 +269,43 @@ def test_missing_files_unknown_formats_and_unreadable_parquet(store, tmp_path):
         export_file(store, tmp_path / "x", "ranking", "snap-999999")
     counts, reasons = import_file(store, write_jsonl(tmp_path / "not.parquet", ["{}"]), "parquet")
     assert counts["REJECTED"] == 1 and reasons[0].startswith("file: cannot read not.parquet as Parquet")
+
+
+def test_an_export_taken_during_ingestion_equals_its_snapshot(tmp_path):
+    """A thread keeps ingesting while the snapshot is exported; the file holds exactly the
+    labels committed up to the snapshot, and exporting the same id again gives the same bytes."""
+    import threading
+
+    from rm_service.conversation import Message
+    from rm_service.store.labels import LabelIn
+    from rm_service.store.read import labels_in_snapshot
+
+    store = Store(StoreSettings(path=tmp_path / "rm.duckdb"))
+    stop, counter = threading.Event(), [0]
+
+    def ingest() -> None:
+        while not stop.is_set():
+            n = counter[0]
+            store.ingest([LabelIn(f"live-{n}-{i}", [Message("user", f"question {n}.{i}")], [f"yes {n}", f"no {n}"], [0, 1], "HUMAN", "ann")
+                          for i in range(5)])
+            counter[0] += 1
+
+    writer = threading.Thread(target=ingest)
+    writer.start()
+    try:
+        while counter[0] < 5:
+            stop.wait(0.01)
+        snapshot = store.create_snapshot()
+        first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+        export_file(store, first, "ranking", snapshot.snapshot_id)
+        while counter[0] < 15:  # more labels land between the two exports
+            stop.wait(0.01)
+        export_file(store, second, "ranking", snapshot.snapshot_id)
+    finally:
+        stop.set()
+        writer.join()
+    assert first.read_bytes() == second.read_bytes()
+    exported = [json.loads(line)["label_id"] for line in first.read_text().splitlines()]
+    assert exported == [lab.label_id for lab in labels_in_snapshot(store, snapshot)] and len(exported) == snapshot.num_labels
+    assert store.stats()["labels_total"] > snapshot.num_labels  # ingestion really went on
+    store.close()
