@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rm_service.models.batching import collate, token_budget_batches
+from rm_service.models.batching import collate
 from rm_service.models.runtime import load_backbone_runtime
 from rm_service.store.hh import HHFormatError, read_pairs
 from rm_service.train.loss import bradley_terry_loss

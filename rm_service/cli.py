@@ -10,8 +10,6 @@ import asyncio
 import json
 import logging
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 from rm_service.errors import RMError

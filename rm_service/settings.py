@@ -61,7 +61,12 @@ class ServeSettings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model; auto picks CUDA when present.")
     max_items_per_request: int = Field(512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above).")
-    max_batch_tokens: int = Field(8192, gt=0, description="Token budget of one model batch (padded tokens: count x longest).")
+    max_batch_tokens: int = Field(
+        2048, gt=0, description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it (16k+) on a GPU."
+    )
+    max_padding: float = Field(
+        0.3, ge=0, le=1, description="An item joins a batch only if padding it to the batch's longest item wastes at most this fraction of the row."
+    )
     max_inflight_items: int = Field(4096, gt=0, description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once.")
     max_queued_tokens: int = Field(1_000_000, gt=0, description="Tokens admitted and not yet scored; beyond it RESOURCE_EXHAUSTED at once.")
     max_wait_ms: float = Field(0.0, ge=0, description="Wait this long before forming a batch (0: no timer; a batch leaves when the model is free).")

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 
-from conftest import HH_FILE, REPO
+from conftest import REPO, store_with_hh
 from rm_service import registry
-from rm_service.importers import import_hh
 from rm_service.models.runtime import load_backbone_runtime
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
@@ -21,11 +20,14 @@ from rm_service.train.run import train
 
 
 def _store_with_labels(tmp_path, n=40) -> Store:
-    small = tmp_path / f"hh{n}.jsonl"
-    small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
-    store = Store(StoreSettings())
-    import_hh(store, small)
-    return store
+    return store_with_hh(tmp_path, n)
+
+
+def _fit_only_split(store, settings):
+    """Every pair for fitting: no validation (no early stopping), no held-out measurement."""
+    split = prepare_split(store, settings)
+    split.validation, split.heldout = [], []
+    return split
 
 
 def _settings(backbone, **kw) -> TrainSettings:
@@ -38,8 +40,7 @@ def _settings(backbone, **kw) -> TrainSettings:
 def test_one_step_changes_every_trainable_parameter(home, tmp_path, tiny_backbone_dir):
     store = _store_with_labels(tmp_path, 8)
     settings = _settings(tiny_backbone_dir, max_pairs=4, heldout_fraction=0.01, epochs=1.0)
-    split = prepare_split(store, settings)
-    split.validation, split.heldout = [], []
+    split = _fit_only_split(store, settings)
     runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=2)
     before = {k: v.detach().clone() for k, v in runtime.model.named_parameters()}
     full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
@@ -64,8 +65,7 @@ def test_full_mode_registers_a_version_that_serves_its_own_backbone(home, tmp_pa
 def test_lora_trains_only_adapters_and_heads(home, tmp_path, tiny_backbone_dir):
     store = _store_with_labels(tmp_path, 8)
     settings = _settings(tiny_backbone_dir, lora_rank=4, max_pairs=4, heldout_fraction=0.01)
-    split = prepare_split(store, settings)
-    split.validation, split.heldout = [], []
+    split = _fit_only_split(store, settings)
     runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=2)
     base = {k: v.detach().clone() for k, v in runtime.model.backbone.state_dict().items()}
     full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
@@ -80,8 +80,7 @@ def test_lora_trains_only_adapters_and_heads(home, tmp_path, tiny_backbone_dir):
 def test_a_trl_reward_checkpoint_trains_further(home, tmp_path, tiny_rm_dir):
     store = _store_with_labels(tmp_path, 8)
     settings = _settings(tiny_rm_dir, ensemble_size=1, max_pairs=4, heldout_fraction=0.01)
-    split = prepare_split(store, settings)
-    split.validation, split.heldout = [], []
+    split = _fit_only_split(store, settings)
     runtime = load_backbone_runtime(settings.backbone, 128)
     head_before = runtime.model.score.weight.detach().clone()
     from transformers import AutoModelForSequenceClassification
@@ -96,8 +95,7 @@ def test_a_trl_reward_checkpoint_trains_further(home, tmp_path, tiny_rm_dir):
 def test_an_interrupted_run_resumes_from_its_checkpoint(home, tmp_path, tiny_backbone_dir, monkeypatch):
     store = _store_with_labels(tmp_path, 24)
     settings = _settings(tiny_backbone_dir, heldout_fraction=0.01, epochs=2.0, ensemble_size=1)
-    split = prepare_split(store, settings)
-    split.validation, split.heldout = [], []
+    split = _fit_only_split(store, settings)
     total = -(-2 * len(split.fit) // 4)
     run = tmp_path / "run"
     calls = {"n": 0}

@@ -14,12 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import HH_FILE, REPO, ServerThread
+from conftest import REPO, ServerThread, store_with_hh
 from rm_service import registry
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from rm_service.importers import import_hh
-from rm_service.settings import ModelSettings, ServeSettings, StoreSettings, TrainSettings
-from rm_service.store.db import Store
+from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
 from rm_service.train.run import train
 
 PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers."),
@@ -132,10 +130,7 @@ def test_too_large_a_message_is_resource_exhausted_and_the_server_goes_on(home, 
 @pytest.fixture
 def registry_with_two_versions(home, tmp_path, tiny_backbone_dir):
     """v1 and v2 trained (head mode) on the tiny backbone; the store closed, as for replicas."""
-    small = tmp_path / "hh40.jsonl"
-    small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:40]), encoding="utf-8")
-    store = Store(StoreSettings())
-    import_hh(store, small)
+    store = store_with_hh(tmp_path, 40)
     settings = TrainSettings(backbone=str(tiny_backbone_dir), max_steps=20, ensemble_size=2, max_tokens=128, promote=False)
     train(store, settings, ModelSettings(), show_progress=False)
     train(store, settings.model_copy(update={"seed": 1}), ModelSettings(), show_progress=False)

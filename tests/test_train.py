@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HH_FILE
+from conftest import store_with_hh
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
-from rm_service.importers import import_hh
-from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
-from rm_service.store.db import Store
+from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.train.heads import fit_heads
 from rm_service.train.loss import bradley_terry_loss
 from rm_service.train.metrics import expected_calibration_error, pair_metrics
@@ -58,10 +56,7 @@ def test_heads_learn_a_separable_preference():
 @pytest.fixture
 def trained(home, tiny_backbone_dir, tmp_path):
     """60 HH labels in a store and a head-mode model v1 trained on the tiny backbone."""
-    small = tmp_path / "hh60.jsonl"
-    small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:60]), encoding="utf-8")
-    store = Store(StoreSettings())
-    import_hh(store, small)
+    store = store_with_hh(tmp_path, 60)
     settings = TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, max_steps=50, ensemble_size=2, max_tokens=256,
                              heldout_fraction=0.2)
     result = train(store, settings, ModelSettings(), show_progress=False)

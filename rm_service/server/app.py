@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.errors import FailedPrecondition, Unimplemented
 from rm_service.server.handlers import DecodeGuard
-from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, is_loopback, server_credentials  # noqa: F401 (is_loopback re-exported)
+from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Metrics
 from rm_service.server.models import ServedModels, follow_registry, load_for_serving
@@ -95,7 +95,8 @@ class RewardServer:
         names = []
         if self.settings.with_model:
             st = self.settings
-            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms, observer=self.metrics)
+            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms,
+                                   observer=self.metrics, max_padding=st.max_padding)
             self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
             reward = RewardService(self.served, self.batcher, st, self.store, max_chars)

@@ -5,7 +5,9 @@ request is refused with Overloaded (RESOURCE_EXHAUSTED) when it would push the i
 item count or the queued token count past its limit: callers learn at once, nothing waits.
 
 Forming (the batch loop): the waiting window is sorted by length and the longest items are
-taken while count x longest stays within the token budget, so batches are dense; items of
+taken while count x longest stays within the token budget and each item's padding stays
+under `max_padding` of its row, so batches are dense (on a CPU, padded positions cost as
+much as real ones); items of
 cancelled or expired requests are dropped here and never reach the model. With
 `max_wait_ms` = 0 (the default) there is no timer: a batch leaves as soon as the model thread
 is free. Batch k+1 is formed and collated while batch k runs on the one model thread.
@@ -56,8 +58,9 @@ class Dropped(DeadlineExceeded):
 
 class Batcher:
     def __init__(self, max_batch_tokens: int, max_inflight_items: int, max_queued_tokens: int, max_wait_ms: float = 0.0,
-                 observer=None):
+                 observer=None, max_padding: float = 1.0):
         self.max_batch_tokens = max_batch_tokens
+        self.max_padding = max_padding
         self.max_inflight_items = max_inflight_items
         self.max_queued_tokens = max_queued_tokens
         self.max_wait = max_wait_ms / 1000
@@ -143,6 +146,8 @@ class Batcher:
             longest_if = max(longest, len(job.item))
             if taken and longest_if * (len(taken) + 1) > self.max_batch_tokens:
                 break
+            if taken and len(job.item) < (1 - self.max_padding) * longest:
+                break  # shorter items wait for a batch of their own length: padding is wasted compute
             taken.append(job)
             longest = longest_if
         chosen = {id(j) for j in taken}
