@@ -60,6 +60,10 @@ class ServeSettings(BaseSettings):
         description="Serve this model (a registry version, a bundled name or an HF directory) instead of the promoted version.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model; auto picks CUDA when present.")
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="What runs batches: auto = ONNX Runtime on CPU when the version has an ONNX export, else PyTorch (always PyTorch on CUDA)."
+    )
+    onnx_int8: bool = Field(False, description="Serve the int8 ONNX model when the version kept one (it passed the 99% pair-ordering check).")
     max_items_per_request: int = Field(512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above).")
     max_batch_tokens: int = Field(
         2048, gt=0, description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it (16k+) on a GPU."
@@ -129,6 +133,7 @@ class TrainSettings(BaseSettings):
     patience: int = Field(100, ge=1, description="Early stopping: optimiser steps without validation-loss improvement.")
     seed: int = Field(0, description="Seed for the split, the bootstrap and the heads' initialisation.")
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
+    export_onnx: bool = Field(True, description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs alike).")
     full_learning_rate: float = Field(2e-5, gt=0, description="Full mode: AdamW learning rate of the backbone (LoRA adapters get 10x).")
     lora_rank: int = Field(0, ge=0, description="Full mode: LoRA rank on every linear layer of the backbone; 0 fine-tunes all weights.")
     micro_batch_pairs: int = Field(4, gt=0, description="Full mode: pairs per forward/backward pass.")

@@ -269,3 +269,25 @@ def _wait(condition, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry_with_two_versions):
+    from rm_service.models.onnx_backend import OnnxRuntimeModel
+
+    records = registry_with_two_versions
+    meta = __import__("json").loads(open(f"{records['v1'].artifact_path}/version.json").read())
+    assert meta["onnx"]["fp32_path"] == "model.onnx" and meta["onnx"]["max_rel_diff"] <= 1e-4
+    onnx_srv = ServerThread(ServeSettings(port=0, with_store=False))
+    torch_srv = ServerThread(ServeSettings(port=0, with_store=False, backend="torch", metrics_port=-1))
+    try:
+        assert isinstance(onnx_srv.server.served.get().backend, OnnxRuntimeModel)
+        assert not isinstance(torch_srv.server.served.get().backend, OnnxRuntimeModel)
+        scores = []
+        for srv in (onnx_srv, torch_srv):
+            with grpc.insecure_channel(srv.address) as channel:
+                response = reward_pb2_grpc.RewardServiceStub(channel).Score(_request(["The Nile.", "No idea, sorry."]), timeout=30)
+            scores.append([r.raw_score for r in response.results])
+        assert max(abs(a - b) for a, b in zip(*scores)) <= 1e-4
+    finally:
+        onnx_srv.stop()
+        torch_srv.stop()

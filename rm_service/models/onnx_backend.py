@@ -170,6 +170,10 @@ class OnnxRuntimeModel:
             raise ValueError(f"{self.path}: the graph needs {missing}, which the formatted items do not carry")
         return {name: batch[name].numpy() for name in self.input_names}  # each [b, T] int64
 
+    def run_collated(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """Member rewards [b, K] of one padded batch (the server's batcher calls this)."""
+        return self.session.run([OUTPUT_NAME], self._feeds(batch))[0]
+
     def run(self, items: list[Formatted], max_batch_tokens: int) -> np.ndarray:
         """Member rewards [N, K] of `items`, in the order given."""
         out: np.ndarray | None = None

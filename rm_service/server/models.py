@@ -95,16 +95,38 @@ def load_version_dir(directory: str | Path, settings: ServeSettings, models: Mod
     if not (Path(directory) / "version.json").exists():
         raise NotFound(f"no model version at {directory}")
     runtime, meta = registry.load_artifact(directory, device=settings.device, settings=models)
+    backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
         rec = ModelRecord(meta["version"], meta.get("parent"), meta.get("snapshot_id"), meta["base_backbone"] if "base_backbone" in meta else meta["backbone"],
                           meta["format_hash"], "promoted", meta.get("metrics", {}), meta["reward_mean"], meta["reward_std"],
                           meta["ensemble_size"], str(directory))
-    return Served(runtime, rec, make_backend(runtime, settings))
+    return Served(runtime, rec, backend)
 
 
-def make_backend(runtime: ModelRuntime, settings: ServeSettings):
-    """The object that runs batches (pad_id, run_collated). The torch runtime for now."""
-    return runtime
+def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: dict | None = None):
+    """What runs batches (pad_id, run_collated): ONNX Runtime on CPU when the version was
+    exported (and the backend setting allows it), else the torch runtime. An ONNX model must
+    reproduce the version's golden scores before it serves."""
+    onnx = (meta or {}).get("onnx") or {}
+    wanted = settings.backend == "onnx" or (settings.backend == "auto" and runtime.device.type == "cpu")
+    if not wanted or not onnx.get("fp32_path"):
+        if settings.backend == "onnx":
+            raise FailedPrecondition(f"{directory}: backend onnx was asked for, but this version has no ONNX export")
+        return runtime
+    from rm_service.conversation import Message
+    from rm_service.models.onnx_backend import OnnxRuntimeModel
+
+    name = onnx["int8_path"] if settings.onnx_int8 and onnx.get("int8_kept") else onnx["fp32_path"]
+    backend = OnnxRuntimeModel.for_runtime(runtime, directory / name)
+    golden = meta.get("golden", [])
+    if golden:
+        items = [runtime.format([Message(**m) for m in g["prompt"]], g["completion"]) for g in golden]
+        got = backend.run(items, max_batch_tokens=1).mean(axis=1)
+        tolerance = meta.get("golden_tolerance", 0.02)
+        if any(abs(float(a) - g["raw_score"]) > tolerance * max(1.0, abs(g["raw_score"])) for a, g in zip(got, golden)):
+            raise FailedPrecondition(f"{directory}: the ONNX model ({name}) does not reproduce the golden scores; refusing it")
+    log.info("serving %s with ONNX Runtime (%s)", meta.get("version"), name)
+    return backend
 
 
 def _pointer_dir(models: ModelSettings) -> Path:

@@ -46,7 +46,10 @@ def fit_heads(
     gen = torch.Generator().manual_seed(seed)
     x_w, x_l = torch.from_numpy(h_chosen).float(), torch.from_numpy(h_rejected).float()  # [N, H]
     mu = torch.cat([x_w, x_l]).mean(0)  # [H]
-    sigma = torch.cat([x_w, x_l]).std(0).clamp_min(1e-6)  # [H]
+    sigma = torch.cat([x_w, x_l]).std(0)  # [H]
+    # Near-constant features would get weights ~1/sigma once the scaling is folded back;
+    # a floor at a tenth of the median keeps the served head well-conditioned.
+    sigma = sigma.clamp_min(max(0.1 * float(sigma.median()), 1e-6))  # [H]
     z_w, z_l = (x_w - mu) / sigma, (x_l - mu) / sigma  # [N, H]
     n, hidden = z_w.shape
     counts = torch.poisson(torch.ones(n, ensemble_size), generator=gen) if ensemble_size > 1 else torch.ones(n, 1)  # [N, K]

@@ -95,6 +95,8 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
         "settings": settings.model_dump(mode="json"), "golden": golden_items(runtime, split.heldout or split.fit),
         "golden_tolerance": 0.02,
     }
+    if settings.export_onnx:
+        meta["onnx"] = _export_onnx(runtime, staging, split.heldout or split.fit)
     score = runtime.model.score
     bias = score.bias.detach().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
     registry.write_head_artifact(directory, meta, score.weight.detach().numpy(), bias)
@@ -115,6 +117,23 @@ def _save_backbone(runtime: ModelRuntime, staging: Path) -> tuple[str, str]:
     runtime.model.backbone.save_pretrained(target)
     runtime.tokenizer.save_pretrained(target)
     return "./backbone", backbone_key(target, "./backbone")
+
+
+ONNX_CHECK_PAIRS = 64
+
+
+def _export_onnx(runtime: ModelRuntime, staging: Path, pairs: list[Pair]) -> dict:
+    """model.onnx (parity-checked against torch) and, if it orders pairs alike, model.int8.onnx."""
+    from rm_service.models.onnx_backend import build_onnx_artifacts
+
+    staging.mkdir(parents=True, exist_ok=True)
+    items = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in pairs[:ONNX_CHECK_PAIRS]]
+    report = build_onnx_artifacts(runtime, staging, items)
+    for key in ("fp32_path", "int8_path"):  # relative to the version directory, which is renamed
+        report[key] = Path(report[key]).name if report.get(key) else None
+    log.info("ONNX export: max relative difference %.2g; int8 agreement %.4f (%s)", report["max_rel_diff"],
+             report["int8_agreement"], "kept" if report["int8_kept"] else "deleted")
+    return report
 
 
 def golden_items(runtime: ModelRuntime, pairs: list[Pair]) -> list[dict]:
