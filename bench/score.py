@@ -7,7 +7,7 @@ distribution (chosen and rejected sides of the shared file).
    transformers (tokenise, forward, read the score) — what a trainer does without a server;
 2. closed loop: C clients each keep one Score request of `--items-per-call` items in
    flight; sweep C, report pairs/s and tokens/s; saturation = the best;
-3. single-request latency: one client, one item per call;
+3. single-request latency: one client, one call at a time, the same items per call;
 4. open loop at 50% and 150% of saturation: requests arrive on a Poisson clock whatever
    the answers; p50/p99 latency at 50%, rejection share and rejection latency at 150%;
 5. model FLOPs utilisation: 2 x non-embedding params x tokens/s over an fp32 GEMM rate
@@ -57,7 +57,12 @@ def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float]:
     """pairs/s and tokens/s of one-at-a-time in-process scoring with plain transformers."""
     from rm_service.conversation import Message
 
-    runtime = load_backbone_runtime(model_name, max_tokens=512)
+    if (Path(model_name) / "version.json").exists():  # a registry version: the same trained head, in torch
+        from rm_service.registry import load_artifact
+
+        runtime = load_artifact(model_name)[0]
+    else:
+        runtime = load_backbone_runtime(model_name, max_tokens=512)
     model = runtime.model
     n = tokens = 0
     start = time.perf_counter()
@@ -126,7 +131,10 @@ async def open_loop(address: str, items, rate_calls: float, per_call: int, secon
 
 
 def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) >= 2 else float("nan")
+    """q-th percentile in ms (the one value when there is a single sample)."""
+    if len(values) == 1:
+        return values[0] * 1000
+    return statistics.quantiles(values, n=100)[q - 1] * 1000 if values else float("nan")
 
 
 def start_server(model: str, max_inflight: int):
@@ -146,7 +154,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument("--items-per-call", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--max-inflight", type=int, default=256, help="server admission limit (items)")
+    parser.add_argument("--max-inflight", type=int, default=32, help="server admission limit (items): 4 calls of 8")
     args = parser.parse_args()
     os.environ.setdefault("RM_HOME", tempfile.mkdtemp(prefix="rm-bench-"))
     torch.set_num_threads(os.cpu_count() or 1)
@@ -154,9 +162,11 @@ def main() -> None:
     gemm = gemm_flops()
     naive_pairs, naive_tokens = naive_loop(args.model, items, args.seconds)
     server, loop, address = start_server(args.model, args.max_inflight)
-    params = non_embedding_params(server.served.get().runtime.model)
+    served = server.served.get()
+    params = non_embedding_params(served.runtime.model)
+    backend = type(served.backend).__name__
 
-    _, _, single = closed_loop(address, items, 1, 1, args.seconds / 2)
+    _, _, single = closed_loop(address, items, 1, args.items_per_call, args.seconds / 2)  # one call at a time, same size
     single_p50 = pct(single, 50)
     sweep = [(c, *closed_loop(address, items, c, args.items_per_call, args.seconds)) for c in args.concurrency]
     best = max(sweep, key=lambda row: row[1])
@@ -165,7 +175,7 @@ def main() -> None:
     over = asyncio.run(open_loop(address, items, 1.5 * sat_calls, args.items_per_call, args.seconds))
     asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
 
-    print(f"\nmodel {args.model}; {os.cpu_count()} cores; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); "
+    print(f"\nmodel {args.model} served by {backend}; {os.cpu_count()} cores; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); "
           f"{args.items_per_call} items per call; HH-RLHF lengths\n")
     print("| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms |\n|---:|---:|---:|---:|---:|")
     for c, pairs, tokens, lat in sweep:
@@ -176,7 +186,7 @@ def main() -> None:
     print(f"| naive loop (in process, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} tokens/s |")
     print(f"| ratio server / naive | {best[1] / naive_pairs:.2f}x |")
     print(f"| model FLOPs utilisation at saturation (fp32 GEMM) | {mfu:.0%} |")
-    print(f"| single-request latency (1 item) p50 | {single_p50:.0f} ms |")
+    print(f"| single-request latency ({args.items_per_call} items, nothing else in flight) p50 | {single_p50:.0f} ms |")
     print(f"| open loop 50%: p50 / p99 latency ({len(half['ok'])} calls) | {pct(half['ok'], 50):.0f} / {pct(half['ok'], 99):.0f} ms |")
     print(f"| p99 at 50% over single-request p50 | {pct(half['ok'], 99) / single_p50:.1f}x |")
     over_total = len(over["ok"]) + len(over["rejected"]) + len(over["errors"])
