@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import asyncio
 import json
 import logging
@@ -48,7 +50,12 @@ def test_metrics_endpoint_after_scores_and_a_rejection(home, tiny_rm_dir):
             with pytest.raises(grpc.RpcError) as err:  # 5 items > max_inflight_items: refused at admission
                 stub.Score(_request(5), timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The server counts an RPC after its answer is sent; wait until all four are counted.
+        deadline = time.monotonic() + 10
         m = scrape(srv.server.metrics_port)
+        while sample(m, "rm_rpc_seconds_count", method=SCORE_METHOD) != 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            m = scrape(srv.server.metrics_port)
         version = tiny_rm_dir.name
         assert sample(m, "rm_scores_total", version=version) == 6
         assert sample(m, "rm_batch_size_sum") == 6 and 3 <= sample(m, "rm_batch_size_count") <= 6

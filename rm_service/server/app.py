@@ -99,8 +99,7 @@ class RewardServer:
                                    observer=self.metrics, max_padding=st.max_padding)
             self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
-            reward = RewardService(self.served, self.batcher, st, self.store, max_chars)
-            reward._tokenise = self.metrics.timed("tokenise", reward._tokenise)  # no hook in RewardService yet
+            reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
             reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, self.server)
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:

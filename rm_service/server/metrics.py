@@ -75,18 +75,9 @@ class Metrics:
         self.queue_depth.set_function(batcher.queue_depth)
         self.inflight_items.set_function(lambda: batcher.inflight_items)
 
-    def timed(self, stage: str, fn):
-        """Wrap an async function so its duration lands in rm_stage_seconds{stage=...}."""
-        hist = self.stage_seconds.labels(stage)
-
-        async def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                hist.observe(time.perf_counter() - start)
-
-        return wrapper
+    def stage(self, stage: str, seconds: float) -> None:
+        """One measurement of a stage (RewardService reports tokenise through this)."""
+        self.stage_seconds.labels(stage).observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP on host:port (0: a free port) in a daemon thread; returns the port."""

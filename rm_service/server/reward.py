@@ -28,8 +28,10 @@ def ticket(context: grpc.aio.ServicerContext) -> Ticket:
 
 
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int):
+    def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int,
+                 observer=None):
         self.served = served
+        self.observer = observer  # metrics: observer.stage("tokenise", seconds)
         self.batcher = batcher
         self.settings = settings
         self.store = store
@@ -38,7 +40,11 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     async def _tokenise(self, served: Served, pairs: list[tuple[list[Message], str]]) -> list[Formatted]:
         runtime = served.runtime
-        return await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, lambda: [runtime.format(p, c) for p, c in pairs])
+        start = time.monotonic()
+        formatted = await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, lambda: [runtime.format(p, c) for p, c in pairs])
+        if self.observer is not None:
+            self.observer.stage("tokenise", time.monotonic() - start)
+        return formatted
 
     @rpc
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
