@@ -79,9 +79,10 @@ def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float]:
     return n / elapsed, tokens / elapsed
 
 
-def closed_loop(address: str, items, clients: int, per_call: int, seconds: float) -> tuple[float, float, list[float]]:
-    """pairs/s, tokens/s and latencies with `clients` callers each keeping one call in flight."""
-    done, tokens, latencies, lock = [0], [0], [], threading.Lock()
+def closed_loop(address: str, items, clients: int, per_call: int, seconds: float) -> tuple[float, float, list[float], int]:
+    """pairs/s, tokens/s, latencies and rejected calls with `clients` callers each keeping one
+    call in flight (a rejected call backs off and retries)."""
+    done, tokens, rejected, latencies, lock = [0], [0], [0], [], threading.Lock()
     stop = time.perf_counter() + seconds
 
     def client(seed: int) -> None:
@@ -91,7 +92,15 @@ def closed_loop(address: str, items, clients: int, per_call: int, seconds: float
             while time.perf_counter() < stop:
                 batch = rng.sample(items, per_call)
                 t0 = time.perf_counter()
-                response = stub.Score(reward_pb2.ScoreRequest(items=batch), timeout=60)
+                try:
+                    response = stub.Score(reward_pb2.ScoreRequest(items=batch), timeout=60)
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    with lock:
+                        rejected[0] += 1
+                    time.sleep(0.01 * rng.random())  # back off, then retry, as a trainer would
+                    continue
                 with lock:
                     latencies.append(time.perf_counter() - t0)
                     done[0] += len(batch)
@@ -104,7 +113,7 @@ def closed_loop(address: str, items, clients: int, per_call: int, seconds: float
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
-    return done[0] / elapsed, tokens[0] / elapsed, latencies
+    return done[0] / elapsed, tokens[0] / elapsed, latencies, rejected[0]
 
 
 async def open_loop(address: str, items, rate_calls: float, per_call: int, seconds: float) -> dict:
@@ -166,7 +175,7 @@ def main() -> None:
     params = non_embedding_params(served.runtime.model)
     backend = type(served.backend).__name__
 
-    _, _, single = closed_loop(address, items, 1, args.items_per_call, args.seconds / 2)  # one call at a time, same size
+    _, _, single, _ = closed_loop(address, items, 1, args.items_per_call, args.seconds / 2)  # one call at a time, same size
     single_p50 = pct(single, 50)
     sweep = [(c, *closed_loop(address, items, c, args.items_per_call, args.seconds)) for c in args.concurrency]
     best = max(sweep, key=lambda row: row[1])
@@ -177,9 +186,9 @@ def main() -> None:
 
     print(f"\nmodel {args.model} served by {backend}; {os.cpu_count()} cores; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); "
           f"{args.items_per_call} items per call; HH-RLHF lengths\n")
-    print("| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms |\n|---:|---:|---:|---:|---:|")
-    for c, pairs, tokens, lat in sweep:
-        print(f"| {c} | {pairs:.1f} | {tokens:.0f} | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} |")
+    print("| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms | rejected calls (retried) |\n|---:|---:|---:|---:|---:|---:|")
+    for c, pairs, tokens, lat, rejected in sweep:
+        print(f"| {c} | {pairs:.1f} | {tokens:.0f} | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} | {rejected} |")
     mfu = 2 * params * best[2] / gemm
     print("\n| figure | value |\n|---|---|")
     print(f"| saturation (closed loop, {best[0]} clients) | {best[1]:.1f} pairs/s, {best[2]:.0f} tokens/s |")
