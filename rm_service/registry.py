@@ -107,15 +107,9 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False) -
         if math.isnan(acc_new) or (not math.isnan(acc_old) and acc_new < acc_old - tolerance):
             _set_status(store, version, "rejected")
             return False, f"{version} held-out accuracy {acc_new:.4f} is below {current.version}'s {acc_old:.4f} minus tolerance {tolerance}"
-    with store._lock:
-        store.con.execute("BEGIN TRANSACTION")
-        try:
-            store.con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
-            store.con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])
-            store.con.execute("COMMIT")
-        except Exception:
-            store.con.execute("ROLLBACK")
-            raise
+    with store.transaction() as con:
+        con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
+        con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])
     write_promoted_pointer(candidate)
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
 
@@ -150,15 +144,9 @@ def rollback(store: Store) -> str:
         ).fetchone()
     if row is None:
         raise FailedPrecondition(f"{current.version} is the only version ever promoted; nothing to roll back to")
-    with store._lock:
-        store.con.execute("BEGIN TRANSACTION")
-        try:
-            store.con.execute("UPDATE models SET status = 'retired' WHERE version = ?", [current.version])
-            store.con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [row[0]])
-            store.con.execute("COMMIT")
-        except Exception:
-            store.con.execute("ROLLBACK")
-            raise
+    with store.transaction() as con:
+        con.execute("UPDATE models SET status = 'retired' WHERE version = ?", [current.version])
+        con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [row[0]])
     write_promoted_pointer(get_model(store, row[0]))
     return f"rolled back from {current.version} to {row[0]}"
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, expand_pairs, validate_label
 from rm_service.store.schema import migrate
+from rm_service.store.tx import transaction
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ class Store:
         with self._lock:
             self.con.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The writer lock and one transaction: COMMIT at the end of the block, ROLLBACK on error."""
+        with self._lock, transaction(self.con) as con:
+            yield con
+
     def checkpoint(self) -> None:
         with self._lock:
             self.con.execute("CHECKPOINT")
@@ -96,29 +105,23 @@ class Store:
                     outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
                     continue
                 valid.append((b, i, label, label.payload_hash()))
-        with self._lock:
-            self.con.execute("BEGIN TRANSACTION")
-            try:
-                known = self._stored_hashes([lab.label_id for _, _, lab, _ in valid])
-                tasks = self._open_tasks([lab.task_id for _, _, lab, _ in valid if lab.task_id])
-                rows = _Rows()
-                for b, i, label, phash in valid:
-                    if label.label_id in known:
-                        same = known[label.label_id] == phash
-                        outcomes[b][i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
-                                                       "" if same else "label_id already stored with a different payload")
-                        continue
-                    if label.task_id and label.task_id not in tasks:
-                        outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{field}[{i}].task_id: unknown task {label.task_id!r}")
-                        continue
-                    known[label.label_id] = phash
-                    rows.add(label, phash, origin)
-                    outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
-                rows.write(self.con)
-                self.con.execute("COMMIT")
-            except Exception:
-                self.con.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            known = self._stored_hashes([lab.label_id for _, _, lab, _ in valid])
+            tasks = self._open_tasks([lab.task_id for _, _, lab, _ in valid if lab.task_id])
+            rows = _Rows()
+            for b, i, label, phash in valid:
+                if label.label_id in known:
+                    same = known[label.label_id] == phash
+                    outcomes[b][i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
+                                                   "" if same else "label_id already stored with a different payload")
+                    continue
+                if label.task_id and label.task_id not in tasks:
+                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{field}[{i}].task_id: unknown task {label.task_id!r}")
+                    continue
+                known[label.label_id] = phash
+                rows.add(label, phash, origin)
+                outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
+            rows.write(self.con)
         return [[o for o in batch if o is not None] for batch in outcomes]
 
     def _open_tasks(self, task_ids: list[str]) -> set[str]:
@@ -139,18 +142,12 @@ class Store:
 
     def create_snapshot(self) -> Snapshot:
         """Freeze the set of labels committed so far: a reproducible training input."""
-        with self._lock:
-            self.con.execute("BEGIN TRANSACTION")
-            try:
-                max_seq, count = self.con.execute("SELECT coalesce(max(seq), 0), count(*) FROM labels").fetchone()
-                number = self.con.execute("SELECT count(*) FROM snapshots").fetchone()[0] + 1
-                snap = Snapshot(f"snap-{number:06d}", int(max_seq), int(count))
-                self.con.execute("INSERT INTO snapshots (snapshot_id, max_seq, num_labels) VALUES (?, ?, ?)",
-                                 [snap.snapshot_id, snap.max_seq, snap.num_labels])
-                self.con.execute("COMMIT")
-            except Exception:
-                self.con.execute("ROLLBACK")
-                raise
+        with self.transaction() as con:
+            max_seq, count = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM labels").fetchone()
+            number = con.execute("SELECT count(*) FROM snapshots").fetchone()[0] + 1
+            snap = Snapshot(f"snap-{number:06d}", int(max_seq), int(count))
+            con.execute("INSERT INTO snapshots (snapshot_id, max_seq, num_labels) VALUES (?, ?, ?)",
+                        [snap.snapshot_id, snap.max_seq, snap.num_labels])
         return snap
 
     def get_snapshot(self, snapshot_id: str | None = None) -> Snapshot | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import duckdb
 
 from rm_service.errors import FailedPrecondition
+from rm_service.store.tx import transaction
 
 V1 = """
 CREATE TABLE conversations (
@@ -124,12 +125,7 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
     if version > SCHEMA_VERSION:
         raise FailedPrecondition(f"store schema version {version} is newer than this rm-service ({SCHEMA_VERSION}); upgrade rm-service")
     for number in range(version + 1, SCHEMA_VERSION + 1):
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(MIGRATIONS[number - 1])
             con.execute("INSERT INTO schema_version (version) VALUES (?)", [number])
-            con.execute("COMMIT")
-        except Exception:
-            con.execute("ROLLBACK")
-            raise
     return SCHEMA_VERSION

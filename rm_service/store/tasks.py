@@ -58,15 +58,9 @@ def submit(store: Store, candidates: list[Candidate]) -> list[str]:
     for i, c in enumerate(candidates):
         validate_candidate(c, f"candidates[{i}]", store.settings.max_text_chars, store.settings.max_responses)
     ids = []
-    with store._lock:
-        store.con.execute("BEGIN TRANSACTION")
-        try:
-            for c in candidates:
-                ids.append(_insert(store, c))
-            store.con.execute("COMMIT")
-        except Exception:
-            store.con.execute("ROLLBACK")
-            raise
+    with store.transaction():
+        for c in candidates:
+            ids.append(_insert(store, c))
     return ids
 
 
@@ -98,28 +92,22 @@ def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int) -> list[
     if lease_seconds <= 0:
         raise InvalidArgument("lease_seconds", f"must be > 0, got {lease_seconds}")
     expires_ms = int(time.time() * 1000) + lease_seconds * 1000
-    with store._lock:
-        store.con.execute("BEGIN TRANSACTION")
-        try:
-            rows = store.con.execute(
-                """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, '')
-                   FROM tasks t JOIN conversations c ON c.id = t.conversation_id
-                   WHERE t.state = 'queued' OR (t.state = 'leased' AND t.lease_expires_at < now())
-                   ORDER BY t.priority DESC, t.created_at, t.task_id LIMIT ?""",
-                [max_tasks],
-            ).fetchall()
-            ids = [r[0] for r in rows]
-            if ids:
-                store.con.execute(
-                    """UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires_at = make_timestamptz(? * 1000),
-                       lease_count = lease_count + 1 WHERE task_id IN (SELECT unnest(?::VARCHAR[]))""",
-                    [owner, expires_ms, ids],
-                )
-            texts = _texts(store, [cid for r in rows for cid in r[2]])
-            store.con.execute("COMMIT")
-        except Exception:
-            store.con.execute("ROLLBACK")
-            raise
+    with store.transaction():
+        rows = store.con.execute(
+            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, '')
+               FROM tasks t JOIN conversations c ON c.id = t.conversation_id
+               WHERE t.state = 'queued' OR (t.state = 'leased' AND t.lease_expires_at < now())
+               ORDER BY t.priority DESC, t.created_at, t.task_id LIMIT ?""",
+            [max_tasks],
+        ).fetchall()
+        ids = [r[0] for r in rows]
+        if ids:
+            store.con.execute(
+                """UPDATE tasks SET state = 'leased', lease_owner = ?, lease_expires_at = make_timestamptz(? * 1000),
+                   lease_count = lease_count + 1 WHERE task_id IN (SELECT unnest(?::VARCHAR[]))""",
+                [owner, expires_ms, ids],
+            )
+        texts = _texts(store, [cid for r in rows for cid in r[2]])
     return [Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms) for tid, msgs, comp_ids, pv in rows]
 
 
