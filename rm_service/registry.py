@@ -194,15 +194,17 @@ def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSe
     return runtime, meta
 
 
-def check_golden(runtime: ModelRuntime, golden: list[dict], tolerance: float, where: Path) -> None:
-    """Re-score the stored golden items; refuse the version if any score moved beyond tolerance."""
+def check_golden(runtime: ModelRuntime, golden: list[dict], tolerance: float, where: Path | str, scorer=None,
+                 cause: str = "the backbone, tokenizer or formatting differs from training") -> None:
+    """Re-score the stored golden items (formatted by `runtime`, run by `scorer`, default the
+    runtime itself); refuse the version if any score moved beyond tolerance."""
     if not golden:
         return
     items = [runtime.format([Message(**m) for m in g["prompt"]], g["completion"]) for g in golden]
-    raw = runtime.run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
+    raw = (scorer or runtime).run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
     for g, got in zip(golden, raw):
         if abs(float(got) - g["raw_score"]) > tolerance * max(1.0, abs(g["raw_score"])):
             raise FailedPrecondition(
                 f"{where}: golden pair check failed: an item scored {float(got):.5f} at load but {g['raw_score']:.5f} "
-                "in training; the backbone, tokenizer or formatting differs from training. Refusing to serve this version"
+                f"in training; {cause}. Refusing to serve this version"
             )

@@ -97,7 +97,7 @@ def load_version_dir(directory: str | Path, settings: ServeSettings, models: Mod
     runtime, meta = registry.load_artifact(directory, device=settings.device, settings=models)
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
-        rec = ModelRecord(meta["version"], meta.get("parent"), meta.get("snapshot_id"), meta["base_backbone"] if "base_backbone" in meta else meta["backbone"],
+        rec = ModelRecord(meta["version"], meta.get("parent"), meta.get("snapshot_id"), meta.get("base_backbone", meta["backbone"]),
                           meta["format_hash"], "promoted", meta.get("metrics", {}), meta["reward_mean"], meta["reward_std"],
                           meta["ensemble_size"], str(directory))
     return Served(runtime, rec, backend)
@@ -113,18 +113,12 @@ def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path
         if settings.backend == "onnx":
             raise FailedPrecondition(f"{directory}: backend onnx was asked for, but this version has no ONNX export")
         return runtime
-    from rm_service.conversation import Message
     from rm_service.models.onnx_backend import OnnxRuntimeModel
 
     name = onnx["int8_path"] if settings.onnx_int8 and onnx.get("int8_kept") else onnx["fp32_path"]
     backend = OnnxRuntimeModel.for_runtime(runtime, directory / name)
-    golden = meta.get("golden", [])
-    if golden:
-        items = [runtime.format([Message(**m) for m in g["prompt"]], g["completion"]) for g in golden]
-        got = backend.run(items, max_batch_tokens=1).mean(axis=1)
-        tolerance = meta.get("golden_tolerance", 0.02)
-        if any(abs(float(a) - g["raw_score"]) > tolerance * max(1.0, abs(g["raw_score"])) for a, g in zip(got, golden)):
-            raise FailedPrecondition(f"{directory}: the ONNX model ({name}) does not reproduce the golden scores; refusing it")
+    registry.check_golden(runtime, meta.get("golden", []), meta.get("golden_tolerance", 0.02), directory, scorer=backend,
+                          cause=f"the ONNX model {name} does not reproduce the trained model")
     log.info("serving %s with ONNX Runtime (%s)", meta.get("version"), name)
     return backend
 
