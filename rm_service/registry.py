@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition, NotFound
 from rm_service.models.formatting import FormatSpec
-from rm_service.models.resolver import resolve
-from rm_service.models.runtime import ModelRuntime, backbone_key, load_backbone_runtime
+from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
 from rm_service.settings import ModelSettings
 from rm_service.store.db import Store
 
@@ -177,10 +176,9 @@ def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSe
     if backbone.startswith("./"):  # a fine-tuned backbone stored inside the version
         backbone = str(directory / backbone[2:])
     runtime = load_backbone_runtime(backbone, spec.max_tokens, device=device, precision="bf16" if meta.get("autocast_bf16") else "fp32",
-                                    settings=settings, spec=spec)
-    key = backbone_key(resolve(backbone, settings), meta["backbone"])
-    if key != meta["backbone_key"]:
-        raise FailedPrecondition(f"{directory}: backbone {meta['backbone']!r} is {key}, "
+                                    settings=settings, spec=spec, identity=meta["backbone"])
+    if runtime.backbone_key != meta["backbone_key"]:
+        raise FailedPrecondition(f"{directory}: backbone {meta['backbone']!r} is {runtime.backbone_key}, "
                                  f"but the version was trained on {meta['backbone_key']}")
     head = load_file(str(directory / "head.safetensors"))
     score = torch.nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias=True)

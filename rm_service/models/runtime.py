@@ -110,8 +110,11 @@ def load_backbone_runtime(
     precision: str = "fp32",
     settings: ModelSettings | None = None,
     spec: FormatSpec | None = None,
+    identity: str | None = None,
 ) -> ModelRuntime:
-    """Load a bundled model or HF directory; `spec` defaults to the backbone's own contract."""
+    """Load a bundled model or HF directory; `spec` defaults to the backbone's own contract.
+    `identity` is the name the backbone key is computed with (default `name_or_path`): a
+    version stores its fine-tuned backbone as "./backbone" wherever the directory lives."""
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve(name_or_path, settings)
@@ -126,7 +129,7 @@ def load_backbone_runtime(
         tokenizer=tokenizer,
         spec=spec,
         backbone=name_or_path,
-        backbone_key=backbone_key(model_dir, name_or_path),
+        backbone_key=backbone_key(model_dir, identity or name_or_path),
         device=dev,
         autocast_bf16=precision == "bf16" or (precision == "auto" and dev.type == "cuda"),
     )
