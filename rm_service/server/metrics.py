@@ -18,6 +18,7 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -106,30 +107,30 @@ class _RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: not counted, so callers cannot grow the label set
             return None
         method, fn = details.method, behaviour(handler)
-        done = self._done
+        observed = self._observed
         if handler.response_streaming and inspect.isasyncgenfunction(fn):
             async def streaming(request, context):
-                start, code = time.perf_counter(), None
-                try:
+                with observed(method, context):
                     async for response in fn(request, context):
                         yield response
-                except BaseException as exc:
-                    code = _code(context, exc)
-                    raise
-                finally:
-                    done(method, code or context.code() or grpc.StatusCode.OK, start)
             return with_behaviour(handler, streaming)
 
         async def unary(request, context):
-            start, code = time.perf_counter(), None
-            try:
+            with observed(method, context):
                 return await fn(request, context)
-            except BaseException as exc:
-                code = _code(context, exc)
-                raise
-            finally:
-                done(method, code or context.code() or grpc.StatusCode.OK, start)
         return with_behaviour(handler, unary)
+
+    @contextlib.contextmanager
+    def _observed(self, method: str, context: grpc.aio.ServicerContext):
+        """Time the call and count it by its final code: the exception's, else the context's, else OK."""
+        start, code = time.perf_counter(), None
+        try:
+            yield
+        except BaseException as exc:
+            code = _code(context, exc)
+            raise
+        finally:
+            self._done(method, code or context.code() or grpc.StatusCode.OK, start)
 
     def _done(self, method: str, code: grpc.StatusCode, start: float) -> None:
         seconds = time.perf_counter() - start
