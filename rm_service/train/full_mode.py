@@ -33,7 +33,7 @@ from rm_service.settings import TrainSettings
 from rm_service.store.db import Pair
 from rm_service.train.data import Split
 from rm_service.train.ddp import World, decide
-from rm_service.train.loss import bradley_terry_loss
+from rm_service.train.loss import bootstrap_counts, bradley_terry_loss
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
         model.backbone = with_lora(model.backbone, settings.lora_rank)
     fit = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in split.fit]
     validation = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in split.validation]
-    counts = _bootstrap_counts(len(fit), model.ensemble_size, settings.seed)  # [N, K]
+    counts = bootstrap_counts(len(fit), model.ensemble_size, torch.Generator().manual_seed(settings.seed))  # [N, K]
     margin = torch.tensor([p.strength or 0.0 for p in split.fit]) if any(p.strength for p in split.fit) else None  # [N]
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,13 +145,6 @@ def _validation_loss(runtime: ModelRuntime, pairs: list[tuple[Formatted, Formatt
         total += bradley_terry_loss(r[: len(part)], r[len(part) :]).item() * len(part)
         n += len(part)
     return total / max(n, 1)
-
-
-def _bootstrap_counts(n: int, k: int, seed: int) -> torch.Tensor:
-    """Poisson(1) counts per pair and head (online bootstrap); all ones for one head."""
-    if k == 1:
-        return torch.ones(n, 1)
-    return torch.poisson(torch.ones(n, k), generator=torch.Generator().manual_seed(seed))  # [N, K]
 
 
 def _pair_stream(n: int, micro: int, seed: int, world: World, start_micro: int = 0):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rm_service.train.loss import bradley_terry_loss
+from rm_service.train.loss import bootstrap_counts, bradley_terry_loss
 
 
 @dataclass
@@ -52,7 +52,7 @@ def fit_heads(
     sigma = sigma.clamp_min(max(0.1 * float(sigma.median()), 1e-6))  # [H]
     z_w, z_l = (x_w - mu) / sigma, (x_l - mu) / sigma  # [N, H]
     n, hidden = z_w.shape
-    counts = torch.poisson(torch.ones(n, ensemble_size), generator=gen) if ensemble_size > 1 else torch.ones(n, 1)  # [N, K]
+    counts = bootstrap_counts(n, ensemble_size, gen)  # [N, K]
     m = torch.from_numpy(margin).float() if margin is not None else None  # [N]
 
     w = torch.nn.Parameter(torch.randn(ensemble_size, hidden, generator=gen) * 0.01)  # [K, H]

@@ -30,3 +30,11 @@ def bradley_terry_loss(
         loss = loss * weights  # bootstrap counts, [N, K]
         return loss.sum() / weights.sum().clamp_min(1)
     return loss.mean()
+
+
+def bootstrap_counts(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """How often each of n pairs appears in each of k ensemble members' resamples: Poisson(1)
+    counts (the online bootstrap), used as `weights` above; all ones for a single member."""
+    if k == 1:
+        return torch.ones(n, 1)
+    return torch.poisson(torch.ones(n, k), generator=generator)  # [N, K]
