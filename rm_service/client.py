@@ -7,7 +7,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_service.api.v1 import common_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc
+from rm_service.api.v1 import common_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2_grpc
 from rm_service.conversation import Message
 
 
@@ -21,6 +21,7 @@ class Client:
         self.channel = grpc.insecure_channel(address)
         self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.preference = preference_pb2_grpc.PreferenceServiceStub(self.channel)
+        self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def wait_serving(self, timeout: float, is_alive=lambda: True) -> None:
