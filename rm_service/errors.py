@@ -53,10 +53,6 @@ class PermissionDenied(RMError):
     """Valid credentials without the role the method needs."""
 
 
-class Unimplemented(RMError):
-    """The method is part of the API but not built yet."""
-
-
 STATUS_CODES: dict[type[RMError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -67,7 +63,6 @@ STATUS_CODES: dict[type[RMError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 

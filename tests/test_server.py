@@ -138,15 +138,6 @@ def test_get_model_describes_the_served_version(stubs, tiny_rm_dir):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_methods_of_later_issues_are_unimplemented(stubs):
-    from rm_service.api.v1 import training_pb2, training_pb2_grpc
-
-    *_, channel = stubs
-    with pytest.raises(grpc.RpcError) as err:
-        training_pb2_grpc.TrainingServiceStub(channel).RequestRetrain(training_pb2.RetrainRequest(), timeout=30)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_non_loopback_bind_is_refused(home, tiny_rm_dir):
     from rm_service.errors import FailedPrecondition
     from rm_service.server.app import RewardServer

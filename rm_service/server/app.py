@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
-from rm_service.errors import FailedPrecondition, Unimplemented
+from rm_service.errors import FailedPrecondition
 from rm_service.server.handlers import DecodeGuard
 from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
@@ -33,34 +33,19 @@ from rm_service.server.metrics import Metrics
 from rm_service.server.models import ServedModels, follow_registry, load_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
-from rm_service.server.rpc import rpc, stream_rpc
-from rm_service.settings import ModelSettings, SecuritySettings, ServeSettings, StoreSettings
+from rm_service.server.training import JobRunner, TrainingService
+from rm_service.settings import ModelSettings, SecuritySettings, ServeSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
 
-class TrainingService(training_pb2_grpc.TrainingServiceServicer):
-    @rpc
-    async def RequestRetrain(self, request, context):
-        raise Unimplemented("RequestRetrain is not implemented yet; run `rm-service train`")
-
-    @rpc
-    async def GetJob(self, request, context):
-        raise Unimplemented("GetJob is not implemented yet")
-
-    @stream_rpc
-    async def WatchJob(self, request, context):
-        raise Unimplemented("WatchJob is not implemented yet")
-        yield  # pragma: no cover
-
-
 class RewardServer:
     """One server process: the model(s) it serves and, unless disabled, the store."""
 
     def __init__(self, settings: ServeSettings, store_settings: StoreSettings | None = None, models: ModelSettings | None = None,
-                 security: SecuritySettings | None = None):
+                 security: SecuritySettings | None = None, train: TrainSettings | None = None):
         self.security = security or SecuritySettings()
         self.tokens = Tokens.from_settings(self.security)
         self.credentials = server_credentials(self.security)
@@ -70,7 +55,9 @@ class RewardServer:
         self.settings = settings
         self.store_settings = store_settings or StoreSettings()
         self.models = models or ModelSettings()
+        self.train = train or TrainSettings()
         self.store: Store | None = None
+        self.jobs: JobRunner | None = None
         self.writer: GroupCommitWriter | None = None
         self.served = ServedModels()
         self.health = health.aio.HealthServicer()
@@ -104,7 +91,8 @@ class RewardServer:
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
-            training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(), self.server)
+            self.jobs = JobRunner(self.store, self.train, self.models)
+            training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(self.jobs), self.server)
             names += [preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
                       training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -150,7 +138,7 @@ class RewardServer:
         log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
 
     async def _set_health(self, status) -> None:
-        for service in ("", "rm.v1.RewardService", "rm.v1.PreferenceService"):
+        for service in ("", "rm.v1.RewardService", "rm.v1.PreferenceService", "rm.v1.TrainingService"):
             await self.health.set(service, status)
 
     async def stop(self) -> None:
@@ -164,6 +152,9 @@ class RewardServer:
         if self.batcher is not None:
             await self.batcher.stop()
             self.batcher = None
+        if self.jobs is not None:
+            await asyncio.to_thread(self.jobs.close)  # a running retrain finishes and is recorded
+            self.jobs = None
         if self.writer is not None:
             await asyncio.to_thread(self.writer.close)  # commit what is queued
             self.writer = None

@@ -109,7 +109,14 @@ ALTER TABLE tasks ADD COLUMN lease_count INTEGER DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN closed_by VARCHAR;
 """
 
-MIGRATIONS: list[str] = [V1, V2]
+# v3: a retraining job records what was asked (mode, parent, promote, reason) and whether
+# its version was promoted.
+V3 = """
+ALTER TABLE jobs ADD COLUMN request JSON;
+ALTER TABLE jobs ADD COLUMN promoted BOOLEAN DEFAULT false;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
