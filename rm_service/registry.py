@@ -94,7 +94,9 @@ def register(store: Store, rec: ModelRecord, number: int) -> None:
 
 def promote(store: Store, version: str, tolerance: float, force: bool = False) -> tuple[bool, str]:
     """Promotion gate: promote `version` unless its held-out accuracy is below the promoted
-    version's by more than `tolerance`. Returns (promoted?, reason). A refused candidate
+    version's by more than `tolerance`. When the candidate was trained with the promoted
+    version as parent, the comparison uses the promoted version's accuracy on the candidate's
+    own held-out pairs (`baseline_accuracy`), like with like. Returns (promoted?, reason). A refused candidate
     becomes `rejected`; the previously promoted version becomes `retired`."""
     candidate = get_model(store, version)
     current = promoted(store)
@@ -102,10 +104,13 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False) -
         return True, f"{version} is already promoted"
     acc_new = candidate.metrics.get("accuracy", float("nan"))
     if current is not None and not force:
-        acc_old = current.metrics.get("accuracy", float("nan"))
+        acc_old, where = current.metrics.get("accuracy", float("nan")), "its own held-out pairs"
+        if candidate.parent == current.version and "baseline_accuracy" in candidate.metrics:
+            acc_old, where = candidate.metrics["baseline_accuracy"], "the candidate's held-out pairs"
         if math.isnan(acc_new) or (not math.isnan(acc_old) and acc_new < acc_old - tolerance):
             _set_status(store, version, "rejected")
-            return False, f"{version} held-out accuracy {acc_new:.4f} is below {current.version}'s {acc_old:.4f} minus tolerance {tolerance}"
+            return False, (f"{version} held-out accuracy {acc_new:.4f} is below {current.version}'s {acc_old:.4f} (on {where}) "
+                           f"minus tolerance {tolerance}")
     with store.transaction() as con:
         con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
         con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])

@@ -103,11 +103,14 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     second = train(store, settings.model_copy(update={"promote": False}), ModelSettings(), show_progress=False, parent="v1")
     assert computed == []  # nothing new to compute
     assert registry.get_model(store, second.version).status == "candidate"
-    # Pretend v2 is much worse: the gate must refuse it and keep v1 promoted.
-    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.1) WHERE version = ?", [second.version])
-    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.9) WHERE version = 'v1'")
+    # Same snapshot contents, same split: v1 scored on v2's held-out pairs is v1's own accuracy.
+    assert second.metrics["baseline_accuracy"] == pytest.approx(registry.get_model(store, "v1").metrics["accuracy"])
+    # Pretend v2 is much worse than v1 on v2's held-out pairs (though v1 scored low on its own):
+    # the gate compares like with like, refuses v2 and keeps v1 promoted.
+    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.1, 'baseline_accuracy', 0.9) WHERE version = ?", [second.version])
+    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.05) WHERE version = 'v1'")
     ok, message = registry.promote(store, second.version, tolerance=0.02)
-    assert not ok and "below v1" in message
+    assert not ok and "below v1" in message and "candidate's held-out pairs" in message
     assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "rejected"
 
 

@@ -4,6 +4,7 @@ artifact with golden pairs -> registered version -> promotion gate."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
@@ -20,7 +22,7 @@ from rm_service.store.db import Pair, Store
 from rm_service.train import ddp
 from rm_service.train.data import Split, prepare_split
 from rm_service.train.full_mode import fit_full_mode
-from rm_service.train.head_mode import fit_head_mode
+from rm_service.train.head_mode import cached_features, fit_head_mode
 from rm_service.train.metrics import pair_metrics
 from rm_service.train.scores import Scores
 
@@ -76,6 +78,10 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     metrics.update({"train_accuracy": pair_metrics(*scores.fit)["accuracy"], "steps": float(scores.steps), "train_seconds": seconds})
     metrics.update({k: float(v) for k, v in scores.num_pairs.items()})
     metrics.update(scores.extra)
+    current = registry.promoted(store)
+    if current is not None and split.heldout:
+        metrics["baseline_accuracy"] = baseline_accuracy(current, runtime, store, split.heldout, models)
+        parent = parent or current.version
     reference = np.concatenate(scores.fit)
     reward_mean, reward_std = float(reference.mean()), float(reference.std() or 1.0)
 
@@ -107,6 +113,29 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     if settings.promote:
         promoted, message = registry.promote(store, version, settings.gate_tolerance)
     return TrainResult(version, promoted, message, metrics, seconds)
+
+
+def baseline_accuracy(current: registry.ModelRecord, runtime: ModelRuntime, store: Store, heldout: list[Pair],
+                      models: ModelSettings) -> float:
+    """The promoted version's accuracy on this run's held-out pairs. The held-out set grows as
+    labels arrive, so the promotion gate compares the candidate with it on the same pairs.
+    A head-mode version on the same backbone and formatting reuses the cached features."""
+    directory = Path(current.artifact_path)
+    meta = json.loads((directory / "version.json").read_text())
+    same_features = (meta["mode"] == "head" and meta["backbone_key"] == runtime.backbone_key
+                     and meta["format_hash"] == runtime.spec.hash and meta.get("pooling") == runtime.model.pooling)
+    if same_features:
+        features = cached_features(runtime, store, heldout, 4096, deadline=float("inf"), show_progress=False)
+        pairs = [p for p in heldout if p.chosen_id in features and p.rejected_id in features]
+        head = load_file(str(directory / "head.safetensors"))
+        weight, bias = head["weight"], head["bias"]  # [K, H], [K]
+        r_chosen = (np.stack([features[p.chosen_id] for p in pairs]) @ weight.T + bias).mean(1)  # [N]
+        r_rejected = (np.stack([features[p.rejected_id] for p in pairs]) @ weight.T + bias).mean(1)
+        return float(pair_metrics(r_chosen, r_rejected)["accuracy"])
+    from rm_service.evaluate import evaluate_pairs
+
+    other, _ = registry.load_artifact(directory, settings=models)
+    return float(evaluate_pairs(other, heldout, show_progress=False).overall["accuracy"])
 
 
 def _save_backbone(runtime: ModelRuntime, staging: Path) -> tuple[str, str]:
