@@ -1,23 +1,126 @@
 """`policy-trainer` command line.
 
-PPO against the served reward is the policy-trainer issue's work; until it lands, `ppo`
-says so and exits non-zero rather than pretending to train.
+    policy-trainer ppo --prompts-file prompts.jsonl --reward-addresses 127.0.0.1:50051 --total-steps 20
+    policy-trainer ppo --config run.yaml --kl-coef 0.1        # flags override the file
+    policy-trainer ppo --config run.yaml --resume             # continue the run in run_dir
+
+Every PPOSettings field is a flag (`--field-name`, booleans also `--no-field-name`; `none`
+sets an optional field to None) and an environment variable (`PPO_FIELD_NAME`). Bad input
+(settings, config file, prompts) prints one line and exits 2; a run that fails (the reward
+server unreachable, a score that failed after its retries) prints one line and exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import typing
+
+from pydantic import ValidationError
+
+from policy_trainer.settings import PPOSettings
+
+NONE_WORDS = ("none", "null")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per PPOSettings field; values stay strings for pydantic to validate."""
+    for name, field in PPOSettings.model_fields.items():
+        help_text = (field.description or "").replace("%", "%%")
+        if field.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        choices = None
+        if typing.get_origin(field.annotation) is typing.Literal:
+            choices = list(typing.get_args(field.annotation))
+        parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, choices=choices, metavar=name.upper() if choices is None else None,
+                            help=help_text)
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(PPOSettings.model_fields[name].annotation)
+
+
+def settings_from_args(args: argparse.Namespace) -> PPOSettings:
+    from policy_trainer.settings import load_settings
+
+    flags = {k: v for k, v in vars(args).items() if k in PPOSettings.model_fields}
+    flags = {k: (None if isinstance(v, str) and v.lower() in NONE_WORDS and _optional(k) else v) for k, v in flags.items()}
+    return load_settings(args.config, **flags)
+
+
+def _validation_message(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "settings"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def _print_summary(summary) -> None:
+    print(f"trained {summary.steps} steps against reward model(s) {', '.join(summary.versions)}; run in {summary.run_dir}")
+    if summary.eval_before and summary.eval_after:
+        b, a = summary.eval_before, summary.eval_after
+        print(f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> {a['reward_mean']:+.4f}, "
+              f"KL to reference {a['kl_seq']:.3f} nats/sequence")
+    if summary.seconds_per_phase:
+        print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.seconds_per_phase.items()))
+    for sw in summary.switches:
+        print(f"switched {sw['from_version']} -> {sw['to_version']} before step {sw['step']} ({sw['reason']})")
+
+
+def _ppo(args) -> int:
+    from policy_trainer.prompts import PromptError
+    from policy_trainer.reward_client import ScoreError
+    from policy_trainer.trainer import train_ppo
+    from rm_service.errors import RMError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as err:
+        print(f"policy-trainer ppo: invalid settings: {_validation_message(err)}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"policy-trainer ppo: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = train_ppo(settings)
+    except (PromptError, FileNotFoundError) as err:
+        print(f"policy-trainer ppo: {err}", file=sys.stderr)
+        return 2
+    except (ScoreError, RMError) as err:
+        print(f"policy-trainer ppo: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"policy-trainer ppo: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("policy-trainer ppo: interrupted", file=sys.stderr)
+        return 130
+    _print_summary(summary)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="policy-trainer", description="PPO client for rm-service.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ppo", help="train a policy with PPO against a served reward model (not built yet)")
+    ppo = sub.add_parser("ppo", help="train a policy with PPO against a served reward model",
+                         description="Train a policy with PPO against a served reward model. Flags override PPO_* environment "
+                                     "variables, which override --config.")
+    ppo.add_argument("--config", default=None, metavar="FILE", help="settings file (.yaml, .json or .toml) with PPOSettings field names as keys")
+    add_settings_flags(ppo)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "matplotlib", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "ppo":
-        print("policy-trainer ppo: not implemented yet (the policy-trainer issue builds it)", file=sys.stderr)
-        return 2
+        return _ppo(args)
     return 0
 
 

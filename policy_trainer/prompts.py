@@ -1,0 +1,151 @@
+"""Prompts for rollouts: from a JSONL file or the preference store, held-out split, sampler.
+
+A prompt is every turn before the completion (multi-turn chats keep all prior turns) and
+ends with a user (or system) turn. The policy's chat template renders it with the
+generation prompt (`<|im_start|>assistant\\n` for SmolLM2). Prompts longer than
+`max_prompt_tokens` are skipped whole rather than cut, so a model never sees half a turn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rm_service.conversation import Message, conversation_id, messages_from_json, validate_messages
+from rm_service.errors import InvalidArgument
+from rm_service.store.hh import HHFormatError, parse_conversation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[Message]
+    token_ids: list[int]  # chat template applied, generation prompt included
+
+    @property
+    def conversation_id(self) -> str:
+        return conversation_id(self.messages)
+
+
+class PromptError(ValueError):
+    """A prompts file or store that cannot be used; the message names the line."""
+
+
+def prompt_from_record(record: dict) -> list[Message]:
+    """One JSONL record -> prompt messages. Accepted shapes:
+    {"prompt": [messages] | "text"}, {"messages": [...]} (turns up to the last user turn),
+    {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."} (HH-RLHF; the turns before the final answer)."""
+    if "prompt" in record:
+        value = record["prompt"]
+        messages = [Message("user", value)] if isinstance(value, str) else [Message(m["role"], m["content"]) for m in value]
+    elif "messages" in record:
+        messages = [Message(m["role"], m["content"]) for m in record["messages"]]
+        while messages and messages[-1].role == "assistant":
+            messages.pop()
+    elif "chosen" in record and isinstance(record["chosen"], str):
+        messages = parse_conversation(record["chosen"])[:-1]
+    else:
+        raise PromptError("has none of the keys prompt, messages, chosen")
+    validate_messages(messages, "prompt")
+    return messages
+
+
+def read_prompts_file(path: Path) -> list[list[Message]]:
+    if not path.is_file():
+        raise PromptError(f"prompts file {path} does not exist")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise PromptError("is not a JSON object")
+                out.append(prompt_from_record(record))
+            except (json.JSONDecodeError, PromptError, HHFormatError, InvalidArgument, KeyError, TypeError) as exc:
+                raise PromptError(f"{path}:{number}: {exc}") from None
+    return out
+
+
+def read_prompts_store(path: Path) -> list[list[Message]]:
+    """Every conversation (prompt) of a preference store, read-only."""
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
+
+    if not path.is_file():
+        raise PromptError(f"store file {path} does not exist")
+    store = Store(StoreSettings(path=path), read_only=True)
+    try:
+        rows = store.con.execute("SELECT messages FROM conversations ORDER BY id").fetchall()
+    finally:
+        store.close()
+    return [messages_from_json(r[0]) for r in rows]
+
+
+def encode(tokenizer, messages: list[Message]) -> list[int]:
+    """Chat template with the generation prompt, as token ids."""
+    ids = tokenizer.apply_chat_template([m.as_dict() for m in messages], add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def build_prompts(conversations: list[list[Message]], tokenizer, max_prompt_tokens: int) -> list[Prompt]:
+    """Deduplicated (by conversation id), tokenised prompts in a fixed order; too-long ones skipped."""
+    seen: dict[str, list[Message]] = {}
+    for messages in conversations:
+        seen.setdefault(conversation_id(messages), messages)
+    prompts, skipped = [], 0
+    for cid in sorted(seen):
+        ids = encode(tokenizer, seen[cid])
+        if len(ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        prompts.append(Prompt(seen[cid], ids))
+    if skipped:
+        log.info("skipped %d of %d prompts longer than %d tokens", skipped, len(seen), max_prompt_tokens)
+    if not prompts:
+        raise PromptError(f"no prompt fits in max_prompt_tokens={max_prompt_tokens} ({len(seen)} read)")
+    return prompts
+
+
+def split_heldout(prompts: list[Prompt], n_eval: int) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, held-out): the held-out prompts are the first n_eval by conversation id, a
+    hash, so the split is fixed for a given file whatever the seed."""
+    if n_eval >= len(prompts):
+        raise PromptError(f"{len(prompts)} prompts cannot hold out {n_eval} and leave any to train on")
+    ordered = sorted(prompts, key=lambda p: p.conversation_id)  # already in this order; explicit for readers
+    return ordered[n_eval:], ordered[:n_eval]
+
+
+class PromptSampler:
+    """Shuffled passes over the training prompts, resumable (its state is in checkpoints)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(n)
+        self.pos = 0
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.order, self.pos = self.rng.permutation(self.n), 0
+            out.append(int(self.order[self.pos]))
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order = np.asarray(state["order"])
+        self.pos = int(state["pos"])

@@ -1,0 +1,471 @@
+"""The training loop: generate -> score -> PPO update, with the outer loop between batches.
+
+One step (CleanRL's iteration):
+  1. switch to a newly promoted reward-model version if one was announced (between batches);
+  2. sample `prompts_per_step` prompts x `samples_per_prompt` completions (KV cache, EOS stops);
+  3. score them over gRPC, the whole batch pinned to one version;
+  4. one no-grad pass of the policy (old logprobs, values) and of the reference (ref_logprobs);
+     per-token rewards (KL penalty on each token, the score at the last real token), then
+     GAE (or RLOO) advantages, whitened over real tokens;
+  5. `update_epochs` passes of `num_minibatches` minibatches of the clipped objective;
+  6. adaptive KL update, metrics, labeling candidates / retraining checks, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from policy_trainer import checkpoint
+from policy_trainer.logs import RunLogger, plot
+from policy_trainer.outer_loop import ModelWatcher, OuterLoop
+from policy_trainer.policy import load_policy, reference_logits, stop_token_ids
+from policy_trainer.ppo import (AdaptiveKLController, RunningMoments, entropy_of, gae, logprobs_of, masked_mean, masked_var, masked_whiten,
+                                per_token_rewards, policy_loss, rloo_advantages, shape_scores, value_loss)
+from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
+from policy_trainer.reward_client import RewardClient, VersionUnavailable, open_channel
+from policy_trainer.rollout import Rollout, generate
+from policy_trainer.settings import PPOSettings
+
+log = logging.getLogger("policy_trainer")
+EVAL_SEED = 1234
+
+
+@dataclass
+class Batch:
+    """A scored rollout with everything the PPO update reads; per-token tensors are [B, R]."""
+
+    rollout: Rollout
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+    scores: torch.Tensor  # [B] what PPO saw at the last token
+    served: torch.Tensor  # [B] the served reward (empty completions: NaN)
+
+
+@dataclass
+class Summary:
+    """What `train_ppo` returns."""
+
+    steps: int
+    run_dir: Path
+    versions: list[str]  # reward-model versions trained against, in order
+    switches: list[dict] = field(default_factory=list)  # {"step", "from_version", "to_version", "reason"}
+    eval_before: dict | None = None  # the reference (= initial policy) on the held-out prompts, final version
+    eval_after: dict | None = None  # the trained policy on the same prompts and RNG streams
+    seconds_per_phase: dict = field(default_factory=dict)  # mean over steps: generate, score, train, step
+    metrics: list[dict] = field(default_factory=list)  # one per step of this process
+    policy_dir: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+    retrains_requested: int = 0
+    candidates_submitted: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_prompt_sets(s: PPOSettings, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    if s.prompts_file is not None:
+        conversations = read_prompts_file(s.prompts_file)
+    elif s.prompts_store is not None:
+        conversations = read_prompts_store(s.prompts_store)
+    else:
+        raise ValueError("no prompts: set prompts_file (JSONL) or prompts_store (a DuckDB store file)")
+    train, heldout = split_heldout(build_prompts(conversations, tokenizer, s.max_prompt_tokens), s.eval_prompts)
+    return (train[: s.max_prompts] if s.max_prompts else train), heldout
+
+
+class PPOTrainer:
+    def __init__(self, settings: PPOSettings, on_step: Callable[[dict], None] | None = None):
+        s = self.s = settings
+        self.on_step = on_step
+        torch.set_num_threads(s.torch_threads or os.cpu_count() or 1)
+        seed_everything(s.seed)
+        self.m = load_policy(s.policy, s.device, s.precision)
+        self.stop_ids = stop_token_ids(self.m.tokenizer, self.m.policy.lm)
+        self.train_prompts, self.eval_prompts = load_prompt_sets(s, self.m.tokenizer)
+        self.sampler = PromptSampler(len(self.train_prompts), s.seed)
+        groups = [{"params": list(self.m.policy.lm.parameters()), "lr": s.learning_rate}]
+        if s.advantage_estimator == "gae":
+            groups.append({"params": list(self.m.policy.value_head.parameters()), "lr": s.value_learning_rate or 10 * s.learning_rate})
+        self.optimizer = torch.optim.AdamW(groups, eps=s.adam_eps, weight_decay=s.weight_decay)
+        self.kl_ctl = AdaptiveKLController(s.kl_coef, s.kl_target if s.adaptive_kl else None, s.kl_horizon)
+        self.moments = RunningMoments()
+        token = s.auth_token.get_secret_value() if s.auth_token else None
+        tls_ca = s.tls_ca.read_bytes() if s.tls_ca else None
+        self.client = RewardClient(s.reward_addresses, s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
+                                   s.score_chunk_items, token, tls_ca)
+        self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
+        self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
+        self.step = 0
+        self.switches: list[dict] = []
+        self.eval_before: dict | None = None
+        self.logger: RunLogger | None = None
+        self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
+                               s.retrain_mode, s.score_timeout_s, s.seed, self._event)
+        self.version = (self.watcher.latest(wait_s=10) if self.watcher else None) or self.client.current_version()
+        if s.resume:
+            self._resume()
+
+    # -- events, switching -----------------------------------------------------------------
+
+    def _event(self, kind: str, step: int, **fields) -> None:
+        if self.logger is not None:
+            self.logger.event(kind, step, **fields)
+        else:
+            log.info("step %d: %s %s", step, kind, fields)
+
+    def switch_version(self, new: str, step: int, reason: str) -> None:
+        """Score later batches with `new`; its rewards have their own scale, so the running
+        statistics start over."""
+        old, self.version = self.version, new
+        self.moments.reset()
+        self.switches.append({"step": step, "from_version": old, "to_version": new, "reason": reason})
+        self._event("version_switch", step, from_version=old, to_version=new, reason=reason)
+
+    def maybe_switch(self, step: int) -> None:
+        latest = self.watcher.latest() if self.watcher else None
+        if latest and latest != self.version:
+            self.switch_version(latest, step, "promoted")
+
+    # -- rollout and scoring ---------------------------------------------------------------
+
+    def rollout(self, prompts: list[Prompt], prompt_index: list[int], lm=None) -> Rollout:
+        s = self.s
+        return generate(lm or self.m.policy.lm, self.m.tokenizer, prompts, prompt_index, self.stop_ids, s.max_new_tokens, s.temperature, s.top_p,
+                        self.m.device, self.m.autocast)
+
+    def served_rewards(self, prompts: list[Prompt], rollout: Rollout, step: int) -> tuple[torch.Tensor, dict]:
+        """Served reward per row ([B], NaN for empty completions) from one pinned version.
+        If the pinned version was unloaded meanwhile, switch to the announced one and score
+        the whole batch again with it: a batch never mixes versions."""
+        real = [i for i, t in enumerate(rollout.texts) if t]
+        served = torch.full((len(rollout.texts),), float("nan"))
+        info = {"uncertainty": float("nan"), "raw": float("nan"), "truncated": 0.0}
+        if not real:
+            return served, info
+        pairs = ([prompts[rollout.prompt_index[i]].messages for i in real], [rollout.texts[i] for i in real])
+        try:
+            scores = self.client.score(*pairs, version=self.version)
+        except VersionUnavailable:
+            latest = self.watcher.latest() if self.watcher else None
+            if not latest or latest == self.version:
+                raise
+            self.switch_version(latest, step, f"{self.version} no longer loaded")
+            scores = self.client.score(*pairs, version=self.version)
+        served[real] = torch.from_numpy(scores.rewards).float()
+        info = {"uncertainty": float(scores.uncertainty.mean()), "raw": float(scores.raw.mean()), "truncated": float(scores.truncated.mean())}
+        return served, info
+
+    def ppo_scores(self, served: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """[B] served (NaN: empty completion) -> [B] the score placed on the last token."""
+        s = self.s
+        real = ~torch.isnan(served)
+        scores = torch.full_like(served, s.empty_completion_reward)
+        if real.any():
+            scores[real] = shape_scores(served[real], ended[real], self.moments if s.normalize_reward else None, s.reward_clip, s.missing_eos_penalty)
+        return scores
+
+    # -- PPO -------------------------------------------------------------------------------
+
+    def forward(self, rollout: Rollout, with_grad: bool):
+        """Policy logits and values on a rollout (trimmed to its real columns)."""
+        m, s = self.m, self.s
+        ids, attn = rollout.input_ids.to(m.device), rollout.attention_mask.to(m.device)  # [b, P+R]
+        with torch.set_grad_enabled(with_grad), m.autocast():
+            return m.policy(ids, attn, rollout.response_len, s.temperature)  # [b, R, V], [b, R]
+
+    @torch.no_grad()
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        m = self.m
+        ids, attn = rollout.input_ids.to(m.device), rollout.attention_mask.to(m.device)
+        with m.autocast():
+            logits = reference_logits(m.ref, ids, attn, rollout.response_len, self.s.temperature)  # [b, R, V]
+        return logprobs_of(logits, rollout.response_ids.to(m.device))  # [b, R]
+
+    def minibatch_rows(self, size: int) -> list[torch.Tensor]:
+        chunk = max(1, -(-size // self.s.num_minibatches))  # ceil
+        return [torch.arange(i, min(i + chunk, size)) for i in range(0, size, chunk)]
+
+    @torch.no_grad()
+    def token_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logprobs, values and ref_logprobs of the sampled tokens, each [B, R]; computed in
+        minibatch-sized chunks to bound the [b, R, V] logits in memory."""
+        dev, width = self.m.device, rollout.response_len
+        logprobs, values, ref_logprobs = [], [], []
+        for rows in self.minibatch_rows(len(rollout.texts)):
+            part = trim(rollout.rows(rows))
+            logits, v = self.forward(part, with_grad=False)
+            logprobs.append(pad_right(logprobs_of(logits, part.response_ids.to(dev)), width))
+            values.append(pad_right(v.float(), width))
+            ref_logprobs.append(pad_right(self.ref_logprobs(part), width))
+        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+
+    @torch.no_grad()
+    def make_batch(self, rollout: Rollout, scores: torch.Tensor, served: torch.Tensor) -> Batch:
+        s, dev = self.s, self.m.device
+        logprobs, values, ref_logprobs = self.token_logprobs(rollout)  # [B, R] each
+        mask = rollout.response_mask.to(dev).float()  # [B, R]
+        rewards, kl = per_token_rewards(scores.to(dev), logprobs, ref_logprobs, mask, self.kl_ctl.value)  # [B, R]
+        if s.advantage_estimator == "gae":
+            advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
+        else:
+            advantages, returns = rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)
+        if s.norm_adv:
+            advantages = masked_whiten(advantages, mask)
+        return Batch(rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served)
+
+    def update(self, batch: Batch) -> dict:
+        """update_epochs passes of minibatches of the clipped objective; returns mean stats."""
+        s, dev = self.s, self.m.device
+        stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")}
+        size = len(batch.rollout.texts)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for _ in range(s.update_epochs):
+            perm = torch.randperm(size)
+            for rows in self.minibatch_rows(size):
+                idx = perm[rows]
+                part = trim(batch.rollout.rows(idx))
+                r = part.response_len
+                mask, old_logprobs = batch.mask[idx, :r], batch.logprobs[idx, :r]  # [b, r]
+                logits, values = self.forward(part, with_grad=True)  # [b, r, V], [b, r]
+                logprobs = logprobs_of(logits, part.response_ids.to(dev))  # [b, r]
+                entropy = masked_mean(entropy_of(logits), mask)
+                pl = policy_loss(logprobs, old_logprobs, batch.advantages[idx, :r], mask, s.clip_coef)
+                loss = pl.pg_loss - s.ent_coef * entropy
+                if s.advantage_estimator == "gae":
+                    vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], batch.returns[idx, :r], mask, s.clip_vf)
+                    loss = loss + s.vf_coef * vf_loss
+                else:
+                    vf_loss, vf_clipfrac = torch.zeros(()), torch.zeros(())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                self.optimizer.step()
+                for key, value in (("loss/policy", pl.pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy), ("policy/clipfrac", pl.clipfrac),
+                                   ("policy/approx_kl", pl.approx_kl), ("value/clipfrac", vf_clipfrac)):
+                    stats[key].append(float(value.detach()))
+        return {k: float(np.mean(v)) for k, v in stats.items()}
+
+    def ppo_step(self, step: int) -> tuple[dict, Batch]:
+        s = self.s
+        t0 = time.perf_counter()
+        chosen = self.sampler.next(s.prompts_per_step)
+        prompt_index = [i for i in chosen for _ in range(s.samples_per_prompt)]  # prompt-major: [p0 s0, p0 s1, ...]
+        rollout = self.rollout(self.train_prompts, prompt_index)
+        t1 = time.perf_counter()
+        served, info = self.served_rewards(self.train_prompts, rollout, step)
+        scores = self.ppo_scores(served, rollout.ended)
+        t2 = time.perf_counter()
+        batch = self.make_batch(rollout, scores, served)
+        t3 = time.perf_counter()
+        stats = self.update(batch)
+        kl_seq = float(batch.kl.sum(dim=1).mean())
+        kl_coef_used = self.kl_ctl.value
+        self.kl_ctl.update(kl_seq, len(rollout.texts))
+        t4 = time.perf_counter()
+        real = ~torch.isnan(served)
+        lengths = batch.mask.sum(dim=1)
+        metrics = {
+            "step": step,
+            "reward/served_mean": float(served[real].mean()) if real.any() else float("nan"),
+            "reward/served_std": float(served[real].std()) if real.sum() > 1 else 0.0,
+            "reward/raw_mean": info["raw"],
+            "reward/uncertainty_mean": info["uncertainty"],
+            "reward/score_mean": float(scores.mean()),
+            "reward/running_mean": self.moments.mean,
+            "reward/running_std": self.moments.std,
+            "kl/ref_seq": kl_seq,
+            "kl/ref_token": float(masked_mean(batch.kl, batch.mask)),
+            "kl/coef": kl_coef_used,
+            **stats,
+            "value/mean": float(masked_mean(batch.values, batch.mask)),
+            "value/explained_var": explained_variance(batch.values, batch.returns, batch.mask) if s.advantage_estimator == "gae" else float("nan"),
+            "response/length_mean": float(lengths.mean()),
+            "response/ended_fraction": float(rollout.ended.float().mean()),
+            "response/empty_fraction": float((~real).float().mean()),
+            "response/truncated_by_rm_fraction": info["truncated"],
+            "rm/version": self.version,
+            "time/generate_s": t1 - t0,
+            "time/score_s": t2 - t1,
+            "time/forward_s": t3 - t2,
+            "time/train_s": t4 - t2,
+            "time/step_s": t4 - t0,
+            "outer/candidates_submitted": self.outer.submitted,
+            "outer/retrains_requested": self.outer.retrains,
+        }
+        return metrics, batch
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, lm=None, step: int = 0) -> dict:
+        """Held-out prompts, `samples_per_prompt` samples each, scored with the current version.
+        Fixed RNG streams (restored afterwards), so the policy and the reference see the same draws."""
+        if not self.eval_prompts:
+            return {}
+        index = [i for i in range(len(self.eval_prompts)) for _ in range(self.s.samples_per_prompt)]
+        with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
+            torch.manual_seed(EVAL_SEED)
+            rollout = self.rollout(self.eval_prompts, index, lm)
+        served, _ = self.served_rewards(self.eval_prompts, rollout, step)
+        mask = rollout.response_mask.to(self.m.device).float()  # [B, R]
+        real = ~torch.isnan(served)
+        return {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
+                "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
+                "kl_seq": self._kl_to_reference(rollout, mask) if lm is None else 0.0,
+                "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
+                "n": len(index), "version": self.version}
+
+    def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
+        """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
+        logprobs, _, ref_logprobs = self.token_logprobs(rollout)  # [B, R]
+        return float(((logprobs - ref_logprobs) * mask).sum(1).mean())
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"policy": self.m.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                "moments": self.moments.state_dict(), "sampler": self.sampler.state_dict(), "outer": self.outer.state_dict(),
+                "version": self.version, "switches": self.switches, "eval_before": self.eval_before,
+                "settings": json.loads(self.s.model_dump_json(exclude={"auth_token"}))}
+
+    def _resume(self) -> None:
+        path = checkpoint.latest(self.s.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint.checkpoint_dir(self.s.run_dir)}")
+        state = checkpoint.load(path)  # restores the RNG states
+        self.m.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.moments.load_state_dict(state["moments"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.outer.load_state_dict(state["outer"])
+        self.version, self.switches, self.eval_before = state["version"], state["switches"], state["eval_before"]
+        self.step = state["step"]
+        log.info("resumed from %s at step %d (reward model %s)", path, self.step, self.version)
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.s.run_dir, self.step, self.state(), self.s.keep_checkpoints)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train(self) -> Summary:
+        s = self.s
+        self.logger = RunLogger(s.run_dir, s.total_steps, self.step, s.tensorboard, s.progress)
+        summary = Summary(steps=0, run_dir=s.run_dir, versions=[self.version])
+        try:
+            if self.step == 0 and self.eval_prompts:
+                self.eval_before = self.evaluate(step=0)
+                self._event("eval", 0, model="policy", **self.eval_before)
+            while self.step < s.total_steps:
+                step = self.step + 1
+                self.maybe_switch(step)
+                metrics, batch = self.ppo_step(step)
+                self.step = step
+                self.logger.step(metrics)
+                summary.metrics.append(metrics)
+                if self.on_step is not None:
+                    self.on_step(metrics)
+                self.outer.maybe_submit(step, self._groups(batch), self._sampling())
+                self.outer.maybe_retrain(step)
+                if s.eval_every and step % s.eval_every == 0 and step < s.total_steps:
+                    self._event("eval", step, model="policy", **self.evaluate(step=step))
+                if s.checkpoint_every and step % s.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self._finish(summary)
+        finally:
+            self.logger.close()
+        return summary
+
+    def _finish(self, summary: Summary) -> None:
+        s = self.s
+        if not s.checkpoint_every or self.step % s.checkpoint_every:
+            self.save_checkpoint()
+        if self.eval_prompts:
+            summary.eval_before = self.evaluate(lm=self.m.ref, step=self.step)
+            summary.eval_after = self.evaluate(step=self.step)
+            self._event("eval", self.step, model="reference", **summary.eval_before)
+            self._event("eval", self.step, model="policy", **summary.eval_after)
+        if s.save_policy:
+            summary.policy_dir = self.save_policy(s.run_dir / "policy")
+        if s.plots:
+            summary.plots = plot(s.run_dir)
+        summary.steps = self.step
+        summary.switches = list(self.switches)
+        summary.versions = list(dict.fromkeys([summary.versions[0], *(sw["to_version"] for sw in self.switches)]))
+        if summary.metrics:
+            summary.seconds_per_phase = {phase: float(np.mean([m[f"time/{phase}_s"] for m in summary.metrics]))
+                                         for phase in ("generate", "score", "train", "step")}
+        summary.retrains_requested, summary.candidates_submitted = self.outer.retrains, self.outer.submitted
+
+    def save_policy(self, directory: Path) -> Path:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.m.policy.lm.save_pretrained(directory)
+        self.m.tokenizer.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.m.policy.value_head.state_dict().items()}, str(directory / "value_head.safetensors"))
+        return directory
+
+    def _groups(self, batch: Batch) -> list[tuple[list, list[str]]]:
+        k = self.s.samples_per_prompt
+        texts, index = batch.rollout.texts, batch.rollout.prompt_index
+        return [(self.train_prompts[index[i]].messages, texts[i : i + k]) for i in range(0, len(texts), k)]
+
+    def _sampling(self) -> dict[str, str]:
+        s = self.s
+        return {"temperature": str(s.temperature), "top_p": str(s.top_p), "max_new_tokens": str(s.max_new_tokens), "reward_model_version": self.version}
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.client.close()
+        self.store_channel.close()
+
+
+def trim(rollout: Rollout) -> Rollout:
+    """Drop the left columns that are padding in every row and the right columns past the
+    longest real response: a minibatch of short rows costs less. [b, P+R] -> [b, P'+R']."""
+    first = int(rollout.query_mask.any(dim=0).int().argmax())
+    last = int(rollout.response_mask.sum(dim=1).max())
+    return Rollout(rollout.query_ids[:, first:], rollout.query_mask[:, first:], rollout.response_ids[:, :last], rollout.response_mask[:, :last],
+                   rollout.ended, rollout.texts, rollout.prompt_index)
+
+
+def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[b, r] -> [b, width], zeros on the right."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_returns = float(masked_var(returns, mask))
+    return float("nan") if var_returns == 0 else 1 - float(masked_var(returns - values, mask)) / var_returns
+
+
+def train_ppo(settings: PPOSettings, on_step: Callable[[dict], None] | None = None) -> Summary:
+    """Train a policy with PPO against the served reward; the in-process API of the CLI.
+
+    `on_step(metrics)` is called after every step with that step's metrics dict (the line
+    written to metrics.jsonl). Returns a Summary (held-out reward before/after, switches,
+    seconds per phase, paths)."""
+    trainer = PPOTrainer(settings, on_step)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
