@@ -41,7 +41,6 @@ class ModelWatcher:
         self._latest: str | None = None
         self._info: reward_pb2.ModelInfo | None = None
         self._lock = threading.Lock()
-        self._first = threading.Event()
         self._stop = threading.Event()
         self._call = None
         self._thread = threading.Thread(target=self._run, name="watch-models", daemon=True)
@@ -55,15 +54,13 @@ class ModelWatcher:
                     if event.kind in SWITCH_KINDS and event.model.version:
                         with self._lock:
                             self._latest, self._info = event.model.version, event.model
-                        self._first.set()
             except grpc.RpcError as err:
                 if self._stop.is_set():
                     return
                 log.warning("WatchModels stream ended (%s); reconnecting in %.1fs", err.code().name, self.reconnect_s)
             self._stop.wait(self.reconnect_s)
 
-    def latest(self, wait_s: float = 0.0) -> str | None:
-        self._first.wait(wait_s)
+    def latest(self) -> str | None:
         with self._lock:
             return self._latest
 

@@ -119,7 +119,7 @@ class PPOTrainer:
         self.logger: RunLogger | None = None
         self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
                                s.retrain_mode, s.score_timeout_s, s.seed, self._event)
-        self.version = (self.watcher.latest(wait_s=10) if self.watcher else None) or self.client.current_version()
+        self.version = self.client.current_version()  # fails fast (bounded retries) when no server answers
         if s.resume:
             self._resume()
 
