@@ -1,0 +1,119 @@
+"""How far judge labels can be trusted: agreement with human labels on shared pairs, Cohen's
+kappa, the position-bias rate and length bias.
+
+A shared pair is a pair of completions of one prompt that both the judge(s) and the
+reference (people) ranked. Each side's votes on it give the share preferring completion x
+(x = the smaller completion id: an arbitrary but fixed orientation); the majority is x, y,
+or a tie at exactly one half. On pairs where both majorities are decisive:
+
+- agreement: the fraction where the judges' majority picks the people's completion
+  (MT-Bench's "agreement without ties"); pairs where the judge tied are reported apart;
+- Cohen's kappa: the same agreement corrected for chance, (p_o - p_e) / (1 - p_e), with p_e
+  from each side's rates of x and y (0 = chance, 1 = perfect);
+- length bias: of the pairs whose completions differ in length, how often the judges prefer
+  the longer one next to how often the people do.
+
+The position-bias rate is the fraction of the judges' pairwise verdicts (each judged in both
+orders) that changed when the replies swapped places (Zheng et al., 2023 call 1 minus this
+"consistency"); it is read from JUDGE labels' metadata.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+Side = Literal["x", "y", "tie"]
+
+
+@dataclass(frozen=True)
+class SharedPair:
+    x_chars: int
+    y_chars: int
+    reference: float  # share of the people's votes preferring x
+    judge: float  # share of the judges' votes preferring x
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    shared_pairs: int  # both majorities decisive
+    agreement: float
+    kappa: float
+    judge_ties: int  # shared pairs the people decided and the judges tied
+    swapped_pairs: int
+    position_flips: int
+    length_pairs: int  # decisive shared pairs whose completions differ in length
+    judge_longer: float
+    reference_longer: float
+
+    @property
+    def position_bias_rate(self) -> float:
+        return self.position_flips / self.swapped_pairs if self.swapped_pairs else 0.0
+
+
+def majority(share: float) -> Side:
+    return "x" if share > 0.5 else "y" if share < 0.5 else "tie"
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Cohen's kappa of two raters' labels of the same items; NaN when undefined (no items, or
+    both raters always used one and the same label)."""
+    n = len(a)
+    if n == 0 or n != len(b):
+        return math.nan
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum((a.count(c) / n) * (b.count(c) / n) for c in set(a) | set(b))
+    if expected == 1.0:
+        return math.nan
+    return (observed - expected) / (1.0 - expected)
+
+
+def agreement_report(pairs: list[SharedPair], swapped_pairs: int = 0, position_flips: int = 0) -> AgreementReport:
+    decided = [(p, majority(p.reference), majority(p.judge)) for p in pairs if majority(p.reference) != "tie"]
+    both = [(p, r, j) for p, r, j in decided if j != "tie"]
+    agree = sum(r == j for _, r, j in both)
+    by_length = [(p, r, j) for p, r, j in both if p.x_chars != p.y_chars]
+
+    def longer_rate(side: int) -> float:
+        if not by_length:
+            return math.nan
+        return sum((t[side] == "x") == (t[0].x_chars > t[0].y_chars) for t in by_length) / len(by_length)
+
+    return AgreementReport(
+        shared_pairs=len(both),
+        agreement=agree / len(both) if both else math.nan,
+        kappa=cohen_kappa([r for _, r, _ in both], [j for _, _, j in both]),
+        judge_ties=len(decided) - len(both),
+        swapped_pairs=swapped_pairs,
+        position_flips=position_flips,
+        length_pairs=len(by_length),
+        judge_longer=longer_rate(2),
+        reference_longer=longer_rate(1),
+    )
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_report(report: AgreementReport, reference: str = "HUMAN") -> str:
+    """The report as a markdown table."""
+    r = report
+    with_ties = r.shared_pairs + r.judge_ties
+    rows = [
+        ("shared pairs (judge and people both decisive)", str(r.shared_pairs)),
+        ("agreement with people", fmt(r.agreement)),
+        ("Cohen's kappa", fmt(r.kappa)),
+        ("pairs the people decided and the judge tied", str(r.judge_ties)),
+        ("agreement counting judge ties as misses",
+         fmt(r.agreement * r.shared_pairs / with_ties if with_ties and r.shared_pairs else math.nan)),
+        ("pair verdicts judged in both orders", str(r.swapped_pairs)),
+        ("position-bias rate (verdict flips with the order)", fmt(r.position_bias_rate) if r.swapped_pairs else "n/a"),
+        (f"judge prefers the longer completion ({r.length_pairs} pairs)", fmt(r.judge_longer)),
+        (f"people ({reference}) prefer the longer completion", fmt(r.reference_longer)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+    return "\n".join(lines)

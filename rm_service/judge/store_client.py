@@ -1,0 +1,57 @@
+"""The judge's connection to the rm-service store server: LeaseTasks and IngestLabels.
+
+A failed call becomes the RMError of its status code (the inverse of errors.STATUS_CODES),
+so the CLI prints one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
+from rm_service.errors import STATUS_CODES, InvalidArgument, RMError, Unavailable
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class StoreClient:
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 30.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=min(timeout_s, CONNECT_TIMEOUT_S))
+        except grpc.FutureTimeoutError:
+            self.channel.close()
+            raise Unavailable(f"cannot reach the rm-service server at {address}; start `rm-service serve` "
+                              "(or `serve --no-model`) or pass --address / RM_JUDGE_SERVER") from None
+        self.stub = preference_pb2_grpc.PreferenceServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def lease(self, owner: str, max_tasks: int, lease_seconds: int) -> list[preference_pb2.Task]:
+        request = preference_pb2.LeaseTasksRequest(owner=owner, max_tasks=max_tasks, lease_seconds=lease_seconds)
+        return list(self._call(self.stub.LeaseTasks, request, "LeaseTasks").tasks)
+
+    def ingest(self, label: preference_pb2.Label) -> preference_pb2.IngestResult:
+        return self._call(self.stub.IngestLabels, preference_pb2.IngestLabelsRequest(labels=[label]), "IngestLabels").results[0]
+
+    def stats(self) -> preference_pb2.Stats:
+        return self._call(self.stub.GetStats, preference_pb2.GetStatsRequest(), "GetStats")
+
+    def _call(self, method, request, name: str):
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise rpc_error(exc, f"{name} on {self.address}") from None
+
+
+def rpc_error(exc: grpc.RpcError, what: str) -> RMError:
+    """The RMError whose status code the call failed with (RMError itself for INTERNAL and others)."""
+    code, details = exc.code(), exc.details()
+    for cls, status in STATUS_CODES.items():
+        if status == code:
+            return InvalidArgument(what, details) if cls is InvalidArgument else cls(f"{what}: {details}")
+    return RMError(f"{what}: {code.name}: {details}")
