@@ -197,7 +197,7 @@ class Store:
             queued = q("SELECT count(*) FROM tasks WHERE state = 'queued' OR (state = 'leased' AND lease_expires_at < now())").fetchone()[0]
             leased = q("SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_expires_at >= now()").fetchone()[0]
             done = q("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
-            shared, agreement = q(_AGREEMENT_SQL).fetchone()
+            judge = self.judge_agreement()
             pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
                          JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[0]
             return {
@@ -211,28 +211,58 @@ class Store:
                 "queue_depth": queued,
                 "tasks_leased": leased,
                 "tasks_done": done,
-                "judge_human_shared_pairs": int(shared),
-                "judge_human_agreement": float(agreement) if agreement is not None else 0.0,
+                "judge_human_shared_pairs": judge.shared_pairs,
+                "judge_human_agreement": _finite(judge.agreement),
+                "judge_human_kappa": _finite(judge.kappa),
+                "judge_swapped_pairs": judge.swapped_pairs,
+                "judge_position_bias_rate": judge.position_bias_rate,
+                "judge_longer_preferred": _finite(judge.judge_longer),
+                "human_longer_preferred": _finite(judge.reference_longer),
             }
 
+    def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",)):
+        """Judge labels against the reference sources' labels (rm_service.judge.agreement)."""
+        from rm_service.judge.agreement import SharedPair, agreement_report
 
-# Pairs (x, y) of completions ordered by id; x_wins per source is the share of that source's
-# pairwise votes preferring x. A pair counts when both a judge and a person voted on it
-# without a split; they agree when both majorities pick the same completion.
-_AGREEMENT_SQL = """
+        if "JUDGE" in reference or not reference:
+            raise InvalidArgument("reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}")
+        with self._lock:
+            rows = self.con.execute(_SHARED_PAIRS_SQL, {"reference": list(reference)}).fetchall()
+            swapped, flips = self.con.execute(_SWAP_SQL).fetchone()
+        return agreement_report([SharedPair(*row) for row in rows], int(swapped), int(flips))
+
+
+def _finite(value: float) -> float:
+    """0.0 for an undefined (NaN) statistic: protobuf and JSON readers expect numbers."""
+    return value if value == value else 0.0
+
+
+# Every pair of completions within a label, as (x, y) ordered by id, with the label's vote for
+# x: 1 (x ranked better), 0 (worse) or 0.5 (tied). Per pair, the share of x votes among the
+# judges' labels and among the reference sources' labels; pairs that both voted on.
+_SHARED_PAIRS_SQL = """
 WITH votes AS (
-    SELECT l.source, least(a.completion_id, b.completion_id) AS x, greatest(a.completion_id, b.completion_id) AS y,
-           (a.completion_id < b.completion_id)::INTEGER AS x_wins
+    SELECT l.source = 'JUDGE' AS is_judge, least(a.completion_id, b.completion_id) AS x, greatest(a.completion_id, b.completion_id) AS y,
+           CASE WHEN a.rank = b.rank THEN 0.5 WHEN (a.rank < b.rank) = (a.completion_id < b.completion_id) THEN 1.0 ELSE 0.0 END AS x_vote
     FROM labels l
     JOIN label_rankings a ON a.label_id = l.label_id
-    JOIN label_rankings b ON b.label_id = l.label_id AND a.rank < b.rank
-    WHERE l.source IN ('HUMAN', 'JUDGE')
-), majority AS (
-    SELECT x, y, avg(x_wins) FILTER (WHERE source = 'HUMAN') AS human, avg(x_wins) FILTER (WHERE source = 'JUDGE') AS judge
+    JOIN label_rankings b ON b.label_id = l.label_id AND a.position < b.position
+    WHERE l.source = 'JUDGE' OR list_contains($reference::VARCHAR[], l.source)
+), shares AS (
+    SELECT x, y, avg(x_vote) FILTER (WHERE NOT is_judge) AS reference, avg(x_vote) FILTER (WHERE is_judge) AS judge
     FROM votes GROUP BY x, y
 )
-SELECT count(*), avg(((human > 0.5) = (judge > 0.5))::INTEGER)
-FROM majority WHERE human IS NOT NULL AND judge IS NOT NULL AND human <> 0.5 AND judge <> 0.5
+SELECT length(cx.text), length(cy.text), s.reference, s.judge
+FROM shares s JOIN completions cx ON cx.id = s.x JOIN completions cy ON cy.id = s.y
+WHERE s.reference IS NOT NULL AND s.judge IS NOT NULL
+ORDER BY s.x, s.y
+"""
+
+# Pair verdicts judged in both orders, and those that flipped, as the judge recorded them.
+_SWAP_SQL = """
+SELECT coalesce(sum(TRY_CAST(json_extract_string(metadata, '$.judge_pairs') AS BIGINT)), 0),
+       coalesce(sum(TRY_CAST(json_extract_string(metadata, '$.judge_flips') AS BIGINT)), 0)
+FROM labels WHERE source = 'JUDGE'
 """
 
 
