@@ -165,8 +165,11 @@ def _serve(args) -> int:
 
 def _demo(args) -> int:
     from rm_service.demo import run_demo
+    from rm_service.demo.settings import demo_settings
 
-    return run_demo(Path(args.data), args.max_minutes, args.max_pairs, args.backbone, args.max_tokens)
+    settings = demo_settings(args.profile, data=args.data, home=args.home, rm_backbone=args.backbone, policy=args.policy,
+                             judge_model=args.judge_model, ppo_steps=args.steps, rm_max_minutes=args.max_minutes)
+    return run_demo(settings)
 
 
 FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
@@ -240,12 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="label and queue counts")
     s.set_defaults(func=_stats)
 
-    s = sub.add_parser("demo", help="import HH-RLHF, train, serve, score held-out pairs over gRPC")
-    s.add_argument("--data", default=str(Path("..") / "shared" / "data" / "hh_harmless_pairs.jsonl"))
-    s.add_argument("--backbone", default="minilm-l6", help="minilm-l6 (default: fits the CPU budget) or smollm2-135m-instruct")
-    s.add_argument("--max-tokens", type=int, default=384, help="tokens kept per item")
-    s.add_argument("--max-minutes", type=float, default=8.0, help="training budget")
-    s.add_argument("--max-pairs", type=int, default=None, help="cap on training pairs")
+    s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train v1, serve, judge, PPO with retraining, report")
+    s.add_argument("--profile", choices=["cpu", "full"], default="cpu", help="cpu: this 2-core machine (default); full: realistic sizes for a GPU host")
+    s.add_argument("--data", help="HH-RLHF pairs JSONL (default ../shared/data/hh_harmless_pairs.jsonl)")
+    s.add_argument("--home", help="run directory (default $RM_HOME/demo; emptied first)")
+    s.add_argument("--backbone", help="reward-model backbone (cpu profile: minilm-l6)")
+    s.add_argument("--policy", help="policy model (default smollm2-135m-instruct)")
+    s.add_argument("--judge-model", help="local judge model (default smollm2-135m-instruct)")
+    s.add_argument("--steps", type=int, help="PPO steps (cpu profile: 20)")
+    s.add_argument("--max-minutes", type=float, help="v1 training budget")
     s.set_defaults(func=_demo)
     return p
 

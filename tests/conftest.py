@@ -93,6 +93,20 @@ def tiny_backbone_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny causal LM (LlamaForCausalLM) with the chat-template tokenizer: policy or judge."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("tiny-lm")
+    config = _llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+                           bos_token_id=tiny_tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> Path:
     """A tiny BERT cross-encoder with the bundled MiniLM tokenizer."""
     from transformers import AutoTokenizer, BertConfig, BertModel

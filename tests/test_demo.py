@@ -1,0 +1,54 @@
+"""`rm-service demo` end to end with tiny models: import, v1, server, judge, PPO with the
+outer loop (retrain requested, v2 promoted, trainer switches), report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import HH_FILE
+from rm_service.demo import run_demo
+from rm_service.demo.settings import DemoSettings, demo_settings
+from rm_service.settings import StoreSettings
+from rm_service.store.db import Store
+
+
+@pytest.mark.slow
+def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbone_dir, tiny_lm_dir, capsys):
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:80]), encoding="utf-8")
+    monkeypatch.setenv("RM_TRAIN_GATE_TOLERANCE", "1.0")  # random tiny models: the gate must not decide the test
+    monkeypatch.setenv("RM_TRAIN_EXPORT_ONNX", "false")  # these two keep v1 and each retrain to seconds
+    monkeypatch.setenv("RM_TRAIN_MAX_STEPS", "50")
+    settings = DemoSettings(data=data, home=tmp_path / "demo", rm_backbone=str(tiny_backbone_dir), rm_max_minutes=1.0,
+                            rm_max_tokens=128, rm_ensemble_size=2, judge_model=str(tiny_lm_dir), judge_calibration_pairs=4,
+                            policy=str(tiny_lm_dir), ppo_steps=60, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
+                            eval_prompts=2, submit_every=5, retrain_min_labels=4, progress=False)
+    assert run_demo(settings) == 0
+    out = capsys.readouterr().out
+    demo = tmp_path / "demo"
+    report = (demo / "report.md").read_text()
+    assert "reward model v1" in report and (demo / "reward_kl.png").stat().st_size > 0 and (demo / "accuracy.png").exists()
+
+    steps = [json.loads(line) for line in (demo / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    versions = [m["rm/version"] for m in steps]
+    assert versions[0] == "v1" and versions[-1] != "v1", versions  # the trainer switched during the run
+    assert "at step" in out and "reward-model switches during PPO" in out
+
+    store = Store(StoreSettings(path=demo / "rm.duckdb"), read_only=True)
+    try:
+        by_source = store.stats()["labels_by_source"]
+        promoted = store.con.execute("SELECT version FROM models WHERE status = 'promoted'").fetchone()[0]
+        jobs = store.con.execute("SELECT state, model_version, promoted FROM jobs ORDER BY created_at").fetchall()
+    finally:
+        store.close()
+    assert by_source.get("IMPORT", 0) > 0 and by_source.get("JUDGE", 0) > 0
+    assert jobs and jobs[0] == ("succeeded", "v2", True) and promoted != "v1"
+
+
+def test_profiles_apply_under_the_environment_and_explicit_values(monkeypatch):
+    monkeypatch.setenv("RM_DEMO_PPO_STEPS", "7")
+    full = demo_settings("full", policy="some/dir")
+    assert (full.rm_mode, full.ppo_steps, full.policy) == ("full", 7, "some/dir")  # env beats the profile
+    assert demo_settings("cpu").rm_backbone == "minilm-l6"
