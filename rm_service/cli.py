@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="label and queue counts")
     s.set_defaults(func=_stats)
 
+    from rm_service.judge.cli import add_judge_commands
+
+    add_judge_commands(sub)  # judge, judge-agreement
+
     s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train v1, serve, judge, PPO with retraining, report")
     s.add_argument("--profile", choices=["cpu", "full"], default="cpu", help="cpu: this 2-core machine (default); full: realistic sizes for a GPU host")
     s.add_argument("--data", help="HH-RLHF pairs JSONL (default ../shared/data/hh_harmless_pairs.jsonl)")

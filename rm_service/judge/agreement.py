@@ -40,10 +40,10 @@ class AgreementReport:
     shared_pairs: int  # both majorities decisive
     agreement: float
     kappa: float
-    judge_ties: int  # shared pairs the people decided and the judges tied
+    judge_ties: int | None  # shared pairs the people decided and the judges tied (None: not known)
     swapped_pairs: int
     position_flips: int
-    length_pairs: int  # decisive shared pairs whose completions differ in length
+    length_pairs: int | None  # decisive shared pairs whose completions differ in length (None: not known)
     judge_longer: float
     reference_longer: float
 
@@ -93,6 +93,17 @@ def agreement_report(pairs: list[SharedPair], swapped_pairs: int = 0, position_f
     )
 
 
+def report_from_stats(stats) -> AgreementReport:
+    """The report as GetStats (rm.v1.Stats) carries it, against HUMAN labels."""
+    return AgreementReport(
+        shared_pairs=stats.judge_human_shared_pairs, agreement=stats.judge_human_agreement if stats.judge_human_shared_pairs else math.nan,
+        kappa=stats.judge_human_kappa if stats.judge_human_shared_pairs else math.nan, judge_ties=None,
+        swapped_pairs=stats.judge_swapped_pairs, position_flips=round(stats.judge_position_bias_rate * stats.judge_swapped_pairs),
+        length_pairs=None, judge_longer=stats.judge_longer_preferred if stats.judge_human_shared_pairs else math.nan,
+        reference_longer=stats.human_longer_preferred if stats.judge_human_shared_pairs else math.nan,
+    )
+
+
 def fmt(value: float, digits: int = 3) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
@@ -100,17 +111,17 @@ def fmt(value: float, digits: int = 3) -> str:
 def format_report(report: AgreementReport, reference: str = "HUMAN") -> str:
     """The report as a markdown table."""
     r = report
-    with_ties = r.shared_pairs + r.judge_ties
+    with_ties = r.shared_pairs + (r.judge_ties or 0)
     rows = [
         ("shared pairs (judge and people both decisive)", str(r.shared_pairs)),
         ("agreement with people", fmt(r.agreement)),
         ("Cohen's kappa", fmt(r.kappa)),
-        ("pairs the people decided and the judge tied", str(r.judge_ties)),
+        ("pairs the people decided and the judge tied", "n/a" if r.judge_ties is None else str(r.judge_ties)),
         ("agreement counting judge ties as misses",
-         fmt(r.agreement * r.shared_pairs / with_ties if with_ties and r.shared_pairs else math.nan)),
+         fmt(r.agreement * r.shared_pairs / with_ties if r.judge_ties is not None and r.shared_pairs else math.nan)),
         ("pair verdicts judged in both orders", str(r.swapped_pairs)),
         ("position-bias rate (verdict flips with the order)", fmt(r.position_bias_rate) if r.swapped_pairs else "n/a"),
-        (f"judge prefers the longer completion ({r.length_pairs} pairs)", fmt(r.judge_longer)),
+        ("judge prefers the longer completion" + ("" if r.length_pairs is None else f" ({r.length_pairs} pairs)"), fmt(r.judge_longer)),
         (f"people ({reference}) prefer the longer completion", fmt(r.reference_longer)),
     ]
     width = max(len(k) for k, _ in rows)

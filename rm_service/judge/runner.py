@@ -212,24 +212,22 @@ def run_judge(settings: JudgeSettings | None = None, *, address: str | None = No
     caller keeps ownership. Raises an RMError when the server or the backend cannot be used.
     """
     settings = settings or JudgeSettings()
+    items = read_items(Path(input_path)) if input_path is not None else None  # a bad file fails before anything loads
+    token = settings.server_token.get_secret_value() if settings.server_token else None
+    client = StoreClient(address or settings.server, token, settings.rpc_timeout_s)
     owned = backends is None
-    backends = load_judges(settings) if owned else backends
     try:
+        backends = load_judges(settings) if owned else backends
         judges = [Judge(b, settings) for b in backends]
-        token = settings.server_token.get_secret_value() if settings.server_token else None
-        client = StoreClient(address or settings.server, token, settings.rpc_timeout_s)
-        try:
-            if input_path is not None:
-                items = read_items(Path(input_path))
-                source = FileSource(items, progress_file or default_progress_file(Path(input_path), judges, settings))
-                total = len(source.pending) if max_tasks is None else min(max_tasks, len(source.pending))
-            else:
-                owner = settings.owner or f"judge:{annotator(judges)}@{socket.gethostname()}"
-                source, total = QueueSource(client, owner, settings.lease_seconds), max_tasks
-            return JudgeRun(judges, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
-        finally:
-            client.close()
+        if items is not None:
+            source = FileSource(items, progress_file or default_progress_file(Path(input_path), judges, settings))
+            total = len(source.pending) if max_tasks is None else min(max_tasks, len(source.pending))
+        else:
+            owner = settings.owner or f"judge:{annotator(judges)}@{socket.gethostname()}"
+            source, total = QueueSource(client, owner, settings.lease_seconds), max_tasks
+        return JudgeRun(judges, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
     finally:
-        if owned:
+        client.close()
+        if owned and backends is not None:
             for b in backends:
                 b.close()
