@@ -29,7 +29,7 @@ def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbo
     out = capsys.readouterr().out
     demo = tmp_path / "demo"
     report = (demo / "report.md").read_text()
-    assert "reward model v1" in report and (demo / "reward_kl.png").stat().st_size > 0 and (demo / "accuracy.png").exists()
+    assert "reward model v1" in report and "agreement with people" in report and (demo / "reward_kl.png").stat().st_size > 0 and (demo / "accuracy.png").exists()
 
     steps = [json.loads(line) for line in (demo / "ppo" / "metrics.jsonl").read_text().splitlines()]
     versions = [m["rm/version"] for m in steps]

@@ -31,6 +31,7 @@ class RunFacts:
     models: list = field(default_factory=list)  # registry.ModelRecord, oldest first
     jobs: list = field(default_factory=list)  # store.jobs.Job, oldest first
     stats: dict = field(default_factory=dict)
+    agreement: object = None  # judge.agreement.AgreementReport against HUMAN and IMPORT (HH-RLHF) labels
     plots: list[Path] = field(default_factory=list)
 
     def read_store(self, path: Path) -> None:
@@ -39,6 +40,7 @@ class RunFacts:
             self.models = sorted(registry.list_models(store), key=lambda m: int(m.version[1:]))
             self.jobs = list(reversed(jobs.list_jobs(store)))
             self.stats = store.stats()
+            self.agreement = store.judge_agreement(reference=("HUMAN", "IMPORT"))  # HH-RLHF labels are people's, imported
         finally:
             store.close()
 
@@ -74,11 +76,12 @@ class RunFacts:
             rows.append(("KL to the reference per sequence (max, last step)", f"{max(kl):.3f}, {kl[-1]:.3f} nats"))
         rows.append(("reward-model switches during PPO", ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in switches) or "none"))
         rows.append(("labels by source", ", ".join(f"{k} {v:,}" for k, v in sorted(by_source.items()))))
-        if self.calibration is not None:
-            rows.append(("judge vs people (shared pairs, agreement)", f"{self.stats.get('judge_human_shared_pairs', 0)} pairs, "
-                         f"{self.stats.get('judge_human_agreement', math.nan):.3f}"))
-            rows.append(("judge position-bias rate", f"{self.calibration.position_bias_rate:.3f} "
-                         f"({self.calibration.position_flips} of {self.calibration.pair_judgments} pair verdicts flip with order)"))
+        a = self.agreement
+        if a is not None and a.shared_pairs:
+            rows.append(("judge vs people: agreement, Cohen's kappa", f"{a.agreement:.3f}, {a.kappa:.3f} on {a.shared_pairs} shared pairs"))
+        if a is not None and a.swapped_pairs:
+            rows.append(("judge position-bias rate", f"{a.position_bias_rate:.3f} ({a.position_flips} of {a.swapped_pairs} "
+                         "pair verdicts flip with order)"))
         if self.ppo and self.ppo.seconds_per_phase:
             p = self.ppo.seconds_per_phase
             rows.append(("seconds per PPO step (generate / score / train)",
@@ -181,8 +184,13 @@ def write_report(facts: RunFacts) -> Path:
         "## Labels", "", "| source | labels |", "|---|---:|",
         *[f"| {k} | {v:,} |" for k, v in sorted(facts.stats.get("labels_by_source", {}).items())], "",
     ]
+    if facts.agreement is not None:
+        from rm_service.judge.agreement import format_report
+
+        lines += ["## The judge", "", "Against the people's labels (HH-RLHF, imported) on the pairs both labeled:", "",
+                  format_report(facts.agreement, reference="HUMAN+IMPORT"), ""]
     if facts.calibration is not None:
-        lines += ["## The judge", "", f"Calibration on held-out human-labeled pairs: {facts.calibration.summary()}.", ""]
+        lines += [f"Calibration run on held-out human-labeled pairs: {facts.calibration.summary()}.", ""]
     if facts.judge_queue is not None:
         lines += [f"Policy samples from the labeling queue: {facts.judge_queue.summary()}.", ""]
     lines += ["## Files", "", f"- store: `{home / 'rm.duckdb'}`", f"- registry: `{home / 'registry'}`",
