@@ -36,7 +36,7 @@ class JudgeSettings(BaseSettings):
         "tournament", description="K > 2 responses: tournament judges every pair (both orders) and ranks by wins; direct asks for one ranking in both orders (needs decision=generate)."
     )
     template_file: Path | None = Field(
-        None, description="TOML file (version, kind = pairwise|ranking, system, user) replacing the built-in prompt template of that kind."
+        None, description="TOML file (version, kind = pairwise or ranking, system, user) replacing the built-in prompt template of that kind."
     )
     choice_tie_margin: float = Field(
         0.0, ge=0, description="choice: a verdict (one order's, or the calibrated mean of both) is a tie when the letters' log-probabilities differ by at most this."
