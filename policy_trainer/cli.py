@@ -13,7 +13,7 @@ server unreachable, a score that failed after its retries) prints one line and e
 from __future__ import annotations
 
 import argparse
-import logging
+from rm_service.logs import configure_logging
 import sys
 import typing
 
@@ -78,7 +78,7 @@ def _ppo(args) -> int:
     from policy_trainer.prompts import PromptError
     from policy_trainer.reward_client import ScoreError
     from policy_trainer.trainer import train_ppo
-    from rm_service.errors import RMError
+    from rm_service.errors import InvalidArgument, NotFound, RMError
 
     try:
         settings = settings_from_args(args)
@@ -90,10 +90,10 @@ def _ppo(args) -> int:
         return 2
     try:
         summary = train_ppo(settings)
-    except (PromptError, FileNotFoundError) as err:
+    except (PromptError, FileNotFoundError, InvalidArgument, NotFound) as err:  # bad input
         print(f"policy-trainer ppo: {err}", file=sys.stderr)
         return 2
-    except (ScoreError, RMError) as err:
+    except (ScoreError, RMError) as err:  # the run failed
         print(f"policy-trainer ppo: {err}", file=sys.stderr)
         return 1
     except ValueError as err:
@@ -106,7 +106,7 @@ def _ppo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policy-trainer", description="PPO client for rm-service.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "variables, which override --config.")
     ppo.add_argument("--config", default=None, metavar="FILE", help="settings file (.yaml, .json or .toml) with PPOSettings field names as keys")
     add_settings_flags(ppo)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "matplotlib", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     if args.command == "ppo":
         return _ppo(args)
     return 0

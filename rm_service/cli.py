@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+from rm_service.logs import configure_logging
 import sys
 from pathlib import Path
 
@@ -262,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "filelock", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.verbose)
     if args.command == "models" and args.action in ("show", "promote") and not args.version:
         print(f"rm-service models {args.action}: a version is required", file=sys.stderr)
         return 2

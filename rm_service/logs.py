@@ -30,3 +30,14 @@ def set_log_format(fmt: str) -> None:
     if fmt == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
+
+
+OUR_LOGGERS = ("rm_service", "policy_trainer")
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Text logs on stderr: our packages at INFO (DEBUG with verbose), libraries at WARNING
+    (onnxruntime's quantiser, for one, logs every node at INFO on the root logger)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
