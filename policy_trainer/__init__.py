@@ -4,16 +4,21 @@ In-process API (what `policy-trainer ppo` calls):
 
     from policy_trainer import PPOSettings, train_ppo
     summary = train_ppo(PPOSettings(prompts_file=..., reward_addresses=["127.0.0.1:50051"]), on_step=print)
+
+Names are imported on first use, so `import policy_trainer` stays cheap (torch and
+transformers load with the trainer).
 """
 
-from policy_trainer.settings import PPOSettings, load_settings
+_EXPORTS = {"PPOSettings": "policy_trainer.settings", "load_settings": "policy_trainer.settings",
+            "train_ppo": "policy_trainer.trainer", "Summary": "policy_trainer.trainer"}
 
 
-def train_ppo(settings, on_step=None):
-    """See policy_trainer.trainer.train_ppo (imported lazily: torch and transformers are heavy)."""
-    from policy_trainer.trainer import train_ppo as run
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
 
-    return run(settings, on_step)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'policy_trainer' has no attribute {name!r}")
 
 
-__all__ = ["PPOSettings", "load_settings", "train_ppo"]
+__all__ = list(_EXPORTS)

@@ -56,9 +56,12 @@ def prompt_from_record(record: dict) -> list[Message]:
 
 
 def read_prompts_file(path: Path) -> list[list[Message]]:
+    """Prompts of a JSONL file. Malformed lines are skipped and reported with their line
+    numbers, as `rm-service import` does (the shared HH file has a few); a file without a
+    single usable line is an error."""
     if not path.is_file():
         raise PromptError(f"prompts file {path} does not exist")
-    out = []
+    out, rejected = [], []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -69,7 +72,11 @@ def read_prompts_file(path: Path) -> list[list[Message]]:
                     raise PromptError("is not a JSON object")
                 out.append(prompt_from_record(record))
             except (json.JSONDecodeError, PromptError, HHFormatError, InvalidArgument, KeyError, TypeError) as exc:
-                raise PromptError(f"{path}:{number}: {exc}") from None
+                rejected.append(f"{path}:{number}: {exc}")
+    if rejected:
+        log.warning("skipped %d malformed prompt line(s): %s%s", len(rejected), "; ".join(rejected[:3]), " ..." if len(rejected) > 3 else "")
+    if not out:
+        raise PromptError(f"{path} holds no usable prompt" + (f" ({rejected[0]})" if rejected else " (it is empty)"))
     return out
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextvars
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource, YamlConfigSettingsSource)
 
 from rm_service.settings import rm_home
@@ -29,7 +29,7 @@ class PPOSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PPO_", extra="forbid", validate_default=True)
 
     # -- run -------------------------------------------------------------------------------
-    run_dir: Path = Field(default_factory=lambda: rm_home() / "ppo", description="Directory of the run: metrics.jsonl, events.jsonl, TensorBoard files, plots, checkpoints, the final policy.")
+    run_dir: Path = Field(default_factory=lambda: rm_home() / "ppo", description="Directory of the run (default `$RM_HOME/ppo`): metrics.jsonl, events.jsonl, TensorBoard files, plots, checkpoints, the final policy.")
     seed: int = Field(0, description="Seed of prompt order, sampling and the value head's initialisation.")
     total_steps: int = Field(20, gt=0, description="PPO iterations (one rollout batch, scored, then update_epochs passes of minibatches).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the policy and the reference; auto picks CUDA when present.")
@@ -58,7 +58,7 @@ class PPOSettings(BaseSettings):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: the whole distribution).")
 
     # -- reward server ---------------------------------------------------------------------
-    reward_addresses: list[str] = Field(["127.0.0.1:50051"], min_length=1, description="Reward server address(es) host:port; several are used round-robin (retries go to the next one). Comma-separated in flags and the environment.")
+    reward_addresses: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50051"], min_length=1, description="Reward server address(es) host:port; several are used round-robin (retries go to the next one). Comma-separated in flags and the environment.")
     score_timeout_s: float = Field(60.0, gt=0, description="Deadline of every Score call.")
     score_max_retries: int = Field(4, ge=0, description="Retries of a Score call answered UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND (pinned version not loaded yet), with exponential backoff.")
     score_backoff_s: float = Field(0.2, gt=0, description="First retry delay; doubled each retry, with jitter.")
@@ -162,3 +162,12 @@ def load_settings(config_file: Path | str | None = None, **flags) -> PPOSettings
         return PPOSettings(**flags)
     finally:
         _CONFIG_FILE.reset(token)
+
+
+if __name__ == "__main__":  # print the settings table of docs/policy-trainer.md
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("settings_table", Path(__file__).resolve().parent.parent / "tools" / "settings_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(module.table(PPOSettings))

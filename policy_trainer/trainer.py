@@ -80,13 +80,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_prompt_sets(s: PPOSettings, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+def read_conversations(s: PPOSettings) -> list[list]:
+    """The prompts' messages, from the file or the store (read before the model loads, so a
+    bad file fails in a second)."""
     if s.prompts_file is not None:
-        conversations = read_prompts_file(s.prompts_file)
-    elif s.prompts_store is not None:
-        conversations = read_prompts_store(s.prompts_store)
-    else:
-        raise ValueError("no prompts: set prompts_file (JSONL) or prompts_store (a DuckDB store file)")
+        return read_prompts_file(s.prompts_file)
+    if s.prompts_store is not None:
+        return read_prompts_store(s.prompts_store)
+    raise ValueError("no prompts: set prompts_file (JSONL) or prompts_store (a DuckDB store file)")
+
+
+def prompt_sets(s: PPOSettings, conversations: list[list], tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts), tokenised with the policy's chat template."""
     train, heldout = split_heldout(build_prompts(conversations, tokenizer, s.max_prompt_tokens), s.eval_prompts)
     return (train[: s.max_prompts] if s.max_prompts else train), heldout
 
@@ -97,9 +102,10 @@ class PPOTrainer:
         self.on_step = on_step
         torch.set_num_threads(s.torch_threads or os.cpu_count() or 1)
         seed_everything(s.seed)
+        conversations = read_conversations(s)
         self.m = load_policy(s.policy, s.device, s.precision)
         self.stop_ids = stop_token_ids(self.m.tokenizer, self.m.policy.lm)
-        self.train_prompts, self.eval_prompts = load_prompt_sets(s, self.m.tokenizer)
+        self.train_prompts, self.eval_prompts = prompt_sets(s, conversations, self.m.tokenizer)
         self.sampler = PromptSampler(len(self.train_prompts), s.seed)
         groups = [{"params": list(self.m.policy.lm.parameters()), "lr": s.learning_rate}]
         if s.advantage_estimator == "gae":
