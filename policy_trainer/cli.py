@@ -74,34 +74,32 @@ def _print_summary(summary) -> None:
         print(f"switched {sw['from_version']} -> {sw['to_version']} before step {sw['step']} ({sw['reason']})")
 
 
+def _fail(message: str, code: int) -> int:
+    print(f"policy-trainer ppo: {message}", file=sys.stderr)
+    return code
+
+
 def _ppo(args) -> int:
-    from policy_trainer.prompts import PromptError
     from policy_trainer.reward_client import ScoreError
-    from policy_trainer.trainer import train_ppo
+    from policy_trainer.trainer import PPOTrainer
     from rm_service.errors import InvalidArgument, NotFound, RMError
 
-    try:
-        settings = settings_from_args(args)
+    try:  # bad input fails here: settings, config file, prompts, the model path
+        trainer = PPOTrainer(settings_from_args(args))
     except ValidationError as err:
-        print(f"policy-trainer ppo: invalid settings: {_validation_message(err)}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"policy-trainer ppo: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"invalid settings: {_validation_message(err)}", 2)
+    except (ValueError, FileNotFoundError, InvalidArgument, NotFound) as err:
+        return _fail(str(err), 2)
+    except (ScoreError, RMError) as err:  # no reward server answers
+        return _fail(str(err), 1)
     try:
-        summary = train_ppo(settings)
-    except (PromptError, FileNotFoundError, InvalidArgument, NotFound) as err:  # bad input
-        print(f"policy-trainer ppo: {err}", file=sys.stderr)
-        return 2
-    except (ScoreError, RMError) as err:  # the run failed
-        print(f"policy-trainer ppo: {err}", file=sys.stderr)
-        return 1
-    except ValueError as err:
-        print(f"policy-trainer ppo: {err}", file=sys.stderr)
-        return 2
+        summary = trainer.train()
+    except (ScoreError, RMError) as err:  # a score failed after its retries
+        return _fail(str(err), 1)
     except KeyboardInterrupt:
-        print("policy-trainer ppo: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+    finally:
+        trainer.close()
     _print_summary(summary)
     return 0
 

@@ -45,7 +45,7 @@ class PPOSettings(BaseSettings):
     # -- prompts ---------------------------------------------------------------------------
     prompts_file: Path | None = Field(None, description="JSONL of prompts: {\"prompt\": [messages]} (our ranking/TRL exports), {\"messages\": [...]} (the turns up to the last user turn), or HH {\"chosen\": \"\\n\\nHuman: ...\"}.")
     prompts_store: Path | None = Field(None, description="Read the prompts from a preference-store DuckDB file instead (read-only; the file must not be held by a running server).")
-    max_prompt_tokens: int = Field(256, ge=8, description="Prompts longer than this after the chat template are skipped (all prior turns are kept, never cut).")
+    max_prompt_tokens: int = Field(192, ge=8, description="Prompts longer than this after the chat template are skipped (all prior turns are kept, never cut).")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts (None: all).")
     eval_prompts: int = Field(8, ge=0, description="Prompts held out from training (chosen by conversation id hash) and scored before and after training.")
     eval_every: int = Field(0, ge=0, description="Also evaluate on the held-out prompts every this many steps (0: at the start and the end only).")

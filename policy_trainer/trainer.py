@@ -117,6 +117,11 @@ class PPOTrainer:
         tls_ca = s.tls_ca.read_bytes() if s.tls_ca else None
         self.client = RewardClient(s.reward_addresses, s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
                                    s.score_chunk_items, token, tls_ca)
+        try:
+            self.version = self.client.current_version()  # fails fast (bounded retries) when no server answers
+        except Exception:
+            self.client.close()
+            raise
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
         self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
         self.step = 0
@@ -125,9 +130,12 @@ class PPOTrainer:
         self.logger: RunLogger | None = None
         self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
                                s.retrain_mode, s.score_timeout_s, s.seed, self._event)
-        self.version = self.client.current_version()  # fails fast (bounded retries) when no server answers
         if s.resume:
-            self._resume()
+            try:
+                self._resume()
+            except Exception:
+                self.close()
+                raise
 
     # -- events, switching -----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import grpc
 import pytest
 import torch
 
-from conftest import ServerThread, _llama_config, store_with_hh
+from conftest import ServerThread, store_with_hh
 from policy_trainer import PPOSettings, train_ppo
 from policy_trainer.logs import read_jsonl
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
@@ -63,17 +63,6 @@ def property_rm_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory, tiny_tokenizer):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-policy")
-    LlamaForCausalLM(_llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     lines = [json.dumps({"prompt": [{"role": "user", "content": q.format(t)}]}) for t in TOPICS for q in QUESTIONS]
@@ -88,17 +77,17 @@ def property_server(home, property_rm_dir):
     srv.stop()
 
 
-def tiny_settings(policy_dir, prompts_file, address, run_dir, **kw) -> PPOSettings:
-    base = dict(policy=str(policy_dir), prompts_file=prompts_file, reward_addresses=[address], run_dir=run_dir, total_steps=12,
+def tiny_settings(tiny_lm_dir, prompts_file, address, run_dir, **kw) -> PPOSettings:
+    base = dict(policy=str(tiny_lm_dir), prompts_file=prompts_file, reward_addresses=[address], run_dir=run_dir, total_steps=12,
                 prompts_per_step=8, samples_per_prompt=4, max_new_tokens=12, learning_rate=1e-2, kl_coef=0.2, update_epochs=2,
                 num_minibatches=2, eval_prompts=6, progress=False, follow_models=False, seed=0, device="cpu")
     return PPOSettings(**{**base, **kw})
 
 
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_ppo_raises_the_served_reward_while_kl_stays_bounded(property_server, policy_dir, prompts_file, tmp_path, estimator):
+def test_ppo_raises_the_served_reward_while_kl_stays_bounded(property_server, tiny_lm_dir, prompts_file, tmp_path, estimator):
     seen = []
-    settings = tiny_settings(policy_dir, prompts_file, property_server.address, tmp_path / "run", advantage_estimator=estimator)
+    settings = tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "run", advantage_estimator=estimator)
     summary = train_ppo(settings, on_step=seen.append)
 
     assert [m["step"] for m in seen] == list(range(1, 13))
@@ -120,11 +109,11 @@ def test_ppo_raises_the_served_reward_while_kl_stays_bounded(property_server, po
     assert {m["rm/version"] for m in seen} == {property_server.server.served.default}
 
 
-def test_resume_continues_exactly(property_server, policy_dir, prompts_file, tmp_path):
+def test_resume_continues_exactly(property_server, tiny_lm_dir, prompts_file, tmp_path):
     common = dict(total_steps=4, checkpoint_every=2, plots=False, tensorboard=False, save_policy=False, eval_prompts=0)
-    straight = train_ppo(tiny_settings(policy_dir, prompts_file, property_server.address, tmp_path / "a", **common))
-    train_ppo(tiny_settings(policy_dir, prompts_file, property_server.address, tmp_path / "b", **{**common, "total_steps": 2}))
-    resumed = train_ppo(tiny_settings(policy_dir, prompts_file, property_server.address, tmp_path / "b", **common, resume=True))
+    straight = train_ppo(tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "a", **common))
+    train_ppo(tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "b", **{**common, "total_steps": 2}))
+    resumed = train_ppo(tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "b", **common, resume=True))
 
     assert [m["step"] for m in resumed.metrics] == [3, 4]
     drop = ("time/", "outer/")
@@ -189,7 +178,7 @@ def store_server(home, tmp_path, tiny_backbone_dir):
     srv.stop()
 
 
-def test_outer_loop_labels_retrains_and_switches_versions(store_server, policy_dir, prompts_file, tiny_tokenizer, tmp_path):
+def test_outer_loop_labels_retrains_and_switches_versions(store_server, tiny_lm_dir, prompts_file, tiny_tokenizer, tmp_path):
     labeler = Labeler(store_server.address, tiny_tokenizer)
     labeler.start()
 
@@ -200,7 +189,7 @@ def test_outer_loop_labels_retrains_and_switches_versions(store_server, policy_d
                 time.sleep(0.1)
             time.sleep(0.5)  # the WatchModels event reaches the trainer's watcher thread
 
-    settings = tiny_settings(policy_dir, prompts_file, store_server.address, tmp_path / "run", total_steps=8, follow_models=True,
+    settings = tiny_settings(tiny_lm_dir, prompts_file, store_server.address, tmp_path / "run", total_steps=8, follow_models=True,
                              submit_every=1, submit_fraction=0.5, retrain_min_labels=8, retrain_check_every=1, eval_prompts=0,
                              plots=False, tensorboard=False, save_policy=False)
     try:
