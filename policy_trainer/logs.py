@@ -20,9 +20,9 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
-        if start_step == 0:  # a fresh run starts fresh files; a resumed one appends
-            for path in (self.metrics_path, self.events_path):
-                path.unlink(missing_ok=True)
+        for path in (self.metrics_path, self.events_path):  # a fresh run starts fresh files; a resumed one keeps
+            keep = [r for r in read_jsonl(path) if r["step"] <= start_step] if start_step else []  # what its checkpoint saw
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         self.tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter

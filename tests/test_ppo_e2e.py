@@ -127,6 +127,18 @@ def test_resume_continues_exactly(property_server, tiny_lm_dir, prompts_file, tm
     assert [m["step"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_a_resumed_run_drops_log_lines_written_after_its_checkpoint(tmp_path):
+    from policy_trainer.logs import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 6)))
+    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "eval", "step": 0}) + "\n" + json.dumps({"event": "x", "step": 4}) + "\n")
+    RunLogger(tmp_path, total_steps=10, start_step=3, tensorboard=False, progress=False).close()  # the crash came at step 5
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in read_jsonl(tmp_path / "events.jsonl")] == [0]
+    RunLogger(tmp_path, total_steps=10, start_step=0, tensorboard=False, progress=False).close()  # a fresh run
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [] and read_jsonl(tmp_path / "events.jsonl") == []
+
+
 # -- the outer loop ------------------------------------------------------------------------
 
 
