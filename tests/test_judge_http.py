@@ -73,7 +73,7 @@ def test_both_orders_are_judged_and_stored_with_provenance(store, llm):
     assert rows(srv, "SELECT DISTINCT state FROM tasks") == [("done",)]
     for label_id, _, _, metadata, rationale, task_id in labels:
         meta = json.loads(metadata)
-        assert meta["judge_template"] == "pairwise-choice-v1" and meta["judge_decision"] == "choice" and task_id
+        assert meta["judge_template"] == "pairwise-choice-v2" and meta["judge_decision"] == "choice" and task_id
         assert "P(A)=" in rationale
         ranks = [r for (r,) in rows(srv, f"SELECT rank FROM label_rankings WHERE label_id = '{label_id}' ORDER BY position")]
         verdicts = json.loads(meta["judge_verdicts"])
@@ -299,3 +299,25 @@ def test_cli_bad_input_is_a_message_not_a_traceback(store, home, tmp_path):
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
     result = _cli("judge", home=home, RM_JUDGE_CONCURRENCY="zero")
     assert result.returncode == 2 and "concurrency" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_agreement_reads_the_store_file_with_any_reference(home):
+    from rm_service.conversation import Message
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
+    from rm_service.store.labels import LabelIn
+
+    def label(lid, source, responses, ranks, flips="0"):
+        meta = {"judge_pairs": "1", "judge_flips": flips} if source == "JUDGE" else {}
+        return LabelIn(lid, [Message("user", "q")], responses, ranks, source, "x", metadata=meta)
+
+    store = Store(StoreSettings())
+    store.ingest([label("i1", "IMPORT", ["long answer", "no"], [0, 1]), label("j1", "JUDGE", ["no", "long answer"], [1, 0], flips="1"),
+                  label("i2", "IMPORT", ["yes", "nope!"], [0, 1]), label("j2", "JUDGE", ["yes", "nope!"], [1, 0])])
+    store.close()
+    result = _cli("judge-agreement", "--reference", "HUMAN,IMPORT", home=home)
+    assert result.returncode == 0, result.stderr
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert table["shared pairs (judge and people both decisive)"] == "2" and table["agreement with people"] == "0.500"
+    assert table["position-bias rate (verdict flips with the order)"] == "0.500"
+    assert _cli("judge-agreement", home=home).stdout.count("nothing to compare yet") == 1  # HUMAN only: no shared pairs

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 
-import grpc
 import pytest
 
 from conftest import HH_FILE, REPO, ServerThread, hh_lines
 from openai_server import build_tiny_lm, tiny_lm_dir  # noqa: F401  (fixture)
-from rm_service.api.v1 import preference_pb2_grpc
 from rm_service.conversation import Message
 from rm_service.errors import InvalidArgument
 from rm_service.judge.local import LocalBackend

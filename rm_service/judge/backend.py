@@ -42,4 +42,4 @@ def load_judges(settings) -> list[JudgeBackend]:
         return [OpenAIBackend(settings, model) for model in settings.models]
     from rm_service.judge.local import LocalBackend
 
-    return [LocalBackend(model, device=settings.device) for model in settings.models]
+    return [LocalBackend(model, device=settings.device, threads=settings.torch_threads) for model in settings.models]

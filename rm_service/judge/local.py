@@ -21,19 +21,25 @@ log = logging.getLogger(__name__)
 
 
 class LocalBackend:
-    def __init__(self, name_or_path: str, device: str = "auto", models: ModelSettings | None = None):
+    def __init__(self, name_or_path: str, device: str = "auto", models: ModelSettings | None = None, threads: int = 0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if threads:
+            torch.set_num_threads(threads)  # process-wide; oversubscribed cores make every extra thread spin
+
         path = resolve(name_or_path, models)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument("model", f"cannot load a tokenizer from {path}: {exc}") from None
         if not self.tokenizer.chat_template:
             raise InvalidArgument("model", f"{name_or_path!r} has no chat template; the judge needs an instruction-tuned chat model")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         try:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
-        except ValueError as exc:  # not a causal LM (e.g. an encoder or a reward checkpoint)
-            raise InvalidArgument("model", f"{name_or_path!r} is not a causal language model: {exc}") from None
+        except (OSError, ValueError) as exc:  # no weights, or not a causal LM (e.g. an encoder)
+            raise InvalidArgument("model", f"cannot load {name_or_path!r} as a causal language model: {exc}") from None
         self.model_id = name_or_path if name_or_path in BUNDLED else path.name
         self._lock = threading.Lock()  # one forward pass at a time: more threads do not help on CPU
         self._label_ids: dict[str, list[int]] = {}

@@ -50,6 +50,9 @@ class JudgeSettings(BaseSettings):
 
     # -- local backend -----------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="local: device of the judge model; auto picks CUDA when present.")
+    torch_threads: int = Field(
+        0, ge=0, description="local: torch intra-op threads for the whole process (0 = leave torch's default). 1 is much faster on a CPU that other processes keep busy."
+    )
 
     # -- http backend ------------------------------------------------------------------------
     base_url: str = Field("http://127.0.0.1:8000/v1", description="http: base URL of the OpenAI-compatible API (POST {base_url}/chat/completions).")
