@@ -3,10 +3,10 @@
 1. import the HH-RLHF pairs into a fresh DuckDB file (human labels);
 2. train reward model v1 (Bradley-Terry) and print its held-out accuracy;
 3. start `rm-service serve` as its own process: it serves v1, owns the store and runs retraining jobs;
-4. the local LLM judge labels held-out pairs that people labeled too (its agreement with them);
-5. PPO trains the policy against the served reward. Meanwhile the trainer sends fresh samples to
-   the labeling queue, the judge labels them, the trainer requests retraining once enough new
-   labels exist, v2 is trained, gated and promoted, and the trainer switches to it;
+4. PPO trains the policy against the served reward. Meanwhile the trainer sends fresh samples to
+   the labeling queue, the local LLM judge labels them, the trainer requests retraining once
+   enough new labels exist, v2 is trained, gated and promoted, and the trainer switches to it;
+5. the judge labels held-out pairs that people labeled too (its agreement with them);
 6. SIGTERM drains the server; the report (`report.md` + PNG plots) is written.
 """
 
@@ -168,12 +168,6 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     judge_settings = JudgeSettings(model=s.judge_model, server=address, concurrency=1)
     backends = load_judges(judge_settings)
     try:
-        t = stages.start(f"the judge ({s.judge_model}, both orders) labels {s.judge_calibration_pairs} held-out pairs people labeled")
-        if facts.calibration_file is not None:
-            facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=backends,
-                                          progress=s.progress)
-        stages.done("judge calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
-
         t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps; the judge labels fresh samples; retrain at {s.retrain_min_labels} new labels")
         stop, worker = threading.Event(), _JudgeWorker()
         thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, backends), daemon=True)
@@ -194,6 +188,13 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
             raise worker.error
         switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in facts.ppo.switches) or "none"
         stages.done("ppo", t, f"(reward-model switches: {switches})")
+
+        # After PPO, so that these labels do not count towards the retrain of the outer loop.
+        t = stages.start(f"the judge ({s.judge_model}, both orders) labels {s.judge_calibration_pairs} held-out pairs people labeled")
+        if facts.calibration_file is not None:
+            facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=backends,
+                                          progress=s.progress)
+        stages.done("judge calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
     finally:
         for backend in backends:
             backend.close()
