@@ -280,25 +280,31 @@ def test_cli_judge_and_agreement(store, llm, home):
     assert "JUDGE 2" in result.stdout and "HUMAN 1" in result.stdout
 
 
-def test_cli_bad_input_is_a_message_not_a_traceback(store, home, tmp_path):
+def test_cli_bad_input_is_a_message_not_a_traceback(store, home, tmp_path, monkeypatch, capsys):
+    from rm_service.cli import main
+
     srv, _ = store
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "completions": ["only one"]}\n')
+    monkeypatch.setenv("RM_JUDGE_RPC_TIMEOUT_S", "1")
     cases = [
         (["judge", "--input", str(tmp_path / "missing.jsonl"), "--address", srv.address], "no such file"),
         (["judge", "--input", str(bad), "--address", srv.address], "bad.jsonl:1.completions"),
         (["judge", "--backend", "http", "--address", "127.0.0.1:1"], "cannot reach the rm-service server"),
         (["judge", "--kway", "direct"], "needs decision=generate"),
         (["judge", "--max-tasks", "0"], "--max-tasks"),
+        (["judge-agreement", "--reference", "IMPORT", "--address", srv.address], "HUMAN labels only"),
     ]
     for args, message in cases:
-        result = _cli(*args, home=home, RM_JUDGE_CONCURRENCY="1")
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
-    for args, message in [(["judge-agreement"], "no store at"), (["judge-agreement", "--address", srv.address, "--reference", "IMPORT"], "HUMAN labels only")]:
-        result = _cli(*args, home=tmp_path / "elsewhere")
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
-    result = _cli("judge", home=home, RM_JUDGE_CONCURRENCY="zero")
-    assert result.returncode == 2 and "concurrency" in result.stderr and "Traceback" not in result.stderr
+        assert main(args) == 2, args
+        assert message in capsys.readouterr().err, args
+    monkeypatch.setenv("RM_HOME", str(tmp_path / "elsewhere"))
+    assert main(["judge-agreement"]) == 2 and "no store at" in capsys.readouterr().err
+    monkeypatch.setenv("RM_JUDGE_CONCURRENCY", "zero")
+    assert main(["judge"]) == 2 and "concurrency" in capsys.readouterr().err
+    # and as a process: one line on stderr, exit status 2, no traceback
+    result = _cli("judge", "--input", str(bad), home=home)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 def test_cli_agreement_reads_the_store_file_with_any_reference(home):
