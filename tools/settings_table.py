@@ -10,9 +10,10 @@ from __future__ import annotations
 from pydantic_settings import BaseSettings
 
 from rm_service import settings as s
+from rm_service.demo.settings import DemoSettings
 from rm_service.judge.settings import JudgeSettings
 
-CLASSES = [s.StoreSettings, s.ModelSettings, s.ServeSettings, s.SecuritySettings, s.TrainSettings, JudgeSettings]
+CLASSES = [s.StoreSettings, s.ModelSettings, s.ServeSettings, s.SecuritySettings, s.TrainSettings, JudgeSettings, DemoSettings]
 
 
 def default_text(cls: type[BaseSettings], name: str, field) -> str:
