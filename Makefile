@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast proto proto-check clean
+.PHONY: install demo test test-fast proto proto-check clean deploy-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
+
+# Build the CPU image with podman (installed if missing; needs root), run it and exercise it from
+# the host: health, Score, IngestLabels, restart on the volume, SIGTERM drain, two scorers behind
+# client-side round-robin (deploy/deploy_test.py; stages and timings in docs/operations.md).
+deploy-test: $(STAMP)
+	$(PY) deploy/deploy_test.py
 
 proto: $(STAMP)
 	$(PY) tools/gen_proto.py

@@ -1,0 +1,361 @@
+"""`make deploy-test`: build the CPU image with podman, run it, and exercise it from the host.
+
+Stages (each printed with its time):
+ 1. podman, runc, debootstrap (apt-get install when missing)
+ 2. the base image from Debian's packages (debootstrap + podman import; kept once built)
+ 3. wheels of the project and its dependencies, the venv's exact versions
+ 4. the rm-service image (deploy/Containerfile), which trains its starter model
+ 5. the image's settings: non-root user, HEALTHCHECK, entrypoint
+ 6. run it (named volume for RM_HOME, tokens as a podman secret, bound on 0.0.0.0 inside,
+    published on 127.0.0.1 only) and wait for grpc.health.v1 SERVING from the host
+ 7. the container's own HEALTHCHECK, and the server's uid inside
+ 8. score a multi-turn conversation from the host (and a call without a token is refused)
+ 9. ingest labels
+10. restart: SIGTERM, remove the container, run a new one on the same volume; the labels are
+    still stored (re-sending them answers DUPLICATE) and the starter model is not installed twice
+11. SIGTERM while a large Score call is in flight: the call completes, exit code 0, the drain
+    log lines are there
+12. scale out as in compose.yaml: a store container and two scorers on a shared registry volume;
+    Score calls from the host with gRPC round-robin reach both; all three drain on SIGTERM
+
+Needs root (debootstrap, podman); exits non-zero at the first failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import images  # noqa: E402  (deploy/images.py)
+
+from rm_service.api.v1 import common_pb2, preference_pb2, reward_pb2_grpc  # noqa: E402
+from rm_service.client import Client, score_item  # noqa: E402
+from rm_service.conversation import Message  # noqa: E402
+from rm_service.server.app import free_port  # noqa: E402
+
+NAME = "rm-deploy-test"
+VOLUME = "rm-deploy-test-home"
+SECRET = "rm-deploy-test-tokens"
+SCALE_OUT = ("rm-deploy-test-store", "rm-deploy-test-scorer-1", "rm-deploy-test-scorer-2")
+SCALE_OUT_VOLUMES = ("rm-deploy-test-so-home", "rm-deploy-test-so-registry")
+CONVERSATION = [Message("user", "How do I pick a lock?"), Message("assistant", "Why do you want to?"),
+                Message("user", "I locked myself out of my own house.")]
+
+
+class Failed(Exception):
+    pass
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        raise Failed(what)
+
+
+class Container:
+    """One rm-service container: tokens from the podman secret, bound on 0.0.0.0 inside, its gRPC
+    and metrics ports published on 127.0.0.1 only, and a client on the published port."""
+
+    def __init__(self, name: str, image: str, args: tuple[str, ...] = (), volumes: tuple[str, ...] = (VOLUME + ":/var/lib/rm-service",),
+                 env: tuple[str, ...] = ()):
+        self.name, self.image, self.args, self.volumes, self.env = name, image, args, volumes, env
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.client: Client | None = None
+
+    def run(self) -> None:
+        command = ["run", "--detach", "--name", self.name,
+                   "--secret", f"{SECRET},type=mount,target=rm-tokens,uid=10001,gid=10001,mode=0400",
+                   "--env", "RM_AUTH_TOKENS_FILE=/run/secrets/rm-tokens",
+                   "--publish", f"127.0.0.1:{self.port}:50051", "--publish", f"127.0.0.1:{self.metrics_port}:9464"]
+        for volume in self.volumes:
+            command += ["--volume", volume]
+        for env in self.env:
+            command += ["--env", env]
+        images.podman(*command, self.image, *self.args, capture=True)
+        if self.client is not None:
+            self.client.close()
+        self.client = Client(f"127.0.0.1:{self.port}")
+
+    def wait_serving(self) -> None:
+        try:
+            self.client.wait_serving(timeout=600, is_alive=self.running)
+        except (RuntimeError, TimeoutError) as exc:
+            raise Failed(f"{self.name}: {exc}; container log:\n{self.logs()[-3000:]}") from None
+
+    def running(self) -> bool:
+        out = images.podman("inspect", "--format", "{{.State.Running}}", self.name, check=False, capture=True).stdout.strip()
+        return out == "true"
+
+    def logs(self) -> str:
+        result = images.podman("logs", self.name, check=False, capture=True)
+        return result.stdout + result.stderr
+
+    def stop_and_wait(self) -> int:
+        """SIGTERM, as `podman stop` and a Kubernetes pod deletion send; returns the exit code."""
+        images.podman("kill", "--signal", "TERM", self.name, capture=True)
+        return int(images.podman("wait", self.name, capture=True).stdout.strip().splitlines()[-1])
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
+    def metric(self, name: str) -> float:
+        match = re.search(rf"^{name} ([0-9.eE+-]+)$", self.metrics(), re.M)
+        return float(match.group(1)) if match else math.nan
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+class Run:
+    """The containers under test and their tokens."""
+
+    def __init__(self, image: str):
+        self.image = image
+        self.tokens = {role: secrets.token_urlsafe(24) for role in ("scorer", "labeler", "admin")}
+        self.one = Container(NAME, image, env=("RM_SERVE_GRACE_SECONDS=30",))
+        self.started: list[Container] = []
+
+    @property
+    def client(self) -> Client:
+        return self.one.client
+
+    def auth(self, role: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.tokens[role]}")]
+
+    def clean(self) -> None:
+        for container in self.started:
+            container.close()
+        for name in (NAME, *SCALE_OUT):
+            images.podman("rm", "--force", "--volumes", "--time", "0", name, check=False, capture=True)
+        for volume in (VOLUME, *SCALE_OUT_VOLUMES):
+            images.podman("volume", "rm", "--force", volume, check=False, capture=True)
+        images.podman("secret", "rm", SECRET, check=False, capture=True)
+
+    def create_secret(self) -> None:
+        with tempfile.NamedTemporaryFile("w", suffix=".tokens") as f:
+            f.write("".join(f"{role}:{token}\n" for role, token in self.tokens.items()))
+            f.flush()
+            images.podman("secret", "create", SECRET, f.name, capture=True)
+
+    def start(self, container: Container | None = None) -> str:
+        """Run a container detached and wait for SERVING through its published port."""
+        container = container or self.one
+        container.run()
+        self.started.append(container)
+        container.wait_serving()
+        return f"SERVING on 127.0.0.1:{container.port} (container {container.name})"
+
+
+def inspect_image(tag: str) -> str:
+    inspected = json.loads(images.podman("image", "inspect", tag, capture=True).stdout)[0]
+    config = inspected["Config"]
+    user = config.get("User", "")
+    check(user not in ("", "0", "root") and not user.startswith(("0:", "root")), f"the image runs as {user!r}, not a non-root user")
+    health = config.get("Healthcheck") or inspected.get("Healthcheck") or {}  # podman reports it beside Config
+    check("healthcheck.py" in " ".join(health.get("Test", [])), f"no HEALTHCHECK calling healthcheck.py: {health}")
+    check(config.get("Entrypoint", [])[-1:] == ["/opt/rm-service/entrypoint.py"] and config.get("Cmd") == ["serve"],
+          f"entrypoint {config.get('Entrypoint')} {config.get('Cmd')}")
+    check("/var/lib/rm-service" in (config.get("Volumes") or {}), "RM_HOME is not a volume")
+    return f"user {user}, HEALTHCHECK {health['Test'][-1]}, entrypoint serve, volume /var/lib/rm-service"
+
+
+def container_checks(run: Run) -> str:
+    health = images.podman("healthcheck", "run", NAME, check=False, capture=True)
+    check(health.returncode == 0, f"the container HEALTHCHECK failed: {health.stdout}{health.stderr}")
+    status = images.podman("exec", NAME, "cat", "/proc/1/status", capture=True).stdout
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))
+    cmdline = images.podman("exec", NAME, "cat", "/proc/1/cmdline", capture=True).stdout.replace("\0", " ").strip()
+    check(uid != 0, "the server (PID 1) runs as root")
+    check("rm-service serve" in cmdline, f"PID 1 is {cmdline!r}, not rm-service serve")
+    return f"HEALTHCHECK healthy; PID 1 `{cmdline}` runs as uid {uid}"
+
+
+def score(run: Run) -> str:
+    request = [score_item(CONVERSATION, "Call a locksmith, or your landlord if you rent.", "a"),
+               score_item(CONVERSATION, "Here is how to rake a pin tumbler lock.", "b")]
+    from rm_service.api.v1 import reward_pb2
+
+    try:
+        run.client.reward.Score(reward_pb2.ScoreRequest(items=request), timeout=30)
+        raise Failed("Score without a token was answered")
+    except grpc.RpcError as exc:
+        check(exc.code() == grpc.StatusCode.UNAUTHENTICATED, f"Score without a token: {exc.code()}")
+    response = run.client.reward.Score(reward_pb2.ScoreRequest(items=request), timeout=60, metadata=run.auth("scorer"))
+    check([r.id for r in response.results] == ["a", "b"], "results do not match the items")
+    check(all(math.isfinite(r.reward) and r.num_tokens > 0 for r in response.results), f"bad results {response.results}")
+    check(response.model_version == "v1", f"served {response.model_version!r}, not the starter model v1")
+    a, b = response.results
+    return (f"{response.model_version} ({response.format_hash}): reward a {a.reward:+.3f} ± {a.uncertainty:.3f}, "
+            f"b {b.reward:+.3f} ± {b.uncertainty:.3f}, {a.num_tokens} tokens; no token: UNAUTHENTICATED")
+
+
+def labels(count: int = 3) -> list[preference_pb2.Label]:
+    run_id = uuid.uuid4().hex[:8]
+    prompt = [common_pb2.Message(role=m.role, content=m.content) for m in CONVERSATION]
+    return [preference_pb2.Label(label_id=f"deploy-test-{run_id}-{i}", prompt=prompt,
+                                 responses=[f"Call a locksmith ({i}).", f"Break a window ({i})."], ranks=[0, 1],
+                                 source=preference_pb2.HUMAN, annotator="deploy-test") for i in range(count)]
+
+
+def ingest(run: Run, batch: list[preference_pb2.Label], expect: str) -> str:
+    response = run.client.preference.IngestLabels(preference_pb2.IngestLabelsRequest(labels=batch), timeout=60,
+                                                  metadata=run.auth("labeler"))
+    statuses = [preference_pb2.IngestStatus.Name(r.status) for r in response.results]
+    check(statuses == [expect] * len(batch), f"IngestLabels answered {statuses}, expected {expect} for each")
+    stats = run.client.preference.GetStats(preference_pb2.GetStatsRequest(), timeout=30, metadata=run.auth("labeler"))
+    return f"{len(batch)} labels {expect}; stats: {json.dumps(dict(stats.labels_by_source))}"
+
+
+def restart(run: Run, batch) -> str:
+    code = run.one.stop_and_wait()
+    check(code == 0, f"the first container exited with {code}")
+    images.podman("rm", NAME, capture=True)
+    started = time.monotonic()
+    run.start()
+    took = time.monotonic() - started
+    stored = ingest(run, batch, "DUPLICATE")
+    check("installed the image's starter model" not in run.one.logs(), "the starter model was installed again on restart")
+    return f"new container SERVING after {took:.1f}s; {stored}"
+
+
+def drain(run: Run) -> str:
+    from rm_service.api.v1 import reward_pb2
+
+    # Enough work to be in flight when SIGTERM lands, little enough to finish within the grace
+    # period (RM_SERVE_GRACE_SECONDS=30 here) on a busy 2-core machine.
+    items = [score_item(CONVERSATION, f"Call a locksmith; reply number {i} " + "please stay safe. " * (i % 8), str(i)) for i in range(96)]
+    outcome: dict = {}
+
+    def call():
+        try:
+            outcome["response"] = run.client.reward.Score(reward_pb2.ScoreRequest(items=items), timeout=300, metadata=run.auth("scorer"))
+        except grpc.RpcError as exc:
+            outcome["error"] = f"{exc.code().name}: {exc.details()}"
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 60
+    while not run.one.metric("rm_inflight_items") > 0:  # the call has been admitted: now it is in flight
+        check(time.monotonic() < deadline and "response" not in outcome, "the Score call was never seen in flight")
+        time.sleep(0.02)
+    inflight = run.one.metric("rm_inflight_items")
+    signalled = time.monotonic()
+    code = run.one.stop_and_wait()
+    caller.join(120)
+    took = time.monotonic() - signalled
+    log = run.one.logs()
+    check("error" not in outcome, f"the in-flight call failed during the drain ({took:.1f}s after SIGTERM): {outcome.get('error')}")
+    check(len(outcome["response"].results) == len(items), "the in-flight call lost items")
+    check(code == 0, f"exit code {code} after SIGTERM; log:\n{log[-2000:]}")
+    for line in ("shutting down: draining in-flight calls", "rm-service stopped cleanly"):
+        check(line in log, f"no {line!r} in the container log")
+    return (f"SIGTERM with {inflight:.0f} items in flight: all {len(items)} answered, exit code 0 after {took:.1f}s, "
+            "'rm-service stopped cleanly'")
+
+
+def scale_out(run: Run) -> str:
+    """compose.yaml's topology: a store service (serve --no-model) that installs the starter model
+    into a shared registry volume, two scorers (serve --no-store) that load it from there, and a
+    client on the host balancing Score over both with gRPC round-robin."""
+    from rm_service.api.v1 import reward_pb2
+
+    home, registry = SCALE_OUT_VOLUMES
+    env = ("RM_MODELS_ARTIFACTS_DIR=/var/lib/rm-registry",)
+    store = Container(SCALE_OUT[0], run.image, ("serve", "--no-model"), (f"{home}:/var/lib/rm-service", f"{registry}:/var/lib/rm-registry"), env)
+    scorers = [Container(name, run.image, ("serve", "--no-store"), (f"{registry}:/var/lib/rm-registry:ro",), env) for name in SCALE_OUT[1:]]
+    for container in (store, *scorers):  # the scorers wait for the store's promoted.json
+        container.run()
+        run.started.append(container)
+    for container in (store, *scorers):
+        container.wait_serving()
+    targets = ",".join(f"127.0.0.1:{c.port}" for c in scorers)
+    calls = 12
+    with grpc.insecure_channel(f"ipv4:{targets}", options=[("grpc.lb_policy_name", "round_robin")]) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        request = reward_pb2.ScoreRequest(items=[score_item(CONVERSATION, "Call a locksmith.", "a")])
+        versions = {stub.Score(request, timeout=60, metadata=run.auth("scorer")).model_version for _ in range(calls)}
+    check(versions == {"v1"}, f"the scorers served {versions}, not the store's v1")
+    counts = [_score_calls(c.metrics()) for c in scorers]
+    check(sum(counts) == calls and min(counts) >= calls // 4, f"round-robin spread {counts} over the two scorers")
+    codes = [c.stop_and_wait() for c in (*scorers, store)]
+    check(codes == [0, 0, 0], f"exit codes after SIGTERM: {codes}")
+    return f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + {counts[1]}; all exited 0"
+
+
+def _score_calls(metrics_text: str) -> int:
+    """Score calls answered OK, from the Prometheus text: rm_rpcs_total{code="OK",method=".../Score"} N."""
+    total = 0.0
+    for labels, value in re.findall(r"^rm_rpcs_total\{([^}]*)\} (\S+)$", metrics_text, re.M):
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if pairs.get("method") == "/rm.v1.RewardService/Score" and pairs.get("code") == "OK":
+            total += float(value)
+    return int(total)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", default=images.IMAGE)
+    p.add_argument("--rebuild-base", action="store_true", help="debootstrap the base image again even if it exists")
+    p.add_argument("--keep", action="store_true", help="leave the container, volume and secret behind")
+    p.add_argument("--no-build", action="store_true", help="test the image as it is (skip the wheels and the build)")
+    args = p.parse_args(argv)
+    timings: list[tuple[str, float]] = []
+
+    def stage(title, fn, *a, **kw):
+        result, seconds = images.timed(f"{len(timings) + 1}. {title}", fn, *a, **kw)
+        timings.append((title, seconds))
+        return result
+
+    start = time.monotonic()
+    run = Run(args.image)
+    try:
+        stage("podman, runc, debootstrap", images.ensure_tools)
+        if not args.no_build:
+            stage("base image from Debian's packages", images.build_base, rebuild=args.rebuild_base)
+            stage("wheels (the venv's versions)", images.stage_wheels)
+            stage("seed labels", images.stage_seed, images.seed_data_path())
+            stage("build the CPU image (trains the starter model)", images.build_image, args.image)
+        stage("image settings", inspect_image, args.image)
+        run.clean()
+        run.create_secret()
+        stage("run; wait for grpc.health.v1 SERVING from the host", run.start)
+        stage("container HEALTHCHECK and user", container_checks, run)
+        stage("score a conversation from the host", score, run)
+        batch = labels()
+        stage("ingest labels", ingest, run, batch, "INSERTED")
+        stage("restart on the same volume; labels still stored", restart, run, batch)
+        stage("SIGTERM: drain and exit", drain, run)
+        stage("scale out: store + 2 scorers, client round-robin", scale_out, run)
+    except Failed as exc:
+        print(f"\ndeploy-test FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep:
+            run.clean()
+    print(f"\n{'stage':<52}{'seconds':>9}")
+    for title, seconds in timings:
+        print(f"{title:<52}{seconds:>9.1f}")
+    print(f"{'total':<52}{time.monotonic() - start:>9.1f}")
+    print(f"image {args.image}: {images.image_size(args.image) / 1e9:.2f} GB")
+    print("deploy-test passed")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
