@@ -1,7 +1,7 @@
 """A real OpenAI-compatible chat-completions server for the judge's tests.
 
-It serves an HF causal LM (in the tests, a tiny Llama built from a config with the tiny
-HH tokenizer) through transformers `generate`: POST /v1/chat/completions renders the chat
+It serves an HF causal LM (in the tests, conftest's `tiny_lm_dir`: a tiny Llama built from a
+config with the tiny HH tokenizer) through transformers `generate`: POST /v1/chat/completions renders the chat
 with the model's chat template, generates (greedy at temperature 0, sampled otherwise) and
 answers in the OpenAI shape, with `logprobs` / `top_logprobs` of the generated tokens when
 asked. GET /v1/models lists the model. A bearer key, when set, is required.
@@ -29,14 +29,14 @@ import pytest
 import torch
 
 
-def build_tiny_lm(path: Path, tokenizer, seed: int = 3) -> Path:
-    """A tiny random LlamaForCausalLM with the given tokenizer (and its chat template) in `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_tiny_lm(path: Path, tokenizer, seed: int) -> Path:
+    """Another tiny random LlamaForCausalLM like conftest's `tiny_lm_dir` (a second judge of a panel)."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import _llama_config
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    config = _llama_config(len(tokenizer), tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -213,13 +213,7 @@ def main() -> None:
 
 
 
-# -- pytest fixtures shared by the judge tests (import them into a test module to use them) --
-
-
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny random causal LM with the tiny HH tokenizer and a chat template."""
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"), tiny_tokenizer)
+# -- a pytest fixture shared by the judge tests (import it into a test module to use it) --
 
 
 @pytest.fixture

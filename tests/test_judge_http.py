@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from conftest import ServerThread
-from openai_server import llm, tiny_lm_dir  # noqa: F401  (fixtures)
+from openai_server import llm  # noqa: F401  (fixture)
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 from rm_service.judge.backend import BackendRefused, BackendUnavailable
 from rm_service.judge.runner import run_judge

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import HH_FILE, REPO, ServerThread, hh_lines
-from openai_server import build_tiny_lm, tiny_lm_dir  # noqa: F401  (fixture)
+from openai_server import build_tiny_lm
 from rm_service.conversation import Message
 from rm_service.errors import InvalidArgument
 from rm_service.judge.local import LocalBackend
