@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast proto proto-check clean deploy-test
+.PHONY: install demo test test-fast proto proto-check docs clean deploy-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ proto: $(STAMP)
 
 proto-check: $(STAMP)
 	$(PY) tools/gen_proto.py --check
+
+docs: $(STAMP)
+	$(PY) tools/gen_api_docs.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
