@@ -190,13 +190,13 @@ class JudgeRun:
                     if consecutive_errors >= s.max_consecutive_errors:
                         raise BackendUnavailable(f"stopping: {consecutive_errors} items in a row failed at the judge backend; last: {error}")
         finally:
-            stop_pending = [f for f in inflight if f.cancel()]
+            not_started = [f for f in inflight if f.cancel()]
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
             counts.calls = sum(j.calls for j in self.judges)
             counts.seconds = time.monotonic() - started
-            if stop_pending:
-                log.info("%d items were not started; their leases lapse and they return to the queue", len(stop_pending))
+            if not_started:
+                log.info("%d items were not started; their leases lapse and they return to the queue", len(not_started))
         return counts
 
 
