@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import HH_FILE, REPO, ServerThread, hh_lines
 from openai_server import build_tiny_lm
@@ -99,8 +100,12 @@ def test_smollm2_judges_hh_pairs_decisively(store, tmp_path, monkeypatch):
     path = tmp_path / "hh.jsonl"
     path.write_text("\n".join(hh_lines(2)) + "\n")
     assert HH_FILE.exists()
-    s = JudgeSettings(backend="local", model="smollm2-135m-instruct", max_conversation_chars=500, max_response_chars=300)
-    counts = run_judge(s, address=store.address, input_path=path, progress_file=tmp_path / "done")
+    s = JudgeSettings(backend="local", model="smollm2-135m-instruct", max_conversation_chars=500, max_response_chars=300, torch_threads=1)
+    threads = torch.get_num_threads()
+    try:
+        counts = run_judge(s, address=store.address, input_path=path, progress_file=tmp_path / "done")
+    finally:
+        torch.set_num_threads(threads)  # torch_threads is process-wide: give later tests theirs back
     # choice mode + calibration: a decisive verdict for every pair, whatever the position bias
     assert (counts.labeled, counts.ties, counts.parse_failures) == (2, 0, 0)
     assert rows(store, "SELECT DISTINCT annotator, source FROM labels") == [("smollm2-135m-instruct", "JUDGE")]
