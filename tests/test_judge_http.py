@@ -307,7 +307,7 @@ def test_cli_bad_input_is_a_message_not_a_traceback(store, home, tmp_path, monke
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_cli_agreement_reads_the_store_file_with_any_reference(home):
+def test_cli_agreement_reads_the_store_file_with_any_reference(home, capsys):
     from rm_service.conversation import Message
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
@@ -327,3 +327,6 @@ def test_cli_agreement_reads_the_store_file_with_any_reference(home):
     assert table["shared pairs (judge and people both decisive)"] == "2" and table["agreement with people"] == "0.500"
     assert table["position-bias rate (verdict flips with the order)"] == "0.500"
     assert _cli("judge-agreement", home=home).stdout.count("nothing to compare yet") == 1  # HUMAN only: no shared pairs
+    from rm_service.cli import main
+
+    assert main(["judge-agreement", "--reference", "HUMAN,JUDGE"]) == 2 and "non-judge sources" in capsys.readouterr().err
