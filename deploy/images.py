@@ -158,7 +158,10 @@ def build_image(tag: str = IMAGE, base: str = BASE_IMAGE, build_args: dict[str, 
         sys.stderr.write(text[-6000:])
         raise RuntimeError(f"podman build failed (exit {result.returncode}); the whole log is {log}")
     if previous and previous != podman("image", "inspect", "--format", "{{.Id}}", tag, capture=True).stdout.strip():
-        podman("rmi", previous, check=False, capture=True)  # the image this tag named before; its layers stay as cache
+        podman("rmi", previous, check=False, capture=True)  # the image this tag named before
+    # Untagged build-stage images (the venv and the starter model, about 2.5 GB each) are the
+    # layer cache; keep those of the last two hours so repeated builds stay bounded on disk.
+    podman("image", "prune", "--force", "--filter", "until=2h", check=False, capture=True)
     seed = re.findall(r"^trained v1 .*$", text, re.M)
     return f"{tag}, {image_size(tag) / 1e9:.2f} GB" + (f"; starter model: {seed[-1]}" if seed else " (starter model from the layer cache)") + f"; log {log}"
 
