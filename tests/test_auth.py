@@ -70,9 +70,10 @@ CALLS = {
     "IngestLabels": lambda ch, md: preference_pb2_grpc.PreferenceServiceStub(ch).IngestLabels(
         preference_pb2.IngestLabelsRequest(labels=[_label(0)]), metadata=md, timeout=30),
     "GetStats": lambda ch, md: preference_pb2_grpc.PreferenceServiceStub(ch).GetStats(preference_pb2.GetStatsRequest(), metadata=md, timeout=30),
-    "RequestRetrain": lambda ch, md: training_pb2_grpc.TrainingServiceStub(ch).RequestRetrain(training_pb2.RetrainRequest(), metadata=md, timeout=30),
+    # An invalid mode: past authentication it is INVALID_ARGUMENT, and no training job starts.
+    "RequestRetrain": lambda ch, md: training_pb2_grpc.TrainingServiceStub(ch).RequestRetrain(training_pb2.RetrainRequest(mode="bogus"), metadata=md, timeout=30),
 }
-ALLOWED_RETRAIN = grpc.StatusCode.UNIMPLEMENTED  # past auth, the RPC itself is not built
+ALLOWED_RETRAIN = grpc.StatusCode.INVALID_ARGUMENT  # past auth, the request itself is refused
 MATRIX = {
     None: {"Score": UNAUTH, "ListModels": UNAUTH, "IngestLabels": UNAUTH, "GetStats": UNAUTH, "RequestRetrain": UNAUTH},
     "bad": {"Score": UNAUTH, "ListModels": UNAUTH, "IngestLabels": UNAUTH, "GetStats": UNAUTH, "RequestRetrain": UNAUTH},

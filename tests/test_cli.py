@@ -43,11 +43,6 @@ def test_train_on_empty_store_is_a_message(home):
     assert result.returncode == 2 and "no preference pairs" in result.stderr
 
 
-def test_policy_trainer_says_it_is_not_built():
-    result = subprocess.run([sys.executable, "-m", "policy_trainer.cli", "ppo"], capture_output=True, text=True)
-    assert result.returncode == 2 and "not implemented" in result.stderr
-
-
 def test_eval_prints_a_table_for_any_model_directory(home, tiny_rm_dir):
     result = _cli("eval", "--data", str(HH_FILE), "--model", str(tiny_rm_dir), "--limit", "12", home=home)
     assert result.returncode == 0, result.stderr
