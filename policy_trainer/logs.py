@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class RunLogger:
         step = metrics["step"]
         if self.tb is not None:
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and key != "step":
                     self.tb.add_scalar(key, value, step)
         if self.bar is not None:
             self.bar.update(1)
