@@ -9,6 +9,7 @@ import pytest
 
 from conftest import HH_FILE
 from rm_service.demo import run_demo
+from rm_service.demo.report import trailing_mean
 from rm_service.demo.settings import DemoSettings, demo_settings
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
@@ -52,3 +53,15 @@ def test_profiles_apply_under_the_environment_and_explicit_values(monkeypatch):
     full = demo_settings("full", policy="some/dir")
     assert (full.rm_mode, full.ppo_steps, full.policy) == ("full", 7, "some/dir")  # env beats the profile
     assert demo_settings("cpu").rm_backbone == "minilm-l6"
+
+
+def test_full_profile_runs_gae_on_long_prompts_and_cpu_runs_rloo_on_short_ones():
+    full, cpu = demo_settings("full"), demo_settings("cpu")
+    assert (full.advantage_estimator, full.max_prompt_tokens, full.learning_rate) == ("gae", 512, 1e-5)
+    assert (cpu.advantage_estimator, cpu.max_prompt_tokens) == ("rloo", 96)
+
+
+def test_trailing_mean_averages_the_last_window_steps():
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([2.0, 4.0], 5) == [2.0, 3.0]
+    assert trailing_mean([], 5) == []

@@ -174,7 +174,9 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
         thread.start()
         ppo = PPOSettings(run_dir=s.run_home / "ppo", policy=s.policy, prompts_file=s.data, total_steps=s.ppo_steps,
                           prompts_per_step=s.prompts_per_step, samples_per_prompt=s.samples_per_prompt,
-                          max_new_tokens=s.max_new_tokens, eval_prompts=s.eval_prompts, update_epochs=s.update_epochs,
+                          max_new_tokens=s.max_new_tokens, max_prompt_tokens=s.max_prompt_tokens,
+                          advantage_estimator=s.advantage_estimator, learning_rate=s.learning_rate, kl_coef=s.kl_coef,
+                          eval_prompts=s.eval_prompts, update_epochs=s.update_epochs,
                           num_minibatches=s.num_minibatches, reward_addresses=[address], submit_every=s.submit_every,
                           submit_fraction=s.submit_fraction, retrain_min_labels=s.retrain_min_labels, retrain_mode=s.rm_mode,
                           progress=s.progress)

@@ -93,6 +93,14 @@ class RunFacts:
         return "\n".join(["| result | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in self.summary_rows()])
 
 
+SMOOTHING = 5  # steps in the trailing mean drawn over the per-step reward
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window - 1` values before it."""
+    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
 def plot_reward_kl(facts: RunFacts, path: Path) -> Path:
     """Served reward and KL per step, one colour per reward-model version, switches marked."""
     import matplotlib
@@ -104,13 +112,15 @@ def plot_reward_kl(facts: RunFacts, path: Path) -> Path:
     fig, (ax_r, ax_kl) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for version in dict.fromkeys(m["rm/version"] for m in steps):
         xs = [m["step"] for m in steps if m["rm/version"] == version]
-        ax_r.plot(xs, [m["reward/served_mean"] for m in steps if m["rm/version"] == version], marker="o", label=f"reward ({version})")
+        rewards = [m["reward/served_mean"] for m in steps if m["rm/version"] == version]
+        line, = ax_r.plot(xs, rewards, marker="o", alpha=0.5, label=f"reward ({version})")
+        ax_r.plot(xs, trailing_mean(rewards, SMOOTHING), color=line.get_color(), linewidth=2.5)
         ax_kl.plot(xs, [m["kl/ref_seq"] for m in steps if m["rm/version"] == version], marker="o", label=f"KL ({version})")
     for w in facts.ppo.switches if facts.ppo else []:
         for ax in (ax_r, ax_kl):
             ax.axvline(w["step"] - 0.5, color="grey", linestyle="--")
         ax_r.annotate(f"{w['from_version']} -> {w['to_version']}", (w["step"] - 0.5, ax_r.get_ylim()[1]), fontsize=8, ha="right", va="top")
-    ax_r.set_ylabel("mean served reward")
+    ax_r.set_ylabel(f"mean served reward\n(thick: mean of the last {SMOOTHING} steps)")
     ax_kl.set_ylabel("KL(policy || ref) per sequence, nats")
     ax_kl.set_xlabel("PPO step")
     ax_r.legend(fontsize=8)

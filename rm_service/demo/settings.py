@@ -23,7 +23,8 @@ PROFILES: dict[str, dict] = {
     "full": {
         "rm_backbone": "smollm2-135m-instruct", "rm_mode": "full", "rm_max_minutes": 60.0, "rm_max_tokens": 1024,
         "judge_calibration_pairs": 500, "ppo_steps": 200, "prompts_per_step": 32, "samples_per_prompt": 4,
-        "max_new_tokens": 128, "eval_prompts": 64, "submit_every": 10, "submit_fraction": 0.25, "retrain_min_labels": 256,
+        "max_new_tokens": 128, "max_prompt_tokens": 512, "advantage_estimator": "gae", "learning_rate": 1e-5, "kl_coef": 0.05,
+        "eval_prompts": 64, "submit_every": 10, "submit_fraction": 0.25, "retrain_min_labels": 256,
         "update_epochs": 2, "num_minibatches": 4,
     },
 }
@@ -53,7 +54,12 @@ class DemoSettings(BaseSettings):
     prompts_per_step: int = Field(4, gt=0, description="Prompts per rollout batch.")
     samples_per_prompt: int = Field(2, ge=2, description="Completions per prompt (labeling candidates need 2 or more).")
     max_new_tokens: int = Field(32, gt=0, description="Most new tokens per completion.")
-    eval_prompts: int = Field(8, ge=1, description="Held-out prompts scored before and after PPO.")
+    max_prompt_tokens: int = Field(96, ge=8, description="Prompts longer than this (after the chat template) are skipped; short prompts keep a CPU step short.")
+    advantage_estimator: Literal["gae", "rloo"] = Field(
+        "rloo", description="rloo: the clipped PPO surrogate with leave-one-out advantages (no value head to warm up in a short run); gae: a value head and GAE.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy (high for a 20-step run; the KL penalty bounds the drift).")
+    kl_coef: float = Field(0.1, ge=0, description="KL penalty coefficient to the reference policy.")
+    eval_prompts: int = Field(32, ge=1, description="Held-out prompts scored before and after PPO (samples_per_prompt completions each).")
     update_epochs: int = Field(1, gt=0, description="PPO passes over each rollout batch.")
     num_minibatches: int = Field(2, gt=0, description="PPO minibatches per pass.")
     # -- outer loop -------------------------------------------------------------------------
