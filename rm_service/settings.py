@@ -132,6 +132,9 @@ class TrainSettings(BaseSettings):
     center_coef: float = Field(1e-3, ge=0, description="Weight of the centring term coef * (r_chosen + r_rejected)^2.")
     patience: int = Field(100, ge=1, description="Early stopping: optimiser steps without validation-loss improvement.")
     seed: int = Field(0, description="Seed for the split, the bootstrap and the heads' initialisation.")
+    warm_start: bool = Field(
+        True, description="Head mode: start the heads from the promoted version's when it is a head-mode version on the same features "
+                          "(backbone, formatting, pooling, ensemble size), so a retrain refines the reward rather than redrawing it.")
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
     export_onnx: bool = Field(True, description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs alike).")
     full_learning_rate: float = Field(2e-5, gt=0, description="Full mode: AdamW learning rate of the backbone (LoRA adapters get 10x).")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 from conftest import store_with_hh
 from rm_service import registry
@@ -51,6 +53,21 @@ def test_heads_learn_a_separable_preference():
     held = pair_metrics((h_w[300:] @ fit.weight.T + fit.bias).mean(1), (h_l[300:] @ fit.weight.T + fit.bias).mean(1))
     assert held["accuracy"] > 0.9
     assert fit.weight.shape == (3, 8) and not np.allclose(fit.weight[0], fit.weight[1])  # bootstrap: members differ
+
+
+def test_a_warm_start_begins_from_the_given_heads_and_keeps_them_when_nothing_beats_them():
+    rng = np.random.default_rng(1)
+    h_w, h_l = (rng.normal(3.0, 2.0, size=(200, 8)).astype(np.float32) for _ in range(2))  # features far from standard
+    parent = (rng.normal(size=(2, 8)).astype(np.float32), rng.normal(size=2).astype(np.float32))
+    # A learning rate too small to move them: the heads come back as they went in (the
+    # standardisation is undone exactly), so a retrain that learns nothing serves its parent.
+    fit = fit_heads(h_w[:150], h_l[:150], (h_w[150:], h_l[150:]), ensemble_size=2, learning_rate=1e-12, weight_decay=0.0,
+                    batch_size=32, max_steps=20, patience=10, init=parent)
+    np.testing.assert_allclose(fit.weight, parent[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fit.bias, parent[1], rtol=1e-4, atol=1e-4)
+    cold = fit_heads(h_w[:150], h_l[:150], (h_w[150:], h_l[150:]), ensemble_size=2, learning_rate=1e-12, weight_decay=0.0,
+                     batch_size=32, max_steps=20, patience=10)
+    assert not np.allclose(cold.weight, parent[0], atol=1e-2)
 
 
 @pytest.fixture
@@ -112,6 +129,17 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     ok, message = registry.promote(store, second.version, tolerance=0.02)
     assert not ok and "below v1" in message and "candidate's held-out pairs" in message
     assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "rejected"
+
+
+def test_a_retrain_warm_starts_from_the_promoted_heads(trained):
+    store, _, settings = trained
+    frozen = settings.model_copy(update={"promote": False, "learning_rate": 1e-12, "export_onnx": False})
+    heads = lambda version: load_file(str(Path(registry.get_model(store, version).artifact_path) / "head.safetensors"))  # noqa: E731
+    warm = train(store, frozen, ModelSettings(), show_progress=False)
+    np.testing.assert_allclose(heads(warm.version)["weight"], heads("v1")["weight"], rtol=1e-4, atol=1e-6)
+    assert warm.metrics["accuracy"] == pytest.approx(registry.get_model(store, "v1").metrics["accuracy"])
+    cold = train(store, frozen.model_copy(update={"warm_start": False}), ModelSettings(), show_progress=False)
+    assert not np.allclose(heads(cold.version)["weight"], heads("v1")["weight"], atol=1e-3)
 
 
 def test_rollback_returns_to_the_previous_version(trained):

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: TrainSettings, deadline: float,
-                  show_progress: bool) -> Scores:
-    """Fit the K heads, install them in runtime.model.score, return the rewards of every split."""
+                  show_progress: bool, init: tuple[np.ndarray, np.ndarray] | None = None) -> Scores:
+    """Fit the K heads (from `init`, [K, H] and [K], when given), install them in
+    runtime.model.score, return the rewards of every split."""
     features = cached_features(runtime, store, split.heldout + split.validation + split.fit, settings.feature_batch_tokens,
                                deadline, show_progress)
     have = lambda pairs: [p for p in pairs if p.chosen_id in features and p.rejected_id in features]  # noqa: E731
@@ -39,7 +40,7 @@ def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: T
     margin = np.array([p.strength or 0.0 for p in fit], dtype=np.float32) if any(p.strength for p in fit) else None
     result = fit_heads(h_w, h_l, _stack(features, validation) if validation else None, settings.ensemble_size,
                        settings.learning_rate, settings.weight_decay, settings.batch_size, settings.max_steps, settings.patience,
-                       settings.center_coef, margin, settings.seed, deadline=max(deadline, time.monotonic() + 30))
+                       settings.center_coef, margin, settings.seed, deadline=max(deadline, time.monotonic() + 30), init=init)
     runtime.model.score = _linear(result.weight, result.bias)
 
     def rewards(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:

@@ -40,8 +40,13 @@ def fit_heads(
     margin: np.ndarray | None = None,
     seed: int = 0,
     deadline: float | None = None,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> HeadFit:
-    """h_chosen, h_rejected: [N, H] training features; validation: ([M, H], [M, H]) for early stopping."""
+    """h_chosen, h_rejected: [N, H] training features; validation: ([M, H], [M, H]) for early stopping.
+
+    init: (weight [K, H], bias [K]) of heads to start from (a warm start from the parent
+    version) instead of small random weights; early stopping can then keep them unchanged.
+    """
     start = time.monotonic()
     gen = torch.Generator().manual_seed(seed)
     x_w, x_l = torch.from_numpy(h_chosen).float(), torch.from_numpy(h_rejected).float()  # [N, H]
@@ -57,6 +62,11 @@ def fit_heads(
 
     w = torch.nn.Parameter(torch.randn(ensemble_size, hidden, generator=gen) * 0.01)  # [K, H]
     b = torch.nn.Parameter(torch.zeros(ensemble_size))  # [K]
+    if init is not None:  # W x + c = (W * sigma) z + (c + W mu): the same heads on standardised features
+        w0, b0 = torch.from_numpy(init[0]).float(), torch.from_numpy(init[1]).float()  # [K, H], [K]
+        with torch.no_grad():
+            w.copy_(w0 * sigma)
+            b.copy_(b0 + w0 @ mu)
     opt = torch.optim.AdamW([w, b], lr=learning_rate, weight_decay=weight_decay)
 
     def rewards(z: torch.Tensor) -> torch.Tensor:
@@ -66,6 +76,9 @@ def fit_heads(
         vz_w = (torch.from_numpy(validation[0]).float() - mu) / sigma
         vz_l = (torch.from_numpy(validation[1]).float() - mu) / sigma
     best = (float("inf"), w.detach().clone(), b.detach().clone(), 0)
+    if validation is not None and init is not None:  # the warm start is a candidate too
+        with torch.no_grad():
+            best = (bradley_terry_loss(rewards(vz_w).mean(1), rewards(vz_l).mean(1)).item(), *best[1:])
     step = 0
     for step in range(1, max_steps + 1):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)  # [B]

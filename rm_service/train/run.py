@@ -55,7 +55,8 @@ def train(store: Store | None, settings: TrainSettings, models: ModelSettings | 
         runtime = load_backbone_runtime(settings.backbone, settings.max_tokens, settings.ensemble_size,
                                         precision=settings.precision, settings=models)
         if settings.mode == "head":
-            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress)
+            init = parent_heads(store, runtime) if settings.warm_start else None
+            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress, init)
         else:
             scores = fit_full_mode(runtime, split, settings, deadline, run_dir(models, split, settings), world, show_progress)
         if not world.main:
@@ -115,6 +116,27 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     return TrainResult(version, promoted, message, metrics, seconds)
 
 
+def same_features(meta: dict, runtime: ModelRuntime) -> bool:
+    """Whether a version's head reads the features this runtime computes (head mode, same
+    backbone, formatting and pooling)."""
+    return (meta["mode"] == "head" and meta["backbone_key"] == runtime.backbone_key
+            and meta["format_hash"] == runtime.spec.hash and meta.get("pooling") == runtime.model.pooling)
+
+
+def parent_heads(store: Store | None, runtime: ModelRuntime) -> tuple[np.ndarray, np.ndarray] | None:
+    """The promoted version's heads ([K, H] weight, [K] bias) when a warm start can use them."""
+    current = registry.promoted(store) if store is not None else None
+    if current is None:
+        return None
+    directory = Path(current.artifact_path)
+    meta = json.loads((directory / "version.json").read_text())
+    if not same_features(meta, runtime) or meta["ensemble_size"] != runtime.model.ensemble_size:
+        return None
+    head = load_file(str(directory / "head.safetensors"))
+    log.info("warm start from %s's heads", current.version)
+    return head["weight"], head["bias"]
+
+
 def baseline_accuracy(current: registry.ModelRecord, runtime: ModelRuntime, store: Store, heldout: list[Pair],
                       models: ModelSettings) -> float:
     """The promoted version's accuracy on this run's held-out pairs. The held-out set grows as
@@ -122,9 +144,7 @@ def baseline_accuracy(current: registry.ModelRecord, runtime: ModelRuntime, stor
     A head-mode version on the same backbone and formatting reuses the cached features."""
     directory = Path(current.artifact_path)
     meta = json.loads((directory / "version.json").read_text())
-    same_features = (meta["mode"] == "head" and meta["backbone_key"] == runtime.backbone_key
-                     and meta["format_hash"] == runtime.spec.hash and meta.get("pooling") == runtime.model.pooling)
-    if same_features:
+    if same_features(meta, runtime):
         features = cached_features(runtime, store, heldout, 4096, deadline=float("inf"), show_progress=False)
         pairs = [p for p in heldout if p.chosen_id in features and p.rejected_id in features]
         head = load_file(str(directory / "head.safetensors"))
