@@ -127,6 +127,7 @@ class PPOTrainer:
         self.step = 0
         self.switches: list[dict] = []
         self.eval_before: dict | None = None
+        self.reference_eval: Rollout | None = None  # the held-out samples drawn at step 0, rescored at the end
         self.logger: RunLogger | None = None
         self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
                                s.retrain_mode, s.score_timeout_s, s.seed, self._event)
@@ -328,23 +329,28 @@ class PPOTrainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, lm=None, step: int = 0) -> dict:
-        """Held-out prompts, `samples_per_prompt` samples each, scored with the current version.
-        Fixed RNG streams (restored afterwards), so the policy and the reference see the same draws."""
-        if not self.eval_prompts:
-            return {}
+    def eval_rollout(self, lm=None) -> Rollout:
+        """Held-out prompts, `samples_per_prompt` samples each, on a fixed RNG stream (restored
+        afterwards), so the policy and the reference see the same draws."""
         index = [i for i in range(len(self.eval_prompts)) for _ in range(self.s.samples_per_prompt)]
         with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
             torch.manual_seed(EVAL_SEED)
-            rollout = self.rollout(self.eval_prompts, index, lm)
+            return self.rollout(self.eval_prompts, index, lm)
+
+    def evaluate(self, lm=None, step: int = 0, rollout: Rollout | None = None) -> dict:
+        """The held-out samples of `lm` (default: the policy) scored with the current version.
+        `rollout`: samples already drawn by that model on the evaluation stream, to be rescored."""
+        if not self.eval_prompts:
+            return {}
+        rollout = rollout if rollout is not None else self.eval_rollout(lm)
         served, _ = self.served_rewards(self.eval_prompts, rollout, step)
         mask = rollout.response_mask.to(self.m.device).float()  # [B, R]
         real = ~torch.isnan(served)
         return {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
                 "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
-                "kl_seq": self._kl_to_reference(rollout, mask) if lm is None else 0.0,
+                "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
                 "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
-                "n": len(index), "version": self.version}
+                "n": len(rollout.texts), "version": self.version}
 
     def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
         """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
@@ -385,7 +391,9 @@ class PPOTrainer:
         summary = Summary(steps=0, run_dir=s.run_dir, versions=[self.version])
         try:
             if self.step == 0 and self.eval_prompts:
-                self.eval_before = self.evaluate(step=0)
+                # Before the first update the policy is the reference: its samples are the reference's.
+                self.reference_eval = self.eval_rollout()
+                self.eval_before = self.evaluate(step=0, rollout=self.reference_eval)
                 self._event("eval", 0, model="policy", **self.eval_before)
             while self.step < s.total_steps:
                 step = self.step + 1
@@ -412,7 +420,8 @@ class PPOTrainer:
         if not s.checkpoint_every or self.step % s.checkpoint_every:
             self.save_checkpoint()
         if self.eval_prompts:
-            summary.eval_before = self.evaluate(lm=self.m.ref, step=self.step)
+            # The reference's samples are drawn again only if this process did not draw them at step 0 (a resumed run).
+            summary.eval_before = self.evaluate(lm=self.m.ref, step=self.step, rollout=self.reference_eval)
             summary.eval_after = self.evaluate(step=self.step)
             self._event("eval", self.step, model="reference", **summary.eval_before)
             self._event("eval", self.step, model="policy", **summary.eval_after)

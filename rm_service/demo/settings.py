@@ -59,7 +59,7 @@ class DemoSettings(BaseSettings):
         "rloo", description="rloo: the clipped PPO surrogate with leave-one-out advantages (no value head to warm up in a short run); gae: a value head and GAE.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy (high for a 20-step run; the KL penalty bounds the drift).")
     kl_coef: float = Field(0.1, ge=0, description="KL penalty coefficient to the reference policy.")
-    eval_prompts: int = Field(32, ge=1, description="Held-out prompts scored before and after PPO (samples_per_prompt completions each).")
+    eval_prompts: int = Field(24, ge=1, description="Held-out prompts scored before and after PPO (samples_per_prompt completions each).")
     update_epochs: int = Field(1, gt=0, description="PPO passes over each rollout batch.")
     num_minibatches: int = Field(2, gt=0, description="PPO minibatches per pass.")
     # -- outer loop -------------------------------------------------------------------------
