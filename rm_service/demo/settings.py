@@ -43,7 +43,7 @@ class DemoSettings(BaseSettings):
     rm_mode: Literal["head", "full"] = Field("head", description="Reward-model training mode for v1 and the retrains.")
     rm_max_minutes: float = Field(6.0, gt=0, description="Training budget of v1 (a retrain reuses the cached features).")
     rm_max_pairs: int | None = Field(None, gt=0, description="Cap on training pairs (None: all).")
-    rm_max_tokens: int = Field(384, ge=16, description="Tokens kept per (conversation, completion) by the reward model.")
+    rm_max_tokens: int = Field(256, ge=16, description="Tokens kept per (conversation, completion) by the reward model (MiniLM-L6 was trained on 256).")
     rm_ensemble_size: int = Field(4, ge=1, description="Score heads (served as mean and std).")
     # -- judge ------------------------------------------------------------------------------
     judge_model: str = Field("smollm2-135m-instruct", description="Local judge model (bundled name or HF causal-LM directory).")
