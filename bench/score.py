@@ -5,15 +5,18 @@ distribution (chosen and rejected sides of the shared file).
 
 1. naive baseline: the same model, in process, one item at a time through plain
    transformers (tokenise, forward, read the score) — what a trainer does without a server;
-2. closed loop: C clients each keep one Score request of `--items-per-call` items in
+2. the server runs as `rm-service serve` in its own process (scorer only), as deployed;
+   the clients below run in this process and share the machine's cores with it;
+3. closed loop: C clients each keep one Score request of `--items-per-call` items in
    flight; sweep C, report pairs/s and tokens/s; saturation = the best;
-3. single-request latency: one client, one call at a time, the same items per call;
-4. open loop at 50% and 150% of saturation: requests arrive on a Poisson clock whatever
+4. single-request latency: one client, one call at a time, the same items per call;
+5. open loop at 50% and 150% of saturation: requests arrive on a Poisson clock whatever
    the answers; p50/p99 latency at 50%, rejection share and rejection latency at 150%;
-5. model FLOPs utilisation: 2 x non-embedding params x tokens/s over an fp32 GEMM rate
-   measured in this process.
+6. model FLOPs utilisation: 2 x non-embedding params x tokens/s over an fp32 GEMM rate
+   measured in this process, and the ceiling it puts on the server / naive ratio: the
+   pairs/s the server would reach at 100% of that rate, over the naive loop's.
 
-    .venv/bin/python bench/score.py --model minilm-l6 [--seconds 8]
+    .venv/bin/python bench/score.py --model var/registry/v1 [--seconds 8] [--open-seconds 30] [--int8]
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -53,8 +58,8 @@ def hh_items(n: int) -> list[reward_pb2.ScoreItem]:
     return items[:n]
 
 
-def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float]:
-    """pairs/s and tokens/s of one-at-a-time in-process scoring with plain transformers."""
+def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float, int]:
+    """pairs/s, tokens/s and non-embedding parameters of one-at-a-time in-process scoring with plain transformers."""
     from rm_service.conversation import Message
 
     if (Path(model_name) / "version.json").exists():  # a registry version: the same trained head, in torch
@@ -76,7 +81,7 @@ def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float]:
             model(**batch)
             n, tokens = n + 1, tokens + len(ids)
     elapsed = time.perf_counter() - start
-    return n / elapsed, tokens / elapsed
+    return n / elapsed, tokens / elapsed, non_embedding_params(model)
 
 
 def closed_loop(address: str, items, clients: int, per_call: int, seconds: float) -> tuple[float, float, list[float], int]:
@@ -89,6 +94,7 @@ def closed_loop(address: str, items, clients: int, per_call: int, seconds: float
         rng = random.Random(seed)
         with grpc.insecure_channel(address) as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
+            retries = 0
             while time.perf_counter() < stop:
                 batch = rng.sample(items, per_call)
                 t0 = time.perf_counter()
@@ -99,8 +105,12 @@ def closed_loop(address: str, items, clients: int, per_call: int, seconds: float
                         raise
                     with lock:
                         rejected[0] += 1
-                    time.sleep(0.01 * rng.random())  # back off, then retry, as a trainer would
+                    # Back off exponentially with jitter, then retry, as the policy trainer does;
+                    # a tight retry loop would take the cores the server needs.
+                    time.sleep(min(1.0, 0.05 * 2**retries) * (0.5 + rng.random()))
+                    retries += 1
                     continue
+                retries = 0
                 with lock:
                     latencies.append(time.perf_counter() - t0)
                     done[0] += len(batch)
@@ -146,54 +156,80 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if values else float("nan")
 
 
-def start_server(model: str, max_inflight: int):
-    from rm_service.server.app import RewardServer
-    from rm_service.settings import ServeSettings
+def start_server(model: str, max_inflight: int, int8: bool, home: Path) -> tuple[subprocess.Popen, str, Path]:
+    """`rm-service serve` in its own process (its own GIL, as in production), scorer only.
 
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    server = RewardServer(ServeSettings(port=0, model=model, with_store=False, max_inflight_items=max_inflight))
-    port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
-    return server, loop, f"127.0.0.1:{port}"
+    Returns the process, its address once health says SERVING, and its log file.
+    """
+    from rm_service.client import Client
+
+    port_file, log_path = home / "port", home / "server.log"
+    env = {**os.environ, "RM_SERVE_MODEL": model, "RM_SERVE_WITH_STORE": "false", "RM_SERVE_METRICS_PORT": "-1",
+           "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower()}
+    with log_path.open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while not port_file.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            sys.exit(f"the server did not start; see {log_path}:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    address = f"127.0.0.1:{port_file.read_text().strip()}"
+    client = Client(address)
+    client.wait_serving(timeout=600, is_alive=lambda: server.poll() is None)
+    client.close()
+    return server, address, log_path
+
+
+def served_backend(log_path: Path) -> str:
+    """What runs the batches, from the server's start-up log."""
+    text = log_path.read_text()
+    return "ONNX Runtime" + (" int8" if "model.int8.onnx" in text else " fp32") if "with ONNX Runtime" in text else "PyTorch"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    parser.add_argument("--model", default="minilm-l6", help="a registry version directory, a bundled name or an HF directory")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per closed-loop measurement and for the naive loop")
+    parser.add_argument("--open-seconds", type=float, default=30.0, help="per open-loop measurement (50%% and 150%% load)")
     parser.add_argument("--items-per-call", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--max-inflight", type=int, default=32, help="server admission limit (items): 4 calls of 8")
+    parser.add_argument("--int8", action="store_true", help="serve the version's int8 ONNX model (when it kept one)")
     args = parser.parse_args()
-    os.environ.setdefault("RM_HOME", tempfile.mkdtemp(prefix="rm-bench-"))
+    home = Path(os.environ.setdefault("RM_HOME", tempfile.mkdtemp(prefix="rm-bench-")))
     torch.set_num_threads(os.cpu_count() or 1)
     items = hh_items(2000)
     gemm = gemm_flops()
-    naive_pairs, naive_tokens = naive_loop(args.model, items, args.seconds)
-    server, loop, address = start_server(args.model, args.max_inflight)
-    served = server.served.get()
-    params = non_embedding_params(served.runtime.model)
-    backend = type(served.backend).__name__
-
-    _, _, single, _ = closed_loop(address, items, 1, args.items_per_call, args.seconds / 2)  # one call at a time, same size
+    naive_pairs, naive_tokens, params = naive_loop(args.model, items, args.seconds)
+    server, address, log_path = start_server(args.model, args.max_inflight, args.int8, home)
+    try:
+        _, _, single, _ = closed_loop(address, items, 1, args.items_per_call, args.seconds)  # one call at a time, same size
+        sweep = [(c, *closed_loop(address, items, c, args.items_per_call, args.seconds)) for c in args.concurrency]
+        best = max(sweep, key=lambda row: row[1])
+        sat_calls = best[1] / args.items_per_call
+        half = asyncio.run(open_loop(address, items, 0.5 * sat_calls, args.items_per_call, args.open_seconds))
+        over = asyncio.run(open_loop(address, items, 1.5 * sat_calls, args.items_per_call, args.open_seconds))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
     single_p50 = pct(single, 50)
-    sweep = [(c, *closed_loop(address, items, c, args.items_per_call, args.seconds)) for c in args.concurrency]
-    best = max(sweep, key=lambda row: row[1])
-    sat_calls = best[1] / args.items_per_call
-    half = asyncio.run(open_loop(address, items, 0.5 * sat_calls, args.items_per_call, args.seconds))
-    over = asyncio.run(open_loop(address, items, 1.5 * sat_calls, args.items_per_call, args.seconds))
-    asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
 
-    print(f"\nmodel {args.model} served by {backend}; {os.cpu_count()} cores; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); "
-          f"{args.items_per_call} items per call; HH-RLHF lengths\n")
+    print(f"\nmodel {args.model} served by {served_backend(log_path)} in its own process; {os.cpu_count()} cores shared with the "
+          f"clients; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); {args.items_per_call} items per call; HH-RLHF lengths\n")
     print("| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms | rejected calls (retried) |\n|---:|---:|---:|---:|---:|---:|")
     for c, pairs, tokens, lat, rejected in sweep:
         print(f"| {c} | {pairs:.1f} | {tokens:.0f} | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} | {rejected} |")
     mfu = 2 * params * best[2] / gemm
+    # At 100% of the fp32 GEMM rate, the server could score at most this many times the naive loop's pairs/s.
+    ceiling = (gemm / (2 * params * naive_tokens / naive_pairs)) / naive_pairs
     print("\n| figure | value |\n|---|---|")
     print(f"| saturation (closed loop, {best[0]} clients) | {best[1]:.1f} pairs/s, {best[2]:.0f} tokens/s |")
-    print(f"| naive loop (in process, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} tokens/s |")
+    print(f"| naive loop (in process, torch, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} tokens/s, "
+          f"{2 * params * naive_tokens / gemm:.0%} MFU |")
     print(f"| ratio server / naive | {best[1] / naive_pairs:.2f}x |")
+    print(f"| ceiling: server / naive at 100% MFU | {ceiling:.2f}x |")
     print(f"| model FLOPs utilisation at saturation (fp32 GEMM) | {mfu:.0%} |")
     print(f"| single-request latency ({args.items_per_call} items, nothing else in flight) p50 | {single_p50:.0f} ms |")
     print(f"| open loop 50%: p50 / p99 latency ({len(half['ok'])} calls) | {pct(half['ok'], 50):.0f} / {pct(half['ok'], 99):.0f} ms |")
