@@ -161,25 +161,16 @@ def start_server(model: str, max_inflight: int, int8: bool, home: Path) -> tuple
 
     Returns the process, its address once health says SERVING, and its log file.
     """
-    from rm_service.client import Client
+    from rm_service.client import start_server_process
+    from rm_service.errors import RMError
 
-    port_file, log_path = home / "port", home / "server.log"
     env = {**os.environ, "RM_SERVE_MODEL": model, "RM_SERVE_WITH_STORE": "false", "RM_SERVE_METRICS_PORT": "-1",
            "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower()}
-    with log_path.open("w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while not port_file.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            sys.exit(f"the server did not start; see {log_path}:\n{log_path.read_text()[-2000:]}")
-        time.sleep(0.2)
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    client = Client(address)
-    client.wait_serving(timeout=600, is_alive=lambda: server.poll() is None)
-    client.close()
-    return server, address, log_path
+    try:
+        server, address = start_server_process(env, home, timeout=600)
+    except RMError as exc:
+        sys.exit(f"{exc}:\n{(home / 'server.log').read_text()[-2000:]}")
+    return server, address, home / "server.log"
 
 
 def served_backend(log_path: Path) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_service.api.v1 import common_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2_grpc
 from rm_service.conversation import Message
+from rm_service.errors import RMError
 
 
 def score_item(prompt: list[Message], completion: str, item_id: str = "") -> reward_pb2.ScoreItem:
@@ -41,3 +45,36 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def start_server_process(env: dict[str, str], run_dir: Path, timeout: float) -> tuple[subprocess.Popen, str]:
+    """`rm-service serve` on a free loopback port as a child process configured by `env`
+    (RM_SERVE_*, ...), its output in `run_dir/server.log`. Returns the process and its
+    address once grpc.health.v1 says SERVING; raises RMError, and kills the child, if it
+    exits first or takes longer than `timeout` seconds to bind or to become SERVING."""
+    port_file, log_path = run_dir / "port", run_dir / "server.log"
+    port_file.unlink(missing_ok=True)
+    with log_path.open("w") as log:  # the child keeps its own descriptor
+        server = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if server.poll() is not None:
+                raise RMError(f"the server exited during start-up (code {server.returncode}); see {log_path}")
+            if time.monotonic() > deadline:
+                raise RMError(f"the server did not bind within {timeout:.0f}s; see {log_path}")
+            time.sleep(0.2)
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        client = Client(address)
+        try:
+            client.wait_serving(timeout=timeout, is_alive=lambda: server.poll() is None)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RMError(f"{exc}; see {log_path}") from exc
+        finally:
+            client.close()
+    except BaseException:
+        server.kill()
+        server.wait()
+        raise
+    return server, address

@@ -263,6 +263,17 @@ def test_sigterm_finishes_calls_in_flight(home, tiny_rm_dir, tmp_path):
             proc.kill()
 
 
+def test_a_server_process_that_cannot_start_is_an_error_naming_its_log(home, tmp_path):
+    from rm_service.client import start_server_process
+    from rm_service.errors import RMError
+
+    env = {**os.environ, "RM_HOME": str(home), "RM_SERVE_MODEL": str(tmp_path / "no-such-model"), "RM_SERVE_WITH_STORE": "false",
+           "RM_SERVE_METRICS_PORT": "-1"}
+    with pytest.raises(RMError, match=r"exited during start-up \(code 2\); see .*server.log"):
+        start_server_process(env, tmp_path, timeout=120)
+    assert "no model version at" in (tmp_path / "server.log").read_text()  # the child's own account is kept
+
+
 def _wait(condition, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

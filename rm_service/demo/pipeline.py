@@ -16,14 +16,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rm_service.client import Client
+from rm_service.client import Client, start_server_process
 from rm_service.demo.report import RunFacts, write_report
 from rm_service.demo.settings import DemoSettings
 from rm_service.errors import RMError
@@ -125,15 +124,10 @@ def _calibration_items(store: Store, settings: TrainSettings, n: int, path: Path
 
 def _serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start("start the gRPC server (serves v1, owns the store, runs retraining jobs)")
-    port_file = s.run_home / "port"
     env = {**os.environ, **settings_env(train_settings(s), "RM_TRAIN_"), "RM_SERVE_METRICS_PORT": "0"}
-    log = (s.run_home / "server.log").open("w")
-    server = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    server, address = start_server_process(env, s.run_home, s.server_start_timeout_s)
     try:
-        address = _wait_for_port(server, port_file, s.server_start_timeout_s)
         client = Client(address)
-        client.wait_serving(timeout=s.server_start_timeout_s, is_alive=lambda: server.poll() is None)
         stages.done("start server", t, f"(SERVING on {address}; log {s.run_home / 'server.log'})")
         _judge_and_ppo(s, facts, stages, address, client)
         t = stages.start("stop the server (SIGTERM: drain, checkpoint the store)")
@@ -144,18 +138,6 @@ def _serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     finally:
         if server.poll() is None:
             server.kill()
-        log.close()
-
-
-def _wait_for_port(server: subprocess.Popen, port_file: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while not port_file.exists():
-        if server.poll() is not None:
-            raise RMError(f"the server exited during start-up (code {server.returncode}); see {port_file.parent / 'server.log'}")
-        if time.monotonic() > deadline:
-            raise RMError(f"the server did not bind within {timeout:.0f}s")
-        time.sleep(0.2)
-    return f"127.0.0.1:{port_file.read_text().strip()}"
 
 
 def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: str, client: Client) -> None:
