@@ -116,25 +116,26 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     return TrainResult(version, promoted, message, metrics, seconds)
 
 
-def same_features(meta: dict, runtime: ModelRuntime) -> bool:
-    """Whether a version's head reads the features this runtime computes (head mode, same
-    backbone, formatting and pooling)."""
-    return (meta["mode"] == "head" and meta["backbone_key"] == runtime.backbone_key
-            and meta["format_hash"] == runtime.spec.hash and meta.get("pooling") == runtime.model.pooling)
+def reusable_head(version: registry.ModelRecord, runtime: ModelRuntime) -> tuple[np.ndarray, np.ndarray] | None:
+    """A version's heads ([K, H] weight, [K] bias) when they read the features this runtime
+    computes (head mode, same backbone, formatting and pooling); None otherwise."""
+    directory = Path(version.artifact_path)
+    meta = json.loads((directory / "version.json").read_text())
+    if not (meta["mode"] == "head" and meta["backbone_key"] == runtime.backbone_key
+            and meta["format_hash"] == runtime.spec.hash and meta.get("pooling") == runtime.model.pooling):
+        return None
+    head = load_file(str(directory / "head.safetensors"))
+    return head["weight"], head["bias"]
 
 
 def parent_heads(store: Store | None, runtime: ModelRuntime) -> tuple[np.ndarray, np.ndarray] | None:
-    """The promoted version's heads ([K, H] weight, [K] bias) when a warm start can use them."""
+    """The promoted version's heads when a warm start can use them (same features, same K)."""
     current = registry.promoted(store) if store is not None else None
-    if current is None:
+    head = reusable_head(current, runtime) if current is not None else None
+    if head is None or head[0].shape[0] != runtime.model.ensemble_size:
         return None
-    directory = Path(current.artifact_path)
-    meta = json.loads((directory / "version.json").read_text())
-    if not same_features(meta, runtime) or meta["ensemble_size"] != runtime.model.ensemble_size:
-        return None
-    head = load_file(str(directory / "head.safetensors"))
     log.info("warm start from %s's heads", current.version)
-    return head["weight"], head["bias"]
+    return head
 
 
 def baseline_accuracy(current: registry.ModelRecord, runtime: ModelRuntime, store: Store, heldout: list[Pair],
@@ -142,19 +143,17 @@ def baseline_accuracy(current: registry.ModelRecord, runtime: ModelRuntime, stor
     """The promoted version's accuracy on this run's held-out pairs. The held-out set grows as
     labels arrive, so the promotion gate compares the candidate with it on the same pairs.
     A head-mode version on the same backbone and formatting reuses the cached features."""
-    directory = Path(current.artifact_path)
-    meta = json.loads((directory / "version.json").read_text())
-    if same_features(meta, runtime):
+    head = reusable_head(current, runtime)
+    if head is not None:
         features = cached_features(runtime, store, heldout, 4096, deadline=float("inf"), show_progress=False)
         pairs = [p for p in heldout if p.chosen_id in features and p.rejected_id in features]
-        head = load_file(str(directory / "head.safetensors"))
-        weight, bias = head["weight"], head["bias"]  # [K, H], [K]
+        weight, bias = head  # [K, H], [K]
         r_chosen = (np.stack([features[p.chosen_id] for p in pairs]) @ weight.T + bias).mean(1)  # [N]
         r_rejected = (np.stack([features[p.rejected_id] for p in pairs]) @ weight.T + bias).mean(1)
         return float(pair_metrics(r_chosen, r_rejected)["accuracy"])
     from rm_service.evaluate import evaluate_pairs
 
-    other, _ = registry.load_artifact(directory, settings=models)
+    other, _ = registry.load_artifact(Path(current.artifact_path), settings=models)
     return float(evaluate_pairs(other, heldout, show_progress=False).overall["accuracy"])
 
 
