@@ -30,7 +30,7 @@ from rm_service.server.handlers import DecodeGuard
 from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Metrics
-from rm_service.server.models import ServedModels, follow_registry, load_for_serving
+from rm_service.server.models import ServedModels, follow_registry, load_for_serving, load_pinned
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
 from rm_service.server.training import JobRunner, TrainingService
@@ -115,6 +115,10 @@ class RewardServer:
             served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
             self.served.swap_in(served, "loaded")
             log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
+            for name in self.settings.also_load:
+                pinned = await asyncio.get_running_loop().run_in_executor(None, load_pinned, name, self.settings, self.store, self.models)
+                self.served.pin(pinned)
+                log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s))

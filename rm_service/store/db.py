@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 
 from rm_service.conversation import Message, completion_id, conversation_id, canonical_json, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
@@ -37,6 +38,12 @@ class Pair:
     rejected: str
     strength: float | None
     source: str
+    origin: str = ""  # where the completions came from (dataset | policy@<version> | human); "a|b" when they differ
+
+    @property
+    def on_policy(self) -> bool:
+        """Both completions were sampled from a policy (labels of its fresh samples)."""
+        return all(part.startswith("policy@") for part in self.origin.split("|"))
 
 
 @dataclass(frozen=True)
@@ -168,7 +175,7 @@ class Store:
                 """
                 SELECT l.label_id, l.conversation_id, c.messages, l.strength, l.source,
                        list(r.completion_id ORDER BY r.position), list(r.rank ORDER BY r.position),
-                       list(k.text ORDER BY r.position)
+                       list(k.text ORDER BY r.position), list(k.origin ORDER BY r.position)
                 FROM labels l
                 JOIN conversations c ON c.id = l.conversation_id
                 JOIN label_rankings r ON r.label_id = l.label_id
@@ -180,10 +187,11 @@ class Store:
                 [snapshot.max_seq],
             ).fetchall()
         out = []
-        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts in rows:
+        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts, origins in rows:
             prompt = messages_from_json(messages)
             for i, j in expand_pairs(ranks, policy):
-                out.append(Pair(label_id, conv_id, prompt, comp_ids[i], texts[i], comp_ids[j], texts[j], strength, source))
+                origin = origins[i] if origins[i] == origins[j] else f"{origins[i]}|{origins[j]}"
+                out.append(Pair(label_id, conv_id, prompt, comp_ids[i], texts[i], comp_ids[j], texts[j], strength, source, origin))
         return out
 
     # -- stats -----------------------------------------------------------------------------
@@ -329,25 +337,27 @@ def _append(columns: dict[str, list], **values) -> None:
         columns[key].append(value)
 
 
-def get_features(store: Store, backbone_key: str, format_hash: str, completion_ids: list[str]) -> dict[str, tuple[list[float], int]]:
-    """Cached pooled features {completion_id: (vector, num_tokens)} for a backbone and format."""
+def get_features(store: Store, feature_key: str, format_hash: str, completion_ids: list[str]) -> dict[str, np.ndarray]:
+    """Cached pooled features {completion_id: [H] float32} under one feature key and format."""
     if not completion_ids:
         return {}
     with store._lock:
         rows = store.con.execute(
-            """SELECT completion_id, vector, num_tokens FROM features
-               WHERE backbone_key = ? AND format_hash = ? AND completion_id IN (SELECT unnest(?::VARCHAR[]))""",
-            [backbone_key, format_hash, completion_ids],
+            """SELECT completion_id, vector FROM features
+               WHERE feature_key = ? AND format_hash = ? AND completion_id IN (SELECT unnest(?::VARCHAR[]))""",
+            [feature_key, format_hash, completion_ids],
         ).fetchall()
-    return {cid: (vec, n) for cid, vec, n in rows}
+    return {cid: np.frombuffer(vec, dtype="<f4") for cid, vec in rows}
 
 
-def put_features(store: Store, backbone_key: str, format_hash: str, completion_ids: list[str], vectors, num_tokens: list[int]) -> None:
-    """Cache features in one transaction; rows already cached are kept."""
+def put_features(store: Store, feature_key: str, format_hash: str, completion_ids: list[str], vectors: np.ndarray,
+                 num_tokens: list[int]) -> None:
+    """Cache features [N, H] in one statement; rows already cached are kept."""
+    blobs = [np.ascontiguousarray(v, dtype="<f4").tobytes() for v in vectors]
     with store._lock:
         store.con.execute(
-            """INSERT INTO features (completion_id, backbone_key, format_hash, vector, num_tokens)
-               SELECT unnest(?::VARCHAR[]), ?, ?, unnest(?::FLOAT[][]), unnest(?::INTEGER[])
+            """INSERT INTO features (completion_id, feature_key, format_hash, vector, num_tokens)
+               SELECT unnest(?::VARCHAR[]), ?, ?, unnest(?::BLOB[]), unnest(?::INTEGER[])
                ON CONFLICT DO NOTHING""",
-            [completion_ids, backbone_key, format_hash, [list(map(float, v)) for v in vectors], num_tokens],
+            [completion_ids, feature_key, format_hash, blobs, num_tokens],
         )
