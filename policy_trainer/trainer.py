@@ -34,6 +34,7 @@ from policy_trainer.ppo import (AdaptiveKLController, RunningMoments, entropy_of
 from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
 from policy_trainer.reward_client import RewardClient, VersionUnavailable, open_channel
 from policy_trainer.rollout import Rollout, generate
+from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
 
 log = logging.getLogger("policy_trainer")
@@ -54,6 +55,7 @@ class Batch:
     kl: torch.Tensor
     scores: torch.Tensor  # [B] what PPO saw at the last token
     served: torch.Tensor  # [B] the served reward (empty completions: NaN)
+    members: np.ndarray  # [B, M] raw score of each ensemble member (empty completions: NaN)
 
 
 @dataclass
@@ -122,6 +124,8 @@ class PPOTrainer:
         except Exception:
             self.client.close()
             raise
+        self.gold = (RewardClient([s.gold_address], s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
+                                  s.score_chunk_items, token, tls_ca) if s.gold_address else None)
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
         self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
         self.step = 0
@@ -130,7 +134,7 @@ class PPOTrainer:
         self.reference_eval: Rollout | None = None  # the held-out samples drawn at step 0, rescored at the end
         self.logger: RunLogger | None = None
         self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
-                               s.retrain_mode, s.score_timeout_s, s.seed, self._event)
+                               s.retrain_mode, s.score_timeout_s, s.seed, self._event, s.selection, s.label_budget)
         if s.resume:
             try:
                 self._resume()
@@ -172,7 +176,7 @@ class PPOTrainer:
         the whole batch again with it: a batch never mixes versions."""
         real = [i for i, t in enumerate(rollout.texts) if t]
         served = torch.full((len(rollout.texts),), float("nan"))
-        info = {"uncertainty": float("nan"), "raw": float("nan"), "truncated": 0.0}
+        info = {"uncertainty": float("nan"), "raw": float("nan"), "truncated": 0.0, "members": np.full((len(rollout.texts), 1), np.nan)}
         if not real:
             return served, info
         pairs = ([prompts[rollout.prompt_index[i]].messages for i in real], [rollout.texts[i] for i in real])
@@ -185,7 +189,10 @@ class PPOTrainer:
             self.switch_version(latest, step, f"{self.version} no longer loaded")
             scores = self.client.score(*pairs, version=self.version)
         served[real] = torch.from_numpy(scores.rewards).float()
-        info = {"uncertainty": float(scores.uncertainty.mean()), "raw": float(scores.raw.mean()), "truncated": float(scores.truncated.mean())}
+        members = np.full((len(rollout.texts), scores.members.shape[1]), np.nan)  # [B, M]
+        members[real] = scores.members
+        info = {"uncertainty": float(scores.uncertainty.mean()), "raw": float(scores.raw.mean()), "truncated": float(scores.truncated.mean()),
+                "members": members}
         return served, info
 
     def ppo_scores(self, served: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -233,7 +240,7 @@ class PPOTrainer:
         return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
 
     @torch.no_grad()
-    def make_batch(self, rollout: Rollout, scores: torch.Tensor, served: torch.Tensor) -> Batch:
+    def make_batch(self, rollout: Rollout, scores: torch.Tensor, served: torch.Tensor, members: np.ndarray) -> Batch:
         s, dev = self.s, self.m.device
         logprobs, values, ref_logprobs = self.token_logprobs(rollout)  # [B, R] each
         mask = rollout.response_mask.to(dev).float()  # [B, R]
@@ -244,7 +251,7 @@ class PPOTrainer:
             advantages, returns = rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)
         if s.norm_adv:
             advantages = masked_whiten(advantages, mask)
-        return Batch(rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served)
+        return Batch(rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served, members)
 
     def update(self, batch: Batch) -> dict:
         """update_epochs passes of minibatches of the clipped objective; returns mean stats."""
@@ -288,7 +295,7 @@ class PPOTrainer:
         served, info = self.served_rewards(self.train_prompts, rollout, step)
         scores = self.ppo_scores(served, rollout.ended)
         t2 = time.perf_counter()
-        batch = self.make_batch(rollout, scores, served)
+        batch = self.make_batch(rollout, scores, served, info["members"])
         t3 = time.perf_counter()
         stats = self.update(batch)
         kl_seq = float(batch.kl.sum(dim=1).mean())
@@ -346,11 +353,23 @@ class PPOTrainer:
         served, _ = self.served_rewards(self.eval_prompts, rollout, step)
         mask = rollout.response_mask.to(self.m.device).float()  # [B, R]
         real = ~torch.isnan(served)
-        return {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
-                "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
-                "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
-                "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
-                "n": len(rollout.texts), "version": self.version}
+        out = {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
+               "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
+               "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
+               "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
+               "n": len(rollout.texts), "version": self.version}
+        if self.gold is not None:
+            out["gold_reward_mean"] = self.gold_reward(rollout)
+        return out
+
+    def gold_reward(self, rollout: Rollout) -> float:
+        """Mean gold reward of the samples (pinned to gold_version): the held-out measure the
+        policy never trains against, beside the served proxy (Gao et al., 2023)."""
+        real = [i for i, t in enumerate(rollout.texts) if t]
+        if not real:
+            return float("nan")
+        prompts = [self.eval_prompts[rollout.prompt_index[i]].messages for i in real]
+        return float(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards.mean())
 
     def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
         """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
@@ -395,19 +414,22 @@ class PPOTrainer:
                 self.reference_eval = self.eval_rollout()
                 self.eval_before = self.evaluate(step=0, rollout=self.reference_eval)
                 self._event("eval", 0, model="policy", **self.eval_before)
+                self.logger.scalars(0, eval_scalars(self.eval_before))
             while self.step < s.total_steps:
                 step = self.step + 1
                 self.maybe_switch(step)
                 metrics, batch = self.ppo_step(step)
                 self.step = step
+                if s.eval_every and step % s.eval_every == 0 and step < s.total_steps:
+                    evaluation = self.evaluate(step=step)
+                    self._event("eval", step, model="policy", **evaluation)
+                    metrics.update(eval_scalars(evaluation))
                 self.logger.step(metrics)
                 summary.metrics.append(metrics)
                 if self.on_step is not None:
                     self.on_step(metrics)
                 self.outer.maybe_submit(step, self._groups(batch), self._sampling())
                 self.outer.maybe_retrain(step)
-                if s.eval_every and step % s.eval_every == 0 and step < s.total_steps:
-                    self._event("eval", step, model="policy", **self.evaluate(step=step))
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     self.save_checkpoint()
             self._finish(summary)
@@ -425,6 +447,7 @@ class PPOTrainer:
             summary.eval_after = self.evaluate(step=self.step)
             self._event("eval", self.step, model="reference", **summary.eval_before)
             self._event("eval", self.step, model="policy", **summary.eval_after)
+            self.logger.scalars(self.step, eval_scalars(summary.eval_after))
         if s.save_policy:
             summary.policy_dir = self.save_policy(s.run_dir / "policy")
         if s.plots:
@@ -446,10 +469,10 @@ class PPOTrainer:
         save_file({k: v.contiguous() for k, v in self.m.policy.value_head.state_dict().items()}, str(directory / "value_head.safetensors"))
         return directory
 
-    def _groups(self, batch: Batch) -> list[tuple[list, list[str]]]:
+    def _groups(self, batch: Batch) -> list[Group]:
         k = self.s.samples_per_prompt
         texts, index = batch.rollout.texts, batch.rollout.prompt_index
-        return [(self.train_prompts[index[i]].messages, texts[i : i + k]) for i in range(0, len(texts), k)]
+        return [Group(self.train_prompts[index[i]].messages, texts[i : i + k], batch.members[i : i + k]) for i in range(0, len(texts), k)]
 
     def _sampling(self) -> dict[str, str]:
         s = self.s
@@ -459,7 +482,20 @@ class PPOTrainer:
         if self.watcher is not None:
             self.watcher.stop()
         self.client.close()
+        if self.gold is not None:
+            self.gold.close()
         self.store_channel.close()
+
+
+def eval_scalars(evaluation: dict) -> dict[str, float]:
+    """An evaluation as scalars beside the step's metrics: proxy and gold reward of the held-out
+    samples against KL and sqrt(KL) (Gao et al.'s axis)."""
+    kl = evaluation.get("kl_seq", float("nan"))
+    out = {"eval/proxy_reward": evaluation.get("reward_mean", float("nan")), "eval/kl": kl,
+           "eval/sqrt_kl": float(np.sqrt(max(kl, 0.0))) if kl == kl else float("nan")}
+    if "gold_reward_mean" in evaluation:
+        out["eval/gold_reward"] = evaluation["gold_reward_mean"]
+    return out
 
 
 def trim(rollout: Rollout) -> Rollout:
