@@ -8,6 +8,7 @@ that opens a file in use gets `Unavailable` with a hint to go through the server
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, expand_p
 from rm_service.store.schema import migrate
 from rm_service.store.tx import transaction
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Pair:
@@ -96,20 +98,19 @@ class Store:
         are returned only after COMMIT: an INSERTED label is durable.
         """
         outcomes: list[list[IngestOutcome | None]] = [[None] * len(b) for b in batches]
-        valid: list[tuple[int, int, LabelIn, str]] = []
+        valid: list[tuple[int, int, _Prepared]] = []
         for b, labels in enumerate(batches):
             for i, label in enumerate(labels):
                 try:
-                    validate_label(label, f"{field}[{i}]", self.settings.max_text_chars, self.settings.max_responses)
+                    valid.append((b, i, self._prepare(label, f"{field}[{i}]", origin)))
                 except InvalidArgument as exc:
                     outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
-                    continue
-                valid.append((b, i, label, label.payload_hash()))
         with self.transaction():
-            known = self._stored_hashes([lab.label_id for _, _, lab, _ in valid])
-            tasks = self._open_tasks([lab.task_id for _, _, lab, _ in valid if lab.task_id])
+            known = self._stored_hashes([p.label.label_id for _, _, p in valid])
+            tasks = self._open_tasks([p.label.task_id for _, _, p in valid if p.label.task_id])
             rows = _Rows()
-            for b, i, label, phash in valid:
+            for b, i, prepared in valid:
+                label, phash = prepared.label, prepared.payload_hash
                 if label.label_id in known:
                     same = known[label.label_id] == phash
                     outcomes[b][i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
@@ -119,10 +120,23 @@ class Store:
                     outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{field}[{i}].task_id: unknown task {label.task_id!r}")
                     continue
                 known[label.label_id] = phash
-                rows.add(label, phash, origin)
+                rows.add(prepared)
                 outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
             rows.write(self.con)
         return [[o for o in batch if o is not None] for batch in outcomes]
+
+    def _prepare(self, label: LabelIn, field: str, origin: str) -> _Prepared:
+        """Validate one label and compute everything its rows need, before any transaction:
+        whatever is wrong with it fails it alone (InvalidArgument naming the field)."""
+        s = self.settings
+        validate_label(label, field, s.max_text_chars, s.max_responses, s.max_strength)
+        try:
+            conv = conversation_id(label.prompt)
+            return _Prepared(label, label.payload_hash(), conv, canonical_json(label.prompt),
+                             [completion_id(conv, text) for text in label.responses], json.dumps(label.metadata, sort_keys=True), origin)
+        except (TypeError, ValueError) as exc:  # validate_label should have caught it: still, this label alone fails
+            log.warning("label %r passed validation but cannot be stored: %s", label.label_id[:200], exc)
+            raise InvalidArgument(field, f"cannot be stored: {type(exc).__name__}: {exc}") from None
 
     def _open_tasks(self, task_ids: list[str]) -> set[str]:
         if not task_ids:
@@ -266,6 +280,19 @@ FROM labels WHERE source = 'JUDGE'
 """
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated label with its content ids and serialised columns."""
+
+    label: LabelIn
+    payload_hash: str
+    conversation_id: str
+    messages_json: str
+    completion_ids: list[str]
+    metadata_json: str
+    origin: str  # provenance of completions not yet stored: the ingest path's, never the client's
+
+
 class _Rows:
     """Column buffers for one ingestion transaction, written with one INSERT per table."""
 
@@ -277,20 +304,19 @@ class _Rows:
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
 
-    def add(self, label: LabelIn, phash: str, origin: str) -> None:
-        conv = conversation_id(label.prompt)
+    def add(self, p: _Prepared) -> None:
+        label, conv = p.label, p.conversation_id
         if conv not in self._seen_conv:
             self._seen_conv.add(conv)
-            _append(self.conversations, id=conv, messages=canonical_json(label.prompt), num_turns=len(label.prompt))
-        for position, (text, rank) in enumerate(zip(label.responses, label.ranks)):
-            comp = completion_id(conv, text)
-            if comp not in self._seen_comp:
+            _append(self.conversations, id=conv, messages=p.messages_json, num_turns=len(label.prompt))
+        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids)):
+            if comp not in self._seen_comp:  # a completion already stored keeps its origin (e.g. policy@<version>)
                 self._seen_comp.add(comp)
-                _append(self.completions, id=comp, conversation_id=conv, text=text, origin=label.metadata.get("origin", origin))
+                _append(self.completions, id=comp, conversation_id=conv, text=text, origin=p.origin)
             _append(self.rankings, label_id=label.label_id, position=position, completion_id=comp, rank=rank)
         _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
-                strength=label.strength, rationale=label.rationale, metadata=json.dumps(label.metadata, sort_keys=True),
-                task_id=label.task_id or None, payload_hash=phash)
+                strength=label.strength, rationale=label.rationale, metadata=p.metadata_json,
+                task_id=label.task_id or None, payload_hash=p.payload_hash)
 
     def write(self, con: duckdb.DuckDBPyConnection) -> None:
         if not self.labels["label_id"]:

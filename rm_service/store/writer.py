@@ -5,6 +5,8 @@ Requests wait in a queue; the writer takes every request waiting (up to `max_lab
 labels) and stores them in one transaction, then answers each. While a COMMIT runs, new
 requests gather for the next one, so the number of commits grows with the commit
 rate, not with the request rate. A request is answered only after its COMMIT returns.
+Requests never fail each other: a bad label is REJECTED alone (Store.ingest_batches), and a
+transaction that fails is retried request by request.
 """
 
 from __future__ import annotations
@@ -73,13 +75,23 @@ class GroupCommitWriter:
         for item in group:
             by_origin.setdefault(item[1], []).append(item)
         for origin, items in by_origin.items():
-            try:
-                results = self.store.ingest_batches([labels for labels, _, _ in items], origin)
-                self.commits += 1
-            except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
-                log.exception("group commit of %d requests failed", len(items))
-                for _, _, future in items:
-                    future.set_exception(exc)
-                continue
-            for (_, _, future), outcomes in zip(items, results):
-                future.set_result(outcomes)
+            self._commit_together(items, origin)
+
+    def _commit_together(self, items: list, origin: str) -> None:
+        """One transaction for every request in `items`. Labels are validated one by one
+        before it, so it should not fail; if it does (the disk, DuckDB), each request is
+        retried in its own transaction, so a failure reaches only the request that causes it."""
+        try:
+            results = self.store.ingest_batches([labels for labels, _, _ in items], origin)
+            self.commits += 1
+        except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
+            if len(items) > 1:
+                log.warning("group commit of %d requests failed (%s); committing them one by one", len(items), exc)
+                for item in items:
+                    self._commit_together([item], origin)
+                return
+            log.exception("commit of a request with %d labels failed", len(items[0][0]))
+            items[0][2].set_exception(exc)
+            return
+        for (_, _, future), outcomes in zip(items, results):
+            future.set_result(outcomes)
