@@ -104,7 +104,7 @@ def _validate_ranks(ranks: list[int], k: int, field: str) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise InvalidArgument(f"{field}[{i}]", f"must be an integer, got {type(rank).__name__}")
         if not 0 <= rank < k:
-            shown = rank if -10**12 < rank < 10**12 else f"{'-' if rank < 0 else ''}an integer of {rank.bit_length()} bits"
+            shown = rank if -10**20 < rank < 10**20 else f"{'-' if rank < 0 else ''}an integer of {rank.bit_length()} bits"
             raise InvalidArgument(f"{field}[{i}]", f"is {shown}; a rank must be in [0, {k}) for {k} responses (0 = best)")
     used = set(ranks)
     missing = [r for r in range(max(used) + 1) if r not in used]  # max(used) < k: bounded by K
