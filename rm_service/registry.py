@@ -130,11 +130,40 @@ def write_promoted_pointer(rec: ModelRecord) -> None:
     tmp.replace(directory / POINTER)
 
 
-def read_promoted_pointer(artifacts_dir: Path) -> dict | None:
+def read_promoted_pointer(artifacts_dir: Path, strict: bool = False) -> dict | None:
+    """The pointer {version, artifact_path}; None when there is none. A pointer that cannot be
+    read or is not one is None too, unless `strict`: then FailedPrecondition naming the file."""
+    path = Path(artifacts_dir) / POINTER
     try:
-        return json.loads((Path(artifacts_dir) / POINTER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        pointer = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in ("version", "artifact_path")):
+            raise ValueError("not an object with the string keys version and artifact_path")
+        return pointer
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not a pointer
+        if strict:
+            raise FailedPrecondition(f"cannot read the registry's {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        return None
+
+
+_META_KEYS = ("version", "backbone", "backbone_key", "format", "format_hash", "reward_mean", "reward_std", "ensemble_size")
+
+
+def read_version_meta(directory: str | Path) -> dict:
+    """A version's version.json; NotFound without one, FailedPrecondition naming the file when
+    it cannot be read or lacks what loading needs."""
+    path = Path(directory) / "version.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"no model version at {directory} (no version.json)") from None
+    except (OSError, ValueError) as exc:  # unreadable (a directory, permissions), not UTF-8, not JSON
+        raise FailedPrecondition(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise FailedPrecondition(f"{path} is not a version record: it lacks {', '.join(missing)}")
+    return meta
 
 
 def rollback(store: Store) -> str:
@@ -175,7 +204,7 @@ def write_head_artifact(directory: Path, meta: dict, weight: np.ndarray, bias: n
 def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSettings | None = None) -> tuple[ModelRuntime, dict]:
     """Load a version's artifact into a runtime; checks the backbone identity and the golden pairs."""
     directory = Path(directory)
-    meta = json.loads((directory / "version.json").read_text())
+    meta = read_version_meta(directory)
     spec = FormatSpec(**meta["format"])
     backbone = meta["backbone"]
     if backbone.startswith("./"):  # a fine-tuned backbone stored inside the version
