@@ -190,7 +190,7 @@ def _demo(args) -> int:
 
 
 FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
-FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL conversational preference JSONL (explicit or implicit prompt); "
+FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or conversational, explicit or implicit prompt); "
                "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
 
 
