@@ -8,7 +8,6 @@ that opens a file in use gets `Unavailable` with a hint to go through the server
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,14 +16,12 @@ from pathlib import Path
 
 import duckdb
 
-from rm_service.conversation import Message, completion_id, conversation_id, canonical_json, messages_from_json
+from rm_service.conversation import Message, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
-from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, expand_pairs, validate_label
+from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
 from rm_service.store.schema import migrate
 from rm_service.store.tx import transaction
-
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Pair:
@@ -86,25 +83,32 @@ class Store:
 
     def ingest(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
         """Validate and store labels in one transaction; one outcome per label, in order."""
-        return self.ingest_batches([labels], origin, field)[0]
+        return self.ingest_batches([self.prepare(labels, origin, field)])[0]
 
-    def ingest_batches(self, batches: list[list[LabelIn]], origin: str = "dataset", field: str = "labels") -> list[list[IngestOutcome]]:
-        """Store several requests' labels in ONE transaction (group commit).
+    def prepare(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[PreparedLabel | IngestOutcome]:
+        """Validate each label (store.labels.prepare_label, with this store's limits) before
+        it joins a transaction: a bad one becomes its REJECTED outcome, naming `field[i].<name>`.
+        `origin` is the provenance of completions not yet stored. Needs no lock: callers run
+        it in their own thread, so a large request does not hold up other requests' commits."""
+        s = self.settings
+        out: list[PreparedLabel | IngestOutcome] = []
+        for i, label in enumerate(labels):
+            try:
+                out.append(prepare_label(label, f"{field}[{i}]", origin, s.max_text_chars, s.max_responses, s.max_strength))
+            except InvalidArgument as exc:
+                out.append(IngestOutcome(label.label_id, "REJECTED", str(exc)))
+        return out
 
-        A bad label is REJECTED (its reason names `field[i].<name>`, i counted within its
-        own batch) and never blocks the others. A label_id already stored, or earlier in
-        this call, with the same payload is a DUPLICATE; with another payload a CONFLICT;
-        neither writes anything. A label answering an unknown task is REJECTED. Outcomes
-        are returned only after COMMIT: an INSERTED label is durable.
+    def ingest_batches(self, batches: list[list[PreparedLabel | IngestOutcome]]) -> list[list[IngestOutcome]]:
+        """Store several requests' prepared labels (Store.prepare) in ONE transaction (group commit).
+
+        Outcomes already decided (REJECTED by validation) pass through. A label_id already
+        stored, or earlier in this call, with the same payload is a DUPLICATE; with another
+        payload a CONFLICT; neither writes anything. A label answering an unknown task is
+        REJECTED. Outcomes are returned only after COMMIT: an INSERTED label is durable.
         """
-        outcomes: list[list[IngestOutcome | None]] = [[None] * len(b) for b in batches]
-        valid: list[tuple[int, int, _Prepared]] = []
-        for b, labels in enumerate(batches):
-            for i, label in enumerate(labels):
-                try:
-                    valid.append((b, i, self._prepare(label, f"{field}[{i}]", origin)))
-                except InvalidArgument as exc:
-                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
+        outcomes = [[item if isinstance(item, IngestOutcome) else None for item in batch] for batch in batches]
+        valid = [(b, i, item) for b, batch in enumerate(batches) for i, item in enumerate(batch) if isinstance(item, PreparedLabel)]
         with self.transaction():
             known = self._stored_hashes([p.label.label_id for _, _, p in valid])
             tasks = self._open_tasks([p.label.task_id for _, _, p in valid if p.label.task_id])
@@ -117,26 +121,13 @@ class Store:
                                                    "" if same else "label_id already stored with a different payload")
                     continue
                 if label.task_id and label.task_id not in tasks:
-                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{field}[{i}].task_id: unknown task {label.task_id!r}")
+                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{prepared.field}.task_id: unknown task {label.task_id!r}")
                     continue
                 known[label.label_id] = phash
                 rows.add(prepared)
                 outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
             rows.write(self.con)
-        return [[o for o in batch if o is not None] for batch in outcomes]
-
-    def _prepare(self, label: LabelIn, field: str, origin: str) -> _Prepared:
-        """Validate one label and compute everything its rows need, before any transaction:
-        whatever is wrong with it fails it alone (InvalidArgument naming the field)."""
-        s = self.settings
-        validate_label(label, field, s.max_text_chars, s.max_responses, s.max_strength)
-        try:
-            conv = conversation_id(label.prompt)
-            return _Prepared(label, label.payload_hash(), conv, canonical_json(label.prompt),
-                             [completion_id(conv, text) for text in label.responses], json.dumps(label.metadata, sort_keys=True), origin)
-        except (TypeError, ValueError) as exc:  # validate_label should have caught it: still, this label alone fails
-            log.warning("label %r passed validation but cannot be stored: %s", label.label_id[:200], exc)
-            raise InvalidArgument(field, f"cannot be stored: {type(exc).__name__}: {exc}") from None
+        return outcomes
 
     def _open_tasks(self, task_ids: list[str]) -> set[str]:
         if not task_ids:
@@ -280,19 +271,6 @@ FROM labels WHERE source = 'JUDGE'
 """
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    """A validated label with its content ids and serialised columns."""
-
-    label: LabelIn
-    payload_hash: str
-    conversation_id: str
-    messages_json: str
-    completion_ids: list[str]
-    metadata_json: str
-    origin: str  # provenance of completions not yet stored: the ingest path's, never the client's
-
-
 class _Rows:
     """Column buffers for one ingestion transaction, written with one INSERT per table."""
 
@@ -304,7 +282,7 @@ class _Rows:
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
 
-    def add(self, p: _Prepared) -> None:
+    def add(self, p: PreparedLabel) -> None:
         label, conv = p.label, p.conversation_id
         if conv not in self._seen_conv:
             self._seen_conv.add(conv)

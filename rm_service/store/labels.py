@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Literal
 
-from rm_service.conversation import Message, validate_finite, validate_messages, validate_text
+from rm_service.conversation import Message, canonical_json, completion_id, conversation_id, validate_finite, validate_messages, validate_text
 from rm_service.errors import InvalidArgument
 
 SOURCES = ("HUMAN", "JUDGE", "IMPORT")
@@ -122,6 +122,32 @@ def _short_text(value: str, field: str, when_empty: str) -> None:
     if len(value) > MAX_ID_CHARS:
         raise InvalidArgument(field, f"is longer than {MAX_ID_CHARS} characters")
     validate_text(value, field, required=False)
+
+
+@dataclass(frozen=True)
+class PreparedLabel:
+    """A validated label with what its rows need, computed before it joins a group commit."""
+
+    label: LabelIn
+    field: str                  # its place in its request, e.g. "labels[3]", for reasons given at commit
+    payload_hash: str
+    conversation_id: str
+    messages_json: str
+    completion_ids: list[str]
+    metadata_json: str
+    origin: str                 # provenance of its completions not yet stored: the ingest path's, never the client's
+
+
+def prepare_label(label: LabelIn, field: str, origin: str, max_chars: int, max_responses: int, max_strength: float) -> PreparedLabel:
+    """Validate a label and compute its ids and JSON columns; InvalidArgument names the field.
+    O(size of the label); runs in the caller's thread, outside the store's writer."""
+    validate_label(label, field, max_chars, max_responses, max_strength)
+    try:
+        conv = conversation_id(label.prompt)
+        return PreparedLabel(label, field, label.payload_hash(), conv, canonical_json(label.prompt),
+                             [completion_id(conv, text) for text in label.responses], json.dumps(label.metadata, sort_keys=True), origin)
+    except (TypeError, ValueError) as exc:  # validate_label should have caught it; still, this label alone fails
+        raise InvalidArgument(field, f"cannot be stored: {type(exc).__name__}: {exc}") from None
 
 
 PairPolicy = Literal["all", "best"]
