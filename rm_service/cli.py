@@ -16,21 +16,38 @@ from rm_service.errors import RMError
 
 
 def _import(args) -> int:
+    """Exit 0 when the file was imported (lines rejected are listed); 1 when nothing was
+    stored or the import stopped part-way (it says which lines were stored); 2 on errors."""
     from rm_service.formats import import_file
+    from rm_service.importers import ImportStopped
+    from rm_service.records import input_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
+    path = input_file(Path(args.file))  # a path that is not a readable file: one line, exit 2, store untouched
     store = Store(StoreSettings())
     try:
-        counts, rejected = import_file(store, Path(args.file), args.format, args.annotator)
+        counts, rejected = import_file(store, path, args.format, args.annotator)
+    except ImportStopped as stop:
+        _import_report(args.file, stop.counts, stop.reasons, limit=None)  # every rejected line: the rest before the stop is stored
+        print(f"rm-service import: {stop}", file=sys.stderr)
+        return 130 if isinstance(stop.cause, KeyboardInterrupt) else 1
     finally:
         store.close()
-    print(f"imported {args.file}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
-    for reason in rejected[:10]:
-        print(f"  rejected: {reason}")
-    if len(rejected) > 10:
-        print(f"  ... and {len(rejected) - 10} more")
+    _import_report(args.file, counts, rejected, limit=10)
+    if counts["INSERTED"] + counts["DUPLICATE"] == 0:
+        why = "every record was rejected" if rejected else "it holds no records"
+        print(f"rm-service import: nothing was imported from {args.file}: {why}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _import_report(file: str, counts, rejected: list[str], limit: int | None) -> None:
+    print(f"imported {file}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
+    for reason in rejected[:limit]:
+        print(f"  rejected: {reason}")
+    if limit is not None and len(rejected) > limit:
+        print(f"  ... and {len(rejected) - limit} more")
 
 
 def _export(args) -> int:
@@ -178,7 +195,7 @@ def _demo(args) -> int:
 
 
 FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
-FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL conversational preference JSONL (explicit or implicit prompt); "
+FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or conversational, explicit or implicit prompt); "
                "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
 
 
@@ -280,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except RMError as exc:
         print(f"rm-service {args.command}: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a file that is missing, a directory, unreadable, or a full disk
         print(f"rm-service {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -159,10 +159,20 @@ def write_promoted_pointer(rec: ModelRecord) -> None:
     tmp.replace(directory / POINTER)
 
 
-def read_promoted_pointer(artifacts_dir: Path) -> dict | None:
+def read_promoted_pointer(artifacts_dir: Path, strict: bool = False) -> dict | None:
+    """The pointer {version, artifact_path}; None when there is none. A pointer that cannot be
+    read or is not one is None too, unless `strict`: then FailedPrecondition naming the file."""
+    path = Path(artifacts_dir) / POINTER
     try:
-        return json.loads((Path(artifacts_dir) / POINTER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        pointer = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in ("version", "artifact_path")):
+            raise ValueError("not an object with the string keys version and artifact_path")
+        return pointer
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not a pointer
+        if strict:
+            raise FailedPrecondition(f"cannot read the registry's {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return None
 
 

@@ -28,6 +28,7 @@ class StoreSettings(BaseSettings):
     path: Path = Field(default_factory=lambda: rm_home() / "rm.duckdb", description="DuckDB file of the preference store.")
     max_text_chars: int = Field(32_000, gt=0, description="Longest accepted message or response, in characters.")
     max_responses: int = Field(16, ge=2, description="Most responses a single label may rank (K).")
+    max_strength: float = Field(1000.0, gt=0, description="Largest accepted label strength (a margin; finite, >= 0).")
     group_commit_max_labels: int = Field(
         4096, ge=1, description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group commit)."
     )

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
 from rm_service.conversation import Message
@@ -95,11 +95,16 @@ def is_version_dir(path: str | Path) -> bool:
 def read_meta(directory: str | Path) -> VersionMeta:
     path = Path(directory) / META_FILE
     try:
-        return VersionMeta.model_validate_json(path.read_text())
-    except FileNotFoundError as exc:
-        raise NotFound(f"no model version at {directory} (no {META_FILE})") from exc
-    except ValueError as exc:
-        raise FailedPrecondition(f"{path} is not a valid version record: {exc}") from exc
+        return VersionMeta.model_validate_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"no model version at {directory} (no {META_FILE})") from None
+    except OSError as exc:  # a directory, no permission
+        raise FailedPrecondition(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValidationError as exc:  # not JSON, or not a version record: one line naming what is wrong
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()[:5])
+        raise FailedPrecondition(f"{path} is not a valid version record: {problems}") from None
+    except ValueError as exc:  # not UTF-8
+        raise FailedPrecondition(f"{path} is not a valid version record: {exc}") from None
 
 
 def write_version(directory: Path, meta: VersionMeta, weight: np.ndarray, bias: np.ndarray) -> None:

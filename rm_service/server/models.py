@@ -19,7 +19,7 @@ from rm_service.errors import FailedPrecondition, NotFound
 from rm_service.models.precision import describe
 from rm_service.models.resolver import BUNDLED
 from rm_service.models.runtime import ModelRuntime
-from rm_service.models.version import VersionMeta, check_golden, is_version_dir, open_model, open_version
+from rm_service.models.version import VersionMeta, check_golden, is_version_dir, open_model, open_version, read_meta
 from rm_service.registry import ModelRecord
 from rm_service.settings import ModelSettings, ServeSettings
 from rm_service.store.db import Store
@@ -78,15 +78,43 @@ class ServedModels:
         self._watchers.discard(queue)
 
 
-def load_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
+@dataclass(frozen=True)
+class Target:
+    """What `serve` will load: a registry version's directory (with its record when the store
+    knows it), or an external model (a bundled name or an HF directory)."""
+
+    directory: Path | None = None
+    record: ModelRecord | None = None
+    external: str | None = None
+
+
+def resolve_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings) -> Target:
     """The model `serve` starts with: --model (a registry version, version directory, bundled
-    name or HF directory), else the promoted version (from the store, or without one from
-    the registry's promoted.json)."""
+    name or HF directory), else the promoted version (from the store, or without one from the
+    registry's promoted.json). Reads the registry and the version's version.json, so a registry
+    that cannot be read fails here, in one line, before the server binds its port."""
     name = settings.model
-    if name is None or not _is_external(name):
-        return load_named_version(name, settings, store, models)
-    if is_version_dir(name):
-        return load_version_dir(name, settings, models)
+    if name is not None and _is_external(name) and not is_version_dir(name):
+        return Target(external=name)
+    if name is not None and is_version_dir(name):
+        target = Target(Path(name))
+    elif store is not None:
+        rec = registry.get_model(store, name) if name else registry.promoted(store)
+        if rec is None:
+            raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
+        target = Target(Path(rec.artifact_path), rec)
+    else:
+        target = Target(Path(models.artifacts_dir) / name if name else _pointer_dir(models))
+    read_meta(target.directory)
+    return target
+
+
+def load_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings, target: Target | None = None) -> Served:
+    """Load (and warm) the model of `target`, by default resolve_for_serving's."""
+    target = target or resolve_for_serving(settings, store, models)
+    if target.external is None:
+        return load_version_dir(target.directory, settings, models, target.record)
+    name = target.external
     runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
     rec = ModelRecord(Path(name).name, None, None, name, runtime.spec.hash, "external", {}, 0.0, 1.0, runtime.model.ensemble_size, name)
     return Served(runtime, rec, make_backend(runtime, settings))
@@ -94,21 +122,7 @@ def load_for_serving(settings: ServeSettings, store: Store | None, models: Model
 
 def load_pinned(name: str, settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
     """One of ServeSettings.also_load: a registry version by name, or any model --model takes."""
-    if not _is_external(name):
-        return load_named_version(name, settings, store, models)
-    return load_for_serving(settings.model_copy(update={"model": name}), store, models)
-
-
-def load_named_version(name: str | None, settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
-    """A registry version by name (None: the promoted one), through the store or, without
-    one, the artifacts directory and its promoted.json."""
-    if store is not None:
-        rec = registry.get_model(store, name) if name else registry.promoted(store)
-        if rec is None:
-            raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
-        return load_version_dir(rec.artifact_path, settings, models, rec)
-    directory = Path(models.artifacts_dir) / name if name else _pointer_dir(models)
-    return load_version_dir(directory, settings, models)
+    return load_for_serving(settings, store, models, resolve_for_serving(settings.model_copy(update={"model": name}), store, models))
 
 
 def load_version_dir(directory: str | Path, settings: ServeSettings, models: ModelSettings, rec: ModelRecord | None = None) -> Served:
@@ -144,7 +158,7 @@ def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path
 
 
 def _pointer_dir(models: ModelSettings) -> Path:
-    pointer = registry.read_promoted_pointer(models.artifacts_dir)
+    pointer = registry.read_promoted_pointer(models.artifacts_dir, strict=True)
     if pointer is None:
         raise FailedPrecondition(f"no promoted version in {models.artifacts_dir} (no promoted.json); pass --model")
     return Path(pointer["artifact_path"])
