@@ -43,7 +43,7 @@ def broken(tmp_path) -> dict[str, tuple[list[str], dict[str, str], str]]:
         "promoted.json unreadable": (["--no-store", "--port", "0"], {"RM_MODELS_ARTIFACTS_DIR": str(arts)},
                                      "cannot read the registry's"),
         "version.json unreadable": (["--no-store", "--model", "v3", "--port", "0"], {"RM_MODELS_ARTIFACTS_DIR": str(arts)},
-                                    "v3/version.json: Expecting property name"),
+                                    "v3/version.json is not a valid version record: file: Invalid JSON"),
     }
 
 
