@@ -86,11 +86,11 @@ def run_demo(s: DemoSettings) -> int:
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    os.environ.update({"RM_STORE_PATH": str(home / "rm.duckdb"), "RM_MODELS_ARTIFACTS_DIR": str(home / "registry")})
+    use_home(home)
     facts, stages, total = RunFacts(settings=s, home=home), Stages(), time.monotonic()
     try:
-        _build_models(s, facts, stages)
-        _serve_and_loop(s, facts, stages)
+        build_models(s, facts, stages)
+        serve_and_loop(s, facts, stages)
     except RMError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -102,7 +102,12 @@ def run_demo(s: DemoSettings) -> int:
     return 0 if facts.server_exit_code == 0 else 1
 
 
-def _build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
+def use_home(home: Path) -> None:
+    """Point this process (and the server it starts) at the run's store and registry."""
+    os.environ.update({"RM_STORE_PATH": str(home / "rm.duckdb"), "RM_MODELS_ARTIFACTS_DIR": str(home / "registry")})
+
+
+def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start(f"import {s.data}")
     store = Store(StoreSettings())
     try:
@@ -134,7 +139,7 @@ def _calibration_items(store: Store, settings: TrainSettings, n: int | None, pat
     return path
 
 
-def _serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
+def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start(f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, owns the store, "
                      "runs retraining jobs)")
     env = {**os.environ, **settings_env(train_settings(s), "RM_TRAIN_"), "RM_SERVE_METRICS_PORT": "0", "RM_SERVE_ALSO_LOAD": facts.gold.version}
