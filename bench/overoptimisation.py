@@ -60,6 +60,21 @@ def copy_home(source: Path, target: Path) -> None:
         pointer.write_text(pointer.read_text().replace(str(source), str(target)))
 
 
+def built_versions(home: Path):
+    """(gold, proxy) of a base home built before, as the TrainResults build_models returns."""
+    from rm_service import registry
+    from rm_service.settings import StoreSettings
+    from rm_service.store.db import Store
+    from rm_service.train.run import TrainResult
+
+    store = Store(StoreSettings(path=home / "rm.duckdb"), read_only=True)
+    try:
+        gold, proxy = (registry.get_model(store, v) for v in ("v1", "v2"))
+    finally:
+        store.close()
+    return (TrainResult(gold.version, False, "", gold.metrics, 0.0), TrainResult(proxy.version, True, "", proxy.metrics, 0.0))
+
+
 def run_arm(arm: str, s, base_facts, home: Path) -> dict:
     from rm_service.demo.pipeline import Stages, serve_and_loop, use_home
     from rm_service.demo.report import RunFacts
@@ -143,7 +158,10 @@ def main() -> int:
     (home / "base").mkdir(parents=True, exist_ok=True)
     use_home(home / "base")
     base_facts = RunFacts(settings=base, home=home / "base")
-    build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
+    if (home / "base" / "rm.duckdb").exists():  # built by an earlier run with this --home: gold v1, proxy v2
+        base_facts.gold, base_facts.v1 = built_versions(home / "base")
+    else:
+        build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
     results = []
     for arm in args.arms.split(","):
         copy_home(home / "base", home / arm)

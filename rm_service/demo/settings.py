@@ -46,8 +46,9 @@ class DemoSettings(BaseSettings):
     rm_max_tokens: int = Field(512, ge=16, description="Tokens kept per (conversation, completion) by the reward models.")
     rm_ensemble_size: int = Field(4, ge=1, description="Score heads (served as mean and std; their disagreement picks what to label).")
     proxy_dataset_fraction: float = Field(
-        0.25, gt=0, le=1, description="Share of the human-labeled conversations the proxy (the served reward model) learns from; the gold "
-                                      "learns from all of them, so the proxy starts clearly weaker (Gao et al., 2023's setup).")
+        0.1, gt=0, le=1, description="Share of the human-labeled conversations the proxy (the served reward model) learns from; the gold "
+                                     "learns from all of them, so the proxy starts clearly weaker (Gao et al., 2023's setup; measured: 10% "
+                                     "-> 0.61 held-out, all -> 0.67).")
     calibration_pairs: int | None = Field(
         None, ge=0, description="Held-out human-labeled pairs the gold annotator also labels, to measure its agreement with people (None: all).")
     # -- policy -----------------------------------------------------------------------------
