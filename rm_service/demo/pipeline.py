@@ -168,8 +168,10 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     gold_dir = str(Path(ModelSettings().artifacts_dir) / facts.gold.version)
     judge_settings = JudgeSettings(backend="rm", model=gold_dir, server=address, concurrency=1)
     gold = [RewardAnnotator(gold_dir, judge_settings)]
-    t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps against the proxy; the gold labels the samples the proxy doubts most; "
-                     f"retrain at {s.retrain_min_labels} new labels")
+    which = "the samples the proxy doubts most" if s.selection == "uncertainty" else "random samples"
+    loop = (f"the gold labels {which}; retrain at {s.retrain_min_labels} new labels" if s.submit_every and s.retrain_min_labels
+            else "the proxy stays fixed")
+    t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps against the proxy; {loop}")
     stop, worker = threading.Event(), _JudgeWorker()
     thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, gold), daemon=True)
     thread.start()
