@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -27,6 +28,32 @@ def ticket(context: grpc.aio.ServicerContext) -> Ticket:
     return Ticket(None if remaining is None else time.monotonic() + remaining, context.cancelled)
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What one scoring call returns: the version that scored, the formatted items, and each
+    ensemble member's raw score [N, K]."""
+
+    served: Served
+    formatted: list[Formatted]
+    members: np.ndarray  # [N, K]
+
+    @property
+    def version(self) -> str:
+        return self.served.record.version
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.members.mean(axis=1)  # [N]
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.members.std(axis=1) if self.members.shape[1] > 1 else np.zeros(len(self.members))  # [N]
+
+    @property
+    def reward(self) -> np.ndarray:
+        return self.served.runtime.normalise(self.raw)  # [N], with the version's served statistics
+
+
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int,
                  observer=None):
@@ -46,21 +73,26 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             self.observer.stage("tokenise", time.monotonic() - start)
         return formatted
 
+    async def score(self, pairs: list[tuple[list[Message], str]], version: str, ticket: Ticket) -> Scored:
+        """Score validated (prompt, completion) pairs through admission and the batcher: the one
+        scoring path of Score and of the HTTP app. `version` "" is the served default; the version
+        is pinned for the whole call, even across a hot-swap."""
+        served = self.served.get(version)
+        formatted = await self._tokenise(served, pairs)
+        members = await self.batcher.score(served.record.version, served.backend, formatted, ticket)  # [N, K]
+        return Scored(served, formatted, members)
+
     @rpc
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         pairs = score_items(request, self.settings.max_items_per_request, self.max_chars)
-        served = self.served.get(request.model_version)  # pinned for the whole request, even across a hot-swap
-        formatted = await self._tokenise(served, pairs)
-        members = await self.batcher.score(served.record.version, served.backend, formatted, ticket(context))  # [N, K]
-        raw = members.mean(axis=1)  # [N]
-        std = members.std(axis=1) if members.shape[1] > 1 else np.zeros_like(raw)  # [N]
-        reward = served.runtime.normalise(raw)
+        scored = await self.score(pairs, request.model_version, ticket(context))
+        raw, std, reward, formatted, members = scored.raw, scored.std, scored.reward, scored.formatted, scored.members
         results = [
             reward_pb2.ScoreResult(id=item.id, reward=float(reward[i]), raw_score=float(raw[i]), uncertainty=float(std[i]),
                                    num_tokens=len(formatted[i]), truncated=formatted[i].truncated, members=members[i].tolist())
             for i, item in enumerate(request.items)
         ]
-        return reward_pb2.ScoreResponse(results=results, model_version=served.record.version, format_hash=served.runtime.spec.hash)
+        return reward_pb2.ScoreResponse(results=results, model_version=scored.version, format_hash=scored.served.runtime.spec.hash)
 
     @rpc
     async def ScoreTurns(self, request: reward_pb2.ScoreTurnsRequest, context) -> reward_pb2.ScoreTurnsResponse:
