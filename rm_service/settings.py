@@ -95,6 +95,16 @@ class ServeSettings(BaseSettings):
         description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
                     "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
     )
+    http_port: int = Field(
+        -1, ge=-1, le=65535,
+        description="HTTP port of the labeling page (docs/labeling.md), bound on the same host as gRPC with the same rules (bearer "
+                    "tokens, TLS); 0 picks a free one, -1 (default) serves no page. Needs the store in this process.",
+    )
+    labeling_lease_s: int = Field(
+        120, ge=1, le=24 * 3600,
+        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed page frees "
+                    "its task within this time.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or json: one object per line with time, level, logger, message.")
 
     @field_validator("also_load", mode="before")
