@@ -199,13 +199,13 @@ def home(tmp_path, monkeypatch) -> Path:
 class ServerThread:
     """A real RewardServer on port 0, run on an event loop in a background thread."""
 
-    def __init__(self, serve_settings, store_settings=None, models=None, train=None):
+    def __init__(self, serve_settings, store_settings=None, models=None, train=None, security=None):
         from rm_service.server.app import RewardServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = RewardServer(serve_settings, store_settings, models, train=train)
+        self.server = RewardServer(serve_settings, store_settings, models, security=security, train=train)
         self.port = self._call(self.server.start(), timeout=300)
         self.address = f"127.0.0.1:{self.port}"
 

@@ -161,7 +161,7 @@ async def _suggest(ctx: HttpContext, task: tasks.Task) -> list[Suggestion]:
     conv = conversation_id(task.prompt)
     found = await asyncio.to_thread(suggestions.judge_suggestions, ctx.store, [completion_id(conv, c) for c in task.completions])
     recorded = await asyncio.to_thread(suggestions.shown, ctx.store, task.task_id)
-    served = getattr(getattr(ctx.reward, "served", None), "default", None)
+    served = ctx.reward.served.default if ctx.reward is not None else None  # None until the model is loaded
     if served is not None and not any(s.kind == "model" and s.origin == served for s in recorded):
         try:
             scored = await ctx.reward.score([(task.prompt, c) for c in task.completions], "",
