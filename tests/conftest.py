@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+# Subprocesses (the CLI, tools/, bench/, the crash harness) import the checkout under test, not
+# another worktree that the environment's editable install points at.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

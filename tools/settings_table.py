@@ -14,9 +14,13 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
-from rm_service import settings as s
-from rm_service.demo.settings import DemoSettings
-from rm_service.judge.settings import JudgeSettings
+# The checkout this tool is in, before whatever rm_service the environment has installed (an
+# editable install of another worktree would otherwise be documented instead).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rm_service import settings as s  # noqa: E402
+from rm_service.demo.settings import DemoSettings  # noqa: E402
+from rm_service.judge.settings import JudgeSettings  # noqa: E402
 
 CLASSES = [s.StoreSettings, s.ModelSettings, s.ServeSettings, s.SecuritySettings, s.TrainSettings, JudgeSettings, DemoSettings]
 
