@@ -137,12 +137,13 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False, v
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
 
 
-def load_check(models=None):
-    """`promote`'s verify step: the version loads on the CPU and re-scores its golden items."""
+def load_check(models=None, device: str = "auto"):
+    """`promote`'s verify step: the version loads (as a scorer would: its device, the measured
+    precision) and re-scores its golden items."""
     from rm_service.models.version import open_version
 
     def verify(rec: ModelRecord) -> None:
-        open_version(rec.artifact_path, device="cpu", settings=models)
+        open_version(rec.artifact_path, device=device, settings=models)
 
     return verify
 

@@ -32,7 +32,7 @@ class RunFacts:
     models: list = field(default_factory=list)  # registry.ModelRecord, oldest first
     jobs: list = field(default_factory=list)  # store.jobs.Job, oldest first
     stats: dict = field(default_factory=dict)
-    agreement: object = None  # judge.agreement.AgreementReport against HUMAN and IMPORT (HH-RLHF) labels
+    agreement: object = None  # store.agreement.AgreementReport against HUMAN and IMPORT (HH-RLHF) labels
     plots: list[Path] = field(default_factory=list)
 
     def read_store(self, path: Path) -> None:
@@ -259,7 +259,7 @@ def write_report(facts: RunFacts) -> Path:
         *[f"| {k} | {v:,} |" for k, v in sorted(facts.stats.get("labels_by_source", {}).items())], "",
     ]
     if facts.agreement is not None:
-        from rm_service.judge.agreement import format_report
+        from rm_service.store.agreement import format_report
 
         lines += ["## The gold annotator", "", "Against the people's labels (HH-RLHF, imported) on the held-out pairs both labeled:", "",
                   format_report(facts.agreement, reference="HUMAN+IMPORT"), ""]

@@ -135,25 +135,24 @@ def probe_cpu(threads: int, key: str = "", rounds: int = 8, runs: int = 3) -> Me
     return Measurement(cpu_name(), key or machine_key(threads), threads, rates["fp32"], rates["bf16"], chosen, time.time())
 
 
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it (else the platform's processor string)."""
+def _cpuinfo(key: str) -> str:
+    """The first `key: value` of /proc/cpuinfo ("" where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (else the platform's processor string)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str:
+    return _cpuinfo("flags")
 
 
 def machine_key(threads: int) -> str:

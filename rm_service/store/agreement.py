@@ -1,20 +1,147 @@
-"""The labels two sets of labelers share, for agreement statistics (rm_service.judge.agreement).
+"""How far judge labels can be trusted: agreement with human labels on shared pairs, Cohen's
+kappa, the position-bias rate and length bias.
 
-A LabelSet is the labels of some sources, optionally of one annotator: "every HUMAN label",
-"the JUDGE labels of judge smollm2", "the HUMAN labels of labeler-3f9a0c12d4e5". For the
-reference set and the other set, `shared_pairs` returns each pair of completions that both
-ranked, with each side's share of votes for its first completion; `agreement_report` turns
-them into agreement, Cohen's kappa and length bias. People against a judge, a judge against
-imported labels and one person against another are the same computation.
+A shared pair is a pair of completions of one prompt that both the judge(s) and the
+reference (people) ranked. Each side's votes on it give the share preferring completion x
+(x = the smaller completion id: an arbitrary but fixed orientation); the majority is x, y,
+or a tie at exactly one half. On pairs where both majorities are decisive:
+
+- agreement: the fraction where the judges' majority picks the people's completion
+  (MT-Bench's "agreement without ties"); pairs where the judge tied are reported apart;
+- Cohen's kappa: the same agreement corrected for chance, (p_o - p_e) / (1 - p_e), with p_e
+  from each side's rates of x and y (0 = chance, 1 = perfect);
+- length bias: of the pairs whose completions differ in length, how often the judges prefer
+  the longer one next to how often the people do.
+
+The position-bias rate is the fraction of the judges' pairwise verdicts (each judged in both
+orders) that changed when the replies swapped places (Zheng et al., 2023 call 1 minus this
+"consistency"); it is read from JUDGE labels' metadata.
+
+The labels compared are two LabelSets: the labels of some sources, optionally of one annotator
+("every HUMAN label", "the JUDGE labels of judge smollm2", "the HUMAN labels of
+labeler-3f9a0c12d4e5"). `report` finds the pairs of completions both sets ranked (SQL over
+labels and label_rankings) with each side's share of votes for its first completion, and turns
+them into the report: people against a judge, a judge against imported labels and one person
+against another are the same computation.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import duckdb
 
 from rm_service.errors import InvalidArgument
+
+Side = Literal["x", "y", "tie"]
+
+
+@dataclass(frozen=True)
+class SharedPair:
+    x_chars: int
+    y_chars: int
+    reference: float  # share of the people's votes preferring x
+    judge: float  # share of the judges' votes preferring x
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    shared_pairs: int  # both majorities decisive
+    agreement: float
+    kappa: float
+    judge_ties: int | None  # shared pairs the people decided and the judges tied (None: not known)
+    swapped_pairs: int
+    position_flips: int
+    length_pairs: int | None  # decisive shared pairs whose completions differ in length (None: not known)
+    judge_longer: float
+    reference_longer: float
+
+    @property
+    def position_bias_rate(self) -> float:
+        return self.position_flips / self.swapped_pairs if self.swapped_pairs else 0.0
+
+
+def majority(share: float) -> Side:
+    return "x" if share > 0.5 else "y" if share < 0.5 else "tie"
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Cohen's kappa of two raters' labels of the same items; NaN when undefined (no items, or
+    both raters always used one and the same label)."""
+    n = len(a)
+    if n == 0 or n != len(b):
+        return math.nan
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    expected = sum((a.count(c) / n) * (b.count(c) / n) for c in set(a) | set(b))
+    if expected == 1.0:
+        return math.nan
+    return (observed - expected) / (1.0 - expected)
+
+
+def agreement_report(pairs: list[SharedPair], swapped_pairs: int = 0, position_flips: int = 0) -> AgreementReport:
+    decided = [(p, majority(p.reference), majority(p.judge)) for p in pairs if majority(p.reference) != "tie"]
+    both = [(p, r, j) for p, r, j in decided if j != "tie"]
+    agree = sum(r == j for _, r, j in both)
+    by_length = [(p, r, j) for p, r, j in both if p.x_chars != p.y_chars]
+
+    def longer_rate(side: int) -> float:
+        if not by_length:
+            return math.nan
+        return sum((t[side] == "x") == (t[0].x_chars > t[0].y_chars) for t in by_length) / len(by_length)
+
+    return AgreementReport(
+        shared_pairs=len(both),
+        agreement=agree / len(both) if both else math.nan,
+        kappa=cohen_kappa([r for _, r, _ in both], [j for _, _, j in both]),
+        judge_ties=len(decided) - len(both),
+        swapped_pairs=swapped_pairs,
+        position_flips=position_flips,
+        length_pairs=len(by_length),
+        judge_longer=longer_rate(2),
+        reference_longer=longer_rate(1),
+    )
+
+
+def report_from_stats(stats) -> AgreementReport:
+    """The report as GetStats (rm.v1.Stats) carries it, against HUMAN labels."""
+    return AgreementReport(
+        shared_pairs=stats.judge_human_shared_pairs, agreement=stats.judge_human_agreement if stats.judge_human_shared_pairs else math.nan,
+        kappa=stats.judge_human_kappa if stats.judge_human_shared_pairs else math.nan, judge_ties=None,
+        swapped_pairs=stats.judge_swapped_pairs, position_flips=round(stats.judge_position_bias_rate * stats.judge_swapped_pairs),
+        length_pairs=None, judge_longer=stats.judge_longer_preferred if stats.judge_human_shared_pairs else math.nan,
+        reference_longer=stats.human_longer_preferred if stats.judge_human_shared_pairs else math.nan,
+    )
+
+
+def fmt(value: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_report(report: AgreementReport, reference: str = "HUMAN") -> str:
+    """The report as a markdown table."""
+    r = report
+    with_ties = r.shared_pairs + (r.judge_ties or 0)
+    rows = [
+        ("shared pairs (judge and people both decisive)", str(r.shared_pairs)),
+        ("agreement with people", fmt(r.agreement)),
+        ("Cohen's kappa", fmt(r.kappa)),
+        ("pairs the people decided and the judge tied", "n/a" if r.judge_ties is None else str(r.judge_ties)),
+        ("agreement counting judge ties as misses",
+         fmt(r.agreement * r.shared_pairs / with_ties if r.judge_ties is not None and r.shared_pairs else math.nan)),
+        ("pair verdicts judged in both orders", str(r.swapped_pairs)),
+        ("position-bias rate (verdict flips with the order)", fmt(r.position_bias_rate) if r.swapped_pairs else "n/a"),
+        ("judge prefers the longer completion" + ("" if r.length_pairs is None else f" ({r.length_pairs} pairs)"), fmt(r.judge_longer)),
+        (f"people ({reference}) prefer the longer completion", fmt(r.reference_longer)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+# Label sets and the SQL that finds their shared pairs.
 
 
 @dataclass(frozen=True)
@@ -26,12 +153,10 @@ class LabelSet:
         return {f"{prefix}_sources": list(self.sources), f"{prefix}_annotator": self.annotator}
 
 
-def report(con: duckdb.DuckDBPyConnection, reference: LabelSet, other: LabelSet):
+def report(con: duckdb.DuckDBPyConnection, reference: LabelSet, other: LabelSet) -> AgreementReport:
     """`other`'s labels against `reference`'s on the pairs both ranked, as an AgreementReport;
     the position-bias counts are those recorded in `other`'s labels (a judge's metadata; 0 for
     people)."""
-    from rm_service.judge.agreement import SharedPair, agreement_report  # the judge package imports the store
-
     if not reference.sources or not other.sources:
         raise InvalidArgument("reference", "both label sets must name at least one source")
     overlap = set(reference.sources) & set(other.sources)

@@ -237,7 +237,7 @@ class Store:
 
     def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",), judge: str | None = None):
         """Judge labels (of one judge, or of all) against the reference sources' labels
-        (store.agreement, rm_service.judge.agreement)."""
+        (store.agreement)."""
         if "JUDGE" in reference or not reference:
             raise InvalidArgument("reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}")
         return self.agreement(LabelSet(tuple(reference)), LabelSet(("JUDGE",), judge))

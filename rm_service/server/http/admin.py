@@ -5,7 +5,7 @@
                                judge's JUDGE labels), plus the store's statistics
 
 Every number comes from Store.agreement / Store.judge_agreement (store.agreement, then
-judge.agreement.agreement_report): shared pairs, agreement, Cohen's kappa, ties, length bias
+store.agreement.agreement_report): shared pairs, agreement, Cohen's kappa, ties, length bias
 and, for judges, the position-bias rate. Pairs of people who share no pair are left out.
 """
 
