@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -11,6 +13,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+CLIENT = REPO / "clients" / "python"
+# This checkout's light client (rm_client) comes first, as this checkout's rm_service does under
+# `python -m pytest` from the repository root: in this process and in every server, CLI and
+# tool the tests start, whether or not `make install` put it in the environment.
+sys.path.insert(0, str(CLIENT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT), os.environ.get("PYTHONPATH")]))
 HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
