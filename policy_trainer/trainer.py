@@ -32,10 +32,11 @@ from policy_trainer.policy import load_policy, reference_logits, stop_token_ids
 from policy_trainer.ppo import (AdaptiveKLController, RunningMoments, entropy_of, gae, logprobs_of, masked_mean, masked_var, masked_whiten,
                                 per_token_rewards, policy_loss, rloo_advantages, shape_scores, value_loss)
 from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
-from policy_trainer.reward_client import RewardClient, VersionUnavailable, open_channel
+from policy_trainer.reward_client import Scores
 from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
+from rm_client import RewardClient, VersionUnavailable, open_channel
 
 log = logging.getLogger("policy_trainer")
 EVAL_SEED = 1234
@@ -181,13 +182,13 @@ class PPOTrainer:
             return served, info
         pairs = ([prompts[rollout.prompt_index[i]].messages for i in real], [rollout.texts[i] for i in real])
         try:
-            scores = self.client.score(*pairs, version=self.version)
+            scores = Scores.of(self.client.score(*pairs, version=self.version))
         except VersionUnavailable:
             latest = self.watcher.latest() if self.watcher else None
             if not latest or latest == self.version:
                 raise
             self.switch_version(latest, step, f"{self.version} no longer loaded")
-            scores = self.client.score(*pairs, version=self.version)
+            scores = Scores.of(self.client.score(*pairs, version=self.version))
         served[real] = torch.from_numpy(scores.rewards).float()
         members = np.full((len(rollout.texts), scores.members.shape[1]), np.nan)  # [B, M]
         members[real] = scores.members
@@ -369,7 +370,7 @@ class PPOTrainer:
         if not real:
             return float("nan")
         prompts = [self.eval_prompts[rollout.prompt_index[i]].messages for i in real]
-        return float(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards.mean())
+        return float(np.mean(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards))
 
     def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
         """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
