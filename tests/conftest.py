@@ -14,11 +14,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "clients" / "python"
-# This checkout's light client (rm_client) comes first, as this checkout's rm_service does under
-# `python -m pytest` from the repository root: in this process and in every server, CLI and
-# tool the tests start, whether or not `make install` put it in the environment.
+# This checkout's code comes first, its rm_service and its light client (rm_client): in this
+# process and in every server, CLI, tool and bench script the tests start (a script's own
+# folder, tools/ or bench/, is what Python puts first otherwise), whatever the environment
+# has installed.
 sys.path.insert(0, str(CLIENT))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT), os.environ.get("PYTHONPATH")]))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
