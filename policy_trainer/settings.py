@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource, YamlConfigSettingsSource)
 
+from policy_trainer.estimators import ESTIMATORS, EstimatorName
 from rm_service.settings import rm_home
 
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ppo_config_file", default=None)
@@ -68,7 +69,7 @@ class PPOSettings(BaseSettings):
     tls_ca: Path | None = Field(None, description="PEM CA bundle: connect with TLS, verifying the server against it.")
 
     # -- PPO -------------------------------------------------------------------------------
-    advantage_estimator: Literal["gae", "rloo"] = Field("gae", description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).")
+    advantage_estimator: EstimatorName = Field("gae", description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy (and the value head).")
     value_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the value head (None: learning_rate x 10; it starts from zero).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -128,8 +129,8 @@ class PPOSettings(BaseSettings):
     def _check(self) -> PPOSettings:
         if self.prompts_file is not None and self.prompts_store is not None:
             raise ValueError("set prompts_file or prompts_store, not both")
-        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError("advantage_estimator=rloo needs samples_per_prompt >= 2 (the baseline is the other samples' mean)")
+        if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator={self.advantage_estimator} needs samples_per_prompt >= 2 (the baseline is the other samples' mean)")
         if self.submit_every and self.samples_per_prompt < 2:
             raise ValueError("submit_every needs samples_per_prompt >= 2 (a labeling candidate has K >= 2 completions)")
         if self.num_minibatches > self.prompts_per_step * self.samples_per_prompt:

@@ -28,35 +28,19 @@ import torch
 from policy_trainer import checkpoint
 from policy_trainer.logs import RunLogger, plot
 from policy_trainer.outer_loop import ModelWatcher, OuterLoop
-from policy_trainer.policy import load_policy, reference_logits, stop_token_ids
-from policy_trainer.ppo import (AdaptiveKLController, RunningMoments, entropy_of, gae, logprobs_of, masked_mean, masked_var, masked_whiten,
-                                per_token_rewards, policy_loss, rloo_advantages, shape_scores, value_loss)
+from policy_trainer.estimators import ESTIMATORS
+from policy_trainer.evaluation import EvaluationMixin, eval_scalars
+from policy_trainer.policy import load_policy, stop_token_ids
+from policy_trainer.ppo import AdaptiveKLController, RunningMoments, masked_mean, shape_scores
 from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
 from policy_trainer.reward_client import Scores
 from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
+from policy_trainer.update import Batch, UpdateMixin, explained_variance
 from rm_client import RewardClient, VersionUnavailable, open_channel
 
 log = logging.getLogger("policy_trainer")
-EVAL_SEED = 1234
-
-
-@dataclass
-class Batch:
-    """A scored rollout with everything the PPO update reads; per-token tensors are [B, R]."""
-
-    rollout: Rollout
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    kl: torch.Tensor
-    scores: torch.Tensor  # [B] what PPO saw at the last token
-    served: torch.Tensor  # [B] the served reward (empty completions: NaN)
-    members: np.ndarray  # [B, M] raw score of each ensemble member (empty completions: NaN)
 
 
 @dataclass
@@ -99,7 +83,7 @@ def prompt_sets(s: PPOSettings, conversations: list[list], tokenizer) -> tuple[l
     return (train[: s.max_prompts] if s.max_prompts else train), heldout
 
 
-class PPOTrainer:
+class PPOTrainer(UpdateMixin, EvaluationMixin):
     def __init__(self, settings: PPOSettings, on_step: Callable[[dict], None] | None = None):
         s = self.s = settings
         self.on_step = on_step
@@ -111,7 +95,7 @@ class PPOTrainer:
         self.train_prompts, self.eval_prompts = prompt_sets(s, conversations, self.m.tokenizer)
         self.sampler = PromptSampler(len(self.train_prompts), s.seed)
         groups = [{"params": list(self.m.policy.lm.parameters()), "lr": s.learning_rate}]
-        if s.advantage_estimator == "gae":
+        if ESTIMATORS[s.advantage_estimator].needs_value_head:
             groups.append({"params": list(self.m.policy.value_head.parameters()), "lr": s.value_learning_rate or 10 * s.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, eps=s.adam_eps, weight_decay=s.weight_decay)
         self.kl_ctl = AdaptiveKLController(s.kl_coef, s.kl_target if s.adaptive_kl else None, s.kl_horizon)
@@ -205,87 +189,6 @@ class PPOTrainer:
             scores[real] = shape_scores(served[real], ended[real], self.moments if s.normalize_reward else None, s.reward_clip, s.missing_eos_penalty)
         return scores
 
-    # -- PPO -------------------------------------------------------------------------------
-
-    def forward(self, rollout: Rollout, with_grad: bool):
-        """Policy logits and values on a rollout (trimmed to its real columns)."""
-        m, s = self.m, self.s
-        ids, attn = rollout.input_ids.to(m.device), rollout.attention_mask.to(m.device)  # [b, P+R]
-        with torch.set_grad_enabled(with_grad), m.autocast():
-            return m.policy(ids, attn, rollout.response_len, s.temperature)  # [b, R, V], [b, R]
-
-    @torch.no_grad()
-    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        m = self.m
-        ids, attn = rollout.input_ids.to(m.device), rollout.attention_mask.to(m.device)
-        with m.autocast():
-            logits = reference_logits(m.ref, ids, attn, rollout.response_len, self.s.temperature)  # [b, R, V]
-        return logprobs_of(logits, rollout.response_ids.to(m.device))  # [b, R]
-
-    def minibatch_rows(self, size: int) -> list[torch.Tensor]:
-        chunk = max(1, -(-size // self.s.num_minibatches))  # ceil
-        return [torch.arange(i, min(i + chunk, size)) for i in range(0, size, chunk)]
-
-    @torch.no_grad()
-    def token_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logprobs, values and ref_logprobs of the sampled tokens, each [B, R]; computed in
-        minibatch-sized chunks to bound the [b, R, V] logits in memory."""
-        dev, width = self.m.device, rollout.response_len
-        logprobs, values, ref_logprobs = [], [], []
-        for rows in self.minibatch_rows(len(rollout.texts)):
-            part = trim(rollout.rows(rows))
-            logits, v = self.forward(part, with_grad=False)
-            logprobs.append(pad_right(logprobs_of(logits, part.response_ids.to(dev)), width))
-            values.append(pad_right(v.float(), width))
-            ref_logprobs.append(pad_right(self.ref_logprobs(part), width))
-        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
-
-    @torch.no_grad()
-    def make_batch(self, rollout: Rollout, scores: torch.Tensor, served: torch.Tensor, members: np.ndarray) -> Batch:
-        s, dev = self.s, self.m.device
-        logprobs, values, ref_logprobs = self.token_logprobs(rollout)  # [B, R] each
-        mask = rollout.response_mask.to(dev).float()  # [B, R]
-        rewards, kl = per_token_rewards(scores.to(dev), logprobs, ref_logprobs, mask, self.kl_ctl.value)  # [B, R]
-        if s.advantage_estimator == "gae":
-            advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
-        else:
-            advantages, returns = rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)
-        if s.norm_adv:
-            advantages = masked_whiten(advantages, mask)
-        return Batch(rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served, members)
-
-    def update(self, batch: Batch) -> dict:
-        """update_epochs passes of minibatches of the clipped objective; returns mean stats."""
-        s, dev = self.s, self.m.device
-        stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")}
-        size = len(batch.rollout.texts)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for _ in range(s.update_epochs):
-            perm = torch.randperm(size)
-            for rows in self.minibatch_rows(size):
-                idx = perm[rows]
-                part = trim(batch.rollout.rows(idx))
-                r = part.response_len
-                mask, old_logprobs = batch.mask[idx, :r], batch.logprobs[idx, :r]  # [b, r]
-                logits, values = self.forward(part, with_grad=True)  # [b, r, V], [b, r]
-                logprobs = logprobs_of(logits, part.response_ids.to(dev))  # [b, r]
-                entropy = masked_mean(entropy_of(logits), mask)
-                pl = policy_loss(logprobs, old_logprobs, batch.advantages[idx, :r], mask, s.clip_coef)
-                loss = pl.pg_loss - s.ent_coef * entropy
-                if s.advantage_estimator == "gae":
-                    vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], batch.returns[idx, :r], mask, s.clip_vf)
-                    loss = loss + s.vf_coef * vf_loss
-                else:
-                    vf_loss, vf_clipfrac = torch.zeros(()), torch.zeros(())
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                self.optimizer.step()
-                for key, value in (("loss/policy", pl.pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy), ("policy/clipfrac", pl.clipfrac),
-                                   ("policy/approx_kl", pl.approx_kl), ("value/clipfrac", vf_clipfrac)):
-                    stats[key].append(float(value.detach()))
-        return {k: float(np.mean(v)) for k, v in stats.items()}
-
     def ppo_step(self, step: int) -> tuple[dict, Batch]:
         s = self.s
         t0 = time.perf_counter()
@@ -319,7 +222,8 @@ class PPOTrainer:
             "kl/coef": kl_coef_used,
             **stats,
             "value/mean": float(masked_mean(batch.values, batch.mask)),
-            "value/explained_var": explained_variance(batch.values, batch.returns, batch.mask) if s.advantage_estimator == "gae" else float("nan"),
+            "value/explained_var": (explained_variance(batch.values, batch.returns, batch.mask)
+                                    if ESTIMATORS[s.advantage_estimator].needs_value_head else float("nan")),
             "response/length_mean": float(lengths.mean()),
             "response/ended_fraction": float(rollout.ended.float().mean()),
             "response/empty_fraction": float((~real).float().mean()),
@@ -334,48 +238,6 @@ class PPOTrainer:
             "outer/retrains_requested": self.outer.retrains,
         }
         return metrics, batch
-
-    # -- evaluation ------------------------------------------------------------------------
-
-    def eval_rollout(self, lm=None) -> Rollout:
-        """Held-out prompts, `samples_per_prompt` samples each, on a fixed RNG stream (restored
-        afterwards), so the policy and the reference see the same draws."""
-        index = [i for i in range(len(self.eval_prompts)) for _ in range(self.s.samples_per_prompt)]
-        with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
-            torch.manual_seed(EVAL_SEED)
-            return self.rollout(self.eval_prompts, index, lm)
-
-    def evaluate(self, lm=None, step: int = 0, rollout: Rollout | None = None) -> dict:
-        """The held-out samples of `lm` (default: the policy) scored with the current version.
-        `rollout`: samples already drawn by that model on the evaluation stream, to be rescored."""
-        if not self.eval_prompts:
-            return {}
-        rollout = rollout if rollout is not None else self.eval_rollout(lm)
-        served, _ = self.served_rewards(self.eval_prompts, rollout, step)
-        mask = rollout.response_mask.to(self.m.device).float()  # [B, R]
-        real = ~torch.isnan(served)
-        out = {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
-               "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
-               "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
-               "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
-               "n": len(rollout.texts), "version": self.version}
-        if self.gold is not None:
-            out["gold_reward_mean"] = self.gold_reward(rollout)
-        return out
-
-    def gold_reward(self, rollout: Rollout) -> float:
-        """Mean gold reward of the samples (pinned to gold_version): the held-out measure the
-        policy never trains against, beside the served proxy (Gao et al., 2023)."""
-        real = [i for i, t in enumerate(rollout.texts) if t]
-        if not real:
-            return float("nan")
-        prompts = [self.eval_prompts[rollout.prompt_index[i]].messages for i in real]
-        return float(np.mean(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards))
-
-    def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
-        """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
-        logprobs, _, ref_logprobs = self.token_logprobs(rollout)  # [B, R]
-        return float(((logprobs - ref_logprobs) * mask).sum(1).mean())
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -486,36 +348,6 @@ class PPOTrainer:
         if self.gold is not None:
             self.gold.close()
         self.store_channel.close()
-
-
-def eval_scalars(evaluation: dict) -> dict[str, float]:
-    """An evaluation as scalars beside the step's metrics: proxy and gold reward of the held-out
-    samples against KL and sqrt(KL) (Gao et al.'s axis)."""
-    kl = evaluation.get("kl_seq", float("nan"))
-    out = {"eval/proxy_reward": evaluation.get("reward_mean", float("nan")), "eval/kl": kl,
-           "eval/sqrt_kl": float(np.sqrt(max(kl, 0.0))) if kl == kl else float("nan")}
-    if "gold_reward_mean" in evaluation:
-        out["eval/gold_reward"] = evaluation["gold_reward_mean"]
-    return out
-
-
-def trim(rollout: Rollout) -> Rollout:
-    """Drop the left columns that are padding in every row and the right columns past the
-    longest real response: a minibatch of short rows costs less. [b, P+R] -> [b, P'+R']."""
-    first = int(rollout.query_mask.any(dim=0).int().argmax())
-    last = int(rollout.response_mask.sum(dim=1).max())
-    return Rollout(rollout.query_ids[:, first:], rollout.query_mask[:, first:], rollout.response_ids[:, :last], rollout.response_mask[:, :last],
-                   rollout.ended, rollout.texts, rollout.prompt_index)
-
-
-def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[b, r] -> [b, width], zeros on the right."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var_returns = float(masked_var(returns, mask))
-    return float("nan") if var_returns == 0 else 1 - float(masked_var(returns - values, mask)) / var_returns
 
 
 def train_ppo(settings: PPOSettings, on_step: Callable[[dict], None] | None = None) -> Summary:

@@ -259,7 +259,7 @@ def write_report(facts: RunFacts) -> Path:
         *[f"| {k} | {v:,} |" for k, v in sorted(facts.stats.get("labels_by_source", {}).items())], "",
     ]
     if facts.agreement is not None:
-        from rm_service.judge.agreement import format_report
+        from rm_service.store.agreement import format_report
 
         lines += ["## The gold annotator", "", "Against the people's labels (HH-RLHF, imported) on the held-out pairs both labeled:", "",
                   format_report(facts.agreement, reference="HUMAN+IMPORT"), ""]

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from policy_trainer.estimators import EstimatorName
 from rm_service.settings import rm_home
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "hh_harmless_pairs.jsonl"
@@ -58,7 +59,7 @@ class DemoSettings(BaseSettings):
     samples_per_prompt: int = Field(2, ge=2, description="Completions per prompt (labeling candidates need 2 or more).")
     max_new_tokens: int = Field(32, gt=0, description="Most new tokens per completion.")
     max_prompt_tokens: int = Field(96, ge=8, description="Prompts longer than this (after the chat template) are skipped; short prompts keep a CPU step short.")
-    advantage_estimator: Literal["gae", "rloo"] = Field(
+    advantage_estimator: EstimatorName = Field(
         "rloo", description="rloo: the clipped PPO surrogate with leave-one-out advantages (no value head to warm up in a short run); gae: a value head and GAE.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy (high for a 20-step run; the KL penalty bounds the drift).")
     kl_coef: float = Field(0.1, ge=0, description="KL penalty coefficient to the reference policy.")
@@ -67,8 +68,8 @@ class DemoSettings(BaseSettings):
     update_epochs: int = Field(1, gt=0, description="PPO passes over each rollout batch.")
     num_minibatches: int = Field(2, gt=0, description="PPO minibatches per pass.")
     # -- outer loop -------------------------------------------------------------------------
-    submit_every: int = Field(2, ge=0, description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays fixed).")
-    submit_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of a batch's prompts submitted (with all their completions).")
+    submit_every: int = Field(1, ge=0, description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays fixed).")
+    submit_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of a batch's prompts submitted (with all their completions); `selection` picks which.")
     retrain_min_labels: int = Field(12, ge=0, description="New labels since the reward model's snapshot that trigger a retrain request (0: never).")
     selection: Literal["uncertainty", "random"] = Field("uncertainty", description="Which samples go to labeling: the ensemble's most doubted pairs, or random.")
     label_budget: int = Field(0, ge=0, description="Most labeling candidates over the run (0: no limit).")

@@ -22,9 +22,21 @@ from pathlib import Path
 
 from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2
+from rm_service.judge.backend import JudgeBackend
 from rm_service.judge.items import JudgeItem
 from rm_service.judge.pairwise import Judge, copeland_ranks, judge_item
 from rm_service.judge.provenance import annotator, judge_label, label_id
+
+
+def load_judges(settings) -> list[JudgeBackend]:
+    """One backend per model of the panel (settings.models)."""
+    if settings.backend == "http":
+        from rm_service.judge.openai_http import OpenAIBackend
+
+        return [OpenAIBackend(settings, model) for model in settings.models]
+    from rm_service.judge.local import LocalBackend
+
+    return [LocalBackend(model, device=settings.device, threads=settings.torch_threads) for model in settings.models]
 
 
 class PanelAnnotator:

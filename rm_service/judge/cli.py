@@ -39,7 +39,7 @@ def _judge(args) -> int:
 
 
 def _judge_agreement(args) -> int:
-    from rm_service.judge.agreement import format_report, report_from_stats
+    from rm_service.store.agreement import format_report, report_from_stats
 
     reference = tuple(s.strip().upper() for s in args.reference.split(",") if s.strip())
     if args.address:

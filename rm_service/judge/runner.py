@@ -26,9 +26,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rm_service.api.v1 import preference_pb2
-from rm_service.judge.backend import BackendUnavailable, JudgeBackend, load_judges
+from rm_service.judge.backend import BackendUnavailable, JudgeBackend
 from rm_service.judge.items import JudgeItem, item_from_task, read_items
-from rm_service.judge.annotators import PanelAnnotator, RewardAnnotator
+from rm_service.judge.annotators import PanelAnnotator, RewardAnnotator, load_judges
 from rm_service.judge.pairwise import Judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.judge.store_client import StoreClient

@@ -20,6 +20,7 @@ import numpy as np
 from rm_service.conversation import Message, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
+from rm_service.store.agreement import SharedPair, agreement_report
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
 from rm_service.store.schema import migrate
 from rm_service.store.tx import transaction
@@ -235,8 +236,6 @@ class Store:
 
     def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",)):
         """Judge labels against the reference sources' labels (rm_service.judge.agreement)."""
-        from rm_service.judge.agreement import SharedPair, agreement_report
-
         if "JUDGE" in reference or not reference:
             raise InvalidArgument("reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}")
         with self._lock:
