@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -12,9 +13,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# Subprocesses (the CLI, tools/, bench/, the crash harness) import the checkout under test, not
-# another worktree that the environment's editable install points at.
-os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+CLIENT = REPO / "clients" / "python"
+# This checkout's code comes first, its rm_service and its light client (rm_client): in this
+# process and in every server, CLI, tool and bench script the tests start (a script's own
+# folder, tools/ or bench/, is what Python puts first otherwise), whatever the environment
+# has installed.
+sys.path.insert(0, str(CLIENT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
