@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,40 @@ def home(tmp_path, monkeypatch) -> Path:
     for var in ("RM_STORE_PATH", "RM_MODELS_ARTIFACTS_DIR", "RM_MODELS_CACHE_DIR", "RM_SERVE_MODEL"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path / "home"
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+class Stall:
+    """Wraps a real backend: every batch waits until `release()` (at once when made with
+    stalled=False) and is recorded, so tests count what reached the model."""
+
+    def __init__(self, backend, stalled: bool = True):
+        self.backend, self.pad_id = backend, backend.pad_id
+        self.gate = threading.Event()
+        if not stalled:
+            self.gate.set()
+        self.batches: list[int] = []  # rows of each batch that reached the model
+        self.shapes: list[tuple[int, int]] = []  # (rows, width) of each batch
+        self.lengths: list[list[int]] = []  # tokens of each row of each batch
+
+    def run_collated(self, batch):
+        rows, width = batch["input_ids"].shape
+        self.batches.append(int(rows))
+        self.shapes.append((int(rows), int(width)))
+        self.lengths.append(batch["attention_mask"].sum(dim=1).tolist())
+        self.gate.wait(30)
+        return self.backend.run_collated(batch)
+
+    def release(self):
+        self.gate.set()
 
 
 class ServerThread:

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import REPO, ServerThread, store_with_hh
+from conftest import REPO, ServerThread, Stall, store_with_hh
+from conftest import wait_until as _wait
 from rm_service import registry
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
@@ -28,23 +29,6 @@ PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers."),
 def _request(completions, version=""):
     return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)],
                                    model_version=version)
-
-
-class Stall:
-    """Wraps a backend: every batch waits until `release()`; counts what reached the model."""
-
-    def __init__(self, backend):
-        self.backend, self.pad_id = backend, backend.pad_id
-        self.gate = threading.Event()
-        self.batches: list[int] = []  # sizes of the batches that reached the model
-
-    def run_collated(self, batch):
-        self.batches.append(int(batch["input_ids"].shape[0]))
-        self.gate.wait(30)
-        return self.backend.run_collated(batch)
-
-    def release(self):
-        self.gate.set()
 
 
 @pytest.fixture
@@ -272,14 +256,6 @@ def test_a_server_process_that_cannot_start_is_an_error_naming_its_log(home, tmp
     with pytest.raises(RMError, match=r"exited during start-up \(code 2\); see .*server.log"):
         start_server_process(env, tmp_path, timeout=120)
     assert "no model version at" in (tmp_path / "server.log").read_text()  # the child's own account is kept
-
-
-def _wait(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry_with_two_versions):
