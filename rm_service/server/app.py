@@ -64,6 +64,7 @@ class RewardServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.batcher: Batcher | None = None
+        self.reward: RewardService | None = None
         self._follower: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -82,12 +83,11 @@ class RewardServer:
         names = []
         if self.settings.with_model:
             st = self.settings
-            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms,
-                                   observer=self.metrics, max_padding=st.max_padding)
+            self.batcher = Batcher(st, observer=self.metrics)
             self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
-            reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
-            reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, self.server)
+            self.reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
+            reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
@@ -113,6 +113,7 @@ class RewardServer:
         if self.settings.with_model:
             log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
             served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
+            await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
             log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
             if self.settings.follow_registry and served.record.status != "external":
@@ -149,6 +150,8 @@ class RewardServer:
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)  # new calls: UNAVAILABLE; in-flight ones finish
         await asyncio.to_thread(self.metrics.close)
+        if self.reward is not None:
+            await asyncio.to_thread(self.reward.close)
         if self.batcher is not None:
             await self.batcher.stop()
             self.batcher = None
