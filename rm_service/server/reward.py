@@ -97,8 +97,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         served = self.served.get(request.model_version)
         runtime = served.runtime
         pairs = [(conversation[:i], conversation[i].content) for i in turns]
-        work = pairs[-1:] if runtime.spec.kind == "causal" else pairs  # causal: one pass over the whole conversation
-        with self._admit(served, len(pairs), work, context) as permit:
+        with self._admit(served, len(pairs), _turns_work(runtime.spec, pairs), context) as permit:
             full = await self._conversation_tokens(served, conversation, turns[-1])
             if full > self.settings.score_turns_max_tokens:
                 raise InvalidArgument("conversation", f"holds {full} tokens; the cap per ScoreTurns call is "
@@ -165,6 +164,15 @@ def _assistant_turns(conversation: list[Message], max_chars: int, max_turns: int
         raise InvalidArgument("conversation", f"has {len(turns)} assistant turns; the cap per ScoreTurns call is {max_turns} "
                                               "(score_turns_max_turns)")
     return turns
+
+
+def _turns_work(spec, pairs: list[tuple[list[Message], str]]) -> list[tuple[list[Message], str]]:
+    """What a ScoreTurns call will run, for admission: on a causal backbone one pass over the
+    last turn's item when the conversation looks like it fits the model, else every turn's item."""
+    prompt, completion = pairs[-1]
+    if spec.kind == "causal" and estimate_tokens([m.content for m in prompt] + [completion], 1 << 40) <= spec.max_tokens:
+        return pairs[-1:]
+    return pairs
 
 
 def warm_up_items(runtime, max_batch_tokens: int) -> list[Formatted]:
