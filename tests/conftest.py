@@ -190,6 +190,32 @@ class ServerThread:
 
 
 @pytest.fixture
+def stalled_server(home, tiny_rm_dir):
+    """stalled_server(stalled=True, **settings) -> (server, stub, stall, runtime): a real server
+    with the tiny model behind a Stall (store off, metrics off); all stopped after the test."""
+    import grpc
+
+    from rm_service.api.v1 import reward_pb2_grpc
+    from rm_service.settings import ServeSettings
+
+    made = []
+
+    def make(stalled: bool = True, **settings):
+        srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=-1, **settings))
+        served = srv.server.served.get()
+        stall = served.backend = Stall(served.backend, stalled)
+        channel = grpc.insecure_channel(srv.address)
+        made.append((srv, channel, stall))
+        return srv, reward_pb2_grpc.RewardServiceStub(channel), stall, served.runtime
+
+    yield make
+    for srv, channel, stall in made:
+        stall.release()
+        channel.close()
+        srv.stop()
+
+
+@pytest.fixture
 def server(home, tiny_rm_dir):
     """The server with the tiny TRL-style checkpoint and a store in the temp home."""
     from rm_service.settings import ServeSettings

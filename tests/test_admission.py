@@ -48,35 +48,14 @@ class Counted:
         return self.fn(*args)
 
 
-@pytest.fixture
-def serve(home, tiny_rm_dir):
-    """serve(stalled=True, **settings) -> (server, stub, stall, runtime): the tiny model behind a Stall."""
-    made = []
-
-    def make(stalled: bool = True, **settings):
-        srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=-1, **settings))
-        served = srv.server.served.get()
-        stall = Stall(served.backend, stalled)
-        served.backend = stall
-        channel = grpc.insecure_channel(srv.address)
-        made.append((srv, channel, stall))
-        return srv, reward_pb2_grpc.RewardServiceStub(channel), stall, served.runtime
-
-    yield make
-    for srv, channel, stall in made:
-        stall.release()
-        channel.close()
-        srv.stop()
-
-
 def _code(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as err:
         call()
     return err.value.code()
 
 
-def test_a_refused_call_is_resource_exhausted_and_never_tokenised(serve):
-    srv, stub, stall, runtime = serve(max_queued_tokens=1)  # one call's tokens fill the queue
+def test_a_refused_call_is_resource_exhausted_and_never_tokenised(stalled_server):
+    srv, stub, stall, runtime = stalled_server(max_queued_tokens=1)  # one call's tokens fill the queue
     formats = Counted(runtime, "format")
     first = stub.Score.future(_request("first"), timeout=30)
     wait_until(lambda: stall.batches == [1])  # on the (stalled) model, its tokens still queued
@@ -90,8 +69,8 @@ def test_a_refused_call_is_resource_exhausted_and_never_tokenised(serve):
     assert first.result(timeout=30).results
 
 
-def test_a_call_that_cannot_make_its_deadline_is_refused_at_once(serve):
-    srv, stub, stall, runtime = serve(max_queued_tokens=10**6)  # only the expected-wait rule can refuse
+def test_a_call_that_cannot_make_its_deadline_is_refused_at_once(stalled_server):
+    srv, stub, stall, runtime = stalled_server(max_queued_tokens=10**6)  # only the expected-wait rule can refuse
     formats = Counted(runtime, "format")
     first = stub.Score.future(_request(NILE * 2), timeout=60)
     wait_until(lambda: stall.batches == [1])
@@ -107,8 +86,8 @@ def test_a_call_that_cannot_make_its_deadline_is_refused_at_once(serve):
     assert first.result(timeout=30).results and patient.result(timeout=30).results
 
 
-def test_expired_work_never_reaches_the_model(serve):
-    srv, stub, stall, runtime = serve()
+def test_expired_work_never_reaches_the_model(stalled_server):
+    srv, stub, stall, runtime = stalled_server()
     passes = Counted(runtime, "rewards_at")  # ScoreTurns' one causal pass
     first = stub.Score.future(_request("first"), timeout=30)
     wait_until(lambda: stall.batches == [1])
@@ -126,8 +105,8 @@ def test_expired_work_never_reaches_the_model(serve):
     assert len(turns.turns) == 3 and passes.calls == 1
 
 
-def test_score_turns_caps_are_invalid_argument_naming_the_cap(serve):
-    srv, stub, stall, runtime = serve(stalled=False, score_turns_max_turns=3, score_turns_max_tokens=400)
+def test_score_turns_caps_are_invalid_argument_naming_the_cap(stalled_server):
+    srv, stub, stall, runtime = stalled_server(stalled=False, score_turns_max_turns=3, score_turns_max_tokens=400)
     formats = Counted(runtime, "format")
     with pytest.raises(grpc.RpcError) as err:
         stub.ScoreTurns(_conversation(4), timeout=30)
@@ -144,8 +123,8 @@ def test_score_turns_caps_are_invalid_argument_naming_the_cap(serve):
 LONG_TURNS = 12  # 12 exchanges of ~150-token messages: past the model's 1,024 tokens, so each turn is its own item
 
 
-def test_a_cancelled_score_turns_stops_midway(serve):
-    srv, stub, stall, runtime = serve()
+def test_a_cancelled_score_turns_stops_midway(stalled_server):
+    srv, stub, stall, runtime = stalled_server()
     call = stub.ScoreTurns.future(_conversation(LONG_TURNS, words=3), timeout=60)
     wait_until(lambda: len(stall.batches) == 1)  # the first batch of its turns is on the model
     assert srv.server.batcher.queue_depth() > 0  # the rest wait

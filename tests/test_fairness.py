@@ -6,13 +6,9 @@ from __future__ import annotations
 import random
 import threading
 
-import grpc
-import pytest
-
-from conftest import ServerThread, Stall, wait_until
-from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from conftest import Stall, wait_until
+from rm_service.api.v1 import common_pb2, reward_pb2
 from rm_service.server.batcher import pick_batch
-from rm_service.settings import ServeSettings
 
 PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers.")]
 NILE = "The Nile, in Africa, runs about 6,650 km from Lake Victoria to the Mediterranean. "  # ~50 tokens
@@ -23,27 +19,8 @@ def _request(*completions: str) -> reward_pb2.ScoreRequest:
     return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=PROMPT, completion=c) for c in completions])
 
 
-@pytest.fixture
-def stalled(home, tiny_rm_dir):
-    made = []
-
-    def make(**settings):
-        srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=-1, **settings))
-        served = srv.server.served.get()
-        stall = served.backend = Stall(served.backend)
-        channel = grpc.insecure_channel(srv.address)
-        made.append((srv, channel, stall))
-        return srv, reward_pb2_grpc.RewardServiceStub(channel), stall
-
-    yield make
-    for srv, channel, stall in made:
-        stall.release()
-        channel.close()
-        srv.stop()
-
-
 def _queued(srv, stall: Stall, n: int) -> bool:
-    """True once one batch is on the (stalled) model and it and the queue hold `n` items."""
+    """True once one batch is on the (stalled_server) model and it and the queue hold `n` items."""
     return len(stall.batches) == 1 and stall.batches[0] + srv.server.batcher.queue_depth() == n
 
 
@@ -77,23 +54,23 @@ def _flood_around(srv, stub, stall, flood: list[str], odd: str) -> tuple[int, in
     return _batch_of(stall, tokens), ahead
 
 
-def test_a_short_item_amid_a_flood_of_long_ones_is_served_within_the_bound(stalled):
-    srv, stub, stall = stalled()
+def test_a_short_item_amid_a_flood_of_long_ones_is_served_within_the_bound(stalled_server):
+    srv, stub, stall, _ = stalled_server()
     flood = [f"Reply {i}: " + NILE * 12 for i in range(6)]  # ~600 tokens each: 3 to a batch
     batch, ahead = _flood_around(srv, stub, stall, flood, "The Nile.")
     assert batch <= 1 + ahead  # batch 0 was the stalled one; each later batch serves the oldest waiting item
     assert len(stall.batches) > batch  # the flood went on past it: it was not left for the end
 
 
-def test_a_long_item_amid_a_flood_of_short_ones_is_served_within_the_bound(stalled):
-    srv, stub, stall = stalled()
+def test_a_long_item_amid_a_flood_of_short_ones_is_served_within_the_bound(stalled_server):
+    srv, stub, stall, _ = stalled_server()
     flood = [f"Reply {i}: The Nile." for i in range(8)]
     batch, ahead = _flood_around(srv, stub, stall, flood, NILE * 12)
     assert batch <= 1 + ahead
 
 
-def test_earlier_deadlines_go_first(stalled):
-    srv, stub, stall = stalled(fair_wait_s=60)  # no item becomes due by waiting during this test
+def test_earlier_deadlines_go_first(stalled_server):
+    srv, stub, stall, _ = stalled_server(fair_wait_s=60)  # no item becomes due by waiting during this test
     relaxed = [stub.Score.future(_request(f"Reply {i}: " + NILE * 12), timeout=120) for i in range(7)]  # 3 to a batch
     wait_until(lambda: _queued(srv, stall, 7))
     urgent = stub.Score.future(_request("Urgent: " + NILE * 12), timeout=20)
@@ -104,8 +81,8 @@ def test_earlier_deadlines_go_first(stalled):
     assert _batch_of(stall, tokens) == 1  # the first batch formed after it arrived, ahead of the older items
 
 
-def test_batches_fill_up_to_the_token_budget(stalled):
-    srv, stub, stall = stalled()
+def test_batches_fill_up_to_the_token_budget(stalled_server):
+    srv, stub, stall, _ = stalled_server()
     stall.release()
     rng = random.Random(0)
     words = [rng.randint(2, 80) for _ in range(120)]  # 120 items of 20-420 tokens, in one call: all wait at once
