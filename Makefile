@@ -40,6 +40,7 @@ proto-check: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) tools/gen_api_docs.py
+	$(PY) tools/settings_table.py --write
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -150,13 +150,9 @@ def run_mode(extra_env: dict[str, str], templates, threads: int, seconds: float)
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from rm_service.models.precision import cpu_name
+
+    return cpu_name()
 
 
 def main() -> int:

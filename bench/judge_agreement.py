@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from rm_service.conversation import completion_id, conversation_id
-from rm_service.judge.agreement import SharedPair, agreement_report, fmt, format_report
+from rm_service.store.agreement import SharedPair, agreement_report, fmt, format_report
 from rm_service.judge.local import LocalBackend
 from rm_service.judge.pairwise import Judge, combine_orders
 from rm_service.judge.settings import JudgeSettings

@@ -89,9 +89,9 @@ def non_embedding_params(model: torch.nn.Module) -> int:
 def load_runtime(name: str, max_tokens: int) -> ModelRuntime:
     """A registry version directory (version.json: its trained head and format) or a backbone with a fresh head."""
     if (Path(name) / "version.json").is_file():
-        from rm_service.registry import load_artifact
+        from rm_service.models.version import open_version
 
-        runtime, _ = load_artifact(name, device="cpu")
+        runtime, _ = open_version(name, device="cpu", precision="fp32")
         return runtime
     return load_backbone_runtime(name, max_tokens=max_tokens, device="cpu", precision="fp32")
 

@@ -38,7 +38,6 @@ import grpc
 import torch
 
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
-from rm_service.models.runtime import load_backbone_runtime
 from rm_service.store.hh import HHFormatError, read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,12 +61,9 @@ def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float, in
     """pairs/s, tokens/s and non-embedding parameters of one-at-a-time in-process scoring with plain transformers."""
     from rm_service.conversation import Message
 
-    if (Path(model_name) / "version.json").exists():  # a registry version: the same trained head, in torch
-        from rm_service.registry import load_artifact
+    from rm_service.models.version import open_model
 
-        runtime = load_artifact(model_name)[0]
-    else:
-        runtime = load_backbone_runtime(model_name, max_tokens=512)
+    runtime, _ = open_model(model_name, max_tokens=512)  # a registry version: the same trained head, in torch
     model = runtime.model
     n = tokens = 0
     start = time.perf_counter()

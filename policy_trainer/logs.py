@@ -47,6 +47,13 @@ class RunLogger:
             self.bar.update(1)
             self.bar.set_postfix({short: _fmt(metrics.get(key)) for key, short in BAR_KEYS.items()}, refresh=False)
 
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Scalars outside a step's metrics line (an evaluation at step 0 or after the last step): TensorBoard only."""
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
     def event(self, kind: str, step: int, **fields) -> None:
         record = {"event": kind, "step": step, "time": time.time(), **fields}
         with self.events_path.open("a", encoding="utf-8") as f:

@@ -5,7 +5,9 @@
   its reward statistics there.
 - `OuterLoop.maybe_submit`: every `submit_every` steps, a fraction of the batch's prompts with
   all their distinct completions go to `PreferenceService.SubmitCandidates` (policy step in
-  `policy_version` and in the sampling map).
+  `policy_version` and in the sampling map), chosen by the served ensemble's doubt about
+  their order (policy_trainer.selection; or at random), with that doubt as task priority,
+  until `label_budget` candidates have been sent.
 - `OuterLoop.maybe_retrain`: every `retrain_check_every` steps `GetStats`; with at least
   `retrain_min_labels` labels since the latest snapshot (the one the last retraining took,
   so a retraining the gate refused does not repeat on the same labels) and no job of ours
@@ -25,6 +27,7 @@ import threading
 import grpc
 
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from policy_trainer.selection import Group, select
 from rm_service.conversation import Message
 
 log = logging.getLogger(__name__)
@@ -75,25 +78,28 @@ class ModelWatcher:
         self._thread.join(5)
 
 
-def candidates(prompts: list[list[Message]], completions: list[list[str]], step: int, sampling: dict[str, str]) -> list[preference_pb2.Candidate]:
+def candidates(prompts: list[list[Message]], completions: list[list[str]], step: int, sampling: dict[str, str],
+               priorities: list[int] | None = None) -> list[preference_pb2.Candidate]:
     """Candidates (prompt + its distinct non-empty completions, K >= 2) for the labeling queue."""
     out = []
-    for prompt, texts in zip(prompts, completions):
+    for n, (prompt, texts) in enumerate(zip(prompts, completions)):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         if len(distinct) < 2:
             continue
         out.append(preference_pb2.Candidate(
             prompt=[common_pb2.Message(role=m.role, content=m.content) for m in prompt], completions=distinct,
-            policy_version=f"policy@step-{step}", sampling={**sampling, "policy_step": str(step)}))
+            policy_version=f"step-{step}", sampling={**sampling, "policy_step": str(step)},
+            priority=priorities[n] if priorities else 0))
     return out
 
 
 class OuterLoop:
     def __init__(self, channel: grpc.Channel, submit_every: int, submit_fraction: float, retrain_min_labels: int, retrain_check_every: int,
-                 retrain_mode: str, timeout_s: float, seed: int, event):
+                 retrain_mode: str, timeout_s: float, seed: int, event, selection: str = "uncertainty", label_budget: int = 0):
         self.preference = preference_pb2_grpc.PreferenceServiceStub(channel)
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
         self.submit_every, self.submit_fraction = submit_every, submit_fraction
+        self.selection, self.label_budget = selection, label_budget
         self.retrain_min_labels, self.retrain_check_every, self.retrain_mode = retrain_min_labels, retrain_check_every, retrain_mode
         self.timeout_s = timeout_s
         self.rng = random.Random(seed)
@@ -102,13 +108,18 @@ class OuterLoop:
         self.submitted = 0
         self.retrains = 0
 
-    def maybe_submit(self, step: int, groups: list[tuple[list[Message], list[str]]], sampling: dict[str, str]) -> None:
-        """groups: (prompt, its completions) of this batch."""
+    def maybe_submit(self, step: int, groups: list[Group], sampling: dict[str, str]) -> None:
+        """groups: each prompt of this batch with its completions and their member rewards."""
         if not self.submit_every or step % self.submit_every:
             return
         n = max(1, round(self.submit_fraction * len(groups)))
-        chosen = self.rng.sample(groups, min(n, len(groups)))
-        batch = candidates([p for p, _ in chosen], [c for _, c in chosen], step, sampling)
+        if self.label_budget:
+            n = min(n, self.label_budget - self.submitted)
+        if n <= 0:
+            return
+        chosen = select(groups, n, self.selection, self.rng)
+        batch = candidates([g.prompt for g, _ in chosen], [g.completions for g, _ in chosen], step, sampling,
+                           [int(round(1000 * a)) for _, a in chosen])
         if not batch:
             return
         try:
@@ -117,7 +128,8 @@ class OuterLoop:
             self.event("submit_failed", step, code=err.code().name, details=err.details())
             return
         self.submitted += len(response.task_ids)
-        self.event("candidates_submitted", step, count=len(response.task_ids))
+        self.event("candidates_submitted", step, count=len(response.task_ids), selection=self.selection,
+                   acquisition=[round(a, 4) for _, a in chosen])
 
     def maybe_retrain(self, step: int) -> None:
         if not self.retrain_min_labels or step % self.retrain_check_every:

@@ -14,13 +14,13 @@ The reference is a deep copy of the policy at the start, in eval mode, with grad
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from rm_service.models.precision import autocast, resolve_precision
 from rm_service.models.resolver import resolve
 from rm_service.settings import ModelSettings
 
@@ -77,12 +77,10 @@ class Loaded:
     ref: nn.Module
     tokenizer: object
     device: torch.device
-    autocast_bf16: bool
+    precision: str  # "fp32" or "bf16" (autocast)
 
     def autocast(self):
-        if self.autocast_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
 
 def pick_device(device: str) -> torch.device:
@@ -95,7 +93,8 @@ def load_policy(name_or_path: str, device: str = "auto", precision: str = "auto"
     """The policy (fp32 weights, trainable), its value head and a frozen reference copy.
 
     Precision: fp32 weights always (AdamW needs them); with bf16 autocast the matmuls run in
-    bf16 on CUDA. On CPU `auto` means fp32: this machine's bf16 matmuls run below 1 GFLOP/s.
+    bf16. `auto`: bf16 on CUDA; on a CPU the faster of the two, measured once per machine
+    (rm_service.models.precision).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,8 +110,7 @@ def load_policy(name_or_path: str, device: str = "auto", precision: str = "auto"
     policy = PolicyWithValue(lm).to(dev)
     policy.eval()  # no dropout: the log-probabilities of the rollout and the update must agree
     ref = copy.deepcopy(lm).to(dev).eval().requires_grad_(False)
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-    return Loaded(policy, ref, tokenizer, dev, bf16)
+    return Loaded(policy, ref, tokenizer, dev, resolve_precision(precision, dev))
 
 
 def stop_token_ids(tokenizer, lm: nn.Module) -> list[int]:

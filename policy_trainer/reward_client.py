@@ -49,6 +49,7 @@ class Scores:
     uncertainty: np.ndarray  # [N]
     truncated: np.ndarray  # [N] bool
     version: str
+    members: np.ndarray | None = None  # [N, K] raw score of each ensemble member (K = 1 for a single head)
 
 
 def open_channel(address: str, token: str | None = None, tls_ca: bytes | None = None, options=()) -> grpc.Channel:
@@ -160,8 +161,9 @@ class RewardClient:
         bad = [i for i, x in enumerate(rewards) if not math.isfinite(x)]
         if bad:
             raise ScoreError(f"the reward server returned non-finite rewards for items {bad[:5]} (version {version})")
+        members = np.array([list(r.members) or [r.raw_score] for r in results], dtype=np.float64)  # [N, K]
         return Scores(rewards, np.array([r.raw_score for r in results]), np.array([r.uncertainty for r in results]),
-                      np.array([r.truncated for r in results], dtype=bool), version)
+                      np.array([r.truncated for r in results], dtype=bool), version, members)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource, YamlConfigSettingsSource)
 
+from policy_trainer.estimators import ESTIMATORS, EstimatorName
 from rm_service.settings import rm_home
 
 _CONFIG_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ppo_config_file", default=None)
@@ -33,7 +34,7 @@ class PPOSettings(BaseSettings):
     seed: int = Field(0, description="Seed of prompt order, sampling and the value head's initialisation.")
     total_steps: int = Field(20, gt=0, description="PPO iterations (one rollout batch, scored, then update_epochs passes of minibatches).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the policy and the reference; auto picks CUDA when present.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast, fp32, or auto (bf16 autocast on CUDA, fp32 on CPU, where bf16 matmuls are very slow).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once per machine and cached under $RM_HOME/cache.")
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
     resume: bool = Field(False, description="Continue from the last checkpoint in run_dir: policy, value head, optimizer, RNG, KL controller, reward statistics, step.")
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0: only the final one).")
@@ -68,7 +69,7 @@ class PPOSettings(BaseSettings):
     tls_ca: Path | None = Field(None, description="PEM CA bundle: connect with TLS, verifying the server against it.")
 
     # -- PPO -------------------------------------------------------------------------------
-    advantage_estimator: Literal["gae", "rloo"] = Field("gae", description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).")
+    advantage_estimator: EstimatorName = Field("gae", description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy (and the value head).")
     value_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the value head (None: learning_rate x 10; it starts from zero).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -100,6 +101,16 @@ class PPOSettings(BaseSettings):
     retrain_min_labels: int = Field(0, ge=0, description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: never).")
     retrain_check_every: int = Field(1, gt=0, description="Steps between GetStats checks for retraining.")
     retrain_mode: Literal["", "head", "full"] = Field("", description="Mode of requested retraining (empty: the server's default).")
+    selection: Literal["uncertainty", "random"] = Field(
+        "uncertainty", description="Which prompts' samples go to labeling: uncertainty = those whose order the served ensemble doubts most "
+                                   "(members' disagreement and closeness of the rewards; the doubt is the task's priority); random = a uniform draw.")
+    label_budget: int = Field(0, ge=0, description="Most labeling candidates submitted over the run (0: no limit).")
+
+    # -- gold reward -----------------------------------------------------------------------
+    gold_address: str | None = Field(
+        None, description="Reward server of a gold reward model, scored beside the served proxy on the held-out samples at every evaluation "
+                          "(never trained against): over-optimisation shows as gold falling while the proxy rises (Gao et al., 2023).")
+    gold_version: str = Field("", description="Version of the gold model on gold_address (pinned; empty: that server's default).")
 
     # -- logging ---------------------------------------------------------------------------
     tensorboard: bool = Field(True, description="Write TensorBoard event files (tensorboardX) under run_dir/tb.")
@@ -118,8 +129,8 @@ class PPOSettings(BaseSettings):
     def _check(self) -> PPOSettings:
         if self.prompts_file is not None and self.prompts_store is not None:
             raise ValueError("set prompts_file or prompts_store, not both")
-        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
-            raise ValueError("advantage_estimator=rloo needs samples_per_prompt >= 2 (the baseline is the other samples' mean)")
+        if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage_estimator={self.advantage_estimator} needs samples_per_prompt >= 2 (the baseline is the other samples' mean)")
         if self.submit_every and self.samples_per_prompt < 2:
             raise ValueError("submit_every needs samples_per_prompt >= 2 (a labeling candidate has K >= 2 completions)")
         if self.num_minibatches > self.prompts_per_step * self.samples_per_prompt:

@@ -28,32 +28,18 @@ import torch
 from policy_trainer import checkpoint
 from policy_trainer.logs import RunLogger, plot
 from policy_trainer.outer_loop import ModelWatcher, OuterLoop
-from policy_trainer.policy import load_policy, reference_logits, stop_token_ids
-from policy_trainer.ppo import (AdaptiveKLController, RunningMoments, entropy_of, gae, logprobs_of, masked_mean, masked_var, masked_whiten,
-                                per_token_rewards, policy_loss, rloo_advantages, shape_scores, value_loss)
+from policy_trainer.estimators import ESTIMATORS
+from policy_trainer.evaluation import EvaluationMixin, eval_scalars
+from policy_trainer.policy import load_policy, stop_token_ids
+from policy_trainer.ppo import AdaptiveKLController, RunningMoments, masked_mean, shape_scores
 from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
 from policy_trainer.reward_client import RewardClient, VersionUnavailable, open_channel
 from policy_trainer.rollout import Rollout, generate
+from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
+from policy_trainer.update import Batch, UpdateMixin, explained_variance
 
 log = logging.getLogger("policy_trainer")
-EVAL_SEED = 1234
-
-
-@dataclass
-class Batch:
-    """A scored rollout with everything the PPO update reads; per-token tensors are [B, R]."""
-
-    rollout: Rollout
-    mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    kl: torch.Tensor
-    scores: torch.Tensor  # [B] what PPO saw at the last token
-    served: torch.Tensor  # [B] the served reward (empty completions: NaN)
 
 
 @dataclass
@@ -96,7 +82,7 @@ def prompt_sets(s: PPOSettings, conversations: list[list], tokenizer) -> tuple[l
     return (train[: s.max_prompts] if s.max_prompts else train), heldout
 
 
-class PPOTrainer:
+class PPOTrainer(UpdateMixin, EvaluationMixin):
     def __init__(self, settings: PPOSettings, on_step: Callable[[dict], None] | None = None):
         s = self.s = settings
         self.on_step = on_step
@@ -108,7 +94,7 @@ class PPOTrainer:
         self.train_prompts, self.eval_prompts = prompt_sets(s, conversations, self.m.tokenizer)
         self.sampler = PromptSampler(len(self.train_prompts), s.seed)
         groups = [{"params": list(self.m.policy.lm.parameters()), "lr": s.learning_rate}]
-        if s.advantage_estimator == "gae":
+        if ESTIMATORS[s.advantage_estimator].needs_value_head:
             groups.append({"params": list(self.m.policy.value_head.parameters()), "lr": s.value_learning_rate or 10 * s.learning_rate})
         self.optimizer = torch.optim.AdamW(groups, eps=s.adam_eps, weight_decay=s.weight_decay)
         self.kl_ctl = AdaptiveKLController(s.kl_coef, s.kl_target if s.adaptive_kl else None, s.kl_horizon)
@@ -122,6 +108,8 @@ class PPOTrainer:
         except Exception:
             self.client.close()
             raise
+        self.gold = (RewardClient([s.gold_address], s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
+                                  s.score_chunk_items, token, tls_ca) if s.gold_address else None)
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
         self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
         self.step = 0
@@ -130,7 +118,7 @@ class PPOTrainer:
         self.reference_eval: Rollout | None = None  # the held-out samples drawn at step 0, rescored at the end
         self.logger: RunLogger | None = None
         self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
-                               s.retrain_mode, s.score_timeout_s, s.seed, self._event)
+                               s.retrain_mode, s.score_timeout_s, s.seed, self._event, s.selection, s.label_budget)
         if s.resume:
             try:
                 self._resume()
@@ -172,7 +160,7 @@ class PPOTrainer:
         the whole batch again with it: a batch never mixes versions."""
         real = [i for i, t in enumerate(rollout.texts) if t]
         served = torch.full((len(rollout.texts),), float("nan"))
-        info = {"uncertainty": float("nan"), "raw": float("nan"), "truncated": 0.0}
+        info = {"uncertainty": float("nan"), "raw": float("nan"), "truncated": 0.0, "members": np.full((len(rollout.texts), 1), np.nan)}
         if not real:
             return served, info
         pairs = ([prompts[rollout.prompt_index[i]].messages for i in real], [rollout.texts[i] for i in real])
@@ -185,7 +173,10 @@ class PPOTrainer:
             self.switch_version(latest, step, f"{self.version} no longer loaded")
             scores = self.client.score(*pairs, version=self.version)
         served[real] = torch.from_numpy(scores.rewards).float()
-        info = {"uncertainty": float(scores.uncertainty.mean()), "raw": float(scores.raw.mean()), "truncated": float(scores.truncated.mean())}
+        members = np.full((len(rollout.texts), scores.members.shape[1]), np.nan)  # [B, M]
+        members[real] = scores.members
+        info = {"uncertainty": float(scores.uncertainty.mean()), "raw": float(scores.raw.mean()), "truncated": float(scores.truncated.mean()),
+                "members": members}
         return served, info
 
     def ppo_scores(self, served: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -197,87 +188,6 @@ class PPOTrainer:
             scores[real] = shape_scores(served[real], ended[real], self.moments if s.normalize_reward else None, s.reward_clip, s.missing_eos_penalty)
         return scores
 
-    # -- PPO -------------------------------------------------------------------------------
-
-    def forward(self, rollout: Rollout, with_grad: bool):
-        """Policy logits and values on a rollout (trimmed to its real columns)."""
-        m, s = self.m, self.s
-        ids, attn = rollout.input_ids.to(m.device), rollout.attention_mask.to(m.device)  # [b, P+R]
-        with torch.set_grad_enabled(with_grad), m.autocast():
-            return m.policy(ids, attn, rollout.response_len, s.temperature)  # [b, R, V], [b, R]
-
-    @torch.no_grad()
-    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        m = self.m
-        ids, attn = rollout.input_ids.to(m.device), rollout.attention_mask.to(m.device)
-        with m.autocast():
-            logits = reference_logits(m.ref, ids, attn, rollout.response_len, self.s.temperature)  # [b, R, V]
-        return logprobs_of(logits, rollout.response_ids.to(m.device))  # [b, R]
-
-    def minibatch_rows(self, size: int) -> list[torch.Tensor]:
-        chunk = max(1, -(-size // self.s.num_minibatches))  # ceil
-        return [torch.arange(i, min(i + chunk, size)) for i in range(0, size, chunk)]
-
-    @torch.no_grad()
-    def token_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logprobs, values and ref_logprobs of the sampled tokens, each [B, R]; computed in
-        minibatch-sized chunks to bound the [b, R, V] logits in memory."""
-        dev, width = self.m.device, rollout.response_len
-        logprobs, values, ref_logprobs = [], [], []
-        for rows in self.minibatch_rows(len(rollout.texts)):
-            part = trim(rollout.rows(rows))
-            logits, v = self.forward(part, with_grad=False)
-            logprobs.append(pad_right(logprobs_of(logits, part.response_ids.to(dev)), width))
-            values.append(pad_right(v.float(), width))
-            ref_logprobs.append(pad_right(self.ref_logprobs(part), width))
-        return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
-
-    @torch.no_grad()
-    def make_batch(self, rollout: Rollout, scores: torch.Tensor, served: torch.Tensor) -> Batch:
-        s, dev = self.s, self.m.device
-        logprobs, values, ref_logprobs = self.token_logprobs(rollout)  # [B, R] each
-        mask = rollout.response_mask.to(dev).float()  # [B, R]
-        rewards, kl = per_token_rewards(scores.to(dev), logprobs, ref_logprobs, mask, self.kl_ctl.value)  # [B, R]
-        if s.advantage_estimator == "gae":
-            advantages, returns = gae(rewards, values, mask, s.gamma, s.gae_lambda)
-        else:
-            advantages, returns = rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)
-        if s.norm_adv:
-            advantages = masked_whiten(advantages, mask)
-        return Batch(rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served)
-
-    def update(self, batch: Batch) -> dict:
-        """update_epochs passes of minibatches of the clipped objective; returns mean stats."""
-        s, dev = self.s, self.m.device
-        stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")}
-        size = len(batch.rollout.texts)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for _ in range(s.update_epochs):
-            perm = torch.randperm(size)
-            for rows in self.minibatch_rows(size):
-                idx = perm[rows]
-                part = trim(batch.rollout.rows(idx))
-                r = part.response_len
-                mask, old_logprobs = batch.mask[idx, :r], batch.logprobs[idx, :r]  # [b, r]
-                logits, values = self.forward(part, with_grad=True)  # [b, r, V], [b, r]
-                logprobs = logprobs_of(logits, part.response_ids.to(dev))  # [b, r]
-                entropy = masked_mean(entropy_of(logits), mask)
-                pl = policy_loss(logprobs, old_logprobs, batch.advantages[idx, :r], mask, s.clip_coef)
-                loss = pl.pg_loss - s.ent_coef * entropy
-                if s.advantage_estimator == "gae":
-                    vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], batch.returns[idx, :r], mask, s.clip_vf)
-                    loss = loss + s.vf_coef * vf_loss
-                else:
-                    vf_loss, vf_clipfrac = torch.zeros(()), torch.zeros(())
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-                self.optimizer.step()
-                for key, value in (("loss/policy", pl.pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy), ("policy/clipfrac", pl.clipfrac),
-                                   ("policy/approx_kl", pl.approx_kl), ("value/clipfrac", vf_clipfrac)):
-                    stats[key].append(float(value.detach()))
-        return {k: float(np.mean(v)) for k, v in stats.items()}
-
     def ppo_step(self, step: int) -> tuple[dict, Batch]:
         s = self.s
         t0 = time.perf_counter()
@@ -288,7 +198,7 @@ class PPOTrainer:
         served, info = self.served_rewards(self.train_prompts, rollout, step)
         scores = self.ppo_scores(served, rollout.ended)
         t2 = time.perf_counter()
-        batch = self.make_batch(rollout, scores, served)
+        batch = self.make_batch(rollout, scores, served, info["members"])
         t3 = time.perf_counter()
         stats = self.update(batch)
         kl_seq = float(batch.kl.sum(dim=1).mean())
@@ -311,7 +221,8 @@ class PPOTrainer:
             "kl/coef": kl_coef_used,
             **stats,
             "value/mean": float(masked_mean(batch.values, batch.mask)),
-            "value/explained_var": explained_variance(batch.values, batch.returns, batch.mask) if s.advantage_estimator == "gae" else float("nan"),
+            "value/explained_var": (explained_variance(batch.values, batch.returns, batch.mask)
+                                    if ESTIMATORS[s.advantage_estimator].needs_value_head else float("nan")),
             "response/length_mean": float(lengths.mean()),
             "response/ended_fraction": float(rollout.ended.float().mean()),
             "response/empty_fraction": float((~real).float().mean()),
@@ -326,36 +237,6 @@ class PPOTrainer:
             "outer/retrains_requested": self.outer.retrains,
         }
         return metrics, batch
-
-    # -- evaluation ------------------------------------------------------------------------
-
-    def eval_rollout(self, lm=None) -> Rollout:
-        """Held-out prompts, `samples_per_prompt` samples each, on a fixed RNG stream (restored
-        afterwards), so the policy and the reference see the same draws."""
-        index = [i for i in range(len(self.eval_prompts)) for _ in range(self.s.samples_per_prompt)]
-        with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
-            torch.manual_seed(EVAL_SEED)
-            return self.rollout(self.eval_prompts, index, lm)
-
-    def evaluate(self, lm=None, step: int = 0, rollout: Rollout | None = None) -> dict:
-        """The held-out samples of `lm` (default: the policy) scored with the current version.
-        `rollout`: samples already drawn by that model on the evaluation stream, to be rescored."""
-        if not self.eval_prompts:
-            return {}
-        rollout = rollout if rollout is not None else self.eval_rollout(lm)
-        served, _ = self.served_rewards(self.eval_prompts, rollout, step)
-        mask = rollout.response_mask.to(self.m.device).float()  # [B, R]
-        real = ~torch.isnan(served)
-        return {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
-                "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
-                "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
-                "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
-                "n": len(rollout.texts), "version": self.version}
-
-    def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
-        """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
-        logprobs, _, ref_logprobs = self.token_logprobs(rollout)  # [B, R]
-        return float(((logprobs - ref_logprobs) * mask).sum(1).mean())
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -395,19 +276,22 @@ class PPOTrainer:
                 self.reference_eval = self.eval_rollout()
                 self.eval_before = self.evaluate(step=0, rollout=self.reference_eval)
                 self._event("eval", 0, model="policy", **self.eval_before)
+                self.logger.scalars(0, eval_scalars(self.eval_before))
             while self.step < s.total_steps:
                 step = self.step + 1
                 self.maybe_switch(step)
                 metrics, batch = self.ppo_step(step)
                 self.step = step
+                if s.eval_every and step % s.eval_every == 0 and step < s.total_steps:
+                    evaluation = self.evaluate(step=step)
+                    self._event("eval", step, model="policy", **evaluation)
+                    metrics.update(eval_scalars(evaluation))
                 self.logger.step(metrics)
                 summary.metrics.append(metrics)
                 if self.on_step is not None:
                     self.on_step(metrics)
                 self.outer.maybe_submit(step, self._groups(batch), self._sampling())
                 self.outer.maybe_retrain(step)
-                if s.eval_every and step % s.eval_every == 0 and step < s.total_steps:
-                    self._event("eval", step, model="policy", **self.evaluate(step=step))
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     self.save_checkpoint()
             self._finish(summary)
@@ -425,6 +309,7 @@ class PPOTrainer:
             summary.eval_after = self.evaluate(step=self.step)
             self._event("eval", self.step, model="reference", **summary.eval_before)
             self._event("eval", self.step, model="policy", **summary.eval_after)
+            self.logger.scalars(self.step, eval_scalars(summary.eval_after))
         if s.save_policy:
             summary.policy_dir = self.save_policy(s.run_dir / "policy")
         if s.plots:
@@ -446,10 +331,10 @@ class PPOTrainer:
         save_file({k: v.contiguous() for k, v in self.m.policy.value_head.state_dict().items()}, str(directory / "value_head.safetensors"))
         return directory
 
-    def _groups(self, batch: Batch) -> list[tuple[list, list[str]]]:
+    def _groups(self, batch: Batch) -> list[Group]:
         k = self.s.samples_per_prompt
         texts, index = batch.rollout.texts, batch.rollout.prompt_index
-        return [(self.train_prompts[index[i]].messages, texts[i : i + k]) for i in range(0, len(texts), k)]
+        return [Group(self.train_prompts[index[i]].messages, texts[i : i + k], batch.members[i : i + k]) for i in range(0, len(texts), k)]
 
     def _sampling(self) -> dict[str, str]:
         s = self.s
@@ -459,26 +344,9 @@ class PPOTrainer:
         if self.watcher is not None:
             self.watcher.stop()
         self.client.close()
+        if self.gold is not None:
+            self.gold.close()
         self.store_channel.close()
-
-
-def trim(rollout: Rollout) -> Rollout:
-    """Drop the left columns that are padding in every row and the right columns past the
-    longest real response: a minibatch of short rows costs less. [b, P+R] -> [b, P'+R']."""
-    first = int(rollout.query_mask.any(dim=0).int().argmax())
-    last = int(rollout.response_mask.sum(dim=1).max())
-    return Rollout(rollout.query_ids[:, first:], rollout.query_mask[:, first:], rollout.response_ids[:, :last], rollout.response_mask[:, :last],
-                   rollout.ended, rollout.texts, rollout.prompt_index)
-
-
-def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[b, r] -> [b, width], zeros on the right."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    var_returns = float(masked_var(returns, mask))
-    return float("nan") if var_returns == 0 else 1 - float(masked_var(returns - values, mask)) / var_returns
 
 
 def train_ppo(settings: PPOSettings, on_step: Callable[[dict], None] | None = None) -> Summary:

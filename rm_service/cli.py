@@ -16,21 +16,38 @@ from rm_service.errors import RMError
 
 
 def _import(args) -> int:
+    """Exit 0 when the file was imported (lines rejected are listed); 1 when nothing was
+    stored or the import stopped part-way (it says which lines were stored); 2 on errors."""
     from rm_service.formats import import_file
+    from rm_service.importers import ImportStopped
+    from rm_service.records import input_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
+    path = input_file(Path(args.file))  # a path that is not a readable file: one line, exit 2, store untouched
     store = Store(StoreSettings())
     try:
-        counts, rejected = import_file(store, Path(args.file), args.format, args.annotator)
+        counts, rejected = import_file(store, path, args.format, args.annotator)
+    except ImportStopped as stop:
+        _import_report(args.file, stop.counts, stop.reasons, limit=None)  # every rejected line: the rest before the stop is stored
+        print(f"rm-service import: {stop}", file=sys.stderr)
+        return 130 if isinstance(stop.cause, KeyboardInterrupt) else 1
     finally:
         store.close()
-    print(f"imported {args.file}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
-    for reason in rejected[:10]:
-        print(f"  rejected: {reason}")
-    if len(rejected) > 10:
-        print(f"  ... and {len(rejected) - 10} more")
+    _import_report(args.file, counts, rejected, limit=10)
+    if counts["INSERTED"] + counts["DUPLICATE"] == 0:
+        why = "every record was rejected" if rejected else "it holds no records"
+        print(f"rm-service import: nothing was imported from {args.file}: {why}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _import_report(file: str, counts, rejected: list[str], limit: int | None) -> None:
+    print(f"imported {file}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
+    for reason in rejected[:limit]:
+        print(f"  rejected: {reason}")
+    if limit is not None and len(rejected) > limit:
+        print(f"  ... and {len(rejected) - limit} more")
 
 
 def _export(args) -> int:
@@ -57,7 +74,8 @@ def _train(args) -> int:
 
     overrides = {k: v for k, v in {
         "backbone": args.backbone, "mode": args.mode, "lora_rank": args.lora_rank, "max_minutes": args.max_minutes,
-        "max_pairs": args.max_pairs, "ensemble_size": args.ensemble_size, "max_steps": args.max_steps,
+        "max_pairs": args.max_pairs, "ensemble_size": args.ensemble_size, "feature_layers": args.feature_layers,
+        "dataset_fraction": args.dataset_fraction, "precision": args.precision,
         "max_tokens": args.max_tokens, "epochs": args.epochs, "seed": args.seed, "promote": False if args.no_promote else None,
     }.items() if v is not None}
     settings = TrainSettings(**overrides)
@@ -74,6 +92,8 @@ def _train(args) -> int:
     print(f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
           f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
           f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)")
+    if result.details:
+        print(result.details)
     print(result.gate_message)
     return 0
 
@@ -116,7 +136,8 @@ def _models(args) -> int:
             r = registry.get_model(store, args.version)
             print(json.dumps(r.__dict__, indent=2, default=str))
         elif args.action == "promote":
-            ok, message = registry.promote(store, args.version, TrainSettings().gate_tolerance, force=args.force)
+            ok, message = registry.promote(store, args.version, TrainSettings().gate_tolerance, force=args.force,
+                                           verify=registry.load_check())
             print(message)
             return 0 if ok else 1
         elif args.action == "rollback":
@@ -145,7 +166,8 @@ def serve_settings(args):
     def given(values: dict) -> dict:
         return {k: v for k, v in values.items() if v is not None}
 
-    serve = ServeSettings(**given({"host": args.host, "port": args.port, "model": args.model,
+    serve = ServeSettings(**given({"host": args.host, "port": args.port, "model": args.model, "precision": args.precision,
+                                   "also_load": args.also_load,
                                    "with_store": False if args.no_store else None, "with_model": False if args.no_model else None,
                                    "metrics_port": args.metrics_port, "log_format": args.log_format}))
     security = SecuritySettings(**given({"tokens_file": args.tokens_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
@@ -168,12 +190,12 @@ def _demo(args) -> int:
     from rm_service.demo.settings import demo_settings
 
     settings = demo_settings(args.profile, data=args.data, home=args.home, rm_backbone=args.backbone, policy=args.policy,
-                             judge_model=args.judge_model, ppo_steps=args.steps, rm_max_minutes=args.max_minutes)
+                             ppo_steps=args.steps, rm_max_minutes=args.max_minutes, selection=args.selection)
     return run_demo(settings)
 
 
 FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
-FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL conversational preference JSONL (explicit or implicit prompt); "
+FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or conversational, explicit or implicit prompt); "
                "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
 
 
@@ -186,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1; env RM_SERVE_HOST)")
     s.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one; env RM_SERVE_PORT)")
     s.add_argument("--model", help="registry version, bundled name (smollm2-135m-instruct, minilm-l6) or HF directory; default: the promoted version")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 on CUDA, on a CPU the faster one as measured (env RM_SERVE_PRECISION)")
+    s.add_argument("--also-load", help="versions kept loaded beside the served one for clients that pin them, comma-separated (env RM_SERVE_ALSO_LOAD)")
     s.add_argument("--port-file", help="write the bound port to this file once serving")
     s.add_argument("--no-store", action="store_true", help="serve scores only; do not open the preference store")
     s.add_argument("--no-model", action="store_true", help="serve the preference store only; load no reward model")
@@ -217,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=float, help="full mode: passes over the training pairs")
     s.add_argument("--max-minutes", type=float, help="wall-clock budget (default 15)")
     s.add_argument("--max-pairs", type=int, help="use at most this many training pairs")
-    s.add_argument("--max-steps", type=int, help="most optimiser steps per head")
+    s.add_argument("--feature-layers", help="head mode: candidate layers: auto (default), last, or e.g. 12,18,24")
+    s.add_argument("--dataset-fraction", type=float, help="train on this share of the dataset's conversations (default 1)")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 on CUDA, on a CPU the faster one as measured")
     s.add_argument("--max-tokens", type=int, help="tokens kept per item (the start is cut first)")
     s.add_argument("--ensemble-size", type=int, help="score heads on bootstrap resamples (default 4)")
     s.add_argument("--seed", type=int)
@@ -247,13 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_judge_commands(sub)  # judge, judge-agreement
 
-    s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train v1, serve, judge, PPO with retraining, report")
+    s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report")
     s.add_argument("--profile", choices=["cpu", "full"], default="cpu", help="cpu: this 2-core machine (default); full: realistic sizes for a GPU host")
     s.add_argument("--data", help="HH-RLHF pairs JSONL (default ../shared/data/hh_harmless_pairs.jsonl)")
     s.add_argument("--home", help="run directory (default $RM_HOME/demo; emptied first)")
-    s.add_argument("--backbone", help="reward-model backbone (cpu profile: minilm-l6)")
+    s.add_argument("--backbone", help="backbone of the gold and proxy reward models (default smollm2-135m-instruct)")
     s.add_argument("--policy", help="policy model (default smollm2-135m-instruct)")
-    s.add_argument("--judge-model", help="local judge model (default smollm2-135m-instruct)")
+    s.add_argument("--selection", choices=["uncertainty", "random"], help="which samples go to labeling (default uncertainty)")
     s.add_argument("--steps", type=int, help="PPO steps (cpu profile: 20)")
     s.add_argument("--max-minutes", type=float, help="v1 training budget")
     s.set_defaults(func=_demo)
@@ -271,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except RMError as exc:
         print(f"rm-service {args.command}: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except OSError as exc:  # a file that is missing, a directory, unreadable, or a full disk
         print(f"rm-service {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

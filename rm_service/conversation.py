@@ -38,25 +38,38 @@ def validate_turns(messages: list[Message], field: str, max_chars: int | None = 
         raise InvalidArgument(field, "must hold at least one message")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise InvalidArgument(f"{field}[{i}].role", f"unknown role {m.role!r}; expected one of {', '.join(ROLES)}")
-        if not m.content.strip():
-            raise InvalidArgument(f"{field}[{i}].content", "must not be empty")
-        if max_chars is not None and len(m.content) > max_chars:
-            raise InvalidArgument(f"{field}[{i}].content", f"is {len(m.content)} characters; the limit is {max_chars}")
+            raise InvalidArgument(f"{field}[{i}].role", f"unknown role {_shown(m.role)}; expected one of {', '.join(ROLES)}")
+        validate_text(m.content, f"{field}[{i}].content", max_chars)
 
 
-def validate_text(text: str, field: str, max_chars: int | None = None) -> None:
-    if not text.strip():
-        raise InvalidArgument(field, "must not be empty")
+def validate_text(text: str, field: str, max_chars: int | None = None, required: bool = True) -> None:
+    """Non-empty (unless not required), at most max_chars characters, valid Unicode (no lone
+    surrogates, which JSON escapes can carry and UTF-8 cannot encode). O(len(text))."""
     if max_chars is not None and len(text) > max_chars:
         raise InvalidArgument(field, f"is {len(text)} characters; the limit is {max_chars}")
+    if required and not text.strip():
+        raise InvalidArgument(field, "must not be empty")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(field, f"holds a lone surrogate at character {exc.start}; text must be valid Unicode") from None
 
 
-def validate_finite(value: float, field: str, minimum: float | None = None) -> None:
-    if not math.isfinite(value):
+def validate_finite(value: float, field: str, minimum: float | None = None, maximum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(field, f"must be a number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # an int is finite, however large
         raise InvalidArgument(field, f"must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise InvalidArgument(field, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(field, f"must be <= {maximum}, got {value}")
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """repr of a client's string, cut to `limit` characters: error messages stay short."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def canonical_json(messages: list[Message]) -> str:

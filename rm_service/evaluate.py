@@ -11,11 +11,12 @@ from tqdm import tqdm
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
-from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
+from rm_service.models.runtime import ModelRuntime
+from rm_service.models.version import open_model
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Pair, Store
 from rm_service.train.metrics import grouped_metrics, length_bucket, pair_metrics, turn_bucket
-from rm_service.train.split import is_heldout
+from rm_service.train.data import is_heldout_pair
 
 
 @dataclass
@@ -27,7 +28,8 @@ class EvalReport:
 
 
 def load_for_eval(model: str | None, models: ModelSettings | None = None, store: Store | None = None) -> tuple[ModelRuntime, str]:
-    """A registry version (by name or directory), a bundled name, an HF directory, or the promoted version."""
+    """A registry version (by name or directory), a reward checkpoint, a bundled name, an HF
+    directory, or (None) the promoted version."""
     models = models or ModelSettings()
     if model is None:
         own = store is None
@@ -40,13 +42,8 @@ def load_for_eval(model: str | None, models: ModelSettings | None = None, store:
         if rec is None:
             raise FailedPrecondition("no promoted version in the registry; pass --model")
         model = rec.version
-    version_dir = Path(models.artifacts_dir) / model
-    if (version_dir / "version.json").exists():
-        return registry.load_artifact(version_dir, settings=models)[0], model
-    if (Path(model) / "version.json").exists():
-        runtime, meta = registry.load_artifact(model, settings=models)
-        return runtime, meta["version"]
-    return load_backbone_runtime(model, max_tokens=1024, settings=models), Path(model).name
+    runtime, meta = open_model(model, settings=models)
+    return runtime, meta.version if meta is not None else Path(model).name
 
 
 def file_pairs(path: Path, fmt: str) -> list[Pair]:
@@ -69,7 +66,7 @@ def snapshot_pairs(store: Store, snapshot_id: str | None, heldout_only: bool, se
         raise FailedPrecondition("the store has no snapshot yet; train once or pass --data")
     pairs = store.pairs(snapshot)
     if heldout_only:
-        pairs = [p for p in pairs if is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed)]
+        pairs = [p for p in pairs if is_heldout_pair(p, settings)]
     return pairs
 
 

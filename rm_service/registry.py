@@ -1,9 +1,10 @@
 """The reward-model registry: versions v1, v2, ... with artifacts, metrics and a status.
 
-A version's artifact directory holds `version.json` (formatting contract, backbone,
-normalisation, golden pairs, metrics) and `head.safetensors` (the K score heads), or a
-full HF directory for imported checkpoints. Status: candidate -> promoted -> retired, or
-rejected by the promotion gate. Exactly one version is promoted at a time.
+The store's `models` table holds each version's record; its artifact directory (see
+models.version) holds what loads it. Status: candidate -> promoted -> retired, or rejected
+by the promotion gate or its load check. Exactly one version is promoted at a time, and a
+version is announced as promoted (`promoted.json`) only after it loaded and re-scored its
+golden items.
 """
 
 from __future__ import annotations
@@ -11,19 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-
-from rm_service.conversation import Message
-from rm_service.errors import FailedPrecondition, NotFound
-from rm_service.models.formatting import FormatSpec
-from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
-from rm_service.settings import ModelSettings
+from rm_service.errors import FailedPrecondition, NotFound, RMError
 from rm_service.store.db import Store
 
 log = logging.getLogger(__name__)
@@ -92,30 +84,68 @@ def register(store: Store, rec: ModelRecord, number: int) -> None:
         )
 
 
-def promote(store: Store, version: str, tolerance: float, force: bool = False) -> tuple[bool, str]:
-    """Promotion gate: promote `version` unless its held-out accuracy is below the promoted
-    version's by more than `tolerance`. When the candidate was trained with the promoted
-    version as parent, the comparison uses the promoted version's accuracy on the candidate's
-    own held-out pairs (`baseline_accuracy`), like with like. Returns (promoted?, reason). A refused candidate
-    becomes `rejected`; the previously promoted version becomes `retired`."""
+def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True) -> str | None:
+    """Why `candidate` must not replace `current`, or None when it may.
+
+    Compared on the candidate's own held-out pairs when it was trained with `current` as
+    parent (its metrics hold the parent's figures on them, `baseline_*`), else on each one's
+    own held-out pairs. Dataset pairs: accuracy may not drop by more than `tolerance`.
+    On-policy pairs (when the candidate has any): accuracy must rise, or stay equal with a
+    lower loss: a retrain on fresh labels must fit the policy's samples better."""
+    m = candidate.metrics
+    same = candidate.parent == current.version and "baseline_accuracy" in m
+    new_h = m.get("accuracy_human", m.get("accuracy", float("nan")))
+    old_h = (m.get("baseline_accuracy_human", m.get("baseline_accuracy")) if same
+             else current.metrics.get("accuracy_human", current.metrics.get("accuracy", float("nan"))))
+    where = "the candidate's held-out pairs" if same else "their own held-out pairs"
+    if math.isnan(new_h) or (old_h is not None and not math.isnan(old_h) and new_h < old_h - tolerance):
+        return (f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
+                f"(on {where}) minus tolerance {tolerance}")
+    if onpolicy and same and m.get("pairs_onpolicy", 0) > 0 and "baseline_accuracy_onpolicy" in m:
+        new_o, old_o = m["accuracy_onpolicy"], m["baseline_accuracy_onpolicy"]
+        if new_o < old_o or (new_o == old_o and m["loss_onpolicy"] >= m["baseline_loss_onpolicy"]):
+            return (f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy held-out "
+                    f"accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs {m['baseline_loss_onpolicy']:.4f} "
+                    f"({int(m['pairs_onpolicy'])} pairs)")
+    return None
+
+
+def promote(store: Store, version: str, tolerance: float, force: bool = False, verify=None, onpolicy: bool = True) -> tuple[bool, str]:
+    """Promote `version` when it passes the gate (unless forced) and, before anything is
+    announced, `verify(record)` (load it and check its golden items; raises when it cannot
+    serve). Returns (promoted?, reason). A refused or broken candidate becomes `rejected`;
+    the previously promoted version becomes `retired`."""
     candidate = get_model(store, version)
     current = promoted(store)
     if current is not None and current.version == version:
         return True, f"{version} is already promoted"
-    acc_new = candidate.metrics.get("accuracy", float("nan"))
     if current is not None and not force:
-        acc_old, where = current.metrics.get("accuracy", float("nan")), "its own held-out pairs"
-        if candidate.parent == current.version and "baseline_accuracy" in candidate.metrics:
-            acc_old, where = candidate.metrics["baseline_accuracy"], "the candidate's held-out pairs"
-        if math.isnan(acc_new) or (not math.isnan(acc_old) and acc_new < acc_old - tolerance):
+        why = gate(candidate, current, tolerance, onpolicy)
+        if why is not None:
             _set_status(store, version, "rejected")
-            return False, (f"{version} held-out accuracy {acc_new:.4f} is below {current.version}'s {acc_old:.4f} (on {where}) "
-                           f"minus tolerance {tolerance}")
+            return False, why
+    if verify is not None:
+        try:
+            verify(candidate)
+        except RMError as exc:
+            _set_status(store, version, "rejected")
+            return False, f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} stays: {exc}"
     with store.transaction() as con:
         con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
         con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])
     write_promoted_pointer(candidate)
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
+
+
+def load_check(models=None, device: str = "auto"):
+    """`promote`'s verify step: the version loads (as a scorer would: its device, the measured
+    precision) and re-scores its golden items."""
+    from rm_service.models.version import open_version
+
+    def verify(rec: ModelRecord) -> None:
+        open_version(rec.artifact_path, device=device, settings=models)
+
+    return verify
 
 
 POINTER = "promoted.json"
@@ -130,10 +160,20 @@ def write_promoted_pointer(rec: ModelRecord) -> None:
     tmp.replace(directory / POINTER)
 
 
-def read_promoted_pointer(artifacts_dir: Path) -> dict | None:
+def read_promoted_pointer(artifacts_dir: Path, strict: bool = False) -> dict | None:
+    """The pointer {version, artifact_path}; None when there is none. A pointer that cannot be
+    read or is not one is None too, unless `strict`: then FailedPrecondition naming the file."""
+    path = Path(artifacts_dir) / POINTER
     try:
-        return json.loads((Path(artifacts_dir) / POINTER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        pointer = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in ("version", "artifact_path")):
+            raise ValueError("not an object with the string keys version and artifact_path")
+        return pointer
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not a pointer
+        if strict:
+            raise FailedPrecondition(f"cannot read the registry's {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return None
 
 
@@ -158,56 +198,3 @@ def rollback(store: Store) -> str:
 def _set_status(store: Store, version: str, status: str) -> None:
     with store._lock:
         store.con.execute("UPDATE models SET status = ? WHERE version = ?", [status, version])
-
-
-def write_head_artifact(directory: Path, meta: dict, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Write a head-mode version: version.json + head.safetensors, atomically (temp + rename)."""
-    tmp = directory.with_name(directory.name + ".tmp")  # may already hold ./backbone (full mode)
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": torch.from_numpy(np.ascontiguousarray(weight)).float(), "bias": torch.from_numpy(np.ascontiguousarray(bias)).float()},
-              str(tmp / "head.safetensors"))
-    (tmp / "version.json").write_text(json.dumps(meta, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-
-
-def load_artifact(directory: str | Path, device: str = "auto", settings: ModelSettings | None = None) -> tuple[ModelRuntime, dict]:
-    """Load a version's artifact into a runtime; checks the backbone identity and the golden pairs."""
-    directory = Path(directory)
-    meta = json.loads((directory / "version.json").read_text())
-    spec = FormatSpec(**meta["format"])
-    backbone = meta["backbone"]
-    if backbone.startswith("./"):  # a fine-tuned backbone stored inside the version
-        backbone = str(directory / backbone[2:])
-    runtime = load_backbone_runtime(backbone, spec.max_tokens, device=device, precision="bf16" if meta.get("autocast_bf16") else "fp32",
-                                    settings=settings, spec=spec, identity=meta["backbone"])
-    if runtime.backbone_key != meta["backbone_key"]:
-        raise FailedPrecondition(f"{directory}: backbone {meta['backbone']!r} is {runtime.backbone_key}, "
-                                 f"but the version was trained on {meta['backbone_key']}")
-    head = load_file(str(directory / "head.safetensors"))
-    score = torch.nn.Linear(head["weight"].shape[1], head["weight"].shape[0], bias=True)
-    with torch.no_grad():
-        score.weight.copy_(head["weight"])
-        score.bias.copy_(head["bias"])
-    runtime.model.score = score.to(runtime.device)
-    runtime.model.pooling = meta.get("pooling", runtime.model.pooling)
-    runtime.reward_mean, runtime.reward_std = float(meta["reward_mean"]), float(meta["reward_std"])
-    check_golden(runtime, meta.get("golden", []), meta.get("golden_tolerance", 0.05), directory)
-    return runtime, meta
-
-
-def check_golden(runtime: ModelRuntime, golden: list[dict], tolerance: float, where: Path | str, scorer=None,
-                 cause: str = "the backbone, tokenizer or formatting differs from training") -> None:
-    """Re-score the stored golden items (formatted by `runtime`, run by `scorer`, default the
-    runtime itself); refuse the version if any score moved beyond tolerance."""
-    if not golden:
-        return
-    items = [runtime.format([Message(**m) for m in g["prompt"]], g["completion"]) for g in golden]
-    raw = (scorer or runtime).run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
-    for g, got in zip(golden, raw):
-        if abs(float(got) - g["raw_score"]) > tolerance * max(1.0, abs(g["raw_score"])):
-            raise FailedPrecondition(
-                f"{where}: golden pair check failed: an item scored {float(got):.5f} at load but {g['raw_score']:.5f} "
-                f"in training; {cause}. Refusing to serve this version"
-            )

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def rm_home() -> Path:
@@ -28,6 +28,7 @@ class StoreSettings(BaseSettings):
     path: Path = Field(default_factory=lambda: rm_home() / "rm.duckdb", description="DuckDB file of the preference store.")
     max_text_chars: int = Field(32_000, gt=0, description="Longest accepted message or response, in characters.")
     max_responses: int = Field(16, ge=2, description="Most responses a single label may rank (K).")
+    max_strength: float = Field(1000.0, gt=0, description="Largest accepted label strength (a margin; finite, >= 0).")
     group_commit_max_labels: int = Field(
         4096, ge=1, description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group commit)."
     )
@@ -60,9 +61,17 @@ class ServeSettings(BaseSettings):
         description="Serve this model (a registry version, a bundled name or an HF directory) instead of the promoted version.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the model; auto picks CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 autocast as measured "
+                            "once per machine (models/precision.py); golden pairs are checked in the precision served.")
     backend: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="What runs batches: auto = ONNX Runtime on CPU when the version has an ONNX export, else PyTorch (always PyTorch on CUDA)."
+        "auto", description="What runs batches: auto = PyTorch in the chosen precision, except ONNX Runtime when that precision is fp32 on a "
+                            "CPU and the version has an ONNX export (always PyTorch on CUDA)."
     )
+    also_load: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Versions (registry names or version directories) kept loaded beside the served one, never "
+                                          "swapped out, for clients that pin them: e.g. a gold reward model scored beside the proxy. "
+                                          "Comma-separated in the environment.")
     onnx_int8: bool = Field(False, description="Serve the int8 ONNX model when the version kept one (it passed the 99% pair-ordering check).")
     max_items_per_request: int = Field(512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above).")
     max_batch_tokens: int = Field(
@@ -111,6 +120,11 @@ class ServeSettings(BaseSettings):
     )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or json: one object per line with time, level, logger, message.")
 
+    @field_validator("also_load", mode="before")
+    @classmethod
+    def _split_names(cls, value):
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
 
 class SecuritySettings(BaseSettings):
     """Authentication (bearer tokens with roles) and TLS for the gRPC server. Off by default: a
@@ -143,23 +157,36 @@ class TrainSettings(BaseSettings):
         "head", description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or LoRA adapters) with the heads."
     )
     ensemble_size: int = Field(4, ge=1, le=64, description="Score heads trained on bootstrap resamples; served as mean and std.")
-    max_tokens: int = Field(1024, ge=16, description="Tokens kept per (conversation, completion); the start is cut first.")
+    max_tokens: int = Field(
+        512, ge=16, description="Tokens kept per (conversation, completion); the start is cut first. HH-RLHF items under SmolLM2's "
+                                "template: median 162, 90th percentile 368; 512 keeps nearly all whole.")
     max_pairs: int | None = Field(None, gt=0, description="Use at most this many training pairs (None: all).")
+    dataset_fraction: float = Field(
+        1.0, gt=0, le=1, description="Train on this share of the dataset's conversations (imported/human labels, chosen by hash, the same in "
+                                     "every retrain); labels of policy samples are always used. A proxy reward model for "
+                                     "over-optimisation studies trains on a fraction.")
     max_minutes: float = Field(15.0, gt=0, description="Wall-clock budget for feature extraction and fitting together.")
-    max_steps: int = Field(2000, gt=0, description="Most optimiser steps per score head.")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Conversations held out for evaluation (split by conversation).")
-    learning_rate: float = Field(3e-3, gt=0, description="AdamW learning rate of the score heads.")
-    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay (the head's L2 regularisation).")
-    batch_size: int = Field(256, gt=0, description="Pairs per optimiser step.")
-    feature_batch_tokens: int = Field(4096, gt=0, description="Token budget of one feature-extraction batch.")
-    center_coef: float = Field(1e-3, ge=0, description="Weight of the centring term coef * (r_chosen + r_rejected)^2.")
-    patience: int = Field(100, ge=1, description="Early stopping: optimiser steps without validation-loss improvement.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Dataset conversations held out for evaluation (split by conversation).")
+    onpolicy_heldout_fraction: float = Field(
+        0.25, ge=0, lt=1, description="Conversations of on-policy labels (a policy's samples) held out, to measure and gate retrains on "
+                                      "fresh samples.")
+    onpolicy_weight: float = Field(
+        4.0, gt=0, description="Loss weight of each on-policy pair against a dataset pair's 1: fresh labels of the policy's samples are few "
+                               "beside the dataset, and they are where the served reward is wrong.")
+    feature_layers: str = Field(
+        "auto", description="Head mode: backbone layers whose states are candidate features: auto (50/55/60% of the depth for decoders, "
+                            "50/75/100% for encoders), last, or a list like 12,18,24. Head mode picks layer, pooling and penalty by "
+                            "5-fold cross-validation on the training pairs.")
+    head_l2: float = Field(0.3, gt=0, description="Head mode: L2 penalty used when there are too few pairs (< 50) to cross-validate it.")
+    feature_batch_tokens: int = Field(1024, gt=0, description="Token budget of one feature-extraction batch (1024 measured fastest on a 2-core CPU; raise it on a GPU).")
+    center_coef: float = Field(1e-3, ge=0, description="Full mode: weight of the centring term coef * (r_chosen + r_rejected)^2 (head mode centres exactly).")
+    weight_decay: float = Field(1e-2, ge=0, description="Full mode: AdamW weight decay.")
+    patience: int = Field(100, ge=1, description="Full mode: early stopping after this many optimiser steps without validation-loss improvement.")
     seed: int = Field(0, description="Seed for the split, the bootstrap and the heads' initialisation.")
-    warm_start: bool = Field(
-        True, description="Head mode: start the heads from the promoted version's when it is a head-mode version on the same features "
-                          "(backbone, formatting, pooling, ensemble size), so a retrain refines the reward rather than redrawing it.")
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
-    export_onnx: bool = Field(True, description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs alike).")
+    export_onnx: Literal["auto", "on", "off"] = Field(
+        "auto", description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs alike): auto = only "
+                            "when it trained in fp32 on a CPU, where ONNX Runtime is what serves it.")
     full_learning_rate: float = Field(2e-5, gt=0, description="Full mode: AdamW learning rate of the backbone (LoRA adapters get 10x).")
     lora_rank: int = Field(0, ge=0, description="Full mode: LoRA rank on every linear layer of the backbone; 0 fine-tunes all weights.")
     micro_batch_pairs: int = Field(4, gt=0, description="Full mode: pairs per forward/backward pass.")
@@ -170,7 +197,12 @@ class TrainSettings(BaseSettings):
     eval_every: int = Field(25, gt=0, description="Full mode: optimiser steps between validation-loss checks (early stopping).")
     checkpoint_every: int = Field(50, gt=0, description="Full mode: optimiser steps between resumable checkpoints.")
     resume: bool = Field(True, description="Full mode: continue from the run's last checkpoint when one exists.")
-    gate_tolerance: float = Field(0.02, ge=0, description="Promote only if held-out accuracy >= promoted's minus this.")
+    gate_onpolicy: bool = Field(
+        True, description="Promote a retrain only when it fits held-out on-policy pairs (labels of the policy's samples) better than the "
+                          "promoted version: higher accuracy, or equal accuracy and lower loss. Applies when there are such pairs.")
+    gate_tolerance: float = Field(
+        0.02, ge=0, description="Promote only if held-out accuracy on dataset pairs >= the promoted version's on the same pairs minus this "
+                                "(and, when on-policy held-out pairs exist, on-policy accuracy rises).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Backbone precision: bf16 autocast, fp32, or auto (bf16 on CUDA, fp32 on CPU: this machine's CPU runs bf16 matmuls at under 1 GFLOP/s)."
-    )
+        "auto", description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once "
+                            "per machine (models/precision.py).")

@@ -57,9 +57,9 @@ def _tiny_tokenizer():
 def _llama_config(vocab_size: int, pad_id: int, **kw):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                       pad_token_id=pad_id, **kw)
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 1024}
+    return LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_id, **{**sizes, **kw})
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +122,70 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def preferred_tokens(tokenizer) -> list[int]:
+    return sorted(i for text, i in tokenizer.get_vocab().items() if text.startswith("Ġt"))
+
+
+def build_property_rm(tokenizer, path: Path, sign: float = 1.0) -> Path:
+    """A TRL-style reward checkpoint whose score is sign x an increasing function of the
+    share of tokens that are words starting with "t" (see tests/test_ppo_e2e.py)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tiny_tokenizer = tokenizer
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                         num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=tiny_tokenizer.pad_token_id, num_labels=1)
+    model = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.embed_tokens.weight[:, 1:] = 1.0
+        model.model.embed_tokens.weight[preferred_tokens(tiny_tokenizer), 0] = 1.0
+        layer = model.model.layers[0]
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
+            norm.weight.fill_(1.0)
+        layer.self_attn.v_proj.weight[0, 0] = 1.0
+        layer.self_attn.o_proj.weight[0, 0] = 10.0
+        model.score.weight[0, 0] = sign
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def property_rm_dir(tmp_path_factory, tiny_tokenizer):
+    """Prefers replies with many words starting with "t"."""
+    return build_property_rm(tiny_tokenizer, tmp_path_factory.mktemp("property-rm"))
+
+
+@pytest.fixture(scope="session")
+def antiproperty_rm_dir(tmp_path_factory, tiny_tokenizer):
+    """The opposite preference: a gold model the property model disagrees with."""
+    return build_property_rm(tiny_tokenizer, tmp_path_factory.mktemp("antiproperty-rm"), sign=-1.0)
+
+
+TOPICS = ["river", "bread", "music", "garden", "winter", "ocean", "chess", "coffee", "moon", "paper", "horse", "city"]
+QUESTIONS = ["Say something about {}.", "Describe {}.", "Why {}?"]
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    lines = [json.dumps({"prompt": [{"role": "user", "content": q.format(t)}]}) for t in TOPICS for q in QUESTIONS]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_settings(tiny_lm_dir, prompts_file, address, run_dir, **kw):
+    """PPOSettings of a short CPU run of the tiny policy against `address`."""
+    from policy_trainer import PPOSettings
+
+    base = dict(policy=str(tiny_lm_dir), prompts_file=prompts_file, reward_addresses=[address], run_dir=run_dir, total_steps=12,
+                prompts_per_step=8, samples_per_prompt=4, max_new_tokens=12, learning_rate=1e-2, kl_coef=0.2, update_epochs=2,
+                num_minibatches=2, eval_prompts=6, progress=False, follow_models=False, seed=0, device="cpu")
+    return PPOSettings(**{**base, **kw})
 
 
 @pytest.fixture
@@ -220,6 +284,6 @@ def server(home, tiny_rm_dir):
     """The server with the tiny TRL-style checkpoint and a store in the temp home."""
     from rm_service.settings import ServeSettings
 
-    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir)))
+    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), precision="fp32"))
     yield srv
     srv.stop()

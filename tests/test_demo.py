@@ -20,22 +20,26 @@ def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbo
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:80]), encoding="utf-8")
     monkeypatch.setenv("RM_TRAIN_GATE_TOLERANCE", "1.0")  # random tiny models: the gate must not decide the test
-    monkeypatch.setenv("RM_TRAIN_EXPORT_ONNX", "false")  # these two keep v1 and each retrain to seconds
-    monkeypatch.setenv("RM_TRAIN_MAX_STEPS", "50")
+    monkeypatch.setenv("RM_TRAIN_GATE_ONPOLICY", "false")
     settings = DemoSettings(data=data, home=tmp_path / "demo", rm_backbone=str(tiny_backbone_dir), rm_max_minutes=1.0,
-                            rm_max_tokens=128, rm_ensemble_size=2, judge_model=str(tiny_lm_dir), judge_calibration_pairs=4,
+                            rm_max_tokens=128, rm_ensemble_size=2, calibration_pairs=4, proxy_dataset_fraction=0.5,
                             policy=str(tiny_lm_dir), ppo_steps=60, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
-                            eval_prompts=2, submit_every=5, retrain_min_labels=4, progress=False)
+                            eval_prompts=2, eval_every=20, submit_every=5, retrain_min_labels=4, progress=False)
     assert run_demo(settings) == 0
     out = capsys.readouterr().out
     demo = tmp_path / "demo"
     report = (demo / "report.md").read_text()
-    assert "reward model v1" in report and "agreement with people" in report and (demo / "reward_kl.png").stat().st_size > 0 and (demo / "accuracy.png").exists()
+    assert "reward model v1 (gold" in report and "reward model v2 (proxy" in report and "agreement with people" in report
+    assert all((demo / name).stat().st_size > 0 for name in ("reward_kl.png", "accuracy.png", "proxy_gold.png"))
 
     steps = [json.loads(line) for line in (demo / "ppo" / "metrics.jsonl").read_text().splitlines()]
     versions = [m["rm/version"] for m in steps]
-    assert versions[0] == "v1" and versions[-1] != "v1", versions  # the trainer switched during the run
+    assert versions[0] == "v2" and versions[-1] != "v2", versions  # trained against the proxy, then switched during the run
     assert "at step" in out and "reward-model switches during PPO" in out
+    evaluations = [json.loads(line) for line in (demo / "ppo" / "events.jsonl").read_text().splitlines()]
+    evaluations = [e for e in evaluations if e["event"] == "eval" and e["model"] == "policy"]
+    assert [e["step"] for e in evaluations] == [0, 20, 40, 60] and all("gold_reward_mean" in e for e in evaluations)
+    assert [m["step"] for m in steps if "eval/gold_reward" in m] == [20, 40]  # beside the step's metrics too
 
     store = Store(StoreSettings(path=demo / "rm.duckdb"), read_only=True)
     try:
@@ -45,14 +49,14 @@ def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbo
     finally:
         store.close()
     assert by_source.get("IMPORT", 0) > 0 and by_source.get("JUDGE", 0) > 0
-    assert jobs and jobs[0] == ("succeeded", "v2", True) and promoted != "v1"
+    assert jobs and jobs[0] == ("succeeded", "v3", True) and promoted not in ("v1", "v2")
 
 
 def test_profiles_apply_under_the_environment_and_explicit_values(monkeypatch):
     monkeypatch.setenv("RM_DEMO_PPO_STEPS", "7")
     full = demo_settings("full", policy="some/dir")
     assert (full.rm_mode, full.ppo_steps, full.policy) == ("full", 7, "some/dir")  # env beats the profile
-    assert demo_settings("cpu").rm_backbone == "minilm-l6"
+    assert demo_settings("cpu").rm_backbone == "smollm2-135m-instruct"
 
 
 def test_full_profile_runs_gae_on_long_prompts_and_cpu_runs_rloo_on_short_ones():

@@ -309,8 +309,8 @@ def test_entrypoint_installs_the_starter_model_once_and_scorers_wait_for_it(home
 
     entrypoint = _module("entrypoint")
     store = store_with_hh(tmp_path, 40)  # the build's seed home
-    train(store, TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=1, max_steps=20, ensemble_size=2, max_tokens=128,
-                               heldout_fraction=0.2, export_onnx=False), ModelSettings(), show_progress=False)
+    train(store, TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=1, ensemble_size=2, max_tokens=128,
+                               heldout_fraction=0.2, export_onnx="off"), ModelSettings(), show_progress=False)
     seed = Path(registry.get_model(store, "v1").artifact_path)
     store.close()
 

@@ -12,6 +12,7 @@ import torch
 from conftest import REPO, store_with_hh
 from rm_service import registry
 from rm_service.models.runtime import load_backbone_runtime
+from rm_service.models.version import open_version
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.train import full_mode
@@ -53,8 +54,8 @@ def test_full_mode_registers_a_version_that_serves_its_own_backbone(home, tmp_pa
     store = _store_with_labels(tmp_path)
     result = train(store, _settings(tiny_backbone_dir), ModelSettings(), show_progress=False)
     rec = registry.get_model(store, result.version)
-    runtime, meta = registry.load_artifact(rec.artifact_path)  # golden pairs re-scored: must match training
-    assert meta["mode"] == "full" and meta["backbone"] == "./backbone" and runtime.model.ensemble_size == 2
+    runtime, meta = open_version(rec.artifact_path)  # golden pairs re-scored: must match training
+    assert meta.mode == "full" and meta.backbone == "./backbone" and runtime.model.ensemble_size == 2
     assert result.metrics["full_steps"] >= 1 and result.metrics["tokens_per_s"] > 0
     base = load_backbone_runtime(str(tiny_backbone_dir), 128)
     moved = [k for k, v in runtime.model.backbone.state_dict().items() if not torch.equal(v, base.model.backbone.state_dict()[k])]
@@ -134,7 +135,7 @@ def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
     store = Store(StoreSettings())
     try:
         assert registry.get_model(store, "v1").status == "promoted"
-        runtime, _ = registry.load_artifact(registry.get_model(store, "v1").artifact_path)
+        runtime, _ = open_version(registry.get_model(store, "v1").artifact_path)
         assert runtime.model.ensemble_size == 2
     finally:
         store.close()

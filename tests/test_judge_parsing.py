@@ -10,7 +10,7 @@ import pytest
 
 from rm_service.conversation import Message
 from rm_service.errors import InvalidArgument
-from rm_service.judge.agreement import SharedPair, agreement_report, cohen_kappa, format_report
+from rm_service.store.agreement import SharedPair, agreement_report, cohen_kappa, format_report
 from rm_service.judge.items import read_items
 from rm_service.judge.pairwise import SwapJudgment, combine_orders, copeland_ranks, outcome
 from rm_service.judge.templates import PAIRWISE_CHOICE, clip_response, load_template, pairwise_messages, render_conversation

@@ -52,9 +52,9 @@ def _mixed_length_items(runtime, n: int = 6):
 def exported(request, tiny_rm_dir, tiny_encoder_dir, tmp_path_factory):
     """(runtime, ORT model) for each tiny backbone, exported once per module."""
     if request.param == "causal":
-        runtime = load_backbone_runtime(str(tiny_rm_dir), max_tokens=MAX_TOKENS, device="cpu")
+        runtime = load_backbone_runtime(str(tiny_rm_dir), max_tokens=MAX_TOKENS, device="cpu", precision="fp32")
     else:
-        runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, ensemble_size=3, device="cpu")
+        runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, ensemble_size=3, device="cpu", precision="fp32")
     path = export_onnx(runtime, tmp_path_factory.mktemp(f"onnx-{request.param}") / "model.onnx")
     return runtime, OnnxRuntimeModel.for_runtime(runtime, path)
 
@@ -70,7 +70,7 @@ def test_export_names_and_dynamic_axes(exported):
 
 
 def test_export_does_not_touch_the_runtime_model(tiny_rm_dir, tmp_path):
-    runtime = load_backbone_runtime(str(tiny_rm_dir), max_tokens=MAX_TOKENS, device="cpu")
+    runtime = load_backbone_runtime(str(tiny_rm_dir), max_tokens=MAX_TOKENS, device="cpu", precision="fp32")
     before = runtime.model.backbone.config._attn_implementation
     export_onnx(runtime, tmp_path / "m.onnx")
     assert runtime.model.backbone.config._attn_implementation == before
@@ -131,7 +131,7 @@ def test_build_artifacts_keeps_or_deletes_int8(exported, tmp_path, threshold, ke
 
 
 def test_build_artifacts_refuses_a_model_out_of_tolerance(tiny_encoder_dir, tmp_path):
-    runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, device="cpu")
+    runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, device="cpu", precision="fp32")
     with pytest.raises(OnnxParityError, match="tolerance"):
         build_onnx_artifacts(runtime, tmp_path, _pair_items(runtime, 2), rtol=-1.0)  # no difference passes
 
@@ -147,9 +147,9 @@ def test_int8_leaves_a_biased_score_head_in_fp32(tiny_encoder_dir, tmp_path):
     import onnx
     import torch
 
-    runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, device="cpu")
+    runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, device="cpu", precision="fp32")
     runtime.model.score = torch.nn.Linear(runtime.model.hidden_size, 2, bias=True)
     out = quantize_int8(export_onnx(runtime, tmp_path / "m.onnx"), tmp_path / "q.onnx")
     nodes = onnx.load(str(out)).graph.node
-    assert any(n.name.startswith("/score/") for n in nodes)
-    assert not any(n.name.startswith("/score/") and "Integer" in n.op_type for n in nodes)
+    assert any(n.name.startswith("/model/score/") for n in nodes)
+    assert not any(n.name.startswith("/model/score/") and "Integer" in n.op_type for n in nodes)

@@ -23,51 +23,12 @@ import grpc
 import pytest
 import torch
 
-from conftest import ServerThread, store_with_hh
+from conftest import ServerThread, preferred_tokens, store_with_hh, tiny_settings
 from policy_trainer import PPOSettings, train_ppo
 from policy_trainer.logs import read_jsonl
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
 from rm_service.train.run import train
-
-TOPICS = ["river", "bread", "music", "garden", "winter", "ocean", "chess", "coffee", "moon", "paper", "horse", "city"]
-QUESTIONS = ["Say something about {}.", "Describe {}.", "Why {}?"]
-
-
-def preferred_tokens(tokenizer) -> list[int]:
-    return sorted(i for text, i in tokenizer.get_vocab().items() if text.startswith("Ġt"))
-
-
-@pytest.fixture(scope="module")
-def property_rm_dir(tmp_path_factory, tiny_tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                         num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=tiny_tokenizer.pad_token_id, num_labels=1)
-    model = LlamaForSequenceClassification(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.embed_tokens.weight[:, 1:] = 1.0
-        model.model.embed_tokens.weight[preferred_tokens(tiny_tokenizer), 0] = 1.0
-        layer = model.model.layers[0]
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
-            norm.weight.fill_(1.0)
-        layer.self_attn.v_proj.weight[0, 0] = 1.0
-        layer.self_attn.o_proj.weight[0, 0] = 10.0
-        model.score.weight[0, 0] = 1.0
-    path = tmp_path_factory.mktemp("property-rm")
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    lines = [json.dumps({"prompt": [{"role": "user", "content": q.format(t)}]}) for t in TOPICS for q in QUESTIONS]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -75,13 +36,6 @@ def property_server(home, property_rm_dir):
     srv = ServerThread(ServeSettings(port=0, model=str(property_rm_dir), with_store=False, metrics_port=-1))
     yield srv
     srv.stop()
-
-
-def tiny_settings(tiny_lm_dir, prompts_file, address, run_dir, **kw) -> PPOSettings:
-    base = dict(policy=str(tiny_lm_dir), prompts_file=prompts_file, reward_addresses=[address], run_dir=run_dir, total_steps=12,
-                prompts_per_step=8, samples_per_prompt=4, max_new_tokens=12, learning_rate=1e-2, kl_coef=0.2, update_epochs=2,
-                num_minibatches=2, eval_prompts=6, progress=False, follow_models=False, seed=0, device="cpu")
-    return PPOSettings(**{**base, **kw})
 
 
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
@@ -182,7 +136,7 @@ def store_server(home, tmp_path, tiny_backbone_dir):
     """A server owning a store with 40 HH labels and v1 (head mode, tiny backbone) promoted;
     its TrainingService retrains with the same settings and a gate that always passes."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_steps=20, ensemble_size=2, max_tokens=128, export_onnx=False, gate_tolerance=1.0)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0)
     train(store, settings, ModelSettings(), show_progress=False)
     store.close()
     srv = ServerThread(ServeSettings(port=0, watch_interval_s=0.1, metrics_port=-1), train=settings)

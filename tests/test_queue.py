@@ -74,6 +74,27 @@ def test_a_label_with_task_id_closes_the_task(preference):
     assert stats.queue_depth == 0 and stats.tasks_done == 1
 
 
+def test_provenance_is_the_servers_not_the_clients(preference):
+    """The policy trainer sends policy_version "policy@step-3": stored once as policy@step-3
+    (was policy@policy@step-3). A label's metadata "origin" stays plain metadata: completions
+    keep the origin the server gave them (was: the client's metadata overrode it)."""
+    stub, srv = preference
+    sampled = preference_pb2.Candidate(prompt=PROMPT, completions=["p1", "p2"], policy_version="policy@step-3")
+    [tid] = stub.SubmitCandidates(preference_pb2.SubmitCandidatesRequest(candidates=[sampled]), timeout=10).task_ids
+    answer = preference_pb2.Label(label_id="a-1", prompt=PROMPT, responses=["p2", "p1"], ranks=[0, 1], source=preference_pb2.HUMAN,
+                                  annotator="ann", task_id=tid, metadata={"origin": "human"})
+    fresh = preference_pb2.Label(label_id="a-2", prompt=PROMPT, responses=["f1", "f2"], ranks=[1, 0], source=preference_pb2.HUMAN,
+                                 annotator="ann", metadata={"origin": "policy@step-999", "batch": "7"})
+    results = stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[answer, fresh]), timeout=10).results
+    assert [r.status for r in results] == [preference_pb2.INSERTED, preference_pb2.INSERTED]
+    con = srv.server.store.con
+    assert dict(con.execute("SELECT text, origin FROM completions").fetchall()) == \
+        {"p1": "policy@step-3", "p2": "policy@step-3", "f1": "dataset", "f2": "dataset"}
+    assert con.execute("SELECT metadata->>'origin' FROM labels ORDER BY seq").fetchall() == [("human",), ("policy@step-999",)]
+    leased = stub.LeaseTasks(preference_pb2.LeaseTasksRequest(owner="x", max_tasks=1, lease_seconds=60), timeout=10).tasks
+    assert not leased  # the task was answered
+
+
 @pytest.mark.parametrize(
     ("candidate", "field"),
     [
@@ -81,6 +102,7 @@ def test_a_label_with_task_id_closes_the_task(preference):
         (preference_pb2.Candidate(prompt=PROMPT, completions=["same", "same"]), "candidates[0].completions"),
         (preference_pb2.Candidate(prompt=[common_pb2.Message(role="bot", content="x")], completions=["a", "b"]), "candidates[0].prompt[0].role"),
         (preference_pb2.Candidate(prompt=PROMPT, completions=["a", ""]), "candidates[0].completions[1]"),
+        (preference_pb2.Candidate(prompt=PROMPT, completions=["a", "b"], policy_version="v" * 201), "candidates[0].policy_version"),
     ],
 )
 def test_bad_candidates_are_invalid_argument(preference, candidate, field):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc
-from rm_service.conversation import Message
-from rm_service.models.runtime import load_backbone_runtime
 
 PROMPT = [common_pb2.Message(role="user", content="How do I bake bread?"),
           common_pb2.Message(role="assistant", content="Do you have yeast?"),
@@ -33,14 +33,17 @@ def test_score_returns_one_result_per_item_in_order(stubs, tiny_rm_dir):
     response = reward.Score(reward_pb2.ScoreRequest(items=[_item(i, c) for i, c in enumerate(completions)]), timeout=30)
     assert [r.id for r in response.results] == ["item-0", "item-1", "item-2"]
     assert response.model_version == tiny_rm_dir.name and response.format_hash
-    # Same scores as the model run directly, one item at a time: order and batching kept.
-    runtime = load_backbone_runtime(str(tiny_rm_dir), max_tokens=1024)
-    prompt = [Message(m.role, m.content) for m in PROMPT]
+    # The checkpoint scored as its trainer scored it: TRL's tokens (the chat template applied, as
+    # TRL's RewardTrainer tokenizes), transformers' own class, one item at a time.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
+    prompt = [{"role": m.role, "content": m.content} for m in PROMPT]
     for result, completion in zip(response.results, completions):
-        item = runtime.format(prompt, completion)
-        expected = float(runtime.run([item], 1).mean())
+        ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
         assert result.raw_score == pytest.approx(expected, abs=1e-5)
-        assert result.num_tokens == len(item)
+        assert result.num_tokens == len(ids)
         assert not result.truncated
     assert len({r.raw_score for r in response.results}) == 3
 

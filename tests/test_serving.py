@@ -115,7 +115,7 @@ def test_too_large_a_message_is_resource_exhausted_and_the_server_goes_on(home, 
 def registry_with_two_versions(home, tmp_path, tiny_backbone_dir):
     """v1 and v2 trained (head mode) on the tiny backbone; the store closed, as for replicas."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_steps=20, ensemble_size=2, max_tokens=128, promote=False)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, promote=False, export_onnx="on")
     train(store, settings, ModelSettings(), show_progress=False)
     train(store, settings.model_copy(update={"seed": 1}), ModelSettings(), show_progress=False)
     registry.promote(store, "v1", 0.0)
@@ -264,8 +264,9 @@ def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry
     records = registry_with_two_versions
     meta = __import__("json").loads(open(f"{records['v1'].artifact_path}/version.json").read())
     assert meta["onnx"]["fp32_path"] == "model.onnx" and meta["onnx"]["max_rel_diff"] <= 1e-4
-    onnx_srv = ServerThread(ServeSettings(port=0, with_store=False))
-    torch_srv = ServerThread(ServeSettings(port=0, with_store=False, backend="torch", metrics_port=-1))
+    # ONNX Runtime serves when the precision is fp32 on a CPU (auto picks it where fp32 measures faster).
+    onnx_srv = ServerThread(ServeSettings(port=0, with_store=False, precision="fp32"))
+    torch_srv = ServerThread(ServeSettings(port=0, with_store=False, backend="torch", precision="fp32", metrics_port=-1))
     try:
         assert isinstance(onnx_srv.server.served.get().backend, OnnxRuntimeModel)
         assert not isinstance(torch_srv.server.served.get().backend, OnnxRuntimeModel)

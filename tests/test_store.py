@@ -38,7 +38,23 @@ def _count(store, table):
         (_label(label_id=""), "labels[0].label_id"),
         (_label(responses=("Only one",), ranks=(0,)), "labels[0].responses"),
         (_label(responses=("Same", "Same")), "labels[0].responses"),
-        (_label(ranks=(0, 2)), "labels[0].ranks"),
+        (_label(ranks=(0, 2)), "labels[0].ranks[1]"),
+        (_label(responses=("A", "B", "C"), ranks=(0, 2, 2)), "labels[0].ranks"),  # rank 1 unused: not dense
+        (_label(ranks=(0, 4294967295)), "labels[0].ranks[1]"),
+        (_label(ranks=(2**70, 0)), "labels[0].ranks[0]"),
+        (_label(ranks=(0, -1)), "labels[0].ranks[1]"),
+        (_label(ranks=(0, True)), "labels[0].ranks[1]"),
+        (_label(responses=tuple(f"r{i}" for i in range(17)), ranks=tuple(range(17))), "labels[0].responses"),
+        (_label(strength=math.inf), "labels[0].strength"),
+        (_label(strength=1e300), "labels[0].strength"),
+        (_label(strength=10**400), "labels[0].strength"),
+        (_label(label_id="x" * 201), "labels[0].label_id"),
+        (_label(annotator="a" * 201), "labels[0].annotator"),
+        (_label(rationale="r" * 101), "labels[0].rationale"),
+        (_label(responses=("ok \ud800", "no")), "labels[0].responses[0]"),
+        (_label(prompt=[Message("user", "\udfff")]), "labels[0].prompt[0].content"),
+        (_label(metadata={f"k{i}": "v" for i in range(65)}), "labels[0].metadata"),
+        (_label(metadata={"k": "v" * 101}), "labels[0].metadata['k']"),
         (_label(ranks=(0,)), "labels[0].ranks"),
         (_label(strength=math.nan), "labels[0].strength"),
         (_label(strength=-1.0), "labels[0].strength"),
@@ -54,6 +70,18 @@ def test_bad_labels_are_rejected_naming_the_field_and_write_nothing(store, label
     assert outcome.status == "REJECTED"
     assert outcome.reason.startswith(field + ":")
     assert _count(store, "labels") == 0 and _count(store, "completions") == 0 and _count(store, "conversations") == 0
+
+
+def test_rank_checks_cost_nothing_in_proportion_to_the_rank(store):
+    """A rank of 4294967295 once built a list of that length (MemoryError, the whole group
+    commit failed); now it is compared with K and rejected in microseconds."""
+    import time
+
+    start = time.perf_counter()
+    outcomes = store.ingest([_label("big", ranks=(0, 4294967295)), _label("ok"), _label("huge", ranks=(2**40, 0))])
+    assert time.perf_counter() - start < 1.0
+    assert [o.status for o in outcomes] == ["REJECTED", "INSERTED", "REJECTED"]
+    assert "ranks[1]: is 4294967295; a rank must be in [0, 2)" in outcomes[0].reason
 
 
 def test_bad_item_does_not_block_the_others(store):

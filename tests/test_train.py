@@ -15,7 +15,8 @@ from conftest import store_with_hh
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
 from rm_service.settings import ModelSettings, TrainSettings
-from rm_service.train.heads import fit_heads
+from rm_service.models.version import open_version
+from rm_service.train.heads import L2_GRID, PairData, fit_heads, select_head
 from rm_service.train.loss import bradley_terry_loss
 from rm_service.train.metrics import expected_calibration_error, pair_metrics
 from rm_service.train.run import train
@@ -41,41 +42,61 @@ def test_metrics_accuracy_loss_and_ece():
     assert expected_calibration_error(np.full(10, -10.0)) == pytest.approx(1 / (1 + math.exp(-10)), abs=1e-6)
 
 
-def test_heads_learn_a_separable_preference():
-    rng = np.random.default_rng(0)
-    direction = rng.normal(size=8)
-    x = rng.normal(size=(400, 2, 8)).astype(np.float32)
+def _separable(n: int, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs whose preference follows a hidden direction: (chosen [n, dim], rejected [n, dim], direction)."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    x = rng.normal(size=(n, 2, dim)).astype(np.float32)
     better = (x @ direction)[:, 0] > (x @ direction)[:, 1]
-    h_w = np.where(better[:, None], x[:, 0], x[:, 1])
-    h_l = np.where(better[:, None], x[:, 1], x[:, 0])
-    fit = fit_heads(h_w[:300], h_l[:300], (h_w[300:], h_l[300:]), ensemble_size=3, learning_rate=0.05, weight_decay=0.0,
-                    batch_size=64, max_steps=300, patience=300)
+    return np.where(better[:, None], x[:, 0], x[:, 1]), np.where(better[:, None], x[:, 1], x[:, 0]), direction
+
+
+def _data(h_w, h_l, weight=None) -> PairData:
+    return PairData(h_w, h_l, np.ones(len(h_w)) if weight is None else weight, None, [f"c{i}" for i in range(len(h_w))])
+
+
+def test_heads_learn_a_separable_preference():
+    h_w, h_l, _ = _separable(400)
+    fit = fit_heads(_data(h_w[:300], h_l[:300]), ensemble_size=3, l2=0.01)
     held = pair_metrics((h_w[300:] @ fit.weight.T + fit.bias).mean(1), (h_l[300:] @ fit.weight.T + fit.bias).mean(1))
     assert held["accuracy"] > 0.9
     assert fit.weight.shape == (3, 8) and not np.allclose(fit.weight[0], fit.weight[1])  # bootstrap: members differ
+    items = np.concatenate([h_w[:300], h_l[:300]])
+    np.testing.assert_allclose((items @ fit.weight.T + fit.bias).mean(0), 0.0, atol=1e-4)  # each member centred on its items
 
 
-def test_a_warm_start_begins_from_the_given_heads_and_keeps_them_when_nothing_beats_them():
-    rng = np.random.default_rng(1)
-    h_w, h_l = (rng.normal(3.0, 2.0, size=(200, 8)).astype(np.float32) for _ in range(2))  # features far from standard
-    parent = (rng.normal(size=(2, 8)).astype(np.float32), rng.normal(size=2).astype(np.float32))
-    # A learning rate too small to move them: the heads come back as they went in (the
-    # standardisation is undone exactly), so a retrain that learns nothing serves its parent.
-    fit = fit_heads(h_w[:150], h_l[:150], (h_w[150:], h_l[150:]), ensemble_size=2, learning_rate=1e-12, weight_decay=0.0,
-                    batch_size=32, max_steps=20, patience=10, init=parent)
-    np.testing.assert_allclose(fit.weight, parent[0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fit.bias, parent[1], rtol=1e-4, atol=1e-4)
-    cold = fit_heads(h_w[:150], h_l[:150], (h_w[150:], h_l[150:]), ensemble_size=2, learning_rate=1e-12, weight_decay=0.0,
-                     batch_size=32, max_steps=20, patience=10)
-    assert not np.allclose(cold.weight, parent[0], atol=1e-2)
+def test_the_fit_is_exact_so_the_same_labels_give_the_same_heads_from_any_start():
+    h_w, h_l, _ = _separable(300, seed=1)
+    a = fit_heads(_data(h_w, h_l), ensemble_size=2, l2=0.3)
+    b = fit_heads(_data(h_w, h_l), ensemble_size=2, l2=0.3, init=(np.ones((2, 8), np.float32), np.zeros(2, np.float32)))
+    np.testing.assert_allclose(a.weight, b.weight, rtol=1e-3, atol=1e-4)
+
+
+def test_the_penalty_regularises_and_weights_count():
+    h_w, h_l, _ = _separable(60, dim=40, seed=2)  # few pairs, many features: unregularised it would overfit
+    loose, tight = fit_heads(_data(h_w, h_l), 1, l2=1e-4), fit_heads(_data(h_w, h_l), 1, l2=3.0)
+    assert np.linalg.norm(tight.weight) < 0.2 * np.linalg.norm(loose.weight)
+    # Pairs given weight 0 do not move the heads: the fit equals the fit without them.
+    weight = np.r_[np.ones(40), np.zeros(20)]
+    np.testing.assert_allclose(fit_heads(_data(h_w, h_l, weight), 1, 0.3).weight, fit_heads(_data(h_w[:40], h_l[:40]), 1, 0.3).weight,
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_selection_prefers_the_features_that_carry_the_preference():
+    h_w, h_l, _ = _separable(300, seed=3)
+    rng = np.random.default_rng(4)
+    noise = _data(rng.normal(size=h_w.shape).astype(np.float32), rng.normal(size=h_l.shape).astype(np.float32))
+    chosen = select_head({"noise": noise, "signal": _data(h_w, h_l)}, default_l2=0.3)
+    assert chosen.name == "signal" and chosen.cv_loss < 0.5 and len(chosen.table) == 2 * len(L2_GRID)
+    few = select_head({"signal": _data(h_w[:20], h_l[:20])}, default_l2=0.7)  # too few pairs to cross-validate
+    assert (few.name, few.l2) == ("signal", 0.7)
 
 
 @pytest.fixture
 def trained(home, tiny_backbone_dir, tmp_path):
     """60 HH labels in a store and a head-mode model v1 trained on the tiny backbone."""
     store = store_with_hh(tmp_path, 60)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, max_steps=50, ensemble_size=2, max_tokens=256,
-                             heldout_fraction=0.2)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, ensemble_size=2, max_tokens=256, heldout_fraction=0.2)
     result = train(store, settings, ModelSettings(), show_progress=False)
     yield store, result, settings
     store.close()
@@ -87,16 +108,19 @@ def test_train_registers_and_promotes_a_version(trained):
     rec = registry.get_model(store, "v1")
     assert rec.status == "promoted" and rec.ensemble_size == 2 and rec.snapshot_id == "snap-000001"
     assert 0 <= rec.metrics["accuracy"] <= 1 and rec.metrics["train_pairs"] + rec.metrics["heldout_pairs"] == 60
-    cached = store.con.execute("SELECT count(*) FROM features").fetchone()[0]
-    assert cached == 120  # every completion's features cached once
+    cached = store.con.execute("SELECT count(DISTINCT completion_id), count(DISTINCT feature_key), count(*) FROM features").fetchone()
+    assert cached == (120, 2, 240)  # every completion's features cached once per candidate (layer 1: last, mean)
+    precision = open_version(rec.artifact_path)[1].precision  # the features' precision is part of their key
+    assert all(f":{precision}:" in key for (key,) in store.con.execute("SELECT DISTINCT feature_key FROM features").fetchall())
 
 
 def test_artifact_loads_and_scores_like_training(trained):
     store, _, _ = trained
     rec = registry.get_model(store, "v1")
-    runtime, meta = registry.load_artifact(rec.artifact_path)
-    assert runtime.spec.hash == rec.format_hash == meta["format_hash"]
-    assert runtime.model.ensemble_size == 2 and len(meta["golden"]) == 4
+    runtime, meta = open_version(rec.artifact_path)
+    assert runtime.spec.hash == rec.format_hash == meta.format_hash
+    assert runtime.model.ensemble_size == 2 and len(meta.golden) == 4
+    assert set(meta.golden[0].raw_scores) == {"fp32", "bf16"} and meta.info["features"] == meta.pooling.name
 
 
 def test_tampered_golden_pair_refuses_the_version(trained):
@@ -104,22 +128,25 @@ def test_tampered_golden_pair_refuses_the_version(trained):
     rec = registry.get_model(store, "v1")
     meta_path = f"{rec.artifact_path}/version.json"
     meta = json.loads(open(meta_path).read())
-    meta["golden"][0]["raw_score"] += 1.0
+    meta["golden"][0]["raw_scores"]["fp32"] += 1.0
     open(meta_path, "w").write(json.dumps(meta))
     with pytest.raises(FailedPrecondition, match="golden pair check failed"):
-        registry.load_artifact(rec.artifact_path)
+        open_version(rec.artifact_path, precision="fp32")
+    # The check runs in the precision served, against the score recorded for it: bf16 still loads.
+    assert open_version(rec.artifact_path, precision="bf16")[0].precision == "bf16"
 
 
 def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypatch):
     store, _, settings = trained
     computed = []
-    import rm_service.train.head_mode as run
+    import rm_service.train.features as features
 
-    original = run.put_features
-    monkeypatch.setattr(run, "put_features", lambda s, b, f, ids, *a: (computed.extend(ids), original(s, b, f, ids, *a)))
+    original = features.put_features
+    monkeypatch.setattr(features, "put_features", lambda s, b, f, ids, *a: (computed.extend(ids), original(s, b, f, ids, *a)))
     second = train(store, settings.model_copy(update={"promote": False}), ModelSettings(), show_progress=False, parent="v1")
     assert computed == []  # nothing new to compute
     assert registry.get_model(store, second.version).status == "candidate"
+    assert second.metrics["unchanged_from_parent"] == 1.0  # the same labels: the same heads, reported as such
     # Same snapshot contents, same split: v1 scored on v2's held-out pairs is v1's own accuracy.
     assert second.metrics["baseline_accuracy"] == pytest.approx(registry.get_model(store, "v1").metrics["accuracy"])
     # Pretend v2 is much worse than v1 on v2's held-out pairs (though v1 scored low on its own):
@@ -129,17 +156,6 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     ok, message = registry.promote(store, second.version, tolerance=0.02)
     assert not ok and "below v1" in message and "candidate's held-out pairs" in message
     assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "rejected"
-
-
-def test_a_retrain_warm_starts_from_the_promoted_heads(trained):
-    store, _, settings = trained
-    frozen = settings.model_copy(update={"promote": False, "learning_rate": 1e-12, "export_onnx": False})
-    heads = lambda version: load_file(str(Path(registry.get_model(store, version).artifact_path) / "head.safetensors"))  # noqa: E731
-    warm = train(store, frozen, ModelSettings(), show_progress=False)
-    np.testing.assert_allclose(heads(warm.version)["weight"], heads("v1")["weight"], rtol=1e-4, atol=1e-6)
-    assert warm.metrics["accuracy"] == pytest.approx(registry.get_model(store, "v1").metrics["accuracy"])
-    cold = train(store, frozen.model_copy(update={"warm_start": False}), ModelSettings(), show_progress=False)
-    assert not np.allclose(heads(cold.version)["weight"], heads("v1")["weight"], atol=1e-3)
 
 
 def test_rollback_returns_to_the_previous_version(trained):

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ServerThread, store_with_hh
 from rm_service import registry
-from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.settings import ModelSettings, ServeSettings, StoreSettings, TrainSettings
 from rm_service.store import jobs
 from rm_service.store.db import Store
@@ -21,8 +21,8 @@ from rm_service.train.run import train
 def trained_home(home, tmp_path, tiny_backbone_dir):
     """A store with 40 HH labels and v1 promoted, trained on the tiny backbone; the store closed."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_steps=20, ensemble_size=2, max_tokens=128,
-                             export_onnx=False, gate_tolerance=1.0)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128,
+                             export_onnx="off", gate_tolerance=1.0)
     train(store, settings, ModelSettings(), show_progress=False)
     store.close()
     return settings
@@ -45,10 +45,20 @@ def _score_version(reward) -> str:
     return reward.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30).model_version
 
 
+def _new_labels(channel, n: int = 12) -> None:
+    """n fresh human labels (an order the tiny model has no reason to agree with)."""
+    labels = [preference_pb2.Label(label_id=f"new-{i}", prompt=[common_pb2.Message(role="user", content=f"Question {i}: is {i} even?")],
+                                   responses=[f"{'Yes' if i % 2 == 0 else 'No'}, {i} is {'even' if i % 2 == 0 else 'odd'}.", "Maybe."],
+                                   ranks=[0, 1], source=preference_pb2.HUMAN, annotator="tester") for i in range(n)]
+    response = preference_pb2_grpc.PreferenceServiceStub(channel).IngestLabels(preference_pb2.IngestLabelsRequest(labels=labels), timeout=30)
+    assert all(r.status == preference_pb2.INSERTED for r in response.results)
+
+
 def test_request_retrain_promotes_a_new_version_and_the_server_switches_to_it(server):
     channel, training, reward = _stubs(server.address)
     with channel:
         assert _score_version(reward) == "v1"
+        _new_labels(channel)  # a retrain on the same labels would give v1's heads again, and not be promoted
         job = training.RequestRetrain(training_pb2.RetrainRequest(promote=True, reason="test"), timeout=30)
         assert job.state in ("queued", "running") and job.job_id
         again = training.RequestRetrain(training_pb2.RetrainRequest(promote=True), timeout=30)
@@ -87,7 +97,7 @@ def test_bad_requests_name_the_field_or_the_missing_thing(server):
 
 def test_a_job_that_cannot_train_fails_with_its_reason(home, tmp_path, tiny_backbone_dir):
     Store(StoreSettings()).close()  # an empty store: nothing to train on
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), export_onnx=False)
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), export_onnx="off")
     srv = ServerThread(ServeSettings(port=0, with_model=False, metrics_port=-1), train=settings)
     try:
         channel, training, _ = _stubs(srv.address)

@@ -1,11 +1,16 @@
-"""Print every settings class as a markdown table (environment variable, default, meaning).
+"""Every settings class as a markdown table (environment variable, default, meaning).
 
-    .venv/bin/python tools/settings_table.py    # paste into README "Configuration"
+    .venv/bin/python tools/settings_table.py            # print the README's tables
+    .venv/bin/python tools/settings_table.py --write    # rewrite them in README.md and docs/policy-trainer.md (make docs)
 
-A test checks that the README holds exactly this output, so the docs cannot drift.
+Tests check that README.md and docs/policy-trainer.md hold exactly these tables, so the docs
+cannot drift.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 from pydantic_settings import BaseSettings
 
@@ -40,5 +45,18 @@ def render() -> str:
     return "\n\n".join(table(cls) for cls in CLASSES) + "\n"
 
 
+def write_between(path: Path, begin: str, end: str, text: str) -> None:
+    doc = path.read_text()
+    start, stop = doc.index(begin) + len(begin), doc.index(end)
+    path.write_text(doc[:start] + text + doc[stop:])
+
+
 if __name__ == "__main__":
-    print(render(), end="")
+    if "--write" in sys.argv[1:]:
+        from policy_trainer.settings import PPOSettings
+
+        root = Path(__file__).resolve().parent.parent
+        write_between(root / "README.md", "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->", render())
+        write_between(root / "docs" / "policy-trainer.md", "<!-- PPO-SETTINGS:BEGIN -->\n", "<!-- PPO-SETTINGS:END -->", table(PPOSettings) + "\n")
+    else:
+        print(render(), end="")

@@ -15,7 +15,6 @@ Preparing the home:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -56,18 +55,19 @@ def prepare(serve_args: list[str]) -> None:
 def seed_registry(store_settings, models, seed: Path) -> None:
     """Register and promote the image's starter model if the registry has no version at all."""
     from rm_service import registry
+    from rm_service.models.version import is_version_dir, read_meta
     from rm_service.store.db import Store
 
-    if not (seed / "version.json").exists():
+    if not is_version_dir(seed):
         return
     store = Store(store_settings)
     try:
         if registry.list_models(store):
             return
-        meta = json.loads((seed / "version.json").read_text())
+        meta = read_meta(seed)
         version, number = registry.next_version(store)
-        if version != meta["version"]:  # version.json names its version
-            raise SystemExit(f"rm-service: cannot seed {meta['version']} into a registry whose next version is {version}")
+        if version != meta.version:  # version.json names its version
+            raise SystemExit(f"rm-service: cannot seed {meta.version} into a registry whose next version is {version}")
         target = Path(models.artifacts_dir) / version
         staging = target.with_name(f".{version}.seeding")
         shutil.rmtree(staging, ignore_errors=True)
@@ -75,12 +75,12 @@ def seed_registry(store_settings, models, seed: Path) -> None:
         if target.exists():  # a directory without a store row: left by an earlier store file
             shutil.rmtree(target)
         staging.rename(target)
-        rec = registry.ModelRecord(version, None, None, meta.get("base_backbone", meta["backbone"]), meta["format_hash"], "candidate",
-                                   meta.get("metrics", {}), meta["reward_mean"], meta["reward_std"], meta["ensemble_size"], str(target))
+        rec = registry.ModelRecord(version, None, None, meta.base_backbone, meta.format_hash, "candidate", meta.metrics, meta.reward_mean,
+                                   meta.reward_std, meta.ensemble_size, str(target))
         registry.register(store, rec, number)
         ok, message = registry.promote(store, version, 0.0, force=True)
         accuracy = rec.metrics.get("accuracy", float("nan"))
-        print(f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} {meta.get('mode', 'head')} "
+        print(f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} {meta.mode} "
               f"mode, held-out accuracy {accuracy:.4f}); {message}. Train your own with RequestRetrain, or `rm-service train` while no server holds the store.", flush=True)
     finally:
         store.close()

@@ -1,12 +1,17 @@
 """`rm-service demo` (what `make demo` runs): the whole RLHF loop on this machine.
 
 1. import the HH-RLHF pairs into a fresh DuckDB file (human labels);
-2. train reward model v1 (Bradley-Terry) and print its held-out accuracy;
-3. start `rm-service serve` as its own process: it serves v1, owns the store and runs retraining jobs;
-4. PPO trains the policy against the served reward. Meanwhile the trainer sends fresh samples to
-   the labeling queue, the local LLM judge labels them, the trainer requests retraining once
-   enough new labels exist, v2 is trained, gated and promoted, and the trainer switches to it;
-5. the judge labels held-out pairs that people labeled too (its agreement with them);
+2. train the gold reward model (v1, SmolLM2 head mode, on every human training pair; kept as
+   a candidate, never served by default) and the proxy (v2, on a quarter of them; promoted):
+   Gao et al.'s setup, where the gold stands in for people;
+3. start `rm-service serve` as its own process: it serves the proxy, keeps the gold loaded for
+   callers that pin it, owns the store and runs retraining jobs;
+4. PPO trains the policy against the served proxy. Every few steps the trainer sends the fresh
+   samples the proxy's ensemble doubts most to the labeling queue; the gold annotator labels
+   them; the trainer requests a retrain once enough new labels exist; the retrain is gated on
+   held-out on-policy pairs and promoted; the trainer switches to it. Proxy and gold reward of
+   held-out samples are measured along the way against KL;
+5. the gold annotator labels held-out pairs people labeled (its agreement with them);
 6. SIGTERM drains the server; the report (`report.md` + PNG plots) is written.
 """
 
@@ -30,9 +35,9 @@ from rm_service.importers import import_hh
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.train.run import train
-from rm_service.train.split import is_heldout
+from rm_service.train.data import is_heldout_pair
 
-STAGES = 6
+STAGES = 7
 
 
 @dataclass
@@ -53,9 +58,14 @@ class Stages:
 
 
 def train_settings(s: DemoSettings) -> TrainSettings:
-    """v1's settings; the server's retraining jobs get the same ones (so features are reused)."""
-    return TrainSettings(backbone=s.rm_backbone, mode=s.rm_mode, max_minutes=s.rm_max_minutes, max_pairs=s.rm_max_pairs,
-                         max_tokens=s.rm_max_tokens, ensemble_size=s.rm_ensemble_size)
+    """The proxy's settings (v2); the server's retraining jobs get the same ones, so features are reused."""
+    return TrainSettings(backbone=s.rm_backbone, mode=s.rm_mode, max_minutes=s.rm_max_minutes, max_tokens=s.rm_max_tokens,
+                         ensemble_size=s.rm_ensemble_size, dataset_fraction=s.proxy_dataset_fraction)
+
+
+def gold_settings(s: DemoSettings) -> TrainSettings:
+    """The gold's: head mode on every human training pair, never promoted."""
+    return train_settings(s).model_copy(update={"mode": "head", "dataset_fraction": 1.0, "promote": False})
 
 
 def settings_env(settings, prefix: str) -> dict[str, str]:
@@ -76,11 +86,11 @@ def run_demo(s: DemoSettings) -> int:
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    os.environ.update({"RM_STORE_PATH": str(home / "rm.duckdb"), "RM_MODELS_ARTIFACTS_DIR": str(home / "registry")})
+    use_home(home)
     facts, stages, total = RunFacts(settings=s, home=home), Stages(), time.monotonic()
     try:
-        _build_v1(s, facts, stages)
-        _serve_and_loop(s, facts, stages)
+        build_models(s, facts, stages)
+        serve_and_loop(s, facts, stages)
     except RMError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -92,7 +102,12 @@ def run_demo(s: DemoSettings) -> int:
     return 0 if facts.server_exit_code == 0 else 1
 
 
-def _build_v1(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
+def use_home(home: Path) -> None:
+    """Point this process (and the server it starts) at the run's store and registry."""
+    os.environ.update({"RM_STORE_PATH": str(home / "rm.duckdb"), "RM_MODELS_ARTIFACTS_DIR": str(home / "registry")})
+
+
+def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start(f"import {s.data}")
     store = Store(StoreSettings())
     try:
@@ -100,31 +115,34 @@ def _build_v1(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
         facts.labels_imported, facts.lines_rejected = counts["INSERTED"], counts["REJECTED"]
         stages.done("import", t, f"({counts['INSERTED']} human labels stored, {counts['REJECTED']} malformed lines rejected)")
 
-        settings = train_settings(s)
-        t = stages.start(f"train reward model v1 on {s.rm_backbone} ({s.rm_mode} mode, budget {s.rm_max_minutes:g} min)")
-        result = train(store, settings, ModelSettings(), show_progress=s.progress)
-        facts.v1 = result
-        m = result.metrics
-        stages.done("train v1", t, f"({result.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs)")
-        facts.calibration_file = _calibration_items(store, settings, s.judge_calibration_pairs, s.run_home / "judge-calibration.jsonl")
+        t = stages.start(f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget {s.rm_max_minutes:g} min)")
+        facts.gold = train(store, gold_settings(s), ModelSettings(), show_progress=s.progress)
+        stages.done("train gold", t, f"({facts.gold.version}: held-out accuracy {facts.gold.metrics['accuracy']:.4f}; {facts.gold.details})")
+        t = stages.start(f"train the proxy on {s.proxy_dataset_fraction:.0%} of the human-labeled conversations ({s.rm_mode} mode)")
+        facts.v1 = train(store, train_settings(s), ModelSettings(), show_progress=s.progress)
+        m = facts.v1.metrics
+        stages.done("train proxy", t, f"({facts.v1.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs; "
+                                      f"{facts.v1.gate_message})")
+        facts.calibration_file = _calibration_items(store, train_settings(s), s.calibration_pairs, s.run_home / "calibration.jsonl")
     finally:
         store.close()
 
 
-def _calibration_items(store: Store, settings: TrainSettings, n: int, path: Path) -> Path | None:
-    """Held-out pairs people labeled, as judge items (chosen first; the judge sees both orders)."""
+def _calibration_items(store: Store, settings: TrainSettings, n: int | None, path: Path) -> Path | None:
+    """Held-out pairs people labeled, as judge items."""
     if n == 0:
         return None
-    held = [p for p in store.pairs(store.get_snapshot()) if is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed)]
+    held = [p for p in store.pairs(store.get_snapshot()) if is_heldout_pair(p, settings)][:n]
     with path.open("w", encoding="utf-8") as f:
-        for p in held[:n]:
+        for p in held:
             f.write(json.dumps({"prompt": [m.as_dict() for m in p.prompt], "completions": [p.chosen, p.rejected]}) + "\n")
     return path
 
 
-def _serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
-    t = stages.start("start the gRPC server (serves v1, owns the store, runs retraining jobs)")
-    env = {**os.environ, **settings_env(train_settings(s), "RM_TRAIN_"), "RM_SERVE_METRICS_PORT": "0"}
+def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
+    t = stages.start(f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, owns the store, "
+                     "runs retraining jobs)")
+    env = {**os.environ, **settings_env(train_settings(s), "RM_TRAIN_"), "RM_SERVE_METRICS_PORT": "0", "RM_SERVE_ALSO_LOAD": facts.gold.version}
     server, address = start_server_process(env, s.run_home, s.server_start_timeout_s)
     try:
         client = Client(address)
@@ -143,45 +161,45 @@ def _serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
 def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: str, client: Client) -> None:
     from policy_trainer.settings import PPOSettings
     from policy_trainer.trainer import train_ppo
-    from rm_service.judge.backend import load_judges
+    from rm_service.judge.annotators import RewardAnnotator
     from rm_service.judge.runner import run_judge
     from rm_service.judge.settings import JudgeSettings
 
-    judge_settings = JudgeSettings(model=s.judge_model, server=address, concurrency=1)
-    backends = load_judges(judge_settings)
+    gold_dir = str(Path(ModelSettings().artifacts_dir) / facts.gold.version)
+    judge_settings = JudgeSettings(backend="rm", model=gold_dir, server=address, concurrency=1)
+    gold = [RewardAnnotator(gold_dir, judge_settings)]
+    which = "the samples the proxy doubts most" if s.selection == "uncertainty" else "random samples"
+    loop = (f"the gold labels {which}; retrain at {s.retrain_min_labels} new labels" if s.submit_every and s.retrain_min_labels
+            else "the proxy stays fixed")
+    t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps against the proxy; {loop}")
+    stop, worker = threading.Event(), _JudgeWorker()
+    thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, gold), daemon=True)
+    thread.start()
+    ppo = PPOSettings(run_dir=s.run_home / "ppo", policy=s.policy, prompts_file=s.data, total_steps=s.ppo_steps,
+                      prompts_per_step=s.prompts_per_step, samples_per_prompt=s.samples_per_prompt,
+                      max_new_tokens=s.max_new_tokens, max_prompt_tokens=s.max_prompt_tokens,
+                      advantage_estimator=s.advantage_estimator, learning_rate=s.learning_rate, kl_coef=s.kl_coef,
+                      eval_prompts=s.eval_prompts, eval_every=s.eval_every, update_epochs=s.update_epochs,
+                      num_minibatches=s.num_minibatches, reward_addresses=[address], submit_every=s.submit_every,
+                      submit_fraction=s.submit_fraction, retrain_min_labels=s.retrain_min_labels, retrain_mode=s.rm_mode,
+                      selection=s.selection, label_budget=s.label_budget, gold_address=address, gold_version=facts.gold.version,
+                      progress=s.progress)
     try:
-        t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps; the judge labels fresh samples; retrain at {s.retrain_min_labels} new labels")
-        stop, worker = threading.Event(), _JudgeWorker()
-        thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, backends), daemon=True)
-        thread.start()
-        ppo = PPOSettings(run_dir=s.run_home / "ppo", policy=s.policy, prompts_file=s.data, total_steps=s.ppo_steps,
-                          prompts_per_step=s.prompts_per_step, samples_per_prompt=s.samples_per_prompt,
-                          max_new_tokens=s.max_new_tokens, max_prompt_tokens=s.max_prompt_tokens,
-                          advantage_estimator=s.advantage_estimator, learning_rate=s.learning_rate, kl_coef=s.kl_coef,
-                          eval_prompts=s.eval_prompts, update_epochs=s.update_epochs,
-                          num_minibatches=s.num_minibatches, reward_addresses=[address], submit_every=s.submit_every,
-                          submit_fraction=s.submit_fraction, retrain_min_labels=s.retrain_min_labels, retrain_mode=s.rm_mode,
-                          progress=s.progress)
-        try:
-            facts.ppo = train_ppo(ppo)
-        finally:
-            stop.set()
-            thread.join(timeout=600)
-        facts.judge_queue = worker.counts
-        if worker.error is not None:
-            raise worker.error
-        switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in facts.ppo.switches) or "none"
-        stages.done("ppo", t, f"(reward-model switches: {switches})")
-
-        # After PPO, so that these labels do not count towards the retrain of the outer loop.
-        t = stages.start(f"the judge ({s.judge_model}, both orders) labels {s.judge_calibration_pairs} held-out pairs people labeled")
-        if facts.calibration_file is not None:
-            facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=backends,
-                                          progress=s.progress)
-        stages.done("judge calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
+        facts.ppo = train_ppo(ppo)
     finally:
-        for backend in backends:
-            backend.close()
+        stop.set()
+        thread.join(timeout=600)
+    facts.judge_queue = worker.counts
+    if worker.error is not None:
+        raise worker.error
+    switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in facts.ppo.switches) or "none"
+    stages.done("ppo", t, f"(reward-model switches: {switches})")
+
+    # After PPO, so that these labels do not count towards the retrains of the outer loop.
+    t = stages.start(f"the gold annotator labels held-out pairs people labeled ({facts.calibration_file})")
+    if facts.calibration_file is not None:
+        facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=gold, progress=s.progress)
+    stages.done("calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
 
 
 class _JudgeWorker:

@@ -20,7 +20,8 @@ class RunFacts:
     home: Path
     labels_imported: int = 0
     lines_rejected: int = 0
-    v1: object = None  # train.run.TrainResult
+    gold: object = None  # train.run.TrainResult of the gold reward model
+    v1: object = None  # train.run.TrainResult of the first proxy (the first served version)
     calibration_file: Path | None = None
     calibration: object = None  # judge.runner.JudgeCounts of the human-labeled pairs
     judge_queue: object = None  # judge.runner.JudgeCounts of the policy samples
@@ -51,37 +52,40 @@ class RunFacts:
         return self.ppo.metrics if self.ppo else []
 
     @property
-    def promoted_during_run(self) -> list[str]:
-        return [m.version for m in self.models if m.version != "v1" and m.status in ("promoted", "retired")]
+    def evaluations(self) -> list[dict]:
+        """The policy's held-out evaluations (step, proxy reward_mean, gold_reward_mean, kl_seq), in order."""
+        if not self.ppo:
+            return []
+        from policy_trainer.logs import read_jsonl
 
-    def reward_rise(self) -> tuple[float, float]:
-        """Held-out prompts: mean served reward of the initial and the trained policy (same version)."""
+        return [e for e in read_jsonl(self.ppo.run_dir / "events.jsonl") if e["event"] == "eval" and e.get("model") == "policy"]
+
+    def reward_rise(self, key: str = "reward_mean") -> tuple[float, float]:
+        """Held-out prompts: mean reward (served proxy, final version; or gold) of the initial and the trained policy."""
         if not self.ppo or not self.ppo.eval_before or not self.ppo.eval_after:
             return math.nan, math.nan
-        return self.ppo.eval_before["reward_mean"], self.ppo.eval_after["reward_mean"]
+        return self.ppo.eval_before.get(key, math.nan), self.ppo.eval_after.get(key, math.nan)
 
     def summary_rows(self) -> list[tuple[str, str]]:
         before, after = self.reward_rise()
+        gold_before, gold_after = self.reward_rise("gold_reward_mean")
         kl = [m["kl/ref_seq"] for m in self.steps]
         switches = self.ppo.switches if self.ppo else []
         by_source = self.stats.get("labels_by_source", {})
         rows = [("human labels imported", f"{self.labels_imported:,}")]
+        gold = self.gold.version if self.gold else None
         for m in self.models:
-            acc = m.metrics.get("accuracy", math.nan)
-            base = m.metrics.get("baseline_accuracy")
-            extra = f"; {m.parent} on the same pairs {base:.4f}" if base is not None else ""
-            rows.append((f"reward model {m.version} ({m.status})", f"held-out accuracy {acc:.4f} on {int(m.metrics.get('heldout_pairs', 0))} pairs{extra}"))
-        rows.append(("held-out prompts: mean reward before -> after PPO", f"{before:+.3f} -> {after:+.3f} ({after - before:+.3f})"))
+            role = "gold" if m.version == gold else "proxy"
+            rows.append((f"reward model {m.version} ({role}, {m.status})", _accuracies(m)))
+        rows.append(("held-out prompts: proxy reward before -> after PPO (final version)", f"{before:+.3f} -> {after:+.3f} ({after - before:+.3f})"))
+        rows.append(("held-out prompts: gold reward before -> after PPO", f"{gold_before:+.3f} -> {gold_after:+.3f} ({gold_after - gold_before:+.3f})"))
         if kl:
             rows.append(("KL to the reference per sequence (max, last step)", f"{max(kl):.3f}, {kl[-1]:.3f} nats"))
         rows.append(("reward-model switches during PPO", ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in switches) or "none"))
         rows.append(("labels by source", ", ".join(f"{k} {v:,}" for k, v in sorted(by_source.items()))))
         a = self.agreement
         if a is not None and a.shared_pairs:
-            rows.append(("judge vs people: agreement, Cohen's kappa", f"{a.agreement:.3f}, {a.kappa:.3f} on {a.shared_pairs} shared pairs"))
-        if a is not None and a.swapped_pairs:
-            rows.append(("judge position-bias rate", f"{a.position_bias_rate:.3f} ({a.position_flips} of {a.swapped_pairs} "
-                         "pair verdicts flip with order)"))
+            rows.append(("gold annotator vs people: agreement, Cohen's kappa", f"{a.agreement:.3f}, {a.kappa:.3f} on {a.shared_pairs} shared pairs"))
         if self.ppo and self.ppo.seconds_per_phase:
             p = self.ppo.seconds_per_phase
             rows.append(("seconds per PPO step (generate / score / train)",
@@ -132,20 +136,24 @@ def plot_reward_kl(facts: RunFacts, path: Path) -> Path:
 
 
 def plot_accuracy(facts: RunFacts, path: Path) -> Path:
-    """Held-out accuracy per reward-model version."""
+    """Held-out accuracy per reward-model version: on human pairs and on on-policy pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = [f"{m.version}\n({m.status})" for m in facts.models]
-    values = [m.metrics.get("accuracy", math.nan) for m in facts.models]
-    ax.bar(names, values, color="tab:blue")
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(facts.models) + 2), 3.5))
+    gold = facts.gold.version if facts.gold else None
+    names = [f"{m.version}\n({'gold' if m.version == gold else m.status})" for m in facts.models]
+    for offset, kind, colour in ((-0.2, "human", "tab:blue"), (0.2, "onpolicy", "tab:orange")):
+        values = [m.metrics.get(f"accuracy_{kind}", math.nan) for m in facts.models]
+        ax.bar([i + offset for i in range(len(names))], values, width=0.4, color=colour, label=f"{kind} pairs")
+        for i, v in enumerate(values):
+            if v == v:
+                ax.text(i + offset, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
     ax.axhline(0.5, color="grey", linestyle=":", label="chance")
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=9)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("held-out pairwise accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -154,10 +162,51 @@ def plot_accuracy(facts: RunFacts, path: Path) -> Path:
     return path
 
 
+def _accuracies(m) -> str:
+    """A version's held-out accuracy on human and on on-policy pairs, with its parent's on the same pairs."""
+    parts = []
+    for kind in ("human", "onpolicy"):
+        acc = m.metrics.get(f"accuracy_{kind}")
+        if acc is None:
+            continue
+        base = m.metrics.get(f"baseline_accuracy_{kind}")
+        parent = f" (parent {m.parent}: {base:.4f})" if base is not None else ""
+        parts.append(f"{kind} {acc:.4f} on {int(m.metrics.get(f'pairs_{kind}', 0))} pairs{parent}")
+    return "; ".join(parts) or f"accuracy {m.metrics.get('accuracy', math.nan):.4f}"
+
+
 def _version_row(m) -> str:
-    base = m.metrics.get("baseline_accuracy")
-    return (f"| {m.version} | {m.status} | {m.parent or ''} | {m.metrics.get('accuracy', math.nan):.4f} | "
-            f"{int(m.metrics.get('heldout_pairs', 0))} | {'' if base is None else f'{base:.4f}'} | {m.snapshot_id} |")
+    get = lambda key: m.metrics.get(key)  # noqa: E731
+    cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    return (f"| {m.version} | {m.status} | {m.parent or ''} | {cell(get('accuracy_human'))} | {cell(get('baseline_accuracy_human'))} | "
+            f"{cell(get('accuracy_onpolicy'))} | {cell(get('baseline_accuracy_onpolicy'))} | {int(get('pairs_onpolicy') or 0)} | "
+            f"{int(get('onpolicy_train_pairs') or 0)} | {'yes' if get('unchanged_from_parent') else ''} | {m.snapshot_id} |")
+
+
+def plot_overoptimisation(facts: RunFacts, path: Path) -> Path:
+    """Proxy and gold reward of the held-out samples per evaluation, against step and sqrt(KL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = facts.evaluations
+    steps = [e["step"] for e in evals]
+    root_kl = [math.sqrt(max(e.get("kl_seq", 0.0), 0.0)) for e in evals]
+    fig, (ax_s, ax_k) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("reward_mean", "proxy (served version)"), ("gold_reward_mean", "gold")):
+        values = [e.get(key, math.nan) for e in evals]
+        ax_s.plot(steps, values, marker="o", label=label)
+        ax_k.plot(root_kl, values, marker="o", label=label)
+    ax_s.set_xlabel("PPO step")
+    ax_k.set_xlabel("sqrt(KL to the reference), nats^0.5")
+    for ax in (ax_s, ax_k):
+        ax.set_ylabel("mean reward, held-out prompts")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_report(facts: RunFacts) -> Path:
@@ -165,16 +214,27 @@ def write_report(facts: RunFacts) -> Path:
     home = facts.home
     if facts.steps:
         facts.plots.append(plot_reward_kl(facts, home / "reward_kl.png"))
+    if facts.evaluations:
+        facts.plots.append(plot_overoptimisation(facts, home / "proxy_gold.png"))
     if facts.models:
         facts.plots.append(plot_accuracy(facts, home / "accuracy.png"))
     s = facts.settings
     lines = [
         "# rm-service demo report", "",
-        f"Reward model on `{s.rm_backbone}` ({s.rm_mode} mode), policy `{s.policy}`, judge `{s.judge_model}`; "
+        f"Reward models on `{s.rm_backbone}`: the gold ({facts.gold.version if facts.gold else '?'}, head mode on every human training "
+        f"pair; {facts.gold.details if facts.gold else ''}) labels the policy's samples; the served proxy learns from "
+        f"{s.proxy_dataset_fraction:.0%} of the human-labeled conversations and those labels ({s.rm_mode} mode). Policy `{s.policy}`; "
         f"profile `{s.profile}`; {s.ppo_steps} PPO steps of {s.prompts_per_step} prompts x {s.samples_per_prompt} samples "
-        f"x {s.max_new_tokens} new tokens.", "",
+        f"x {s.max_new_tokens} new tokens; labeling candidates chosen by `{s.selection}`.", "",
         "## Summary", "", facts.summary_table(), "",
+        "![proxy and gold reward against step and sqrt(KL)](proxy_gold.png)", "",
         "![reward and KL per step](reward_kl.png)", "", "![accuracy per version](accuracy.png)", "",
+        "## Proxy and gold on held-out prompts", "", "| step | KL/seq | sqrt(KL) | proxy reward (version) | gold reward |", "|---:|---:|---:|---:|---:|",
+        *[f"| {e['step']} | {e.get('kl_seq', math.nan):.3f} | {math.sqrt(max(e.get('kl_seq', 0.0), 0.0)):.3f} | "
+          f"{e.get('reward_mean', math.nan):+.3f} ({e.get('version', '')}) | {e.get('gold_reward_mean', math.nan):+.3f} |"
+          for e in facts.evaluations], "",
+        "The proxy column is each evaluation's served version (rewards normalised by that version's statistics); the gold's "
+        "scale is fixed. Over-optimisation shows as the proxy rising while the gold falls (Gao et al., 2023).", "",
         "## Stages", "", "| stage | seconds |", "|---|---:|",
         *[f"| {name} | {sec:.1f} |" for name, sec in facts.stage_seconds.items()], "",
         "## PPO steps", "",
@@ -185,8 +245,12 @@ def write_report(facts: RunFacts) -> Path:
           f"{m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} |" for m in facts.steps], "",
         "Rewards are normalised with each version's statistics, so values before and after a switch are on different "
         "scales; the held-out comparison in the summary scores both policies with the final version.", "",
-        "## Reward-model versions", "", "| version | status | parent | held-out accuracy | pairs | same pairs, parent | snapshot |",
-        "|---|---|---|---:|---:|---:|---|",
+        "## Reward-model versions", "",
+        "Held-out accuracy on human pairs and on on-policy pairs (labels of the policy's samples), each beside the parent's on "
+        "the same pairs; a retrain is promoted only when it fits the on-policy pairs better and loses at most the tolerance "
+        "on human pairs.", "",
+        "| version | status | parent | human | parent, human | on-policy | parent, on-policy | on-policy held-out pairs | on-policy training pairs | same heads as parent | snapshot |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
 *[_version_row(m) for m in facts.models], "",
         "## Retraining jobs", "", "| job | state | version | promoted | seconds |", "|---|---|---|---|---:|",
         *[f"| {j.job_id} | {j.state} | {j.model_version or ''} | {j.promoted} | "
@@ -195,9 +259,9 @@ def write_report(facts: RunFacts) -> Path:
         *[f"| {k} | {v:,} |" for k, v in sorted(facts.stats.get("labels_by_source", {}).items())], "",
     ]
     if facts.agreement is not None:
-        from rm_service.judge.agreement import format_report
+        from rm_service.store.agreement import format_report
 
-        lines += ["## The judge", "", "Against the people's labels (HH-RLHF, imported) on the pairs both labeled:", "",
+        lines += ["## The gold annotator", "", "Against the people's labels (HH-RLHF, imported) on the held-out pairs both labeled:", "",
                   format_report(facts.agreement, reference="HUMAN+IMPORT"), ""]
     if facts.calibration is not None:
         lines += [f"Calibration run on held-out human-labeled pairs: {facts.calibration.summary()}.", ""]

@@ -32,14 +32,3 @@ class JudgeBackend(Protocol):
     def choose(self, chats: list[list[Message]], labels: tuple[str, ...]) -> list[dict[str, float]]: ...
 
     def close(self) -> None: ...
-
-
-def load_judges(settings) -> list[JudgeBackend]:
-    """One backend per model of the panel (settings.models)."""
-    if settings.backend == "http":
-        from rm_service.judge.openai_http import OpenAIBackend
-
-        return [OpenAIBackend(settings, model) for model in settings.models]
-    from rm_service.judge.local import LocalBackend
-
-    return [LocalBackend(model, device=settings.device, threads=settings.torch_threads) for model in settings.models]

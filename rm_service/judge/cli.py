@@ -28,7 +28,7 @@ def _judge(args) -> int:
     settings = judge_settings(
         backend=args.backend, model=args.model, decision=args.decision, inconsistent=args.inconsistent, kway=args.kway,
         template_file=args.template, base_url=args.base_url, concurrency=args.concurrency, lease_seconds=args.lease_seconds,
-        server=args.address,
+        server=args.address, rm_tie_margin=args.rm_tie_margin,
     )
     if args.max_tasks is not None and args.max_tasks <= 0:
         raise InvalidArgument("--max-tasks", f"must be > 0, got {args.max_tasks}")
@@ -39,7 +39,7 @@ def _judge(args) -> int:
 
 
 def _judge_agreement(args) -> int:
-    from rm_service.judge.agreement import format_report, report_from_stats
+    from rm_service.store.agreement import format_report, report_from_stats
 
     reference = tuple(s.strip().upper() for s in args.reference.split(",") if s.strip())
     if args.address:
@@ -77,11 +77,14 @@ def _judge_agreement(args) -> int:
 
 
 def add_judge_commands(sub) -> None:
-    s = sub.add_parser("judge", help="label queued tasks (or a JSONL file) with an LLM judge, both orders of every pair")
+    s = sub.add_parser("judge", help="label queued tasks (or a JSONL file) with an LLM judge (both orders of every pair) or a reward model")
     s.add_argument("--input", help="JSONL of items ({prompt, completions} or HH pairs) instead of the labeling queue")
     s.add_argument("--address", help="rm-service server for LeaseTasks/IngestLabels (default 127.0.0.1:50051; env RM_JUDGE_SERVER)")
-    s.add_argument("--backend", choices=["local", "http"], help="local: HF model in process (default); http: OpenAI-compatible endpoint")
-    s.add_argument("--model", help="judge model (bundled name, HF directory, or served name); comma-separated models vote")
+    s.add_argument("--backend", choices=["local", "http", "rm"],
+                   help="local: HF model in process (default); http: OpenAI-compatible endpoint; rm: a reward model scores each response")
+    s.add_argument("--model", help="judge model (bundled name, HF directory, or served name; comma-separated models vote); "
+                                   "with --backend rm a registry version or a reward checkpoint")
+    s.add_argument("--rm-tie-margin", type=float, help="rm: rewards within this of each other tie (default 0)")
     s.add_argument("--base-url", help="http: base URL, e.g. http://127.0.0.1:8000/v1 (env RM_JUDGE_BASE_URL; key: RM_JUDGE_API_KEY)")
     s.add_argument("--decision", choices=["choice", "generate"], help="choice: compare the verdict letters' log-probabilities (default); generate: parse a written [[A]]/[[B]]/[[C]]")
     s.add_argument("--inconsistent", choices=["calibrate", "tie", "skip"], help="verdicts that change with the order: calibrate (default), tie or skip")

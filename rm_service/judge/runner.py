@@ -26,10 +26,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rm_service.api.v1 import preference_pb2
-from rm_service.judge.backend import BackendUnavailable, JudgeBackend, load_judges
+from rm_service.judge.backend import BackendUnavailable, JudgeBackend
 from rm_service.judge.items import JudgeItem, item_from_task, read_items
-from rm_service.judge.pairwise import Judge, copeland_ranks, judge_item
-from rm_service.judge.provenance import annotator, judge_label, label_id
+from rm_service.judge.annotators import PanelAnnotator, RewardAnnotator, load_judges
+from rm_service.judge.pairwise import Judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.judge.store_client import StoreClient
 from rm_service.judge.verdict import ParseFailure
@@ -109,21 +109,21 @@ class FileSource:
                 f.write(item.key + "\n")
 
 
-def default_progress_file(input_path: Path, judges: list[Judge], settings: JudgeSettings) -> Path:
-    """$RM_HOME/judge/<file stem>-<hash of the file path and the judge configuration>.done"""
-    config = f"{input_path.resolve()}|{label_id(JudgeItem('', [], []), judges, settings)}"
+def default_progress_file(input_path: Path, annotator_: PanelAnnotator | RewardAnnotator) -> Path:
+    """$RM_HOME/judge/<file stem>-<hash of the file path and the annotator's configuration>.done"""
+    config = f"{input_path.resolve()}|{annotator_.config}"
     return rm_home() / "judge" / f"{input_path.stem}-{hashlib.sha256(config.encode()).hexdigest()[:12]}.done"
 
 
 class JudgeRun:
-    def __init__(self, judges: list[Judge], settings: JudgeSettings, client: StoreClient, source):
-        self.judges, self.settings, self.client, self.source = judges, settings, client, source
+    def __init__(self, annotator_: PanelAnnotator | RewardAnnotator, settings: JudgeSettings, client: StoreClient, source):
+        self.annotator, self.settings, self.client, self.source = annotator_, settings, client, source
 
     def judge_one(self, item: JudgeItem) -> tuple[JudgeCounts, str | None]:
         """Judge one item and store its label; returns its counts and the backend error, if any."""
         counts = JudgeCounts(items=1)
         try:
-            judgments = judge_item(self.judges, item.prompt, item.responses, self.settings.kway)
+            label = self.annotator.annotate(item, counts)
         except ParseFailure as exc:
             log.warning("%s: unparseable judge answer, skipped: %s", item.key, exc)
             counts.parse_failures = 1
@@ -131,17 +131,14 @@ class JudgeRun:
         except BackendUnavailable as exc:
             counts.errors = 1
             return counts, str(exc)
-        counts.pair_judgments = len(judgments)
-        counts.position_flips = sum(jd.flipped for jd in judgments)
-        ranks = copeland_ranks(len(item.responses), judgments, self.settings.inconsistent, self.settings.choice_tie_margin)
-        if ranks is None:
+        if label is None:
             counts.skipped = 1
             self.source.finished(item)
             return counts, None
-        result = self.client.ingest(judge_label(item, ranks, judgments, self.judges, self.settings))
+        result = self.client.ingest(label)
         if result.status == preference_pb2.INSERTED:
             counts.labeled = 1
-            counts.ties = int(len(set(ranks)) == 1)
+            counts.ties = int(len(set(label.ranks)) == 1)
         elif result.status == preference_pb2.DUPLICATE:
             counts.duplicates = 1
         else:
@@ -193,7 +190,7 @@ class JudgeRun:
             not_started = [f for f in inflight if f.cancel()]
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
-            counts.calls = sum(j.calls for j in self.judges)
+            counts.calls = self.annotator.calls
             counts.seconds = time.monotonic() - started
             if not_started:
                 log.info("%d items were not started; their leases lapse and they return to the queue", len(not_started))
@@ -217,17 +214,20 @@ def run_judge(settings: JudgeSettings | None = None, *, address: str | None = No
     client = StoreClient(address or settings.server, token, settings.rpc_timeout_s)
     owned = backends is None
     try:
-        backends = load_judges(settings) if owned else backends
-        judges = [Judge(b, settings) for b in backends]
+        if settings.backend == "rm":
+            annotator_ = backends[0] if backends else RewardAnnotator(settings.model, settings)
+        else:
+            backends = load_judges(settings) if owned else backends
+            annotator_ = PanelAnnotator([Judge(b, settings) for b in backends], settings)
         if items is not None:
-            source = FileSource(items, progress_file or default_progress_file(Path(input_path), judges, settings))
+            source = FileSource(items, progress_file or default_progress_file(Path(input_path), annotator_))
             total = len(source.pending) if max_tasks is None else min(max_tasks, len(source.pending))
         else:
-            owner = settings.owner or f"judge:{annotator(judges)}@{socket.gethostname()}"
+            owner = settings.owner or f"judge:{annotator_.name}@{socket.gethostname()}"
             source, total = QueueSource(client, owner, settings.lease_seconds), max_tasks
-        return JudgeRun(judges, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
+        return JudgeRun(annotator_, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
     finally:
         client.close()
-        if owned and backends is not None:
+        if owned and backends is not None and settings.backend != "rm":
             for b in backends:
                 b.close()

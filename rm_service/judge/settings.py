@@ -15,12 +15,14 @@ class JudgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RM_JUDGE_")
 
     # -- which judge -------------------------------------------------------------------------
-    backend: Literal["local", "http"] = Field(
-        "local", description="local: an HF causal LM run in this process; http: an OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, hosted APIs)."
+    backend: Literal["local", "http", "rm"] = Field(
+        "local", description="local: an HF causal LM run in this process; http: an OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, hosted APIs); "
+                             "rm: a reward model scores every response (a stronger or gold reward model as the annotator)."
     )
     model: str = Field(
         "smollm2-135m-instruct",
-        description="Judge model: for local a bundled name or HF directory, for http the served model name. Several, comma-separated, form a panel that votes.",
+        description="Judge model: for local a bundled name or HF directory, for http the served model name (several, comma-separated, form a panel "
+                    "that votes); for rm a registry version (name or directory) or a reward checkpoint.",
     )
     decision: Literal["choice", "generate"] = Field(
         "choice",
@@ -41,6 +43,8 @@ class JudgeSettings(BaseSettings):
     choice_tie_margin: float = Field(
         0.0, ge=0, description="choice: a verdict (one order's, or the calibrated mean of both) is a tie when the letters' log-probabilities differ by at most this."
     )
+    rm_tie_margin: float = Field(
+        0.0, ge=0, description="rm: responses whose rewards differ by at most this tie (0: only equal rewards tie).")
     max_new_tokens: int = Field(256, gt=0, description="generate: most tokens the judge may write per answer.")
     temperature: float = Field(0.0, ge=0, description="generate: sampling temperature of the first attempt (0 = greedy).")
     parse_retries: int = Field(1, ge=0, description="generate: extra attempts (at retry_temperature) when an answer has no valid verdict; then the item is counted and skipped.")

@@ -32,14 +32,16 @@ def token_budget_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[
 
 
 def collate(items: Sequence[Formatted], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask [B, T] (+ token_type_ids)."""
+    """Right-padded tensors: input_ids, attention_mask [B, T] (+ token_type_ids), and
+    completion_start [B], where each item's completion begins."""
     width = max(len(x) for x in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # [B, T]
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)  # [B, T]
     for row, x in enumerate(items):
         input_ids[row, : len(x)] = torch.tensor(x.input_ids)
         attention_mask[row, : len(x)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "completion_start": torch.tensor([x.completion_start for x in items], dtype=torch.long)}  # [B]
     if items[0].token_type_ids is not None:
         token_type_ids = torch.zeros((len(items), width), dtype=torch.long)  # [B, T]
         for row, x in enumerate(items):

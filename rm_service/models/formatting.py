@@ -4,11 +4,18 @@ Training, evaluation and serving all call `format_item`, and every reward-model 
 stores its FormatSpec and the spec's hash, so a model is never served with another format
 than it was trained with.
 
-- causal backbones: the backbone's chat template renders prompt + completion as the final
-  assistant turn; trailing whitespace is stripped and the sequence ends with EOS (appended
-  if the template did not put it there); the score is read at that last token.
+- causal backbones, style "rm_service" (what rm-service trains): the backbone's chat template
+  renders prompt + completion as the final assistant turn; trailing whitespace is stripped
+  and the sequence ends with EOS (appended if the template did not put it there); the score
+  is read at that last token.
+- causal checkpoints from elsewhere, style "trl" (TRL's RewardTrainer): the chat template's
+  text tokenized as it is, nothing stripped or appended; the checkpoint's own
+  `*ForSequenceClassification` reads the score at the last token that is not padding.
 - encoder backbones (cross-encoders): `[CLS] prompt [SEP] completion [SEP]`, the prompt
-  rendered as "Role: text" lines.
+  rendered as "Role: text" lines (a lone user turn as its bare text).
+- encoder checkpoints from elsewhere, style "pair": the tokenizer's own pair encoding of
+  (prompt text, completion), as OpenAssistant's reward models were trained: each family's
+  special tokens (RoBERTa's `<s> a </s></s> b </s>`, DistilBERT without token types).
 - truncation keeps the end of the conversation: tokens are cut from the start. For
   encoders the prompt's start is cut first and the completion keeps at least 3/4 of the budget.
 """
@@ -43,10 +50,17 @@ class FormatSpec(BaseModel, frozen=True):
     truncation_side: Literal["left"] = "left"
     max_tokens: int
     tokenizer_fingerprint: str
+    style: Literal["rm_service", "trl", "pair"] = "rm_service"
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        # Fields added after version 1 enter the hash only when they differ from their default,
+        # so the hashes of versions trained before them stay what they were.
+        late = {name for name in _LATE_FIELDS if getattr(self, name) == type(self).model_fields[name].default}
+        return hashlib.sha256(self.model_dump_json(exclude=late).encode()).hexdigest()[:16]
+
+
+_LATE_FIELDS = ("style",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +68,7 @@ class Formatted:
     input_ids: list[int]
     token_type_ids: list[int] | None
     truncated: bool
+    completion_start: int = 0  # index of the completion's first token (0: unknown, or cut away)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -67,8 +82,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def spec_for(tokenizer, model_type: str, max_tokens: int) -> FormatSpec:
-    """The default contract for a backbone: its own chat template, EOS at the end."""
+def spec_for(tokenizer, model_type: str, max_tokens: int, style: str = "rm_service") -> FormatSpec:
+    """The default contract for a backbone: its own chat template; style "rm_service" ends
+    every item with EOS, style "trl" keeps the template's text as TRL's RewardTrainer does."""
     kind = "encoder" if model_type in ENCODER_MODEL_TYPES else "causal"
     template = None
     if kind == "causal":
@@ -76,7 +92,10 @@ def spec_for(tokenizer, model_type: str, max_tokens: int) -> FormatSpec:
     model_max = getattr(tokenizer, "model_max_length", None) or max_tokens
     if kind == "encoder" and model_max < 100_000:
         max_tokens = min(max_tokens, int(model_max))
-    return FormatSpec(kind=kind, chat_template=template, max_tokens=max_tokens, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    if style != "rm_service":  # a checkpoint from elsewhere: TRL's text for decoders, the pair encoding for encoders
+        style = "trl" if kind == "causal" else "pair"
+    return FormatSpec(kind=kind, chat_template=template, max_tokens=max_tokens, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                      eos_policy="none" if style == "trl" else "ensure_eos", style=style)
 
 
 def format_item(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
@@ -88,15 +107,29 @@ def format_item(tokenizer, spec: FormatSpec, prompt: list[Message], completion: 
 
 def _format_causal(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
     messages = [m.as_dict() for m in prompt] + [{"role": "assistant", "content": completion}]
-    text = tokenizer.apply_chat_template(messages, chat_template=spec.chat_template, tokenize=False).rstrip()
+    text = tokenizer.apply_chat_template(messages, chat_template=spec.chat_template, tokenize=False)
+    if spec.style == "rm_service":
+        text = text.rstrip()
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if spec.eos_policy == "ensure_eos" and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
+    start = prompt_length(tokenizer, spec, prompt, ids)
     truncated = len(ids) > spec.max_tokens
     if truncated:
-        ids = ids[-spec.max_tokens :]  # keep the end of the conversation
-    return Formatted(ids, None, truncated)
+        cut = len(ids) - spec.max_tokens
+        ids, start = ids[cut:], max(0, start - cut)  # keep the end of the conversation
+    return Formatted(ids, None, truncated, start)
+
+
+def prompt_length(tokenizer, spec: FormatSpec, prompt: list[Message], ids: list[int]) -> int:
+    """How many of `ids` (the whole formatted item) are the prompt: the chat template's
+    rendering of the prompt with the assistant header, when its tokens are a prefix of `ids`
+    (0 when the template does not render it so)."""
+    head = tokenizer.apply_chat_template([m.as_dict() for m in prompt], chat_template=spec.chat_template, tokenize=False,
+                                         add_generation_prompt=True)
+    head_ids = tokenizer(head, add_special_tokens=False, verbose=False)["input_ids"]
+    return len(head_ids) if len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids else 0
 
 
 def render_prompt_text(prompt: list[Message]) -> str:
@@ -105,6 +138,8 @@ def render_prompt_text(prompt: list[Message]) -> str:
 
 
 def _format_encoder(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
+    if spec.style == "pair":
+        return _format_pair(tokenizer, spec, prompt, completion)
     p = tokenizer(render_prompt_text(prompt), add_special_tokens=False, verbose=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"]
     budget = spec.max_tokens - 3  # [CLS] p [SEP] c [SEP]
@@ -115,4 +150,25 @@ def _format_encoder(tokenizer, spec: FormatSpec, prompt: list[Message], completi
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     ids = [cls, *p, sep, *c, sep]
     token_type_ids = [0] * (len(p) + 2) + [1] * (len(c) + 1)
-    return Formatted(ids, token_type_ids, truncated)
+    return Formatted(ids, token_type_ids, truncated, len(p) + 2)
+
+
+def _format_pair(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
+    """The tokenizer's own pair encoding of (prompt text, completion). When it is too long the
+    prompt text loses its start (whole tokens, found through the offsets), then, if the
+    completion alone is over budget, the tokenizer cuts the longest side."""
+    text = prompt[0].content if len(prompt) == 1 and prompt[0].role == "user" else render_prompt_text(prompt)
+    enc = tokenizer(text, completion, add_special_tokens=True, verbose=False)
+    alone = len(tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"])
+    truncated = len(enc["input_ids"]) > spec.max_tokens
+    if truncated:
+        head = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        keep = len(head["input_ids"]) - (len(enc["input_ids"]) - spec.max_tokens)  # prompt tokens that fit
+        if keep > 0:
+            text = text[head["offset_mapping"][len(head["input_ids"]) - keep][0]:]
+            enc = tokenizer(text, completion, add_special_tokens=True, verbose=False)
+        if len(enc["input_ids"]) > spec.max_tokens:
+            enc = tokenizer(text, completion, add_special_tokens=True, truncation="longest_first", max_length=spec.max_tokens,
+                            verbose=False)
+    ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
+    return Formatted(ids, list(types) if types is not None else None, truncated, max(0, len(ids) - alone - 1))

@@ -2,9 +2,10 @@
 
 The exported graph is the whole `RewardModel` (backbone + pooling + score heads) in fp32:
 
-    inputs   input_ids       int64 [B, T]
-             attention_mask  int64 [B, T]   right padding, as `batching.collate` builds it
-             token_type_ids  int64 [B, T]   encoders only
+    inputs   input_ids         int64 [B, T]
+             attention_mask    int64 [B, T]   right padding, as `batching.collate` builds it
+             token_type_ids    int64 [B, T]   encoders only
+             completion_start  int64 [B]      poolings over the completion's tokens only
     output   rewards         fp32  [B, K]   one column per score head
 
 B and T are dynamic. `OnnxRuntimeModel.run` batches and pads exactly like
@@ -58,6 +59,8 @@ def input_names(runtime: ModelRuntime) -> list[str]:
     names = ["input_ids", "attention_mask"]
     if runtime.spec.kind == "encoder":
         names.append("token_type_ids")
+    if runtime.model.pooling.needs_completion_start:
+        names.append("completion_start")
     return names
 
 
@@ -77,6 +80,18 @@ def _export_copy(model: RewardModel) -> RewardModel:
     return clone
 
 
+class _ByName(torch.nn.Module):
+    """The model with its inputs taken positionally in the graph's input order (the tracer
+    passes positions; RewardModel.forward's optional inputs are keywords)."""
+
+    def __init__(self, model: RewardModel, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs)))  # [B, K]
+
+
 def _dummy_inputs(runtime: ModelRuntime, names: list[str]) -> tuple[torch.Tensor, ...]:
     """A right-padded batch of two rows of different lengths, [2, 8].
 
@@ -93,7 +108,9 @@ def _dummy_inputs(runtime: ModelRuntime, names: list[str]) -> tuple[torch.Tensor
         input_ids[row, :n] = (torch.arange(n) * 7 + 3) % vocab
         attention_mask[row, :n] = 1
         token_type_ids[row, n // 2 : n] = 1
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    completion_start = torch.tensor([3, 2], dtype=torch.long)  # [2]
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+               "completion_start": completion_start}
     return tuple(tensors[name] for name in names)
 
 
@@ -106,8 +123,8 @@ def export_onnx(runtime: ModelRuntime, path: Path, opset: int = 17) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = input_names(runtime)
-    model = _export_copy(runtime.model)
-    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    model = _ByName(_export_copy(runtime.model), names)
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} if name != "completion_start" else {0: "batch"} for name in names}
     dynamic_axes[OUTPUT_NAME] = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)

@@ -28,10 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.errors import FailedPrecondition
 from rm_service.server.handlers import DecodeGuard
-from rm_service.server.auth import AuthInterceptor, Tokens, check_bind, server_credentials
+from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Metrics
-from rm_service.server.models import ServedModels, follow_registry, load_for_serving
+from rm_service.server.models import ServedModels, follow_registry, load_for_serving, load_pinned, resolve_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
 from rm_service.server.training import JobRunner, TrainingService
@@ -100,12 +100,18 @@ class RewardServer:
         names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Start-up errors before binding, each one line: the registry, then the address.
+        target = await asyncio.to_thread(resolve_for_serving, self.settings, self.store, self.models) if self.settings.with_model else None
+        check_address_free(self.settings.host, self.settings.port)
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
         address = f"{host}:{self.settings.port}"
-        if self.credentials is not None:
-            self.port = self.server.add_secure_port(address, self.credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if self.credentials is not None:
+                self.port = self.server.add_secure_port(address, self.credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # gRPC's "Failed to bind to address": the port was taken since the check
+            raise FailedPrecondition(f"cannot bind {address}: {exc}") from None
         await self.server.start()
         log.info("gRPC on %s:%d: %s, %s", self.settings.host, self.port,
                  ("mutual TLS" if self.security.tls_client_ca else "TLS") if self.credentials else "plaintext",
@@ -113,11 +119,15 @@ class RewardServer:
         self._start_metrics()
         if self.settings.with_model:
             log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
-            served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models)
+            served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models, target)
             await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
-            gc.freeze()  # the model's objects never die: keep them out of the collector's full passes (270 ms pauses seen)
             log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
+            for name in self.settings.also_load:
+                pinned = await asyncio.get_running_loop().run_in_executor(None, load_pinned, name, self.settings, self.store, self.models)
+                self.served.pin(pinned)
+                log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
+            gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s))

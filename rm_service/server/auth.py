@@ -12,9 +12,12 @@ configured authentication is off, and the server binds loopback addresses only.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import ipaddress
 import logging
+import socket
+import ssl
 from pathlib import Path
 
 import grpc
@@ -63,8 +66,12 @@ class Tokens:
     def from_settings(cls, security: SecuritySettings) -> Tokens:
         entries: list[tuple[str, bytes]] = []
         if security.tokens_file is not None:
-            entries += _parse(_read(security.tokens_file, "RM_AUTH_TOKENS_FILE").decode("utf-8").splitlines(),
-                              f"RM_AUTH_TOKENS_FILE {security.tokens_file} line")
+            data = _read(security.tokens_file, "RM_AUTH_TOKENS_FILE")
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FailedPrecondition(f"RM_AUTH_TOKENS_FILE: {security.tokens_file} is not UTF-8 text (byte {exc.start + 1})") from None
+            entries += _parse(text.splitlines(), f"RM_AUTH_TOKENS_FILE {security.tokens_file} line")
             _warn_if_readable_by_others(security.tokens_file)
         if security.tokens is not None:
             entries += _parse(security.tokens.get_secret_value().split(","), "RM_AUTH_TOKENS entry")
@@ -177,6 +184,29 @@ def check_bind(host: str, tokens: Tokens, tls: bool) -> None:
                     "RM_AUTH_TLS_KEY (serve --tls-cert, --tls-key)", host)
 
 
+def check_address_free(host: str, port: int) -> None:
+    """Refuse, in one line, an address gRPC could not bind or would share: gRPC says only
+    "Failed to bind", and with SO_REUSEPORT it lets a second server share a port in use by
+    another gRPC server (each then gets half the calls). Port 0 checks only the host."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise FailedPrecondition(f"cannot bind {host}: {exc.strerror}") from None
+    errors = []
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a port in TIME_WAIT is free
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise FailedPrecondition(f"cannot bind {host}:{port}: the port is in use (another rm-service serve?); "
+                                             "pass --port (RM_SERVE_PORT) a free port, or 0 for any") from None
+                errors.append(exc)
+    if errors and len(errors) == len(addresses):  # gRPC binds if any resolved address binds
+        raise FailedPrecondition(f"cannot bind {host}:{port}: {errors[0].strerror}")
+
+
 def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | None:
     """TLS credentials (mutual TLS when a client CA is set), or None for plaintext."""
     if security.tls_cert is None and security.tls_key is None:
@@ -188,7 +218,28 @@ def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | N
     cert = _pem(security.tls_cert, "RM_AUTH_TLS_CERT")
     key = _pem(security.tls_key, "RM_AUTH_TLS_KEY")
     ca = _pem(security.tls_client_ca, "RM_AUTH_TLS_CLIENT_CA") if security.tls_client_ca is not None else None
+    _check_tls_files(security)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _check_tls_files(security: SecuritySettings) -> None:
+    """Load the files with OpenSSL (Python's ssl) first: gRPC takes any PEM bytes here and
+    fails later, at bind, with only "Failed to bind to address"."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(security.tls_cert, security.tls_key, password=lambda: b"")  # an encrypted key fails, never prompts
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise FailedPrecondition(f"RM_AUTH_TLS_KEY: {security.tls_key} is not the private key of the certificate in "
+                                     f"RM_AUTH_TLS_CERT {security.tls_cert}") from None
+        raise FailedPrecondition(f"RM_AUTH_TLS_CERT/RM_AUTH_TLS_KEY: OpenSSL cannot load {security.tls_cert} with {security.tls_key} "
+                                 f"({exc.reason or exc}); they must be a PEM certificate chain and its unencrypted PEM private key") from None
+    if security.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=security.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise FailedPrecondition(f"RM_AUTH_TLS_CLIENT_CA: OpenSSL cannot load {security.tls_client_ca} as PEM CA certificates "
+                                     f"({exc.reason or exc})") from None
 
 
 def _pem(path: Path, setting: str) -> bytes:

@@ -51,7 +51,9 @@ def label(pb: preference_pb2.Label) -> LabelIn:
     )
 
 
-def model_info(rec: ModelRecord, loaded: bool) -> reward_pb2.ModelInfo:
+def model_info(rec: ModelRecord, loaded: bool, served=None) -> reward_pb2.ModelInfo:
+    """A version's record as the API shows it; `served` (a server.models.Served) adds how this
+    process runs it: backend and precision."""
     info = reward_pb2.ModelInfo(
         version=rec.version, parent=rec.parent or "", snapshot_id=rec.snapshot_id or "", backbone=rec.backbone,
         status=rec.status, format_hash=rec.format_hash, reward_mean=rec.reward_mean, reward_std=rec.reward_std,
@@ -60,7 +62,16 @@ def model_info(rec: ModelRecord, loaded: bool) -> reward_pb2.ModelInfo:
     )
     if rec.created_at_ms:
         info.created_at.FromMilliseconds(int(rec.created_at_ms))
+    if served is not None:
+        info.backend, info.precision = backend_and_precision(served)
     return info
+
+
+def backend_and_precision(served) -> tuple[str, str]:
+    """("torch", its precision) or ("onnxruntime", "fp32")."""
+    if served.backend is served.runtime:
+        return "torch", served.runtime.precision
+    return "onnxruntime", "fp32"
 
 
 def candidate(pb: preference_pb2.Candidate):

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition, NotFound
+from rm_service.models.precision import describe
 from rm_service.models.resolver import BUNDLED
-from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
+from rm_service.models.runtime import ModelRuntime
+from rm_service.models.version import VersionMeta, check_golden, is_version_dir, open_model, open_version, read_meta
 from rm_service.registry import ModelRecord
 from rm_service.settings import ModelSettings, ServeSettings
 from rm_service.store.db import Store
@@ -39,6 +41,7 @@ class ServedModels:
         self.max_loaded = max_loaded
         self._watchers: set[asyncio.Queue] = set()
         self.failed: dict[str, str] = {}  # version -> why it could not be loaded
+        self.pinned: set[str] = set()  # versions kept loaded beside the default (ServeSettings.also_load)
 
     def get(self, version: str = "") -> Served:
         """The pinned version if loaded, else the default one."""
@@ -51,13 +54,18 @@ class ServedModels:
         """Make `served` the default (atomic for the event loop) and tell every watcher."""
         self.versions[served.record.version] = served
         previous, self.default = self.default, served.record.version
-        while len(self.versions) > self.max_loaded:  # unload the oldest non-default version
-            oldest = next(v for v in self.versions if v != self.default)
+        while len(self.versions) - len(self.pinned - {self.default}) > self.max_loaded:  # unload the oldest swapped-out version
+            oldest = next(v for v in self.versions if v != self.default and v not in self.pinned)
             del self.versions[oldest]
         if previous != self.default:
             log.info("now serving %s (was %s)", self.default, previous)
             for queue in self._watchers:
                 queue.put_nowait((kind, served.record))
+
+    def pin(self, served: Served) -> None:
+        """Keep `served` loaded for clients that pin it by version; it is never swapped out."""
+        self.versions[served.record.version] = served
+        self.pinned.add(served.record.version)
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -70,61 +78,87 @@ class ServedModels:
         self._watchers.discard(queue)
 
 
-def load_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
+@dataclass(frozen=True)
+class Target:
+    """What `serve` will load: a registry version's directory (with its record when the store
+    knows it), or an external model (a bundled name or an HF directory)."""
+
+    directory: Path | None = None
+    record: ModelRecord | None = None
+    external: str | None = None
+
+
+def resolve_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings) -> Target:
     """The model `serve` starts with: --model (a registry version, version directory, bundled
-    name or HF directory), else the promoted version (from the store, or without one from
-    the registry's promoted.json)."""
+    name or HF directory), else the promoted version (from the store, or without one from the
+    registry's promoted.json). Reads the registry and the version's version.json, so a registry
+    that cannot be read fails here, in one line, before the server binds its port."""
     name = settings.model
-    if name is None or not _is_external(name):
-        if store is not None:
-            rec = registry.get_model(store, name) if name else registry.promoted(store)
-            if rec is None:
-                raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
-            return load_version_dir(rec.artifact_path, settings, models, rec)
-        directory = Path(models.artifacts_dir) / name if name else _pointer_dir(models)
-        return load_version_dir(directory, settings, models)
-    if _is_version_dir(name):
-        return load_version_dir(name, settings, models)
-    runtime = load_backbone_runtime(name, max_tokens=1024, device=settings.device)
+    if name is not None and _is_external(name) and not is_version_dir(name):
+        return Target(external=name)
+    if name is not None and is_version_dir(name):
+        target = Target(Path(name))
+    elif store is not None:
+        rec = registry.get_model(store, name) if name else registry.promoted(store)
+        if rec is None:
+            raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
+        target = Target(Path(rec.artifact_path), rec)
+    else:
+        target = Target(Path(models.artifacts_dir) / name if name else _pointer_dir(models))
+    read_meta(target.directory)
+    return target
+
+
+def load_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings, target: Target | None = None) -> Served:
+    """Load (and warm) the model of `target`, by default resolve_for_serving's."""
+    target = target or resolve_for_serving(settings, store, models)
+    if target.external is None:
+        return load_version_dir(target.directory, settings, models, target.record)
+    name = target.external
+    runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
     rec = ModelRecord(Path(name).name, None, None, name, runtime.spec.hash, "external", {}, 0.0, 1.0, runtime.model.ensemble_size, name)
     return Served(runtime, rec, make_backend(runtime, settings))
 
 
+def load_pinned(name: str, settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
+    """One of ServeSettings.also_load: a registry version by name, or any model --model takes."""
+    return load_for_serving(settings, store, models, resolve_for_serving(settings.model_copy(update={"model": name}), store, models))
+
+
 def load_version_dir(directory: str | Path, settings: ServeSettings, models: ModelSettings, rec: ModelRecord | None = None) -> Served:
     """Load and warm a registry version (the golden-pair check runs the model)."""
-    if not (Path(directory) / "version.json").exists():
-        raise NotFound(f"no model version at {directory}")
-    runtime, meta = registry.load_artifact(directory, device=settings.device, settings=models)
+    runtime, meta = open_version(directory, device=settings.device, precision=settings.precision, settings=models)
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
-        rec = ModelRecord(meta["version"], meta.get("parent"), meta.get("snapshot_id"), meta.get("base_backbone", meta["backbone"]),
-                          meta["format_hash"], "promoted", meta.get("metrics", {}), meta["reward_mean"], meta["reward_std"],
-                          meta["ensemble_size"], str(directory))
+        rec = ModelRecord(meta.version, meta.parent, meta.snapshot_id, meta.base_backbone, meta.format_hash, "promoted", meta.metrics,
+                          meta.reward_mean, meta.reward_std, meta.ensemble_size, str(directory))
     return Served(runtime, rec, backend)
 
 
-def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: dict | None = None):
-    """What runs batches (pad_id, run_collated): ONNX Runtime on CPU when the version was
-    exported (and the backend setting allows it), else the torch runtime. An ONNX model must
-    reproduce the version's golden scores before it serves."""
-    onnx = (meta or {}).get("onnx") or {}
-    wanted = settings.backend == "onnx" or (settings.backend == "auto" and runtime.device.type == "cpu")
+def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: VersionMeta | None = None):
+    """What runs batches (pad_id, run_collated): the torch runtime in its precision, or ONNX
+    Runtime when the precision is fp32 on a CPU and the version was exported (and the backend
+    setting allows it). An ONNX model must reproduce the version's golden scores before it serves."""
+    onnx = (meta.onnx if meta is not None else None) or {}
+    cpu_fp32 = runtime.device.type == "cpu" and runtime.precision == "fp32"
+    wanted = settings.backend == "onnx" or (settings.backend == "auto" and cpu_fp32)
     if not wanted or not onnx.get("fp32_path"):
         if settings.backend == "onnx":
             raise FailedPrecondition(f"{directory}: backend onnx was asked for, but this version has no ONNX export")
+        log.info("serving %s with PyTorch, %s", meta.version if meta else runtime.backbone, describe(runtime.precision, runtime.device))
         return runtime
     from rm_service.models.onnx_backend import OnnxRuntimeModel
 
     name = onnx["int8_path"] if settings.onnx_int8 and onnx.get("int8_kept") else onnx["fp32_path"]
     backend = OnnxRuntimeModel.for_runtime(runtime, directory / name)
-    registry.check_golden(runtime, meta.get("golden", []), meta.get("golden_tolerance", 0.02), directory, scorer=backend,
-                          cause=f"the ONNX model {name} does not reproduce the trained model")
-    log.info("serving %s with ONNX Runtime (%s)", meta.get("version"), name)
+    check_golden(runtime, meta.golden, directory, scorer=backend, precision="fp32",
+                 cause=f"the ONNX model {name} does not reproduce the trained model")
+    log.info("serving %s with ONNX Runtime (%s)", meta.version, name)
     return backend
 
 
 def _pointer_dir(models: ModelSettings) -> Path:
-    pointer = registry.read_promoted_pointer(models.artifacts_dir)
+    pointer = registry.read_promoted_pointer(models.artifacts_dir, strict=True)
     if pointer is None:
         raise FailedPrecondition(f"no promoted version in {models.artifacts_dir} (no promoted.json); pass --model")
     return Path(pointer["artifact_path"])
@@ -150,10 +184,6 @@ async def follow_registry(served: ServedModels, settings: ServeSettings, models:
             log.error("could not load %s; %s keeps serving: %s", version, served.default, exc)
             continue
         served.swap_in(new)
-
-
-def _is_version_dir(name: str) -> bool:
-    return (Path(name) / "version.json").exists()
 
 
 def _is_external(name: str) -> bool:

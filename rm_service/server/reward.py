@@ -85,7 +85,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         reward = served.runtime.normalise(raw)
         results = [
             reward_pb2.ScoreResult(id=item.id, reward=float(reward[i]), raw_score=float(raw[i]), uncertainty=float(std[i]),
-                                   num_tokens=len(formatted[i]), truncated=formatted[i].truncated)
+                                   num_tokens=len(formatted[i]), truncated=formatted[i].truncated, members=members[i].tolist())
             for i, item in enumerate(request.items)
         ]
         return reward_pb2.ScoreResponse(results=results, model_version=served.record.version, format_hash=served.runtime.spec.hash)
@@ -105,7 +105,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             items = await self._tokenise(served, pairs, permit)
             positions = _prefix_positions(items)
             if positions is not None and runtime.spec.kind == "causal":  # one forward pass, score read at each turn's end
-                members = await self.batcher.run_solo(permit, len(items[-1]), runtime.rewards_at, items[-1].input_ids, positions)  # [P, K]
+                members = await self.batcher.run_solo(permit, len(items[-1]), runtime.rewards_at, items[-1].input_ids, positions,
+                                                       [x.completion_start for x in items])  # [P, K]
             else:  # encoders, or a truncated conversation: each turn as its own item
                 members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
         raw = members.mean(axis=1)
@@ -128,7 +129,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         records = {r.version: r for r in registry.list_models(self.store)} if self.store is not None else {}
         for name, served in self.served.versions.items():
             records.setdefault(name, served.record)
-        return reward_pb2.ListModelsResponse(models=[model_info(r, r.version in self.served.versions) for r in records.values()])
+        loaded = self.served.versions
+        return reward_pb2.ListModelsResponse(models=[model_info(r, r.version in loaded, loaded.get(r.version)) for r in records.values()])
 
     @rpc
     async def GetModel(self, request: reward_pb2.GetModelRequest, context) -> reward_pb2.ModelInfo:
@@ -137,7 +139,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             rec = self.served.versions[version].record
             if self.store is not None and rec.status != "external":
                 rec = registry.get_model(self.store, version)  # fresh status
-            return model_info(rec, True)
+            return model_info(rec, True, self.served.versions[version])
         if self.store is None:
             raise NotFound(f"model version {version!r} is not loaded and this server has no registry")
         return model_info(registry.get_model(self.store, version), False)
@@ -148,7 +150,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         try:
             while True:
                 kind, rec = await queue.get()
-                yield reward_pb2.ModelEvent(kind=kind, model=model_info(rec, rec.version in self.served.versions))
+                yield reward_pb2.ModelEvent(kind=kind, model=model_info(rec, rec.version in self.served.versions,
+                                                                        self.served.versions.get(rec.version)))
         finally:
             self.served.unsubscribe(queue)
 

@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 
-from rm_service.conversation import Message, completion_id, conversation_id, canonical_json, messages_from_json
+from rm_service.conversation import Message, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
-from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, expand_pairs, validate_label
+from rm_service.store.agreement import SharedPair, agreement_report
+from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
 from rm_service.store.schema import migrate
 from rm_service.store.tx import transaction
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -37,6 +38,12 @@ class Pair:
     rejected: str
     strength: float | None
     source: str
+    origin: str = ""  # where the completions came from (dataset | policy@<version> | human); "a|b" when they differ
+
+    @property
+    def on_policy(self) -> bool:
+        """Both completions were sampled from a policy (labels of its fresh samples)."""
+        return all(part.startswith("policy@") for part in self.origin.split("|"))
 
 
 @dataclass(frozen=True)
@@ -84,45 +91,51 @@ class Store:
 
     def ingest(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
         """Validate and store labels in one transaction; one outcome per label, in order."""
-        return self.ingest_batches([labels], origin, field)[0]
+        return self.ingest_batches([self.prepare(labels, origin, field)])[0]
 
-    def ingest_batches(self, batches: list[list[LabelIn]], origin: str = "dataset", field: str = "labels") -> list[list[IngestOutcome]]:
-        """Store several requests' labels in ONE transaction (group commit).
+    def prepare(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[PreparedLabel | IngestOutcome]:
+        """Validate each label (store.labels.prepare_label, with this store's limits) before
+        it joins a transaction: a bad one becomes its REJECTED outcome, naming `field[i].<name>`.
+        `origin` is the provenance of completions not yet stored. Needs no lock: callers run
+        it in their own thread, so a large request does not hold up other requests' commits."""
+        s = self.settings
+        out: list[PreparedLabel | IngestOutcome] = []
+        for i, label in enumerate(labels):
+            try:
+                out.append(prepare_label(label, f"{field}[{i}]", origin, s.max_text_chars, s.max_responses, s.max_strength))
+            except InvalidArgument as exc:
+                out.append(IngestOutcome(label.label_id, "REJECTED", str(exc)))
+        return out
 
-        A bad label is REJECTED (its reason names `field[i].<name>`, i counted within its
-        own batch) and never blocks the others. A label_id already stored, or earlier in
-        this call, with the same payload is a DUPLICATE; with another payload a CONFLICT;
-        neither writes anything. A label answering an unknown task is REJECTED. Outcomes
-        are returned only after COMMIT: an INSERTED label is durable.
+    def ingest_batches(self, batches: list[list[PreparedLabel | IngestOutcome]]) -> list[list[IngestOutcome]]:
+        """Store several requests' prepared labels (Store.prepare) in ONE transaction (group commit).
+
+        Outcomes already decided (REJECTED by validation) pass through. A label_id already
+        stored, or earlier in this call, with the same payload is a DUPLICATE; with another
+        payload a CONFLICT; neither writes anything. A label answering an unknown task is
+        REJECTED. Outcomes are returned only after COMMIT: an INSERTED label is durable.
         """
-        outcomes: list[list[IngestOutcome | None]] = [[None] * len(b) for b in batches]
-        valid: list[tuple[int, int, LabelIn, str]] = []
-        for b, labels in enumerate(batches):
-            for i, label in enumerate(labels):
-                try:
-                    validate_label(label, f"{field}[{i}]", self.settings.max_text_chars, self.settings.max_responses)
-                except InvalidArgument as exc:
-                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", str(exc))
-                    continue
-                valid.append((b, i, label, label.payload_hash()))
+        outcomes = [[item if isinstance(item, IngestOutcome) else None for item in batch] for batch in batches]
+        valid = [(b, i, item) for b, batch in enumerate(batches) for i, item in enumerate(batch) if isinstance(item, PreparedLabel)]
         with self.transaction():
-            known = self._stored_hashes([lab.label_id for _, _, lab, _ in valid])
-            tasks = self._open_tasks([lab.task_id for _, _, lab, _ in valid if lab.task_id])
+            known = self._stored_hashes([p.label.label_id for _, _, p in valid])
+            tasks = self._open_tasks([p.label.task_id for _, _, p in valid if p.label.task_id])
             rows = _Rows()
-            for b, i, label, phash in valid:
+            for b, i, prepared in valid:
+                label, phash = prepared.label, prepared.payload_hash
                 if label.label_id in known:
                     same = known[label.label_id] == phash
                     outcomes[b][i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
                                                    "" if same else "label_id already stored with a different payload")
                     continue
                 if label.task_id and label.task_id not in tasks:
-                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{field}[{i}].task_id: unknown task {label.task_id!r}")
+                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{prepared.field}.task_id: unknown task {label.task_id!r}")
                     continue
                 known[label.label_id] = phash
-                rows.add(label, phash, origin)
+                rows.add(prepared)
                 outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
             rows.write(self.con)
-        return [[o for o in batch if o is not None] for batch in outcomes]
+        return outcomes
 
     def _open_tasks(self, task_ids: list[str]) -> set[str]:
         if not task_ids:
@@ -168,7 +181,7 @@ class Store:
                 """
                 SELECT l.label_id, l.conversation_id, c.messages, l.strength, l.source,
                        list(r.completion_id ORDER BY r.position), list(r.rank ORDER BY r.position),
-                       list(k.text ORDER BY r.position)
+                       list(k.text ORDER BY r.position), list(k.origin ORDER BY r.position)
                 FROM labels l
                 JOIN conversations c ON c.id = l.conversation_id
                 JOIN label_rankings r ON r.label_id = l.label_id
@@ -180,10 +193,11 @@ class Store:
                 [snapshot.max_seq],
             ).fetchall()
         out = []
-        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts in rows:
+        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts, origins in rows:
             prompt = messages_from_json(messages)
             for i, j in expand_pairs(ranks, policy):
-                out.append(Pair(label_id, conv_id, prompt, comp_ids[i], texts[i], comp_ids[j], texts[j], strength, source))
+                origin = origins[i] if origins[i] == origins[j] else f"{origins[i]}|{origins[j]}"
+                out.append(Pair(label_id, conv_id, prompt, comp_ids[i], texts[i], comp_ids[j], texts[j], strength, source, origin))
         return out
 
     # -- stats -----------------------------------------------------------------------------
@@ -222,8 +236,6 @@ class Store:
 
     def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",)):
         """Judge labels against the reference sources' labels (rm_service.judge.agreement)."""
-        from rm_service.judge.agreement import SharedPair, agreement_report
-
         if "JUDGE" in reference or not reference:
             raise InvalidArgument("reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}")
         with self._lock:
@@ -277,20 +289,19 @@ class _Rows:
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
 
-    def add(self, label: LabelIn, phash: str, origin: str) -> None:
-        conv = conversation_id(label.prompt)
+    def add(self, p: PreparedLabel) -> None:
+        label, conv = p.label, p.conversation_id
         if conv not in self._seen_conv:
             self._seen_conv.add(conv)
-            _append(self.conversations, id=conv, messages=canonical_json(label.prompt), num_turns=len(label.prompt))
-        for position, (text, rank) in enumerate(zip(label.responses, label.ranks)):
-            comp = completion_id(conv, text)
-            if comp not in self._seen_comp:
+            _append(self.conversations, id=conv, messages=p.messages_json, num_turns=len(label.prompt))
+        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids)):
+            if comp not in self._seen_comp:  # a completion already stored keeps its origin (e.g. policy@<version>)
                 self._seen_comp.add(comp)
-                _append(self.completions, id=comp, conversation_id=conv, text=text, origin=label.metadata.get("origin", origin))
+                _append(self.completions, id=comp, conversation_id=conv, text=text, origin=p.origin)
             _append(self.rankings, label_id=label.label_id, position=position, completion_id=comp, rank=rank)
         _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
-                strength=label.strength, rationale=label.rationale, metadata=json.dumps(label.metadata, sort_keys=True),
-                task_id=label.task_id or None, payload_hash=phash)
+                strength=label.strength, rationale=label.rationale, metadata=p.metadata_json,
+                task_id=label.task_id or None, payload_hash=p.payload_hash)
 
     def write(self, con: duckdb.DuckDBPyConnection) -> None:
         if not self.labels["label_id"]:
@@ -329,25 +340,27 @@ def _append(columns: dict[str, list], **values) -> None:
         columns[key].append(value)
 
 
-def get_features(store: Store, backbone_key: str, format_hash: str, completion_ids: list[str]) -> dict[str, tuple[list[float], int]]:
-    """Cached pooled features {completion_id: (vector, num_tokens)} for a backbone and format."""
+def get_features(store: Store, feature_key: str, format_hash: str, completion_ids: list[str]) -> dict[str, np.ndarray]:
+    """Cached pooled features {completion_id: [H] float32} under one feature key and format."""
     if not completion_ids:
         return {}
     with store._lock:
         rows = store.con.execute(
-            """SELECT completion_id, vector, num_tokens FROM features
-               WHERE backbone_key = ? AND format_hash = ? AND completion_id IN (SELECT unnest(?::VARCHAR[]))""",
-            [backbone_key, format_hash, completion_ids],
+            """SELECT completion_id, vector FROM features
+               WHERE feature_key = ? AND format_hash = ? AND completion_id IN (SELECT unnest(?::VARCHAR[]))""",
+            [feature_key, format_hash, completion_ids],
         ).fetchall()
-    return {cid: (vec, n) for cid, vec, n in rows}
+    return {cid: np.frombuffer(vec, dtype="<f4") for cid, vec in rows}
 
 
-def put_features(store: Store, backbone_key: str, format_hash: str, completion_ids: list[str], vectors, num_tokens: list[int]) -> None:
-    """Cache features in one transaction; rows already cached are kept."""
+def put_features(store: Store, feature_key: str, format_hash: str, completion_ids: list[str], vectors: np.ndarray,
+                 num_tokens: list[int]) -> None:
+    """Cache features [N, H] in one statement; rows already cached are kept."""
+    blobs = [np.ascontiguousarray(v, dtype="<f4").tobytes() for v in vectors]
     with store._lock:
         store.con.execute(
-            """INSERT INTO features (completion_id, backbone_key, format_hash, vector, num_tokens)
-               SELECT unnest(?::VARCHAR[]), ?, ?, unnest(?::FLOAT[][]), unnest(?::INTEGER[])
+            """INSERT INTO features (completion_id, feature_key, format_hash, vector, num_tokens)
+               SELECT unnest(?::VARCHAR[]), ?, ?, unnest(?::BLOB[]), unnest(?::INTEGER[])
                ON CONFLICT DO NOTHING""",
-            [completion_ids, backbone_key, format_hash, [list(map(float, v)) for v in vectors], num_tokens],
+            [completion_ids, feature_key, format_hash, blobs, num_tokens],
         )

@@ -10,14 +10,13 @@ Turn text is kept byte for byte, so export(import(file)) reproduces each line's 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rm_service.conversation import Message
+from rm_service.records import FormatError, jsonl_records
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 _ROLE = {"Human": "user", "Assistant": "assistant"}
@@ -69,13 +68,12 @@ def render_pair(prompt: list[Message], chosen: str, rejected: str) -> dict[str, 
 
 
 def read_pairs(path: Path) -> Iterator[tuple[int, str, HHPair | HHFormatError]]:
-    """(line number, line hash, pair or the error that line raised) for every non-empty line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            digest = hashlib.sha256(line.rstrip("\n").encode()).hexdigest()[:24]
-            try:
-                yield number, digest, parse_pair(json.loads(line))
-            except (HHFormatError, json.JSONDecodeError) as exc:
-                yield number, digest, HHFormatError(f"line {number}: {exc}")
+    """(line number, line hash, pair or the error that line raised) for every non-empty line,
+    read as rm_service.records reads every importer's lines (bytes, a line limit, UTF-8)."""
+    for record in jsonl_records(path):
+        try:
+            if isinstance(record.data, FormatError):
+                raise HHFormatError(str(record.data))
+            yield record.number, record.digest, parse_pair(record.data)
+        except HHFormatError as exc:
+            yield record.number, record.digest, HHFormatError(f"line {record.number}: {exc}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Literal
 
-from rm_service.conversation import Message, validate_finite, validate_messages, validate_text
+from rm_service.conversation import Message, canonical_json, completion_id, conversation_id, validate_finite, validate_messages, validate_text
 from rm_service.errors import InvalidArgument
 
 SOURCES = ("HUMAN", "JUDGE", "IMPORT")
@@ -56,12 +56,18 @@ class IngestOutcome:
     reason: str = ""
 
 
-def validate_label(label: LabelIn, field: str, max_chars: int, max_responses: int) -> None:
-    """Raise InvalidArgument naming `field.<name>` for the first problem found."""
-    if not label.label_id.strip():
-        raise InvalidArgument(f"{field}.label_id", "is required (a client-chosen unique id)")
-    if len(label.label_id) > 200:
-        raise InvalidArgument(f"{field}.label_id", "is longer than 200 characters")
+MAX_ID_CHARS = 200          # label_id, annotator, task_id, metadata keys
+MAX_METADATA_ENTRIES = 64
+
+
+def validate_label(label: LabelIn, field: str, max_chars: int, max_responses: int, max_strength: float) -> None:
+    """Raise InvalidArgument naming `field.<name>` for the first problem found.
+
+    Every check costs time and memory in proportion to the label's size, never to a value in
+    it: ranks are compared with K (a rank of 2**32 costs what a rank of 1 does), strengths with
+    `max_strength`, texts with `max_chars`, K with `max_responses`.
+    """
+    _short_text(label.label_id, f"{field}.label_id", "is required (a client-chosen unique id)")
     validate_messages(label.prompt, f"{field}.prompt", max_chars)
     k = len(label.responses)
     if k < 2:
@@ -72,16 +78,76 @@ def validate_label(label: LabelIn, field: str, max_chars: int, max_responses: in
         validate_text(text, f"{field}.responses[{i}]", max_chars)
     if len(set(label.responses)) != k:
         raise InvalidArgument(f"{field}.responses", "responses must all be different")
-    if len(label.ranks) != k:
-        raise InvalidArgument(f"{field}.ranks", f"needs one rank per response ({k}), got {len(label.ranks)}")
-    if sorted(set(label.ranks)) != list(range(max(label.ranks) + 1)):
-        raise InvalidArgument(f"{field}.ranks", f"{label.ranks} is not a dense ranking (0 = best, every rank up to the worst used)")
+    _validate_ranks(label.ranks, k, f"{field}.ranks")
     if label.strength is not None:
-        validate_finite(label.strength, f"{field}.strength", minimum=0.0)
+        validate_finite(label.strength, f"{field}.strength", minimum=0.0, maximum=max_strength)
     if label.source not in SOURCES:
-        raise InvalidArgument(f"{field}.source", f"unknown source {label.source!r}; expected one of {', '.join(SOURCES)}")
-    if not label.annotator.strip():
-        raise InvalidArgument(f"{field}.annotator", "is required (a person's id or a judge model id)")
+        raise InvalidArgument(f"{field}.source", f"unknown source {str(label.source)[:40]!r}; expected one of {', '.join(SOURCES)}")
+    _short_text(label.annotator, f"{field}.annotator", "is required (a person's id or a judge model id)")
+    validate_text(label.rationale, f"{field}.rationale", max_chars, required=False)
+    if label.task_id:
+        _short_text(label.task_id, f"{field}.task_id", "")
+    if len(label.metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument(f"{field}.metadata", f"has {len(label.metadata)} entries; the limit is {MAX_METADATA_ENTRIES}")
+    for key, value in label.metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"{field}.metadata", "must map strings to strings")
+        _short_text(key, f"{field}.metadata", "keys must not be empty")
+        validate_text(value, f"{field}.metadata[{key!r}]", max_chars, required=False)
+
+
+def _validate_ranks(ranks: list[int], k: int, field: str) -> None:
+    """One integer rank per response, each in [0, k), together a dense ranking. O(k)."""
+    if len(ranks) != k:
+        raise InvalidArgument(field, f"needs one rank per response ({k}), got {len(ranks)}")
+    for i, rank in enumerate(ranks):
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise InvalidArgument(f"{field}[{i}]", f"must be an integer, got {type(rank).__name__}")
+        if not 0 <= rank < k:
+            shown = rank if -10**20 < rank < 10**20 else f"{'-' if rank < 0 else ''}an integer of {rank.bit_length()} bits"
+            raise InvalidArgument(f"{field}[{i}]", f"is {shown}; a rank must be in [0, {k}) for {k} responses (0 = best)")
+    used = set(ranks)
+    missing = [r for r in range(max(used) + 1) if r not in used]  # max(used) < k: bounded by K
+    if missing:
+        raise InvalidArgument(field, f"{list(ranks)} is not a dense ranking: rank {missing[0]} is unused "
+                                     "(0 = best, every rank up to the worst used)")
+
+
+def _short_text(value: str, field: str, when_empty: str) -> None:
+    """An id-like string: at most MAX_ID_CHARS characters; required unless when_empty is ''."""
+    if not isinstance(value, str):
+        raise InvalidArgument(field, f"must be a string, got {type(value).__name__}")
+    if when_empty and not value.strip():
+        raise InvalidArgument(field, when_empty)
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(field, f"is longer than {MAX_ID_CHARS} characters")
+    validate_text(value, field, required=False)
+
+
+@dataclass(frozen=True)
+class PreparedLabel:
+    """A validated label with what its rows need, computed before it joins a group commit."""
+
+    label: LabelIn
+    field: str                  # its place in its request, e.g. "labels[3]", for reasons given at commit
+    payload_hash: str
+    conversation_id: str
+    messages_json: str
+    completion_ids: list[str]
+    metadata_json: str
+    origin: str                 # provenance of its completions not yet stored: the ingest path's, never the client's
+
+
+def prepare_label(label: LabelIn, field: str, origin: str, max_chars: int, max_responses: int, max_strength: float) -> PreparedLabel:
+    """Validate a label and compute its ids and JSON columns; InvalidArgument names the field.
+    O(size of the label); runs in the caller's thread, outside the store's writer."""
+    validate_label(label, field, max_chars, max_responses, max_strength)
+    try:
+        conv = conversation_id(label.prompt)
+        return PreparedLabel(label, field, label.payload_hash(), conv, canonical_json(label.prompt),
+                             [completion_id(conv, text) for text in label.responses], json.dumps(label.metadata, sort_keys=True), origin)
+    except (TypeError, ValueError) as exc:  # validate_label should have caught it; still, this label alone fails
+        raise InvalidArgument(field, f"cannot be stored: {type(exc).__name__}: {exc}") from None
 
 
 PairPolicy = Literal["all", "best"]

@@ -116,7 +116,22 @@ ALTER TABLE jobs ADD COLUMN request JSON;
 ALTER TABLE jobs ADD COLUMN promoted BOOLEAN DEFAULT false;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3]
+# v4: the feature cache keys each vector by what produced it (backbone, precision, layer,
+# pooling) and stores it as raw float32 bytes, which DuckDB writes ~10x faster than FLOAT[]
+# lists. A cache: the old rows are dropped and recomputed on demand.
+V4 = """
+DROP TABLE features;
+CREATE TABLE features (
+    completion_id VARCHAR NOT NULL,
+    feature_key   VARCHAR NOT NULL,           -- backbone key : precision : pooling method @ layer
+    format_hash   VARCHAR NOT NULL,
+    vector        BLOB NOT NULL,              -- float32 little-endian, [H]
+    num_tokens    INTEGER NOT NULL,
+    PRIMARY KEY (completion_id, feature_key, format_hash)
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

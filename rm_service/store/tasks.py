@@ -17,6 +17,9 @@ from rm_service.conversation import Message, canonical_json, completion_id, conv
 from rm_service.errors import InvalidArgument
 from rm_service.store.db import Store
 
+POLICY_PREFIX = "policy@"
+MAX_POLICY_VERSION_CHARS = 200
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -51,6 +54,17 @@ def validate_candidate(c: Candidate, field: str, max_chars: int, max_responses: 
         validate_text(text, f"{field}.completions[{i}]", max_chars)
     if len(set(c.completions)) != len(c.completions):
         raise InvalidArgument(f"{field}.completions", "completions must all be different")
+    if len(c.policy_version) > MAX_POLICY_VERSION_CHARS:
+        raise InvalidArgument(f"{field}.policy_version", f"is longer than {MAX_POLICY_VERSION_CHARS} characters")
+
+
+def policy_origin(policy_version: str) -> str:
+    """The stored origin of a policy sample: `policy@<version>`, the prefix written once
+    whether or not the client already put it in its version (`policy@step-7` or `step-7`)."""
+    version = policy_version
+    while version.startswith(POLICY_PREFIX):
+        version = version[len(POLICY_PREFIX):]
+    return POLICY_PREFIX + version if version else "policy"
 
 
 def submit(store: Store, candidates: list[Candidate]) -> list[str]:
@@ -70,7 +84,7 @@ def _insert(store: Store, c: Candidate) -> str:
     q = store.con.execute
     q("INSERT INTO conversations (id, messages, num_turns) VALUES (?, ?::JSON, ?) ON CONFLICT DO NOTHING",
       [conv, canonical_json(c.prompt), len(c.prompt)])
-    origin = f"policy@{c.policy_version}" if c.policy_version else "policy"
+    origin = policy_origin(c.policy_version)
     comp_ids = []
     for text in c.completions:
         cid = completion_id(conv, text)

@@ -5,6 +5,9 @@ Requests wait in a queue; the writer takes every request waiting (up to `max_lab
 labels) and stores them in one transaction, then answers each. While a COMMIT runs, new
 requests gather for the next one, so the number of commits grows with the commit
 rate, not with the request rate. A request is answered only after its COMMIT returns.
+Requests never fail each other: each request's labels are validated on a worker thread
+before they are queued (Store.prepare: a bad label is REJECTED alone and costs the writer
+nothing), and a transaction that fails is retried request by request.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import threading
 from concurrent.futures import Future
 
 from rm_service.store.db import Store
-from rm_service.store.labels import IngestOutcome, LabelIn
+from rm_service.store.labels import IngestOutcome, LabelIn, PreparedLabel
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -31,13 +34,16 @@ class GroupCommitWriter:
         self._thread.start()
         self.commits = 0  # transactions committed (for metrics and benchmarks)
 
-    def submit(self, labels: list[LabelIn], origin: str = "dataset") -> Future:
+    def submit(self, prepared: list[PreparedLabel | IngestOutcome]) -> Future:
+        """Queue one request's labels, already validated by Store.prepare in the caller's thread."""
         future: Future = Future()
-        self._queue.put((labels, origin, future))
+        self._queue.put((prepared, future))
         return future
 
     async def ingest(self, labels: list[LabelIn], origin: str = "dataset") -> list[IngestOutcome]:
-        return await asyncio.wrap_future(self.submit(labels, origin))
+        """Validate on a worker thread (never on the writer, never in a transaction), then group-commit."""
+        prepared = await asyncio.to_thread(self.store.prepare, labels, origin)
+        return await asyncio.wrap_future(self.submit(prepared))
 
     def close(self) -> None:
         """Finish every queued request, then stop the thread."""
@@ -68,18 +74,25 @@ class GroupCommitWriter:
     def _commit(self, group: list) -> None:
         # A request whose caller left (deadline, cancel) before we got to it is skipped and
         # never written; the rest are marked running, so answering them cannot fail.
-        group = [item for item in group if item[2].set_running_or_notify_cancel()]
-        by_origin: dict[str, list] = {}
-        for item in group:
-            by_origin.setdefault(item[1], []).append(item)
-        for origin, items in by_origin.items():
-            try:
-                results = self.store.ingest_batches([labels for labels, _, _ in items], origin)
-                self.commits += 1
-            except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
-                log.exception("group commit of %d requests failed", len(items))
-                for _, _, future in items:
-                    future.set_exception(exc)
-                continue
-            for (_, _, future), outcomes in zip(items, results):
-                future.set_result(outcomes)
+        self._commit_together([item for item in group if item[1].set_running_or_notify_cancel()])
+
+    def _commit_together(self, items: list) -> None:
+        """One transaction for every request in `items`. Labels were validated one by one
+        before, so it should not fail; if it does (the disk, DuckDB), each request is retried
+        in its own transaction, so a failure reaches only the request that causes it."""
+        if not items:
+            return
+        try:
+            results = self.store.ingest_batches([prepared for prepared, _ in items])
+            self.commits += 1
+        except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
+            if len(items) > 1:
+                log.warning("group commit of %d requests failed (%s); committing them one by one", len(items), exc)
+                for item in items:
+                    self._commit_together([item])
+                return
+            log.exception("commit of a request with %d labels failed", len(items[0][0]))
+            items[0][1].set_exception(exc)
+            return
+        for (_, future), outcomes in zip(items, results):
+            future.set_result(outcomes)

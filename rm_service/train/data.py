@@ -1,8 +1,14 @@
-"""The data of a training run: a snapshot's pairs split three ways, by conversation.
+"""The data of a training run: a snapshot's pairs split by conversation, never by pair.
 
-held-out:   conversations hashed below heldout_fraction; measured once, at the end.
-validation: of the rest, those hashed below heldout_fraction with seed + 1; early stopping.
-fit:        everything else; capped at max_pairs.
+held-out:   measured once, at the end, and by the promotion gate. Two kinds: pairs of the
+            dataset (human labels) whose conversation hashes below heldout_fraction, and
+            on-policy pairs (labels of a policy's samples) below onpolicy_heldout_fraction,
+            with their own seed, so a retrain is judged on fresh samples it never saw.
+validation: of the rest, conversations hashed below heldout_fraction with seed + 1; full mode
+            stops early on it (head mode cross-validates over validation + fit instead).
+fit:        everything else. Before the validation is carved, `dataset_fraction` keeps only
+            that share of the dataset's conversations (by hash: every retrain keeps the same
+            ones; on-policy pairs are always kept) and `max_pairs` caps the training pairs.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from rm_service.store.db import Pair, Snapshot, Store
 from rm_service.train.split import is_heldout
 
 log = logging.getLogger(__name__)
+ONPOLICY_SEED_OFFSET = 7919
+DATASET_FRACTION_SEED_OFFSET = 104729
 
 
 @dataclass
@@ -26,20 +34,39 @@ class Split:
     validation: list[Pair]
     heldout: list[Pair]
 
+    @property
+    def train(self) -> list[Pair]:
+        return self.fit + self.validation
+
+
+def is_heldout_pair(pair: Pair, settings: TrainSettings) -> bool:
+    """Whether training holds this pair out: by its conversation, with the fraction and seed of
+    its kind (dataset or on-policy)."""
+    if pair.on_policy:
+        return is_heldout(pair.conversation_id, settings.onpolicy_heldout_fraction, settings.seed + ONPOLICY_SEED_OFFSET)
+    return is_heldout(pair.conversation_id, settings.heldout_fraction, settings.seed)
+
+
+def in_dataset_share(pair: Pair, settings: TrainSettings) -> bool:
+    """On-policy pairs always; dataset pairs when their conversation is in dataset_fraction."""
+    return pair.on_policy or settings.dataset_fraction >= 1 or is_heldout(
+        pair.conversation_id, settings.dataset_fraction, settings.seed + DATASET_FRACTION_SEED_OFFSET)
+
 
 def prepare_split(store: Store, settings: TrainSettings) -> Split:
     snapshot = store.create_snapshot()
     pairs = store.pairs(snapshot)
     if not pairs:
         raise FailedPrecondition("the store holds no preference pairs; import or ingest labels first")
-    frac, seed = settings.heldout_fraction, settings.seed
-    heldout = [p for p in pairs if is_heldout(p.conversation_id, frac, seed)]
-    rest = [p for p in pairs if not is_heldout(p.conversation_id, frac, seed)]
-    validation = [p for p in rest if is_heldout(p.conversation_id, frac, seed + 1)]
-    fit = [p for p in rest if not is_heldout(p.conversation_id, frac, seed + 1)]
+    heldout = [p for p in pairs if is_heldout_pair(p, settings)]
+    rest = [p for p in pairs if not is_heldout_pair(p, settings) and in_dataset_share(p, settings)]
+    if settings.max_pairs is not None and len(rest) > settings.max_pairs:
+        keep = set(random.Random(settings.seed).sample(range(len(rest)), settings.max_pairs))
+        rest = [p for i, p in enumerate(rest) if i in keep]  # in commit order
+    validation = [p for p in rest if is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed + 1)]
+    fit = [p for p in rest if not is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed + 1)]
     if not fit or not validation:
         fit, validation = rest, []
-    if settings.max_pairs is not None and len(fit) > settings.max_pairs:
-        fit = random.Random(seed).sample(fit, settings.max_pairs)
-    log.info("snapshot %s: %d fit, %d validation, %d held-out pairs", snapshot.snapshot_id, len(fit), len(validation), len(heldout))
+    log.info("snapshot %s: %d fit, %d validation, %d held-out pairs (%d on-policy)", snapshot.snapshot_id, len(fit), len(validation),
+             len(heldout), sum(p.on_policy for p in heldout))
     return Split(snapshot, fit, validation, heldout)

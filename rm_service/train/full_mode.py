@@ -48,6 +48,7 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
     fit = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in split.fit]
     validation = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in split.validation]
     counts = bootstrap_counts(len(fit), model.ensemble_size, torch.Generator().manual_seed(settings.seed))  # [N, K]
+    counts = counts * torch.tensor([settings.onpolicy_weight if p.on_policy else 1.0 for p in split.fit])[:, None]  # [N, K]
     margin = torch.tensor([p.strength or 0.0 for p in split.fit]) if any(p.strength for p in split.fit) else None  # [N]
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -57,7 +58,10 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
     total_steps = max(1, math.ceil(settings.epochs * len(fit) / pairs_per_step))
     warmup = int(settings.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / total_steps))
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world.size > 1 else model
+    wrapped = model
+    if world.size > 1:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None  # one GPU per rank
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     state = {"step": 0, "best_loss": float("inf"), "best_step": 0}
     best = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -76,8 +80,8 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
             batch = collate([fit[i][0] for i in idx] + [fit[i][1] for i in idx], runtime.pad_id)
             sync = micro == settings.grad_accum - 1 or world.size == 1
             ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                r = wrapped(**{k: v.to(runtime.device) for k, v in batch.items()})  # [2b, K]
+            with ctx, runtime.autocast():
+                r = wrapped(**{k: v.to(runtime.device) for k, v in batch.items()}).float()  # [2b, K]
                 b = len(idx)
                 loss = bradley_terry_loss(r[:b], r[b:], None if margin is None else margin[idx].to(r.device),
                                           settings.center_coef, counts[idx].to(r.device)) / settings.grad_accum
@@ -107,6 +111,7 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
     model.eval()
     if settings.lora_rank:
         model.backbone = model.backbone.merge_and_unload()
+    runtime.refresh()  # the weights changed: inference in bf16 copies them again
     extra = {"full_steps": float(state["step"]), "tokens_per_s": tokens / max(time.monotonic() - t0, 1e-9),
              "best_validation_loss": float(state["best_loss"])}
     if not world.main:
@@ -115,7 +120,7 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
     return Scores(fit=pair_rewards(runtime, sample, settings.feature_batch_tokens),
                   heldout=pair_rewards(runtime, split.heldout, settings.feature_batch_tokens), steps=state["step"],
                   num_pairs={"train_pairs": len(split.fit) + len(split.validation), "validation_pairs": len(split.validation),
-                             "heldout_pairs": len(split.heldout)}, extra=extra)
+                             "heldout_pairs": len(split.heldout)}, extra=extra, heldout_pairs=list(split.heldout))
 
 
 def with_lora(backbone: torch.nn.Module, rank: int) -> torch.nn.Module:
@@ -141,7 +146,8 @@ def _validation_loss(runtime: ModelRuntime, pairs: list[tuple[Formatted, Formatt
     for begin in range(0, len(pairs), micro):
         part = pairs[begin : begin + micro]
         batch = collate([c for c, _ in part] + [r for _, r in part], runtime.pad_id)
-        r = runtime.model(**{k: v.to(runtime.device) for k, v in batch.items()}).mean(dim=1)  # [2b, K] -> [2b]
+        with runtime.autocast():
+            r = runtime.model(**{k: v.to(runtime.device) for k, v in batch.items()}).float().mean(dim=1)  # [2b, K] -> [2b]
         total += bradley_terry_loss(r[: len(part)], r[len(part) :]).item() * len(part)
         n += len(part)
     return total / max(n, 1)

@@ -1,9 +1,14 @@
-"""Head mode: frozen backbone, features cached in the store, score heads fitted on them.
+"""Head mode: frozen backbone, candidate features cached in the store, score heads fitted on
+the candidate chosen by cross-validation.
 
-Features of each (conversation, completion) are computed once per backbone, pooling and
-formatting hash and cached in the store, so a retrain after new labels only runs the
-backbone on the new completions. An interrupted run keeps what it cached: running it
-again resumes where it stopped.
+1. Features of every completion of the split, for every candidate (layer x pooling), in the
+   measured precision, with shared prompts (train.features); a retrain after new labels
+   only runs the backbone on the new completions.
+2. Options: each layer's last token, its completion mean, both; and every layer together.
+   `select_head` scores each option and L2 penalty by 5-fold CV (never the held-out split).
+3. The K heads are fitted on all training pairs with the chosen option and penalty, and
+   installed in the runtime's model with the chosen pooling (the backbone is cut after the
+   deepest layer read, as it will be when the version is served).
 """
 
 from __future__ import annotations
@@ -16,94 +21,114 @@ import torch
 from tqdm import tqdm
 
 from rm_service.errors import FailedPrecondition
+from rm_service.models.pooling import Pooling, truncate
 from rm_service.models.runtime import ModelRuntime
 from rm_service.settings import TrainSettings
-from rm_service.store.db import Pair, Store, get_features, put_features
+from rm_service.store.db import Pair, Store
 from rm_service.train.data import Split
-from rm_service.train.heads import fit_heads
+from rm_service.train.features import Candidate, Features, cached_features, candidates_for, extraction_pooling
+from rm_service.train.heads import PairData, fit_heads, select_head
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
 
 
 def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: TrainSettings, deadline: float,
-                  show_progress: bool, init: tuple[np.ndarray, np.ndarray] | None = None) -> Scores:
-    """Fit the K heads (from `init`, [K, H] and [K], when given), install them in
-    runtime.model.score, return the rewards of every split."""
-    features = cached_features(runtime, store, split.heldout + split.validation + split.fit, settings.feature_batch_tokens,
-                               deadline, show_progress)
-    have = lambda pairs: [p for p in pairs if p.chosen_id in features and p.rejected_id in features]  # noqa: E731
-    fit, validation, heldout = have(split.fit), have(split.validation), have(split.heldout)
-    if len(fit) < 2:
-        raise FailedPrecondition(f"only {len(fit)} training pairs have features within the budget; raise max_minutes")
-    h_w, h_l = _stack(features, fit)
-    margin = np.array([p.strength or 0.0 for p in fit], dtype=np.float32) if any(p.strength for p in fit) else None
-    result = fit_heads(h_w, h_l, _stack(features, validation) if validation else None, settings.ensemble_size,
-                       settings.learning_rate, settings.weight_decay, settings.batch_size, settings.max_steps, settings.patience,
-                       settings.center_coef, margin, settings.seed, deadline=max(deadline, time.monotonic() + 30), init=init)
-    runtime.model.score = _linear(result.weight, result.bias)
+                  show_progress: bool, init: tuple[Pooling, np.ndarray, np.ndarray] | None = None) -> Scores:
+    """Choose the features and penalty, fit the K heads (from `init`'s heads when it has the
+    chosen pooling), install them in runtime.model; return the rewards of every split."""
+    cands = candidates_for(runtime, settings.feature_layers)
+    runtime.model.backbone = truncate(runtime.model.backbone, extraction_pooling(cands))  # blocks past the deepest candidate never run
+    start = time.monotonic()
+    feats, tokens = split_features(runtime, store, split.heldout + split.train, cands, settings, deadline, show_progress)
+    feature_seconds = time.monotonic() - start
+    have = lambda pairs: [p for p in pairs if all(p.chosen_id in feats[c] and p.rejected_id in feats[c] for c in cands)]  # noqa: E731
+    train, heldout = have(split.train), have(split.heldout)
+    if len(train) < 2:
+        raise FailedPrecondition(f"only {len(train)} training pairs have features within the budget; raise max_minutes")
+    options = feature_options(cands, runtime.spec.kind)
+    data = {name: pair_data(feats, pooling, train, settings) for name, pooling in options.items()}
+    selection = select_head(data, settings.head_l2)
+    pooling = options[selection.name]
+    start_heads = (init[1], init[2]) if init is not None and init[0] == pooling else None
+    fit = fit_heads(data[selection.name], settings.ensemble_size, selection.l2, settings.seed, start_heads)
+    install(runtime, pooling, fit.weight, fit.bias)
 
     def rewards(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
         if not pairs:
             return np.zeros(0), np.zeros(0)
-        w, l = _stack(features, pairs)
-        return (w @ result.weight.T + result.bias).mean(1), (l @ result.weight.T + result.bias).mean(1)  # [N]
+        d = pair_data(feats, pooling, pairs, settings)
+        return (d.x_w @ fit.weight.T + fit.bias).mean(1), (d.x_l @ fit.weight.T + fit.bias).mean(1)  # [N]
 
-    return Scores(fit=rewards(fit), heldout=rewards(heldout), steps=result.steps,
-                  num_pairs={"train_pairs": len(fit) + len(validation), "validation_pairs": len(validation), "heldout_pairs": len(heldout)})
+    return Scores(fit=rewards(train), heldout=rewards(heldout), steps=fit.steps, heldout_pairs=heldout,
+                  num_pairs={"train_pairs": len(train), "validation_pairs": 0, "heldout_pairs": len(heldout),
+                             "onpolicy_train_pairs": sum(p.on_policy for p in train)},
+                  extra={"head_l2": selection.l2, "head_cv_loss": selection.cv_loss, "feature_seconds": feature_seconds,
+                         "feature_tokens_per_s": tokens / max(feature_seconds, 1e-9), "feature_tokens": float(tokens)},
+                  info={"features": selection.name, "selection": [list(row) for row in selection.table]})
 
 
-def feature_key(runtime: ModelRuntime) -> str:
-    """Cache key of a backbone's features: its identity and how tokens are pooled."""
-    return f"{runtime.backbone_key}:{runtime.model.pooling}"
-
-
-def cached_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], batch_tokens: int, deadline: float,
-                    show_progress: bool = True, chunk: int = 128) -> dict[str, np.ndarray]:
-    """{completion_id: features [H]} for every completion in `pairs` that fits in the budget.
-
-    Cached rows are read back; missing ones are computed in chunks (in the order given)
-    and written to the cache after each chunk, so nothing done is lost.
-    """
-    todo: dict[str, tuple] = {}
+def split_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], cands: list[Candidate], settings: TrainSettings,
+                   deadline: float, show_progress: bool) -> tuple[Features, int]:
+    """Every candidate's features of the pairs' completions (held-out first, so a budget that
+    runs out shortens training, not evaluation), and the tokens computed."""
+    requests: dict[str, tuple] = {}
     for p in pairs:
-        todo.setdefault(p.chosen_id, (p.prompt, p.chosen))
-        todo.setdefault(p.rejected_id, (p.prompt, p.rejected))
-    ids = list(todo)
-    key = feature_key(runtime)
-    cached = get_features(store, key, runtime.spec.hash, ids)
-    out = {cid: np.asarray(vec, dtype=np.float32) for cid, (vec, _) in cached.items()}
-    missing = [cid for cid in ids if cid not in out]
-    log.info("features: %d cached, %d to compute", len(out), len(missing))
-    bar = tqdm(total=len(missing), desc="features", unit="seq", disable=not show_progress or not missing)
-    tokens, t0 = 0, time.monotonic()
-    for begin in range(0, len(missing), chunk):
-        if time.monotonic() > deadline:
-            log.warning("time budget reached: %d of %d completions have no features and are left out", len(missing) - begin, len(missing))
-            break
-        part = missing[begin : begin + chunk]
-        items = [runtime.format(*todo[cid]) for cid in part]
+        requests.setdefault(p.chosen_id, (p.prompt, p.chosen))
+        requests.setdefault(p.rejected_id, (p.prompt, p.rejected))
+    bar = tqdm(total=len(requests), desc="features", unit="seq", disable=not show_progress)
+    seen = {"tokens": 0, "t0": time.monotonic()}
 
-        def progress(n: int, n_tokens: int) -> None:
-            nonlocal tokens
-            tokens += n_tokens
-            bar.update(n)
-            bar.set_postfix(tokens_per_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}")
+    def progress(n: int, n_tokens: int) -> None:
+        seen["tokens"] += n_tokens
+        bar.update(n)
+        bar.set_postfix(tokens_per_s=f"{seen['tokens'] / max(time.monotonic() - seen['t0'], 1e-9):.0f}")
 
-        vectors = runtime.run(items, batch_tokens, what="features", progress=progress)
-        put_features(store, key, runtime.spec.hash, part, vectors, [len(x) for x in items])
-        out.update(zip(part, vectors))
-    bar.close()
-    return out
+    try:
+        feats = cached_features(runtime, store, requests, cands, settings.feature_batch_tokens, deadline, progress)
+    finally:
+        bar.close()
+    return feats, seen["tokens"]
 
 
-def _stack(features: dict[str, np.ndarray], pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
-    return np.stack([features[p.chosen_id] for p in pairs]), np.stack([features[p.rejected_id] for p in pairs])
+def feature_options(cands: list[Candidate], kind: str) -> dict[str, Pooling]:
+    """The feature sets head mode chooses among: per layer each pooling (and, for decoders,
+    last + mean); and all candidate layers at once."""
+    layers = sorted({c.layer for c in cands})
+    methods = sorted({c.method for c in cands}) + (["last+mean"] if kind == "causal" else [])
+    options = {}
+    for method in methods:
+        for layer in layers:
+            options[f"{method}@{layer}"] = Pooling(layers=(layer,), method=method)
+        if len(layers) > 1:
+            options[f"{method}@{'+'.join(map(str, layers))}"] = Pooling(layers=tuple(layers), method=method)
+    return options
 
 
-def _linear(weight: np.ndarray, bias: np.ndarray) -> torch.nn.Linear:
+def pooled(feats: Features, pooling: Pooling, completion_id: str) -> np.ndarray:
+    """A completion's feature vector under `pooling`, from the cached candidates, in the order
+    `models.pooling` concatenates them (per layer: last, then mean)."""
+    methods = ("last", "mean") if pooling.method == "last+mean" else (pooling.method,)
+    return np.concatenate([feats[Candidate(layer, m)][completion_id] for layer in pooling.layers for m in methods])
+
+
+def pair_data(feats: Features, pooling: Pooling, pairs: list[Pair], settings: TrainSettings) -> PairData:
+    x_w = np.stack([pooled(feats, pooling, p.chosen_id) for p in pairs])  # [N, F]
+    x_l = np.stack([pooled(feats, pooling, p.rejected_id) for p in pairs])  # [N, F]
+    weight = np.array([settings.onpolicy_weight if p.on_policy else 1.0 for p in pairs])  # [N]
+    margin = np.array([p.strength or 0.0 for p in pairs]) if any(p.strength for p in pairs) else None  # [N]
+    return PairData(x_w, x_l, weight, margin, [p.conversation_id for p in pairs])
+
+
+def install(runtime: ModelRuntime, pooling: Pooling, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Make runtime.model the version as it will be served: `pooling`, the backbone cut after
+    its deepest layer, the heads ([K, F], [K]) on the runtime's device."""
+    model = runtime.model
+    model.pooling = pooling
+    model.backbone = truncate(model.backbone, pooling)
     layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight))
         layer.bias.copy_(torch.from_numpy(bias))
-    return layer
+    model.score = layer.to(runtime.device)
+    runtime.refresh()

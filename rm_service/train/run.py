@@ -1,10 +1,17 @@
 """A training run: snapshot -> split by conversation -> head or full mode -> metrics ->
-artifact with golden pairs -> registered version -> promotion gate."""
+artifact with golden items -> registered version -> promotion gate.
+
+Metrics of a version (all on its held-out pairs): accuracy, loss and ECE overall, and split
+into dataset pairs (`*_human`) and on-policy pairs (`*_onpolicy`, labels of policy samples);
+the promoted version's figures on the same pairs (`baseline_*`), which the gate compares;
+`unchanged_from_parent` = 1 when the heads came out equal to the parent's (a retrain that
+learned nothing is reported, and not promoted).
+"""
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -12,22 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
+from rm_service.models.pooling import Pooling, depth
+from rm_service.models.precision import describe
 from rm_service.models.runtime import ModelRuntime, backbone_key, load_backbone_runtime
+from rm_service.models.version import VersionMeta, golden_items, open_version, read_head, read_meta, write_version
 from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store.db import Pair, Store
 from rm_service.train import ddp
 from rm_service.train.data import Split, prepare_split
-from rm_service.train.full_mode import fit_full_mode
-from rm_service.train.head_mode import cached_features, fit_head_mode
+from rm_service.train.full_mode import fit_full_mode, pair_rewards
+from rm_service.train.features import Candidate
+from rm_service.train.head_mode import fit_head_mode, pair_data, split_features
 from rm_service.train.metrics import pair_metrics
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
 GOLDEN_ITEMS = 4
+UNCHANGED_RTOL = 1e-6
 
 
 @dataclass
@@ -37,6 +48,7 @@ class TrainResult:
     gate_message: str
     metrics: dict
     seconds: float
+    details: str = ""  # how it was made: precision, and in head mode the features chosen
 
 
 def train(store: Store | None, settings: TrainSettings, models: ModelSettings | None = None, show_progress: bool = True,
@@ -52,11 +64,11 @@ def train(store: Store | None, settings: TrainSettings, models: ModelSettings | 
     ddp.init(world)
     try:
         split = ddp.broadcast(prepare_split(store, settings) if world.main else None, world)
-        runtime = load_backbone_runtime(settings.backbone, settings.max_tokens, settings.ensemble_size,
+        runtime = load_backbone_runtime(settings.backbone, settings.max_tokens, settings.ensemble_size, device=ddp.device_for(world),
                                         precision=settings.precision, settings=models)
+        log.info("training %s in %s mode, %s", settings.backbone, settings.mode, describe(runtime.precision, runtime.device))
         if settings.mode == "head":
-            init = parent_heads(store, runtime) if settings.warm_start else None
-            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress, init)
+            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress, parent_heads(store, runtime))
         else:
             scores = fit_full_mode(runtime, split, settings, deadline, run_dir(models, split, settings), world, show_progress)
         if not world.main:
@@ -73,16 +85,32 @@ def run_dir(models: ModelSettings, split: Split, settings: TrainSettings) -> Pat
     return Path(models.artifacts_dir) / ".runs" / f"{split.snapshot.snapshot_id}-{digest}"
 
 
+def heldout_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: list[Pair], prefix: str = "") -> dict[str, float]:
+    """accuracy/loss/ece overall, on dataset pairs (_human) and on on-policy pairs (_onpolicy)."""
+    out = {f"{prefix}{k}": v for k, v in pair_metrics(r_chosen, r_rejected).items()}
+    on = np.array([p.on_policy for p in pairs], dtype=bool)
+    for name, mask in (("human", ~on), ("onpolicy", on)):
+        if mask.any():
+            m = pair_metrics(r_chosen[mask], r_rejected[mask])
+            out.update({f"{prefix}accuracy_{name}": m["accuracy"], f"{prefix}loss_{name}": m["loss"],
+                        f"{prefix}pairs_{name}": m["num_pairs"]})
+    return out
+
+
 def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores, settings: TrainSettings, models: ModelSettings,
               parent: str | None, seconds: float) -> TrainResult:
-    metrics = pair_metrics(*scores.heldout) if len(scores.heldout[0]) else {"accuracy": float("nan")}
+    pairs = scores.heldout_pairs
+    metrics = heldout_metrics(*scores.heldout, pairs) if pairs else {"accuracy": float("nan")}
     metrics.update({"train_accuracy": pair_metrics(*scores.fit)["accuracy"], "steps": float(scores.steps), "train_seconds": seconds})
     metrics.update({k: float(v) for k, v in scores.num_pairs.items()})
     metrics.update(scores.extra)
     current = registry.promoted(store)
-    if current is not None and split.heldout:
-        metrics["baseline_accuracy"] = baseline_accuracy(current, runtime, store, split.heldout, models)
+    if current is not None:
         parent = parent or current.version
+        if pairs:
+            metrics.update(heldout_metrics(*baseline_rewards(current, runtime, store, pairs, settings, models), pairs, "baseline_"))
+        if settings.mode == "head" and _same_heads(current, runtime):
+            metrics["unchanged_from_parent"] = 1.0
     reference = np.concatenate(scores.fit)
     reward_mean, reward_std = float(reference.mean()), float(reference.std() or 1.0)
 
@@ -94,67 +122,83 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     backbone, key = settings.backbone, runtime.backbone_key
     if settings.mode == "full":  # the fine-tuned backbone travels with the version
         backbone, key = _save_backbone(runtime, staging)
-    meta = {
-        "version": version, "mode": settings.mode, "backbone": backbone, "base_backbone": settings.backbone, "backbone_key": key,
-        "format": runtime.spec.model_dump(), "format_hash": runtime.spec.hash, "autocast_bf16": runtime.autocast_bf16,
-        "pooling": runtime.model.pooling, "ensemble_size": runtime.model.ensemble_size, "reward_mean": reward_mean,
-        "reward_std": reward_std, "metrics": metrics, "snapshot_id": split.snapshot.snapshot_id, "parent": parent,
-        "settings": settings.model_dump(mode="json"), "golden": golden_items(runtime, split.heldout or split.fit),
-        "golden_tolerance": 0.02,
-    }
-    if settings.export_onnx:
-        meta["onnx"] = _export_onnx(runtime, staging, split.heldout or split.fit)
+    golden_source = (split.heldout or split.fit)[:GOLDEN_ITEMS]
+    meta = VersionMeta(
+        version=version, mode=settings.mode, backbone=backbone, base_backbone=settings.backbone, backbone_key=key, format=runtime.spec,
+        format_hash=runtime.spec.hash, precision=runtime.precision, pooling=runtime.model.pooling, ensemble_size=runtime.model.ensemble_size,
+        reward_mean=reward_mean, reward_std=reward_std, metrics=metrics, snapshot_id=split.snapshot.snapshot_id, parent=parent,
+        settings=settings.model_dump(mode="json"), golden=golden_items(runtime, [(p.prompt, p.chosen) for p in golden_source]),
+        info=scores.info)
+    if _wants_onnx(settings, runtime):
+        meta.onnx = _export_onnx(runtime, staging, split.heldout or split.fit)
     score = runtime.model.score
-    bias = score.bias.detach().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
-    registry.write_head_artifact(directory, meta, score.weight.detach().numpy(), bias)
+    bias = score.bias.detach().cpu().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
+    write_version(directory, meta, score.weight.detach().cpu().numpy(), bias)
     rec = registry.ModelRecord(version, parent, split.snapshot.snapshot_id, settings.backbone, runtime.spec.hash, "candidate",
                                metrics, reward_mean, reward_std, runtime.model.ensemble_size, str(directory))
     registry.register(store, rec, number)
     promoted, message = (False, f"{version} left as candidate")
-    if settings.promote:
-        promoted, message = registry.promote(store, version, settings.gate_tolerance)
-    return TrainResult(version, promoted, message, metrics, seconds)
+    if metrics.get("unchanged_from_parent"):
+        promoted, message = False, f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)"
+    elif settings.promote:  # announced only after the version loads from disk and re-scores its golden items
+        promoted, message = registry.promote(store, version, settings.gate_tolerance, verify=registry.load_check(models),
+                                             onpolicy=settings.gate_onpolicy)
+    return TrainResult(version, promoted, message, metrics, seconds, _details(runtime, metrics, scores))
 
 
-def reusable_head(version: registry.ModelRecord, runtime: ModelRuntime) -> tuple[np.ndarray, np.ndarray] | None:
-    """A version's heads ([K, H] weight, [K] bias) when they read the features this runtime
-    computes (head mode, same backbone, formatting and pooling); None otherwise."""
-    directory = Path(version.artifact_path)
-    meta = json.loads((directory / "version.json").read_text())
-    if not (meta["mode"] == "head" and meta["backbone_key"] == runtime.backbone_key
-            and meta["format_hash"] == runtime.spec.hash and meta.get("pooling") == runtime.model.pooling):
+def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
+    line = f"precision {runtime.precision} on {runtime.device}"
+    if "features" in scores.info:
+        line += (f"; features {scores.info['features']} chosen by 5-fold CV (loss {metrics['head_cv_loss']:.4f}, l2 {metrics['head_l2']:g}); "
+                 f"{int(metrics['feature_tokens'])} new tokens in {metrics['feature_seconds']:.0f}s "
+                 f"({metrics['feature_tokens_per_s']:.0f} tokens/s)")
+    for name in ("human", "onpolicy"):
+        if f"accuracy_{name}" in metrics:
+            line += f"; held-out {name} pairs: {metrics[f'accuracy_{name}']:.4f} ({int(metrics[f'pairs_{name}'])})"
+            if f"baseline_accuracy_{name}" in metrics:
+                line += f", parent {metrics[f'baseline_accuracy_{name}']:.4f}"
+    return line
+
+
+def reusable_head(directory: str | Path, runtime: ModelRuntime) -> tuple[Pooling, np.ndarray, np.ndarray] | None:
+    """A version's (pooling, heads [K, F], [K]) when they read features this runtime computes
+    (head mode, same backbone and formatting); None otherwise."""
+    meta = read_meta(directory)
+    if not (meta.mode == "head" and meta.backbone_key == runtime.backbone_key and meta.format_hash == runtime.spec.hash):
         return None
-    head = load_file(str(directory / "head.safetensors"))
-    return head["weight"], head["bias"]
+    return (meta.pooling, *read_head(directory))
 
 
-def parent_heads(store: Store | None, runtime: ModelRuntime) -> tuple[np.ndarray, np.ndarray] | None:
-    """The promoted version's heads when a warm start can use them (same features, same K)."""
+def parent_heads(store: Store | None, runtime: ModelRuntime) -> tuple[Pooling, np.ndarray, np.ndarray] | None:
+    """The promoted version's heads, to start the fit from (the same optimum, reached sooner)."""
     current = registry.promoted(store) if store is not None else None
-    head = reusable_head(current, runtime) if current is not None else None
-    if head is None or head[0].shape[0] != runtime.model.ensemble_size:
-        return None
-    log.info("warm start from %s's heads", current.version)
-    return head
+    return reusable_head(current.artifact_path, runtime) if current is not None else None
 
 
-def baseline_accuracy(current: registry.ModelRecord, runtime: ModelRuntime, store: Store, heldout: list[Pair],
-                      models: ModelSettings) -> float:
-    """The promoted version's accuracy on this run's held-out pairs. The held-out set grows as
-    labels arrive, so the promotion gate compares the candidate with it on the same pairs.
-    A head-mode version on the same backbone and formatting reuses the cached features."""
-    head = reusable_head(current, runtime)
-    if head is not None:
-        features = cached_features(runtime, store, heldout, 4096, deadline=float("inf"), show_progress=False)
-        pairs = [p for p in heldout if p.chosen_id in features and p.rejected_id in features]
-        weight, bias = head  # [K, H], [K]
-        r_chosen = (np.stack([features[p.chosen_id] for p in pairs]) @ weight.T + bias).mean(1)  # [N]
-        r_rejected = (np.stack([features[p.rejected_id] for p in pairs]) @ weight.T + bias).mean(1)
-        return float(pair_metrics(r_chosen, r_rejected)["accuracy"])
-    from rm_service.evaluate import evaluate_pairs
+def _same_heads(current: registry.ModelRecord, runtime: ModelRuntime) -> bool:
+    head = reusable_head(current.artifact_path, runtime)
+    if head is None or head[0] != runtime.model.pooling or head[1].shape != tuple(runtime.model.score.weight.shape):
+        return False
+    weight = runtime.model.score.weight.detach().cpu().numpy()
+    return bool(np.abs(weight - head[1]).max() <= UNCHANGED_RTOL * max(np.abs(head[1]).max(), 1e-12))
 
-    other, _ = registry.load_artifact(Path(current.artifact_path), settings=models)
-    return float(evaluate_pairs(other, heldout, show_progress=False).overall["accuracy"])
+
+def baseline_rewards(current: registry.ModelRecord, runtime: ModelRuntime, store: Store, pairs: list[Pair], settings: TrainSettings,
+                     models: ModelSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The promoted version's (r_chosen, r_rejected) on this run's held-out pairs: the held-out
+    set grows as labels arrive, so the gate compares candidate and parent on the same pairs.
+    A head-mode parent whose features this run has cached reuses them; any other is loaded."""
+    head = reusable_head(current.artifact_path, runtime)
+    if head is not None and settings.mode == "head":
+        pooling, weight, bias = head
+        methods = ("last", "mean") if pooling.method == "last+mean" else (pooling.method,)
+        cands = [Candidate(layer, m) for layer in pooling.layers for m in methods]
+        if cands and max(c.layer for c in cands) <= depth(runtime.model.backbone):  # its layers are still in the (cut) backbone
+            feats, _ = split_features(runtime, store, pairs, cands, settings, float("inf"), show_progress=False)
+            d = pair_data(feats, pooling, pairs, settings)
+            return (d.x_w @ weight.T + bias).mean(1), (d.x_l @ weight.T + bias).mean(1)  # [N]
+    other, _ = open_version(current.artifact_path, device=str(runtime.device), precision=runtime.precision, settings=models)
+    return pair_rewards(other, pairs, settings.feature_batch_tokens)
 
 
 def _save_backbone(runtime: ModelRuntime, staging: Path) -> tuple[str, str]:
@@ -170,23 +214,27 @@ def _save_backbone(runtime: ModelRuntime, staging: Path) -> tuple[str, str]:
 ONNX_CHECK_PAIRS = 64
 
 
+def _wants_onnx(settings: TrainSettings, runtime: ModelRuntime) -> bool:
+    """auto: only where the version would be served in fp32 on a CPU, the ONNX Runtime path."""
+    if settings.export_onnx == "auto":
+        return runtime.device.type == "cpu" and runtime.precision == "fp32"
+    return settings.export_onnx == "on"
+
+
 def _export_onnx(runtime: ModelRuntime, staging: Path, pairs: list[Pair]) -> dict:
-    """model.onnx (parity-checked against torch) and, if it orders pairs alike, model.int8.onnx."""
+    """model.onnx (parity-checked against the same model in fp32 on the CPU, whatever this run
+    trained in) and, if it orders pairs alike, model.int8.onnx."""
     from rm_service.models.onnx_backend import build_onnx_artifacts
 
     staging.mkdir(parents=True, exist_ok=True)
+    reference = runtime
+    if runtime.device.type != "cpu" or runtime.precision != "fp32":
+        reference = ModelRuntime(copy.deepcopy(runtime.model).cpu().float(), runtime.tokenizer, runtime.spec, runtime.backbone,
+                                 runtime.backbone_key, precision="fp32")
     items = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in pairs[:ONNX_CHECK_PAIRS]]
-    report = build_onnx_artifacts(runtime, staging, items)
+    report = build_onnx_artifacts(reference, staging, items)
     for key in ("fp32_path", "int8_path"):  # relative to the version directory, which is renamed
         report[key] = Path(report[key]).name if report.get(key) else None
     log.info("ONNX export: max relative difference %.2g; int8 agreement %.4f (%s)", report["max_rel_diff"],
              report["int8_agreement"], "kept" if report["int8_kept"] else "deleted")
     return report
-
-
-def golden_items(runtime: ModelRuntime, pairs: list[Pair]) -> list[dict]:
-    """A few items with their scores now, computed one item per batch (as the load check does)."""
-    chosen = pairs[:GOLDEN_ITEMS]
-    items = [runtime.format(p.prompt, p.chosen) for p in chosen]
-    raw = runtime.run(items, max_batch_tokens=1).mean(axis=1)
-    return [{"prompt": [m.as_dict() for m in p.prompt], "completion": p.chosen, "raw_score": float(r)} for p, r in zip(chosen, raw)]

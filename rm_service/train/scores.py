@@ -1,4 +1,4 @@
-"""What a training mode hands back: rewards on the fit and held-out pairs."""
+"""What a training mode hands back: rewards on the training and held-out pairs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rm_service.store.db import Pair
+
 
 @dataclass
 class Scores:
     fit: tuple[np.ndarray, np.ndarray]  # (r_chosen, r_rejected), [N] each, ensemble mean
-    heldout: tuple[np.ndarray, np.ndarray]  # [M] each
+    heldout: tuple[np.ndarray, np.ndarray]  # [M] each, over heldout_pairs
     steps: int
     num_pairs: dict[str, int] = field(default_factory=dict)
-    extra: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # numbers, into the version's metrics
+    heldout_pairs: list[Pair] = field(default_factory=list)  # the M pairs of `heldout`, in order
+    info: dict = field(default_factory=dict)  # anything else worth keeping in version.json (head mode: the feature selection)

@@ -29,20 +29,22 @@ class ScoreRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoreItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("id", "reward", "raw_score", "uncertainty", "num_tokens", "truncated")
+    __slots__ = ("id", "reward", "raw_score", "uncertainty", "num_tokens", "truncated", "members")
     ID_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
     UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     reward: float
     raw_score: float
     uncertainty: float
     num_tokens: int
     truncated: bool
-    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., raw_score: _Optional[float] = ..., uncertainty: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., raw_score: _Optional[float] = ..., uncertainty: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., members: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("results", "model_version", "format_hash")
@@ -99,7 +101,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("version", "parent", "snapshot_id", "backbone", "status", "format_hash", "metrics", "created_at", "reward_mean", "reward_std", "ensemble_size", "loaded")
+    __slots__ = ("version", "parent", "snapshot_id", "backbone", "status", "format_hash", "metrics", "created_at", "reward_mean", "reward_std", "ensemble_size", "loaded", "precision", "backend")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,8 @@ class ModelInfo(_message.Message):
     REWARD_STD_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     version: str
     parent: str
     snapshot_id: str
@@ -131,7 +135,9 @@ class ModelInfo(_message.Message):
     reward_std: float
     ensemble_size: int
     loaded: bool
-    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., backbone: _Optional[str] = ..., status: _Optional[str] = ..., format_hash: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., ensemble_size: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
+    precision: str
+    backend: str
+    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., backbone: _Optional[str] = ..., status: _Optional[str] = ..., format_hash: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., ensemble_size: _Optional[int] = ..., loaded: _Optional[bool] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class WatchModelsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,37 @@
+"""Advantage estimators, one registry: adding one touches this module only.
+
+Each estimator turns per-token rewards (the KL penalty on every token, the score at the last
+real token) into advantages and value targets, [B, R] each, and says whether it trains a
+value head. The settings' `advantage_estimator` choices are this registry's names.
+
+- gae: PPO's generalised advantage estimation over a value head (Schulman et al., 2016).
+- rloo: REINFORCE leave-one-out (Ahmadian et al., 2024): each sample's return minus the mean
+  return of the other samples of its prompt; critic-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from policy_trainer.ppo import gae, rloo_advantages
+
+
+@dataclass(frozen=True)
+class Estimator:
+    needs_value_head: bool
+    # (rewards [B, R], values [B, R], mask [B, R], settings) -> (advantages [B, R], returns [B, R])
+    advantages: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
+    needs_groups: bool = False  # samples_per_prompt >= 2 (a baseline from the other samples)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(True, lambda rewards, values, mask, s: gae(rewards, values, mask, s.gamma, s.gae_lambda)),
+    "rloo": Estimator(False, lambda rewards, values, mask, s: (rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)),
+                      needs_groups=True),
+}
+
+EstimatorName = Literal[tuple(ESTIMATORS)]  # the settings' choices: every registered estimator

@@ -1,0 +1,1 @@
+"""The rm.v1 API (generated code under v1/, from proto/ by tools/gen_proto.py)."""

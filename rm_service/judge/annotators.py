@@ -1,0 +1,115 @@
+"""Annotators: what turns a judge item (a prompt and K responses) into a label.
+
+- `PanelAnnotator`: LLM judges (local or over HTTP) with position swap, one or a voting panel.
+- `RewardAnnotator` (`--backend rm`): a reward model scores every response; the ranking is
+  by reward, with ties when rewards differ by at most `rm_tie_margin`; the label's strength is
+  the Bradley-Terry log-odds of the best over the next, r_best - r_next (the "margin" of
+  TRL's preference datasets), and its probability sigmoid(r_best - r_next) is kept in the
+  metadata. This is how a reward model serves as a judge (TRL once shipped PairRM as one) and
+  how a stronger "gold" model stands in for people (Gao et al., 2023): provenance names the
+  model and its version.
+
+Both give `annotate(item, counts) -> Label | None` (None: the policy left no outcome) and a
+`config` string that label ids and progress files are derived from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from rm_service.api.v1 import common_pb2, preference_pb2
+from rm_service.judge.backend import JudgeBackend
+from rm_service.judge.items import JudgeItem
+from rm_service.judge.pairwise import Judge, copeland_ranks, judge_item
+from rm_service.judge.provenance import annotator, judge_label, label_id
+
+
+def load_judges(settings) -> list[JudgeBackend]:
+    """One backend per model of the panel (settings.models)."""
+    if settings.backend == "http":
+        from rm_service.judge.openai_http import OpenAIBackend
+
+        return [OpenAIBackend(settings, model) for model in settings.models]
+    from rm_service.judge.local import LocalBackend
+
+    return [LocalBackend(model, device=settings.device, threads=settings.torch_threads) for model in settings.models]
+
+
+class PanelAnnotator:
+    def __init__(self, judges: list[Judge], settings):
+        self.judges, self.settings = judges, settings
+
+    @property
+    def name(self) -> str:
+        return annotator(self.judges)
+
+    @property
+    def config(self) -> str:
+        return label_id(JudgeItem("", [], []), self.judges, self.settings)
+
+    @property
+    def calls(self) -> int:
+        return sum(j.calls for j in self.judges)
+
+    def annotate(self, item: JudgeItem, counts) -> preference_pb2.Label | None:
+        judgments = judge_item(self.judges, item.prompt, item.responses, self.settings.kway)
+        counts.pair_judgments = len(judgments)
+        counts.position_flips = sum(jd.flipped for jd in judgments)
+        ranks = copeland_ranks(len(item.responses), judgments, self.settings.inconsistent, self.settings.choice_tie_margin)
+        return None if ranks is None else judge_label(item, ranks, judgments, self.judges, self.settings)
+
+
+def reward_ranks(rewards: list[float], tie_margin: float) -> list[int]:
+    """Dense ranks (0 = best) by reward; neighbours within `tie_margin` of each other tie."""
+    order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+    ranks, rank = [0] * len(rewards), 0
+    for previous, current in zip(order, order[1:]):
+        if rewards[previous] - rewards[current] > tie_margin:
+            rank += 1
+        ranks[current] = rank
+    return ranks
+
+
+class RewardAnnotator:
+    """A reward model (a registry version, a version directory or a reward checkpoint) as a judge."""
+
+    def __init__(self, model: str, settings, runtime=None, version: str | None = None):
+        if runtime is None:
+            from rm_service.models.version import open_model
+
+            runtime, meta = open_model(model, device=settings.device)
+            version = meta.version if meta is not None else Path(model).name
+        self.runtime, self.settings = runtime, settings
+        self.version = version or model
+        self.calls = 0
+        runtime.inference_model()  # made now, not by concurrent first calls
+
+    @property
+    def name(self) -> str:
+        return f"rm:{self.version}@{self.runtime.spec.hash[:8]}"
+
+    @property
+    def config(self) -> str:
+        return f"{self.name}|tie={self.settings.rm_tie_margin}"
+
+    def rewards(self, item: JudgeItem) -> list[float]:
+        items = [self.runtime.format(item.prompt, text) for text in item.responses]
+        self.calls += 1
+        return [float(r) for r in self.runtime.run(items, max_batch_tokens=1 << 14).mean(axis=1)]  # [K]
+
+    def annotate(self, item: JudgeItem, counts) -> preference_pb2.Label:
+        rewards = self.rewards(item)
+        ranks = reward_ranks(rewards, self.settings.rm_tie_margin)
+        ordered = sorted(rewards, reverse=True)
+        gap = ordered[0] - ordered[1]  # the BT log-odds of the best over the next
+        counts.pair_judgments = len(rewards) * (len(rewards) - 1) // 2
+        return preference_pb2.Label(
+            label_id="rm-" + hashlib.sha256(json.dumps([item.key, self.config]).encode()).hexdigest()[:32],
+            prompt=[common_pb2.Message(role=m.role, content=m.content) for m in item.prompt], responses=item.responses, ranks=ranks,
+            strength=gap, source=preference_pb2.JUDGE, annotator=self.name, task_id=item.task_id,
+            metadata={"rm_version": self.version, "rm_rewards": json.dumps([round(r, 6) for r in rewards]),
+                      "rm_probability": f"{1 / (1 + math.exp(-gap)):.6f}", "judge_template": "reward-model"},
+        )
