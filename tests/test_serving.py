@@ -73,6 +73,7 @@ def test_cancelled_calls_leak_no_permits(stalled):
     for f in futures:
         f.cancel()
     _wait(lambda: srv.server.batcher.inflight_items == 0)  # the server saw every cancel: permits back
+    _wait(lambda: srv.server.batcher.queue_depth() == 0, timeout=10)  # their items left the queue while the model was busy
     stall.release()
     _wait(lambda: srv.server.batcher.queued_tokens == 0)
     assert len(stall.batches) == 1  # only the batch already on the model ran; the cancelled rest never did

@@ -222,7 +222,8 @@ class Batcher:
 
     def _release(self, permit: Permit) -> None:
         """The request is over: its waiting items leave the queue, its permits come back."""
-        waiting = {id(j) for j in permit.jobs if not j.future.done()}
+        # Still queued: not answered yet, or cancelled (a cancelled caller's gather cancels its futures first)
+        waiting = {id(j) for j in permit.jobs if not j.future.done() or j.future.cancelled()}
         if waiting:
             with self._lock:
                 for version, w in list(self._waiting.items()):
