@@ -259,6 +259,30 @@ def test_a_server_process_that_cannot_start_is_an_error_naming_its_log(home, tmp
     assert "no model version at" in (tmp_path / "server.log").read_text()  # the child's own account is kept
 
 
+@pytest.mark.parametrize("faster, served_as", [("bf16", ("torch", "bf16")), ("fp32", ("onnxruntime", "fp32"))])
+def test_the_server_serves_in_the_precision_measured_fastest(registry_with_two_versions, monkeypatch, faster, served_as):
+    """precision=auto and backend=auto (the defaults): where this machine measures bf16 faster the
+    version is served by torch under bf16 autocast; where fp32 wins, by ONNX Runtime fp32 (its export).
+    GetModel tells which, and the golden pairs passed in the precision served."""
+    from rm_service.models import precision
+    from rm_service.models.precision import Measurement
+    from rm_service.settings import rm_home
+
+    rates = {"bf16": (100.0, 260.0), "fp32": (100.0, 40.0)}[faster]
+    monkeypatch.setattr(precision, "_MEASURED", {})
+    monkeypatch.setattr(precision, "probe_cpu", lambda threads, key="", **_: Measurement("test cpu", key, threads, *rates, faster, 0.0))
+    (rm_home() / "cache" / "precision.json").unlink(missing_ok=True)
+    srv = ServerThread(ServeSettings(port=0, with_store=False, metrics_port=-1))
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            info = stub.GetModel(reward_pb2.GetModelRequest(), timeout=30)
+            assert (info.version, info.backend, info.precision) == ("v1", *served_as)
+            assert len(stub.Score(_request(["The Nile.", "No idea, sorry."]), timeout=30).results) == 2
+    finally:
+        srv.stop()
+
+
 def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry_with_two_versions):
     from rm_service.models.onnx_backend import OnnxRuntimeModel
 
