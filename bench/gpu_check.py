@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     home = Path(tempfile.mkdtemp(prefix="rm-gpu-check-"))
+    for name in [n for n in os.environ if n.startswith("RM_") and n != "RM_MODELS_CACHE_DIR"]:
+        del os.environ[name]  # everything under the fresh home, whatever the caller's environment points at
     os.environ["RM_HOME"] = str(home)
     os.environ.setdefault("RM_MODELS_CACHE_DIR", str(REPO / "var" / "cache" / "models"))
     device = torch.device(args.device)

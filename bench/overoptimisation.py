@@ -39,7 +39,7 @@ def arm_settings(base, arm: str, home: Path, args):
     from rm_service.demo.settings import demo_settings
 
     fixed = dict(ppo_steps=args.steps, eval_every=args.eval_every, label_budget=args.label_budget, calibration_pairs=0, progress=False,
-                 retrain_min_labels=args.retrain_min_labels, submit_every=args.submit_every)
+                 retrain_min_labels=args.retrain_min_labels, submit_every=args.submit_every, submit_fraction=args.submit_fraction)
     return demo_settings("cpu", home=home, data=base.data, **{**fixed, **ARMS[arm]})
 
 
@@ -79,10 +79,10 @@ def run_arm(arm: str, s, base_facts, home: Path) -> dict:
     from rm_service.demo.pipeline import Stages, serve_and_loop, use_home
     from rm_service.demo.report import RunFacts
 
-    use_home(home)
     facts = RunFacts(settings=s, home=home, gold=base_facts.gold, v1=base_facts.v1)
     start = time.monotonic()
-    serve_and_loop(s, facts, Stages())
+    with use_home(home):
+        serve_and_loop(s, facts, Stages())
     evals = facts.evaluations
     switches = [f"{w['to_version']}@{w['step']}" for w in facts.ppo.switches]
     labeled = facts.judge_queue.labeled if facts.judge_queue else 0
@@ -102,7 +102,9 @@ def bucket_means(evals: list[dict], key: str) -> list[float]:
 def table(results: list[dict], hardware: str, args) -> str:
     names = [f"{lo:g}-{hi:g}" if hi != math.inf else f"{lo:g}+" for lo, hi in zip(BUCKETS, BUCKETS[1:])]
     cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
-    lines = [f"Hardware: {hardware}. {args.steps} PPO steps, same seed; label budget {args.label_budget} candidates per outer-loop arm.", "",
+    lines = [f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
+             f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
+             f"retrain at {args.retrain_min_labels} new labels.", "",
              "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
              "|---|---|" + "---:|" * len(names) + "---:|---:|---|"]
     for r in results:
@@ -139,9 +141,10 @@ def main() -> int:
     p.add_argument("--arms", default="fixed,random,active")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=4)
-    p.add_argument("--submit-every", type=int, default=2)
+    p.add_argument("--submit-every", type=int, default=1)
+    p.add_argument("--submit-fraction", type=float, default=0.5, help="share of a batch's prompts sent to labeling: selection picks which")
     p.add_argument("--retrain-min-labels", type=int, default=8)
-    p.add_argument("--label-budget", type=int, default=24)
+    p.add_argument("--label-budget", type=int, default=20)
     p.add_argument("--home", type=Path, help="work directory (default: a temp dir)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
     args = p.parse_args()
@@ -156,12 +159,12 @@ def main() -> int:
 
     base = demo_settings("cpu", home=home / "base", progress=False)
     (home / "base").mkdir(parents=True, exist_ok=True)
-    use_home(home / "base")
     base_facts = RunFacts(settings=base, home=home / "base")
     if (home / "base" / "rm.duckdb").exists():  # built by an earlier run with this --home: gold v1, proxy v2
         base_facts.gold, base_facts.v1 = built_versions(home / "base")
     else:
-        build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
+        with use_home(home / "base"):
+            build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
     results = []
     for arm in args.arms.split(","):
         copy_home(home / "base", home / arm)

@@ -21,7 +21,7 @@ def test_unknown_name_is_invalid_argument(tmp_path):
 @pytest.mark.slow
 def test_minilm_loads_from_the_package_and_scores():
     runtime = load_backbone_runtime("minilm-l6", max_tokens=256)
-    assert runtime.spec.kind == "encoder" and runtime.model.pooling == "mean"  # head mode on a sentence encoder
+    assert runtime.spec.kind == "encoder" and runtime.model.pooling.method == "all_mean"  # head mode on a sentence encoder
     item = runtime.format(PROMPT, "Happy to help with math.")
     assert runtime.run([item], 4096).shape == (1, 1)
 
@@ -40,7 +40,7 @@ def test_smollm2_is_dequantised_once_then_cached(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(resolver, "_dequantise_gguf", no_second_conversion)
     assert resolve("smollm2-135m-instruct", ModelSettings(cache_dir=cache)) == first
     runtime = load_backbone_runtime(str(first), max_tokens=512)
-    assert runtime.spec.kind == "causal" and runtime.model.pooling == "last_token"
+    assert runtime.spec.kind == "causal" and runtime.model.pooling.method == "last"
     item = runtime.format(PROMPT, "Happy to help with math.")
     text = runtime.tokenizer.decode(item.input_ids)
     assert text.endswith("<|im_start|>assistant\nHappy to help with math.<|im_end|>")

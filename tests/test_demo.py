@@ -4,6 +4,7 @@ outer loop (retrain requested, v2 promoted, trainer switches), report."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -25,7 +26,9 @@ def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbo
                             rm_max_tokens=128, rm_ensemble_size=2, calibration_pairs=4, proxy_dataset_fraction=0.5,
                             policy=str(tiny_lm_dir), ppo_steps=60, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
                             eval_prompts=2, eval_every=20, submit_every=5, retrain_min_labels=4, progress=False)
+    before = {k: v for k, v in os.environ.items() if k.startswith("RM_")}
     assert run_demo(settings) == 0
+    assert {k: v for k, v in os.environ.items() if k.startswith("RM_")} == before  # a run in-process leaves no store or registry behind
     out = capsys.readouterr().out
     demo = tmp_path / "demo"
     report = (demo / "report.md").read_text()

@@ -181,3 +181,25 @@ def test_eval_reports_overall_by_turns_and_by_length(trained):
     assert set(report.by_turns) <= {"1 turn", "2 turns", "3 turns", "4+ turns"}
     table = format_report(version, report)
     assert table.splitlines()[2].startswith("| all | 60 |")
+
+
+def test_a_corrupted_version_is_never_announced_as_promoted(trained, capsys):
+    """Promotion loads the version and re-scores its golden items first: a broken artifact is
+    rejected, the promoted version and promoted.json stay as they were."""
+    from rm_service.cli import main
+
+    store, _, settings = trained
+    second = train(store, settings.model_copy(update={"promote": False, "seed": 3}), ModelSettings(), show_progress=False)
+    directory = Path(registry.get_model(store, second.version).artifact_path)
+    meta = json.loads((directory / "version.json").read_text())
+    for g in meta["golden"]:
+        g["raw_scores"] = {k: v + 5.0 for k, v in g["raw_scores"].items()}  # the files no longer match what was trained
+    (directory / "version.json").write_text(json.dumps(meta))
+    pointer = (directory.parent / "promoted.json").read_text()
+    ok, why = registry.promote(store, second.version, tolerance=1.0, force=True, verify=registry.load_check())
+    assert not ok and "failed its load check" in why and "golden pair check failed" in why
+    assert registry.get_model(store, second.version).status == "rejected" and registry.promoted(store).version == "v1"
+    assert (directory.parent / "promoted.json").read_text() == pointer  # scorers were never told
+    store.close()
+    assert main(["models", "promote", second.version, "--force"]) == 1  # the CLI says so too, in one line
+    assert "failed its load check" in capsys.readouterr().out

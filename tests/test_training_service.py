@@ -122,3 +122,18 @@ def test_a_job_left_running_by_a_dead_server_is_marked_failed_at_start(home, tmp
         assert created and found.state == "failed" and "interrupted" in found.error
     finally:
         srv.stop()
+
+
+def test_watch_models_tells_of_a_retrain_that_was_not_promoted(server):
+    """No new labels: the retrain's heads equal its parent's, it stays a candidate, and
+    WatchModels says so instead of leaving trainers to wonder why nothing switched."""
+    channel, training, reward = _stubs(server.address)
+    with channel:
+        events = reward.WatchModels(reward_pb2.WatchModelsRequest(), timeout=120)
+        assert next(events).kind == "current"
+        job = training.RequestRetrain(training_pb2.RetrainRequest(promote=True, reason="nothing new"), timeout=30)
+        last = list(training.WatchJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=120))[-1]
+        assert (last.state, last.promoted) == ("succeeded", False)
+        event = next(events)
+        events.cancel()
+    assert (event.kind, event.model.version) == ("candidate", last.model_version) and event.model.metrics["unchanged_from_parent"] == 1.0

@@ -24,6 +24,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,11 +88,11 @@ def run_demo(s: DemoSettings) -> int:
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    use_home(home)
     facts, stages, total = RunFacts(settings=s, home=home), Stages(), time.monotonic()
     try:
-        build_models(s, facts, stages)
-        serve_and_loop(s, facts, stages)
+        with use_home(home):
+            build_models(s, facts, stages)
+            serve_and_loop(s, facts, stages)
     except RMError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -102,9 +104,21 @@ def run_demo(s: DemoSettings) -> int:
     return 0 if facts.server_exit_code == 0 else 1
 
 
-def use_home(home: Path) -> None:
-    """Point this process (and the server it starts) at the run's store and registry."""
-    os.environ.update({"RM_STORE_PATH": str(home / "rm.duckdb"), "RM_MODELS_ARTIFACTS_DIR": str(home / "registry")})
+@contextmanager
+def use_home(home: Path) -> Iterator[None]:
+    """Point this process (and the servers it starts) at the run's store and registry; the
+    environment is restored on exit, so a demo run in-process (tests) leaves no trace."""
+    home_env = {"RM_STORE_PATH": str(home / "rm.duckdb"), "RM_MODELS_ARTIFACTS_DIR": str(home / "registry")}
+    before = {name: os.environ.get(name) for name in home_env}
+    os.environ.update(home_env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:

@@ -68,8 +68,8 @@ class DemoSettings(BaseSettings):
     update_epochs: int = Field(1, gt=0, description="PPO passes over each rollout batch.")
     num_minibatches: int = Field(2, gt=0, description="PPO minibatches per pass.")
     # -- outer loop -------------------------------------------------------------------------
-    submit_every: int = Field(2, ge=0, description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays fixed).")
-    submit_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of a batch's prompts submitted (with all their completions).")
+    submit_every: int = Field(1, ge=0, description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays fixed).")
+    submit_fraction: float = Field(0.5, gt=0, le=1, description="Fraction of a batch's prompts submitted (with all their completions); `selection` picks which.")
     retrain_min_labels: int = Field(12, ge=0, description="New labels since the reward model's snapshot that trigger a retrain request (0: never).")
     selection: Literal["uncertainty", "random"] = Field("uncertainty", description="Which samples go to labeling: the ensemble's most doubted pairs, or random.")
     label_budget: int = Field(0, ge=0, description="Most labeling candidates over the run (0: no limit).")

@@ -92,7 +92,7 @@ class RewardServer:
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
-            self.jobs = JobRunner(self.store, self.train, self.models)
+            self.jobs = JobRunner(self.store, self.train, self.models, on_version=self.served.announce)
             training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(self.jobs), self.server)
             names += [preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
                       training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]

@@ -62,6 +62,12 @@ class ServedModels:
             for queue in self._watchers:
                 queue.put_nowait((kind, served.record))
 
+    def announce(self, kind: str, record: ModelRecord) -> None:
+        """Tell every watcher about a version that is not served (e.g. a retrain "rejected" by the
+        gate or its load check, or left a "candidate"), so trainers learn why nothing switched."""
+        for queue in self._watchers:
+            queue.put_nowait((kind, record))
+
     def pin(self, served: Served) -> None:
         """Keep `served` loaded for clients that pin it by version; it is never swapped out."""
         self.versions[served.record.version] = served

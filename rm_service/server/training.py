@@ -32,8 +32,9 @@ MODES = ("head", "full")
 class JobRunner:
     """Runs retraining jobs one at a time on a worker thread and tells watchers of changes."""
 
-    def __init__(self, store: Store, settings: TrainSettings, models: ModelSettings):
+    def __init__(self, store: Store, settings: TrainSettings, models: ModelSettings, on_version=None):
         self.store, self.settings, self.models = store, settings, models
+        self.on_version = on_version  # on_version(kind, record): a job's version that was not promoted ("rejected", "candidate")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrain")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
@@ -70,7 +71,10 @@ class JobRunner:
         settings = self.settings.model_copy(update={"mode": req.get("mode") or self.settings.mode, "promote": bool(req.get("promote"))})
         try:
             result = train(self.store, settings, self.models, show_progress=False, parent=req.get("parent_version"))
-            snapshot_id = registry.get_model(self.store, result.version).snapshot_id
+            record = registry.get_model(self.store, result.version)
+            snapshot_id = record.snapshot_id
+            if not result.promoted and self.on_version is not None and self._loop is not None:  # WatchModels tells what happened
+                self._loop.call_soon_threadsafe(self.on_version, record.status, record)
             metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
             jobs.mark_succeeded(self.store, job.job_id, snapshot_id, result.version, result.promoted, metrics)
             log.info("retraining job %s: %s (%s)", job.job_id, result.version, result.gate_message)

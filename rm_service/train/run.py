@@ -38,7 +38,7 @@ from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
 GOLDEN_ITEMS = 4
-UNCHANGED_RTOL = 1e-6
+UNCHANGED_RTOL = 1e-4  # L-BFGS stops within ~1e-5 of the optimum; float32 heads on disk
 
 
 @dataclass
