@@ -147,6 +147,8 @@ def main() -> int:
     p.add_argument("--label-budget", type=int, default=20)
     p.add_argument("--home", type=Path, help="work directory (default: a temp dir)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
+    p.add_argument("--reuse", type=Path, help="an earlier run's overoptimisation.json: its arms are taken as measured, not rerun "
+                                              "(the fixed arm does not depend on the retrain gate, say)")
     args = p.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="rm-bench-overopt-"))
     os.environ.setdefault("RM_MODELS_CACHE_DIR", str(REPO / "var" / "cache" / "models"))
@@ -165,8 +167,13 @@ def main() -> int:
     else:
         with use_home(home / "base"):
             build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
+    measured = {r["arm"]: r for r in json.loads(args.reuse.read_text())} if args.reuse else {}
     results = []
     for arm in args.arms.split(","):
+        if arm in measured:
+            results.append(measured[arm])
+            print(f"{arm}: taken from {args.reuse}", flush=True)
+            continue
         copy_home(home / "base", home / arm)
         results.append(run_arm(arm, arm_settings(base, arm, home / arm, args), base_facts, home / arm))
         print(f"{arm}: {results[-1]['labels']} labels, versions {results[-1]['switches']}, {results[-1]['seconds']:.0f}s", flush=True)

@@ -136,8 +136,9 @@ def _models(args) -> int:
             r = registry.get_model(store, args.version)
             print(json.dumps(r.__dict__, indent=2, default=str))
         elif args.action == "promote":
-            ok, message = registry.promote(store, args.version, TrainSettings().gate_tolerance, force=args.force,
-                                           verify=registry.load_check())
+            gate = TrainSettings()
+            ok, message = registry.promote(store, args.version, gate.gate_tolerance, force=args.force, verify=registry.load_check(),
+                                           onpolicy=gate.gate_onpolicy, alpha=gate.gate_alpha)
             print(message)
             return 0 if ok else 1
         elif args.action == "rollback":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
 from rm_service.store.db import Store
+from rm_service.train.metrics import worse_by_chance
 
 log = logging.getLogger(__name__)
 STATUSES = ("candidate", "promoted", "rejected", "retired")
@@ -84,12 +85,15 @@ def register(store: Store, rec: ModelRecord, number: int) -> None:
         )
 
 
-def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True) -> str | None:
+def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True, alpha: float = 0.0) -> str | None:
     """Why `candidate` must not replace `current`, or None when it may.
 
     Compared on the candidate's own held-out pairs when it was trained with `current` as
     parent (its metrics hold the parent's figures on them, `baseline_*`), else on each one's
-    own held-out pairs. Dataset pairs: accuracy may not drop by more than `tolerance`.
+    own held-out pairs. Dataset pairs: accuracy may not drop by more than `tolerance`; with
+    `alpha` > 0 and the paired counts recorded, a larger drop rejects only when McNemar's exact
+    test on those pairs finds it significant at `alpha` (refitting on a few fresh pairs moves a
+    handful of a couple of hundred held-out pairs either way).
     On-policy pairs (when the candidate has any): accuracy must rise, or stay equal with a
     lower loss: a retrain on fresh labels must fit the policy's samples better."""
     m = candidate.metrics
@@ -99,8 +103,11 @@ def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolic
              else current.metrics.get("accuracy_human", current.metrics.get("accuracy", float("nan"))))
     where = "the candidate's held-out pairs" if same else "their own held-out pairs"
     if math.isnan(new_h) or (old_h is not None and not math.isnan(old_h) and new_h < old_h - tolerance):
-        return (f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
-                f"(on {where}) minus tolerance {tolerance}")
+        chance = _drop_by_chance(m) if same and alpha > 0 else None
+        if chance is None or chance < alpha:
+            test = "" if chance is None else f"; McNemar p = {chance:.3f} < {alpha}"
+            return (f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
+                    f"(on {where}) minus tolerance {tolerance}{test}")
     if onpolicy and same and m.get("pairs_onpolicy", 0) > 0 and "baseline_accuracy_onpolicy" in m:
         new_o, old_o = m["accuracy_onpolicy"], m["baseline_accuracy_onpolicy"]
         if new_o < old_o or (new_o == old_o and m["loss_onpolicy"] >= m["baseline_loss_onpolicy"]):
@@ -110,7 +117,15 @@ def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolic
     return None
 
 
-def promote(store: Store, version: str, tolerance: float, force: bool = False, verify=None, onpolicy: bool = True) -> tuple[bool, str]:
+def _drop_by_chance(metrics: dict) -> float | None:
+    """McNemar's one-sided p for the candidate's drop on held-out dataset pairs (None: not recorded)."""
+    if "paired_worse_human" not in metrics:
+        return None
+    return worse_by_chance(int(metrics["paired_better_human"]), int(metrics["paired_worse_human"]))
+
+
+def promote(store: Store, version: str, tolerance: float, force: bool = False, verify=None, onpolicy: bool = True,
+            alpha: float = 0.0) -> tuple[bool, str]:
     """Promote `version` when it passes the gate (unless forced) and, before anything is
     announced, `verify(record)` (load it and check its golden items; raises when it cannot
     serve). Returns (promoted?, reason). A refused or broken candidate becomes `rejected`;
@@ -120,7 +135,7 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False, v
     if current is not None and current.version == version:
         return True, f"{version} is already promoted"
     if current is not None and not force:
-        why = gate(candidate, current, tolerance, onpolicy)
+        why = gate(candidate, current, tolerance, onpolicy, alpha)
         if why is not None:
             _set_status(store, version, "rejected")
             return False, why

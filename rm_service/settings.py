@@ -203,6 +203,9 @@ class TrainSettings(BaseSettings):
     gate_tolerance: float = Field(
         0.02, ge=0, description="Promote only if held-out accuracy on dataset pairs >= the promoted version's on the same pairs minus this "
                                 "(and, when on-policy held-out pairs exist, on-policy accuracy rises).")
+    gate_alpha: float = Field(
+        0.05, ge=0, lt=1, description="A retrain's drop on held-out dataset pairs beyond gate_tolerance rejects it only when McNemar's exact "
+                                      "test on the paired pairs finds the drop significant at this level (0: every such drop rejects).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once "
                             "per machine (models/precision.py).")

@@ -4,6 +4,7 @@ fit fresh on-policy labels, and the gold reward tracked during PPO."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import grpc
@@ -24,6 +25,7 @@ from rm_service.judge.runner import JudgeCounts, run_judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
 from rm_service.store.labels import LabelIn
+from rm_service.train.metrics import worse_by_chance
 from rm_service.train.run import train
 
 PROMPT = [Message("user", "Tell me about the river.")]
@@ -153,6 +155,25 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
     ok, why = registry.promote(store, v3.version, tolerance=0.02)
     assert not ok and "does not fit the policy's samples better" in why
     store.close()
+
+
+def _retrain_record(better: int, worse: int) -> tuple[registry.ModelRecord, registry.ModelRecord]:
+    """A parent and a retrain of it, measured on the same 185 held-out dataset pairs."""
+    parent = registry.ModelRecord("v2", "v1", "s1", "b", "f", "promoted", {"accuracy": 0.61}, 0.0, 1.0, 1, "")
+    metrics = {"accuracy_human": 0.61 + (better - worse) / 185, "baseline_accuracy_human": 0.61, "baseline_accuracy": 0.61,
+               "paired_better_human": better, "paired_worse_human": worse}
+    return registry.ModelRecord("v3", "v2", "s2", "b", "f", "candidate", metrics, 0.0, 1.0, 1, ""), parent
+
+
+def test_the_gate_rejects_a_drop_on_human_pairs_only_when_mcnemar_finds_it_real():
+    assert worse_by_chance(3, 8) == pytest.approx(sum(math.comb(11, k) for k in range(8, 12)) / 2**11)  # 0.113
+    noisy = _retrain_record(better=3, worse=8)  # 5 of 185 pairs lost: 0.027 > tolerance, but 8 of 11 is a coin's work
+    assert registry.gate(*noisy, tolerance=0.02, alpha=0.0) is not None  # the plain tolerance rejects it
+    assert registry.gate(*noisy, tolerance=0.02, alpha=0.05) is None
+    real = _retrain_record(better=1, worse=12)  # p = 0.0017
+    why = registry.gate(*real, tolerance=0.02, alpha=0.05)
+    assert why is not None and "McNemar p = 0.002" in why
+    assert registry.gate(*_retrain_record(better=0, worse=3), tolerance=0.02, alpha=0.05) is None  # within the tolerance
 
 
 # -- the gold reward during PPO --------------------------------------------------------------

@@ -33,7 +33,7 @@ from rm_service.train.data import Split, prepare_split
 from rm_service.train.full_mode import fit_full_mode, pair_rewards
 from rm_service.train.features import Candidate
 from rm_service.train.head_mode import fit_head_mode, pair_data, split_features
-from rm_service.train.metrics import pair_metrics
+from rm_service.train.metrics import pair_metrics, paired_changes
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,16 @@ def heldout_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: list[Pa
     return out
 
 
+def paired_human(candidate: tuple[np.ndarray, np.ndarray], baseline: tuple[np.ndarray, np.ndarray], pairs: list[Pair]) -> dict[str, float]:
+    """On the held-out dataset pairs, how many the candidate orders right and its parent wrong
+    (`paired_better_human`) and the reverse (`paired_worse_human`): what the gate tests a drop with."""
+    human = ~np.array([p.on_policy for p in pairs], dtype=bool)  # [N]
+    if not human.any():
+        return {}
+    better, worse = paired_changes((candidate[0] - candidate[1])[human], (baseline[0] - baseline[1])[human])
+    return {"paired_better_human": float(better), "paired_worse_human": float(worse)}
+
+
 def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores, settings: TrainSettings, models: ModelSettings,
               parent: str | None, seconds: float) -> TrainResult:
     pairs = scores.heldout_pairs
@@ -108,7 +118,9 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     if current is not None:
         parent = parent or current.version
         if pairs:
-            metrics.update(heldout_metrics(*baseline_rewards(current, runtime, store, pairs, settings, models), pairs, "baseline_"))
+            baseline = baseline_rewards(current, runtime, store, pairs, settings, models)
+            metrics.update(heldout_metrics(*baseline, pairs, "baseline_"))
+            metrics.update(paired_human(scores.heldout, baseline, pairs))
         if settings.mode == "head" and _same_heads(current, runtime):
             metrics["unchanged_from_parent"] = 1.0
     reference = np.concatenate(scores.fit)
@@ -142,7 +154,7 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
         promoted, message = False, f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)"
     elif settings.promote:  # announced only after the version loads from disk and re-scores its golden items
         promoted, message = registry.promote(store, version, settings.gate_tolerance, verify=registry.load_check(models),
-                                             onpolicy=settings.gate_onpolicy)
+                                             onpolicy=settings.gate_onpolicy, alpha=settings.gate_alpha)
     return TrainResult(version, promoted, message, metrics, seconds, _details(runtime, metrics, scores))
 
 
