@@ -154,8 +154,10 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if values else float("nan")
 
 
-def start_server(model: str, max_inflight: int, int8: bool, home: Path) -> tuple[subprocess.Popen, str, Path]:
-    """`rm-service serve` in its own process (its own GIL, as in production), scorer only.
+def start_server(model: str, max_inflight: int, int8: bool, home: Path, settings: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, str, Path]:
+    """`rm-service serve` in its own process (its own GIL, as in production), scorer only;
+    `settings` are more RM_* variables for it.
 
     Returns the process, its address once health says SERVING, and its log file.
     """
@@ -163,7 +165,7 @@ def start_server(model: str, max_inflight: int, int8: bool, home: Path) -> tuple
     from rm_service.errors import RMError
 
     env = {**os.environ, "RM_SERVE_MODEL": model, "RM_SERVE_WITH_STORE": "false", "RM_SERVE_METRICS_PORT": "-1",
-           "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower()}
+           "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower(), **(settings or {})}
     try:
         server, address = start_server_process(env, home, timeout=600)
     except RMError as exc:

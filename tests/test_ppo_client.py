@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ServerThread
+from conftest import ServerThread, Stall
 from rm_client import RewardClient, ScoreError, VersionUnavailable, backoff_delays
 from rm_service.conversation import Message
 from rm_service.server.app import free_port
@@ -29,18 +29,6 @@ def two_replicas(home, tiny_rm_dir):
     yield servers
     for s in servers:
         s.stop()
-
-
-class Stall:
-    """Wraps a real backend so that batches wait for `release()` (as in test_serving)."""
-
-    def __init__(self, backend):
-        self.backend, self.pad_id = backend, backend.pad_id
-        self.gate = threading.Event()
-
-    def run_collated(self, batch):
-        self.gate.wait(30)
-        return self.backend.run_collated(batch)
 
 
 @pytest.fixture

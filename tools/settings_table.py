@@ -12,11 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic_settings import BaseSettings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's settings, not an installed copy's
 
-# The checkout this tool is in, before whatever rm_service the environment has installed (an
-# editable install of another worktree would otherwise be documented instead).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pydantic_settings import BaseSettings  # noqa: E402
 
 from rm_service import settings as s  # noqa: E402
 from rm_service.demo.settings import DemoSettings  # noqa: E402

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from rm_service.conversation import completion_id, conversation_id
 from rm_service.errors import AlreadyExists, InvalidArgument, RMError
-from rm_service.server.batcher import Ticket
+from rm_service.server.admission import Ticket
 from rm_service.server.http.app import Caller, HttpContext, caller, context, read_json
 from rm_service.store import suggestions, tasks
 from rm_service.store.labels import LabelIn
