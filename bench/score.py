@@ -37,7 +37,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from rm_client.channel import open_channel
+from rm_client.messages import to_proto
+from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.store.hh import HHFormatError, read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +53,7 @@ def hh_items(n: int) -> list[reward_pb2.ScoreItem]:
     for _, _, p in read_pairs(DATA):
         if isinstance(p, HHFormatError) or not p.chosen.strip() or not p.rejected.strip():
             continue
-        prompt = [common_pb2.Message(role=m.role, content=m.content) for m in p.prompt]
+        prompt = to_proto(p.prompt)
         items += [reward_pb2.ScoreItem(prompt=prompt, completion=p.chosen), reward_pb2.ScoreItem(prompt=prompt, completion=p.rejected)]
     random.Random(0).shuffle(items)
     return items[:n]
@@ -88,7 +90,7 @@ def closed_loop(address: str, items, clients: int, per_call: int, seconds: float
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
             retries = 0
             while time.perf_counter() < stop:
@@ -126,7 +128,7 @@ async def open_loop(address: str, items, rate_calls: float, per_call: int, secon
     """Poisson arrivals at `rate_calls` calls/s; latency of answers and of rejections."""
     ok, rejected, errors = [], [], []
     rng = random.Random(1)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, aio=True) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
 
         async def call() -> None:
@@ -152,8 +154,10 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if values else float("nan")
 
 
-def start_server(model: str, max_inflight: int, int8: bool, home: Path) -> tuple[subprocess.Popen, str, Path]:
-    """`rm-service serve` in its own process (its own GIL, as in production), scorer only.
+def start_server(model: str, max_inflight: int, int8: bool, home: Path, settings: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen, str, Path]:
+    """`rm-service serve` in its own process (its own GIL, as in production), scorer only;
+    `settings` are more RM_* variables for it.
 
     Returns the process, its address once health says SERVING, and its log file.
     """
@@ -161,7 +165,7 @@ def start_server(model: str, max_inflight: int, int8: bool, home: Path) -> tuple
     from rm_service.errors import RMError
 
     env = {**os.environ, "RM_SERVE_MODEL": model, "RM_SERVE_WITH_STORE": "false", "RM_SERVE_METRICS_PORT": "-1",
-           "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower()}
+           "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower(), **(settings or {})}
     try:
         server, address = start_server_process(env, home, timeout=600)
     except RMError as exc:

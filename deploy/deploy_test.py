@@ -41,7 +41,9 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import images  # noqa: E402  (deploy/images.py)
 
-from rm_service.api.v1 import common_pb2, preference_pb2, reward_pb2_grpc  # noqa: E402
+from rm_client.channel import open_channel  # noqa: E402
+from rm_client.messages import to_proto  # noqa: E402
+from rm_service.api.v1 import preference_pb2, reward_pb2_grpc  # noqa: E402
 from rm_service.client import Client, score_item  # noqa: E402
 from rm_service.conversation import Message  # noqa: E402
 from rm_service.server.app import free_port  # noqa: E402
@@ -206,7 +208,7 @@ def score(run: Run) -> str:
 
 def labels(count: int = 3) -> list[preference_pb2.Label]:
     run_id = uuid.uuid4().hex[:8]
-    prompt = [common_pb2.Message(role=m.role, content=m.content) for m in CONVERSATION]
+    prompt = to_proto(CONVERSATION)
     return [preference_pb2.Label(label_id=f"deploy-test-{run_id}-{i}", prompt=prompt,
                                  responses=[f"Call a locksmith ({i}).", f"Break a window ({i})."], ranks=[0, 1],
                                  source=preference_pb2.HUMAN, annotator="deploy-test") for i in range(count)]
@@ -285,7 +287,7 @@ def scale_out(run: Run) -> str:
         container.wait_serving()
     targets = ",".join(f"127.0.0.1:{c.port}" for c in scorers)
     versions, calls, counts = set(), 0, [0, 0]
-    with grpc.insecure_channel(f"ipv4:{targets}", options=[("grpc.lb_policy_name", "round_robin")]) as channel:
+    with open_channel(f"ipv4:{targets}", options=[("grpc.lb_policy_name", "round_robin")]) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         request = reward_pb2.ScoreRequest(items=[score_item(CONVERSATION, "Call a locksmith.", "a")])
         while calls < 40 and min(counts) < 3:  # round-robin over the subchannels that are connected

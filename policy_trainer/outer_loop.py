@@ -26,8 +26,9 @@ import threading
 
 import grpc
 
-from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from policy_trainer.selection import Group, select
+from rm_client.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_client.messages import to_proto
 from rm_service.conversation import Message
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def candidates(prompts: list[list[Message]], completions: list[list[str]], step:
         if len(distinct) < 2:
             continue
         out.append(preference_pb2.Candidate(
-            prompt=[common_pb2.Message(role=m.role, content=m.content) for m in prompt], completions=distinct,
+            prompt=to_proto(prompt), completions=distinct,
             policy_version=f"step-{step}", sampling={**sampling, "policy_step": str(step)},
             priority=priorities[n] if priorities else 0))
     return out

@@ -33,11 +33,12 @@ from policy_trainer.evaluation import EvaluationMixin, eval_scalars
 from policy_trainer.policy import load_policy, stop_token_ids
 from policy_trainer.ppo import AdaptiveKLController, RunningMoments, masked_mean, shape_scores
 from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
-from policy_trainer.reward_client import RewardClient, VersionUnavailable, open_channel
+from policy_trainer.reward_client import Scores
 from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
 from policy_trainer.update import Batch, UpdateMixin, explained_variance
+from rm_client import RewardClient, VersionUnavailable, open_channel
 
 log = logging.getLogger("policy_trainer")
 
@@ -165,13 +166,13 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             return served, info
         pairs = ([prompts[rollout.prompt_index[i]].messages for i in real], [rollout.texts[i] for i in real])
         try:
-            scores = self.client.score(*pairs, version=self.version)
+            scores = Scores.of(self.client.score(*pairs, version=self.version))
         except VersionUnavailable:
             latest = self.watcher.latest() if self.watcher else None
             if not latest or latest == self.version:
                 raise
             self.switch_version(latest, step, f"{self.version} no longer loaded")
-            scores = self.client.score(*pairs, version=self.version)
+            scores = Scores.of(self.client.score(*pairs, version=self.version))
         served[real] = torch.from_numpy(scores.rewards).float()
         members = np.full((len(rollout.texts), scores.members.shape[1]), np.nan)  # [B, M]
         members[real] = scores.members

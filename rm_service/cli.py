@@ -170,7 +170,7 @@ def serve_settings(args):
     serve = ServeSettings(**given({"host": args.host, "port": args.port, "model": args.model, "precision": args.precision,
                                    "also_load": args.also_load,
                                    "with_store": False if args.no_store else None, "with_model": False if args.no_model else None,
-                                   "metrics_port": args.metrics_port, "log_format": args.log_format}))
+                                   "metrics_port": args.metrics_port, "http_port": args.http_port, "log_format": args.log_format}))
     security = SecuritySettings(**given({"tokens_file": args.tokens_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
                                          "tls_client_ca": args.tls_client_ca}))
     return serve, security
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="PEM private key of --tls-cert (env RM_AUTH_TLS_KEY)")
     s.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it, mutual TLS (env RM_AUTH_TLS_CLIENT_CA)")
     s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the same host (default 9464; 0 any; -1 off; env RM_SERVE_METRICS_PORT)")
+    s.add_argument("--http-port", type=int, help="serve the labeling page on this port of the same host (0 any; default -1: no page; "
+                   "env RM_SERVE_HTTP_PORT; docs/labeling.md)")
     s.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object per log line (env RM_SERVE_LOG_FORMAT)")
     s.set_defaults(func=_serve)
 

@@ -1,4 +1,5 @@
-"""A small gRPC client for rm-service (used by the demo, the tests and scripts)."""
+"""A small gRPC client for rm-service (used by the demo, the tests and scripts): stubs of every
+service on one channel (rm_client's channel builder), and the start-and-wait helper."""
 
 from __future__ import annotations
 
@@ -10,19 +11,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_service.api.v1 import common_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2_grpc
-from rm_service.conversation import Message
+from rm_client.channel import open_channel
+from rm_client.messages import score_item  # noqa: F401  (scripts import it from here)
+from rm_service.api.v1 import preference_pb2_grpc, reward_pb2_grpc, training_pb2_grpc
 from rm_service.errors import RMError
 
 
-def score_item(prompt: list[Message], completion: str, item_id: str = "") -> reward_pb2.ScoreItem:
-    return reward_pb2.ScoreItem(id=item_id, prompt=[common_pb2.Message(role=m.role, content=m.content) for m in prompt],
-                                completion=completion)
-
-
 class Client:
-    def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None):
+        self.channel = open_channel(address, token, tls_ca)
         self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.preference = preference_pb2_grpc.PreferenceServiceStub(self.channel)
         self.training = training_pb2_grpc.TrainingServiceStub(self.channel)

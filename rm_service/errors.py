@@ -1,7 +1,8 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the tables that map them to gRPC status codes and HTTP statuses.
 
-Code raises these; `rm_service.server.rpc` turns them into statuses through STATUS_CODES.
-Anything that is not an RMError becomes INTERNAL (never UNKNOWN).
+Code raises these; `rm_service.server.rpc` turns them into gRPC statuses through STATUS_CODES,
+the HTTP app (`rm_service.server.http`) into HTTP statuses through HTTP_STATUS (Google's
+gRPC-to-HTTP mapping). Anything that is not an RMError becomes INTERNAL / 500 (never UNKNOWN).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class FailedPrecondition(RMError):
     """The request is valid but the system is not in a state to run it (e.g. no labels)."""
 
 
+class Aborted(RMError):
+    """The call lost a race it cannot win by retrying as is: e.g. the task's lease expired or
+    passed to someone else. Lease again and redo the work."""
+
+
 class Unauthenticated(RMError):
     """No or unknown credentials."""
 
@@ -61,6 +67,7 @@ STATUS_CODES: dict[type[RMError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Aborted: grpc.StatusCode.ABORTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
@@ -72,3 +79,26 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         if cls in STATUS_CODES:
             return STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
+
+
+# The same errors over HTTP, as Google's API design guide maps gRPC codes to HTTP statuses.
+HTTP_STATUS: dict[type[RMError], int] = {
+    InvalidArgument: 400,
+    FailedPrecondition: 400,
+    Unauthenticated: 401,
+    PermissionDenied: 403,
+    NotFound: 404,
+    AlreadyExists: 409,
+    Aborted: 409,
+    Overloaded: 429,
+    Unavailable: 503,
+    DeadlineExceeded: 504,
+}
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status for an exception: its RMError class's entry, else 500."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500

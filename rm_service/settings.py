@@ -78,11 +78,34 @@ class ServeSettings(BaseSettings):
         2048, gt=0, description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it (16k+) on a GPU."
     )
     max_padding: float = Field(
-        0.3, ge=0, le=1, description="An item joins a batch only if padding it to the batch's longest item wastes at most this fraction of the row."
+        0.3, ge=0, le=1,
+        description="An item that is not yet due joins a batch only while padding the batch's not-yet-due rows to its longest item "
+                    "wastes at most this fraction of their tokens (due items join whatever their length).",
     )
-    max_inflight_items: int = Field(4096, gt=0, description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once.")
-    max_queued_tokens: int = Field(1_000_000, gt=0, description="Tokens admitted and not yet scored; beyond it RESOURCE_EXHAUSTED at once.")
+    fair_wait_s: float = Field(
+        0.0, ge=0,
+        description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the tokens queued "
+                    "ahead of it at admission over the measured rate) joins the next batch whatever its length. "
+                    "0 = 4 x the measured mean batch time.",
+    )
+    target_wait_s: float = Field(
+        2.0, gt=0,
+        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while the queued "
+                    "tokens reach the measured model rate (tokens/s) x this.",
+    )
+    max_inflight_items: int = Field(
+        0, ge=0, description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once. 0 = no item cap."
+    )
+    max_queued_tokens: int = Field(
+        0, ge=0,
+        description="Tokens admitted and not yet scored at which requests are refused (RESOURCE_EXHAUSTED at once). "
+                    "0 = the measured model rate x target_wait_s.",
+    )
     max_wait_ms: float = Field(0.0, ge=0, description="Wait this long before forming a batch (0: no timer; a batch leaves when the model is free).")
+    score_turns_max_turns: int = Field(64, gt=0, description="Most assistant turns one ScoreTurns call may score (INVALID_ARGUMENT above).")
+    score_turns_max_tokens: int = Field(
+        8192, gt=0, description="Most tokens one ScoreTurns conversation may hold, formatted before truncation (INVALID_ARGUMENT above)."
+    )
     follow_registry: bool = Field(True, description="Hot-swap to each version the registry promotes (polls promoted.json).")
     watch_interval_s: float = Field(1.0, gt=0, description="How often to look for a promotion.")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent.")
@@ -94,6 +117,16 @@ class ServeSettings(BaseSettings):
         9464, ge=-1, le=65535,
         description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
                     "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
+    )
+    http_port: int = Field(
+        -1, ge=-1, le=65535,
+        description="HTTP port of the labeling page (docs/labeling.md), bound on the same host as gRPC with the same rules (bearer "
+                    "tokens, TLS); 0 picks a free one, -1 (default) serves no page. Needs the store in this process.",
+    )
+    labeling_lease_s: int = Field(
+        120, ge=1, le=24 * 3600,
+        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed page frees "
+                    "its task within this time.",
     )
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or json: one object per line with time, level, logger, message.")
 

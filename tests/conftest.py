@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+CLIENT = REPO / "clients" / "python"
+# This checkout's code comes first, its rm_service and its light client (rm_client): in this
+# process and in every server, CLI, tool and bench script the tests start (a script's own
+# folder, tools/ or bench/, is what Python puts first otherwise), whatever the environment
+# has installed.
+sys.path.insert(0, str(CLIENT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -196,16 +206,50 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
+def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+class Stall:
+    """Wraps a real backend: every batch waits until `release()` (at once when made with
+    stalled=False) and is recorded, so tests count what reached the model."""
+
+    def __init__(self, backend, stalled: bool = True):
+        self.backend, self.pad_id = backend, backend.pad_id
+        self.gate = threading.Event()
+        if not stalled:
+            self.gate.set()
+        self.batches: list[int] = []  # rows of each batch that reached the model
+        self.shapes: list[tuple[int, int]] = []  # (rows, width) of each batch
+        self.lengths: list[list[int]] = []  # tokens of each row of each batch
+
+    def run_collated(self, batch):
+        rows, width = batch["input_ids"].shape
+        self.batches.append(int(rows))
+        self.shapes.append((int(rows), int(width)))
+        self.lengths.append(batch["attention_mask"].sum(dim=1).tolist())
+        self.gate.wait(30)
+        return self.backend.run_collated(batch)
+
+    def release(self):
+        self.gate.set()
+
+
 class ServerThread:
     """A real RewardServer on port 0, run on an event loop in a background thread."""
 
-    def __init__(self, serve_settings, store_settings=None, models=None, train=None):
+    def __init__(self, serve_settings, store_settings=None, models=None, train=None, security=None):
         from rm_service.server.app import RewardServer
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = RewardServer(serve_settings, store_settings, models, train=train)
+        self.server = RewardServer(serve_settings, store_settings, models, security=security, train=train)
         self.port = self._call(self.server.start(), timeout=300)
         self.address = f"127.0.0.1:{self.port}"
 
@@ -216,6 +260,32 @@ class ServerThread:
         self._call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+@pytest.fixture
+def stalled_server(home, tiny_rm_dir):
+    """stalled_server(stalled=True, **settings) -> (server, stub, stall, runtime): a real server
+    with the tiny model behind a Stall (store off, metrics off); all stopped after the test."""
+    import grpc
+
+    from rm_service.api.v1 import reward_pb2_grpc
+    from rm_service.settings import ServeSettings
+
+    made = []
+
+    def make(stalled: bool = True, **settings):
+        srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=-1, **settings))
+        served = srv.server.served.get()
+        stall = served.backend = Stall(served.backend, stalled)
+        channel = grpc.insecure_channel(srv.address)
+        made.append((srv, channel, stall))
+        return srv, reward_pb2_grpc.RewardServiceStub(channel), stall, served.runtime
+
+    yield make
+    for srv, channel, stall in made:
+        stall.release()
+        channel.close()
+        srv.stop()
 
 
 @pytest.fixture

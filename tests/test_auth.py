@@ -293,3 +293,29 @@ def test_serve_flags_map_to_settings(tmp_path):
     assert security.tokens_file == Path("/run/tokens") and security.tls_cert == Path("c.pem")
     assert security.tls_key == Path("k.pem") and security.tls_client_ca == Path("ca.pem")
     assert serve.metrics_port == 0 and serve.log_format == "json"
+
+
+def test_the_judge_reaches_a_tls_server_with_its_token(home, tiny_rm_dir, pki, monkeypatch):
+    """The judge's StoreClient goes through the one channel builder: TLS verified against
+    RM_JUDGE_SERVER_TLS_CA and the labeler token on every call (it sent neither before)."""
+    from rm_service.errors import Unauthenticated
+    from rm_service.judge.store_client import StoreClient
+
+    monkeypatch.setenv("RM_AUTH_TLS_CERT", str(pki / "server.crt"))
+    monkeypatch.setenv("RM_AUTH_TLS_KEY", str(pki / "server.key"))
+    monkeypatch.setenv("RM_AUTH_TOKENS", f"labeler:{TOKENS['labeler']}")
+    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), metrics_port=-1))
+    try:
+        client = StoreClient(srv.address, TOKENS["labeler"], 10.0, pki / "ca.crt")
+        try:
+            assert client.stats().labels_total == 0
+        finally:
+            client.close()
+        anonymous = StoreClient(srv.address, None, 10.0, pki / "ca.crt")
+        try:
+            with pytest.raises(Unauthenticated, match="GetStats"):
+                anonymous.stats()
+        finally:
+            anonymous.close()
+    finally:
+        srv.stop()

@@ -63,7 +63,7 @@ def test_metrics_endpoint_after_scores_and_a_rejection(home, tiny_rm_dir):
         assert sample(m, "rm_batch_padding_ratio_count") == sample(m, "rm_batch_size_count")
         assert sample(m, "rm_batch_padding_ratio_sum") >= sample(m, "rm_batch_padding_ratio_count")  # padded >= real
         assert sample(m, "rm_rejections_total", reason="inflight_items") == 1
-        assert sample(m, "rm_stage_seconds_count", stage="tokenise") == 4  # tokenised before admission
+        assert sample(m, "rm_stage_seconds_count", stage="tokenise") == 3  # the refused call was never tokenised
         assert sample(m, "rm_stage_seconds_count", stage="queue_wait") == 6
         assert sample(m, "rm_stage_seconds_count", stage="inference") == sample(m, "rm_batch_size_count")
         assert sample(m, "rm_rpcs_total", method=SCORE_METHOD, code="OK") == 3

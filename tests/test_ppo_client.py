@@ -1,4 +1,4 @@
-"""The trainer's reward client against real servers on port 0: round-robin over replicas,
+"""The trainer's reward client (rm_client's RewardClient) against real servers on port 0: round-robin over replicas,
 retries on UNAVAILABLE and RESOURCE_EXHAUSTED, a deadline on every call, one pinned version
 per batch, and a clear error (never a silent zero) when scoring fails."""
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from conftest import ServerThread
-from policy_trainer.reward_client import RewardClient, ScoreError, VersionUnavailable, backoff_delays
+from conftest import ServerThread, Stall
+from rm_client import RewardClient, ScoreError, VersionUnavailable, backoff_delays
 from rm_service.conversation import Message
 from rm_service.server.app import free_port
 from rm_service.settings import ServeSettings
@@ -29,18 +29,6 @@ def two_replicas(home, tiny_rm_dir):
     yield servers
     for s in servers:
         s.stop()
-
-
-class Stall:
-    """Wraps a real backend so that batches wait for `release()` (as in test_serving)."""
-
-    def __init__(self, backend):
-        self.backend, self.pad_id = backend, backend.pad_id
-        self.gate = threading.Event()
-
-    def run_collated(self, batch):
-        self.gate.wait(30)
-        return self.backend.run_collated(batch)
 
 
 @pytest.fixture
@@ -64,7 +52,7 @@ def test_round_robin_spreads_chunks_over_replicas_with_the_same_scores(two_repli
     finally:
         balanced.close()
         single.close()
-    assert got.rewards.tolist() == pytest.approx(ref.rewards.tolist(), abs=1e-5)
+    assert got.rewards == pytest.approx(ref.rewards, abs=1e-5)
     assert got.version == ref.version == two_replicas[0].server.served.default
     assert sorted(balanced.calls_per_address) == [2, 3]  # 5 one-item requests over 2 replicas
 

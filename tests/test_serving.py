@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import REPO, ServerThread, store_with_hh
+from conftest import REPO, ServerThread, Stall, store_with_hh
+from conftest import wait_until as _wait
 from rm_service import registry
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
@@ -28,23 +29,6 @@ PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers."),
 def _request(completions, version=""):
     return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)],
                                    model_version=version)
-
-
-class Stall:
-    """Wraps a backend: every batch waits until `release()`; counts what reached the model."""
-
-    def __init__(self, backend):
-        self.backend, self.pad_id = backend, backend.pad_id
-        self.gate = threading.Event()
-        self.batches: list[int] = []  # sizes of the batches that reached the model
-
-    def run_collated(self, batch):
-        self.batches.append(int(batch["input_ids"].shape[0]))
-        self.gate.wait(30)
-        return self.backend.run_collated(batch)
-
-    def release(self):
-        self.gate.set()
 
 
 @pytest.fixture
@@ -89,6 +73,7 @@ def test_cancelled_calls_leak_no_permits(stalled):
     for f in futures:
         f.cancel()
     _wait(lambda: srv.server.batcher.inflight_items == 0)  # the server saw every cancel: permits back
+    _wait(lambda: srv.server.batcher.queue_depth() == 0, timeout=10)  # their items left the queue while the model was busy
     stall.release()
     _wait(lambda: srv.server.batcher.queued_tokens == 0)
     assert len(stall.batches) == 1  # only the batch already on the model ran; the cancelled rest never did
@@ -274,12 +259,28 @@ def test_a_server_process_that_cannot_start_is_an_error_naming_its_log(home, tmp
     assert "no model version at" in (tmp_path / "server.log").read_text()  # the child's own account is kept
 
 
-def _wait(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
+@pytest.mark.parametrize("faster, served_as", [("bf16", ("torch", "bf16")), ("fp32", ("onnxruntime", "fp32"))])
+def test_the_server_serves_in_the_precision_measured_fastest(registry_with_two_versions, monkeypatch, faster, served_as):
+    """precision=auto and backend=auto (the defaults): where this machine measures bf16 faster the
+    version is served by torch under bf16 autocast; where fp32 wins, by ONNX Runtime fp32 (its export).
+    GetModel tells which, and the golden pairs passed in the precision served."""
+    from rm_service.models import precision
+    from rm_service.models.precision import Measurement
+    from rm_service.settings import rm_home
+
+    rates = {"bf16": (100.0, 260.0), "fp32": (100.0, 40.0)}[faster]
+    monkeypatch.setattr(precision, "_MEASURED", {})
+    monkeypatch.setattr(precision, "probe_cpu", lambda threads, key="", **_: Measurement("test cpu", key, threads, *rates, faster, 0.0))
+    (rm_home() / "cache" / "precision.json").unlink(missing_ok=True)
+    srv = ServerThread(ServeSettings(port=0, with_store=False, metrics_port=-1))
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            info = stub.GetModel(reward_pb2.GetModelRequest(), timeout=30)
+            assert (info.version, info.backend, info.precision) == ("v1", *served_as)
+            assert len(stub.Score(_request(["The Nile.", "No idea, sorry."]), timeout=30).results) == 2
+    finally:
+        srv.stop()
 
 
 def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry_with_two_versions):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pydantic_settings import BaseSettings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's settings, not an installed copy's
 
-from rm_service import settings as s
-from rm_service.demo.settings import DemoSettings
-from rm_service.judge.settings import JudgeSettings
+from pydantic_settings import BaseSettings  # noqa: E402
+
+from rm_service import settings as s  # noqa: E402
+from rm_service.demo.settings import DemoSettings  # noqa: E402
+from rm_service.judge.settings import JudgeSettings  # noqa: E402
 
 CLASSES = [s.StoreSettings, s.ModelSettings, s.ServeSettings, s.SecuritySettings, s.TrainSettings, JudgeSettings, DemoSettings]
 

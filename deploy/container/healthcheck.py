@@ -19,21 +19,20 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rm_client.channel import open_channel
+
 
 def channel(address: str) -> grpc.Channel:
     cert = os.environ.get("RM_AUTH_TLS_CERT")
     if not cert:
-        return grpc.insecure_channel(address)
+        return open_channel(address)
 
     def read(name: str, default: str | None = None) -> bytes | None:
         path = os.environ.get(name, default)
         return open(path, "rb").read() if path else None
 
-    credentials = grpc.ssl_channel_credentials(root_certificates=read("RM_HEALTH_TLS_CA", cert),
-                                               private_key=read("RM_HEALTH_TLS_CLIENT_KEY"),
-                                               certificate_chain=read("RM_HEALTH_TLS_CLIENT_CERT"))
-    name = os.environ.get("RM_HEALTH_TLS_NAME", "localhost")
-    return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", name)])
+    return open_channel(address, tls_ca=read("RM_HEALTH_TLS_CA", cert), tls_cert=read("RM_HEALTH_TLS_CLIENT_CERT"),
+                        tls_key=read("RM_HEALTH_TLS_CLIENT_KEY"), tls_name=os.environ.get("RM_HEALTH_TLS_NAME", "localhost"))
 
 
 def main(argv: list[str]) -> int:

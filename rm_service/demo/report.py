@@ -32,7 +32,7 @@ class RunFacts:
     models: list = field(default_factory=list)  # registry.ModelRecord, oldest first
     jobs: list = field(default_factory=list)  # store.jobs.Job, oldest first
     stats: dict = field(default_factory=dict)
-    agreement: object = None  # judge.agreement.AgreementReport against HUMAN and IMPORT (HH-RLHF) labels
+    agreement: object = None  # store.agreement.AgreementReport against HUMAN and IMPORT (HH-RLHF) labels
     plots: list[Path] = field(default_factory=list)
 
     def read_store(self, path: Path) -> None:

@@ -20,7 +20,8 @@ import json
 import math
 from pathlib import Path
 
-from rm_service.api.v1 import common_pb2, preference_pb2
+from rm_client.messages import to_proto
+from rm_service.api.v1 import preference_pb2
 from rm_service.judge.backend import JudgeBackend
 from rm_service.judge.items import JudgeItem
 from rm_service.judge.pairwise import Judge, copeland_ranks, judge_item
@@ -108,7 +109,7 @@ class RewardAnnotator:
         counts.pair_judgments = len(rewards) * (len(rewards) - 1) // 2
         return preference_pb2.Label(
             label_id="rm-" + hashlib.sha256(json.dumps([item.key, self.config]).encode()).hexdigest()[:32],
-            prompt=[common_pb2.Message(role=m.role, content=m.content) for m in item.prompt], responses=item.responses, ranks=ranks,
+            prompt=to_proto(item.prompt), responses=item.responses, ranks=ranks,
             strength=gap, source=preference_pb2.JUDGE, annotator=self.name, task_id=item.task_id,
             metadata={"rm_version": self.version, "rm_rewards": json.dumps([round(r, 6) for r in rewards]),
                       "rm_probability": f"{1 / (1 + math.exp(-gap)):.6f}", "judge_template": "reward-model"},

@@ -45,9 +45,12 @@ def _judge_agreement(args) -> int:
     if args.address:
         if reference != ("HUMAN",):
             raise InvalidArgument("--reference", "GetStats compares with HUMAN labels only; read the store file (no --address) for other sources")
+        from rm_service.judge.settings import JudgeSettings
         from rm_service.judge.store_client import StoreClient
 
-        client = StoreClient(args.address)
+        settings = JudgeSettings()  # the server's token and CA bundle (RM_JUDGE_SERVER_TOKEN, RM_JUDGE_SERVER_TLS_CA)
+        token = settings.server_token.get_secret_value() if settings.server_token else None
+        client = StoreClient(args.address, token, settings.rpc_timeout_s, settings.server_tls_ca)
         try:
             stats = client.stats()
         finally:

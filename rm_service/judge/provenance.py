@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from rm_service.api.v1 import common_pb2, preference_pb2
+from rm_client.messages import to_proto
+from rm_service.api.v1 import preference_pb2
 from rm_service.judge.items import JudgeItem
 from rm_service.judge.pairwise import Judge, SwapJudgment
 
@@ -54,7 +55,7 @@ def judge_label(item: JudgeItem, ranks: list[int], judgments: list[SwapJudgment]
     if len(rationale) > MAX_RATIONALE_CHARS:
         rationale = rationale[:MAX_RATIONALE_CHARS] + "[...]"
     return preference_pb2.Label(
-        label_id=label_id(item, judges, settings), prompt=[common_pb2.Message(role=m.role, content=m.content) for m in item.prompt],
+        label_id=label_id(item, judges, settings), prompt=to_proto(item.prompt),
         responses=item.responses, ranks=ranks, source=preference_pb2.JUDGE, annotator=annotator(judges), rationale=rationale,
         metadata=metadata, task_id=item.task_id,
     )

@@ -211,7 +211,7 @@ def run_judge(settings: JudgeSettings | None = None, *, address: str | None = No
     settings = settings or JudgeSettings()
     items = read_items(Path(input_path)) if input_path is not None else None  # a bad file fails before anything loads
     token = settings.server_token.get_secret_value() if settings.server_token else None
-    client = StoreClient(address or settings.server, token, settings.rpc_timeout_s)
+    client = StoreClient(address or settings.server, token, settings.rpc_timeout_s, settings.server_tls_ca)
     owned = backends is None
     try:
         if settings.backend == "rm":

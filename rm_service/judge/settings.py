@@ -72,6 +72,7 @@ class JudgeSettings(BaseSettings):
     # -- the rm-service server ---------------------------------------------------------------
     server: str = Field("127.0.0.1:50051", description="gRPC address of the rm-service store server (LeaseTasks, IngestLabels).")
     server_token: SecretStr | None = Field(None, description="Bearer token (labeler role) for the rm-service server, when it requires tokens.")
+    server_tls_ca: Path | None = Field(None, description="PEM CA bundle: connect to the rm-service server with TLS, verifying it against this bundle.")
     rpc_timeout_s: float = Field(30.0, gt=0, description="Deadline of each call to the rm-service server.")
     owner: str | None = Field(None, description="Lease owner recorded with leased tasks (default: judge:<model>@<host>).")
     lease_seconds: int = Field(600, gt=0, description="Lease length; a task leased by a run that stopped returns to the queue after it.")

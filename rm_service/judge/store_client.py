@@ -6,8 +6,11 @@ so the CLI prints one line instead of a traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
+from rm_client.channel import open_channel
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.errors import STATUS_CODES, InvalidArgument, RMError, Unavailable
 
@@ -15,10 +18,10 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 class StoreClient:
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 30.0):
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 30.0, tls_ca: Path | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, token, tls_ca.read_bytes() if tls_ca else None)  # TLS and the token on every call
         try:
             grpc.channel_ready_future(self.channel).result(timeout=min(timeout_s, CONNECT_TIMEOUT_S))
         except grpc.FutureTimeoutError:
@@ -26,7 +29,6 @@ class StoreClient:
             raise Unavailable(f"cannot reach the rm-service server at {address}; start `rm-service serve` "
                               "(or `serve --no-model`) or pass --address / RM_JUDGE_SERVER") from None
         self.stub = preference_pb2_grpc.PreferenceServiceStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def close(self) -> None:
         self.channel.close()
@@ -43,7 +45,7 @@ class StoreClient:
 
     def _call(self, method, request, name: str):
         try:
-            return method(request, timeout=self.timeout_s, metadata=self.metadata)
+            return method(request, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise rpc_error(exc, f"{name} on {self.address}") from None
 

@@ -7,12 +7,13 @@ without .proto files.
 Security (server.auth): with bearer tokens configured every call except health and reflection
 needs a token with the method's role; without tokens the server binds loopback only. TLS (and
 mutual TLS with a client CA) comes from SecuritySettings. Metrics (server.metrics) are served
-over HTTP on `metrics_port` of the same host.
+over HTTP on `metrics_port` of the same host, the labeling page (server.http) on `http_port`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.errors import FailedPrecondition
 from rm_service.server.handlers import DecodeGuard
+from rm_service.server.http import HttpContext, HttpServer, create_app
 from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Metrics
@@ -49,7 +51,9 @@ class RewardServer:
         self.security = security or SecuritySettings()
         self.tokens = Tokens.from_settings(self.security)
         self.credentials = server_credentials(self.security)
-        check_bind(settings.host, self.tokens, self.credentials is not None)
+        check_bind(settings.host, self.tokens, self.credentials is not None)  # gRPC, metrics and the labeling page share the host
+        if settings.http_port >= 0 and not settings.with_store:
+            raise FailedPrecondition("the labeling page needs the store in this process: drop --no-store, or set RM_SERVE_HTTP_PORT=-1")
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.settings = settings
@@ -64,6 +68,8 @@ class RewardServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.batcher: Batcher | None = None
+        self.reward: RewardService | None = None
+        self.http: HttpServer | None = None
         self._follower: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -82,12 +88,11 @@ class RewardServer:
         names = []
         if self.settings.with_model:
             st = self.settings
-            self.batcher = Batcher(st.max_batch_tokens, st.max_inflight_items, st.max_queued_tokens, st.max_wait_ms,
-                                   observer=self.metrics, max_padding=st.max_padding)
+            self.batcher = Batcher(st, observer=self.metrics)
             self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
-            reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
-            reward_pb2_grpc.add_RewardServiceServicer_to_server(reward, self.server)
+            self.reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
+            reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
             names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
@@ -116,15 +121,18 @@ class RewardServer:
                  ("mutual TLS" if self.security.tls_client_ca else "TLS") if self.credentials else "plaintext",
                  f"bearer tokens required ({len(self.tokens)} configured)" if self.tokens else "no authentication (loopback only)")
         self._start_metrics()
+        await self._start_http()
         if self.settings.with_model:
             log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
             served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models, target)
+            await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
             log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
             for name in self.settings.also_load:
                 pinned = await asyncio.get_running_loop().run_in_executor(None, load_pinned, name, self.settings, self.store, self.models)
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
+            gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s))
@@ -147,6 +155,15 @@ class RewardServer:
             return
         log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
 
+    async def _start_http(self) -> None:
+        """The labeling page (and any HTTP route) on http_port of the gRPC host, auth and TLS alike."""
+        if self.settings.http_port < 0:
+            return
+        app = create_app(HttpContext(self.store, self.writer, self.tokens, self.settings, self.reward))
+        self.http = HttpServer(app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds)
+        await self.http.start()
+        log.info("labeling page on %s", self.http.url)
+
     async def _set_health(self, status) -> None:
         for service in ("", "rm.v1.RewardService", "rm.v1.PreferenceService", "rm.v1.TrainingService"):
             await self.health.set(service, status)
@@ -158,7 +175,12 @@ class RewardServer:
             self._follower.cancel()
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)  # new calls: UNAVAILABLE; in-flight ones finish
+        if self.http is not None:
+            await self.http.stop()  # before the writer closes: a label in flight is committed
+            self.http = None
         await asyncio.to_thread(self.metrics.close)
+        if self.reward is not None:
+            await asyncio.to_thread(self.reward.close)
         if self.batcher is not None:
             await self.batcher.stop()
             self.batcher = None
@@ -187,6 +209,8 @@ async def serve_forever(settings: ServeSettings, port_file: Path | None = None, 
             port_file.write_text(str(port))
         what = server.served.default if settings.with_model else "the preference store"
         print(f"rm-service serving {what} on {settings.host}:{port}", flush=True)
+        if server.http is not None:
+            print(f"labeling page on {server.http.url}", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
     finally:

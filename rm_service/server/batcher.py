@@ -1,198 +1,377 @@
 """The token-budget batcher: every Score item of every request goes through one queue.
 
-Admission (at once, in the caller's task): items are tokenised before they queue, and a
-request is refused with Overloaded (RESOURCE_EXHAUSTED) when it would push the in-flight
-item count or the queued token count past its limit: callers learn at once, nothing waits.
+Admission (server.admission) comes first, in the caller's task and before tokenising; only
+admitted, tokenised items reach this queue.
 
-Forming (the batch loop): the waiting window is sorted by length and the longest items are
-taken while count x longest stays within the token budget and each item's padding stays
-under `max_padding` of its row, so batches are dense (on a CPU, padded positions cost as
-much as real ones); items of
-cancelled or expired requests are dropped here and never reach the model. With
-`max_wait_ms` = 0 (the default) there is no timer: a batch leaves as soon as the model thread
-is free. Batch k+1 is formed and collated while batch k runs on the one model thread.
+Forming (`pick_batch`, whenever the model thread is free): an item is *due* once it has
+waited the fairness bound (`fair_wait_s`; by default FAIR_WAIT_BATCHES x the measured batch
+time) past its first-come-first-served turn (the tokens queued ahead of it at admission over
+the measured rate), or when its deadline is less than one batch time away. A batch is seeded
+by the item due first; the items already due join next, nearest in length to the seed first,
+whatever their padding; then the others, nearest in length first, while padding their rows to
+the batch's longest item wastes at most `max_padding` of their tokens. The batch fills up to
+the token budget (count x longest; an item longer than the budget runs alone). Batches stay
+dense and full (on a CPU padded positions cost as much as real ones, and a 2,048-token batch
+runs ~1.5x the tokens/s of a 256-token one), callers' deadlines order the queue, and no item
+waits past the bound while items of other lengths overtake it.
+
+The model thread forms each batch itself the moment it is free, from everything waiting
+(forming and collating cost well under a millisecond), so the model never waits for a busy
+event loop; answers go back to the loop in one callback per batch. With `max_wait_ms` > 0 it
+waits that long first. Items of expired or abandoned requests are dropped when a batch is
+formed and again just before it runs: they never reach the model. ScoreTurns passes and the
+warm-up run on the same thread, between batches.
 
 Batches hold one version each; a batch formed before a hot-swap finishes on the old model.
+The batcher holds a version's backend only while items of that version wait, so a version
+the server unloads is freed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
-from rm_service.errors import DeadlineExceeded, Overloaded
 from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
+from rm_service.server.admission import Admission, Dropped, Permit, RateMeter, Ticket
+from rm_service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Ticket:
-    """One request's claim: its deadline and whether its caller has gone away."""
-
-    deadline: float | None  # time.monotonic() seconds
-    cancelled: Callable[[], bool] = lambda: False
-
-    def expired(self) -> bool:
-        return self.cancelled() or (self.deadline is not None and time.monotonic() >= self.deadline)
+FAIR_WAIT_BATCHES = 4  # default fairness bound, in measured batch times
+DEFAULT_BATCH_SECONDS = 0.25  # until a batch has been measured
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     item: Formatted
-    ticket: Ticket
+    permit: Permit
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
 
+    def due(self, fair_wait: float, batch_seconds: float) -> float:
+        """When the item must join the next batch: the fairness bound after its first-come-first-served
+        turn, or one batch before its deadline."""
+        deadline = self.permit.ticket.deadline
+        bound = self.enqueued + self.permit.fifo_wait + fair_wait
+        return bound if deadline is None else min(bound, deadline - batch_seconds)
 
-class Dropped(DeadlineExceeded):
-    """The item's request expired or was cancelled before the item reached the model."""
+
+@dataclass(eq=False)
+class _Waiting:
+    """One version's waiting jobs and the backend they run on."""
+
+    backend: object
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Solo:
+    """One call of `fn` on the model thread (a ScoreTurns pass, the warm-up)."""
+
+    fn: Callable[[], object]
+    runnable: Callable[[], bool]
+    future: asyncio.Future
+    tokens: int = 0  # what the rate meter records for it (0: nothing)
+    items: int = 0
+
+
+@dataclass
+class _Ran:
+    jobs: list[Job]  # the jobs that reached the model
+    rewards: np.ndarray | None  # [b, K]
+    padded_tokens: int = 0
+    start: float = 0.0
+    seconds: float = 0.0
+
+
+def pick_batch(lengths: list[int], due: list[float], now: float, budget: int, max_padding: float) -> list[int]:
+    """Indexes of the next batch: the seed (due first), then the due items, then the others
+    while padding their rows wastes at most `max_padding` of their tokens; nearest in length
+    to the seed first, count x longest within `budget`."""
+    seed = min(range(len(lengths)), key=lambda i: (due[i], i))
+    base = lengths[seed]
+    rest = sorted((i for i in range(len(lengths)) if i != seed), key=lambda i: (due[i] > now, abs(lengths[i] - base), due[i]))
+    taken, longest = [seed], base
+    free_rows, free_real = (1, base) if due[seed] > now else (0, 0)  # rows not due: their padding is bounded
+    for i in rest:
+        n = lengths[i]
+        longest_if = max(longest, n)
+        if longest_if * (len(taken) + 1) > budget:
+            continue  # a shorter item further on may still fit
+        if due[i] > now:
+            if free_real + n < (1 - max_padding) * longest_if * (free_rows + 1):
+                continue  # it waits for a batch nearer its length
+            free_rows, free_real = free_rows + 1, free_real + n
+        taken.append(i)
+        longest = longest_if
+    return taken
 
 
 class Batcher:
-    def __init__(self, max_batch_tokens: int, max_inflight_items: int, max_queued_tokens: int, max_wait_ms: float = 0.0,
-                 observer=None, max_padding: float = 1.0):
-        self.max_batch_tokens = max_batch_tokens
-        self.max_padding = max_padding
-        self.max_inflight_items = max_inflight_items
-        self.max_queued_tokens = max_queued_tokens
-        self.max_wait = max_wait_ms / 1000
+    def __init__(self, settings: ServeSettings, observer=None):
+        self.max_batch_tokens = settings.max_batch_tokens
+        self.max_padding = settings.max_padding
+        self.max_wait = settings.max_wait_ms / 1000
+        self.fair_wait_s = settings.fair_wait_s  # 0: FAIR_WAIT_BATCHES x the measured batch time
         self.observer = observer  # metrics hooks (see server.metrics); may be None
-        self.inflight_items = 0
-        self.queued_tokens = 0
+        self.meter = RateMeter()  # written by the model thread only
+        self.admission = Admission(settings, self.meter, observer)  # used on the event loop only
         self.items_scored = 0
-        self._pending: dict[str, list[Job]] = {}  # version -> waiting jobs
-        self._backends: dict[str, object] = {}
-        self._wakeup = asyncio.Event()
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._loop_task: asyncio.Task | None = None
+        self._lock = threading.Condition()  # guards _waiting, _solo and _stopping
+        self._waiting: dict[str, _Waiting] = {}  # version -> its waiting jobs and backend
+        self._solo: deque[_Solo] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._model_loop, name="model", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def inflight_items(self) -> int:
+        return self.admission.inflight_items
+
+    @property
+    def queued_tokens(self) -> int:
+        return self.admission.queued_tokens
+
+    @property
+    def max_inflight_items(self) -> int:
+        return self.admission.max_items
+
+    @max_inflight_items.setter
+    def max_inflight_items(self, value: int) -> None:
+        self.admission.max_items = value
 
     def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        self._model_thread.shutdown(wait=True)
+        """Let the model thread finish what it is running, then end it."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
 
-    async def score(self, version: str, backend, items: list[Formatted], ticket: Ticket) -> np.ndarray:
-        """Member rewards [N, K] of the items, in order; raises Overloaded or Dropped."""
-        tokens = sum(len(x) for x in items)
-        if self.inflight_items + len(items) > self.max_inflight_items:
-            self._observe("rejected", "inflight_items")
-            raise Overloaded(f"{self.inflight_items} items in flight; the limit is {self.max_inflight_items}. Retry with backoff")
-        if self.queued_tokens + tokens > self.max_queued_tokens:
-            self._observe("rejected", "queued_tokens")
-            raise Overloaded(f"{self.queued_tokens} tokens queued; the limit is {self.max_queued_tokens}. Retry with backoff")
+    def fair_wait(self) -> float:
+        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its length."""
+        return self.fair_wait_s or FAIR_WAIT_BATCHES * (self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS)
+
+    def admit(self, items: int, tokens: int, ticket: Ticket) -> Permit:
+        """A permit (a context manager: leaving it gives everything back), or Overloaded at once."""
+        return self.admission.admit(items, tokens, ticket, self._release)
+
+    async def score(self, permit: Permit, version: str, backend, items: list[Formatted]) -> np.ndarray:
+        """Member rewards [N, K] of the permit's tokenised items, in order; raises Dropped."""
+        self.admission.correct(permit, sum(len(x) for x in items))
         loop = asyncio.get_running_loop()
-        jobs = [Job(x, ticket, loop.create_future()) for x in items]
-        self.inflight_items += len(items)
-        self.queued_tokens += tokens
-        self._backends[version] = backend
-        self._pending.setdefault(version, []).extend(jobs)
-        self._wakeup.set()
-        try:
-            rows = await asyncio.gather(*(j.future for j in jobs))
-        finally:
-            self.inflight_items -= len(items)  # permits come back however the call ends
-            for j in jobs:
-                if not j.future.done():
-                    j.future.cancel()  # the batch loop skips it and gives back its tokens
+        jobs = [Job(x, permit, loop.create_future()) for x in items]
+        permit.jobs.extend(jobs)
+        with self._lock:
+            self._waiting.setdefault(version, _Waiting(backend)).jobs.extend(jobs)
+            self._lock.notify()
+        rows = await asyncio.gather(*(j.future for j in jobs))
         return np.stack(rows)  # [N, K]
 
-    async def on_model_thread(self, fn, *args):
-        """Run `fn` on the one model thread, between batches (e.g. a ScoreTurns pass)."""
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+    async def run_solo(self, permit: Permit, tokens: int, fn, *args):
+        """fn(*args) on the model thread as one unit of `tokens` tokens (a ScoreTurns pass), after
+        the batch running now; Dropped if by then its caller has left or its deadline passed."""
+        self.admission.correct(permit, tokens)
+        try:
+            out, seconds = await self._on_model_thread(_Solo(lambda: fn(*args), permit.runnable, self._future(), tokens, 1))
+        finally:
+            self.admission.spend(permit, tokens)
+        if seconds is None:
+            self._observe_drop()
+            raise Dropped("the call's deadline passed or it was cancelled before its turn on the model")
+        return out
+
+    async def warm_up(self, backend, items: list[Formatted]) -> None:
+        """Prime the backend with one item, then run `items` as one batch and measure it: the
+        rate admission starts from."""
+        for rows, measured in ((items[:1], False), (items, True)):
+            batch = collate(rows, backend.pad_id)  # [b, T]
+            tokens = sum(len(x) for x in rows) if measured else 0  # the meter records only what has tokens
+            _, seconds = await self._on_model_thread(_Solo(partial(backend.run_collated, batch), lambda: True, self._future(),
+                                                           tokens, len(rows)))
+        log.info("warm-up: %d tokens in %.3f s (%.0f tokens/s); token limit %s, fairness bound %.2f s", sum(len(x) for x in items),
+                 seconds, self.meter.tokens_per_s(), self.admission.token_limit(), self.fair_wait())
 
     def queue_depth(self) -> int:
-        return sum(len(v) for v in self._pending.values())
+        with self._lock:
+            return sum(len(w.jobs) for w in self._waiting.values())
 
-    async def _batch_loop(self) -> None:
-        running: asyncio.Future | None = None
-        while True:
-            if not any(self._pending.values()):
-                self._wakeup.clear()
-                await self._wakeup.wait()
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _on_model_thread(self, solo: _Solo) -> tuple[object, float | None]:
+        """(solo.fn(), seconds) from the model thread, or (None, None) if `solo.runnable()` was false by then."""
+        with self._lock:
+            self._solo.append(solo)
+            self._lock.notify()
+        return await solo.future
+
+    def _release(self, permit: Permit) -> None:
+        """The request is over: its waiting items leave the queue, its permits come back."""
+        # Still queued: not answered yet, or cancelled (a cancelled caller's gather cancels its futures first)
+        waiting = {id(j) for j in permit.jobs if not j.future.done() or j.future.cancelled()}
+        if waiting:
+            with self._lock:
+                for version, w in list(self._waiting.items()):
+                    w.jobs = [j for j in w.jobs if id(j) not in waiting]
+                    if not w.jobs:
+                        del self._waiting[version]
+            for j in permit.jobs:
+                if not j.future.done():
+                    j.future.cancel()
+        self.admission.close(permit)
+
+    # ---- the model thread
+
+    def _model_loop(self) -> None:
+        while self._wait_for_work():
             if self.max_wait:
-                await asyncio.sleep(self.max_wait)
-            formed = self._form_batch()
-            if formed is None:
-                continue
-            version, jobs = formed
-            batch = collate([j.item for j in jobs], self._backends[version].pad_id)  # batch k+1, while batch k runs
-            if running is not None:
-                await running
-            running = asyncio.ensure_future(self._run(version, jobs, batch))
+                time.sleep(self.max_wait)
+            self._run_next()  # its locals, and with them a swapped-out backend, go when it returns
 
-    def _form_batch(self) -> tuple[str, list[Job]] | None:
-        """Take the next batch from the version with the oldest waiting job."""
-        for version in list(self._pending):
-            self._pending[version] = [j for j in self._pending[version] if self._keep(j)]
-        live = {v: jobs for v, jobs in self._pending.items() if jobs}
-        if not live:
+    def _wait_for_work(self) -> bool:
+        with self._lock:
+            while not (self._stopping or self._waiting or self._solo):
+                self._lock.wait()
+            return not self._stopping
+
+    def _run_next(self) -> None:
+        with self._lock:
+            solo = self._solo.popleft() if self._solo else None
+            formed = None if solo is not None else self._form_batch()
+        if solo is not None:
+            self._run_solo(solo)
+        elif formed is not None:
+            self._run_batch(*formed)
+
+    def _form_batch(self) -> tuple[str, object, list[Job], list[Job]] | None:
+        """(version, backend, jobs, dropped): the next batch, from the version whose most urgent
+        job is due first, and the jobs dropped because nobody waits for them any more."""
+        dropped = self._prune()
+        if not self._waiting:
+            if dropped:
+                self._post(self._deliver, "", dropped, _Ran([], None))
             return None
-        version = min(live, key=lambda v: min(j.enqueued for j in live[v]))
-        window = sorted(live[version], key=lambda j: -len(j.item))  # longest first
-        taken, longest = [], 0
-        for job in window:
-            longest_if = max(longest, len(job.item))
-            if taken and longest_if * (len(taken) + 1) > self.max_batch_tokens:
-                break
-            if taken and len(job.item) < (1 - self.max_padding) * longest:
-                break  # shorter items wait for a batch of their own length: padding is wasted compute
-            taken.append(job)
-            longest = longest_if
-        chosen = {id(j) for j in taken}
-        self._pending[version] = [j for j in live[version] if id(j) not in chosen]
-        return version, taken
+        now = time.monotonic()
+        fair, batch_seconds = self.fair_wait(), self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS
+        due = {v: [j.due(fair, batch_seconds) for j in w.jobs] for v, w in self._waiting.items()}
+        version = min(due, key=lambda v: min(due[v]))
+        waiting = self._waiting[version]
+        chosen = pick_batch([len(j.item) for j in waiting.jobs], due[version], now, self.max_batch_tokens, self.max_padding)
+        jobs = [waiting.jobs[i] for i in chosen]
+        taken = set(chosen)
+        waiting.jobs = [j for i, j in enumerate(waiting.jobs) if i not in taken]
+        if not waiting.jobs:
+            del self._waiting[version]  # the last reference to an unloaded version's backend goes here
+        return version, waiting.backend, jobs, dropped
 
-    def _keep(self, job: Job) -> bool:
-        """False (and the job's tokens released) for jobs whose caller is gone or late."""
-        if job.future.done() or job.ticket.expired():
-            if not job.future.done():
-                job.future.set_exception(Dropped("the request's deadline passed or it was cancelled before scoring"))
-            self.queued_tokens -= len(job.item)
-            self._observe("dropped", None)
-            return False
-        return True
+    def _prune(self) -> list[Job]:
+        """Take out the waiting jobs whose caller has gone or whose deadline passed."""
+        dropped = []
+        for version, w in list(self._waiting.items()):
+            w.jobs, gone = _partition(w.jobs)
+            dropped += gone
+            if not w.jobs:
+                del self._waiting[version]
+        return dropped
 
-    async def _run(self, version: str, jobs: list[Job], batch) -> None:
-        live = [self._keep(j) for j in jobs]
-        if not all(live):  # someone left while the batch waited: re-collate without them
-            jobs = [j for j, keep in zip(jobs, live) if keep]
-            if not jobs:
-                return
-            batch = collate([j.item for j in jobs], self._backends[version].pad_id)
-        backend = self._backends[version]
+    def _run_batch(self, version: str, backend, jobs: list[Job], dropped: list[Job]) -> None:
+        """Check the jobs once more, run the live ones as one padded batch, post the answers."""
+        live, gone = _partition(jobs)
+        dropped = dropped + gone
+        ran = _Ran(live, None)
+        try:
+            if live:
+                batch = collate([j.item for j in live], backend.pad_id)  # input_ids, attention_mask [b, T]
+                start = time.monotonic()
+                rewards = backend.run_collated(batch)  # [b, K]
+                ran = _Ran(live, rewards, int(batch["input_ids"].numel()), start, time.monotonic() - start)
+                self.meter.record(sum(len(j.item) for j in live), len(live), ran.seconds)
+        except Exception as exc:  # noqa: BLE001 - the callers get the error, the thread goes on
+            log.exception("model batch failed")
+            self._post(self._fail, live + dropped, exc)
+            return
+        self._post(self._deliver, version, dropped, ran)
+
+    def _run_solo(self, solo: _Solo) -> None:
+        if not solo.runnable():
+            self._post(_settle, solo.future, (None, None), None)
+            return
         start = time.monotonic()
         try:
-            rewards = await asyncio.get_running_loop().run_in_executor(self._model_thread, backend.run_collated, batch)  # [b, K]
-        except Exception as exc:  # noqa: BLE001 - the callers get the error, the loop goes on
-            log.exception("model batch failed")
-            for j in jobs:
-                if not j.future.done():
-                    j.future.set_exception(exc)
-            rewards = None
-        finally:
-            self.queued_tokens -= sum(len(j.item) for j in jobs)
-        if rewards is None:
+            out = solo.fn()
+        except Exception as exc:  # noqa: BLE001 - the caller gets the error
+            self._post(_settle, solo.future, None, exc)
             return
-        self.items_scored += len(jobs)
-        if self.observer is not None:
-            self.observer.batch(version, len(jobs), int(batch["attention_mask"].numel()), int(batch["attention_mask"].sum()),
-                                time.monotonic() - start, [start - j.enqueued for j in jobs])
-        for j, row in zip(jobs, rewards):
+        seconds = time.monotonic() - start
+        if solo.tokens:
+            self.meter.record(solo.tokens, solo.items, seconds)
+        self._post(_settle, solo.future, (out, seconds), None)
+
+    def _post(self, fn, *args) -> None:
+        """Run fn(*args) on the event loop (the one place the model thread hands results back)."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    # ---- back on the event loop
+
+    def _deliver(self, version: str, dropped: list[Job], ran: _Ran) -> None:
+        """Answer the jobs that ran; the dropped ones get Dropped; their tokens leave the queue."""
+        for j in dropped:
+            self.admission.spend(j.permit, len(j.item))
+            if not j.future.done():
+                j.future.set_exception(Dropped("the call's deadline passed or it was cancelled before its items were scored"))
+            self._observe_drop()
+        if ran.rewards is None:
+            return
+        for j, row in zip(ran.jobs, ran.rewards):
+            self.admission.spend(j.permit, len(j.item))
             if not j.future.done():
                 j.future.set_result(row)
-
-    def _observe(self, what: str, reason: str | None) -> None:
+        self.items_scored += len(ran.jobs)
         if self.observer is not None:
-            getattr(self.observer, what)(reason)
+            real = sum(len(j.item) for j in ran.jobs)
+            self.observer.batch(version, len(ran.jobs), ran.padded_tokens, real, ran.seconds, [ran.start - j.enqueued for j in ran.jobs])
+
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        for j in jobs:
+            self.admission.spend(j.permit, len(j.item))
+            if not j.future.done():
+                j.future.set_exception(exc)
+
+    def _observe_drop(self) -> None:
+        if self.observer is not None:
+            self.observer.dropped(None)
+
+
+def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+    """(the jobs still wanted, the ones whose caller has gone or whose deadline passed)."""
+    live, gone = [], []
+    for j in jobs:
+        (live if j.permit.runnable() else gone).append(j)
+    return live, gone
+
+
+def _settle(future: asyncio.Future, result, exc: Exception | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

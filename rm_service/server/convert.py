@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2, reward_pb2
 from rm_service.conversation import Message, validate_messages, validate_text
 from rm_service.registry import ModelRecord
@@ -82,8 +83,6 @@ def candidate(pb: preference_pb2.Candidate):
 
 
 def task(t) -> preference_pb2.Task:
-    from rm_service.api.v1 import common_pb2
-
-    return preference_pb2.Task(task_id=t.task_id, prompt=[common_pb2.Message(role=m.role, content=m.content) for m in t.prompt],
+    return preference_pb2.Task(task_id=t.task_id, prompt=to_proto(t.prompt),
                                completions=t.completions, policy_version=t.policy_version,
                                lease_expires_unix_ms=t.lease_expires_unix_ms)

@@ -5,10 +5,14 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 |---|---|---|
 | rm_queue_depth | gauge | items waiting for a batch (Batcher.queue_depth()) |
 | rm_inflight_items | gauge | items admitted and not yet answered |
+| rm_queued_tokens | gauge | tokens admitted and not yet scored |
+| rm_admission_token_limit | gauge | queued tokens at which requests are refused (measured rate x target wait, or the setting) |
+| rm_model_tokens_per_second | gauge | the model's measured rate (real tokens/s, weighted over recent batches) |
+| rm_fair_wait_seconds | gauge | the fairness bound: an item waiting this long past its first-come-first-served turn joins the next batch |
 | rm_batch_size | histogram | items per model batch |
 | rm_batch_padding_ratio | histogram | padded / real tokens per batch |
 | rm_stage_seconds | histogram | stage = tokenise (per request), queue_wait (per item), inference (per batch) |
-| rm_rejections_total | counter | reason (the admission limit reached) |
+| rm_rejections_total | counter | reason: inflight_items, queued_tokens, expected_wait |
 | rm_dropped_items_total | counter | reason |
 | rm_scores_total | counter | version: items scored |
 | rm_rpcs_total | counter | method, code |
@@ -40,6 +44,10 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.queue_depth = Gauge("rm_queue_depth", "Score items waiting for a model batch.", registry=r)
         self.inflight_items = Gauge("rm_inflight_items", "Score items admitted and not yet answered.", registry=r)
+        self.queued_tokens = Gauge("rm_queued_tokens", "Tokens admitted and not yet scored.", registry=r)
+        self.token_limit = Gauge("rm_admission_token_limit", "Queued tokens at which requests are refused.", registry=r)
+        self.model_rate = Gauge("rm_model_tokens_per_second", "Measured model rate: real tokens/s over recent batches.", registry=r)
+        self.fair_wait = Gauge("rm_fair_wait_seconds", "Fairness bound: an item waiting this long past its first-come-first-served turn joins the next batch.", registry=r)
         self.batch_size = Histogram("rm_batch_size", "Items per model batch.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.padding_ratio = Histogram("rm_batch_padding_ratio", "Padded tokens / real tokens of a model batch (1: no padding).",
@@ -72,9 +80,13 @@ class Metrics:
         self.dropped_items.labels(reason or "expired_or_cancelled").inc()
 
     def watch_batcher(self, batcher) -> None:
-        """Read queue depth and in-flight items from the batcher at scrape time."""
+        """Read the queue, admission and rate figures from the batcher at scrape time."""
         self.queue_depth.set_function(batcher.queue_depth)
         self.inflight_items.set_function(lambda: batcher.inflight_items)
+        self.queued_tokens.set_function(lambda: batcher.queued_tokens)
+        self.token_limit.set_function(lambda: batcher.admission.token_limit() or 0)
+        self.model_rate.set_function(lambda: batcher.meter.tokens_per_s() or 0)
+        self.fair_wait.set_function(batcher.fair_wait)
 
     def stage(self, stage: str, seconds: float) -> None:
         """One measurement of a stage (RewardService reports tokenise through this)."""

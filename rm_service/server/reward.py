@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -13,8 +14,9 @@ from rm_service import registry
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.conversation import Message, validate_turns
 from rm_service.errors import InvalidArgument, NotFound
-from rm_service.models.formatting import Formatted
-from rm_service.server.batcher import Batcher, Ticket
+from rm_service.models.formatting import Formatted, format_item
+from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
+from rm_service.server.batcher import Batcher
 from rm_service.server.convert import messages, model_info, score_items
 from rm_service.server.models import Served, ServedModels
 from rm_service.server.rpc import rpc, stream_rpc
@@ -27,6 +29,32 @@ def ticket(context: grpc.aio.ServicerContext) -> Ticket:
     return Ticket(None if remaining is None else time.monotonic() + remaining, context.cancelled)
 
 
+@dataclass(frozen=True)
+class Scored:
+    """What one scoring call returns: the version that scored, the formatted items, and each
+    ensemble member's raw score [N, K]."""
+
+    served: Served
+    formatted: list[Formatted]
+    members: np.ndarray  # [N, K]
+
+    @property
+    def version(self) -> str:
+        return self.served.record.version
+
+    @property
+    def raw(self) -> np.ndarray:
+        return self.members.mean(axis=1)  # [N]
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.members.std(axis=1) if self.members.shape[1] > 1 else np.zeros(len(self.members))  # [N]
+
+    @property
+    def reward(self) -> np.ndarray:
+        return self.served.runtime.normalise(self.raw)  # [N], with the version's served statistics
+
+
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int,
                  observer=None):
@@ -36,50 +64,97 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.settings = settings
         self.store = store
         self.max_chars = max_chars
-        self.tokenise_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenise")
+        # One thread: tokenising holds the GIL for most of its time, so a second thread adds contention with the event loop
+        # (rejections waited longer for it under load: p99 68 -> 39 ms measured with one), not throughput.
+        self.tokenise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
 
-    async def _tokenise(self, served: Served, pairs: list[tuple[list[Message], str]]) -> list[Formatted]:
+    async def warm_up(self, served: Served) -> None:
+        """One full batch through the batcher's model thread: the first measured rate."""
+        await self.batcher.warm_up(served.backend, warm_up_items(served.runtime, self.settings.max_batch_tokens))
+
+    def close(self) -> None:
+        """Stop tokenising: queued tokenisations are cancelled, a running one stops at its next item."""
+        self.tokenise_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _admit(self, served: Served, items: int, work: list[tuple[list[Message], str]], claim: Ticket) -> Permit:
+        """Admission of `items` items from the sizes of the texts the model will run (`work`)
+        alone, before any tokenising; raises Overloaded at once."""
+        max_tokens = served.runtime.spec.max_tokens
+        tokens = sum(estimate_tokens([m.content for m in p] + [c], max_tokens) for p, c in work)
+        return self.batcher.admit(items, tokens, claim)
+
+    async def _tokenise(self, served: Served, pairs: list[tuple[list[Message], str]], permit: Permit) -> list[Formatted]:
         runtime = served.runtime
         start = time.monotonic()
-        formatted = await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, lambda: [runtime.format(p, c) for p, c in pairs])
+
+        def run() -> list[Formatted]:
+            out = []
+            for prompt, completion in pairs:
+                if permit.gone:  # the caller left (or the server is draining): stop here
+                    raise Dropped("the call was cancelled while its items were tokenised")
+                out.append(runtime.format(prompt, completion))
+            return out
+
+        formatted = await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, run)
         if self.observer is not None:
             self.observer.stage("tokenise", time.monotonic() - start)
         return formatted
 
+    async def score(self, pairs: list[tuple[list[Message], str]], version: str, claim: Ticket) -> Scored:
+        """Score validated (prompt, completion) pairs through admission and the batcher: the one
+        scoring path of Score and of the HTTP app. `version` "" is the served default; the version
+        is pinned for the whole call, even across a hot-swap."""
+        served = self.served.get(version)
+        with self._admit(served, len(pairs), pairs, claim) as permit:
+            formatted = await self._tokenise(served, pairs, permit)
+            members = await self.batcher.score(permit, served.record.version, served.backend, formatted)  # [N, K]
+        return Scored(served, formatted, members)
+
     @rpc
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
         pairs = score_items(request, self.settings.max_items_per_request, self.max_chars)
-        served = self.served.get(request.model_version)  # pinned for the whole request, even across a hot-swap
-        formatted = await self._tokenise(served, pairs)
-        members = await self.batcher.score(served.record.version, served.backend, formatted, ticket(context))  # [N, K]
-        raw = members.mean(axis=1)  # [N]
-        std = members.std(axis=1) if members.shape[1] > 1 else np.zeros_like(raw)  # [N]
-        reward = served.runtime.normalise(raw)
+        scored = await self.score(pairs, request.model_version, ticket(context))
+        raw, std, reward, formatted, members = scored.raw, scored.std, scored.reward, scored.formatted, scored.members
         results = [
             reward_pb2.ScoreResult(id=item.id, reward=float(reward[i]), raw_score=float(raw[i]), uncertainty=float(std[i]),
                                    num_tokens=len(formatted[i]), truncated=formatted[i].truncated, members=members[i].tolist())
             for i, item in enumerate(request.items)
         ]
-        return reward_pb2.ScoreResponse(results=results, model_version=served.record.version, format_hash=served.runtime.spec.hash)
+        return reward_pb2.ScoreResponse(results=results, model_version=scored.version, format_hash=scored.served.runtime.spec.hash)
 
     @rpc
     async def ScoreTurns(self, request: reward_pb2.ScoreTurnsRequest, context) -> reward_pb2.ScoreTurnsResponse:
         conversation = messages(request.conversation)
-        turns = _assistant_turns(conversation, self.max_chars)
+        turns = _assistant_turns(conversation, self.max_chars, self.settings.score_turns_max_turns)
         served = self.served.get(request.model_version)
         runtime = served.runtime
-        items = await self._tokenise(served, [(conversation[:i], conversation[i].content) for i in turns])
-        positions = _prefix_positions(items)
-        if positions is not None and runtime.spec.kind == "causal":  # one forward pass, score read at each turn's end
-            members = await self.batcher.on_model_thread(runtime.rewards_at, items[-1].input_ids, positions,
-                                                         [x.completion_start for x in items])  # [P, K]
-        else:  # encoders, or a truncated conversation: each turn as its own item
-            members = await self.batcher.score(served.record.version, served.backend, items, ticket(context))
+        pairs = [(conversation[:i], conversation[i].content) for i in turns]
+        with self._admit(served, len(pairs), _turns_work(runtime.spec, pairs), ticket(context)) as permit:
+            full = await self._conversation_tokens(served, conversation, turns[-1])
+            if full > self.settings.score_turns_max_tokens:
+                raise InvalidArgument("conversation", f"holds {full} tokens; the cap per ScoreTurns call is "
+                                                      f"{self.settings.score_turns_max_tokens} (score_turns_max_tokens)")
+            items = await self._tokenise(served, pairs, permit)
+            positions = _prefix_positions(items)
+            if positions is not None and runtime.spec.kind == "causal":  # one forward pass, score read at each turn's end
+                members = await self.batcher.run_solo(permit, len(items[-1]), runtime.rewards_at, items[-1].input_ids, positions,
+                                                       [x.completion_start for x in items])  # [P, K]
+            else:  # encoders, or a truncated conversation: each turn as its own item
+                members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
         raw = members.mean(axis=1)
         reward = runtime.normalise(raw)
         return reward_pb2.ScoreTurnsResponse(
             turns=[reward_pb2.TurnReward(message_index=i, reward=float(r), raw_score=float(s)) for i, r, s in zip(turns, reward, raw)],
             model_version=served.record.version, format_hash=runtime.spec.hash)
+
+    async def _conversation_tokens(self, served: Served, conversation: list[Message], last: int) -> int:
+        """Tokens of the whole conversation up to its last scored turn, formatted without truncation:
+        one pass, so the cap is checked before the per-turn work."""
+        runtime = served.runtime
+        spec = runtime.spec.model_copy(update={"max_tokens": 1 << 40})
+        pair = (conversation[:last], conversation[last].content)
+        item = await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, format_item, runtime.tokenizer, spec, *pair)
+        return len(item)
 
     @rpc
     async def ListModels(self, request, context) -> reward_pb2.ListModelsResponse:
@@ -113,13 +188,34 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             self.served.unsubscribe(queue)
 
 
-def _assistant_turns(conversation: list[Message], max_chars: int) -> list[int]:
+def _assistant_turns(conversation: list[Message], max_chars: int, max_turns: int) -> list[int]:
     """Indexes of the assistant messages that follow a user turn; validates the conversation."""
     validate_turns(conversation, "conversation", max_chars)
-    turns = [i for i, m in enumerate(conversation) if m.role == "assistant" and any(p.role == "user" for p in conversation[:i])]
+    first_user = next((i for i, m in enumerate(conversation) if m.role == "user"), len(conversation))
+    turns = [i for i, m in enumerate(conversation) if m.role == "assistant" and i > first_user]
     if not turns:
         raise InvalidArgument("conversation", "has no assistant turn after a user turn")
+    if len(turns) > max_turns:
+        raise InvalidArgument("conversation", f"has {len(turns)} assistant turns; the cap per ScoreTurns call is {max_turns} "
+                                              "(score_turns_max_turns)")
     return turns
+
+
+def _turns_work(spec, pairs: list[tuple[list[Message], str]]) -> list[tuple[list[Message], str]]:
+    """What a ScoreTurns call will run, for admission: on a causal backbone one pass over the
+    last turn's item when the conversation looks like it fits the model, else every turn's item."""
+    prompt, completion = pairs[-1]
+    if spec.kind == "causal" and estimate_tokens([m.content for m in prompt] + [completion], 1 << 40) <= spec.max_tokens:
+        return pairs[-1:]
+    return pairs
+
+
+def warm_up_items(runtime, max_batch_tokens: int) -> list[Formatted]:
+    """Rows of the longest item the model takes (at most the budget), as many as fill the budget."""
+    width = min(runtime.spec.max_tokens, max_batch_tokens)
+    text = "The quick brown fox jumps over the lazy dog. " * (width // 4 + 1)
+    item = runtime.format([Message("user", text[: len(text) // 4])], text)
+    return [item] * max(1, max_batch_tokens // len(item))
 
 
 def _prefix_positions(items: list[Formatted]) -> list[int] | None:

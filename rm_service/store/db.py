@@ -20,9 +20,10 @@ import numpy as np
 from rm_service.conversation import Message, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
-from rm_service.store.agreement import SharedPair, agreement_report
+from rm_service.store.agreement import LabelSet, annotators
+from rm_service.store.agreement import report as agreement_report
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
-from rm_service.store.schema import migrate
+from rm_service.store.schema import TASK_AVAILABLE, migrate
 from rm_service.store.tx import transaction
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ class Store:
             by_source = dict(q("SELECT source, count(*) FROM labels GROUP BY source").fetchall())
             snap = self.get_snapshot(since_snapshot_id)
             since = q("SELECT count(*) FROM labels WHERE seq > ?", [snap.max_seq if snap else 0]).fetchone()[0]
-            queued = q("SELECT count(*) FROM tasks WHERE state = 'queued' OR (state = 'leased' AND lease_expires_at < now())").fetchone()[0]
+            queued = q(f"SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}").fetchone()[0]
             leased = q("SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_expires_at >= now()").fetchone()[0]
             done = q("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
             judge = self.judge_agreement()
@@ -234,48 +235,28 @@ class Store:
                 "human_longer_preferred": _finite(judge.reference_longer),
             }
 
-    def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",)):
-        """Judge labels against the reference sources' labels (rm_service.judge.agreement)."""
+    def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",), judge: str | None = None):
+        """Judge labels (of one judge, or of all) against the reference sources' labels
+        (store.agreement)."""
         if "JUDGE" in reference or not reference:
             raise InvalidArgument("reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}")
+        return self.agreement(LabelSet(tuple(reference)), LabelSet(("JUDGE",), judge))
+
+    def agreement(self, reference: LabelSet, other: LabelSet):
+        """`other`'s labels against `reference`'s on the pairs both ranked (store.agreement):
+        people against a judge, or one person against another."""
         with self._lock:
-            rows = self.con.execute(_SHARED_PAIRS_SQL, {"reference": list(reference)}).fetchall()
-            swapped, flips = self.con.execute(_SWAP_SQL).fetchone()
-        return agreement_report([SharedPair(*row) for row in rows], int(swapped), int(flips))
+            return agreement_report(self.con, reference, other)
+
+    def annotators(self, source: str) -> list[tuple[str, int]]:
+        """(annotator, labels) of one source, most labels first."""
+        with self._lock:
+            return annotators(self.con, source)
 
 
 def _finite(value: float) -> float:
     """0.0 for an undefined (NaN) statistic: protobuf and JSON readers expect numbers."""
     return value if value == value else 0.0
-
-
-# Every pair of completions within a label, as (x, y) ordered by id, with the label's vote for
-# x: 1 (x ranked better), 0 (worse) or 0.5 (tied). Per pair, the share of x votes among the
-# judges' labels and among the reference sources' labels; pairs that both voted on.
-_SHARED_PAIRS_SQL = """
-WITH votes AS (
-    SELECT l.source = 'JUDGE' AS is_judge, least(a.completion_id, b.completion_id) AS x, greatest(a.completion_id, b.completion_id) AS y,
-           CASE WHEN a.rank = b.rank THEN 0.5 WHEN (a.rank < b.rank) = (a.completion_id < b.completion_id) THEN 1.0 ELSE 0.0 END AS x_vote
-    FROM labels l
-    JOIN label_rankings a ON a.label_id = l.label_id
-    JOIN label_rankings b ON b.label_id = l.label_id AND a.position < b.position
-    WHERE l.source = 'JUDGE' OR list_contains($reference::VARCHAR[], l.source)
-), shares AS (
-    SELECT x, y, avg(x_vote) FILTER (WHERE NOT is_judge) AS reference, avg(x_vote) FILTER (WHERE is_judge) AS judge
-    FROM votes GROUP BY x, y
-)
-SELECT length(cx.text), length(cy.text), s.reference, s.judge
-FROM shares s JOIN completions cx ON cx.id = s.x JOIN completions cy ON cy.id = s.y
-WHERE s.reference IS NOT NULL AND s.judge IS NOT NULL
-ORDER BY s.x, s.y
-"""
-
-# Pair verdicts judged in both orders, and those that flipped, as the judge recorded them.
-_SWAP_SQL = """
-SELECT coalesce(sum(TRY_CAST(json_extract_string(metadata, '$.judge_pairs') AS BIGINT)), 0),
-       coalesce(sum(TRY_CAST(json_extract_string(metadata, '$.judge_flips') AS BIGINT)), 0)
-FROM labels WHERE source = 'JUDGE'
-"""
 
 
 class _Rows:

@@ -131,7 +131,33 @@ CREATE TABLE features (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4]
+# v5: people label through the web page. A skip is kept (who skipped which task, when) and
+# that person is not offered the task again; a suggestion shown beside a task (the served
+# reward model's scores, a judge's ranking) is kept apart from labels, so it never counts as
+# anyone's answer.
+V5 = """
+CREATE TABLE task_skips (
+    task_id    VARCHAR NOT NULL,
+    annotator  VARCHAR NOT NULL,
+    skipped_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (task_id, annotator)
+);
+CREATE TABLE suggestions (
+    task_id    VARCHAR NOT NULL,
+    kind       VARCHAR NOT NULL,              -- model | judge
+    origin     VARCHAR NOT NULL,              -- model version, or the judge label's id
+    suggester  VARCHAR NOT NULL,              -- model version, or the judge's annotator id
+    ranks      INTEGER[] NOT NULL,            -- per task completion, 0 = best (ties equal)
+    scores     DOUBLE[],                      -- model rewards per task completion
+    created_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    PRIMARY KEY (task_id, kind, origin)
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
+
+# A task anyone may lease now: queued, or leased and expired (a predicate on `tasks` rows).
+TASK_AVAILABLE = "(state = 'queued' OR (state = 'leased' AND lease_expires_at < now()))"
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -4,6 +4,7 @@ A task is a prompt with K >= 2 completions to rank. `submit` is idempotent (the 
 the hash of prompt, completions and policy version). `lease` hands out the highest-priority
 tasks that are queued or whose lease expired, marking them leased to `owner` until
 now + lease_seconds; a label with `task_id` closes its task (see Store.ingest_batches).
+The labeling page also renews a lease while a person works, and releases (skips) a task.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 
 from rm_service.conversation import Message, canonical_json, completion_id, conversation_id, messages_from_json, validate_messages, validate_text
-from rm_service.errors import InvalidArgument
+from rm_service.errors import Aborted, InvalidArgument, NotFound
 from rm_service.store.db import Store
+from rm_service.store.schema import TASK_AVAILABLE
 
 POLICY_PREFIX = "policy@"
 MAX_POLICY_VERSION_CHARS = 200
@@ -97,8 +99,11 @@ def _insert(store: Store, c: Candidate) -> str:
     return tid
 
 
-def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int) -> list[Task]:
-    """Lease up to max_tasks tasks, highest priority first, then oldest."""
+def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int, resume: bool = False) -> list[Task]:
+    """Lease up to max_tasks tasks, highest priority first, then oldest. A task the owner
+    skipped (`release(..., skip=True)`) is never offered to it again. With `resume`, tasks
+    whose lease the owner still holds come first and their lease is extended: a reopened
+    labeling page gets its task back instead of leaving it leased to nobody."""
     if not owner.strip():
         raise InvalidArgument("owner", "is required (who takes the lease)")
     if max_tasks <= 0:
@@ -108,11 +113,13 @@ def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int) -> list[
     expires_ms = int(time.time() * 1000) + lease_seconds * 1000
     with store.transaction():
         rows = store.con.execute(
-            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, '')
-               FROM tasks t JOIN conversations c ON c.id = t.conversation_id
-               WHERE t.state = 'queued' OR (t.state = 'leased' AND t.lease_expires_at < now())
-               ORDER BY t.priority DESC, t.created_at, t.task_id LIMIT ?""",
-            [max_tasks],
+            f"""SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, '')
+                FROM tasks t JOIN conversations c ON c.id = t.conversation_id
+                WHERE ({TASK_AVAILABLE} OR ($resume AND state = 'leased' AND lease_owner = $owner))
+                  AND t.task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = $owner)
+                ORDER BY ($resume AND state = 'leased' AND lease_owner = $owner) DESC, t.priority DESC, t.created_at, t.task_id
+                LIMIT $limit""",
+            {"owner": owner, "resume": resume, "limit": max_tasks},
         ).fetchall()
         ids = [r[0] for r in rows]
         if ids:
@@ -121,7 +128,80 @@ def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int) -> list[
                    lease_count = lease_count + 1 WHERE task_id IN (SELECT unnest(?::VARCHAR[]))""",
                 [owner, expires_ms, ids],
             )
-        texts = _texts(store, [cid for r in rows for cid in r[2]])
+        return _tasks(store, rows, expires_ms)
+
+
+def get(store: Store, task_id: str) -> Task:
+    """One task with its prompt and completions, whatever its state (NotFound if unknown)."""
+    with store.transaction():
+        rows = store.con.execute(
+            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''), epoch_ms(t.lease_expires_at)
+               FROM tasks t JOIN conversations c ON c.id = t.conversation_id WHERE t.task_id = ?""", [task_id]).fetchall()
+        if not rows:
+            raise NotFound(f"task {task_id!r} not found")
+        return _tasks(store, [r[:4] for r in rows], rows[0][4] or 0)[0]
+
+
+def renew(store: Store, task_id: str, owner: str, lease_seconds: int) -> int:
+    """Extend the owner's live lease on a task to now + lease_seconds; returns the new expiry
+    (unix ms). Aborted when the lease expired or is not the owner's (lease again)."""
+    if lease_seconds <= 0:
+        raise InvalidArgument("lease_seconds", f"must be > 0, got {lease_seconds}")
+    expires_ms = int(time.time() * 1000) + lease_seconds * 1000
+    with store.transaction():
+        _check_held(store, task_id, owner)
+        store.con.execute("UPDATE tasks SET lease_expires_at = make_timestamptz(? * 1000) WHERE task_id = ?", [expires_ms, task_id])
+    return expires_ms
+
+
+def release(store: Store, task_id: str, owner: str, skip: bool = True) -> None:
+    """Give a leased task back to the queue at once. With `skip` the owner's skip is recorded
+    (task_skips) and `lease` never offers the task to it again. Idempotent: a repeated skip
+    of the same task is a no-op; a lease lost meanwhile is Aborted."""
+    with store.transaction():
+        if skip and store.con.execute("SELECT 1 FROM task_skips WHERE task_id = ? AND annotator = ?", [task_id, owner]).fetchone():
+            return
+        _check_held(store, task_id, owner)
+        store.con.execute("UPDATE tasks SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL WHERE task_id = ?", [task_id])
+        if skip:
+            store.con.execute("INSERT INTO task_skips (task_id, annotator) VALUES (?, ?)", [task_id, owner])
+
+
+def check_held(store: Store, task_id: str, owner: str, label_id: str | None = None) -> None:
+    """NotFound for an unknown task; Aborted unless `owner` holds a live lease on it, or the
+    task was closed by `label_id` (a retry of the answer that closed it: ingestion then says
+    DUPLICATE, or CONFLICT if the retry differs)."""
+    with store.transaction():
+        _check_held(store, task_id, owner, label_id)
+
+
+def _check_held(store: Store, task_id: str, owner: str, label_id: str | None = None) -> None:
+    row = store.con.execute("SELECT state, lease_owner, lease_expires_at >= now(), closed_by FROM tasks WHERE task_id = ?",
+                            [task_id]).fetchone()
+    if row is None:
+        raise NotFound(f"task {task_id!r} not found")
+    state, lease_owner, live, closed_by = row
+    if state == "done" and label_id is not None and closed_by == label_id:
+        return
+    if state == "done":
+        raise Aborted(f"task {task_id} was labeled already; lease the next task")
+    if state != "leased" or lease_owner != owner or not live:
+        raise Aborted(f"the lease on task {task_id} expired (or was never yours); lease the next task")
+
+
+def progress(store: Store, annotator: str) -> dict[str, int]:
+    """labeled_today: HUMAN labels by `annotator` since midnight (the store's time zone);
+    queue_left: tasks it could lease now (available, and not skipped by it)."""
+    with store.transaction() as con:
+        today = con.execute("SELECT count(*) FROM labels WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date",
+                            [annotator]).fetchone()[0]
+        left = con.execute(f"""SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}
+                               AND task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = ?)""", [annotator]).fetchone()[0]
+    return {"labeled_today": int(today), "queue_left": int(left)}
+
+
+def _tasks(store: Store, rows: list[tuple], expires_ms: int) -> list[Task]:
+    texts = _texts(store, [cid for r in rows for cid in r[2]])
     return [Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms) for tid, msgs, comp_ids, pv in rows]
 
 

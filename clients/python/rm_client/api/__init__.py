@@ -1,0 +1,1 @@
+"""The rm.v1 API (generated code lives in v1/)."""

@@ -1,0 +1,177 @@
+"""Admission control: decide at once, before any tokenising, whether a request may queue.
+
+A request takes a Permit for its items and its tokens, estimated from its characters (UTF-8
+bytes) and corrected once it is tokenised. It is refused with Overloaded (RESOURCE_EXHAUSTED)
+when:
+
+- its items would pass `max_inflight_items` (when set; 0 means no item cap);
+- the tokens already queued reach the token limit: `max_queued_tokens` when set, else the
+  model's measured rate (real tokens/s, see RateMeter) x `target_wait_s`. The queue may
+  overshoot by one request, so a request larger than the limit still runs when there is room;
+- the expected wait, (tokens queued + its own) / measured rate, is longer than the time left
+  before its deadline: it could only time out in the queue.
+
+The rate comes from the batches themselves (and the warm-up batch at start), so the limit
+follows the model, the backend and the hardware instead of being a constant.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rm_service.errors import DeadlineExceeded, Overloaded
+from rm_service.settings import ServeSettings
+
+TOKENS_PER_BYTE = 0.5  # upper estimate: English text runs at ~0.25 tokens per UTF-8 byte on BPE and WordPiece vocabularies
+TOKENS_PER_MESSAGE = 8  # role markers and separators a template adds per message
+TOKENS_PER_ITEM = 24  # special tokens and a default system prompt a template may add
+
+
+def estimate_tokens(texts: list[str], max_tokens: int) -> int:
+    """Tokens one item (its messages' and completion's texts) will take, from its bytes alone."""
+    nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return min(max_tokens, TOKENS_PER_ITEM + TOKENS_PER_MESSAGE * len(texts) + math.ceil(nbytes * TOKENS_PER_BYTE))
+
+
+class Dropped(DeadlineExceeded):
+    """The request expired or its caller left before its items reached the model."""
+
+
+@dataclass
+class Ticket:
+    """One request's claim: its deadline and whether its caller has gone away."""
+
+    deadline: float | None  # time.monotonic() seconds
+    cancelled: Callable[[], bool] = lambda: False
+
+    def expired(self) -> bool:
+        return self.cancelled() or self.late()
+
+    def late(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+    def left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+@dataclass(eq=False)
+class Permit:
+    """A request's admitted items and the tokens it still holds in the queue.
+
+    `gone` turns true once the request ends however it ends (answered, failed, cancelled);
+    the model thread reads it to skip work nobody waits for."""
+
+    items: int
+    tokens: int
+    ticket: Ticket
+    release: Callable[[Permit], None]
+    fifo_wait: float = 0.0  # seconds until a first-come-first-served queue would reach it, at admission
+    gone: bool = False
+    jobs: list = field(default_factory=list)  # the batcher's Jobs of this request
+
+    def runnable(self) -> bool:
+        """Safe from any thread: False once the caller has gone or the deadline passed."""
+        return not self.gone and not self.ticket.late()
+
+    def __enter__(self) -> Permit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release(self)
+
+
+class RateMeter:
+    """Exponentially weighted tokens, items and seconds per model batch; the rates are their ratios."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.tokens = self.items = self.seconds = 0.0
+        self.batches = 0
+
+    def record(self, tokens: int, items: int, seconds: float) -> None:
+        a = self.alpha if self.batches else 1.0
+        self.tokens += a * (tokens - self.tokens)
+        self.items += a * (items - self.items)
+        self.seconds += a * (max(seconds, 1e-6) - self.seconds)
+        self.batches += 1
+
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.batches else None
+
+    def items_per_s(self) -> float | None:
+        return self.items / self.seconds if self.batches else None
+
+    def batch_seconds(self) -> float | None:
+        return self.seconds if self.batches else None
+
+
+class Admission:
+    """The in-flight counts and the admission rule; every permit comes from `admit`."""
+
+    def __init__(self, settings: ServeSettings, meter: RateMeter, observer=None):
+        self.target_wait = settings.target_wait_s
+        self.max_items = settings.max_inflight_items  # 0: no item cap
+        self.max_tokens = settings.max_queued_tokens  # 0: derived from the rate
+        self.meter = meter
+        self.observer = observer
+        self.inflight_items = 0
+        self.queued_tokens = 0  # admitted and not yet scored: estimates until tokenised, then real
+
+    def token_limit(self) -> int | None:
+        """Queued tokens beyond which requests are refused (None until the rate is measured)."""
+        if self.max_tokens:
+            return self.max_tokens
+        rate = self.meter.tokens_per_s()
+        return None if rate is None else max(1, int(rate * self.target_wait))
+
+    def expected_wait(self, extra_tokens: int = 0) -> float | None:
+        """Seconds until `extra_tokens` more would be scored, at the measured rate."""
+        rate = self.meter.tokens_per_s()
+        return None if rate is None else (self.queued_tokens + extra_tokens) / rate
+
+    def admit(self, items: int, tokens: int, ticket: Ticket, release: Callable[[Permit], None]) -> Permit:
+        """A permit for `items` items of about `tokens` tokens, or Overloaded / Dropped at once."""
+        if ticket.expired():
+            raise Dropped("the call's deadline passed or it was cancelled before it was admitted")
+        if self.max_items and self.inflight_items + items > self.max_items:
+            self._refuse("inflight_items", f"{self.inflight_items} items in flight; the limit is {self.max_items}")
+        limit = self.token_limit()
+        if limit is not None and self.queued_tokens >= limit:
+            derived = "" if self.max_tokens else f" ({self.target_wait:g} s of work at the measured rate)"
+            self._refuse("queued_tokens", f"{self.queued_tokens} tokens queued; the limit is {limit}{derived}")
+        wait, left = self.expected_wait(tokens), ticket.left()
+        if wait is not None and left is not None and wait > left:
+            self._refuse("expected_wait", f"the expected wait, {wait:.2f} s, is longer than the {max(left, 0):.2f} s "
+                                          "left before the call's deadline")
+        ahead = self.expected_wait() or 0.0
+        self.inflight_items += items
+        self.queued_tokens += tokens
+        return Permit(items, tokens, ticket, release, ahead)
+
+    def correct(self, permit: Permit, tokens: int) -> None:
+        """Replace the permit's estimate by the tokens it really holds, once tokenised."""
+        if not permit.gone:
+            self.queued_tokens += tokens - permit.tokens
+            permit.tokens = tokens
+
+    def spend(self, permit: Permit, tokens: int) -> None:
+        """`tokens` of the permit left the queue (scored or dropped)."""
+        if not permit.gone:
+            permit.tokens -= tokens
+            self.queued_tokens -= tokens
+
+    def close(self, permit: Permit) -> None:
+        """Give back what the permit still holds; idempotent."""
+        if not permit.gone:
+            permit.gone = True
+            self.inflight_items -= permit.items
+            self.queued_tokens -= permit.tokens
+            permit.tokens = 0
+
+    def _refuse(self, reason: str, why: str) -> None:
+        if self.observer is not None:
+            self.observer.rejected(reason)
+        raise Overloaded(f"{why}. Retry with backoff")

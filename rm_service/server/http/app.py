@@ -1,0 +1,154 @@
+"""The ASGI app: routes of every HTTP module, auth, and errors as HTTP statuses in one place.
+
+Every error an HTTP route raises is an RMError mapped by errors.HTTP_STATUS (bad input 400,
+no or unknown token 401, wrong role 403, unknown task 404, a lost lease or a conflicting
+retry 409, overload 429) and answered as JSON `{"error": message, "status": code}`. Anything
+else is a bug: logged, answered 500 without details.
+
+Auth is the gRPC side's (server.auth): `authorization: Bearer <token>` with the route's role,
+admin passing everywhere. With no tokens configured the server binds loopback only and every
+caller is the anonymous admin `anonymous`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from rm_service.errors import InvalidArgument, RMError, Unauthenticated, http_status
+from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
+from rm_service.settings import ServeSettings
+from rm_service.store.db import Store
+from rm_service.store.writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+ANONYMOUS = "anonymous"
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass
+class HttpContext:
+    """What the routes use, all owned by the RewardServer of this process."""
+
+    store: Store
+    writer: GroupCommitWriter
+    tokens: Tokens
+    settings: ServeSettings
+    reward: object | None = None  # server.reward.RewardService when this process serves a model: its `score` suggests
+
+
+@dataclass(frozen=True)
+class Caller:
+    annotator: str  # identity(role, token), or ANONYMOUS when auth is off
+    role: str
+
+
+def context(request: Request) -> HttpContext:
+    return request.app.state.ctx
+
+
+def caller(request: Request, needed: str) -> Caller:
+    """Who calls, if they may call a route that needs the `needed` role (server.auth.authorize)."""
+    ctx = context(request)
+    if not ctx.tokens:
+        return Caller(ANONYMOUS, ADMIN)
+    token = bearer_token(request.headers.items())
+    role = authorize(ctx.tokens, token, needed, f"{request.method} {request.url.path}")
+    return Caller(identity(role, token), role)
+
+
+async def read_json(request: Request) -> dict:
+    """The request body as a JSON object (InvalidArgument otherwise), at most MAX_BODY_BYTES."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidArgument("body", f"is larger than {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument("body", f"is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("body", f"must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def finite(value):
+    """JSON has no NaN: an undefined statistic is null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+async def _rm_error(request: Request, exc: RMError) -> JSONResponse:
+    status = http_status(exc)
+    if status >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    headers = {"WWW-Authenticate": 'Bearer realm="rm-service"'} if isinstance(exc, Unauthenticated) else None
+    return _error(status, str(exc), headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(exc.status_code, exc.detail, exc.headers)  # unknown route 404, wrong method 405
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
+_templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+
+
+# Pages load only their own scripts and styles and are never framed: text from the store is set
+# with textContent, and even a slip there could not run inline script or leak the token.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'", "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def page(name: str, title: str):
+    """A route that renders one page shell; the page fetches its data from the JSON API."""
+    template = _templates.get_template(name)
+
+    async def render(request: Request) -> HTMLResponse:
+        return HTMLResponse(template.render(title=title), headers=PAGE_HEADERS)
+
+    return render
+
+
+async def health(request: Request) -> JSONResponse:
+    """Open, like gRPC health: probes need no token."""
+    return JSONResponse({"status": "SERVING"})
+
+
+def create_app(ctx: HttpContext) -> Starlette:
+    from rm_service.server.http import admin, labeling
+
+    routes = [
+        Route("/", page("label.html", "Label"), name="label"),
+        Route("/admin", page("admin.html", "Agreement"), name="admin"),
+        Route("/health", health),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        *labeling.routes(),
+        *admin.routes(),
+    ]
+    app = Starlette(routes=routes, exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal})
+    app.state.ctx = ctx
+    return app
