@@ -33,6 +33,8 @@ def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbo
     demo = tmp_path / "demo"
     report = (demo / "report.md").read_text()
     assert "reward model v1 (gold" in report and "reward model v2 (proxy" in report and "agreement with people" in report
+    # the calibration's resume file lives (and dies) with the run: one under $RM_HOME once made a rerun label nothing
+    assert (demo / "calibration.done").read_text().strip() and not (home / "judge").exists()
     assert all((demo / name).stat().st_size > 0 for name in ("reward_kl.png", "accuracy.png", "proxy_gold.png"))
 
     steps = [json.loads(line) for line in (demo / "ppo" / "metrics.jsonl").read_text().splitlines()]

@@ -212,7 +212,10 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     # After PPO, so that these labels do not count towards the retrains of the outer loop.
     t = stages.start(f"the gold annotator labels held-out pairs people labeled ({facts.calibration_file})")
     if facts.calibration_file is not None:
-        facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=gold, progress=s.progress)
+        # its resume file lives in the run home, emptied with it (under $RM_HOME/judge an earlier run's
+        # file marked every item done, and the next run labeled none)
+        facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=gold, progress=s.progress,
+                                      progress_file=s.run_home / "calibration.done")
     stages.done("calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
 
 
