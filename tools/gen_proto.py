@@ -1,14 +1,12 @@
-"""Generate the Python gRPC code for proto/rm/v1 into rm_service/api/v1 and into the light
-client's copy, clients/python/rm_client/api/v1 (the client distribution must not import the
-server package, which pins torch).
+"""Generate the Python gRPC code for proto/rm/v1 into the light client,
+clients/python/rm_client/api/v1: the one generated copy (the client distribution must not
+import the server package, which pins torch; rm_service.api.v1 re-exports the client's).
 
-    python tools/gen_proto.py            # write the generated files of both packages
-    python tools/gen_proto.py --check    # exit 1 if the committed files of either are stale
+    python tools/gen_proto.py            # write the generated files
+    python tools/gen_proto.py --check    # exit 1 if the committed files are stale
 
-protoc writes absolute imports (`from rm.v1 import common_pb2`); they are rewritten to each
-package's path (`from rm_service.api.v1 import common_pb2`, `from rm_client.api.v1 import
-common_pb2`) so the code needs no sys.path edits. Both copies register the same serialized
-files in protobuf's default pool, so one process may import both.
+protoc writes absolute imports (`from rm.v1 import common_pb2`); they are rewritten to the
+package's path (`from rm_client.api.v1 import common_pb2`) so the code needs no sys.path edits.
 """
 
 from __future__ import annotations
@@ -24,13 +22,12 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-OUT_DIR = ROOT / "rm_service" / "api" / "v1"
-CLIENT_DIR = ROOT / "clients" / "python" / "rm_client" / "api" / "v1"
-TARGETS = {"rm_service.api.v1": OUT_DIR, "rm_client.api.v1": CLIENT_DIR}  # package -> directory
+OUT_DIR = ROOT / "clients" / "python" / "rm_client" / "api" / "v1"  # the one copy; rm_service.api.v1 re-exports it
+TARGETS = {"rm_client.api.v1": OUT_DIR}  # package -> directory
 IMPORT_RE = re.compile(r"^from rm\.v1 import ", re.MULTILINE)
 
 
-def generate(package: str = "rm_service.api.v1") -> dict[str, str]:
+def generate(package: str = "rm_client.api.v1") -> dict[str, str]:
     """Run protoc and return {file name: source with imports rewritten to `package`}."""
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "rm" / "v1").glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
