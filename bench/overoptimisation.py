@@ -104,7 +104,8 @@ def table(results: list[dict], hardware: str, args) -> str:
     cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
     lines = [f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
              f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
-             f"retrain at {args.retrain_min_labels} new labels.", "",
+             f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
+             f"pairs (ties: {args.gate_ties}).", "",
              "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
              "|---|---|" + "---:|" * len(names) + "---:|---:|---|"]
     for r in results:
@@ -149,7 +150,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
     p.add_argument("--reuse", type=Path, help="an earlier run's overoptimisation.json: its arms are taken as measured, not rerun "
                                               "(the fixed arm does not depend on the retrain gate, say)")
+    p.add_argument("--gate-ties", choices=["reject", "lower_loss"], default="reject",
+                   help="a retrain as accurate as its parent on held-out on-policy pairs: rejected, or promoted on a lower loss")
     args = p.parse_args()
+    os.environ["RM_TRAIN_GATE_ONPOLICY_TIES"] = args.gate_ties  # read by the arms' servers when they retrain
     home = args.home or Path(tempfile.mkdtemp(prefix="rm-bench-overopt-"))
     os.environ.setdefault("RM_MODELS_CACHE_DIR", str(REPO / "var" / "cache" / "models"))
     import torch
