@@ -61,15 +61,21 @@ def copy_home(source: Path, target: Path) -> None:
 
 
 def built_versions(home: Path):
-    """(gold, proxy) of a base home built before, as the TrainResults build_models returns."""
+    """(gold, proxy) of a base home built before, as the TrainResults build_models returns;
+    None when the home holds no finished build (an interrupted run: it is built again)."""
     from rm_service import registry
+    from rm_service.errors import NotFound
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
     from rm_service.train.run import TrainResult
 
+    if not (home / "rm.duckdb").exists():
+        return None
     store = Store(StoreSettings(path=home / "rm.duckdb"), read_only=True)
     try:
         gold, proxy = (registry.get_model(store, v) for v in ("v1", "v2"))
+    except NotFound:
+        return None
     finally:
         store.close()
     return (TrainResult(gold.version, False, "", gold.metrics, 0.0), TrainResult(proxy.version, True, "", proxy.metrics, 0.0))
@@ -164,11 +170,13 @@ def main() -> int:
     from rm_service.models.precision import describe, resolve_precision
 
     base = demo_settings("cpu", home=home / "base", progress=False)
-    (home / "base").mkdir(parents=True, exist_ok=True)
     base_facts = RunFacts(settings=base, home=home / "base")
-    if (home / "base" / "rm.duckdb").exists():  # built by an earlier run with this --home: gold v1, proxy v2
-        base_facts.gold, base_facts.v1 = built_versions(home / "base")
+    built = built_versions(home / "base")  # gold v1 and proxy v2 of an earlier run with this --home
+    if built is not None:
+        base_facts.gold, base_facts.v1 = built
     else:
+        shutil.rmtree(home / "base", ignore_errors=True)
+        (home / "base").mkdir(parents=True)
         with use_home(home / "base"):
             build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
     measured = {r["arm"]: r for r in json.loads(args.reuse.read_text())} if args.reuse else {}
