@@ -9,7 +9,7 @@
 3. for each offered load (1x, 2x, 4x capacity), that many closed-loop callers each keep one
    call of `--items-per-call` items outstanding for `--seconds`, every call with a
    `--deadline`; a refused call (RESOURCE_EXHAUSTED) backs off as the PPO client does (0.2 s
-   doubling to 5 s, jittered: policy_trainer.reward_client.backoff_delays) and tries again.
+   doubling to 5 s, jittered: rm_client.backoff_delays) and tries again.
    Every caller talks to 127.0.0.1 only.
 
 Goodput is the items answered OK within the window, per second; "% of 1x" compares it with
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import grpc
 
-from policy_trainer.reward_client import backoff_delays
+from rm_client import backoff_delays
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.server.app import free_port
 
