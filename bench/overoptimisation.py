@@ -61,15 +61,21 @@ def copy_home(source: Path, target: Path) -> None:
 
 
 def built_versions(home: Path):
-    """(gold, proxy) of a base home built before, as the TrainResults build_models returns."""
+    """(gold, proxy) of a base home built before, as the TrainResults build_models returns;
+    None when the home holds no finished build (an interrupted run: it is built again)."""
     from rm_service import registry
+    from rm_service.errors import NotFound
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
     from rm_service.train.run import TrainResult
 
+    if not (home / "rm.duckdb").exists():
+        return None
     store = Store(StoreSettings(path=home / "rm.duckdb"), read_only=True)
     try:
         gold, proxy = (registry.get_model(store, v) for v in ("v1", "v2"))
+    except NotFound:
+        return None
     finally:
         store.close()
     return (TrainResult(gold.version, False, "", gold.metrics, 0.0), TrainResult(proxy.version, True, "", proxy.metrics, 0.0))
@@ -104,7 +110,8 @@ def table(results: list[dict], hardware: str, args) -> str:
     cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
     lines = [f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
              f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
-             f"retrain at {args.retrain_min_labels} new labels.", "",
+             f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
+             f"pairs (ties: {args.gate_ties}).", "",
              "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
              "|---|---|" + "---:|" * len(names) + "---:|---:|---|"]
     for r in results:
@@ -149,7 +156,10 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
     p.add_argument("--reuse", type=Path, help="an earlier run's overoptimisation.json: its arms are taken as measured, not rerun "
                                               "(the fixed arm does not depend on the retrain gate, say)")
+    p.add_argument("--gate-ties", choices=["reject", "lower_loss"], default="reject",
+                   help="a retrain as accurate as its parent on held-out on-policy pairs: rejected, or promoted on a lower loss")
     args = p.parse_args()
+    os.environ["RM_TRAIN_GATE_ONPOLICY_TIES"] = args.gate_ties  # read by the arms' servers when they retrain
     home = args.home or Path(tempfile.mkdtemp(prefix="rm-bench-overopt-"))
     os.environ.setdefault("RM_MODELS_CACHE_DIR", str(REPO / "var" / "cache" / "models"))
     import torch
@@ -160,11 +170,13 @@ def main() -> int:
     from rm_service.models.precision import describe, resolve_precision
 
     base = demo_settings("cpu", home=home / "base", progress=False)
-    (home / "base").mkdir(parents=True, exist_ok=True)
     base_facts = RunFacts(settings=base, home=home / "base")
-    if (home / "base" / "rm.duckdb").exists():  # built by an earlier run with this --home: gold v1, proxy v2
-        base_facts.gold, base_facts.v1 = built_versions(home / "base")
+    built = built_versions(home / "base")  # gold v1 and proxy v2 of an earlier run with this --home
+    if built is not None:
+        base_facts.gold, base_facts.v1 = built
     else:
+        shutil.rmtree(home / "base", ignore_errors=True)
+        (home / "base").mkdir(parents=True)
         with use_home(home / "base"):
             build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
     measured = {r["arm"]: r for r in json.loads(args.reuse.read_text())} if args.reuse else {}

@@ -136,7 +136,7 @@ def _models(args) -> int:
         elif args.action == "promote":
             gate = TrainSettings()
             ok, message = registry.promote(store, args.version, gate.gate_tolerance, force=args.force, verify=registry.load_check(),
-                                           onpolicy=gate.gate_onpolicy, alpha=gate.gate_alpha)
+                                           onpolicy=gate.gate_onpolicy, alpha=gate.gate_alpha, ties=gate.gate_onpolicy_ties)
             print(message)
             return 0 if ok else 1
         elif args.action == "rollback":

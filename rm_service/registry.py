@@ -85,7 +85,8 @@ def register(store: Store, rec: ModelRecord, number: int) -> None:
         )
 
 
-def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True, alpha: float = 0.0) -> str | None:
+def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True, alpha: float = 0.0,
+         ties: str = "reject") -> str | None:
     """Why `candidate` must not replace `current`, or None when it may.
 
     Compared on the candidate's own held-out pairs when it was trained with `current` as
@@ -94,8 +95,9 @@ def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolic
     `alpha` > 0 and the paired counts recorded, a larger drop rejects only when McNemar's exact
     test on those pairs finds it significant at `alpha` (refitting on a few fresh pairs moves a
     handful of a couple of hundred held-out pairs either way).
-    On-policy pairs (when the candidate has any): accuracy must rise, or stay equal with a
-    lower loss: a retrain on fresh labels must fit the policy's samples better."""
+    On-policy pairs (when the candidate has any): accuracy must rise (with `ties` "lower_loss",
+    equal accuracy and a lower loss also pass): a retrain on fresh labels must fit the policy's
+    samples better."""
     m = candidate.metrics
     same = candidate.parent == current.version and "baseline_accuracy" in m
     new_h = m.get("accuracy_human", m.get("accuracy", float("nan")))
@@ -110,7 +112,8 @@ def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolic
                     f"(on {where}) minus tolerance {tolerance}{test}")
     if onpolicy and same and m.get("pairs_onpolicy", 0) > 0 and "baseline_accuracy_onpolicy" in m:
         new_o, old_o = m["accuracy_onpolicy"], m["baseline_accuracy_onpolicy"]
-        if new_o < old_o or (new_o == old_o and m["loss_onpolicy"] >= m["baseline_loss_onpolicy"]):
+        tie_passes = ties == "lower_loss" and m["loss_onpolicy"] < m["baseline_loss_onpolicy"]
+        if new_o < old_o or (new_o == old_o and not tie_passes):
             return (f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy held-out "
                     f"accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs {m['baseline_loss_onpolicy']:.4f} "
                     f"({int(m['pairs_onpolicy'])} pairs)")
@@ -125,7 +128,7 @@ def _drop_by_chance(metrics: dict) -> float | None:
 
 
 def promote(store: Store, version: str, tolerance: float, force: bool = False, verify=None, onpolicy: bool = True,
-            alpha: float = 0.0) -> tuple[bool, str]:
+            alpha: float = 0.0, ties: str = "reject") -> tuple[bool, str]:
     """Promote `version` when it passes the gate (unless forced) and, before anything is
     announced, `verify(record)` (load it and check its golden items; raises when it cannot
     serve). Returns (promoted?, reason). A refused or broken candidate becomes `rejected`;
@@ -135,7 +138,7 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False, v
     if current is not None and current.version == version:
         return True, f"{version} is already promoted"
     if current is not None and not force:
-        why = gate(candidate, current, tolerance, onpolicy, alpha)
+        why = gate(candidate, current, tolerance, onpolicy, alpha, ties)
         if why is not None:
             _set_status(store, version, "rejected")
             return False, why

@@ -86,7 +86,8 @@ class ServeSettings(BaseSettings):
         0.0, ge=0,
         description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the tokens queued "
                     "ahead of it at admission over the measured rate) joins the next batch whatever its length. "
-                    "0 = 4 x the measured mean batch time.",
+                    "0 = 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
+                    "bench/overload.py's queue; 6 and more kept it at 1.13-1.18 with the same longest wait).",
     )
     target_wait_s: float = Field(
         2.0, gt=0,
@@ -208,8 +209,12 @@ class TrainSettings(BaseSettings):
     checkpoint_every: int = Field(50, gt=0, description="Full mode: optimiser steps between resumable checkpoints.")
     resume: bool = Field(True, description="Full mode: continue from the run's last checkpoint when one exists.")
     gate_onpolicy: bool = Field(
-        True, description="Promote a retrain only when it fits held-out on-policy pairs (labels of the policy's samples) better than the "
-                          "promoted version: higher accuracy, or equal accuracy and lower loss. Applies when there are such pairs.")
+        True, description="Promote a retrain only when it is more accurate than the promoted version on held-out on-policy pairs (labels "
+                          "of the policy's samples; see gate_onpolicy_ties). Applies when there are such pairs.")
+    gate_onpolicy_ties: Literal["reject", "lower_loss"] = Field(
+        "reject", description="A retrain as accurate as its parent on held-out on-policy pairs: reject (the default: a promotion must be "
+                              "more accurate on the policy's samples), or lower_loss: promote it when its loss there is lower, for "
+                              "label budgets so small that a few held-out pairs rarely separate two versions' accuracy.")
     gate_tolerance: float = Field(
         0.02, ge=0, description="Promote only if held-out accuracy on dataset pairs >= the promoted version's on the same pairs minus this "
                                 "(and, when on-policy held-out pairs exist, on-policy accuracy rises).")

@@ -176,6 +176,24 @@ def test_the_gate_rejects_a_drop_on_human_pairs_only_when_mcnemar_finds_it_real(
     assert registry.gate(*_retrain_record(better=0, worse=3), tolerance=0.02, alpha=0.05) is None  # within the tolerance
 
 
+def _onpolicy_retrain(accuracy: float, loss: float) -> tuple[registry.ModelRecord, registry.ModelRecord]:
+    """A retrain of v2 measured on 8 held-out on-policy pairs, as accurate as v2 on dataset pairs."""
+    child, parent = _retrain_record(better=0, worse=0)
+    child.metrics.update({"pairs_onpolicy": 8, "accuracy_onpolicy": accuracy, "baseline_accuracy_onpolicy": 0.75,
+                          "loss_onpolicy": loss, "baseline_loss_onpolicy": 0.5})
+    return child, parent
+
+
+def test_the_gate_promotes_only_a_retrain_more_accurate_on_the_policys_samples():
+    assert registry.gate(*_onpolicy_retrain(0.875, 0.6), tolerance=0.02) is None  # one more pair right: promoted, whatever the loss
+    tie = _onpolicy_retrain(0.75, 0.4)
+    why = registry.gate(*tie, tolerance=0.02)  # the default: a tie is not better, even with a lower loss
+    assert why is not None and "accuracy 0.7500 vs 0.7500" in why
+    assert registry.gate(*tie, tolerance=0.02, ties="lower_loss") is None
+    assert registry.gate(*_onpolicy_retrain(0.75, 0.6), tolerance=0.02, ties="lower_loss") is not None
+    assert registry.gate(*_onpolicy_retrain(0.625, 0.1), tolerance=0.02, ties="lower_loss") is not None
+
+
 # -- the gold reward during PPO --------------------------------------------------------------
 
 

@@ -105,8 +105,8 @@ def render() -> str:
     files = [f for f in descriptors().file if f.name.startswith("rm/v1/")]
     lines = ["# API reference (package `rm.v1`)", "",
              "Generated from the comments in `proto/rm/v1/*.proto` by `tools/gen_api_docs.py`; do not edit by hand",
-             "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see the README's",
-             "API section and `rm_service/errors.py`.", ""]
+             "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see docs/serving.md",
+             "(API overview) and `rm_service/errors.py`.", ""]
     for file in sorted(files, key=lambda f: ("common" not in f.name, f.name)):
         lines += render_file(file)
     return "\n".join(lines).rstrip() + "\n"

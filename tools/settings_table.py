@@ -1,9 +1,9 @@
 """Every settings class as a markdown table (environment variable, default, meaning).
 
-    .venv/bin/python tools/settings_table.py            # print the README's tables
-    .venv/bin/python tools/settings_table.py --write    # rewrite them in README.md and docs/policy-trainer.md (make docs)
+    .venv/bin/python tools/settings_table.py            # print the tables of docs/configuration.md
+    .venv/bin/python tools/settings_table.py --write    # rewrite them in docs/configuration.md and docs/policy-trainer.md (make docs)
 
-Tests check that README.md and docs/policy-trainer.md hold exactly these tables, so the docs
+Tests check that docs/configuration.md and docs/policy-trainer.md hold exactly these tables, so the docs
 cannot drift.
 """
 
@@ -58,7 +58,7 @@ if __name__ == "__main__":
         from policy_trainer.settings import PPOSettings
 
         root = Path(__file__).resolve().parent.parent
-        write_between(root / "README.md", "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->", render())
+        write_between(root / "docs" / "configuration.md", "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->", render())
         write_between(root / "docs" / "policy-trainer.md", "<!-- PPO-SETTINGS:BEGIN -->\n", "<!-- PPO-SETTINGS:END -->", table(PPOSettings) + "\n")
     else:
         print(render(), end="")

@@ -47,7 +47,7 @@ from rm_service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-FAIR_WAIT_BATCHES = 4  # default fairness bound, in measured batch times
+FAIR_WAIT_BATCHES = 8  # default fairness bound, in measured batch times (see ServeSettings.fair_wait_s)
 DEFAULT_BATCH_SECONDS = 0.25  # until a batch has been measured
 
 

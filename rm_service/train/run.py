@@ -154,7 +154,7 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
         promoted, message = False, f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)"
     elif settings.promote:  # announced only after the version loads from disk and re-scores its golden items
         promoted, message = registry.promote(store, version, settings.gate_tolerance, verify=registry.load_check(models),
-                                             onpolicy=settings.gate_onpolicy, alpha=settings.gate_alpha)
+                                             onpolicy=settings.gate_onpolicy, alpha=settings.gate_alpha, ties=settings.gate_onpolicy_ties)
     return TrainResult(version, promoted, message, metrics, seconds, _details(runtime, metrics, scores))
 
 
