@@ -57,7 +57,7 @@ def _metavar(kind) -> str:
     if origin in (list, tuple, set):
         return "<A,B,...>"
     if isinstance(kind, type):
-        for base, word in ((bool, "BOOL"), (int, "N"), (float, "NUMBER"), (Path, "PATH"), (SecretStr, "SECRET")):
+        for base, word in ((int, "N"), (float, "NUMBER"), (Path, "PATH"), (SecretStr, "SECRET")):
             if issubclass(kind, base):
                 return f"<{word}>"
     return "<TEXT>"
@@ -74,7 +74,7 @@ def _default_text(field) -> str | None:
     return str(value) if value != "" else '""'
 
 
-def help_text(model: type[BaseModel], name: str) -> str:
+def _help_text(model: type[BaseModel], name: str) -> str:
     field = model.model_fields[name]
     tail = f"[env: {env_name(model, name)}]"
     if (default := _default_text(field)) is not None:
@@ -109,7 +109,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], 
         field = model.model_fields[name]
         kind, _ = _unwrap(field.annotation)
         options = [flag(name), *aliases.get(name, [])]
-        common = {"dest": _dest(model, name), "default": argparse.SUPPRESS, "help": help_text(model, name)}
+        common = {"dest": _dest(model, name), "default": argparse.SUPPRESS, "help": _help_text(model, name)}
         if kind is bool:
             group.add_argument(options[0], "--no-" + options[0][2:], *options[1:], action=_Switch, **common)
         elif typing.get_origin(kind) is typing.Literal:

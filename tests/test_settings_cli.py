@@ -113,3 +113,16 @@ def test_rm_service_bad_flag_or_env_value_is_one_line_and_exit_2(args, env, need
 ])
 def test_policy_trainer_bad_flag_or_env_value_is_one_line_and_exit_2(args, env, needles, tmp_path):
     _one_line_exit_2(_run("policy_trainer.cli", *args, RM_HOME=str(tmp_path), **env), *needles)
+
+
+def test_the_container_entrypoint_leaves_a_bad_serve_setting_to_rm_service(tmp_path, monkeypatch):
+    """The image's entrypoint reads the serve settings to prepare the home; a bad value must not
+    be a traceback there: it prepares nothing and lets `rm-service serve` print the one line."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("entrypoint", REPO / "deploy" / "container" / "entrypoint.py")
+    entrypoint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entrypoint)
+    monkeypatch.setenv("RM_HOME", str(tmp_path / "home"))
+    assert entrypoint.prepare(["--max-batch-tokens", "0"]) is None
+    assert not (tmp_path / "home").exists()
