@@ -163,7 +163,7 @@ class TrainSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RM_TRAIN_")
 
-    backbone: str = Field("smollm2-135m-instruct", description="Bundled model name or HF directory to build the reward model on.")
+    backbone: str = Field("smollm2-135m-instruct", description="Bundled model name or HF directory to build the reward model on (a TRL reward checkpoint trains further).")
     mode: Literal["head", "full"] = Field(
         "head", description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or LoRA adapters) with the heads."
     )
