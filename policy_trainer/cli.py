@@ -5,7 +5,8 @@
     policy-trainer ppo --config run.yaml --resume             # continue the run in run_dir
 
 Every PPOSettings field is a flag (`--field-name`, booleans also `--no-field-name`; `none`
-sets an optional field to None) and an environment variable (`PPO_FIELD_NAME`). Bad input
+sets an optional field to None) and an environment variable (`PPO_FIELD_NAME`), both shown in
+`policy-trainer ppo --help` with the default (flags built by rm_service/settings_cli.py). Bad input
 (settings, config file, prompts) prints one line and exits 2; a run that fails (the reward
 server unreachable, a score that failed after its retries) prints one line and exits 1.
 """
@@ -13,53 +14,18 @@ server unreachable, a score that failed after its retries) prints one line and e
 from __future__ import annotations
 
 import argparse
-from rm_service.logs import configure_logging
 import sys
-import typing
 
 from pydantic import ValidationError
 
 from policy_trainer.settings import PPOSettings
-
-NONE_WORDS = ("none", "null")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per PPOSettings field; values stay strings for pydantic to validate."""
-    for name, field in PPOSettings.model_fields.items():
-        help_text = (field.description or "").replace("%", "%%")
-        if field.annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-            continue
-        choices = None
-        if typing.get_origin(field.annotation) is typing.Literal:
-            choices = list(typing.get_args(field.annotation))
-        parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, choices=choices, metavar=name.upper() if choices is None else None,
-                            help=help_text)
-
-
-def _optional(name: str) -> bool:
-    return type(None) in typing.get_args(PPOSettings.model_fields[name].annotation)
-
+from rm_service.logs import configure_logging
+from rm_service.settings_cli import CommandParser, add_settings_flags, add_version_flag, flag_values, validation_message
 
 def settings_from_args(args: argparse.Namespace) -> PPOSettings:
     from policy_trainer.settings import load_settings
 
-    flags = {k: v for k, v in vars(args).items() if k in PPOSettings.model_fields}
-    flags = {k: (None if isinstance(v, str) and v.lower() in NONE_WORDS and _optional(k) else v) for k, v in flags.items()}
-    return load_settings(args.config, **flags)
-
-
-def _validation_message(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "settings"
-        parts.append(f"{where}: {e['msg']}")
-    return "; ".join(parts)
+    return load_settings(args.config, **flag_values(args, PPOSettings))
 
 
 def _print_summary(summary) -> None:
@@ -87,7 +53,7 @@ def _ppo(args) -> int:
     try:  # bad input fails here: settings, config file, prompts, the model path
         trainer = PPOTrainer(settings_from_args(args))
     except ValidationError as err:
-        return _fail(f"invalid settings: {_validation_message(err)}", 2)
+        return _fail(validation_message(err), 2)
     except (ValueError, FileNotFoundError, InvalidArgument, NotFound) as err:
         return _fail(str(err), 2)
     except (ScoreError, RMError) as err:  # no reward server answers
@@ -107,12 +73,13 @@ def _ppo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="policy-trainer", description="PPO client for rm-service.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    add_version_flag(parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     ppo = sub.add_parser("ppo", help="train a policy with PPO against a served reward model",
                          description="Train a policy with PPO against a served reward model. Flags override PPO_* environment "
                                      "variables, which override --config.")
     ppo.add_argument("--config", default=None, metavar="FILE", help="settings file (.yaml, .json or .toml) with PPOSettings field names as keys")
-    add_settings_flags(ppo)
+    add_settings_flags(ppo, PPOSettings)
     return parser
 
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from rm_service.logs import configure_logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from rm_service.errors import RMError
+from rm_service.logs import configure_logging
+from rm_service.settings import SecuritySettings, ServeSettings, TrainSettings
+from rm_service.settings_cli import CommandParser, add_version_flag, flag_values, validation_message
 
 
 def _import(args) -> int:
@@ -66,19 +70,13 @@ def _export(args) -> int:
 
 
 def _train(args) -> int:
-    from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
+    from rm_service.settings import ModelSettings, StoreSettings
     from rm_service.store.db import Store
     from rm_service.train.run import train
 
     from rm_service.train.ddp import launched_world
 
-    overrides = {k: v for k, v in {
-        "backbone": args.backbone, "mode": args.mode, "lora_rank": args.lora_rank, "max_minutes": args.max_minutes,
-        "max_pairs": args.max_pairs, "ensemble_size": args.ensemble_size, "feature_layers": args.feature_layers,
-        "dataset_fraction": args.dataset_fraction, "precision": args.precision,
-        "max_tokens": args.max_tokens, "epochs": args.epochs, "seed": args.seed, "promote": False if args.no_promote else None,
-    }.items() if v is not None}
-    settings = TrainSettings(**overrides)
+    settings = TrainSettings(**flag_values(args, TrainSettings))
     world = launched_world()
     store = Store(StoreSettings()) if world.main else None  # under torchrun, rank 0 owns the store
     try:
@@ -162,18 +160,7 @@ def _stats(args) -> int:
 
 def serve_settings(args):
     """ServeSettings and SecuritySettings from the environment, overridden by the serve flags."""
-    from rm_service.settings import SecuritySettings, ServeSettings
-
-    def given(values: dict) -> dict:
-        return {k: v for k, v in values.items() if v is not None}
-
-    serve = ServeSettings(**given({"host": args.host, "port": args.port, "model": args.model, "precision": args.precision,
-                                   "also_load": args.also_load,
-                                   "with_store": False if args.no_store else None, "with_model": False if args.no_model else None,
-                                   "metrics_port": args.metrics_port, "http_port": args.http_port, "log_format": args.log_format}))
-    security = SecuritySettings(**given({"tokens_file": args.tokens_file, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                                         "tls_client_ca": args.tls_client_ca}))
-    return serve, security
+    return ServeSettings(**flag_values(args, ServeSettings)), SecuritySettings(**flag_values(args, SecuritySettings))
 
 
 def _serve(args) -> int:
@@ -188,10 +175,10 @@ def _serve(args) -> int:
 
 def _demo(args) -> int:
     from rm_service.demo import run_demo
-    from rm_service.demo.settings import demo_settings
+    from rm_service.demo.settings import DemoSettings, demo_settings
 
-    settings = demo_settings(args.profile, data=args.data, home=args.home, rm_backbone=args.backbone, policy=args.policy,
-                             ppo_steps=args.steps, rm_max_minutes=args.max_minutes, selection=args.selection)
+    values = flag_values(args, DemoSettings)
+    settings = demo_settings(values.pop("profile", None), **values)
     return run_demo(settings)
 
 
@@ -201,28 +188,19 @@ FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rm-service", description="Preference data and reward models for RLHF.")
+    """Subcommands whose settings are flags generated from their settings models (rm_service/settings_cli.py);
+    arguments that are not settings (files, --out, versions) are plain ones."""
+    p = argparse.ArgumentParser(prog="rm-service", description="Preference data and reward models for RLHF. A command's flags "
+                                "override its settings from the environment (RM_* variables, shown in its --help).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    add_version_flag(p)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
-    s = sub.add_parser("serve", help="run the gRPC reward server")
-    s.add_argument("--host", help="address to bind (default 127.0.0.1; env RM_SERVE_HOST)")
-    s.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one; env RM_SERVE_PORT)")
-    s.add_argument("--model", help="registry version, bundled name (smollm2-135m-instruct, minilm-l6) or HF directory; default: the promoted version")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 on CUDA, on a CPU the faster one as measured (env RM_SERVE_PRECISION)")
-    s.add_argument("--also-load", help="versions kept loaded beside the served one for clients that pin them, comma-separated (env RM_SERVE_ALSO_LOAD)")
-    s.add_argument("--port-file", help="write the bound port to this file once serving")
-    s.add_argument("--no-store", action="store_true", help="serve scores only; do not open the preference store")
-    s.add_argument("--no-model", action="store_true", help="serve the preference store only; load no reward model")
-    s.add_argument("--tokens-file", help="bearer tokens, one role:token per line (roles scorer, labeler, admin); "
-                   "required to bind a non-loopback address (env RM_AUTH_TOKENS_FILE; RM_AUTH_TOKENS adds more)")
-    s.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (env RM_AUTH_TLS_CERT; needs --tls-key)")
-    s.add_argument("--tls-key", help="PEM private key of --tls-cert (env RM_AUTH_TLS_KEY)")
-    s.add_argument("--tls-client-ca", help="PEM CA bundle: require client certificates signed by it, mutual TLS (env RM_AUTH_TLS_CLIENT_CA)")
-    s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port on the same host (default 9464; 0 any; -1 off; env RM_SERVE_METRICS_PORT)")
-    s.add_argument("--http-port", type=int, help="serve the labeling page on this port of the same host (0 any; default -1: no page; "
-                   "env RM_SERVE_HTTP_PORT; docs/labeling.md)")
-    s.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object per log line (env RM_SERVE_LOG_FORMAT)")
+    s = sub.add_parser("serve", help="run the gRPC reward server", description="Run the gRPC reward server: the promoted version, "
+                       "followed through promotions, or --model; the preference store unless --no-store.")
+    s.add_argument("--port-file", metavar="<FILE>", help="write the bound port to this file once serving")
+    s.settings_flags(ServeSettings, aliases={"with_store": ["--no-store"], "with_model": ["--no-model"]})
+    s.settings_flags(SecuritySettings, exclude=["tokens"])  # secrets stay off the command line: RM_AUTH_TOKENS
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("import", help="import preference data into the store")
@@ -237,20 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("train", help="train a Bradley-Terry reward model from the store and register it")
-    s.add_argument("--backbone", help="smollm2-135m-instruct (default), minilm-l6, or an HF directory (a TRL reward checkpoint trains further)")
-    s.add_argument("--mode", choices=["head", "full"], help="head: frozen backbone + cached features (default); full: fine-tune the backbone")
-    s.add_argument("--lora-rank", type=int, help="full mode: LoRA rank (0 = all weights)")
-    s.add_argument("--epochs", type=float, help="full mode: passes over the training pairs")
-    s.add_argument("--max-minutes", type=float, help="wall-clock budget (default 15)")
-    s.add_argument("--max-pairs", type=int, help="use at most this many training pairs")
-    s.add_argument("--feature-layers", help="head mode: candidate layers: auto (default), last, or e.g. 12,18,24")
-    s.add_argument("--dataset-fraction", type=float, help="train on this share of the dataset's conversations (default 1)")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="auto (default): bf16 on CUDA, on a CPU the faster one as measured")
-    s.add_argument("--max-tokens", type=int, help="tokens kept per item (the start is cut first)")
-    s.add_argument("--ensemble-size", type=int, help="score heads on bootstrap resamples (default 4)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--no-promote", action="store_true", help="register as candidate only")
+    s = sub.add_parser("train", help="train a Bradley-Terry reward model from the store and register it",
+                       description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes the gate.")
+    s.settings_flags(TrainSettings)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("eval", help="pairwise accuracy, loss and ECE of a model, overall, by turns and by length")
@@ -260,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all-pairs", action="store_true", help="with --snapshot, every pair, not only the held-out ones")
     s.add_argument("--model", help="registry version (v3), version directory, bundled name or HF directory; default: the promoted version")
     s.add_argument("--limit", type=int, help="evaluate the first N pairs only")
-    s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
+    s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch (default: %(default)s)")
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("models", help="the model registry")
@@ -276,17 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_judge_commands(sub)  # judge, judge-agreement
 
-    s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report")
-    s.add_argument("--profile", choices=["cpu", "full"], default="cpu", help="cpu: this 2-core machine (default); full: realistic sizes for a GPU host")
-    s.add_argument("--data", help="HH-RLHF pairs JSONL (default ../shared/data/hh_harmless_pairs.jsonl)")
-    s.add_argument("--home", help="run directory (default $RM_HOME/demo; emptied first)")
-    s.add_argument("--backbone", help="backbone of the gold and proxy reward models (default smollm2-135m-instruct)")
-    s.add_argument("--policy", help="policy model (default smollm2-135m-instruct)")
-    s.add_argument("--selection", choices=["uncertainty", "random"], help="which samples go to labeling (default uncertainty)")
-    s.add_argument("--steps", type=int, help="PPO steps (cpu profile: 20)")
-    s.add_argument("--max-minutes", type=float, help="v1 training budget")
+    s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report",
+                       description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
+                                   "report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults shown are the cpu profile's.")
+    s.settings_flags(_demo_settings, aliases={"rm_backbone": ["--backbone"], "ppo_steps": ["--steps"], "rm_max_minutes": ["--max-minutes"]})
     s.set_defaults(func=_demo)
     return p
+
+
+def _demo_settings():
+    from rm_service.demo.settings import DemoSettings
+
+    return DemoSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a file that is missing, a directory, unreadable, or a full disk
         print(f"rm-service {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a bad flag or RM_* value, found when a settings model is built
+        print(f"rm-service {args.command}: {validation_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

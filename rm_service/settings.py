@@ -54,7 +54,7 @@ class ServeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RM_SERVE_")
 
-    host: str = Field("127.0.0.1", description="Address to bind. Loopback by default.")
+    host: str = Field("127.0.0.1", description="Address to bind; a non-loopback address needs bearer tokens (tokens_file).")
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     model: str | None = Field(
         None,
@@ -71,7 +71,7 @@ class ServeSettings(BaseSettings):
     also_load: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Versions (registry names or version directories) kept loaded beside the served one, never "
                                           "swapped out, for clients that pin them: e.g. a gold reward model scored beside the proxy. "
-                                          "Comma-separated in the environment.")
+                                          "Comma-separated.")
     onnx_int8: bool = Field(False, description="Serve the int8 ONNX model when the version kept one (it passed the 99% pair-ordering check).")
     max_items_per_request: int = Field(512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above).")
     max_batch_tokens: int = Field(
@@ -122,7 +122,7 @@ class ServeSettings(BaseSettings):
     http_port: int = Field(
         -1, ge=-1, le=65535,
         description="HTTP port of the labeling page (docs/labeling.md), bound on the same host as gRPC with the same rules (bearer "
-                    "tokens, TLS); 0 picks a free one, -1 (default) serves no page. Needs the store in this process.",
+                    "tokens, TLS); 0 picks a free one, -1 serves no page. Needs the store in this process.",
     )
     labeling_lease_s: int = Field(
         120, ge=1, le=24 * 3600,
@@ -163,7 +163,7 @@ class TrainSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RM_TRAIN_")
 
-    backbone: str = Field("smollm2-135m-instruct", description="Bundled model name or HF directory to build the reward model on.")
+    backbone: str = Field("smollm2-135m-instruct", description="Bundled model name or HF directory to build the reward model on (a TRL reward checkpoint trains further).")
     mode: Literal["head", "full"] = Field(
         "head", description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or LoRA adapters) with the heads."
     )

@@ -31,10 +31,15 @@ def main(argv: list[str]) -> int:
 
 
 def prepare(serve_args: list[str]) -> None:
+    from pydantic import ValidationError
+
     from rm_service.cli import build_parser, serve_settings
     from rm_service.settings import ModelSettings, StoreSettings, rm_home
 
-    serve, _ = serve_settings(build_parser().parse_args(["serve", *serve_args]))
+    try:
+        serve, _ = serve_settings(build_parser().parse_args(["serve", *serve_args]))
+    except ValidationError:
+        return  # a bad flag or RM_* value: `rm-service serve`, exec'd next, says which in one line and exits 2
     home = rm_home()
     try:
         home.mkdir(parents=True, exist_ok=True)

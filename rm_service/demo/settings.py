@@ -82,7 +82,9 @@ class DemoSettings(BaseSettings):
         return (self.home or rm_home() / "demo").resolve()
 
 
-def demo_settings(profile: str = "cpu", **explicit) -> DemoSettings:
-    """Explicit values over the environment over the profile over the defaults."""
-    preset = {k: v for k, v in PROFILES[profile].items() if f"RM_DEMO_{k.upper()}" not in os.environ}
+def demo_settings(profile: str | None = None, **explicit) -> DemoSettings:
+    """Explicit values over the environment over the profile (default: RM_DEMO_PROFILE, else
+    cpu) over the defaults. An unknown profile is DemoSettings' validation error."""
+    profile = profile or os.environ.get("RM_DEMO_PROFILE", "cpu")
+    preset = {k: v for k, v in PROFILES.get(profile, {}).items() if f"RM_DEMO_{k.upper()}" not in os.environ}
     return DemoSettings(profile=profile, **{**preset, **{k: v for k, v in explicit.items() if v is not None}})
