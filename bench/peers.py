@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from peers_report import report  # noqa: E402  (bench/peers_report.py)
+from peers_report import non_embedding_params, report  # noqa: E402  (bench/peers_report.py)
 
 DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 SYSTEMS = ("rm-service", "openrlhf", "naive")
@@ -316,6 +316,17 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
             "saturation_items_per_s": saturation, "points": [asdict(p) for p in points]}
 
 
+def cached_gemm_rates() -> dict | None:
+    """This machine's fp32 and bf16 GEMM rates as rm-service's precision probe measured and cached them (None if never)."""
+    from rm_service.models.precision import cpu_measurement
+
+    try:
+        m = cpu_measurement()
+    except Exception:  # noqa: BLE001 - the figure is optional in the report
+        return None
+    return {"fp32_gflops": m.fp32_gflops, "bf16_gflops": m.bf16_gflops, "chosen": m.chosen}
+
+
 def hardware() -> dict:
     import torch
 
@@ -364,7 +375,8 @@ def main() -> None:
             system.stop()
     mean_tokens = sum(i.tokens for i in items) / len(items)
     run = {"hardware": hardware(), "args": {k: v for k, v in vars(args).items()}, "items": len(items), "items_over_cap": longer,
-           "mean_tokens": mean_tokens, "model": str(model_dir.relative_to(REPO)), "wall_s": time.time() - started, "systems": results,
+           "mean_tokens": mean_tokens, "model": str(model_dir.relative_to(REPO)),
+           "non_embedding_params": non_embedding_params(model_dir), "gemm": cached_gemm_rates(), "wall_s": time.time() - started, "systems": results,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,15 @@
-"""The markdown report of bench/peers.py: one table, then the acceptance figures."""
+"""The markdown report of bench/peers.py: one table, then the acceptance figures.
+
+    .venv/bin/python bench/peers_report.py docs/bench/peers.json   # rewrite docs/bench/peers.md from a run's JSON
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
+import sys
+from pathlib import Path
 
 
 def pct(values: list[float], q: int) -> float:
@@ -12,6 +19,17 @@ def pct(values: list[float], q: int) -> float:
     if len(values) == 1:
         return values[0] * 1000
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+
+def non_embedding_params(model_dir: Path) -> int:
+    """Parameters outside the token embedding, from the safetensors headers: 2 x this x tokens is a forward's FLOPs."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "embed_tokens" not in k)
+    return total
 
 
 def _point(system: dict, load: str) -> dict | None:
@@ -46,18 +64,22 @@ def report(run: dict) -> str:
         "at a time (the handler runs the model on the event loop); rm-service is `rm-service serve` over gRPC with its "
         "defaults, in the precision it measured fastest on this machine.",
         "",
-        "| system | precision, backend | load | items/s | tokens/s | p50 | p99 | refused, retried | errors | timeouts |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | precision, backend | load | items/s | tokens/s | model GFLOP/s | p50 | p99 | refused, retried | errors | timeouts |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    flops = 2 * run["non_embedding_params"]
     for s in run["systems"]:
         for p in s["points"]:
             lines.append(f"| {s['name']} | {s['precision']}, {s['backend']} | {p['load']} | {p['items'] / p['duration']:.2f} | "
-                         f"{p['tokens'] / p['duration']:.0f} | {_ms(pct(p['latencies'], 50))} | {_ms(pct(p['latencies'], 99))} | "
-                         f"{p['rejected']} | {p['errors']} | {p['timeouts']} |")
+                         f"{p['tokens'] / p['duration']:.0f} | {flops * p['tokens'] / p['duration'] / 1e9:.0f} | "
+                         f"{_ms(pct(p['latencies'], 50))} | {_ms(pct(p['latencies'], 99))} | {p['rejected']} | {p['errors']} | {p['timeouts']} |")
     lines += ["", "items/s and tokens/s: calls answered inside the window. p50/p99: every answered call, from its first attempt "
               "(rm-service refuses at once when its queue holds more than ~2 s of work; the client backs off as rm_client does and "
               "retries; the refusals are the \"refused, retried\" column). Open loop: Poisson arrivals at 50% of the system's best "
-              "closed-loop items/s.", ""]
+              "closed-loop items/s. Model GFLOP/s: 2 x the "
+              f"{run['non_embedding_params'] / 1e6:.1f} M non-embedding parameters x tokens/s (attention's own FLOPs left out)"
+              + (f"; this machine's GEMM rates as rm-service's precision probe measured and cached them: fp32 "
+                 f"{run['gemm']['fp32_gflops']:.0f}, bf16 {run['gemm']['bf16_gflops']:.0f} GFLOP/s" if run.get("gemm") else "") + ".", ""]
     lines += ["Each system runs alone, in turn; the machine is shared with other work, so the 1-minute load average before each "
               "system started is given: " + ", ".join(f"{s['name']} {s['loadavg_before']:.1f}" for s in run["systems"]) + ".", ""]
     lines += _acceptance(run)
@@ -75,6 +97,11 @@ def _acceptance(run: dict) -> list[str]:
         ratio = rm["saturation_items_per_s"] / by["openrlhf"]["saturation_items_per_s"]
         out.append(f"| rm-service items/s over OpenRLHF serve_rm's (best closed loop each) | {rm['saturation_items_per_s']:.2f} / "
                    f"{by['openrlhf']['saturation_items_per_s']:.2f} = **{ratio:.2f}x** | >= 2x |")
+        if run.get("gemm"):
+            need = 2 * 2 * run["non_embedding_params"] * max(p["tokens"] / p["duration"] for p in by["openrlhf"]["points"]) / 1e9
+            out.append(f"| what 2x OpenRLHF's best tokens/s would take | {need:.0f} model GFLOP/s = "
+                       f"{need / run['gemm']['bf16_gflops']:.0%} of the bf16 GEMM rate, "
+                       f"{need / run['gemm']['fp32_gflops']:.0%} of fp32's | (a bound, not a target) |")
     if rm:
         single = pct(_point(rm, "closed 1")["latencies"], 50) if _point(rm, "closed 1") else float("nan")
         half = pct(_point(rm, "open")["latencies"], 99)
@@ -86,7 +113,8 @@ def _acceptance(run: dict) -> list[str]:
     for name, s in by.items():
         p64 = _point(s, "closed 64")
         if p64:
-            out.append(f"| {name}: timeouts / errors at 64 clients | {p64['timeouts']} / {p64['errors']} | 0 |")
+            refused = f"; {p64['rejected']} refusals for {len(p64['latencies'])} answers" if p64["rejected"] else ""
+            out.append(f"| {name}: timeouts / errors at 64 clients | {p64['timeouts']} / {p64['errors']}{refused} | 0 |")
     if rm:
         ref = rm["probe_rewards"]
         for name, s in by.items():
@@ -95,3 +123,16 @@ def _acceptance(run: dict) -> list[str]:
                 out.append(f"| same model, same token: max reward difference vs rm-service on {len(ref)} items | {name}: {diff:.3f} "
                            f"(rewards span {min(ref):.2f} .. {max(ref):.2f}) | precision noise only |")
     return out
+
+
+def main() -> None:
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "docs" / "bench" / "peers.json")
+    run = json.loads(path.read_text())
+    if "non_embedding_params" not in run:  # a run recorded before the FLOP/s column
+        run["non_embedding_params"] = non_embedding_params(path.resolve().parent.parent.parent / run["model"])
+        path.write_text(json.dumps(run, indent=1))
+    path.with_suffix(".md").write_text(report(run))
+
+
+if __name__ == "__main__":
+    main()
