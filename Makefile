@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test
+.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test-fast: $(STAMP)
 # client-side round-robin (deploy/deploy_test.py; stages and timings in docs/operations.md).
 deploy-test: $(STAMP)
 	$(PY) deploy/deploy_test.py
+
+# rm-service beside OpenRLHF's serve_rm and a naive FastAPI endpoint, same model and items (docs/bench/peers.md): the
+# peers' venv is built outside the repository (bench/peers/setup.sh, PEERS_VENV), then the bench runs (~12 min on 2 cores).
+bench-peers: $(STAMP)
+	bash bench/peers/setup.sh
+	$(PY) bench/peers.py
 
 proto: $(STAMP)
 	$(PY) tools/gen_proto.py
