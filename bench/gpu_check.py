@@ -56,7 +56,7 @@ def _sync(device: torch.device) -> None:
 
 def train_reward_model(args, home: Path) -> dict:
     """Full-mode fine-tuning in bf16 on the device; the version's metrics and MFU inputs."""
-    from rm_service.importers import import_hh
+    from rm_service.formats.ingest import import_hh
     from rm_service.models.version import open_version
     from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
     from rm_service.store.db import Store

@@ -33,7 +33,7 @@ from rm_client.channel import open_channel
 from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.client import Client
-from rm_service.store.hh import HHPair, read_pairs
+from rm_service.formats.hh import HHPair, read_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"

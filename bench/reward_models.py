@@ -34,7 +34,7 @@ def parse_sizes(text: str) -> list[int | None]:
 
 
 def run(args) -> list[dict]:
-    from rm_service.importers import import_hh
+    from rm_service.formats.ingest import import_hh
     from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
     from rm_service.store.db import Store
     from rm_service.train.run import train

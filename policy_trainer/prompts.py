@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rm_service.conversation import Message, conversation_id, messages_from_json, validate_messages
+from rm_service.conversation import HHFormatError, Message, conversation_id, messages_from_json, parse_conversation, validate_messages
 from rm_service.errors import InvalidArgument
-from rm_service.store.hh import HHFormatError, parse_conversation
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ def _import(args) -> int:
     """Exit 0 when the file was imported (lines rejected are listed); 1 when nothing was
     stored or the import stopped part-way (it says which lines were stored); 2 on errors."""
     from rm_service.formats import import_file
-    from rm_service.importers import ImportStopped
-    from rm_service.records import input_file
+    from rm_service.formats.ingest import ImportStopped
+    from rm_service.formats.records import input_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 

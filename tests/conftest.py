@@ -35,7 +35,7 @@ def hh_lines(n: int | None = None) -> list[str]:
 
 def store_with_hh(tmp_path: Path, n: int):
     """A Store (under RM_HOME) holding the first n lines of the shared HH file as labels."""
-    from rm_service.importers import import_hh
+    from rm_service.formats.ingest import import_hh
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 

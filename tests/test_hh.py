@@ -7,10 +7,10 @@ import json
 import pytest
 
 from conftest import HH_FILE, hh_lines
-from rm_service.importers import export_hh, import_hh
+from rm_service.formats.ingest import export_hh, import_hh
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
-from rm_service.store.hh import HHFormatError, parse_conversation, parse_pair
+from rm_service.formats.hh import HHFormatError, parse_conversation, parse_pair
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from rm_service.client import Client, start_server_process
 from rm_service.demo.report import RunFacts, write_report
 from rm_service.demo.settings import DemoSettings
 from rm_service.errors import RMError
-from rm_service.importers import import_hh
+from rm_service.formats.ingest import import_hh
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.train.run import train

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 
 from rm_service.conversation import Message
-from rm_service.records import FormatError, Record, string, strength
+from rm_service.formats.records import FormatError, Record, string, strength
 from rm_service.store.db import Pair
 from rm_service.store.labels import LabelIn
 

@@ -3,10 +3,10 @@
 JSONL files are UTF-8, one JSON object a line; blank lines are skipped.
 
 hh       Anthropic's HH-RLHF text pairs, `{"chosen": str, "rejected": str}`: see
-         rm_service.store.hh. Handled by rm_service.importers (import_hh, export_hh).
+         rm_service.formats.hh. Handled by rm_service.formats.ingest (import_hh, export_hh).
 
 trl      TRL's preference format, standard or conversational, explicit or implicit prompt,
-         extra columns kept as metadata: see rm_service.trl, which documents import and export.
+         extra columns kept as metadata: see rm_service.formats.trl, which documents import and export.
          Label ids, annotators, sources and ties are not exported (a K-way label gives several
          lines): use "ranking" for an exact copy.
 
@@ -29,8 +29,8 @@ parquet  One row per label with the columns of "ranking", in the same order:
          Import and export rules are those of "ranking". Files are written and read by DuckDB's
          own Parquet writer and reader (an in-memory connection; no pyarrow or pandas).
 
-Import (every format) reads the file through rm_service.records and stores it through
-rm_service.importers.import_records: a record without a label_id (missing or null) gets
+Import (every format) reads the file through rm_service.formats.records and stores it through
+rm_service.formats.ingest.import_records: a record without a label_id (missing or null) gets
 `f"{fmt}-{sha256(record)[:24]}"`, the record being the line's bytes without its line ending,
 or a Parquet row as compact JSON with sorted keys; re-importing a file is therefore all
 DUPLICATE. source defaults to IMPORT, annotator to the `annotator` argument (default: the
@@ -57,12 +57,12 @@ from pathlib import Path
 import duckdb
 
 from rm_service.errors import InvalidArgument
-from rm_service.importers import export_hh, import_hh, import_records
-from rm_service.records import FormatError, Record, input_file, ints, jsonl_records, messages, metadata, parquet_records, string, strength, strings
+from rm_service.formats.ingest import export_hh, import_hh, import_records
+from rm_service.formats.records import FormatError, Record, input_file, ints, jsonl_records, messages, metadata, parquet_records, string, strength, strings
 from rm_service.store.db import Snapshot, Store
 from rm_service.store.labels import LabelIn
 from rm_service.store.read import labels_in_snapshot
-from rm_service.trl import trl_label, trl_records
+from rm_service.formats.trl import trl_label, trl_records
 
 FORMATS = ("hh", "trl", "ranking", "parquet")
 RANKING_KEYS = ("label_id", "prompt", "responses", "ranks", "source", "annotator", "strength", "rationale", "metadata", "task_id")
@@ -103,7 +103,7 @@ def ranking_record(label: LabelIn) -> dict:
 
 
 def import_trl(store: Store, path: Path, annotator: str = "trl") -> tuple[Counter, list[str]]:
-    """Import a TRL preference JSONL file (any shape rm_service.trl accepts)."""
+    """Import a TRL preference JSONL file (any shape rm_service.formats.trl accepts)."""
     return import_records(store, jsonl_records(path), trl_label, "trl", annotator)
 
 

@@ -1,6 +1,6 @@
 """The one import loop every format uses, and the HH-RLHF text format's import and export.
 
-`import_records` streams a file's records (rm_service.records): each is parsed into a label
+`import_records` streams a file's records (rm_service.formats.records): each is parsed into a label
 or rejected with its line number and reason, and labels are stored through Store.ingest in
 batches of BATCH, each batch one transaction. Nothing stops it but a failure of the store
 itself (or Ctrl-C); then it raises ImportStopped, which says where it stopped: every record
@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
-from rm_service.records import FormatError, Record, jsonl_records
+from rm_service.formats.records import FormatError, Record, jsonl_records
 from rm_service.store.db import Store
-from rm_service.store.hh import HHFormatError, parse_pair, render_pair
+from rm_service.formats.hh import HHFormatError, parse_pair, render_pair
 from rm_service.store.labels import LabelIn
 
 BATCH = 1000

@@ -10,21 +10,14 @@ Turn text is kept byte for byte, so export(import(file)) reproduces each line's 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from rm_service.conversation import Message
-from rm_service.records import FormatError, jsonl_records
+from rm_service.conversation import HHFormatError, Message, parse_conversation, render_conversation
+from rm_service.formats.records import FormatError, jsonl_records
 
-_TURN = re.compile(r"\n\n(Human|Assistant): ")
-_ROLE = {"Human": "user", "Assistant": "assistant"}
-_NAME = {"user": "Human", "assistant": "Assistant"}
-
-
-class HHFormatError(ValueError):
-    pass
+__all__ = ["HHFormatError", "HHPair", "parse_conversation", "parse_pair", "read_pairs", "render_conversation", "render_pair"]
 
 
 @dataclass(frozen=True)
@@ -32,15 +25,6 @@ class HHPair:
     prompt: list[Message]
     chosen: str
     rejected: str
-
-
-def parse_conversation(text: str) -> list[Message]:
-    """Split HH text into messages; raises HHFormatError if it is not in the format."""
-    parts = _TURN.split(text)
-    if parts[0] != "" or len(parts) < 3:
-        raise HHFormatError("does not start with '\\n\\nHuman: '")
-    # parts = ["", role, content, role, content, ...]
-    return [Message(_ROLE[parts[i]], parts[i + 1]) for i in range(1, len(parts), 2)]
 
 
 def parse_pair(record: dict) -> HHPair:
@@ -56,10 +40,6 @@ def parse_pair(record: dict) -> HHPair:
     return HHPair(chosen[:-1], chosen[-1].content, rejected[-1].content)
 
 
-def render_conversation(messages: list[Message]) -> str:
-    return "".join(f"\n\n{_NAME[m.role]}: {m.content}" for m in messages)
-
-
 def render_pair(prompt: list[Message], chosen: str, rejected: str) -> dict[str, str]:
     return {
         "chosen": render_conversation([*prompt, Message("assistant", chosen)]),
@@ -69,7 +49,7 @@ def render_pair(prompt: list[Message], chosen: str, rejected: str) -> dict[str, 
 
 def read_pairs(path: Path) -> Iterator[tuple[int, str, HHPair | HHFormatError]]:
     """(line number, line hash, pair or the error that line raised) for every non-empty line,
-    read as rm_service.records reads every importer's lines (bytes, a line limit, UTF-8)."""
+    read as rm_service.formats.records reads every importer's lines (bytes, a line limit, UTF-8)."""
     for record in jsonl_records(path):
         try:
             if isinstance(record.data, FormatError):
