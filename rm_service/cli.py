@@ -12,6 +12,7 @@ from rm_service.logs import configure_logging
 import sys
 from pathlib import Path
 
+from rm_service import formats
 from rm_service.errors import RMError
 
 
@@ -60,8 +61,7 @@ def _export(args) -> int:
         n, snapshot = export_file(store, Path(args.out), args.format, args.snapshot)
     finally:
         store.close()
-    unit = "labels" if args.format in ("ranking", "parquet") else "pairs"
-    print(f"exported {n} {unit} of snapshot {snapshot} to {args.out} ({args.format})")
+    print(f"exported {n} {formats.get(args.format).unit} of snapshot {snapshot} to {args.out} ({args.format})")
     return 0
 
 
@@ -195,9 +195,8 @@ def _demo(args) -> int:
     return run_demo(settings)
 
 
-FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
-FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or conversational, explicit or implicit prompt); "
-               "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
+FORMAT_CHOICES = list(formats.FORMATS)
+FORMAT_HELP = formats.HELP
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,83 @@
+"""The K-way ranking records (rm_service.formats.ranking) as Parquet, one row per label, with the
+columns of "ranking" in the same order:
+
+    label_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[],
+    ranks INTEGER[], source VARCHAR, annotator VARCHAR, strength DOUBLE, rationale VARCHAR,
+    metadata MAP(VARCHAR, VARCHAR), task_id VARCHAR
+
+Import and export rules are those of "ranking". Files are written and read by DuckDB's own
+Parquet writer and reader (an in-memory connection; no pyarrow or pandas). A row's record
+(for its label id and digest) is the row as compact JSON with sorted keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+
+from rm_service.formats.ingest import import_records
+from rm_service.formats.ranking import RANKING_KEYS, ranking_label, snapshot_records
+from rm_service.formats.records import FormatError, Record, digest, input_file
+from rm_service.store.db import Snapshot, Store
+
+PARQUET_COLUMNS = (
+    "label_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[], ranks INTEGER[], "
+    "source VARCHAR, annotator VARCHAR, strength DOUBLE, rationale VARCHAR, metadata MAP(VARCHAR, VARCHAR), task_id VARCHAR"
+)
+
+
+def parquet_records(path: Path) -> Iterator[Record]:
+    """One Record per row, in file order; its digest hashes the row as compact sorted JSON."""
+    path = input_file(path)
+    try:
+        with duckdb.connect() as con:
+            cursor = con.execute("SELECT * FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number", [str(path)])
+            names = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+    except (duckdb.Error, ValueError, TypeError, OverflowError) as exc:
+        yield Record("file", 0, "", FormatError(f"cannot read {path.name} as Parquet: {str(exc).splitlines()[0]}"))
+        return
+    for row in rows:
+        record = dict(zip(names, row))
+        number = record.pop("file_row_number") + 1
+        canonical = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
+        yield Record("row", number, digest(canonical.encode("utf-8", "surrogatepass")), record)
+
+
+def write_parquet(out: Path, records: list[dict]) -> None:
+    """Ranking records (all keys of RANKING_KEYS) as one Parquet file, in their order."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = [[r[key] for r in records] for key in RANKING_KEYS if key != "metadata"]
+    keys = [list(r["metadata"]) for r in records]
+    values = [list(r["metadata"].values()) for r in records]
+    with duckdb.connect() as con:
+        con.execute(f"CREATE TABLE labels ({PARQUET_COLUMNS})")
+        con.execute(
+            """INSERT INTO labels
+               SELECT label_id, prompt, responses, ranks, source, annotator, strength, rationale, map(keys, vals), task_id
+               FROM (SELECT unnest(?::VARCHAR[]) AS label_id, unnest(?::STRUCT(role VARCHAR, content VARCHAR)[][]) AS prompt,
+                            unnest(?::VARCHAR[][]) AS responses, unnest(?::INTEGER[][]) AS ranks, unnest(?::VARCHAR[]) AS source,
+                            unnest(?::VARCHAR[]) AS annotator, unnest(?::DOUBLE[]) AS strength, unnest(?::VARCHAR[]) AS rationale,
+                            unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[][]) AS keys, unnest(?::VARCHAR[][]) AS vals,
+                            generate_subscripts(?::VARCHAR[], 1) AS i)
+               ORDER BY i""",
+            [*columns, keys, values, columns[0]],
+        )
+        target = str(out).replace("'", "''")
+        con.execute(f"COPY labels TO '{target}' (FORMAT parquet)")
+
+
+def import_labels(store: Store, path: Path, annotator: str) -> tuple[Counter, list[str]]:
+    """Import a Parquet file with the K-way ranking columns."""
+    return import_records(store, parquet_records(path), ranking_label, "parquet", annotator)
+
+
+def export_labels(store: Store, out: Path, snapshot: Snapshot) -> int:
+    """Write a snapshot's labels as Parquet; returns the rows written."""
+    records = snapshot_records(store, snapshot)
+    write_parquet(out, records)
+    return len(records)
