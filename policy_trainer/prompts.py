@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rm_service.conversation import HHFormatError, Message, conversation_id, messages_from_json, parse_conversation, validate_messages
+from rm_service.conversation import HHFormatError, Message, conversation_id, parse_conversation, validate_messages
 from rm_service.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
