@@ -13,16 +13,15 @@ Parquet writer and reader (an in-memory connection; no pyarrow or pandas). A row
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import duckdb
 
-from rm_service.formats.ingest import import_records
-from rm_service.formats.ranking import RANKING_KEYS, ranking_label, snapshot_records
+from rm_service.formats import ranking
+from rm_service.formats.ranking import RANKING_KEYS
 from rm_service.formats.records import FormatError, Record, digest, input_file
-from rm_service.store.db import Snapshot, Store
 
 PARQUET_COLUMNS = (
     "label_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[], ranks INTEGER[], "
@@ -71,13 +70,6 @@ def write_parquet(out: Path, records: list[dict]) -> None:
         con.execute(f"COPY labels TO '{target}' (FORMAT parquet)")
 
 
-def import_labels(store: Store, path: Path, annotator: str) -> tuple[Counter, list[str]]:
-    """Import a Parquet file with the K-way ranking columns."""
-    return import_records(store, parquet_records(path), ranking_label, "parquet", annotator)
-
-
-def export_labels(store: Store, out: Path, snapshot: Snapshot) -> int:
-    """Write a snapshot's labels as Parquet; returns the rows written."""
-    records = snapshot_records(store, snapshot)
-    write_parquet(out, records)
-    return len(records)
+# Parquet is ranking records in columns: ranking's import and export with this file's reader and writer.
+import_labels = partial(ranking.import_labels, read=parquet_records, fmt="parquet")
+export_labels = partial(ranking.export_labels, write=write_parquet)

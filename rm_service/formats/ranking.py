@@ -16,6 +16,7 @@ is exact, ties included. The parquet format holds the same records as columns.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rm_service.formats.ingest import import_records
@@ -51,18 +52,14 @@ def ranking_record(label: LabelIn) -> dict:
     }
 
 
-def snapshot_records(store: Store, snapshot: Snapshot) -> list[dict]:
-    """The ranking record of every label of a snapshot, in commit order."""
-    return [ranking_record(label) for label in labels_in_snapshot(store, snapshot)]
+def import_labels(store: Store, path: Path, annotator: str, read: Callable[[Path], Iterator[Record]] = jsonl_records,
+                  fmt: str = "ranking") -> tuple[Counter, list[str]]:
+    """Import a file of K-way ranking records: JSONL, or what `read` reads (parquet)."""
+    return import_records(store, read(path), ranking_label, fmt, annotator)
 
 
-def import_labels(store: Store, path: Path, annotator: str) -> tuple[Counter, list[str]]:
-    """Import a K-way ranking JSONL file."""
-    return import_records(store, jsonl_records(path), ranking_label, "ranking", annotator)
-
-
-def export_labels(store: Store, out: Path, snapshot: Snapshot) -> int:
-    """Write a snapshot's labels as K-way ranking JSONL; returns the labels written."""
-    records = snapshot_records(store, snapshot)
-    write_jsonl(out, records)
+def export_labels(store: Store, out: Path, snapshot: Snapshot, write: Callable[[Path, list[dict]], None] = write_jsonl) -> int:
+    """Write a snapshot's labels as K-way ranking records (JSONL, or with `write`); returns the labels written."""
+    records = [ranking_record(label) for label in labels_in_snapshot(store, snapshot)]
+    write(out, records)
     return len(records)
