@@ -56,7 +56,7 @@ def _sync(device: torch.device) -> None:
 
 def train_reward_model(args, home: Path) -> dict:
     """Full-mode fine-tuning in bf16 on the device; the version's metrics and MFU inputs."""
-    from rm_service.importers import import_hh
+    from rm_service.formats import import_file
     from rm_service.models.version import open_version
     from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
     from rm_service.store.db import Store
@@ -64,7 +64,7 @@ def train_reward_model(args, home: Path) -> dict:
 
     store = Store(StoreSettings())
     try:
-        import_hh(store, args.data)
+        import_file(store, args.data, "hh")
         settings = TrainSettings(backbone=args.backbone, mode="full", precision="bf16", max_tokens=args.max_tokens, max_pairs=args.max_pairs,
                                  micro_batch_pairs=args.micro_batch_pairs, grad_accum=1, epochs=args.epochs, ensemble_size=1,
                                  max_minutes=args.train_minutes, export_onnx="off", eval_every=50, patience=10_000)

@@ -32,8 +32,8 @@ import grpc
 from rm_client.channel import open_channel
 from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
-from rm_service.client import Client
-from rm_service.store.hh import HHPair, read_pairs
+from rm_service.client import start_server_process
+from rm_service.formats.hh import HHPair, read_pairs
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
@@ -52,24 +52,8 @@ def load_templates(path: Path) -> list[preference_pb2.Label]:
 
 
 def start_server(workdir: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port_file = workdir / "port"
     env = {**os.environ, "RM_HOME": str(workdir), "RM_STORE_PATH": str(workdir / "rm.duckdb"), **extra_env}
-    with open(workdir / "server.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--no-model", "--port", "0", "--port-file", str(port_file)],
-                                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text().strip().isdigit()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start:\n{(workdir / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-    address = f"127.0.0.1:{int(port_file.read_text())}"
-    client = Client(address)
-    try:
-        client.wait_serving(60, lambda: proc.poll() is None)
-    finally:
-        client.close()
-    return proc, address
+    return start_server_process(env, workdir, timeout=60, args=["--no-model"])
 
 
 def drive(address: str, templates: list[preference_pb2.Label], threads: int, seconds: float) -> tuple[int, list[float], list[str]]:

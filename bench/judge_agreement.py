@@ -25,7 +25,7 @@ from rm_service.judge.local import LocalBackend
 from rm_service.judge.pairwise import Judge, combine_orders
 from rm_service.judge.settings import JudgeSettings
 from rm_service.judge.verdict import ParseFailure
-from rm_service.store.hh import HHFormatError, HHPair, read_pairs
+from rm_service.formats.hh import HHFormatError, HHPair, read_pairs
 
 POLICIES = ("calibrate", "tie", "skip")
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"

@@ -43,7 +43,7 @@ from rm_service.models.onnx_backend import (
     quantize_int8,
 )
 from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
-from rm_service.store.hh import HHPair, read_pairs
+from rm_service.formats.hh import HHPair, read_pairs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_pairs.jsonl"
 

@@ -17,7 +17,6 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,25 +26,15 @@ DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 
 
 def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
-    from rm_service.client import Client
+    from rm_service.client import start_server_process
+    from rm_service.errors import RMError
 
-    port_file = Path(tempfile.mkdtemp(prefix="ppo-bench-")) / "port"
-    cmd = [sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file), "--metrics-port", "-1"]
-    if model:
-        cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not port_file.exists() or not port_file.read_text().strip():
-        if proc.poll() is not None:
-            raise SystemExit(f"the reward server exited: {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise SystemExit("the reward server did not bind within 600 s")
-        time.sleep(0.2)
-    address = f"127.0.0.1:{port_file.read_text().strip()}"
-    client = Client(address)
-    client.wait_serving(600, is_alive=lambda: proc.poll() is None)
-    client.close()
-    return proc, address
+    run_dir = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    args = ["--metrics-port", "-1", *(["--model", model] if model else [])]
+    try:
+        return start_server_process(dict(os.environ), run_dir, timeout=600, args=args)
+    except RMError as exc:
+        raise SystemExit(f"the reward server did not start: {exc}") from None
 
 
 def table(summary, metrics: list[dict]) -> str:

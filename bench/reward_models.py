@@ -34,7 +34,7 @@ def parse_sizes(text: str) -> list[int | None]:
 
 
 def run(args) -> list[dict]:
-    from rm_service.importers import import_hh
+    from rm_service.formats import import_file
     from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
     from rm_service.store.db import Store
     from rm_service.train.run import train
@@ -42,7 +42,7 @@ def run(args) -> list[dict]:
     store = Store(StoreSettings())
     rows = []
     try:
-        import_hh(store, args.data)
+        import_file(store, args.data, "hh")
         for backbone in args.backbones.split(","):
             for mode in args.modes.split(","):
                 if mode == "full" and backbone not in args.full_backbones.split(","):

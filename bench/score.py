@@ -40,7 +40,7 @@ import torch
 from rm_client.channel import open_channel
 from rm_client.messages import to_proto
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
-from rm_service.store.hh import HHFormatError, read_pairs
+from rm_service.formats.hh import HHFormatError, read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import gemm_flops, non_embedding_params  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 
 from rm_service.models.batching import collate
 from rm_service.models.runtime import load_backbone_runtime
-from rm_service.store.hh import HHFormatError, read_pairs
+from rm_service.formats.hh import HHFormatError, read_pairs
 from rm_service.train.loss import bradley_terry_loss
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rm_service.conversation import Message, conversation_id, messages_from_json, validate_messages
+from rm_service.conversation import HHFormatError, Message, conversation_id, parse_conversation, validate_messages
 from rm_service.errors import InvalidArgument
-from rm_service.store.hh import HHFormatError, parse_conversation
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +83,15 @@ def read_prompts_store(path: Path) -> list[list[Message]]:
     """Every conversation (prompt) of a preference store, read-only."""
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
+    from rm_service.store.read import conversations
 
     if not path.is_file():
         raise PromptError(f"store file {path} does not exist")
     store = Store(StoreSettings(path=path), read_only=True)
     try:
-        rows = store.con.execute("SELECT messages FROM conversations ORDER BY id").fetchall()
+        return conversations(store)
     finally:
         store.close()
-    return [messages_from_json(r[0]) for r in rows]
 
 
 def encode(tokenizer, messages: list[Message]) -> list[int]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from rm_service import formats
 from rm_service.errors import RMError
 from rm_service.logs import configure_logging
 from rm_service.settings import SecuritySettings, ServeSettings, TrainSettings
@@ -23,8 +24,8 @@ def _import(args) -> int:
     """Exit 0 when the file was imported (lines rejected are listed); 1 when nothing was
     stored or the import stopped part-way (it says which lines were stored); 2 on errors."""
     from rm_service.formats import import_file
-    from rm_service.importers import ImportStopped
-    from rm_service.records import input_file
+    from rm_service.formats.ingest import ImportStopped
+    from rm_service.formats.records import input_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
@@ -64,8 +65,7 @@ def _export(args) -> int:
         n, snapshot = export_file(store, Path(args.out), args.format, args.snapshot)
     finally:
         store.close()
-    unit = "labels" if args.format in ("ranking", "parquet") else "pairs"
-    print(f"exported {n} {unit} of snapshot {snapshot} to {args.out} ({args.format})")
+    print(f"exported {n} {formats.get(args.format).unit} of snapshot {snapshot} to {args.out} ({args.format})")
     return 0
 
 
@@ -182,9 +182,8 @@ def _demo(args) -> int:
     return run_demo(settings)
 
 
-FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
-FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or conversational, explicit or implicit prompt); "
-               "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
+FORMAT_CHOICES = list(formats.FORMATS)
+FORMAT_HELP = formats.HELP
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -44,25 +45,29 @@ class Client:
         self.channel.close()
 
 
-def start_server_process(env: dict[str, str], run_dir: Path, timeout: float) -> tuple[subprocess.Popen, str]:
+def start_server_process(env: dict[str, str], run_dir: Path, timeout: float, args: Sequence[str] = (),
+                         log_name: str = "server.log") -> tuple[subprocess.Popen, str]:
     """`rm-service serve` on a free loopback port as a child process configured by `env`
-    (RM_SERVE_*, ...), its output in `run_dir/server.log`. Returns the process and its
-    address once grpc.health.v1 says SERVING; raises RMError, and kills the child, if it
-    exits first or takes longer than `timeout` seconds to bind or to become SERVING."""
-    port_file, log_path = run_dir / "port", run_dir / "server.log"
+    (RM_SERVE_*, ...) and extra serve flags `args` (`--no-model`, `--model X`, ...), its output
+    in `run_dir/log_name` and its port in the file beside it (`.port` for `.log`). Returns the
+    process and its address once grpc.health.v1 says SERVING; raises RMError, and kills the
+    child, if it exits first or takes longer than `timeout` seconds to bind or to become
+    SERVING. Every test, bench and the demo start a server process through this one helper."""
+    log_path = run_dir / log_name
+    port_file = log_path.with_suffix(".port")
     port_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file), *args]
     with log_path.open("w") as log:  # the child keeps its own descriptor
-        server = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
-        while not (port_file.exists() and port_file.read_text().strip()):
+        while (port := _bound_port(port_file)) is None:
             if server.poll() is not None:
                 raise RMError(f"the server exited during start-up (code {server.returncode}); see {log_path}")
             if time.monotonic() > deadline:
                 raise RMError(f"the server did not bind within {timeout:.0f}s; see {log_path}")
-            time.sleep(0.2)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
+            time.sleep(0.05)
+        address = f"127.0.0.1:{port}"
         client = Client(address)
         try:
             client.wait_serving(timeout=timeout, is_alive=lambda: server.poll() is None)
@@ -75,3 +80,8 @@ def start_server_process(env: dict[str, str], run_dir: Path, timeout: float) -> 
         server.wait()
         raise
     return server, address
+
+
+def _bound_port(port_file: Path) -> int | None:
+    text = port_file.read_text().strip() if port_file.exists() else ""
+    return int(text) if text.isdigit() else None

@@ -1,7 +1,10 @@
 """Messages, conversations and their content-addressed ids.
 
 A preference item is (prompt, completion): the prompt holds every turn before the
-completion (multi-turn chats are first class), the completion is the final assistant turn.
+completion (multi-turn chats are first class), the completion is the final assistant turn. HH-RLHF's transcript text is the one text form of a
+conversation kept here (`parse_conversation`, `render_conversation`), so that readers of
+prompts outside the service (the policy trainer) use the same rules as the hh format
+(rm_service.formats.hh).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from rm_service.errors import InvalidArgument
@@ -89,3 +93,28 @@ def completion_id(conv_id: str, text: str) -> str:
 
 def messages_from_json(text: str) -> list[Message]:
     return [Message(d["role"], d["content"]) for d in json.loads(text)]
+
+
+# -- HH-RLHF transcript text: "\n\nHuman: <turn>\n\nAssistant: <turn> ..." --------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_ROLE = {"Human": "user", "Assistant": "assistant"}
+_HH_NAME = {"user": "Human", "assistant": "Assistant"}
+
+
+class HHFormatError(ValueError):
+    pass
+
+
+def parse_conversation(text: str) -> list[Message]:
+    """Split HH text into messages; raises HHFormatError if it is not in the format."""
+    parts = _HH_TURN.split(text)
+    if parts[0] != "" or len(parts) < 3:
+        raise HHFormatError("does not start with '\\n\\nHuman: '")
+    # parts = ["", role, content, role, content, ...]
+    return [Message(_HH_ROLE[parts[i]], parts[i + 1]) for i in range(1, len(parts), 2)]
+
+
+def render_conversation(messages: list[Message]) -> str:
+    """HH text of user and assistant messages, turn text byte for byte."""
+    return "".join(f"\n\n{_HH_NAME[m.role]}: {m.content}" for m in messages)

@@ -12,77 +12,32 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
+from rm_service.store import versions
 from rm_service.store.db import Store
+from rm_service.store.versions import ModelRecord
 from rm_service.train.metrics import worse_by_chance
 
 log = logging.getLogger(__name__)
 STATUSES = ("candidate", "promoted", "rejected", "retired")
+__all__ = ["ModelRecord", "get_model", "list_models", "next_version", "promote", "promoted", "register", "rollback"]
 
 
-@dataclass
-class ModelRecord:
-    version: str
-    parent: str | None
-    snapshot_id: str | None
-    backbone: str
-    format_hash: str
-    status: str
-    metrics: dict
-    reward_mean: float
-    reward_std: float
-    ensemble_size: int
-    artifact_path: str
-    created_at_ms: int | None = None
-
-
-_COLUMNS = "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, ensemble_size, artifact_path, epoch_ms(created_at)"
-
-
-def _record(row) -> ModelRecord:
-    rec = ModelRecord(*row)
-    rec.metrics = json.loads(rec.metrics) if isinstance(rec.metrics, str) else (rec.metrics or {})
-    return rec
-
-
-def list_models(store: Store) -> list[ModelRecord]:
-    with store._lock:
-        rows = store.con.execute(f"SELECT {_COLUMNS} FROM models ORDER BY number").fetchall()
-    return [_record(r) for r in rows]
+# Reading and writing version rows is the store's (rm_service.store.versions); the registry
+# names them as its callers know them and decides what a promotion needs (below).
+list_models = versions.list_versions
+promoted = versions.promoted_version
+next_version = versions.next_version
+register = versions.insert_version
 
 
 def get_model(store: Store, version: str) -> ModelRecord:
-    with store._lock:
-        row = store.con.execute(f"SELECT {_COLUMNS} FROM models WHERE version = ?", [version]).fetchone()
-    if row is None:
+    rec = versions.find_version(store, version)
+    if rec is None:
         raise NotFound(f"model version {version!r} not found")
-    return _record(row)
-
-
-def promoted(store: Store) -> ModelRecord | None:
-    with store._lock:
-        row = store.con.execute(f"SELECT {_COLUMNS} FROM models WHERE status = 'promoted'").fetchone()
-    return _record(row) if row else None
-
-
-def next_version(store: Store) -> tuple[str, int]:
-    with store._lock:
-        number = store.con.execute("SELECT coalesce(max(number), 0) + 1 FROM models").fetchone()[0]
-    return f"v{number}", int(number)
-
-
-def register(store: Store, rec: ModelRecord, number: int) -> None:
-    with store._lock:
-        store.con.execute(
-            """INSERT INTO models (version, number, parent, snapshot_id, backbone, format_hash, status, metrics,
-                                   reward_mean, reward_std, ensemble_size, artifact_path)
-               VALUES (?, ?, ?, ?, ?, ?, 'candidate', ?, ?, ?, ?, ?)""",
-            [rec.version, number, rec.parent, rec.snapshot_id, rec.backbone, rec.format_hash, json.dumps(rec.metrics),
-             rec.reward_mean, rec.reward_std, rec.ensemble_size, rec.artifact_path],
-        )
+    return rec
 
 
 def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True, alpha: float = 0.0,
@@ -140,17 +95,15 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False, v
     if current is not None and not force:
         why = gate(candidate, current, tolerance, onpolicy, alpha, ties)
         if why is not None:
-            _set_status(store, version, "rejected")
+            versions.set_status(store, version, "rejected")
             return False, why
     if verify is not None:
         try:
             verify(candidate)
         except RMError as exc:
-            _set_status(store, version, "rejected")
+            versions.set_status(store, version, "rejected")
             return False, f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} stays: {exc}"
-    with store.transaction() as con:
-        con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
-        con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])
+    versions.promote_version(store, version)
     write_promoted_pointer(candidate)
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
 
@@ -200,19 +153,9 @@ def rollback(store: Store) -> str:
     current = promoted(store)
     if current is None:
         raise FailedPrecondition("no promoted version to roll back from")
-    with store._lock:
-        row = store.con.execute(
-            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at DESC LIMIT 1"
-        ).fetchone()
-    if row is None:
+    previous = versions.last_retired_promotion(store)
+    if previous is None:
         raise FailedPrecondition(f"{current.version} is the only version ever promoted; nothing to roll back to")
-    with store.transaction() as con:
-        con.execute("UPDATE models SET status = 'retired' WHERE version = ?", [current.version])
-        con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [row[0]])
-    write_promoted_pointer(get_model(store, row[0]))
-    return f"rolled back from {current.version} to {row[0]}"
-
-
-def _set_status(store: Store, version: str, status: str) -> None:
-    with store._lock:
-        store.con.execute("UPDATE models SET status = ? WHERE version = ?", [status, version])
+    versions.promote_version(store, previous)  # retires the current one in the same transaction
+    write_promoted_pointer(get_model(store, previous))
+    return f"rolled back from {current.version} to {previous}"

@@ -35,14 +35,14 @@ def hh_lines(n: int | None = None) -> list[str]:
 
 def store_with_hh(tmp_path: Path, n: int):
     """A Store (under RM_HOME) holding the first n lines of the shared HH file as labels."""
-    from rm_service.importers import import_hh
+    from rm_service.formats import import_file
     from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
     small = tmp_path / f"hh{n}.jsonl"
     small.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
     store = Store(StoreSettings())
-    import_hh(store, small)
+    import_file(store, small, "hh")
     return store
 
 

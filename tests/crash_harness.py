@@ -34,10 +34,10 @@ import duckdb
 import grpc
 
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
-from rm_service.client import Client
+from rm_service.client import start_server_process
+from rm_service.errors import RMError
 from rm_service.server.convert import label as label_in
 
-REPO = Path(__file__).resolve().parent.parent
 RPC_DEADLINE_S = 5.0
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -45,38 +45,24 @@ CLIENT_LIMIT_S = 60.0  # a client that has not seen the server die by then is a 
 
 
 class ServerProcess:
-    """`rm-service serve --no-model --port 0` as a subprocess on the given store file."""
+    """`rm-service serve --no-model --port 0` as a subprocess on the given store file, started
+    by the one start-and-wait helper (rm_service.client.start_server_process)."""
 
     def __init__(self, store: Path, log: Path, extra_env: dict[str, str] | None = None):
-        self.port_file = log.with_suffix(".port")
-        self.port_file.unlink(missing_ok=True)
         self.log = log
-        env = {**os.environ, "RM_HOME": str(store.parent / "home"), "RM_STORE_PATH": str(store), **(extra_env or {})}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rm_service.cli", "serve", "--no-model", "--port", "0", "--port-file", str(self.port_file)],
-                cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            )
+        self.env = {**os.environ, "RM_HOME": str(store.parent / "home"), "RM_STORE_PATH": str(store), **(extra_env or {})}
+        self.proc: subprocess.Popen | None = None
         self.address = ""
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None
 
-    def wait_serving(self, timeout: float = START_TIMEOUT_S) -> str:
-        """Wait for the port file, then for grpc.health.v1 SERVING; returns the address."""
-        deadline = time.monotonic() + timeout
-        while not self.port_file.exists() or not self.port_file.read_text().strip().isdigit():
-            if not self.alive():
-                raise RuntimeError(f"server exited with {self.proc.returncode} before serving:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no port file after {timeout:.0f}s:\n{self.log_tail()}")
-            time.sleep(0.05)
-        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
-        client = Client(self.address)
+    def start(self, timeout: float = START_TIMEOUT_S) -> str:
+        """Start it and wait for grpc.health.v1 SERVING; returns the address."""
         try:
-            client.wait_serving(max(1.0, deadline - time.monotonic()), self.alive)
-        finally:
-            client.close()
+            self.proc, self.address = start_server_process(self.env, self.log.parent, timeout, args=["--no-model"], log_name=self.log.name)
+        except RMError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log_tail()}") from exc
         return self.address
 
     def sigkill(self) -> None:
@@ -190,7 +176,7 @@ def run_round(round_: int, store: Path, workdir: Path, clients: int, seed: int,
     violations: list[str] = []
     server = ServerProcess(store, workdir / f"server-r{round_:03d}.log")
     try:
-        address = server.wait_serving()
+        address = server.start()
         logs = [ClientLog() for _ in range(clients)]
         threads = [threading.Thread(target=run_client, args=(address, round_, c, random.Random(f"{seed}-{round_}-{c}"), logs[c]),
                                     name=f"client-{c}", daemon=True) for c in range(clients)]
@@ -214,7 +200,7 @@ def run_round(round_: int, store: Path, workdir: Path, clients: int, seed: int,
 
     restarted = ServerProcess(store, workdir / f"server-r{round_:03d}-restart.log")
     try:
-        restarted.wait_serving()  # recovery: the file opens and the server serves after SIGKILL
+        restarted.start()  # recovery: the file opens and the server serves after SIGKILL
         code = restarted.sigterm()
         if code != 0:
             violations.append(f"restarted server exited with {code} on SIGTERM:\n{restarted.log_tail()}")

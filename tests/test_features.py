@@ -11,7 +11,7 @@ import torch
 from conftest import _llama_config, hh_lines
 from rm_service.models.pooling import Pooling, depth
 from rm_service.models.runtime import load_backbone_runtime
-from rm_service.store.hh import parse_pair
+from rm_service.formats.hh import parse_pair
 from rm_service.train.features import (Candidate, _run_whole, candidate_layers, extract, extraction_pooling, feature_key,
                                        prefix_groups)
 

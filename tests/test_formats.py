@@ -311,3 +311,22 @@ def test_an_export_taken_during_ingestion_equals_its_snapshot(tmp_path):
     assert exported == [lab.label_id for lab in labels_in_snapshot(store, snapshot)] and len(exported) == snapshot.num_labels
     assert store.stats()["labels_total"] > snapshot.num_labels  # ingestion really went on
     store.close()
+
+
+def test_the_registry_is_the_one_list_of_formats(tmp_path):
+    """Every module of rm_service/formats/ but the shared ones is a registered format with
+    import_labels and export_labels, and the CLI offers exactly the registered formats."""
+    import subprocess
+    import sys
+
+    from rm_service import cli, formats
+
+    shared = {"__init__", "ingest", "records"}
+    modules = {p.stem for p in Path(formats.__file__).parent.glob("*.py")} - shared
+    assert set(formats.FORMATS) == modules == {"hh", "trl", "ranking", "parquet"}
+    for spec in formats.REGISTRY:
+        assert callable(spec.module().import_labels) and callable(spec.module().export_labels)
+        assert spec.unit in ("pairs", "labels") and spec.help
+    assert cli.FORMAT_CHOICES == list(formats.FORMATS)
+    shown = subprocess.run([sys.executable, "-m", "rm_service.cli", "import", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert all(f"{spec.name}: {spec.help.split()[0]}" in " ".join(shown.split()) for spec in formats.REGISTRY)

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from conftest import HH_FILE, hh_lines
-from rm_service.importers import export_hh, import_hh
+from rm_service.formats import export_file, import_file
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
-from rm_service.store.hh import HHFormatError, parse_conversation, parse_pair
+from rm_service.formats.hh import HHFormatError, parse_conversation, parse_pair
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_parse_splits_turns_into_messages():
 
 
 def test_import_round_trips_the_shared_file(store, tmp_path):
-    counts, rejected = import_hh(store, HH_FILE)
+    counts, rejected = import_file(store, HH_FILE, "hh")
     valid = []
     for line in hh_lines():
         try:
@@ -48,13 +48,13 @@ def test_import_round_trips_the_shared_file(store, tmp_path):
                               "WHERE l.metadata->>'line' = '1'").fetchone()[0]
     assert turns == len(pair.prompt)
     out = tmp_path / "export.jsonl"
-    n, _ = export_hh(store, out)
+    n, _ = export_file(store, out, "hh")
     exported = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
     assert n == len(valid)
     assert exported == [json.loads(line) for line, _ in valid]  # chosen/rejected text exact, same order
 
 
 def test_reimport_is_idempotent(store):
-    import_hh(store, HH_FILE)
-    counts, _ = import_hh(store, HH_FILE)
+    import_file(store, HH_FILE, "hh")
+    counts, _ = import_file(store, HH_FILE, "hh")
     assert counts["INSERTED"] == 0 and counts["DUPLICATE"] > 1800

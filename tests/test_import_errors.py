@@ -14,11 +14,11 @@ import pytest
 
 from rm_service.cli import main
 from rm_service.formats import import_file
-from rm_service.importers import ImportStopped, import_records
-from rm_service.records import jsonl_records
+from rm_service.formats.ingest import ImportStopped, import_records
+from rm_service.formats.records import jsonl_records
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
-from rm_service.trl import trl_label
+from rm_service.formats.trl import trl_label
 
 
 def trl_line(n: int, **extra) -> dict:

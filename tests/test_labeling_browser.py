@@ -19,7 +19,7 @@ import pytest
 from browser import chromium, missing
 from conftest import HH_FILE
 from labeling import CHAT, REPLIES, SECOND_LABELER, TOKENS, annotator, client, rows, start, submit, url
-from rm_service.store.hh import read_pairs
+from rm_service.formats.hh import read_pairs
 from rm_service.store.labels import LabelIn
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing() is not None, reason=missing() or "")]

@@ -21,7 +21,7 @@ from rm_service.models.onnx_backend import (
     quantize_int8,
 )
 from rm_service.models.runtime import load_backbone_runtime
-from rm_service.store.hh import read_pairs
+from rm_service.formats.hh import read_pairs
 
 from conftest import HH_FILE
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from conftest import REPO, ServerThread, Stall, store_with_hh
+from conftest import ServerThread, Stall, store_with_hh
 from conftest import wait_until as _wait
 from rm_service import registry
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
@@ -225,23 +223,18 @@ def test_two_scorers_behind_client_side_round_robin(home, tiny_rm_dir):
 
 
 def test_sigterm_finishes_calls_in_flight(home, tiny_rm_dir, tmp_path):
-    port_file = tmp_path / "port"
-    env = {**os.environ, "RM_HOME": str(home), "RM_SERVE_MAX_WAIT_MS": "400"}  # items wait in the queue at SIGTERM
-    proc = subprocess.Popen([sys.executable, "-m", "rm_service.cli", "serve", "--port", "0", "--port-file", str(port_file),
-                             "--model", str(tiny_rm_dir), "--no-store"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait(lambda: port_file.exists() and port_file.read_text(), timeout=120)
-        from rm_service.client import Client
+    from rm_service.client import Client, start_server_process
 
-        client = Client(f"127.0.0.1:{port_file.read_text()}")
-        client.wait_serving(60, lambda: proc.poll() is None)
+    env = {**os.environ, "RM_HOME": str(home), "RM_SERVE_MAX_WAIT_MS": "400"}  # items wait in the queue at SIGTERM
+    proc, address = start_server_process(env, tmp_path, timeout=120, args=["--model", str(tiny_rm_dir), "--no-store"])
+    try:
+        client = Client(address)
         futures = [client.reward.Score.future(_request([f"in flight {i}"]), timeout=30) for i in range(8)]
         time.sleep(0.1)  # the calls are admitted and queued (max_wait 400 ms)
         proc.send_signal(signal.SIGTERM)
         assert all(f.result().results for f in futures)  # drained, not dropped
         assert proc.wait(timeout=60) == 0
-        assert "stopped cleanly" in proc.stdout.read()
+        assert "stopped cleanly" in (tmp_path / "server.log").read_text()
         client.close()
     finally:
         if proc.poll() is None:

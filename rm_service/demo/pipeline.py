@@ -33,7 +33,7 @@ from rm_service.client import Client, start_server_process
 from rm_service.demo.report import RunFacts, write_report
 from rm_service.demo.settings import DemoSettings
 from rm_service.errors import RMError
-from rm_service.importers import import_hh
+from rm_service.formats import import_file
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.train.run import train
@@ -125,7 +125,7 @@ def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start(f"import {s.data}")
     store = Store(StoreSettings())
     try:
-        counts, _ = import_hh(store, s.data)
+        counts, _ = import_file(store, s.data, "hh")
         facts.labels_imported, facts.lines_rejected = counts["INSERTED"], counts["REJECTED"]
         stages.done("import", t, f"({counts['INSERTED']} human labels stored, {counts['REJECTED']} malformed lines rejected)")
 

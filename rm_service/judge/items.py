@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rm_service.conversation import Message, canonical_json, validate_messages, validate_text
 from rm_service.errors import InvalidArgument
-from rm_service.store.hh import HHFormatError, parse_pair
+from rm_service.formats.hh import HHFormatError, parse_pair
 
 
 @dataclass(frozen=True)

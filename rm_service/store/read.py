@@ -1,4 +1,4 @@
-"""Read whole labels back from the store, as of a snapshot.
+"""Read whole labels back from the store, as of a snapshot; and every stored conversation.
 
 `labels_in_snapshot` rebuilds every label with seq <= snapshot.max_seq exactly as it was
 ingested (prompt, responses in position order, ranks with their ties, provenance), in commit
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from rm_service.conversation import messages_from_json
+from rm_service.conversation import Message, messages_from_json
 from rm_service.store.db import Snapshot, Store
 from rm_service.store.labels import LabelIn
 
@@ -46,6 +46,13 @@ def labels_in_snapshot(store: Store, snapshot: Snapshot) -> list[StoredLabel]:
     with store._lock:
         rows = store.con.execute(_QUERY, {"max_seq": snapshot.max_seq}).fetchall()
     return [_label(row) for row in rows]
+
+
+def conversations(store: Store) -> list[list[Message]]:
+    """Every stored conversation (a prompt), in id order."""
+    with store._lock:
+        rows = store.con.execute("SELECT messages FROM conversations ORDER BY id").fetchall()
+    return [messages_from_json(r[0]) for r in rows]
 
 
 def _label(row: tuple) -> StoredLabel:

@@ -1,6 +1,6 @@
-"""The one import loop every format uses, and the HH-RLHF text format's import and export.
+"""The one import loop every format uses.
 
-`import_records` streams a file's records (rm_service.records): each is parsed into a label
+`import_records` streams a file's records (rm_service.formats.records): each is parsed into a label
 or rejected with its line number and reason, and labels are stored through Store.ingest in
 batches of BATCH, each batch one transaction. Nothing stops it but a failure of the store
 itself (or Ctrl-C); then it raises ImportStopped, which says where it stopped: every record
@@ -11,20 +11,14 @@ already stored come back DUPLICATE).
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
-from functools import partial
-from pathlib import Path
 
-from rm_service.records import FormatError, Record, jsonl_records
+from rm_service.formats.records import FormatError, Record
 from rm_service.store.db import Store
-from rm_service.store.hh import HHFormatError, parse_pair, render_pair
 from rm_service.store.labels import LabelIn
 
 BATCH = 1000
-log = logging.getLogger(__name__)
 
 # (record, label id derived from its content, annotator) -> label; raises FormatError
 Parse = Callable[[Record, str, str], LabelIn]
@@ -90,40 +84,3 @@ def _parse(record: Record, parse: Parse, fmt: str, annotator: str) -> LabelIn | 
         return parse(record, f"{fmt}-{record.digest}", annotator)
     except FormatError as exc:
         return exc
-
-
-# -- HH-RLHF -------------------------------------------------------------------------------
-
-
-def hh_label(record: Record, label_id: str, annotator: str, file: str) -> LabelIn:
-    """The label of one HH line (source IMPORT; label_id from the line's hash, so a re-import
-    is idempotent); raises FormatError."""
-    try:
-        pair = parse_pair(record.data)
-    except HHFormatError as exc:
-        raise FormatError(str(exc)) from None
-    return LabelIn(label_id=label_id, prompt=pair.prompt, responses=[pair.chosen, pair.rejected], ranks=[0, 1], source="IMPORT",
-                   annotator=annotator, metadata={"format": "hh", "file": file, "line": str(record.number)})
-
-
-def import_hh(store: Store, path: Path, annotator: str = "hh-rlhf") -> tuple[Counter, list[str]]:
-    """Import an HH file; returns counts per outcome and the reasons for rejected lines."""
-    return import_records(store, jsonl_records(path), partial(hh_label, file=Path(path).name), "hh", annotator)
-
-
-def export_hh(store: Store, out: Path, snapshot_id: str | None = None) -> tuple[int, str]:
-    """Write a snapshot's pairs in HH format (one line per chosen/rejected pair).
-
-    HH text has only Human and Assistant turns: pairs whose prompt has a system message
-    cannot be written and are left out with a warning (use the trl or ranking format)."""
-    snapshot = store.get_snapshot(snapshot_id) if snapshot_id else store.create_snapshot()
-    all_pairs = store.pairs(snapshot)
-    pairs = [p for p in all_pairs if all(m.role != "system" for m in p.prompt)]
-    if len(pairs) < len(all_pairs):
-        log.warning("left out %d pairs with system messages: the HH format cannot hold them", len(all_pairs) - len(pairs))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(render_pair(p.prompt, p.chosen, p.rejected), ensure_ascii=False) + "\n")
-    return len(pairs), snapshot.snapshot_id
-

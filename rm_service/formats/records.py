@@ -1,6 +1,7 @@
 """Reading preference files record by record: bytes in, a parsed record or a reason out.
 
-Every importer reads its file through `jsonl_records` or `parquet_records`, so a bad record
+Every importer reads its file through `jsonl_records` (or, for Parquet,
+rm_service.formats.parquet.parquet_records, which yields the same Records), so a bad record
 is one reason ("line N: ...", "row N: ...") and never an exception:
 
 - JSONL is read as bytes, one line at a time. A line longer than MAX_LINE_BYTES (without its
@@ -9,6 +10,8 @@ is one reason ("line N: ...", "row N: ...") and never an exception:
   Blank lines are skipped; a UTF-8 byte-order mark at the start of the file is ignored.
 - Parquet is read by DuckDB (an in-memory connection); a file DuckDB cannot read is one
   reason, "file: ...".
+
+`write_jsonl` writes what the JSONL exporters produce.
 
 The field helpers below turn JSON values into the types a LabelIn holds and raise
 FormatError naming the field. Value ranges (ranks < K, finite bounded strengths, K, text
@@ -110,27 +113,12 @@ def json_object(raw: bytes) -> dict | FormatError:
     return value
 
 
-# -- Parquet -------------------------------------------------------------------------------
-
-
-def parquet_records(path: Path) -> Iterator[Record]:
-    """One Record per row, in file order; its digest hashes the row as compact sorted JSON."""
-    import duckdb
-
-    path = input_file(path)
-    try:
-        with duckdb.connect() as con:
-            cursor = con.execute("SELECT * FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number", [str(path)])
-            names = [d[0] for d in cursor.description]
-            rows = cursor.fetchall()
-    except (duckdb.Error, ValueError, TypeError, OverflowError) as exc:
-        yield Record("file", 0, "", FormatError(f"cannot read {path.name} as Parquet: {str(exc).splitlines()[0]}"))
-        return
-    for row in rows:
-        record = dict(zip(names, row))
-        number = record.pop("file_row_number") + 1
-        canonical = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
-        yield Record("row", number, digest(canonical.encode("utf-8", "surrogatepass")), record)
+def write_jsonl(out: Path, records: list[dict]) -> None:
+    """One compact JSON object a line, UTF-8 (not escaped); the parent directory is created."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # -- field parsing -------------------------------------------------------------------------

@@ -33,10 +33,13 @@ the loss without a margin.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
 from rm_service.conversation import Message
-from rm_service.records import FormatError, Record, string, strength
-from rm_service.store.db import Pair
+from rm_service.formats.ingest import import_records
+from rm_service.formats.records import FormatError, Record, jsonl_records, string, strength, write_jsonl
+from rm_service.store.db import Pair, Snapshot, Store
 from rm_service.store.labels import LabelIn
 
 KEYS = ("prompt", "chosen", "rejected", "label_id", "annotator", "source", "strength", "margin")
@@ -147,3 +150,15 @@ def trl_records(pairs: list[Pair]) -> list[dict]:
             record["margin"] = p.strength if p.strength is not None else 0.0
         records.append(record)
     return records
+
+
+def import_labels(store: Store, path: Path, annotator: str) -> tuple[Counter, list[str]]:
+    """Import a TRL preference JSONL file (any shape above)."""
+    return import_records(store, jsonl_records(path), trl_label, "trl", annotator)
+
+
+def export_labels(store: Store, out: Path, snapshot: Snapshot) -> int:
+    """Write a snapshot's pairs as explicit-prompt conversational TRL JSONL; returns the lines."""
+    records = trl_records(store.pairs(snapshot))
+    write_jsonl(out, records)
+    return len(records)
