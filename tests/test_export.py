@@ -107,6 +107,27 @@ def test_a_full_mode_version_exports_and_scores_identically(home, tiny_backbone_
     assert set((tmp_path / "out").iterdir()) >= {tmp_path / "out" / f for f in ("config.json", "model.safetensors", "tokenizer.json")}
 
 
+def test_a_tokenizer_that_pads_with_eos_gets_another_pad_id(home, tiny_backbone_dir, tmp_path):
+    """SmolLM2 pads with the EOS that ends every item; transformers reads the score at the last
+    token that is not the pad id, so the export pads with another special token."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    backbone = tmp_path / "eos-pad"
+    shutil.copytree(tiny_backbone_dir, backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(backbone)
+    name = make_version(backbone, "v1", Pooling(method="last"), mode="full", bias=False)
+    export_hf(name, tmp_path / "out")
+    pad = AutoConfig.from_pretrained(tmp_path / "out").pad_token_id
+    assert pad == AutoTokenizer.from_pretrained(tmp_path / "out").pad_token_id != tokenizer.eos_token_id
+    served, runtime = served_raw(name, NEW_PAIRS)
+    for scores in transformers_scores(tmp_path / "out", runtime, NEW_PAIRS):
+        np.testing.assert_allclose(scores, served, atol=1e-4, rtol=1e-4)
+
+
 def test_a_head_mode_bias_is_folded_into_a_layernorm_bias(home, tiny_gpt2_dir, tmp_path):
     name = make_version(tiny_gpt2_dir, "v1", Pooling(layers=(2,), method="last"), bias=True)
     report = export_hf(name, tmp_path / "out")

@@ -134,7 +134,9 @@ def export_pad_id(runtime: ModelRuntime) -> int:
     tok, pad = runtime.tokenizer, runtime.pad_id
     if pad != tok.eos_token_id:
         return pad
-    others = [i for i in tok.all_special_ids if i != tok.eos_token_id]
+    template = runtime.spec.chat_template or ""
+    others = sorted((i for i in tok.all_special_ids if i != tok.eos_token_id),
+                    key=lambda i: tok.convert_ids_to_tokens(i) in template)  # one the template never writes first
     if not others:
         raise InvalidArgument("version", "the tokenizer pads with its EOS and has no other special token to pad with; "
                                          "transformers would read the score before the EOS that ends every item")
