@@ -123,6 +123,11 @@ def _models(args) -> int:
     from rm_service.settings import StoreSettings, TrainSettings
     from rm_service.store.db import Store
 
+    if args.action == "export":  # reads the version's directory only: no store
+        from rm_service.models.export import export_hf
+
+        print(export_hf(args.version, args.dir).summary())
+        return 0
     store = Store(StoreSettings())
     try:
         if args.action == "list":
@@ -230,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("models", help="the model registry")
-    s.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    s.add_argument("action", choices=["list", "show", "promote", "rollback", "export"])
     s.add_argument("version", nargs="?")
+    s.add_argument("dir", nargs="?", help="export: the directory to write (a transformers *ForSequenceClassification)")
+    s.add_argument("--format", choices=["hf"], default="hf", help="export: hf, a standard transformers directory (docs/operations.md)")
     s.add_argument("--force", action="store_true", help="promote even if the gate refuses")
     s.set_defaults(func=_models)
 
@@ -257,10 +264,18 @@ def _demo_settings():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "models" and args.action == "export" and args.dir is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.dir = extra.pop()  # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)
-    if args.command == "models" and args.action in ("show", "promote") and not args.version:
+    if args.command == "models" and args.action in ("show", "promote", "export") and not args.version:
         print(f"rm-service models {args.action}: a version is required", file=sys.stderr)
+        return 2
+    if args.command == "models" and args.action == "export" and not args.dir:
+        print("rm-service models export: the directory to write is required (models export VERSION --format hf DIR)", file=sys.stderr)
         return 2
     try:
         return args.func(args)

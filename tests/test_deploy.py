@@ -69,7 +69,7 @@ def _settings(docs: list[dict]) -> dict[str, str]:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(rendered, version):
     _, docs = rendered
-    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler",
+    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "ConfigMap", "HorizontalPodAutoscaler",
                                          "PersistentVolumeClaim", "PodDisruptionBudget"}
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError naming the field
@@ -81,6 +81,8 @@ def test_raw_base_files_validate_without_kustomize():
     for name in files:
         for doc in yaml.safe_load_all((K8S / "base" / name).read_text()):
             kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    for doc in yaml.safe_load_all((K8S / "tokens-secret.example.yaml").read_text()):  # the example operators copy
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
 
 
 def test_a_broken_manifest_is_refused():
@@ -120,7 +122,9 @@ def test_pods_run_as_the_images_non_root_user_with_tokens_from_the_secret(render
     _, docs = rendered
     uid = int(re.search(r"^ARG UID=(\d+)$", (DEPLOY / "Containerfile").read_text(), re.M).group(1))
     settings = _settings(docs)
-    secret = _one(docs, "Secret", "rm-service-tokens")
+    assert not _by_kind(docs, "Secret")  # created by the operator outside the kustomization: `apply -k` never overwrites it
+    assert "create secret generic rm-service-tokens --from-file=tokens=" in (REPO / "docs" / "operations.md").read_text()
+    secret = yaml.safe_load((K8S / "tokens-secret.example.yaml").read_text())
     for workload in _workloads(docs):
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid != 0
@@ -178,6 +182,22 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image():
     assert {"name": "RM_SERVE_DEVICE", "value": "cuda"} in container["env"]
     assert container["image"].endswith(":cuda")
     assert _one(docs, "Deployment", "rm-scorer")["spec"]["template"]["spec"]["containers"][0]["args"] == ["serve", "--no-store"]
+
+
+@pytest.mark.parametrize("path", RENDERINGS)
+def test_a_node_drain_can_evict_a_scorer_at_the_hpa_minimum(path):
+    """The PDB allows an eviction when the HPA has scaled the scorers down to its minimum (the gpu
+    overlay's is 1), and takes them one at a time above it."""
+    docs = _render(path)
+    minimum = _one(docs, "HorizontalPodAutoscaler", "rm-scorer")["spec"]["minReplicas"]
+    spec = _one(docs, "PodDisruptionBudget", "rm-scorer")["spec"]
+    if "maxUnavailable" in spec:
+        assert spec["maxUnavailable"] == 1
+    else:
+        assert spec["minAvailable"] < minimum
+    assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"  # an unready scorer never blocks a drain
+    if path == "overlays/gpu":
+        assert minimum == 1
 
 
 def _known_settings() -> set[str]:

@@ -347,7 +347,8 @@ class Batcher:
         self.items_scored += len(ran.jobs)
         if self.observer is not None:
             real = sum(len(j.item) for j in ran.jobs)
-            self.observer.batch(version, len(ran.jobs), ran.padded_tokens, real, ran.seconds, [ran.start - j.enqueued for j in ran.jobs])
+            self.observer.batch(version, len(ran.jobs), ran.padded_tokens, real, ran.seconds, [ran.start - j.enqueued for j in ran.jobs],
+                                 budget=self.max_batch_tokens)
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for j in jobs:

@@ -17,6 +17,23 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_scores_total | counter | version: items scored |
 | rm_rpcs_total | counter | method, code |
 | rm_rpc_seconds | histogram | method |
+| rm_batch_fill_ratio | histogram | padded tokens / token budget (max_batch_tokens) per batch |
+| rm_reward | histogram | version: the served (normalised) reward of each scored item |
+| rm_item_tokens | histogram | version: tokens per scored item, after truncation |
+| rm_truncated_items_total | counter | version: items cut at the version's max_tokens |
+| rm_raw_score_window_mean, _std | gauge | version: raw score over the last WINDOW_ITEMS items |
+| rm_raw_score_reference_mean, _std | gauge | version: raw score on its training items (version.json reward_mean/std) |
+| rm_raw_score_drift_mean | gauge | version: (window mean - reference mean) / reference std |
+| rm_raw_score_drift_std_ratio | gauge | version: window std / reference std |
+| rm_reward_length_correlation | gauge | version: Pearson r of completion length (characters) and raw score over the window |
+| rm_reward_length_correlation_reference | gauge | version: the same on its training items |
+| rm_reward_window_items | gauge | version: items in the window |
+
+The reward figures come from `observe_scores`, which RewardService.score calls for every item
+it answers (gRPC Score and the HTTP routes; not ScoreTurns, whose per-turn rewards are not a
+policy's final reward). Drift and reference gauges exist for registry versions only (an
+external checkpoint has no reference statistics); the window is kept for the last
+MAX_VERSIONS versions seen.
 """
 
 from __future__ import annotations
@@ -25,16 +42,27 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import threading
 import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from rm_service.server.handlers import behaviour, with_behaviour
 
 log = logging.getLogger(__name__)
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+REWARD_BUCKETS = (-4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4)  # normalised: 0 mean, unit std on the training items
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+WINDOW_ITEMS = 1000  # recent items per version behind the drift and length-correlation gauges
+MAX_VERSIONS = 8  # versions whose windows are kept (the oldest seen goes first)
 
 
 class Metrics:
@@ -61,11 +89,36 @@ class Metrics:
         self.scores = Counter("rm_scores", "Items scored, by model version.", ["version"], registry=r)
         self.rpcs = Counter("rm_rpcs", "Finished RPCs, by method and status code.", ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("rm_rpc_seconds", "RPC latency, by method.", ["method"], buckets=SECONDS, registry=r)
+        self.fill_ratio = Histogram("rm_batch_fill_ratio", "Padded tokens of a model batch / the token budget (max_batch_tokens); "
+                                    "over 1: one item longer than the budget.", buckets=FILL_BUCKETS, registry=r)
+        self.reward = Histogram("rm_reward", "Served reward (normalised with the version's reference statistics) of each scored item.",
+                                ["version"], buckets=REWARD_BUCKETS, registry=r)
+        self.item_tokens = Histogram("rm_item_tokens", "Tokens per scored item, after truncation.", ["version"], buckets=TOKEN_BUCKETS,
+                                     registry=r)
+        self.truncated = Counter("rm_truncated_items", "Scored items cut at the version's max_tokens (the start of the conversation "
+                                 "goes first).", ["version"], registry=r)
+        self.windows = RewardWindows()
+        r.register(self.windows)
         self._httpd = None
 
+    def observe_scores(self, version: str, raw, reward, tokens, truncated, completion_chars, reference: Reference | None) -> None:
+        """The items of one scoring call, as answered: raw and served rewards, tokens, truncation
+        and completion lengths [N] each; `reference` is None for a version without one (external)."""
+        hist, toks = self.reward.labels(version), self.item_tokens.labels(version)
+        for value, n in zip(reward, tokens):
+            hist.observe(float(value))
+            toks.observe(n)
+        cut = int(sum(bool(t) for t in truncated))
+        if cut:
+            self.truncated.labels(version).inc(cut)
+        self.windows.add(version, raw, completion_chars, reference)
+
     # The batcher observer interface (rm_service.server.batcher).
-    def batch(self, version: str, n_items: int, padded_tokens: int, real_tokens: int, seconds: float, queue_waits) -> None:
+    def batch(self, version: str, n_items: int, padded_tokens: int, real_tokens: int, seconds: float, queue_waits,
+              budget: int | None = None) -> None:
         self.batch_size.observe(n_items)
+        if budget:
+            self.fill_ratio.observe(padded_tokens / budget)
         self.padding_ratio.observe(padded_tokens / max(real_tokens, 1))
         self.stage_seconds.labels("inference").observe(seconds)
         wait = self.stage_seconds.labels("queue_wait")
@@ -105,6 +158,91 @@ class Metrics:
 
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _RpcInterceptor(self)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A version's raw-score statistics on its training items (version.json reward_mean/std and
+    metrics.reference_length_correlation)."""
+
+    mean: float
+    std: float
+    length_correlation: float | None = None
+
+
+@dataclass
+class _Window:
+    reference: Reference | None
+    raw: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ITEMS))
+    length: deque = field(default_factory=lambda: deque(maxlen=WINDOW_ITEMS))
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation, None where it is undefined (fewer than 3 points, or a constant)."""
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+class RewardWindows:
+    """The last WINDOW_ITEMS (raw score, completion length) of each version, summarised at
+    scrape time: drift from the version's reference statistics and the length correlation.
+    Written on the event loop, read by the metrics HTTP thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[str, _Window] = OrderedDict()
+
+    def add(self, version: str, raw, lengths, reference: Reference | None) -> None:
+        with self._lock:
+            w = self._windows.get(version)
+            if w is None:
+                w = self._windows[version] = _Window(reference)
+                while len(self._windows) > MAX_VERSIONS:
+                    self._windows.popitem(last=False)
+            w.raw.extend(float(x) for x in raw)
+            w.length.extend(float(n) for n in lengths)
+
+    def summary(self, version: str) -> dict[str, float]:
+        """The gauges of one version (what collect() exports)."""
+        with self._lock:
+            w = self._windows[version]
+            raw, length, ref = np.array(w.raw), np.array(w.length), w.reference
+        out = {"rm_reward_window_items": float(len(raw)), "rm_raw_score_window_mean": float(raw.mean()),
+               "rm_raw_score_window_std": float(raw.std())}
+        r = pearson(length, raw)
+        if r is not None:
+            out["rm_reward_length_correlation"] = r
+        if ref is not None:
+            out.update({"rm_raw_score_reference_mean": ref.mean, "rm_raw_score_reference_std": ref.std,
+                        "rm_raw_score_drift_mean": (out["rm_raw_score_window_mean"] - ref.mean) / ref.std,
+                        "rm_raw_score_drift_std_ratio": out["rm_raw_score_window_std"] / ref.std})
+            if ref.length_correlation is not None:
+                out["rm_reward_length_correlation_reference"] = ref.length_correlation
+        return out
+
+    def collect(self):
+        with self._lock:
+            versions = list(self._windows)
+        families = {name: GaugeMetricFamily(name, help_, labels=["version"]) for name, help_ in WINDOW_GAUGES.items()}
+        for version in versions:
+            for name, value in self.summary(version).items():
+                families[name].add_metric([version], value)
+        yield from families.values()
+
+
+WINDOW_GAUGES = {
+    "rm_reward_window_items": f"Items in the version's window (the last {WINDOW_ITEMS} scored).",
+    "rm_raw_score_window_mean": "Mean raw score over the version's window.",
+    "rm_raw_score_window_std": "Standard deviation of the raw score over the version's window.",
+    "rm_raw_score_reference_mean": "The version's raw-score mean on its training items (reward_mean).",
+    "rm_raw_score_reference_std": "The version's raw-score standard deviation on its training items (reward_std).",
+    "rm_raw_score_drift_mean": "(window mean - reference mean) / reference std: the served mean reward's shift.",
+    "rm_raw_score_drift_std_ratio": "window std / reference std.",
+    "rm_reward_length_correlation": "Pearson correlation of completion length (characters) and raw score over the window; "
+                                    "rising above its reference is an early sign of a policy exploiting length.",
+    "rm_reward_length_correlation_reference": "The same correlation on the version's training items.",
+}
 
 
 class _RpcInterceptor(grpc.aio.ServerInterceptor):

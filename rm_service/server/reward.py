@@ -18,6 +18,7 @@ from rm_service.models.formatting import Formatted, format_item
 from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
 from rm_service.server.batcher import Batcher
 from rm_service.server.convert import messages, model_info, score_items
+from rm_service.server.metrics import Reference
 from rm_service.server.models import Served, ServedModels
 from rm_service.server.rpc import rpc, stream_rpc
 from rm_service.settings import ServeSettings
@@ -59,7 +60,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int,
                  observer=None):
         self.served = served
-        self.observer = observer  # metrics: observer.stage("tokenise", seconds)
+        self.observer = observer  # metrics: observer.stage("tokenise", seconds), observer.observe_scores(...)
         self.batcher = batcher
         self.settings = settings
         self.store = store
@@ -108,7 +109,11 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         with self._admit(served, len(pairs), pairs, claim) as permit:
             formatted = await self._tokenise(served, pairs, permit)
             members = await self.batcher.score(permit, served.record.version, served.backend, formatted)  # [N, K]
-        return Scored(served, formatted, members)
+        scored = Scored(served, formatted, members)
+        if self.observer is not None:
+            self.observer.observe_scores(scored.version, scored.raw, scored.reward, [len(x) for x in formatted],
+                                         [x.truncated for x in formatted], [len(c) for _, c in pairs], reference(served))
+        return scored
 
     @rpc
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
@@ -186,6 +191,16 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                                                                         self.served.versions.get(rec.version)))
         finally:
             self.served.unsubscribe(queue)
+
+
+def reference(served: Served) -> Reference | None:
+    """The version's raw-score statistics on its training items, for the drift metrics; None for
+    an external checkpoint (its mean 0 and std 1 are placeholders)."""
+    rec = served.record
+    if rec.status == "external":
+        return None
+    corr = rec.metrics.get("reference_length_correlation")
+    return Reference(rec.reward_mean, rec.reward_std or 1.0, None if corr is None or corr != corr else float(corr))
 
 
 def _assistant_turns(conversation: list[Message], max_chars: int, max_turns: int) -> list[int]:

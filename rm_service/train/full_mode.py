@@ -120,7 +120,7 @@ def fit_full_mode(runtime: ModelRuntime, split: Split, settings: TrainSettings, 
     return Scores(fit=pair_rewards(runtime, sample, settings.feature_batch_tokens),
                   heldout=pair_rewards(runtime, split.heldout, settings.feature_batch_tokens), steps=state["step"],
                   num_pairs={"train_pairs": len(split.fit) + len(split.validation), "validation_pairs": len(split.validation),
-                             "heldout_pairs": len(split.heldout)}, extra=extra, heldout_pairs=list(split.heldout))
+                             "heldout_pairs": len(split.heldout)}, extra=extra, heldout_pairs=list(split.heldout), fit_pairs=sample)
 
 
 def with_lora(backbone: torch.nn.Module, rank: int) -> torch.nn.Module:

@@ -65,7 +65,7 @@ def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: T
                              "onpolicy_train_pairs": sum(p.on_policy for p in train)},
                   extra={"head_l2": selection.l2, "head_cv_loss": selection.cv_loss, "feature_seconds": feature_seconds,
                          "feature_tokens_per_s": tokens / max(feature_seconds, 1e-9), "feature_tokens": float(tokens)},
-                  info={"features": selection.name, "selection": [list(row) for row in selection.table]})
+                  info={"features": selection.name, "selection": [list(row) for row in selection.table]}, fit_pairs=train)
 
 
 def split_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], cands: list[Candidate], settings: TrainSettings,

@@ -125,6 +125,7 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
             metrics["unchanged_from_parent"] = 1.0
     reference = np.concatenate(scores.fit)
     reward_mean, reward_std = float(reference.mean()), float(reference.std() or 1.0)
+    metrics.update(reference_stats(reference, scores.fit_pairs))
 
     version, number = registry.next_version(store)
     directory = Path(models.artifacts_dir) / version
@@ -156,6 +157,18 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
         promoted, message = registry.promote(store, version, settings.gate_tolerance, verify=registry.load_check(models),
                                              onpolicy=settings.gate_onpolicy, alpha=settings.gate_alpha, ties=settings.gate_onpolicy_ties)
     return TrainResult(version, promoted, message, metrics, seconds, _details(runtime, metrics, scores))
+
+
+def reference_stats(raw: np.ndarray, pairs: list[Pair]) -> dict[str, float]:
+    """What serving compares its recent scores with (server.metrics), beside reward_mean/std:
+    the training items counted and the Pearson correlation of completion length (characters)
+    and raw score over them (`raw` is r_chosen ++ r_rejected of `pairs`; NaN when undefined)."""
+    out = {"reference_items": float(len(raw))}
+    if len(pairs) * 2 == len(raw):
+        lengths = np.array([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs], dtype=float)  # [2N]
+        ok = len(raw) >= 3 and lengths.std() > 0 and raw.std() > 0
+        out["reference_length_correlation"] = float(np.corrcoef(lengths, raw)[0, 1]) if ok else float("nan")
+    return out
 
 
 def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
