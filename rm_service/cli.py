@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,6 +170,10 @@ def serve_settings(args):
 
 
 def _serve(args) -> int:
+    # Before torch loads OpenMP: its threads sleep at barriers instead of spinning while the event loop and the
+    # tokeniser need a core (bench/overload.py, MiniLM on 2 cores: goodput at 4x load 83-86% of 1x -> 87-108% over
+    # five runs). Set OMP_WAIT_POLICY yourself to keep another policy.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from rm_service.logs import set_log_format
     from rm_service.server.app import serve_forever
 
