@@ -17,6 +17,8 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_scores_total | counter | version: items scored |
 | rm_rpcs_total | counter | method, code |
 | rm_rpc_seconds | histogram | method |
+| rm_http_requests_total | counter | route, status: finished requests to the HTTP reward routes and /health |
+| rm_http_request_seconds | histogram | route |
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Metrics:
         self.scores = Counter("rm_scores", "Items scored, by model version.", ["version"], registry=r)
         self.rpcs = Counter("rm_rpcs", "Finished RPCs, by method and status code.", ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("rm_rpc_seconds", "RPC latency, by method.", ["method"], buckets=SECONDS, registry=r)
+        self.http_requests = Counter("rm_http_requests", "Finished HTTP requests to the reward routes and /health, by route and status.",
+                                     ["route", "status"], registry=r)
+        self.http_seconds = Histogram("rm_http_request_seconds", "HTTP request latency, by route.", ["route"], buckets=SECONDS, registry=r)
         self._httpd = None
 
     # The batcher observer interface (rm_service.server.batcher).
@@ -91,6 +96,11 @@ class Metrics:
     def stage(self, stage: str, seconds: float) -> None:
         """One measurement of a stage (RewardService reports tokenise through this)."""
         self.stage_seconds.labels(stage).observe(seconds)
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        """One finished HTTP request (server.http.reward_routes counts its routes through this)."""
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP on host:port (0: a free port) in a daemon thread; returns the port."""
