@@ -84,7 +84,7 @@ async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> dict:
     larger Content-Length is refused before anything is read, a longer stream as it passes it."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise InvalidArgument("body", f"is {int(declared)} bytes; the limit is {limit}")
+        raise InvalidArgument("body", f"is larger than the limit of {limit} bytes (Content-Length {int(declared)})")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
