@@ -106,7 +106,8 @@ def render() -> str:
     lines = ["# API reference (package `rm.v1`)", "",
              "Generated from the comments in `proto/rm/v1/*.proto` by `tools/gen_api_docs.py`; do not edit by hand",
              "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see the README's",
-             "API section and `rm_service/errors.py`.", ""]
+             "API section and `rm_service/errors.py`. The HTTP routes that OpenRLHF, verl and vLLM clients call",
+             "(`POST /get_reward`, `/classify`, `/pooling`) and readiness (`GET /health`, gRPC health): [http.md](http.md).", ""]
     for file in sorted(files, key=lambda f: ("common" not in f.name, f.name)):
         lines += render_file(file)
     return "\n".join(lines).rstrip() + "\n"
