@@ -15,6 +15,8 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import ServerThread, wait_until
 from labeling import TOKENS
@@ -276,3 +278,19 @@ def test_a_store_only_process_reports_only_its_services(home):
         assert httpx.post(url + "/get_reward", json={"query": [GOOD]}).status_code == 404  # no model, no reward routes
     finally:
         server.stop()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+PIECES = st.sampled_from(["<|im_start|>", "<|im_end|>", "user", "assistant", "system", "\n", " ", "Hi", "<pad>", "x" * 50, "\ud800", ""])
+CHATML = st.lists(PIECES, max_size=12).map("".join)
+
+
+@settings(max_examples=60, deadline=None)
+@given(path=st.sampled_from(["/get_reward", "/classify", "/pooling"]),
+       body=st.dictionaries(st.sampled_from(["query", "prompts", "labels", "input", "messages", "use_activation", "model"]),
+                            JSON | st.lists(CHATML, min_size=1, max_size=3) | CHATML, max_size=4))
+def test_any_body_is_answered_200_or_400_never_500(srv, path, body):
+    r = httpx.post(_url(srv, path), content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code in (200, 400), r.text
+    assert r.status_code == 200 or ":" in r.json()["error"]  # a 400 names its field
