@@ -294,3 +294,21 @@ def test_any_body_is_answered_200_or_400_never_500(srv, path, body):
     r = httpx.post(_url(srv, path), content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code in (200, 400), r.text
     assert r.status_code == 200 or ":" in r.json()["error"]  # a 400 names its field
+
+
+def test_a_caller_that_disconnects_has_its_items_dropped_before_the_model(stalled_server):
+    srv, _, stall, _ = stalled_server(http_port=0)
+    url = f"http://127.0.0.1:{srv.server.http.port}/get_reward"
+    held = {}
+    first = threading.Thread(target=lambda: held.setdefault("r", httpx.post(url, json={"query": [GOOD, GOOD]}, timeout=60)))
+    first.start()
+    wait_until(lambda: stall.batches)  # the first request's batch holds the (stalled) model
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json={"query": [GOOD] * 3}, timeout=1.0)  # queued behind it; the caller gives up and disconnects
+    value = srv.server.metrics.registry.get_sample_value
+    wait_until(lambda: value("rm_http_requests_total", {"route": "/get_reward", "status": "499"}) == 1)
+    assert srv.server.batcher.inflight_items == 2  # its permit is released at once: only the first request's items remain
+    stall.release()
+    first.join(60)
+    assert held["r"].status_code == 200
+    assert stall.batches == [2]  # the three items of the caller who left never reached the model
