@@ -51,6 +51,10 @@ class Aborted(RMError):
     passed to someone else. Lease again and redo the work."""
 
 
+class Cancelled(RMError):
+    """The caller went away (an HTTP client disconnected) before its answer was ready."""
+
+
 class Unauthenticated(RMError):
     """No or unknown credentials."""
 
@@ -68,6 +72,7 @@ STATUS_CODES: dict[type[RMError], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Aborted: grpc.StatusCode.ABORTED,
+    Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
@@ -93,6 +98,7 @@ HTTP_STATUS: dict[type[RMError], int] = {
     Overloaded: 429,
     Unavailable: 503,
     DeadlineExceeded: 504,
+    Cancelled: 499,  # nginx's "client closed request": nobody reads it, the metrics count it
 }
 
 

@@ -121,8 +121,9 @@ class ServeSettings(BaseSettings):
     )
     http_port: int = Field(
         -1, ge=-1, le=65535,
-        description="HTTP port of the labeling page (docs/labeling.md), bound on the same host as gRPC with the same rules (bearer "
-                    "tokens, TLS); 0 picks a free one, -1 serves no page. Needs the store in this process.",
+        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward routes OpenRLHF, verl "
+                    "and vLLM clients call (docs/api.md) when this process serves a model, the labeling page (docs/labeling.md) when "
+                    "it holds the store, GET /health always. 0 picks a free one, -1 (default) serves no HTTP.",
     )
     labeling_lease_s: int = Field(
         120, ge=1, le=24 * 3600,

@@ -197,9 +197,7 @@ def test_the_page_over_mutual_tls(home, pki):
         srv.stop()
 
 
-def test_the_page_needs_the_store_and_a_free_port(home):
-    with pytest.raises(FailedPrecondition, match="needs the store"):
-        start(with_store=False, with_model=True)
+def test_the_page_needs_a_free_port(home):
     srv = start()
     try:
         with pytest.raises(FailedPrecondition, match=f"127.0.0.1:{srv.server.http.port} \\(in use\\)"):

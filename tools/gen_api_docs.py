@@ -105,8 +105,9 @@ def render() -> str:
     files = [f for f in descriptors().file if f.name.startswith("rm/v1/")]
     lines = ["# API reference (package `rm.v1`)", "",
              "Generated from the comments in `proto/rm/v1/*.proto` by `tools/gen_api_docs.py`; do not edit by hand",
-             "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see docs/serving.md",
-             "(API overview) and `rm_service/errors.py`.", ""]
+             "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see [serving](serving.md)",
+             "(API overview) and `rm_service/errors.py`. The HTTP routes that OpenRLHF, verl and vLLM clients call",
+             "(`POST /get_reward`, `/classify`, `/pooling`) and readiness (`GET /health`, gRPC health): [http.md](http.md).", ""]
     for file in sorted(files, key=lambda f: ("common" not in f.name, f.name)):
         lines += render_file(file)
     return "\n".join(lines).rstrip() + "\n"

@@ -1,13 +1,18 @@
 """Build, start and stop the gRPC server (grpc.aio).
 
-Health (`grpc.health.v1`) answers NOT_SERVING until the model is loaded, SERVING after,
-and NOT_SERVING again while draining. Reflection lists every service, so grpcurl works
-without .proto files.
+Health (`grpc.health.v1`) reports only the services this process serves. The store's services
+(PreferenceService, TrainingService) are SERVING once the port is bound; RewardService and the
+overall status (service name "", what generic probes ask) are NOT_SERVING until the model is
+loaded and warmed, then SERVING; everything is NOT_SERVING again while draining. A store-only
+process (`--no-model`) has no RewardService entry: health answers NOT_FOUND for it. While the
+model loads, Score answers UNAVAILABLE (retryable). Reflection lists every service, so grpcurl
+works without .proto files.
 
 Security (server.auth): with bearer tokens configured every call except health and reflection
 needs a token with the method's role; without tokens the server binds loopback only. TLS (and
 mutual TLS with a client CA) comes from SecuritySettings. Metrics (server.metrics) are served
-over HTTP on `metrics_port` of the same host, the labeling page (server.http) on `http_port`.
+over HTTP on `metrics_port` of the same host; the HTTP app (server.http: the reward routes that
+OpenRLHF, verl and vLLM clients call, `/health`, and with the store the labeling page) on `http_port`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from rm_service.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
+REWARD_SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+
 
 class RewardServer:
     """One server process: the model(s) it serves and, unless disabled, the store."""
@@ -51,9 +58,7 @@ class RewardServer:
         self.security = security or SecuritySettings()
         self.tokens = Tokens.from_settings(self.security)
         self.credentials = server_credentials(self.security)
-        check_bind(settings.host, self.tokens, self.credentials is not None)  # gRPC, metrics and the labeling page share the host
-        if settings.http_port >= 0 and not settings.with_store:
-            raise FailedPrecondition("the labeling page needs the store in this process: drop --no-store, or set RM_SERVE_HTTP_PORT=-1")
+        check_bind(settings.host, self.tokens, self.credentials is not None)  # gRPC, metrics and the HTTP app share the host
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.settings = settings
@@ -71,6 +76,17 @@ class RewardServer:
         self.reward: RewardService | None = None
         self.http: HttpServer | None = None
         self._follower: asyncio.Task | None = None
+        self.services: list[str] = []  # the gRPC services this process serves, as health reports them
+        self.ready = False  # loaded, warmed and not draining: what health's "" and HTTP /health report
+
+    @property
+    def readiness(self) -> str:
+        """Why the server is (not) ready, for HTTP /health."""
+        if self.ready:
+            return "serving"
+        if self.server is None or self.port is None:
+            return "starting"
+        return "loading the reward model" if self.settings.with_model and self.served.loading else "not serving (starting or draining)"
 
     async def start(self) -> int:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
@@ -85,7 +101,7 @@ class RewardServer:
             self.store = Store(self.store_settings)
             self.writer = GroupCommitWriter(self.store, self.store_settings.group_commit_max_labels)
         max_chars = self.store_settings.max_text_chars
-        names = []
+        names = self.services
         if self.settings.with_model:
             st = self.settings
             self.batcher = Batcher(st, observer=self.metrics)
@@ -93,7 +109,7 @@ class RewardServer:
             self.batcher.start()
             self.reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
             reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
-            names.append(reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name)
+            names.append(REWARD_SERVICE)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
             self.jobs = JobRunner(self.store, self.train, self.models, on_version=self.served.announce)
@@ -101,8 +117,8 @@ class RewardServer:
             names += [preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
                       training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        extra = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names + extra, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # Start-up errors before binding, each one line: the registry, then the address.
         target = await asyncio.to_thread(resolve_for_serving, self.settings, self.store, self.models) if self.settings.with_model else None
@@ -117,6 +133,9 @@ class RewardServer:
         except RuntimeError as exc:  # gRPC's "Failed to bind to address": the port was taken since the check
             raise FailedPrecondition(f"cannot bind {address}: {exc}") from None
         await self.server.start()
+        for name in self.services:  # the store's services work from here on; the model's wait for the model
+            if name != REWARD_SERVICE:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC on %s:%d: %s, %s", self.settings.host, self.port,
                  ("mutual TLS" if self.security.tls_client_ca else "TLS") if self.credentials else "plaintext",
                  f"bearer tokens required ({len(self.tokens)} configured)" if self.tokens else "no authentication (loopback only)")
@@ -132,12 +151,14 @@ class RewardServer:
                 pinned = await asyncio.get_running_loop().run_in_executor(None, load_pinned, name, self.settings, self.store, self.models)
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
+            self.served.loading = False  # from here a version this process does not hold is NOT_FOUND, not UNAVAILABLE
             gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s))
         else:
             log.info("serving the store only on %s:%d", self.settings.host, self.port)
+        self.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -156,20 +177,23 @@ class RewardServer:
         log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
 
     async def _start_http(self) -> None:
-        """The labeling page (and any HTTP route) on http_port of the gRPC host, auth and TLS alike."""
+        """The HTTP app on http_port of the gRPC host, auth and TLS alike: the reward routes when this
+        process serves a model, the labeling page when it holds the store, /health always."""
         if self.settings.http_port < 0:
             return
-        app = create_app(HttpContext(self.store, self.writer, self.tokens, self.settings, self.reward))
+        app = create_app(HttpContext(self.store, self.writer, self.tokens, self.settings, self.reward, self.metrics, lambda: self.readiness))
         self.http = HttpServer(app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds)
         await self.http.start()
-        log.info("labeling page on %s", self.http.url)
+        log.info("HTTP on %s: %s", self.http.url, ", ".join(filter(None, ["reward routes" if self.reward else "",
+                                                                             "labeling page" if self.store else "", "/health"])))
 
     async def _set_health(self, status) -> None:
-        for service in ("", "rm.v1.RewardService", "rm.v1.PreferenceService", "rm.v1.TrainingService"):
+        for service in ("", *self.services):
             await self.health.set(service, status)
 
     async def stop(self) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish, close the store."""
+        self.ready = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._follower is not None:
             self._follower.cancel()
@@ -209,8 +233,10 @@ async def serve_forever(settings: ServeSettings, port_file: Path | None = None, 
             port_file.write_text(str(port))
         what = server.served.default if settings.with_model else "the preference store"
         print(f"rm-service serving {what} on {settings.host}:{port}", flush=True)
-        if server.http is not None:
+        if server.http is not None and server.store is not None:
             print(f"labeling page on {server.http.url}", flush=True)
+        if server.http is not None and server.reward is not None:
+            print(f"HTTP reward routes on {server.http.url} (POST /get_reward, /classify, /pooling; GET /health)", flush=True)
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
     finally:

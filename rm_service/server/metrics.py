@@ -28,6 +28,8 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_reward_length_correlation | gauge | version: Pearson r of completion length (characters) and raw score over the window |
 | rm_reward_length_correlation_reference | gauge | version: the same on its training items |
 | rm_reward_window_items | gauge | version: items in the window |
+| rm_http_requests_total | counter | route, status: finished requests to the HTTP reward routes and /health |
+| rm_http_request_seconds | histogram | route |
 
 The reward figures come from `observe_scores`, which RewardService.score calls for every item
 it answers (gRPC Score and the HTTP routes; not ScoreTurns, whose per-turn rewards are not a
@@ -99,6 +101,9 @@ class Metrics:
                                  "goes first).", ["version"], registry=r)
         self.windows = RewardWindows()
         r.register(self.windows)
+        self.http_requests = Counter("rm_http_requests", "Finished HTTP requests to the reward routes and /health, by route and status.",
+                                     ["route", "status"], registry=r)
+        self.http_seconds = Histogram("rm_http_request_seconds", "HTTP request latency, by route.", ["route"], buckets=SECONDS, registry=r)
         self._httpd = None
 
     def observe_scores(self, version: str, raw, reward, tokens, truncated, completion_chars, reference: Reference | None) -> None:
@@ -144,6 +149,11 @@ class Metrics:
     def stage(self, stage: str, seconds: float) -> None:
         """One measurement of a stage (RewardService reports tokenise through this)."""
         self.stage_seconds.labels(stage).observe(seconds)
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        """One finished HTTP request (server.http.reward_routes counts its routes through this)."""
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP on host:port (0: a free port) in a daemon thread; returns the port."""

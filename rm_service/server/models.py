@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rm_service import registry
-from rm_service.errors import FailedPrecondition, NotFound
+from rm_service.errors import FailedPrecondition, NotFound, Unavailable
 from rm_service.models.precision import describe
 from rm_service.models.resolver import BUNDLED
 from rm_service.models.runtime import ModelRuntime
@@ -42,11 +42,15 @@ class ServedModels:
         self._watchers: set[asyncio.Queue] = set()
         self.failed: dict[str, str] = {}  # version -> why it could not be loaded
         self.pinned: set[str] = set()  # versions kept loaded beside the default (ServeSettings.also_load)
+        self.loading = True  # until the server has loaded (and warmed) every version it starts with
 
     def get(self, version: str = "") -> Served:
-        """The pinned version if loaded, else the default one."""
+        """The pinned version if loaded, else the default one. While the server is still loading
+        its models a version it does not hold yet is Unavailable (retryable), not NotFound."""
         name = version or self.default
         if name is None or name not in self.versions:
+            if self.loading:
+                raise Unavailable(f"the reward model is still loading (model version {version or 'default'!r}); retry shortly")
             raise NotFound(f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})")
         return self.versions[name]
 

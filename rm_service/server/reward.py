@@ -13,7 +13,7 @@ import numpy as np
 from rm_service import registry
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.conversation import Message, validate_turns
-from rm_service.errors import InvalidArgument, NotFound
+from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.models.formatting import Formatted, format_item
 from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
 from rm_service.server.batcher import Batcher
@@ -172,6 +172,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
     @rpc
     async def GetModel(self, request: reward_pb2.GetModelRequest, context) -> reward_pb2.ModelInfo:
         version = request.version or self.served.default or ""
+        if not version and self.served.loading:
+            raise Unavailable("the reward model is still loading; retry shortly")
         if version in self.served.versions:
             rec = self.served.versions[version].record
             if self.store is not None and rec.status != "external":

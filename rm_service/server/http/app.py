@@ -8,13 +8,20 @@ else is a bug: logged, answered 500 without details.
 Auth is the gRPC side's (server.auth): `authorization: Bearer <token>` with the route's role,
 admin passing everywhere. With no tokens configured the server binds loopback only and every
 caller is the anonymous admin `anonymous`.
+
+What is mounted follows what the process serves: the reward routes (reward_routes) when it
+serves a model, the labeling page and its API (labeling, admin) when it holds the store, and
+`GET /health` always (200 when ready, 503 otherwise; open, like gRPC health).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +33,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rm_service.errors import InvalidArgument, RMError, Unauthenticated, http_status
+from rm_service.errors import InvalidArgument, Overloaded, RMError, Unauthenticated, Unavailable, http_status
 from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
@@ -43,11 +50,13 @@ MAX_BODY_BYTES = 1 << 20
 class HttpContext:
     """What the routes use, all owned by the RewardServer of this process."""
 
-    store: Store
-    writer: GroupCommitWriter
+    store: Store | None  # None in a process without the store (`serve --no-store`): no labeling routes
+    writer: GroupCommitWriter | None
     tokens: Tokens
     settings: ServeSettings
-    reward: object | None = None  # server.reward.RewardService when this process serves a model: its `score` suggests
+    reward: object | None = None  # server.reward.RewardService when this process serves a model: the reward routes, suggestions
+    metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
+    readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
 
 
 @dataclass(frozen=True)
@@ -70,13 +79,17 @@ def caller(request: Request, needed: str) -> Caller:
     return Caller(identity(role, token), role)
 
 
-async def read_json(request: Request) -> dict:
-    """The request body as a JSON object (InvalidArgument otherwise), at most MAX_BODY_BYTES."""
-    body = b""
+async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> dict:
+    """The request body as a JSON object (InvalidArgument otherwise), at most `limit` bytes: a
+    larger Content-Length is refused before anything is read, a longer stream as it passes it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise InvalidArgument("body", f"is larger than the limit of {limit} bytes (Content-Length {int(declared)})")
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise InvalidArgument("body", f"is larger than {MAX_BODY_BYTES} bytes")
+        if len(body) > limit:
+            raise InvalidArgument("body", f"is larger than the limit of {limit} bytes")
     if not body.strip():
         return {}
     try:
@@ -86,6 +99,31 @@ async def read_json(request: Request) -> dict:
     if not isinstance(value, dict):
         raise InvalidArgument("body", f"must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def counted(route: str):
+    """Count a route's finished requests by status and time them (server.metrics: rm_http_requests_total,
+    rm_http_request_seconds), errors included with the status they are answered with."""
+
+    def wrap(endpoint):
+        @functools.wraps(endpoint)
+        async def run(request: Request):
+            start, status = time.perf_counter(), 500
+            try:
+                response = await endpoint(request)
+                status = response.status_code
+                return response
+            except RMError as exc:
+                status = http_status(exc)
+                raise
+            finally:
+                metrics = context(request).metrics
+                if metrics is not None:
+                    metrics.http_request(route, status, time.perf_counter() - start)
+
+        return run
+
+    return wrap
 
 
 def finite(value):
@@ -101,7 +139,11 @@ async def _rm_error(request: Request, exc: RMError) -> JSONResponse:
     status = http_status(exc)
     if status >= 500:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-    headers = {"WWW-Authenticate": 'Bearer realm="rm-service"'} if isinstance(exc, Unauthenticated) else None
+    headers = None
+    if isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="rm-service"'}
+    elif isinstance(exc, (Overloaded, Unavailable)):
+        headers = {"Retry-After": "1"}  # 429 and 503 are worth retrying: say so, as gRPC clients know for their codes
     return _error(status, str(exc), headers)
 
 
@@ -133,22 +175,30 @@ def page(name: str, title: str):
     return render
 
 
+@counted("/health")
 async def health(request: Request) -> JSONResponse:
-    """Open, like gRPC health: probes need no token."""
-    return JSONResponse({"status": "SERVING"})
+    """200 only when the process is ready (its model loaded and warmed, when it serves one), 503
+    while it starts, loads or drains (TEI's semantics). Open, like gRPC health: probes need no token."""
+    why = context(request).readiness()
+    if why == "serving":
+        return JSONResponse({"status": "SERVING"})
+    return JSONResponse({"status": "NOT_SERVING", "reason": why}, status_code=503, headers={"Retry-After": "1"})
 
 
 def create_app(ctx: HttpContext) -> Starlette:
-    from rm_service.server.http import admin, labeling
+    from rm_service.server.http import admin, labeling, reward_routes
 
-    routes = [
-        Route("/", page("label.html", "Label"), name="label"),
-        Route("/admin", page("admin.html", "Agreement"), name="admin"),
-        Route("/health", health),
-        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
-        *labeling.routes(),
-        *admin.routes(),
-    ]
+    routes = [Route("/health", health, methods=["GET"])]
+    if ctx.reward is not None:
+        routes += reward_routes.routes()
+    if ctx.store is not None:
+        routes += [
+            Route("/", page("label.html", "Label"), name="label"),
+            Route("/admin", page("admin.html", "Agreement"), name="admin"),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+            *labeling.routes(),
+            *admin.routes(),
+        ]
     app = Starlette(routes=routes, exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal})
     app.state.ctx = ctx
     return app

@@ -1,0 +1,230 @@
+"""The reward routes that RLHF trainers already call (role `scorer`; admin passes too).
+
+    POST /get_reward           OpenRLHF's remote reward protocol (`--remote_rm_url`):
+                               {"query": [str], "prompts": [str], "labels": [...]} ->
+                               {"rewards": [float], "scores": [float], "extra_logs": {...}}
+    POST /classify, /v1/classify   vLLM's classify API, as verl's reward loop calls it:
+                               {"input": str | [str]} or {"messages": [...]} ->
+                               {"data": [{"index", "label", "probs": [p], "num_classes": 1}], ...}
+    POST /pooling, /v1/pooling     vLLM's pooling API: the same inputs -> {"data": [{"index", "data": [r]}], ...}
+
+Every route scores through RewardService.score, the path of gRPC Score: the same admission
+control (429 with Retry-After when overloaded), batcher, model version and formatting contract,
+so a conversation gets the same reward over HTTP as over gRPC. Text inputs (`query`, `input`)
+are ChatML conversations parsed back into messages (server.http.rendered documents the
+contract); `messages` is one conversation, the last message the reply to score. The reward is
+gRPC's `reward` (normalised with the version's served statistics); `/classify` passes it
+through a sigmoid unless the request says `"use_activation": false` (vLLM's default and flag;
+verl sends the older `"activation": false`). Fields the peers send that rm-service has no use
+for (`labels`, `prompts` beyond their shape, `model` unless it names a loaded version,
+`add_special_tokens`, `truncate_prompt_tokens`...) are accepted and ignored: the served
+version's formatting contract decides tokenization and truncation.
+
+Bad input is 400 naming the field; a request larger than `max_message_bytes` (gRPC's message
+limit) or with more than `max_items_per_request` conversations is 400 as well. A caller that
+disconnects has its queued items dropped before they reach the model, as a cancelled gRPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from rm_service.conversation import Message, validate_messages, validate_text
+from rm_service.errors import Cancelled, InvalidArgument
+from rm_service.server.admission import Ticket
+from rm_service.server.http.app import HttpContext, caller, context, counted, read_json
+from rm_service.server.http.rendered import parse_chatml
+
+SCORER = "scorer"
+ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # vLLM's flag, then its deprecated names
+
+
+def routes() -> list[Route]:
+    out = [Route("/get_reward", counted("/get_reward")(get_reward), methods=["POST"])]
+    for path in ("/classify", "/v1/classify"):
+        out.append(Route(path, counted(path)(classify), methods=["POST"]))
+    for path in ("/pooling", "/v1/pooling"):
+        out.append(Route(path, counted(path)(pooling), methods=["POST"]))
+    return out
+
+
+async def get_reward(request: Request) -> JSONResponse:
+    caller(request, SCORER)
+    ctx = context(request)
+    body = await read_json(request, ctx.settings.max_message_bytes)
+    queries = _texts(body.get("query"), "query", ctx)
+    for name in ("prompts", "labels"):  # OpenRLHF sends both; only their shape is checked
+        value = body.get(name)
+        if value is not None and (not isinstance(value, list) or len(value) != len(queries)):
+            raise InvalidArgument(name, f"must be a list of {len(queries)} entries, one per query, got "
+                                        f"{len(value) if isinstance(value, list) else type(value).__name__}")
+    prompts = body.get("prompts")
+    if prompts is not None and not all(isinstance(p, str) for p in prompts):
+        i = next(i for i, p in enumerate(prompts) if not isinstance(p, str))
+        raise InvalidArgument(f"prompts[{i}]", f"must be a string, got {type(prompts[i]).__name__}")
+    version = _version(ctx, None)
+    pairs = _parsed(ctx, version, queries, "query")
+    scored, reward = await _score(request, ctx, pairs, version)
+    rewards = [float(r) for r in reward]
+    return JSONResponse({"rewards": rewards, "scores": rewards,
+                         "extra_logs": {"raw_score": [float(x) for x in scored.raw], "uncertainty": [float(x) for x in scored.std],
+                                        "truncated": [float(f.truncated) for f in scored.formatted]},
+                         "model_version": scored.version})
+
+
+async def classify(request: Request) -> JSONResponse:
+    ctx, body, pairs, version = await _vllm_request(request)
+    scored, reward = await _score(request, ctx, pairs, version)
+    activate = _activation(body, default=True)
+    data = [{"index": i, "label": "reward", "probs": [_sigmoid(r) if activate else float(r)], "num_classes": 1} for i, r in enumerate(reward)]
+    return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": scored.version,
+                         "data": data, "usage": _usage(scored)})
+
+
+async def pooling(request: Request) -> JSONResponse:
+    ctx, body, pairs, version = await _vllm_request(request)
+    scored, reward = await _score(request, ctx, pairs, version)
+    activate = _activation(body, default=False)
+    data = [{"index": i, "object": "pooling", "data": [_sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)]
+    return JSONResponse({"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": scored.version,
+                         "data": data, "usage": _usage(scored)})
+
+
+async def _vllm_request(request: Request):
+    """(context, body, (prompt, completion) pairs, version) of a vLLM-shaped request."""
+    caller(request, SCORER)
+    ctx = context(request)
+    body = await read_json(request, ctx.settings.max_message_bytes)
+    version = _version(ctx, body.get("model"))
+    given = [k for k in ("input", "messages") if body.get(k) is not None]
+    if len(given) != 1:
+        raise InvalidArgument("input", "send either input (a ChatML-rendered conversation, or a list of them) or messages (one "
+                                       "conversation ending with the assistant's reply)" + (", not both" if given else ""))
+    if given == ["messages"]:
+        return ctx, body, [_conversation(body["messages"], "messages", ctx)], version
+    value = body["input"]
+    texts = [value] if isinstance(value, str) else _texts(value, "input", ctx)
+    return ctx, body, _parsed(ctx, version, texts, "input"), version
+
+
+def _texts(value, field: str, ctx: HttpContext) -> list[str]:
+    """A non-empty list of strings, at most max_items_per_request long."""
+    if not isinstance(value, list):
+        raise InvalidArgument(field, f"must be a list of strings, got {'nothing' if value is None else type(value).__name__}")
+    if not value:
+        raise InvalidArgument(field, "must hold at least one conversation")
+    limit = ctx.settings.max_items_per_request
+    if len(value) > limit:
+        raise InvalidArgument(field, f"holds {len(value)} conversations; the limit per request is {limit} (max_items_per_request)")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            hint = "; token ids are not accepted, send text" if isinstance(v, (int, list)) else ""
+            raise InvalidArgument(f"{field}[{i}]", f"must be a string, got {type(v).__name__}{hint}")
+    return value
+
+
+def _version(ctx: HttpContext, model) -> str:
+    """The version that scores: `model` when it names a loaded version, else the served default.
+    Resolved here (Unavailable while the model loads) so that parsing and scoring use one version."""
+    served = ctx.reward.served
+    name = model if isinstance(model, str) and model in served.versions else ""
+    return served.get(name).record.version
+
+
+def _parsed(ctx: HttpContext, version: str, texts: list[str], field: str) -> list[tuple[list[Message], str]]:
+    tokenizer = ctx.reward.served.get(version).runtime.tokenizer
+    ignorable = getattr(tokenizer, "all_special_tokens", [])
+    pairs = []
+    for i, text in enumerate(texts):
+        prompt, completion = parse_chatml(text, f"{field}[{i}]", ignorable)
+        pairs.append(_validated(ctx, prompt, completion, f"{field}[{i}].prompt", f"{field}[{i}].completion"))
+    return pairs
+
+
+def _validated(ctx: HttpContext, prompt: list[Message], completion: str, prompt_field: str, completion_field: str):
+    """Score's own checks (convert.score_items): a prompt of valid turns ending with a user or
+    system turn, a non-empty completion, texts within the store's max_text_chars."""
+    validate_messages(prompt, prompt_field, ctx.reward.max_chars)
+    validate_text(completion, completion_field, ctx.reward.max_chars)
+    return prompt, completion
+
+
+def _conversation(value, field: str, ctx: HttpContext) -> tuple[list[Message], str]:
+    """OpenAI-style messages (content a string or a list of text parts) -> (prompt, completion)."""
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(field, f"must be a non-empty list of messages, got {type(value).__name__ if value != [] else 'an empty list'}")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise InvalidArgument(f"{field}[{i}]", f"must be an object with role and content, got {type(m).__name__}")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise InvalidArgument(f"{field}[{i}].role", f"must be a string, got {type(role).__name__}")
+        messages.append(Message(role, _content(m.get("content"), f"{field}[{i}].content")))
+    if messages[-1].role != "assistant":
+        raise InvalidArgument(f"{field}[{len(messages) - 1}].role", "the last message must be the assistant's reply, the response to score")
+    return _validated(ctx, messages[:-1], messages[-1].content, field, f"{field}[{len(messages) - 1}].content")
+
+
+def _content(value, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidArgument(f"{field}[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...}) can be scored")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise InvalidArgument(field, f"must be a string or a list of text parts, got {'nothing' if value is None else type(value).__name__}")
+
+
+def _activation(body: dict, default: bool) -> bool:
+    for key in ACTIVATION_KEYS:
+        value = body.get(key)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise InvalidArgument(key, f"must be true, false or null, got {type(value).__name__}")
+            return value
+    return default
+
+
+async def _score(request: Request, ctx: HttpContext, pairs, version: str):
+    """RewardService.score, cancelled when the caller disconnects: its permit is released and its
+    queued items are dropped before they reach the model, as for a cancelled gRPC call."""
+    scoring = asyncio.ensure_future(ctx.reward.score(pairs, version, Ticket(None)))
+    left = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only a disconnect can come
+            await asyncio.sleep(0.05)  # never a busy loop, whatever the server answers
+        left.set()
+        scoring.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        scored = await scoring
+    except asyncio.CancelledError:
+        if not left.is_set():
+            raise  # this handler itself was cancelled (shutdown)
+        raise Cancelled("the caller disconnected before its rewards were ready") from None
+    finally:
+        watcher.cancel()
+    return scored, scored.reward
+
+
+def _usage(scored) -> dict:
+    tokens = sum(len(f) for f in scored.formatted)
+    return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None}
+
+
+def _sigmoid(x: float) -> float:
+    x = float(x)
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
