@@ -120,7 +120,7 @@ def load_items(model_dir: Path, cap: int, limit: int) -> tuple[list[Item], int]:
 
     from rm_service.conversation import Message
     from rm_service.models.formatting import format_item, spec_for
-    from rm_service.store.hh import HHFormatError, read_pairs
+    from rm_service.formats.hh import HHFormatError, read_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = spec_for(tokenizer, "llama", 100_000, style="trl")
