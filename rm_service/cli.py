@@ -198,6 +198,8 @@ def _demo(args) -> int:
 FORMAT_CHOICES = ["hh", "trl", "ranking", "parquet"]
 FORMAT_HELP = ("hh: HH-RLHF text pairs; trl: TRL preference JSONL (standard or conversational, explicit or implicit prompt); "
                "ranking: K-way rankings with ties, JSONL; parquet: the ranking columns as Parquet")
+IO_FORMAT_CHOICES = [*FORMAT_CHOICES, "feedback"]  # import/export also move thumbs and session outcomes (docs/feedback.md)
+IO_FORMAT_HELP = FORMAT_HELP + "; feedback: per-turn thumbs and session outcomes, JSONL"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,13 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("import", help="import preference data into the store")
-    s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help=FORMAT_HELP)
+    s.add_argument("--format", choices=IO_FORMAT_CHOICES, default="hh", help=IO_FORMAT_HELP)
     s.add_argument("--annotator", help="provenance recorded with each label (default: the format's name; hh-rlhf for hh)")
     s.add_argument("file")
     s.set_defaults(func=_import)
 
     s = sub.add_parser("export", help="export a snapshot (reproducible while ingestion goes on)")
-    s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help=FORMAT_HELP)
+    s.add_argument("--format", choices=IO_FORMAT_CHOICES, default="hh", help=IO_FORMAT_HELP)
     s.add_argument("--snapshot", help="snapshot id (default: a new snapshot of everything stored)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)

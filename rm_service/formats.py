@@ -57,6 +57,7 @@ from pathlib import Path
 import duckdb
 
 from rm_service.errors import InvalidArgument
+from rm_service.feedback_format import export_feedback, import_feedback
 from rm_service.importers import export_hh, import_hh, import_records
 from rm_service.records import FormatError, Record, input_file, ints, jsonl_records, messages, metadata, parquet_records, string, strength, strings
 from rm_service.store.db import Snapshot, Store
@@ -64,7 +65,7 @@ from rm_service.store.labels import LabelIn
 from rm_service.store.read import labels_in_snapshot
 from rm_service.trl import trl_label, trl_records
 
-FORMATS = ("hh", "trl", "ranking", "parquet")
+FORMATS = ("hh", "trl", "ranking", "parquet", "feedback")  # feedback: per-turn thumbs and session outcomes (rm_service.feedback_format)
 RANKING_KEYS = ("label_id", "prompt", "responses", "ranks", "source", "annotator", "strength", "rationale", "metadata", "task_id")
 PARQUET_COLUMNS = (
     "label_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[], ranks INTEGER[], "
@@ -179,8 +180,8 @@ def export_parquet(store: Store, out: Path, snapshot_id: str | None = None) -> t
 
 # -- dispatch ------------------------------------------------------------------------------
 
-_IMPORTERS = {"hh": import_hh, "trl": import_trl, "ranking": import_ranking, "parquet": import_parquet}
-_EXPORTERS = {"hh": export_hh, "trl": export_trl, "ranking": export_ranking, "parquet": export_parquet}
+_IMPORTERS = {"hh": import_hh, "trl": import_trl, "ranking": import_ranking, "parquet": import_parquet, "feedback": import_feedback}
+_EXPORTERS = {"hh": export_hh, "trl": export_trl, "ranking": export_ranking, "parquet": export_parquet, "feedback": export_feedback}
 
 
 def _check_format(fmt: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from rm_service import registry
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
-from rm_service.conversation import Message, validate_turns
+from rm_service.conversation import Message, scored_turns, validate_turns
 from rm_service.errors import InvalidArgument, NotFound
 from rm_service.models.formatting import Formatted, format_item
 from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
@@ -191,8 +191,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 def _assistant_turns(conversation: list[Message], max_chars: int, max_turns: int) -> list[int]:
     """Indexes of the assistant messages that follow a user turn; validates the conversation."""
     validate_turns(conversation, "conversation", max_chars)
-    first_user = next((i for i, m in enumerate(conversation) if m.role == "user"), len(conversation))
-    turns = [i for i, m in enumerate(conversation) if m.role == "assistant" and i > first_user]
+    turns = scored_turns(conversation)
     if not turns:
         raise InvalidArgument("conversation", "has no assistant turn after a user turn")
     if len(turns) > max_turns:

@@ -15,6 +15,12 @@ class LabelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JUDGE: _ClassVar[LabelSource]
     IMPORT: _ClassVar[LabelSource]
 
+class Thumb(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    THUMB_UNSPECIFIED: _ClassVar[Thumb]
+    THUMB_UP: _ClassVar[Thumb]
+    THUMB_DOWN: _ClassVar[Thumb]
+
 class IngestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INGEST_STATUS_UNSPECIFIED: _ClassVar[IngestStatus]
@@ -26,6 +32,9 @@ LABEL_SOURCE_UNSPECIFIED: LabelSource
 HUMAN: LabelSource
 JUDGE: LabelSource
 IMPORT: LabelSource
+THUMB_UNSPECIFIED: Thumb
+THUMB_UP: Thumb
+THUMB_DOWN: Thumb
 INGEST_STATUS_UNSPECIFIED: IngestStatus
 INSERTED: IngestStatus
 DUPLICATE: IngestStatus
@@ -62,6 +71,49 @@ class Label(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     task_id: str
     def __init__(self, label_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., responses: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., strength: _Optional[float] = ..., source: _Optional[_Union[LabelSource, str]] = ..., annotator: _Optional[str] = ..., rationale: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class TurnThumb(_message.Message):
+    __slots__ = ("message_index", "thumb")
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    THUMB_FIELD_NUMBER: _ClassVar[int]
+    message_index: int
+    thumb: Thumb
+    def __init__(self, message_index: _Optional[int] = ..., thumb: _Optional[_Union[Thumb, str]] = ...) -> None: ...
+
+class Feedback(_message.Message):
+    __slots__ = ("label_id", "conversation", "thumbs", "outcome", "source", "annotator", "rationale", "metadata", "task_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    label_id: str
+    conversation: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    thumbs: _containers.RepeatedCompositeFieldContainer[TurnThumb]
+    outcome: float
+    source: LabelSource
+    annotator: str
+    rationale: str
+    metadata: _containers.ScalarMap[str, str]
+    task_id: str
+    def __init__(self, label_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., thumbs: _Optional[_Iterable[_Union[TurnThumb, _Mapping]]] = ..., outcome: _Optional[float] = ..., source: _Optional[_Union[LabelSource, str]] = ..., annotator: _Optional[str] = ..., rationale: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class IngestFeedbackRequest(_message.Message):
+    __slots__ = ("feedback",)
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    feedback: _containers.RepeatedCompositeFieldContainer[Feedback]
+    def __init__(self, feedback: _Optional[_Iterable[_Union[Feedback, _Mapping]]] = ...) -> None: ...
 
 class IngestLabelsRequest(_message.Message):
     __slots__ = ("labels",)
