@@ -18,3 +18,4 @@ class Scores:
     extra: dict[str, float] = field(default_factory=dict)  # numbers, into the version's metrics
     heldout_pairs: list[Pair] = field(default_factory=list)  # the M pairs of `heldout`, in order
     info: dict = field(default_factory=dict)  # anything else worth keeping in version.json (head mode: the feature selection)
+    reference: np.ndarray | None = None  # rewards of the training feedback turns: with `fit`, what the served statistics are made of
