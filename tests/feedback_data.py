@@ -11,14 +11,17 @@ import json
 
 from conftest import hh_lines
 from rm_service.store.feedback import FeedbackIn, TurnThumb
-from rm_service.store.hh import parse_pair
+from rm_service.store.hh import HHFormatError, parse_pair
 
 
-def hh_feedback(n: int, thumbs: bool = True, outcomes: bool = False, start: int = 0) -> list[FeedbackIn]:
-    """Feedback labels of HH lines [start, start + n): thumbs on both last turns, and/or outcomes."""
+def hh_feedback(n: int | None, thumbs: bool = True, outcomes: bool = False) -> list[FeedbackIn]:
+    """Feedback labels of the first n HH lines (None: all): thumbs on both last turns, and/or outcomes."""
     out = []
-    for number, line in enumerate(hh_lines(start + n)[start:], start + 1):
-        pair = parse_pair(json.loads(line))
+    for number, line in enumerate(hh_lines(n), 1):
+        try:
+            pair = parse_pair(json.loads(line))
+        except HHFormatError:  # a few lines are not pairs (the HH importer rejects them too)
+            continue
         last = len(pair.prompt)
         for kind, text, good in (("chosen", pair.chosen, True), ("rejected", pair.rejected, False)):
             conversation = [*pair.prompt, type(pair.prompt[0])("assistant", text)]

@@ -97,19 +97,20 @@ class FeedbackData:
                             [g for g, k in zip(self.thumb_group, t) if k], [g for g, k in zip(self.session_group, s) if k])
 
 
-def feedback_data(labels: list[StoredFeedback], vector, have) -> FeedbackData:
+def feedback_data(labels: list[StoredFeedback], vector, have, thumbs: bool = True, outcomes: bool = True) -> FeedbackData:
     """Rows of every thumb whose turn has features (`have(id)`), and every session whose turns
-    all have them; `vector(id)` is a turn's feature vector [F]."""
+    all have them; `vector(id)` is a turn's feature vector [F]. `thumbs` / `outcomes` False
+    leave that kind out (a term weighted 0 does not train)."""
     xt, yt, xu, seg, yo, gt, gs = [], [], [], [], [], [], []
     for fb in labels:
         key = split_key(fb)
-        for t in fb.thumbs:
+        for t in fb.thumbs if thumbs else ():
             cid = turn_id(fb.conversation, t.message_index)
             if have(cid):
                 xt.append(vector(cid))
                 yt.append(1.0 if t.up else 0.0)
                 gt.append(key)
-        if fb.outcome is not None:
+        if fb.outcome is not None and outcomes:
             ids = [turn_id(fb.conversation, i) for i in scored_turns(fb.conversation)]
             if all(have(cid) for cid in ids):
                 xu.extend(vector(cid) for cid in ids)

@@ -48,7 +48,9 @@ def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: T
     have = lambda pairs: [p for p in pairs if has(p.chosen_id) and has(p.rejected_id)]  # noqa: E731
     train, heldout = have(split.train), have(split.heldout)
     options = feature_options(cands, runtime.spec.kind)
-    fb_train = {name: fb.feedback_data(split.feedback, lambda cid, p=pooling: pooled(feats, p, cid), has) for name, pooling in options.items()}
+    use = {"thumbs": settings.thumb_weight > 0, "outcomes": settings.outcome_weight > 0}  # a term weighted 0 does not train
+    fb_train = {name: fb.feedback_data(split.feedback, lambda cid, p=pooling: pooled(feats, p, cid), has, **use)
+                for name, pooling in options.items()}
     if len(train) < 2 and next(iter(fb_train.values())).empty:
         raise FailedPrecondition(f"only {len(train)} training pairs (and no thumbs or outcomes) have features within the budget; "
                                  "raise max_minutes")
