@@ -276,6 +276,7 @@ class _Rows:
         self.feedback = {"label_id": [], "kind": [], "message_index": [], "value": []}
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
+        self._feedback_ids: set[str] = set()
 
     def add(self, p: PreparedLabel | PreparedFeedback) -> None:
         label, conv = p.label, p.conversation_id
@@ -286,6 +287,7 @@ class _Rows:
         if isinstance(p, PreparedFeedback):  # thumbs and an outcome: no completions, no ranking
             for kind, index, value in p.rows():
                 _append(self.feedback, label_id=label.label_id, kind=kind, message_index=index, value=value)
+            self._feedback_ids.add(label.label_id)
             _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
                     strength=None, rationale=label.rationale, metadata=p.metadata_json, task_id=label.task_id or None,
                     payload_hash=p.payload_hash)
@@ -327,9 +329,8 @@ class _Rows:
             con.execute("""INSERT INTO label_feedback (label_id, kind, message_index, value)
                            SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::DOUBLE[])""",
                         [f["label_id"], f["kind"], f["message_index"], f["value"]])
-        answered = [t for t in lab["task_id"] if t]
-        if answered:  # a label answering a task closes it
-            closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t]
+        closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t and l not in self._feedback_ids]
+        if closes:  # a ranking answering a task closes it (feedback on the task's chat is provenance only)
             con.execute("""UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
                            FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
                            WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",
