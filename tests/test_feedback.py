@@ -155,6 +155,28 @@ def test_feedback_file_imports_exports_exactly_and_rejects_bad_lines_alone(home,
     store.close()
 
 
+def test_cli_imports_and_exports_feedback(home, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        env = {**os.environ, "RM_HOME": str(home)}
+        return subprocess.run([sys.executable, "-m", "rm_service.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(record("a")) + "\n" + json.dumps(record("b", outcome=7.5)) + "\n", encoding="utf-8")
+    imported = cli("import", "--format", "feedback", str(path))
+    assert imported.returncode == 0, imported.stderr
+    assert "inserted 1" in imported.stdout and "rejected 1" in imported.stdout and "line 2: b: outcome: must be <= 1.0" in imported.stdout + imported.stderr
+    out = tmp_path / "out.jsonl"
+    exported = cli("export", "--format", "feedback", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [record("a")]
+    missing = cli("import", "--format", "feedback", str(tmp_path / "nothing.jsonl"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
 # -- the objective, on synthetic features --------------------------------------------------
 
 
