@@ -172,6 +172,10 @@ def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
             line += f"; held-out {name} pairs: {metrics[f'accuracy_{name}']:.4f} ({int(metrics[f'pairs_{name}'])})"
             if f"baseline_accuracy_{name}" in metrics:
                 line += f", parent {metrics[f'baseline_accuracy_{name}']:.4f}"
+    for kind, count in (("thumb", "thumbs"), ("outcome", "outcomes")):  # feedback labels (train.feedback)
+        if metrics.get(count):
+            line += (f"; held-out {count}: AUC {metrics[f'{kind}_auc']:.4f} ({int(metrics[count])}), "
+                     f"pair accuracy {metrics[f'{kind}_pair_accuracy']:.4f}")
     return line
 
 
