@@ -76,6 +76,7 @@ def test_ingest_feedback_is_idempotent_and_keeps_provenance(server, preference):
     assert con.execute("SELECT num_turns FROM conversations").fetchall() == [(5,)]  # the whole conversation, stored once
     stats = preference.GetStats(preference_pb2.GetStatsRequest(), timeout=30)
     assert stats.labels_total == 2 and stats.pairs == 0 and stats.labels_by_source["JUDGE"] == 1
+    assert (stats.feedback_labels, stats.thumbs, stats.outcomes) == (2, 2, 2)
 
 
 BAD = [  # (feedback, the field its reason must name)

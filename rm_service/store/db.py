@@ -221,7 +221,10 @@ class Store:
             judge = self.judge_agreement()
             pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
                          JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[0]
+            feedback = q("""SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'), count(*) FILTER (kind = 'outcome')
+                            FROM label_feedback""").fetchone()
             return {
+                "feedback_labels": feedback[0], "thumbs": feedback[1], "outcomes": feedback[2],
                 "labels_total": sum(by_source.values()),
                 "labels_by_source": by_source,
                 "conversations": q("SELECT count(*) FROM conversations").fetchone()[0],

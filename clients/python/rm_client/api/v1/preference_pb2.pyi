@@ -207,7 +207,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, since_snapshot_id: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement", "judge_human_kappa", "judge_swapped_pairs", "judge_position_bias_rate", "judge_longer_preferred", "human_longer_preferred")
+    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement", "judge_human_kappa", "judge_swapped_pairs", "judge_position_bias_rate", "judge_longer_preferred", "human_longer_preferred", "feedback_labels", "thumbs", "outcomes")
     class LabelsBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,9 @@ class Stats(_message.Message):
     JUDGE_POSITION_BIAS_RATE_FIELD_NUMBER: _ClassVar[int]
     JUDGE_LONGER_PREFERRED_FIELD_NUMBER: _ClassVar[int]
     HUMAN_LONGER_PREFERRED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_LABELS_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     labels_total: int
     labels_by_source: _containers.ScalarMap[str, int]
     conversations: int
@@ -249,4 +252,7 @@ class Stats(_message.Message):
     judge_position_bias_rate: float
     judge_longer_preferred: float
     human_longer_preferred: float
-    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ..., judge_human_kappa: _Optional[float] = ..., judge_swapped_pairs: _Optional[int] = ..., judge_position_bias_rate: _Optional[float] = ..., judge_longer_preferred: _Optional[float] = ..., human_longer_preferred: _Optional[float] = ...) -> None: ...
+    feedback_labels: int
+    thumbs: int
+    outcomes: int
+    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ..., judge_human_kappa: _Optional[float] = ..., judge_swapped_pairs: _Optional[int] = ..., judge_position_bias_rate: _Optional[float] = ..., judge_longer_preferred: _Optional[float] = ..., human_longer_preferred: _Optional[float] = ..., feedback_labels: _Optional[int] = ..., thumbs: _Optional[int] = ..., outcomes: _Optional[int] = ...) -> None: ...
