@@ -6,7 +6,9 @@ the candidate chosen by cross-validation.
    only runs the backbone on the new completions.
 2. Options: each layer's last token, its completion mean, both; and every layer together.
    `select_head` scores each option and L2 penalty by 5-fold CV (never the held-out split).
-3. The K heads are fitted on all training pairs with the chosen option and penalty, and
+   With fewer than 50 pairs and feedback labels (thumbs, outcomes: train.feedback), the choice
+   is made by CV of the feedback loss instead (`select_feedback_head`).
+3. The K heads are fitted on all training pairs (and feedback labels) with the chosen option and penalty, and
    installed in the runtime's model with the chosen pooling (the backbone is cut after the
    deepest layer read, as it will be when the version is served).
 """

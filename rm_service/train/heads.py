@@ -13,6 +13,11 @@ which the pairwise loss leaves free, centres each member's rewards on the traini
 (what the centring term of full mode asks for). The standardisation is folded back, so the
 served head reads raw features.
 
+Feedback beyond pairs (train.feedback, docs/feedback.md) adds, per member, the logistic loss of
+sigmoid(theta . z_t + b - b_thumb) against each thumb and of sigmoid(V - b_outcome), V the sum
+of the session's turn rewards, against each outcome; the offsets (and b, when outcomes fix it)
+are fitted with theta. Without feedback the fit is the pairs-only one above.
+
 Selection (`select_head`), by the weighted BT loss of 5-fold cross-validation over the
 training pairs, split by conversation: every candidate feature set (a layer's last token, its
 completion mean, both, or several layers) is screened at the default penalty; the best few are
@@ -104,8 +109,9 @@ def fit_heads(data: PairData, ensemble_size: int, l2: float, seed: int = 0, init
         opt.zero_grad()
         margins = delta @ theta.T - m[:, None]  # [N, K]
         loss = (torch.nn.functional.softplus(-margins) * c).sum(0) / c.sum(0).clamp_min(1e-12)  # [K]
-        total = loss.sum() + l2 * (theta * theta).sum()
-        if terms is not None:
+        if terms is None:
+            total = loss.sum() + l2 * (theta * theta).sum()
+        else:  # pairs, thumbs and outcomes, each a mean over its own items, weighted
             total = term_weights[0] * loss.sum() + terms.loss(theta, term_weights[1], term_weights[2]) + l2 * (theta * theta).sum()
         total.backward()
         return total
