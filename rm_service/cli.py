@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="pairwise accuracy, loss and ECE of a model, overall, by turns and by length")
     s.add_argument("--data", help="a preference file (see --format)")
-    s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help="format of --data")
+    s.add_argument("--format", choices=list(formats.PAIR_FORMATS), default="hh", help="format of --data (a format of pairs)")
     s.add_argument("--snapshot", help="evaluate a store snapshot instead (an id or 'latest'): its held-out conversations")
     s.add_argument("--all-pairs", action="store_true", help="with --snapshot, every pair, not only the held-out ones")
     s.add_argument("--model", help="registry version (v3), version directory, bundled name or HF directory; default: the promoted version")

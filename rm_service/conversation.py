@@ -46,6 +46,14 @@ def validate_turns(messages: list[Message], field: str, max_chars: int | None = 
         validate_text(m.content, f"{field}[{i}].content", max_chars)
 
 
+def scored_turns(messages: list[Message]) -> list[int]:
+    """Indexes of the assistant turns a reward model scores in a whole conversation: every
+    assistant message after the first user message (its prompt is every message before it).
+    ScoreTurns scores these; per-turn thumbs may name only these; a session's value sums them."""
+    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
+    return [i for i, m in enumerate(messages) if m.role == "assistant" and i > first_user]
+
+
 def validate_text(text: str, field: str, max_chars: int | None = None, required: bool = True) -> None:
     """Non-empty (unless not required), at most max_chars characters, valid Unicode (no lone
     surrogates, which JSON escapes can carry and UTF-8 cannot encode). O(len(text))."""

@@ -190,6 +190,15 @@ class TrainSettings(BaseSettings):
                             "50/75/100% for encoders), last, or a list like 12,18,24. Head mode picks layer, pooling and penalty by "
                             "5-fold cross-validation on the training pairs.")
     head_l2: float = Field(0.3, gt=0, description="Head mode: L2 penalty used when there are too few pairs (< 50) to cross-validate it.")
+    pair_weight: float = Field(
+        1.0, ge=0, description="Head mode, when feedback labels are in the snapshot: weight of the Bradley-Terry term (the mean loss over "
+                               "pairs) in the objective beside the thumb and outcome terms (docs/feedback.md).")
+    thumb_weight: float = Field(
+        1.0, ge=0, description="Head mode: weight of the per-turn thumbs term, the mean logistic loss of sigmoid(r_turn - b_thumb) against "
+                               "each thumb (1 up, 0 down); 0 ignores thumbs.")
+    outcome_weight: float = Field(
+        1.0, ge=0, description="Head mode: weight of the session-outcome term, the mean logistic loss of sigmoid(V - b_outcome) against "
+                               "each outcome in [0, 1], V the sum of the session's turn rewards; 0 ignores outcomes.")
     feature_batch_tokens: int = Field(1024, gt=0, description="Token budget of one feature-extraction batch (1024 measured fastest on a 2-core CPU; raise it on a GPU).")
     center_coef: float = Field(1e-3, ge=0, description="Full mode: weight of the centring term coef * (r_chosen + r_rejected)^2 (head mode centres exactly).")
     weight_decay: float = Field(1e-2, ge=0, description="Full mode: AdamW weight decay.")

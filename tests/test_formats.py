@@ -323,7 +323,8 @@ def test_the_registry_is_the_one_list_of_formats(tmp_path):
 
     shared = {"__init__", "ingest", "records"}
     modules = {p.stem for p in Path(formats.__file__).parent.glob("*.py")} - shared
-    assert set(formats.FORMATS) == modules == {"hh", "trl", "ranking", "parquet"}
+    assert set(formats.FORMATS) == modules == {"hh", "trl", "ranking", "parquet", "feedback"}
+    assert set(formats.PAIR_FORMATS) == {"hh", "trl", "ranking", "parquet"}  # what `eval --data` reads
     for spec in formats.REGISTRY:
         assert callable(spec.module().import_labels) and callable(spec.module().export_labels)
         assert spec.unit in ("pairs", "labels") and spec.help

@@ -80,6 +80,9 @@ def test_lease_highest_priority_first_resume_renew_and_label(srv):
     ranking = rows(srv, """SELECT k.text, r.rank FROM label_rankings r JOIN completions k ON k.id = r.completion_id
                            WHERE r.label_id = ? ORDER BY r.position""", [label_id])
     assert ranking == [(REPLIES[0], 0), (REPLIES[1], 0), (REPLIES[2], 1)]
+    # The thumb is also a first-class feedback label on the chat, committed with the ranking.
+    assert rows(srv, "SELECT l.annotator, l.task_id, f.kind, f.message_index, f.value FROM labels l JOIN label_feedback f "
+                     "USING (label_id) WHERE label_id = ?", [f"{label_id}/thumbs"]) == [(annotator(LABELER), high, "thumb", 1, 1.0)]
     assert rows(srv, "SELECT state, closed_by FROM tasks WHERE task_id = ?", [high]) == [("done", label_id)]
 
 

@@ -9,6 +9,7 @@ trl      rm_service.formats.trl      TRL's preference format, standard or conver
                                      gives several lines): use "ranking" for an exact copy.
 ranking  rm_service.formats.ranking  Our K-way ranking JSONL, one label a line; import -> export is exact.
 parquet  rm_service.formats.parquet  The columns of "ranking" as Parquet (DuckDB's own writer and reader).
+feedback rm_service.formats.feedback Per-turn thumbs and session outcomes, one label a line; import -> export is exact.
 
 JSONL files are UTF-8, one JSON object a line; blank lines are skipped.
 
@@ -59,6 +60,7 @@ class Format:
     help: str       # one line, for the CLI's --format help
     unit: str       # what export writes one of: "pairs" or "labels"
     annotator: str  # the annotator of imported labels when none is given
+    pairs: bool = True  # its records are preference pairs (`rm-service eval --data` reads them)
 
     def module(self) -> ModuleType:
         return importlib.import_module(f"{__name__}.{self.name}")
@@ -69,8 +71,10 @@ REGISTRY = (
     Format("trl", "TRL preference JSONL (standard or conversational, explicit or implicit prompt)", "pairs", "trl"),
     Format("ranking", "K-way rankings with ties, JSONL", "labels", "ranking"),
     Format("parquet", "the ranking columns as Parquet", "labels", "parquet"),
+    Format("feedback", "per-turn thumbs and session outcomes, JSONL (docs/feedback.md)", "labels", "feedback", pairs=False),
 )
 FORMATS = tuple(f.name for f in REGISTRY)
+PAIR_FORMATS = tuple(f.name for f in REGISTRY if f.pairs)
 HELP = "; ".join(f"{f.name}: {f.help}" for f in REGISTRY)
 
 

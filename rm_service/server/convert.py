@@ -8,6 +8,7 @@ from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2, reward_pb2
 from rm_service.conversation import Message, validate_messages, validate_text
 from rm_service.registry import ModelRecord
+from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.labels import LabelIn
 
 SOURCE_NAMES = {preference_pb2.HUMAN: "HUMAN", preference_pb2.JUDGE: "JUDGE", preference_pb2.IMPORT: "IMPORT"}
@@ -36,6 +37,29 @@ def score_items(request: reward_pb2.ScoreRequest, max_items: int, max_chars: int
     return out
 
 
+def source_name(value: int) -> str:
+    """HUMAN | JUDGE | IMPORT, or what the store rejects by name (LABEL_SOURCE_UNSPECIFIED, a number)."""
+    return SOURCE_NAMES.get(value, preference_pb2.LabelSource.Name(value) if value in preference_pb2.LabelSource.values() else str(value))
+
+
+THUMBS = {preference_pb2.THUMB_UP: True, preference_pb2.THUMB_DOWN: False}
+
+
+def feedback(pb: preference_pb2.Feedback, where: str) -> FeedbackIn:
+    """A proto feedback as the store takes it (the store validates the rest). A thumb that is
+    neither up nor down has no value to store: InvalidArgument naming it."""
+    from rm_service.errors import InvalidArgument
+
+    thumbs = []
+    for i, t in enumerate(pb.thumbs):
+        if t.thumb not in THUMBS:
+            raise InvalidArgument(f"{where}.thumbs[{i}].thumb", f"must be THUMB_UP or THUMB_DOWN, got {t.thumb}")
+        thumbs.append(TurnThumb(t.message_index, THUMBS[t.thumb]))
+    return FeedbackIn(label_id=pb.label_id, conversation=messages(pb.conversation), thumbs=thumbs,
+                      outcome=pb.outcome if pb.HasField("outcome") else None, source=source_name(pb.source), annotator=pb.annotator,
+                      rationale=pb.rationale, metadata=dict(pb.metadata), task_id=pb.task_id)
+
+
 def label(pb: preference_pb2.Label) -> LabelIn:
     """A proto label as the store takes it (the store validates it)."""
     return LabelIn(
@@ -43,7 +67,7 @@ def label(pb: preference_pb2.Label) -> LabelIn:
         prompt=messages(pb.prompt),
         responses=list(pb.responses),
         ranks=list(pb.ranks),
-        source=SOURCE_NAMES.get(pb.source, preference_pb2.LabelSource.Name(pb.source) if pb.source in preference_pb2.LabelSource.values() else str(pb.source)),
+        source=source_name(pb.source),
         annotator=pb.annotator,
         strength=pb.strength if pb.HasField("strength") else None,
         rationale=pb.rationale,

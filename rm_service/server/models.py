@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rm_service import registry
@@ -32,6 +32,7 @@ class Served:
     runtime: ModelRuntime
     record: ModelRecord
     backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
+    feedback: dict = field(default_factory=dict)  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
 
 
 class ServedModels:
@@ -142,7 +143,7 @@ def load_version_dir(directory: str | Path, settings: ServeSettings, models: Mod
     if rec is None:
         rec = ModelRecord(meta.version, meta.parent, meta.snapshot_id, meta.base_backbone, meta.format_hash, "promoted", meta.metrics,
                           meta.reward_mean, meta.reward_std, meta.ensemble_size, str(directory))
-    return Served(runtime, rec, backend)
+    return Served(runtime, rec, backend, dict(meta.info.get("feedback") or {}))
 
 
 def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: VersionMeta | None = None):

@@ -6,7 +6,9 @@ import asyncio
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.errors import InvalidArgument
-from rm_service.server.convert import STATUS_VALUES, candidate, label, task
+from rm_service.server.convert import STATUS_VALUES, candidate, feedback, label, task
+from rm_service.store.feedback import prepare_feedback
+from rm_service.store.labels import IngestOutcome
 from rm_service.server.rpc import rpc
 from rm_service.store import tasks
 from rm_service.store.db import Store
@@ -29,6 +31,28 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         return preference_pb2.IngestLabelsResponse(
             results=[preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason) for o in outcomes]
         )
+
+    @rpc
+    async def IngestFeedback(self, request: preference_pb2.IngestFeedbackRequest, context) -> preference_pb2.IngestLabelsResponse:
+        """Thumbs and session outcomes (store.feedback), through the same group commit; a bad
+        item is REJECTED alone, naming its field."""
+        if not request.feedback:
+            raise InvalidArgument("feedback", "must hold at least one feedback label")
+        prepared = await asyncio.to_thread(self._prepare_feedback, request)  # validated off the event loop and off the writer
+        outcomes = await asyncio.wrap_future(self.writer.submit(prepared))
+        return preference_pb2.IngestLabelsResponse(
+            results=[preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason) for o in outcomes]
+        )
+
+    def _prepare_feedback(self, request: preference_pb2.IngestFeedbackRequest) -> list:
+        out: list = []
+        for i, pb in enumerate(request.feedback):
+            where = f"feedback[{i}]"
+            try:
+                out.append(prepare_feedback(feedback(pb, where), where, self.store.settings.max_text_chars))
+            except InvalidArgument as exc:
+                out.append(IngestOutcome(pb.label_id, "REJECTED", str(exc)))
+        return out
 
     @rpc
     async def GetStats(self, request: preference_pb2.GetStatsRequest, context) -> preference_pb2.Stats:

@@ -12,7 +12,7 @@ import numpy as np
 
 from rm_service import registry
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
-from rm_service.conversation import Message, validate_turns
+from rm_service.conversation import Message, scored_turns, validate_turns
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.models.formatting import Formatted, format_item
 from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
@@ -146,11 +146,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                                                        [x.completion_start for x in items])  # [P, K]
             else:  # encoders, or a truncated conversation: each turn as its own item
                 members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
-        raw = members.mean(axis=1)
-        reward = runtime.normalise(raw)
-        return reward_pb2.ScoreTurnsResponse(
-            turns=[reward_pb2.TurnReward(message_index=i, reward=float(r), raw_score=float(s)) for i, r, s in zip(turns, reward, raw)],
-            model_version=served.record.version, format_hash=runtime.spec.hash)
+        raw = members.mean(axis=1)  # [P]
+        return turns_response(served, turns, raw)
 
     async def _conversation_tokens(self, served: Served, conversation: list[Message], last: int) -> int:
         """Tokens of the whole conversation up to its last scored turn, formatted without truncation:
@@ -205,11 +202,31 @@ def reference(served: Served) -> Reference | None:
     return Reference(rec.reward_mean, rec.reward_std or 1.0, None if corr is None or corr != corr else float(corr))
 
 
+def turns_response(served: Served, turns: list[int], raw: np.ndarray) -> reward_pb2.ScoreTurnsResponse:
+    """Per-turn rewards and the session value the version was trained for (train.feedback):
+    the sum of the turns' raw scores; with the version's fitted offsets, P(thumbs up) per turn
+    and P(success) for the session."""
+    runtime, offsets = served.runtime, served.feedback
+    reward = runtime.normalise(raw)
+    response = reward_pb2.ScoreTurnsResponse(model_version=served.record.version, format_hash=runtime.spec.hash,
+                                             session_value=float(raw.sum()))
+    for i, r, s in zip(turns, reward, raw):
+        turn = response.turns.add(message_index=i, reward=float(r), raw_score=float(s))
+        if "thumb_offset" in offsets:
+            turn.thumb_up = _sigmoid(float(s) - offsets["thumb_offset"])
+    if "outcome_offset" in offsets:
+        response.session_success = _sigmoid(float(raw.sum()) - offsets["outcome_offset"])
+    return response
+
+
+def _sigmoid(x: float) -> float:
+    return float(0.5 * (1.0 + np.tanh(0.5 * x)))  # no overflow at any x
+
+
 def _assistant_turns(conversation: list[Message], max_chars: int, max_turns: int) -> list[int]:
     """Indexes of the assistant messages that follow a user turn; validates the conversation."""
     validate_turns(conversation, "conversation", max_chars)
-    first_user = next((i for i, m in enumerate(conversation) if m.role == "user"), len(conversation))
-    turns = [i for i, m in enumerate(conversation) if m.role == "assistant" and i > first_user]
+    turns = scored_turns(conversation)
     if not turns:
         raise InvalidArgument("conversation", "has no assistant turn after a user turn")
     if len(turns) > max_turns:

@@ -22,6 +22,7 @@ from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
 from rm_service.store.agreement import LabelSet, annotators
 from rm_service.store.agreement import report as agreement_report
+from rm_service.store.feedback import FeedbackIn, PreparedFeedback, prepare_feedback
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
 from rm_service.store.schema import TASK_AVAILABLE, migrate
 from rm_service.store.tx import transaction
@@ -90,12 +91,14 @@ class Store:
 
     # -- ingestion -------------------------------------------------------------------------
 
-    def ingest(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
+    def ingest(self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
         """Validate and store labels in one transaction; one outcome per label, in order."""
         return self.ingest_batches([self.prepare(labels, origin, field)])[0]
 
-    def prepare(self, labels: list[LabelIn], origin: str = "dataset", field: str = "labels") -> list[PreparedLabel | IngestOutcome]:
-        """Validate each label (store.labels.prepare_label, with this store's limits) before
+    def prepare(self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset",
+                field: str = "labels") -> list[PreparedLabel | PreparedFeedback | IngestOutcome]:
+        """Validate each label (store.labels.prepare_label, or store.feedback.prepare_feedback
+        for thumbs and outcomes, with this store's limits) before
         it joins a transaction: a bad one becomes its REJECTED outcome, naming `field[i].<name>`.
         `origin` is the provenance of completions not yet stored. Needs no lock: callers run
         it in their own thread, so a large request does not hold up other requests' commits."""
@@ -103,12 +106,15 @@ class Store:
         out: list[PreparedLabel | IngestOutcome] = []
         for i, label in enumerate(labels):
             try:
-                out.append(prepare_label(label, f"{field}[{i}]", origin, s.max_text_chars, s.max_responses, s.max_strength))
+                if isinstance(label, FeedbackIn):
+                    out.append(prepare_feedback(label, f"{field}[{i}]", s.max_text_chars))
+                else:
+                    out.append(prepare_label(label, f"{field}[{i}]", origin, s.max_text_chars, s.max_responses, s.max_strength))
             except InvalidArgument as exc:
                 out.append(IngestOutcome(label.label_id, "REJECTED", str(exc)))
         return out
 
-    def ingest_batches(self, batches: list[list[PreparedLabel | IngestOutcome]]) -> list[list[IngestOutcome]]:
+    def ingest_batches(self, batches: list[list[PreparedLabel | PreparedFeedback | IngestOutcome]]) -> list[list[IngestOutcome]]:
         """Store several requests' prepared labels (Store.prepare) in ONE transaction (group commit).
 
         Outcomes already decided (REJECTED by validation) pass through. A label_id already
@@ -117,7 +123,7 @@ class Store:
         REJECTED. Outcomes are returned only after COMMIT: an INSERTED label is durable.
         """
         outcomes = [[item if isinstance(item, IngestOutcome) else None for item in batch] for batch in batches]
-        valid = [(b, i, item) for b, batch in enumerate(batches) for i, item in enumerate(batch) if isinstance(item, PreparedLabel)]
+        valid = [(b, i, item) for b, batch in enumerate(batches) for i, item in enumerate(batch) if not isinstance(item, IngestOutcome)]
         with self.transaction():
             known = self._stored_hashes([p.label.label_id for _, _, p in valid])
             tasks = self._open_tasks([p.label.task_id for _, _, p in valid if p.label.task_id])
@@ -215,7 +221,10 @@ class Store:
             judge = self.judge_agreement()
             pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
                          JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[0]
+            feedback = q("""SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'), count(*) FILTER (kind = 'outcome')
+                            FROM label_feedback""").fetchone()
             return {
+                "feedback_labels": feedback[0], "thumbs": feedback[1], "outcomes": feedback[2],
                 "labels_total": sum(by_source.values()),
                 "labels_by_source": by_source,
                 "conversations": q("SELECT count(*) FROM conversations").fetchone()[0],
@@ -267,14 +276,25 @@ class _Rows:
         self.completions = {"id": [], "conversation_id": [], "text": [], "origin": []}
         self.labels = {k: [] for k in ("label_id", "conversation_id", "source", "annotator", "strength", "rationale", "metadata", "task_id", "payload_hash")}
         self.rankings = {"label_id": [], "position": [], "completion_id": [], "rank": []}
+        self.feedback = {"label_id": [], "kind": [], "message_index": [], "value": []}
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
+        self._feedback_ids: set[str] = set()
 
-    def add(self, p: PreparedLabel) -> None:
+    def add(self, p: PreparedLabel | PreparedFeedback) -> None:
         label, conv = p.label, p.conversation_id
         if conv not in self._seen_conv:
             self._seen_conv.add(conv)
-            _append(self.conversations, id=conv, messages=p.messages_json, num_turns=len(label.prompt))
+            turns = len(label.conversation) if isinstance(p, PreparedFeedback) else len(label.prompt)
+            _append(self.conversations, id=conv, messages=p.messages_json, num_turns=turns)
+        if isinstance(p, PreparedFeedback):  # thumbs and an outcome: no completions, no ranking
+            for kind, index, value in p.rows():
+                _append(self.feedback, label_id=label.label_id, kind=kind, message_index=index, value=value)
+            self._feedback_ids.add(label.label_id)
+            _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
+                    strength=None, rationale=label.rationale, metadata=p.metadata_json, task_id=label.task_id or None,
+                    payload_hash=p.payload_hash)
+            return
         for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids)):
             if comp not in self._seen_comp:  # a completion already stored keeps its origin (e.g. policy@<version>)
                 self._seen_comp.add(comp)
@@ -307,9 +327,13 @@ class _Rows:
         con.execute("""INSERT INTO label_rankings (label_id, position, completion_id, rank)
                        SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[])""",
                     [r["label_id"], r["position"], r["completion_id"], r["rank"]])
-        answered = [t for t in lab["task_id"] if t]
-        if answered:  # a label answering a task closes it
-            closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t]
+        f = self.feedback
+        if f["label_id"]:
+            con.execute("""INSERT INTO label_feedback (label_id, kind, message_index, value)
+                           SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::DOUBLE[])""",
+                        [f["label_id"], f["kind"], f["message_index"], f["value"]])
+        closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t and l not in self._feedback_ids]
+        if closes:  # a ranking answering a task closes it (feedback on the task's chat is provenance only)
             con.execute("""UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
                            FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
                            WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",

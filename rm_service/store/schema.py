@@ -154,7 +154,20 @@ CREATE TABLE suggestions (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5]
+# v6: feedback beyond rankings (store/feedback.py): thumbs on single assistant turns and a
+# session outcome on a whole conversation. The label's provenance and commit order stay in
+# `labels` (its conversation_id is the whole conversation's); the values live here.
+V6 = """
+CREATE TABLE label_feedback (
+    label_id      VARCHAR NOT NULL,
+    kind          VARCHAR NOT NULL,           -- thumb | outcome
+    message_index INTEGER NOT NULL,           -- thumb: the assistant turn's index; outcome: -1
+    value         DOUBLE NOT NULL,            -- thumb: 1 up, 0 down; outcome: in [0, 1], 1 = success
+    PRIMARY KEY (label_id, kind, message_index)
+);
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
 
 # A task anyone may lease now: queued, or leased and expired (a predicate on `tasks` rows).
 TASK_AVAILABLE = "(state = 'queued' OR (state = 'leased' AND lease_expires_at < now()))"

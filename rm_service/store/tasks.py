@@ -193,8 +193,9 @@ def progress(store: Store, annotator: str) -> dict[str, int]:
     """labeled_today: HUMAN labels by `annotator` since midnight (the store's time zone);
     queue_left: tasks it could lease now (available, and not skipped by it)."""
     with store.transaction() as con:
-        today = con.execute("SELECT count(*) FROM labels WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date",
-                            [annotator]).fetchone()[0]
+        # An answer's ranking and its thumbs (a feedback label with the same task) count once.
+        today = con.execute("""SELECT count(DISTINCT coalesce(task_id, label_id)) FROM labels
+                               WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date""", [annotator]).fetchone()[0]
         left = con.execute(f"""SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}
                                AND task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = ?)""", [annotator]).fetchone()[0]
     return {"labeled_today": int(today), "queue_left": int(left)}

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rm_service.errors import FailedPrecondition
 from rm_service.settings import TrainSettings
 from rm_service.store.db import Pair, Snapshot, Store
+from rm_service.store.feedback import StoredFeedback, feedback_in_snapshot
+from rm_service.train.feedback import is_heldout_feedback
 from rm_service.train.split import is_heldout
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ class Split:
     fit: list[Pair]
     validation: list[Pair]
     heldout: list[Pair]
+    feedback: list[StoredFeedback] = field(default_factory=list)  # thumbs and outcomes to train on (train.feedback)
+    feedback_heldout: list[StoredFeedback] = field(default_factory=list)  # held out like pairs: by conversation, same fraction and seed
 
     @property
     def train(self) -> list[Pair]:
@@ -56,8 +60,12 @@ def in_dataset_share(pair: Pair, settings: TrainSettings) -> bool:
 def prepare_split(store: Store, settings: TrainSettings) -> Split:
     snapshot = store.create_snapshot()
     pairs = store.pairs(snapshot)
-    if not pairs:
-        raise FailedPrecondition("the store holds no preference pairs; import or ingest labels first")
+    feedback = feedback_in_snapshot(store, snapshot) if settings.mode == "head" else []  # full mode trains on pairs only
+    if not pairs and not feedback:
+        raise FailedPrecondition("the store holds no preference pairs (and, for head mode, no thumbs or outcomes); "
+                                 "import or ingest labels first")
+    fb_heldout = [f for f in feedback if is_heldout_feedback(f, settings.heldout_fraction, settings.seed)]
+    fb_train = [f for f in feedback if not is_heldout_feedback(f, settings.heldout_fraction, settings.seed)]
     heldout = [p for p in pairs if is_heldout_pair(p, settings)]
     rest = [p for p in pairs if not is_heldout_pair(p, settings) and in_dataset_share(p, settings)]
     if settings.max_pairs is not None and len(rest) > settings.max_pairs:
@@ -67,6 +75,6 @@ def prepare_split(store: Store, settings: TrainSettings) -> Split:
     fit = [p for p in rest if not is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed + 1)]
     if not fit or not validation:
         fit, validation = rest, []
-    log.info("snapshot %s: %d fit, %d validation, %d held-out pairs (%d on-policy)", snapshot.snapshot_id, len(fit), len(validation),
-             len(heldout), sum(p.on_policy for p in heldout))
-    return Split(snapshot, fit, validation, heldout)
+    log.info("snapshot %s: %d fit, %d validation, %d held-out pairs (%d on-policy); feedback labels: %d train, %d held out",
+             snapshot.snapshot_id, len(fit), len(validation), len(heldout), sum(p.on_policy for p in heldout), len(fb_train), len(fb_heldout))
+    return Split(snapshot, fit, validation, heldout, fb_train, fb_heldout)

@@ -6,7 +6,9 @@ the candidate chosen by cross-validation.
    only runs the backbone on the new completions.
 2. Options: each layer's last token, its completion mean, both; and every layer together.
    `select_head` scores each option and L2 penalty by 5-fold CV (never the held-out split).
-3. The K heads are fitted on all training pairs with the chosen option and penalty, and
+   With fewer than 50 pairs and feedback labels (thumbs, outcomes: train.feedback), the choice
+   is made by CV of the feedback loss instead (`select_feedback_head`).
+3. The K heads are fitted on all training pairs (and feedback labels) with the chosen option and penalty, and
    installed in the runtime's model with the chosen pooling (the backbone is cut after the
    deepest layer read, as it will be when the version is served).
 """
@@ -25,9 +27,10 @@ from rm_service.models.pooling import Pooling, truncate
 from rm_service.models.runtime import ModelRuntime
 from rm_service.settings import TrainSettings
 from rm_service.store.db import Pair, Store
+from rm_service.train import feedback as fb
 from rm_service.train.data import Split
 from rm_service.train.features import Candidate, Features, cached_features, candidates_for, extraction_pooling
-from rm_service.train.heads import PairData, fit_heads, select_head
+from rm_service.train.heads import MIN_PAIRS_FOR_CV, PairData, fit_heads, select_feedback_head, select_head
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -40,19 +43,30 @@ def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: T
     cands = candidates_for(runtime, settings.feature_layers)
     runtime.model.backbone = truncate(runtime.model.backbone, extraction_pooling(cands))  # blocks past the deepest candidate never run
     start = time.monotonic()
-    feats, tokens = split_features(runtime, store, split.heldout + split.train, cands, settings, deadline, show_progress)
+    turns = fb.requests(split.feedback_heldout + split.feedback)  # thumbed turns and outcome sessions' turns, after the pairs
+    feats, tokens = split_features(runtime, store, split.heldout + split.train, cands, settings, deadline, show_progress, turns)
     feature_seconds = time.monotonic() - start
-    have = lambda pairs: [p for p in pairs if all(p.chosen_id in feats[c] and p.rejected_id in feats[c] for c in cands)]  # noqa: E731
+    has = lambda cid: all(cid in feats[c] for c in cands)  # noqa: E731
+    have = lambda pairs: [p for p in pairs if has(p.chosen_id) and has(p.rejected_id)]  # noqa: E731
     train, heldout = have(split.train), have(split.heldout)
-    if len(train) < 2:
-        raise FailedPrecondition(f"only {len(train)} training pairs have features within the budget; raise max_minutes")
     options = feature_options(cands, runtime.spec.kind)
+    use = {"thumbs": settings.thumb_weight > 0, "outcomes": settings.outcome_weight > 0}  # a term weighted 0 does not train
+    fb_train = {name: fb.feedback_data(split.feedback, lambda cid, p=pooling: pooled(feats, p, cid), has, **use)
+                for name, pooling in options.items()}
+    if len(train) < 2 and next(iter(fb_train.values())).empty:
+        raise FailedPrecondition(f"only {len(train)} training pairs (and no thumbs or outcomes) have features within the budget; "
+                                 "raise max_minutes")
     data = {name: pair_data(feats, pooling, train, settings) for name, pooling in options.items()}
-    selection = select_head(data, settings.head_l2)
+    if len(train) < MIN_PAIRS_FOR_CV and not next(iter(fb_train.values())).empty:  # too few pairs: choose on the feedback instead
+        selection = select_feedback_head(fb_train, data, settings.head_l2, (settings.thumb_weight, settings.outcome_weight))
+    else:
+        selection = select_head(data, settings.head_l2)
     pooling = options[selection.name]
     start_heads = (init[1], init[2]) if init is not None and init[0] == pooling else None
-    fit = fit_heads(data[selection.name], settings.ensemble_size, selection.l2, settings.seed, start_heads)
+    fit = fit_heads(data[selection.name], settings.ensemble_size, selection.l2, settings.seed, start_heads, feedback=fb_train[selection.name],
+                    term_weights=(settings.pair_weight, settings.thumb_weight, settings.outcome_weight))
     install(runtime, pooling, fit.weight, fit.bias)
+    feedback_extra, feedback_info, reference = _feedback_results(split, feats, pooling, has, fit, fb_train[selection.name])
 
     def rewards(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
         if not pairs:
@@ -64,18 +78,35 @@ def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: T
                   num_pairs={"train_pairs": len(train), "validation_pairs": 0, "heldout_pairs": len(heldout),
                              "onpolicy_train_pairs": sum(p.on_policy for p in train)},
                   extra={"head_l2": selection.l2, "head_cv_loss": selection.cv_loss, "feature_seconds": feature_seconds,
-                         "feature_tokens_per_s": tokens / max(feature_seconds, 1e-9), "feature_tokens": float(tokens)},
-                  info={"features": selection.name, "selection": [list(row) for row in selection.table]}, fit_pairs=train)
+                         "feature_tokens_per_s": tokens / max(feature_seconds, 1e-9), "feature_tokens": float(tokens), **feedback_extra},
+                  info={"features": selection.name, "selection": [list(row) for row in selection.table], **feedback_info},
+                  reference=reference, fit_pairs=train)
+
+
+def _feedback_results(split: Split, feats: Features, pooling: Pooling, has, fit, train: fb.FeedbackData) -> tuple[dict, dict, np.ndarray | None]:
+    """Held-out and training metrics of the feedback terms (thumb_auc, outcome_auc, ...), the
+    version's feedback record (how its session value is made, the offsets) and the training
+    turns' rewards; nothing when the run had no feedback."""
+    if train.empty:
+        return {}, {}, None
+    heldout = fb.feedback_data(split.feedback_heldout, lambda cid: pooled(feats, pooling, cid), has)
+    metrics = fb.feedback_metrics(heldout, fit.weight, fit.bias, fit.offsets, "")
+    metrics.update(fb.feedback_metrics(train, fit.weight, fit.bias, fit.offsets, "train_"))
+    reference = (np.concatenate([train.x_thumb, train.x_turn]) @ fit.weight.T + fit.bias).mean(1)  # [T + U]
+    return metrics, {"feedback": {"session_value": fb.SESSION_VALUE, **fit.offsets}}, reference
 
 
 def split_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], cands: list[Candidate], settings: TrainSettings,
-                   deadline: float, show_progress: bool) -> tuple[Features, int]:
+                   deadline: float, show_progress: bool, turns: dict[str, tuple] | None = None) -> tuple[Features, int]:
     """Every candidate's features of the pairs' completions (held-out first, so a budget that
-    runs out shortens training, not evaluation), and the tokens computed."""
+    runs out shortens training, not evaluation), then of the feedback `turns` ({id: (prompt,
+    text)}), and the tokens computed."""
     requests: dict[str, tuple] = {}
     for p in pairs:
         requests.setdefault(p.chosen_id, (p.prompt, p.chosen))
         requests.setdefault(p.rejected_id, (p.prompt, p.rejected))
+    for cid, request in (turns or {}).items():
+        requests.setdefault(cid, request)
     bar = tqdm(total=len(requests), desc="features", unit="seq", disable=not show_progress)
     seen = {"tokens": 0, "t0": time.monotonic()}
 
@@ -113,6 +144,10 @@ def pooled(feats: Features, pooling: Pooling, completion_id: str) -> np.ndarray:
 
 
 def pair_data(feats: Features, pooling: Pooling, pairs: list[Pair], settings: TrainSettings) -> PairData:
+    if not pairs:  # feedback-only training: no pair rows, the features' width
+        width = sum(len(next(iter(feats[Candidate(layer, m)].values()), ())) for layer in pooling.layers
+                    for m in (("last", "mean") if pooling.method == "last+mean" else (pooling.method,)))
+        return PairData(np.zeros((0, width), dtype=np.float32), np.zeros((0, width), dtype=np.float32), np.zeros(0), None, [])
     x_w = np.stack([pooled(feats, pooling, p.chosen_id) for p in pairs])  # [N, F]
     x_l = np.stack([pooled(feats, pooling, p.rejected_id) for p in pairs])  # [N, F]
     weight = np.array([settings.onpolicy_weight if p.on_policy else 1.0 for p in pairs])  # [N]

@@ -31,6 +31,7 @@ from rm_service.store.db import Pair, Store
 from rm_service.train import ddp
 from rm_service.train.data import Split, prepare_split
 from rm_service.train.full_mode import fit_full_mode, pair_rewards
+from rm_service.train.feedback import requests as feedback_requests
 from rm_service.train.features import Candidate
 from rm_service.train.head_mode import fit_head_mode, pair_data, split_features
 from rm_service.train.metrics import pair_metrics, paired_changes
@@ -38,6 +39,7 @@ from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
 GOLDEN_ITEMS = 4
+FEEDBACK_WEIGHTS = ("pair_weight", "thumb_weight", "outcome_weight")  # head mode's only: a full-mode run resumes across them
 UNCHANGED_RTOL = 1e-4  # L-BFGS stops within ~1e-5 of the optimum; float32 heads on disk
 
 
@@ -81,7 +83,7 @@ def train(store: Store | None, settings: TrainSettings, models: ModelSettings | 
 def run_dir(models: ModelSettings, split: Split, settings: TrainSettings) -> Path:
     """Checkpoints of a full-mode run: one directory per (snapshot, settings), so rerunning
     the same command resumes it."""
-    digest = hashlib.sha256(settings.model_dump_json(exclude={"max_minutes", "resume", "promote"}).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(settings.model_dump_json(exclude={"max_minutes", "resume", "promote", *FEEDBACK_WEIGHTS}).encode()).hexdigest()[:12]
     return Path(models.artifacts_dir) / ".runs" / f"{split.snapshot.snapshot_id}-{digest}"
 
 
@@ -123,7 +125,7 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
             metrics.update(paired_human(scores.heldout, baseline, pairs))
         if settings.mode == "head" and _same_heads(current, runtime):
             metrics["unchanged_from_parent"] = 1.0
-    reference = np.concatenate(scores.fit)
+    reference = np.concatenate([*scores.fit] + ([scores.reference] if scores.reference is not None else []))  # pairs' and feedback turns' rewards
     reward_mean, reward_std = float(reference.mean()), float(reference.std() or 1.0)
     metrics.update(reference_stats(reference, scores.fit_pairs))
 
@@ -135,14 +137,15 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     backbone, key = settings.backbone, runtime.backbone_key
     if settings.mode == "full":  # the fine-tuned backbone travels with the version
         backbone, key = _save_backbone(runtime, staging)
-    golden_source = (split.heldout or split.fit)[:GOLDEN_ITEMS]
+    golden_source = [(p.prompt, p.chosen) for p in (split.heldout or split.fit)[:GOLDEN_ITEMS]]
+    golden_source = golden_source or list(feedback_requests(split.feedback_heldout + split.feedback).values())[:GOLDEN_ITEMS]
     meta = VersionMeta(
         version=version, mode=settings.mode, backbone=backbone, base_backbone=settings.backbone, backbone_key=key, format=runtime.spec,
         format_hash=runtime.spec.hash, precision=runtime.precision, pooling=runtime.model.pooling, ensemble_size=runtime.model.ensemble_size,
         reward_mean=reward_mean, reward_std=reward_std, metrics=metrics, snapshot_id=split.snapshot.snapshot_id, parent=parent,
-        settings=settings.model_dump(mode="json"), golden=golden_items(runtime, [(p.prompt, p.chosen) for p in golden_source]),
+        settings=settings.model_dump(mode="json"), golden=golden_items(runtime, golden_source),
         info=scores.info)
-    if _wants_onnx(settings, runtime):
+    if _wants_onnx(settings, runtime) and (split.heldout or split.fit):  # the export is parity-checked on pairs
         meta.onnx = _export_onnx(runtime, staging, split.heldout or split.fit)
     score = runtime.model.score
     bias = score.bias.detach().cpu().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
@@ -182,6 +185,10 @@ def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
             line += f"; held-out {name} pairs: {metrics[f'accuracy_{name}']:.4f} ({int(metrics[f'pairs_{name}'])})"
             if f"baseline_accuracy_{name}" in metrics:
                 line += f", parent {metrics[f'baseline_accuracy_{name}']:.4f}"
+    for kind, count in (("thumb", "thumbs"), ("outcome", "outcomes")):  # feedback labels (train.feedback)
+        if metrics.get(count):
+            line += (f"; held-out {count}: AUC {metrics[f'{kind}_auc']:.4f} ({int(metrics[count])}), "
+                     f"pair accuracy {metrics[f'{kind}_pair_accuracy']:.4f}")
     return line
 
 

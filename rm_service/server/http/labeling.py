@@ -13,7 +13,8 @@
 An answer goes through the same ingestion as IngestLabels (Store.prepare, then the
 group-commit writer): source HUMAN, annotator from the token, label_id `<task_id>/<annotator>`,
 so a double submit stores one label (the second is DUPLICATE; a different second answer is
-409). Suggestions (store.suggestions) are shown and recorded apart; the label's metadata names
+409). Thumbs on the chat's assistant turns are also stored as a first-class feedback label
+(store.feedback, label_id `<task_id>/<annotator>/thumbs`), committed with the ranking. Suggestions (store.suggestions) are shown and recorded apart; the label's metadata names
 them, and they never become a label.
 """
 
@@ -28,11 +29,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from rm_service.conversation import completion_id, conversation_id
+from rm_service.conversation import completion_id, conversation_id, scored_turns
 from rm_service.errors import AlreadyExists, InvalidArgument, RMError
 from rm_service.server.admission import Ticket
 from rm_service.server.http.app import Caller, HttpContext, caller, context, read_json
 from rm_service.store import suggestions, tasks
+from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.labels import LabelIn
 from rm_service.store.suggestions import Suggestion
 
@@ -105,7 +107,8 @@ async def label(request: Request) -> JSONResponse:
     await asyncio.to_thread(tasks.check_held, ctx.store, task_id, who.annotator, label_id)
     shown = await asyncio.to_thread(suggestions.shown, ctx.store, task_id)
     answer = _answer(body, task, who, label_id, shown)
-    [outcome] = await ctx.writer.ingest([answer], origin="human")
+    thumbs = _thumbs_label(answer, task)
+    [outcome, *_] = await ctx.writer.ingest([answer, *thumbs], origin="human")  # one group commit: both or neither
     if outcome.status == "REJECTED":
         field, _, message = outcome.reason.partition(": ")
         raise InvalidArgument(field.replace("labels[0].", "", 1), message)
@@ -138,6 +141,19 @@ def _answer(body: dict, task: tasks.Task, who: Caller, label_id: str, shown: lis
     return LabelIn(label_id=label_id, prompt=task.prompt, responses=task.completions, ranks=ranks, source="HUMAN",
                    annotator=who.annotator, strength=float(strength) if strength is not None else None, rationale=rationale.strip(),
                    metadata=metadata, task_id=task.task_id)
+
+
+def _thumbs_label(answer: LabelIn, task: tasks.Task) -> list[FeedbackIn]:
+    """The answer's thumbs as a feedback label on the chat (docs/feedback.md): those on turns a
+    reward model scores (an assistant greeting before any user turn stays in metadata only)."""
+    chosen = json.loads(answer.metadata.get("turn_feedback", "{}"))
+    scored = set(scored_turns(task.prompt))
+    thumbs = [TurnThumb(int(i), v == "up") for i, v in sorted(chosen.items(), key=lambda kv: int(kv[0])) if int(i) in scored]
+    if not thumbs:
+        return []
+    return [FeedbackIn(label_id=f"{answer.label_id}/thumbs", conversation=task.prompt, thumbs=thumbs, source="HUMAN",
+                       annotator=answer.annotator, metadata={"interface": "labeling-page", "ranking": answer.label_id},
+                       task_id=task.task_id)]
 
 
 def _turn_feedback(value, task: tasks.Task) -> dict[str, str]:

@@ -15,6 +15,12 @@ class LabelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JUDGE: _ClassVar[LabelSource]
     IMPORT: _ClassVar[LabelSource]
 
+class Thumb(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    THUMB_UNSPECIFIED: _ClassVar[Thumb]
+    THUMB_UP: _ClassVar[Thumb]
+    THUMB_DOWN: _ClassVar[Thumb]
+
 class IngestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     INGEST_STATUS_UNSPECIFIED: _ClassVar[IngestStatus]
@@ -26,6 +32,9 @@ LABEL_SOURCE_UNSPECIFIED: LabelSource
 HUMAN: LabelSource
 JUDGE: LabelSource
 IMPORT: LabelSource
+THUMB_UNSPECIFIED: Thumb
+THUMB_UP: Thumb
+THUMB_DOWN: Thumb
 INGEST_STATUS_UNSPECIFIED: IngestStatus
 INSERTED: IngestStatus
 DUPLICATE: IngestStatus
@@ -62,6 +71,49 @@ class Label(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     task_id: str
     def __init__(self, label_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., responses: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[int]] = ..., strength: _Optional[float] = ..., source: _Optional[_Union[LabelSource, str]] = ..., annotator: _Optional[str] = ..., rationale: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class TurnThumb(_message.Message):
+    __slots__ = ("message_index", "thumb")
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    THUMB_FIELD_NUMBER: _ClassVar[int]
+    message_index: int
+    thumb: Thumb
+    def __init__(self, message_index: _Optional[int] = ..., thumb: _Optional[_Union[Thumb, str]] = ...) -> None: ...
+
+class Feedback(_message.Message):
+    __slots__ = ("label_id", "conversation", "thumbs", "outcome", "source", "annotator", "rationale", "metadata", "task_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATOR_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    label_id: str
+    conversation: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    thumbs: _containers.RepeatedCompositeFieldContainer[TurnThumb]
+    outcome: float
+    source: LabelSource
+    annotator: str
+    rationale: str
+    metadata: _containers.ScalarMap[str, str]
+    task_id: str
+    def __init__(self, label_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., thumbs: _Optional[_Iterable[_Union[TurnThumb, _Mapping]]] = ..., outcome: _Optional[float] = ..., source: _Optional[_Union[LabelSource, str]] = ..., annotator: _Optional[str] = ..., rationale: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class IngestFeedbackRequest(_message.Message):
+    __slots__ = ("feedback",)
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    feedback: _containers.RepeatedCompositeFieldContainer[Feedback]
+    def __init__(self, feedback: _Optional[_Iterable[_Union[Feedback, _Mapping]]] = ...) -> None: ...
 
 class IngestLabelsRequest(_message.Message):
     __slots__ = ("labels",)
@@ -155,7 +207,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, since_snapshot_id: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement", "judge_human_kappa", "judge_swapped_pairs", "judge_position_bias_rate", "judge_longer_preferred", "human_longer_preferred")
+    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement", "judge_human_kappa", "judge_swapped_pairs", "judge_position_bias_rate", "judge_longer_preferred", "human_longer_preferred", "feedback_labels", "thumbs", "outcomes")
     class LabelsBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +232,9 @@ class Stats(_message.Message):
     JUDGE_POSITION_BIAS_RATE_FIELD_NUMBER: _ClassVar[int]
     JUDGE_LONGER_PREFERRED_FIELD_NUMBER: _ClassVar[int]
     HUMAN_LONGER_PREFERRED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_LABELS_FIELD_NUMBER: _ClassVar[int]
+    THUMBS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     labels_total: int
     labels_by_source: _containers.ScalarMap[str, int]
     conversations: int
@@ -197,4 +252,7 @@ class Stats(_message.Message):
     judge_position_bias_rate: float
     judge_longer_preferred: float
     human_longer_preferred: float
-    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ..., judge_human_kappa: _Optional[float] = ..., judge_swapped_pairs: _Optional[int] = ..., judge_position_bias_rate: _Optional[float] = ..., judge_longer_preferred: _Optional[float] = ..., human_longer_preferred: _Optional[float] = ...) -> None: ...
+    feedback_labels: int
+    thumbs: int
+    outcomes: int
+    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ..., judge_human_kappa: _Optional[float] = ..., judge_swapped_pairs: _Optional[int] = ..., judge_position_bias_rate: _Optional[float] = ..., judge_longer_preferred: _Optional[float] = ..., human_longer_preferred: _Optional[float] = ..., feedback_labels: _Optional[int] = ..., thumbs: _Optional[int] = ..., outcomes: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,11 @@ class PreferenceServiceStub:
                 request_serializer=rm_dot_v1_dot_preference__pb2.IngestLabelsRequest.SerializeToString,
                 response_deserializer=rm_dot_v1_dot_preference__pb2.IngestLabelsResponse.FromString,
                 _registered_method=True)
+        self.IngestFeedback = channel.unary_unary(
+                '/rm.v1.PreferenceService/IngestFeedback',
+                request_serializer=rm_dot_v1_dot_preference__pb2.IngestFeedbackRequest.SerializeToString,
+                response_deserializer=rm_dot_v1_dot_preference__pb2.IngestLabelsResponse.FromString,
+                _registered_method=True)
         self.SubmitCandidates = channel.unary_unary(
                 '/rm.v1.PreferenceService/SubmitCandidates',
                 request_serializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesRequest.SerializeToString,
@@ -61,6 +66,15 @@ class PreferenceServiceServicer:
 
     def IngestLabels(self, request, context):
         """Stores labels idempotently; each item gets its own status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IngestFeedback(self, request, context):
+        """Stores feedback beyond rankings (per-turn thumbs, a session outcome) idempotently, through
+        the same group commit as IngestLabels; each item gets its own status. A feedback's
+        label_id shares the key space of ranking labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +107,11 @@ def add_PreferenceServiceServicer_to_server(servicer, server):
             'IngestLabels': grpc.unary_unary_rpc_method_handler(
                     servicer.IngestLabels,
                     request_deserializer=rm_dot_v1_dot_preference__pb2.IngestLabelsRequest.FromString,
+                    response_serializer=rm_dot_v1_dot_preference__pb2.IngestLabelsResponse.SerializeToString,
+            ),
+            'IngestFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestFeedback,
+                    request_deserializer=rm_dot_v1_dot_preference__pb2.IngestFeedbackRequest.FromString,
                     response_serializer=rm_dot_v1_dot_preference__pb2.IngestLabelsResponse.SerializeToString,
             ),
             'SubmitCandidates': grpc.unary_unary_rpc_method_handler(
@@ -137,6 +156,33 @@ class PreferenceService:
             target,
             '/rm.v1.PreferenceService/IngestLabels',
             rm_dot_v1_dot_preference__pb2.IngestLabelsRequest.SerializeToString,
+            rm_dot_v1_dot_preference__pb2.IngestLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rm.v1.PreferenceService/IngestFeedback',
+            rm_dot_v1_dot_preference__pb2.IngestFeedbackRequest.SerializeToString,
             rm_dot_v1_dot_preference__pb2.IngestLabelsResponse.FromString,
             options,
             channel_credentials,

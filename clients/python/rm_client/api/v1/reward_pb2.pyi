@@ -65,24 +65,30 @@ class ScoreTurnsRequest(_message.Message):
     def __init__(self, conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TurnReward(_message.Message):
-    __slots__ = ("message_index", "reward", "raw_score")
+    __slots__ = ("message_index", "reward", "raw_score", "thumb_up")
     MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
+    THUMB_UP_FIELD_NUMBER: _ClassVar[int]
     message_index: int
     reward: float
     raw_score: float
-    def __init__(self, message_index: _Optional[int] = ..., reward: _Optional[float] = ..., raw_score: _Optional[float] = ...) -> None: ...
+    thumb_up: float
+    def __init__(self, message_index: _Optional[int] = ..., reward: _Optional[float] = ..., raw_score: _Optional[float] = ..., thumb_up: _Optional[float] = ...) -> None: ...
 
 class ScoreTurnsResponse(_message.Message):
-    __slots__ = ("turns", "model_version", "format_hash")
+    __slots__ = ("turns", "model_version", "format_hash", "session_value", "session_success")
     TURNS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_VALUE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     turns: _containers.RepeatedCompositeFieldContainer[TurnReward]
     model_version: str
     format_hash: str
-    def __init__(self, turns: _Optional[_Iterable[_Union[TurnReward, _Mapping]]] = ..., model_version: _Optional[str] = ..., format_hash: _Optional[str] = ...) -> None: ...
+    session_value: float
+    session_success: float
+    def __init__(self, turns: _Optional[_Iterable[_Union[TurnReward, _Mapping]]] = ..., model_version: _Optional[str] = ..., format_hash: _Optional[str] = ..., session_value: _Optional[float] = ..., session_success: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

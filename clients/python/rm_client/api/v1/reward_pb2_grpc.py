@@ -72,7 +72,8 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreTurns(self, request, context):
-        """One reward per assistant turn of a multi-turn conversation.
+        """One reward per assistant turn of a multi-turn conversation, and the session's value (the sum
+        of its turn rewards, what session outcomes train).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
