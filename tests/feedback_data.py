@@ -11,7 +11,7 @@ import json
 
 from conftest import hh_lines
 from rm_service.store.feedback import FeedbackIn, TurnThumb
-from rm_service.store.hh import HHFormatError, parse_pair
+from rm_service.formats.hh import HHFormatError, parse_pair
 
 
 def hh_feedback(n: int | None, thumbs: bool = True, outcomes: bool = False) -> list[FeedbackIn]:
