@@ -103,9 +103,13 @@ def test_rank_a_three_way_task_with_a_tie_from_the_keyboard(home, tiny_rm_dir, b
         keys(browser, Keys.ENTER)
         saved(browser)
         label_id = f"{task}/{annotator(TOKENS['labeler'])}"
-        [(source, who, strength, rationale, metadata)] = rows(srv, "SELECT source, annotator, strength, rationale, metadata FROM labels")
+        [(source, who, strength, rationale, metadata)] = rows(srv, "SELECT source, annotator, strength, rationale, metadata FROM labels "
+                                                                  "WHERE label_id = ?", [label_id])
         assert (source, who, strength, rationale) == ("HUMAN", annotator(TOKENS["labeler"]), 2.0, "A and B both help; C gives up.")
         assert json.loads(json.loads(metadata)["turn_feedback"]) == {"1": "up"}
+        thumbs = rows(srv, "SELECT l.source, l.annotator, f.kind, f.message_index, f.value FROM labels l JOIN label_feedback f "
+                           "USING (label_id) WHERE label_id = ?", [f"{label_id}/thumbs"])
+        assert thumbs == [("HUMAN", annotator(TOKENS["labeler"]), "thumb", 1, 1.0)]  # the thumb is a feedback label of its own too
         ranking = rows(srv, """SELECT k.text, r.rank FROM label_rankings r JOIN completions k ON k.id = r.completion_id
                                WHERE r.label_id = ? ORDER BY r.position""", [label_id])
         assert ranking == [(REPLIES[0], 0), (REPLIES[1], 0), (REPLIES[2], 1)]
