@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 from rm_service.formats.ingest import import_records
-from rm_service.formats.records import FormatError, Record, jsonl_records, messages, metadata, string, strength, write_jsonl
+from rm_service.formats.records import FormatError, Record, known_keys, jsonl_records, messages, metadata, string, strength, write_jsonl
 from rm_service.store.db import Snapshot, Store
 from rm_service.store.feedback import FeedbackIn, TurnThumb, feedback_in_snapshot
 
@@ -37,10 +37,7 @@ THUMB_KEYS = ("message_index", "up")
 
 def feedback_label(record: Record, default_id: str, annotator: str) -> FeedbackIn:
     """The feedback label of one line; raises FormatError naming the key."""
-    data = record.data
-    unknown = sorted(set(data) - set(FEEDBACK_KEYS))
-    if unknown:
-        raise FormatError(f"unknown keys {[k[:40] for k in unknown[:5]]}; expected {', '.join(FEEDBACK_KEYS)}")
+    data = known_keys(record.data, FEEDBACK_KEYS)
     return FeedbackIn(
         label_id=string(data, "label_id", default_id), conversation=messages(data.get("conversation"), "conversation"),
         thumbs=_thumbs(data.get("thumbs")), outcome=strength(data, "outcome"), source=string(data, "source", "IMPORT"),

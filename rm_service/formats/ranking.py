@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rm_service.formats.ingest import import_records
-from rm_service.formats.records import FormatError, Record, ints, jsonl_records, messages, metadata, string, strength, strings, write_jsonl
+from rm_service.formats.records import Record, known_keys, ints, jsonl_records, messages, metadata, string, strength, strings, write_jsonl
 from rm_service.store.db import Snapshot, Store
 from rm_service.store.labels import LabelIn
 from rm_service.store.read import labels_in_snapshot
@@ -30,10 +30,7 @@ RANKING_KEYS = ("label_id", "prompt", "responses", "ranks", "source", "annotator
 
 def ranking_label(record: Record, default_id: str, annotator: str) -> LabelIn:
     """The label of one K-way ranking record; raises FormatError."""
-    data = record.data
-    unknown = sorted(set(data) - set(RANKING_KEYS))
-    if unknown:
-        raise FormatError(f"unknown keys {[k[:40] for k in unknown[:5]]}; expected {', '.join(RANKING_KEYS)}")
+    data = known_keys(record.data, RANKING_KEYS)
     return LabelIn(
         label_id=string(data, "label_id", default_id), prompt=messages(data.get("prompt"), "prompt"),
         responses=strings(data.get("responses"), "responses"), ranks=ints(data.get("ranks"), "ranks"),

@@ -124,6 +124,15 @@ def write_jsonl(out: Path, records: list[dict]) -> None:
 # -- field parsing -------------------------------------------------------------------------
 
 
+def known_keys(data: dict, keys: tuple[str, ...]) -> dict:
+    """`data` when it has no key outside `keys`; FormatError naming (a few of) the others."""
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise FormatError(f"unknown keys {[k[:40] for k in unknown[:5]]}; expected {', '.join(keys)}")
+    return data
+
+
+
 def message(value: object, field: str) -> Message:
     if not isinstance(value, dict) or set(value) != {"role", "content"} or not all(isinstance(v, str) for v in value.values()):
         raise FormatError(f"{field} must be an object with exactly the string keys 'role' and 'content'")

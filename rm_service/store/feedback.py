@@ -25,9 +25,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from rm_service.conversation import Message, canonical_json, conversation_id, scored_turns, validate_finite, validate_text, validate_turns
+from rm_service.conversation import Message, canonical_json, conversation_id, scored_turns, validate_finite, validate_turns
 from rm_service.errors import InvalidArgument
-from rm_service.store.labels import MAX_METADATA_ENTRIES, SOURCES, _short_text
+from rm_service.store.labels import _short_text, validate_provenance
 
 OUTCOME_INDEX = -1  # label_feedback.message_index of a session outcome
 
@@ -99,19 +99,7 @@ def validate_feedback(fb: FeedbackIn, where: str, max_chars: int) -> None:
         validate_finite(fb.outcome, f"{where}.outcome", minimum=0.0, maximum=1.0)
         if not scored:
             raise InvalidArgument(f"{where}.conversation", "has no assistant turn after a user turn; an outcome needs one to be the value of")
-    if fb.source not in SOURCES:
-        raise InvalidArgument(f"{where}.source", f"unknown source {str(fb.source)[:40]!r}; expected one of {', '.join(SOURCES)}")
-    _short_text(fb.annotator, f"{where}.annotator", "is required (a person's id or a judge model id)")
-    validate_text(fb.rationale, f"{where}.rationale", max_chars, required=False)
-    if fb.task_id:
-        _short_text(fb.task_id, f"{where}.task_id", "")
-    if len(fb.metadata) > MAX_METADATA_ENTRIES:
-        raise InvalidArgument(f"{where}.metadata", f"has {len(fb.metadata)} entries; the limit is {MAX_METADATA_ENTRIES}")
-    for key, value in fb.metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidArgument(f"{where}.metadata", "must map strings to strings")
-        _short_text(key, f"{where}.metadata", "keys must not be empty")
-        validate_text(value, f"{where}.metadata[{key!r}]", max_chars, required=False)
+    validate_provenance(fb, where, max_chars)
 
 
 @dataclass(frozen=True)

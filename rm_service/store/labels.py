@@ -81,6 +81,12 @@ def validate_label(label: LabelIn, field: str, max_chars: int, max_responses: in
     _validate_ranks(label.ranks, k, f"{field}.ranks")
     if label.strength is not None:
         validate_finite(label.strength, f"{field}.strength", minimum=0.0, maximum=max_strength)
+    validate_provenance(label, field, max_chars)
+
+
+def validate_provenance(label, field: str, max_chars: int) -> None:
+    """What every label kind carries beside its payload (a LabelIn or a FeedbackIn): source,
+    annotator, rationale, task id and metadata, bounded. O(size)."""
     if label.source not in SOURCES:
         raise InvalidArgument(f"{field}.source", f"unknown source {str(label.source)[:40]!r}; expected one of {', '.join(SOURCES)}")
     _short_text(label.annotator, f"{field}.annotator", "is required (a person's id or a judge model id)")
