@@ -213,13 +213,14 @@ def turns_response(served: Served, turns: list[int], raw: np.ndarray) -> reward_
     for i, r, s in zip(turns, reward, raw):
         turn = response.turns.add(message_index=i, reward=float(r), raw_score=float(s))
         if "thumb_offset" in offsets:
-            turn.thumb_up = _sigmoid(float(s) - offsets["thumb_offset"])
+            turn.thumb_up = sigmoid(float(s) - offsets["thumb_offset"])
     if "outcome_offset" in offsets:
-        response.session_success = _sigmoid(float(raw.sum()) - offsets["outcome_offset"])
+        response.session_success = sigmoid(float(raw.sum()) - offsets["outcome_offset"])
     return response
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x), written so no x overflows (served probabilities: ScoreTurns, the HTTP classify route)."""
     return float(0.5 * (1.0 + np.tanh(0.5 * x)))  # no overflow at any x
 
 

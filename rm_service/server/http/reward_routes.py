@@ -28,7 +28,6 @@ disconnects has its queued items dropped before they reach the model, as a cance
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 
@@ -41,6 +40,7 @@ from rm_service.errors import Cancelled, InvalidArgument
 from rm_service.server.admission import Ticket
 from rm_service.server.http.app import HttpContext, caller, context, counted, read_json
 from rm_service.server.http.rendered import parse_chatml
+from rm_service.server.reward import sigmoid
 
 SCORER = "scorer"
 ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # vLLM's flag, then its deprecated names
@@ -83,7 +83,7 @@ async def classify(request: Request) -> JSONResponse:
     ctx, body, pairs, version = await _vllm_request(request)
     scored, reward = await _score(request, ctx, pairs, version)
     activate = _activation(body, default=True)
-    data = [{"index": i, "label": "reward", "probs": [_sigmoid(r) if activate else float(r)], "num_classes": 1} for i, r in enumerate(reward)]
+    data = [{"index": i, "label": "reward", "probs": [sigmoid(r) if activate else float(r)], "num_classes": 1} for i, r in enumerate(reward)]
     return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": scored.version,
                          "data": data, "usage": _usage(scored)})
 
@@ -92,7 +92,7 @@ async def pooling(request: Request) -> JSONResponse:
     ctx, body, pairs, version = await _vllm_request(request)
     scored, reward = await _score(request, ctx, pairs, version)
     activate = _activation(body, default=False)
-    data = [{"index": i, "object": "pooling", "data": [_sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)]
+    data = [{"index": i, "object": "pooling", "data": [sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)]
     return JSONResponse({"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": scored.version,
                          "data": data, "usage": _usage(scored)})
 
@@ -224,7 +224,3 @@ def _usage(scored) -> dict:
     tokens = sum(len(f) for f in scored.formatted)
     return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None}
 
-
-def _sigmoid(x: float) -> float:
-    x = float(x)
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
