@@ -178,6 +178,7 @@ def _serve(args) -> int:
     from rm_service.server.app import serve_forever
 
     serve, security = serve_settings(args)
+    sys.setswitchinterval(serve.gil_switch_interval_ms / 1000)  # process-wide, so set by the process that serves
     set_log_format(serve.log_format)
     asyncio.run(serve_forever(serve, Path(args.port_file) if args.port_file else None, security))
     return 0

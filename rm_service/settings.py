@@ -114,6 +114,20 @@ class ServeSettings(BaseSettings):
     with_store: bool = Field(True, description="Open the preference store and serve PreferenceService from this process.")
     with_model: bool = Field(True, description="Load a reward model and serve RewardService (off: a store-only process).")
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
+    model_nice: int = Field(
+        10, ge=0, le=19,
+        description="How many nice steps the model thread and the OpenMP workers it starts run below the server's RPC threads: "
+                    "when the CPU is oversubscribed, refusals, health checks and metrics are answered first and the model "
+                    "takes what is left (Linux; 0 = the same priority). bench/overload.py, 2 cores at 4x load: rejection p99 "
+                    "55-56 ms at 0, 25-59 ms at 10.",
+    )
+    gil_switch_interval_ms: float = Field(
+        0.5, gt=0, le=100,
+        description="Python's GIL switch interval in `rm-service serve` (sys.setswitchinterval; Python's default is 5 ms): the "
+                    "longest the event loop waits for the GIL while the tokeniser or the model thread holds it. "
+                    "bench/overload.py, 2 cores at 4x load with model_nice 10: rejection p99 25-59 ms at 5 ms, 45-84 ms at 1 ms, "
+                    "28-34 ms at 0.5 ms.",
+    )
     metrics_port: int = Field(
         9464, ge=-1, le=65535,
         description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import sys
 import threading
 import weakref
 
@@ -175,3 +176,19 @@ def test_the_batcher_keeps_only_served_versions_alive(home, tiny_rm_dir):
 async def _swap_in(served_models, served) -> None:
     served_models.swap_in(served)
     await asyncio.sleep(0)
+
+
+def _nice(tid: int) -> int:
+    return int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are per thread on Linux only")
+@pytest.mark.parametrize("model_nice", [0, 7])
+def test_the_model_thread_runs_below_the_rpc_threads(stalled_server, model_nice):
+    """Under CPU contention refusals and health must not wait behind the model: its thread (and
+    the OpenMP workers it starts) run `model_nice` steps below the event loop's."""
+    srv, stub, _, _ = stalled_server(stalled=False, model_nice=model_nice)
+    assert len(stub.Score(_request("a river"), timeout=30).results) == 1  # the model thread has run torch
+    model = srv.server.batcher._thread
+    base = _nice(srv.thread.native_id)  # the event loop's thread
+    assert _nice(model.native_id) == min(19, base + model_nice)

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -123,6 +125,7 @@ class Batcher:
         self.max_padding = settings.max_padding
         self.max_wait = settings.max_wait_ms / 1000
         self.fair_wait_s = settings.fair_wait_s  # 0: FAIR_WAIT_BATCHES x the measured batch time
+        self.model_nice = settings.model_nice
         self.observer = observer  # metrics hooks (see server.metrics); may be None
         self.meter = RateMeter()  # written by the model thread only
         self.admission = Admission(settings, self.meter, observer)  # used on the event loop only
@@ -238,6 +241,7 @@ class Batcher:
     # ---- the model thread
 
     def _model_loop(self) -> None:
+        lower_priority(self.model_nice)
         while self._wait_for_work():
             if self.max_wait:
                 time.sleep(self.max_wait)
@@ -359,6 +363,21 @@ class Batcher:
     def _observe_drop(self) -> None:
         if self.observer is not None:
             self.observer.dropped(None)
+
+
+def lower_priority(nice: int) -> None:
+    """Run the calling thread `nice` steps below the rest of the process; threads it starts
+    later (its OpenMP workers: libgomp keeps one pool per thread that opens a parallel region)
+    inherit that. Linux scopes priority to the thread id; elsewhere this is a no-op."""
+    if not nice or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError as exc:
+        log.warning("could not lower the model thread's priority by %d: %s", nice, exc)
+        return
+    log.info("model thread at nice +%d below the RPC threads; GIL switch interval %.2g ms", nice, sys.getswitchinterval() * 1000)
 
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
