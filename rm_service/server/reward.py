@@ -117,6 +117,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     @rpc
     async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
+        self.batcher.admission.refuse_when_full()  # before reading the request: a refusal costs the RPC alone
         pairs = score_items(request, self.settings.max_items_per_request, self.max_chars)
         scored = await self.score(pairs, request.model_version, ticket(context))
         raw, std, reward, formatted, members = scored.raw, scored.std, scored.reward, scored.formatted, scored.members
@@ -129,6 +130,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     @rpc
     async def ScoreTurns(self, request: reward_pb2.ScoreTurnsRequest, context) -> reward_pb2.ScoreTurnsResponse:
+        self.batcher.admission.refuse_when_full()
         conversation = messages(request.conversation)
         turns = _assistant_turns(conversation, self.max_chars, self.settings.score_turns_max_turns)
         served = self.served.get(request.model_version)
