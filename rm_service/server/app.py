@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import grpc
@@ -146,7 +147,9 @@ class RewardServer:
             served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models, target)
             await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
-            log.info("serving %s (%s) on %s:%d", served.record.version, served.record.backbone, self.settings.host, self.port)
+            log.info("serving %s (%s) on %s:%d; model thread at nice +%d below the RPC threads, GIL switch interval %.2g ms",
+                     served.record.version, served.record.backbone, self.settings.host, self.port, self.settings.model_nice,
+                     sys.getswitchinterval() * 1000)
             for name in self.settings.also_load:
                 pinned = await asyncio.get_running_loop().run_in_executor(None, load_pinned, name, self.settings, self.store, self.models)
                 self.served.pin(pinned)

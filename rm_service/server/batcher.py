@@ -376,8 +376,6 @@ def lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
     except OSError as exc:
         log.warning("could not lower the model thread's priority by %d: %s", nice, exc)
-        return
-    log.info("model thread at nice +%d below the RPC threads; GIL switch interval %.2g ms", nice, sys.getswitchinterval() * 1000)
 
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
