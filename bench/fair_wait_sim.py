@@ -3,7 +3,7 @@
 The queue of bench/overload.py without the model: calls of `--items-per-call` HH items (token
 counts estimated as characters / 4, capped at `--max-tokens`) arrive as a Poisson process at
 1x, 2x and 4x the model's capacity; admission refuses a call when the queued tokens would pass
-rate x `target_wait_s`; whenever the model is free, `server.batcher.pick_batch` forms the next
+rate x `target_wait_s`; whenever the model is free, `server.forming.pick_batch` forms the next
 batch, which takes (padded tokens) / rate + a fixed overhead, as padded positions cost as much
 as real ones on a CPU. An item is due `fair` batch times after its first-come-first-served
 turn, as Batcher.fair_wait sets it. Prints, per bound: items/s, padded / real tokens and the
@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rm_service.server.batcher import pick_batch  # noqa: E402
+from rm_service.data import HH_PAIRS
+from rm_service.server.forming import pick_batch  # noqa: E402
 
 
 def item_tokens(path: Path, cap: int) -> list[int]:
@@ -70,10 +71,15 @@ def simulate(lengths: list[int], load: float, fair: float, args, rng: random.Ran
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl")
+    p.add_argument("--data", type=Path, default=HH_PAIRS)
     p.add_argument("--bounds", default="4,6,8,12,16", help="fairness bounds to compare, in batch times")
     p.add_argument("--seconds", type=float, default=90.0)
-    p.add_argument("--rate", type=float, default=7739.0, help="model tokens/s at no padding (bench/overload.py measured MiniLM fp32)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=7739.0,
+        help="model tokens/s at no padding (bench/overload.py measured MiniLM fp32)",
+    )
     p.add_argument("--overhead", type=float, default=0.01, help="fixed seconds per batch")
     p.add_argument("--target-wait", type=float, default=2.0)
     p.add_argument("--batch-tokens", type=int, default=4096)
@@ -83,13 +89,17 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     lengths = item_tokens(args.data, args.max_tokens)
-    print("| fair bound (batch times) | load | items/s | % of 1x | padded / real | longest wait s |\n|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| fair bound (batch times) | load | items/s | % of 1x | padded / real | longest wait s |\n|---:|---:|---:|---:|---:|---:|"
+    )
     for fair in (float(b) for b in args.bounds.split(",")):
         base = None
         for load in (1, 2, 4):
             r = simulate(lengths, load, fair, args, random.Random(args.seed))
             base = base or r["items_s"]
-            print(f"| {fair:g} | {load}x | {r['items_s']:.1f} | {r['items_s'] / base:.0%} | {r['padding']:.2f} | {r['longest_wait_s']:.1f} |")
+            print(
+                f"| {fair:g} | {load}x | {r['items_s']:.1f} | {r['items_s'] / base:.0%} | {r['padding']:.2f} | {r['longest_wait_s']:.1f} |"
+            )
     return 0
 
 

@@ -33,10 +33,11 @@ from rm_client.channel import open_channel
 from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.client import start_server_process
+from rm_service.data import HH_PAIRS
 from rm_service.formats.hh import HHPair, read_pairs
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DATA = HH_PAIRS
 MODES = {"group commit (default)": {}, "per-label commit": {"RM_STORE_GROUP_COMMIT_MAX_LABELS": "1"}}
 
 
@@ -45,9 +46,15 @@ def load_templates(path: Path) -> list[preference_pb2.Label]:
     out = []
     for _, _, pair in read_pairs(path):
         if isinstance(pair, HHPair) and pair.chosen.strip() and pair.rejected.strip() and pair.chosen != pair.rejected:
-            out.append(preference_pb2.Label(prompt=to_proto(pair.prompt),
-                                            responses=[pair.chosen, pair.rejected], ranks=[0, 1],
-                                            source=preference_pb2.HUMAN, annotator="bench"))
+            out.append(
+                preference_pb2.Label(
+                    prompt=to_proto(pair.prompt),
+                    responses=[pair.chosen, pair.rejected],
+                    ranks=[0, 1],
+                    source=preference_pb2.HUMAN,
+                    annotator="bench",
+                )
+            )
     return out
 
 
@@ -56,11 +63,15 @@ def start_server(workdir: Path, extra_env: dict[str, str]) -> tuple[subprocess.P
     return start_server_process(env, workdir, timeout=60, args=["--no-model"])
 
 
-def drive(address: str, templates: list[preference_pb2.Label], threads: int, seconds: float) -> tuple[int, list[float], list[str]]:
+def drive(
+    address: str, templates: list[preference_pb2.Label], threads: int, seconds: float
+) -> tuple[int, list[float], list[str]]:
     """Closed loop: each thread sends one label per request until the time is up.
     Returns (labels acknowledged INSERTED, latencies in s, problems)."""
     end = [0.0]  # set by the barrier's action, before any client is released
-    barrier = threading.Barrier(threads + 1, action=lambda: end.__setitem__(0, time.perf_counter() + seconds), timeout=60)
+    barrier = threading.Barrier(
+        threads + 1, action=lambda: end.__setitem__(0, time.perf_counter() + seconds), timeout=60
+    )
     results: list[tuple[int, list[float], list[str]]] = [(0, [], [])] * threads
 
     def client(t: int) -> None:
@@ -73,7 +84,9 @@ def drive(address: str, templates: list[preference_pb2.Label], threads: int, sec
                 label.CopyFrom(templates[(t * 7919 + n) % len(templates)])
                 label.label_id = label_id
                 started = time.perf_counter()
-                status = stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[label]), timeout=30).results[0].status
+                status = (
+                    stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[label]), timeout=30).results[0].status
+                )
                 return status, time.perf_counter() - started
 
             send(f"warm-{t}", 0)  # connect before the clock starts
@@ -106,7 +119,9 @@ def count_commits(store: Path) -> tuple[int, int]:
     """(labels, transactions that stored them) of the timed run, from the closed file."""
     con = duckdb.connect(str(store), read_only=True)
     try:
-        return con.execute("SELECT count(*), count(DISTINCT created_at) FROM labels WHERE label_id NOT LIKE 'warm-%'").fetchone()
+        return con.execute(
+            "SELECT count(*), count(DISTINCT created_at) FROM labels WHERE label_id NOT LIKE 'warm-%'"
+        ).fetchone()
     finally:
         con.close()
 
@@ -131,8 +146,15 @@ def run_mode(extra_env: dict[str, str], templates, threads: int, seconds: float)
         if code != 0:
             raise RuntimeError(f"server exited with {code}:\n{(workdir / 'server.log').read_text()[-2000:]}")
         stored, commits = count_commits(workdir / "rm.duckdb")
-    return {"acked": acked, "per_s": acked / seconds, "p50": percentile(latencies, 0.5) * 1e3, "p99": percentile(latencies, 0.99) * 1e3,
-            "stored": stored, "commits": commits, "problems": problems}
+    return {
+        "acked": acked,
+        "per_s": acked / seconds,
+        "p50": percentile(latencies, 0.5) * 1e3,
+        "p99": percentile(latencies, 0.99) * 1e3,
+        "stored": stored,
+        "commits": commits,
+        "problems": problems,
+    }
 
 
 def cpu_model() -> str:
@@ -148,15 +170,21 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=DATA)
     args = p.parse_args()
     templates = load_templates(args.data)
-    print(f"machine: nproc={os.cpu_count()}, {cpu_model()}; Python {platform.python_version()}, duckdb {duckdb.__version__}")
-    print(f"load: {args.threads} client threads in one process, 1 label per IngestLabels request, {args.seconds:g} s per mode, "
-          f"{len(templates)} HH-RLHF pairs from {args.data.name}\n")
+    print(
+        f"machine: nproc={os.cpu_count()}, {cpu_model()}; Python {platform.python_version()}, duckdb {duckdb.__version__}"
+    )
+    print(
+        f"load: {args.threads} client threads in one process, 1 label per IngestLabels request, {args.seconds:g} s per mode, "
+        f"{len(templates)} HH-RLHF pairs from {args.data.name}\n"
+    )
     rows = {name: run_mode(env, templates, args.threads, args.seconds) for name, env in MODES.items()}
     print("| mode | labels acknowledged | labels/s | p50 ms | p99 ms | commits | labels/commit |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['acked']} | {r['per_s']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['commits']} | "
-              f"{r['stored'] / max(r['commits'], 1):.1f} |")
+        print(
+            f"| {name} | {r['acked']} | {r['per_s']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['commits']} | "
+            f"{r['stored'] / max(r['commits'], 1):.1f} |"
+        )
     group, single = rows.values()
     print(f"\ngroup commit / per-label: {group['per_s'] / max(single['per_s'], 1e-9):.2f}x labels/s")
     for name, r in rows.items():

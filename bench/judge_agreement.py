@@ -20,15 +20,16 @@ import time
 from pathlib import Path
 
 from rm_service.conversation import completion_id, conversation_id
-from rm_service.store.agreement import SharedPair, agreement_report, fmt, format_report
+from rm_service.data import HH_PAIRS
+from rm_service.formats.hh import HHFormatError, HHPair, read_pairs
 from rm_service.judge.local import LocalBackend
 from rm_service.judge.pairwise import Judge, combine_orders
 from rm_service.judge.settings import JudgeSettings
 from rm_service.judge.verdict import ParseFailure
-from rm_service.formats.hh import HHFormatError, HHPair, read_pairs
+from rm_service.store.agreement import SharedPair, agreement_report, fmt, format_report
 
 POLICIES = ("calibrate", "tie", "skip")
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DATA = HH_PAIRS
 
 
 def sample_pairs(path: Path, n: int, seed: int) -> list[HHPair]:
@@ -52,11 +53,15 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--decision", choices=["choice", "generate"], default="choice")
     ap.add_argument("--inconsistent", choices=POLICIES, default="calibrate", help="policy of the main table")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest when other processes share the CPU)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: fastest when other processes share the CPU)"
+    )
     ap.add_argument("--max-minutes", type=float, default=9.0)
     args = ap.parse_args()
 
-    settings = JudgeSettings(model=args.model, decision=args.decision, inconsistent=args.inconsistent, torch_threads=args.threads)
+    settings = JudgeSettings(
+        model=args.model, decision=args.decision, inconsistent=args.inconsistent, torch_threads=args.threads
+    )
     t = time.monotonic()
     judge = Judge(LocalBackend(args.model, device=settings.device, threads=settings.torch_threads), settings)
     load_s = time.monotonic() - t
@@ -81,16 +86,24 @@ def main() -> int:
             if result is not None:
                 shared[policy].append(shared_pair(pair, {"first": 1.0, "second": 0.0, "tie": 0.5}[result]))
         if n % 10 == 0:
-            print(f"  {n}/{len(pairs)} pairs, {(time.monotonic() - started) / n:.2f}s per pair", file=sys.stderr, flush=True)
+            print(
+                f"  {n}/{len(pairs)} pairs, {(time.monotonic() - started) / n:.2f}s per pair",
+                file=sys.stderr,
+                flush=True,
+            )
     seconds = time.monotonic() - started
     attempted = judged + parse_failures
     report = agreement_report(shared[settings.inconsistent], judged, flips)
-    print(f"\nLocal judge {args.model} ({args.decision} mode, template {judge.pairwise.version}) on {attempted} HH-RLHF harmless pairs "
-          f"(seed {args.seed}), inconsistent={args.inconsistent}, {args.threads} torch thread(s); model load {load_s:.1f}s\n")
+    print(
+        f"\nLocal judge {args.model} ({args.decision} mode, template {judge.pairwise.version}) on {attempted} HH-RLHF harmless pairs "
+        f"(seed {args.seed}), inconsistent={args.inconsistent}, {args.threads} torch thread(s); model load {load_s:.1f}s\n"
+    )
     print(format_report(report, reference="HH crowdworkers"))
     print(f"| flips where the reply shown first won both times | {flips_to_first} of {flips} |")
     print(f"| pairs with an unparseable answer (skipped) | {parse_failures} of {attempted} |")
-    print(f"| seconds per pair (both orders) / per pair-order | {seconds / max(attempted, 1):.2f} / {seconds / max(2 * attempted, 1):.2f} |")
+    print(
+        f"| seconds per pair (both orders) / per pair-order | {seconds / max(attempted, 1):.2f} / {seconds / max(2 * attempted, 1):.2f} |"
+    )
     print(f"| judge calls | {judge.calls} |")
     print("\nThe same verdicts under each policy for order-dependent verdicts:\n")
     print("| policy | pairs with an outcome | decisive | agreement | Cohen's kappa |")

@@ -34,18 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rm_service.data import HH_PAIRS
+from rm_service.formats.hh import HHPair, read_pairs
 from rm_service.models.formatting import Formatted
 from rm_service.models.onnx_backend import (
     OnnxRuntimeModel,
     export_onnx,
     max_relative_difference,
     ordering_agreement,
-    quantize_int8,
 )
+from rm_service.models.quantize import quantize_int8
 from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
-from rm_service.formats.hh import HHPair, read_pairs
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DEFAULT_DATA = HH_PAIRS
 
 
 @dataclass
@@ -82,7 +83,9 @@ def gemm_gflops(n: int = 1024, reps: int = 10, trials: int = 5) -> float:
 def non_embedding_params(model: torch.nn.Module) -> int:
     """Parameters outside nn.Embedding tables (they cost no FLOPs per token)."""
     total = sum(p.numel() for p in model.parameters())
-    embedded = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False))
+    embedded = sum(
+        p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)
+    )
     return total - embedded
 
 
@@ -143,26 +146,33 @@ def bench_model(name: str, pairs: list[HHPair], args, work: Path) -> list[dict]:
         timed(f"ORT int8, {budget}-token batches", lambda xs: ort_int8.run(xs, budget), chosen, args.repeats),
     ]
     reference = runs[1].rewards
-    agreement = ordering_agreement(reference, runtime.run(rejected, budget), runs[3].rewards, ort_int8.run(rejected, budget))
+    agreement = ordering_agreement(
+        reference, runtime.run(rejected, budget), runs[3].rewards, ort_int8.run(rejected, budget)
+    )
     base = runs[0].tokens_per_s
     lengths = [len(x) for x in chosen]
-    print(f"{name}: loaded in {load_s:.1f}s, exported in {export_s:.1f}s "
-          f"({fp32_path.stat().st_size / 2**20:.0f} MiB), int8 in {quant_s:.1f}s ({int8_path.stat().st_size / 2**20:.0f} MiB); "
-          f"{len(chosen)} items, {sum(lengths)} tokens (min {min(lengths)}, median {int(np.median(lengths))}, max {max(lengths)}); "
-          f"{params / 1e6:.1f}M non-embedding params", file=sys.stderr)
+    print(
+        f"{name}: loaded in {load_s:.1f}s, exported in {export_s:.1f}s "
+        f"({fp32_path.stat().st_size / 2**20:.0f} MiB), int8 in {quant_s:.1f}s ({int8_path.stat().st_size / 2**20:.0f} MiB); "
+        f"{len(chosen)} items, {sum(lengths)} tokens (min {min(lengths)}, median {int(np.median(lengths))}, max {max(lengths)}); "
+        f"{params / 1e6:.1f}M non-embedding params",
+        file=sys.stderr,
+    )
     rows = []
     for run in runs:
-        rows.append({
-            "model": Path(name).name,
-            "path": run.name,
-            "tokens_per_s": run.tokens_per_s,
-            "items_per_s": run.items_per_s,
-            "ratio": run.tokens_per_s / base,
-            "gemm_gflops": gflops,
-            "mfu": 2 * params * run.tokens_per_s / (gflops * 1e9),
-            "max_rel_diff": max_relative_difference(reference, run.rewards),
-            "agreement": agreement if run is runs[3] else None,
-        })
+        rows.append(
+            {
+                "model": Path(name).name,
+                "path": run.name,
+                "tokens_per_s": run.tokens_per_s,
+                "items_per_s": run.items_per_s,
+                "ratio": run.tokens_per_s / base,
+                "gemm_gflops": gflops,
+                "mfu": 2 * params * run.tokens_per_s / (gflops * 1e9),
+                "max_rel_diff": max_relative_difference(reference, run.rewards),
+                "agreement": agreement if run is runs[3] else None,
+            }
+        )
     return rows
 
 
@@ -173,15 +183,20 @@ def markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         agreement = "" if r["agreement"] is None else f"{r['agreement']:.3f}"
-        lines.append(f"| {r['model']} | {r['path']} | {r['tokens_per_s']:.0f} | {r['items_per_s']:.2f} | {r['ratio']:.2f}x "
-                     f"| {r['gemm_gflops']:.0f} | {100 * r['mfu']:.1f}% | {r['max_rel_diff']:.1e} | {agreement} |")
+        lines.append(
+            f"| {r['model']} | {r['path']} | {r['tokens_per_s']:.0f} | {r['items_per_s']:.2f} | {r['ratio']:.2f}x "
+            f"| {r['gemm_gflops']:.0f} | {100 * r['mfu']:.1f}% | {r['max_rel_diff']:.1e} | {agreement} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="minilm-l6,smollm2-135m-instruct",
-                        help="comma-separated bundled names, HF dirs or registry version dirs (trained head)")
+    parser.add_argument(
+        "--models",
+        default="minilm-l6,smollm2-135m-instruct",
+        help="comma-separated bundled names, HF dirs or registry version dirs (trained head)",
+    )
     parser.add_argument("--items", type=int, default=64, help="first N HH pairs (chosen side is timed)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--max-tokens", type=int, default=512, help="formatting contract's token limit")
@@ -192,17 +207,22 @@ def main(argv: list[str] | None = None) -> int:
 
     pairs = hh_pairs(args.data, args.items)
     gflops = gemm_gflops()
-    print(f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
-          f"torch fp32 GEMM 1024x1024: {gflops:.1f} GFLOP/s", file=sys.stderr)
+    print(
+        f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
+        f"torch fp32 GEMM 1024x1024: {gflops:.1f} GFLOP/s",
+        file=sys.stderr,
+    )
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as tmp:
         work = args.work_dir or Path(tmp)
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             rows.extend(bench_model(name, pairs, args, work))
     gflops_end = gemm_gflops()
-    print(f"\ntorch fp32 GEMM (1024x1024, best of 5): {gflops:.1f} GFLOP/s at start, {gflops_end:.1f} GFLOP/s at end; "
-          f"MFU uses the figure measured before each model's timings. {os.cpu_count()} cores, "
-          f"torch threads {torch.get_num_threads()}, ORT intra-op threads {os.cpu_count()}; other processes may share them.\n")
+    print(
+        f"\ntorch fp32 GEMM (1024x1024, best of 5): {gflops:.1f} GFLOP/s at start, {gflops_end:.1f} GFLOP/s at end; "
+        f"MFU uses the figure measured before each model's timings. {os.cpu_count()} cores, "
+        f"torch threads {torch.get_num_threads()}, ORT intra-op threads {os.cpu_count()}; other processes may share them.\n"
+    )
     print(markdown(rows))
     return 0
 

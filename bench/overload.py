@@ -45,7 +45,6 @@ from rm_service.server.app import free_port
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import hh_items, pct, served_backend, start_server  # noqa: E402
 
-
 BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # the PPO client's defaults (PPOSettings.score_backoff_s, score_backoff_max_s)
 
 
@@ -115,7 +114,11 @@ def metric(port: int, name: str) -> float:
 
 def batch_figures(port: int) -> tuple[float, float, float]:
     """Model batches so far, the items in them and the sum of their padded/real token ratios."""
-    return metric(port, "rm_batch_size_count"), metric(port, "rm_batch_size_sum"), metric(port, "rm_batch_padding_ratio_sum")
+    return (
+        metric(port, "rm_batch_size_count"),
+        metric(port, "rm_batch_size_sum"),
+        metric(port, "rm_batch_padding_ratio_sum"),
+    )
 
 
 def measured_level(address: str, port: int, items, callers: int, args) -> Level:
@@ -128,7 +131,9 @@ def measured_level(address: str, port: int, items, callers: int, args) -> Level:
 def mean_tokens(address: str, items, n: int = 256) -> float:
     """Mean tokens of an item as the server counts them (one call of `n` items)."""
     with grpc.insecure_channel(address) as channel:
-        response = reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(items=items[:n]), timeout=300)
+        response = reward_pb2_grpc.RewardServiceStub(channel).Score(
+            reward_pb2.ScoreRequest(items=items[:n]), timeout=300
+        )
     return sum(r.num_tokens for r in response.results) / n
 
 
@@ -143,18 +148,28 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 
 def hardware(log_path: Path) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
     threads = os.environ.get("RM_SERVE_TORCH_THREADS") or str(os.cpu_count())
     return f"{cpu}, {os.cpu_count()} cores shared by server and callers; server torch/ORT threads {threads}; {served_backend(log_path)}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm-l6", help="a registry version directory, a bundled name or an HF directory")
+    parser.add_argument(
+        "--model", default="minilm-l6", help="a registry version directory, a bundled name or an HF directory"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="per offered load")
     parser.add_argument("--deadline", type=float, default=10.0, help="deadline of every call, s")
-    parser.add_argument("--loads", type=float, nargs="+", default=[1, 2, 4], help="offered loads, in multiples of capacity")
+    parser.add_argument(
+        "--loads", type=float, nargs="+", default=[1, 2, 4], help="offered loads, in multiples of capacity"
+    )
     parser.add_argument("--items-per-call", type=int, default=8, help="as bench/score.py")
     args = parser.parse_args()
     home = Path(os.environ.setdefault("RM_HOME", tempfile.mkdtemp(prefix="rm-bench-")))
@@ -164,32 +179,55 @@ def main() -> None:
     server, address, log_path = start_server(args.model, 0, False, home, {"RM_SERVE_METRICS_PORT": str(metrics_port)})
     try:
         per_item = mean_tokens(address, items)
-        asyncio.run(run_level(address, items, 64, args.items_per_call, 5.0, args.deadline))  # saturate: the rate of full batches
-        limit, rate = metric(metrics_port, "rm_admission_token_limit"), metric(metrics_port, "rm_model_tokens_per_second")
+        asyncio.run(
+            run_level(address, items, 64, args.items_per_call, 5.0, args.deadline)
+        )  # saturate: the rate of full batches
+        limit, rate = (
+            metric(metrics_port, "rm_admission_token_limit"),
+            metric(metrics_port, "rm_model_tokens_per_second"),
+        )
         capacity = max(1, round(limit / per_item / args.items_per_call))
         before = cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter()
-        levels = [(load, measured_level(address, metrics_port, items, max(1, round(load * capacity)), args)) for load in args.loads]
-        used = [b - a for a, b in zip(before, (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter()))]
+        levels = [
+            (load, measured_level(address, metrics_port, items, max(1, round(load * capacity)), args))
+            for load in args.loads
+        ]
+        used = [
+            b - a
+            for a, b in zip(
+                before, (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter())
+            )
+        ]
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
 
-    print(f"\n{hardware(log_path)}; model {args.model}; HH-RLHF items, {per_item:.0f} tokens each on average, {args.items_per_call} "
-          f"per call; deadline {args.deadline:g} s; {args.seconds:g} s per load\n")
+    print(
+        f"\n{hardware(log_path)}; model {args.model}; HH-RLHF items, {per_item:.0f} tokens each on average, {args.items_per_call} "
+        f"per call; deadline {args.deadline:g} s; {args.seconds:g} s per load\n"
+    )
     total, by_server, by_callers, wall = used
-    print(f"CPU during the loads: server {by_server / wall:.2f} cores, callers {by_callers / wall:.2f}, other processes "
-          f"{max(0.0, total - by_server - by_callers) / wall:.2f} (of {os.cpu_count()})\n")
-    print(f"capacity: token limit {limit:.0f} (measured {rate:.0f} tokens/s x target wait) / ({per_item:.0f} tokens x "
-          f"{args.items_per_call} items per call) = {capacity} callers\n")
+    print(
+        f"CPU during the loads: server {by_server / wall:.2f} cores, callers {by_callers / wall:.2f}, other processes "
+        f"{max(0.0, total - by_server - by_callers) / wall:.2f} (of {os.cpu_count()})\n"
+    )
+    print(
+        f"capacity: token limit {limit:.0f} (measured {rate:.0f} tokens/s x target wait) / ({per_item:.0f} tokens x "
+        f"{args.items_per_call} items per call) = {capacity} callers\n"
+    )
     base = levels[0][1].items / args.seconds
-    print("| offered load | callers | goodput items/s | % of 1x (unloaded) | admitted p50 / p99 ms | rejection p50 / p99 ms | rejected | "
-          "DEADLINE_EXCEEDED | other errors | items per batch | padded / real tokens |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| offered load | callers | goodput items/s | % of 1x (unloaded) | admitted p50 / p99 ms | rejection p50 / p99 ms | rejected | "
+        "DEADLINE_EXCEEDED | other errors | items per batch | padded / real tokens |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for load, lv in levels:
         goodput = lv.items / args.seconds
         other = ", ".join(f"{k} {v}" for k, v in lv.other.items()) or "0"
-        print(f"| {load:g}x | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {pct(lv.ok, 50):.0f} / {pct(lv.ok, 99):.0f} | "
-              f"{pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {len(lv.rejected)} | {lv.deadline_exceeded} | {other} | "
-              f"{lv.batch_items / max(lv.batches, 1):.1f} | {lv.padding / max(lv.batches, 1):.2f} |")
+        print(
+            f"| {load:g}x | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {pct(lv.ok, 50):.0f} / {pct(lv.ok, 99):.0f} | "
+            f"{pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {len(lv.rejected)} | {lv.deadline_exceeded} | {other} | "
+            f"{lv.batch_items / max(lv.batches, 1):.1f} | {lv.padding / max(lv.batches, 1):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,27 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ARMS = {"fixed": dict(submit_every=0, retrain_min_labels=0), "random": dict(selection="random"), "active": dict(selection="uncertainty")}
+ARMS = {
+    "fixed": dict(submit_every=0, retrain_min_labels=0),
+    "random": dict(selection="random"),
+    "active": dict(selection="uncertainty"),
+}
 BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, math.inf)  # sqrt(KL) edges
 
 
 def arm_settings(base, arm: str, home: Path, args):
     from rm_service.demo.settings import demo_settings
 
-    fixed = dict(ppo_steps=args.steps, eval_every=args.eval_every, label_budget=args.label_budget, calibration_pairs=0, progress=False,
-                 retrain_min_labels=args.retrain_min_labels, submit_every=args.submit_every, submit_fraction=args.submit_fraction)
+    fixed = dict(
+        ppo_steps=args.steps,
+        eval_every=args.eval_every,
+        label_budget=args.label_budget,
+        calibration_pairs=0,
+        progress=False,
+        retrain_min_labels=args.retrain_min_labels,
+        submit_every=args.submit_every,
+        submit_fraction=args.submit_fraction,
+    )
     return demo_settings("cpu", home=home, data=base.data, **{**fixed, **ARMS[arm]})
 
 
@@ -78,7 +90,10 @@ def built_versions(home: Path):
         return None
     finally:
         store.close()
-    return (TrainResult(gold.version, False, "", gold.metrics, 0.0), TrainResult(proxy.version, True, "", proxy.metrics, 0.0))
+    return (
+        TrainResult(gold.version, False, "", gold.metrics, 0.0),
+        TrainResult(proxy.version, True, "", proxy.metrics, 0.0),
+    )
 
 
 def run_arm(arm: str, s, base_facts, home: Path) -> dict:
@@ -92,8 +107,14 @@ def run_arm(arm: str, s, base_facts, home: Path) -> dict:
     evals = facts.evaluations
     switches = [f"{w['to_version']}@{w['step']}" for w in facts.ppo.switches]
     labeled = facts.judge_queue.labeled if facts.judge_queue else 0
-    return {"arm": arm, "evaluations": evals, "labels": labeled, "candidates": facts.ppo.candidates_submitted, "switches": switches,
-            "seconds": time.monotonic() - start}
+    return {
+        "arm": arm,
+        "evaluations": evals,
+        "labels": labeled,
+        "candidates": facts.ppo.candidates_submitted,
+        "switches": switches,
+        "seconds": time.monotonic() - start,
+    }
 
 
 def bucket_means(evals: list[dict], key: str) -> list[float]:
@@ -108,17 +129,23 @@ def bucket_means(evals: list[dict], key: str) -> list[float]:
 def table(results: list[dict], hardware: str, args) -> str:
     names = [f"{lo:g}-{hi:g}" if hi != math.inf else f"{lo:g}+" for lo, hi in zip(BUCKETS, BUCKETS[1:])]
     cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
-    lines = [f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
-             f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
-             f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
-             f"pairs (ties: {args.gate_ties}).", "",
-             "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
-             "|---|---|" + "---:|" * len(names) + "---:|---:|---|"]
+    lines = [
+        f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
+        f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
+        f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
+        f"pairs (ties: {args.gate_ties}).",
+        "",
+        "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
+        "|---|---|" + "---:|" * len(names) + "---:|---:|---|",
+    ]
     for r in results:
         final = r["evaluations"][-1] if r["evaluations"] else {}
         for key, label in (("gold_reward_mean", "gold"), ("reward_mean", "proxy")):
-            lines.append(f"| {r['arm']} | {label} | " + " | ".join(cell(v) for v in bucket_means(r["evaluations"], key)) +
-                         f" | {cell(final.get(key, math.nan))} | {r['labels']} | {', '.join(r['switches']) or 'fixed'} |")
+            lines.append(
+                f"| {r['arm']} | {label} | "
+                + " | ".join(cell(v) for v in bucket_means(r["evaluations"], key))
+                + f" | {cell(final.get(key, math.nan))} | {r['labels']} | {', '.join(r['switches']) or 'fixed'} |"
+            )
     return "\n".join(lines)
 
 
@@ -149,15 +176,28 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--submit-every", type=int, default=1)
-    p.add_argument("--submit-fraction", type=float, default=0.5, help="share of a batch's prompts sent to labeling: selection picks which")
+    p.add_argument(
+        "--submit-fraction",
+        type=float,
+        default=0.5,
+        help="share of a batch's prompts sent to labeling: selection picks which",
+    )
     p.add_argument("--retrain-min-labels", type=int, default=8)
     p.add_argument("--label-budget", type=int, default=20)
     p.add_argument("--home", type=Path, help="work directory (default: a temp dir)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
-    p.add_argument("--reuse", type=Path, help="an earlier run's overoptimisation.json: its arms are taken as measured, not rerun "
-                                              "(the fixed arm does not depend on the retrain gate, say)")
-    p.add_argument("--gate-ties", choices=["reject", "lower_loss"], default="reject",
-                   help="a retrain as accurate as its parent on held-out on-policy pairs: rejected, or promoted on a lower loss")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        help="an earlier run's overoptimisation.json: its arms are taken as measured, not rerun "
+        "(the fixed arm does not depend on the retrain gate, say)",
+    )
+    p.add_argument(
+        "--gate-ties",
+        choices=["reject", "lower_loss"],
+        default="reject",
+        help="a retrain as accurate as its parent on held-out on-policy pairs: rejected, or promoted on a lower loss",
+    )
     args = p.parse_args()
     os.environ["RM_TRAIN_GATE_ONPOLICY_TIES"] = args.gate_ties  # read by the arms' servers when they retrain
     home = args.home or Path(tempfile.mkdtemp(prefix="rm-bench-overopt-"))
@@ -188,7 +228,10 @@ def main() -> int:
             continue
         copy_home(home / "base", home / arm)
         results.append(run_arm(arm, arm_settings(base, arm, home / arm, args), base_facts, home / arm))
-        print(f"{arm}: {results[-1]['labels']} labels, versions {results[-1]['switches']}, {results[-1]['seconds']:.0f}s", flush=True)
+        print(
+            f"{arm}: {results[-1]['labels']} labels, versions {results[-1]['switches']}, {results[-1]['seconds']:.0f}s",
+            flush=True,
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hardware = describe(resolve_precision("auto", device), device)
     text = table(results, hardware, args)

@@ -41,11 +41,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rm_service.data import HH_PAIRS
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from peers_report import non_embedding_params, report  # noqa: E402  (bench/peers_report.py)
 
-DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DATA = HH_PAIRS
 SYSTEMS = ("rm-service", "openrlhf", "naive")
 BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # rm_client's RetryPolicy defaults
 
@@ -101,10 +103,16 @@ def reward_model_dir(root: Path) -> Path:
     tokenizer.pad_token = "<|endoftext|>"  # not EOS (<|im_end|>), which ends every turn
     causal = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = causal.config
-    config.num_labels, config.pad_token_id, config.architectures = 1, tokenizer.pad_token_id, ["LlamaForSequenceClassification"]
+    config.num_labels, config.pad_token_id, config.architectures = (
+        1,
+        tokenizer.pad_token_id,
+        ["LlamaForSequenceClassification"],
+    )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
-    missing, _ = model.load_state_dict({k: v for k, v in causal.state_dict().items() if not k.startswith("lm_head")}, strict=False)
+    missing, _ = model.load_state_dict(
+        {k: v for k, v in causal.state_dict().items() if not k.startswith("lm_head")}, strict=False
+    )
     assert missing == ["score.weight"], missing
     tmp = root / ".smollm2-135m-rm-tmp"
     model.save_pretrained(tmp)
@@ -119,8 +127,8 @@ def load_items(model_dir: Path, cap: int, limit: int) -> tuple[list[Item], int]:
     from transformers import AutoTokenizer
 
     from rm_service.conversation import Message
-    from rm_service.models.formatting import format_item, spec_for
     from rm_service.formats.hh import HHFormatError, read_pairs
+    from rm_service.models.formatting import format_item, spec_for
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = spec_for(tokenizer, "llama", 100_000, style="trl")
@@ -133,7 +141,9 @@ def load_items(model_dir: Path, cap: int, limit: int) -> tuple[list[Item], int]:
     for prompt, completion in sides[:limit]:
         messages = [Message(m.role, m.content) for m in prompt]
         ids = format_item(tokenizer, spec, messages, completion).input_ids
-        text = tokenizer.apply_chat_template([m.as_dict() for m in messages] + [{"role": "assistant", "content": completion}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [m.as_dict() for m in messages] + [{"role": "assistant", "content": completion}], tokenize=False
+        )
         if len(ids) > cap:
             longer += 1
             continue
@@ -145,12 +155,15 @@ def load_items(model_dir: Path, cap: int, limit: int) -> tuple[list[Item], int]:
 
 # ---- the systems: start, call, stop --------------------------------------------------------------
 
+
 def http_server(name: str, argv: list[str], log: Path, env: dict) -> tuple[subprocess.Popen, str]:
     from rm_service.server.app import free_port
 
     port = free_port()
     with log.open("w") as out:
-        proc = subprocess.Popen([*argv, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        proc = subprocess.Popen(
+            [*argv, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        )
     url = f"http://127.0.0.1:{port}/get_reward"
     import httpx
 
@@ -175,23 +188,59 @@ class System:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        py, cap, log = str(Path(self.args.peers_venv) / "bin" / "python"), str(self.args.max_tokens), self.home / f"{self.name}.log"
+        py, cap, log = (
+            str(Path(self.args.peers_venv) / "bin" / "python"),
+            str(self.args.max_tokens),
+            self.home / f"{self.name}.log",
+        )
         if self.name == "rm-service":
             from rm_service.client import start_server_process
 
             # RM_HOME as the user has it (default ./var): its cache holds this machine's precision measurement.
-            env = {**os.environ, "RM_SERVE_MODEL": str(self.model_dir), "RM_SERVE_PRECISION": self.args.rm_precision,
-                   "RM_SERVE_WITH_STORE": "false", "RM_SERVE_METRICS_PORT": "-1", "RM_SERVE_FOLLOW_REGISTRY": "false"}
+            env = {
+                **os.environ,
+                "RM_SERVE_MODEL": str(self.model_dir),
+                "RM_SERVE_PRECISION": self.args.rm_precision,
+                "RM_SERVE_WITH_STORE": "false",
+                "RM_SERVE_METRICS_PORT": "-1",
+                "RM_SERVE_FOLLOW_REGISTRY": "false",
+            }
             (self.home / "rm-service").mkdir(parents=True, exist_ok=True)  # its port file and log
             self.proc, self.address = start_server_process(env, self.home / "rm-service", timeout=900)
         elif self.name == "openrlhf":
-            self.proc, self.url = http_server(self.name, [py, "-m", "openrlhf.cli.serve_rm", "--reward.model_name_or_path", str(self.model_dir),
-                                                          "--data.max_len", cap, "--ds.attn_implementation", "sdpa", "--host", "127.0.0.1"],
-                                              log, {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE"})
+            self.proc, self.url = http_server(
+                self.name,
+                [
+                    py,
+                    "-m",
+                    "openrlhf.cli.serve_rm",
+                    "--reward.model_name_or_path",
+                    str(self.model_dir),
+                    "--data.max_len",
+                    cap,
+                    "--ds.attn_implementation",
+                    "sdpa",
+                    "--host",
+                    "127.0.0.1",
+                ],
+                log,
+                {"FLASH_ATTENTION_TRITON_AMD_ENABLE": "TRUE"},
+            )
             self.precision, self.backend = "bf16", "torch (serve_rm defaults: bf16 weights; sdpa attention)"
         else:
-            self.proc, self.url = http_server(self.name, [py, str(REPO / "bench" / "peers" / "naive_server.py"), "--model", str(self.model_dir),
-                                                          "--max-len", cap], log, {})
+            self.proc, self.url = http_server(
+                self.name,
+                [
+                    py,
+                    str(REPO / "bench" / "peers" / "naive_server.py"),
+                    "--model",
+                    str(self.model_dir),
+                    "--max-len",
+                    cap,
+                ],
+                log,
+                {},
+            )
             self.precision, self.backend = "fp32", "torch (transformers defaults), one forward per item"
 
     async def open_client(self) -> None:
@@ -217,7 +266,9 @@ class System:
             import httpx
 
             try:
-                r = await self.http.post(self.url, json={"query": [item.text]}, timeout=max(0.001, deadline - time.perf_counter()))
+                r = await self.http.post(
+                    self.url, json={"query": [item.text]}, timeout=max(0.001, deadline - time.perf_counter())
+                )
             except httpx.TimeoutException as exc:
                 raise TimeoutError from exc
             if r.status_code != 200:
@@ -229,14 +280,18 @@ class System:
         from rm_client.messages import to_proto
         from rm_client.retry import backoff_delays
 
-        request = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=to_proto(item.prompt), completion=item.completion)])
+        request = reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(prompt=to_proto(item.prompt), completion=item.completion)]
+        )
         for refused, delay in enumerate(backoff_delays(BACKOFF_S, BACKOFF_MAX_S, 1000, rng)):
             left = deadline - time.perf_counter()
             if left <= 0:
                 raise TimeoutError
             try:
                 answer = (await self.stub.Score(request, timeout=left)).results[0]
-                if answer.num_tokens != item.tokens:  # the peers are sent the same tokens: the table would compare unlike work
+                if (
+                    answer.num_tokens != item.tokens
+                ):  # the peers are sent the same tokens: the table would compare unlike work
                     raise RuntimeError(f"rm-service scored {answer.num_tokens} tokens, the peers {item.tokens}")
                 return answer.raw_score, refused
             except grpc.aio.AioRpcError as err:
@@ -258,6 +313,7 @@ class System:
 
 
 # ---- the load --------------------------------------------------------------------------------------
+
 
 async def one(system: System, point: Point, item: Item, end: float, timeout: float, rng: random.Random) -> None:
     t0 = time.perf_counter()
@@ -289,7 +345,9 @@ async def open_loop(system: System, items: list[Item], rate: float, duration: fl
     point, rng = Point(f"open {rate:.2f}/s (50%)", rate=rate, duration=duration), random.Random(7)
     end, tasks = time.perf_counter() + duration, []
     while time.perf_counter() < end:
-        tasks.append(asyncio.ensure_future(one(system, point, rng.choice(items), end, timeout, random.Random(rng.random()))))
+        tasks.append(
+            asyncio.ensure_future(one(system, point, rng.choice(items), end, timeout, random.Random(rng.random())))
+        )
         await asyncio.sleep(rng.expovariate(rate))
     await asyncio.gather(*tasks)
     return point
@@ -300,9 +358,13 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
     try:
         rng = random.Random(0)
         t0 = time.perf_counter()
-        rewards = [(await system.call(item, time.perf_counter() + args.timeout, rng))[0] for item in probe]  # also the warm-up
-        print(f"  {system.name}: {system.precision}, {system.backend}; probe of {len(probe)} items took {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        rewards = [
+            (await system.call(item, time.perf_counter() + args.timeout, rng))[0] for item in probe
+        ]  # also the warm-up
+        print(
+            f"  {system.name}: {system.precision}, {system.backend}; probe of {len(probe)} items took {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
         points = []
         for clients in args.clients:
             points.append(await closed_loop(system, items, clients, args.duration, args.timeout))
@@ -312,8 +374,14 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
         print(f"  {system.name} {points[-1].load}: {len(points[-1].latencies)} answered", flush=True)
     finally:
         await system.close_client()
-    return {"name": system.name, "precision": system.precision, "backend": system.backend, "probe_rewards": rewards,
-            "saturation_items_per_s": saturation, "points": [asdict(p) for p in points]}
+    return {
+        "name": system.name,
+        "precision": system.precision,
+        "backend": system.backend,
+        "probe_rewards": rewards,
+        "saturation_items_per_s": saturation,
+        "points": [asdict(p) for p in points],
+    }
 
 
 def cached_gemm_rates() -> dict | None:
@@ -330,10 +398,21 @@ def cached_gemm_rates() -> dict | None:
 def hardware() -> dict:
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-                 platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def main() -> None:
@@ -341,12 +420,22 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per load point")
     parser.add_argument("--clients", default="1,8,64", help="closed-loop client counts")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="token cap of every system (rm-service's for an HF checkpoint)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="a call unanswered after this many seconds is a timeout")
+    parser.add_argument(
+        "--max-tokens", type=int, default=1024, help="token cap of every system (rm-service's for an HF checkpoint)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="a call unanswered after this many seconds is a timeout"
+    )
     parser.add_argument("--items", type=int, default=2000, help="HH items drawn from (before the cap)")
-    parser.add_argument("--rm-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="rm-service's RM_SERVE_PRECISION (auto: the faster of the two as measured once per machine and cached)")
-    parser.add_argument("--peers-venv", default=os.environ.get("PEERS_VENV", "/work/peers-venv"), help="bench/peers/setup.sh's venv")
+    parser.add_argument(
+        "--rm-precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="rm-service's RM_SERVE_PRECISION (auto: the faster of the two as measured once per machine and cached)",
+    )
+    parser.add_argument(
+        "--peers-venv", default=os.environ.get("PEERS_VENV", "/work/peers-venv"), help="bench/peers/setup.sh's venv"
+    )
     parser.add_argument("--out", default=str(REPO / "docs" / "bench" / "peers"), help="writes OUT.md and OUT.json")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -361,7 +450,10 @@ def main() -> None:
     started = time.time()
     model_dir = reward_model_dir(home)
     items, longer = load_items(model_dir, args.max_tokens, args.items)
-    print(f"{len(items)} HH items within {args.max_tokens} tokens ({longer} longer left out); model {model_dir}", flush=True)
+    print(
+        f"{len(items)} HH items within {args.max_tokens} tokens ({longer} longer left out); model {model_dir}",
+        flush=True,
+    )
     results = []
     for name in systems:
         system = System(name, args, model_dir, home)
@@ -369,15 +461,29 @@ def main() -> None:
         system.start()
         print(f"{name} serving after {time.perf_counter() - t0:.0f} s", flush=True)
         try:
-            results.append({**asyncio.run(measure(system, items, args, items[:8])), "startup_s": time.perf_counter() - t0,
-                            "loadavg_before": load})
+            results.append(
+                {
+                    **asyncio.run(measure(system, items, args, items[:8])),
+                    "startup_s": time.perf_counter() - t0,
+                    "loadavg_before": load,
+                }
+            )
         finally:
             system.stop()
     mean_tokens = sum(i.tokens for i in items) / len(items)
-    run = {"hardware": hardware(), "args": {k: v for k, v in vars(args).items()}, "items": len(items), "items_over_cap": longer,
-           "mean_tokens": mean_tokens, "model": str(model_dir.relative_to(REPO)),
-           "non_embedding_params": non_embedding_params(model_dir), "gemm": cached_gemm_rates(), "wall_s": time.time() - started, "systems": results,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    run = {
+        "hardware": hardware(),
+        "args": {k: v for k, v in vars(args).items()},
+        "items": len(items),
+        "items_over_cap": longer,
+        "mean_tokens": mean_tokens,
+        "model": str(model_dir.relative_to(REPO)),
+        "non_embedding_params": non_embedding_params(model_dir),
+        "gemm": cached_gemm_rates(),
+        "wall_s": time.time() - started,
+        "systems": results,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(run, indent=1))

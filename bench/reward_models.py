@@ -22,8 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from rm_service.data import HH_PAIRS
+
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DATA = HH_PAIRS
 TOKENS = {"minilm-l6": 256, "smollm2-135m-instruct": 512}  # MiniLM was trained on 256 tokens
 
 
@@ -49,29 +51,54 @@ def run(args) -> list[dict]:
                     continue
                 sizes = parse_sizes(args.sizes if mode == "head" else args.full_sizes)
                 for i, n in enumerate(sizes):
-                    settings = TrainSettings(backbone=backbone, mode=mode, max_pairs=n, max_tokens=TOKENS.get(backbone, 512), promote=False,
-                                             export_onnx="off", max_minutes=args.max_minutes, epochs=1.0)
+                    settings = TrainSettings(
+                        backbone=backbone,
+                        mode=mode,
+                        max_pairs=n,
+                        max_tokens=TOKENS.get(backbone, 512),
+                        promote=False,
+                        export_onnx="off",
+                        max_minutes=args.max_minutes,
+                        epochs=1.0,
+                    )
                     start = time.monotonic()
                     result = train(store, settings, ModelSettings(), show_progress=False)
                     seconds = time.monotonic() - start
                     m = result.metrics
-                    rows.append({"backbone": backbone, "mode": mode, "pairs": int(m["train_pairs"]), "accuracy": m["accuracy"],
-                                 "heldout_pairs": int(m["heldout_pairs"]), "seconds": seconds, "cold": mode == "full" or i == 0,
-                                 "details": result.details})
-                    print(f"{backbone} {mode} {int(m['train_pairs'])} pairs: held-out {m['accuracy']:.4f} in {seconds:.0f}s ({result.details})",
-                          flush=True)
+                    rows.append(
+                        {
+                            "backbone": backbone,
+                            "mode": mode,
+                            "pairs": int(m["train_pairs"]),
+                            "accuracy": m["accuracy"],
+                            "heldout_pairs": int(m["heldout_pairs"]),
+                            "seconds": seconds,
+                            "cold": mode == "full" or i == 0,
+                            "details": result.details,
+                        }
+                    )
+                    print(
+                        f"{backbone} {mode} {int(m['train_pairs'])} pairs: held-out {m['accuracy']:.4f} in {seconds:.0f}s ({result.details})",
+                        flush=True,
+                    )
     finally:
         store.close()
     return rows
 
 
 def table(rows: list[dict], hardware: str) -> str:
-    lines = [f"Hardware: {hardware}", "",
-             "| backbone | mode | training pairs | held-out accuracy | wall time | features |", "|---|---|---:|---:|---:|---|"]
+    lines = [
+        f"Hardware: {hardware}",
+        "",
+        "| backbone | mode | training pairs | held-out accuracy | wall time | features |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         what = "n/a" if r["mode"] == "full" else ("computed (cold)" if r["cold"] else "cached (warm)")
-        lines.append(f"| {r['backbone']} | {r['mode']} | {r['pairs']:,} | {r['accuracy']:.4f} ({r['heldout_pairs']} pairs) | "
-                     f"{r['seconds'] / 60:.1f} min | {what} |")
+        lines.append(
+            f"| {r['backbone']} | {r['mode']} | {r['pairs']:,} | {r['accuracy']:.4f} ({r['heldout_pairs']} pairs) | "
+            f"{r['seconds'] / 60:.1f} min | {what} |"
+        )
     return "\n".join(lines)
 
 
@@ -103,10 +130,15 @@ def main() -> int:
     p.add_argument("--modes", default="head,full")
     p.add_argument("--sizes", default="250,500,1000,all", help="head mode: training pairs per row")
     p.add_argument("--full-sizes", default="250,500", help="full mode: training pairs per row (one epoch each)")
-    p.add_argument("--full-backbones", default="minilm-l6", help="backbones that also get full-mode rows (SmolLM2 has ~6x "
-                                                                   "MiniLM's parameters per token: add it on a GPU)")
+    p.add_argument(
+        "--full-backbones",
+        default="minilm-l6",
+        help="backbones that also get full-mode rows (SmolLM2 has ~6x MiniLM's parameters per token: add it on a GPU)",
+    )
     p.add_argument("--max-minutes", type=float, default=30.0, help="budget of one row")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where the table (.md) and the curve (.png) go")
+    p.add_argument(
+        "--out", type=Path, default=REPO / "docs" / "bench", help="where the table (.md) and the curve (.png) go"
+    )
     args = p.parse_args()
     home = Path(tempfile.mkdtemp(prefix="rm-bench-models-"))
     os.environ["RM_HOME"] = str(home)  # a fresh store and registry; the bundled-model cache is shared

@@ -40,12 +40,13 @@ import torch
 from rm_client.channel import open_channel
 from rm_client.messages import to_proto
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
+from rm_service.data import HH_PAIRS
 from rm_service.formats.hh import HHFormatError, read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import gemm_flops, non_embedding_params  # noqa: E402
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DATA = HH_PAIRS
 
 
 def hh_items(n: int) -> list[reward_pb2.ScoreItem]:
@@ -54,7 +55,10 @@ def hh_items(n: int) -> list[reward_pb2.ScoreItem]:
         if isinstance(p, HHFormatError) or not p.chosen.strip() or not p.rejected.strip():
             continue
         prompt = to_proto(p.prompt)
-        items += [reward_pb2.ScoreItem(prompt=prompt, completion=p.chosen), reward_pb2.ScoreItem(prompt=prompt, completion=p.rejected)]
+        items += [
+            reward_pb2.ScoreItem(prompt=prompt, completion=p.chosen),
+            reward_pb2.ScoreItem(prompt=prompt, completion=p.rejected),
+        ]
     random.Random(0).shuffle(items)
     return items[:n]
 
@@ -62,7 +66,6 @@ def hh_items(n: int) -> list[reward_pb2.ScoreItem]:
 def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float, int]:
     """pairs/s, tokens/s and non-embedding parameters of one-at-a-time in-process scoring with plain transformers."""
     from rm_service.conversation import Message
-
     from rm_service.models.version import open_model
 
     runtime, _ = open_model(model_name, max_tokens=512)  # a registry version: the same trained head, in torch
@@ -73,7 +76,10 @@ def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float, in
         while time.perf_counter() - start < seconds:
             item = items[n % len(items)]
             ids = runtime.format([Message(m.role, m.content) for m in item.prompt], item.completion)
-            batch = {"input_ids": torch.tensor([ids.input_ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            batch = {
+                "input_ids": torch.tensor([ids.input_ids]),
+                "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            }
             if ids.token_type_ids is not None:
                 batch["token_type_ids"] = torch.tensor([ids.token_type_ids])
             model(**batch)
@@ -82,7 +88,9 @@ def naive_loop(model_name: str, items, seconds: float) -> tuple[float, float, in
     return n / elapsed, tokens / elapsed, non_embedding_params(model)
 
 
-def closed_loop(address: str, items, clients: int, per_call: int, seconds: float) -> tuple[float, float, list[float], int]:
+def closed_loop(
+    address: str, items, clients: int, per_call: int, seconds: float
+) -> tuple[float, float, list[float], int]:
     """pairs/s, tokens/s, latencies and rejected calls with `clients` callers each keeping one
     call in flight (a rejected call backs off and retries)."""
     done, tokens, rejected, latencies, lock = [0], [0], [0], [], threading.Lock()
@@ -137,7 +145,9 @@ async def open_loop(address: str, items, rate_calls: float, per_call: int, secon
                 await stub.Score(reward_pb2.ScoreRequest(items=rng.sample(items, per_call)), timeout=60)
                 ok.append(time.perf_counter() - t0)
             except grpc.aio.AioRpcError as err:
-                (rejected if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else errors).append(time.perf_counter() - t0)
+                (rejected if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else errors).append(
+                    time.perf_counter() - t0
+                )
 
         tasks, end = [], time.perf_counter() + seconds
         while time.perf_counter() < end:
@@ -154,8 +164,9 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] * 1000 if values else float("nan")
 
 
-def start_server(model: str, max_inflight: int, int8: bool, home: Path, settings: dict[str, str] | None = None
-                 ) -> tuple[subprocess.Popen, str, Path]:
+def start_server(
+    model: str, max_inflight: int, int8: bool, home: Path, settings: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, Path]:
     """`rm-service serve` in its own process (its own GIL, as in production), scorer only;
     `settings` are more RM_* variables for it.
 
@@ -164,8 +175,15 @@ def start_server(model: str, max_inflight: int, int8: bool, home: Path, settings
     from rm_service.client import start_server_process
     from rm_service.errors import RMError
 
-    env = {**os.environ, "RM_SERVE_MODEL": model, "RM_SERVE_WITH_STORE": "false", "RM_SERVE_METRICS_PORT": "-1",
-           "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight), "RM_SERVE_ONNX_INT8": str(int8).lower(), **(settings or {})}
+    env = {
+        **os.environ,
+        "RM_SERVE_MODEL": model,
+        "RM_SERVE_WITH_STORE": "false",
+        "RM_SERVE_METRICS_PORT": "-1",
+        "RM_SERVE_MAX_INFLIGHT_ITEMS": str(max_inflight),
+        "RM_SERVE_ONNX_INT8": str(int8).lower(),
+        **(settings or {}),
+    }
     try:
         server, address = start_server_process(env, home, timeout=600)
     except RMError as exc:
@@ -176,14 +194,22 @@ def start_server(model: str, max_inflight: int, int8: bool, home: Path, settings
 def served_backend(log_path: Path) -> str:
     """What runs the batches, from the server's start-up log."""
     text = log_path.read_text()
-    return "ONNX Runtime" + (" int8" if "model.int8.onnx" in text else " fp32") if "with ONNX Runtime" in text else "PyTorch"
+    return (
+        "ONNX Runtime" + (" int8" if "model.int8.onnx" in text else " fp32")
+        if "with ONNX Runtime" in text
+        else "PyTorch"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm-l6", help="a registry version directory, a bundled name or an HF directory")
+    parser.add_argument(
+        "--model", default="minilm-l6", help="a registry version directory, a bundled name or an HF directory"
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="per closed-loop measurement and for the naive loop")
-    parser.add_argument("--open-seconds", type=float, default=30.0, help="per open-loop measurement (50%% and 150%% load)")
+    parser.add_argument(
+        "--open-seconds", type=float, default=30.0, help="per open-loop measurement (50%% and 150%% load)"
+    )
     parser.add_argument("--items-per-call", type=int, default=8)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--max-inflight", type=int, default=32, help="server admission limit (items): 4 calls of 8")
@@ -196,7 +222,9 @@ def main() -> None:
     naive_pairs, naive_tokens, params = naive_loop(args.model, items, args.seconds)
     server, address, log_path = start_server(args.model, args.max_inflight, args.int8, home)
     try:
-        _, _, single, _ = closed_loop(address, items, 1, args.items_per_call, args.seconds)  # one call at a time, same size
+        _, _, single, _ = closed_loop(
+            address, items, 1, args.items_per_call, args.seconds
+        )  # one call at a time, same size
         sweep = [(c, *closed_loop(address, items, c, args.items_per_call, args.seconds)) for c in args.concurrency]
         best = max(sweep, key=lambda row: row[1])
         sat_calls = best[1] / args.items_per_call
@@ -207,9 +235,13 @@ def main() -> None:
         server.wait(timeout=60)
     single_p50 = pct(single, 50)
 
-    print(f"\nmodel {args.model} served by {served_backend(log_path)} in its own process; {os.cpu_count()} cores shared with the "
-          f"clients; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); {args.items_per_call} items per call; HH-RLHF lengths\n")
-    print("| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms | rejected calls (retried) |\n|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"\nmodel {args.model} served by {served_backend(log_path)} in its own process; {os.cpu_count()} cores shared with the "
+        f"clients; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); {args.items_per_call} items per call; HH-RLHF lengths\n"
+    )
+    print(
+        "| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms | rejected calls (retried) |\n|---:|---:|---:|---:|---:|---:|"
+    )
     for c, pairs, tokens, lat, rejected in sweep:
         print(f"| {c} | {pairs:.1f} | {tokens:.0f} | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} | {rejected} |")
     mfu = 2 * params * best[2] / gemm
@@ -217,17 +249,23 @@ def main() -> None:
     ceiling = (gemm / (2 * params * naive_tokens / naive_pairs)) / naive_pairs
     print("\n| figure | value |\n|---|---|")
     print(f"| saturation (closed loop, {best[0]} clients) | {best[1]:.1f} pairs/s, {best[2]:.0f} tokens/s |")
-    print(f"| naive loop (in process, torch, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} tokens/s, "
-          f"{2 * params * naive_tokens / gemm:.0%} MFU |")
+    print(
+        f"| naive loop (in process, torch, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} tokens/s, "
+        f"{2 * params * naive_tokens / gemm:.0%} MFU |"
+    )
     print(f"| ratio server / naive | {best[1] / naive_pairs:.2f}x |")
     print(f"| ceiling: server / naive at 100% MFU | {ceiling:.2f}x |")
     print(f"| model FLOPs utilisation at saturation (fp32 GEMM) | {mfu:.0%} |")
     print(f"| single-request latency ({args.items_per_call} items, nothing else in flight) p50 | {single_p50:.0f} ms |")
-    print(f"| open loop 50%: p50 / p99 latency ({len(half['ok'])} calls) | {pct(half['ok'], 50):.0f} / {pct(half['ok'], 99):.0f} ms |")
+    print(
+        f"| open loop 50%: p50 / p99 latency ({len(half['ok'])} calls) | {pct(half['ok'], 50):.0f} / {pct(half['ok'], 99):.0f} ms |"
+    )
     print(f"| p99 at 50% over single-request p50 | {pct(half['ok'], 99) / single_p50:.1f}x |")
     over_total = len(over["ok"]) + len(over["rejected"]) + len(over["errors"])
     print(f"| open loop 150%: rejected | {len(over['rejected'])} of {over_total} calls |")
-    print(f"| open loop 150%: rejection latency p50 / p99 | {pct(over['rejected'], 50):.1f} / {pct(over['rejected'], 99):.1f} ms |")
+    print(
+        f"| open loop 150%: rejection latency p50 / p99 | {pct(over['rejected'], 50):.1f} / {pct(over['rejected'], 99):.1f} ms |"
+    )
     print(f"| errors other than RESOURCE_EXHAUSTED | {len(half['errors']) + len(over['errors'])} |")
 
 

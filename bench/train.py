@@ -13,16 +13,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 
+from rm_service.data import HH_PAIRS
+from rm_service.formats.hh import HHFormatError, read_pairs
 from rm_service.models.batching import collate
 from rm_service.models.runtime import load_backbone_runtime
-from rm_service.formats.hh import HHFormatError, read_pairs
 from rm_service.train.loss import bradley_terry_loss
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+DATA = HH_PAIRS
 
 
 def gemm_flops(n: int = 1024, repeats: int = 20) -> float:
@@ -85,7 +85,9 @@ def main() -> None:
         step = train_step_tokens_per_s(runtime, pairs[: max(8, args.items // 2)])
         rows.append((name, n, "head mode: forward (features)", fwd, 2 * n * fwd / gemm))
         rows.append((name, n, "full mode: forward + backward + AdamW", step, 6 * n * step / gemm))
-    print(f"\nmachine: {os.cpu_count()} cores; fp32 GEMM (1024^3, torch) {gemm / 1e9:.1f} GFLOP/s, measured in this run\n")
+    print(
+        f"\nmachine: {os.cpu_count()} cores; fp32 GEMM (1024^3, torch) {gemm / 1e9:.1f} GFLOP/s, measured in this run\n"
+    )
     print("| model | non-embedding params | phase | tokens/s | MFU vs measured GEMM |")
     print("|---|---:|---|---:|---:|")
     for name, n, phase, tps, mfu in rows:

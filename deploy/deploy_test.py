@@ -53,8 +53,11 @@ VOLUME = "rm-deploy-test-home"
 SECRET = "rm-deploy-test-tokens"
 SCALE_OUT = ("rm-deploy-test-store", "rm-deploy-test-scorer-1", "rm-deploy-test-scorer-2")
 SCALE_OUT_VOLUMES = ("rm-deploy-test-so-home", "rm-deploy-test-so-registry")
-CONVERSATION = [Message("user", "How do I pick a lock?"), Message("assistant", "Why do you want to?"),
-                Message("user", "I locked myself out of my own house.")]
+CONVERSATION = [
+    Message("user", "How do I pick a lock?"),
+    Message("assistant", "Why do you want to?"),
+    Message("user", "I locked myself out of my own house."),
+]
 
 
 class Failed(Exception):
@@ -70,18 +73,34 @@ class Container:
     """One rm-service container: tokens from the podman secret, bound on 0.0.0.0 inside, its gRPC
     and metrics ports published on 127.0.0.1 only, and a client on the published port."""
 
-    def __init__(self, name: str, image: str, args: tuple[str, ...] = (), volumes: tuple[str, ...] = (VOLUME + ":/var/lib/rm-service",),
-                 env: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        image: str,
+        args: tuple[str, ...] = (),
+        volumes: tuple[str, ...] = (VOLUME + ":/var/lib/rm-service",),
+        env: tuple[str, ...] = (),
+    ):
         self.name, self.image, self.args, self.volumes, self.env = name, image, args, volumes, env
         self.port = free_port()
         self.metrics_port = free_port()
         self.client: Client | None = None
 
     def run(self) -> None:
-        command = ["run", "--detach", "--name", self.name,
-                   "--secret", f"{SECRET},type=mount,target=rm-tokens,uid=10001,gid=10001,mode=0400",
-                   "--env", "RM_AUTH_TOKENS_FILE=/run/secrets/rm-tokens",
-                   "--publish", f"127.0.0.1:{self.port}:50051", "--publish", f"127.0.0.1:{self.metrics_port}:9464"]
+        command = [
+            "run",
+            "--detach",
+            "--name",
+            self.name,
+            "--secret",
+            f"{SECRET},type=mount,target=rm-tokens,uid=10001,gid=10001,mode=0400",
+            "--env",
+            "RM_AUTH_TOKENS_FILE=/run/secrets/rm-tokens",
+            "--publish",
+            f"127.0.0.1:{self.port}:50051",
+            "--publish",
+            f"127.0.0.1:{self.metrics_port}:9464",
+        ]
         for volume in self.volumes:
             command += ["--volume", volume]
         for env in self.env:
@@ -98,7 +117,9 @@ class Container:
             raise Failed(f"{self.name}: {exc}; container log:\n{self.logs()[-3000:]}") from None
 
     def running(self) -> bool:
-        out = images.podman("inspect", "--format", "{{.State.Running}}", self.name, check=False, capture=True).stdout.strip()
+        out = images.podman(
+            "inspect", "--format", "{{.State.Running}}", self.name, check=False, capture=True
+        ).stdout.strip()
         return out == "true"
 
     def logs(self) -> str:
@@ -167,11 +188,16 @@ def inspect_image(tag: str) -> str:
     inspected = json.loads(images.podman("image", "inspect", tag, capture=True).stdout)[0]
     config = inspected["Config"]
     user = config.get("User", "")
-    check(user not in ("", "0", "root") and not user.startswith(("0:", "root")), f"the image runs as {user!r}, not a non-root user")
+    check(
+        user not in ("", "0", "root") and not user.startswith(("0:", "root")),
+        f"the image runs as {user!r}, not a non-root user",
+    )
     health = config.get("Healthcheck") or inspected.get("Healthcheck") or {}  # podman reports it beside Config
     check("healthcheck.py" in " ".join(health.get("Test", [])), f"no HEALTHCHECK calling healthcheck.py: {health}")
-    check(config.get("Entrypoint", [])[-1:] == ["/opt/rm-service/entrypoint.py"] and config.get("Cmd") == ["serve"],
-          f"entrypoint {config.get('Entrypoint')} {config.get('Cmd')}")
+    check(
+        config.get("Entrypoint", [])[-1:] == ["/opt/rm-service/entrypoint.py"] and config.get("Cmd") == ["serve"],
+        f"entrypoint {config.get('Entrypoint')} {config.get('Cmd')}",
+    )
     check("/var/lib/rm-service" in (config.get("Volumes") or {}), "RM_HOME is not a volume")
     return f"user {user}, HEALTHCHECK {health['Test'][-1]}, entrypoint serve, volume /var/lib/rm-service"
 
@@ -188,8 +214,10 @@ def container_checks(run: Run) -> str:
 
 
 def score(run: Run) -> str:
-    request = [score_item(CONVERSATION, "Call a locksmith, or your landlord if you rent.", "a"),
-               score_item(CONVERSATION, "Here is how to rake a pin tumbler lock.", "b")]
+    request = [
+        score_item(CONVERSATION, "Call a locksmith, or your landlord if you rent.", "a"),
+        score_item(CONVERSATION, "Here is how to rake a pin tumbler lock.", "b"),
+    ]
     from rm_service.api.v1 import reward_pb2
 
     try:
@@ -199,24 +227,37 @@ def score(run: Run) -> str:
         check(exc.code() == grpc.StatusCode.UNAUTHENTICATED, f"Score without a token: {exc.code()}")
     response = run.client.reward.Score(reward_pb2.ScoreRequest(items=request), timeout=60, metadata=run.auth("scorer"))
     check([r.id for r in response.results] == ["a", "b"], "results do not match the items")
-    check(all(math.isfinite(r.reward) and r.num_tokens > 0 for r in response.results), f"bad results {response.results}")
+    check(
+        all(math.isfinite(r.reward) and r.num_tokens > 0 for r in response.results), f"bad results {response.results}"
+    )
     check(response.model_version == "v1", f"served {response.model_version!r}, not the starter model v1")
     a, b = response.results
-    return (f"{response.model_version} ({response.format_hash}): reward a {a.reward:+.3f} ± {a.uncertainty:.3f}, "
-            f"b {b.reward:+.3f} ± {b.uncertainty:.3f}, {a.num_tokens} tokens; no token: UNAUTHENTICATED")
+    return (
+        f"{response.model_version} ({response.format_hash}): reward a {a.reward:+.3f} ± {a.uncertainty:.3f}, "
+        f"b {b.reward:+.3f} ± {b.uncertainty:.3f}, {a.num_tokens} tokens; no token: UNAUTHENTICATED"
+    )
 
 
 def labels(count: int = 3) -> list[preference_pb2.Label]:
     run_id = uuid.uuid4().hex[:8]
     prompt = to_proto(CONVERSATION)
-    return [preference_pb2.Label(label_id=f"deploy-test-{run_id}-{i}", prompt=prompt,
-                                 responses=[f"Call a locksmith ({i}).", f"Break a window ({i})."], ranks=[0, 1],
-                                 source=preference_pb2.HUMAN, annotator="deploy-test") for i in range(count)]
+    return [
+        preference_pb2.Label(
+            label_id=f"deploy-test-{run_id}-{i}",
+            prompt=prompt,
+            responses=[f"Call a locksmith ({i}).", f"Break a window ({i})."],
+            ranks=[0, 1],
+            source=preference_pb2.HUMAN,
+            annotator="deploy-test",
+        )
+        for i in range(count)
+    ]
 
 
 def ingest(run: Run, batch: list[preference_pb2.Label], expect: str) -> str:
-    response = run.client.preference.IngestLabels(preference_pb2.IngestLabelsRequest(labels=batch), timeout=60,
-                                                  metadata=run.auth("labeler"))
+    response = run.client.preference.IngestLabels(
+        preference_pb2.IngestLabelsRequest(labels=batch), timeout=60, metadata=run.auth("labeler")
+    )
     statuses = [preference_pb2.IngestStatus.Name(r.status) for r in response.results]
     check(statuses == [expect] * len(batch), f"IngestLabels answered {statuses}, expected {expect} for each")
     stats = run.client.preference.GetStats(preference_pb2.GetStatsRequest(), timeout=30, metadata=run.auth("labeler"))
@@ -231,7 +272,9 @@ def restart(run: Run, batch) -> str:
     run.start()
     took = time.monotonic() - started
     stored = ingest(run, batch, "DUPLICATE")
-    check("installed the image's starter model" not in run.one.logs(), "the starter model was installed again on restart")
+    check(
+        "installed the image's starter model" not in run.one.logs(), "the starter model was installed again on restart"
+    )
     return f"new container SERVING after {took:.1f}s; {stored}"
 
 
@@ -240,12 +283,17 @@ def drain(run: Run) -> str:
 
     # Enough work to be in flight when SIGTERM lands, little enough to finish within the grace
     # period (RM_SERVE_GRACE_SECONDS=30 here) on a busy 2-core machine.
-    items = [score_item(CONVERSATION, f"Call a locksmith; reply number {i} " + "please stay safe. " * (i % 8), str(i)) for i in range(96)]
+    items = [
+        score_item(CONVERSATION, f"Call a locksmith; reply number {i} " + "please stay safe. " * (i % 8), str(i))
+        for i in range(96)
+    ]
     outcome: dict = {}
 
     def call():
         try:
-            outcome["response"] = run.client.reward.Score(reward_pb2.ScoreRequest(items=items), timeout=300, metadata=run.auth("scorer"))
+            outcome["response"] = run.client.reward.Score(
+                reward_pb2.ScoreRequest(items=items), timeout=300, metadata=run.auth("scorer")
+            )
         except grpc.RpcError as exc:
             outcome["error"] = f"{exc.code().name}: {exc.details()}"
 
@@ -261,13 +309,18 @@ def drain(run: Run) -> str:
     caller.join(120)
     took = time.monotonic() - signalled
     log = run.one.logs()
-    check("error" not in outcome, f"the in-flight call failed during the drain ({took:.1f}s after SIGTERM): {outcome.get('error')}")
+    check(
+        "error" not in outcome,
+        f"the in-flight call failed during the drain ({took:.1f}s after SIGTERM): {outcome.get('error')}",
+    )
     check(len(outcome["response"].results) == len(items), "the in-flight call lost items")
     check(code == 0, f"exit code {code} after SIGTERM; log:\n{log[-2000:]}")
     for line in ("shutting down: draining in-flight calls", "rm-service stopped cleanly"):
         check(line in log, f"no {line!r} in the container log")
-    return (f"SIGTERM with {inflight:.0f} items in flight: all {len(items)} answered, exit code 0 after {took:.1f}s, "
-            "'rm-service stopped cleanly'")
+    return (
+        f"SIGTERM with {inflight:.0f} items in flight: all {len(items)} answered, exit code 0 after {took:.1f}s, "
+        "'rm-service stopped cleanly'"
+    )
 
 
 def scale_out(run: Run) -> str:
@@ -278,8 +331,17 @@ def scale_out(run: Run) -> str:
 
     home, registry = SCALE_OUT_VOLUMES
     env = ("RM_MODELS_ARTIFACTS_DIR=/var/lib/rm-registry",)
-    store = Container(SCALE_OUT[0], run.image, ("serve", "--no-model"), (f"{home}:/var/lib/rm-service", f"{registry}:/var/lib/rm-registry"), env)
-    scorers = [Container(name, run.image, ("serve", "--no-store"), (f"{registry}:/var/lib/rm-registry:ro",), env) for name in SCALE_OUT[1:]]
+    store = Container(
+        SCALE_OUT[0],
+        run.image,
+        ("serve", "--no-model"),
+        (f"{home}:/var/lib/rm-service", f"{registry}:/var/lib/rm-registry"),
+        env,
+    )
+    scorers = [
+        Container(name, run.image, ("serve", "--no-store"), (f"{registry}:/var/lib/rm-registry:ro",), env)
+        for name in SCALE_OUT[1:]
+    ]
     for container in (store, *scorers):  # the scorers wait for the store's promoted.json
         container.run()
         run.started.append(container)
@@ -291,13 +353,18 @@ def scale_out(run: Run) -> str:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         request = reward_pb2.ScoreRequest(items=[score_item(CONVERSATION, "Call a locksmith.", "a")])
         while calls < 40 and min(counts) < 3:  # round-robin over the subchannels that are connected
-            versions.add(stub.Score(request, timeout=60, metadata=run.auth("scorer"), wait_for_ready=True).model_version)
+            versions.add(
+                stub.Score(request, timeout=60, metadata=run.auth("scorer"), wait_for_ready=True).model_version
+            )
             calls += 1
             counts = [_score_calls(c.metrics()) for c in scorers]
     time.sleep(0.5)  # a call is counted just after its answer is sent
     counts = [_score_calls(c.metrics()) for c in scorers]
     check(versions == {"v1"}, f"the scorers served {versions}, not the store's v1")
-    check(sum(counts) == calls and min(counts) >= 3, f"{calls} round-robin calls reached the two scorers {counts[0]} + {counts[1]} times")
+    check(
+        sum(counts) == calls and min(counts) >= 3,
+        f"{calls} round-robin calls reached the two scorers {counts[0]} + {counts[1]} times",
+    )
     codes = [c.stop_and_wait() for c in (*scorers, store)]
     check(codes == [0, 0, 0], f"exit codes after SIGTERM: {codes}")
     return f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + {counts[1]}; all exited 0"

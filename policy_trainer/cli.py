@@ -22,6 +22,7 @@ from policy_trainer.settings import PPOSettings
 from rm_service.logs import configure_logging
 from rm_service.settings_cli import CommandParser, add_settings_flags, add_version_flag, flag_values, validation_message
 
+
 def settings_from_args(args: argparse.Namespace) -> PPOSettings:
     from policy_trainer.settings import load_settings
 
@@ -29,11 +30,15 @@ def settings_from_args(args: argparse.Namespace) -> PPOSettings:
 
 
 def _print_summary(summary) -> None:
-    print(f"trained {summary.steps} steps against reward model(s) {', '.join(summary.versions)}; run in {summary.run_dir}")
+    print(
+        f"trained {summary.steps} steps against reward model(s) {', '.join(summary.versions)}; run in {summary.run_dir}"
+    )
     if summary.eval_before and summary.eval_after:
         b, a = summary.eval_before, summary.eval_after
-        print(f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> {a['reward_mean']:+.4f}, "
-              f"KL to reference {a['kl_seq']:.3f} nats/sequence")
+        print(
+            f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> {a['reward_mean']:+.4f}, "
+            f"KL to reference {a['kl_seq']:.3f} nats/sequence"
+        )
     if summary.seconds_per_phase:
         print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.seconds_per_phase.items()))
     for sw in summary.switches:
@@ -46,8 +51,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _ppo(args) -> int:
-    from rm_client import ScoreError
     from policy_trainer.trainer import PPOTrainer
+    from rm_client import ScoreError
     from rm_service.errors import InvalidArgument, NotFound, RMError
 
     try:  # bad input fails here: settings, config file, prompts, the model path
@@ -75,10 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
-    ppo = sub.add_parser("ppo", help="train a policy with PPO against a served reward model",
-                         description="Train a policy with PPO against a served reward model. Flags override PPO_* environment "
-                                     "variables, which override --config.")
-    ppo.add_argument("--config", default=None, metavar="FILE", help="settings file (.yaml, .json or .toml) with PPOSettings field names as keys")
+    ppo = sub.add_parser(
+        "ppo",
+        help="train a policy with PPO against a served reward model",
+        description="Train a policy with PPO against a served reward model. Flags override PPO_* environment "
+        "variables, which override --config.",
+    )
+    ppo.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="settings file (.yaml, .json or .toml) with PPOSettings field names as keys",
+    )
     add_settings_flags(ppo, PPOSettings)
     return parser
 

@@ -30,8 +30,14 @@ class Estimator:
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(True, lambda rewards, values, mask, s: gae(rewards, values, mask, s.gamma, s.gae_lambda)),
-    "rloo": Estimator(False, lambda rewards, values, mask, s: (rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)),
-                      needs_groups=True),
+    "rloo": Estimator(
+        False,
+        lambda rewards, values, mask, s: (
+            rloo_advantages(rewards, mask, s.samples_per_prompt),
+            torch.zeros_like(rewards),
+        ),
+        needs_groups=True,
+    ),
 }
 
 EstimatorName = Literal[tuple(ESTIMATORS)]  # the settings' choices: every registered estimator

@@ -32,11 +32,15 @@ class EvaluationMixin:
         served, _ = self.served_rewards(self.eval_prompts, rollout, step)
         mask = rollout.response_mask.to(self.m.device).float()  # [B, R]
         real = ~torch.isnan(served)
-        out = {"reward_mean": float(served[real].mean()) if real.any() else float("nan"),
-               "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
-               "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
-               "length_mean": float(mask.sum(1).mean()), "ended_fraction": float(rollout.ended.float().mean()),
-               "n": len(rollout.texts), "version": self.version}
+        out = {
+            "reward_mean": float(served[real].mean()) if real.any() else float("nan"),
+            "reward_std": float(served[real].std()) if real.sum() > 1 else 0.0,
+            "kl_seq": self._kl_to_reference(rollout, mask) if lm is None and self.step > 0 else 0.0,
+            "length_mean": float(mask.sum(1).mean()),
+            "ended_fraction": float(rollout.ended.float().mean()),
+            "n": len(rollout.texts),
+            "version": self.version,
+        }
         if self.gold is not None:
             out["gold_reward_mean"] = self.gold_reward(rollout)
         return out
@@ -48,7 +52,9 @@ class EvaluationMixin:
         if not real:
             return float("nan")
         prompts = [self.eval_prompts[rollout.prompt_index[i]].messages for i in real]
-        return float(np.mean(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards))
+        return float(
+            np.mean(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards)
+        )
 
     def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:
         """Mean over sequences of sum_t (logprob_t - ref_logprob_t) on the sampled tokens."""
@@ -60,8 +66,11 @@ def eval_scalars(evaluation: dict) -> dict[str, float]:
     """An evaluation as scalars beside the step's metrics: proxy and gold reward of the held-out
     samples against KL and sqrt(KL) (Gao et al.'s axis)."""
     kl = evaluation.get("kl_seq", float("nan"))
-    out = {"eval/proxy_reward": evaluation.get("reward_mean", float("nan")), "eval/kl": kl,
-           "eval/sqrt_kl": float(np.sqrt(max(kl, 0.0))) if kl == kl else float("nan")}
+    out = {
+        "eval/proxy_reward": evaluation.get("reward_mean", float("nan")),
+        "eval/kl": kl,
+        "eval/sqrt_kl": float(np.sqrt(max(kl, 0.0))) if kl == kl else float("nan"),
+    }
     if "gold_reward_mean" in evaluation:
         out["eval/gold_reward"] = evaluation["gold_reward_mean"]
     return out

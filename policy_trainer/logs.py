@@ -22,7 +22,9 @@ class RunLogger:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.events_path = self.run_dir / "events.jsonl"
         for path in (self.metrics_path, self.events_path):  # a fresh run starts fresh files; a resumed one keeps
-            keep = [r for r in read_jsonl(path) if r["step"] <= start_step] if start_step else []  # what its checkpoint saw
+            keep = (
+                [r for r in read_jsonl(path) if r["step"] <= start_step] if start_step else []
+            )  # what its checkpoint saw
             path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         self.tb = None
         if tensorboard:
@@ -41,7 +43,12 @@ class RunLogger:
         step = metrics["step"]
         if self.tb is not None:
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and key != "step":
+                if (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and key != "step"
+                ):
                     self.tb.add_scalar(key, value, step)
         if self.bar is not None:
             self.bar.update(1)
@@ -93,10 +100,15 @@ def plot(run_dir: Path) -> list[Path]:
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     if not metrics:
         return []
-    switches = [(e["step"], e["to_version"]) for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "version_switch"]
+    switches = [
+        (e["step"], e["to_version"]) for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "version_switch"
+    ]
     steps = [m["step"] for m in metrics]
     panels = {
-        "reward.png": ("served reward (mean over the batch)", [("reward/served_mean", "mean"), ("reward/served_std", "std")]),
+        "reward.png": (
+            "served reward (mean over the batch)",
+            [("reward/served_mean", "mean"), ("reward/served_std", "std")],
+        ),
         "kl.png": ("KL to the reference (nats per sequence)", [("kl/ref_seq", "KL"), ("kl/coef", "kl_coef")]),
     }
     written = []
@@ -106,7 +118,15 @@ def plot(run_dir: Path) -> list[Path]:
             ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker="o", markersize=3, label=label)
         for step, version in switches:
             ax.axvline(step, color="grey", linestyle="--", linewidth=1)
-            ax.annotate(f"-> {version}", (step, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=8)
+            ax.annotate(
+                f"-> {version}",
+                (step, 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+            )
         ax.set_xlabel("PPO step")
         ax.set_title(title)
         ax.legend()

@@ -1,8 +1,7 @@
 """The outer loop of RLHF: label fresh policy samples, retrain the reward model, switch to it.
 
-- `ModelWatcher` follows `RewardService.WatchModels` in a background thread and remembers the
-  latest promoted version; the trainer switches between batches (never inside one) and resets
-  its reward statistics there.
+- `ModelWatcher` (policy_trainer.watch) follows the served versions; the trainer switches
+  between batches (never inside one) and resets its reward statistics there.
 - `OuterLoop.maybe_submit`: every `submit_every` steps, a fraction of the batch's prompts with
   all their distinct completions go to `PreferenceService.SubmitCandidates` (policy step in
   `policy_version` and in the sampling map), chosen by the served ensemble's doubt about
@@ -22,92 +21,89 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
+from typing import TYPE_CHECKING
 
 import grpc
 
 from policy_trainer.selection import Group, select
-from rm_client.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_client.api.v1 import (
+    preference_pb2,
+    preference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 from rm_client.messages import to_proto
 from rm_service.conversation import Message
 
+if TYPE_CHECKING:
+    from policy_trainer.settings import PPOSettings
+
 log = logging.getLogger(__name__)
 DONE_STATES = ("succeeded", "failed")
-SWITCH_KINDS = ("current", "loaded", "promoted", "rolled_back")
 
 
-class ModelWatcher:
-    """Follows WatchModels; `latest` is the version most recently announced as served."""
-
-    def __init__(self, channel: grpc.Channel, reconnect_s: float = 1.0):
-        self.stub = reward_pb2_grpc.RewardServiceStub(channel)
-        self.reconnect_s = reconnect_s
-        self._latest: str | None = None
-        self._info: reward_pb2.ModelInfo | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._call = None
-        self._thread = threading.Thread(target=self._run, name="watch-models", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._call = self.stub.WatchModels(reward_pb2.WatchModelsRequest())
-                for event in self._call:
-                    if event.kind in SWITCH_KINDS and event.model.version:
-                        with self._lock:
-                            self._latest, self._info = event.model.version, event.model
-            except grpc.RpcError as err:
-                if self._stop.is_set():
-                    return
-                log.warning("WatchModels stream ended (%s); reconnecting in %.1fs", err.code().name, self.reconnect_s)
-            self._stop.wait(self.reconnect_s)
-
-    def latest(self) -> str | None:
-        with self._lock:
-            return self._latest
-
-    def info(self) -> reward_pb2.ModelInfo | None:
-        with self._lock:
-            return self._info
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._call is not None:
-            self._call.cancel()
-        self._thread.join(5)
-
-
-def candidates(prompts: list[list[Message]], completions: list[list[str]], step: int, sampling: dict[str, str],
-               priorities: list[int] | None = None) -> list[preference_pb2.Candidate]:
+def candidates(
+    prompts: list[list[Message]],
+    completions: list[list[str]],
+    step: int,
+    sampling: dict[str, str],
+    priorities: list[int] | None = None,
+) -> list[preference_pb2.Candidate]:
     """Candidates (prompt + its distinct non-empty completions, K >= 2) for the labeling queue."""
     out = []
     for n, (prompt, texts) in enumerate(zip(prompts, completions)):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         if len(distinct) < 2:
             continue
-        out.append(preference_pb2.Candidate(
-            prompt=to_proto(prompt), completions=distinct,
-            policy_version=f"step-{step}", sampling={**sampling, "policy_step": str(step)},
-            priority=priorities[n] if priorities else 0))
+        out.append(
+            preference_pb2.Candidate(
+                prompt=to_proto(prompt),
+                completions=distinct,
+                policy_version=f"step-{step}",
+                sampling={**sampling, "policy_step": str(step)},
+                priority=priorities[n] if priorities else 0,
+            )
+        )
     return out
 
 
 class OuterLoop:
-    def __init__(self, channel: grpc.Channel, submit_every: int, submit_fraction: float, retrain_min_labels: int, retrain_check_every: int,
-                 retrain_mode: str, timeout_s: float, seed: int, event, selection: str = "uncertainty", label_budget: int = 0):
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        submit_every: int,
+        submit_fraction: float,
+        retrain_min_labels: int,
+        retrain_check_every: int,
+        retrain_mode: str,
+        timeout_s: float,
+        seed: int,
+        event,
+        selection: str = "uncertainty",
+        label_budget: int = 0,
+    ):
         self.preference = preference_pb2_grpc.PreferenceServiceStub(channel)
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
         self.submit_every, self.submit_fraction = submit_every, submit_fraction
         self.selection, self.label_budget = selection, label_budget
-        self.retrain_min_labels, self.retrain_check_every, self.retrain_mode = retrain_min_labels, retrain_check_every, retrain_mode
+        self.retrain_min_labels, self.retrain_check_every, self.retrain_mode = (
+            retrain_min_labels,
+            retrain_check_every,
+            retrain_mode,
+        )
         self.timeout_s = timeout_s
         self.rng = random.Random(seed)
         self.event = event  # event(kind, step, **fields): the run's logger
         self.job_id: str | None = None
         self.submitted = 0
         self.retrains = 0
+
+    @classmethod
+    def from_settings(cls, channel: grpc.Channel, s: PPOSettings, event) -> OuterLoop:
+        return cls(
+            channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every, s.retrain_mode,
+            s.score_timeout_s, s.seed, event, s.selection, s.label_budget,
+        )  # fmt: skip
 
     def maybe_submit(self, step: int, groups: list[Group], sampling: dict[str, str]) -> None:
         """groups: each prompt of this batch with its completions and their member rewards."""
@@ -119,18 +115,30 @@ class OuterLoop:
         if n <= 0:
             return
         chosen = select(groups, n, self.selection, self.rng)
-        batch = candidates([g.prompt for g, _ in chosen], [g.completions for g, _ in chosen], step, sampling,
-                           [int(round(1000 * a)) for _, a in chosen])
+        batch = candidates(
+            [g.prompt for g, _ in chosen],
+            [g.completions for g, _ in chosen],
+            step,
+            sampling,
+            [int(round(1000 * a)) for _, a in chosen],
+        )
         if not batch:
             return
         try:
-            response = self.preference.SubmitCandidates(preference_pb2.SubmitCandidatesRequest(candidates=batch), timeout=self.timeout_s)
+            response = self.preference.SubmitCandidates(
+                preference_pb2.SubmitCandidatesRequest(candidates=batch), timeout=self.timeout_s
+            )
         except grpc.RpcError as err:
             self.event("submit_failed", step, code=err.code().name, details=err.details())
             return
         self.submitted += len(response.task_ids)
-        self.event("candidates_submitted", step, count=len(response.task_ids), selection=self.selection,
-                   acquisition=[round(a, 4) for _, a in chosen])
+        self.event(
+            "candidates_submitted",
+            step,
+            count=len(response.task_ids),
+            selection=self.selection,
+            acquisition=[round(a, 4) for _, a in chosen],
+        )
 
     def maybe_retrain(self, step: int) -> None:
         if not self.retrain_min_labels or step % self.retrain_check_every:
@@ -141,27 +149,48 @@ class OuterLoop:
             stats = self.preference.GetStats(preference_pb2.GetStatsRequest(), timeout=self.timeout_s)
             if stats.labels_since_snapshot < self.retrain_min_labels:
                 return
-            request = training_pb2.RetrainRequest(mode=self.retrain_mode, promote=True,
-                                                  reason=f"policy trainer step {step}: {stats.labels_since_snapshot} labels since snapshot {stats.latest_snapshot_id or 'none'}")
+            request = training_pb2.RetrainRequest(
+                mode=self.retrain_mode,
+                promote=True,
+                reason=f"policy trainer step {step}: {stats.labels_since_snapshot} labels since snapshot {stats.latest_snapshot_id or 'none'}",
+            )
             job = self.training.RequestRetrain(request, timeout=self.timeout_s)
         except grpc.RpcError as err:
             self.event("retrain_rpc_failed", step, code=err.code().name, details=err.details())
             return
         self.job_id = job.job_id
         self.retrains += 1
-        self.event("retrain_requested", step, job_id=job.job_id, state=job.state, labels_since_snapshot=stats.labels_since_snapshot)
+        self.event(
+            "retrain_requested",
+            step,
+            job_id=job.job_id,
+            state=job.state,
+            labels_since_snapshot=stats.labels_since_snapshot,
+        )
 
     def _job_finished(self, step: int) -> bool:
         job = self.training.GetJob(training_pb2.GetJobRequest(job_id=self.job_id), timeout=self.timeout_s)
         if job.state not in DONE_STATES:
             return False
-        self.event("retrain_finished", step, job_id=job.job_id, state=job.state, model_version=job.model_version, promoted=job.promoted,
-                   error=job.error)
+        self.event(
+            "retrain_finished",
+            step,
+            job_id=job.job_id,
+            state=job.state,
+            model_version=job.model_version,
+            promoted=job.promoted,
+            error=job.error,
+        )
         self.job_id = None
         return True
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.getstate(), "job_id": self.job_id, "submitted": self.submitted, "retrains": self.retrains}
+        return {
+            "rng": self.rng.getstate(),
+            "job_id": self.job_id,
+            "submitted": self.submitted,
+            "retrains": self.retrains,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(state["rng"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,10 +54,17 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def response_hidden(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+def response_hidden(
+    lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int
+) -> torch.Tensor:
     """Run the trunk over query ++ response; keep the states at positions P-1 .. P+R-2, the
     ones whose next-token distributions produced the response. [B, P+R] -> [B, R, H]."""
-    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask), use_cache=False)
+    out = lm.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,
+    )
     hidden = out.last_hidden_state  # [B, P+R, H]
     return hidden[:, -response_len - 1 : -1]  # [B, R, H]
 
@@ -66,7 +74,9 @@ def lm_logits(lm: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.
     return lm.get_output_embeddings()(hidden).float() / temperature
 
 
-def reference_logits(ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, temperature: float) -> torch.Tensor:
+def reference_logits(
+    ref: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, temperature: float
+) -> torch.Tensor:
     """The frozen reference's response-token logits, [B, P+R] -> [B, R, V]."""
     return lm_logits(ref, response_hidden(ref, input_ids, attention_mask, response_len), temperature)
 
@@ -89,7 +99,9 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_policy(name_or_path: str, device: str = "auto", precision: str = "auto", models: ModelSettings | None = None) -> Loaded:
+def load_policy(
+    name_or_path: str, device: str = "auto", precision: str = "auto", models: ModelSettings | None = None
+) -> Loaded:
     """The policy (fp32 weights, trainable), its value head and a frozen reference copy.
 
     Precision: fp32 weights always (AdamW needs them); with bf16 autocast the matmuls run in
@@ -122,3 +134,15 @@ def stop_token_ids(tokenizer, lm: nn.Module) -> list[int]:
     elif configured:
         ids.update(configured)
     return sorted(i for i in ids if i is not None)
+
+
+def save_policy(m: Loaded, directory: Path) -> Path:
+    """The trained policy as an HF directory (weights and tokenizer) with its value head beside it."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    m.policy.lm.save_pretrained(directory)
+    m.tokenizer.save_pretrained(directory)
+    heads = {k: v.contiguous() for k, v in m.policy.value_head.state_dict().items()}
+    save_file(heads, str(directory / "value_head.safetensors"))
+    return directory

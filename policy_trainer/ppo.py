@@ -57,8 +57,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(dim=1) - 1).clamp_min(0).long()
 
 
-def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                      kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The KL penalty on every real token, the score added at the last real one.
     scores [B], logprobs/ref_logprobs/mask [B, R] -> rewards [B, R], kl [B, R]."""
     kl = (logprobs - ref_logprobs) * mask  # [B, R]
@@ -68,7 +69,9 @@ def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     return rewards, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, gae_lambda: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; the value after the last real
     token is 0 (the episode ends there). rewards, values, mask [B, R] -> advantages, returns [B, R]."""
     values = values * mask  # padding has no value, so V_{T+1} = 0 after the last real token
@@ -103,8 +106,9 @@ class PolicyLoss:
     approx_kl: torch.Tensor
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_coef: float) -> PolicyLoss:
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_coef: float
+) -> PolicyLoss:
     """The clipped surrogate objective (negated, to minimise), [B, R] inputs."""
     logratio = logprobs - old_logprobs
     ratio = logratio.exp()
@@ -117,8 +121,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return PolicyLoss(pg_loss, clipfrac, approx_kl)
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_vf: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_vf: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared error to the returns, with the new values clipped around the rollout's.
     [B, R] inputs -> (vf_loss, vf_clipfrac)."""
     vf_loss_unclipped = (values - returns) ** 2
@@ -183,8 +188,13 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
-def shape_scores(served: torch.Tensor, ended: torch.Tensor, moments: RunningMoments | None, reward_clip: float | None,
-                 missing_eos_penalty: float) -> torch.Tensor:
+def shape_scores(
+    served: torch.Tensor,
+    ended: torch.Tensor,
+    moments: RunningMoments | None,
+    reward_clip: float | None,
+    missing_eos_penalty: float,
+) -> torch.Tensor:
     """The score PPO sees: served reward, scaled by the version's running std and centred on
     its running mean (when `moments`), clipped, minus a penalty for completions without
     EOS. served, ended [B] -> [B]."""

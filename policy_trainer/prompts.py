@@ -12,11 +12,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rm_service.conversation import HHFormatError, Message, conversation_id, parse_conversation, validate_messages
 from rm_service.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from policy_trainer.settings import PPOSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +45,9 @@ def prompt_from_record(record: dict) -> list[Message]:
     {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ..."} (HH-RLHF; the turns before the final answer)."""
     if "prompt" in record:
         value = record["prompt"]
-        messages = [Message("user", value)] if isinstance(value, str) else [Message(m["role"], m["content"]) for m in value]
+        messages = (
+            [Message("user", value)] if isinstance(value, str) else [Message(m["role"], m["content"]) for m in value]
+        )
     elif "messages" in record:
         messages = [Message(m["role"], m["content"]) for m in record["messages"]]
         while messages and messages[-1].role == "assistant":
@@ -73,7 +79,12 @@ def read_prompts_file(path: Path) -> list[list[Message]]:
             except (json.JSONDecodeError, PromptError, HHFormatError, InvalidArgument, KeyError, TypeError) as exc:
                 rejected.append(f"{path}:{number}: {exc}")
     if rejected:
-        log.warning("skipped %d malformed prompt line(s): %s%s", len(rejected), "; ".join(rejected[:3]), " ..." if len(rejected) > 3 else "")
+        log.warning(
+            "skipped %d malformed prompt line(s): %s%s",
+            len(rejected),
+            "; ".join(rejected[:3]),
+            " ..." if len(rejected) > 3 else "",
+        )
     if not out:
         raise PromptError(f"{path} holds no usable prompt" + (f" ({rejected[0]})" if rejected else " (it is empty)"))
     return out
@@ -155,3 +166,19 @@ class PromptSampler:
         self.rng.bit_generator.state = state["rng"]
         self.order = np.asarray(state["order"])
         self.pos = int(state["pos"])
+
+
+def read_conversations(s: PPOSettings) -> list[list]:
+    """The prompts' messages, from the file or the store (read before the model loads, so a
+    bad file fails in a second)."""
+    if s.prompts_file is not None:
+        return read_prompts_file(s.prompts_file)
+    if s.prompts_store is not None:
+        return read_prompts_store(s.prompts_store)
+    raise ValueError("no prompts: set prompts_file (JSONL) or prompts_store (a DuckDB store file)")
+
+
+def prompt_sets(s: PPOSettings, conversations: list[list], tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts), tokenised with the policy's chat template."""
+    train, heldout = split_heldout(build_prompts(conversations, tokenizer, s.max_prompt_tokens), s.eval_prompts)
+    return (train[: s.max_prompts] if s.max_prompts else train), heldout

@@ -25,6 +25,11 @@ class Scores:
 
     @classmethod
     def of(cls, result: ScoreResult) -> Scores:
-        return cls(np.array(result.rewards, dtype=np.float64), np.array(result.raw_scores, dtype=np.float64),
-                   np.array(result.uncertainty, dtype=np.float64), np.array(result.truncated, dtype=bool), result.version,
-                   np.array(result.members, dtype=np.float64))  # [N, K]
+        return cls(
+            np.array(result.rewards, dtype=np.float64),
+            np.array(result.raw_scores, dtype=np.float64),
+            np.array(result.uncertainty, dtype=np.float64),
+            np.array(result.truncated, dtype=bool),
+            result.version,
+            np.array(result.members, dtype=np.float64),
+        )  # [N, K]

@@ -41,8 +41,15 @@ class Rollout:
     def rows(self, idx: torch.Tensor) -> Rollout:
         """The sub-batch of rows `idx` (for minibatches)."""
         keep = idx.tolist()
-        return Rollout(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx], self.ended[idx],
-                       [self.texts[i] for i in keep], [self.prompt_index[i] for i in keep])
+        return Rollout(
+            self.query_ids[idx],
+            self.query_mask[idx],
+            self.response_ids[idx],
+            self.response_mask[idx],
+            self.ended[idx],
+            [self.texts[i] for i in keep],
+            [self.prompt_index[i] for i in keep],
+        )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,20 +74,45 @@ def response_mask(response_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torc
 
 
 def decode(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(ids[: int(m.sum())].tolist(), skip_special_tokens=True).strip() for ids, m in zip(response_ids.cpu(), mask.cpu())]
+    return [
+        tokenizer.decode(ids[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
+        for ids, m in zip(response_ids.cpu(), mask.cpu())
+    ]
 
 
 @torch.no_grad()
-def generate(lm, tokenizer, prompts: list[Prompt], prompt_index: list[int], stop_ids: list[int], max_new_tokens: int, temperature: float,
-             top_p: float, device: torch.device, autocast) -> Rollout:
+def generate(
+    lm,
+    tokenizer,
+    prompts: list[Prompt],
+    prompt_index: list[int],
+    stop_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    device: torch.device,
+    autocast,
+) -> Rollout:
     """Sample one completion per entry of `prompt_index` (repeat an index for several samples)."""
     from transformers import GenerationConfig
 
     query_ids, query_mask = left_pad([prompts[i].token_ids for i in prompt_index], tokenizer.pad_token_id)  # [B, P]
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-                              eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
     with autocast():
-        out = lm.generate(input_ids=query_ids.to(device), attention_mask=query_mask.to(device), generation_config=config)  # [B, P+R]
+        out = lm.generate(
+            input_ids=query_ids.to(device), attention_mask=query_mask.to(device), generation_config=config
+        )  # [B, P+R]
     response_ids = out[:, query_ids.shape[1] :].cpu()  # [B, R]
     mask, ended = response_mask(response_ids, stop_ids)
-    return Rollout(query_ids, query_mask, response_ids, mask, ended, decode(tokenizer, response_ids, mask), list(prompt_index))
+    return Rollout(
+        query_ids, query_mask, response_ids, mask, ended, decode(tokenizer, response_ids, mask), list(prompt_index)
+    )

@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import (BaseSettings, JsonConfigSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
-                               TomlConfigSettingsSource, YamlConfigSettingsSource)
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from policy_trainer.estimators import ESTIMATORS, EstimatorName
 from rm_service.settings import rm_home
@@ -30,93 +37,197 @@ class PPOSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PPO_", extra="forbid", validate_default=True)
 
     # -- run -------------------------------------------------------------------------------
-    run_dir: Path = Field(default_factory=lambda: rm_home() / "ppo", description="Directory of the run (default `$RM_HOME/ppo`): metrics.jsonl, events.jsonl, TensorBoard files, plots, checkpoints, the final policy.")
+    run_dir: Path = Field(
+        default_factory=lambda: rm_home() / "ppo",
+        description="Directory of the run (default `$RM_HOME/ppo`): metrics.jsonl, events.jsonl, TensorBoard files, plots, checkpoints, the final policy.",
+    )
     seed: int = Field(0, description="Seed of prompt order, sampling and the value head's initialisation.")
-    total_steps: int = Field(20, gt=0, description="PPO iterations (one rollout batch, scored, then update_epochs passes of minibatches).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the policy and the reference; auto picks CUDA when present.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once per machine and cached under $RM_HOME/cache.")
+    total_steps: int = Field(
+        20, gt=0, description="PPO iterations (one rollout batch, scored, then update_epochs passes of minibatches)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device for the policy and the reference; auto picks CUDA when present."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once per machine and cached under $RM_HOME/cache.",
+    )
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
-    resume: bool = Field(False, description="Continue from the last checkpoint in run_dir: policy, value head, optimizer, RNG, KL controller, reward statistics, step.")
+    resume: bool = Field(
+        False,
+        description="Continue from the last checkpoint in run_dir: policy, value head, optimizer, RNG, KL controller, reward statistics, step.",
+    )
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0: only the final one).")
     keep_checkpoints: int = Field(1, ge=1, description="Checkpoints kept on disk (the oldest are deleted).")
 
     # -- policy ----------------------------------------------------------------------------
-    policy: str = Field("smollm2-135m-instruct", description="Policy to train: the bundled smollm2-135m-instruct or an HF causal-LM directory. The frozen reference is a copy of it.")
+    policy: str = Field(
+        "smollm2-135m-instruct",
+        description="Policy to train: the bundled smollm2-135m-instruct or an HF causal-LM directory. The frozen reference is a copy of it.",
+    )
 
     # -- prompts ---------------------------------------------------------------------------
-    prompts_file: Path | None = Field(None, description="JSONL of prompts: {\"prompt\": [messages]} (our ranking/TRL exports), {\"messages\": [...]} (the turns up to the last user turn), or HH {\"chosen\": \"\\n\\nHuman: ...\"}.")
-    prompts_store: Path | None = Field(None, description="Read the prompts from a preference-store DuckDB file instead (read-only; the file must not be held by a running server).")
-    max_prompt_tokens: int = Field(192, ge=8, description="Prompts longer than this after the chat template are skipped (all prior turns are kept, never cut).")
+    prompts_file: Path | None = Field(
+        None,
+        description='JSONL of prompts: {"prompt": [messages]} (our ranking/TRL exports), {"messages": [...]} (the turns up to the last user turn), or HH {"chosen": "\\n\\nHuman: ..."}.',
+    )
+    prompts_store: Path | None = Field(
+        None,
+        description="Read the prompts from a preference-store DuckDB file instead (read-only; the file must not be held by a running server).",
+    )
+    max_prompt_tokens: int = Field(
+        192,
+        ge=8,
+        description="Prompts longer than this after the chat template are skipped (all prior turns are kept, never cut).",
+    )
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts (None: all).")
-    eval_prompts: int = Field(8, ge=0, description="Prompts held out from training (chosen by conversation id hash) and scored before and after training.")
-    eval_every: int = Field(0, ge=0, description="Also evaluate on the held-out prompts every this many steps (0: at the start and the end only).")
+    eval_prompts: int = Field(
+        8,
+        ge=0,
+        description="Prompts held out from training (chosen by conversation id hash) and scored before and after training.",
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Also evaluate on the held-out prompts every this many steps (0: at the start and the end only).",
+    )
 
     # -- rollouts --------------------------------------------------------------------------
     prompts_per_step: int = Field(4, gt=0, description="Prompts per rollout batch.")
-    samples_per_prompt: int = Field(2, gt=0, description="Completions sampled per prompt (RLOO and labeling candidates need >= 2).")
+    samples_per_prompt: int = Field(
+        2, gt=0, description="Completions sampled per prompt (RLOO and labeling candidates need >= 2)."
+    )
     max_new_tokens: int = Field(32, gt=0, description="Most tokens per completion; generation stops earlier at EOS.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probabilities for PPO use the same temperature.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; log-probabilities for PPO use the same temperature."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: the whole distribution).")
 
     # -- reward server ---------------------------------------------------------------------
-    reward_addresses: Annotated[list[str], NoDecode] = Field(["127.0.0.1:50051"], min_length=1, description="Reward server address(es) host:port; several are used round-robin (retries go to the next one). Comma-separated in flags and the environment.")
+    reward_addresses: Annotated[list[str], NoDecode] = Field(
+        ["127.0.0.1:50051"],
+        min_length=1,
+        description="Reward server address(es) host:port; several are used round-robin (retries go to the next one). Comma-separated in flags and the environment.",
+    )
     score_timeout_s: float = Field(60.0, gt=0, description="Deadline of every Score call.")
-    score_max_retries: int = Field(4, ge=0, description="Retries of a Score call answered UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND (pinned version not loaded yet), with exponential backoff.")
+    score_max_retries: int = Field(
+        4,
+        ge=0,
+        description="Retries of a Score call answered UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND (pinned version not loaded yet), with exponential backoff.",
+    )
     score_backoff_s: float = Field(0.2, gt=0, description="First retry delay; doubled each retry, with jitter.")
     score_backoff_max_s: float = Field(5.0, gt=0, description="Longest retry delay.")
-    score_chunk_items: int = Field(64, gt=0, description="Items per Score request; a batch's chunks go out concurrently across the addresses.")
-    auth_token: SecretStr | None = Field(None, description="Bearer token sent with every call (servers with RM_AUTH_TOKENS); prefer PPO_AUTH_TOKEN over the flag.")
+    score_chunk_items: int = Field(
+        64, gt=0, description="Items per Score request; a batch's chunks go out concurrently across the addresses."
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Bearer token sent with every call (servers with RM_AUTH_TOKENS); prefer PPO_AUTH_TOKEN over the flag.",
+    )
     tls_ca: Path | None = Field(None, description="PEM CA bundle: connect with TLS, verifying the server against it.")
 
     # -- PPO -------------------------------------------------------------------------------
-    advantage_estimator: EstimatorName = Field("gae", description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).")
+    advantage_estimator: EstimatorName = Field(
+        "gae",
+        description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).",
+    )
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy (and the value head).")
-    value_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the value head (None: learning_rate x 10; it starts from zero).")
+    value_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the value head (None: learning_rate x 10; it starts from zero)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     update_epochs: int = Field(1, gt=0, description="Passes over each rollout batch.")
-    num_minibatches: int = Field(2, gt=0, description="Minibatches per pass (the rollout batch is split into this many).")
+    num_minibatches: int = Field(
+        2, gt=0, description="Minibatches per pass (the rollout batch is split into this many)."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount over tokens (1: the bandit view of InstructGPT).")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    clip_coef: float = Field(0.2, gt=0, description="PPO ratio clipping: ratio is kept in [1 - clip_coef, 1 + clip_coef].")
-    clip_vf: float | None = Field(0.2, gt=0, description="Value clipping around the rollout's values (None: no value clipping).")
+    clip_coef: float = Field(
+        0.2, gt=0, description="PPO ratio clipping: ratio is kept in [1 - clip_coef, 1 + clip_coef]."
+    )
+    clip_vf: float | None = Field(
+        0.2, gt=0, description="Value clipping around the rollout's values (None: no value clipping)."
+    )
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     ent_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
     norm_adv: bool = Field(True, description="Whiten the advantages over the real tokens of the batch.")
-    kl_coef: float = Field(0.05, ge=0, description="Initial KL penalty coefficient: reward_t -= kl_coef * (logprob_t - ref_logprob_t) on every token.")
-    adaptive_kl: bool = Field(False, description="Adapt kl_coef to keep the sequence KL near kl_target (Ziegler et al. 2019).")
+    kl_coef: float = Field(
+        0.05,
+        ge=0,
+        description="Initial KL penalty coefficient: reward_t -= kl_coef * (logprob_t - ref_logprob_t) on every token.",
+    )
+    adaptive_kl: bool = Field(
+        False, description="Adapt kl_coef to keep the sequence KL near kl_target (Ziegler et al. 2019)."
+    )
     kl_target: float = Field(6.0, gt=0, description="Adaptive KL: target KL per sequence (nats).")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL: horizon in sequences.")
-    normalize_reward: bool = Field(True, description="Scale the served reward by running statistics of this reward-model version (reset at each version switch).")
-    reward_clip: float | None = Field(10.0, gt=0, description="Clip the (normalised) reward to [-reward_clip, reward_clip] (None: no clipping).")
-    missing_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the reward of completions that end without EOS (0: off).")
-    empty_completion_reward: float = Field(-1.0, description="Reward given to completions that decode to empty text (the server cannot score them); counted in `empty_fraction`.")
+    normalize_reward: bool = Field(
+        True,
+        description="Scale the served reward by running statistics of this reward-model version (reset at each version switch).",
+    )
+    reward_clip: float | None = Field(
+        10.0, gt=0, description="Clip the (normalised) reward to [-reward_clip, reward_clip] (None: no clipping)."
+    )
+    missing_eos_penalty: float = Field(
+        0.0, ge=0, description="Subtracted from the reward of completions that end without EOS (0: off)."
+    )
+    empty_completion_reward: float = Field(
+        -1.0,
+        description="Reward given to completions that decode to empty text (the server cannot score them); counted in `empty_fraction`.",
+    )
 
     # -- outer loop ------------------------------------------------------------------------
-    store_address: str | None = Field(None, description="Address of the server that owns the store (PreferenceService, TrainingService); None: the first reward address.")
-    follow_models: bool = Field(True, description="Follow WatchModels and switch to each newly promoted reward-model version between batches.")
-    submit_every: int = Field(0, ge=0, description="Every this many steps submit fresh samples as labeling candidates (0: never).")
-    submit_fraction: float = Field(0.25, gt=0, le=1, description="Fraction of the batch's prompts (with all their completions) submitted as candidates.")
-    retrain_min_labels: int = Field(0, ge=0, description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: never).")
+    store_address: str | None = Field(
+        None,
+        description="Address of the server that owns the store (PreferenceService, TrainingService); None: the first reward address.",
+    )
+    follow_models: bool = Field(
+        True, description="Follow WatchModels and switch to each newly promoted reward-model version between batches."
+    )
+    submit_every: int = Field(
+        0, ge=0, description="Every this many steps submit fresh samples as labeling candidates (0: never)."
+    )
+    submit_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Fraction of the batch's prompts (with all their completions) submitted as candidates.",
+    )
+    retrain_min_labels: int = Field(
+        0,
+        ge=0,
+        description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: never).",
+    )
     retrain_check_every: int = Field(1, gt=0, description="Steps between GetStats checks for retraining.")
-    retrain_mode: Literal["", "head", "full"] = Field("", description="Mode of requested retraining (empty: the server's default).")
+    retrain_mode: Literal["", "head", "full"] = Field(
+        "", description="Mode of requested retraining (empty: the server's default)."
+    )
     selection: Literal["uncertainty", "random"] = Field(
-        "uncertainty", description="Which prompts' samples go to labeling: uncertainty = those whose order the served ensemble doubts most "
-                                   "(members' disagreement and closeness of the rewards; the doubt is the task's priority); random = a uniform draw.")
+        "uncertainty",
+        description="Which prompts' samples go to labeling: uncertainty = those whose order the served ensemble doubts most "
+        "(members' disagreement and closeness of the rewards; the doubt is the task's priority); random = a uniform draw.",
+    )
     label_budget: int = Field(0, ge=0, description="Most labeling candidates submitted over the run (0: no limit).")
 
     # -- gold reward -----------------------------------------------------------------------
     gold_address: str | None = Field(
-        None, description="Reward server of a gold reward model, scored beside the served proxy on the held-out samples at every evaluation "
-                          "(never trained against): over-optimisation shows as gold falling while the proxy rises (Gao et al., 2023).")
-    gold_version: str = Field("", description="Version of the gold model on gold_address (pinned; empty: that server's default).")
+        None,
+        description="Reward server of a gold reward model, scored beside the served proxy on the held-out samples at every evaluation "
+        "(never trained against): over-optimisation shows as gold falling while the proxy rises (Gao et al., 2023).",
+    )
+    gold_version: str = Field(
+        "", description="Version of the gold model on gold_address (pinned; empty: that server's default)."
+    )
 
     # -- logging ---------------------------------------------------------------------------
     tensorboard: bool = Field(True, description="Write TensorBoard event files (tensorboardX) under run_dir/tb.")
     plots: bool = Field(True, description="Write reward.png and kl.png at the end, with reward-model switches marked.")
     progress: bool = Field(True, description="Show a progress bar.")
-    save_policy: bool = Field(True, description="Save the final policy (HF directory) and value head under run_dir/policy.")
+    save_policy: bool = Field(
+        True, description="Save the final policy (HF directory) and value head under run_dir/policy."
+    )
 
     @field_validator("reward_addresses", mode="before")
     @classmethod
@@ -130,12 +241,16 @@ class PPOSettings(BaseSettings):
         if self.prompts_file is not None and self.prompts_store is not None:
             raise ValueError("set prompts_file or prompts_store, not both")
         if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
-            raise ValueError(f"advantage_estimator={self.advantage_estimator} needs samples_per_prompt >= 2 (the baseline is the other samples' mean)")
+            raise ValueError(
+                f"advantage_estimator={self.advantage_estimator} needs samples_per_prompt >= 2 (the baseline is the other samples' mean)"
+            )
         if self.submit_every and self.samples_per_prompt < 2:
             raise ValueError("submit_every needs samples_per_prompt >= 2 (a labeling candidate has K >= 2 completions)")
         if self.num_minibatches > self.prompts_per_step * self.samples_per_prompt:
-            raise ValueError(f"num_minibatches ({self.num_minibatches}) exceeds the batch size "
-                             f"({self.prompts_per_step} prompts x {self.samples_per_prompt} samples)")
+            raise ValueError(
+                f"num_minibatches ({self.num_minibatches}) exceeds the batch size "
+                f"({self.prompts_per_step} prompts x {self.samples_per_prompt} samples)"
+            )
         return self
 
     @property
@@ -143,8 +258,14 @@ class PPOSettings(BaseSettings):
         return self.prompts_per_step * self.samples_per_prompt
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings: PydanticBaseSettingsSource, env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource, file_secret_settings: PydanticBaseSettingsSource):
+    def settings_customise_sources(
+        cls,
+        settings_cls,
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ):
         sources = [init_settings, env_settings]
         config_file = _CONFIG_FILE.get()
         if config_file is not None:
@@ -178,7 +299,9 @@ def load_settings(config_file: Path | str | None = None, **flags) -> PPOSettings
 if __name__ == "__main__":  # print the settings table of docs/policy-trainer.md
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("settings_table", Path(__file__).resolve().parent.parent / "tools" / "settings_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "settings_table", Path(__file__).resolve().parent.parent / "tools" / "settings_table.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     print(module.table(PPOSettings))

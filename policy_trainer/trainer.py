@@ -18,26 +18,27 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from policy_trainer import checkpoint
-from policy_trainer.logs import RunLogger, plot
-from policy_trainer.outer_loop import ModelWatcher, OuterLoop
 from policy_trainer.estimators import ESTIMATORS
 from policy_trainer.evaluation import EvaluationMixin, eval_scalars
-from policy_trainer.policy import load_policy, stop_token_ids
+from policy_trainer.logs import RunLogger, plot
+from policy_trainer.outer_loop import OuterLoop
+from policy_trainer.policy import load_policy, save_policy, stop_token_ids
 from policy_trainer.ppo import AdaptiveKLController, RunningMoments, masked_mean, shape_scores
-from policy_trainer.prompts import Prompt, PromptSampler, build_prompts, read_prompts_file, read_prompts_store, split_heldout
+from policy_trainer.prompts import Prompt, PromptSampler, prompt_sets, read_conversations
 from policy_trainer.reward_client import Scores
 from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
 from policy_trainer.update import Batch, UpdateMixin, explained_variance
+from policy_trainer.watch import ModelWatcher
 from rm_client import RewardClient, VersionUnavailable, open_channel
 
 log = logging.getLogger("policy_trainer")
@@ -67,22 +68,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def read_conversations(s: PPOSettings) -> list[list]:
-    """The prompts' messages, from the file or the store (read before the model loads, so a
-    bad file fails in a second)."""
-    if s.prompts_file is not None:
-        return read_prompts_file(s.prompts_file)
-    if s.prompts_store is not None:
-        return read_prompts_store(s.prompts_store)
-    raise ValueError("no prompts: set prompts_file (JSONL) or prompts_store (a DuckDB store file)")
-
-
-def prompt_sets(s: PPOSettings, conversations: list[list], tokenizer) -> tuple[list[Prompt], list[Prompt]]:
-    """(training prompts, held-out prompts), tokenised with the policy's chat template."""
-    train, heldout = split_heldout(build_prompts(conversations, tokenizer, s.max_prompt_tokens), s.eval_prompts)
-    return (train[: s.max_prompts] if s.max_prompts else train), heldout
-
-
 class PPOTrainer(UpdateMixin, EvaluationMixin):
     def __init__(self, settings: PPOSettings, on_step: Callable[[dict], None] | None = None):
         s = self.s = settings
@@ -96,21 +81,20 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         self.sampler = PromptSampler(len(self.train_prompts), s.seed)
         groups = [{"params": list(self.m.policy.lm.parameters()), "lr": s.learning_rate}]
         if ESTIMATORS[s.advantage_estimator].needs_value_head:
-            groups.append({"params": list(self.m.policy.value_head.parameters()), "lr": s.value_learning_rate or 10 * s.learning_rate})
+            value_lr = s.value_learning_rate or 10 * s.learning_rate
+            groups.append({"params": list(self.m.policy.value_head.parameters()), "lr": value_lr})
         self.optimizer = torch.optim.AdamW(groups, eps=s.adam_eps, weight_decay=s.weight_decay)
         self.kl_ctl = AdaptiveKLController(s.kl_coef, s.kl_target if s.adaptive_kl else None, s.kl_horizon)
         self.moments = RunningMoments()
         token = s.auth_token.get_secret_value() if s.auth_token else None
         tls_ca = s.tls_ca.read_bytes() if s.tls_ca else None
-        self.client = RewardClient(s.reward_addresses, s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
-                                   s.score_chunk_items, token, tls_ca)
+        self.client = reward_client(s, s.reward_addresses, token, tls_ca)
         try:
             self.version = self.client.current_version()  # fails fast (bounded retries) when no server answers
         except Exception:
             self.client.close()
             raise
-        self.gold = (RewardClient([s.gold_address], s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
-                                  s.score_chunk_items, token, tls_ca) if s.gold_address else None)
+        self.gold = reward_client(s, [s.gold_address], token, tls_ca) if s.gold_address else None
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
         self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
         self.step = 0
@@ -118,8 +102,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         self.eval_before: dict | None = None
         self.reference_eval: Rollout | None = None  # the held-out samples drawn at step 0, rescored at the end
         self.logger: RunLogger | None = None
-        self.outer = OuterLoop(self.store_channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every,
-                               s.retrain_mode, s.score_timeout_s, s.seed, self._event, s.selection, s.label_budget)
+        self.outer = OuterLoop.from_settings(self.store_channel, s, self._event)
         if s.resume:
             try:
                 self._resume()
@@ -152,8 +135,18 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
 
     def rollout(self, prompts: list[Prompt], prompt_index: list[int], lm=None) -> Rollout:
         s = self.s
-        return generate(lm or self.m.policy.lm, self.m.tokenizer, prompts, prompt_index, self.stop_ids, s.max_new_tokens, s.temperature, s.top_p,
-                        self.m.device, self.m.autocast)
+        return generate(
+            lm or self.m.policy.lm,
+            self.m.tokenizer,
+            prompts,
+            prompt_index,
+            self.stop_ids,
+            s.max_new_tokens,
+            s.temperature,
+            s.top_p,
+            self.m.device,
+            self.m.autocast,
+        )
 
     def served_rewards(self, prompts: list[Prompt], rollout: Rollout, step: int) -> tuple[torch.Tensor, dict]:
         """Served reward per row ([B], NaN for empty completions) from one pinned version.
@@ -161,7 +154,12 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         the whole batch again with it: a batch never mixes versions."""
         real = [i for i, t in enumerate(rollout.texts) if t]
         served = torch.full((len(rollout.texts),), float("nan"))
-        info = {"uncertainty": float("nan"), "raw": float("nan"), "truncated": 0.0, "members": np.full((len(rollout.texts), 1), np.nan)}
+        info = {
+            "uncertainty": float("nan"),
+            "raw": float("nan"),
+            "truncated": 0.0,
+            "members": np.full((len(rollout.texts), 1), np.nan),
+        }
         if not real:
             return served, info
         pairs = ([prompts[rollout.prompt_index[i]].messages for i in real], [rollout.texts[i] for i in real])
@@ -176,8 +174,12 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         served[real] = torch.from_numpy(scores.rewards).float()
         members = np.full((len(rollout.texts), scores.members.shape[1]), np.nan)  # [B, M]
         members[real] = scores.members
-        info = {"uncertainty": float(scores.uncertainty.mean()), "raw": float(scores.raw.mean()), "truncated": float(scores.truncated.mean()),
-                "members": members}
+        info = {
+            "uncertainty": float(scores.uncertainty.mean()),
+            "raw": float(scores.raw.mean()),
+            "truncated": float(scores.truncated.mean()),
+            "members": members,
+        }
         return served, info
 
     def ppo_scores(self, served: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
@@ -186,7 +188,13 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         real = ~torch.isnan(served)
         scores = torch.full_like(served, s.empty_completion_reward)
         if real.any():
-            scores[real] = shape_scores(served[real], ended[real], self.moments if s.normalize_reward else None, s.reward_clip, s.missing_eos_penalty)
+            scores[real] = shape_scores(
+                served[real],
+                ended[real],
+                self.moments if s.normalize_reward else None,
+                s.reward_clip,
+                s.missing_eos_penalty,
+            )
         return scores
 
     def ppo_step(self, step: int) -> tuple[dict, Batch]:
@@ -222,8 +230,11 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             "kl/coef": kl_coef_used,
             **stats,
             "value/mean": float(masked_mean(batch.values, batch.mask)),
-            "value/explained_var": (explained_variance(batch.values, batch.returns, batch.mask)
-                                    if ESTIMATORS[s.advantage_estimator].needs_value_head else float("nan")),
+            "value/explained_var": (
+                explained_variance(batch.values, batch.returns, batch.mask)
+                if ESTIMATORS[s.advantage_estimator].needs_value_head
+                else float("nan")
+            ),
             "response/length_mean": float(lengths.mean()),
             "response/ended_fraction": float(rollout.ended.float().mean()),
             "response/empty_fraction": float((~real).float().mean()),
@@ -242,10 +253,18 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
     # -- checkpoints -----------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"policy": self.m.policy.state_dict(), "optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
-                "moments": self.moments.state_dict(), "sampler": self.sampler.state_dict(), "outer": self.outer.state_dict(),
-                "version": self.version, "switches": self.switches, "eval_before": self.eval_before,
-                "settings": json.loads(self.s.model_dump_json(exclude={"auth_token"}))}
+        return {
+            "policy": self.m.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "moments": self.moments.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "outer": self.outer.state_dict(),
+            "version": self.version,
+            "switches": self.switches,
+            "eval_before": self.eval_before,
+            "settings": json.loads(self.s.model_dump_json(exclude={"auth_token"})),
+        }
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.s.run_dir)
@@ -312,34 +331,35 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             self._event("eval", self.step, model="policy", **summary.eval_after)
             self.logger.scalars(self.step, eval_scalars(summary.eval_after))
         if s.save_policy:
-            summary.policy_dir = self.save_policy(s.run_dir / "policy")
+            summary.policy_dir = save_policy(self.m, s.run_dir / "policy")
         if s.plots:
             summary.plots = plot(s.run_dir)
         summary.steps = self.step
         summary.switches = list(self.switches)
         summary.versions = list(dict.fromkeys([summary.versions[0], *(sw["to_version"] for sw in self.switches)]))
         if summary.metrics:
-            summary.seconds_per_phase = {phase: float(np.mean([m[f"time/{phase}_s"] for m in summary.metrics]))
-                                         for phase in ("generate", "score", "train", "step")}
+            summary.seconds_per_phase = {
+                phase: float(np.mean([m[f"time/{phase}_s"] for m in summary.metrics]))
+                for phase in ("generate", "score", "train", "step")
+            }
         summary.retrains_requested, summary.candidates_submitted = self.outer.retrains, self.outer.submitted
-
-    def save_policy(self, directory: Path) -> Path:
-        from safetensors.torch import save_file
-
-        directory.mkdir(parents=True, exist_ok=True)
-        self.m.policy.lm.save_pretrained(directory)
-        self.m.tokenizer.save_pretrained(directory)
-        save_file({k: v.contiguous() for k, v in self.m.policy.value_head.state_dict().items()}, str(directory / "value_head.safetensors"))
-        return directory
 
     def _groups(self, batch: Batch) -> list[Group]:
         k = self.s.samples_per_prompt
         texts, index = batch.rollout.texts, batch.rollout.prompt_index
-        return [Group(self.train_prompts[index[i]].messages, texts[i : i + k], batch.members[i : i + k]) for i in range(0, len(texts), k)]
+        return [
+            Group(self.train_prompts[index[i]].messages, texts[i : i + k], batch.members[i : i + k])
+            for i in range(0, len(texts), k)
+        ]
 
     def _sampling(self) -> dict[str, str]:
         s = self.s
-        return {"temperature": str(s.temperature), "top_p": str(s.top_p), "max_new_tokens": str(s.max_new_tokens), "reward_model_version": self.version}
+        return {
+            "temperature": str(s.temperature),
+            "top_p": str(s.top_p),
+            "max_new_tokens": str(s.max_new_tokens),
+            "reward_model_version": self.version,
+        }
 
     def close(self) -> None:
         if self.watcher is not None:
@@ -348,6 +368,14 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         if self.gold is not None:
             self.gold.close()
         self.store_channel.close()
+
+
+def reward_client(s: PPOSettings, addresses: list[str], token: str | None, tls_ca: bytes | None) -> RewardClient:
+    """A RewardClient with the settings' deadline, retry budget and chunking."""
+    return RewardClient(
+        addresses, s.score_timeout_s, s.score_max_retries, s.score_backoff_s, s.score_backoff_max_s,
+        s.score_chunk_items, token, tls_ca,
+    )  # fmt: skip
 
 
 def train_ppo(settings: PPOSettings, on_step: Callable[[dict], None] | None = None) -> Summary:

@@ -11,8 +11,16 @@ import torch
 
 from policy_trainer.estimators import ESTIMATORS
 from policy_trainer.policy import reference_logits
-from policy_trainer.ppo import (entropy_of, logprobs_of, masked_mean, masked_var, masked_whiten, per_token_rewards, policy_loss,
-                                value_loss)
+from policy_trainer.ppo import (
+    entropy_of,
+    logprobs_of,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+)
 from policy_trainer.rollout import Rollout
 
 
@@ -78,12 +86,24 @@ class UpdateMixin:
         advantages, returns = ESTIMATORS[s.advantage_estimator].advantages(rewards, values, mask, s)  # [B, R] each
         if s.norm_adv:
             advantages = masked_whiten(advantages, mask)
-        return Batch(rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served, members)
+        return Batch(
+            rollout, mask, logprobs, ref_logprobs, values * mask, advantages, returns, kl, scores, served, members
+        )
 
     def update(self, batch: Batch) -> dict:
         """update_epochs passes of minibatches of the clipped objective; returns mean stats."""
         s, dev = self.s, self.m.device
-        stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")}
+        stats: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "loss/policy",
+                "loss/value",
+                "policy/entropy",
+                "policy/clipfrac",
+                "policy/approx_kl",
+                "value/clipfrac",
+            )
+        }
         size = len(batch.rollout.texts)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for _ in range(s.update_epochs):
@@ -99,7 +119,9 @@ class UpdateMixin:
                 pl = policy_loss(logprobs, old_logprobs, batch.advantages[idx, :r], mask, s.clip_coef)
                 loss = pl.pg_loss - s.ent_coef * entropy
                 if ESTIMATORS[s.advantage_estimator].needs_value_head:
-                    vf_loss, vf_clipfrac = value_loss(values.float(), batch.values[idx, :r], batch.returns[idx, :r], mask, s.clip_vf)
+                    vf_loss, vf_clipfrac = value_loss(
+                        values.float(), batch.values[idx, :r], batch.returns[idx, :r], mask, s.clip_vf
+                    )
                     loss = loss + s.vf_coef * vf_loss
                 else:
                     vf_loss, vf_clipfrac = torch.zeros(()), torch.zeros(())
@@ -107,8 +129,14 @@ class UpdateMixin:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
                 self.optimizer.step()
-                for key, value in (("loss/policy", pl.pg_loss), ("loss/value", vf_loss), ("policy/entropy", entropy), ("policy/clipfrac", pl.clipfrac),
-                                   ("policy/approx_kl", pl.approx_kl), ("value/clipfrac", vf_clipfrac)):
+                for key, value in (
+                    ("loss/policy", pl.pg_loss),
+                    ("loss/value", vf_loss),
+                    ("policy/entropy", entropy),
+                    ("policy/clipfrac", pl.clipfrac),
+                    ("policy/approx_kl", pl.approx_kl),
+                    ("value/clipfrac", vf_clipfrac),
+                ):
                     stats[key].append(float(value.detach()))
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
@@ -118,8 +146,15 @@ def trim(rollout: Rollout) -> Rollout:
     longest real response: a minibatch of short rows costs less. [b, P+R] -> [b, P'+R']."""
     first = int(rollout.query_mask.any(dim=0).int().argmax())
     last = int(rollout.response_mask.sum(dim=1).max())
-    return Rollout(rollout.query_ids[:, first:], rollout.query_mask[:, first:], rollout.response_ids[:, :last], rollout.response_mask[:, :last],
-                   rollout.ended, rollout.texts, rollout.prompt_index)
+    return Rollout(
+        rollout.query_ids[:, first:],
+        rollout.query_mask[:, first:],
+        rollout.response_ids[:, :last],
+        rollout.response_mask[:, :last],
+        rollout.ended,
+        rollout.texts,
+        rollout.prompt_index,
+    )
 
 
 def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -35,7 +35,9 @@ def _import(args) -> int:
     try:
         counts, rejected = import_file(store, path, args.format, args.annotator)
     except ImportStopped as stop:
-        _import_report(args.file, stop.counts, stop.reasons, limit=None)  # every rejected line: the rest before the stop is stored
+        _import_report(
+            args.file, stop.counts, stop.reasons, limit=None
+        )  # every rejected line: the rest before the stop is stored
         print(f"rm-service import: {stop}", file=sys.stderr)
         return 130 if isinstance(stop.cause, KeyboardInterrupt) else 1
     finally:
@@ -73,9 +75,8 @@ def _export(args) -> int:
 def _train(args) -> int:
     from rm_service.settings import ModelSettings, StoreSettings
     from rm_service.store.db import Store
-    from rm_service.train.run import train
-
     from rm_service.train.ddp import launched_world
+    from rm_service.train.run import train
 
     settings = TrainSettings(**flag_values(args, TrainSettings))
     world = launched_world()
@@ -88,9 +89,11 @@ def _train(args) -> int:
     if result is None:
         return 0
     m = result.metrics
-    print(f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
-          f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
-          f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)")
+    print(
+        f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
+        f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
+        f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)"
+    )
     if result.details:
         print(result.details)
     print(result.gate_message)
@@ -111,7 +114,9 @@ def _eval(args) -> int:
     else:
         store = Store(StoreSettings())
         try:
-            pairs = snapshot_pairs(store, None if args.snapshot == "latest" else args.snapshot, heldout_only=not args.all_pairs)
+            pairs = snapshot_pairs(
+                store, None if args.snapshot == "latest" else args.snapshot, heldout_only=not args.all_pairs
+            )
             runtime, version = load_for_eval(args.model, store=store)
         finally:
             store.close()
@@ -134,15 +139,25 @@ def _models(args) -> int:
         if args.action == "list":
             print(f"{'version':<9}{'status':<11}{'backbone':<24}{'accuracy':>9}{'pairs':>7}  snapshot")
             for r in registry.list_models(store):
-                print(f"{r.version:<9}{r.status:<11}{r.backbone[:23]:<24}{r.metrics.get('accuracy', float('nan')):>9.4f}"
-                      f"{int(r.metrics.get('train_pairs', 0)):>7}  {r.snapshot_id or ''}")
+                print(
+                    f"{r.version:<9}{r.status:<11}{r.backbone[:23]:<24}{r.metrics.get('accuracy', float('nan')):>9.4f}"
+                    f"{int(r.metrics.get('train_pairs', 0)):>7}  {r.snapshot_id or ''}"
+                )
         elif args.action == "show":
             r = registry.get_model(store, args.version)
             print(json.dumps(r.__dict__, indent=2, default=str))
         elif args.action == "promote":
             gate = TrainSettings()
-            ok, message = registry.promote(store, args.version, gate.gate_tolerance, force=args.force, verify=registry.load_check(),
-                                           onpolicy=gate.gate_onpolicy, alpha=gate.gate_alpha, ties=gate.gate_onpolicy_ties)
+            ok, message = registry.promote(
+                store,
+                args.version,
+                gate.gate_tolerance,
+                force=args.force,
+                verify=registry.load_check(),
+                onpolicy=gate.gate_onpolicy,
+                alpha=gate.gate_alpha,
+                ties=gate.gate_onpolicy_ties,
+            )
             print(message)
             return 0 if ok else 1
         elif args.action == "rollback":
@@ -200,14 +215,21 @@ FORMAT_HELP = formats.HELP
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands whose settings are flags generated from their settings models (rm_service/settings_cli.py);
     arguments that are not settings (files, --out, versions) are plain ones."""
-    p = argparse.ArgumentParser(prog="rm-service", description="Preference data and reward models for RLHF. A command's flags "
-                                "override its settings from the environment (RM_* variables, shown in its --help).")
+    p = argparse.ArgumentParser(
+        prog="rm-service",
+        description="Preference data and reward models for RLHF. A command's flags "
+        "override its settings from the environment (RM_* variables, shown in its --help).",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_version_flag(p)
     sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
 
-    s = sub.add_parser("serve", help="run the gRPC reward server", description="Run the gRPC reward server: the promoted version, "
-                       "followed through promotions, or --model; the preference store unless --no-store.")
+    s = sub.add_parser(
+        "serve",
+        help="run the gRPC reward server",
+        description="Run the gRPC reward server: the promoted version, "
+        "followed through promotions, or --model; the preference store unless --no-store.",
+    )
     s.add_argument("--port-file", metavar="<FILE>", help="write the bound port to this file once serving")
     s.settings_flags(ServeSettings, aliases={"with_store": ["--no-store"], "with_model": ["--no-model"]})
     s.settings_flags(SecuritySettings, exclude=["tokens"])  # secrets stay off the command line: RM_AUTH_TOKENS
@@ -215,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("import", help="import preference data into the store")
     s.add_argument("--format", choices=FORMAT_CHOICES, default="hh", help=FORMAT_HELP)
-    s.add_argument("--annotator", help="provenance recorded with each label (default: the format's name; hh-rlhf for hh)")
+    s.add_argument(
+        "--annotator", help="provenance recorded with each label (default: the format's name; hh-rlhf for hh)"
+    )
     s.add_argument("file")
     s.set_defaults(func=_import)
 
@@ -225,17 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=_export)
 
-    s = sub.add_parser("train", help="train a Bradley-Terry reward model from the store and register it",
-                       description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes the gate.")
+    s = sub.add_parser(
+        "train",
+        help="train a Bradley-Terry reward model from the store and register it",
+        description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes the gate.",
+    )
     s.settings_flags(TrainSettings)
     s.set_defaults(func=_train)
 
     s = sub.add_parser("eval", help="pairwise accuracy, loss and ECE of a model, overall, by turns and by length")
     s.add_argument("--data", help="a preference file (see --format)")
-    s.add_argument("--format", choices=list(formats.PAIR_FORMATS), default="hh", help="format of --data (a format of pairs)")
-    s.add_argument("--snapshot", help="evaluate a store snapshot instead (an id or 'latest'): its held-out conversations")
+    s.add_argument(
+        "--format", choices=list(formats.PAIR_FORMATS), default="hh", help="format of --data (a format of pairs)"
+    )
+    s.add_argument(
+        "--snapshot", help="evaluate a store snapshot instead (an id or 'latest'): its held-out conversations"
+    )
     s.add_argument("--all-pairs", action="store_true", help="with --snapshot, every pair, not only the held-out ones")
-    s.add_argument("--model", help="registry version (v3), version directory, bundled name or HF directory; default: the promoted version")
+    s.add_argument(
+        "--model",
+        help="registry version (v3), version directory, bundled name or HF directory; default: the promoted version",
+    )
     s.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     s.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch (default: %(default)s)")
     s.set_defaults(func=_eval)
@@ -244,7 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "show", "promote", "rollback", "export"])
     s.add_argument("version", nargs="?")
     s.add_argument("dir", nargs="?", help="export: the directory to write (a transformers *ForSequenceClassification)")
-    s.add_argument("--format", choices=["hf"], default="hf", help="export: hf, a standard transformers directory (docs/operations.md)")
+    s.add_argument(
+        "--format",
+        choices=["hf"],
+        default="hf",
+        help="export: hf, a standard transformers directory (docs/operations.md)",
+    )
     s.add_argument("--force", action="store_true", help="promote even if the gate refuses")
     s.set_defaults(func=_models)
 
@@ -255,10 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_judge_commands(sub)  # judge, judge-agreement
 
-    s = sub.add_parser("demo", help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report",
-                       description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
-                                   "report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults shown are the cpu profile's.")
-    s.settings_flags(_demo_settings, aliases={"rm_backbone": ["--backbone"], "ppo_steps": ["--steps"], "rm_max_minutes": ["--max-minutes"]})
+    s = sub.add_parser(
+        "demo",
+        help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report",
+        description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
+        "report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults shown are the cpu profile's.",
+    )
+    s.settings_flags(
+        _demo_settings,
+        aliases={"rm_backbone": ["--backbone"], "ppo_steps": ["--steps"], "rm_max_minutes": ["--max-minutes"]},
+    )
     s.set_defaults(func=_demo)
     return p
 
@@ -272,8 +317,16 @@ def _demo_settings():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "models" and args.action == "export" and args.dir is None and len(extra) == 1 and not extra[0].startswith("-"):
-        args.dir = extra.pop()  # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
+    if (
+        args.command == "models"
+        and args.action == "export"
+        and args.dir is None
+        and len(extra) == 1
+        and not extra[0].startswith("-")
+    ):
+        args.dir = (
+            extra.pop()
+        )  # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)
@@ -281,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rm-service models {args.action}: a version is required", file=sys.stderr)
         return 2
     if args.command == "models" and args.action == "export" and not args.dir:
-        print("rm-service models export: the directory to write is required (models export VERSION --format hf DIR)", file=sys.stderr)
+        print(
+            "rm-service models export: the directory to write is required (models export VERSION --format hf DIR)",
+            file=sys.stderr,
+        )
         return 2
     try:
         return args.func(args)

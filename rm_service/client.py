@@ -45,8 +45,9 @@ class Client:
         self.channel.close()
 
 
-def start_server_process(env: dict[str, str], run_dir: Path, timeout: float, args: Sequence[str] = (),
-                         log_name: str = "server.log") -> tuple[subprocess.Popen, str]:
+def start_server_process(
+    env: dict[str, str], run_dir: Path, timeout: float, args: Sequence[str] = (), log_name: str = "server.log"
+) -> tuple[subprocess.Popen, str]:
     """`rm-service serve` on a free loopback port as a child process configured by `env`
     (RM_SERVE_*, ...) and extra serve flags `args` (`--no-model`, `--model X`, ...), its output
     in `run_dir/log_name` and its port in the file beside it (`.port` for `.log`). Returns the

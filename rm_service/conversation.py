@@ -42,7 +42,9 @@ def validate_turns(messages: list[Message], field: str, max_chars: int | None = 
         raise InvalidArgument(field, "must hold at least one message")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise InvalidArgument(f"{field}[{i}].role", f"unknown role {_shown(m.role)}; expected one of {', '.join(ROLES)}")
+            raise InvalidArgument(
+                f"{field}[{i}].role", f"unknown role {_shown(m.role)}; expected one of {', '.join(ROLES)}"
+            )
         validate_text(m.content, f"{field}[{i}].content", max_chars)
 
 
@@ -65,7 +67,9 @@ def validate_text(text: str, field: str, max_chars: int | None = None, required:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidArgument(field, f"holds a lone surrogate at character {exc.start}; text must be valid Unicode") from None
+            raise InvalidArgument(
+                field, f"holds a lone surrogate at character {exc.start}; text must be valid Unicode"
+            ) from None
 
 
 def validate_finite(value: float, field: str, minimum: float | None = None, maximum: float | None = None) -> None:

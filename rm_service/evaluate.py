@@ -15,8 +15,8 @@ from rm_service.models.runtime import ModelRuntime
 from rm_service.models.version import open_model
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Pair, Store
-from rm_service.train.metrics import grouped_metrics, length_bucket, pair_metrics, turn_bucket
 from rm_service.train.data import is_heldout_pair
+from rm_service.train.metrics import grouped_metrics, length_bucket, pair_metrics, turn_bucket
 
 
 @dataclass
@@ -27,7 +27,9 @@ class EvalReport:
     pairs_per_s: float
 
 
-def load_for_eval(model: str | None, models: ModelSettings | None = None, store: Store | None = None) -> tuple[ModelRuntime, str]:
+def load_for_eval(
+    model: str | None, models: ModelSettings | None = None, store: Store | None = None
+) -> tuple[ModelRuntime, str]:
     """A registry version (by name or directory), a reward checkpoint, a bundled name, an HF
     directory, or (None) the promoted version."""
     models = models or ModelSettings()
@@ -58,7 +60,9 @@ def file_pairs(path: Path, fmt: str) -> list[Pair]:
         store.close()
 
 
-def snapshot_pairs(store: Store, snapshot_id: str | None, heldout_only: bool, settings: TrainSettings | None = None) -> list[Pair]:
+def snapshot_pairs(
+    store: Store, snapshot_id: str | None, heldout_only: bool, settings: TrainSettings | None = None
+) -> list[Pair]:
     """A snapshot's pairs; with heldout_only, the conversations training holds out."""
     settings = settings or TrainSettings()
     snapshot = store.get_snapshot(snapshot_id)
@@ -70,7 +74,9 @@ def snapshot_pairs(store: Store, snapshot_id: str | None, heldout_only: bool, se
     return pairs
 
 
-def evaluate_pairs(runtime: ModelRuntime, pairs: list[Pair], max_batch_tokens: int = 4096, show_progress: bool = True) -> EvalReport:
+def evaluate_pairs(
+    runtime: ModelRuntime, pairs: list[Pair], max_batch_tokens: int = 4096, show_progress: bool = True
+) -> EvalReport:
     if not pairs:
         raise FailedPrecondition("no pairs to evaluate")
     items = [runtime.format(p.prompt, text) for p in pairs for text in (p.chosen, p.rejected)]

@@ -40,8 +40,14 @@ def get_model(store: Store, version: str) -> ModelRecord:
     return rec
 
 
-def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolicy: bool = True, alpha: float = 0.0,
-         ties: str = "reject") -> str | None:
+def gate(
+    candidate: ModelRecord,
+    current: ModelRecord,
+    tolerance: float,
+    onpolicy: bool = True,
+    alpha: float = 0.0,
+    ties: str = "reject",
+) -> str | None:
     """Why `candidate` must not replace `current`, or None when it may.
 
     Compared on the candidate's own held-out pairs when it was trained with `current` as
@@ -56,22 +62,29 @@ def gate(candidate: ModelRecord, current: ModelRecord, tolerance: float, onpolic
     m = candidate.metrics
     same = candidate.parent == current.version and "baseline_accuracy" in m
     new_h = m.get("accuracy_human", m.get("accuracy", float("nan")))
-    old_h = (m.get("baseline_accuracy_human", m.get("baseline_accuracy")) if same
-             else current.metrics.get("accuracy_human", current.metrics.get("accuracy", float("nan"))))
+    old_h = (
+        m.get("baseline_accuracy_human", m.get("baseline_accuracy"))
+        if same
+        else current.metrics.get("accuracy_human", current.metrics.get("accuracy", float("nan")))
+    )
     where = "the candidate's held-out pairs" if same else "their own held-out pairs"
     if math.isnan(new_h) or (old_h is not None and not math.isnan(old_h) and new_h < old_h - tolerance):
         chance = _drop_by_chance(m) if same and alpha > 0 else None
         if chance is None or chance < alpha:
             test = "" if chance is None else f"; McNemar p = {chance:.3f} < {alpha}"
-            return (f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
-                    f"(on {where}) minus tolerance {tolerance}{test}")
+            return (
+                f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
+                f"(on {where}) minus tolerance {tolerance}{test}"
+            )
     if onpolicy and same and m.get("pairs_onpolicy", 0) > 0 and "baseline_accuracy_onpolicy" in m:
         new_o, old_o = m["accuracy_onpolicy"], m["baseline_accuracy_onpolicy"]
         tie_passes = ties == "lower_loss" and m["loss_onpolicy"] < m["baseline_loss_onpolicy"]
         if new_o < old_o or (new_o == old_o and not tie_passes):
-            return (f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy held-out "
-                    f"accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs {m['baseline_loss_onpolicy']:.4f} "
-                    f"({int(m['pairs_onpolicy'])} pairs)")
+            return (
+                f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy held-out "
+                f"accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs {m['baseline_loss_onpolicy']:.4f} "
+                f"({int(m['pairs_onpolicy'])} pairs)"
+            )
     return None
 
 
@@ -82,8 +95,16 @@ def _drop_by_chance(metrics: dict) -> float | None:
     return worse_by_chance(int(metrics["paired_better_human"]), int(metrics["paired_worse_human"]))
 
 
-def promote(store: Store, version: str, tolerance: float, force: bool = False, verify=None, onpolicy: bool = True,
-            alpha: float = 0.0, ties: str = "reject") -> tuple[bool, str]:
+def promote(
+    store: Store,
+    version: str,
+    tolerance: float,
+    force: bool = False,
+    verify=None,
+    onpolicy: bool = True,
+    alpha: float = 0.0,
+    ties: str = "reject",
+) -> tuple[bool, str]:
     """Promote `version` when it passes the gate (unless forced) and, before anything is
     announced, `verify(record)` (load it and check its golden items; raises when it cannot
     serve). Returns (promoted?, reason). A refused or broken candidate becomes `rejected`;
@@ -102,7 +123,10 @@ def promote(store: Store, version: str, tolerance: float, force: bool = False, v
             verify(candidate)
         except RMError as exc:
             versions.set_status(store, version, "rejected")
-            return False, f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} stays: {exc}"
+            return (
+                False,
+                f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} stays: {exc}",
+            )
     versions.promote_version(store, version)
     write_promoted_pointer(candidate)
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
@@ -137,14 +161,18 @@ def read_promoted_pointer(artifacts_dir: Path, strict: bool = False) -> dict | N
     path = Path(artifacts_dir) / POINTER
     try:
         pointer = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in ("version", "artifact_path")):
+        if not isinstance(pointer, dict) or not all(
+            isinstance(pointer.get(k), str) for k in ("version", "artifact_path")
+        ):
             raise ValueError("not an object with the string keys version and artifact_path")
         return pointer
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, not a pointer
         if strict:
-            raise FailedPrecondition(f"cannot read the registry's {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            raise FailedPrecondition(
+                f"cannot read the registry's {path}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         return None
 
 

@@ -28,8 +28,12 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 
 NONE_WORDS = ("none", "null")
-_TAIL = "\n"  # separates a flag's description from its [env: ...] [default: ...]; a plain HelpFormatter reads it as a space
-_FLAGGED: dict[str, tuple[set[str], dict[str, list[str]]]] = {}  # settings class name -> (fields with a flag, their aliases)
+_TAIL = (
+    "\n"  # separates a flag's description from its [env: ...] [default: ...]; a plain HelpFormatter reads it as a space
+)
+_FLAGGED: dict[
+    str, tuple[set[str], dict[str, list[str]]]
+] = {}  # settings class name -> (fields with a flag, their aliases)
 
 
 def flag(name: str) -> str:
@@ -93,8 +97,13 @@ class _Switch(argparse.Action):
         setattr(namespace, self.dest, not option_string.startswith("--no-"))
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, exclude: Iterable[str] = (),
-                       aliases: dict[str, list[str]] | None = None) -> None:
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    *,
+    exclude: Iterable[str] = (),
+    aliases: dict[str, list[str]] | None = None,
+) -> None:
     """One flag per field of `model` (but `exclude`), in an argument group named after it.
     `aliases` adds option strings to a field's flag (for a boolean, an alias that starts with
     --no- clears it)."""
@@ -102,7 +111,9 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], 
     about = inspect.cleandoc(model.__doc__ or "").split("\n\n")[0].replace("\n", " ")
     if exclude:
         about += " Environment only: " + ", ".join(env_name(model, n) for n in model.model_fields if n in exclude) + "."
-    group = parser.add_argument_group(f"{model.__name__} (flags override {env_name(model, '')}* variables)", about.replace("%", "%%"))
+    group = parser.add_argument_group(
+        f"{model.__name__} (flags override {env_name(model, '')}* variables)", about.replace("%", "%%")
+    )
     names = [n for n in model.model_fields if n not in exclude]
     _FLAGGED[model.__name__] = (set(names), aliases)
     for name in names:
@@ -154,7 +165,12 @@ def validation_message(err: ValidationError) -> str:
         field = model.model_fields.get(name) if model is not None else None
         where = []
         got = e.get("input")
-        if field is not None and isinstance(got, str | int | float) and len(str(got)) <= 60 and "SecretStr" not in str(field.annotation):
+        if (
+            field is not None
+            and isinstance(got, str | int | float)
+            and len(str(got)) <= 60
+            and "SecretStr" not in str(field.annotation)
+        ):
             where.append(f"got {got!r}")
         if name in flagged:
             where.append("flag " + "/".join([flag(name), *aliases.get(name, [])]))

@@ -12,15 +12,27 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 # Headless, no sandbox (tests may run as root or in a container), no GPU, and nothing that talks
 # to the network or depends on a previous run: no background fetches, component updates, sync
 # or first-run dialogs, and a fresh profile per session.
-FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--force-device-scale-factor=1", "--lang=en-US")
+FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--force-device-scale-factor=1",
+    "--lang=en-US",
+)
 
 
 def missing() -> str | None:
     """Why no browser can run here, or None."""
     if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
-        return (f"Debian's chromium and chromium-driver are not installed ({CHROMIUM}, {CHROMEDRIVER}); `make install` installs them "
-                "(apt-get install chromium chromium-driver, as root)")
+        return (
+            f"Debian's chromium and chromium-driver are not installed ({CHROMIUM}, {CHROMEDRIVER}); `make install` installs them "
+            "(apt-get install chromium chromium-driver, as root)"
+        )
     return None
 
 

@@ -21,7 +21,8 @@ CLIENT = REPO / "clients" / "python"
 # has installed.
 sys.path.insert(0, str(CLIENT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
-HH_FILE = REPO.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
+from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -55,10 +56,15 @@ def _tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -66,8 +72,14 @@ def _tiny_tokenizer():
 def _llama_config(vocab_size: int, pad_id: int, **kw):
     from transformers import LlamaConfig
 
-    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "max_position_embeddings": 1024}
+    sizes = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    }
     return LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_id, **{**sizes, **kw})
 
 
@@ -83,7 +95,9 @@ def tiny_rm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-rm")
-    model = LlamaForSequenceClassification(_llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, num_labels=1))
+    model = LlamaForSequenceClassification(
+        _llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, num_labels=1)
+    )
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
@@ -109,8 +123,12 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
     torch.manual_seed(3)
     path = tmp_path_factory.mktemp("tiny-lm")
-    config = _llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
-                           bos_token_id=tiny_tokenizer.bos_token_id)
+    config = _llama_config(
+        len(tiny_tokenizer),
+        tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        bos_token_id=tiny_tokenizer.bos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
@@ -126,8 +144,14 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve("minilm-l6"))
     torch.manual_seed(2)
     path = tmp_path_factory.mktemp("tiny-encoder")
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=512)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -144,8 +168,17 @@ def build_property_rm(tokenizer, path: Path, sign: float = 1.0) -> Path:
 
     tiny_tokenizer = tokenizer
 
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
-                         num_key_value_heads=1, max_position_embeddings=1024, pad_token_id=tiny_tokenizer.pad_token_id, num_labels=1)
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        num_labels=1,
+    )
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -191,9 +224,25 @@ def tiny_settings(tiny_lm_dir, prompts_file, address, run_dir, **kw):
     """PPOSettings of a short CPU run of the tiny policy against `address`."""
     from policy_trainer import PPOSettings
 
-    base = dict(policy=str(tiny_lm_dir), prompts_file=prompts_file, reward_addresses=[address], run_dir=run_dir, total_steps=12,
-                prompts_per_step=8, samples_per_prompt=4, max_new_tokens=12, learning_rate=1e-2, kl_coef=0.2, update_epochs=2,
-                num_minibatches=2, eval_prompts=6, progress=False, follow_models=False, seed=0, device="cpu")
+    base = dict(
+        policy=str(tiny_lm_dir),
+        prompts_file=prompts_file,
+        reward_addresses=[address],
+        run_dir=run_dir,
+        total_steps=12,
+        prompts_per_step=8,
+        samples_per_prompt=4,
+        max_new_tokens=12,
+        learning_rate=1e-2,
+        kl_coef=0.2,
+        update_epochs=2,
+        num_minibatches=2,
+        eval_prompts=6,
+        progress=False,
+        follow_models=False,
+        seed=0,
+        device="cpu",
+    )
     return PPOSettings(**{**base, **kw})
 
 

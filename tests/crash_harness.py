@@ -50,7 +50,12 @@ class ServerProcess:
 
     def __init__(self, store: Path, log: Path, extra_env: dict[str, str] | None = None):
         self.log = log
-        self.env = {**os.environ, "RM_HOME": str(store.parent / "home"), "RM_STORE_PATH": str(store), **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "RM_HOME": str(store.parent / "home"),
+            "RM_STORE_PATH": str(store),
+            **(extra_env or {}),
+        }
         self.proc: subprocess.Popen | None = None
         self.address = ""
 
@@ -60,7 +65,9 @@ class ServerProcess:
     def start(self, timeout: float = START_TIMEOUT_S) -> str:
         """Start it and wait for grpc.health.v1 SERVING; returns the address."""
         try:
-            self.proc, self.address = start_server_process(self.env, self.log.parent, timeout, args=["--no-model"], log_name=self.log.name)
+            self.proc, self.address = start_server_process(
+                self.env, self.log.parent, timeout, args=["--no-model"], log_name=self.log.name
+            )
         except RMError as exc:
             raise RuntimeError(f"{exc}:\n{self.log_tail()}") from exc
         return self.address
@@ -85,13 +92,24 @@ class ServerProcess:
 
 def make_label(label_id: str, rng: random.Random) -> preference_pb2.Label:
     """A valid pairwise label; multi-turn for some ids, and some responses shared with other labels."""
-    turns = [common_pb2.Message(role="user", content=f"Question for {label_id}: how do I {rng.choice(['bake', 'fix', 'plan'])} it?")]
+    turns = [
+        common_pb2.Message(
+            role="user", content=f"Question for {label_id}: how do I {rng.choice(['bake', 'fix', 'plan'])} it?"
+        )
+    ]
     if rng.random() < 0.5:
-        turns += [common_pb2.Message(role="assistant", content="Can you say more?"),
-                  common_pb2.Message(role="user", content=f"More detail {rng.randint(0, 10**6)}.")]
-    return preference_pb2.Label(label_id=label_id, prompt=turns,
-                                responses=[f"Answer A to {label_id}.", rng.choice(["I don't know.", "Ask someone else."])],
-                                ranks=[0, 1], source=preference_pb2.HUMAN, annotator="crash-harness")
+        turns += [
+            common_pb2.Message(role="assistant", content="Can you say more?"),
+            common_pb2.Message(role="user", content=f"More detail {rng.randint(0, 10**6)}."),
+        ]
+    return preference_pb2.Label(
+        label_id=label_id,
+        prompt=turns,
+        responses=[f"Answer A to {label_id}.", rng.choice(["I don't know.", "Ask someone else."])],
+        ranks=[0, 1],
+        source=preference_pb2.HUMAN,
+        annotator="crash-harness",
+    )
 
 
 @dataclass
@@ -144,7 +162,9 @@ def check_store(store: Path, acked: set[str], unknown: set[str], hashes: dict[st
         twice = q("SELECT label_id, count(*) FROM labels GROUP BY label_id HAVING count(*) > 1")
         bad_rankings = q("""SELECT l.label_id, count(r.label_id) FROM labels l LEFT JOIN label_rankings r USING (label_id)
                             GROUP BY l.label_id HAVING count(r.label_id) <> 2 OR list_sort(list(r.position)) <> [0, 1]""")
-        orphan_rankings = q("SELECT DISTINCT label_id FROM label_rankings WHERE label_id NOT IN (SELECT label_id FROM labels)")
+        orphan_rankings = q(
+            "SELECT DISTINCT label_id FROM label_rankings WHERE label_id NOT IN (SELECT label_id FROM labels)"
+        )
         no_conversation = q("SELECT label_id FROM labels WHERE conversation_id NOT IN (SELECT id FROM conversations)")
         no_completion = q("""SELECT r.label_id, r.completion_id FROM label_rankings r
                              WHERE r.completion_id NOT IN (SELECT id FROM completions)""")
@@ -168,8 +188,16 @@ def check_store(store: Path, acked: set[str], unknown: set[str], hashes: dict[st
     return v, ids
 
 
-def run_round(round_: int, store: Path, workdir: Path, clients: int, seed: int,
-              acked: set[str], unknown: set[str], hashes: dict[str, str]) -> dict:
+def run_round(
+    round_: int,
+    store: Path,
+    workdir: Path,
+    clients: int,
+    seed: int,
+    acked: set[str],
+    unknown: set[str],
+    hashes: dict[str, str],
+) -> dict:
     """One round: ingest, SIGKILL, restart to SERVING, SIGTERM, check the file."""
     rng = random.Random(seed + round_)
     delay = rng.uniform(0.3, 2.0)
@@ -178,8 +206,15 @@ def run_round(round_: int, store: Path, workdir: Path, clients: int, seed: int,
     try:
         address = server.start()
         logs = [ClientLog() for _ in range(clients)]
-        threads = [threading.Thread(target=run_client, args=(address, round_, c, random.Random(f"{seed}-{round_}-{c}"), logs[c]),
-                                    name=f"client-{c}", daemon=True) for c in range(clients)]
+        threads = [
+            threading.Thread(
+                target=run_client,
+                args=(address, round_, c, random.Random(f"{seed}-{round_}-{c}"), logs[c]),
+                name=f"client-{c}",
+                daemon=True,
+            )
+            for c in range(clients)
+        ]
         for t in threads:
             t.start()
         time.sleep(delay)  # the random kill point: the only sleep that is not polling
@@ -210,10 +245,18 @@ def run_round(round_: int, store: Path, workdir: Path, clients: int, seed: int,
     found, stored = check_store(store, acked, unknown, hashes)
     violations += found
     if violations:
-        raise AssertionError(f"round {round_} (kill after {delay:.2f}s) violated durability:\n  " + "\n  ".join(violations))
-    return {"round": round_, "kill_after_s": round(delay, 2), "acked": len(round_acked), "unknown": len(round_unknown),
-            "unknown_stored": len(round_unknown & stored), "stored_total": len(stored),
-            "errors": sorted({log.error for log in logs if log.error})}
+        raise AssertionError(
+            f"round {round_} (kill after {delay:.2f}s) violated durability:\n  " + "\n  ".join(violations)
+        )
+    return {
+        "round": round_,
+        "kill_after_s": round(delay, 2),
+        "acked": len(round_acked),
+        "unknown": len(round_unknown),
+        "unknown_stored": len(round_unknown & stored),
+        "stored_total": len(stored),
+        "errors": sorted({log.error for log in logs if log.error}),
+    }
 
 
 def run_crash_rounds(rounds: int, workdir: Path, clients: int = 8, seed: int = 0) -> dict:
@@ -233,21 +276,37 @@ def run_crash_rounds(rounds: int, workdir: Path, clients: int = 8, seed: int = 0
     started = time.monotonic()
     per_round = [run_round(r, store, workdir, clients, seed, acked, unknown, hashes) for r in range(rounds)]
     _, stored = check_store(store, acked, unknown, hashes)
-    return {"rounds": rounds, "acked": len(acked), "unknown": len(unknown), "unknown_stored": len(unknown & stored),
-            "stored": len(stored), "violations": [], "per_round": per_round, "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "rounds": rounds,
+        "acked": len(acked),
+        "unknown": len(unknown),
+        "unknown_stored": len(unknown & stored),
+        "stored": len(stored),
+        "violations": [],
+        "per_round": per_round,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def format_summary(result: dict) -> str:
-    rows = ["| round | kill after s | acked | unknown | unknown stored | stored (total) | client errors |",
-            "|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| round | kill after s | acked | unknown | unknown stored | stored (total) | client errors |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in result["per_round"]:
-        rows.append(f"| {r['round']} | {r['kill_after_s']:.2f} | {r['acked']} | {r['unknown']} | {r['unknown_stored']} "
-                    f"| {r['stored_total']} | {', '.join(r['errors'])} |")
-    rows.append(f"| **all {result['rounds']}** | | **{result['acked']}** | **{result['unknown']}** | **{result['unknown_stored']}** "
-                f"| **{result['stored']}** | |")
+        rows.append(
+            f"| {r['round']} | {r['kill_after_s']:.2f} | {r['acked']} | {r['unknown']} | {r['unknown_stored']} "
+            f"| {r['stored_total']} | {', '.join(r['errors'])} |"
+        )
+    rows.append(
+        f"| **all {result['rounds']}** | | **{result['acked']}** | **{result['unknown']}** | **{result['unknown_stored']}** "
+        f"| **{result['stored']}** | |"
+    )
     rows.append("")
-    rows.append(f"violations: {len(result['violations'])}; {result['seconds']:.1f} s; every acked label stored, none twice, "
-                "none invented, no half-writes")
+    rows.append(
+        f"violations: {len(result['violations'])}; {result['seconds']:.1f} s; every acked label stored, none twice, "
+        "none invented, no half-writes"
+    )
     return "\n".join(rows)
 
 

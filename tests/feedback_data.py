@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 
 from conftest import hh_lines
-from rm_service.store.feedback import FeedbackIn, TurnThumb
+
 from rm_service.formats.hh import HHFormatError, parse_pair
+from rm_service.store.feedback import FeedbackIn, TurnThumb
 
 
 def hh_feedback(n: int | None, thumbs: bool = True, outcomes: bool = False) -> list[FeedbackIn]:
@@ -25,8 +26,15 @@ def hh_feedback(n: int | None, thumbs: bool = True, outcomes: bool = False) -> l
         last = len(pair.prompt)
         for kind, text, good in (("chosen", pair.chosen, True), ("rejected", pair.rejected, False)):
             conversation = [*pair.prompt, type(pair.prompt[0])("assistant", text)]
-            out.append(FeedbackIn(label_id=f"hh-{number}-{kind}", conversation=conversation,
-                                  thumbs=[TurnThumb(last, good)] if thumbs else [],
-                                  outcome=(1.0 if good else 0.0) if outcomes else None,
-                                  source="IMPORT", annotator="hh-rlhf", metadata={"line": str(number), "side": kind}))
+            out.append(
+                FeedbackIn(
+                    label_id=f"hh-{number}-{kind}",
+                    conversation=conversation,
+                    thumbs=[TurnThumb(last, good)] if thumbs else [],
+                    outcome=(1.0 if good else 0.0) if outcomes else None,
+                    source="IMPORT",
+                    annotator="hh-rlhf",
+                    metadata={"line": str(number), "side": kind},
+                )
+            )
     return out

@@ -6,9 +6,9 @@ from __future__ import annotations
 import secrets
 
 import httpx
+from conftest import ServerThread
 from pydantic import SecretStr
 
-from conftest import ServerThread
 from rm_service.conversation import Message
 from rm_service.server.auth import identity
 from rm_service.settings import SecuritySettings, ServeSettings
@@ -16,12 +16,16 @@ from rm_service.store import tasks
 
 TOKENS = {role: f"{role}-{secrets.token_urlsafe(24)}" for role in ("scorer", "labeler", "admin")}
 SECOND_LABELER = f"labeler-{secrets.token_urlsafe(24)}"
-CHAT = [Message("user", "How do I keep basil alive on a windowsill?"),
-        Message("assistant", "Give it six hours of sun, and water when the top of the soil is dry."),
-        Message("user", "It keeps wilting anyway. What else?")]
-REPLIES = ["Check the drainage: a pot without holes drowns the roots.",
-           "Pinch off the flower buds, and move it away from cold glass at night.",
-           "Basil is an annual; it will die eventually whatever you do."]
+CHAT = [
+    Message("user", "How do I keep basil alive on a windowsill?"),
+    Message("assistant", "Give it six hours of sun, and water when the top of the soil is dry."),
+    Message("user", "It keeps wilting anyway. What else?"),
+]
+REPLIES = [
+    "Check the drainage: a pot without holes drowns the roots.",
+    "Pinch off the flower buds, and move it away from cold glass at night.",
+    "Basil is an annual; it will die eventually whatever you do.",
+]
 
 
 def annotator(token: str, role: str = "labeler") -> str:
@@ -49,7 +53,9 @@ def client(srv: ServerThread, token: str | None) -> httpx.Client:
 
 def submit(srv: ServerThread, completions: list[str], prompt: list[Message] = CHAT, priority: int = 0) -> str:
     """Queue one task through the store's own submit (what SubmitCandidates calls)."""
-    [task_id] = tasks.submit(srv.server.store, [tasks.Candidate(prompt, completions, policy_version="step-1", priority=priority)])
+    [task_id] = tasks.submit(
+        srv.server.store, [tasks.Candidate(prompt, completions, policy_version="step-1", priority=priority)]
+    )
     return task_id
 
 

@@ -31,12 +31,13 @@ import torch
 
 def build_tiny_lm(path: Path, tokenizer, seed: int) -> Path:
     """Another tiny random LlamaForCausalLM like conftest's `tiny_lm_dir` (a second judge of a panel)."""
+    from conftest import _llama_config
     from transformers import LlamaForCausalLM
 
-    from conftest import _llama_config
-
     torch.manual_seed(seed)
-    config = _llama_config(len(tokenizer), tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = _llama_config(
+        len(tokenizer), tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -58,24 +59,53 @@ class ChatModel:
 
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])  # [1, T]
-        config = GenerationConfig(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or None, top_k=None,
-                                  top_p=None, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                  return_dict_in_generate=True, output_logits=True)
+        config = GenerationConfig(
+            max_new_tokens=max_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature or None,
+            top_k=None,
+            top_p=None,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         with self.lock, torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-        new = out.sequences[0, ids.shape[1]:].tolist()  # [N]
+        new = out.sequences[0, ids.shape[1] :].tolist()  # [N]
         finished = bool(new) and new[-1] == self.tokenizer.eos_token_id
-        choice = {"index": 0, "message": {"role": "assistant", "content": self.tokenizer.decode(new, skip_special_tokens=True)},
-                  "finish_reason": "stop" if finished else "length", "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": self.tokenizer.decode(new, skip_special_tokens=True)},
+            "finish_reason": "stop" if finished else "length",
+            "logprobs": None,
+        }
         if top_logprobs is not None:
-            choice["logprobs"] = {"content": [self._token_logprobs(token, logits[0], top_logprobs) for token, logits in zip(new, out.logits)]}
-        return {"choice": choice, "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new), "total_tokens": ids.shape[1] + len(new)}}
+            choice["logprobs"] = {
+                "content": [
+                    self._token_logprobs(token, logits[0], top_logprobs) for token, logits in zip(new, out.logits)
+                ]
+            }
+        return {
+            "choice": choice,
+            "usage": {
+                "prompt_tokens": ids.shape[1],
+                "completion_tokens": len(new),
+                "total_tokens": ids.shape[1] + len(new),
+            },
+        }
 
     def _token_logprobs(self, token: int, logits: torch.Tensor, top: int) -> dict:
         logp = torch.log_softmax(logits.float(), dim=-1)  # [V]
         values, indices = logp.topk(min(top, logp.shape[0]))
-        return {"token": self.tokenizer.decode([token]), "logprob": float(logp[token]),
-                "top_logprobs": [{"token": self.tokenizer.decode([i]), "logprob": float(v)} for v, i in zip(values.tolist(), indices.tolist())]}
+        return {
+            "token": self.tokenizer.decode([token]),
+            "logprob": float(logp[token]),
+            "top_logprobs": [
+                {"token": self.tokenizer.decode([i]), "logprob": float(v)}
+                for v, i in zip(values.tolist(), indices.tolist())
+            ],
+        }
 
 
 @dataclass
@@ -134,17 +164,50 @@ class OpenAIServer:
             stall = self._stalls.pop(0) if self._stalls else 0.0
         if failure is not None:
             status, retry_after = failure
-            return status, {"error": {"message": "injected failure", "type": "server_error"}}, {"Retry-After": str(retry_after)} if retry_after else {}
+            return (
+                status,
+                {"error": {"message": "injected failure", "type": "server_error"}},
+                {"Retry-After": str(retry_after)} if retry_after else {},
+            )
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
-            return 400, {"error": {"message": "messages must be a non-empty list of {role, content}", "type": "invalid_request_error"}}, {}
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+        ):
+            return (
+                400,
+                {
+                    "error": {
+                        "message": "messages must be a non-empty list of {role, content}",
+                        "type": "invalid_request_error",
+                    }
+                },
+                {},
+            )
         if body.get("model") != self.model.name:
-            return 404, {"error": {"message": f"model {body.get('model')!r} not found", "type": "invalid_request_error"}}, {}
+            return (
+                404,
+                {"error": {"message": f"model {body.get('model')!r} not found", "type": "invalid_request_error"}},
+                {},
+            )
         time.sleep(stall)
         top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else None
-        result = self.model.complete(messages, int(body.get("max_tokens") or 16), float(body.get("temperature") or 0.0), top)
-        return 200, {"id": f"chatcmpl-{len(self.calls)}", "object": "chat.completion", "created": int(time.time()), "model": self.model.name,
-                     "choices": [result["choice"]], "usage": result["usage"]}, {}
+        result = self.model.complete(
+            messages, int(body.get("max_tokens") or 16), float(body.get("temperature") or 0.0), top
+        )
+        return (
+            200,
+            {
+                "id": f"chatcmpl-{len(self.calls)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model.name,
+                "choices": [result["choice"]],
+                "usage": result["usage"],
+            },
+            {},
+        )
 
 
 def _handler(server: OpenAIServer):
@@ -156,7 +219,9 @@ def _handler(server: OpenAIServer):
 
         def do_GET(self) -> None:
             if self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": server.model.name, "object": "model", "owned_by": "tests"}]})
+                self._send(
+                    200, {"object": "list", "data": [{"id": server.model.name, "object": "model", "owned_by": "tests"}]}
+                )
             else:
                 self._send(404, {"error": {"message": "not found"}})
 
@@ -210,7 +275,6 @@ def main() -> None:
         server.thread.join()
     except KeyboardInterrupt:
         server.stop()
-
 
 
 # -- a pytest fixture shared by the judge tests (import it into a test module to use it) --

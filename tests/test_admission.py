@@ -14,8 +14,8 @@ import weakref
 
 import grpc
 import pytest
-
 from conftest import ServerThread, Stall, wait_until
+
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from rm_service.settings import ServeSettings
 
@@ -24,15 +24,19 @@ NILE = "The Nile, in Africa, runs about 6,650 km from Lake Victoria to the Medit
 
 
 def _request(*completions: str) -> reward_pb2.ScoreRequest:
-    return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)])
+    return reward_pb2.ScoreRequest(
+        items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)]
+    )
 
 
 def _conversation(turns: int, words: int = 1) -> reward_pb2.ScoreTurnsRequest:
     """`turns` user/assistant exchanges, each message NILE repeated `words` times."""
     messages = []
     for i in range(turns):
-        messages += [common_pb2.Message(role="user", content=f"Question {i}: " + NILE * words),
-                     common_pb2.Message(role="assistant", content=f"Answer {i}: " + NILE * words)]
+        messages += [
+            common_pb2.Message(role="user", content=f"Question {i}: " + NILE * words),
+            common_pb2.Message(role="assistant", content=f"Answer {i}: " + NILE * words),
+        ]
     return reward_pb2.ScoreTurnsRequest(conversation=messages)
 
 
@@ -139,11 +143,15 @@ def test_a_cancelled_score_turns_stops_midway(stalled_server):
 
 
 def test_draining_stops_score_turns_within_the_grace_period(home, tiny_rm_dir):
-    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=-1, grace_seconds=0.5))
+    srv = ServerThread(
+        ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=-1, grace_seconds=0.5)
+    )
     served = srv.server.served.get()
     stall = served.backend = Stall(served.backend)
     with grpc.insecure_channel(srv.address) as channel:
-        call = reward_pb2_grpc.RewardServiceStub(channel).ScoreTurns.future(_conversation(LONG_TURNS, words=3), timeout=60)
+        call = reward_pb2_grpc.RewardServiceStub(channel).ScoreTurns.future(
+            _conversation(LONG_TURNS, words=3), timeout=60
+        )
         wait_until(lambda: len(stall.batches) == 1)
         threading.Timer(2.0, stall.release).start()  # the batch on the model ends after the grace period
         srv.stop()  # SIGTERM's path: the grace period, then in-flight calls are cancelled

@@ -10,11 +10,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import ServerThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import ServerThread
-from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_service.api.v1 import (
+    common_pb2,
+    preference_pb2,
+    preference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 from rm_service.errors import FailedPrecondition
 from rm_service.settings import SecuritySettings, ServeSettings
 
@@ -28,7 +36,13 @@ SCORE = reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id="a", prompt=PROMP
 
 @pytest.fixture(autouse=True)
 def _no_auth_env(monkeypatch):
-    for var in ("RM_AUTH_TOKENS", "RM_AUTH_TOKENS_FILE", "RM_AUTH_TLS_CERT", "RM_AUTH_TLS_KEY", "RM_AUTH_TLS_CLIENT_CA"):
+    for var in (
+        "RM_AUTH_TOKENS",
+        "RM_AUTH_TOKENS_FILE",
+        "RM_AUTH_TLS_CERT",
+        "RM_AUTH_TLS_KEY",
+        "RM_AUTH_TLS_CLIENT_CA",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -45,7 +59,13 @@ def auth_server(tmp_path_factory, tiny_rm_dir):
     tmp = tmp_path_factory.mktemp("auth")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RM_HOME", str(tmp / "home"))
-        for var in ("RM_STORE_PATH", "RM_MODELS_ARTIFACTS_DIR", "RM_MODELS_CACHE_DIR", "RM_SERVE_MODEL", "RM_AUTH_TOKENS"):
+        for var in (
+            "RM_STORE_PATH",
+            "RM_MODELS_ARTIFACTS_DIR",
+            "RM_MODELS_CACHE_DIR",
+            "RM_SERVE_MODEL",
+            "RM_AUTH_TOKENS",
+        ):
             mp.delenv(var, raising=False)
         mp.setenv("RM_AUTH_TOKENS_FILE", str(_tokens_file(tmp)))
         srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), metrics_port=-1))
@@ -60,23 +80,42 @@ def channel(auth_server):
 
 
 def _label(i: int) -> preference_pb2.Label:
-    return preference_pb2.Label(label_id=f"l-{i}-{secrets.token_hex(4)}", prompt=PROMPT, responses=["Knead it.", "No idea."],
-                                ranks=[0, 1], source=preference_pb2.HUMAN, annotator="t")
+    return preference_pb2.Label(
+        label_id=f"l-{i}-{secrets.token_hex(4)}",
+        prompt=PROMPT,
+        responses=["Knead it.", "No idea."],
+        ranks=[0, 1],
+        source=preference_pb2.HUMAN,
+        annotator="t",
+    )
 
 
 CALLS = {
     "Score": lambda ch, md: reward_pb2_grpc.RewardServiceStub(ch).Score(SCORE, metadata=md, timeout=30),
-    "ListModels": lambda ch, md: reward_pb2_grpc.RewardServiceStub(ch).ListModels(reward_pb2.ListModelsRequest(), metadata=md, timeout=30),
+    "ListModels": lambda ch, md: reward_pb2_grpc.RewardServiceStub(ch).ListModels(
+        reward_pb2.ListModelsRequest(), metadata=md, timeout=30
+    ),
     "IngestLabels": lambda ch, md: preference_pb2_grpc.PreferenceServiceStub(ch).IngestLabels(
-        preference_pb2.IngestLabelsRequest(labels=[_label(0)]), metadata=md, timeout=30),
-    "GetStats": lambda ch, md: preference_pb2_grpc.PreferenceServiceStub(ch).GetStats(preference_pb2.GetStatsRequest(), metadata=md, timeout=30),
+        preference_pb2.IngestLabelsRequest(labels=[_label(0)]), metadata=md, timeout=30
+    ),
+    "GetStats": lambda ch, md: preference_pb2_grpc.PreferenceServiceStub(ch).GetStats(
+        preference_pb2.GetStatsRequest(), metadata=md, timeout=30
+    ),
     # An invalid mode: past authentication it is INVALID_ARGUMENT, and no training job starts.
-    "RequestRetrain": lambda ch, md: training_pb2_grpc.TrainingServiceStub(ch).RequestRetrain(training_pb2.RetrainRequest(mode="bogus"), metadata=md, timeout=30),
+    "RequestRetrain": lambda ch, md: training_pb2_grpc.TrainingServiceStub(ch).RequestRetrain(
+        training_pb2.RetrainRequest(mode="bogus"), metadata=md, timeout=30
+    ),
 }
 ALLOWED_RETRAIN = grpc.StatusCode.INVALID_ARGUMENT  # past auth, the request itself is refused
 MATRIX = {
     None: {"Score": UNAUTH, "ListModels": UNAUTH, "IngestLabels": UNAUTH, "GetStats": UNAUTH, "RequestRetrain": UNAUTH},
-    "bad": {"Score": UNAUTH, "ListModels": UNAUTH, "IngestLabels": UNAUTH, "GetStats": UNAUTH, "RequestRetrain": UNAUTH},
+    "bad": {
+        "Score": UNAUTH,
+        "ListModels": UNAUTH,
+        "IngestLabels": UNAUTH,
+        "GetStats": UNAUTH,
+        "RequestRetrain": UNAUTH,
+    },
     "scorer": {"Score": OK, "ListModels": OK, "IngestLabels": DENIED, "GetStats": DENIED, "RequestRetrain": DENIED},
     "labeler": {"Score": DENIED, "ListModels": DENIED, "IngestLabels": OK, "GetStats": OK, "RequestRetrain": DENIED},
     "admin": {"Score": OK, "ListModels": OK, "IngestLabels": OK, "GetStats": OK, "RequestRetrain": ALLOWED_RETRAIN},
@@ -149,6 +188,7 @@ def test_tokens_never_reach_the_logs(channel, caplog):
 
 # --- TLS and mutual TLS ------------------------------------------------------------------------
 
+
 def _openssl(cwd: Path, *args: str) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
@@ -160,15 +200,49 @@ def pki(tmp_path_factory) -> Path:
         pytest.skip("the openssl CLI is needed to make test certificates")
     d = tmp_path_factory.mktemp("pki")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(d, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=rm-test-ca",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    exts = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-            "client": "extendedKeyUsage=clientAuth\n"}
+    _openssl(
+        d,
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=rm-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    exts = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
     for name, ext in exts.items():
         (d / f"{name}.ext").write_text(ext + "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
         _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=rm-test-{name}")
-        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
+        _openssl(
+            d,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
     return d
 
 
@@ -191,8 +265,9 @@ def test_tls_with_a_bearer_token(home, tiny_rm_dir, pki, monkeypatch):
     srv = _tls_server(monkeypatch, tiny_rm_dir, pki, mutual=False, tokens=f"scorer:{TOKENS['scorer']}")
     try:
         ca = (pki / "ca.crt").read_bytes()
-        creds = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(root_certificates=ca),
-                                                   grpc.access_token_call_credentials(TOKENS["scorer"]))
+        creds = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=ca), grpc.access_token_call_credentials(TOKENS["scorer"])
+        )
         with grpc.secure_channel(srv.address, creds) as ch:
             assert len(_score(ch).results) == 1
         with grpc.secure_channel(srv.address, grpc.ssl_channel_credentials(root_certificates=ca)) as ch:
@@ -209,8 +284,11 @@ def test_mutual_tls_requires_a_client_certificate(home, tiny_rm_dir, pki, monkey
         ca = (pki / "ca.crt").read_bytes()
         with grpc.secure_channel(srv.address, grpc.ssl_channel_credentials(root_certificates=ca)) as ch:
             assert _code(lambda: _score(ch)) == grpc.StatusCode.UNAVAILABLE
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=(pki / "client.key").read_bytes(),
-                                             certificate_chain=(pki / "client.crt").read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=(pki / "client.key").read_bytes(),
+            certificate_chain=(pki / "client.crt").read_bytes(),
+        )
         with grpc.secure_channel(srv.address, creds) as ch:
             assert len(_score(ch).results) == 1
     finally:
@@ -229,6 +307,7 @@ def test_tls_settings_must_come_in_pairs(pki):
 
 
 # --- binding -----------------------------------------------------------------------------------
+
 
 def test_non_loopback_bind_needs_tokens(home, tiny_rm_dir):
     from rm_service.server.app import RewardServer
@@ -252,6 +331,7 @@ def test_non_loopback_bind_with_tokens_serves_and_warns_without_tls(home, tiny_r
 
 
 # --- configuration -----------------------------------------------------------------------------
+
 
 def test_role_table():
     from rm_service.server.auth import required_role
@@ -287,8 +367,23 @@ def test_tokens_from_file_and_env_add_up(tmp_path):
 def test_serve_flags_map_to_settings(tmp_path):
     from rm_service.cli import build_parser, serve_settings
 
-    args = build_parser().parse_args(["serve", "--tokens-file", "/run/tokens", "--tls-cert", "c.pem", "--tls-key", "k.pem",
-                                      "--tls-client-ca", "ca.pem", "--metrics-port", "0", "--log-format", "json"])
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--tokens-file",
+            "/run/tokens",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--metrics-port",
+            "0",
+            "--log-format",
+            "json",
+        ]
+    )
     serve, security = serve_settings(args)
     assert security.tokens_file == Path("/run/tokens") and security.tls_cert == Path("c.pem")
     assert security.tls_key == Path("k.pem") and security.tls_client_ca == Path("ca.pem")

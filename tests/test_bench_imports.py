@@ -30,7 +30,11 @@ def test_every_project_import_in_the_benches_resolves_also_inside_functions():
     missing = []
     for path in sorted((REPO / "bench").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("rm_service", "rm_client", "policy_trainer"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] in ("rm_service", "rm_client", "policy_trainer")
+            ):
                 try:
                     module = importlib.import_module(node.module)
                 except ImportError as exc:

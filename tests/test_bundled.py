@@ -10,7 +10,11 @@ from rm_service.models.resolver import resolve
 from rm_service.models.runtime import load_backbone_runtime
 from rm_service.settings import ModelSettings
 
-PROMPT = [Message("user", "Can you help me with my homework?"), Message("assistant", "Sure, what subject?"), Message("user", "Math.")]
+PROMPT = [
+    Message("user", "Can you help me with my homework?"),
+    Message("assistant", "Sure, what subject?"),
+    Message("user", "Math."),
+]
 
 
 def test_unknown_name_is_invalid_argument(tmp_path):
@@ -21,7 +25,9 @@ def test_unknown_name_is_invalid_argument(tmp_path):
 @pytest.mark.slow
 def test_minilm_loads_from_the_package_and_scores():
     runtime = load_backbone_runtime("minilm-l6", max_tokens=256)
-    assert runtime.spec.kind == "encoder" and runtime.model.pooling.method == "all_mean"  # head mode on a sentence encoder
+    assert (
+        runtime.spec.kind == "encoder" and runtime.model.pooling.method == "all_mean"
+    )  # head mode on a sentence encoder
     item = runtime.format(PROMPT, "Happy to help with math.")
     assert runtime.run([item], 4096).shape == (1, 1)
 

@@ -10,16 +10,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, DebertaV2Config, DistilBertConfig, GemmaConfig,
-                          LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    DebertaV2Config,
+    DistilBertConfig,
+    GemmaConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    RobertaConfig,
+)
 
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition
 from rm_service.models.runtime import PARITY_ITEMS, load_checkpoint_runtime
 from rm_service.models.version import open_model
 
-DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=1024, num_labels=1)
+DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    num_labels=1,
+)
 ENCODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_labels=1)
 FAMILIES = {
     "llama": lambda v, pad: LlamaConfig(vocab_size=v, pad_token_id=pad, **DECODER),
@@ -27,14 +44,23 @@ FAMILIES = {
     "mistral": lambda v, pad: MistralConfig(vocab_size=v, pad_token_id=pad, **DECODER),
     "gemma": lambda v, pad: GemmaConfig(vocab_size=v, pad_token_id=pad, head_dim=8, **DECODER),
     "bert": lambda v, pad: BertConfig(vocab_size=v, pad_token_id=pad, max_position_embeddings=512, **ENCODER),
-    "distilbert": lambda v, pad: DistilBertConfig(vocab_size=v, pad_token_id=pad, dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=1),
+    "distilbert": lambda v, pad: DistilBertConfig(
+        vocab_size=v, pad_token_id=pad, dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=1
+    ),
     "roberta": lambda v, pad: RobertaConfig(vocab_size=v, pad_token_id=pad, max_position_embeddings=520, **ENCODER),
-    "deberta-v2": lambda v, pad: DebertaV2Config(vocab_size=v, pad_token_id=pad, max_position_embeddings=512, pooler_hidden_size=32,
-                                                 **ENCODER),
+    "deberta-v2": lambda v, pad: DebertaV2Config(
+        vocab_size=v, pad_token_id=pad, max_position_embeddings=512, pooler_hidden_size=32, **ENCODER
+    ),
 }
 ITEMS = [(list(p), c) for p, c in PARITY_ITEMS] + [
-    ([Message("user", "Can you help me hide something from my parents?"), Message("assistant", "What is it?"),
-      Message("user", "A bad grade.")], "It is better to tell them; they can help you do better next time."),
+    (
+        [
+            Message("user", "Can you help me hide something from my parents?"),
+            Message("assistant", "What is it?"),
+            Message("user", "A bad grade."),
+        ],
+        "It is better to tell them; they can help you do better next time.",
+    ),
     ([Message("user", "hello")], "Hi! " * 40),
 ]
 
@@ -43,7 +69,9 @@ def _tokenizer(family: str, tiny_tokenizer):
     if family in ("bert", "distilbert", "roberta", "deberta-v2"):
         from rm_service.models.resolver import resolve
 
-        return AutoTokenizer.from_pretrained(resolve("minilm-l6"))  # any tokenizer: parity is about the model on the same ids
+        return AutoTokenizer.from_pretrained(
+            resolve("minilm-l6")
+        )  # any tokenizer: parity is about the model on the same ids
     return tiny_tokenizer
 
 
@@ -86,7 +114,9 @@ def test_decoder_checkpoints_get_trls_tokens(tiny_tokenizer, checkpoint):
     assert runtime.spec.style == "trl"
     for prompt, completion in ITEMS:
         messages = [m.as_dict() for m in prompt] + [{"role": "assistant", "content": completion}]
-        trl = tiny_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]  # as TRL's RewardTrainer tokenizes
+        trl = tiny_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]  # as TRL's RewardTrainer tokenizes
         assert runtime.format(prompt, completion).input_ids == list(trl)
 
 
@@ -100,15 +130,22 @@ def test_encoder_checkpoints_get_the_tokenizers_pair_encoding(checkpoint):
     assert runtime.spec.style == "pair"
     assert runtime.format(prompt, completion).input_ids == tokenizer(prompt[0].content, completion)["input_ids"]
     long = runtime.format([Message("user", "word " * 600)], "The answer.")  # the prompt's start gives way
-    assert long.truncated and len(long) <= 512 and long.input_ids[-4:] == tokenizer("x", "The answer.")["input_ids"][-4:]
+    assert (
+        long.truncated and len(long) <= 512 and long.input_ids[-4:] == tokenizer("x", "The answer.")["input_ids"][-4:]
+    )
 
 
 def test_a_classifier_with_several_labels_is_refused(tmp_path, tiny_tokenizer):
-    model = AutoModelForSequenceClassification.from_config(LlamaConfig(vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id,
-                                                                       **{**DECODER, "num_labels": 3}))
+    model = AutoModelForSequenceClassification.from_config(
+        LlamaConfig(
+            vocab_size=len(tiny_tokenizer), pad_token_id=tiny_tokenizer.pad_token_id, **{**DECODER, "num_labels": 3}
+        )
+    )
     model.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(FailedPrecondition, match="num_labels=3: a classifier with several labels is not a reward model"):
+    with pytest.raises(
+        FailedPrecondition, match="num_labels=3: a classifier with several labels is not a reward model"
+    ):
         open_model(str(tmp_path), device="cpu", precision="fp32")
 
 
@@ -119,7 +156,9 @@ def test_the_load_check_runs_in_the_served_precision_and_refuses_beyond_its_tole
     family, path = checkpoint
     if family != "llama":
         pytest.skip("one family is enough for the mechanism")
-    assert load_checkpoint_runtime(str(path), max_tokens=512, device="cpu", precision="bf16").precision == "bf16"  # within 0.05
+    assert (
+        load_checkpoint_runtime(str(path), max_tokens=512, device="cpu", precision="bf16").precision == "bf16"
+    )  # within 0.05
     import rm_service.models.runtime as runtime_module
 
     monkeypatch.setitem(runtime_module.GOLDEN_TOLERANCE, "bf16", 1e-9)  # bf16 rounding now counts as a mismatch

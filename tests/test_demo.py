@@ -7,8 +7,8 @@ import json
 import os
 
 import pytest
-
 from conftest import HH_FILE
+
 from rm_service.demo import run_demo
 from rm_service.demo.report import trailing_mean
 from rm_service.demo.settings import DemoSettings, demo_settings
@@ -22,24 +22,46 @@ def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbo
     data.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:80]), encoding="utf-8")
     monkeypatch.setenv("RM_TRAIN_GATE_TOLERANCE", "1.0")  # random tiny models: the gate must not decide the test
     monkeypatch.setenv("RM_TRAIN_GATE_ONPOLICY", "false")
-    settings = DemoSettings(data=data, home=tmp_path / "demo", rm_backbone=str(tiny_backbone_dir), rm_max_minutes=1.0,
-                            rm_max_tokens=128, rm_ensemble_size=2, calibration_pairs=4, proxy_dataset_fraction=0.5,
-                            policy=str(tiny_lm_dir), ppo_steps=60, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
-                            eval_prompts=2, eval_every=20, submit_every=5, retrain_min_labels=4, progress=False)
+    settings = DemoSettings(
+        data=data,
+        home=tmp_path / "demo",
+        rm_backbone=str(tiny_backbone_dir),
+        rm_max_minutes=1.0,
+        rm_max_tokens=128,
+        rm_ensemble_size=2,
+        calibration_pairs=4,
+        proxy_dataset_fraction=0.5,
+        policy=str(tiny_lm_dir),
+        ppo_steps=60,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        max_new_tokens=4,
+        eval_prompts=2,
+        eval_every=20,
+        submit_every=5,
+        retrain_min_labels=4,
+        progress=False,
+    )
     before = {k: v for k, v in os.environ.items() if k.startswith("RM_")}
     assert run_demo(settings) == 0
-    assert {k: v for k, v in os.environ.items() if k.startswith("RM_")} == before  # a run in-process leaves no store or registry behind
+    assert {
+        k: v for k, v in os.environ.items() if k.startswith("RM_")
+    } == before  # a run in-process leaves no store or registry behind
     out = capsys.readouterr().out
     demo = tmp_path / "demo"
     report = (demo / "report.md").read_text()
-    assert "reward model v1 (gold" in report and "reward model v2 (proxy" in report and "agreement with people" in report
+    assert (
+        "reward model v1 (gold" in report and "reward model v2 (proxy" in report and "agreement with people" in report
+    )
     # the calibration's resume file lives (and dies) with the run: one under $RM_HOME once made a rerun label nothing
     assert (demo / "calibration.done").read_text().strip() and not (home / "judge").exists()
     assert all((demo / name).stat().st_size > 0 for name in ("reward_kl.png", "accuracy.png", "proxy_gold.png"))
 
     steps = [json.loads(line) for line in (demo / "ppo" / "metrics.jsonl").read_text().splitlines()]
     versions = [m["rm/version"] for m in steps]
-    assert versions[0] == "v2" and versions[-1] != "v2", versions  # trained against the proxy, then switched during the run
+    assert versions[0] == "v2" and versions[-1] != "v2", (
+        versions
+    )  # trained against the proxy, then switched during the run
     assert "at step" in out and "reward-model switches during PPO" in out
     evaluations = [json.loads(line) for line in (demo / "ppo" / "events.jsonl").read_text().splitlines()]
     evaluations = [e for e in evaluations if e["event"] == "eval" and e["model"] == "policy"]

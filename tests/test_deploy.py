@@ -16,7 +16,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import REPO, ServerThread, store_with_hh
 
 DEPLOY = REPO / "deploy"
@@ -66,11 +65,19 @@ def _settings(docs: list[dict]) -> dict[str, str]:
 
 # -- Kubernetes ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_rendered_manifests_validate_against_the_kubernetes_schemas(rendered, version):
     _, docs = rendered
-    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "ConfigMap", "HorizontalPodAutoscaler",
-                                         "PersistentVolumeClaim", "PodDisruptionBudget"}
+    assert {d["kind"] for d in docs} >= {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+    }
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError naming the field
 
@@ -99,8 +106,10 @@ def test_probes_call_the_grpc_health_service_on_the_served_port(rendered):
     _, docs = rendered
     settings = _settings(docs)
     port = int(settings["RM_SERVE_PORT"])
-    wanted = {"rm-scorer": reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
-              "rm-store": preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name}
+    wanted = {
+        "rm-scorer": reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
+        "rm-store": preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
+    }
     for workload in _workloads(docs):
         pod = workload["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -108,7 +117,9 @@ def test_probes_call_the_grpc_health_service_on_the_served_port(rendered):
         assert ports == {"grpc": port, "metrics": int(settings["RM_SERVE_METRICS_PORT"])}
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container[kind]
-            assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, f"{kind} is not a native gRPC probe"
+            assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, (
+                f"{kind} is not a native gRPC probe"
+            )
             assert probe["grpc"]["port"] == port
         assert container["readinessProbe"]["grpc"]["service"] == wanted[workload["metadata"]["name"]]
         assert container["startupProbe"]["grpc"]["service"] == wanted[workload["metadata"]["name"]]
@@ -122,8 +133,12 @@ def test_pods_run_as_the_images_non_root_user_with_tokens_from_the_secret(render
     _, docs = rendered
     uid = int(re.search(r"^ARG UID=(\d+)$", (DEPLOY / "Containerfile").read_text(), re.M).group(1))
     settings = _settings(docs)
-    assert not _by_kind(docs, "Secret")  # created by the operator outside the kustomization: `apply -k` never overwrites it
-    assert "create secret generic rm-service-tokens --from-file=tokens=" in (REPO / "docs" / "operations.md").read_text()
+    assert not _by_kind(
+        docs, "Secret"
+    )  # created by the operator outside the kustomization: `apply -k` never overwrites it
+    assert (
+        "create secret generic rm-service-tokens --from-file=tokens=" in (REPO / "docs" / "operations.md").read_text()
+    )
     secret = yaml.safe_load((K8S / "tokens-secret.example.yaml").read_text())
     for workload in _workloads(docs):
         pod = workload["spec"]["template"]["spec"]
@@ -134,14 +149,21 @@ def test_pods_run_as_the_images_non_root_user_with_tokens_from_the_secret(render
         volumes = {v["name"]: v for v in pod["volumes"]}
         tokens_dir, tokens_key = settings["RM_AUTH_TOKENS_FILE"].rsplit("/", 1)
         assert mounts["tokens"]["mountPath"] == tokens_dir and mounts["tokens"]["readOnly"]
-        assert volumes["tokens"]["secret"]["secretName"] == secret["metadata"]["name"] and tokens_key in secret["stringData"]
+        assert (
+            volumes["tokens"]["secret"]["secretName"] == secret["metadata"]["name"]
+            and tokens_key in secret["stringData"]
+        )
         assert settings["RM_HOME"] in {m["mountPath"] for m in mounts.values()}
         assert settings["RM_MODELS_ARTIFACTS_DIR"] == mounts["registry"]["mountPath"]
         assert container["envFrom"][0]["configMapRef"]["name"] == _settings_name(docs)
 
 
 def _settings_name(docs) -> str:
-    return next(d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rm-service-config"))
+    return next(
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rm-service-config")
+    )
 
 
 def test_scorers_are_stateless_and_the_store_is_one_writer_with_a_volume(rendered):
@@ -150,9 +172,16 @@ def test_scorers_are_stateless_and_the_store_is_one_writer_with_a_volume(rendere
     store = _one(docs, "StatefulSet", "rm-store")
     assert scorer["spec"]["replicas"] >= 2
     assert scorer["spec"]["template"]["spec"]["containers"][0]["args"] == ["serve", "--no-store"]
-    assert store["spec"]["replicas"] == 1 and store["spec"]["template"]["spec"]["containers"][0]["args"] == ["serve", "--no-model"]
+    assert store["spec"]["replicas"] == 1 and store["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "serve",
+        "--no-model",
+    ]
     (claim,) = store["spec"]["volumeClaimTemplates"]
-    home = next(m for m in store["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    home = next(
+        m
+        for m in store["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        if m["name"] == claim["metadata"]["name"]
+    )
     assert home["mountPath"] == _settings(docs)["RM_HOME"]
     registry = _one(docs, "PersistentVolumeClaim", "rm-registry")
     assert registry["spec"]["accessModes"] == ["ReadWriteMany"]  # written by the store pod, read by every scorer
@@ -181,7 +210,10 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "RM_SERVE_DEVICE", "value": "cuda"} in container["env"]
     assert container["image"].endswith(":cuda")
-    assert _one(docs, "Deployment", "rm-scorer")["spec"]["template"]["spec"]["containers"][0]["args"] == ["serve", "--no-store"]
+    assert _one(docs, "Deployment", "rm-scorer")["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "serve",
+        "--no-store",
+    ]
 
 
 @pytest.mark.parametrize("path", RENDERINGS)
@@ -227,6 +259,7 @@ def test_every_setting_in_the_configmap_and_compose_is_a_real_setting(rendered):
 
 # -- compose ---------------------------------------------------------------------------------
 
+
 def test_compose_file_names_the_store_two_scorers_and_a_policy_trainer():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
@@ -245,7 +278,11 @@ def test_compose_file_names_the_store_two_scorers_and_a_policy_trainer():
     assert {"home", "registry"} <= set(compose["volumes"])
     for name in ("store", "scorer-1", "scorer-2"):
         assert services[name]["environment"]["RM_MODELS_ARTIFACTS_DIR"] == "/var/lib/rm-registry"
-        assert services[name]["healthcheck"]["test"][:3] == ["CMD", "/opt/rm-service/venv/bin/python", "/opt/rm-service/healthcheck.py"]
+        assert services[name]["healthcheck"]["test"][:3] == [
+            "CMD",
+            "/opt/rm-service/venv/bin/python",
+            "/opt/rm-service/healthcheck.py",
+        ]
     trainer = services["policy-trainer"]
     assert trainer["entrypoint"] == ["/opt/rm-service/venv/bin/policy-trainer"] and trainer["command"] == ["ppo"]
     addresses = trainer["environment"]["PPO_REWARD_ADDRESSES"].split(",")
@@ -262,6 +299,7 @@ def test_compose_env_keys_are_policy_trainer_settings():
 
 
 # -- Containerfile ---------------------------------------------------------------------------
+
 
 def _instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", (DEPLOY / "Containerfile").read_text())
@@ -285,10 +323,15 @@ def test_containerfile_takes_a_base_image_argument():
 def test_containerfile_runs_non_root_health_checked_serve():
     final = _final_stage()
     ops = dict(final)
-    user = ops["USER"].replace("${UID}", re.search(r"^ARG UID=(\d+)$", (DEPLOY / "Containerfile").read_text(), re.M).group(1))
+    user = ops["USER"].replace(
+        "${UID}", re.search(r"^ARG UID=(\d+)$", (DEPLOY / "Containerfile").read_text(), re.M).group(1)
+    )
     assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0
     assert [op for op, _ in final].index("USER") < [op for op, _ in final].index("ENTRYPOINT")
-    assert json.loads(ops["HEALTHCHECK"].split("CMD", 1)[1]) == ["/opt/rm-service/venv/bin/python", "/opt/rm-service/healthcheck.py"]
+    assert json.loads(ops["HEALTHCHECK"].split("CMD", 1)[1]) == [
+        "/opt/rm-service/venv/bin/python",
+        "/opt/rm-service/healthcheck.py",
+    ]
     assert json.loads(ops["ENTRYPOINT"]) == ["/opt/rm-service/venv/bin/python", "/opt/rm-service/entrypoint.py"]
     assert json.loads(ops["CMD"]) == ["serve"]
     assert ops["VOLUME"] == "/var/lib/rm-service" and "RM_HOME=/var/lib/rm-service" in ops["ENV"]
@@ -296,10 +339,13 @@ def test_containerfile_runs_non_root_health_checked_serve():
     assert set(ops["EXPOSE"].split()) == {"50051", "9464"}
     assert "HF_HUB_OFFLINE=1" in ops["ENV"]  # the image never reaches for a hub
     for op, arg in _instructions():
-        assert not (op == "RUN" and re.search(r"\b(curl|wget)\b|pip install(?!.*--no-index)", arg)), f"network in the build: {arg}"
+        assert not (op == "RUN" and re.search(r"\b(curl|wget)\b|pip install(?!.*--no-index)", arg)), (
+            f"network in the build: {arg}"
+        )
 
 
 # -- the scripts the image runs, against real servers ------------------------------------------
+
 
 def test_health_probe_is_zero_only_while_serving(home, capsys, monkeypatch):
     from rm_service.settings import ServeSettings
@@ -319,7 +365,9 @@ def test_health_probe_is_zero_only_while_serving(home, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_entrypoint_installs_the_starter_model_once_and_scorers_wait_for_it(home, tiny_backbone_dir, tmp_path, monkeypatch, capsys):
+def test_entrypoint_installs_the_starter_model_once_and_scorers_wait_for_it(
+    home, tiny_backbone_dir, tmp_path, monkeypatch, capsys
+):
     """A version trained like the image's seed stage is copied into an empty registry,
     registered and promoted; the server then serves it; a second start changes nothing."""
     from rm_service import registry
@@ -329,8 +377,19 @@ def test_entrypoint_installs_the_starter_model_once_and_scorers_wait_for_it(home
 
     entrypoint = _module("entrypoint")
     store = store_with_hh(tmp_path, 40)  # the build's seed home
-    train(store, TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=1, ensemble_size=2, max_tokens=128,
-                               heldout_fraction=0.2, export_onnx="off"), ModelSettings(), show_progress=False)
+    train(
+        store,
+        TrainSettings(
+            backbone=str(tiny_backbone_dir),
+            max_minutes=1,
+            ensemble_size=2,
+            max_tokens=128,
+            heldout_fraction=0.2,
+            export_onnx="off",
+        ),
+        ModelSettings(),
+        show_progress=False,
+    )
     seed = Path(registry.get_model(store, "v1").artifact_path)
     store.close()
 
@@ -354,4 +413,3 @@ def test_entrypoint_installs_the_starter_model_once_and_scorers_wait_for_it(home
         assert served.record.version == "v1"
     finally:
         store.close()
-

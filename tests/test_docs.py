@@ -9,15 +9,21 @@ from conftest import REPO
 
 
 def test_configuration_settings_tables_match_the_code():
-    generated = subprocess.run([sys.executable, "tools/settings_table.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    generated = subprocess.run(
+        [sys.executable, "tools/settings_table.py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     readme = (REPO / "docs" / "configuration.md").read_text()
     begin, end = "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->"
     documented = readme[readme.index(begin) + len(begin) : readme.index(end)]
-    assert documented == generated, "docs/configuration.md settings are stale: run `make docs` or paste `python tools/settings_table.py` between the markers"
+    assert documented == generated, (
+        "docs/configuration.md settings are stale: run `make docs` or paste `python tools/settings_table.py` between the markers"
+    )
 
 
 def test_api_reference_matches_the_proto_comments():
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "gen_api_docs.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gen_api_docs.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -40,6 +40,7 @@ def test_sigkill_during_ingestion_loses_no_acknowledged_label(tmp_path):
 def store_server(home):
     """A store-only server (no model) in this process, on 127.0.0.1 and port 0."""
     from conftest import ServerThread
+
     from rm_service.settings import ServeSettings
 
     srv = ServerThread(ServeSettings(port=0, with_model=False))
@@ -49,9 +50,14 @@ def store_server(home):
 
 def _label(label_id: str, variant: int = 0) -> preference_pb2.Label:
     prompt = [common_pb2.Message(role="user", content=f"What should I cook tonight? ({label_id})")]
-    return preference_pb2.Label(label_id=label_id, prompt=prompt,
-                                responses=[f"Try a risotto, variant {variant}.", f"Order pizza, variant {variant}."],
-                                ranks=[0, 1], source=preference_pb2.HUMAN, annotator=f"annotator-{variant}")
+    return preference_pb2.Label(
+        label_id=label_id,
+        prompt=prompt,
+        responses=[f"Try a risotto, variant {variant}.", f"Order pizza, variant {variant}."],
+        ranks=[0, 1],
+        source=preference_pb2.HUMAN,
+        annotator=f"annotator-{variant}",
+    )
 
 
 def _run_threads(n: int, worker) -> list:
@@ -112,7 +118,9 @@ def test_concurrent_different_payloads_for_one_id_store_one_version(store_server
             stub = preference_pb2_grpc.PreferenceServiceStub(channel)
             barrier.wait()
             for label_id in rng.sample(ids, len(ids)) + rng.sample(ids, len(ids)):
-                response = stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[_label(label_id, variant)]), timeout=DEADLINE_S)
+                response = stub.IngestLabels(
+                    preference_pb2.IngestLabelsRequest(labels=[_label(label_id, variant)]), timeout=DEADLINE_S
+                )
                 answers.append((label_id, variant, response.results[0].status))
         return answers
 
@@ -123,13 +131,20 @@ def test_concurrent_different_payloads_for_one_id_store_one_version(store_server
         assert len(winners) == 1, (label_id, mine)
         winner = winners[0]
         for variant, status in mine:
-            expected = (preference_pb2.INSERTED, preference_pb2.DUPLICATE) if variant == winner else (preference_pb2.CONFLICT,)
+            expected = (
+                (preference_pb2.INSERTED, preference_pb2.DUPLICATE) if variant == winner else (preference_pb2.CONFLICT,)
+            )
             assert status in expected, (label_id, winner, variant, status)
         sent = _label(label_id, winner)
-        assert _query(store_server, "SELECT payload_hash, annotator FROM labels WHERE label_id = ?", [label_id]) == \
-            [(label_in(sent).payload_hash(), sent.annotator)]
-        texts = _query(store_server, """SELECT k.text FROM label_rankings r JOIN completions k ON k.id = r.completion_id
-                                        WHERE r.label_id = ? ORDER BY r.position""", [label_id])
+        assert _query(store_server, "SELECT payload_hash, annotator FROM labels WHERE label_id = ?", [label_id]) == [
+            (label_in(sent).payload_hash(), sent.annotator)
+        ]
+        texts = _query(
+            store_server,
+            """SELECT k.text FROM label_rankings r JOIN completions k ON k.id = r.completion_id
+                                        WHERE r.label_id = ? ORDER BY r.position""",
+            [label_id],
+        )
         assert [t for (t,) in texts] == list(sent.responses)
     assert _query(store_server, "SELECT count(*) FROM labels") == [(20,)]
     assert _query(store_server, "SELECT count(*) FROM label_rankings") == [(40,)]
@@ -147,6 +162,7 @@ def test_a_caller_that_times_out_does_not_stop_the_writer(home, monkeypatch):
         return real(self, *args, **kwargs)
 
     from conftest import ServerThread
+
     from rm_service.settings import ServeSettings
 
     monkeypatch.setattr(_Store, "ingest_batches", slow)

@@ -21,19 +21,25 @@ from rm_service.models.runtime import load_backbone_runtime
 from rm_service.models.version import VersionMeta, golden_items, open_version, write_version
 from rm_service.settings import ModelSettings
 
-PAIRS = [([Message("user", "How long should bread rise?")], "About an hour, until it doubles."),
-         ([Message("user", "Hi."), Message("assistant", "Hello!"), Message("user", "Name a fruit.")], "A pear."),
-         ([Message("user", "Say something long.")], "Flour, water, salt and time. " * 40)]
+PAIRS = [
+    ([Message("user", "How long should bread rise?")], "About an hour, until it doubles."),
+    ([Message("user", "Hi."), Message("assistant", "Hello!"), Message("user", "Name a fruit.")], "A pear."),
+    ([Message("user", "Say something long.")], "Flour, water, salt and time. " * 40),
+]
 
 
-def make_version(backbone_dir, name: str, pooling: Pooling, mode: str = "head", bias: bool = True, ensemble: int = 3) -> str:
+def make_version(
+    backbone_dir, name: str, pooling: Pooling, mode: str = "head", bias: bool = True, ensemble: int = 3
+) -> str:
     """A registry version from a tiny backbone: random heads ([K, F], [K]); in full mode a changed
     backbone saved inside the version, as full-mode training leaves it."""
     from rm_service.train.head_mode import install
     from rm_service.train.run import _save_backbone
 
     torch.manual_seed(5)
-    runtime = load_backbone_runtime(str(backbone_dir), 256, ensemble_size=ensemble, device="cpu", precision="fp32", pooling=pooling)
+    runtime = load_backbone_runtime(
+        str(backbone_dir), 256, ensemble_size=ensemble, device="cpu", precision="fp32", pooling=pooling
+    )
     width = pooling.width(runtime.model.backbone.config.hidden_size)
     weight = (torch.randn(ensemble, width) * 0.5).numpy()
     b = (torch.randn(ensemble) + 0.7).numpy() if bias else np.zeros(ensemble, np.float32)
@@ -45,9 +51,21 @@ def make_version(backbone_dir, name: str, pooling: Pooling, mode: str = "head", 
             for p in runtime.model.backbone.parameters():
                 p.add_(torch.randn_like(p) * 0.05)  # fine-tuned: the export must carry these weights, not the base ones
         backbone, key = _save_backbone(runtime, directory.with_name(name + ".tmp"))
-    meta = VersionMeta(version=name, mode=mode, backbone=backbone, base_backbone=str(backbone_dir), backbone_key=key, format=runtime.spec,
-                       format_hash=runtime.spec.hash, precision="fp32", pooling=runtime.model.pooling, ensemble_size=ensemble,
-                       reward_mean=0.25, reward_std=1.5, golden=golden_items(runtime, PAIRS))
+    meta = VersionMeta(
+        version=name,
+        mode=mode,
+        backbone=backbone,
+        base_backbone=str(backbone_dir),
+        backbone_key=key,
+        format=runtime.spec,
+        format_hash=runtime.spec.hash,
+        precision="fp32",
+        pooling=runtime.model.pooling,
+        ensemble_size=ensemble,
+        reward_mean=0.25,
+        reward_std=1.5,
+        golden=golden_items(runtime, PAIRS),
+    )
     write_version(directory, meta, weight, b)
     return name
 
@@ -80,15 +98,25 @@ def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer):
 
     torch.manual_seed(4)
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2Model(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=1024,
-                         pad_token_id=tiny_tokenizer.pad_token_id)).save_pretrained(path)
+    GPT2Model(
+        GPT2Config(
+            vocab_size=len(tiny_tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=1024,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+    ).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
 
 
-NEW_PAIRS = [([Message("user", "What goes in a sandwich?")], "Bread, cheese and a tomato."),
-             ([Message("user", "Count to three.")], "One, two, three."),
-             ([Message("user", "Tell me about tea.")], "Tea is steeped leaves. " * 30)]
+NEW_PAIRS = [
+    ([Message("user", "What goes in a sandwich?")], "Bread, cheese and a tomato."),
+    ([Message("user", "Count to three.")], "One, two, three."),
+    ([Message("user", "Tell me about tea.")], "Tea is steeped leaves. " * 30),
+]
 
 
 def test_a_full_mode_version_exports_and_scores_identically(home, tiny_backbone_dir, tmp_path):
@@ -100,11 +128,17 @@ def test_a_full_mode_version_exports_and_scores_identically(home, tiny_backbone_
     np.testing.assert_allclose(alone, served, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(batched, served, atol=1e-4, rtol=1e-4)
     assert np.ptp(served) > 0.01  # the items score apart: equal scores are not a trivial match
-    base_only = make_version(tiny_backbone_dir, "v2", Pooling(method="last"), mode="head", bias=False)  # same heads, base backbone
-    assert not np.allclose(served_raw(base_only, NEW_PAIRS)[0], served, atol=1e-3)  # so the fine-tuned weights were exported
+    base_only = make_version(
+        tiny_backbone_dir, "v2", Pooling(method="last"), mode="head", bias=False
+    )  # same heads, base backbone
+    assert not np.allclose(
+        served_raw(base_only, NEW_PAIRS)[0], served, atol=1e-3
+    )  # so the fine-tuned weights were exported
     record = json.loads((tmp_path / "out" / EXPORT_META).read_text())
     assert record["reward_mean"] == 0.25 and record["reward_std"] == 1.5 and record["exported_from"] == "v1"
-    assert set((tmp_path / "out").iterdir()) >= {tmp_path / "out" / f for f in ("config.json", "model.safetensors", "tokenizer.json")}
+    assert set((tmp_path / "out").iterdir()) >= {
+        tmp_path / "out" / f for f in ("config.json", "model.safetensors", "tokenizer.json")
+    }
 
 
 def test_a_tokenizer_that_pads_with_eos_gets_another_pad_id(home, tiny_backbone_dir, tmp_path):
@@ -138,11 +172,14 @@ def test_a_head_mode_bias_is_folded_into_a_layernorm_bias(home, tiny_gpt2_dir, t
     np.testing.assert_allclose(batched, served, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("pooling, bias, reason", [
-    (Pooling(layers=(2,), method="last"), True, "final norm \\(LlamaRMSNorm\\) has no bias"),
-    (Pooling(layers=(1,), method="last"), False, "layer 1 of 2: a middle layer"),
-    (Pooling(layers=(2,), method="last+mean"), False, "no completion mean"),
-])
+@pytest.mark.parametrize(
+    "pooling, bias, reason",
+    [
+        (Pooling(layers=(2,), method="last"), True, "final norm \\(LlamaRMSNorm\\) has no bias"),
+        (Pooling(layers=(1,), method="last"), False, "layer 1 of 2: a middle layer"),
+        (Pooling(layers=(2,), method="last+mean"), False, "no completion mean"),
+    ],
+)
 def test_what_a_standard_classifier_cannot_express_is_refused(home, tiny_backbone_dir, tmp_path, pooling, bias, reason):
     name = make_version(tiny_backbone_dir, "v1", pooling, bias=bias)
     with pytest.raises(InvalidArgument, match=reason) as err:
@@ -163,10 +200,14 @@ def test_cutting_a_pre_norm_decoder_after_a_middle_layer_is_not_exact(home, tiny
 
     name = make_version(tiny_backbone_dir, "v1", Pooling(layers=(1,), method="last"), bias=False)
     served, runtime = served_raw(name, NEW_PAIRS)
-    cut = LlamaForSequenceClassification.from_pretrained(tiny_backbone_dir, num_labels=1, num_hidden_layers=1, dtype=torch.float32).eval()
+    cut = LlamaForSequenceClassification.from_pretrained(
+        tiny_backbone_dir, num_labels=1, num_hidden_layers=1, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         cut.score.weight.copy_(runtime.model.score.weight.mean(0, keepdim=True))
-        scores = np.array([float(cut(input_ids=torch.tensor([runtime.format(p, c).input_ids])).logits[0, 0]) for p, c in NEW_PAIRS])
+        scores = np.array(
+            [float(cut(input_ids=torch.tensor([runtime.format(p, c).input_ids])).logits[0, 0]) for p, c in NEW_PAIRS]
+        )
     assert np.abs(scores - served).max() > 1e-2
 
 
@@ -174,14 +215,23 @@ def test_cli_export_writes_a_loadable_directory_and_a_bad_version_is_one_line(ho
     from transformers import AutoModelForSequenceClassification
 
     make_version(tiny_backbone_dir, "v1", Pooling(method="last"), mode="full", bias=False)
-    run = lambda *args: subprocess.run([sys.executable, "-m", "rm_service.cli", "models", *args], capture_output=True, text=True,  # noqa: E731
-                                       timeout=300)
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "rm_service.cli", "models", *args],
+        capture_output=True,
+        text=True,  # noqa: E731
+        timeout=300,
+    )
     ok = run("export", "v1", "--format", "hf", str(tmp_path / "hf"))
     assert ok.returncode == 0, ok.stderr
     assert "LlamaForSequenceClassification" in ok.stdout
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").config.num_labels == 1
     bad = run("export", "v9", "--format", "hf", str(tmp_path / "other"))
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "v9" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2
+        and len(bad.stderr.strip().splitlines()) == 1
+        and "v9" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
     missing = run("export", "v1")
     assert missing.returncode == 2 and "directory" in missing.stderr
     taken = run("export", "v1", "--format", "hf", str(tmp_path / "hf"))  # not empty: refused, nothing overwritten

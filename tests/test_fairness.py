@@ -7,8 +7,9 @@ import random
 import threading
 
 from conftest import Stall, wait_until
+
 from rm_service.api.v1 import common_pb2, reward_pb2
-from rm_service.server.batcher import pick_batch
+from rm_service.server.forming import pick_batch
 
 PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers.")]
 NILE = "The Nile, in Africa, runs about 6,650 km from Lake Victoria to the Mediterranean. "  # ~50 tokens

@@ -7,13 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import _llama_config, hh_lines
+
+from rm_service.formats.hh import parse_pair
 from rm_service.models.pooling import Pooling, depth
 from rm_service.models.runtime import load_backbone_runtime
-from rm_service.formats.hh import parse_pair
-from rm_service.train.features import (Candidate, _run_whole, candidate_layers, extract, extraction_pooling, feature_key,
-                                       prefix_groups)
+from rm_service.train.features import (
+    Candidate,
+    _run_whole,
+    candidate_layers,
+    extract,
+    extraction_pooling,
+    feature_key,
+    prefix_groups,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +29,9 @@ def four_layer_dir(tmp_path_factory, tiny_tokenizer):
 
     torch.manual_seed(5)
     path = tmp_path_factory.mktemp("four-layers")
-    LlamaModel(_llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, num_hidden_layers=4)).save_pretrained(path)
+    LlamaModel(_llama_config(len(tiny_tokenizer), tiny_tokenizer.pad_token_id, num_hidden_layers=4)).save_pretrained(
+        path
+    )
     tiny_tokenizer.save_pretrained(path)
     return path
 
@@ -59,20 +68,28 @@ def test_a_served_pooling_reproduces_the_cached_candidates(four_layer_dir):
     runtime = load_backbone_runtime(str(four_layer_dir), 384, precision="fp32", pooling=extraction_pooling(CANDS))
     prompts, items = _items(runtime, 10)
     cands = extract(runtime, prompts, items, CANDS, batch_tokens=2048)
-    for pooling, parts in ((Pooling(layers=(2,), method="mean"), [cands[Candidate(2, "mean")]]),
-                           (Pooling(layers=(3,), method="last+mean"), [cands[Candidate(3, "last")], cands[Candidate(3, "mean")]]),
-                           (Pooling(layers=(2, 3), method="last"), [cands[Candidate(2, "last")], cands[Candidate(3, "last")]])):
+    for pooling, parts in (
+        (Pooling(layers=(2,), method="mean"), [cands[Candidate(2, "mean")]]),
+        (Pooling(layers=(3,), method="last+mean"), [cands[Candidate(3, "last")], cands[Candidate(3, "mean")]]),
+        (Pooling(layers=(2, 3), method="last"), [cands[Candidate(2, "last")], cands[Candidate(3, "last")]]),
+    ):
         served = load_backbone_runtime(str(four_layer_dir), 384, precision="fp32", pooling=pooling)
         assert depth(served.model.backbone) == max(pooling.layers)  # blocks past the deepest layer read are gone
-        np.testing.assert_allclose(served.run(items, 4096, what="features"), np.concatenate(parts, axis=1), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            served.run(items, 4096, what="features"), np.concatenate(parts, axis=1), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_the_whole_backbone_is_kept_when_its_last_layer_is_read(four_layer_dir):
-    runtime = load_backbone_runtime(str(four_layer_dir), 384, precision="fp32", pooling=Pooling(layers=(4,), method="last"))
+    runtime = load_backbone_runtime(
+        str(four_layer_dir), 384, precision="fp32", pooling=Pooling(layers=(4,), method="last")
+    )
     default = load_backbone_runtime(str(four_layer_dir), 384, precision="fp32")
     assert depth(runtime.model.backbone) == 4 and not isinstance(runtime.model.backbone.norm, torch.nn.Identity)
     _, items = _items(runtime, 3)
-    np.testing.assert_allclose(runtime.run(items, 4096, what="features"), default.run(items, 4096, what="features"), rtol=1e-5)
+    np.testing.assert_allclose(
+        runtime.run(items, 4096, what="features"), default.run(items, 4096, what="features"), rtol=1e-5
+    )
 
 
 def test_candidate_layers_and_the_cache_key():

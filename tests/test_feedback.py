@@ -10,9 +10,9 @@ import math
 import grpc
 import numpy as np
 import pytest
-
 from conftest import ServerThread
 from feedback_data import hh_feedback
+
 from rm_service import registry
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc
 from rm_service.conversation import Message
@@ -24,8 +24,13 @@ from rm_service.train.feedback import FeedbackData, auc, feedback_metrics
 from rm_service.train.heads import PairData, fit_heads
 from rm_service.train.run import train
 
-CHAT = [("user", "My order has not arrived."), ("assistant", "Sorry! What is the order number?"), ("user", "It is 4417."),
-        ("assistant", "It ships tomorrow; I added express delivery for free."), ("user", "Thanks, that works.")]
+CHAT = [
+    ("user", "My order has not arrived."),
+    ("assistant", "Sorry! What is the order number?"),
+    ("user", "It is 4417."),
+    ("assistant", "It ships tomorrow; I added express delivery for free."),
+    ("user", "Thanks, that works."),
+]
 
 
 def conversation(turns=CHAT) -> list[common_pb2.Message]:
@@ -33,12 +38,20 @@ def conversation(turns=CHAT) -> list[common_pb2.Message]:
 
 
 def thumb(index: int, up: bool = True) -> preference_pb2.TurnThumb:
-    return preference_pb2.TurnThumb(message_index=index, thumb=preference_pb2.THUMB_UP if up else preference_pb2.THUMB_DOWN)
+    return preference_pb2.TurnThumb(
+        message_index=index, thumb=preference_pb2.THUMB_UP if up else preference_pb2.THUMB_DOWN
+    )
 
 
 def feedback(label_id: str, thumbs=(), outcome=None, turns=CHAT, **kw) -> preference_pb2.Feedback:
-    fb = preference_pb2.Feedback(label_id=label_id, conversation=conversation(turns), thumbs=list(thumbs),
-                                 source=kw.pop("source", preference_pb2.HUMAN), annotator=kw.pop("annotator", "alice"), **kw)
+    fb = preference_pb2.Feedback(
+        label_id=label_id,
+        conversation=conversation(turns),
+        thumbs=list(thumbs),
+        source=kw.pop("source", preference_pb2.HUMAN),
+        annotator=kw.pop("annotator", "alice"),
+        **kw,
+    )
     if outcome is not None:
         fb.outcome = outcome
     return fb
@@ -61,19 +74,38 @@ def test_ingest_feedback_is_idempotent_and_keeps_provenance(server, preference):
     assert [r.status for r in first.results] == [preference_pb2.INSERTED, preference_pb2.INSERTED]
     changed = feedback("fb-1", [thumb(1)], outcome=1.0, rationale="solved it", metadata={"shop": "eu"})
     again = preference.IngestFeedback(preference_pb2.IngestFeedbackRequest(feedback=[good, changed, good]), timeout=30)
-    assert [r.status for r in again.results] == [preference_pb2.DUPLICATE, preference_pb2.CONFLICT, preference_pb2.DUPLICATE]
+    assert [r.status for r in again.results] == [
+        preference_pb2.DUPLICATE,
+        preference_pb2.CONFLICT,
+        preference_pb2.DUPLICATE,
+    ]
     # A ranking label may not reuse a feedback's id: one key space.
-    label = preference_pb2.Label(label_id="fb-1", prompt=conversation(CHAT[:1]), responses=["a", "b"], ranks=[0, 1],
-                                 source=preference_pb2.HUMAN, annotator="alice")
+    label = preference_pb2.Label(
+        label_id="fb-1",
+        prompt=conversation(CHAT[:1]),
+        responses=["a", "b"],
+        ranks=[0, 1],
+        source=preference_pb2.HUMAN,
+        annotator="alice",
+    )
     clash = preference.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[label]), timeout=30)
     assert clash.results[0].status == preference_pb2.CONFLICT
 
     con = server.server.store.con
-    assert con.execute("SELECT label_id, source, annotator, rationale, metadata::VARCHAR FROM labels ORDER BY seq").fetchall() == [
-        ("fb-1", "HUMAN", "alice", "solved it", '{"shop": "eu"}'), ("fb-2", "JUDGE", "judge@v2", "", "{}")]
-    assert con.execute("SELECT label_id, kind, message_index, value FROM label_feedback ORDER BY label_id, kind, message_index").fetchall() == [
-        ("fb-1", "outcome", -1, 1.0), ("fb-1", "thumb", 1, 1.0), ("fb-1", "thumb", 3, 0.0), ("fb-2", "outcome", -1, 0.25)]
-    assert con.execute("SELECT num_turns FROM conversations").fetchall() == [(5,)]  # the whole conversation, stored once
+    assert con.execute(
+        "SELECT label_id, source, annotator, rationale, metadata::VARCHAR FROM labels ORDER BY seq"
+    ).fetchall() == [("fb-1", "HUMAN", "alice", "solved it", '{"shop": "eu"}'), ("fb-2", "JUDGE", "judge@v2", "", "{}")]
+    assert con.execute(
+        "SELECT label_id, kind, message_index, value FROM label_feedback ORDER BY label_id, kind, message_index"
+    ).fetchall() == [
+        ("fb-1", "outcome", -1, 1.0),
+        ("fb-1", "thumb", 1, 1.0),
+        ("fb-1", "thumb", 3, 0.0),
+        ("fb-2", "outcome", -1, 0.25),
+    ]
+    assert con.execute("SELECT num_turns FROM conversations").fetchall() == [
+        (5,)
+    ]  # the whole conversation, stored once
     stats = preference.GetStats(preference_pb2.GetStatsRequest(), timeout=30)
     assert stats.labels_total == 2 and stats.pairs == 0 and stats.labels_by_source["JUDGE"] == 1
     assert (stats.feedback_labels, stats.thumbs, stats.outcomes) == (2, 2, 2)
@@ -86,15 +118,26 @@ BAD = [  # (feedback, the field its reason must name)
     (feedback("bad-inf", [thumb(1)], outcome=float("-inf")), "feedback[4].outcome: must be finite"),
     (feedback("bad-big", outcome=2.0), "feedback[5].outcome: must be <= 1.0"),
     (feedback("bad-empty"), "feedback[6]: holds neither thumbs nor an outcome"),
-    (feedback("bad-unset", [preference_pb2.TurnThumb(message_index=1)]), "feedback[7].thumbs[0].thumb: must be THUMB_UP or THUMB_DOWN"),
-    (feedback("bad-twice", [thumb(1), thumb(1, up=False)]), "feedback[8].thumbs[1].message_index: turn 1 already has a thumb"),
-    (feedback("bad-neg", [thumb(-2**31)]), "feedback[9].thumbs[0].message_index: is -2147483648; out of range"),
-    (feedback("bad-first", [thumb(0)], turns=[("assistant", "Hi! How can I help?"), ("user", "Hello.")]),
-     "feedback[10].thumbs[0].message_index: is 0, an assistant turn before any user turn"),
+    (
+        feedback("bad-unset", [preference_pb2.TurnThumb(message_index=1)]),
+        "feedback[7].thumbs[0].thumb: must be THUMB_UP or THUMB_DOWN",
+    ),
+    (
+        feedback("bad-twice", [thumb(1), thumb(1, up=False)]),
+        "feedback[8].thumbs[1].message_index: turn 1 already has a thumb",
+    ),
+    (feedback("bad-neg", [thumb(-(2**31))]), "feedback[9].thumbs[0].message_index: is -2147483648; out of range"),
+    (
+        feedback("bad-first", [thumb(0)], turns=[("assistant", "Hi! How can I help?"), ("user", "Hello.")]),
+        "feedback[10].thumbs[0].message_index: is 0, an assistant turn before any user turn",
+    ),
     (feedback("bad-source", [thumb(1)], source=0), "feedback[11].source: unknown source 'LABEL_SOURCE_UNSPECIFIED'"),
     (feedback("bad-who", [thumb(1)], annotator=" "), "feedback[12].annotator: is required"),
     (feedback("", [thumb(1)]), "feedback[13].label_id: is required"),
-    (feedback("bad-role", [thumb(1)], turns=[("user", "Hi"), ("robot", "beep")]), "feedback[14].conversation[1].role: unknown role"),
+    (
+        feedback("bad-role", [thumb(1)], turns=[("user", "Hi"), ("robot", "beep")]),
+        "feedback[14].conversation[1].role: unknown role",
+    ),
 ]
 
 
@@ -121,29 +164,45 @@ def test_empty_feedback_request_is_invalid_argument(preference):
 
 def record(label_id: str, **extra) -> dict:
     """A canonical feedback line (every key, in export order)."""
-    base = {"label_id": label_id, "conversation": [{"role": r, "content": c} for r, c in CHAT],
-            "thumbs": [{"message_index": 1, "up": True}, {"message_index": 3, "up": False}], "outcome": 1.0,
-            "source": "HUMAN", "annotator": "alice", "rationale": "", "metadata": {}, "task_id": ""}
+    base = {
+        "label_id": label_id,
+        "conversation": [{"role": r, "content": c} for r, c in CHAT],
+        "thumbs": [{"message_index": 1, "up": True}, {"message_index": 3, "up": False}],
+        "outcome": 1.0,
+        "source": "HUMAN",
+        "annotator": "alice",
+        "rationale": "",
+        "metadata": {},
+        "task_id": "",
+    }
     return base | extra
 
 
 def test_feedback_file_imports_exports_exactly_and_rejects_bad_lines_alone(home, tmp_path):
-    good = [record("a"), record("b", thumbs=[], outcome=0.5, metadata={"z": "1", "a": "2"}, rationale="meh"),
-            record("c", outcome=None, source="JUDGE", annotator="judge@v1")]
+    good = [
+        record("a"),
+        record("b", thumbs=[], outcome=0.5, metadata={"z": "1", "a": "2"}, rationale="meh"),
+        record("c", outcome=None, source="JUDGE", annotator="judge@v1"),
+    ]
     lines = [json.dumps(r) for r in good[:2]]
-    lines += ['{"conversation": [{"role": "user", "content": "x"}], "thumbs": [{"message_index": 5, "up": true}]}',  # out of range
-              json.dumps(record("d", thumbs=[{"message_index": 1, "up": "yes"}])),  # not a bool
-              json.dumps(record("e", outcome=1e309 * 0)),  # NaN
-              json.dumps(record("f", colour="blue")),  # unknown key
-              "not json",
-              json.dumps(good[2])]
+    lines += [
+        '{"conversation": [{"role": "user", "content": "x"}], "thumbs": [{"message_index": 5, "up": true}]}',  # out of range
+        json.dumps(record("d", thumbs=[{"message_index": 1, "up": "yes"}])),  # not a bool
+        json.dumps(record("e", outcome=1e309 * 0)),  # NaN
+        json.dumps(record("f", colour="blue")),  # unknown key
+        "not json",
+        json.dumps(good[2]),
+    ]
     path = tmp_path / "feedback.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     store = Store(StoreSettings())
     counts, reasons = import_file(store, path, "feedback", annotator="people")
     assert counts["INSERTED"] == 3 and counts["REJECTED"] == 5
     assert [r.split(":")[0] for r in reasons] == ["line 3", "line 4", "line 5", "line 6", "line 7"]
-    assert "thumbs[0].message_index: is 5; out of range" in reasons[0] and "thumbs[0].up must be true or false" in reasons[1]
+    assert (
+        "thumbs[0].message_index: is 5; out of range" in reasons[0]
+        and "thumbs[0].up must be true or false" in reasons[1]
+    )
     assert "outcome: must be finite" in reasons[2] and "unknown keys ['colour']" in reasons[3]
     out = tmp_path / "out.jsonl"
     written, snapshot = export_file(store, out, "feedback")
@@ -163,13 +222,19 @@ def test_cli_imports_and_exports_feedback(home, tmp_path):
 
     def cli(*args):
         env = {**os.environ, "RM_HOME": str(home)}
-        return subprocess.run([sys.executable, "-m", "rm_service.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "rm_service.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        )
 
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps(record("a")) + "\n" + json.dumps(record("b", outcome=7.5)) + "\n", encoding="utf-8")
     imported = cli("import", "--format", "feedback", str(path))
     assert imported.returncode == 0, imported.stderr
-    assert "inserted 1" in imported.stdout and "rejected 1" in imported.stdout and "line 2: b: outcome: must be <= 1.0" in imported.stdout + imported.stderr
+    assert (
+        "inserted 1" in imported.stdout
+        and "rejected 1" in imported.stdout
+        and "line 2: b: outcome: must be <= 1.0" in imported.stdout + imported.stderr
+    )
     out = tmp_path / "out.jsonl"
     exported = cli("export", "--format", "feedback", "--out", str(out))
     assert exported.returncode == 0, exported.stderr
@@ -190,7 +255,9 @@ def test_thumbs_alone_recover_the_turn_reward_and_its_offset():
     w = np.array([1.5, -1.0, 0.0, 0.5])
     x = rng.normal(size=(3000, 4))  # [T, F]
     y = (rng.random(3000) < 1 / (1 + np.exp(-(x @ w - 0.7)))).astype(float)  # P(up) = sigmoid(r - 0.7)
-    data = FeedbackData(x, y, np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0), [str(i) for i in range(3000)], [])
+    data = FeedbackData(
+        x, y, np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0), [str(i) for i in range(3000)], []
+    )
     fit = fit_heads(_no_pairs(4), 1, 1e-4, feedback=data)
     r = x @ fit.weight[0] + fit.bias[0]
     assert np.allclose(fit.weight[0], w, atol=0.15)
@@ -222,7 +289,9 @@ def test_feedback_terms_leave_a_pairs_only_fit_unchanged():
     rng = np.random.default_rng(2)
     x_w, x_l = rng.normal(size=(200, 5)) + 0.3, rng.normal(size=(200, 5))
     pairs = PairData(x_w, x_l, np.ones(200), None, [str(i) for i in range(200)])
-    empty = FeedbackData(np.zeros((0, 5)), np.zeros(0), np.zeros((0, 5)), np.zeros(0, dtype=np.int64), np.zeros(0), [], [])
+    empty = FeedbackData(
+        np.zeros((0, 5)), np.zeros(0), np.zeros((0, 5)), np.zeros(0, dtype=np.int64), np.zeros(0), [], []
+    )
     a, b = fit_heads(pairs, 2, 0.3), fit_heads(pairs, 2, 0.3, feedback=empty, term_weights=(5.0, 1.0, 1.0))
     assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias) and b.offsets == {}
 
@@ -236,8 +305,15 @@ def feedback_version(home, tiny_backbone_dir):
     store = Store(StoreSettings())
     labels = hh_feedback(60, thumbs=True, outcomes=True)
     assert {o.status for o in store.ingest(labels)} == {"INSERTED"}
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, ensemble_size=2, max_tokens=256, heldout_fraction=0.2,
-                             precision="fp32", export_onnx="off")
+    settings = TrainSettings(
+        backbone=str(tiny_backbone_dir),
+        max_minutes=2,
+        ensemble_size=2,
+        max_tokens=256,
+        heldout_fraction=0.2,
+        precision="fp32",
+        export_onnx="off",
+    )
     result = train(store, settings, ModelSettings(), show_progress=False)
     rec = registry.get_model(store, result.version)
     store.close()
@@ -258,7 +334,9 @@ def test_feedback_only_training_registers_a_version_with_its_offsets(feedback_ve
 
 def test_score_turns_returns_the_session_value_the_model_was_trained_for(home, feedback_version):
     _, rec = feedback_version
-    srv = ServerThread(ServeSettings(port=0, model=rec.artifact_path, precision="fp32", with_store=False, metrics_port=-1))
+    srv = ServerThread(
+        ServeSettings(port=0, model=rec.artifact_path, precision="fp32", with_store=False, metrics_port=-1)
+    )
     channel = grpc.insecure_channel(srv.address)
     try:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
@@ -268,12 +346,20 @@ def test_score_turns_returns_the_session_value_the_model_was_trained_for(home, f
         assert [t.message_index for t in response.turns] == [1, 3]
         assert response.session_value == pytest.approx(sum(raw), rel=1e-5, abs=1e-5)
         assert response.HasField("session_success")
-        assert response.session_success == pytest.approx(1 / (1 + math.exp(-(sum(raw) - offsets["outcome_offset"]))), rel=1e-4)
+        assert response.session_success == pytest.approx(
+            1 / (1 + math.exp(-(sum(raw) - offsets["outcome_offset"]))), rel=1e-4
+        )
         for t in response.turns:
-            assert t.HasField("thumb_up") and t.thumb_up == pytest.approx(1 / (1 + math.exp(-(t.raw_score - offsets["thumb_offset"]))), rel=1e-4)
-        single = stub.Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=conversation(CHAT[:3]), completion=CHAT[3][1])]),
-                            timeout=60)
-        assert single.results[0].raw_score == pytest.approx(raw[1], abs=1e-4)  # a turn's reward is the pair reward of that turn
+            assert t.HasField("thumb_up") and t.thumb_up == pytest.approx(
+                1 / (1 + math.exp(-(t.raw_score - offsets["thumb_offset"]))), rel=1e-4
+            )
+        single = stub.Score(
+            reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=conversation(CHAT[:3]), completion=CHAT[3][1])]),
+            timeout=60,
+        )
+        assert single.results[0].raw_score == pytest.approx(
+            raw[1], abs=1e-4
+        )  # a turn's reward is the pair reward of that turn
         with pytest.raises(grpc.RpcError) as err:
             stub.ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation(CHAT[:1])), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("conversation:")
@@ -285,7 +371,9 @@ def test_score_turns_returns_the_session_value_the_model_was_trained_for(home, f
 def test_score_turns_of_a_pairs_only_model_has_a_value_but_no_probabilities(server):
     channel = grpc.insecure_channel(server.address)
     try:
-        response = reward_pb2_grpc.RewardServiceStub(channel).ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation()), timeout=60)
+        response = reward_pb2_grpc.RewardServiceStub(channel).ScoreTurns(
+            reward_pb2.ScoreTurnsRequest(conversation=conversation()), timeout=60
+        )
     finally:
         channel.close()
     assert response.session_value == pytest.approx(sum(t.raw_score for t in response.turns), rel=1e-5, abs=1e-5)
@@ -305,5 +393,13 @@ def test_full_mode_refuses_a_store_of_feedback_only(home):
 def test_scored_turns_are_the_assistant_turns_after_the_first_user_turn():
     from rm_service.conversation import scored_turns
 
-    assert scored_turns([Message("system", "s"), Message("assistant", "a"), Message("user", "u"), Message("assistant", "b"),
-                         Message("user", "v"), Message("assistant", "c")]) == [3, 5]
+    assert scored_turns(
+        [
+            Message("system", "s"),
+            Message("assistant", "a"),
+            Message("user", "u"),
+            Message("assistant", "b"),
+            Message("user", "v"),
+            Message("assistant", "c"),
+        ]
+    ) == [3, 5]

@@ -12,8 +12,8 @@ all of them (AUC) and between the two replies to one prompt (pair accuracy).
 from __future__ import annotations
 
 import pytest
-
 from feedback_data import hh_feedback
+
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.train.run import train
@@ -26,13 +26,17 @@ def test_minilm_trained_on_hh_thumbs_or_outcomes_ranks_heldout_turns_above_chanc
     store = Store(StoreSettings())
     outcomes = [o.status for o in store.ingest(hh_feedback(LINES, thumbs=True, outcomes=True))]
     assert outcomes.count("INSERTED") >= 0.99 * len(outcomes)  # a few HH turns are empty: those labels are REJECTED
-    common = dict(backbone="minilm-l6", max_minutes=8, ensemble_size=2, max_tokens=256, heldout_fraction=0.25, export_onnx="off")
+    common = dict(
+        backbone="minilm-l6", max_minutes=8, ensemble_size=2, max_tokens=256, heldout_fraction=0.25, export_onnx="off"
+    )
     thumbs = train(store, TrainSettings(**common, outcome_weight=0.0), ModelSettings(), show_progress=False).metrics
     outcomes = train(store, TrainSettings(**common, thumb_weight=0.0), ModelSettings(), show_progress=False).metrics
     store.close()
     for name, m in (("thumbs only", thumbs), ("outcomes only", outcomes)):
-        print(f"{name}: held-out thumb AUC {m['thumb_auc']:.3f} over {int(m['thumbs'])} turns, pair accuracy "
-              f"{m['thumb_pair_accuracy']:.3f} over {int(m['thumb_pairs'])} prompts; outcome AUC {m['outcome_auc']:.3f}")
+        print(
+            f"{name}: held-out thumb AUC {m['thumb_auc']:.3f} over {int(m['thumbs'])} turns, pair accuracy "
+            f"{m['thumb_pair_accuracy']:.3f} over {int(m['thumb_pairs'])} prompts; outcome AUC {m['outcome_auc']:.3f}"
+        )
     assert thumbs["train_thumbs"] > 2500 and thumbs["train_outcomes"] == 0 and thumbs["thumbs"] > 800
     assert outcomes["train_outcomes"] > 2500 and outcomes["train_thumbs"] == 0
     for m in (thumbs, outcomes):  # chance is 0.5 for both

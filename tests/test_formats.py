@@ -9,14 +9,13 @@ import duckdb
 import pytest
 
 from rm_service.conversation import Message
+from rm_service.data import HH_PAIRS as HH_FILE
 from rm_service.errors import InvalidArgument, NotFound
 from rm_service.formats import export_file, import_file
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
 from rm_service.store.labels import LabelIn
 from rm_service.store.read import labels_in_snapshot
-
-HH_FILE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh_harmless_pairs.jsonl"
 
 
 def msg(role: str, content: str) -> dict:
@@ -27,9 +26,20 @@ def ranking(label_id: str, ranks: list[int], **extra) -> dict:
     """A canonical K-way ranking record (every key, in export order)."""
     record = {
         "label_id": label_id,
-        "prompt": [msg("system", "Be brief."), msg("user", f"Question {label_id}?"), msg("assistant", "Which part?"), msg("user", "All of it.")],
+        "prompt": [
+            msg("system", "Be brief."),
+            msg("user", f"Question {label_id}?"),
+            msg("assistant", "Which part?"),
+            msg("user", "All of it."),
+        ],
         "responses": [f"answer {label_id} #{i}" for i in range(len(ranks))],
-        "ranks": ranks, "source": "HUMAN", "annotator": "alice", "strength": None, "rationale": "", "metadata": {}, "task_id": "",
+        "ranks": ranks,
+        "source": "HUMAN",
+        "annotator": "alice",
+        "strength": None,
+        "rationale": "",
+        "metadata": {},
+        "task_id": "",
     }
     return record | extra
 
@@ -43,7 +53,10 @@ RANKINGS = [
 
 
 def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -79,25 +92,54 @@ def store(make_store) -> Store:
 
 def test_trl_explicit_and_implicit_prompt_import(store, tmp_path):
     prompt = [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "Tell me a joke")]
-    explicit = {"prompt": prompt, "chosen": [msg("assistant", "A pun.")], "rejected": [msg("assistant", "No.")],
-                "label_id": "x1", "annotator": "bob", "source": "HUMAN", "margin": 2, "score_chosen": 9.0}
-    implicit = {"chosen": [*prompt, msg("assistant", "Knock knock.")], "rejected": [*prompt, msg("assistant", "Go away.")], "strength": 0.5}
+    explicit = {
+        "prompt": prompt,
+        "chosen": [msg("assistant", "A pun.")],
+        "rejected": [msg("assistant", "No.")],
+        "label_id": "x1",
+        "annotator": "bob",
+        "source": "HUMAN",
+        "margin": 2,
+        "score_chosen": 9.0,
+    }
+    implicit = {
+        "chosen": [*prompt, msg("assistant", "Knock knock.")],
+        "rejected": [*prompt, msg("assistant", "Go away.")],
+        "strength": 0.5,
+    }
     counts, reasons = import_file(store, write_jsonl(tmp_path / "trl.jsonl", [explicit, implicit]), "trl")
     assert counts["INSERTED"] == 2 and reasons == []
     a, b = labels_in_snapshot(store, store.create_snapshot())
     expected_prompt = [Message(**m) for m in prompt]
-    assert (a.label_id, a.prompt, a.responses, a.ranks, a.source, a.annotator, a.strength) == \
-        ("x1", expected_prompt, ["A pun.", "No."], [0, 1], "HUMAN", "bob", 2.0)
+    assert (a.label_id, a.prompt, a.responses, a.ranks, a.source, a.annotator, a.strength) == (
+        "x1",
+        expected_prompt,
+        ["A pun.", "No."],
+        [0, 1],
+        "HUMAN",
+        "bob",
+        2.0,
+    )
     assert b.label_id.startswith("trl-") and len(b.label_id) == 4 + 24
-    assert (b.prompt, b.responses, b.source, b.annotator, b.strength, b.metadata) == \
-        (expected_prompt, ["Knock knock.", "Go away."], "IMPORT", "trl", 0.5, {"format": "trl"})
+    assert (b.prompt, b.responses, b.source, b.annotator, b.strength, b.metadata) == (
+        expected_prompt,
+        ["Knock knock.", "Go away."],
+        "IMPORT",
+        "trl",
+        0.5,
+        {"format": "trl"},
+    )
 
 
 def test_trl_canonical_file_round_trips(store, tmp_path):
     records = [
         {"prompt": [msg("user", "q1")], "chosen": [msg("assistant", "good")], "rejected": [msg("assistant", "bad")]},
-        {"prompt": [msg("system", "s"), msg("user", "q2"), msg("assistant", "a"), msg("user", "q3")],
-         "chosen": [msg("assistant", "yes ✓")], "rejected": [msg("assistant", "no")], "margin": 0.25},
+        {
+            "prompt": [msg("system", "s"), msg("user", "q2"), msg("assistant", "a"), msg("user", "q3")],
+            "chosen": [msg("assistant", "yes ✓")],
+            "rejected": [msg("assistant", "no")],
+            "margin": 0.25,
+        },
     ]
     import_file(store, write_jsonl(tmp_path / "in.jsonl", records), "trl")
     n, _ = export_file(store, tmp_path / "out.jsonl", "trl")
@@ -122,8 +164,10 @@ def test_trl_export_expands_rankings_and_drops_ties(store, tmp_path):
     n, _ = export_file(store, tmp_path / "out.jsonl", "trl")
     exported = read_jsonl(tmp_path / "out.jsonl")
     assert n == 2  # [0, 0, 1]: #0 > #2 and #1 > #2; [0, 0]: nothing
-    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in exported] == \
-        [("answer tie #0", "answer tie #2"), ("answer tie #1", "answer tie #2")]
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in exported] == [
+        ("answer tie #0", "answer tie #2"),
+        ("answer tie #1", "answer tie #2"),
+    ]
 
 
 # -- K-way ranking and Parquet -------------------------------------------------------------
@@ -141,7 +185,9 @@ def test_ranking_round_trip_is_exact_with_ties_and_k4(store, tmp_path):
 def test_task_ids_round_trip_where_the_task_exists(make_store, tmp_path):
     first = make_store("first")
     with first._lock:
-        first.con.execute("INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('task-7', 'c', ['a', 'b'], 'queued')")
+        first.con.execute(
+            "INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('task-7', 'c', ['a', 'b'], 'queued')"
+        )
     record = ranking("answer", [1, 0], task_id="task-7")
     counts, _ = import_file(first, write_jsonl(tmp_path / "in.jsonl", [record]), "ranking")
     assert counts["INSERTED"] == 1
@@ -156,8 +202,14 @@ def test_ranking_defaults_and_hash_ids(store, tmp_path):
     import_file(store, write_jsonl(tmp_path / "in.jsonl", [minimal]), "ranking", annotator="carol")
     (label,) = labels_in_snapshot(store, store.create_snapshot())
     assert label.label_id.startswith("ranking-")
-    assert (label.source, label.annotator, label.strength, label.rationale, label.metadata, label.task_id) == \
-        ("IMPORT", "carol", None, "", {}, "")
+    assert (label.source, label.annotator, label.strength, label.rationale, label.metadata, label.task_id) == (
+        "IMPORT",
+        "carol",
+        None,
+        "",
+        {},
+        "",
+    )
 
 
 def test_parquet_round_trip_is_exact(make_store, tmp_path):
@@ -167,8 +219,19 @@ def test_parquet_round_trip_is_exact(make_store, tmp_path):
     assert n == len(RANKINGS)
     described = duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{tmp_path / 'labels.parquet'}')").fetchall()
     types = {row[0]: row[1] for row in described}
-    assert list(types) == ["label_id", "prompt", "responses", "ranks", "source", "annotator", "strength", "rationale", "metadata", "task_id"]
-    assert types["prompt"] == "STRUCT(\"role\" VARCHAR, \"content\" VARCHAR)[]"
+    assert list(types) == [
+        "label_id",
+        "prompt",
+        "responses",
+        "ranks",
+        "source",
+        "annotator",
+        "strength",
+        "rationale",
+        "metadata",
+        "task_id",
+    ]
+    assert types["prompt"] == 'STRUCT("role" VARCHAR, "content" VARCHAR)[]'
     assert types["metadata"] == "MAP(VARCHAR, VARCHAR)" and types["ranks"] == "INTEGER[]"
     second = make_store("second")
     counts, reasons = import_file(second, tmp_path / "labels.parquet", "parquet")
@@ -185,7 +248,11 @@ def test_parquet_rows_without_ids_and_bad_rows(store, tmp_path):
         TO '{path}' (FORMAT parquet)""")
     counts, reasons = import_file(store, path, "parquet")
     assert (counts["INSERTED"], counts["REJECTED"]) == (1, 1)
-    assert len(reasons) == 1 and reasons[0].startswith("row 2: parquet-") and "ranks[1]: is 2; a rank must be in [0, 2)" in reasons[0]
+    assert (
+        len(reasons) == 1
+        and reasons[0].startswith("row 2: parquet-")
+        and "ranks[1]: is 2; a rank must be in [0, 2)" in reasons[0]
+    )
     (label,) = labels_in_snapshot(store, store.create_snapshot())
     assert label.label_id.startswith("parquet-") and label.annotator == "parquet" and label.ranks == [1, 0]
     counts, _ = import_file(store, path, "parquet")
@@ -211,16 +278,23 @@ def test_export_of_a_snapshot_id_is_reproducible(store, tmp_path, fmt):
 def test_malformed_lines_are_reported_with_line_numbers(store, tmp_path):
     good = {"prompt": [msg("user", "q")], "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", "b")]}
     lines = [
-        good,                                                                                  # 1
-        "{not json",                                                                           # 2
-        "",                                                                                    # 3 blank: skipped
-        {"prompt": [msg("user", "q")], "chosen": [msg("assistant", "a")]},                     # 4 no rejected
-        {"chosen": [msg("user", "x"), msg("assistant", "a")], "rejected": [msg("user", "y"), msg("assistant", "b")]},  # 5
-        {"chosen": [msg("user", "x"), msg("user", "a")], "rejected": [msg("user", "x"), msg("assistant", "b")]},       # 6
-        {"prompt": [msg("user", "q")], "chosen": [msg("assistant", "same")], "rejected": [msg("assistant", "same")]},  # 7 store
-        {**good, "margin": 1, "strength": 1},                                                  # 8
-        [1, 2],                                                                                # 9
-        {"prompt": [msg("user", "q2")], "chosen": [msg("assistant", "c")], "rejected": [msg("assistant", "d")]},       # 10
+        good,  # 1
+        "{not json",  # 2
+        "",  # 3 blank: skipped
+        {"prompt": [msg("user", "q")], "chosen": [msg("assistant", "a")]},  # 4 no rejected
+        {
+            "chosen": [msg("user", "x"), msg("assistant", "a")],
+            "rejected": [msg("user", "y"), msg("assistant", "b")],
+        },  # 5
+        {"chosen": [msg("user", "x"), msg("user", "a")], "rejected": [msg("user", "x"), msg("assistant", "b")]},  # 6
+        {
+            "prompt": [msg("user", "q")],
+            "chosen": [msg("assistant", "same")],
+            "rejected": [msg("assistant", "same")],
+        },  # 7 store
+        {**good, "margin": 1, "strength": 1},  # 8
+        [1, 2],  # 9
+        {"prompt": [msg("user", "q2")], "chosen": [msg("assistant", "c")], "rejected": [msg("assistant", "d")]},  # 10
     ]
     counts, reasons = import_file(store, write_jsonl(tmp_path / "bad.jsonl", lines), "trl")
     assert (counts["INSERTED"], counts["REJECTED"]) == (2, 7)
@@ -230,13 +304,21 @@ def test_malformed_lines_are_reported_with_line_numbers(store, tmp_path):
     assert "rejected must be a list" in by_line["line 4"]
     assert "share every message" in by_line["line 5"]
     assert "last message of chosen" in by_line["line 6"]
-    assert by_line["line 7"].startswith("line 7: trl-") and "responses: responses must all be different" in by_line["line 7"]
+    assert (
+        by_line["line 7"].startswith("line 7: trl-")
+        and "responses: responses must all be different" in by_line["line 7"]
+    )
     assert "not both" in by_line["line 8"] and "not a JSON object" in by_line["line 9"]
 
 
 def test_malformed_ranking_lines(store, tmp_path):
-    lines = [ranking("ok", [0, 1]), ranking("typo", [0, 1], rank=[0, 1]), ranking("short", [0, 1]) | {"ranks": [0]},
-             ranking("bool", [0, 1]) | {"ranks": [True, False]}, ranking("meta", [0, 1], metadata={"n": 1})]
+    lines = [
+        ranking("ok", [0, 1]),
+        ranking("typo", [0, 1], rank=[0, 1]),
+        ranking("short", [0, 1]) | {"ranks": [0]},
+        ranking("bool", [0, 1]) | {"ranks": [True, False]},
+        ranking("meta", [0, 1], metadata={"n": 1}),
+    ]
     counts, reasons = import_file(store, write_jsonl(tmp_path / "bad.jsonl", lines), "ranking")
     assert counts["INSERTED"] == 1 and counts["REJECTED"] == 4
     assert reasons[0].startswith("line 2: unknown keys ['rank']")
@@ -288,8 +370,19 @@ def test_an_export_taken_during_ingestion_equals_its_snapshot(tmp_path):
     def ingest() -> None:
         while not stop.is_set():
             n = counter[0]
-            store.ingest([LabelIn(f"live-{n}-{i}", [Message("user", f"question {n}.{i}")], [f"yes {n}", f"no {n}"], [0, 1], "HUMAN", "ann")
-                          for i in range(5)])
+            store.ingest(
+                [
+                    LabelIn(
+                        f"live-{n}-{i}",
+                        [Message("user", f"question {n}.{i}")],
+                        [f"yes {n}", f"no {n}"],
+                        [0, 1],
+                        "HUMAN",
+                        "ann",
+                    )
+                    for i in range(5)
+                ]
+            )
             counter[0] += 1
 
     writer = threading.Thread(target=ingest)
@@ -308,7 +401,10 @@ def test_an_export_taken_during_ingestion_equals_its_snapshot(tmp_path):
         writer.join()
     assert first.read_bytes() == second.read_bytes()
     exported = [json.loads(line)["label_id"] for line in first.read_text().splitlines()]
-    assert exported == [lab.label_id for lab in labels_in_snapshot(store, snapshot)] and len(exported) == snapshot.num_labels
+    assert (
+        exported == [lab.label_id for lab in labels_in_snapshot(store, snapshot)]
+        and len(exported) == snapshot.num_labels
+    )
     assert store.stats()["labels_total"] > snapshot.num_labels  # ingestion really went on
     store.close()
 
@@ -329,5 +425,7 @@ def test_the_registry_is_the_one_list_of_formats(tmp_path):
         assert callable(spec.module().import_labels) and callable(spec.module().export_labels)
         assert spec.unit in ("pairs", "labels") and spec.help
     assert cli.FORMAT_CHOICES == list(formats.FORMATS)
-    shown = subprocess.run([sys.executable, "-m", "rm_service.cli", "import", "--help"], capture_output=True, text=True, timeout=60).stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "rm_service.cli", "import", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     assert all(f"{spec.name}: {spec.help.split()[0]}" in " ".join(shown.split()) for spec in formats.REGISTRY)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from rm_service.conversation import Message, conversation_id
 from rm_service.models.formatting import format_item, spec_for
 
-PROMPT = [Message("user", "Hello there"), Message("assistant", "Hi! How can I help?"), Message("user", "Tell me about bread.")]
+PROMPT = [
+    Message("user", "Hello there"),
+    Message("assistant", "Hi! How can I help?"),
+    Message("user", "Tell me about bread."),
+]
 
 
 def test_causal_format_uses_the_chat_template_and_ends_with_eos(tiny_tokenizer):

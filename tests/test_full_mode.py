@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, store_with_hh
+
 from rm_service import registry
 from rm_service.models.runtime import load_backbone_runtime
 from rm_service.models.version import open_version
@@ -32,8 +32,20 @@ def _fit_only_split(store, settings):
 
 
 def _settings(backbone, **kw) -> TrainSettings:
-    base = dict(backbone=str(backbone), mode="full", max_tokens=128, micro_batch_pairs=4, grad_accum=1, epochs=1.0,
-                ensemble_size=2, heldout_fraction=0.2, max_minutes=5, eval_every=2, checkpoint_every=1, full_learning_rate=1e-3)
+    base = dict(
+        backbone=str(backbone),
+        mode="full",
+        max_tokens=128,
+        micro_batch_pairs=4,
+        grad_accum=1,
+        epochs=1.0,
+        ensemble_size=2,
+        heldout_fraction=0.2,
+        max_minutes=5,
+        eval_every=2,
+        checkpoint_every=1,
+        full_learning_rate=1e-3,
+    )
     base.update(kw)
     return TrainSettings(**base)
 
@@ -44,7 +56,9 @@ def test_one_step_changes_every_trainable_parameter(home, tmp_path, tiny_backbon
     split = _fit_only_split(store, settings)
     runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=2)
     before = {k: v.detach().clone() for k, v in runtime.model.named_parameters()}
-    full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
+    full_mode.fit_full_mode(
+        runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False
+    )
     unchanged = [k for k, v in runtime.model.named_parameters() if torch.equal(v, before[k])]
     assert unchanged == []
     store.close()
@@ -58,7 +72,11 @@ def test_full_mode_registers_a_version_that_serves_its_own_backbone(home, tmp_pa
     assert meta.mode == "full" and meta.backbone == "./backbone" and runtime.model.ensemble_size == 2
     assert result.metrics["full_steps"] >= 1 and result.metrics["tokens_per_s"] > 0
     base = load_backbone_runtime(str(tiny_backbone_dir), 128)
-    moved = [k for k, v in runtime.model.backbone.state_dict().items() if not torch.equal(v, base.model.backbone.state_dict()[k])]
+    moved = [
+        k
+        for k, v in runtime.model.backbone.state_dict().items()
+        if not torch.equal(v, base.model.backbone.state_dict()[k])
+    ]
     assert moved  # the served backbone is the fine-tuned one
     store.close()
 
@@ -69,7 +87,9 @@ def test_lora_trains_only_adapters_and_heads(home, tmp_path, tiny_backbone_dir):
     split = _fit_only_split(store, settings)
     runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=2)
     base = {k: v.detach().clone() for k, v in runtime.model.backbone.state_dict().items()}
-    full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
+    full_mode.fit_full_mode(
+        runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False
+    )
     merged = runtime.model.backbone.state_dict()
     assert set(merged) == set(base)  # adapters merged back into plain weights
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
@@ -88,7 +108,9 @@ def test_a_trl_reward_checkpoint_trains_further(home, tmp_path, tiny_rm_dir):
 
     trl_head = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).score.weight
     assert torch.equal(head_before, trl_head)  # starts from the checkpoint's trained head
-    full_mode.fit_full_mode(runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False)
+    full_mode.fit_full_mode(
+        runtime, split, settings, deadline=float("inf"), run_dir=tmp_path / "run", show_progress=False
+    )
     assert not torch.equal(runtime.model.score.weight, head_before)
     store.close()
 
@@ -110,12 +132,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(home, tmp_path, tiny_bac
 
     monkeypatch.setattr(full_mode, "decide", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        full_mode.fit_full_mode(load_backbone_runtime(settings.backbone, 128), split, settings, float("inf"), run, show_progress=False)
+        full_mode.fit_full_mode(
+            load_backbone_runtime(settings.backbone, 128), split, settings, float("inf"), run, show_progress=False
+        )
     assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
     monkeypatch.setattr(full_mode, "decide", real_decide)
     steps_run = []
     monkeypatch.setattr(full_mode.torch.optim.AdamW, "step", lambda self, *a, **k: steps_run.append(1) or None)
-    scores = full_mode.fit_full_mode(load_backbone_runtime(settings.backbone, 128), split, settings, float("inf"), run, show_progress=False)
+    scores = full_mode.fit_full_mode(
+        load_backbone_runtime(settings.backbone, 128), split, settings, float("inf"), run, show_progress=False
+    )
     assert scores.steps == total and len(steps_run) == total - 3  # continued, did not start over
     store.close()
 
@@ -126,9 +152,28 @@ def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
     from rm_service.server.app import free_port
 
     env = {**os.environ, "RM_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "rm_service.cli", "train", "--mode", "full", "--backbone", str(tiny_backbone_dir), "--max-tokens", "128",
-           "--ensemble-size", "2", "--epochs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "rm_service.cli",
+        "train",
+        "--mode",
+        "full",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--max-tokens",
+        "128",
+        "--ensemble-size",
+        "2",
+        "--epochs",
+        "1",
+    ]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained v1 (full mode)" in result.stdout

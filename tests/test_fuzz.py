@@ -15,7 +15,9 @@ roles = st.sampled_from(["user", "assistant", "system", "", "robot", "USER"])
 texts = st.text(min_size=0, max_size=200)
 messages = st.builds(common_pb2.Message, role=roles, content=texts)
 items = st.builds(reward_pb2.ScoreItem, id=st.text(max_size=8), prompt=st.lists(messages, max_size=4), completion=texts)
-requests = st.builds(reward_pb2.ScoreRequest, items=st.lists(items, max_size=5), model_version=st.sampled_from(["", "", "v9", "tiny"]))
+requests = st.builds(
+    reward_pb2.ScoreRequest, items=st.lists(items, max_size=5), model_version=st.sampled_from(["", "", "v9", "tiny"])
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +25,13 @@ def fuzz_server(tmp_path_factory, tiny_rm_dir):
     import os
 
     from conftest import ServerThread
+
     from rm_service.settings import ServeSettings
 
     os.environ["RM_HOME"] = str(tmp_path_factory.mktemp("fuzz-home"))
-    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, max_items_per_request=4, metrics_port=-1))
+    srv = ServerThread(
+        ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, max_items_per_request=4, metrics_port=-1)
+    )
     channel = grpc.insecure_channel(srv.address)
     yield srv, channel
     channel.close()
@@ -63,6 +68,10 @@ def test_the_server_is_still_serving_after_the_fuzzing(fuzz_server):
     _, channel = fuzz_server
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    ok = reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(
-        prompt=[common_pb2.Message(role="user", content="hi")], completion="hello")]), timeout=30)
+    ok = reward_pb2_grpc.RewardServiceStub(channel).Score(
+        reward_pb2.ScoreRequest(
+            items=[reward_pb2.ScoreItem(prompt=[common_pb2.Message(role="user", content="hi")], completion="hello")]
+        ),
+        timeout=30,
+    )
     assert len(ok.results) == 1

@@ -15,10 +15,10 @@ import uuid
 
 import grpc
 import pytest
+from conftest import ServerThread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ServerThread
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 from rm_service.settings import ServeSettings, StoreSettings
 
@@ -29,15 +29,24 @@ PROMPT = [common_pb2.Message(role="user", content="Which answer is better?")]
 @pytest.fixture(scope="module")
 def store_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("hostile-home")
-    srv = ServerThread(ServeSettings(port=0, with_model=False, metrics_port=-1),
-                       StoreSettings(path=home / "rm.duckdb", max_text_chars=MAX_CHARS, max_responses=MAX_K))
+    srv = ServerThread(
+        ServeSettings(port=0, with_model=False, metrics_port=-1),
+        StoreSettings(path=home / "rm.duckdb", max_text_chars=MAX_CHARS, max_responses=MAX_K),
+    )
     yield srv
     srv.stop()
 
 
 def _valid(label_id: str, n: int = 0) -> preference_pb2.Label:
-    return preference_pb2.Label(label_id=label_id, prompt=PROMPT, responses=[f"yes {label_id}", f"no {label_id}"], ranks=[n % 2, 1 - n % 2],
-                                source=preference_pb2.HUMAN, annotator="ann", metadata={"origin": "human"})
+    return preference_pb2.Label(
+        label_id=label_id,
+        prompt=PROMPT,
+        responses=[f"yes {label_id}", f"no {label_id}"],
+        ranks=[n % 2, 1 - n % 2],
+        source=preference_pb2.HUMAN,
+        annotator="ann",
+        metadata={"origin": "human"},
+    )
 
 
 # kind -> (field the reason must name, how a valid label is made hostile)
@@ -49,8 +58,13 @@ HOSTILE = {
     "strength_inf": ("strength", lambda lab: setattr(lab, "strength", math.inf)),
     "strength_huge": ("strength", lambda lab: setattr(lab, "strength", 1e308)),
     "strength_negative": ("strength", lambda lab: setattr(lab, "strength", -0.5)),
-    "k_over_limit": ("responses", lambda lab: (lab.responses.extend(f"extra {i}" for i in range(MAX_K - 1)),
-                                               lab.ranks.extend(range(2, MAX_K + 1)))),
+    "k_over_limit": (
+        "responses",
+        lambda lab: (
+            lab.responses.extend(f"extra {i}" for i in range(MAX_K - 1)),
+            lab.ranks.extend(range(2, MAX_K + 1)),
+        ),
+    ),
     "oversized_text": ("responses[0]", lambda lab: lab.responses.__setitem__(0, "x" * (MAX_CHARS + 1))),
     "oversized_prompt": ("prompt[0].content", lambda lab: lab.prompt[0].__setattr__("content", "p" * (MAX_CHARS + 1))),
     "unknown_task": ("task_id", lambda lab: setattr(lab, "task_id", "task-that-was-never-queued")),
@@ -66,7 +80,9 @@ def _hostile(label_id: str, kind: str) -> preference_pb2.Label:
     return label
 
 
-def _send_all(address: str, clients: list[list[list[preference_pb2.Label]]]) -> list[list[list[preference_pb2.IngestResult]]]:
+def _send_all(
+    address: str, clients: list[list[list[preference_pb2.Label]]]
+) -> list[list[list[preference_pb2.IngestResult]]]:
     """Each client sends its requests in order on its own channel; the clients run at once."""
     answers: list = [None] * len(clients)
     start = threading.Barrier(len(clients))
@@ -75,8 +91,10 @@ def _send_all(address: str, clients: list[list[list[preference_pb2.Label]]]) -> 
         with grpc.insecure_channel(address) as channel:
             stub = preference_pb2_grpc.PreferenceServiceStub(channel)
             start.wait()
-            answers[c] = [list(stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=req), timeout=30).results)
-                          for req in clients[c]]
+            answers[c] = [
+                list(stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=req), timeout=30).results)
+                for req in clients[c]
+            ]
 
     threads = [threading.Thread(target=run, args=(c,)) for c in range(len(clients))]
     for t in threads:
@@ -89,8 +107,11 @@ def _send_all(address: str, clients: list[list[list[preference_pb2.Label]]]) -> 
 def _stored(srv: ServerThread, prefix: str) -> dict[str, list[int]]:
     store = srv.server.store
     with store._lock:
-        rows = store.con.execute("""SELECT label_id, list(rank ORDER BY position) FROM label_rankings
-                                    WHERE starts_with(label_id, ?) GROUP BY label_id""", [prefix]).fetchall()
+        rows = store.con.execute(
+            """SELECT label_id, list(rank ORDER BY position) FROM label_rankings
+                                    WHERE starts_with(label_id, ?) GROUP BY label_id""",
+            [prefix],
+        ).fetchall()
     return dict(rows)
 
 
@@ -106,7 +127,10 @@ def _check(srv: ServerThread, prefix: str, clients, answers) -> None:
                     expected[label.label_id] = list(label.ranks)
                 else:
                     field = f"labels[{i}].{HOSTILE[kind][0]}:"
-                    assert outcome.status == preference_pb2.REJECTED and outcome.reason.startswith(field), (kind, outcome.reason)
+                    assert outcome.status == preference_pb2.REJECTED and outcome.reason.startswith(field), (
+                        kind,
+                        outcome.reason,
+                    )
     assert _stored(srv, prefix) == expected  # every valid label stored as sent, nothing else
 
 
@@ -139,7 +163,9 @@ def test_a_rank_of_uint32_max_fails_alone_and_fast(store_server):
     prefix = f"q-{uuid.uuid4().hex[:12]}-"
     bad = _hostile(f"{prefix}bad", "rank_uint32_max")
     bad.metadata["kind"] = "rank_uint32_max"
-    clients = [[[bad, _valid(f"{prefix}beside")]]] + [[[_valid(f"{prefix}{c}-{i}", i) for i in range(4)]] for c in range(7)]
+    clients = [[[bad, _valid(f"{prefix}beside")]]] + [
+        [[_valid(f"{prefix}{c}-{i}", i) for i in range(4)]] for c in range(7)
+    ]
     began = time.perf_counter()
     answers = _send_all(store_server.address, clients)
     assert time.perf_counter() - began < 10

@@ -16,23 +16,33 @@ from rm_service.cli import main
 from rm_service.formats import import_file
 from rm_service.formats.ingest import ImportStopped, import_records
 from rm_service.formats.records import jsonl_records
+from rm_service.formats.trl import trl_label
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
-from rm_service.formats.trl import trl_label
 
 
 def trl_line(n: int, **extra) -> dict:
-    return {"prompt": [{"role": "user", "content": f"question {n}"}], "chosen": [{"role": "assistant", "content": f"yes {n}"}],
-            "rejected": [{"role": "assistant", "content": f"no {n}"}]} | extra
+    return {
+        "prompt": [{"role": "user", "content": f"question {n}"}],
+        "chosen": [{"role": "assistant", "content": f"yes {n}"}],
+        "rejected": [{"role": "assistant", "content": f"no {n}"}],
+    } | extra
 
 
 def ranking_line(n: int, ranks=(0, 1), **extra) -> dict:
-    return {"label_id": f"r{n}", "prompt": [{"role": "user", "content": f"question {n}"}],
-            "responses": [f"answer {n}.{i}" for i in range(len(ranks))], "ranks": list(ranks)} | extra
+    return {
+        "label_id": f"r{n}",
+        "prompt": [{"role": "user", "content": f"question {n}"}],
+        "responses": [f"answer {n}.{i}" for i in range(len(ranks))],
+        "ranks": list(ranks),
+    } | extra
 
 
 def hh_line(n: int) -> dict:
-    return {"chosen": f"\n\nHuman: question {n}\n\nAssistant: yes {n}", "rejected": f"\n\nHuman: question {n}\n\nAssistant: no {n}"}
+    return {
+        "chosen": f"\n\nHuman: question {n}\n\nAssistant: yes {n}",
+        "rejected": f"\n\nHuman: question {n}\n\nAssistant: no {n}",
+    }
 
 
 GOOD = {"hh": hh_line, "trl": trl_line, "ranking": ranking_line}
@@ -69,12 +79,16 @@ def test_a_non_utf8_byte_rejects_its_line_only(store, tmp_path, fmt):
     good = GOOD[fmt]
     path = write_lines(tmp_path / "f.jsonl", [good(1), json.dumps(good(2)).encode().replace(b"2", b"\xff", 1), good(3)])
     counts, reasons = import_file(store, path, fmt)
-    assert counts["INSERTED"] == 2 and len(reasons) == 1 and reasons[0].startswith("line 2: not UTF-8: byte 0xff at byte ")
+    assert (
+        counts["INSERTED"] == 2 and len(reasons) == 1 and reasons[0].startswith("line 2: not UTF-8: byte 0xff at byte ")
+    )
     assert stored_count(store) == 2
 
 
 @pytest.mark.parametrize("fmt", ["hh", "trl", "ranking"])
-@pytest.mark.parametrize(("line", "kind"), [("[1, 2]", "an array"), ('"a string"', "a string"), ("42", "a number"), ("null", "null")])
+@pytest.mark.parametrize(
+    ("line", "kind"), [("[1, 2]", "an array"), ('"a string"', "a string"), ("42", "a number"), ("null", "null")]
+)
 def test_a_line_that_is_json_but_not_an_object_is_rejected(store, tmp_path, fmt, line, kind):
     counts, reasons = import_file(store, write_lines(tmp_path / "f.jsonl", [GOOD[fmt](1), line]), fmt)
     assert counts["INSERTED"] == 1 and reasons == [f"line 2: not a JSON object: the line is {kind}"]
@@ -110,7 +124,9 @@ def test_4_kib_of_random_bytes_are_rejected_lines_and_exit_1(home, tmp_path, cap
 
 @pytest.mark.parametrize("rank", [2**70, 2**40, 4294967295, -1, -(2**70)])
 def test_an_out_of_range_rank_is_a_rejected_line(store, tmp_path, rank):
-    path = write_lines(tmp_path / "f.jsonl", [ranking_line(1), ranking_line(2, ranks=(0, rank)), ranking_line(3, ranks=(rank, 1, 0))])
+    path = write_lines(
+        tmp_path / "f.jsonl", [ranking_line(1), ranking_line(2, ranks=(0, rank)), ranking_line(3, ranks=(rank, 1, 0))]
+    )
     counts, reasons = import_file(store, path, "ranking")
     assert (counts["INSERTED"], counts["REJECTED"]) == (1, 2)
     assert reasons[0].startswith("line 2: r2: ranks[1]: is ") and reasons[1].startswith("line 3: r3: ranks[0]: is ")
@@ -123,7 +139,11 @@ def test_a_rank_of_2_40_on_line_1200_of_1500_rejects_that_line_only(home, tmp_pa
     path = write_lines(tmp_path / "f.jsonl", lines)
     code, out, err = cli(["import", "--format", "ranking", str(path)], capsys)
     assert code == 0 and err == ""
-    assert "inserted 1499" in out and "rejected 1" in out and "rejected: line 1200: r1200: ranks[0]: is 1099511627776" in out
+    assert (
+        "inserted 1499" in out
+        and "rejected 1" in out
+        and "rejected: line 1200: r1200: ranks[0]: is 1099511627776" in out
+    )
     store = Store(StoreSettings(), read_only=True)
     try:
         ids = {r[0] for r in store.con.execute("SELECT label_id FROM labels").fetchall()}
@@ -132,22 +152,33 @@ def test_a_rank_of_2_40_on_line_1200_of_1500_rejects_that_line_only(home, tmp_pa
     assert ids == {f"r{n}" for n in range(1, 1501)} - {"r1200"}
 
 
-@pytest.mark.parametrize(("fmt", "line"), [
-    ("trl", b'{"margin": 1e400, "prompt": "q", "chosen": " a", "rejected": " b"}'),                 # inf
-    ("trl", b'{"margin": 1' + b"0" * 400 + b', "prompt": "q", "chosen": " a", "rejected": " b"}'),  # OverflowError in float()
-    ("trl", b'{"margin": NaN, "prompt": "q", "chosen": " a", "rejected": " b"}'),
-    ("trl", b'{"margin": 1e9, "prompt": "q", "chosen": " a", "rejected": " b"}'),                  # above max_strength
-    ("ranking", b'{"ranks": [0, 1' + b"0" * 5000 + b'], "prompt": [], "responses": []}'),        # > 4300 digits: ValueError
-    ("ranking", b"[" * 100_000 + b"]" * 100_000),                                                 # RecursionError
-    ("trl", b'{"prompt": "\\ud800", "chosen": " a", "rejected": " b"}'),                          # a lone surrogate
-])
+@pytest.mark.parametrize(
+    ("fmt", "line"),
+    [
+        ("trl", b'{"margin": 1e400, "prompt": "q", "chosen": " a", "rejected": " b"}'),  # inf
+        (
+            "trl",
+            b'{"margin": 1' + b"0" * 400 + b', "prompt": "q", "chosen": " a", "rejected": " b"}',
+        ),  # OverflowError in float()
+        ("trl", b'{"margin": NaN, "prompt": "q", "chosen": " a", "rejected": " b"}'),
+        ("trl", b'{"margin": 1e9, "prompt": "q", "chosen": " a", "rejected": " b"}'),  # above max_strength
+        (
+            "ranking",
+            b'{"ranks": [0, 1' + b"0" * 5000 + b'], "prompt": [], "responses": []}',
+        ),  # > 4300 digits: ValueError
+        ("ranking", b"[" * 100_000 + b"]" * 100_000),  # RecursionError
+        ("trl", b'{"prompt": "\\ud800", "chosen": " a", "rejected": " b"}'),  # a lone surrogate
+    ],
+)
 def test_numbers_out_of_range_and_pathological_json_are_rejected_lines(store, tmp_path, fmt, line):
     counts, reasons = import_file(store, write_lines(tmp_path / "f.jsonl", [GOOD[fmt](1), line, GOOD[fmt](3)]), fmt)
     assert (counts["INSERTED"], counts["REJECTED"]) == (2, 1) and reasons[0].startswith("line 2: ")
 
 
 def test_too_many_responses_is_a_rejected_line(store, tmp_path):
-    counts, reasons = import_file(store, write_lines(tmp_path / "f.jsonl", [ranking_line(1, ranks=tuple(range(17)))]), "ranking")
+    counts, reasons = import_file(
+        store, write_lines(tmp_path / "f.jsonl", [ranking_line(1, ranks=tuple(range(17)))]), "ranking"
+    )
     assert counts["REJECTED"] == 1 and reasons == ["line 1: r1: responses: has 17 responses; the limit is 16"]
 
 
@@ -161,7 +192,9 @@ def test_an_oversized_line_is_rejected_without_being_read_whole(store, tmp_path)
 
 def test_a_byte_order_mark_and_crlf_line_endings_are_accepted(store, tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(trl_line(1)).encode() + b"\r\n" + json.dumps(trl_line(2)).encode() + b"\r\n")
+    path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(trl_line(1)).encode() + b"\r\n" + json.dumps(trl_line(2)).encode() + b"\r\n"
+    )
     counts, reasons = import_file(store, path, "trl")
     assert counts["INSERTED"] == 2 and reasons == []
 

@@ -5,8 +5,8 @@ store holds exactly the valid records (checked on the label ids stored in DuckDB
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import uuid
 
 import duckdb
@@ -18,11 +18,17 @@ from rm_service.formats import import_file
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
 
-FUZZ = settings(max_examples=int(os.environ.get("RM_FUZZ_EXAMPLES", "100")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("RM_FUZZ_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 FORMATS = ("hh", "trl", "ranking")
 
 # text that is valid in every format: no lone surrogates, something that is not whitespace
-words = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30).map(lambda t: "w" + t)
+words = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=30).map(
+    lambda t: "w" + t
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +46,27 @@ def _valid(fmt: str, tag: str, n: int, text: str, k: int) -> tuple[dict, str]:
     """A valid record and the label id the store will give it."""
     question = f"{tag} question {n}: {text}"
     if fmt == "hh":
-        record = {"chosen": f"\n\nHuman: {question}\n\nAssistant: yes {text}", "rejected": f"\n\nHuman: {question}\n\nAssistant: no {text}"}
+        record = {
+            "chosen": f"\n\nHuman: {question}\n\nAssistant: yes {text}",
+            "rejected": f"\n\nHuman: {question}\n\nAssistant: no {text}",
+        }
         return record, "hh-" + hashlib.sha256(json.dumps(record).encode()).hexdigest()[:24]
     if fmt == "trl":
-        return {"label_id": f"{tag}-{n}", "prompt": [{"role": "user", "content": question}], "chosen": [{"role": "assistant", "content": f"yes {text}"}],
-                "rejected": [{"role": "assistant", "content": f"no {text}"}], "margin": 0.5, "extra": [n, text]}, f"{tag}-{n}"
-    return {"label_id": f"{tag}-{n}", "prompt": [{"role": "user", "content": question}], "responses": [f"r{i} {text}" for i in range(k)],
-            "ranks": list(range(k))[::-1], "strength": 1.0}, f"{tag}-{n}"
+        return {
+            "label_id": f"{tag}-{n}",
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": f"yes {text}"}],
+            "rejected": [{"role": "assistant", "content": f"no {text}"}],
+            "margin": 0.5,
+            "extra": [n, text],
+        }, f"{tag}-{n}"
+    return {
+        "label_id": f"{tag}-{n}",
+        "prompt": [{"role": "user", "content": question}],
+        "responses": [f"r{i} {text}" for i in range(k)],
+        "ranks": list(range(k))[::-1],
+        "strength": 1.0,
+    }, f"{tag}-{n}"
 
 
 # Mutations that always make a record invalid: (name, applies to formats, function(record) -> bytes)
@@ -60,14 +80,25 @@ MUTATIONS = {
     "array": (FORMATS, lambda r, x: json.dumps([r]).encode()),
     "string": (FORMATS, lambda r, x: json.dumps(json.dumps(r)).encode()),
     "number": (FORMATS, lambda r, x: str(x).encode()),
-    "huge_rank": (("ranking",), lambda r, x: _bytes(r | {"ranks": [2**70 if i == x % len(r["ranks"]) else v for i, v in enumerate(r["ranks"])]})),
+    "huge_rank": (
+        ("ranking",),
+        lambda r, x: _bytes(
+            r | {"ranks": [2**70 if i == x % len(r["ranks"]) else v for i, v in enumerate(r["ranks"])]}
+        ),
+    ),
     "rank_2_40": (("ranking",), lambda r, x: _bytes(r | {"ranks": [2**40] + r["ranks"][1:]})),
     "negative_rank": (("ranking",), lambda r, x: _bytes(r | {"ranks": [-1 - x] + r["ranks"][1:]})),
-    "too_many_responses": (("ranking",), lambda r, x: _bytes(r | {"responses": [f"k{i}" for i in range(17)], "ranks": list(range(17))})),
+    "too_many_responses": (
+        ("ranking",),
+        lambda r, x: _bytes(r | {"responses": [f"k{i}" for i in range(17)], "ranks": list(range(17))}),
+    ),
     "huge_strength": (("ranking",), lambda r, x: _bytes(r).replace(b'"strength": 1.0', b'"strength": 1e999')),
     "int_strength": (("ranking",), lambda r, x: _bytes(r).replace(b'"strength": 1.0', b'"strength": ' + b"9" * 500)),
     "nan_margin": (("trl",), lambda r, x: _bytes(r).replace(b'"margin": 0.5', b'"margin": NaN')),
-    "image_part": (("trl",), lambda r, x: _bytes(r | {"chosen": [{"role": "assistant", "content": [{"type": "image", "url": "x"}]}]})),
+    "image_part": (
+        ("trl",),
+        lambda r, x: _bytes(r | {"chosen": [{"role": "assistant", "content": [{"type": "image", "url": "x"}]}]}),
+    ),
     "no_rejected": (("trl", "hh"), lambda r, x: _bytes({k: v for k, v in r.items() if k != "rejected"})),
     "surrogate": (FORMATS, lambda r, x: _bytes(r).replace(b"question", b"\\ud800question", 1)),
     "not_hh": (("hh",), lambda r, x: _bytes(r | {"chosen": r["chosen"].replace("\n\nHuman: ", "Human: ", 1)})),
@@ -109,8 +140,10 @@ def test_mutated_records_are_rejected_and_valid_ones_stored(store, tmp_path_fact
 
 
 @FUZZ
-@given(content=st.binary(max_size=4096) | st.lists(st.binary(max_size=200), max_size=20).map(b"\n".join),
-       fmt=st.sampled_from(FORMATS + ("parquet",)))
+@given(
+    content=st.binary(max_size=4096) | st.lists(st.binary(max_size=200), max_size=20).map(b"\n".join),
+    fmt=st.sampled_from(FORMATS + ("parquet",)),
+)
 def test_random_bytes_never_raise(store, tmp_path_factory, content, fmt):
     path = tmp_path_factory.mktemp("r") / "in.bin"
     path.write_bytes(content)
@@ -122,9 +155,13 @@ def test_random_bytes_never_raise(store, tmp_path_factory, content, fmt):
 
 def _parquet(path, rows: list[tuple[str, str, object, object]]) -> None:
     """rows of (label_id, ranks SQL, strength SQL, responses SQL) written by DuckDB."""
-    values = ", ".join(f"('{lid}', [{{'role': 'user', 'content': 'q {lid}'}}], {resp}, {ranks}, {strength})"
-                       for lid, ranks, strength, resp in rows)
-    duckdb.sql(f"COPY (SELECT * FROM (VALUES {values}) t(label_id, prompt, responses, ranks, strength)) TO '{path}' (FORMAT parquet)")
+    values = ", ".join(
+        f"('{lid}', [{{'role': 'user', 'content': 'q {lid}'}}], {resp}, {ranks}, {strength})"
+        for lid, ranks, strength, resp in rows
+    )
+    duckdb.sql(
+        f"COPY (SELECT * FROM (VALUES {values}) t(label_id, prompt, responses, ranks, strength)) TO '{path}' (FORMAT parquet)"
+    )
 
 
 PARQUET_BAD = {
@@ -150,4 +187,6 @@ def test_mutated_parquet_rows_are_rejected_and_valid_ones_stored(store, tmp_path
     counts, reasons = import_file(store, path, "parquet")
     expected = {f"{tag}-{n}" for n, kind in enumerate(plan) if kind == "dense"}
     assert _ids(store) - before == expected
-    assert [int(r.split(":", 1)[0].removeprefix("row ")) for r in reasons] == [n + 1 for n, kind in enumerate(plan) if kind != "dense"]
+    assert [int(r.split(":", 1)[0].removeprefix("row ")) for r in reasons] == [
+        n + 1 for n, kind in enumerate(plan) if kind != "dense"
+    ]

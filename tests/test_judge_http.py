@@ -14,18 +14,29 @@ import time
 
 import grpc
 import pytest
-
 from conftest import ServerThread
 from openai_server import llm  # noqa: F401  (fixture)
+
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 from rm_service.judge.backend import BackendRefused, BackendUnavailable
 from rm_service.judge.runner import run_judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.settings import ServeSettings
 
-PROMPTS = ["Write a haiku about rain.", "How do I boil an egg?", "Name a large river.", "What is 2 + 2?", "Say hello in French."]
-ANSWERS = [("Soft rain on the roof.", "Rain."), ("Boil it for nine minutes.", "Use a microwave, it is faster."),
-           ("The Nile.", "Paris."), ("4", "5"), ("Bonjour!", "Hello!")]
+PROMPTS = [
+    "Write a haiku about rain.",
+    "How do I boil an egg?",
+    "Name a large river.",
+    "What is 2 + 2?",
+    "Say hello in French.",
+]
+ANSWERS = [
+    ("Soft rain on the roof.", "Rain."),
+    ("Boil it for nine minutes.", "Use a microwave, it is faster."),
+    ("The Nile.", "Paris."),
+    ("4", "5"),
+    ("Bonjour!", "Hello!"),
+]
 
 
 @pytest.fixture
@@ -39,16 +50,32 @@ def store(home):
 
 
 def settings(llm, **kw) -> JudgeSettings:
-    base = dict(backend="http", model="tiny-judge", base_url=llm.url, top_logprobs=1000, concurrency=1, backoff_s=0.05,
-                max_backoff_s=2.0, timeout_s=10.0, rpc_timeout_s=10.0)
+    base = dict(
+        backend="http",
+        model="tiny-judge",
+        base_url=llm.url,
+        top_logprobs=1000,
+        concurrency=1,
+        backoff_s=0.05,
+        max_backoff_s=2.0,
+        timeout_s=10.0,
+        rpc_timeout_s=10.0,
+    )
     return JudgeSettings(**{**base, **kw})
 
 
 def submit(stub, n: int, k: int = 2, start: int = 0) -> list[str]:
-    candidates = [preference_pb2.Candidate(prompt=[common_pb2.Message(role="user", content=PROMPTS[i])],
-                                           completions=list(ANSWERS[i]) + [f"Answer number {j}." for j in range(k - 2)],
-                                           policy_version="step-1") for i in range(start, start + n)]
-    return list(stub.SubmitCandidates(preference_pb2.SubmitCandidatesRequest(candidates=candidates), timeout=10).task_ids)
+    candidates = [
+        preference_pb2.Candidate(
+            prompt=[common_pb2.Message(role="user", content=PROMPTS[i])],
+            completions=list(ANSWERS[i]) + [f"Answer number {j}." for j in range(k - 2)],
+            policy_version="step-1",
+        )
+        for i in range(start, start + n)
+    ]
+    return list(
+        stub.SubmitCandidates(preference_pb2.SubmitCandidatesRequest(candidates=candidates), timeout=10).task_ids
+    )
 
 
 def rows(srv, sql: str):
@@ -61,7 +88,13 @@ def test_both_orders_are_judged_and_stored_with_provenance(store, llm):
     submit(stub, 3)
     submit(stub, 1, k=3, start=3)  # the 4th prompt with three completions: a 3-pair tournament
     counts = run_judge(settings(llm, inconsistent="tie"), address=srv.address)
-    assert (counts.items, counts.labeled, counts.pair_judgments, counts.parse_failures, counts.errors) == (4, 4, 6, 0, 0)
+    assert (counts.items, counts.labeled, counts.pair_judgments, counts.parse_failures, counts.errors) == (
+        4,
+        4,
+        6,
+        0,
+        0,
+    )
     assert llm.statuses() == [200] * 12 and counts.calls == 12  # one logprobs call per order of each pair
     # Each pair was shown in both orders: each reply once as A and once as B.
     shown = [c.body["messages"][1]["content"] for c in llm.calls]
@@ -75,7 +108,9 @@ def test_both_orders_are_judged_and_stored_with_provenance(store, llm):
         meta = json.loads(metadata)
         assert meta["judge_template"] == "pairwise-choice-v2" and meta["judge_decision"] == "choice" and task_id
         assert "P(A)=" in rationale
-        ranks = [r for (r,) in rows(srv, f"SELECT rank FROM label_rankings WHERE label_id = '{label_id}' ORDER BY position")]
+        ranks = [
+            r for (r,) in rows(srv, f"SELECT rank FROM label_rankings WHERE label_id = '{label_id}' ORDER BY position")
+        ]
         verdicts = json.loads(meta["judge_verdicts"])
         assert int(meta["judge_flips"]) == sum(o1 != o2 for *_, o1, o2 in verdicts)
         if len(ranks) == 2:  # tie policy: a win only when both orders agree
@@ -165,7 +200,9 @@ def test_concurrency_limit(store, llm):
 def test_unparseable_answers_are_retried_then_counted_and_skipped(store, llm):
     srv, stub = store
     submit(stub, 2)
-    counts = run_judge(settings(llm, decision="generate", parse_retries=2, max_new_tokens=8, lease_seconds=60), address=srv.address)
+    counts = run_judge(
+        settings(llm, decision="generate", parse_retries=2, max_new_tokens=8, lease_seconds=60), address=srv.address
+    )
     # the tiny model never writes [[A]]/[[B]]/[[C]]: each item's first order is asked 3 times, then the item is skipped
     assert (counts.items, counts.parse_failures, counts.labeled) == (2, 2, 0)
     assert [c.body["temperature"] for c in llm.calls] == [0.0, 0.7, 0.7] * 2
@@ -176,7 +213,9 @@ def test_unparseable_answers_are_retried_then_counted_and_skipped(store, llm):
 def test_expired_leases_of_another_judge_return_tasks(store, llm):
     srv, stub = store
     submit(stub, 3)
-    crashed = stub.LeaseTasks(preference_pb2.LeaseTasksRequest(owner="crashed-judge", max_tasks=2, lease_seconds=3), timeout=10).tasks
+    crashed = stub.LeaseTasks(
+        preference_pb2.LeaseTasksRequest(owner="crashed-judge", max_tasks=2, lease_seconds=3), timeout=10
+    ).tasks
     assert len(crashed) == 2
     assert run_judge(settings(llm), address=srv.address).labeled == 1
     time.sleep(max(0.0, crashed[0].lease_expires_unix_ms / 1000 - time.time()) + 0.2)
@@ -201,8 +240,11 @@ def test_follow_waits_for_new_tasks_until_stopped(store, llm):
     srv, stub = store
     stop = threading.Event()
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("counts", run_judge(settings(llm, poll_interval_s=0.1), address=srv.address,
-                                                                                   follow=True, stop_event=stop)))
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "counts", run_judge(settings(llm, poll_interval_s=0.1), address=srv.address, follow=True, stop_event=stop)
+        )
+    )
     thread.start()
     time.sleep(0.5)
     submit(stub, 2)
@@ -217,7 +259,9 @@ def test_follow_waits_for_new_tasks_until_stopped(store, llm):
 def test_file_input_is_resumable(store, llm, tmp_path):
     srv, _ = store
     path = tmp_path / "items.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "completions": list(a)}) + "\n" for p, a in zip(PROMPTS[:3], ANSWERS)))
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "completions": list(a)}) + "\n" for p, a in zip(PROMPTS[:3], ANSWERS))
+    )
     progress = tmp_path / "progress.done"
     first = run_judge(settings(llm), address=srv.address, input_path=path, max_tasks=2, progress_file=progress)
     assert first.labeled == 2 and len(progress.read_text().split()) == 2
@@ -233,21 +277,39 @@ def test_file_input_is_resumable(store, llm, tmp_path):
 def test_stats_report_agreement_kappa_position_bias_and_length_bias(store, llm):
     srv, stub = store
     prompts = [[common_pb2.Message(role="user", content=p)] for p in PROMPTS]
-    humans = [preference_pb2.Label(label_id=f"h{i}", prompt=prompts[i], responses=list(ANSWERS[i]), ranks=[0, 1],
-                                   source=preference_pb2.HUMAN, annotator="person") for i in range(5)]
+    humans = [
+        preference_pb2.Label(
+            label_id=f"h{i}",
+            prompt=prompts[i],
+            responses=list(ANSWERS[i]),
+            ranks=[0, 1],
+            source=preference_pb2.HUMAN,
+            annotator="person",
+        )
+        for i in range(5)
+    ]
     stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=humans), timeout=10)
-    stub.SubmitCandidates(preference_pb2.SubmitCandidatesRequest(candidates=[
-        preference_pb2.Candidate(prompt=prompts[i], completions=list(reversed(ANSWERS[i]))) for i in range(5)]), timeout=10)
+    stub.SubmitCandidates(
+        preference_pb2.SubmitCandidatesRequest(
+            candidates=[
+                preference_pb2.Candidate(prompt=prompts[i], completions=list(reversed(ANSWERS[i]))) for i in range(5)
+            ]
+        ),
+        timeout=10,
+    )
     counts = run_judge(settings(llm, inconsistent="calibrate"), address=srv.address)
     assert counts.labeled == 5
     stats = stub.GetStats(preference_pb2.GetStatsRequest(), timeout=10)
     assert stats.judge_swapped_pairs == counts.pair_judgments == 5
     assert stats.judge_position_bias_rate == pytest.approx(counts.position_bias_rate)
     # recompute from the stored rows: the judge's winner vs the people's (the first answer of each pair)
-    judged = rows(srv, """SELECT k.text FROM labels l JOIN label_rankings r ON r.label_id = l.label_id
+    judged = rows(
+        srv,
+        """SELECT k.text FROM labels l JOIN label_rankings r ON r.label_id = l.label_id
                           JOIN completions k ON k.id = r.completion_id
                           WHERE l.source = 'JUDGE' AND r.rank = 0 AND l.label_id IN
-                                (SELECT label_id FROM label_rankings GROUP BY label_id HAVING count(DISTINCT rank) = 2)""")
+                                (SELECT label_id FROM label_rankings GROUP BY label_id HAVING count(DISTINCT rank) = 2)""",
+    )
     winners = {t for (t,) in judged}
     agree = sum(a in winners for a, _ in ANSWERS)
     assert stats.judge_human_shared_pairs == len(winners)
@@ -260,23 +322,54 @@ def test_stats_report_agreement_kappa_position_bias_and_length_bias(store, llm):
 
 
 def _cli(*args, home, **env):
-    return subprocess.run([sys.executable, "-m", "rm_service.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "RM_HOME": str(home), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "rm_service.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RM_HOME": str(home), **env},
+    )
 
 
 def test_cli_judge_and_agreement(store, llm, home):
     srv, stub = store
     submit(stub, 2)
-    stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[preference_pb2.Label(
-        label_id="h0", prompt=[common_pb2.Message(role="user", content=PROMPTS[0])], responses=list(ANSWERS[0]), ranks=[0, 1],
-        source=preference_pb2.HUMAN, annotator="person")]), timeout=10)
-    result = _cli("judge", "--backend", "http", "--base-url", llm.url, "--model", "tiny-judge", "--address", srv.address,
-                  "--no-progress", home=home, RM_JUDGE_TOP_LOGPROBS="1000")
+    stub.IngestLabels(
+        preference_pb2.IngestLabelsRequest(
+            labels=[
+                preference_pb2.Label(
+                    label_id="h0",
+                    prompt=[common_pb2.Message(role="user", content=PROMPTS[0])],
+                    responses=list(ANSWERS[0]),
+                    ranks=[0, 1],
+                    source=preference_pb2.HUMAN,
+                    annotator="person",
+                )
+            ]
+        ),
+        timeout=10,
+    )
+    result = _cli(
+        "judge",
+        "--backend",
+        "http",
+        "--base-url",
+        llm.url,
+        "--model",
+        "tiny-judge",
+        "--address",
+        srv.address,
+        "--no-progress",
+        home=home,
+        RM_JUDGE_TOP_LOGPROBS="1000",
+    )
     assert result.returncode == 0, result.stderr
     assert "judged 2 items" in result.stdout and "labeled 2" in result.stdout
     result = _cli("judge-agreement", "--address", srv.address, home=home)
     assert result.returncode == 0, result.stderr
-    assert "| shared pairs (judge and people both decisive)" in result.stdout and "| position-bias rate" in result.stdout
+    assert (
+        "| shared pairs (judge and people both decisive)" in result.stdout and "| position-bias rate" in result.stdout
+    )
     assert "JUDGE 2" in result.stdout and "HUMAN 1" in result.stdout
 
 
@@ -318,15 +411,27 @@ def test_cli_agreement_reads_the_store_file_with_any_reference(home, capsys):
         return LabelIn(lid, [Message("user", "q")], responses, ranks, source, "x", metadata=meta)
 
     store = Store(StoreSettings())
-    store.ingest([label("i1", "IMPORT", ["long answer", "no"], [0, 1]), label("j1", "JUDGE", ["no", "long answer"], [1, 0], flips="1"),
-                  label("i2", "IMPORT", ["yes", "nope!"], [0, 1]), label("j2", "JUDGE", ["yes", "nope!"], [1, 0])])
+    store.ingest(
+        [
+            label("i1", "IMPORT", ["long answer", "no"], [0, 1]),
+            label("j1", "JUDGE", ["no", "long answer"], [1, 0], flips="1"),
+            label("i2", "IMPORT", ["yes", "nope!"], [0, 1]),
+            label("j2", "JUDGE", ["yes", "nope!"], [1, 0]),
+        ]
+    )
     store.close()
     result = _cli("judge-agreement", "--reference", "HUMAN,IMPORT", home=home)
     assert result.returncode == 0, result.stderr
-    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in result.stdout.splitlines() if line.startswith("| ")}
+    table = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in result.stdout.splitlines()
+        if line.startswith("| ")
+    }
     assert table["shared pairs (judge and people both decisive)"] == "2" and table["agreement with people"] == "0.500"
     assert table["position-bias rate (verdict flips with the order)"] == "0.500"
     assert _cli("judge-agreement", home=home).stdout.count("nothing to compare yet") == 1  # HUMAN only: no shared pairs
     from rm_service.cli import main
 
-    assert main(["judge-agreement", "--reference", "HUMAN,JUDGE"]) == 2 and "non-judge sources" in capsys.readouterr().err
+    assert (
+        main(["judge-agreement", "--reference", "HUMAN,JUDGE"]) == 2 and "non-judge sources" in capsys.readouterr().err
+    )

@@ -10,19 +10,28 @@ import pytest
 
 from rm_service.conversation import Message
 from rm_service.errors import InvalidArgument
-from rm_service.store.agreement import SharedPair, agreement_report, cohen_kappa, format_report
 from rm_service.judge.items import read_items
 from rm_service.judge.pairwise import SwapJudgment, combine_orders, copeland_ranks, outcome
-from rm_service.judge.templates import PAIRWISE_CHOICE, clip_response, load_template, pairwise_messages, render_conversation
+from rm_service.judge.templates import (
+    PAIRWISE_CHOICE,
+    clip_response,
+    load_template,
+    pairwise_messages,
+    render_conversation,
+)
 from rm_service.judge.verdict import ParseFailure, choice_verdict, parse_pairwise, parse_ranking
+from rm_service.store.agreement import SharedPair, agreement_report, cohen_kappa, format_report
 
 
-@pytest.mark.parametrize(("text", "position"), [
-    ("A is clearer and safer.\n[[A]]", "A"),
-    ("[[B]]", "B"),
-    ("Both are equally fine. [[C]]", "tie"),
-    ("Verdict: [[ A ]] ... again [[A]]", "A"),  # the same verdict twice is one verdict
-])
+@pytest.mark.parametrize(
+    ("text", "position"),
+    [
+        ("A is clearer and safer.\n[[A]]", "A"),
+        ("[[B]]", "B"),
+        ("Both are equally fine. [[C]]", "tie"),
+        ("Verdict: [[ A ]] ... again [[A]]", "A"),  # the same verdict twice is one verdict
+    ],
+)
 def test_pairwise_verdicts_parse(text, position):
     verdict = parse_pairwise(text)
     assert verdict.position == position and "[[" not in verdict.rationale
@@ -61,17 +70,20 @@ def _jd(o1, o2, m1=0.0, m2=0.0, i=0, j=1):
     return SwapJudgment("judge", i, j, o1, o2, "", m1, m2)
 
 
-@pytest.mark.parametrize(("o1", "o2", "m1", "m2", "tie", "skip", "calibrate"), [
-    ("first", "first", 2.0, 1.0, "first", "first", "first"),
-    ("second", "second", -1.0, -3.0, "second", "second", "second"),
-    ("tie", "tie", 0.0, 0.0, "tie", "tie", "tie"),
-    # The judge picked the reply shown first both times: a position flip.
-    ("first", "second", 3.0, -1.0, "tie", None, "first"),
-    ("first", "second", 0.5, -2.5, "tie", None, "second"),
-    # generate-mode margins: a split verdict cancels, a win and a tie stay a win
-    ("first", "second", 1.0, -1.0, "tie", None, "tie"),
-    ("tie", "second", 0.0, -1.0, "tie", None, "second"),
-])
+@pytest.mark.parametrize(
+    ("o1", "o2", "m1", "m2", "tie", "skip", "calibrate"),
+    [
+        ("first", "first", 2.0, 1.0, "first", "first", "first"),
+        ("second", "second", -1.0, -3.0, "second", "second", "second"),
+        ("tie", "tie", 0.0, 0.0, "tie", "tie", "tie"),
+        # The judge picked the reply shown first both times: a position flip.
+        ("first", "second", 3.0, -1.0, "tie", None, "first"),
+        ("first", "second", 0.5, -2.5, "tie", None, "second"),
+        # generate-mode margins: a split verdict cancels, a win and a tie stay a win
+        ("first", "second", 1.0, -1.0, "tie", None, "tie"),
+        ("tie", "second", 0.0, -1.0, "tie", None, "second"),
+    ],
+)
 def test_inconsistent_policies(o1, o2, m1, m2, tie, skip, calibrate):
     jd = _jd(o1, o2, m1, m2)
     assert jd.flipped == (o1 != o2)
@@ -121,7 +133,9 @@ def test_agreement_report_counts_ties_length_and_flips():
 
 def test_templates_render_and_truncate():
     prompt = [Message("user", "x" * 50), Message("assistant", "ok"), Message("user", "Which river is longest?")]
-    chat = pairwise_messages(PAIRWISE_CHOICE, prompt, "The Nile.", "The Amazon.", max_conversation_chars=40, max_response_chars=5)
+    chat = pairwise_messages(
+        PAIRWISE_CHOICE, prompt, "The Nile.", "The Amazon.", max_conversation_chars=40, max_response_chars=5
+    )
     assert [m.role for m in chat] == ["system", "user"]
     user = chat[1].content
     assert "User: Which river is longest?" in user and "x" * 50 not in user  # the end of the conversation is kept
@@ -131,10 +145,15 @@ def test_templates_render_and_truncate():
 
 def test_template_files_are_checked(tmp_path):
     good = tmp_path / "good.toml"
-    good.write_text('version = "house-v2"\nkind = "pairwise"\nsystem = "Judge {{fairly}}."\n'
-                    'user = "{conversation} A: {response_a} B: {response_b}"\n')
+    good.write_text(
+        'version = "house-v2"\nkind = "pairwise"\nsystem = "Judge {{fairly}}."\n'
+        'user = "{conversation} A: {response_a} B: {response_b}"\n'
+    )
     t = load_template(good)
-    assert t.version == "house-v2" and t.messages(conversation="c", response_a="a", response_b="b")[0].content == "Judge {fairly}."
+    assert (
+        t.version == "house-v2"
+        and t.messages(conversation="c", response_a="a", response_b="b")[0].content == "Judge {fairly}."
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text('version = "v"\nkind = "pairwise"\nsystem = "s"\nuser = "{conversation} {response_a}"\n')
     with pytest.raises(InvalidArgument, match="placeholders"):

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from browser import chromium, missing
 from conftest import HH_FILE
 from labeling import CHAT, REPLIES, SECOND_LABELER, TOKENS, annotator, client, rows, start, submit, url
+
 from rm_service.formats.hh import read_pairs
 from rm_service.store.labels import LabelIn
 
@@ -64,10 +64,12 @@ def sign_in(driver, base: str, token: str, path: str = "/") -> None:
 
 def current_task(driver, previous: str | None = None) -> str:
     """The id of the task on the page, once it differs from `previous`."""
+
     def shown():
         task = by_id(driver, "task")
         tid = task.get_attribute("data-task-id")
         return tid if task.is_displayed() and tid and tid != previous else None
+
     return wait(shown, "the next task")
 
 
@@ -85,10 +87,12 @@ def test_rank_a_three_way_task_with_a_tie_from_the_keyboard(home, tiny_rm_dir, b
         assert current_task(browser) == task
         assert "Reward model" in by_id(browser, "suggestions").text  # the served model's suggestion, shown apart
         assert browser.find_elements("css selector", "#replies .reply")[0] == browser.switch_to.active_element
+
         # The open page renews its lease (every third of the 3 s lease): wait for two renewals,
         # by the stored expiry moving on, rather than sleeping and hoping.
         def expiry():
             return rows(srv, "SELECT epoch_ms(lease_expires_at) FROM tasks")[0][0]
+
         first = expiry()
         second = wait(lambda: (e := expiry()) > first and e, "a renewal of the lease")
         wait(lambda: expiry() > second, "a second renewal of the lease")
@@ -103,15 +107,31 @@ def test_rank_a_three_way_task_with_a_tie_from_the_keyboard(home, tiny_rm_dir, b
         keys(browser, Keys.ENTER)
         saved(browser)
         label_id = f"{task}/{annotator(TOKENS['labeler'])}"
-        [(source, who, strength, rationale, metadata)] = rows(srv, "SELECT source, annotator, strength, rationale, metadata FROM labels "
-                                                                  "WHERE label_id = ?", [label_id])
-        assert (source, who, strength, rationale) == ("HUMAN", annotator(TOKENS["labeler"]), 2.0, "A and B both help; C gives up.")
+        [(source, who, strength, rationale, metadata)] = rows(
+            srv, "SELECT source, annotator, strength, rationale, metadata FROM labels WHERE label_id = ?", [label_id]
+        )
+        assert (source, who, strength, rationale) == (
+            "HUMAN",
+            annotator(TOKENS["labeler"]),
+            2.0,
+            "A and B both help; C gives up.",
+        )
         assert json.loads(json.loads(metadata)["turn_feedback"]) == {"1": "up"}
-        thumbs = rows(srv, "SELECT l.source, l.annotator, f.kind, f.message_index, f.value FROM labels l JOIN label_feedback f "
-                           "USING (label_id) WHERE label_id = ?", [f"{label_id}/thumbs"])
-        assert thumbs == [("HUMAN", annotator(TOKENS["labeler"]), "thumb", 1, 1.0)]  # the thumb is a feedback label of its own too
-        ranking = rows(srv, """SELECT k.text, r.rank FROM label_rankings r JOIN completions k ON k.id = r.completion_id
-                               WHERE r.label_id = ? ORDER BY r.position""", [label_id])
+        thumbs = rows(
+            srv,
+            "SELECT l.source, l.annotator, f.kind, f.message_index, f.value FROM labels l JOIN label_feedback f "
+            "USING (label_id) WHERE label_id = ?",
+            [f"{label_id}/thumbs"],
+        )
+        assert thumbs == [
+            ("HUMAN", annotator(TOKENS["labeler"]), "thumb", 1, 1.0)
+        ]  # the thumb is a feedback label of its own too
+        ranking = rows(
+            srv,
+            """SELECT k.text, r.rank FROM label_rankings r JOIN completions k ON k.id = r.completion_id
+                               WHERE r.label_id = ? ORDER BY r.position""",
+            [label_id],
+        )
         assert ranking == [(REPLIES[0], 0), (REPLIES[1], 0), (REPLIES[2], 1)]
         assert rows(srv, "SELECT state, closed_by FROM tasks") == [("done", label_id)]
         assert rows(srv, "SELECT kind FROM suggestions") == [("model",)]
@@ -125,8 +145,10 @@ def test_a_wrong_token_is_refused(home, browser):
     srv = start()
     try:
         submit(srv, REPLIES)
-        for token, refusal in (("labeler-" + "w" * 30, "Refused: invalid bearer token"),
-                               (TOKENS["scorer"], "needs the labeler or admin role")):
+        for token, refusal in (
+            ("labeler-" + "w" * 30, "Refused: invalid bearer token"),
+            (TOKENS["scorer"], "needs the labeler or admin role"),
+        ):
             sign_in(browser, url(srv), token)
             wait(lambda: refusal in by_id(browser, "message").text, f"the refusal {refusal!r}")
             assert by_id(browser, "signin").is_displayed() and not by_id(browser, "work").is_displayed()
@@ -143,8 +165,15 @@ def test_label_twenty_tasks_from_the_keyboard_alone(home, browser):
     srv = start()
     try:
         pairs = [pair for _, _, pair in read_pairs(HH_FILE) if not isinstance(pair, Exception)][:21]
-        ids = [submit(srv, [p.chosen, p.rejected] + ([f"A third reply, number {i}."] if i % 3 == 0 else []), prompt=p.prompt,
-                      priority=100 - i) for i, p in enumerate(pairs)]
+        ids = [
+            submit(
+                srv,
+                [p.chosen, p.rejected] + ([f"A third reply, number {i}."] if i % 3 == 0 else []),
+                prompt=p.prompt,
+                priority=100 - i,
+            )
+            for i, p in enumerate(pairs)
+        ]
         sign_in(browser, url(srv), TOKENS["labeler"])
         shown, task = [], None
         for i in range(21):
@@ -162,10 +191,16 @@ def test_label_twenty_tasks_from_the_keyboard_alone(home, browser):
         assert shown == ids  # highest priority first
         assert by_id(browser, "progress").text == "Labeled today: 20 · Left in queue: 0"
         assert rows(srv, "SELECT task_id, annotator FROM task_skips") == [(ids[0], annotator(TOKENS["labeler"]))]
-        labeled = rows(srv, "SELECT task_id FROM labels WHERE source = 'HUMAN' AND annotator = ? ORDER BY seq",
-                       [annotator(TOKENS["labeler"])])
+        labeled = rows(
+            srv,
+            "SELECT task_id FROM labels WHERE source = 'HUMAN' AND annotator = ? ORDER BY seq",
+            [annotator(TOKENS["labeler"])],
+        )
         assert [t for (t,) in labeled] == ids[1:]
-        assert rows(srv, "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state") == [("done", 20), ("queued", 1)]
+        assert rows(srv, "SELECT state, count(*) FROM tasks GROUP BY state ORDER BY state") == [
+            ("done", 20),
+            ("queued", 1),
+        ]
     finally:
         srv.stop()
 
@@ -174,7 +209,10 @@ def test_screenshots_of_the_labeling_and_admin_views(home, property_rm_dir, brow
     """The two views with real data, as PNGs (copied into RM_SCREENSHOTS_DIR when it is set)."""
     srv = start(with_model=True, model=str(property_rm_dir), precision="fp32")
     try:
-        best_first = {SECOND_LABELER: [REPLIES, REPLIES], TOKENS["admin"]: [REPLIES, [REPLIES[1], REPLIES[0], REPLIES[2]]]}
+        best_first = {
+            SECOND_LABELER: [REPLIES, REPLIES],
+            TOKENS["admin"]: [REPLIES, [REPLIES[1], REPLIES[0], REPLIES[2]]],
+        }
         for n, prompt in enumerate([CHAT[:1], CHAT]):  # two people and two judges rank the same completions
             for p, (token, orders) in enumerate(best_first.items()):
                 shown = REPLIES if p == 0 else REPLIES[::-1]  # the same completions, another task
@@ -183,14 +221,23 @@ def test_screenshots_of_the_labeling_and_admin_views(home, property_rm_dir, brow
                 assert c.post("/api/next").json()["task"]["task_id"] == task
                 ranks = [orders[n].index(text) for text in shown]
                 assert c.post(f"/api/tasks/{task}/label", json={"ranks": ranks}).status_code == 200
-            srv.server.store.ingest([LabelIn(f"judge-a-{n}", prompt, REPLIES, [0, 1, 2], "JUDGE", "smollm2-135m-instruct@pairwise-v1"),
-                                     LabelIn(f"judge-b-{n}", prompt, REPLIES, [2, 1, 0], "JUDGE", "length-judge")])
-        submit(srv, [REPLIES[1], REPLIES[0], REPLIES[2]], priority=1)  # a third task of the same completions: both suggestions apply
+            srv.server.store.ingest(
+                [
+                    LabelIn(f"judge-a-{n}", prompt, REPLIES, [0, 1, 2], "JUDGE", "smollm2-135m-instruct@pairwise-v1"),
+                    LabelIn(f"judge-b-{n}", prompt, REPLIES, [2, 1, 0], "JUDGE", "length-judge"),
+                ]
+            )
+        submit(
+            srv, [REPLIES[1], REPLIES[0], REPLIES[2]], priority=1
+        )  # a third task of the same completions: both suggestions apply
         sign_in(browser, url(srv), TOKENS["labeler"])
         current_task(browser)
         wait(lambda: "Judge" in by_id(browser, "suggestions").text, "the judges' suggestions")
         keys(browser, "2", "1", "3", "u")
-        shots = {"labeling-page.png": tmp_path / "labeling-page.png", "labeling-admin.png": tmp_path / "labeling-admin.png"}
+        shots = {
+            "labeling-page.png": tmp_path / "labeling-page.png",
+            "labeling-admin.png": tmp_path / "labeling-admin.png",
+        }
         browser.save_screenshot(str(shots["labeling-page.png"]))
         browser.execute_script("sessionStorage.clear()")
         browser.set_window_size(1360, 1300)  # the whole admin view

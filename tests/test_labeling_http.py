@@ -11,12 +11,12 @@ import time
 
 import httpx
 import pytest
-
 from labeling import CHAT, REPLIES, SECOND_LABELER, TOKENS, annotator, client, rows, start, submit, url
+from test_auth import pki  # noqa: F401 - the throwaway CA and certificates of the gRPC TLS tests
+
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition
 from rm_service.store.labels import LabelIn
-from test_auth import pki  # noqa: F401 - the throwaway CA and certificates of the gRPC TLS tests
 
 LABELER, ADMIN, SCORER = TOKENS["labeler"], TOKENS["admin"], TOKENS["scorer"]
 
@@ -66,23 +66,48 @@ def test_lease_highest_priority_first_resume_renew_and_label(srv):
     time.sleep(0.05)
     renewed = me.post(f"/api/tasks/{high}/renew")
     assert renewed.status_code == 200 and renewed.json()["lease_expires_unix_ms"] > before
-    assert rows(srv, "SELECT epoch_ms(lease_expires_at) FROM tasks WHERE task_id = ?", [high])[0][0] == renewed.json()["lease_expires_unix_ms"]
-    answer = {"ranks": [0, 0, 1], "strength": 2, "rationale": " A and B both help; C gives up. ", "turn_feedback": {"1": "up"}}
+    assert (
+        rows(srv, "SELECT epoch_ms(lease_expires_at) FROM tasks WHERE task_id = ?", [high])[0][0]
+        == renewed.json()["lease_expires_unix_ms"]
+    )
+    answer = {
+        "ranks": [0, 0, 1],
+        "strength": 2,
+        "rationale": " A and B both help; C gives up. ",
+        "turn_feedback": {"1": "up"},
+    }
     r = me.post(f"/api/tasks/{high}/label", json=answer)
     assert r.status_code == 200 and r.json()["status"] == "INSERTED", r.text
     label_id = f"{high}/{annotator(LABELER)}"
     assert r.json()["label_id"] == label_id and r.json()["progress"]["labeled_today"] == 1
     [(source, who, strength, rationale, metadata, task_id)] = rows(
-        srv, "SELECT source, annotator, strength, rationale, metadata, task_id FROM labels WHERE label_id = ?", [label_id])
-    assert (source, who, strength, rationale, task_id) == ("HUMAN", annotator(LABELER), 2.0, "A and B both help; C gives up.", high)
+        srv,
+        "SELECT source, annotator, strength, rationale, metadata, task_id FROM labels WHERE label_id = ?",
+        [label_id],
+    )
+    assert (source, who, strength, rationale, task_id) == (
+        "HUMAN",
+        annotator(LABELER),
+        2.0,
+        "A and B both help; C gives up.",
+        high,
+    )
     meta = json.loads(metadata)
     assert json.loads(meta["turn_feedback"]) == {"1": "up"} and meta["interface"] == "labeling-page"
-    ranking = rows(srv, """SELECT k.text, r.rank FROM label_rankings r JOIN completions k ON k.id = r.completion_id
-                           WHERE r.label_id = ? ORDER BY r.position""", [label_id])
+    ranking = rows(
+        srv,
+        """SELECT k.text, r.rank FROM label_rankings r JOIN completions k ON k.id = r.completion_id
+                           WHERE r.label_id = ? ORDER BY r.position""",
+        [label_id],
+    )
     assert ranking == [(REPLIES[0], 0), (REPLIES[1], 0), (REPLIES[2], 1)]
     # The thumb is also a first-class feedback label on the chat, committed with the ranking.
-    assert rows(srv, "SELECT l.annotator, l.task_id, f.kind, f.message_index, f.value FROM labels l JOIN label_feedback f "
-                     "USING (label_id) WHERE label_id = ?", [f"{label_id}/thumbs"]) == [(annotator(LABELER), high, "thumb", 1, 1.0)]
+    assert rows(
+        srv,
+        "SELECT l.annotator, l.task_id, f.kind, f.message_index, f.value FROM labels l JOIN label_feedback f "
+        "USING (label_id) WHERE label_id = ?",
+        [f"{label_id}/thumbs"],
+    ) == [(annotator(LABELER), high, "thumb", 1, 1.0)]
     assert rows(srv, "SELECT state, closed_by FROM tasks WHERE task_id = ?", [high]) == [("done", label_id)]
 
 
@@ -99,7 +124,9 @@ def test_double_submit_stores_one_label(srv):
     first, second = asyncio.run(twice())
     assert (first.status_code, second.status_code) == (200, 200)
     assert sorted([first.json()["status"], second.json()["status"]]) == ["DUPLICATE", "INSERTED"]
-    assert me.post(f"/api/tasks/{task}/label", json=answer).json()["status"] == "DUPLICATE"  # after the task closed, too
+    assert (
+        me.post(f"/api/tasks/{task}/label", json=answer).json()["status"] == "DUPLICATE"
+    )  # after the task closed, too
     changed = me.post(f"/api/tasks/{task}/label", json={"ranks": [0, 1, 2]})
     assert changed.status_code == 409 and "another answer" in changed.json()["error"]
     assert rows(srv, "SELECT count(*) FROM labels") == [(1,)]
@@ -139,26 +166,33 @@ def test_an_expired_lease_is_409(home):
         srv.stop()
 
 
-@pytest.mark.parametrize("body, status, field", [
-    (b"{not json", 400, "body"),
-    (b"[1, 2]", 400, "body"),
-    ({"ranks": "0,1,2"}, 400, "ranks"),
-    ({"ranks": [0, 2, 1, 3]}, 400, "ranks"),
-    ({"ranks": [0, 2, 2]}, 400, "ranks"),  # not dense: the store's own check
-    ({"ranks": [0, 1, True]}, 400, "ranks[2]"),
-    ({"ranks": [0, 1, 2], "strength": -1}, 400, "strength"),
-    ({"ranks": [0, 1, 2], "strength": "high"}, 400, "strength"),
-    ({"ranks": [0, 1, 2], "rationale": 7}, 400, "rationale"),
-    ({"ranks": [0, 1, 2], "turn_feedback": {"0": "up"}}, 400, "turn_feedback['0']"),  # a user turn
-    ({"ranks": [0, 1, 2], "turn_feedback": {"1": "meh"}}, 400, "turn_feedback['1']"),
-    ({"ranks": [0, 1, 2], "turn_feedback": ["up"]}, 400, "turn_feedback"),
-    ({"ranks": [0, 1, 2], "source": "JUDGE"}, 400, "source"),  # the page cannot choose source or annotator
-])
+@pytest.mark.parametrize(
+    "body, status, field",
+    [
+        (b"{not json", 400, "body"),
+        (b"[1, 2]", 400, "body"),
+        ({"ranks": "0,1,2"}, 400, "ranks"),
+        ({"ranks": [0, 2, 1, 3]}, 400, "ranks"),
+        ({"ranks": [0, 2, 2]}, 400, "ranks"),  # not dense: the store's own check
+        ({"ranks": [0, 1, True]}, 400, "ranks[2]"),
+        ({"ranks": [0, 1, 2], "strength": -1}, 400, "strength"),
+        ({"ranks": [0, 1, 2], "strength": "high"}, 400, "strength"),
+        ({"ranks": [0, 1, 2], "rationale": 7}, 400, "rationale"),
+        ({"ranks": [0, 1, 2], "turn_feedback": {"0": "up"}}, 400, "turn_feedback['0']"),  # a user turn
+        ({"ranks": [0, 1, 2], "turn_feedback": {"1": "meh"}}, 400, "turn_feedback['1']"),
+        ({"ranks": [0, 1, 2], "turn_feedback": ["up"]}, 400, "turn_feedback"),
+        ({"ranks": [0, 1, 2], "source": "JUDGE"}, 400, "source"),  # the page cannot choose source or annotator
+    ],
+)
 def test_bad_answers_are_400_naming_the_field(srv, body, status, field):
     task = submit(srv, REPLIES)
     me = client(srv, LABELER)
     _next(me)
-    kw = {"content": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kw = (
+        {"content": body, "headers": {"Content-Type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     r = me.post(f"/api/tasks/{task}/label", **kw)
     assert r.status_code == status and r.json()["error"].startswith(field + ":"), r.text
     assert rows(srv, "SELECT count(*) FROM labels") == [(0,)]
@@ -170,7 +204,9 @@ def test_unknown_tasks_routes_and_methods_are_4xx(srv):
     assert me.post("/api/tasks/task-nope/renew").status_code == 404
     assert me.get("/api/nothing").status_code == 404
     assert me.get("/api/next").status_code == 405
-    big = me.post("/api/tasks/x/label", content=b"{" + b" " * (1 << 20) + b"}", headers={"Content-Type": "application/json"})
+    big = me.post(
+        "/api/tasks/x/label", content=b"{" + b" " * (1 << 20) + b"}", headers={"Content-Type": "application/json"}
+    )
     assert big.status_code == 400 and "larger than" in big.json()["error"]
     assert _next(me) == {"task": None, "progress": {"labeled_today": 0, "queue_left": 0}}
 
@@ -178,7 +214,10 @@ def test_unknown_tasks_routes_and_methods_are_4xx(srv):
 def test_pages_forbid_inline_script_and_framing(srv):
     for path in ("/", "/admin"):
         r = httpx.get(url(srv) + path)
-        assert r.status_code == 200 and r.headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'"
+        assert (
+            r.status_code == 200
+            and r.headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'"
+        )
         assert "<script>" not in r.text and "onclick=" not in r.text  # nothing inline that the policy would block
 
 
@@ -217,19 +256,31 @@ def test_suggestions_are_shown_and_kept_apart(home, tiny_rm_dir):
         assert srv.server.store.ingest([judge])[0].status == "INSERTED"  # the same completions, another order
         shown = _next(client(srv, LABELER))["task"]["suggestions"]
         by_kind = {s["kind"]: s for s in shown}
-        assert by_kind["judge"] == {"kind": "judge", "origin": "judge-1", "suggester": "judge-model", "ranks": [1, 1, 0], "scores": None}
+        assert by_kind["judge"] == {
+            "kind": "judge",
+            "origin": "judge-1",
+            "suggester": "judge-model",
+            "ranks": [1, 1, 0],
+            "scores": None,
+        }
         model = by_kind["model"]
         version = srv.server.served.default
         assert model["origin"] == version and len(model["scores"]) == 3
         best = max(range(3), key=lambda i: model["scores"][i])
         assert model["ranks"][best] == 0
         assert _next(client(srv, LABELER))["task"]["suggestions"] == shown  # recorded once, shown again
-        assert rows(srv, "SELECT kind, origin FROM suggestions ORDER BY kind") == [("judge", "judge-1"), ("model", version)]
+        assert rows(srv, "SELECT kind, origin FROM suggestions ORDER BY kind") == [
+            ("judge", "judge-1"),
+            ("model", version),
+        ]
         r = client(srv, LABELER).post(f"/api/tasks/{task}/label", json={"ranks": [0, 1, 2]})
         assert r.status_code == 200
         meta = json.loads(rows(srv, "SELECT metadata FROM labels WHERE source = 'HUMAN'")[0][0])
         assert sorted(meta["suggestions_shown"].split(",")) == ["judge:judge-1", f"model:{version}"]
-        assert rows(srv, "SELECT source, count(*) FROM labels GROUP BY source ORDER BY source") == [("HUMAN", 1), ("JUDGE", 1)]
+        assert rows(srv, "SELECT source, count(*) FROM labels GROUP BY source ORDER BY source") == [
+            ("HUMAN", 1),
+            ("JUDGE", 1),
+        ]
     finally:
         srv.stop()
 
@@ -248,8 +299,12 @@ def test_admin_agreement_between_people_and_with_each_judge(srv):
         assert c.post(f"/api/tasks/{got['task_id']}/label", json={"ranks": ranks}).status_code == 200
         people[token] = annotator(token)
     store = srv.server.store
-    store.ingest([LabelIn("j-good", prompt, replies, [0, 1, 0], "JUDGE", "good-judge"),
-                  LabelIn("j-bad", prompt, replies, [1, 0, 2], "JUDGE", "bad-judge")])
+    store.ingest(
+        [
+            LabelIn("j-good", prompt, replies, [0, 1, 0], "JUDGE", "good-judge"),
+            LabelIn("j-bad", prompt, replies, [1, 0, 2], "JUDGE", "bad-judge"),
+        ]
+    )
     data = client(srv, ADMIN).get("/api/admin/agreement").json()
     [pair] = data["between_people"]
     assert {pair["a"], pair["b"]} == set(people.values())
@@ -258,7 +313,10 @@ def test_admin_agreement_between_people_and_with_each_judge(srv):
     assert judges["good-judge"]["shared_pairs"] == 2 and judges["good-judge"]["agreement"] == 1.0
     assert judges["bad-judge"]["agreement"] == 0.0
     expected = store.judge_agreement(("HUMAN",), judge="bad-judge")  # the same computation, not a second one
-    assert (judges["bad-judge"]["shared_pairs"], judges["bad-judge"]["agreement"]) == (expected.shared_pairs, expected.agreement)
+    assert (judges["bad-judge"]["shared_pairs"], judges["bad-judge"]["agreement"]) == (
+        expected.shared_pairs,
+        expected.agreement,
+    )
     assert data["people_and_all_judges"]["shared_pairs"] == store.judge_agreement().shared_pairs
     assert {p["annotator"] for p in data["people"]} == set(people.values())
     assert data["stats"]["labels_by_source"] == {"HUMAN": 2, "JUDGE": 2}

@@ -12,8 +12,8 @@ import sys
 import tomllib
 
 import pytest
-
 from conftest import CLIENT, ServerThread
+
 from rm_client import AsyncRewardClient, InvalidRequest, RewardClient
 from rm_client.trl import RewardFunction
 from rm_client.verl import ComputeScore, async_compute_score
@@ -73,8 +73,14 @@ print(json.dumps({"trl": reward(prompts=[question] * len(answers), completions=a
 
 
 def test_imports_and_scores_with_only_grpcio_and_protobuf(server, expected, tmp_path):
-    result = subprocess.run([sys.executable, "-c", ISOLATED, server.address, QUESTION, json.dumps(ANSWERS)], cwd=tmp_path,
-                            env={"PYTHONPATH": str(CLIENT), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", ISOLATED, server.address, QUESTION, json.dumps(ANSWERS)],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(CLIENT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout)
     assert got["trl"] == pytest.approx(expected, abs=1e-6)
@@ -101,10 +107,19 @@ def test_server_refusals_are_typed_and_name_the_field(client):
 def test_trl_standard_and_conversational_formats_score_alike(client, expected):
     reward = RewardFunction(client)
     metrics = {}
-    standard = reward(prompts=[QUESTION] * 3, completions=ANSWERS, completion_ids=[[1]] * 3, trainer_state=None,
-                      log_metric=metrics.__setitem__, log_extra=lambda *a: None, answer=["x"] * 3)
-    conversational = reward(prompts=[[{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]] * 3,
-                            completions=[[{"role": "assistant", "content": a}] for a in ANSWERS])
+    standard = reward(
+        prompts=[QUESTION] * 3,
+        completions=ANSWERS,
+        completion_ids=[[1]] * 3,
+        trainer_state=None,
+        log_metric=metrics.__setitem__,
+        log_extra=lambda *a: None,
+        answer=["x"] * 3,
+    )
+    conversational = reward(
+        prompts=[[{"role": "user", "content": [{"type": "text", "text": QUESTION}]}]] * 3,
+        completions=[[{"role": "assistant", "content": a}] for a in ANSWERS],
+    )
     assert all(isinstance(r, float) for r in standard) and len(standard) == 3
     assert standard == pytest.approx(expected, abs=1e-6)
     assert conversational == pytest.approx(expected, abs=1e-6)
@@ -138,15 +153,20 @@ def test_verl_compute_score_single_batch_and_async(server, client, expected):
     one = compute("hh", ANSWERS[0], None, extra_info={"prompt": [{"role": "user", "content": QUESTION}], "index": 0})
     assert set(one) == {"score", "raw_score", "uncertainty"}
     assert one["score"] == pytest.approx(expected[0], abs=1e-6)
-    batch = compute.batch(data_sources=["hh"] * 3, solution_strs=ANSWERS, ground_truths=[None] * 3,
-                          extra_infos=[{"prompt": QUESTION}] * 3)
+    batch = compute.batch(
+        data_sources=["hh"] * 3, solution_strs=ANSWERS, ground_truths=[None] * 3, extra_infos=[{"prompt": QUESTION}] * 3
+    )
     assert [b["score"] for b in batch] == pytest.approx(expected, abs=1e-6)
 
     score_async = async_compute_score(addresses=server.address, as_float=True)
 
     async def run():
-        return await asyncio.gather(*(score_async(data_source="hh", solution_str=a, ground_truth=None, extra_info={"prompt": QUESTION})
-                                      for a in ANSWERS))
+        return await asyncio.gather(
+            *(
+                score_async(data_source="hh", solution_str=a, ground_truth=None, extra_info={"prompt": QUESTION})
+                for a in ANSWERS
+            )
+        )
 
     assert asyncio.run(run()) == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match=r"extra_info\[0\] has no 'prompt'"):
@@ -167,10 +187,24 @@ def test_trl_grpo_trainer_runs_two_steps_on_served_rewards(server, tiny_lm_dir, 
         return reward(prompts, completions, **kwargs)
 
     counted.__name__ = "rm_service"
-    dataset = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{QUESTION} ({i})"}] for i in range(8)]})
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=8, learning_rate=1e-3, logging_steps=1, report_to="none", save_strategy="no",
-                          use_cpu=True, seed=0, bf16=False, disable_tqdm=True)
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": f"{QUESTION} ({i})"}] for i in range(8)]}
+    )
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        bf16=False,
+        disable_tqdm=True,
+    )
     trainer = trl.GRPOTrainer(model=str(tiny_lm_dir), reward_funcs=[counted], train_dataset=dataset, args=args)
     try:
         trainer.train()

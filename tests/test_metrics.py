@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import time
-
 import asyncio
 import json
 import logging
 import socket
+import time
 import urllib.request
 
 import grpc
 import pytest
+from conftest import ServerThread
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ServerThread
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from rm_service.errors import FailedPrecondition
 from rm_service.settings import ServeSettings
@@ -24,15 +23,20 @@ SCORE_METHOD = "/rm.v1.RewardService/Score"
 
 
 def _request(n: int) -> reward_pb2.ScoreRequest:
-    return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion="Knead it. " * (i + 1))
-                                          for i in range(n)])
+    return reward_pb2.ScoreRequest(
+        items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion="Knead it. " * (i + 1)) for i in range(n)]
+    )
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def sample(samples, name: str, **labels) -> float | None:
@@ -40,7 +44,9 @@ def sample(samples, name: str, **labels) -> float | None:
 
 
 def test_metrics_endpoint_after_scores_and_a_rejection(home, tiny_rm_dir):
-    srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=0, max_inflight_items=4))
+    srv = ServerThread(
+        ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, metrics_port=0, max_inflight_items=4)
+    )
     try:
         assert srv.server.metrics_port not in (None, 0, srv.port)
         with grpc.insecure_channel(srv.address) as channel:
@@ -128,12 +134,24 @@ def test_json_log_lines():
     from rm_service.logs import JsonFormatter
 
     logger = logging.getLogger("rm_service.test")
-    record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "refused %s", ("/rm.v1.RewardService/Score",), None,
-                               extra={"peer": "ipv4:127.0.0.1:5555"})
+    record = logger.makeRecord(
+        logger.name,
+        logging.WARNING,
+        __file__,
+        1,
+        "refused %s",
+        ("/rm.v1.RewardService/Score",),
+        None,
+        extra={"peer": "ipv4:127.0.0.1:5555"},
+    )
     line = JsonFormatter().format(record)
     assert "\n" not in line
     obj = json.loads(line)
-    assert obj["level"] == "WARNING" and obj["logger"] == "rm_service.test" and obj["message"] == "refused /rm.v1.RewardService/Score"
+    assert (
+        obj["level"] == "WARNING"
+        and obj["logger"] == "rm_service.test"
+        and obj["message"] == "refused /rm.v1.RewardService/Score"
+    )
     assert obj["peer"] == "ipv4:127.0.0.1:5555" and obj["time"].endswith("+00:00")
     try:
         raise ValueError("boom")

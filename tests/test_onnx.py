@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HH_FILE
 
+from rm_service.formats.hh import read_pairs
 from rm_service.models.onnx_backend import (
     OnnxParityError,
     OnnxRuntimeModel,
@@ -18,12 +20,9 @@ from rm_service.models.onnx_backend import (
     export_onnx,
     ordering_agreement,
     parity,
-    quantize_int8,
 )
+from rm_service.models.quantize import quantize_int8
 from rm_service.models.runtime import load_backbone_runtime
-from rm_service.formats.hh import read_pairs
-
-from conftest import HH_FILE
 
 MAX_TOKENS = 256
 ONE_BATCH = 1_000_000  # a token budget that puts every item in one padded batch
@@ -54,7 +53,9 @@ def exported(request, tiny_rm_dir, tiny_encoder_dir, tmp_path_factory):
     if request.param == "causal":
         runtime = load_backbone_runtime(str(tiny_rm_dir), max_tokens=MAX_TOKENS, device="cpu", precision="fp32")
     else:
-        runtime = load_backbone_runtime(str(tiny_encoder_dir), max_tokens=MAX_TOKENS, ensemble_size=3, device="cpu", precision="fp32")
+        runtime = load_backbone_runtime(
+            str(tiny_encoder_dir), max_tokens=MAX_TOKENS, ensemble_size=3, device="cpu", precision="fp32"
+        )
     path = export_onnx(runtime, tmp_path_factory.mktemp(f"onnx-{request.param}") / "model.onnx")
     return runtime, OnnxRuntimeModel.for_runtime(runtime, path)
 

@@ -10,8 +10,8 @@ import random
 import grpc
 import numpy as np
 import pytest
-
 from conftest import ServerThread, store_with_hh, tiny_settings
+
 from policy_trainer import train_ppo
 from policy_trainer.logs import read_jsonl
 from policy_trainer.outer_loop import candidates
@@ -57,7 +57,9 @@ def test_the_rm_annotator_labels_by_reward_with_bradley_terry_strength(property_
     assert float(meta["rm_probability"]) == pytest.approx(1 / (1 + np.exp(-(rewards[1] - rewards[2]))), abs=1e-5)
     assert label.annotator.startswith(f"rm:{property_rm_dir.name}@") and counts.pair_judgments == 3
     assert annotator.annotate(item, JudgeCounts()).label_id == label.label_id  # the same item again: the same label id
-    tie = RewardAnnotator(str(property_rm_dir), settings.model_copy(update={"rm_tie_margin": 1e6}), annotator.runtime, "x")
+    tie = RewardAnnotator(
+        str(property_rm_dir), settings.model_copy(update={"rm_tie_margin": 1e6}), annotator.runtime, "x"
+    )
     assert list(tie.annotate(item, JudgeCounts()).ranks) == [0, 0, 0]
 
 
@@ -65,14 +67,20 @@ def test_rm_judge_labels_a_file_into_the_store_with_provenance(home, tmp_path, p
     srv = ServerThread(ServeSettings(port=0, with_model=False, metrics_port=-1))
     try:
         path = tmp_path / "items.jsonl"
-        path.write_text("\n".join(json.dumps({"prompt": [m.as_dict() for m in PROMPT], "completions": pair})
-                                  for pair in ([T_LIGHT, T_HEAVY], [T_HEAVY, T_SOME], [T_SOME, T_LIGHT])) + "\n")
+        path.write_text(
+            "\n".join(
+                json.dumps({"prompt": [m.as_dict() for m in PROMPT], "completions": pair})
+                for pair in ([T_LIGHT, T_HEAVY], [T_HEAVY, T_SOME], [T_SOME, T_LIGHT])
+            )
+            + "\n"
+        )
         settings = JudgeSettings(backend="rm", model=str(property_rm_dir), server=srv.address, device="cpu")
         counts = run_judge(settings, input_path=path, progress_file=tmp_path / "done")
         assert (counts.items, counts.labeled) == (3, 3)
         rows = srv.server.store.con.execute(
             "SELECT l.source, l.annotator, k.text FROM labels l JOIN label_rankings r USING (label_id) "
-            "JOIN completions k ON k.id = r.completion_id WHERE r.rank = 0 ORDER BY l.seq").fetchall()
+            "JOIN completions k ON k.id = r.completion_id WHERE r.rank = 0 ORDER BY l.seq"
+        ).fetchall()
         assert sorted(r[2] for r in rows) == sorted([T_HEAVY, T_HEAVY, T_SOME])  # each pair's winner has more "t" words
         assert {r[0] for r in rows} == {"JUDGE"} and all(r[1].startswith("rm:") for r in rows)
     finally:
@@ -106,11 +114,15 @@ def test_the_most_doubted_candidate_is_leased_first(home):
     try:
         groups = [_group([[2.0, 2.1], [-2.0, -2.1]]), _group([[1.0, -1.0], [-1.0, 1.0]])]
         priorities = [int(round(1000 * acquisition(g))) for g in groups]
-        batch = candidates([[Message("user", f"Question {i}?")] for i in range(2)], [g.completions for g in groups], 3, {}, priorities)
+        batch = candidates(
+            [[Message("user", f"Question {i}?")] for i in range(2)], [g.completions for g in groups], 3, {}, priorities
+        )
         with grpc.insecure_channel(srv.address) as channel:
             stub = preference_pb2_grpc.PreferenceServiceStub(channel)
             stub.SubmitCandidates(preference_pb2.SubmitCandidatesRequest(candidates=batch), timeout=30)
-            leased = stub.LeaseTasks(preference_pb2.LeaseTasksRequest(owner="t", max_tasks=1, lease_seconds=60), timeout=30).tasks
+            leased = stub.LeaseTasks(
+                preference_pb2.LeaseTasksRequest(owner="t", max_tasks=1, lease_seconds=60), timeout=30
+            ).tasks
         assert leased[0].prompt[0].content == "Question 1?" and priorities[1] > priorities[0]
         origin = srv.server.store.con.execute("SELECT DISTINCT origin FROM completions").fetchall()
         assert origin == [("policy@step-3",)]  # the policy's version, recorded once
@@ -121,10 +133,19 @@ def test_the_most_doubted_candidate_is_leased_first(home):
 # -- retrains that move ----------------------------------------------------------------------
 
 
-def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_sees_it(home, tmp_path, tiny_backbone_dir):
+def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_sees_it(
+    home, tmp_path, tiny_backbone_dir
+):
     store = store_with_hh(tmp_path, 60)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0,
-                             onpolicy_heldout_fraction=0.3, onpolicy_weight=8.0)
+    settings = TrainSettings(
+        backbone=str(tiny_backbone_dir),
+        ensemble_size=2,
+        max_tokens=128,
+        export_onnx="off",
+        gate_tolerance=1.0,
+        onpolicy_heldout_fraction=0.3,
+        onpolicy_weight=8.0,
+    )
     v1 = train(store, settings, ModelSettings(), show_progress=False)
     from rm_service.models.version import open_version
 
@@ -137,7 +158,11 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
         a, b = f"Here is one answer number {i}.", f"Another reply, {rng.random():.4f}, that differs."
         r = runtime.run([runtime.format(prompt, a), runtime.format(prompt, b)], 4096).mean(axis=1)
         ranks = [1, 0] if r[0] > r[1] else [0, 1]
-        labels.append(LabelIn(label_id=f"onpolicy-{i}", prompt=prompt, responses=[a, b], ranks=ranks, source="JUDGE", annotator="gold"))
+        labels.append(
+            LabelIn(
+                label_id=f"onpolicy-{i}", prompt=prompt, responses=[a, b], ranks=ranks, source="JUDGE", annotator="gold"
+            )
+        )
     assert all(o.status == "INSERTED" for o in store.ingest(labels, origin="policy@step-1"))
     v2 = train(store, settings, ModelSettings(), show_progress=False)
     m = v2.metrics
@@ -147,11 +172,18 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
     assert "unchanged_from_parent" not in m and v2.promoted and registry.promoted(store).version == v2.version
     # The same labels again: the heads come out the same; reported, and not promoted.
     v3 = train(store, settings, ModelSettings(), show_progress=False)
-    assert v3.metrics["unchanged_from_parent"] == 1.0 and not v3.promoted and registry.promoted(store).version == v2.version
+    assert (
+        v3.metrics["unchanged_from_parent"] == 1.0
+        and not v3.promoted
+        and registry.promoted(store).version == v2.version
+    )
     # A candidate that does not fit the on-policy pairs better is refused by the gate.
-    store.con.execute("UPDATE models SET metrics = json_object('accuracy_human', 0.9, 'baseline_accuracy_human', 0.9, 'accuracy', 0.9, "
-                      "'baseline_accuracy', 0.9, 'pairs_onpolicy', 12, 'accuracy_onpolicy', 0.5, 'baseline_accuracy_onpolicy', 0.6, "
-                      "'loss_onpolicy', 0.7, 'baseline_loss_onpolicy', 0.6), parent = ? WHERE version = ?", [v2.version, v3.version])
+    store.con.execute(
+        "UPDATE models SET metrics = json_object('accuracy_human', 0.9, 'baseline_accuracy_human', 0.9, 'accuracy', 0.9, "
+        "'baseline_accuracy', 0.9, 'pairs_onpolicy', 12, 'accuracy_onpolicy', 0.5, 'baseline_accuracy_onpolicy', 0.6, "
+        "'loss_onpolicy', 0.7, 'baseline_loss_onpolicy', 0.6), parent = ? WHERE version = ?",
+        [v2.version, v3.version],
+    )
     ok, why = registry.promote(store, v3.version, tolerance=0.02)
     assert not ok and "does not fit the policy's samples better" in why
     store.close()
@@ -160,8 +192,13 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
 def _retrain_record(better: int, worse: int) -> tuple[registry.ModelRecord, registry.ModelRecord]:
     """A parent and a retrain of it, measured on the same 185 held-out dataset pairs."""
     parent = registry.ModelRecord("v2", "v1", "s1", "b", "f", "promoted", {"accuracy": 0.61}, 0.0, 1.0, 1, "")
-    metrics = {"accuracy_human": 0.61 + (better - worse) / 185, "baseline_accuracy_human": 0.61, "baseline_accuracy": 0.61,
-               "paired_better_human": better, "paired_worse_human": worse}
+    metrics = {
+        "accuracy_human": 0.61 + (better - worse) / 185,
+        "baseline_accuracy_human": 0.61,
+        "baseline_accuracy": 0.61,
+        "paired_better_human": better,
+        "paired_worse_human": worse,
+    }
     return registry.ModelRecord("v3", "v2", "s2", "b", "f", "candidate", metrics, 0.0, 1.0, 1, ""), parent
 
 
@@ -173,19 +210,30 @@ def test_the_gate_rejects_a_drop_on_human_pairs_only_when_mcnemar_finds_it_real(
     real = _retrain_record(better=1, worse=12)  # p = 0.0017
     why = registry.gate(*real, tolerance=0.02, alpha=0.05)
     assert why is not None and "McNemar p = 0.002" in why
-    assert registry.gate(*_retrain_record(better=0, worse=3), tolerance=0.02, alpha=0.05) is None  # within the tolerance
+    assert (
+        registry.gate(*_retrain_record(better=0, worse=3), tolerance=0.02, alpha=0.05) is None
+    )  # within the tolerance
 
 
 def _onpolicy_retrain(accuracy: float, loss: float) -> tuple[registry.ModelRecord, registry.ModelRecord]:
     """A retrain of v2 measured on 8 held-out on-policy pairs, as accurate as v2 on dataset pairs."""
     child, parent = _retrain_record(better=0, worse=0)
-    child.metrics.update({"pairs_onpolicy": 8, "accuracy_onpolicy": accuracy, "baseline_accuracy_onpolicy": 0.75,
-                          "loss_onpolicy": loss, "baseline_loss_onpolicy": 0.5})
+    child.metrics.update(
+        {
+            "pairs_onpolicy": 8,
+            "accuracy_onpolicy": accuracy,
+            "baseline_accuracy_onpolicy": 0.75,
+            "loss_onpolicy": loss,
+            "baseline_loss_onpolicy": 0.5,
+        }
+    )
     return child, parent
 
 
 def test_the_gate_promotes_only_a_retrain_more_accurate_on_the_policys_samples():
-    assert registry.gate(*_onpolicy_retrain(0.875, 0.6), tolerance=0.02) is None  # one more pair right: promoted, whatever the loss
+    assert (
+        registry.gate(*_onpolicy_retrain(0.875, 0.6), tolerance=0.02) is None
+    )  # one more pair right: promoted, whatever the loss
     tie = _onpolicy_retrain(0.75, 0.4)
     why = registry.gate(*tie, tolerance=0.02)  # the default: a tie is not better, even with a lower loss
     assert why is not None and "accuracy 0.7500 vs 0.7500" in why
@@ -197,21 +245,45 @@ def test_the_gate_promotes_only_a_retrain_more_accurate_on_the_policys_samples()
 # -- the gold reward during PPO --------------------------------------------------------------
 
 
-def test_gold_and_proxy_rewards_land_in_the_run_logs(home, tmp_path, tiny_lm_dir, prompts_file, property_rm_dir, antiproperty_rm_dir):
+def test_gold_and_proxy_rewards_land_in_the_run_logs(
+    home, tmp_path, tiny_lm_dir, prompts_file, property_rm_dir, antiproperty_rm_dir
+):
     """The served proxy prefers "t" words, the pinned gold the opposite: as PPO raises the proxy
     the gold falls, and both land in events.jsonl and beside the steps' metrics, with KL."""
-    srv = ServerThread(ServeSettings(port=0, model=str(property_rm_dir), also_load=[str(antiproperty_rm_dir)], with_store=False,
-                                     metrics_port=-1, precision="fp32"))
+    srv = ServerThread(
+        ServeSettings(
+            port=0,
+            model=str(property_rm_dir),
+            also_load=[str(antiproperty_rm_dir)],
+            with_store=False,
+            metrics_port=-1,
+            precision="fp32",
+        )
+    )
     try:
-        settings = tiny_settings(tiny_lm_dir, prompts_file, srv.address, tmp_path / "run", eval_every=4, gold_address=srv.address,
-                                 gold_version=antiproperty_rm_dir.name, plots=False, tensorboard=False, save_policy=False)
+        settings = tiny_settings(
+            tiny_lm_dir,
+            prompts_file,
+            srv.address,
+            tmp_path / "run",
+            eval_every=4,
+            gold_address=srv.address,
+            gold_version=antiproperty_rm_dir.name,
+            plots=False,
+            tensorboard=False,
+            save_policy=False,
+        )
         summary = train_ppo(settings)
     finally:
         srv.stop()
-    evals = [e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "eval" and e["model"] == "policy"]
+    evals = [
+        e for e in read_jsonl(tmp_path / "run" / "events.jsonl") if e["event"] == "eval" and e["model"] == "policy"
+    ]
     assert [e["step"] for e in evals] == [0, 4, 8, 12]
     first, last = evals[0], evals[-1]
-    assert last["reward_mean"] > first["reward_mean"] + 0.3 and last["gold_reward_mean"] < first["gold_reward_mean"] - 0.3
+    assert (
+        last["reward_mean"] > first["reward_mean"] + 0.3 and last["gold_reward_mean"] < first["gold_reward_mean"] - 0.3
+    )
     assert first["kl_seq"] == 0.0 and last["kl_seq"] > 0
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     logged = {m["step"]: m for m in metrics if "eval/gold_reward" in m}

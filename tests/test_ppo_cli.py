@@ -9,10 +9,17 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, store_with_hh
+
 from policy_trainer.cli import build_parser, main, settings_from_args
-from policy_trainer.prompts import PromptError, build_prompts, encode, read_prompts_file, read_prompts_store, split_heldout
+from policy_trainer.prompts import (
+    PromptError,
+    build_prompts,
+    encode,
+    read_prompts_file,
+    read_prompts_store,
+    split_heldout,
+)
 from policy_trainer.settings import PPOSettings, load_settings
 from rm_service.conversation import Message
 
@@ -21,7 +28,14 @@ def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedPr
     import os
 
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "policy_trainer.cli", *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "policy_trainer.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monkeypatch):
@@ -36,19 +50,27 @@ def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monke
     assert load_settings(config).reward_addresses == ["x:1", "y:2"]
 
 
-@pytest.mark.parametrize("suffix, text", [(".json", json.dumps({"kl_coef": 0.25, "clip_vf": None})), (".toml", "kl_coef = 0.25\n")])
+@pytest.mark.parametrize(
+    "suffix, text", [(".json", json.dumps({"kl_coef": 0.25, "clip_vf": None})), (".toml", "kl_coef = 0.25\n")]
+)
 def test_json_and_toml_config_files(tmp_path, suffix, text):
     path = tmp_path / f"run{suffix}"
     path.write_text(text)
     assert load_settings(path).kl_coef == 0.25
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--kl-coef", "-1"], "kl_coef: Input should be greater than or equal to 0"),
-    (["--advantage-estimator", "rloo", "--samples-per-prompt", "1"], "rloo needs samples_per_prompt >= 2"),
-    (["--prompts-file", "missing.jsonl", "--reward-addresses", "127.0.0.1:1"], "prompts file missing.jsonl does not exist"),
-    (["--config", "nope.yaml"], "config file nope.yaml does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kl-coef", "-1"], "kl_coef: Input should be greater than or equal to 0"),
+        (["--advantage-estimator", "rloo", "--samples-per-prompt", "1"], "rloo needs samples_per_prompt >= 2"),
+        (
+            ["--prompts-file", "missing.jsonl", "--reward-addresses", "127.0.0.1:1"],
+            "prompts file missing.jsonl does not exist",
+        ),
+        (["--config", "nope.yaml"], "config file nope.yaml does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert main(["ppo", *args, "--run-dir", str(tmp_path / "run"), "--policy", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -64,7 +86,9 @@ def test_an_unknown_key_in_the_config_file_is_refused_without_a_traceback(tmp_pa
 
 
 def test_none_turns_off_an_optional_setting_and_booleans_have_no_flags():
-    args = build_parser().parse_args(["ppo", "--clip-vf", "none", "--reward-clip", "None", "--no-normalize-reward", "--resume"])
+    args = build_parser().parse_args(
+        ["ppo", "--clip-vf", "none", "--reward-clip", "None", "--no-normalize-reward", "--resume"]
+    )
     s = settings_from_args(args)
     assert s.clip_vf is None and s.reward_clip is None and s.normalize_reward is False and s.resume is True
     assert settings_from_args(build_parser().parse_args(["ppo"])) == PPOSettings()
@@ -75,8 +99,23 @@ def test_an_unreachable_reward_server_is_one_line_and_exit_1(tmp_path, tiny_lm_d
     prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}?"}) for i in range(12)) + "\n")
     from rm_service.server.app import free_port
 
-    out = run_cli("ppo", "--policy", str(tiny_lm_dir), "--prompts-file", str(prompts), "--reward-addresses", f"127.0.0.1:{free_port()}",
-                  "--score-max-retries", "1", "--score-backoff-s", "0.01", "--run-dir", str(tmp_path / "run"), "--device", "cpu")
+    out = run_cli(
+        "ppo",
+        "--policy",
+        str(tiny_lm_dir),
+        "--prompts-file",
+        str(prompts),
+        "--reward-addresses",
+        f"127.0.0.1:{free_port()}",
+        "--score-max-retries",
+        "1",
+        "--score-backoff-s",
+        "0.01",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    )
     assert out.returncode == 1, out.stderr
     assert "UNAVAILABLE" in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
 
@@ -84,16 +123,35 @@ def test_an_unreachable_reward_server_is_one_line_and_exit_1(tmp_path, tiny_lm_d
 def test_prompt_files_in_every_accepted_shape(tmp_path):
     path = tmp_path / "prompts.jsonl"
     rows = [
-        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "A river?"}]},
+        {
+            "prompt": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "A river?"},
+            ]
+        },
         {"prompt": "Plain text prompt"},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]},
-        {"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: With flour.\n\nHuman: And yeast?\n\nAssistant: Yes.", "rejected": "x"},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Why?"},
+                {"role": "assistant", "content": "Because."},
+            ]
+        },
+        {
+            "chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: With flour.\n\nHuman: And yeast?\n\nAssistant: Yes.",
+            "rejected": "x",
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     prompts = read_prompts_file(path)
     assert [len(p) for p in prompts] == [3, 1, 2, 3]
     assert prompts[2][-1] == Message("user", "Why?")  # the trailing assistant turn is the completion, not the prompt
-    assert prompts[3] == [Message("user", "How do I bake bread?"), Message("assistant", "With flour."), Message("user", "And yeast?")]
+    assert prompts[3] == [
+        Message("user", "How do I bake bread?"),
+        Message("assistant", "With flour."),
+        Message("user", "And yeast?"),
+    ]
 
 
 def test_malformed_prompt_lines_are_skipped_and_a_file_without_any_is_an_error(tmp_path):
@@ -106,7 +164,11 @@ def test_malformed_prompt_lines_are_skipped_and_a_file_without_any_is_an_error(t
 
 
 def test_multi_turn_prompts_keep_every_prior_turn_under_the_chat_template(tiny_tokenizer):
-    turns = [Message("user", "Tell me about rivers."), Message("assistant", "Which river?"), Message("user", "The longest one.")]
+    turns = [
+        Message("user", "Tell me about rivers."),
+        Message("assistant", "Which river?"),
+        Message("user", "The longest one."),
+    ]
     text = tiny_tokenizer.decode(encode(tiny_tokenizer, turns))
     assert text.index("Tell me about rivers.") < text.index("Which river?") < text.index("The longest one.")
     assert text.endswith("<|im_start|>assistant\n")  # the generation prompt: the policy writes the next assistant turn
@@ -141,7 +203,9 @@ def test_the_documented_settings_table_matches_the_code():
     doc = (REPO / "docs" / "policy-trainer.md").read_text()
     begin, end = "<!-- PPO-SETTINGS:BEGIN -->\n", "<!-- PPO-SETTINGS:END -->"
     documented = doc[doc.index(begin) + len(begin) : doc.index(end)]
-    assert documented == module.table(PPOSettings) + "\n", "paste `.venv/bin/python -m policy_trainer.settings` between the markers"
+    assert documented == module.table(PPOSettings) + "\n", (
+        "paste `.venv/bin/python -m policy_trainer.settings` between the markers"
+    )
 
 
 def test_every_setting_is_documented():

@@ -8,14 +8,18 @@ import threading
 import time
 
 import pytest
-
 from conftest import ServerThread, Stall
+
 from rm_client import RewardClient, ScoreError, VersionUnavailable, backoff_delays
 from rm_service.conversation import Message
 from rm_service.server.app import free_port
 from rm_service.settings import ServeSettings
 
-PROMPT = [Message("user", "Tell me about rivers."), Message("assistant", "Which river?"), Message("user", "The longest one.")]
+PROMPT = [
+    Message("user", "Tell me about rivers."),
+    Message("assistant", "Which river?"),
+    Message("user", "The longest one."),
+]
 COMPLETIONS = ["The Nile.", "The Amazon, probably.", "I am not sure.", "Rivers are long.", "The Yangtze."]
 
 

@@ -22,9 +22,9 @@ import uuid
 import grpc
 import pytest
 import torch
-
 from conftest import ServerThread, preferred_tokens, store_with_hh, tiny_settings
-from policy_trainer import PPOSettings, train_ppo
+
+from policy_trainer import train_ppo
 from policy_trainer.logs import read_jsonl
 from rm_service import registry
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
@@ -40,9 +40,13 @@ def property_server(home, property_rm_dir):
 
 
 @pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_ppo_raises_the_served_reward_while_kl_stays_bounded(property_server, tiny_lm_dir, prompts_file, tmp_path, estimator):
+def test_ppo_raises_the_served_reward_while_kl_stays_bounded(
+    property_server, tiny_lm_dir, prompts_file, tmp_path, estimator
+):
     seen = []
-    settings = tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "run", advantage_estimator=estimator)
+    settings = tiny_settings(
+        tiny_lm_dir, prompts_file, property_server.address, tmp_path / "run", advantage_estimator=estimator
+    )
     summary = train_ppo(settings, on_step=seen.append)
 
     assert [m["step"] for m in seen] == list(range(1, 13))
@@ -58,8 +62,17 @@ def test_ppo_raises_the_served_reward_while_kl_stays_bounded(property_server, ti
     assert (run / "reward.png").stat().st_size > 0 and (run / "kl.png").stat().st_size > 0
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "policy" / "config.json").exists() and (run / "policy" / "value_head.safetensors").exists()
-    for key in ("reward/served_std", "policy/entropy", "policy/clipfrac", "loss/value", "policy/approx_kl", "response/length_mean",
-                "time/generate_s", "time/score_s", "time/train_s"):
+    for key in (
+        "reward/served_std",
+        "policy/entropy",
+        "policy/clipfrac",
+        "loss/value",
+        "policy/approx_kl",
+        "response/length_mean",
+        "time/generate_s",
+        "time/score_s",
+        "time/train_s",
+    ):
         assert all(isinstance(m[key], float) for m in seen), key
     assert {m["rm/version"] for m in seen} == {property_server.server.served.default}
 
@@ -67,8 +80,14 @@ def test_ppo_raises_the_served_reward_while_kl_stays_bounded(property_server, ti
 def test_resume_continues_exactly(property_server, tiny_lm_dir, prompts_file, tmp_path):
     common = dict(total_steps=4, checkpoint_every=2, plots=False, tensorboard=False, save_policy=False, eval_prompts=0)
     straight = train_ppo(tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "a", **common))
-    train_ppo(tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "b", **{**common, "total_steps": 2}))
-    resumed = train_ppo(tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "b", **common, resume=True))
+    train_ppo(
+        tiny_settings(
+            tiny_lm_dir, prompts_file, property_server.address, tmp_path / "b", **{**common, "total_steps": 2}
+        )
+    )
+    resumed = train_ppo(
+        tiny_settings(tiny_lm_dir, prompts_file, property_server.address, tmp_path / "b", **common, resume=True)
+    )
 
     assert [m["step"] for m in resumed.metrics] == [3, 4]
     drop = ("time/", "outer/")
@@ -86,8 +105,12 @@ def test_a_resumed_run_drops_log_lines_written_after_its_checkpoint(tmp_path):
     from policy_trainer.logs import RunLogger
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 6)))
-    (tmp_path / "events.jsonl").write_text(json.dumps({"event": "eval", "step": 0}) + "\n" + json.dumps({"event": "x", "step": 4}) + "\n")
-    RunLogger(tmp_path, total_steps=10, start_step=3, tensorboard=False, progress=False).close()  # the crash came at step 5
+    (tmp_path / "events.jsonl").write_text(
+        json.dumps({"event": "eval", "step": 0}) + "\n" + json.dumps({"event": "x", "step": 4}) + "\n"
+    )
+    RunLogger(
+        tmp_path, total_steps=10, start_step=3, tensorboard=False, progress=False
+    ).close()  # the crash came at step 5
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     assert [r["step"] for r in read_jsonl(tmp_path / "events.jsonl")] == [0]
     RunLogger(tmp_path, total_steps=10, start_step=0, tensorboard=False, progress=False).close()  # a fresh run
@@ -119,14 +142,25 @@ class Labeler(threading.Thread):
         if len(levels) == 1:  # all tied: break by length so that the label gives pairs
             levels = sorted({len(c) for c in task.completions}, reverse=True)
             ranks = [levels.index(len(c)) for c in task.completions]
-        return preference_pb2.Label(label_id=str(uuid.uuid4()), prompt=task.prompt, responses=task.completions, ranks=ranks,
-                                    source=preference_pb2.JUDGE, annotator="test-labeler", task_id=task.task_id)
+        return preference_pb2.Label(
+            label_id=str(uuid.uuid4()),
+            prompt=task.prompt,
+            responses=task.completions,
+            ranks=ranks,
+            source=preference_pb2.JUDGE,
+            annotator="test-labeler",
+            task_id=task.task_id,
+        )
 
     def run(self):
         while not self.stop.is_set():
-            tasks = self.stub.LeaseTasks(preference_pb2.LeaseTasksRequest(owner="test-labeler", max_tasks=16, lease_seconds=60), timeout=30).tasks
+            tasks = self.stub.LeaseTasks(
+                preference_pb2.LeaseTasksRequest(owner="test-labeler", max_tasks=16, lease_seconds=60), timeout=30
+            ).tasks
             if tasks:
-                out = self.stub.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[self.label(t) for t in tasks]), timeout=30)
+                out = self.stub.IngestLabels(
+                    preference_pb2.IngestLabelsRequest(labels=[self.label(t) for t in tasks]), timeout=30
+                )
                 self.labeled += sum(r.status == preference_pb2.INSERTED for r in out.results)
             self.stop.wait(0.1)
         self.channel.close()
@@ -137,7 +171,9 @@ def store_server(home, tmp_path, tiny_backbone_dir):
     """A server owning a store with 40 HH labels and v1 (head mode, tiny backbone) promoted;
     its TrainingService retrains with the same settings and a gate that always passes."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0)
+    settings = TrainSettings(
+        backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0
+    )
     train(store, settings, ModelSettings(), show_progress=False)
     store.close()
     srv = ServerThread(ServeSettings(port=0, watch_interval_s=0.1, metrics_port=-1), train=settings)
@@ -145,7 +181,9 @@ def store_server(home, tmp_path, tiny_backbone_dir):
     srv.stop()
 
 
-def test_outer_loop_labels_retrains_and_switches_versions(store_server, tiny_lm_dir, prompts_file, tiny_tokenizer, tmp_path):
+def test_outer_loop_labels_retrains_and_switches_versions(
+    store_server, tiny_lm_dir, prompts_file, tiny_tokenizer, tmp_path
+):
     labeler = Labeler(store_server.address, tiny_tokenizer)
     labeler.start()
 
@@ -156,9 +194,22 @@ def test_outer_loop_labels_retrains_and_switches_versions(store_server, tiny_lm_
                 time.sleep(0.1)
             time.sleep(0.5)  # the WatchModels event reaches the trainer's watcher thread
 
-    settings = tiny_settings(tiny_lm_dir, prompts_file, store_server.address, tmp_path / "run", total_steps=8, follow_models=True,
-                             submit_every=1, submit_fraction=0.5, retrain_min_labels=8, retrain_check_every=1, eval_prompts=0,
-                             plots=False, tensorboard=False, save_policy=False)
+    settings = tiny_settings(
+        tiny_lm_dir,
+        prompts_file,
+        store_server.address,
+        tmp_path / "run",
+        total_steps=8,
+        follow_models=True,
+        submit_every=1,
+        submit_fraction=0.5,
+        retrain_min_labels=8,
+        retrain_check_every=1,
+        eval_prompts=0,
+        plots=False,
+        tensorboard=False,
+        save_policy=False,
+    )
     try:
         summary = train_ppo(settings, on_step=wait_for_promotion)
     finally:
@@ -171,11 +222,15 @@ def test_outer_loop_labels_retrains_and_switches_versions(store_server, tiny_lm_
     requested = next(e for e in events if e["event"] == "retrain_requested")
     assert requested["labels_since_snapshot"] >= 8
     switch = next(e for e in events if e["event"] == "version_switch")
-    first = switch["to_version"]  # the first retrain the gate promoted (one that ties v1 on the policy's samples is rejected)
+    first = switch[
+        "to_version"
+    ]  # the first retrain the gate promoted (one that ties v1 on the policy's samples is rejected)
     assert switch["from_version"] == "v1" and first != "v1" and switch["step"] > requested["step"]
     assert summary.versions[:2] == ["v1", first]  # more labels may bring another version before the run ends
     m = registry.get_model(store_server.server.store, first).metrics
-    if m.get("pairs_onpolicy", 0) > 0:  # the gate's rule: more accurate than its parent on the policy's held-out samples
+    if (
+        m.get("pairs_onpolicy", 0) > 0
+    ):  # the gate's rule: more accurate than its parent on the policy's held-out samples
         assert m["accuracy_onpolicy"] > m["baseline_accuracy_onpolicy"]
     versions = [m["rm/version"] for m in summary.metrics]
     k = switch["step"] - 1
@@ -184,5 +239,7 @@ def test_outer_loop_labels_retrains_and_switches_versions(store_server, tiny_lm_
     # reward statistics started over with the new version: they hold its first batch alone
     assert after["reward/running_mean"] == pytest.approx(after["reward/served_mean"], abs=1e-5)
     with grpc.insecure_channel(store_server.address) as channel:
-        stats = preference_pb2_grpc.PreferenceServiceStub(channel).GetStats(preference_pb2.GetStatsRequest(), timeout=30)
+        stats = preference_pb2_grpc.PreferenceServiceStub(channel).GetStats(
+            preference_pb2.GetStatsRequest(), timeout=30
+        )
     assert stats.labels_by_source["JUDGE"] == labeler.labeled

@@ -8,8 +8,19 @@ import math
 import pytest
 import torch
 
-from policy_trainer.ppo import (AdaptiveKLController, RunningMoments, entropy_of, gae, logprobs_of, masked_whiten, per_token_rewards,
-                                policy_loss, rloo_advantages, shape_scores, value_loss)
+from policy_trainer.ppo import (
+    AdaptiveKLController,
+    RunningMoments,
+    entropy_of,
+    gae,
+    logprobs_of,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    rloo_advantages,
+    shape_scores,
+    value_loss,
+)
 from policy_trainer.rollout import left_pad, response_mask
 
 
@@ -82,8 +93,12 @@ def test_kl_penalty_on_every_token_and_the_score_only_on_the_last_real_token():
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     scores = torch.tensor([10.0, -4.0])
     rewards, kl = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
-    expected = torch.tensor([[-0.05, 0.1, 0.0 + 10.0, 0.0],  # last real token of row 0 is t=2; t=3 is padding
-                             [-0.1, -0.1, -0.1, -0.1 - 4.0]])
+    expected = torch.tensor(
+        [
+            [-0.05, 0.1, 0.0 + 10.0, 0.0],  # last real token of row 0 is t=2; t=3 is padding
+            [-0.1, -0.1, -0.1, -0.1 - 4.0],
+        ]
+    )
     torch.testing.assert_close(rewards, expected)
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]))
 

@@ -45,12 +45,15 @@ def test_every_precision_has_one_golden_tolerance_and_bf16_is_looser():
     assert set(GOLDEN_TOLERANCE) == set(precision.PRECISIONS) and GOLDEN_TOLERANCE["bf16"] > GOLDEN_TOLERANCE["fp32"]
 
 
-@pytest.mark.parametrize(("world", "cuda", "expected"), [
-    (World(0, 1, 0), False, "cpu"),
-    (World(1, 2, 1), False, "cpu"),  # gloo on CPUs
-    (World(0, 1, 0), True, "cuda"),
-    (World(3, 4, 1), True, "cuda:1"),  # each rank on the GPU of its local rank, not all on cuda:0
-])
+@pytest.mark.parametrize(
+    ("world", "cuda", "expected"),
+    [
+        (World(0, 1, 0), False, "cpu"),
+        (World(1, 2, 1), False, "cpu"),  # gloo on CPUs
+        (World(0, 1, 0), True, "cuda"),
+        (World(3, 4, 1), True, "cuda:1"),  # each rank on the GPU of its local rank, not all on cuda:0
+    ],
+)
 def test_each_torchrun_rank_trains_on_its_own_device(world, cuda, expected):
     assert device_for(world, "auto", cuda_available=cuda) == expected
     assert backend_for(cuda) == ("nccl" if cuda else "gloo")

@@ -11,9 +11,9 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-
 from conftest import REPO, ServerThread, store_with_hh
 from test_metrics import SCORE_METHOD, sample, scrape
+
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from rm_service.models.version import read_meta
 from rm_service.server.metrics import Metrics, Reference, pearson
@@ -28,21 +28,43 @@ def declared(port: int) -> set[str]:
     labelled counter such as rm_dropped_items_total has none until its first drop)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    suffixes = {"counter": ("", "_total"), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}  # counters: TYPE names _total
-    return {name + suffix for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M) for suffix in suffixes.get(kind, ("",))}
+    suffixes = {
+        "counter": ("", "_total"),
+        "histogram": ("_bucket", "_count", "_sum"),
+        "gauge": ("",),
+    }  # counters: TYPE names _total
+    return {
+        name + suffix
+        for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M)
+        for suffix in suffixes.get(kind, ("",))
+    }
 
 
 def _item(i: int, completion: str) -> reward_pb2.ScoreItem:
-    return reward_pb2.ScoreItem(id=str(i), prompt=[common_pb2.Message(role="user", content=f"Tell me about bread, part {i}.")],
-                                completion=completion)
+    return reward_pb2.ScoreItem(
+        id=str(i),
+        prompt=[common_pb2.Message(role="user", content=f"Tell me about bread, part {i}.")],
+        completion=completion,
+    )
 
 
 def test_reward_metrics_after_known_traffic(home, tiny_backbone_dir, tmp_path):
     from rm_service.train.run import train
 
     store = store_with_hh(tmp_path, 60)
-    result = train(store, TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, ensemble_size=2, max_tokens=256,
-                                        heldout_fraction=0.2, export_onnx="off"), ModelSettings(), show_progress=False)
+    result = train(
+        store,
+        TrainSettings(
+            backbone=str(tiny_backbone_dir),
+            max_minutes=2,
+            ensemble_size=2,
+            max_tokens=256,
+            heldout_fraction=0.2,
+            export_onnx="off",
+        ),
+        ModelSettings(),
+        show_progress=False,
+    )
     store.close()
     directory = ModelSettings().artifacts_dir / result.version
     meta = read_meta(directory)
@@ -50,10 +72,21 @@ def test_reward_metrics_after_known_traffic(home, tiny_backbone_dir, tmp_path):
     assert meta.metrics["reference_items"] == 2 * meta.metrics["train_pairs"]
     assert -1 <= meta.metrics["reference_length_correlation"] <= 1
 
-    srv = ServerThread(ServeSettings(port=0, model=str(directory), with_store=False, metrics_port=0, max_inflight_items=8,
-                                     max_batch_tokens=BUDGET, precision="fp32"))
+    srv = ServerThread(
+        ServeSettings(
+            port=0,
+            model=str(directory),
+            with_store=False,
+            metrics_port=0,
+            max_inflight_items=8,
+            max_batch_tokens=BUDGET,
+            precision="fp32",
+        )
+    )
     try:
-        completions = ["Knead it. " * k + "Bake it." * (k % 3) for k in range(1, 16)] + ["Flour and water and time. " * 120]
+        completions = ["Knead it. " * k + "Bake it." * (k % 3) for k in range(1, 16)] + [
+            "Flour and water and time. " * 120
+        ]
         results = []
         with grpc.insecure_channel(srv.address) as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
@@ -64,7 +97,10 @@ def test_reward_metrics_after_known_traffic(home, tiny_backbone_dir, tmp_path):
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         deadline = time.monotonic() + 10
         m = scrape(srv.server.metrics_port)
-        while sample(m, "rm_rpc_seconds_count", method=SCORE_METHOD) != len(completions) + 1 and time.monotonic() < deadline:
+        while (
+            sample(m, "rm_rpc_seconds_count", method=SCORE_METHOD) != len(completions) + 1
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
             m = scrape(srv.server.metrics_port)
         v = meta.version
@@ -95,13 +131,21 @@ def test_reward_metrics_after_known_traffic(home, tiny_backbone_dir, tmp_path):
         assert sample(m, "rm_raw_score_window_std", version=v) == pytest.approx(raw.std(), rel=1e-4)
         assert sample(m, "rm_raw_score_reference_mean", version=v) == pytest.approx(meta.reward_mean)
         assert sample(m, "rm_raw_score_reference_std", version=v) == pytest.approx(meta.reward_std)
-        assert sample(m, "rm_raw_score_drift_mean", version=v) == pytest.approx((raw.mean() - meta.reward_mean) / meta.reward_std, abs=1e-4)
-        assert sample(m, "rm_raw_score_drift_std_ratio", version=v) == pytest.approx(raw.std() / meta.reward_std, rel=1e-4)
+        assert sample(m, "rm_raw_score_drift_mean", version=v) == pytest.approx(
+            (raw.mean() - meta.reward_mean) / meta.reward_std, abs=1e-4
+        )
+        assert sample(m, "rm_raw_score_drift_std_ratio", version=v) == pytest.approx(
+            raw.std() / meta.reward_std, rel=1e-4
+        )
         # The served reward is the raw score normalised with the same statistics.
         np.testing.assert_allclose(reward, (raw - meta.reward_mean) / meta.reward_std, atol=1e-4)
         # Length vs reward.
-        assert sample(m, "rm_reward_length_correlation", version=v) == pytest.approx(np.corrcoef(lengths, raw)[0, 1], abs=1e-4)
-        assert sample(m, "rm_reward_length_correlation_reference", version=v) == pytest.approx(meta.metrics["reference_length_correlation"])
+        assert sample(m, "rm_reward_length_correlation", version=v) == pytest.approx(
+            np.corrcoef(lengths, raw)[0, 1], abs=1e-4
+        )
+        assert sample(m, "rm_reward_length_correlation_reference", version=v) == pytest.approx(
+            meta.metrics["reference_length_correlation"]
+        )
 
         # Every metric the dashboard queries is in this scrape.
         exprs = [t["expr"] for panel in json.loads(DASHBOARD.read_text())["panels"] for t in panel["targets"]]
@@ -118,7 +162,9 @@ def test_dashboard_is_grafana_json_with_a_query_per_panel():
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
-        assert panel["targets"] and all(t["expr"].count("(") == t["expr"].count(")") for t in panel["targets"]), panel["title"]
+        assert panel["targets"] and all(t["expr"].count("(") == t["expr"].count(")") for t in panel["targets"]), panel[
+            "title"
+        ]
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert variables == {"datasource", "version"}
 
@@ -126,13 +172,22 @@ def test_dashboard_is_grafana_json_with_a_query_per_panel():
 def test_windows_drift_and_correlation_by_hand():
     metrics = Metrics()
     raw = np.array([1.0, 2.0, 3.0, 4.0])
-    metrics.observe_scores("v7", raw, (raw - 2.0) / 0.5, [10, 20, 30, 40], [False, True, False, True], [5, 10, 15, 21],
-                           Reference(2.0, 0.5, 0.25))
+    metrics.observe_scores(
+        "v7",
+        raw,
+        (raw - 2.0) / 0.5,
+        [10, 20, 30, 40],
+        [False, True, False, True],
+        [5, 10, 15, 21],
+        Reference(2.0, 0.5, 0.25),
+    )
     metrics.observe_scores("ext", [0.5, 0.5], [0.5, 0.5], [8, 8], [False, False], [3, 4], None)
     get = metrics.registry.get_sample_value
     assert get("rm_raw_score_drift_mean", {"version": "v7"}) == pytest.approx((2.5 - 2.0) / 0.5)
     assert get("rm_raw_score_drift_std_ratio", {"version": "v7"}) == pytest.approx(np.std(raw) / 0.5)
-    assert get("rm_reward_length_correlation", {"version": "v7"}) == pytest.approx(np.corrcoef([5, 10, 15, 21], raw)[0, 1])
+    assert get("rm_reward_length_correlation", {"version": "v7"}) == pytest.approx(
+        np.corrcoef([5, 10, 15, 21], raw)[0, 1]
+    )
     assert get("rm_reward_length_correlation_reference", {"version": "v7"}) == 0.25
     assert get("rm_truncated_items_total", {"version": "v7"}) == 2
     assert get("rm_reward_bucket", {"version": "v7", "le": "0.0"}) == 2  # rewards -2, 0, 2, 4

@@ -11,9 +11,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc
 
-PROMPT = [common_pb2.Message(role="user", content="How do I bake bread?"),
-          common_pb2.Message(role="assistant", content="Do you have yeast?"),
-          common_pb2.Message(role="user", content="Yes, and flour.")]
+PROMPT = [
+    common_pb2.Message(role="user", content="How do I bake bread?"),
+    common_pb2.Message(role="assistant", content="Do you have yeast?"),
+    common_pb2.Message(role="user", content="Yes, and flour."),
+]
 
 
 @pytest.fixture
@@ -29,7 +31,11 @@ def _item(i: int, completion: str) -> reward_pb2.ScoreItem:
 
 def test_score_returns_one_result_per_item_in_order(stubs, tiny_rm_dir):
     reward, _, _ = stubs
-    completions = ["Mix flour, water, yeast and salt.", "No.", "Knead for ten minutes, let it rise, then bake at 220C for 30 minutes."]
+    completions = [
+        "Mix flour, water, yeast and salt.",
+        "No.",
+        "Knead for ten minutes, let it rise, then bake at 220C for 30 minutes.",
+    ]
     response = reward.Score(reward_pb2.ScoreRequest(items=[_item(i, c) for i, c in enumerate(completions)]), timeout=30)
     assert [r.id for r in response.results] == ["item-0", "item-1", "item-2"]
     assert response.model_version == tiny_rm_dir.name and response.format_hash
@@ -39,7 +45,9 @@ def test_score_returns_one_result_per_item_in_order(stubs, tiny_rm_dir):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
     prompt = [{"role": m.role, "content": m.content} for m in PROMPT]
     for result, completion in zip(response.results, completions):
-        ids = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
+        )["input_ids"]
         with torch.no_grad():
             expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
         assert result.raw_score == pytest.approx(expected, abs=1e-5)
@@ -54,11 +62,19 @@ def test_score_returns_one_result_per_item_in_order(stubs, tiny_rm_dir):
         (reward_pb2.ScoreRequest(), "items"),
         (reward_pb2.ScoreRequest(items=[_item(0, "")]), "items[0].completion"),
         (reward_pb2.ScoreRequest(items=[_item(0, "ok"), _item(1, "   ")]), "items[1].completion"),
-        (reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=[common_pb2.Message(role="robot", content="hi")], completion="x")]),
-         "items[0].prompt[0].role"),
+        (
+            reward_pb2.ScoreRequest(
+                items=[reward_pb2.ScoreItem(prompt=[common_pb2.Message(role="robot", content="hi")], completion="x")]
+            ),
+            "items[0].prompt[0].role",
+        ),
         (reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(completion="x")]), "items[0].prompt"),
-        (reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(prompt=[common_pb2.Message(role="user", content="")], completion="x")]),
-         "items[0].prompt[0].content"),
+        (
+            reward_pb2.ScoreRequest(
+                items=[reward_pb2.ScoreItem(prompt=[common_pb2.Message(role="user", content="")], completion="x")]
+            ),
+            "items[0].prompt[0].content",
+        ),
     ],
 )
 def test_bad_score_requests_are_invalid_argument_naming_the_field(stubs, request_, field):
@@ -78,13 +94,16 @@ def test_unknown_pinned_version_is_not_found(stubs):
 
 def test_too_many_items_is_invalid_argument(home, tiny_rm_dir):
     from conftest import ServerThread
+
     from rm_service.settings import ServeSettings
 
     srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), max_items_per_request=2, with_store=False))
     try:
         with grpc.insecure_channel(srv.address) as channel:
             with pytest.raises(grpc.RpcError) as err:
-                reward_pb2_grpc.RewardServiceStub(channel).Score(reward_pb2.ScoreRequest(items=[_item(i, "x") for i in range(3)]), timeout=30)
+                reward_pb2_grpc.RewardServiceStub(channel).Score(
+                    reward_pb2.ScoreRequest(items=[_item(i, "x") for i in range(3)]), timeout=30
+                )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "items" in err.value.details()
     finally:
         srv.stop()
@@ -94,7 +113,10 @@ def test_health_reports_serving(stubs):
     _, _, channel = stubs
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
-    assert health.Check(health_pb2.HealthCheckRequest(service="rm.v1.RewardService"), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="rm.v1.RewardService"), timeout=10).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_reflection_lists_the_services(stubs):
@@ -107,19 +129,39 @@ def test_reflection_lists_the_services(stubs):
 
 def test_ingest_labels_statuses_and_stored_rows(server, stubs):
     _, preference, _ = stubs
-    good = preference_pb2.Label(label_id="a-1", prompt=PROMPT, responses=["Knead it.", "No idea."], ranks=[0, 1],
-                                source=preference_pb2.HUMAN, annotator="alice")
-    bad = preference_pb2.Label(label_id="a-2", prompt=PROMPT, responses=["Same.", "Same."], ranks=[0, 1],
-                               source=preference_pb2.HUMAN, annotator="alice")
-    changed = preference_pb2.Label(label_id="a-1", prompt=PROMPT, responses=["Knead it.", "No idea."], ranks=[1, 0],
-                                   source=preference_pb2.HUMAN, annotator="alice")
+    good = preference_pb2.Label(
+        label_id="a-1",
+        prompt=PROMPT,
+        responses=["Knead it.", "No idea."],
+        ranks=[0, 1],
+        source=preference_pb2.HUMAN,
+        annotator="alice",
+    )
+    bad = preference_pb2.Label(
+        label_id="a-2",
+        prompt=PROMPT,
+        responses=["Same.", "Same."],
+        ranks=[0, 1],
+        source=preference_pb2.HUMAN,
+        annotator="alice",
+    )
+    changed = preference_pb2.Label(
+        label_id="a-1",
+        prompt=PROMPT,
+        responses=["Knead it.", "No idea."],
+        ranks=[1, 0],
+        source=preference_pb2.HUMAN,
+        annotator="alice",
+    )
     first = preference.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[good, bad]), timeout=30)
     assert [r.status for r in first.results] == [preference_pb2.INSERTED, preference_pb2.REJECTED]
     assert "labels[1].responses" in first.results[1].reason
     again = preference.IngestLabels(preference_pb2.IngestLabelsRequest(labels=[good, changed]), timeout=30)
     assert [r.status for r in again.results] == [preference_pb2.DUPLICATE, preference_pb2.CONFLICT]
     stats = preference.GetStats(preference_pb2.GetStatsRequest(), timeout=30)
-    assert stats.labels_total == 1 and stats.labels_by_source["HUMAN"] == 1 and stats.completions == 2 and stats.pairs == 1
+    assert (
+        stats.labels_total == 1 and stats.labels_by_source["HUMAN"] == 1 and stats.completions == 2 and stats.pairs == 1
+    )
     con = server.server.store.con
     assert con.execute("SELECT label_id, annotator, source FROM labels").fetchall() == [("a-1", "alice", "HUMAN")]
     assert con.execute("SELECT rank FROM label_rankings ORDER BY position").fetchall() == [(0,), (1,)]

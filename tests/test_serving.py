@@ -11,22 +11,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from conftest import ServerThread, Stall, store_with_hh
 from conftest import wait_until as _wait
+
 from rm_service import registry
 from rm_service.api.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
 from rm_service.train.run import train
 
-PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers."),
-          common_pb2.Message(role="assistant", content="Which river?"),
-          common_pb2.Message(role="user", content="The longest one.")]
+PROMPT = [
+    common_pb2.Message(role="user", content="Tell me about rivers."),
+    common_pb2.Message(role="assistant", content="Which river?"),
+    common_pb2.Message(role="user", content="The longest one."),
+]
 
 
 def _request(completions, version=""):
-    return reward_pb2.ScoreRequest(items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)],
-                                   model_version=version)
+    return reward_pb2.ScoreRequest(
+        items=[reward_pb2.ScoreItem(id=str(i), prompt=PROMPT, completion=c) for i, c in enumerate(completions)],
+        model_version=version,
+    )
 
 
 @pytest.fixture
@@ -71,7 +75,9 @@ def test_cancelled_calls_leak_no_permits(stalled):
     for f in futures:
         f.cancel()
     _wait(lambda: srv.server.batcher.inflight_items == 0)  # the server saw every cancel: permits back
-    _wait(lambda: srv.server.batcher.queue_depth() == 0, timeout=10)  # their items left the queue while the model was busy
+    _wait(
+        lambda: srv.server.batcher.queue_depth() == 0, timeout=10
+    )  # their items left the queue while the model was busy
     stall.release()
     _wait(lambda: srv.server.batcher.queued_tokens == 0)
     assert len(stall.batches) == 1  # only the batch already on the model ran; the cancelled rest never did
@@ -114,7 +120,9 @@ def test_too_large_a_message_is_resource_exhausted_and_the_server_goes_on(home, 
 def registry_with_two_versions(home, tmp_path, tiny_backbone_dir):
     """v1 and v2 trained (head mode) on the tiny backbone; the store closed, as for replicas."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, promote=False, export_onnx="on")
+    settings = TrainSettings(
+        backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, promote=False, export_onnx="on"
+    )
     train(store, settings, ModelSettings(), show_progress=False)
     train(store, settings.model_copy(update={"seed": 1}), ModelSettings(), show_progress=False)
     registry.promote(store, "v1", 0.0)
@@ -190,15 +198,21 @@ def test_watch_models_streams_promotions(registry_with_two_versions):
 
 
 def test_score_turns_equals_scoring_each_turn(server):
-    conversation = [common_pb2.Message(role="system", content="Be brief."),
-                    common_pb2.Message(role="user", content="Hi"), common_pb2.Message(role="assistant", content="Hello!"),
-                    common_pb2.Message(role="user", content="A river?"), common_pb2.Message(role="assistant", content="The Nile.")]
+    conversation = [
+        common_pb2.Message(role="system", content="Be brief."),
+        common_pb2.Message(role="user", content="Hi"),
+        common_pb2.Message(role="assistant", content="Hello!"),
+        common_pb2.Message(role="user", content="A river?"),
+        common_pb2.Message(role="assistant", content="The Nile."),
+    ]
     with grpc.insecure_channel(server.address) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         turns = stub.ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation), timeout=30)
         assert [t.message_index for t in turns.turns] == [2, 4]
         for t in turns.turns:
-            item = reward_pb2.ScoreItem(prompt=conversation[: t.message_index], completion=conversation[t.message_index].content)
+            item = reward_pb2.ScoreItem(
+                prompt=conversation[: t.message_index], completion=conversation[t.message_index].content
+            )
             alone = stub.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30).results[0]
             assert abs(alone.raw_score - t.raw_score) <= 1e-5
         with pytest.raises(grpc.RpcError) as err:
@@ -245,15 +259,22 @@ def test_a_server_process_that_cannot_start_is_an_error_naming_its_log(home, tmp
     from rm_service.client import start_server_process
     from rm_service.errors import RMError
 
-    env = {**os.environ, "RM_HOME": str(home), "RM_SERVE_MODEL": str(tmp_path / "no-such-model"), "RM_SERVE_WITH_STORE": "false",
-           "RM_SERVE_METRICS_PORT": "-1"}
+    env = {
+        **os.environ,
+        "RM_HOME": str(home),
+        "RM_SERVE_MODEL": str(tmp_path / "no-such-model"),
+        "RM_SERVE_WITH_STORE": "false",
+        "RM_SERVE_METRICS_PORT": "-1",
+    }
     with pytest.raises(RMError, match=r"exited during start-up \(code 2\); see .*server.log"):
         start_server_process(env, tmp_path, timeout=120)
     assert "no model version at" in (tmp_path / "server.log").read_text()  # the child's own account is kept
 
 
 @pytest.mark.parametrize("faster, served_as", [("bf16", ("torch", "bf16")), ("fp32", ("onnxruntime", "fp32"))])
-def test_the_server_serves_in_the_precision_measured_fastest(registry_with_two_versions, monkeypatch, faster, served_as):
+def test_the_server_serves_in_the_precision_measured_fastest(
+    registry_with_two_versions, monkeypatch, faster, served_as
+):
     """precision=auto and backend=auto (the defaults): where this machine measures bf16 faster the
     version is served by torch under bf16 autocast; where fp32 wins, by ONNX Runtime fp32 (its export).
     GetModel tells which, and the golden pairs passed in the precision served."""
@@ -263,7 +284,9 @@ def test_the_server_serves_in_the_precision_measured_fastest(registry_with_two_v
 
     rates = {"bf16": (100.0, 260.0), "fp32": (100.0, 40.0)}[faster]
     monkeypatch.setattr(precision, "_MEASURED", {})
-    monkeypatch.setattr(precision, "probe_cpu", lambda threads, key="", **_: Measurement("test cpu", key, threads, *rates, faster, 0.0))
+    monkeypatch.setattr(
+        precision, "probe_cpu", lambda threads, key="", **_: Measurement("test cpu", key, threads, *rates, faster, 0.0)
+    )
     (rm_home() / "cache" / "precision.json").unlink(missing_ok=True)
     srv = ServerThread(ServeSettings(port=0, with_store=False, metrics_port=-1))
     try:
@@ -284,14 +307,18 @@ def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry
     assert meta["onnx"]["fp32_path"] == "model.onnx" and meta["onnx"]["max_rel_diff"] <= 1e-4
     # ONNX Runtime serves when the precision is fp32 on a CPU (auto picks it where fp32 measures faster).
     onnx_srv = ServerThread(ServeSettings(port=0, with_store=False, precision="fp32"))
-    torch_srv = ServerThread(ServeSettings(port=0, with_store=False, backend="torch", precision="fp32", metrics_port=-1))
+    torch_srv = ServerThread(
+        ServeSettings(port=0, with_store=False, backend="torch", precision="fp32", metrics_port=-1)
+    )
     try:
         assert isinstance(onnx_srv.server.served.get().backend, OnnxRuntimeModel)
         assert not isinstance(torch_srv.server.served.get().backend, OnnxRuntimeModel)
         scores = []
         for srv in (onnx_srv, torch_srv):
             with grpc.insecure_channel(srv.address) as channel:
-                response = reward_pb2_grpc.RewardServiceStub(channel).Score(_request(["The Nile.", "No idea, sorry."]), timeout=30)
+                response = reward_pb2_grpc.RewardServiceStub(channel).Score(
+                    _request(["The Nile.", "No idea, sorry."]), timeout=30
+                )
             scores.append([r.raw_score for r in response.results])
         assert max(abs(a - b) for a, b in zip(*scores)) <= 1e-4
     finally:

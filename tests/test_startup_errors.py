@@ -15,9 +15,29 @@ import pytest
 
 
 def _self_signed(directory: Path, name: str) -> None:
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "1", "-subj", f"/CN={name}"],
-                   cwd=directory, check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+        ],
+        cwd=directory,
+        check=True,
+        capture_output=True,
+    )
 
 
 @pytest.fixture
@@ -35,15 +55,28 @@ def broken(tmp_path) -> dict[str, tuple[list[str], dict[str, str], str]]:
     (arts / "promoted.json").write_text('["not", "a", "pointer"]')
     store_only = ["--no-model", "--port", "0"]
     return {
-        "tls key of another certificate": (store_only + ["--tls-cert", str(tmp_path / "a.crt"), "--tls-key", str(tmp_path / "b.key")], {},
-                                           "b.key is not the private key of the certificate"),
-        "tokens file not UTF-8": (store_only + ["--tokens-file", str(tmp_path / "tokens-latin1")], {}, "is not UTF-8 text"),
+        "tls key of another certificate": (
+            store_only + ["--tls-cert", str(tmp_path / "a.crt"), "--tls-key", str(tmp_path / "b.key")],
+            {},
+            "b.key is not the private key of the certificate",
+        ),
+        "tokens file not UTF-8": (
+            store_only + ["--tokens-file", str(tmp_path / "tokens-latin1")],
+            {},
+            "is not UTF-8 text",
+        ),
         "tokens file a directory": (store_only + ["--tokens-file", str(tmp_path / "tokens-dir")], {}, "cannot read"),
         "port in use": (["--no-model", "--port", "PORT"], {}, "the port is in use"),
-        "promoted.json unreadable": (["--no-store", "--port", "0"], {"RM_MODELS_ARTIFACTS_DIR": str(arts)},
-                                     "cannot read the registry's"),
-        "version.json unreadable": (["--no-store", "--model", "v3", "--port", "0"], {"RM_MODELS_ARTIFACTS_DIR": str(arts)},
-                                    "v3/version.json is not a valid version record: file: Invalid JSON"),
+        "promoted.json unreadable": (
+            ["--no-store", "--port", "0"],
+            {"RM_MODELS_ARTIFACTS_DIR": str(arts)},
+            "cannot read the registry's",
+        ),
+        "version.json unreadable": (
+            ["--no-store", "--model", "v3", "--port", "0"],
+            {"RM_MODELS_ARTIFACTS_DIR": str(arts)},
+            "v3/version.json is not a valid version record: file: Invalid JSON",
+        ),
     }
 
 
@@ -57,8 +90,20 @@ def test_start_up_errors_are_one_line_and_exit_2(tmp_path, broken):
         for n, (case, (flags, env, _)) in enumerate(broken.items()):  # concurrently: each pays the imports once
             home = tmp_path / f"home{n}"
             procs[case] = subprocess.Popen(
-                [sys.executable, "-m", "rm_service.cli", "serve", "--metrics-port", "-1", *[port if f == "PORT" else f for f in flags]],
-                env={**os.environ, "RM_HOME": str(home), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "rm_service.cli",
+                    "serve",
+                    "--metrics-port",
+                    "-1",
+                    *[port if f == "PORT" else f for f in flags],
+                ],
+                env={**os.environ, "RM_HOME": str(home), **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         results = {case: (p.wait(timeout=120), p.stderr.read()) for case, p in procs.items()}
     finally:
         busy.close()
@@ -69,5 +114,9 @@ def test_start_up_errors_are_one_line_and_exit_2(tmp_path, broken):
             p.stderr.close()
     for case, (code, err) in results.items():
         said = broken[case][2]
-        assert code == 2 and err.count("\n") == 1 and err.startswith("rm-service serve: ") and said in err, (case, code, err)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("rm-service serve: ") and said in err, (
+            case,
+            code,
+            err,
+        )
         assert "Traceback" not in err

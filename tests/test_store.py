@@ -18,7 +18,13 @@ PROMPT = [Message("user", "Is the sky blue?")]
 def _label(label_id="l1", responses=("Yes.", "No."), ranks=(0, 1), **kw) -> LabelIn:
     base = dict(source="HUMAN", annotator="bob")
     base.update(kw)
-    return LabelIn(label_id, kw.pop("prompt", PROMPT) if "prompt" in kw else PROMPT, list(responses), list(ranks), **{k: v for k, v in base.items() if k != "prompt"})
+    return LabelIn(
+        label_id,
+        kw.pop("prompt", PROMPT) if "prompt" in kw else PROMPT,
+        list(responses),
+        list(ranks),
+        **{k: v for k, v in base.items() if k != "prompt"},
+    )
 
 
 @pytest.fixture
@@ -101,7 +107,18 @@ def test_retry_is_duplicate_and_changed_payload_is_conflict(store):
 
 
 def test_provenance_is_stored(store):
-    store.ingest([_label("a", source="JUDGE", annotator="judge-model-x", rationale="clearer", strength=2.0, metadata={"batch": "7"})])
+    store.ingest(
+        [
+            _label(
+                "a",
+                source="JUDGE",
+                annotator="judge-model-x",
+                rationale="clearer",
+                strength=2.0,
+                metadata={"batch": "7"},
+            )
+        ]
+    )
     row = store.con.execute("SELECT source, annotator, rationale, strength, metadata->>'batch' FROM labels").fetchone()
     assert row == ("JUDGE", "judge-model-x", "clearer", 2.0, "7")
 
@@ -123,7 +140,11 @@ def test_snapshot_fixes_the_training_set(store):
     assert {p.label_id for p in pairs} == {"a", "k"} and len(pairs) == 1 + 3
     assert {(p.chosen, p.rejected) for p in pairs if p.label_id == "k"} == {("B", "C"), ("B", "A"), ("C", "A")}
     stats = store.stats()
-    assert stats["labels_total"] == 3 and stats["labels_since_snapshot"] == 1 and stats["latest_snapshot_id"] == snap.snapshot_id
+    assert (
+        stats["labels_total"] == 3
+        and stats["labels_since_snapshot"] == 1
+        and stats["latest_snapshot_id"] == snap.snapshot_id
+    )
 
 
 def test_reopening_keeps_committed_labels(tmp_path):
@@ -145,13 +166,19 @@ def test_opening_an_older_file_upgrades_it(tmp_path):
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))  # a file written by schema v1, with a queued task
     con.execute(MIGRATIONS[0])
-    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)")
+    con.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)"
+    )
     con.execute("INSERT INTO schema_version (version) VALUES (1)")
-    con.execute("INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('t1', 'c1', ['a', 'b'], 'queued')")
+    con.execute(
+        "INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('t1', 'c1', ['a', 'b'], 'queued')"
+    )
     con.close()
     s = Store(StoreSettings(path=path))
     try:
-        assert [r[0] for r in s.con.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == list(range(1, SCHEMA_VERSION + 1))
+        assert [r[0] for r in s.con.execute("SELECT version FROM schema_version ORDER BY version").fetchall()] == list(
+            range(1, SCHEMA_VERSION + 1)
+        )
         assert s.con.execute("SELECT task_id, lease_count, closed_by FROM tasks").fetchall() == [("t1", 0, None)]
     finally:
         s.close()

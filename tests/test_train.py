@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
-
 from conftest import store_with_hh
+
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
-from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.models.version import open_version
+from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.train.heads import L2_GRID, PairData, fit_heads, select_head
 from rm_service.train.loss import bradley_terry_loss
 from rm_service.train.metrics import expected_calibration_error, pair_metrics
@@ -62,7 +61,9 @@ def test_heads_learn_a_separable_preference():
     assert held["accuracy"] > 0.9
     assert fit.weight.shape == (3, 8) and not np.allclose(fit.weight[0], fit.weight[1])  # bootstrap: members differ
     items = np.concatenate([h_w[:300], h_l[:300]])
-    np.testing.assert_allclose((items @ fit.weight.T + fit.bias).mean(0), 0.0, atol=1e-4)  # each member centred on its items
+    np.testing.assert_allclose(
+        (items @ fit.weight.T + fit.bias).mean(0), 0.0, atol=1e-4
+    )  # each member centred on its items
 
 
 def test_the_fit_is_exact_so_the_same_labels_give_the_same_heads_from_any_start():
@@ -78,8 +79,12 @@ def test_the_penalty_regularises_and_weights_count():
     assert np.linalg.norm(tight.weight) < 0.2 * np.linalg.norm(loose.weight)
     # Pairs given weight 0 do not move the heads: the fit equals the fit without them.
     weight = np.r_[np.ones(40), np.zeros(20)]
-    np.testing.assert_allclose(fit_heads(_data(h_w, h_l, weight), 1, 0.3).weight, fit_heads(_data(h_w[:40], h_l[:40]), 1, 0.3).weight,
-                               rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        fit_heads(_data(h_w, h_l, weight), 1, 0.3).weight,
+        fit_heads(_data(h_w[:40], h_l[:40]), 1, 0.3).weight,
+        rtol=1e-3,
+        atol=1e-4,
+    )
 
 
 def test_selection_prefers_the_features_that_carry_the_preference():
@@ -96,7 +101,9 @@ def test_selection_prefers_the_features_that_carry_the_preference():
 def trained(home, tiny_backbone_dir, tmp_path):
     """60 HH labels in a store and a head-mode model v1 trained on the tiny backbone."""
     store = store_with_hh(tmp_path, 60)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), max_minutes=2, ensemble_size=2, max_tokens=256, heldout_fraction=0.2)
+    settings = TrainSettings(
+        backbone=str(tiny_backbone_dir), max_minutes=2, ensemble_size=2, max_tokens=256, heldout_fraction=0.2
+    )
     result = train(store, settings, ModelSettings(), show_progress=False)
     yield store, result, settings
     store.close()
@@ -108,10 +115,14 @@ def test_train_registers_and_promotes_a_version(trained):
     rec = registry.get_model(store, "v1")
     assert rec.status == "promoted" and rec.ensemble_size == 2 and rec.snapshot_id == "snap-000001"
     assert 0 <= rec.metrics["accuracy"] <= 1 and rec.metrics["train_pairs"] + rec.metrics["heldout_pairs"] == 60
-    cached = store.con.execute("SELECT count(DISTINCT completion_id), count(DISTINCT feature_key), count(*) FROM features").fetchone()
+    cached = store.con.execute(
+        "SELECT count(DISTINCT completion_id), count(DISTINCT feature_key), count(*) FROM features"
+    ).fetchone()
     assert cached == (120, 2, 240)  # every completion's features cached once per candidate (layer 1: last, mean)
     precision = open_version(rec.artifact_path)[1].precision  # the features' precision is part of their key
-    assert all(f":{precision}:" in key for (key,) in store.con.execute("SELECT DISTINCT feature_key FROM features").fetchall())
+    assert all(
+        f":{precision}:" in key for (key,) in store.con.execute("SELECT DISTINCT feature_key FROM features").fetchall()
+    )
 
 
 def test_artifact_loads_and_scores_like_training(trained):
@@ -142,8 +153,12 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     import rm_service.train.features as features
 
     original = features.put_features
-    monkeypatch.setattr(features, "put_features", lambda s, b, f, ids, *a: (computed.extend(ids), original(s, b, f, ids, *a)))
-    second = train(store, settings.model_copy(update={"promote": False}), ModelSettings(), show_progress=False, parent="v1")
+    monkeypatch.setattr(
+        features, "put_features", lambda s, b, f, ids, *a: (computed.extend(ids), original(s, b, f, ids, *a))
+    )
+    second = train(
+        store, settings.model_copy(update={"promote": False}), ModelSettings(), show_progress=False, parent="v1"
+    )
     assert computed == []  # nothing new to compute
     assert registry.get_model(store, second.version).status == "candidate"
     assert second.metrics["unchanged_from_parent"] == 1.0  # the same labels: the same heads, reported as such
@@ -151,7 +166,10 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     assert second.metrics["baseline_accuracy"] == pytest.approx(registry.get_model(store, "v1").metrics["accuracy"])
     # Pretend v2 is much worse than v1 on v2's held-out pairs (though v1 scored low on its own):
     # the gate compares like with like, refuses v2 and keeps v1 promoted.
-    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.1, 'baseline_accuracy', 0.9) WHERE version = ?", [second.version])
+    store.con.execute(
+        "UPDATE models SET metrics = json_object('accuracy', 0.1, 'baseline_accuracy', 0.9) WHERE version = ?",
+        [second.version],
+    )
     store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.05) WHERE version = 'v1'")
     ok, message = registry.promote(store, second.version, tolerance=0.02)
     assert not ok and "below v1" in message and "candidate's held-out pairs" in message
@@ -189,7 +207,9 @@ def test_a_corrupted_version_is_never_announced_as_promoted(trained, capsys):
     from rm_service.cli import main
 
     store, _, settings = trained
-    second = train(store, settings.model_copy(update={"promote": False, "seed": 3}), ModelSettings(), show_progress=False)
+    second = train(
+        store, settings.model_copy(update={"promote": False, "seed": 3}), ModelSettings(), show_progress=False
+    )
     directory = Path(registry.get_model(store, second.version).artifact_path)
     meta = json.loads((directory / "version.json").read_text())
     for g in meta["golden"]:

@@ -7,10 +7,18 @@ import time
 
 import grpc
 import pytest
-
 from conftest import ServerThread, store_with_hh
+
 from rm_service import registry
-from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_service.api.v1 import (
+    common_pb2,
+    preference_pb2,
+    preference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 from rm_service.settings import ModelSettings, ServeSettings, StoreSettings, TrainSettings
 from rm_service.store import jobs
 from rm_service.store.db import Store
@@ -21,8 +29,9 @@ from rm_service.train.run import train
 def trained_home(home, tmp_path, tiny_backbone_dir):
     """A store with 40 HH labels and v1 promoted, trained on the tiny backbone; the store closed."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128,
-                             export_onnx="off", gate_tolerance=1.0)
+    settings = TrainSettings(
+        backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0
+    )
     train(store, settings, ModelSettings(), show_progress=False)
     store.close()
     return settings
@@ -47,10 +56,20 @@ def _score_version(reward) -> str:
 
 def _new_labels(channel, n: int = 12) -> None:
     """n fresh human labels (an order the tiny model has no reason to agree with)."""
-    labels = [preference_pb2.Label(label_id=f"new-{i}", prompt=[common_pb2.Message(role="user", content=f"Question {i}: is {i} even?")],
-                                   responses=[f"{'Yes' if i % 2 == 0 else 'No'}, {i} is {'even' if i % 2 == 0 else 'odd'}.", "Maybe."],
-                                   ranks=[0, 1], source=preference_pb2.HUMAN, annotator="tester") for i in range(n)]
-    response = preference_pb2_grpc.PreferenceServiceStub(channel).IngestLabels(preference_pb2.IngestLabelsRequest(labels=labels), timeout=30)
+    labels = [
+        preference_pb2.Label(
+            label_id=f"new-{i}",
+            prompt=[common_pb2.Message(role="user", content=f"Question {i}: is {i} even?")],
+            responses=[f"{'Yes' if i % 2 == 0 else 'No'}, {i} is {'even' if i % 2 == 0 else 'odd'}.", "Maybe."],
+            ranks=[0, 1],
+            source=preference_pb2.HUMAN,
+            annotator="tester",
+        )
+        for i in range(n)
+    ]
+    response = preference_pb2_grpc.PreferenceServiceStub(channel).IngestLabels(
+        preference_pb2.IngestLabelsRequest(labels=labels), timeout=30
+    )
     assert all(r.status == preference_pb2.INSERTED for r in response.results)
 
 
@@ -82,11 +101,33 @@ def test_request_retrain_promotes_a_new_version_and_the_server_switches_to_it(se
 def test_bad_requests_name_the_field_or_the_missing_thing(server):
     channel, training, _ = _stubs(server.address)
     with channel:
-        cases = [(lambda: training.RequestRetrain(training_pb2.RetrainRequest(mode="bogus"), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "mode"),
-                 (lambda: training.RequestRetrain(training_pb2.RetrainRequest(parent_version="v9"), timeout=10), grpc.StatusCode.NOT_FOUND, "v9"),
-                 (lambda: training.GetJob(training_pb2.GetJobRequest(job_id="job-nope"), timeout=10), grpc.StatusCode.NOT_FOUND, "job-nope"),
-                 (lambda: training.GetJob(training_pb2.GetJobRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "job_id"),
-                 (lambda: list(training.WatchJob(training_pb2.GetJobRequest(job_id="job-nope"), timeout=10)), grpc.StatusCode.NOT_FOUND, "job-nope")]
+        cases = [
+            (
+                lambda: training.RequestRetrain(training_pb2.RetrainRequest(mode="bogus"), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "mode",
+            ),
+            (
+                lambda: training.RequestRetrain(training_pb2.RetrainRequest(parent_version="v9"), timeout=10),
+                grpc.StatusCode.NOT_FOUND,
+                "v9",
+            ),
+            (
+                lambda: training.GetJob(training_pb2.GetJobRequest(job_id="job-nope"), timeout=10),
+                grpc.StatusCode.NOT_FOUND,
+                "job-nope",
+            ),
+            (
+                lambda: training.GetJob(training_pb2.GetJobRequest(), timeout=10),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "job_id",
+            ),
+            (
+                lambda: list(training.WatchJob(training_pb2.GetJobRequest(job_id="job-nope"), timeout=10)),
+                grpc.StatusCode.NOT_FOUND,
+                "job-nope",
+            ),
+        ]
         for call, code, text in cases:
             with pytest.raises(grpc.RpcError) as err:
                 call()
@@ -114,7 +155,9 @@ def test_a_job_left_running_by_a_dead_server_is_marked_failed_at_start(home, tmp
     job, created = jobs.create_job(store, "retrain", {"promote": True})
     jobs.mark_running(store, job.job_id)
     store.close()
-    srv = ServerThread(ServeSettings(port=0, with_model=False, metrics_port=-1), train=TrainSettings(backbone=str(tiny_backbone_dir)))
+    srv = ServerThread(
+        ServeSettings(port=0, with_model=False, metrics_port=-1), train=TrainSettings(backbone=str(tiny_backbone_dir))
+    )
     try:
         channel, training, _ = _stubs(srv.address)
         with channel:
@@ -136,4 +179,6 @@ def test_watch_models_tells_of_a_retrain_that_was_not_promoted(server):
         assert (last.state, last.promoted) == ("succeeded", False)
         event = next(events)
         events.cancel()
-    assert (event.kind, event.model.version) == ("candidate", last.model_version) and event.model.metrics["unchanged_from_parent"] == 1.0
+    assert (event.kind, event.model.version) == ("candidate", last.model_version) and event.model.metrics[
+        "unchanged_from_parent"
+    ] == 1.0

@@ -26,7 +26,7 @@ OUT = ROOT / "docs" / "api.md"
 MESSAGE, SERVICE, ENUM = 4, 6, 5
 FIELD, NESTED, METHOD, VALUE = 2, 3, 2, 2
 
-TYPE_NAMES = {v: k[len("TYPE_"):].lower() for k, v in descriptor_pb2.FieldDescriptorProto.Type.items()}
+TYPE_NAMES = {v: k[len("TYPE_") :].lower() for k, v in descriptor_pb2.FieldDescriptorProto.Type.items()}
 
 
 def descriptors() -> descriptor_pb2.FileDescriptorSet:
@@ -34,8 +34,16 @@ def descriptors() -> descriptor_pb2.FileDescriptorSet:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "set.pb"
-        code = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", "--include_source_info",
-                            f"--descriptor_set_out={out}", *protos])
+        code = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{well_known}",
+                "--include_source_info",
+                f"--descriptor_set_out={out}",
+                *protos,
+            ]
+        )
         if code != 0:
             raise SystemExit(f"protoc failed with exit code {code}")
         return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
@@ -75,11 +83,18 @@ def render_file(file: descriptor_pb2.FileDescriptorProto) -> list[str]:
     notes, maps = comments(file), map_entries(file)
     lines = [f"## `{file.name}`", ""]
     for si, service in enumerate(file.service):
-        lines += [f"### service `{service.name}`", "", "| RPC | request | response | what it does |", "|---|---|---|---|"]
+        lines += [
+            f"### service `{service.name}`",
+            "",
+            "| RPC | request | response | what it does |",
+            "|---|---|---|---|",
+        ]
         for mi, method in enumerate(service.method):
             stream = "stream " if method.server_streaming else ""
-            lines.append(f"| `{method.name}` | `{method.input_type.split('.')[-1]}` | `{stream}{method.output_type.split('.')[-1]}` | "
-                         f"{notes.get((SERVICE, si, METHOD, mi), '')} |")
+            lines.append(
+                f"| `{method.name}` | `{method.input_type.split('.')[-1]}` | `{stream}{method.output_type.split('.')[-1]}` | "
+                f"{notes.get((SERVICE, si, METHOD, mi), '')} |"
+            )
         lines.append("")
     for mi, message in enumerate(file.message_type):
         lines += [f"### message `{message.name}`", ""]
@@ -88,7 +103,9 @@ def render_file(file: descriptor_pb2.FileDescriptorProto) -> list[str]:
         if message.field:
             lines += ["| field | number | type | meaning |", "|---|---:|---|---|"]
             for fi, f in enumerate(message.field):
-                lines.append(f"| `{f.name}` | {f.number} | `{field_type(f, maps)}` | {notes.get((MESSAGE, mi, FIELD, fi), '')} |")
+                lines.append(
+                    f"| `{f.name}` | {f.number} | `{field_type(f, maps)}` | {notes.get((MESSAGE, mi, FIELD, fi), '')} |"
+                )
             lines.append("")
     for ei, enum in enumerate(file.enum_type):
         lines += [f"### enum `{enum.name}`", ""]
@@ -103,11 +120,15 @@ def render_file(file: descriptor_pb2.FileDescriptorProto) -> list[str]:
 
 def render() -> str:
     files = [f for f in descriptors().file if f.name.startswith("rm/v1/")]
-    lines = ["# API reference (package `rm.v1`)", "",
-             "Generated from the comments in `proto/rm/v1/*.proto` by `tools/gen_api_docs.py`; do not edit by hand",
-             "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see [serving](serving.md)",
-             "(API overview) and `rm_service/errors.py`. The HTTP routes that OpenRLHF, verl and vLLM clients call",
-             "(`POST /get_reward`, `/classify`, `/pooling`) and readiness (`GET /health`, gRPC health): [http.md](http.md).", ""]
+    lines = [
+        "# API reference (package `rm.v1`)",
+        "",
+        "Generated from the comments in `proto/rm/v1/*.proto` by `tools/gen_api_docs.py`; do not edit by hand",
+        "(`make docs` regenerates it, and a test fails when it is stale). Status codes: see [serving](serving.md)",
+        "(API overview) and `rm_service/errors.py`. The HTTP routes that OpenRLHF, verl and vLLM clients call",
+        "(`POST /get_reward`, `/classify`, `/pooling`) and readiness (`GET /health`, gRPC health): [http.md](http.md).",
+        "",
+    ]
     for file in sorted(files, key=lambda f: ("common" not in f.name, f.name)):
         lines += render_file(file)
     return "\n".join(lines).rstrip() + "\n"

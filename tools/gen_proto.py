@@ -74,7 +74,11 @@ def main() -> int:
     args = parser.parse_args()
     generated = {out_dir: generate(package) for package, out_dir in TARGETS.items()}
     if args.check:
-        stale = [f"{(out_dir / name).relative_to(ROOT)}" for out_dir, files in generated.items() for name in stale_files(files, out_dir)]
+        stale = [
+            f"{(out_dir / name).relative_to(ROOT)}"
+            for out_dir, files in generated.items()
+            for name in stale_files(files, out_dir)
+        ]
         if stale:
             print(f"stale generated code: {', '.join(stale)}; run `make proto`", file=sys.stderr)
             return 1

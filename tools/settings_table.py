@@ -20,24 +20,44 @@ from rm_service import settings as s  # noqa: E402
 from rm_service.demo.settings import DemoSettings  # noqa: E402
 from rm_service.judge.settings import JudgeSettings  # noqa: E402
 
-CLASSES = [s.StoreSettings, s.ModelSettings, s.ServeSettings, s.SecuritySettings, s.TrainSettings, JudgeSettings, DemoSettings]
+CLASSES = [
+    s.StoreSettings,
+    s.ModelSettings,
+    s.ServeSettings,
+    s.SecuritySettings,
+    s.TrainSettings,
+    JudgeSettings,
+    DemoSettings,
+]
 
 
 def default_text(cls: type[BaseSettings], name: str, field) -> str:
     if field.default_factory is not None:
-        return {"path": "`$RM_HOME/rm.duckdb`", "cache_dir": "`$RM_HOME/cache/models`", "artifacts_dir": "`$RM_HOME/registry`"}.get(name, "computed")
+        return {
+            "path": "`$RM_HOME/rm.duckdb`",
+            "cache_dir": "`$RM_HOME/cache/models`",
+            "artifacts_dir": "`$RM_HOME/registry`",
+        }.get(name, "computed")
     if field.default is None:
         return "unset"
     value = field.default
     if hasattr(value, "get_secret_value"):
         return "unset"
+    if (
+        isinstance(value, Path) and value.is_absolute()
+    ):  # a file the package ships: named from the checkout, not this machine
+        value = value.relative_to(Path(__file__).resolve().parents[1])
     return f"`{value}`"
 
 
 def table(cls: type[BaseSettings]) -> str:
     prefix = cls.model_config.get("env_prefix", "")
-    lines = [f"**`{cls.__name__}`** ({cls.__doc__.strip().splitlines()[0].rstrip('.')}; prefix `{prefix}`)", "",
-             "| Variable | Default | Description |", "|---|---|---|"]
+    lines = [
+        f"**`{cls.__name__}`** ({cls.__doc__.strip().splitlines()[0].rstrip('.')}; prefix `{prefix}`)",
+        "",
+        "| Variable | Default | Description |",
+        "|---|---|---|",
+    ]
     for name, field in cls.model_fields.items():
         lines.append(f"| `{prefix}{name.upper()}` | {default_text(cls, name, field)} | {field.description} |")
     return "\n".join(lines)
@@ -58,7 +78,14 @@ if __name__ == "__main__":
         from policy_trainer.settings import PPOSettings
 
         root = Path(__file__).resolve().parent.parent
-        write_between(root / "docs" / "configuration.md", "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->", render())
-        write_between(root / "docs" / "policy-trainer.md", "<!-- PPO-SETTINGS:BEGIN -->\n", "<!-- PPO-SETTINGS:END -->", table(PPOSettings) + "\n")
+        write_between(
+            root / "docs" / "configuration.md", "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->", render()
+        )
+        write_between(
+            root / "docs" / "policy-trainer.md",
+            "<!-- PPO-SETTINGS:BEGIN -->\n",
+            "<!-- PPO-SETTINGS:END -->",
+            table(PPOSettings) + "\n",
+        )
     else:
         print(render(), end="")

@@ -39,7 +39,9 @@ def build_app(model_dir: str, max_len: int, dtype: str) -> FastAPI:
         rewards = []
         with torch.inference_mode():
             for text in queries:
-                ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_len, return_tensors="pt")
+                ids = tokenizer(
+                    text, add_special_tokens=False, truncation=True, max_length=max_len, return_tensors="pt"
+                )
                 rewards.append(float(model(**ids).logits[0, 0]))
         return JSONResponse({"rewards": rewards})
 
@@ -52,7 +54,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-len", type=int, default=1024, help="token cap per item")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype (transformers' default: float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights' dtype (transformers' default: float32)",
+    )
     args = parser.parse_args()
     uvicorn.run(build_app(args.model, args.max_len, args.dtype), host=args.host, port=args.port, log_level="warning")
 

@@ -47,8 +47,10 @@ def prepare(serve_args: list[str]) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        sys.exit(f"rm-service: the service home {home} is not writable by uid {os.getuid()} ({exc.strerror}); "
-                 "chown the volume to this user or set the pod's fsGroup")
+        sys.exit(
+            f"rm-service: the service home {home} is not writable by uid {os.getuid()} ({exc.strerror}); "
+            "chown the volume to this user or set the pod's fsGroup"
+        )
     models = ModelSettings()
     if serve.with_store:
         if os.environ.get("RM_SEED_MODEL", "1") != "0":
@@ -80,13 +82,27 @@ def seed_registry(store_settings, models, seed: Path) -> None:
         if target.exists():  # a directory without a store row: left by an earlier store file
             shutil.rmtree(target)
         staging.rename(target)
-        rec = registry.ModelRecord(version, None, None, meta.base_backbone, meta.format_hash, "candidate", meta.metrics, meta.reward_mean,
-                                   meta.reward_std, meta.ensemble_size, str(target))
+        rec = registry.ModelRecord(
+            version,
+            None,
+            None,
+            meta.base_backbone,
+            meta.format_hash,
+            "candidate",
+            meta.metrics,
+            meta.reward_mean,
+            meta.reward_std,
+            meta.ensemble_size,
+            str(target),
+        )
         registry.register(store, rec, number)
         ok, message = registry.promote(store, version, 0.0, force=True)
         accuracy = rec.metrics.get("accuracy", float("nan"))
-        print(f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} {meta.mode} "
-              f"mode, held-out accuracy {accuracy:.4f}); {message}. Train your own with RequestRetrain, or `rm-service train` while no server holds the store.", flush=True)
+        print(
+            f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} {meta.mode} "
+            f"mode, held-out accuracy {accuracy:.4f}); {message}. Train your own with RequestRetrain, or `rm-service train` while no server holds the store.",
+            flush=True,
+        )
     finally:
         store.close()
 
@@ -98,8 +114,10 @@ def wait_for_promotion(artifacts_dir: Path, timeout: float) -> None:
     said = False
     while not pointer.exists():
         if time.monotonic() > deadline:
-            sys.exit(f"rm-service: no promoted model in {artifacts_dir} after {timeout:.0f}s; start the store service "
-                     "(it installs the starter model) or train and promote a version")
+            sys.exit(
+                f"rm-service: no promoted model in {artifacts_dir} after {timeout:.0f}s; start the store service "
+                "(it installs the starter model) or train and promote a version"
+            )
         if not said:
             print(f"rm-service: waiting for a promoted model in {artifacts_dir}", flush=True)
             said = True

@@ -31,8 +31,13 @@ def channel(address: str) -> grpc.Channel:
         path = os.environ.get(name, default)
         return open(path, "rb").read() if path else None
 
-    return open_channel(address, tls_ca=read("RM_HEALTH_TLS_CA", cert), tls_cert=read("RM_HEALTH_TLS_CLIENT_CERT"),
-                        tls_key=read("RM_HEALTH_TLS_CLIENT_KEY"), tls_name=os.environ.get("RM_HEALTH_TLS_NAME", "localhost"))
+    return open_channel(
+        address,
+        tls_ca=read("RM_HEALTH_TLS_CA", cert),
+        tls_cert=read("RM_HEALTH_TLS_CLIENT_CERT"),
+        tls_key=read("RM_HEALTH_TLS_CLIENT_KEY"),
+        tls_name=os.environ.get("RM_HEALTH_TLS_NAME", "localhost"),
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -41,7 +46,11 @@ def main(argv: list[str]) -> int:
     timeout = float(os.environ.get("RM_HEALTH_TIMEOUT_SECONDS", "4"))
     with channel(address) as ch:
         try:
-            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+            status = (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                .status
+            )
         except grpc.RpcError as exc:
             print(f"unhealthy: {address} {service or '(server)'}: {exc.code().name}: {exc.details()}")
             return 1

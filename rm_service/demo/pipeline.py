@@ -36,8 +36,8 @@ from rm_service.errors import RMError
 from rm_service.formats import import_file
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
-from rm_service.train.run import train
 from rm_service.train.data import is_heldout_pair
+from rm_service.train.run import train
 
 STAGES = 7
 
@@ -61,8 +61,14 @@ class Stages:
 
 def train_settings(s: DemoSettings) -> TrainSettings:
     """The proxy's settings (v2); the server's retraining jobs get the same ones, so features are reused."""
-    return TrainSettings(backbone=s.rm_backbone, mode=s.rm_mode, max_minutes=s.rm_max_minutes, max_tokens=s.rm_max_tokens,
-                         ensemble_size=s.rm_ensemble_size, dataset_fraction=s.proxy_dataset_fraction)
+    return TrainSettings(
+        backbone=s.rm_backbone,
+        mode=s.rm_mode,
+        max_minutes=s.rm_max_minutes,
+        max_tokens=s.rm_max_tokens,
+        ensemble_size=s.rm_ensemble_size,
+        dataset_fraction=s.proxy_dataset_fraction,
+    )
 
 
 def gold_settings(s: DemoSettings) -> TrainSettings:
@@ -100,7 +106,9 @@ def run_demo(s: DemoSettings) -> int:
     facts.read_store(home / "rm.duckdb")
     report = write_report(facts)
     print("\n" + facts.summary_table())
-    print(f"\nreport: {report}\nplots:  {', '.join(str(p) for p in facts.plots)}\nstore:  {home / 'rm.duckdb'}   registry: {home / 'registry'}")
+    print(
+        f"\nreport: {report}\nplots:  {', '.join(str(p) for p in facts.plots)}\nstore:  {home / 'rm.duckdb'}   registry: {home / 'registry'}"
+    )
     return 0 if facts.server_exit_code == 0 else 1
 
 
@@ -127,17 +135,33 @@ def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     try:
         counts, _ = import_file(store, s.data, "hh")
         facts.labels_imported, facts.lines_rejected = counts["INSERTED"], counts["REJECTED"]
-        stages.done("import", t, f"({counts['INSERTED']} human labels stored, {counts['REJECTED']} malformed lines rejected)")
+        stages.done(
+            "import", t, f"({counts['INSERTED']} human labels stored, {counts['REJECTED']} malformed lines rejected)"
+        )
 
-        t = stages.start(f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget {s.rm_max_minutes:g} min)")
+        t = stages.start(
+            f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget {s.rm_max_minutes:g} min)"
+        )
         facts.gold = train(store, gold_settings(s), ModelSettings(), show_progress=s.progress)
-        stages.done("train gold", t, f"({facts.gold.version}: held-out accuracy {facts.gold.metrics['accuracy']:.4f}; {facts.gold.details})")
-        t = stages.start(f"train the proxy on {s.proxy_dataset_fraction:.0%} of the human-labeled conversations ({s.rm_mode} mode)")
+        stages.done(
+            "train gold",
+            t,
+            f"({facts.gold.version}: held-out accuracy {facts.gold.metrics['accuracy']:.4f}; {facts.gold.details})",
+        )
+        t = stages.start(
+            f"train the proxy on {s.proxy_dataset_fraction:.0%} of the human-labeled conversations ({s.rm_mode} mode)"
+        )
         facts.v1 = train(store, train_settings(s), ModelSettings(), show_progress=s.progress)
         m = facts.v1.metrics
-        stages.done("train proxy", t, f"({facts.v1.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs; "
-                                      f"{facts.v1.gate_message})")
-        facts.calibration_file = _calibration_items(store, train_settings(s), s.calibration_pairs, s.run_home / "calibration.jsonl")
+        stages.done(
+            "train proxy",
+            t,
+            f"({facts.v1.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs; "
+            f"{facts.v1.gate_message})",
+        )
+        facts.calibration_file = _calibration_items(
+            store, train_settings(s), s.calibration_pairs, s.run_home / "calibration.jsonl"
+        )
     finally:
         store.close()
 
@@ -149,14 +173,23 @@ def _calibration_items(store: Store, settings: TrainSettings, n: int | None, pat
     held = [p for p in store.pairs(store.get_snapshot()) if is_heldout_pair(p, settings)][:n]
     with path.open("w", encoding="utf-8") as f:
         for p in held:
-            f.write(json.dumps({"prompt": [m.as_dict() for m in p.prompt], "completions": [p.chosen, p.rejected]}) + "\n")
+            f.write(
+                json.dumps({"prompt": [m.as_dict() for m in p.prompt], "completions": [p.chosen, p.rejected]}) + "\n"
+            )
     return path
 
 
 def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
-    t = stages.start(f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, owns the store, "
-                     "runs retraining jobs)")
-    env = {**os.environ, **settings_env(train_settings(s), "RM_TRAIN_"), "RM_SERVE_METRICS_PORT": "0", "RM_SERVE_ALSO_LOAD": facts.gold.version}
+    t = stages.start(
+        f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, owns the store, "
+        "runs retraining jobs)"
+    )
+    env = {
+        **os.environ,
+        **settings_env(train_settings(s), "RM_TRAIN_"),
+        "RM_SERVE_METRICS_PORT": "0",
+        "RM_SERVE_ALSO_LOAD": facts.gold.version,
+    }
     server, address = start_server_process(env, s.run_home, s.server_start_timeout_s)
     try:
         client = Client(address)
@@ -183,21 +216,42 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     judge_settings = JudgeSettings(backend="rm", model=gold_dir, server=address, concurrency=1)
     gold = [RewardAnnotator(gold_dir, judge_settings)]
     which = "the samples the proxy doubts most" if s.selection == "uncertainty" else "random samples"
-    loop = (f"the gold labels {which}; retrain at {s.retrain_min_labels} new labels" if s.submit_every and s.retrain_min_labels
-            else "the proxy stays fixed")
+    loop = (
+        f"the gold labels {which}; retrain at {s.retrain_min_labels} new labels"
+        if s.submit_every and s.retrain_min_labels
+        else "the proxy stays fixed"
+    )
     t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps against the proxy; {loop}")
     stop, worker = threading.Event(), _JudgeWorker()
     thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, gold), daemon=True)
     thread.start()
-    ppo = PPOSettings(run_dir=s.run_home / "ppo", policy=s.policy, prompts_file=s.data, total_steps=s.ppo_steps,
-                      prompts_per_step=s.prompts_per_step, samples_per_prompt=s.samples_per_prompt,
-                      max_new_tokens=s.max_new_tokens, max_prompt_tokens=s.max_prompt_tokens,
-                      advantage_estimator=s.advantage_estimator, learning_rate=s.learning_rate, kl_coef=s.kl_coef,
-                      eval_prompts=s.eval_prompts, eval_every=s.eval_every, update_epochs=s.update_epochs,
-                      num_minibatches=s.num_minibatches, reward_addresses=[address], submit_every=s.submit_every,
-                      submit_fraction=s.submit_fraction, retrain_min_labels=s.retrain_min_labels, retrain_mode=s.rm_mode,
-                      selection=s.selection, label_budget=s.label_budget, gold_address=address, gold_version=facts.gold.version,
-                      progress=s.progress)
+    ppo = PPOSettings(
+        run_dir=s.run_home / "ppo",
+        policy=s.policy,
+        prompts_file=s.data,
+        total_steps=s.ppo_steps,
+        prompts_per_step=s.prompts_per_step,
+        samples_per_prompt=s.samples_per_prompt,
+        max_new_tokens=s.max_new_tokens,
+        max_prompt_tokens=s.max_prompt_tokens,
+        advantage_estimator=s.advantage_estimator,
+        learning_rate=s.learning_rate,
+        kl_coef=s.kl_coef,
+        eval_prompts=s.eval_prompts,
+        eval_every=s.eval_every,
+        update_epochs=s.update_epochs,
+        num_minibatches=s.num_minibatches,
+        reward_addresses=[address],
+        submit_every=s.submit_every,
+        submit_fraction=s.submit_fraction,
+        retrain_min_labels=s.retrain_min_labels,
+        retrain_mode=s.rm_mode,
+        selection=s.selection,
+        label_budget=s.label_budget,
+        gold_address=address,
+        gold_version=facts.gold.version,
+        progress=s.progress,
+    )
     try:
         facts.ppo = train_ppo(ppo)
     finally:
@@ -206,7 +260,9 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     facts.judge_queue = worker.counts
     if worker.error is not None:
         raise worker.error
-    switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in facts.ppo.switches) or "none"
+    switches = (
+        ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in facts.ppo.switches) or "none"
+    )
     stages.done("ppo", t, f"(reward-model switches: {switches})")
 
     # After PPO, so that these labels do not count towards the retrains of the outer loop.
@@ -214,8 +270,14 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     if facts.calibration_file is not None:
         # its resume file lives in the run home, emptied with it (under $RM_HOME/judge an earlier run's
         # file marked every item done, and the next run labeled none)
-        facts.calibration = run_judge(judge_settings, address=address, input_path=facts.calibration_file, backends=gold, progress=s.progress,
-                                      progress_file=s.run_home / "calibration.done")
+        facts.calibration = run_judge(
+            judge_settings,
+            address=address,
+            input_path=facts.calibration_file,
+            backends=gold,
+            progress=s.progress,
+            progress_file=s.run_home / "calibration.done",
+        )
     stages.done("calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
 
 

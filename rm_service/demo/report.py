@@ -41,7 +41,9 @@ class RunFacts:
             self.models = sorted(registry.list_models(store), key=lambda m: int(m.version[1:]))
             self.jobs = list(reversed(jobs.list_jobs(store)))
             self.stats = store.stats()
-            self.agreement = store.judge_agreement(reference=("HUMAN", "IMPORT"))  # HH-RLHF labels are people's, imported
+            self.agreement = store.judge_agreement(
+                reference=("HUMAN", "IMPORT")
+            )  # HH-RLHF labels are people's, imported
         finally:
             store.close()
 
@@ -58,7 +60,11 @@ class RunFacts:
             return []
         from policy_trainer.logs import read_jsonl
 
-        return [e for e in read_jsonl(self.ppo.run_dir / "events.jsonl") if e["event"] == "eval" and e.get("model") == "policy"]
+        return [
+            e
+            for e in read_jsonl(self.ppo.run_dir / "events.jsonl")
+            if e["event"] == "eval" and e.get("model") == "policy"
+        ]
 
     def reward_rise(self, key: str = "reward_mean") -> tuple[float, float]:
         """Held-out prompts: mean reward (served proxy, final version; or gold) of the initial and the trained policy."""
@@ -77,19 +83,43 @@ class RunFacts:
         for m in self.models:
             role = "gold" if m.version == gold else "proxy"
             rows.append((f"reward model {m.version} ({role}, {m.status})", _accuracies(m)))
-        rows.append(("held-out prompts: proxy reward before -> after PPO (final version)", f"{before:+.3f} -> {after:+.3f} ({after - before:+.3f})"))
-        rows.append(("held-out prompts: gold reward before -> after PPO", f"{gold_before:+.3f} -> {gold_after:+.3f} ({gold_after - gold_before:+.3f})"))
+        rows.append(
+            (
+                "held-out prompts: proxy reward before -> after PPO (final version)",
+                f"{before:+.3f} -> {after:+.3f} ({after - before:+.3f})",
+            )
+        )
+        rows.append(
+            (
+                "held-out prompts: gold reward before -> after PPO",
+                f"{gold_before:+.3f} -> {gold_after:+.3f} ({gold_after - gold_before:+.3f})",
+            )
+        )
         if kl:
             rows.append(("KL to the reference per sequence (max, last step)", f"{max(kl):.3f}, {kl[-1]:.3f} nats"))
-        rows.append(("reward-model switches during PPO", ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in switches) or "none"))
+        rows.append(
+            (
+                "reward-model switches during PPO",
+                ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in switches) or "none",
+            )
+        )
         rows.append(("labels by source", ", ".join(f"{k} {v:,}" for k, v in sorted(by_source.items()))))
         a = self.agreement
         if a is not None and a.shared_pairs:
-            rows.append(("gold annotator vs people: agreement, Cohen's kappa", f"{a.agreement:.3f}, {a.kappa:.3f} on {a.shared_pairs} shared pairs"))
+            rows.append(
+                (
+                    "gold annotator vs people: agreement, Cohen's kappa",
+                    f"{a.agreement:.3f}, {a.kappa:.3f} on {a.shared_pairs} shared pairs",
+                )
+            )
         if self.ppo and self.ppo.seconds_per_phase:
             p = self.ppo.seconds_per_phase
-            rows.append(("seconds per PPO step (generate / score / train)",
-                         f"{p.get('step', math.nan):.1f} ({p.get('generate', math.nan):.1f} / {p.get('score', math.nan):.1f} / {p.get('train', math.nan):.1f})"))
+            rows.append(
+                (
+                    "seconds per PPO step (generate / score / train)",
+                    f"{p.get('step', math.nan):.1f} ({p.get('generate', math.nan):.1f} / {p.get('score', math.nan):.1f} / {p.get('train', math.nan):.1f})",
+                )
+            )
         rows.append(("total demo time", f"{self.total_seconds:.0f} s"))
         return rows
 
@@ -102,7 +132,7 @@ SMOOTHING = 5  # steps in the trailing mean drawn over the per-step reward
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
     """Mean of each value and the up to `window - 1` values before it."""
-    return [sum(values[max(0, i + 1 - window): i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+    return [sum(values[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
 
 
 def plot_reward_kl(facts: RunFacts, path: Path) -> Path:
@@ -117,13 +147,21 @@ def plot_reward_kl(facts: RunFacts, path: Path) -> Path:
     for version in dict.fromkeys(m["rm/version"] for m in steps):
         xs = [m["step"] for m in steps if m["rm/version"] == version]
         rewards = [m["reward/served_mean"] for m in steps if m["rm/version"] == version]
-        line, = ax_r.plot(xs, rewards, marker="o", alpha=0.5, label=f"reward ({version})")
+        (line,) = ax_r.plot(xs, rewards, marker="o", alpha=0.5, label=f"reward ({version})")
         ax_r.plot(xs, trailing_mean(rewards, SMOOTHING), color=line.get_color(), linewidth=2.5)
-        ax_kl.plot(xs, [m["kl/ref_seq"] for m in steps if m["rm/version"] == version], marker="o", label=f"KL ({version})")
+        ax_kl.plot(
+            xs, [m["kl/ref_seq"] for m in steps if m["rm/version"] == version], marker="o", label=f"KL ({version})"
+        )
     for w in facts.ppo.switches if facts.ppo else []:
         for ax in (ax_r, ax_kl):
             ax.axvline(w["step"] - 0.5, color="grey", linestyle="--")
-        ax_r.annotate(f"{w['from_version']} -> {w['to_version']}", (w["step"] - 0.5, ax_r.get_ylim()[1]), fontsize=8, ha="right", va="top")
+        ax_r.annotate(
+            f"{w['from_version']} -> {w['to_version']}",
+            (w["step"] - 0.5, ax_r.get_ylim()[1]),
+            fontsize=8,
+            ha="right",
+            va="top",
+        )
     ax_r.set_ylabel(f"mean served reward\n(thick: mean of the last {SMOOTHING} steps)")
     ax_kl.set_ylabel("KL(policy || ref) per sequence, nats")
     ax_kl.set_xlabel("PPO step")
@@ -178,9 +216,11 @@ def _accuracies(m) -> str:
 def _version_row(m) -> str:
     get = lambda key: m.metrics.get(key)  # noqa: E731
     cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    return (f"| {m.version} | {m.status} | {m.parent or ''} | {cell(get('accuracy_human'))} | {cell(get('baseline_accuracy_human'))} | "
-            f"{cell(get('accuracy_onpolicy'))} | {cell(get('baseline_accuracy_onpolicy'))} | {int(get('pairs_onpolicy') or 0)} | "
-            f"{int(get('onpolicy_train_pairs') or 0)} | {'yes' if get('unchanged_from_parent') else ''} | {m.snapshot_id} |")
+    return (
+        f"| {m.version} | {m.status} | {m.parent or ''} | {cell(get('accuracy_human'))} | {cell(get('baseline_accuracy_human'))} | "
+        f"{cell(get('accuracy_onpolicy'))} | {cell(get('baseline_accuracy_onpolicy'))} | {int(get('pairs_onpolicy') or 0)} | "
+        f"{int(get('onpolicy_train_pairs') or 0)} | {'yes' if get('unchanged_from_parent') else ''} | {m.snapshot_id} |"
+    )
 
 
 def plot_overoptimisation(facts: RunFacts, path: Path) -> Path:
@@ -220,56 +260,108 @@ def write_report(facts: RunFacts) -> Path:
         facts.plots.append(plot_accuracy(facts, home / "accuracy.png"))
     s = facts.settings
     lines = [
-        "# rm-service demo report", "",
+        "# rm-service demo report",
+        "",
         f"Reward models on `{s.rm_backbone}`: the gold ({facts.gold.version if facts.gold else '?'}, head mode on every human training "
         f"pair; {facts.gold.details if facts.gold else ''}) labels the policy's samples; the served proxy learns from "
         f"{s.proxy_dataset_fraction:.0%} of the human-labeled conversations and those labels ({s.rm_mode} mode). Policy `{s.policy}`; "
         f"profile `{s.profile}`; {s.ppo_steps} PPO steps of {s.prompts_per_step} prompts x {s.samples_per_prompt} samples "
-        f"x {s.max_new_tokens} new tokens; labeling candidates chosen by `{s.selection}`.", "",
-        "## Summary", "", facts.summary_table(), "",
-        "![proxy and gold reward against step and sqrt(KL)](proxy_gold.png)", "",
-        "![reward and KL per step](reward_kl.png)", "", "![accuracy per version](accuracy.png)", "",
-        "## Proxy and gold on held-out prompts", "", "| step | KL/seq | sqrt(KL) | proxy reward (version) | gold reward |", "|---:|---:|---:|---:|---:|",
-        *[f"| {e['step']} | {e.get('kl_seq', math.nan):.3f} | {math.sqrt(max(e.get('kl_seq', 0.0), 0.0)):.3f} | "
-          f"{e.get('reward_mean', math.nan):+.3f} ({e.get('version', '')}) | {e.get('gold_reward_mean', math.nan):+.3f} |"
-          for e in facts.evaluations], "",
+        f"x {s.max_new_tokens} new tokens; labeling candidates chosen by `{s.selection}`.",
+        "",
+        "## Summary",
+        "",
+        facts.summary_table(),
+        "",
+        "![proxy and gold reward against step and sqrt(KL)](proxy_gold.png)",
+        "",
+        "![reward and KL per step](reward_kl.png)",
+        "",
+        "![accuracy per version](accuracy.png)",
+        "",
+        "## Proxy and gold on held-out prompts",
+        "",
+        "| step | KL/seq | sqrt(KL) | proxy reward (version) | gold reward |",
+        "|---:|---:|---:|---:|---:|",
+        *[
+            f"| {e['step']} | {e.get('kl_seq', math.nan):.3f} | {math.sqrt(max(e.get('kl_seq', 0.0), 0.0)):.3f} | "
+            f"{e.get('reward_mean', math.nan):+.3f} ({e.get('version', '')}) | {e.get('gold_reward_mean', math.nan):+.3f} |"
+            for e in facts.evaluations
+        ],
+        "",
         "The proxy column is each evaluation's served version (rewards normalised by that version's statistics); the gold's "
-        "scale is fixed. Over-optimisation shows as the proxy rising while the gold falls (Gao et al., 2023).", "",
-        "## Stages", "", "| stage | seconds |", "|---|---:|",
-        *[f"| {name} | {sec:.1f} |" for name, sec in facts.stage_seconds.items()], "",
-        "## PPO steps", "",
+        "scale is fixed. Over-optimisation shows as the proxy rising while the gold falls (Gao et al., 2023).",
+        "",
+        "## Stages",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *[f"| {name} | {sec:.1f} |" for name, sec in facts.stage_seconds.items()],
+        "",
+        "## PPO steps",
+        "",
         "| step | RM version | mean reward | KL/seq | entropy | clip frac | response len | generate s | score s | train s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {m['step']} | {m['rm/version']} | {m['reward/served_mean']:+.3f} | {m['kl/ref_seq']:.3f} | "
-          f"{m.get('policy/entropy', math.nan):.3f} | {m.get('policy/clipfrac', math.nan):.3f} | {m['response/length_mean']:.1f} | "
-          f"{m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} |" for m in facts.steps], "",
+        *[
+            f"| {m['step']} | {m['rm/version']} | {m['reward/served_mean']:+.3f} | {m['kl/ref_seq']:.3f} | "
+            f"{m.get('policy/entropy', math.nan):.3f} | {m.get('policy/clipfrac', math.nan):.3f} | {m['response/length_mean']:.1f} | "
+            f"{m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} |"
+            for m in facts.steps
+        ],
+        "",
         "Rewards are normalised with each version's statistics, so values before and after a switch are on different "
-        "scales; the held-out comparison in the summary scores both policies with the final version.", "",
-        "## Reward-model versions", "",
+        "scales; the held-out comparison in the summary scores both policies with the final version.",
+        "",
+        "## Reward-model versions",
+        "",
         "Held-out accuracy on human pairs and on on-policy pairs (labels of the policy's samples), each beside the parent's on "
         "the same pairs; a retrain is promoted only when it fits the on-policy pairs better and loses at most the tolerance "
-        "on human pairs.", "",
+        "on human pairs.",
+        "",
         "| version | status | parent | human | parent, human | on-policy | parent, on-policy | on-policy held-out pairs | on-policy training pairs | same heads as parent | snapshot |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
-*[_version_row(m) for m in facts.models], "",
-        "## Retraining jobs", "", "| job | state | version | promoted | seconds |", "|---|---|---|---|---:|",
-        *[f"| {j.job_id} | {j.state} | {j.model_version or ''} | {j.promoted} | "
-          f"{(j.finished_at - j.created_at) if j.finished_at else math.nan:.1f} |" for j in facts.jobs], "",
-        "## Labels", "", "| source | labels |", "|---|---:|",
-        *[f"| {k} | {v:,} |" for k, v in sorted(facts.stats.get("labels_by_source", {}).items())], "",
+        *[_version_row(m) for m in facts.models],
+        "",
+        "## Retraining jobs",
+        "",
+        "| job | state | version | promoted | seconds |",
+        "|---|---|---|---|---:|",
+        *[
+            f"| {j.job_id} | {j.state} | {j.model_version or ''} | {j.promoted} | "
+            f"{(j.finished_at - j.created_at) if j.finished_at else math.nan:.1f} |"
+            for j in facts.jobs
+        ],
+        "",
+        "## Labels",
+        "",
+        "| source | labels |",
+        "|---|---:|",
+        *[f"| {k} | {v:,} |" for k, v in sorted(facts.stats.get("labels_by_source", {}).items())],
+        "",
     ]
     if facts.agreement is not None:
         from rm_service.store.agreement import format_report
 
-        lines += ["## The gold annotator", "", "Against the people's labels (HH-RLHF, imported) on the held-out pairs both labeled:", "",
-                  format_report(facts.agreement, reference="HUMAN+IMPORT"), ""]
+        lines += [
+            "## The gold annotator",
+            "",
+            "Against the people's labels (HH-RLHF, imported) on the held-out pairs both labeled:",
+            "",
+            format_report(facts.agreement, reference="HUMAN+IMPORT"),
+            "",
+        ]
     if facts.calibration is not None:
         lines += [f"Calibration run on held-out human-labeled pairs: {facts.calibration.summary()}.", ""]
     if facts.judge_queue is not None:
         lines += [f"Policy samples from the labeling queue: {facts.judge_queue.summary()}.", ""]
-    lines += ["## Files", "", f"- store: `{home / 'rm.duckdb'}`", f"- registry: `{home / 'registry'}`",
-              f"- PPO run (metrics.jsonl, TensorBoard, checkpoints): `{facts.ppo.run_dir if facts.ppo else ''}`",
-              f"- server log: `{home / 'server.log'}`", ""]
+    lines += [
+        "## Files",
+        "",
+        f"- store: `{home / 'rm.duckdb'}`",
+        f"- registry: `{home / 'registry'}`",
+        f"- PPO run (metrics.jsonl, TensorBoard, checkpoints): `{facts.ppo.run_dir if facts.ppo else ''}`",
+        f"- server log: `{home / 'server.log'}`",
+        "",
+    ]
     path = home / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -56,9 +56,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Format:
-    name: str       # the --format value, and its module rm_service/formats/<name>.py
-    help: str       # one line, for the CLI's --format help
-    unit: str       # what export writes one of: "pairs" or "labels"
+    name: str  # the --format value, and its module rm_service/formats/<name>.py
+    help: str  # one line, for the CLI's --format help
+    unit: str  # what export writes one of: "pairs" or "labels"
     annotator: str  # the annotator of imported labels when none is given
     pairs: bool = True  # its records are preference pairs (`rm-service eval --data` reads them)
 
@@ -71,7 +71,9 @@ REGISTRY = (
     Format("trl", "TRL preference JSONL (standard or conversational, explicit or implicit prompt)", "pairs", "trl"),
     Format("ranking", "K-way rankings with ties, JSONL", "labels", "ranking"),
     Format("parquet", "the ranking columns as Parquet", "labels", "parquet"),
-    Format("feedback", "per-turn thumbs and session outcomes, JSONL (docs/feedback.md)", "labels", "feedback", pairs=False),
+    Format(
+        "feedback", "per-turn thumbs and session outcomes, JSONL (docs/feedback.md)", "labels", "feedback", pairs=False
+    ),
 )
 FORMATS = tuple(f.name for f in REGISTRY)
 PAIR_FORMATS = tuple(f.name for f in REGISTRY if f.pairs)

@@ -27,11 +27,31 @@ from collections import Counter
 from pathlib import Path
 
 from rm_service.formats.ingest import import_records
-from rm_service.formats.records import FormatError, Record, known_keys, jsonl_records, messages, metadata, string, strength, write_jsonl
+from rm_service.formats.records import (
+    FormatError,
+    Record,
+    jsonl_records,
+    known_keys,
+    messages,
+    metadata,
+    strength,
+    string,
+    write_jsonl,
+)
 from rm_service.store.db import Snapshot, Store
 from rm_service.store.feedback import FeedbackIn, TurnThumb, feedback_in_snapshot
 
-FEEDBACK_KEYS = ("label_id", "conversation", "thumbs", "outcome", "source", "annotator", "rationale", "metadata", "task_id")
+FEEDBACK_KEYS = (
+    "label_id",
+    "conversation",
+    "thumbs",
+    "outcome",
+    "source",
+    "annotator",
+    "rationale",
+    "metadata",
+    "task_id",
+)
 THUMB_KEYS = ("message_index", "up")
 
 
@@ -39,10 +59,15 @@ def feedback_label(record: Record, default_id: str, annotator: str) -> FeedbackI
     """The feedback label of one line; raises FormatError naming the key."""
     data = known_keys(record.data, FEEDBACK_KEYS)
     return FeedbackIn(
-        label_id=string(data, "label_id", default_id), conversation=messages(data.get("conversation"), "conversation"),
-        thumbs=_thumbs(data.get("thumbs")), outcome=strength(data, "outcome"), source=string(data, "source", "IMPORT"),
-        annotator=string(data, "annotator", annotator), rationale=string(data, "rationale", ""),
-        metadata=metadata(data.get("metadata")), task_id=string(data, "task_id", ""),
+        label_id=string(data, "label_id", default_id),
+        conversation=messages(data.get("conversation"), "conversation"),
+        thumbs=_thumbs(data.get("thumbs")),
+        outcome=strength(data, "outcome"),
+        source=string(data, "source", "IMPORT"),
+        annotator=string(data, "annotator", annotator),
+        rationale=string(data, "rationale", ""),
+        metadata=metadata(data.get("metadata")),
+        task_id=string(data, "task_id", ""),
     )
 
 
@@ -50,7 +75,7 @@ def _thumbs(value: object) -> list[TurnThumb]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise FormatError("thumbs must be a list of {\"message_index\": int, \"up\": bool}")
+        raise FormatError('thumbs must be a list of {"message_index": int, "up": bool}')
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or set(item) != set(THUMB_KEYS):
@@ -67,10 +92,15 @@ def _thumbs(value: object) -> list[TurnThumb]:
 def feedback_record(fb: FeedbackIn) -> dict:
     """The line of a feedback label: every key of FEEDBACK_KEYS, in that order."""
     return {
-        "label_id": fb.label_id, "conversation": [m.as_dict() for m in fb.conversation],
-        "thumbs": [{"message_index": t.message_index, "up": t.up} for t in fb.thumbs], "outcome": fb.outcome,
-        "source": fb.source, "annotator": fb.annotator, "rationale": fb.rationale,
-        "metadata": dict(sorted(fb.metadata.items())), "task_id": fb.task_id,
+        "label_id": fb.label_id,
+        "conversation": [m.as_dict() for m in fb.conversation],
+        "thumbs": [{"message_index": t.message_index, "up": t.up} for t in fb.thumbs],
+        "outcome": fb.outcome,
+        "source": fb.source,
+        "annotator": fb.annotator,
+        "rationale": fb.rationale,
+        "metadata": dict(sorted(fb.metadata.items())),
+        "task_id": fb.task_id,
     }
 
 

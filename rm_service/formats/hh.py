@@ -28,7 +28,15 @@ from rm_service.formats.records import FormatError, Record, jsonl_records, write
 from rm_service.store.db import Snapshot, Store
 from rm_service.store.labels import LabelIn
 
-__all__ = ["HHFormatError", "HHPair", "parse_conversation", "parse_pair", "read_pairs", "render_conversation", "render_pair"]
+__all__ = [
+    "HHFormatError",
+    "HHPair",
+    "parse_conversation",
+    "parse_pair",
+    "read_pairs",
+    "render_conversation",
+    "render_pair",
+]
 log = logging.getLogger(__name__)
 
 
@@ -78,8 +86,15 @@ def hh_label(record: Record, label_id: str, annotator: str, file: str) -> LabelI
         pair = parse_pair(record.data)
     except HHFormatError as exc:
         raise FormatError(str(exc)) from None
-    return LabelIn(label_id=label_id, prompt=pair.prompt, responses=[pair.chosen, pair.rejected], ranks=[0, 1], source="IMPORT",
-                   annotator=annotator, metadata={"format": "hh", "file": file, "line": str(record.number)})
+    return LabelIn(
+        label_id=label_id,
+        prompt=pair.prompt,
+        responses=[pair.chosen, pair.rejected],
+        ranks=[0, 1],
+        source="IMPORT",
+        annotator=annotator,
+        metadata={"format": "hh", "file": file, "line": str(record.number)},
+    )
 
 
 def import_labels(store: Store, path: Path, annotator: str) -> tuple[Counter, list[str]]:
@@ -92,6 +107,8 @@ def export_labels(store: Store, out: Path, snapshot: Snapshot) -> int:
     all_pairs = store.pairs(snapshot)
     pairs = [p for p in all_pairs if all(m.role != "system" for m in p.prompt)]
     if len(pairs) < len(all_pairs):
-        log.warning("left out %d pairs with system messages: the HH format cannot hold them", len(all_pairs) - len(pairs))
+        log.warning(
+            "left out %d pairs with system messages: the HH format cannot hold them", len(all_pairs) - len(pairs)
+        )
     write_jsonl(out, [render_pair(p.prompt, p.chosen, p.rejected) for p in pairs])
     return len(pairs)

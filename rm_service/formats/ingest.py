@@ -36,7 +36,9 @@ class ImportStopped(Exception):
         )
 
 
-def import_records(store: Store, records: Iterable[Record], parse: Parse, fmt: str, annotator: str) -> tuple[Counter, list[str]]:
+def import_records(
+    store: Store, records: Iterable[Record], parse: Parse, fmt: str, annotator: str
+) -> tuple[Counter, list[str]]:
     """Parse and store every record; counts per status and one reason per record not stored."""
     counts: Counter = Counter({"REJECTED": 0})
     reasons: list[tuple[int, str]] = []  # (record number, reason): sorted into file order at the end
@@ -48,7 +50,12 @@ def import_records(store: Store, records: Iterable[Record], parse: Parse, fmt: s
         for i, ((record, _), outcome) in enumerate(zip(batch, outcomes)):
             counts[outcome.status] += 1
             if outcome.status in ("REJECTED", "CONFLICT"):
-                reasons.append((record.number, f"{record.where}: {outcome.label_id}: {outcome.reason.removeprefix(f'labels[{i}].')}"))
+                reasons.append(
+                    (
+                        record.number,
+                        f"{record.where}: {outcome.label_id}: {outcome.reason.removeprefix(f'labels[{i}].')}",
+                    )
+                )
         batch.clear()
 
     try:

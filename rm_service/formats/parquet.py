@@ -34,7 +34,9 @@ def parquet_records(path: Path) -> Iterator[Record]:
     path = input_file(path)
     try:
         with duckdb.connect() as con:
-            cursor = con.execute("SELECT * FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number", [str(path)])
+            cursor = con.execute(
+                "SELECT * FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number", [str(path)]
+            )
             names = [d[0] for d in cursor.description]
             rows = cursor.fetchall()
     except (duckdb.Error, ValueError, TypeError, OverflowError) as exc:

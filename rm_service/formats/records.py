@@ -40,9 +40,9 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    unit: str                   # "line" or "row"; "file" for a file that cannot be read at all
-    number: int                 # 1-based, in file order
-    digest: str                 # sha256 of the record, first 24 hex digits
+    unit: str  # "line" or "row"; "file" for a file that cannot be read at all
+    number: int  # 1-based, in file order
+    digest: str  # sha256 of the record, first 24 hex digits
     data: dict | FormatError
 
     @property
@@ -88,12 +88,19 @@ def jsonl_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[
                 continue
             raw = line.rstrip(b"\r\n")
             if number == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+                raw = raw[len(_BOM) :]
             if raw.strip():
                 yield Record("line", number, digest(raw), json_object(raw))
 
 
-_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+_JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 def json_object(raw: bytes) -> dict | FormatError:
@@ -132,9 +139,12 @@ def known_keys(data: dict, keys: tuple[str, ...]) -> dict:
     return data
 
 
-
 def message(value: object, field: str) -> Message:
-    if not isinstance(value, dict) or set(value) != {"role", "content"} or not all(isinstance(v, str) for v in value.values()):
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"role", "content"}
+        or not all(isinstance(v, str) for v in value.values())
+    ):
         raise FormatError(f"{field} must be an object with exactly the string keys 'role' and 'content'")
     return Message(value["role"], value["content"])
 

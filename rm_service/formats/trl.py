@@ -38,7 +38,7 @@ from pathlib import Path
 
 from rm_service.conversation import Message
 from rm_service.formats.ingest import import_records
-from rm_service.formats.records import FormatError, Record, jsonl_records, string, strength, write_jsonl
+from rm_service.formats.records import FormatError, Record, jsonl_records, strength, string, write_jsonl
 from rm_service.store.db import Pair, Snapshot, Store
 from rm_service.store.labels import LabelIn
 
@@ -51,12 +51,20 @@ def trl_label(record: Record, default_id: str, annotator: str) -> LabelIn:
     prompt, chosen, rejected = trl_turns(data)
     if "strength" in data and "margin" in data:
         raise FormatError("give strength or margin, not both")
-    extra = {key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-             for key, value in data.items() if key not in KEYS}
+    extra = {
+        key: value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        for key, value in data.items()
+        if key not in KEYS
+    }
     return LabelIn(
-        label_id=string(data, "label_id", default_id), prompt=prompt, responses=[chosen, rejected], ranks=[0, 1],
-        source=string(data, "source", "IMPORT"), annotator=string(data, "annotator", annotator),
-        strength=strength(data, "margin" if "margin" in data else "strength"), metadata={**extra, "format": "trl"},
+        label_id=string(data, "label_id", default_id),
+        prompt=prompt,
+        responses=[chosen, rejected],
+        ranks=[0, 1],
+        source=string(data, "source", "IMPORT"),
+        annotator=string(data, "annotator", annotator),
+        strength=strength(data, "margin" if "margin" in data else "strength"),
+        metadata={**extra, "format": "trl"},
     )
 
 
@@ -64,8 +72,10 @@ def trl_turns(data: dict) -> tuple[list[Message], str, str]:
     """(prompt, chosen text, rejected text) of a TRL record."""
     for key in ("chosen", "rejected"):
         if not isinstance(data.get(key), (str, list)):
-            raise FormatError(f"{key} must be a list of messages (conversational) or a string (standard)"
-                              + ("; it is missing" if data.get(key) is None else ""))
+            raise FormatError(
+                f"{key} must be a list of messages (conversational) or a string (standard)"
+                + ("; it is missing" if data.get(key) is None else "")
+            )
     chosen, rejected, prompt = data["chosen"], data["rejected"], data.get("prompt")
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise FormatError("chosen and rejected must both be strings or both be lists of messages")
@@ -107,7 +117,9 @@ def _split_conversations(chosen: list[Message], rejected: list[Message]) -> tupl
         if not turns or turns[-1].role != "assistant":
             raise FormatError(f"the last message of {name} must be an assistant message")
     if len(chosen) - shared != 1 or len(rejected) - shared != 1:
-        raise FormatError("chosen and rejected must share every message but the last (the prompt), then differ in one assistant message")
+        raise FormatError(
+            "chosen and rejected must share every message but the last (the prompt), then differ in one assistant message"
+        )
     return chosen[:shared], chosen[-1].content, rejected[-1].content
 
 
@@ -128,7 +140,9 @@ def _message(value: object, field: str) -> Message:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
                 shown = f"a {str(kind)[:20]!r} part" if isinstance(kind, str) else "not a text part"
-                raise FormatError(f"{field}.content[{j}] is {shown}; only text parts ({{'type': 'text', 'text': ...}}) can be stored")
+                raise FormatError(
+                    f"{field}.content[{j}] is {shown}; only text parts ({{'type': 'text', 'text': ...}}) can be stored"
+                )
             texts.append(part["text"])
         content = "".join(texts)
     if not isinstance(content, str):

@@ -59,7 +59,9 @@ class PanelAnnotator:
         judgments = judge_item(self.judges, item.prompt, item.responses, self.settings.kway)
         counts.pair_judgments = len(judgments)
         counts.position_flips = sum(jd.flipped for jd in judgments)
-        ranks = copeland_ranks(len(item.responses), judgments, self.settings.inconsistent, self.settings.choice_tie_margin)
+        ranks = copeland_ranks(
+            len(item.responses), judgments, self.settings.inconsistent, self.settings.choice_tie_margin
+        )
         return None if ranks is None else judge_label(item, ranks, judgments, self.judges, self.settings)
 
 
@@ -109,8 +111,17 @@ class RewardAnnotator:
         counts.pair_judgments = len(rewards) * (len(rewards) - 1) // 2
         return preference_pb2.Label(
             label_id="rm-" + hashlib.sha256(json.dumps([item.key, self.config]).encode()).hexdigest()[:32],
-            prompt=to_proto(item.prompt), responses=item.responses, ranks=ranks,
-            strength=gap, source=preference_pb2.JUDGE, annotator=self.name, task_id=item.task_id,
-            metadata={"rm_version": self.version, "rm_rewards": json.dumps([round(r, 6) for r in rewards]),
-                      "rm_probability": f"{1 / (1 + math.exp(-gap)):.6f}", "judge_template": "reward-model"},
+            prompt=to_proto(item.prompt),
+            responses=item.responses,
+            ranks=ranks,
+            strength=gap,
+            source=preference_pb2.JUDGE,
+            annotator=self.name,
+            task_id=item.task_id,
+            metadata={
+                "rm_version": self.version,
+                "rm_rewards": json.dumps([round(r, 6) for r in rewards]),
+                "rm_probability": f"{1 / (1 + math.exp(-gap)):.6f}",
+                "judge_template": "reward-model",
+            },
         )

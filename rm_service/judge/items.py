@@ -32,8 +32,12 @@ class JudgeItem:
 
 def item_from_task(task) -> JudgeItem:
     """A leased Task (proto) as an item; its label will close the task."""
-    return JudgeItem(key=task.task_id, prompt=[Message(m.role, m.content) for m in task.prompt],
-                     responses=list(task.completions), task_id=task.task_id)
+    return JudgeItem(
+        key=task.task_id,
+        prompt=[Message(m.role, m.content) for m in task.prompt],
+        responses=list(task.completions),
+        task_id=task.task_id,
+    )
 
 
 def item_key(prompt: list[Message], responses: list[str]) -> str:

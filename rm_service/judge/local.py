@@ -34,8 +34,12 @@ class LocalBackend:
         except (OSError, ValueError) as exc:
             raise InvalidArgument("model", f"cannot load a tokenizer from {path}: {exc}") from None
         if not self.tokenizer.chat_template:
-            raise InvalidArgument("model", f"{name_or_path!r} has no chat template; the judge needs an instruction-tuned chat model")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+            raise InvalidArgument(
+                "model", f"{name_or_path!r} has no chat template; the judge needs an instruction-tuned chat model"
+            )
+        self.device = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
         try:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
         except (OSError, ValueError) as exc:  # no weights, or not a causal LM (e.g. an encoder)
@@ -48,7 +52,9 @@ class LocalBackend:
         pass
 
     def _ids(self, chat: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template([m.as_dict() for m in chat], add_generation_prompt=True, tokenize=False)
+        text = self.tokenizer.apply_chat_template(
+            [m.as_dict() for m in chat], add_generation_prompt=True, tokenize=False
+        )
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _label_token_ids(self, label: str) -> list[int]:
@@ -57,7 +63,9 @@ class LocalBackend:
             variants = {tuple(self.tokenizer.encode(v, add_special_tokens=False)) for v in (label, " " + label)}
             ids = sorted(v[0] for v in variants if len(v) == 1)
             if not ids:
-                raise InvalidArgument("decision", f"choice mode needs {label!r} to be a single token of {self.model_id}'s tokenizer")
+                raise InvalidArgument(
+                    "decision", f"choice mode needs {label!r} to be a single token of {self.model_id}'s tokenizer"
+                )
             self._label_ids[label] = ids
         return self._label_ids[label]
 
@@ -74,8 +82,12 @@ class LocalBackend:
                 prefix = torch.tensor([seqs[0][:shared]], device=self.device)  # [1, shared]
                 cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
             for seq in seqs:
-                logits = self.model(input_ids=torch.tensor([seq[shared:]], device=self.device), past_key_values=cache,
-                                    use_cache=cache is not None, logits_to_keep=1).logits  # [1, 1, V]
+                logits = self.model(
+                    input_ids=torch.tensor([seq[shared:]], device=self.device),
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                    logits_to_keep=1,
+                ).logits  # [1, 1, V]
                 logp = torch.log_softmax(logits[0, -1].float(), dim=-1)  # [V]
                 out.append({label: float(torch.logsumexp(logp[ids], dim=0)) for label, ids in label_ids.items()})
                 if cache is not None and cache.get_seq_length() > shared:
@@ -87,12 +99,22 @@ class LocalBackend:
         from transformers import GenerationConfig
 
         ids = torch.tensor([self._ids(chat)], device=self.device)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                                  top_p=None, top_k=None, eos_token_id=self.tokenizer.eos_token_id,
-                                  pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id,
+        )
         with self._lock, torch.inference_mode():
-            generated = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)  # [1, T + new]
-        return self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+            generated = self.model.generate(
+                ids, attention_mask=torch.ones_like(ids), generation_config=config
+            )  # [1, T + new]
+        return self.tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
@@ -104,4 +126,3 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
         if any(s[i] != seqs[0][i] for s in seqs[1:]):
             return i
     return max(n, 0)
-

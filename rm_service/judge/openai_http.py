@@ -35,15 +35,18 @@ class OpenAIBackend:
         self.settings = settings
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
         headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"} if settings.api_key else {}
-        self.client = httpx.Client(timeout=settings.timeout_s, headers=headers,
-                                   limits=httpx.Limits(max_connections=settings.concurrency))
+        self.client = httpx.Client(
+            timeout=settings.timeout_s, headers=headers, limits=httpx.Limits(max_connections=settings.concurrency)
+        )
         self._slots = threading.BoundedSemaphore(settings.concurrency)
 
     def close(self) -> None:
         self.client.close()
 
     def generate(self, chat: list[Message], max_new_tokens: int, temperature: float) -> str:
-        body = self._post({"messages": [m.as_dict() for m in chat], "max_tokens": max_new_tokens, "temperature": temperature})
+        body = self._post(
+            {"messages": [m.as_dict() for m in chat], "max_tokens": max_new_tokens, "temperature": temperature}
+        )
         try:
             return body["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
@@ -53,14 +56,23 @@ class OpenAIBackend:
         return [self._choose_one(chat, labels) for chat in chats]
 
     def _choose_one(self, chat: list[Message], labels: tuple[str, ...]) -> dict[str, float]:
-        body = self._post({"messages": [m.as_dict() for m in chat], "max_tokens": 1, "temperature": 0.0,
-                           "logprobs": True, "top_logprobs": self.settings.top_logprobs})
+        body = self._post(
+            {
+                "messages": [m.as_dict() for m in chat],
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": True,
+                "top_logprobs": self.settings.top_logprobs,
+            }
+        )
         try:
             top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
             pairs = [(entry["token"], float(entry["logprob"])) for entry in top]
         except (KeyError, IndexError, TypeError, ValueError):
-            raise BackendRefused(f"{self.url} answered without choices[0].logprobs.content[0].top_logprobs; "
-                                 "choice mode needs a server that returns logprobs (else use decision=generate)") from None
+            raise BackendRefused(
+                f"{self.url} answered without choices[0].logprobs.content[0].top_logprobs; "
+                "choice mode needs a server that returns logprobs (else use decision=generate)"
+            ) from None
         return {label: _logsumexp([lp for token, lp in pairs if token.strip() == label]) for label in labels}
 
     def _post(self, payload: dict) -> dict:
@@ -86,8 +98,13 @@ class OpenAIBackend:
                 problem, retry_after = f"HTTP {response.status_code}", _retry_after(response)
             if retry == s.max_retries:
                 raise BackendUnavailable(f"judge backend {self.url} failed {s.max_retries + 1} times; last: {problem}")
-            delay = max(min(s.max_backoff_s, s.backoff_s * 2**retry) * random.uniform(0.5, 1.0), min(retry_after, s.max_backoff_s))
-            log.warning("judge backend %s: %s; retry %d/%d in %.2fs", self.url, problem, retry + 1, s.max_retries, delay)
+            delay = max(
+                min(s.max_backoff_s, s.backoff_s * 2**retry) * random.uniform(0.5, 1.0),
+                min(retry_after, s.max_backoff_s),
+            )
+            log.warning(
+                "judge backend %s: %s; retry %d/%d in %.2fs", self.url, problem, retry + 1, s.max_retries, delay
+            )
             time.sleep(delay)
         raise AssertionError("unreachable")
 

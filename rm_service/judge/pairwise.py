@@ -32,7 +32,14 @@ from typing import Literal
 from rm_service.conversation import Message
 from rm_service.judge.backend import JudgeBackend
 from rm_service.judge.templates import Template, builtin, load_template, pairwise_messages, ranking_messages
-from rm_service.judge.verdict import CHOICE_LABELS, ParseFailure, Position, choice_verdict, parse_pairwise, parse_ranking
+from rm_service.judge.verdict import (
+    CHOICE_LABELS,
+    ParseFailure,
+    Position,
+    choice_verdict,
+    parse_pairwise,
+    parse_ranking,
+)
 
 Outcome = Literal["first", "second", "tie"]
 
@@ -104,8 +111,12 @@ class Judge:
         self.backend = backend
         self.settings = settings
         custom = load_template(settings.template_file) if settings.template_file else None
-        self.pairwise: Template = custom if custom and custom.kind == "pairwise" else builtin("pairwise", settings.decision)
-        self.ranking: Template = custom if custom and custom.kind == "ranking" else builtin("ranking", settings.decision)
+        self.pairwise: Template = (
+            custom if custom and custom.kind == "pairwise" else builtin("pairwise", settings.decision)
+        )
+        self.ranking: Template = (
+            custom if custom and custom.kind == "ranking" else builtin("ranking", settings.decision)
+        )
         self.calls = 0  # answers asked of the backend (retries included)
         self._calls_lock = threading.Lock()
 
@@ -120,16 +131,28 @@ class Judge:
     def pair(self, prompt: list[Message], responses: list[str], i: int, j: int) -> SwapJudgment:
         """Replies i and j judged in both orders. Raises ParseFailure when an order stays unparseable."""
         s = self.settings
-        chats = [pairwise_messages(self.pairwise, prompt, responses[a], responses[b], s.max_conversation_chars, s.max_response_chars)
-                 for a, b in ((i, j), (j, i))]
+        chats = [
+            pairwise_messages(
+                self.pairwise, prompt, responses[a], responses[b], s.max_conversation_chars, s.max_response_chars
+            )
+            for a, b in ((i, j), (j, i))
+        ]
         if s.decision == "choice":
             self._count(2)
             verdicts = [choice_verdict(lp, s.choice_tie_margin) for lp in self.backend.choose(chats, CHOICE_LABELS)]
         else:
             verdicts = [self._generate(chat, parse_pairwise) for chat in chats]
         rationale = f"[{self.model_id}, {i} vs {j}] order {i},{j}: {verdicts[0].rationale} | order {j},{i}: {verdicts[1].rationale}"
-        return SwapJudgment(self.model_id, i, j, outcome(verdicts[0].position, False), outcome(verdicts[1].position, True), rationale,
-                            margin1=verdicts[0].margin, margin2=-verdicts[1].margin)
+        return SwapJudgment(
+            self.model_id,
+            i,
+            j,
+            outcome(verdicts[0].position, False),
+            outcome(verdicts[1].position, True),
+            rationale,
+            margin1=verdicts[0].margin,
+            margin2=-verdicts[1].margin,
+        )
 
     def direct(self, prompt: list[Message], responses: list[str]) -> list[SwapJudgment]:
         """One ranking of all replies in the given order and one in the reversed order, as pair judgments."""
@@ -138,7 +161,9 @@ class Judge:
         orders = [list(range(k)), list(reversed(range(k)))]
         ranks_by_order, rationales = [], []
         for order in orders:
-            chat = ranking_messages(self.ranking, prompt, [responses[n] for n in order], s.max_conversation_chars, s.max_response_chars)
+            chat = ranking_messages(
+                self.ranking, prompt, [responses[n] for n in order], s.max_conversation_chars, s.max_response_chars
+            )
             shown_ranks, rationale = self._generate(chat, lambda text: parse_ranking(text, k))
             ranks = [0] * k
             for shown, original in enumerate(order):
@@ -146,9 +171,19 @@ class Judge:
             ranks_by_order.append(ranks)
             rationales.append(rationale)
         rationale = f"[{self.model_id}, ranking] given order: {rationales[0]} | reversed order: {rationales[1]}"
-        return [SwapJudgment(self.model_id, i, j, _pair_outcome(ranks_by_order[0], i, j), _pair_outcome(ranks_by_order[1], i, j), rationale,
-                             margin1=_sign(ranks_by_order[0], i, j), margin2=_sign(ranks_by_order[1], i, j))
-                for i, j in combinations(range(k), 2)]
+        return [
+            SwapJudgment(
+                self.model_id,
+                i,
+                j,
+                _pair_outcome(ranks_by_order[0], i, j),
+                _pair_outcome(ranks_by_order[1], i, j),
+                rationale,
+                margin1=_sign(ranks_by_order[0], i, j),
+                margin2=_sign(ranks_by_order[1], i, j),
+            )
+            for i, j in combinations(range(k), 2)
+        ]
 
     def _generate(self, chat: list[Message], parse):
         """Generate and parse; an unparseable answer is retried `parse_retries` times, then raised."""

@@ -34,12 +34,20 @@ def template_version(judges: list[Judge], k: int, kway: str) -> str:
 
 
 def label_id(item: JudgeItem, judges: list[Judge], settings) -> str:
-    config = [item.key, annotator(judges), template_version(judges, len(item.responses), settings.kway), settings.decision,
-              settings.inconsistent, settings.kway]
+    config = [
+        item.key,
+        annotator(judges),
+        template_version(judges, len(item.responses), settings.kway),
+        settings.decision,
+        settings.inconsistent,
+        settings.kway,
+    ]
     return "judge-" + hashlib.sha256(json.dumps(config).encode()).hexdigest()[:32]
 
 
-def judge_label(item: JudgeItem, ranks: list[int], judgments: list[SwapJudgment], judges: list[Judge], settings) -> preference_pb2.Label:
+def judge_label(
+    item: JudgeItem, ranks: list[int], judgments: list[SwapJudgment], judges: list[Judge], settings
+) -> preference_pb2.Label:
     k = len(item.responses)
     metadata = {
         "judge_template": template_version(judges, k, settings.kway),
@@ -47,7 +55,9 @@ def judge_label(item: JudgeItem, ranks: list[int], judgments: list[SwapJudgment]
         "judge_inconsistent": settings.inconsistent,
         "judge_pairs": str(len(judgments)),
         "judge_flips": str(sum(jd.flipped for jd in judgments)),
-        "judge_verdicts": json.dumps([[jd.judge, jd.i, jd.j, jd.order1, jd.order2] for jd in judgments], separators=(",", ":")),
+        "judge_verdicts": json.dumps(
+            [[jd.judge, jd.i, jd.j, jd.order1, jd.order2] for jd in judgments], separators=(",", ":")
+        ),
     }
     if k > 2:
         metadata["judge_kway"] = settings.kway
@@ -55,7 +65,13 @@ def judge_label(item: JudgeItem, ranks: list[int], judgments: list[SwapJudgment]
     if len(rationale) > MAX_RATIONALE_CHARS:
         rationale = rationale[:MAX_RATIONALE_CHARS] + "[...]"
     return preference_pb2.Label(
-        label_id=label_id(item, judges, settings), prompt=to_proto(item.prompt),
-        responses=item.responses, ranks=ranks, source=preference_pb2.JUDGE, annotator=annotator(judges), rationale=rationale,
-        metadata=metadata, task_id=item.task_id,
+        label_id=label_id(item, judges, settings),
+        prompt=to_proto(item.prompt),
+        responses=item.responses,
+        ranks=ranks,
+        source=preference_pb2.JUDGE,
+        annotator=annotator(judges),
+        rationale=rationale,
+        metadata=metadata,
+        task_id=item.task_id,
     )

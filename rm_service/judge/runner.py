@@ -26,9 +26,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from rm_service.api.v1 import preference_pb2
+from rm_service.judge.annotators import PanelAnnotator, RewardAnnotator, load_judges
 from rm_service.judge.backend import BackendUnavailable, JudgeBackend
 from rm_service.judge.items import JudgeItem, item_from_task, read_items
-from rm_service.judge.annotators import PanelAnnotator, RewardAnnotator, load_judges
 from rm_service.judge.pairwise import Judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.judge.store_client import StoreClient
@@ -62,10 +62,12 @@ class JudgeCounts:
         return self.position_flips / self.pair_judgments if self.pair_judgments else 0.0
 
     def summary(self) -> str:
-        return (f"judged {self.items} items in {self.seconds:.1f}s ({self.calls} judge calls): labeled {self.labeled} "
-                f"(ties {self.ties}), skipped {self.skipped} (inconsistent), parse failures {self.parse_failures}, "
-                f"backend errors {self.errors}, duplicates {self.duplicates}, rejected {self.rejected}; "
-                f"position flips {self.position_flips} of {self.pair_judgments} pair judgments ({self.position_bias_rate:.1%})")
+        return (
+            f"judged {self.items} items in {self.seconds:.1f}s ({self.calls} judge calls): labeled {self.labeled} "
+            f"(ties {self.ties}), skipped {self.skipped} (inconsistent), parse failures {self.parse_failures}, "
+            f"backend errors {self.errors}, duplicates {self.duplicates}, rejected {self.rejected}; "
+            f"position flips {self.position_flips} of {self.pair_judgments} pair judgments ({self.position_bias_rate:.1%})"
+        )
 
 
 class QueueSource:
@@ -116,7 +118,9 @@ def default_progress_file(input_path: Path, annotator_: PanelAnnotator | RewardA
 
 
 class JudgeRun:
-    def __init__(self, annotator_: PanelAnnotator | RewardAnnotator, settings: JudgeSettings, client: StoreClient, source):
+    def __init__(
+        self, annotator_: PanelAnnotator | RewardAnnotator, settings: JudgeSettings, client: StoreClient, source
+    ):
         self.annotator, self.settings, self.client, self.source = annotator_, settings, client, source
 
     def judge_one(self, item: JudgeItem) -> tuple[JudgeCounts, str | None]:
@@ -147,7 +151,9 @@ class JudgeRun:
         self.source.finished(item)
         return counts, None
 
-    def run(self, max_tasks: int | None, stop_event: threading.Event | None, follow: bool, progress: bool, total: int | None) -> JudgeCounts:
+    def run(
+        self, max_tasks: int | None, stop_event: threading.Event | None, follow: bool, progress: bool, total: int | None
+    ) -> JudgeCounts:
         from tqdm import tqdm
 
         s = self.settings
@@ -180,12 +186,18 @@ class JudgeRun:
                     item_counts, error = future.result()
                     counts.add(item_counts)
                     bar.update(1)
-                    bar.set_postfix(labeled=counts.labeled, skipped=counts.skipped + counts.parse_failures + counts.errors, refresh=False)
+                    bar.set_postfix(
+                        labeled=counts.labeled,
+                        skipped=counts.skipped + counts.parse_failures + counts.errors,
+                        refresh=False,
+                    )
                     consecutive_errors = consecutive_errors + 1 if error else 0
                     if error:
                         log.warning("%s: judge backend failed, item skipped: %s", item.key, error)
                     if consecutive_errors >= s.max_consecutive_errors:
-                        raise BackendUnavailable(f"stopping: {consecutive_errors} items in a row failed at the judge backend; last: {error}")
+                        raise BackendUnavailable(
+                            f"stopping: {consecutive_errors} items in a row failed at the judge backend; last: {error}"
+                        )
         finally:
             not_started = [f for f in inflight if f.cancel()]
             pool.shutdown(wait=True, cancel_futures=True)
@@ -197,9 +209,18 @@ class JudgeRun:
         return counts
 
 
-def run_judge(settings: JudgeSettings | None = None, *, address: str | None = None, input_path: Path | None = None,
-              max_tasks: int | None = None, stop_event: threading.Event | None = None, follow: bool = False,
-              progress: bool = False, backends: list[JudgeBackend] | None = None, progress_file: Path | None = None) -> JudgeCounts:
+def run_judge(
+    settings: JudgeSettings | None = None,
+    *,
+    address: str | None = None,
+    input_path: Path | None = None,
+    max_tasks: int | None = None,
+    stop_event: threading.Event | None = None,
+    follow: bool = False,
+    progress: bool = False,
+    backends: list[JudgeBackend] | None = None,
+    progress_file: Path | None = None,
+) -> JudgeCounts:
     """Judge queued tasks (or the items of `input_path`) and ingest the labels; returns the counts.
 
     settings: JudgeSettings (default: from the environment). address: the rm-service server

@@ -21,13 +21,17 @@ class StoreClient:
     def __init__(self, address: str, token: str | None = None, timeout_s: float = 30.0, tls_ca: Path | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = open_channel(address, token, tls_ca.read_bytes() if tls_ca else None)  # TLS and the token on every call
+        self.channel = open_channel(
+            address, token, tls_ca.read_bytes() if tls_ca else None
+        )  # TLS and the token on every call
         try:
             grpc.channel_ready_future(self.channel).result(timeout=min(timeout_s, CONNECT_TIMEOUT_S))
         except grpc.FutureTimeoutError:
             self.channel.close()
-            raise Unavailable(f"cannot reach the rm-service server at {address}; start `rm-service serve` "
-                              "(or `serve --no-model`) or pass --address / RM_JUDGE_SERVER") from None
+            raise Unavailable(
+                f"cannot reach the rm-service server at {address}; start `rm-service serve` "
+                "(or `serve --no-model`) or pass --address / RM_JUDGE_SERVER"
+            ) from None
         self.stub = preference_pb2_grpc.PreferenceServiceStub(self.channel)
 
     def close(self) -> None:
@@ -38,7 +42,9 @@ class StoreClient:
         return list(self._call(self.stub.LeaseTasks, request, "LeaseTasks").tasks)
 
     def ingest(self, label: preference_pb2.Label) -> preference_pb2.IngestResult:
-        return self._call(self.stub.IngestLabels, preference_pb2.IngestLabelsRequest(labels=[label]), "IngestLabels").results[0]
+        return self._call(
+            self.stub.IngestLabels, preference_pb2.IngestLabelsRequest(labels=[label]), "IngestLabels"
+        ).results[0]
 
     def stats(self) -> preference_pb2.Stats:
         return self._call(self.stub.GetStats, preference_pb2.GetStatsRequest(), "GetStats")

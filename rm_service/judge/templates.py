@@ -83,7 +83,8 @@ RANKING_GENERATE = Template(
     version="ranking-generate-v2",
     kind="ranking",
     system=_RUBRIC.replace("two candidate replies", "several numbered candidate replies").replace(
-        "Decide which reply is better", "Rank the replies from best to worst"),
+        "Decide which reply is better", "Rank the replies from best to worst"
+    ),
     user=(
         "[Conversation]\n{conversation}\n\n{responses}\n\n"
         "Explain your ranking of the {k} replies in one or two sentences, then give the ranking on the last line, "
@@ -108,7 +109,9 @@ def load_template(path: Path) -> Template:
         raise InvalidArgument(field, "no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(field, f"is not valid TOML: {exc}") from None
-    missing = [k for k in ("version", "kind", "system", "user") if not isinstance(data.get(k), str) or not data[k].strip()]
+    missing = [
+        k for k in ("version", "kind", "system", "user") if not isinstance(data.get(k), str) or not data[k].strip()
+    ]
     if missing:
         raise InvalidArgument(field, f"needs non-empty string keys {', '.join(missing)}")
     kind = data["kind"]
@@ -116,8 +119,11 @@ def load_template(path: Path) -> Template:
         raise InvalidArgument(field, f"kind must be pairwise or ranking, got {kind!r}")
     used = _placeholders(data["system"], field) | _placeholders(data["user"], field)
     if used != PLACEHOLDERS[kind]:
-        raise InvalidArgument(field, f"a {kind} template uses exactly the placeholders {sorted(PLACEHOLDERS[kind])}; "
-                                     f"this one uses {sorted(used)} (write literal braces as {{{{ and }}}})")
+        raise InvalidArgument(
+            field,
+            f"a {kind} template uses exactly the placeholders {sorted(PLACEHOLDERS[kind])}; "
+            f"this one uses {sorted(used)} (write literal braces as {{{{ and }}}})",
+        )
     return Template(version=data["version"].strip(), kind=kind, system=data["system"], user=data["user"])
 
 
@@ -131,7 +137,7 @@ def _placeholders(text: str, field: str) -> set[str]:
 def render_conversation(prompt: list[Message], max_chars: int) -> str:
     """`Role: text` lines, keeping the end (the turns nearest the replies matter most)."""
     text = "\n".join(f"{ROLE_NAMES.get(m.role, m.role)}: {m.content.strip()}" for m in prompt)
-    return text if len(text) <= max_chars else CUT + text[len(text) - max_chars:]
+    return text if len(text) <= max_chars else CUT + text[len(text) - max_chars :]
 
 
 def clip_response(text: str, max_chars: int) -> str:
@@ -139,16 +145,33 @@ def clip_response(text: str, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[:max_chars] + CUT
 
 
-def pairwise_messages(template: Template, prompt: list[Message], first: str, second: str, max_conversation_chars: int,
-                      max_response_chars: int) -> list[Message]:
+def pairwise_messages(
+    template: Template,
+    prompt: list[Message],
+    first: str,
+    second: str,
+    max_conversation_chars: int,
+    max_response_chars: int,
+) -> list[Message]:
     """The judge's chat for one order: `first` is shown as reply A, `second` as reply B."""
-    return template.messages(conversation=render_conversation(prompt, max_conversation_chars),
-                             response_a=clip_response(first, max_response_chars),
-                             response_b=clip_response(second, max_response_chars))
+    return template.messages(
+        conversation=render_conversation(prompt, max_conversation_chars),
+        response_a=clip_response(first, max_response_chars),
+        response_b=clip_response(second, max_response_chars),
+    )
 
 
-def ranking_messages(template: Template, prompt: list[Message], responses: list[str], max_conversation_chars: int,
-                     max_response_chars: int) -> list[Message]:
+def ranking_messages(
+    template: Template,
+    prompt: list[Message],
+    responses: list[str],
+    max_conversation_chars: int,
+    max_response_chars: int,
+) -> list[Message]:
     """The judge's chat for a direct ranking: replies numbered from 1 in the order given."""
-    shown = "\n\n".join(f"[Reply {n}]\n{clip_response(r, max_response_chars)}" for n, r in enumerate(responses, start=1))
-    return template.messages(conversation=render_conversation(prompt, max_conversation_chars), responses=shown, k=str(len(responses)))
+    shown = "\n\n".join(
+        f"[Reply {n}]\n{clip_response(r, max_response_chars)}" for n, r in enumerate(responses, start=1)
+    )
+    return template.messages(
+        conversation=render_conversation(prompt, max_conversation_chars), responses=shown, k=str(len(responses))
+    )

@@ -45,7 +45,9 @@ def parse_pairwise(text: str) -> PairVerdict:
     if len(found) > 1:
         raise ParseFailure(f"several different verdicts ({', '.join(sorted(found))}) in {_preview(text)}")
     letter = found.pop()
-    return PairVerdict("tie" if letter == "C" else letter, _PAIRWISE.sub("", text).strip(), {"A": 1.0, "B": -1.0, "C": 0.0}[letter])
+    return PairVerdict(
+        "tie" if letter == "C" else letter, _PAIRWISE.sub("", text).strip(), {"A": 1.0, "B": -1.0, "C": 0.0}[letter]
+    )
 
 
 def parse_ranking(text: str, k: int) -> tuple[list[int], str]:

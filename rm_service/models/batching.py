@@ -40,8 +40,11 @@ def collate(items: Sequence[Formatted], pad_id: int) -> dict[str, torch.Tensor]:
     for row, x in enumerate(items):
         input_ids[row, : len(x)] = torch.tensor(x.input_ids)
         attention_mask[row, : len(x)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "completion_start": torch.tensor([x.completion_start for x in items], dtype=torch.long)}  # [B]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_start": torch.tensor([x.completion_start for x in items], dtype=torch.long),
+    }  # [B]
     if items[0].token_type_ids is not None:
         token_type_ids = torch.zeros((len(items), width), dtype=torch.long)  # [B, T]
         for row, x in enumerate(items):

@@ -46,9 +46,11 @@ from rm_service.settings import ModelSettings
 
 EXPORT_TOLERANCE = 1e-4  # relative (to max(1, |score|)), fp32
 EXPORT_META = "rm_service.json"
-EXPORTABLE = ("train a decoder backbone in full mode (rm-service train --mode full: bias-free heads on the last token of the final "
-              "layer), or in head mode with --feature-layers last on a backbone whose final norm has a bias (GPT-2 family), when "
-              "cross-validation picks the last token")
+EXPORTABLE = (
+    "train a decoder backbone in full mode (rm-service train --mode full: bias-free heads on the last token of the final "
+    "layer), or in head mode with --feature-layers last on a backbone whose final norm has a bias (GPT-2 family), when "
+    "cross-validation picks the last token"
+)
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
@@ -61,8 +63,10 @@ class Exported:
     items_checked: int
 
     def summary(self) -> str:
-        return (f"exported {self.version} to {self.directory} as {self.architecture}: {self.items_checked} items score as served "
-                f"(max relative difference {self.max_difference:.2g})")
+        return (
+            f"exported {self.version} to {self.directory} as {self.architecture}: {self.items_checked} items score as served "
+            f"(max relative difference {self.max_difference:.2g})"
+        )
 
 
 def version_dir(version: str | Path, settings: ModelSettings | None = None) -> Path:
@@ -76,19 +80,28 @@ def check_exportable(meta: VersionMeta, num_layers: int) -> None:
     """InvalidArgument unless the version's formatting and pooling fit a standard classifier."""
     why = None
     if meta.format.kind != "causal":
-        why = ("its backbone is an encoder: a standard encoder classifier scores the [CLS] token through its own pooler, and this "
-               f"version pools {meta.pooling.name}")
+        why = (
+            "its backbone is an encoder: a standard encoder classifier scores the [CLS] token through its own pooler, and this "
+            f"version pools {meta.pooling.name}"
+        )
     elif meta.format.style != "rm_service":
         why = f"its formatting style is {meta.format.style!r}; only versions rm-service trained are exported"
     elif meta.pooling.method != "last":
-        why = (f"it pools {meta.pooling.name}: a standard classifier reads one token, the last, and has no completion mean "
-               "(head mode chose this by cross-validation)")
+        why = (
+            f"it pools {meta.pooling.name}: a standard classifier reads one token, the last, and has no completion mean "
+            "(head mode chose this by cross-validation)"
+        )
     elif meta.pooling.layers not in ((), (num_layers,)):
-        why = (f"its features are layer {'+'.join(map(str, meta.pooling.layers))} of {num_layers}: a middle layer's states are "
-               "not normed, and a model cut after it would apply the final norm, which changes the scores")
+        why = (
+            f"its features are layer {'+'.join(map(str, meta.pooling.layers))} of {num_layers}: a middle layer's states are "
+            "not normed, and a model cut after it would apply the final norm, which changes the scores"
+        )
     if why:
-        raise InvalidArgument("version", f"{meta.version} cannot be exported as a standard *ForSequenceClassification: {why}. "
-                                         f"To get an exportable version, {EXPORTABLE}")
+        raise InvalidArgument(
+            "version",
+            f"{meta.version} cannot be exported as a standard *ForSequenceClassification: {why}. "
+            f"To get an exportable version, {EXPORTABLE}",
+        )
 
 
 def export_hf(version: str | Path, out_dir: str | Path, settings: ModelSettings | None = None) -> Exported:
@@ -110,15 +123,23 @@ def export_hf(version: str | Path, out_dir: str | Path, settings: ModelSettings 
     try:
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     except ValueError as exc:
-        raise InvalidArgument("version", f"{meta.version}: transformers has no sequence classifier for {config.model_type!r}: {exc}") from None
+        raise InvalidArgument(
+            "version", f"{meta.version}: transformers has no sequence classifier for {config.model_type!r}: {exc}"
+        ) from None
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        raise InvalidArgument("version", f"{meta.version}: {type(model).__name__} does not score with one linear row over the last "
-                                         f"token; to get an exportable version, {EXPORTABLE}")
+        raise InvalidArgument(
+            "version",
+            f"{meta.version}: {type(model).__name__} does not score with one linear row over the last "
+            f"token; to get an exportable version, {EXPORTABLE}",
+        )
     missing, unexpected = model.base_model.load_state_dict(backbone.state_dict(), strict=False)
     if missing or unexpected:
-        raise InvalidArgument("version", f"{meta.version}: the backbone's weights do not fit {type(model).__name__} "
-                                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise InvalidArgument(
+            "version",
+            f"{meta.version}: the backbone's weights do not fit {type(model).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+        )
     weight = runtime.model.score.weight.detach().float().mean(dim=0, keepdim=True)  # [K, F] -> [1, F]
     bias = float(runtime.model.score.bias.detach().float().mean()) if runtime.model.score.bias is not None else 0.0
     with torch.no_grad():
@@ -135,11 +156,16 @@ def export_pad_id(runtime: ModelRuntime) -> int:
     if pad != tok.eos_token_id:
         return pad
     template = runtime.spec.chat_template or ""
-    others = sorted((i for i in tok.all_special_ids if i != tok.eos_token_id),
-                    key=lambda i: tok.convert_ids_to_tokens(i) in template)  # one the template never writes first
+    others = sorted(
+        (i for i in tok.all_special_ids if i != tok.eos_token_id),
+        key=lambda i: tok.convert_ids_to_tokens(i) in template,
+    )  # one the template never writes first
     if not others:
-        raise InvalidArgument("version", "the tokenizer pads with its EOS and has no other special token to pad with; "
-                                         "transformers would read the score before the EOS that ends every item")
+        raise InvalidArgument(
+            "version",
+            "the tokenizer pads with its EOS and has no other special token to pad with; "
+            "transformers would read the score before the EOS that ends every item",
+        )
     return others[0]
 
 
@@ -152,10 +178,13 @@ def fold_bias(model: torch.nn.Module, weight: torch.Tensor, bias: float, version
     norm = next((getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), torch.nn.Module)), None)
     beta = getattr(norm, "bias", None) if norm is not None else None
     if not isinstance(beta, torch.nn.Parameter) or float(weight @ weight) == 0.0:
-        raise InvalidArgument("version", f"{version} cannot be exported as a standard *ForSequenceClassification: its heads have a "
-                                         f"bias ({bias:.4g}; head mode centres the rewards with it), a decoder classifier's score "
-                                         f"has none, and the backbone's final norm ({type(norm).__name__}) has no bias to carry it. "
-                                         f"To get an exportable version, {EXPORTABLE}")
+        raise InvalidArgument(
+            "version",
+            f"{version} cannot be exported as a standard *ForSequenceClassification: its heads have a "
+            f"bias ({bias:.4g}; head mode centres the rewards with it), a decoder classifier's score "
+            f"has none, and the backbone's final norm ({type(norm).__name__}) has no bias to carry it. "
+            f"To get an exportable version, {EXPORTABLE}",
+        )
     beta.add_(weight * (bias / float(weight @ weight)))
 
 
@@ -165,7 +194,9 @@ def _check_items(meta: VersionMeta) -> list[tuple[list[Message], str]]:
 
 
 @torch.inference_mode()
-def compare(model: torch.nn.Module, runtime: ModelRuntime, items: list[tuple[list[Message], str]], pad_id: int) -> float:
+def compare(
+    model: torch.nn.Module, runtime: ModelRuntime, items: list[tuple[list[Message], str]], pad_id: int
+) -> float:
     """Worst relative difference between `model`'s scores (one at a time, and in one right-padded
     batch) and the version's served raw scores (fp32, ensemble mean)."""
     formatted = [runtime.format(p, c) for p, c in items]
@@ -196,8 +227,11 @@ def _write_checked(model, runtime: ModelRuntime, meta: VersionMeta, out: Path) -
         items = _check_items(meta)
         worst = compare(loaded, runtime, items, pad_id)
         if not worst <= EXPORT_TOLERANCE:
-            raise InvalidArgument("version", f"{meta.version}: the exported {type(loaded).__name__} scores differ from the version's by "
-                                             f"{worst:.3g} (tolerance {EXPORT_TOLERANCE:g}); nothing was written")
+            raise InvalidArgument(
+                "version",
+                f"{meta.version}: the exported {type(loaded).__name__} scores differ from the version's by "
+                f"{worst:.3g} (tolerance {EXPORT_TOLERANCE:g}); nothing was written",
+            )
         if out.exists():
             out.rmdir()  # empty, checked above
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -211,12 +245,19 @@ def _write_checked(model, runtime: ModelRuntime, meta: VersionMeta, out: Path) -
 def export_record(meta: VersionMeta) -> dict:
     """What a user of the directory needs beyond the weights: the formatting and normalisation."""
     return {
-        "exported_from": meta.version, "mode": meta.mode, "base_backbone": meta.base_backbone,
-        "formatting": ("tokenizer.apply_chat_template(prompt + [{'role': 'assistant', 'content': completion}], tokenize=False), "
-                       "trailing whitespace stripped, tokenized without special tokens, EOS appended when missing; beyond max_tokens "
-                       "the start is cut; the score is the logit at the last token"),
-        "max_tokens": meta.format.max_tokens, "format_hash": meta.format_hash,
-        "reward_mean": meta.reward_mean, "reward_std": meta.reward_std,
+        "exported_from": meta.version,
+        "mode": meta.mode,
+        "base_backbone": meta.base_backbone,
+        "formatting": (
+            "tokenizer.apply_chat_template(prompt + [{'role': 'assistant', 'content': completion}], tokenize=False), "
+            "trailing whitespace stripped, tokenized without special tokens, EOS appended when missing; beyond max_tokens "
+            "the start is cut; the score is the logit at the last token"
+        ),
+        "max_tokens": meta.format.max_tokens,
+        "format_hash": meta.format_hash,
+        "reward_mean": meta.reward_mean,
+        "reward_std": meta.reward_std,
         "normalised_reward": "(logit - reward_mean) / reward_std, as the rm-service server serves it",
-        "ensemble_size": meta.ensemble_size, "ensemble": "the mean of the version's heads (the served raw score); no uncertainty",
+        "ensemble_size": meta.ensemble_size,
+        "ensemble": "the mean of the version's heads (the served raw score); no uncertainty",
     }

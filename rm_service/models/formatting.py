@@ -32,7 +32,17 @@ from pydantic import BaseModel
 from rm_service.conversation import Message
 
 FORMAT_VERSION = 1
-ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "modernbert", "mpnet"}
+ENCODER_MODEL_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "modernbert",
+    "mpnet",
+}
 # Used only when a causal tokenizer ships no chat template.
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n{% endfor %}"
@@ -94,8 +104,14 @@ def spec_for(tokenizer, model_type: str, max_tokens: int, style: str = "rm_servi
         max_tokens = min(max_tokens, int(model_max))
     if style != "rm_service":  # a checkpoint from elsewhere: TRL's text for decoders, the pair encoding for encoders
         style = "trl" if kind == "causal" else "pair"
-    return FormatSpec(kind=kind, chat_template=template, max_tokens=max_tokens, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                      eos_policy="none" if style == "trl" else "ensure_eos", style=style)
+    return FormatSpec(
+        kind=kind,
+        chat_template=template,
+        max_tokens=max_tokens,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        eos_policy="none" if style == "trl" else "ensure_eos",
+        style=style,
+    )
 
 
 def format_item(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
@@ -126,8 +142,9 @@ def prompt_length(tokenizer, spec: FormatSpec, prompt: list[Message], ids: list[
     """How many of `ids` (the whole formatted item) are the prompt: the chat template's
     rendering of the prompt with the assistant header, when its tokens are a prefix of `ids`
     (0 when the template does not render it so)."""
-    head = tokenizer.apply_chat_template([m.as_dict() for m in prompt], chat_template=spec.chat_template, tokenize=False,
-                                         add_generation_prompt=True)
+    head = tokenizer.apply_chat_template(
+        [m.as_dict() for m in prompt], chat_template=spec.chat_template, tokenize=False, add_generation_prompt=True
+    )
     head_ids = tokenizer(head, add_special_tokens=False, verbose=False)["input_ids"]
     return len(head_ids) if len(head_ids) < len(ids) and ids[: len(head_ids)] == head_ids else 0
 
@@ -165,10 +182,16 @@ def _format_pair(tokenizer, spec: FormatSpec, prompt: list[Message], completion:
         head = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         keep = len(head["input_ids"]) - (len(enc["input_ids"]) - spec.max_tokens)  # prompt tokens that fit
         if keep > 0:
-            text = text[head["offset_mapping"][len(head["input_ids"]) - keep][0]:]
+            text = text[head["offset_mapping"][len(head["input_ids"]) - keep][0] :]
             enc = tokenizer(text, completion, add_special_tokens=True, verbose=False)
         if len(enc["input_ids"]) > spec.max_tokens:
-            enc = tokenizer(text, completion, add_special_tokens=True, truncation="longest_first", max_length=spec.max_tokens,
-                            verbose=False)
+            enc = tokenizer(
+                text,
+                completion,
+                add_special_tokens=True,
+                truncation="longest_first",
+                max_length=spec.max_tokens,
+                verbose=False,
+            )
     ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
     return Formatted(ids, list(types) if types is not None else None, truncated, max(0, len(ids) - alone - 1))

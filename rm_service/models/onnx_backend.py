@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import platform
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,12 +34,12 @@ import torch
 
 from rm_service.models.batching import collate, token_budget_batches
 from rm_service.models.formatting import Formatted
+from rm_service.models.quantize import OUTPUT_NAME, quantize_int8
 from rm_service.models.reward_model import RewardModel
 from rm_service.models.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAME = "rewards"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 DEFAULT_RTOL = 1e-4
@@ -109,8 +108,12 @@ def _dummy_inputs(runtime: ModelRuntime, names: list[str]) -> tuple[torch.Tensor
         attention_mask[row, :n] = 1
         token_type_ids[row, n // 2 : n] = 1
     completion_start = torch.tensor([3, 2], dtype=torch.long)  # [2]
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
-               "completion_start": completion_start}
+    tensors = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "completion_start": completion_start,
+    }
     return tuple(tensors[name] for name in names)
 
 
@@ -172,8 +175,9 @@ class OnnxRuntimeModel:
 
         self.path = Path(path)
         self.pad_id = pad_id
-        self.session = ort.InferenceSession(str(self.path), sess_options=session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     @classmethod
@@ -220,11 +224,22 @@ def max_relative_difference(reference: np.ndarray, other: np.ndarray) -> float:
 def _parity_report(reference: np.ndarray, other: np.ndarray, rtol: float) -> dict:
     rel = max_relative_difference(reference, other)
     abs_diff = float(np.abs(reference.astype(np.float64) - other).max()) if reference.size else 0.0
-    return {"items": int(reference.shape[0]), "max_rel_diff": rel, "max_abs_diff": abs_diff, "rtol": rtol, "ok": rel <= rtol}
+    return {
+        "items": int(reference.shape[0]),
+        "max_rel_diff": rel,
+        "max_abs_diff": abs_diff,
+        "rtol": rtol,
+        "ok": rel <= rtol,
+    }
 
 
-def parity(runtime: ModelRuntime, onnx_model: OnnxRuntimeModel, items: list[Formatted], rtol: float = DEFAULT_RTOL,
-           max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict:
+def parity(
+    runtime: ModelRuntime,
+    onnx_model: OnnxRuntimeModel,
+    items: list[Formatted],
+    rtol: float = DEFAULT_RTOL,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> dict:
     """Torch (`runtime.run`) vs ONNX Runtime rewards on the same items and batches.
 
     Returns {"items", "max_rel_diff", "max_abs_diff", "rtol", "ok"}; relative difference is
@@ -255,60 +270,6 @@ def ordering_agreement(r_chosen_a, r_rejected_a, r_chosen_b, r_rejected_b) -> fl
     return float((np.sign(diff_a) == np.sign(diff_b)).mean())
 
 
-# --------------------------------------------------------------------------- int8
-
-
-def _output_nodes(model, output: str) -> list[str]:
-    """Names of the nodes that write `output` (the score head), to leave in fp32.
-
-    A head with a bias exports as Gemm, which the quantiser first rewrites into
-    `<name>_MatMul` + `<name>_Add`; both names are listed so the rewrite stays excluded too.
-    """
-    names = [node.name for node in model.graph.node if output in node.output and node.name]
-    return names + [f"{name}_MatMul" for name in names]
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI int8 dot products (Linux /proc/cpuinfo flags); False elsewhere."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-def default_reduce_range() -> bool:
-    """7-bit weights on x86 without VNNI, where ORT's u8 x s8 kernels (vpmaddubsw) can
-    saturate int16 partial sums; full 8 bits elsewhere."""
-    return platform.machine().lower() in ("x86_64", "amd64") and not cpu_has_vnni()
-
-
-def quantize_int8(onnx_path: Path, out_path: Path, per_channel: bool = True, reduce_range: bool | None = None) -> Path:
-    """Dynamic int8 quantisation (weights QInt8, activations per call) of an exported model.
-
-    The final node (the score heads, [H] -> [K]) stays fp32: it is tiny, and its error would
-    land on the reward unchanged. Weights are quantised per output channel by default: on
-    MiniLM-L6 with a trained head, that took the pair-order agreement with fp32 from 0.86
-    to 0.95 (128 HH pairs) at the same speed; per-tensor scales lose the small channels.
-    `reduce_range=None` picks `default_reduce_range()`: on this AVX2 CPU without VNNI it
-    took SmolLM2-135M's int8-vs-fp32 reward correlation from -0.19 to 0.70 (still far from
-    usable: its activations have outliers that per-tensor activation scales cannot hold).
-    """
-    if reduce_range is None:
-        reduce_range = default_reduce_range()
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    onnx_path, out_path = Path(onnx_path), Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    exclude = _output_nodes(onnx.load(str(onnx_path), load_external_data=False), OUTPUT_NAME)
-    quantize_dynamic(onnx_path, out_path, weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=reduce_range,
-                     nodes_to_exclude=exclude)
-    log.info("quantised %s to int8 at %s (per_channel=%s, reduce_range=%s; kept fp32: %s)", onnx_path, out_path,
-             per_channel, reduce_range, exclude)
-    return out_path
-
-
 # --------------------------------------------------------------------------- artifacts
 
 
@@ -317,9 +278,15 @@ def _flatten_pairs(pairs_items: Sequence[tuple[Formatted, Formatted]]) -> list[F
     return [c for c, _ in pairs_items] + [r for _, r in pairs_items]
 
 
-def build_onnx_artifacts(runtime: ModelRuntime, out_dir: Path, pairs_items: Sequence[tuple[Formatted, Formatted]],
-                         keep_int8_threshold: float = 0.99, rtol: float = DEFAULT_RTOL,
-                         max_batch_tokens: int = DEFAULT_BATCH_TOKENS, opset: int = 17) -> dict:
+def build_onnx_artifacts(
+    runtime: ModelRuntime,
+    out_dir: Path,
+    pairs_items: Sequence[tuple[Formatted, Formatted]],
+    keep_int8_threshold: float = 0.99,
+    rtol: float = DEFAULT_RTOL,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    opset: int = 17,
+) -> dict:
     """Export fp32, check parity, quantise to int8 and keep it only if it orders pairs like torch.
 
     `pairs_items` are (chosen, rejected) formatted items. Parity is checked on all of them

@@ -50,7 +50,9 @@ def legacy_pooling(name: str) -> Pooling:
     return Pooling(method={"last_token": "last", "mean": "all_mean"}.get(name, name))
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None, method: Method) -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: torch.Tensor | None, method: Method
+) -> torch.Tensor:
     """One layer's hidden states pooled per row, [B, T, H] -> [B, H] (or [B, 2H] for last+mean).
     Rows are right-padded; `completion_start` [B] is the index of each completion's first token.
     Pooled in fp32 whatever the states' precision (a bf16 sum over hundreds of tokens rounds)."""
@@ -68,8 +70,14 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, completion_start: t
     return last if method == "last" else torch.cat([last, mean], dim=-1)  # [B, H] or [B, 2H]
 
 
-def pooled_features(backbone: nn.Module, pooling: Pooling, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    token_type_ids: torch.Tensor | None = None, completion_start: torch.Tensor | None = None) -> torch.Tensor:
+def pooled_features(
+    backbone: nn.Module,
+    pooling: Pooling,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    completion_start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The backbone run once and its states pooled as `pooling` says: [B, T] -> [B, F]."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None:

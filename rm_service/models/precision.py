@@ -64,7 +64,7 @@ def autocast(precision: str, device: torch.device):
 
 
 def resolve_precision(setting: str, device: torch.device, cache_dir: Path | None = None) -> Precision:
-    """"fp32" or "bf16" for `setting` ("auto", "fp32" or "bf16") on `device`."""
+    """ "fp32" or "bf16" for `setting` ("auto", "fp32" or "bf16") on `device`."""
     if setting in PRECISIONS:
         return setting  # type: ignore[return-value]
     if setting != "auto":
@@ -88,8 +88,15 @@ def cpu_measurement(cache_dir: Path | None = None, threads: int | None = None) -
         return Measurement(**cached[key])
     m = _MEASURED.get(key) or probe_cpu(threads, key)
     _MEASURED[key] = m
-    log.info("precision probe on %s (%d threads): fp32 %.0f GFLOP/s, bf16 autocast %.0f GFLOP/s (%.2fx) -> %s",
-             m.machine, threads, m.fp32_gflops, m.bf16_gflops, m.speedup, m.chosen)
+    log.info(
+        "precision probe on %s (%d threads): fp32 %.0f GFLOP/s, bf16 autocast %.0f GFLOP/s (%.2fx) -> %s",
+        m.machine,
+        threads,
+        m.fp32_gflops,
+        m.bf16_gflops,
+        m.speedup,
+        m.chosen,
+    )
     cached[key] = asdict(m)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +139,9 @@ def probe_cpu(threads: int, key: str = "", rounds: int = 8, runs: int = 3) -> Me
         torch.set_num_threads(previous)
     rates = {p: flops / best[p] / 1e9 for p in PRECISIONS}
     chosen: Precision = "bf16" if rates["bf16"] >= BF16_MIN_SPEEDUP * rates["fp32"] else "fp32"
-    return Measurement(cpu_name(), key or machine_key(threads), threads, rates["fp32"], rates["bf16"], chosen, time.time())
+    return Measurement(
+        cpu_name(), key or machine_key(threads), threads, rates["fp32"], rates["bf16"], chosen, time.time()
+    )
 
 
 def _cpuinfo(key: str) -> str:
@@ -180,5 +189,7 @@ def describe(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return f"{precision} on {torch.cuda.get_device_name(device)}"
     m = cpu_measurement()
-    return (f"{precision} on {m.machine} ({m.threads} threads; measured fp32 {m.fp32_gflops:.0f} GFLOP/s, "
-            f"bf16 autocast {m.bf16_gflops:.0f} GFLOP/s, {m.speedup:.2f}x)")
+    return (
+        f"{precision} on {m.machine} ({m.threads} threads; measured fp32 {m.fp32_gflops:.0f} GFLOP/s, "
+        f"bf16 autocast {m.bf16_gflops:.0f} GFLOP/s, {m.speedup:.2f}x)"
+    )

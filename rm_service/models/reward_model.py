@@ -49,13 +49,23 @@ class RewardModel(nn.Module):
     def hidden_size(self) -> int:
         return self.score.in_features
 
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                 completion_start: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        completion_start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Pooled features h, [B, T] -> [B, F]. Expects right padding."""
         return pooled_features(self.backbone, self.pooling, input_ids, attention_mask, token_type_ids, completion_start)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                completion_start: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        completion_start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rewards of every ensemble member, [B, T] -> [B, K]."""
         h = self.features(input_ids, attention_mask, token_type_ids, completion_start)  # [B, F]
         return self.score(h.to(self.score.weight.dtype))  # [B, K]
@@ -66,12 +76,16 @@ class RewardModel(nn.Module):
         matching start. With causal attention the states at t see tokens <= t only, so this
         equals scoring each prefix on its own, from one forward pass."""
         t = torch.arange(input_ids.size(1), device=input_ids.device)  # [T]
-        row_masks = (t[None, :] <= torch.tensor(positions, device=t.device)[:, None]).long()  # [P, T]: row p ends at positions[p]
+        row_masks = (
+            t[None, :] <= torch.tensor(positions, device=t.device)[:, None]
+        ).long()  # [P, T]: row p ends at positions[p]
         h = prefix_features(self, input_ids, row_masks, torch.tensor(starts, device=t.device))  # [P, F]
         return self.score(h.to(self.score.weight.dtype))  # [P, K]
 
 
-def prefix_features(model: RewardModel, input_ids: torch.Tensor, row_masks: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+def prefix_features(
+    model: RewardModel, input_ids: torch.Tensor, row_masks: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
     """Features of P prefixes of one causal sequence from one backbone pass: the hidden states
     of [1, T] are computed once and pooled under each row's mask, [P, T] -> [P, F]."""
     pooling = model.pooling
@@ -99,8 +113,13 @@ class CheckpointRewardModel(nn.Module):
     def ensemble_size(self) -> int:
         return int(self.classifier.config.num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                completion_start: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        completion_start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The checkpoint's logits, [B, T] -> [B, 1]. Right padding with the config's pad id."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.classifier.config.model_type not in NO_TOKEN_TYPES:
@@ -144,14 +163,18 @@ def load_checkpoint_model(model_dir: str | Path) -> CheckpointRewardModel:
     classifier = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
     labels = int(classifier.config.num_labels)
     if labels != 1:
-        raise FailedPrecondition(f"{model_dir}: num_labels={labels}: a classifier with several labels is not a reward model; "
-                                 "a reward checkpoint has one output (TRL's RewardTrainer sets num_labels=1)")
+        raise FailedPrecondition(
+            f"{model_dir}: num_labels={labels}: a classifier with several labels is not a reward model; "
+            "a reward checkpoint has one output (TRL's RewardTrainer sets num_labels=1)"
+        )
     if classifier.config.pad_token_id is None and not classifier.config.is_encoder_decoder:
         log.info("%s: no pad_token_id in config; batches of more than one item cannot find the last token", model_dir)
     return CheckpointRewardModel(classifier.eval())
 
 
-def load_reward_model(model_dir: str | Path, ensemble_size: int = 1, seed: int = 0, pooling: Pooling | None = None) -> RewardModel:
+def load_reward_model(
+    model_dir: str | Path, ensemble_size: int = 1, seed: int = 0, pooling: Pooling | None = None
+) -> RewardModel:
     """An HF directory as a RewardModel to train or to serve with trained heads.
 
     A decoder `*ForSequenceClassification` checkpoint keeps its trained linear score layer
@@ -165,14 +188,18 @@ def load_reward_model(model_dir: str | Path, ensemble_size: int = 1, seed: int =
         seq = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
         backbone, score = seq.base_model, getattr(seq, "score", None)
         if not isinstance(score, nn.Linear):
-            raise FailedPrecondition(f"{model_dir}: {type(seq).__name__} has no single linear score head over the last token, "
-                                     "so it can be served as it is (--model) but not trained further")
+            raise FailedPrecondition(
+                f"{model_dir}: {type(seq).__name__} has no single linear score head over the last token, "
+                "so it can be served as it is (--model) but not trained further"
+            )
         pooling = pooling or Pooling(method="last")
     else:
         backbone = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
         pooling = pooling or Pooling(method="all_mean" if backbone.config.model_type in ENCODER_MODEL_TYPES else "last")
         hidden = backbone.config.hidden_size
-        score = _fresh_score(pooling.width(hidden), ensemble_size, seed, getattr(backbone.config, "initializer_range", 0.02))
+        score = _fresh_score(
+            pooling.width(hidden), ensemble_size, seed, getattr(backbone.config, "initializer_range", 0.02)
+        )
     model = RewardModel(truncate(backbone, pooling), score, pooling)
     model.eval()
     return model

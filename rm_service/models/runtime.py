@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from rm_service.conversation import Message
+from rm_service.errors import FailedPrecondition
 from rm_service.models.batching import collate, token_budget_batches
 from rm_service.models.formatting import FormatSpec, Formatted, format_item, spec_for
 from rm_service.models.pooling import Pooling
-from rm_service.errors import FailedPrecondition
 from rm_service.models.precision import GOLDEN_TOLERANCE, autocast, resolve_precision
 from rm_service.models.resolver import resolve
 from rm_service.models.reward_model import CheckpointRewardModel, RewardModel, load_checkpoint_model, load_reward_model
@@ -106,12 +106,21 @@ class ModelRuntime:
 
     def to_precision(self, precision: str) -> ModelRuntime:
         """The same runtime run in another precision (shares the module)."""
-        return ModelRuntime(self.model, self.tokenizer, self.spec, self.backbone, self.backbone_key, self.device, precision,
-                            self.reward_mean, self.reward_std)
+        return ModelRuntime(
+            self.model,
+            self.tokenizer,
+            self.spec,
+            self.backbone,
+            self.backbone_key,
+            self.device,
+            precision,
+            self.reward_mean,
+            self.reward_std,
+        )
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
+    """ "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -150,13 +159,24 @@ def load_backbone_runtime(
     model = load_reward_model(model_dir, ensemble_size=ensemble_size, pooling=pooling)
     dev = pick_device(device)
     model.to(dev)
-    return ModelRuntime(model=model, tokenizer=tokenizer, spec=spec, backbone=name_or_path,
-                        backbone_key=backbone_key(model_dir, identity or name_or_path), device=dev,
-                        precision=resolve_precision(precision, dev))
+    return ModelRuntime(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        backbone=name_or_path,
+        backbone_key=backbone_key(model_dir, identity or name_or_path),
+        device=dev,
+        precision=resolve_precision(precision, dev),
+    )
 
 
-def load_checkpoint_runtime(name_or_path: str, max_tokens: int, device: str = "auto", precision: str = "auto",
-                            settings: ModelSettings | None = None) -> ModelRuntime:
+def load_checkpoint_runtime(
+    name_or_path: str,
+    max_tokens: int,
+    device: str = "auto",
+    precision: str = "auto",
+    settings: ModelSettings | None = None,
+) -> ModelRuntime:
     """A `*ForSequenceClassification` directory from elsewhere, to serve as it was trained:
     transformers' own class, and for decoders TRL's formatting (see models.formatting)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -168,8 +188,15 @@ def load_checkpoint_runtime(name_or_path: str, max_tokens: int, device: str = "a
     model = load_checkpoint_model(model_dir)
     dev = pick_device(device)
     model.to(dev)
-    runtime = ModelRuntime(model=model, tokenizer=tokenizer, spec=spec, backbone=name_or_path,
-                           backbone_key=backbone_key(model_dir, name_or_path), device=dev, precision=resolve_precision(precision, dev))
+    runtime = ModelRuntime(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        backbone=name_or_path,
+        backbone_key=backbone_key(model_dir, name_or_path),
+        device=dev,
+        precision=resolve_precision(precision, dev),
+    )
     pad = model.classifier.config.pad_token_id
     if pad is None:  # transformers finds the last token through the pad id; TRL sets it from the tokenizer
         model.classifier.config.pad_token_id = runtime.pad_id
@@ -181,9 +208,18 @@ def load_checkpoint_runtime(name_or_path: str, max_tokens: int, device: str = "a
 
 # Built-in items of the load check of checkpoints: one turn, several turns, a one-token answer.
 PARITY_ITEMS = (
-    ([Message("user", "How do I make a good cup of tea?")], "Boil fresh water, steep the tea for three to five minutes, then add milk if you like."),
-    ([Message("user", "Hi there."), Message("assistant", "Hello! How can I help?"), Message("user", "Tell me a joke.")],
-     "Why did the scarecrow win an award? Because he was outstanding in his field."),
+    (
+        [Message("user", "How do I make a good cup of tea?")],
+        "Boil fresh water, steep the tea for three to five minutes, then add milk if you like.",
+    ),
+    (
+        [
+            Message("user", "Hi there."),
+            Message("assistant", "Hello! How can I help?"),
+            Message("user", "Tell me a joke."),
+        ],
+        "Why did the scarecrow win an award? Because he was outstanding in his field.",
+    ),
     ([Message("user", "What is 2 + 2?")], "4"),
 )
 
@@ -199,5 +235,7 @@ def check_checkpoint(runtime: ModelRuntime, where: str) -> None:
     tolerance = GOLDEN_TOLERANCE[runtime.precision]
     worst = float(np.max(np.abs(served - reference) / np.maximum(1.0, np.abs(reference))))
     if worst > tolerance:
-        raise FailedPrecondition(f"{where}: scored in a padded batch ({runtime.precision}) the built-in items differ from the checkpoint's "
-                                 f"own scores by {worst:.3g} (tolerance {tolerance:g}); refusing to serve it")
+        raise FailedPrecondition(
+            f"{where}: scored in a padded batch ({runtime.precision}) the built-in items differ from the checkpoint's "
+            f"own scores by {worst:.3g} (tolerance {tolerance:g}); refusing to serve it"
+        )

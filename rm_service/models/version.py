@@ -12,7 +12,6 @@ that fails is refused, never served.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -112,8 +111,13 @@ def write_version(directory: Path, meta: VersionMeta, weight: np.ndarray, bias: 
     (which may already hold ./backbone and ONNX files) and renamed."""
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": torch.from_numpy(np.ascontiguousarray(weight)).float(), "bias": torch.from_numpy(np.ascontiguousarray(bias)).float()},
-              str(tmp / HEAD_FILE))
+    save_file(
+        {
+            "weight": torch.from_numpy(np.ascontiguousarray(weight)).float(),
+            "bias": torch.from_numpy(np.ascontiguousarray(bias)).float(),
+        },
+        str(tmp / HEAD_FILE),
+    )
     (tmp / META_FILE).write_text(meta.model_dump_json(indent=2))
     if directory.exists():
         shutil.rmtree(directory)
@@ -125,17 +129,28 @@ def read_head(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return head["weight"].numpy(), head["bias"].numpy()
 
 
-def open_version(directory: str | Path, device: str = "auto", precision: str = "auto",
-                 settings: ModelSettings | None = None) -> tuple[ModelRuntime, VersionMeta]:
+def open_version(
+    directory: str | Path, device: str = "auto", precision: str = "auto", settings: ModelSettings | None = None
+) -> tuple[ModelRuntime, VersionMeta]:
     """Load a version to run: backbone (cut for its pooling), heads, normalisation; the
     backbone identity and the golden items are checked."""
     directory = Path(directory)
     meta = read_meta(directory)
-    runtime = load_backbone_runtime(meta.backbone_dir(directory), meta.format.max_tokens, device=device, precision=precision,
-                                    settings=settings, spec=meta.format, identity=meta.backbone, pooling=meta.pooling)
+    runtime = load_backbone_runtime(
+        meta.backbone_dir(directory),
+        meta.format.max_tokens,
+        device=device,
+        precision=precision,
+        settings=settings,
+        spec=meta.format,
+        identity=meta.backbone,
+        pooling=meta.pooling,
+    )
     if runtime.backbone_key != meta.backbone_key:
-        raise FailedPrecondition(f"{directory}: backbone {meta.backbone!r} is {runtime.backbone_key}, "
-                                 f"but the version was trained on {meta.backbone_key}")
+        raise FailedPrecondition(
+            f"{directory}: backbone {meta.backbone!r} is {runtime.backbone_key}, "
+            f"but the version was trained on {meta.backbone_key}"
+        )
     weight, bias = read_head(directory)
     score = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
     with torch.no_grad():
@@ -147,8 +162,14 @@ def open_version(directory: str | Path, device: str = "auto", precision: str = "
     return runtime, meta
 
 
-def check_golden(runtime: ModelRuntime, golden: list[Golden], where: Path | str, scorer=None, precision: str | None = None,
-                 cause: str = "the backbone, tokenizer, formatting or precision differs from training") -> None:
+def check_golden(
+    runtime: ModelRuntime,
+    golden: list[Golden],
+    where: Path | str,
+    scorer=None,
+    precision: str | None = None,
+    cause: str = "the backbone, tokenizer, formatting or precision differs from training",
+) -> None:
     """Re-score the golden items (formatted by `runtime`, run by `scorer`, default the runtime
     itself, in `precision`, default the runtime's) and refuse the version if any moved beyond
     that precision's tolerance."""
@@ -172,12 +193,24 @@ def golden_items(runtime: ModelRuntime, prompts_and_completions: list[tuple[list
     batch (as the load check scores them)."""
     items = [runtime.format(p, c) for p, c in prompts_and_completions]
     scores = {p: runtime.to_precision(p).run(items, max_batch_tokens=1).mean(axis=1) for p in ("fp32", "bf16")}
-    return [Golden(prompt=[m.as_dict() for m in p], completion=c, raw_score=float(scores[runtime.precision][i]),
-                   raw_scores={k: float(v[i]) for k, v in scores.items()}) for i, (p, c) in enumerate(prompts_and_completions)]
+    return [
+        Golden(
+            prompt=[m.as_dict() for m in p],
+            completion=c,
+            raw_score=float(scores[runtime.precision][i]),
+            raw_scores={k: float(v[i]) for k, v in scores.items()},
+        )
+        for i, (p, c) in enumerate(prompts_and_completions)
+    ]
 
 
-def open_model(name: str, device: str = "auto", precision: str = "auto", settings: ModelSettings | None = None,
-               max_tokens: int = 1024) -> tuple[ModelRuntime, VersionMeta | None]:
+def open_model(
+    name: str,
+    device: str = "auto",
+    precision: str = "auto",
+    settings: ModelSettings | None = None,
+    max_tokens: int = 1024,
+) -> tuple[ModelRuntime, VersionMeta | None]:
     """A model by any name a user gives, and its version record when it is a version:
     a registry version's name (in the artifacts directory), a version directory, a reward
     checkpoint from elsewhere (`*ForSequenceClassification`, served as it was trained), or a

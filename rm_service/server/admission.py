@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from rm_service.errors import DeadlineExceeded, Overloaded
 from rm_service.settings import ServeSettings
 
-TOKENS_PER_BYTE = 0.5  # upper estimate: English text runs at ~0.25 tokens per UTF-8 byte on BPE and WordPiece vocabularies
+TOKENS_PER_BYTE = (
+    0.5  # upper estimate: English text runs at ~0.25 tokens per UTF-8 byte on BPE and WordPiece vocabularies
+)
 TOKENS_PER_MESSAGE = 8  # role markers and separators a template adds per message
 TOKENS_PER_ITEM = 24  # special tokens and a default system prompt a template may add
 
@@ -139,8 +141,11 @@ class Admission:
         self.refuse_when_full(items)
         wait, left = self.expected_wait(tokens), ticket.left()
         if wait is not None and left is not None and wait > left:
-            self._refuse("expected_wait", f"the expected wait, {wait:.2f} s, is longer than the {max(left, 0):.2f} s "
-                                          "left before the call's deadline")
+            self._refuse(
+                "expected_wait",
+                f"the expected wait, {wait:.2f} s, is longer than the {max(left, 0):.2f} s "
+                "left before the call's deadline",
+            )
         ahead = self.expected_wait() or 0.0
         self.inflight_items += items
         self.queued_tokens += tokens

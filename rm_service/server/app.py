@@ -31,12 +31,19 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rm_service.api.v1 import preference_pb2, preference_pb2_grpc, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
+from rm_service.api.v1 import (
+    preference_pb2,
+    preference_pb2_grpc,
+    reward_pb2,
+    reward_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 from rm_service.errors import FailedPrecondition
-from rm_service.server.handlers import DecodeGuard
-from rm_service.server.http import HttpContext, HttpServer, create_app
 from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
+from rm_service.server.handlers import DecodeGuard
+from rm_service.server.http import HttpContext, HttpServer, create_app
 from rm_service.server.metrics import Metrics
 from rm_service.server.models import ServedModels, follow_registry, load_for_serving, load_pinned, resolve_for_serving
 from rm_service.server.preference import PreferenceService
@@ -54,12 +61,20 @@ REWARD_SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_na
 class RewardServer:
     """One server process: the model(s) it serves and, unless disabled, the store."""
 
-    def __init__(self, settings: ServeSettings, store_settings: StoreSettings | None = None, models: ModelSettings | None = None,
-                 security: SecuritySettings | None = None, train: TrainSettings | None = None):
+    def __init__(
+        self,
+        settings: ServeSettings,
+        store_settings: StoreSettings | None = None,
+        models: ModelSettings | None = None,
+        security: SecuritySettings | None = None,
+        train: TrainSettings | None = None,
+    ):
         self.security = security or SecuritySettings()
         self.tokens = Tokens.from_settings(self.security)
         self.credentials = server_credentials(self.security)
-        check_bind(settings.host, self.tokens, self.credentials is not None)  # gRPC, metrics and the HTTP app share the host
+        check_bind(
+            settings.host, self.tokens, self.credentials is not None
+        )  # gRPC, metrics and the HTTP app share the host
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.settings = settings
@@ -87,14 +102,22 @@ class RewardServer:
             return "serving"
         if self.server is None or self.port is None:
             return "starting"
-        return "loading the reward model" if self.settings.with_model and self.served.loading else "not serving (starting or draining)"
+        return (
+            "loading the reward model"
+            if self.settings.with_model and self.served.loading
+            else "not serving (starting or draining)"
+        )
 
     async def start(self) -> int:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
-        options = [("grpc.max_receive_message_length", self.settings.max_message_bytes),
-                   ("grpc.max_send_message_length", self.settings.max_message_bytes)]
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+        ]
         torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
-        interceptors = [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else []) + [DecodeGuard()]
+        interceptors = (
+            [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else []) + [DecodeGuard()]
+        )
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         if not self.settings.with_store and not self.settings.with_model:
             raise FailedPrecondition("nothing to serve: both the store and the model are disabled")
@@ -112,17 +135,25 @@ class RewardServer:
             reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
             names.append(REWARD_SERVICE)
         if self.store is not None:
-            preference_pb2_grpc.add_PreferenceServiceServicer_to_server(PreferenceService(self.store, self.writer), self.server)
+            preference_pb2_grpc.add_PreferenceServiceServicer_to_server(
+                PreferenceService(self.store, self.writer), self.server
+            )
             self.jobs = JobRunner(self.store, self.train, self.models, on_version=self.served.announce)
             training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingService(self.jobs), self.server)
-            names += [preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
-                      training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name]
+            names += [
+                preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
+                training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+            ]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         extra = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names + extra, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # Start-up errors before binding, each one line: the registry, then the address.
-        target = await asyncio.to_thread(resolve_for_serving, self.settings, self.store, self.models) if self.settings.with_model else None
+        target = (
+            await asyncio.to_thread(resolve_for_serving, self.settings, self.store, self.models)
+            if self.settings.with_model
+            else None
+        )
         check_address_free(self.settings.host, self.settings.port)
         host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
         address = f"{host}:{self.settings.port}"
@@ -137,28 +168,45 @@ class RewardServer:
         for name in self.services:  # the store's services work from here on; the model's wait for the model
             if name != REWARD_SERVICE:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gRPC on %s:%d: %s, %s", self.settings.host, self.port,
-                 ("mutual TLS" if self.security.tls_client_ca else "TLS") if self.credentials else "plaintext",
-                 f"bearer tokens required ({len(self.tokens)} configured)" if self.tokens else "no authentication (loopback only)")
+        log.info(
+            "gRPC on %s:%d: %s, %s",
+            self.settings.host,
+            self.port,
+            ("mutual TLS" if self.security.tls_client_ca else "TLS") if self.credentials else "plaintext",
+            f"bearer tokens required ({len(self.tokens)} configured)"
+            if self.tokens
+            else "no authentication (loopback only)",
+        )
         self._start_metrics()
         await self._start_http()
         if self.settings.with_model:
             log.info("listening on %s:%d; loading the model", self.settings.host, self.port)
-            served = await asyncio.get_running_loop().run_in_executor(None, load_for_serving, self.settings, self.store, self.models, target)
+            served = await asyncio.get_running_loop().run_in_executor(
+                None, load_for_serving, self.settings, self.store, self.models, target
+            )
             await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
-            log.info("serving %s (%s) on %s:%d; model thread at nice +%d below the RPC threads, GIL switch interval %.2g ms",
-                     served.record.version, served.record.backbone, self.settings.host, self.port, self.settings.model_nice,
-                     sys.getswitchinterval() * 1000)
+            log.info(
+                "serving %s (%s) on %s:%d; model thread at nice +%d below the RPC threads, GIL switch interval %.2g ms",
+                served.record.version,
+                served.record.backbone,
+                self.settings.host,
+                self.port,
+                self.settings.model_nice,
+                sys.getswitchinterval() * 1000,
+            )
             for name in self.settings.also_load:
-                pinned = await asyncio.get_running_loop().run_in_executor(None, load_pinned, name, self.settings, self.store, self.models)
+                pinned = await asyncio.get_running_loop().run_in_executor(
+                    None, load_pinned, name, self.settings, self.store, self.models
+                )
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
             self.served.loading = False  # from here a version this process does not hold is NOT_FOUND, not UNAVAILABLE
             gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
-                    follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s))
+                    follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s)
+                )
         else:
             log.info("serving the store only on %s:%d", self.settings.host, self.port)
         self.ready = True
@@ -173,9 +221,13 @@ class RewardServer:
             self.metrics_port = self.metrics.serve_http(self.settings.host, port)
         except OSError as exc:
             if "metrics_port" in self.settings.model_fields_set:
-                raise FailedPrecondition(f"cannot serve metrics on {self.settings.host}:{port}: {exc.strerror}; set RM_SERVE_METRICS_PORT "
-                                         "(serve --metrics-port) to a free port, 0 for any, or -1 for none") from None
-            log.warning("metrics off: the default metrics port %d is taken (%s); set RM_SERVE_METRICS_PORT", port, exc.strerror)
+                raise FailedPrecondition(
+                    f"cannot serve metrics on {self.settings.host}:{port}: {exc.strerror}; set RM_SERVE_METRICS_PORT "
+                    "(serve --metrics-port) to a free port, 0 for any, or -1 for none"
+                ) from None
+            log.warning(
+                "metrics off: the default metrics port %d is taken (%s); set RM_SERVE_METRICS_PORT", port, exc.strerror
+            )
             return
         log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
 
@@ -184,11 +236,22 @@ class RewardServer:
         process serves a model, the labeling page when it holds the store, /health always."""
         if self.settings.http_port < 0:
             return
-        app = create_app(HttpContext(self.store, self.writer, self.tokens, self.settings, self.reward, self.metrics, lambda: self.readiness))
-        self.http = HttpServer(app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds)
+        app = create_app(
+            HttpContext(
+                self.store, self.writer, self.tokens, self.settings, self.reward, self.metrics, lambda: self.readiness
+            )
+        )
+        self.http = HttpServer(
+            app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds
+        )
         await self.http.start()
-        log.info("HTTP on %s: %s", self.http.url, ", ".join(filter(None, ["reward routes" if self.reward else "",
-                                                                             "labeling page" if self.store else "", "/health"])))
+        log.info(
+            "HTTP on %s: %s",
+            self.http.url,
+            ", ".join(
+                filter(None, ["reward routes" if self.reward else "", "labeling page" if self.store else "", "/health"])
+            ),
+        )
 
     async def _set_health(self, status) -> None:
         for service in ("", *self.services):
@@ -223,7 +286,9 @@ class RewardServer:
             self.store = None
 
 
-async def serve_forever(settings: ServeSettings, port_file: Path | None = None, security: SecuritySettings | None = None) -> None:
+async def serve_forever(
+    settings: ServeSettings, port_file: Path | None = None, security: SecuritySettings | None = None
+) -> None:
     """Run until SIGTERM or SIGINT, then drain and exit."""
     server = RewardServer(settings, security=security)
     stop = asyncio.Event()
@@ -239,7 +304,10 @@ async def serve_forever(settings: ServeSettings, port_file: Path | None = None, 
         if server.http is not None and server.store is not None:
             print(f"labeling page on {server.http.url}", flush=True)
         if server.http is not None and server.reward is not None:
-            print(f"HTTP reward routes on {server.http.url} (POST /get_reward, /classify, /pooling; GET /health)", flush=True)
+            print(
+                f"HTTP reward routes on {server.http.url} (POST /get_reward, /classify, /pooling; GET /health)",
+                flush=True,
+            )
         await stop.wait()
         log.info("shutting down: draining in-flight calls")
     finally:

@@ -38,7 +38,9 @@ SERVICE_ROLES = {
     "rm.v1.PreferenceService": "labeler",
     "rm.v1.TrainingService": ADMIN,
 }
-OPEN = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+OPEN = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
 MIN_TOKEN_CHARS = 16
 
 
@@ -71,7 +73,9 @@ class Tokens:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise FailedPrecondition(f"RM_AUTH_TOKENS_FILE: {security.tokens_file} is not UTF-8 text (byte {exc.start + 1})") from None
+                raise FailedPrecondition(
+                    f"RM_AUTH_TOKENS_FILE: {security.tokens_file} is not UTF-8 text (byte {exc.start + 1})"
+                ) from None
             entries += _parse(text.splitlines(), f"RM_AUTH_TOKENS_FILE {security.tokens_file} line")
             _warn_if_readable_by_others(security.tokens_file)
         if security.tokens is not None:
@@ -108,7 +112,9 @@ def _parse(lines: list[str], where: str) -> list[tuple[str, bytes]]:
         if not sep or role not in ROLES:  # the message never echoes the line: it may be a bare token
             raise FailedPrecondition(f"{where} {n}: expected role:token with role one of {', '.join(ROLES)}")
         if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
-            raise FailedPrecondition(f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces")
+            raise FailedPrecondition(
+                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces"
+            )
         entries.append((role, token.encode("ascii")))
     return entries
 
@@ -180,7 +186,9 @@ def _refuse(method: str, error: RMError):
 
     async def refuse(request, context: grpc.aio.ServicerContext):
         peer = context.peer()
-        log.warning("%s: %s from %s", code.name, method, peer, extra={"method": method, "peer": peer, "code": code.name})
+        log.warning(
+            "%s: %s from %s", code.name, method, peer, extra={"method": method, "peer": peer, "code": code.name}
+        )
         await context.abort(code, str(error))
 
     return refuse
@@ -197,8 +205,11 @@ def check_bind(host: str, tokens: Tokens, tls: bool) -> None:
             "RM_AUTH_TOKENS, or bind 127.0.0.1"
         )
     if not tls:
-        log.warning("binding %s without TLS: bearer tokens and data travel in clear text; set RM_AUTH_TLS_CERT and "
-                    "RM_AUTH_TLS_KEY (serve --tls-cert, --tls-key)", host)
+        log.warning(
+            "binding %s without TLS: bearer tokens and data travel in clear text; set RM_AUTH_TLS_CERT and "
+            "RM_AUTH_TLS_KEY (serve --tls-cert, --tls-key)",
+            host,
+        )
 
 
 def check_address_free(host: str, port: int) -> None:
@@ -217,8 +228,10 @@ def check_address_free(host: str, port: int) -> None:
                 probe.bind(sockaddr)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise FailedPrecondition(f"cannot bind {host}:{port}: the port is in use (another rm-service serve?); "
-                                             "pass --port (RM_SERVE_PORT) a free port, or 0 for any") from None
+                    raise FailedPrecondition(
+                        f"cannot bind {host}:{port}: the port is in use (another rm-service serve?); "
+                        "pass --port (RM_SERVE_PORT) a free port, or 0 for any"
+                    ) from None
                 errors.append(exc)
     if errors and len(errors) == len(addresses):  # gRPC binds if any resolved address binds
         raise FailedPrecondition(f"cannot bind {host}:{port}: {errors[0].strerror}")
@@ -228,7 +241,9 @@ def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | N
     """TLS credentials (mutual TLS when a client CA is set), or None for plaintext."""
     if security.tls_cert is None and security.tls_key is None:
         if security.tls_client_ca is not None:
-            raise FailedPrecondition("RM_AUTH_TLS_CLIENT_CA (--tls-client-ca) needs RM_AUTH_TLS_CERT and RM_AUTH_TLS_KEY as well")
+            raise FailedPrecondition(
+                "RM_AUTH_TLS_CLIENT_CA (--tls-client-ca) needs RM_AUTH_TLS_CERT and RM_AUTH_TLS_KEY as well"
+            )
         return None
     if security.tls_cert is None or security.tls_key is None:
         raise FailedPrecondition("TLS needs both RM_AUTH_TLS_CERT (--tls-cert) and RM_AUTH_TLS_KEY (--tls-key)")
@@ -244,19 +259,27 @@ def _check_tls_files(security: SecuritySettings) -> None:
     fails later, at bind, with only "Failed to bind to address"."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(security.tls_cert, security.tls_key, password=lambda: b"")  # an encrypted key fails, never prompts
+        context.load_cert_chain(
+            security.tls_cert, security.tls_key, password=lambda: b""
+        )  # an encrypted key fails, never prompts
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise FailedPrecondition(f"RM_AUTH_TLS_KEY: {security.tls_key} is not the private key of the certificate in "
-                                     f"RM_AUTH_TLS_CERT {security.tls_cert}") from None
-        raise FailedPrecondition(f"RM_AUTH_TLS_CERT/RM_AUTH_TLS_KEY: OpenSSL cannot load {security.tls_cert} with {security.tls_key} "
-                                 f"({exc.reason or exc}); they must be a PEM certificate chain and its unencrypted PEM private key") from None
+            raise FailedPrecondition(
+                f"RM_AUTH_TLS_KEY: {security.tls_key} is not the private key of the certificate in "
+                f"RM_AUTH_TLS_CERT {security.tls_cert}"
+            ) from None
+        raise FailedPrecondition(
+            f"RM_AUTH_TLS_CERT/RM_AUTH_TLS_KEY: OpenSSL cannot load {security.tls_cert} with {security.tls_key} "
+            f"({exc.reason or exc}); they must be a PEM certificate chain and its unencrypted PEM private key"
+        ) from None
     if security.tls_client_ca is not None:
         try:
             context.load_verify_locations(cafile=security.tls_client_ca)
         except ssl.SSLError as exc:
-            raise FailedPrecondition(f"RM_AUTH_TLS_CLIENT_CA: OpenSSL cannot load {security.tls_client_ca} as PEM CA certificates "
-                                     f"({exc.reason or exc})") from None
+            raise FailedPrecondition(
+                f"RM_AUTH_TLS_CLIENT_CA: OpenSSL cannot load {security.tls_client_ca} as PEM CA certificates "
+                f"({exc.reason or exc})"
+            ) from None
 
 
 def _pem(path: Path, setting: str) -> bytes:

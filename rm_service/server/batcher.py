@@ -45,6 +45,7 @@ import numpy as np
 from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
 from rm_service.server.admission import Admission, Dropped, Permit, RateMeter, Ticket
+from rm_service.server.forming import pick_batch
 from rm_service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -94,29 +95,6 @@ class _Ran:
     padded_tokens: int = 0
     start: float = 0.0
     seconds: float = 0.0
-
-
-def pick_batch(lengths: list[int], due: list[float], now: float, budget: int, max_padding: float) -> list[int]:
-    """Indexes of the next batch: the seed (due first), then the due items, then the others
-    while padding their rows wastes at most `max_padding` of their tokens; nearest in length
-    to the seed first, count x longest within `budget`."""
-    seed = min(range(len(lengths)), key=lambda i: (due[i], i))
-    base = lengths[seed]
-    rest = sorted((i for i in range(len(lengths)) if i != seed), key=lambda i: (due[i] > now, abs(lengths[i] - base), due[i]))
-    taken, longest = [seed], base
-    free_rows, free_real = (1, base) if due[seed] > now else (0, 0)  # rows not due: their padding is bounded
-    for i in rest:
-        n = lengths[i]
-        longest_if = max(longest, n)
-        if longest_if * (len(taken) + 1) > budget:
-            continue  # a shorter item further on may still fit
-        if due[i] > now:
-            if free_real + n < (1 - max_padding) * longest_if * (free_rows + 1):
-                continue  # it waits for a batch nearer its length
-            free_rows, free_real = free_rows + 1, free_real + n
-        taken.append(i)
-        longest = longest_if
-    return taken
 
 
 class Batcher:
@@ -190,7 +168,9 @@ class Batcher:
         the batch running now; Dropped if by then its caller has left or its deadline passed."""
         self.admission.correct(permit, tokens)
         try:
-            out, seconds = await self._on_model_thread(_Solo(lambda: fn(*args), permit.runnable, self._future(), tokens, 1))
+            out, seconds = await self._on_model_thread(
+                _Solo(lambda: fn(*args), permit.runnable, self._future(), tokens, 1)
+            )
         finally:
             self.admission.spend(permit, tokens)
         if seconds is None:
@@ -204,10 +184,17 @@ class Batcher:
         for rows, measured in ((items[:1], False), (items, True)):
             batch = collate(rows, backend.pad_id)  # [b, T]
             tokens = sum(len(x) for x in rows) if measured else 0  # the meter records only what has tokens
-            _, seconds = await self._on_model_thread(_Solo(partial(backend.run_collated, batch), lambda: True, self._future(),
-                                                           tokens, len(rows)))
-        log.info("warm-up: %d tokens in %.3f s (%.0f tokens/s); token limit %s, fairness bound %.2f s", sum(len(x) for x in items),
-                 seconds, self.meter.tokens_per_s(), self.admission.token_limit(), self.fair_wait())
+            _, seconds = await self._on_model_thread(
+                _Solo(partial(backend.run_collated, batch), lambda: True, self._future(), tokens, len(rows))
+            )
+        log.info(
+            "warm-up: %d tokens in %.3f s (%.0f tokens/s); token limit %s, fairness bound %.2f s",
+            sum(len(x) for x in items),
+            seconds,
+            self.meter.tokens_per_s(),
+            self.admission.token_limit(),
+            self.fair_wait(),
+        )
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -275,7 +262,9 @@ class Batcher:
         due = {v: [j.due(fair, batch_seconds) for j in w.jobs] for v, w in self._waiting.items()}
         version = min(due, key=lambda v: min(due[v]))
         waiting = self._waiting[version]
-        chosen = pick_batch([len(j.item) for j in waiting.jobs], due[version], now, self.max_batch_tokens, self.max_padding)
+        chosen = pick_batch(
+            [len(j.item) for j in waiting.jobs], due[version], now, self.max_batch_tokens, self.max_padding
+        )
         jobs = [waiting.jobs[i] for i in chosen]
         taken = set(chosen)
         waiting.jobs = [j for i, j in enumerate(waiting.jobs) if i not in taken]
@@ -340,7 +329,9 @@ class Batcher:
         for j in dropped:
             self.admission.spend(j.permit, len(j.item))
             if not j.future.done():
-                j.future.set_exception(Dropped("the call's deadline passed or it was cancelled before its items were scored"))
+                j.future.set_exception(
+                    Dropped("the call's deadline passed or it was cancelled before its items were scored")
+                )
             self._observe_drop()
         if ran.rewards is None:
             return
@@ -351,8 +342,15 @@ class Batcher:
         self.items_scored += len(ran.jobs)
         if self.observer is not None:
             real = sum(len(j.item) for j in ran.jobs)
-            self.observer.batch(version, len(ran.jobs), ran.padded_tokens, real, ran.seconds, [ran.start - j.enqueued for j in ran.jobs],
-                                 budget=self.max_batch_tokens)
+            self.observer.batch(
+                version,
+                len(ran.jobs),
+                ran.padded_tokens,
+                real,
+                ran.seconds,
+                [ran.start - j.enqueued for j in ran.jobs],
+                budget=self.max_batch_tokens,
+            )
 
     def _fail(self, jobs: list[Job], exc: Exception) -> None:
         for j in jobs:

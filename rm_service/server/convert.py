@@ -12,8 +12,12 @@ from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.labels import LabelIn
 
 SOURCE_NAMES = {preference_pb2.HUMAN: "HUMAN", preference_pb2.JUDGE: "JUDGE", preference_pb2.IMPORT: "IMPORT"}
-STATUS_VALUES = {"INSERTED": preference_pb2.INSERTED, "DUPLICATE": preference_pb2.DUPLICATE,
-                 "REJECTED": preference_pb2.REJECTED, "CONFLICT": preference_pb2.CONFLICT}
+STATUS_VALUES = {
+    "INSERTED": preference_pb2.INSERTED,
+    "DUPLICATE": preference_pb2.DUPLICATE,
+    "REJECTED": preference_pb2.REJECTED,
+    "CONFLICT": preference_pb2.CONFLICT,
+}
 
 
 def messages(pb_messages) -> list[Message]:
@@ -39,7 +43,9 @@ def score_items(request: reward_pb2.ScoreRequest, max_items: int, max_chars: int
 
 def source_name(value: int) -> str:
     """HUMAN | JUDGE | IMPORT, or what the store rejects by name (LABEL_SOURCE_UNSPECIFIED, a number)."""
-    return SOURCE_NAMES.get(value, preference_pb2.LabelSource.Name(value) if value in preference_pb2.LabelSource.values() else str(value))
+    return SOURCE_NAMES.get(
+        value, preference_pb2.LabelSource.Name(value) if value in preference_pb2.LabelSource.values() else str(value)
+    )
 
 
 THUMBS = {preference_pb2.THUMB_UP: True, preference_pb2.THUMB_DOWN: False}
@@ -55,9 +61,17 @@ def feedback(pb: preference_pb2.Feedback, where: str) -> FeedbackIn:
         if t.thumb not in THUMBS:
             raise InvalidArgument(f"{where}.thumbs[{i}].thumb", f"must be THUMB_UP or THUMB_DOWN, got {t.thumb}")
         thumbs.append(TurnThumb(t.message_index, THUMBS[t.thumb]))
-    return FeedbackIn(label_id=pb.label_id, conversation=messages(pb.conversation), thumbs=thumbs,
-                      outcome=pb.outcome if pb.HasField("outcome") else None, source=source_name(pb.source), annotator=pb.annotator,
-                      rationale=pb.rationale, metadata=dict(pb.metadata), task_id=pb.task_id)
+    return FeedbackIn(
+        label_id=pb.label_id,
+        conversation=messages(pb.conversation),
+        thumbs=thumbs,
+        outcome=pb.outcome if pb.HasField("outcome") else None,
+        source=source_name(pb.source),
+        annotator=pb.annotator,
+        rationale=pb.rationale,
+        metadata=dict(pb.metadata),
+        task_id=pb.task_id,
+    )
 
 
 def label(pb: preference_pb2.Label) -> LabelIn:
@@ -80,9 +94,16 @@ def model_info(rec: ModelRecord, loaded: bool, served=None) -> reward_pb2.ModelI
     """A version's record as the API shows it; `served` (a server.models.Served) adds how this
     process runs it: backend and precision."""
     info = reward_pb2.ModelInfo(
-        version=rec.version, parent=rec.parent or "", snapshot_id=rec.snapshot_id or "", backbone=rec.backbone,
-        status=rec.status, format_hash=rec.format_hash, reward_mean=rec.reward_mean, reward_std=rec.reward_std,
-        ensemble_size=rec.ensemble_size, loaded=loaded,
+        version=rec.version,
+        parent=rec.parent or "",
+        snapshot_id=rec.snapshot_id or "",
+        backbone=rec.backbone,
+        status=rec.status,
+        format_hash=rec.format_hash,
+        reward_mean=rec.reward_mean,
+        reward_std=rec.reward_std,
+        ensemble_size=rec.ensemble_size,
+        loaded=loaded,
         metrics={k: float(v) for k, v in rec.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
     )
     if rec.created_at_ms:
@@ -102,11 +123,20 @@ def backend_and_precision(served) -> tuple[str, str]:
 def candidate(pb: preference_pb2.Candidate):
     from rm_service.store.tasks import Candidate
 
-    return Candidate(prompt=messages(pb.prompt), completions=list(pb.completions), policy_version=pb.policy_version,
-                     sampling=dict(pb.sampling), priority=pb.priority)
+    return Candidate(
+        prompt=messages(pb.prompt),
+        completions=list(pb.completions),
+        policy_version=pb.policy_version,
+        sampling=dict(pb.sampling),
+        priority=pb.priority,
+    )
 
 
 def task(t) -> preference_pb2.Task:
-    return preference_pb2.Task(task_id=t.task_id, prompt=to_proto(t.prompt),
-                               completions=t.completions, policy_version=t.policy_version,
-                               lease_expires_unix_ms=t.lease_expires_unix_ms)
+    return preference_pb2.Task(
+        task_id=t.task_id,
+        prompt=to_proto(t.prompt),
+        completions=t.completions,
+        policy_version=t.policy_version,
+        lease_expires_unix_ms=t.lease_expires_unix_ms,
+    )

@@ -52,20 +52,31 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
 
         if handler.response_streaming:
+
             async def guarded_stream(request, context):
                 if isinstance(request, _Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}")
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}"
+                    )
                 async for response in fn(request, context):
                     yield response
 
             guarded = guarded_stream
         else:
+
             async def guarded_unary(request, context):
                 if isinstance(request, _Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}")
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}"
+                    )
                 return await fn(request, context)
 
             guarded = guarded_unary
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        return make(guarded, request_deserializer=_safe_deserializer(handler.request_deserializer),
-                    response_serializer=handler.response_serializer)
+        make = (
+            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            guarded,
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

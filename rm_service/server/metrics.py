@@ -49,9 +49,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import grpc
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -60,7 +59,21 @@ from rm_service.server.handlers import behaviour, with_behaviour
 log = logging.getLogger(__name__)
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-REWARD_BUCKETS = (-4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4)  # normalised: 0 mean, unit std on the training items
+REWARD_BUCKETS = (
+    -4,
+    -3,
+    -2,
+    -1.5,
+    -1,
+    -0.5,
+    0,
+    0.5,
+    1,
+    1.5,
+    2,
+    3,
+    4,
+)  # normalised: 0 mean, unit std on the training items
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 WINDOW_ITEMS = 1000  # recent items per version behind the drift and length-correlation gauges
@@ -76,37 +89,90 @@ class Metrics:
         self.inflight_items = Gauge("rm_inflight_items", "Score items admitted and not yet answered.", registry=r)
         self.queued_tokens = Gauge("rm_queued_tokens", "Tokens admitted and not yet scored.", registry=r)
         self.token_limit = Gauge("rm_admission_token_limit", "Queued tokens at which requests are refused.", registry=r)
-        self.model_rate = Gauge("rm_model_tokens_per_second", "Measured model rate: real tokens/s over recent batches.", registry=r)
-        self.fair_wait = Gauge("rm_fair_wait_seconds", "Fairness bound: an item waiting this long past its first-come-first-served turn joins the next batch.", registry=r)
-        self.batch_size = Histogram("rm_batch_size", "Items per model batch.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
-        self.padding_ratio = Histogram("rm_batch_padding_ratio", "Padded tokens / real tokens of a model batch (1: no padding).",
-                                       buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10), registry=r)
-        self.stage_seconds = Histogram("rm_stage_seconds", "Latency of a stage: tokenise (per request), queue_wait (per item), "
-                                       "inference (per batch).", ["stage"], buckets=SECONDS, registry=r)
-        self.rejections = Counter("rm_rejections", "Score requests refused by admission control (RESOURCE_EXHAUSTED), by limit.",
-                                  ["reason"], registry=r)
-        self.dropped_items = Counter("rm_dropped_items", "Items dropped before the model: their request expired or was cancelled.",
-                                     ["reason"], registry=r)
+        self.model_rate = Gauge(
+            "rm_model_tokens_per_second", "Measured model rate: real tokens/s over recent batches.", registry=r
+        )
+        self.fair_wait = Gauge(
+            "rm_fair_wait_seconds",
+            "Fairness bound: an item waiting this long past its first-come-first-served turn joins the next batch.",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rm_batch_size", "Items per model batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r
+        )
+        self.padding_ratio = Histogram(
+            "rm_batch_padding_ratio",
+            "Padded tokens / real tokens of a model batch (1: no padding).",
+            buckets=(1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10),
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "rm_stage_seconds",
+            "Latency of a stage: tokenise (per request), queue_wait (per item), inference (per batch).",
+            ["stage"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "rm_rejections",
+            "Score requests refused by admission control (RESOURCE_EXHAUSTED), by limit.",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped_items = Counter(
+            "rm_dropped_items",
+            "Items dropped before the model: their request expired or was cancelled.",
+            ["reason"],
+            registry=r,
+        )
         self.scores = Counter("rm_scores", "Items scored, by model version.", ["version"], registry=r)
         self.rpcs = Counter("rm_rpcs", "Finished RPCs, by method and status code.", ["method", "code"], registry=r)
-        self.rpc_seconds = Histogram("rm_rpc_seconds", "RPC latency, by method.", ["method"], buckets=SECONDS, registry=r)
-        self.fill_ratio = Histogram("rm_batch_fill_ratio", "Padded tokens of a model batch / the token budget (max_batch_tokens); "
-                                    "over 1: one item longer than the budget.", buckets=FILL_BUCKETS, registry=r)
-        self.reward = Histogram("rm_reward", "Served reward (normalised with the version's reference statistics) of each scored item.",
-                                ["version"], buckets=REWARD_BUCKETS, registry=r)
-        self.item_tokens = Histogram("rm_item_tokens", "Tokens per scored item, after truncation.", ["version"], buckets=TOKEN_BUCKETS,
-                                     registry=r)
-        self.truncated = Counter("rm_truncated_items", "Scored items cut at the version's max_tokens (the start of the conversation "
-                                 "goes first).", ["version"], registry=r)
+        self.rpc_seconds = Histogram(
+            "rm_rpc_seconds", "RPC latency, by method.", ["method"], buckets=SECONDS, registry=r
+        )
+        self.fill_ratio = Histogram(
+            "rm_batch_fill_ratio",
+            "Padded tokens of a model batch / the token budget (max_batch_tokens); "
+            "over 1: one item longer than the budget.",
+            buckets=FILL_BUCKETS,
+            registry=r,
+        )
+        self.reward = Histogram(
+            "rm_reward",
+            "Served reward (normalised with the version's reference statistics) of each scored item.",
+            ["version"],
+            buckets=REWARD_BUCKETS,
+            registry=r,
+        )
+        self.item_tokens = Histogram(
+            "rm_item_tokens",
+            "Tokens per scored item, after truncation.",
+            ["version"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.truncated = Counter(
+            "rm_truncated_items",
+            "Scored items cut at the version's max_tokens (the start of the conversation goes first).",
+            ["version"],
+            registry=r,
+        )
         self.windows = RewardWindows()
         r.register(self.windows)
-        self.http_requests = Counter("rm_http_requests", "Finished HTTP requests to the reward routes and /health, by route and status.",
-                                     ["route", "status"], registry=r)
-        self.http_seconds = Histogram("rm_http_request_seconds", "HTTP request latency, by route.", ["route"], buckets=SECONDS, registry=r)
+        self.http_requests = Counter(
+            "rm_http_requests",
+            "Finished HTTP requests to the reward routes and /health, by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "rm_http_request_seconds", "HTTP request latency, by route.", ["route"], buckets=SECONDS, registry=r
+        )
         self._httpd = None
 
-    def observe_scores(self, version: str, raw, reward, tokens, truncated, completion_chars, reference: Reference | None) -> None:
+    def observe_scores(
+        self, version: str, raw, reward, tokens, truncated, completion_chars, reference: Reference | None
+    ) -> None:
         """The items of one scoring call, as answered: raw and served rewards, tokens, truncation
         and completion lengths [N] each; `reference` is None for a version without one (external)."""
         hist, toks = self.reward.labels(version), self.item_tokens.labels(version)
@@ -119,8 +185,16 @@ class Metrics:
         self.windows.add(version, raw, completion_chars, reference)
 
     # The batcher observer interface (rm_service.server.batcher).
-    def batch(self, version: str, n_items: int, padded_tokens: int, real_tokens: int, seconds: float, queue_waits,
-              budget: int | None = None) -> None:
+    def batch(
+        self,
+        version: str,
+        n_items: int,
+        padded_tokens: int,
+        real_tokens: int,
+        seconds: float,
+        queue_waits,
+        budget: int | None = None,
+    ) -> None:
         self.batch_size.observe(n_items)
         if budget:
             self.fill_ratio.observe(padded_tokens / budget)
@@ -218,15 +292,23 @@ class RewardWindows:
         with self._lock:
             w = self._windows[version]
             raw, length, ref = np.array(w.raw), np.array(w.length), w.reference
-        out = {"rm_reward_window_items": float(len(raw)), "rm_raw_score_window_mean": float(raw.mean()),
-               "rm_raw_score_window_std": float(raw.std())}
+        out = {
+            "rm_reward_window_items": float(len(raw)),
+            "rm_raw_score_window_mean": float(raw.mean()),
+            "rm_raw_score_window_std": float(raw.std()),
+        }
         r = pearson(length, raw)
         if r is not None:
             out["rm_reward_length_correlation"] = r
         if ref is not None:
-            out.update({"rm_raw_score_reference_mean": ref.mean, "rm_raw_score_reference_std": ref.std,
-                        "rm_raw_score_drift_mean": (out["rm_raw_score_window_mean"] - ref.mean) / ref.std,
-                        "rm_raw_score_drift_std_ratio": out["rm_raw_score_window_std"] / ref.std})
+            out.update(
+                {
+                    "rm_raw_score_reference_mean": ref.mean,
+                    "rm_raw_score_reference_std": ref.std,
+                    "rm_raw_score_drift_mean": (out["rm_raw_score_window_mean"] - ref.mean) / ref.std,
+                    "rm_raw_score_drift_std_ratio": out["rm_raw_score_window_std"] / ref.std,
+                }
+            )
             if ref.length_correlation is not None:
                 out["rm_reward_length_correlation_reference"] = ref.length_correlation
         return out
@@ -250,7 +332,7 @@ WINDOW_GAUGES = {
     "rm_raw_score_drift_mean": "(window mean - reference mean) / reference std: the served mean reward's shift.",
     "rm_raw_score_drift_std_ratio": "window std / reference std.",
     "rm_reward_length_correlation": "Pearson correlation of completion length (characters) and raw score over the window; "
-                                    "rising above its reference is an early sign of a policy exploiting length.",
+    "rising above its reference is an early sign of a policy exploiting length.",
     "rm_reward_length_correlation_reference": "The same correlation on the version's training items.",
 }
 
@@ -269,15 +351,18 @@ class _RpcInterceptor(grpc.aio.ServerInterceptor):
         method, fn = details.method, behaviour(handler)
         observed = self._observed
         if handler.response_streaming and inspect.isasyncgenfunction(fn):
+
             async def streaming(request, context):
                 with observed(method, context):
                     async for response in fn(request, context):
                         yield response
+
             return with_behaviour(handler, streaming)
 
         async def unary(request, context):
             with observed(method, context):
                 return await fn(request, context)
+
         return with_behaviour(handler, unary)
 
     @contextlib.contextmanager
@@ -296,7 +381,13 @@ class _RpcInterceptor(grpc.aio.ServerInterceptor):
         seconds = time.perf_counter() - start
         self.metrics.rpcs.labels(method, code.name).inc()
         self.metrics.rpc_seconds.labels(method).observe(seconds)
-        log.debug("rpc %s %s %.4fs", method, code.name, seconds, extra={"method": method, "code": code.name, "seconds": round(seconds, 6)})
+        log.debug(
+            "rpc %s %s %.4fs",
+            method,
+            code.name,
+            seconds,
+            extra={"method": method, "code": code.name, "seconds": round(seconds, 6)},
+        )
 
 
 def _code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:

@@ -32,7 +32,9 @@ class Served:
     runtime: ModelRuntime
     record: ModelRecord
     backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
-    feedback: dict = field(default_factory=dict)  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
+    feedback: dict = field(
+        default_factory=dict
+    )  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
 
 
 class ServedModels:
@@ -51,15 +53,21 @@ class ServedModels:
         name = version or self.default
         if name is None or name not in self.versions:
             if self.loading:
-                raise Unavailable(f"the reward model is still loading (model version {version or 'default'!r}); retry shortly")
-            raise NotFound(f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})")
+                raise Unavailable(
+                    f"the reward model is still loading (model version {version or 'default'!r}); retry shortly"
+                )
+            raise NotFound(
+                f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})"
+            )
         return self.versions[name]
 
     def swap_in(self, served: Served, kind: str = "promoted") -> None:
         """Make `served` the default (atomic for the event loop) and tell every watcher."""
         self.versions[served.record.version] = served
         previous, self.default = self.default, served.record.version
-        while len(self.versions) - len(self.pinned - {self.default}) > self.max_loaded:  # unload the oldest swapped-out version
+        while (
+            len(self.versions) - len(self.pinned - {self.default}) > self.max_loaded
+        ):  # unload the oldest swapped-out version
             oldest = next(v for v in self.versions if v != self.default and v not in self.pinned)
             del self.versions[oldest]
         if previous != self.default:
@@ -112,7 +120,9 @@ def resolve_for_serving(settings: ServeSettings, store: Store | None, models: Mo
     elif store is not None:
         rec = registry.get_model(store, name) if name else registry.promoted(store)
         if rec is None:
-            raise FailedPrecondition("no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH")
+            raise FailedPrecondition(
+                "no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH"
+            )
         target = Target(Path(rec.artifact_path), rec)
     else:
         target = Target(Path(models.artifacts_dir) / name if name else _pointer_dir(models))
@@ -120,33 +130,64 @@ def resolve_for_serving(settings: ServeSettings, store: Store | None, models: Mo
     return target
 
 
-def load_for_serving(settings: ServeSettings, store: Store | None, models: ModelSettings, target: Target | None = None) -> Served:
+def load_for_serving(
+    settings: ServeSettings, store: Store | None, models: ModelSettings, target: Target | None = None
+) -> Served:
     """Load (and warm) the model of `target`, by default resolve_for_serving's."""
     target = target or resolve_for_serving(settings, store, models)
     if target.external is None:
         return load_version_dir(target.directory, settings, models, target.record)
     name = target.external
     runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
-    rec = ModelRecord(Path(name).name, None, None, name, runtime.spec.hash, "external", {}, 0.0, 1.0, runtime.model.ensemble_size, name)
+    rec = ModelRecord(
+        Path(name).name,
+        None,
+        None,
+        name,
+        runtime.spec.hash,
+        "external",
+        {},
+        0.0,
+        1.0,
+        runtime.model.ensemble_size,
+        name,
+    )
     return Served(runtime, rec, make_backend(runtime, settings))
 
 
 def load_pinned(name: str, settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
     """One of ServeSettings.also_load: a registry version by name, or any model --model takes."""
-    return load_for_serving(settings, store, models, resolve_for_serving(settings.model_copy(update={"model": name}), store, models))
+    return load_for_serving(
+        settings, store, models, resolve_for_serving(settings.model_copy(update={"model": name}), store, models)
+    )
 
 
-def load_version_dir(directory: str | Path, settings: ServeSettings, models: ModelSettings, rec: ModelRecord | None = None) -> Served:
+def load_version_dir(
+    directory: str | Path, settings: ServeSettings, models: ModelSettings, rec: ModelRecord | None = None
+) -> Served:
     """Load and warm a registry version (the golden-pair check runs the model)."""
     runtime, meta = open_version(directory, device=settings.device, precision=settings.precision, settings=models)
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
-        rec = ModelRecord(meta.version, meta.parent, meta.snapshot_id, meta.base_backbone, meta.format_hash, "promoted", meta.metrics,
-                          meta.reward_mean, meta.reward_std, meta.ensemble_size, str(directory))
+        rec = ModelRecord(
+            meta.version,
+            meta.parent,
+            meta.snapshot_id,
+            meta.base_backbone,
+            meta.format_hash,
+            "promoted",
+            meta.metrics,
+            meta.reward_mean,
+            meta.reward_std,
+            meta.ensemble_size,
+            str(directory),
+        )
     return Served(runtime, rec, backend, dict(meta.info.get("feedback") or {}))
 
 
-def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: VersionMeta | None = None):
+def make_backend(
+    runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: VersionMeta | None = None
+):
     """What runs batches (pad_id, run_collated): the torch runtime in its precision, or ONNX
     Runtime when the precision is fp32 on a CPU and the version was exported (and the backend
     setting allows it). An ONNX model must reproduce the version's golden scores before it serves."""
@@ -156,14 +197,24 @@ def make_backend(runtime: ModelRuntime, settings: ServeSettings, directory: Path
     if not wanted or not onnx.get("fp32_path"):
         if settings.backend == "onnx":
             raise FailedPrecondition(f"{directory}: backend onnx was asked for, but this version has no ONNX export")
-        log.info("serving %s with PyTorch, %s", meta.version if meta else runtime.backbone, describe(runtime.precision, runtime.device))
+        log.info(
+            "serving %s with PyTorch, %s",
+            meta.version if meta else runtime.backbone,
+            describe(runtime.precision, runtime.device),
+        )
         return runtime
     from rm_service.models.onnx_backend import OnnxRuntimeModel
 
     name = onnx["int8_path"] if settings.onnx_int8 and onnx.get("int8_kept") else onnx["fp32_path"]
     backend = OnnxRuntimeModel.for_runtime(runtime, directory / name)
-    check_golden(runtime, meta.golden, directory, scorer=backend, precision="fp32",
-                 cause=f"the ONNX model {name} does not reproduce the trained model")
+    check_golden(
+        runtime,
+        meta.golden,
+        directory,
+        scorer=backend,
+        precision="fp32",
+        cause=f"the ONNX model {name} does not reproduce the trained model",
+    )
     log.info("serving %s with ONNX Runtime (%s)", meta.version, name)
     return backend
 
@@ -175,7 +226,9 @@ def _pointer_dir(models: ModelSettings) -> Path:
     return Path(pointer["artifact_path"])
 
 
-async def follow_registry(served: ServedModels, settings: ServeSettings, models: ModelSettings, interval: float) -> None:
+async def follow_registry(
+    served: ServedModels, settings: ServeSettings, models: ModelSettings, interval: float
+) -> None:
     """Poll promoted.json; hot-swap to each newly promoted version (forever, until cancelled)."""
     loop = asyncio.get_running_loop()
     while True:

@@ -7,11 +7,11 @@ import asyncio
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.errors import InvalidArgument
 from rm_service.server.convert import STATUS_VALUES, candidate, feedback, label, task
-from rm_service.store.feedback import prepare_feedback
-from rm_service.store.labels import IngestOutcome
 from rm_service.server.rpc import rpc
 from rm_service.store import tasks
 from rm_service.store.db import Store
+from rm_service.store.feedback import prepare_feedback
+from rm_service.store.labels import IngestOutcome
 from rm_service.store.writer import GroupCommitWriter
 
 MAX_LEASE_SECONDS = 24 * 3600
@@ -24,24 +24,36 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         self.writer = writer
 
     @rpc
-    async def IngestLabels(self, request: preference_pb2.IngestLabelsRequest, context) -> preference_pb2.IngestLabelsResponse:
+    async def IngestLabels(
+        self, request: preference_pb2.IngestLabelsRequest, context
+    ) -> preference_pb2.IngestLabelsResponse:
         if not request.labels:
             raise InvalidArgument("labels", "must hold at least one label")
         outcomes = await self.writer.ingest([label(pb) for pb in request.labels])
         return preference_pb2.IngestLabelsResponse(
-            results=[preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason) for o in outcomes]
+            results=[
+                preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason)
+                for o in outcomes
+            ]
         )
 
     @rpc
-    async def IngestFeedback(self, request: preference_pb2.IngestFeedbackRequest, context) -> preference_pb2.IngestLabelsResponse:
+    async def IngestFeedback(
+        self, request: preference_pb2.IngestFeedbackRequest, context
+    ) -> preference_pb2.IngestLabelsResponse:
         """Thumbs and session outcomes (store.feedback), through the same group commit; a bad
         item is REJECTED alone, naming its field."""
         if not request.feedback:
             raise InvalidArgument("feedback", "must hold at least one feedback label")
-        prepared = await asyncio.to_thread(self._prepare_feedback, request)  # validated off the event loop and off the writer
+        prepared = await asyncio.to_thread(
+            self._prepare_feedback, request
+        )  # validated off the event loop and off the writer
         outcomes = await asyncio.wrap_future(self.writer.submit(prepared))
         return preference_pb2.IngestLabelsResponse(
-            results=[preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason) for o in outcomes]
+            results=[
+                preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason)
+                for o in outcomes
+            ]
         )
 
     def _prepare_feedback(self, request: preference_pb2.IngestFeedbackRequest) -> list:
@@ -60,7 +72,9 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         return preference_pb2.Stats(**stats)
 
     @rpc
-    async def SubmitCandidates(self, request: preference_pb2.SubmitCandidatesRequest, context) -> preference_pb2.SubmitCandidatesResponse:
+    async def SubmitCandidates(
+        self, request: preference_pb2.SubmitCandidatesRequest, context
+    ) -> preference_pb2.SubmitCandidatesResponse:
         if not request.candidates:
             raise InvalidArgument("candidates", "must hold at least one candidate")
         ids = await asyncio.to_thread(tasks.submit, self.store, [candidate(c) for c in request.candidates])
@@ -72,5 +86,7 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
             raise InvalidArgument("max_tasks", f"is {request.max_tasks}; the limit is {MAX_TASKS_PER_LEASE}")
         if request.lease_seconds > MAX_LEASE_SECONDS:
             raise InvalidArgument("lease_seconds", f"is {request.lease_seconds}; the limit is {MAX_LEASE_SECONDS}")
-        leased = await asyncio.to_thread(tasks.lease, self.store, request.owner, request.max_tasks, request.lease_seconds)
+        leased = await asyncio.to_thread(
+            tasks.lease, self.store, request.owner, request.max_tasks, request.lease_seconds
+        )
         return preference_pb2.LeaseTasksResponse(tasks=[task(t) for t in leased])

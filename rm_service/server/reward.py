@@ -57,8 +57,15 @@ class Scored:
 
 
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, served: ServedModels, batcher: Batcher, settings: ServeSettings, store: Store | None, max_chars: int,
-                 observer=None):
+    def __init__(
+        self,
+        served: ServedModels,
+        batcher: Batcher,
+        settings: ServeSettings,
+        store: Store | None,
+        max_chars: int,
+        observer=None,
+    ):
         self.served = served
         self.observer = observer  # metrics: observer.stage("tokenise", seconds), observer.observe_scores(...)
         self.batcher = batcher
@@ -84,7 +91,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         tokens = sum(estimate_tokens([m.content for m in p] + [c], max_tokens) for p, c in work)
         return self.batcher.admit(items, tokens, claim)
 
-    async def _tokenise(self, served: Served, pairs: list[tuple[list[Message], str]], permit: Permit) -> list[Formatted]:
+    async def _tokenise(
+        self, served: Served, pairs: list[tuple[list[Message], str]], permit: Permit
+    ) -> list[Formatted]:
         runtime = served.runtime
         start = time.monotonic()
 
@@ -111,22 +120,40 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             members = await self.batcher.score(permit, served.record.version, served.backend, formatted)  # [N, K]
         scored = Scored(served, formatted, members)
         if self.observer is not None:
-            self.observer.observe_scores(scored.version, scored.raw, scored.reward, [len(x) for x in formatted],
-                                         [x.truncated for x in formatted], [len(c) for _, c in pairs], reference(served))
+            self.observer.observe_scores(
+                scored.version,
+                scored.raw,
+                scored.reward,
+                [len(x) for x in formatted],
+                [x.truncated for x in formatted],
+                [len(c) for _, c in pairs],
+                reference(served),
+            )
         return scored
 
     @rpc
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreResponse:
+    async def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScoreResponse:
         self.batcher.admission.refuse_when_full()  # before reading the request: a refusal costs the RPC alone
         pairs = score_items(request, self.settings.max_items_per_request, self.max_chars)
         scored = await self.score(pairs, request.model_version, ticket(context))
         raw, std, reward, formatted, members = scored.raw, scored.std, scored.reward, scored.formatted, scored.members
         results = [
-            reward_pb2.ScoreResult(id=item.id, reward=float(reward[i]), raw_score=float(raw[i]), uncertainty=float(std[i]),
-                                   num_tokens=len(formatted[i]), truncated=formatted[i].truncated, members=members[i].tolist())
+            reward_pb2.ScoreResult(
+                id=item.id,
+                reward=float(reward[i]),
+                raw_score=float(raw[i]),
+                uncertainty=float(std[i]),
+                num_tokens=len(formatted[i]),
+                truncated=formatted[i].truncated,
+                members=members[i].tolist(),
+            )
             for i, item in enumerate(request.items)
         ]
-        return reward_pb2.ScoreResponse(results=results, model_version=scored.version, format_hash=scored.served.runtime.spec.hash)
+        return reward_pb2.ScoreResponse(
+            results=results, model_version=scored.version, format_hash=scored.served.runtime.spec.hash
+        )
 
     @rpc
     async def ScoreTurns(self, request: reward_pb2.ScoreTurnsRequest, context) -> reward_pb2.ScoreTurnsResponse:
@@ -139,13 +166,24 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         with self._admit(served, len(pairs), _turns_work(runtime.spec, pairs), ticket(context)) as permit:
             full = await self._conversation_tokens(served, conversation, turns[-1])
             if full > self.settings.score_turns_max_tokens:
-                raise InvalidArgument("conversation", f"holds {full} tokens; the cap per ScoreTurns call is "
-                                                      f"{self.settings.score_turns_max_tokens} (score_turns_max_tokens)")
+                raise InvalidArgument(
+                    "conversation",
+                    f"holds {full} tokens; the cap per ScoreTurns call is "
+                    f"{self.settings.score_turns_max_tokens} (score_turns_max_tokens)",
+                )
             items = await self._tokenise(served, pairs, permit)
             positions = _prefix_positions(items)
-            if positions is not None and runtime.spec.kind == "causal":  # one forward pass, score read at each turn's end
-                members = await self.batcher.run_solo(permit, len(items[-1]), runtime.rewards_at, items[-1].input_ids, positions,
-                                                       [x.completion_start for x in items])  # [P, K]
+            if (
+                positions is not None and runtime.spec.kind == "causal"
+            ):  # one forward pass, score read at each turn's end
+                members = await self.batcher.run_solo(
+                    permit,
+                    len(items[-1]),
+                    runtime.rewards_at,
+                    items[-1].input_ids,
+                    positions,
+                    [x.completion_start for x in items],
+                )  # [P, K]
             else:  # encoders, or a truncated conversation: each turn as its own item
                 members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
         raw = members.mean(axis=1)  # [P]
@@ -157,7 +195,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         runtime = served.runtime
         spec = runtime.spec.model_copy(update={"max_tokens": 1 << 40})
         pair = (conversation[:last], conversation[last].content)
-        item = await asyncio.get_running_loop().run_in_executor(self.tokenise_pool, format_item, runtime.tokenizer, spec, *pair)
+        item = await asyncio.get_running_loop().run_in_executor(
+            self.tokenise_pool, format_item, runtime.tokenizer, spec, *pair
+        )
         return len(item)
 
     @rpc
@@ -166,7 +206,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         for name, served in self.served.versions.items():
             records.setdefault(name, served.record)
         loaded = self.served.versions
-        return reward_pb2.ListModelsResponse(models=[model_info(r, r.version in loaded, loaded.get(r.version)) for r in records.values()])
+        return reward_pb2.ListModelsResponse(
+            models=[model_info(r, r.version in loaded, loaded.get(r.version)) for r in records.values()]
+        )
 
     @rpc
     async def GetModel(self, request: reward_pb2.GetModelRequest, context) -> reward_pb2.ModelInfo:
@@ -188,8 +230,10 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         try:
             while True:
                 kind, rec = await queue.get()
-                yield reward_pb2.ModelEvent(kind=kind, model=model_info(rec, rec.version in self.served.versions,
-                                                                        self.served.versions.get(rec.version)))
+                yield reward_pb2.ModelEvent(
+                    kind=kind,
+                    model=model_info(rec, rec.version in self.served.versions, self.served.versions.get(rec.version)),
+                )
         finally:
             self.served.unsubscribe(queue)
 
@@ -210,8 +254,9 @@ def turns_response(served: Served, turns: list[int], raw: np.ndarray) -> reward_
     and P(success) for the session."""
     runtime, offsets = served.runtime, served.feedback
     reward = runtime.normalise(raw)
-    response = reward_pb2.ScoreTurnsResponse(model_version=served.record.version, format_hash=runtime.spec.hash,
-                                             session_value=float(raw.sum()))
+    response = reward_pb2.ScoreTurnsResponse(
+        model_version=served.record.version, format_hash=runtime.spec.hash, session_value=float(raw.sum())
+    )
     for i, r, s in zip(turns, reward, raw):
         turn = response.turns.add(message_index=i, reward=float(r), raw_score=float(s))
         if "thumb_offset" in offsets:
@@ -233,8 +278,10 @@ def _assistant_turns(conversation: list[Message], max_chars: int, max_turns: int
     if not turns:
         raise InvalidArgument("conversation", "has no assistant turn after a user turn")
     if len(turns) > max_turns:
-        raise InvalidArgument("conversation", f"has {len(turns)} assistant turns; the cap per ScoreTurns call is {max_turns} "
-                                              "(score_turns_max_turns)")
+        raise InvalidArgument(
+            "conversation",
+            f"has {len(turns)} assistant turns; the cap per ScoreTurns call is {max_turns} (score_turns_max_turns)",
+        )
     return turns
 
 
@@ -242,7 +289,10 @@ def _turns_work(spec, pairs: list[tuple[list[Message], str]]) -> list[tuple[list
     """What a ScoreTurns call will run, for admission: on a causal backbone one pass over the
     last turn's item when the conversation looks like it fits the model, else every turn's item."""
     prompt, completion = pairs[-1]
-    if spec.kind == "causal" and estimate_tokens([m.content for m in prompt] + [completion], 1 << 40) <= spec.max_tokens:
+    if (
+        spec.kind == "causal"
+        and estimate_tokens([m.content for m in prompt] + [completion], 1 << 40) <= spec.max_tokens
+    ):
         return pairs[-1:]
     return pairs
 

@@ -34,13 +34,17 @@ class JobRunner:
 
     def __init__(self, store: Store, settings: TrainSettings, models: ModelSettings, on_version=None):
         self.store, self.settings, self.models = store, settings, models
-        self.on_version = on_version  # on_version(kind, record): a job's version that was not promoted ("rejected", "candidate")
+        self.on_version = (
+            on_version  # on_version(kind, record): a job's version that was not promoted ("rejected", "candidate")
+        )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retrain")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         interrupted = jobs.fail_interrupted(store)
         if interrupted:
-            log.warning("%d retraining job(s) left unfinished by the previous server process marked failed", interrupted)
+            log.warning(
+                "%d retraining job(s) left unfinished by the previous server process marked failed", interrupted
+            )
 
     def changed(self) -> asyncio.Event:
         """An event set at the next change of any job (take it before reading the job)."""
@@ -68,12 +72,16 @@ class JobRunner:
         req = job.request
         jobs.mark_running(self.store, job.job_id)
         self._notify_threadsafe()
-        settings = self.settings.model_copy(update={"mode": req.get("mode") or self.settings.mode, "promote": bool(req.get("promote"))})
+        settings = self.settings.model_copy(
+            update={"mode": req.get("mode") or self.settings.mode, "promote": bool(req.get("promote"))}
+        )
         try:
             result = train(self.store, settings, self.models, show_progress=False, parent=req.get("parent_version"))
             record = registry.get_model(self.store, result.version)
             snapshot_id = record.snapshot_id
-            if not result.promoted and self.on_version is not None and self._loop is not None:  # WatchModels tells what happened
+            if (
+                not result.promoted and self.on_version is not None and self._loop is not None
+            ):  # WatchModels tells what happened
                 self._loop.call_soon_threadsafe(self.on_version, record.status, record)
             metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
             jobs.mark_succeeded(self.store, job.job_id, snapshot_id, result.version, result.promoted, metrics)
@@ -93,8 +101,14 @@ class JobRunner:
 
 
 def job_to_proto(job: jobs.Job) -> training_pb2.TrainingJob:
-    out = training_pb2.TrainingJob(job_id=job.job_id, state=job.state, snapshot_id=job.snapshot_id or "",
-                                   model_version=job.model_version or "", promoted=job.promoted, error=job.error or "")
+    out = training_pb2.TrainingJob(
+        job_id=job.job_id,
+        state=job.state,
+        snapshot_id=job.snapshot_id or "",
+        model_version=job.model_version or "",
+        promoted=job.promoted,
+        error=job.error or "",
+    )
     out.metrics.update(job.metrics)
     for name in ("created_at", "finished_at"):
         if getattr(job, name) is not None:
@@ -112,7 +126,12 @@ def retrain_request(request: training_pb2.RetrainRequest, store: Store) -> dict:
     else:
         current = registry.promoted(store)
         parent = current.version if current else None
-    return {"mode": request.mode or None, "parent_version": parent, "promote": request.promote, "reason": request.reason[:1000]}
+    return {
+        "mode": request.mode or None,
+        "parent_version": parent,
+        "promote": request.promote,
+        "reason": request.reason[:1000],
+    }
 
 
 class TrainingService(training_pb2_grpc.TrainingServiceServicer):

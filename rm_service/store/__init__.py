@@ -1,6 +1,6 @@
 """The DuckDB preference store."""
 
 from rm_service.store.db import Store
-from rm_service.store.labels import LabelIn, IngestOutcome
+from rm_service.store.labels import IngestOutcome, LabelIn
 
 __all__ = ["Store", "LabelIn", "IngestOutcome"]

@@ -107,10 +107,14 @@ def agreement_report(pairs: list[SharedPair], swapped_pairs: int = 0, position_f
 def report_from_stats(stats) -> AgreementReport:
     """The report as GetStats (rm.v1.Stats) carries it, against HUMAN labels."""
     return AgreementReport(
-        shared_pairs=stats.judge_human_shared_pairs, agreement=stats.judge_human_agreement if stats.judge_human_shared_pairs else math.nan,
-        kappa=stats.judge_human_kappa if stats.judge_human_shared_pairs else math.nan, judge_ties=None,
-        swapped_pairs=stats.judge_swapped_pairs, position_flips=round(stats.judge_position_bias_rate * stats.judge_swapped_pairs),
-        length_pairs=None, judge_longer=stats.judge_longer_preferred if stats.judge_human_shared_pairs else math.nan,
+        shared_pairs=stats.judge_human_shared_pairs,
+        agreement=stats.judge_human_agreement if stats.judge_human_shared_pairs else math.nan,
+        kappa=stats.judge_human_kappa if stats.judge_human_shared_pairs else math.nan,
+        judge_ties=None,
+        swapped_pairs=stats.judge_swapped_pairs,
+        position_flips=round(stats.judge_position_bias_rate * stats.judge_swapped_pairs),
+        length_pairs=None,
+        judge_longer=stats.judge_longer_preferred if stats.judge_human_shared_pairs else math.nan,
         reference_longer=stats.human_longer_preferred if stats.judge_human_shared_pairs else math.nan,
     )
 
@@ -128,11 +132,16 @@ def format_report(report: AgreementReport, reference: str = "HUMAN") -> str:
         ("agreement with people", fmt(r.agreement)),
         ("Cohen's kappa", fmt(r.kappa)),
         ("pairs the people decided and the judge tied", "n/a" if r.judge_ties is None else str(r.judge_ties)),
-        ("agreement counting judge ties as misses",
-         fmt(r.agreement * r.shared_pairs / with_ties if r.judge_ties is not None and r.shared_pairs else math.nan)),
+        (
+            "agreement counting judge ties as misses",
+            fmt(r.agreement * r.shared_pairs / with_ties if r.judge_ties is not None and r.shared_pairs else math.nan),
+        ),
         ("pair verdicts judged in both orders", str(r.swapped_pairs)),
         ("position-bias rate (verdict flips with the order)", fmt(r.position_bias_rate) if r.swapped_pairs else "n/a"),
-        ("judge prefers the longer completion" + ("" if r.length_pairs is None else f" ({r.length_pairs} pairs)"), fmt(r.judge_longer)),
+        (
+            "judge prefers the longer completion" + ("" if r.length_pairs is None else f" ({r.length_pairs} pairs)"),
+            fmt(r.judge_longer),
+        ),
         (f"people ({reference}) prefer the longer completion", fmt(r.reference_longer)),
     ]
     width = max(len(k) for k, _ in rows)
@@ -161,7 +170,9 @@ def report(con: duckdb.DuckDBPyConnection, reference: LabelSet, other: LabelSet)
         raise InvalidArgument("reference", "both label sets must name at least one source")
     overlap = set(reference.sources) & set(other.sources)
     if overlap and (reference.annotator is None or other.annotator is None or reference.annotator == other.annotator):
-        raise InvalidArgument("reference", f"the two label sets overlap ({', '.join(sorted(overlap))}); tell them apart by annotator")
+        raise InvalidArgument(
+            "reference", f"the two label sets overlap ({', '.join(sorted(overlap))}); tell them apart by annotator"
+        )
     params = reference.params("ref") | other.params("other")
     rows = con.execute(_SHARED_PAIRS_SQL, params).fetchall()
     swapped, flips = con.execute(_SWAP_SQL, other.params("other")).fetchone()
@@ -170,12 +181,16 @@ def report(con: duckdb.DuckDBPyConnection, reference: LabelSet, other: LabelSet)
 
 def annotators(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple[str, int]]:
     """(annotator, number of labels) of one source, most labels first."""
-    return con.execute("SELECT annotator, count(*) AS n FROM labels WHERE source = ? GROUP BY annotator ORDER BY n DESC, annotator",
-                       [source]).fetchall()
+    return con.execute(
+        "SELECT annotator, count(*) AS n FROM labels WHERE source = ? GROUP BY annotator ORDER BY n DESC, annotator",
+        [source],
+    ).fetchall()
 
 
 _IN_OTHER = "(list_contains($other_sources::VARCHAR[], l.source) AND ($other_annotator IS NULL OR l.annotator = $other_annotator))"
-_IN_REF = "(list_contains($ref_sources::VARCHAR[], l.source) AND ($ref_annotator IS NULL OR l.annotator = $ref_annotator))"
+_IN_REF = (
+    "(list_contains($ref_sources::VARCHAR[], l.source) AND ($ref_annotator IS NULL OR l.annotator = $ref_annotator))"
+)
 
 # Every pair of completions within a label, as (x, y) ordered by id, with the label's vote for
 # x: 1 (x ranked better), 0 (worse) or 0.5 (tied). Per pair, the share of x votes among the

@@ -7,7 +7,6 @@ that opens a file in use gets `Unavailable` with a hint to go through the server
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import numpy as np
 
 from rm_service.conversation import Message, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
@@ -24,8 +22,10 @@ from rm_service.store.agreement import LabelSet, annotators
 from rm_service.store.agreement import report as agreement_report
 from rm_service.store.feedback import FeedbackIn, PreparedFeedback, prepare_feedback
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
+from rm_service.store.rows import Rows
 from rm_service.store.schema import TASK_AVAILABLE, migrate
 from rm_service.store.tx import transaction
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -91,12 +91,15 @@ class Store:
 
     # -- ingestion -------------------------------------------------------------------------
 
-    def ingest(self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels") -> list[IngestOutcome]:
+    def ingest(
+        self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
+    ) -> list[IngestOutcome]:
         """Validate and store labels in one transaction; one outcome per label, in order."""
         return self.ingest_batches([self.prepare(labels, origin, field)])[0]
 
-    def prepare(self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset",
-                field: str = "labels") -> list[PreparedLabel | PreparedFeedback | IngestOutcome]:
+    def prepare(
+        self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
+    ) -> list[PreparedLabel | PreparedFeedback | IngestOutcome]:
         """Validate each label (store.labels.prepare_label, or store.feedback.prepare_feedback
         for thumbs and outcomes, with this store's limits) before
         it joins a transaction: a bad one becomes its REJECTED outcome, naming `field[i].<name>`.
@@ -109,12 +112,16 @@ class Store:
                 if isinstance(label, FeedbackIn):
                     out.append(prepare_feedback(label, f"{field}[{i}]", s.max_text_chars))
                 else:
-                    out.append(prepare_label(label, f"{field}[{i}]", origin, s.max_text_chars, s.max_responses, s.max_strength))
+                    out.append(
+                        prepare_label(label, f"{field}[{i}]", origin, s.max_text_chars, s.max_responses, s.max_strength)
+                    )
             except InvalidArgument as exc:
                 out.append(IngestOutcome(label.label_id, "REJECTED", str(exc)))
         return out
 
-    def ingest_batches(self, batches: list[list[PreparedLabel | PreparedFeedback | IngestOutcome]]) -> list[list[IngestOutcome]]:
+    def ingest_batches(
+        self, batches: list[list[PreparedLabel | PreparedFeedback | IngestOutcome]]
+    ) -> list[list[IngestOutcome]]:
         """Store several requests' prepared labels (Store.prepare) in ONE transaction (group commit).
 
         Outcomes already decided (REJECTED by validation) pass through. A label_id already
@@ -123,20 +130,30 @@ class Store:
         REJECTED. Outcomes are returned only after COMMIT: an INSERTED label is durable.
         """
         outcomes = [[item if isinstance(item, IngestOutcome) else None for item in batch] for batch in batches]
-        valid = [(b, i, item) for b, batch in enumerate(batches) for i, item in enumerate(batch) if not isinstance(item, IngestOutcome)]
+        valid = [
+            (b, i, item)
+            for b, batch in enumerate(batches)
+            for i, item in enumerate(batch)
+            if not isinstance(item, IngestOutcome)
+        ]
         with self.transaction():
             known = self._stored_hashes([p.label.label_id for _, _, p in valid])
             tasks = self._open_tasks([p.label.task_id for _, _, p in valid if p.label.task_id])
-            rows = _Rows()
+            rows = Rows()
             for b, i, prepared in valid:
                 label, phash = prepared.label, prepared.payload_hash
                 if label.label_id in known:
                     same = known[label.label_id] == phash
-                    outcomes[b][i] = IngestOutcome(label.label_id, "DUPLICATE" if same else "CONFLICT",
-                                                   "" if same else "label_id already stored with a different payload")
+                    outcomes[b][i] = IngestOutcome(
+                        label.label_id,
+                        "DUPLICATE" if same else "CONFLICT",
+                        "" if same else "label_id already stored with a different payload",
+                    )
                     continue
                 if label.task_id and label.task_id not in tasks:
-                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", f"{prepared.field}.task_id: unknown task {label.task_id!r}")
+                    outcomes[b][i] = IngestOutcome(
+                        label.label_id, "REJECTED", f"{prepared.field}.task_id: unknown task {label.task_id!r}"
+                    )
                     continue
                 known[label.label_id] = phash
                 rows.add(prepared)
@@ -147,7 +164,9 @@ class Store:
     def _open_tasks(self, task_ids: list[str]) -> set[str]:
         if not task_ids:
             return set()
-        rows = self.con.execute("SELECT task_id FROM tasks WHERE task_id IN (SELECT unnest(?::VARCHAR[]))", [task_ids]).fetchall()
+        rows = self.con.execute(
+            "SELECT task_id FROM tasks WHERE task_id IN (SELECT unnest(?::VARCHAR[]))", [task_ids]
+        ).fetchall()
         return {r[0] for r in rows}
 
     def _stored_hashes(self, label_ids: list[str]) -> dict[str, str]:
@@ -166,19 +185,25 @@ class Store:
             max_seq, count = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM labels").fetchone()
             number = con.execute("SELECT count(*) FROM snapshots").fetchone()[0] + 1
             snap = Snapshot(f"snap-{number:06d}", int(max_seq), int(count))
-            con.execute("INSERT INTO snapshots (snapshot_id, max_seq, num_labels) VALUES (?, ?, ?)",
-                        [snap.snapshot_id, snap.max_seq, snap.num_labels])
+            con.execute(
+                "INSERT INTO snapshots (snapshot_id, max_seq, num_labels) VALUES (?, ?, ?)",
+                [snap.snapshot_id, snap.max_seq, snap.num_labels],
+            )
         return snap
 
     def get_snapshot(self, snapshot_id: str | None = None) -> Snapshot | None:
         """A snapshot by id, or the latest one (None if there is none)."""
         with self._lock:
             if snapshot_id:
-                row = self.con.execute("SELECT snapshot_id, max_seq, num_labels FROM snapshots WHERE snapshot_id = ?", [snapshot_id]).fetchone()
+                row = self.con.execute(
+                    "SELECT snapshot_id, max_seq, num_labels FROM snapshots WHERE snapshot_id = ?", [snapshot_id]
+                ).fetchone()
                 if row is None:
                     raise NotFound(f"snapshot {snapshot_id!r} not found")
             else:
-                row = self.con.execute("SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC LIMIT 1").fetchone()
+                row = self.con.execute(
+                    "SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC LIMIT 1"
+                ).fetchone()
         return Snapshot(*row) if row else None
 
     def pairs(self, snapshot: Snapshot, policy: PairPolicy = "all") -> list[Pair]:
@@ -204,7 +229,20 @@ class Store:
             prompt = messages_from_json(messages)
             for i, j in expand_pairs(ranks, policy):
                 origin = origins[i] if origins[i] == origins[j] else f"{origins[i]}|{origins[j]}"
-                out.append(Pair(label_id, conv_id, prompt, comp_ids[i], texts[i], comp_ids[j], texts[j], strength, source, origin))
+                out.append(
+                    Pair(
+                        label_id,
+                        conv_id,
+                        prompt,
+                        comp_ids[i],
+                        texts[i],
+                        comp_ids[j],
+                        texts[j],
+                        strength,
+                        source,
+                        origin,
+                    )
+                )
         return out
 
     # -- stats -----------------------------------------------------------------------------
@@ -220,11 +258,15 @@ class Store:
             done = q("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
             judge = self.judge_agreement()
             pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
-                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[0]
+                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[
+                0
+            ]
             feedback = q("""SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'), count(*) FILTER (kind = 'outcome')
                             FROM label_feedback""").fetchone()
             return {
-                "feedback_labels": feedback[0], "thumbs": feedback[1], "outcomes": feedback[2],
+                "feedback_labels": feedback[0],
+                "thumbs": feedback[1],
+                "outcomes": feedback[2],
                 "labels_total": sum(by_source.values()),
                 "labels_by_source": by_source,
                 "conversations": q("SELECT count(*) FROM conversations").fetchone()[0],
@@ -248,7 +290,9 @@ class Store:
         """Judge labels (of one judge, or of all) against the reference sources' labels
         (store.agreement)."""
         if "JUDGE" in reference or not reference:
-            raise InvalidArgument("reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}")
+            raise InvalidArgument(
+                "reference", f"must name non-judge sources (HUMAN, IMPORT), got {', '.join(reference) or 'none'}"
+            )
         return self.agreement(LabelSet(tuple(reference)), LabelSet(("JUDGE",), judge))
 
     def agreement(self, reference: LabelSet, other: LabelSet):
@@ -266,106 +310,3 @@ class Store:
 def _finite(value: float) -> float:
     """0.0 for an undefined (NaN) statistic: protobuf and JSON readers expect numbers."""
     return value if value == value else 0.0
-
-
-class _Rows:
-    """Column buffers for one ingestion transaction, written with one INSERT per table."""
-
-    def __init__(self):
-        self.conversations = {"id": [], "messages": [], "num_turns": []}
-        self.completions = {"id": [], "conversation_id": [], "text": [], "origin": []}
-        self.labels = {k: [] for k in ("label_id", "conversation_id", "source", "annotator", "strength", "rationale", "metadata", "task_id", "payload_hash")}
-        self.rankings = {"label_id": [], "position": [], "completion_id": [], "rank": []}
-        self.feedback = {"label_id": [], "kind": [], "message_index": [], "value": []}
-        self._seen_conv: set[str] = set()
-        self._seen_comp: set[str] = set()
-        self._feedback_ids: set[str] = set()
-
-    def add(self, p: PreparedLabel | PreparedFeedback) -> None:
-        label, conv = p.label, p.conversation_id
-        if conv not in self._seen_conv:
-            self._seen_conv.add(conv)
-            turns = len(label.conversation) if isinstance(p, PreparedFeedback) else len(label.prompt)
-            _append(self.conversations, id=conv, messages=p.messages_json, num_turns=turns)
-        if isinstance(p, PreparedFeedback):  # thumbs and an outcome: no completions, no ranking
-            for kind, index, value in p.rows():
-                _append(self.feedback, label_id=label.label_id, kind=kind, message_index=index, value=value)
-            self._feedback_ids.add(label.label_id)
-            _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
-                    strength=None, rationale=label.rationale, metadata=p.metadata_json, task_id=label.task_id or None,
-                    payload_hash=p.payload_hash)
-            return
-        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids)):
-            if comp not in self._seen_comp:  # a completion already stored keeps its origin (e.g. policy@<version>)
-                self._seen_comp.add(comp)
-                _append(self.completions, id=comp, conversation_id=conv, text=text, origin=p.origin)
-            _append(self.rankings, label_id=label.label_id, position=position, completion_id=comp, rank=rank)
-        _append(self.labels, label_id=label.label_id, conversation_id=conv, source=label.source, annotator=label.annotator,
-                strength=label.strength, rationale=label.rationale, metadata=p.metadata_json,
-                task_id=label.task_id or None, payload_hash=p.payload_hash)
-
-    def write(self, con: duckdb.DuckDBPyConnection) -> None:
-        if not self.labels["label_id"]:
-            return
-        c = self.conversations
-        con.execute("""INSERT INTO conversations (id, messages, num_turns)
-                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[])::JSON, unnest(?::INTEGER[]))
-                       WHERE id NOT IN (SELECT id FROM conversations)""", [c["id"], c["messages"], c["num_turns"]])
-        k = self.completions
-        con.execute("""INSERT INTO completions (id, conversation_id, text, origin)
-                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]))
-                       WHERE id NOT IN (SELECT id FROM completions)""", [k["id"], k["conversation_id"], k["text"], k["origin"]])
-        lab = self.labels
-        con.execute("""INSERT INTO labels (label_id, seq, conversation_id, source, annotator, strength, rationale, metadata, task_id, payload_hash)
-                       SELECT l, nextval('label_seq'), c, s, a, st, r, m::JSON, t, h FROM (
-                         SELECT unnest(?::VARCHAR[]) AS l, unnest(?::VARCHAR[]) AS c, unnest(?::VARCHAR[]) AS s, unnest(?::VARCHAR[]) AS a,
-                                unnest(?::DOUBLE[]) AS st, unnest(?::VARCHAR[]) AS r, unnest(?::VARCHAR[]) AS m, unnest(?::VARCHAR[]) AS t,
-                                unnest(?::VARCHAR[]) AS h, generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i""",
-                    [lab["label_id"], lab["conversation_id"], lab["source"], lab["annotator"], lab["strength"], lab["rationale"],
-                     lab["metadata"], lab["task_id"], lab["payload_hash"], lab["label_id"]])
-        r = self.rankings
-        con.execute("""INSERT INTO label_rankings (label_id, position, completion_id, rank)
-                       SELECT unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[])""",
-                    [r["label_id"], r["position"], r["completion_id"], r["rank"]])
-        f = self.feedback
-        if f["label_id"]:
-            con.execute("""INSERT INTO label_feedback (label_id, kind, message_index, value)
-                           SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::DOUBLE[])""",
-                        [f["label_id"], f["kind"], f["message_index"], f["value"]])
-        closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t and l not in self._feedback_ids]
-        if closes:  # a ranking answering a task closes it (feedback on the task's chat is provenance only)
-            con.execute("""UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
-                           FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
-                           WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",
-                        [[t for t, _ in closes], [l for _, l in closes]])
-
-
-def _append(columns: dict[str, list], **values) -> None:
-    for key, value in values.items():
-        columns[key].append(value)
-
-
-def get_features(store: Store, feature_key: str, format_hash: str, completion_ids: list[str]) -> dict[str, np.ndarray]:
-    """Cached pooled features {completion_id: [H] float32} under one feature key and format."""
-    if not completion_ids:
-        return {}
-    with store._lock:
-        rows = store.con.execute(
-            """SELECT completion_id, vector FROM features
-               WHERE feature_key = ? AND format_hash = ? AND completion_id IN (SELECT unnest(?::VARCHAR[]))""",
-            [feature_key, format_hash, completion_ids],
-        ).fetchall()
-    return {cid: np.frombuffer(vec, dtype="<f4") for cid, vec in rows}
-
-
-def put_features(store: Store, feature_key: str, format_hash: str, completion_ids: list[str], vectors: np.ndarray,
-                 num_tokens: list[int]) -> None:
-    """Cache features [N, H] in one statement; rows already cached are kept."""
-    blobs = [np.ascontiguousarray(v, dtype="<f4").tobytes() for v in vectors]
-    with store._lock:
-        store.con.execute(
-            """INSERT INTO features (completion_id, feature_key, format_hash, vector, num_tokens)
-               SELECT unnest(?::VARCHAR[]), ?, ?, unnest(?::BLOB[]), unnest(?::INTEGER[])
-               ON CONFLICT DO NOTHING""",
-            [completion_ids, feature_key, format_hash, blobs, num_tokens],
-        )

@@ -25,7 +25,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from rm_service.conversation import Message, canonical_json, conversation_id, scored_turns, validate_finite, validate_turns
+from rm_service.conversation import (
+    Message,
+    canonical_json,
+    conversation_id,
+    scored_turns,
+    validate_finite,
+    validate_turns,
+)
 from rm_service.errors import InvalidArgument
 from rm_service.store.labels import _short_text, validate_provenance
 
@@ -76,7 +83,9 @@ def validate_feedback(fb: FeedbackIn, where: str, max_chars: int) -> None:
     if not fb.thumbs and fb.outcome is None:
         raise InvalidArgument(where, "holds neither thumbs nor an outcome; give at least one")
     if len(fb.thumbs) > len(fb.conversation):
-        raise InvalidArgument(f"{where}.thumbs", f"has {len(fb.thumbs)} thumbs for {len(fb.conversation)} messages; one per turn at most")
+        raise InvalidArgument(
+            f"{where}.thumbs", f"has {len(fb.thumbs)} thumbs for {len(fb.conversation)} messages; one per turn at most"
+        )
     seen: set[int] = set()
     for i, thumb in enumerate(fb.thumbs):
         name = f"{where}.thumbs[{i}]"
@@ -84,12 +93,20 @@ def validate_feedback(fb: FeedbackIn, where: str, max_chars: int) -> None:
         if isinstance(index, bool) or not isinstance(index, int):
             raise InvalidArgument(f"{name}.message_index", f"must be an integer, got {type(index).__name__}")
         if not 0 <= index < len(fb.conversation):
-            shown = index if -10**20 < index < 10**20 else f"an integer of {index.bit_length()} bits"
-            raise InvalidArgument(f"{name}.message_index", f"is {shown}; out of range for a conversation of {len(fb.conversation)} messages")
+            shown = index if -(10**20) < index < 10**20 else f"an integer of {index.bit_length()} bits"
+            raise InvalidArgument(
+                f"{name}.message_index",
+                f"is {shown}; out of range for a conversation of {len(fb.conversation)} messages",
+            )
         if fb.conversation[index].role != "assistant":
-            raise InvalidArgument(f"{name}.message_index", f"is {index}, a {fb.conversation[index].role} turn; thumbs go on assistant turns")
+            raise InvalidArgument(
+                f"{name}.message_index",
+                f"is {index}, a {fb.conversation[index].role} turn; thumbs go on assistant turns",
+            )
         if index not in scored:
-            raise InvalidArgument(f"{name}.message_index", f"is {index}, an assistant turn before any user turn; it answers nothing")
+            raise InvalidArgument(
+                f"{name}.message_index", f"is {index}, an assistant turn before any user turn; it answers nothing"
+            )
         if index in seen:
             raise InvalidArgument(f"{name}.message_index", f"turn {index} already has a thumb in this label")
         seen.add(index)
@@ -98,7 +115,10 @@ def validate_feedback(fb: FeedbackIn, where: str, max_chars: int) -> None:
     if fb.outcome is not None:
         validate_finite(fb.outcome, f"{where}.outcome", minimum=0.0, maximum=1.0)
         if not scored:
-            raise InvalidArgument(f"{where}.conversation", "has no assistant turn after a user turn; an outcome needs one to be the value of")
+            raise InvalidArgument(
+                f"{where}.conversation",
+                "has no assistant turn after a user turn; an outcome needs one to be the value of",
+            )
     validate_provenance(fb, where, max_chars)
 
 
@@ -124,8 +144,14 @@ class PreparedFeedback:
 def prepare_feedback(fb: FeedbackIn, where: str, max_chars: int) -> PreparedFeedback:
     validate_feedback(fb, where, max_chars)
     try:
-        return PreparedFeedback(fb, where, fb.payload_hash(), conversation_id(fb.conversation), canonical_json(fb.conversation),
-                                json.dumps(fb.metadata, sort_keys=True))
+        return PreparedFeedback(
+            fb,
+            where,
+            fb.payload_hash(),
+            conversation_id(fb.conversation),
+            canonical_json(fb.conversation),
+            json.dumps(fb.metadata, sort_keys=True),
+        )
     except (TypeError, ValueError) as exc:  # validation should have caught it; still, this label alone fails
         raise InvalidArgument(where, f"cannot be stored: {type(exc).__name__}: {exc}") from None
 
@@ -163,7 +189,18 @@ def feedback_in_snapshot(store, snapshot) -> list[StoredFeedback]:
     for seq, label_id, messages, kinds, indexes, values, source, annotator, rationale, metadata, task_id in rows:
         thumbs = [TurnThumb(int(i), v >= 0.5) for k, i, v in zip(kinds, indexes, values) if k == "thumb"]
         outcome = next((float(v) for k, v in zip(kinds, values) if k == "outcome"), None)
-        out.append(StoredFeedback(seq=seq, label_id=label_id, conversation=[Message(d["role"], d["content"]) for d in json.loads(messages)],
-                                  thumbs=thumbs, outcome=outcome, source=source, annotator=annotator, rationale=rationale or "",
-                                  metadata=json.loads(metadata) if metadata else {}, task_id=task_id or ""))
+        out.append(
+            StoredFeedback(
+                seq=seq,
+                label_id=label_id,
+                conversation=[Message(d["role"], d["content"]) for d in json.loads(messages)],
+                thumbs=thumbs,
+                outcome=outcome,
+                source=source,
+                annotator=annotator,
+                rationale=rationale or "",
+                metadata=json.loads(metadata) if metadata else {},
+                task_id=task_id or "",
+            )
+        )
     return out

@@ -16,8 +16,10 @@ from rm_service.store.db import Store
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed")
 # Times as epoch seconds: fetching TIMESTAMPTZ values as datetimes would need pytz.
-_COLUMNS = ("job_id, kind, state, snapshot_id, model_version, promoted, error, metrics, request, epoch(created_at), "
-            "epoch(finished_at)")
+_COLUMNS = (
+    "job_id, kind, state, snapshot_id, model_version, promoted, error, metrics, request, epoch(created_at), "
+    "epoch(finished_at)"
+)
 
 
 @dataclass
@@ -41,20 +43,37 @@ class Job:
 
 def _job(row) -> Job:
     job_id, kind, state, snapshot_id, version, promoted, error, metrics, request, created, finished = row
-    return Job(job_id, kind, state, snapshot_id, version, bool(promoted), error, json.loads(metrics) if metrics else {},
-               json.loads(request) if request else {}, created, finished)
+    return Job(
+        job_id,
+        kind,
+        state,
+        snapshot_id,
+        version,
+        bool(promoted),
+        error,
+        json.loads(metrics) if metrics else {},
+        json.loads(request) if request else {},
+        created,
+        finished,
+    )
 
 
 def create_job(store: Store, kind: str, request: dict) -> tuple[Job, bool]:
     """A new queued job, unless one of this kind is already queued or running: then that one.
     Returns (job, created?). Check and insert run in one transaction under the writer lock."""
     with store.transaction() as con:
-        row = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE kind = ? AND state IN ('queued', 'running') "
-                          "ORDER BY created_at LIMIT 1", [kind]).fetchone()
+        row = con.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE kind = ? AND state IN ('queued', 'running') "
+            "ORDER BY created_at LIMIT 1",
+            [kind],
+        ).fetchone()
         if row is not None:
             return _job(row), False
         job_id = f"job-{uuid.uuid4().hex[:12]}"
-        con.execute("INSERT INTO jobs (job_id, kind, state, request) VALUES (?, ?, 'queued', ?)", [job_id, kind, json.dumps(request)])
+        con.execute(
+            "INSERT INTO jobs (job_id, kind, state, request) VALUES (?, ?, 'queued', ?)",
+            [job_id, kind, json.dumps(request)],
+        )
         row = con.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", [job_id]).fetchone()
     return _job(row), True
 
@@ -76,21 +95,30 @@ def mark_running(store: Store, job_id: str) -> None:
         con.execute("UPDATE jobs SET state = 'running' WHERE job_id = ?", [job_id])
 
 
-def mark_succeeded(store: Store, job_id: str, snapshot_id: str, version: str, promoted: bool, metrics: dict[str, float]) -> None:
+def mark_succeeded(
+    store: Store, job_id: str, snapshot_id: str, version: str, promoted: bool, metrics: dict[str, float]
+) -> None:
     with store.transaction() as con:
-        con.execute("UPDATE jobs SET state = 'succeeded', snapshot_id = ?, model_version = ?, promoted = ?, metrics = ?, "
-                    "finished_at = now() WHERE job_id = ?", [snapshot_id, version, promoted, json.dumps(metrics), job_id])
+        con.execute(
+            "UPDATE jobs SET state = 'succeeded', snapshot_id = ?, model_version = ?, promoted = ?, metrics = ?, "
+            "finished_at = now() WHERE job_id = ?",
+            [snapshot_id, version, promoted, json.dumps(metrics), job_id],
+        )
 
 
 def mark_failed(store: Store, job_id: str, error: str) -> None:
     with store.transaction() as con:
-        con.execute("UPDATE jobs SET state = 'failed', error = ?, finished_at = now() WHERE job_id = ?", [error, job_id])
+        con.execute(
+            "UPDATE jobs SET state = 'failed', error = ?, finished_at = now() WHERE job_id = ?", [error, job_id]
+        )
 
 
 def fail_interrupted(store: Store) -> int:
     """Jobs left queued or running by a process that is gone become failed. Returns how many."""
     with store.transaction() as con:
         n = con.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
-        con.execute("UPDATE jobs SET state = 'failed', error = 'interrupted: the server stopped before the job finished; "
-                    "request it again', finished_at = now() WHERE state IN ('queued', 'running')")
+        con.execute(
+            "UPDATE jobs SET state = 'failed', error = 'interrupted: the server stopped before the job finished; "
+            "request it again', finished_at = now() WHERE state IN ('queued', 'running')"
+        )
     return int(n)

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Literal
 
-from rm_service.conversation import Message, canonical_json, completion_id, conversation_id, validate_finite, validate_messages, validate_text
+from rm_service.conversation import (
+    Message,
+    canonical_json,
+    completion_id,
+    conversation_id,
+    validate_finite,
+    validate_messages,
+    validate_text,
+)
 from rm_service.errors import InvalidArgument
 
 SOURCES = ("HUMAN", "JUDGE", "IMPORT")
@@ -56,7 +64,7 @@ class IngestOutcome:
     reason: str = ""
 
 
-MAX_ID_CHARS = 200          # label_id, annotator, task_id, metadata keys
+MAX_ID_CHARS = 200  # label_id, annotator, task_id, metadata keys
 MAX_METADATA_ENTRIES = 64
 
 
@@ -88,13 +96,17 @@ def validate_provenance(label, field: str, max_chars: int) -> None:
     """What every label kind carries beside its payload (a LabelIn or a FeedbackIn): source,
     annotator, rationale, task id and metadata, bounded. O(size)."""
     if label.source not in SOURCES:
-        raise InvalidArgument(f"{field}.source", f"unknown source {str(label.source)[:40]!r}; expected one of {', '.join(SOURCES)}")
+        raise InvalidArgument(
+            f"{field}.source", f"unknown source {str(label.source)[:40]!r}; expected one of {', '.join(SOURCES)}"
+        )
     _short_text(label.annotator, f"{field}.annotator", "is required (a person's id or a judge model id)")
     validate_text(label.rationale, f"{field}.rationale", max_chars, required=False)
     if label.task_id:
         _short_text(label.task_id, f"{field}.task_id", "")
     if len(label.metadata) > MAX_METADATA_ENTRIES:
-        raise InvalidArgument(f"{field}.metadata", f"has {len(label.metadata)} entries; the limit is {MAX_METADATA_ENTRIES}")
+        raise InvalidArgument(
+            f"{field}.metadata", f"has {len(label.metadata)} entries; the limit is {MAX_METADATA_ENTRIES}"
+        )
     for key, value in label.metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidArgument(f"{field}.metadata", "must map strings to strings")
@@ -110,13 +122,22 @@ def _validate_ranks(ranks: list[int], k: int, field: str) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise InvalidArgument(f"{field}[{i}]", f"must be an integer, got {type(rank).__name__}")
         if not 0 <= rank < k:
-            shown = rank if -10**20 < rank < 10**20 else f"{'-' if rank < 0 else ''}an integer of {rank.bit_length()} bits"
-            raise InvalidArgument(f"{field}[{i}]", f"is {shown}; a rank must be in [0, {k}) for {k} responses (0 = best)")
+            shown = (
+                rank
+                if -(10**20) < rank < 10**20
+                else f"{'-' if rank < 0 else ''}an integer of {rank.bit_length()} bits"
+            )
+            raise InvalidArgument(
+                f"{field}[{i}]", f"is {shown}; a rank must be in [0, {k}) for {k} responses (0 = best)"
+            )
     used = set(ranks)
     missing = [r for r in range(max(used) + 1) if r not in used]  # max(used) < k: bounded by K
     if missing:
-        raise InvalidArgument(field, f"{list(ranks)} is not a dense ranking: rank {missing[0]} is unused "
-                                     "(0 = best, every rank up to the worst used)")
+        raise InvalidArgument(
+            field,
+            f"{list(ranks)} is not a dense ranking: rank {missing[0]} is unused "
+            "(0 = best, every rank up to the worst used)",
+        )
 
 
 def _short_text(value: str, field: str, when_empty: str) -> None:
@@ -135,23 +156,33 @@ class PreparedLabel:
     """A validated label with what its rows need, computed before it joins a group commit."""
 
     label: LabelIn
-    field: str                  # its place in its request, e.g. "labels[3]", for reasons given at commit
+    field: str  # its place in its request, e.g. "labels[3]", for reasons given at commit
     payload_hash: str
     conversation_id: str
     messages_json: str
     completion_ids: list[str]
     metadata_json: str
-    origin: str                 # provenance of its completions not yet stored: the ingest path's, never the client's
+    origin: str  # provenance of its completions not yet stored: the ingest path's, never the client's
 
 
-def prepare_label(label: LabelIn, field: str, origin: str, max_chars: int, max_responses: int, max_strength: float) -> PreparedLabel:
+def prepare_label(
+    label: LabelIn, field: str, origin: str, max_chars: int, max_responses: int, max_strength: float
+) -> PreparedLabel:
     """Validate a label and compute its ids and JSON columns; InvalidArgument names the field.
     O(size of the label); runs in the caller's thread, outside the store's writer."""
     validate_label(label, field, max_chars, max_responses, max_strength)
     try:
         conv = conversation_id(label.prompt)
-        return PreparedLabel(label, field, label.payload_hash(), conv, canonical_json(label.prompt),
-                             [completion_id(conv, text) for text in label.responses], json.dumps(label.metadata, sort_keys=True), origin)
+        return PreparedLabel(
+            label,
+            field,
+            label.payload_hash(),
+            conv,
+            canonical_json(label.prompt),
+            [completion_id(conv, text) for text in label.responses],
+            json.dumps(label.metadata, sort_keys=True),
+            origin,
+        )
     except (TypeError, ValueError) as exc:  # validate_label should have caught it; still, this label alone fails
         raise InvalidArgument(field, f"cannot be stored: {type(exc).__name__}: {exc}") from None
 

@@ -58,7 +58,15 @@ def conversations(store: Store) -> list[list[Message]]:
 def _label(row: tuple) -> StoredLabel:
     seq, label_id, messages, responses, ranks, source, annotator, strength, rationale, metadata, task_id = row
     return StoredLabel(
-        seq=seq, label_id=label_id, prompt=messages_from_json(messages), responses=list(responses), ranks=list(ranks),
-        source=source, annotator=annotator, strength=strength, rationale=rationale or "",
-        metadata=json.loads(metadata) if metadata else {}, task_id=task_id or "",
+        seq=seq,
+        label_id=label_id,
+        prompt=messages_from_json(messages),
+        responses=list(responses),
+        ranks=list(ranks),
+        source=source,
+        annotator=annotator,
+        strength=strength,
+        rationale=rationale or "",
+        metadata=json.loads(metadata) if metadata else {},
+        task_id=task_id or "",
     )

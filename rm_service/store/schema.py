@@ -175,7 +175,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
-    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)"
+    )
     row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
     return int(row[0])
 
@@ -184,7 +186,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
     """Apply missing migrations; return the schema version now in force."""
     version = current_version(con)
     if version > SCHEMA_VERSION:
-        raise FailedPrecondition(f"store schema version {version} is newer than this rm-service ({SCHEMA_VERSION}); upgrade rm-service")
+        raise FailedPrecondition(
+            f"store schema version {version} is newer than this rm-service ({SCHEMA_VERSION}); upgrade rm-service"
+        )
     for number in range(version + 1, SCHEMA_VERSION + 1):
         with transaction(con):
             con.execute(MIGRATIONS[number - 1])

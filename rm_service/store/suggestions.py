@@ -16,14 +16,20 @@ from rm_service.store.db import Store
 
 @dataclass(frozen=True)
 class Suggestion:
-    kind: str                   # model | judge
-    origin: str                 # the model version, or the judge label's id
-    suggester: str              # the model version, or the judge's annotator id
-    ranks: list[int]            # per task completion, 0 = best, ties equal
+    kind: str  # model | judge
+    origin: str  # the model version, or the judge label's id
+    suggester: str  # the model version, or the judge's annotator id
+    ranks: list[int]  # per task completion, 0 = best, ties equal
     scores: list[float] | None = None  # the model's rewards per completion
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "origin": self.origin, "suggester": self.suggester, "ranks": self.ranks, "scores": self.scores}
+        return {
+            "kind": self.kind,
+            "origin": self.origin,
+            "suggester": self.suggester,
+            "ranks": self.ranks,
+            "scores": self.scores,
+        }
 
 
 def ranks_from_scores(scores: list[float]) -> list[int]:
@@ -45,7 +51,10 @@ def judge_suggestions(store: Store, completion_ids: list[str]) -> list[Suggestio
                ORDER BY l.seq DESC""",
             {"first": completion_ids[0], "ids": completion_ids},
         ).fetchall()
-    return [Suggestion("judge", label_id, annotator, [ranks[c] for c in completion_ids]) for label_id, annotator, ranks in rows]
+    return [
+        Suggestion("judge", label_id, annotator, [ranks[c] for c in completion_ids])
+        for label_id, annotator, ranks in rows
+    ]
 
 
 def record(store: Store, task_id: str, suggestions: list[Suggestion]) -> None:
@@ -63,7 +72,11 @@ def record(store: Store, task_id: str, suggestions: list[Suggestion]) -> None:
 def shown(store: Store, task_id: str) -> list[Suggestion]:
     """The suggestions recorded for a task, oldest first."""
     with store.transaction() as con:
-        rows = con.execute("SELECT kind, origin, suggester, ranks, scores FROM suggestions WHERE task_id = ? ORDER BY created_at, kind, origin",
-                           [task_id]).fetchall()
-    return [Suggestion(kind, origin, suggester, list(ranks), list(scores) if scores is not None else None)
-            for kind, origin, suggester, ranks, scores in rows]
+        rows = con.execute(
+            "SELECT kind, origin, suggester, ranks, scores FROM suggestions WHERE task_id = ? ORDER BY created_at, kind, origin",
+            [task_id],
+        ).fetchall()
+    return [
+        Suggestion(kind, origin, suggester, list(ranks), list(scores) if scores is not None else None)
+        for kind, origin, suggester, ranks, scores in rows
+    ]

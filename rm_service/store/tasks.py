@@ -14,7 +14,15 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from rm_service.conversation import Message, canonical_json, completion_id, conversation_id, messages_from_json, validate_messages, validate_text
+from rm_service.conversation import (
+    Message,
+    canonical_json,
+    completion_id,
+    conversation_id,
+    messages_from_json,
+    validate_messages,
+    validate_text,
+)
 from rm_service.errors import Aborted, InvalidArgument, NotFound
 from rm_service.store.db import Store
 from rm_service.store.schema import TASK_AVAILABLE
@@ -49,9 +57,13 @@ def task_id(c: Candidate) -> str:
 def validate_candidate(c: Candidate, field: str, max_chars: int, max_responses: int) -> None:
     validate_messages(c.prompt, f"{field}.prompt", max_chars)
     if len(c.completions) < 2:
-        raise InvalidArgument(f"{field}.completions", f"needs at least 2 completions to compare, got {len(c.completions)}")
+        raise InvalidArgument(
+            f"{field}.completions", f"needs at least 2 completions to compare, got {len(c.completions)}"
+        )
     if len(c.completions) > max_responses:
-        raise InvalidArgument(f"{field}.completions", f"has {len(c.completions)} completions; the limit is {max_responses}")
+        raise InvalidArgument(
+            f"{field}.completions", f"has {len(c.completions)} completions; the limit is {max_responses}"
+        )
     for i, text in enumerate(c.completions):
         validate_text(text, f"{field}.completions[{i}]", max_chars)
     if len(set(c.completions)) != len(c.completions):
@@ -65,7 +77,7 @@ def policy_origin(policy_version: str) -> str:
     whether or not the client already put it in its version (`policy@step-7` or `step-7`)."""
     version = policy_version
     while version.startswith(POLICY_PREFIX):
-        version = version[len(POLICY_PREFIX):]
+        version = version[len(POLICY_PREFIX) :]
     return POLICY_PREFIX + version if version else "policy"
 
 
@@ -84,18 +96,24 @@ def _insert(store: Store, c: Candidate) -> str:
     tid = task_id(c)
     conv = conversation_id(c.prompt)
     q = store.con.execute
-    q("INSERT INTO conversations (id, messages, num_turns) VALUES (?, ?::JSON, ?) ON CONFLICT DO NOTHING",
-      [conv, canonical_json(c.prompt), len(c.prompt)])
+    q(
+        "INSERT INTO conversations (id, messages, num_turns) VALUES (?, ?::JSON, ?) ON CONFLICT DO NOTHING",
+        [conv, canonical_json(c.prompt), len(c.prompt)],
+    )
     origin = policy_origin(c.policy_version)
     comp_ids = []
     for text in c.completions:
         cid = completion_id(conv, text)
         comp_ids.append(cid)
-        q("INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON CONFLICT DO NOTHING",
-          [cid, conv, text, origin, json.dumps(c.sampling)])
-    q("""INSERT INTO tasks (task_id, conversation_id, completion_ids, policy_version, priority, state, sampling)
+        q(
+            "INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON CONFLICT DO NOTHING",
+            [cid, conv, text, origin, json.dumps(c.sampling)],
+        )
+    q(
+        """INSERT INTO tasks (task_id, conversation_id, completion_ids, policy_version, priority, state, sampling)
          VALUES (?, ?, ?, ?, ?, 'queued', ?::JSON) ON CONFLICT DO NOTHING""",
-      [tid, conv, comp_ids, c.policy_version, c.priority, json.dumps(c.sampling)])
+        [tid, conv, comp_ids, c.policy_version, c.priority, json.dumps(c.sampling)],
+    )
     return tid
 
 
@@ -136,7 +154,9 @@ def get(store: Store, task_id: str) -> Task:
     with store.transaction():
         rows = store.con.execute(
             """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''), epoch_ms(t.lease_expires_at)
-               FROM tasks t JOIN conversations c ON c.id = t.conversation_id WHERE t.task_id = ?""", [task_id]).fetchall()
+               FROM tasks t JOIN conversations c ON c.id = t.conversation_id WHERE t.task_id = ?""",
+            [task_id],
+        ).fetchall()
         if not rows:
             raise NotFound(f"task {task_id!r} not found")
         return _tasks(store, [r[:4] for r in rows], rows[0][4] or 0)[0]
@@ -150,7 +170,9 @@ def renew(store: Store, task_id: str, owner: str, lease_seconds: int) -> int:
     expires_ms = int(time.time() * 1000) + lease_seconds * 1000
     with store.transaction():
         _check_held(store, task_id, owner)
-        store.con.execute("UPDATE tasks SET lease_expires_at = make_timestamptz(? * 1000) WHERE task_id = ?", [expires_ms, task_id])
+        store.con.execute(
+            "UPDATE tasks SET lease_expires_at = make_timestamptz(? * 1000) WHERE task_id = ?", [expires_ms, task_id]
+        )
     return expires_ms
 
 
@@ -159,10 +181,18 @@ def release(store: Store, task_id: str, owner: str, skip: bool = True) -> None:
     (task_skips) and `lease` never offers the task to it again. Idempotent: a repeated skip
     of the same task is a no-op; a lease lost meanwhile is Aborted."""
     with store.transaction():
-        if skip and store.con.execute("SELECT 1 FROM task_skips WHERE task_id = ? AND annotator = ?", [task_id, owner]).fetchone():
+        if (
+            skip
+            and store.con.execute(
+                "SELECT 1 FROM task_skips WHERE task_id = ? AND annotator = ?", [task_id, owner]
+            ).fetchone()
+        ):
             return
         _check_held(store, task_id, owner)
-        store.con.execute("UPDATE tasks SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL WHERE task_id = ?", [task_id])
+        store.con.execute(
+            "UPDATE tasks SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL WHERE task_id = ?",
+            [task_id],
+        )
         if skip:
             store.con.execute("INSERT INTO task_skips (task_id, annotator) VALUES (?, ?)", [task_id, owner])
 
@@ -176,8 +206,9 @@ def check_held(store: Store, task_id: str, owner: str, label_id: str | None = No
 
 
 def _check_held(store: Store, task_id: str, owner: str, label_id: str | None = None) -> None:
-    row = store.con.execute("SELECT state, lease_owner, lease_expires_at >= now(), closed_by FROM tasks WHERE task_id = ?",
-                            [task_id]).fetchone()
+    row = store.con.execute(
+        "SELECT state, lease_owner, lease_expires_at >= now(), closed_by FROM tasks WHERE task_id = ?", [task_id]
+    ).fetchone()
     if row is None:
         raise NotFound(f"task {task_id!r} not found")
     state, lease_owner, live, closed_by = row
@@ -194,20 +225,31 @@ def progress(store: Store, annotator: str) -> dict[str, int]:
     queue_left: tasks it could lease now (available, and not skipped by it)."""
     with store.transaction() as con:
         # An answer's ranking and its thumbs (a feedback label with the same task) count once.
-        today = con.execute("""SELECT count(DISTINCT coalesce(task_id, label_id)) FROM labels
-                               WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date""", [annotator]).fetchone()[0]
-        left = con.execute(f"""SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}
-                               AND task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = ?)""", [annotator]).fetchone()[0]
+        today = con.execute(
+            """SELECT count(DISTINCT coalesce(task_id, label_id)) FROM labels
+                               WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date""",
+            [annotator],
+        ).fetchone()[0]
+        left = con.execute(
+            f"""SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}
+                               AND task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = ?)""",
+            [annotator],
+        ).fetchone()[0]
     return {"labeled_today": int(today), "queue_left": int(left)}
 
 
 def _tasks(store: Store, rows: list[tuple], expires_ms: int) -> list[Task]:
     texts = _texts(store, [cid for r in rows for cid in r[2]])
-    return [Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms) for tid, msgs, comp_ids, pv in rows]
+    return [
+        Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms)
+        for tid, msgs, comp_ids, pv in rows
+    ]
 
 
 def _texts(store: Store, ids: list[str]) -> dict[str, str]:
     if not ids:
         return {}
-    rows = store.con.execute("SELECT id, text FROM completions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall()
+    rows = store.con.execute(
+        "SELECT id, text FROM completions WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+    ).fetchall()
     return dict(rows)

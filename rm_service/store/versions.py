@@ -72,8 +72,19 @@ def insert_version(store: Store, rec: ModelRecord, number: int) -> None:
             """INSERT INTO models (version, number, parent, snapshot_id, backbone, format_hash, status, metrics,
                                    reward_mean, reward_std, ensemble_size, artifact_path)
                VALUES (?, ?, ?, ?, ?, ?, 'candidate', ?, ?, ?, ?, ?)""",
-            [rec.version, number, rec.parent, rec.snapshot_id, rec.backbone, rec.format_hash, json.dumps(rec.metrics),
-             rec.reward_mean, rec.reward_std, rec.ensemble_size, rec.artifact_path],
+            [
+                rec.version,
+                number,
+                rec.parent,
+                rec.snapshot_id,
+                rec.backbone,
+                rec.format_hash,
+                json.dumps(rec.metrics),
+                rec.reward_mean,
+                rec.reward_std,
+                rec.ensemble_size,
+                rec.artifact_path,
+            ],
         )
 
 

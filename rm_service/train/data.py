@@ -36,7 +36,9 @@ class Split:
     validation: list[Pair]
     heldout: list[Pair]
     feedback: list[StoredFeedback] = field(default_factory=list)  # thumbs and outcomes to train on (train.feedback)
-    feedback_heldout: list[StoredFeedback] = field(default_factory=list)  # held out like pairs: by conversation, same fraction and seed
+    feedback_heldout: list[StoredFeedback] = field(
+        default_factory=list
+    )  # held out like pairs: by conversation, same fraction and seed
 
     @property
     def train(self) -> list[Pair]:
@@ -47,23 +49,32 @@ def is_heldout_pair(pair: Pair, settings: TrainSettings) -> bool:
     """Whether training holds this pair out: by its conversation, with the fraction and seed of
     its kind (dataset or on-policy)."""
     if pair.on_policy:
-        return is_heldout(pair.conversation_id, settings.onpolicy_heldout_fraction, settings.seed + ONPOLICY_SEED_OFFSET)
+        return is_heldout(
+            pair.conversation_id, settings.onpolicy_heldout_fraction, settings.seed + ONPOLICY_SEED_OFFSET
+        )
     return is_heldout(pair.conversation_id, settings.heldout_fraction, settings.seed)
 
 
 def in_dataset_share(pair: Pair, settings: TrainSettings) -> bool:
     """On-policy pairs always; dataset pairs when their conversation is in dataset_fraction."""
-    return pair.on_policy or settings.dataset_fraction >= 1 or is_heldout(
-        pair.conversation_id, settings.dataset_fraction, settings.seed + DATASET_FRACTION_SEED_OFFSET)
+    return (
+        pair.on_policy
+        or settings.dataset_fraction >= 1
+        or is_heldout(pair.conversation_id, settings.dataset_fraction, settings.seed + DATASET_FRACTION_SEED_OFFSET)
+    )
 
 
 def prepare_split(store: Store, settings: TrainSettings) -> Split:
     snapshot = store.create_snapshot()
     pairs = store.pairs(snapshot)
-    feedback = feedback_in_snapshot(store, snapshot) if settings.mode == "head" else []  # full mode trains on pairs only
+    feedback = (
+        feedback_in_snapshot(store, snapshot) if settings.mode == "head" else []
+    )  # full mode trains on pairs only
     if not pairs and not feedback:
-        raise FailedPrecondition("the store holds no preference pairs (and, for head mode, no thumbs or outcomes); "
-                                 "import or ingest labels first")
+        raise FailedPrecondition(
+            "the store holds no preference pairs (and, for head mode, no thumbs or outcomes); "
+            "import or ingest labels first"
+        )
     fb_heldout = [f for f in feedback if is_heldout_feedback(f, settings.heldout_fraction, settings.seed)]
     fb_train = [f for f in feedback if not is_heldout_feedback(f, settings.heldout_fraction, settings.seed)]
     heldout = [p for p in pairs if is_heldout_pair(p, settings)]
@@ -75,6 +86,14 @@ def prepare_split(store: Store, settings: TrainSettings) -> Split:
     fit = [p for p in rest if not is_heldout(p.conversation_id, settings.heldout_fraction, settings.seed + 1)]
     if not fit or not validation:
         fit, validation = rest, []
-    log.info("snapshot %s: %d fit, %d validation, %d held-out pairs (%d on-policy); feedback labels: %d train, %d held out",
-             snapshot.snapshot_id, len(fit), len(validation), len(heldout), sum(p.on_policy for p in heldout), len(fb_train), len(fb_heldout))
+    log.info(
+        "snapshot %s: %d fit, %d validation, %d held-out pairs (%d on-policy); feedback labels: %d train, %d held out",
+        snapshot.snapshot_id,
+        len(fit),
+        len(validation),
+        len(heldout),
+        sum(p.on_policy for p in heldout),
+        len(fb_train),
+        len(fb_heldout),
+    )
     return Split(snapshot, fit, validation, heldout, fb_train, fb_heldout)

@@ -29,7 +29,9 @@ class World:
 
 def launched_world() -> World:
     """The rank, world size and local rank torchrun set, without initialising anything."""
-    return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0")))
+    return World(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def backend_for(cuda: bool) -> str:

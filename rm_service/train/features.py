@@ -32,7 +32,8 @@ from rm_service.models.batching import collate, token_budget_batches
 from rm_service.models.formatting import Formatted
 from rm_service.models.pooling import Pooling, depth, pool
 from rm_service.models.runtime import ModelRuntime
-from rm_service.store.db import Store, get_features, put_features
+from rm_service.store.db import Store
+from rm_service.store.features import get_features, put_features
 
 log = logging.getLogger(__name__)
 # Candidate layers as fractions of the backbone's depth. Measured on SmolLM2-135M and
@@ -84,32 +85,56 @@ def feature_key(runtime: ModelRuntime, c: Candidate) -> str:
 Features = dict[Candidate, dict[str, np.ndarray]]  # candidate -> {completion_id: [H]}
 
 
-def cached_features(runtime: ModelRuntime, store: Store, requests: dict[str, tuple[list[Message], str]], cands: list[Candidate],
-                    batch_tokens: int, deadline: float, progress: Callable[[int, int], None] | None = None,
-                    chunk: int = 256) -> Features:
+def cached_features(
+    runtime: ModelRuntime,
+    store: Store,
+    requests: dict[str, tuple[list[Message], str]],
+    cands: list[Candidate],
+    batch_tokens: int,
+    deadline: float,
+    progress: Callable[[int, int], None] | None = None,
+    chunk: int = 256,
+) -> Features:
     """Features of every requested completion ({completion_id: (prompt, completion)}) that
     fit in the time budget, for every candidate; cached rows are read back."""
     ids = list(requests)
     out: Features = {c: get_features(store, feature_key(runtime, c), runtime.spec.hash, ids) for c in cands}
     missing = [cid for cid in ids if any(cid not in out[c] for c in cands)]
-    log.info("features: %d of %d completions cached, %d to compute (%s)", len(ids) - len(missing), len(ids), len(missing),
-             ", ".join(f"{c.method}@{c.layer}" for c in cands))
+    log.info(
+        "features: %d of %d completions cached, %d to compute (%s)",
+        len(ids) - len(missing),
+        len(ids),
+        len(missing),
+        ", ".join(f"{c.method}@{c.layer}" for c in cands),
+    )
     missing.sort(key=lambda cid: conversation_id(requests[cid][0]))  # a conversation's completions in one chunk
     for begin in range(0, len(missing), chunk):
         if time.monotonic() > deadline:
-            log.warning("time budget reached: %d of %d completions have no features and are left out", len(missing) - begin, len(missing))
+            log.warning(
+                "time budget reached: %d of %d completions have no features and are left out",
+                len(missing) - begin,
+                len(missing),
+            )
             break
         part = missing[begin : begin + chunk]
         items = [runtime.format(*requests[cid]) for cid in part]
-        vectors = extract(runtime, [requests[cid][0] for cid in part], items, cands, batch_tokens, progress)  # cand -> [n, H]
+        vectors = extract(
+            runtime, [requests[cid][0] for cid in part], items, cands, batch_tokens, progress
+        )  # cand -> [n, H]
         for c in cands:
             put_features(store, feature_key(runtime, c), runtime.spec.hash, part, vectors[c], [len(x) for x in items])
             out[c].update(zip(part, vectors[c]))
     return out
 
 
-def extract(runtime: ModelRuntime, prompts: list[list[Message]], items: list[Formatted], cands: list[Candidate], batch_tokens: int,
-            progress: Callable[[int, int], None] | None = None) -> dict[Candidate, np.ndarray]:
+def extract(
+    runtime: ModelRuntime,
+    prompts: list[list[Message]],
+    items: list[Formatted],
+    cands: list[Candidate],
+    batch_tokens: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[Candidate, np.ndarray]:
     """Every candidate's features of `items` (formatted from `prompts`): cand -> [N, H]."""
     hidden = runtime.model.backbone.config.hidden_size
     runtime.inference_model()  # made once, before the batches
@@ -117,8 +142,14 @@ def extract(runtime: ModelRuntime, prompts: list[list[Message]], items: list[For
     shared, alone = prefix_groups(runtime, prompts, items)
     with torch.inference_mode(), runtime.autocast():
         for batch in _group_batches(shared, items, 2 * batch_tokens):  # prompts: 2x (measured: +7% on a 2-core CPU)
-            _run_shared(runtime, [(items[g[0]].input_ids[: items[g[0]].completion_start], g) for g in batch], items, cands, out,
-                        batch_tokens)
+            _run_shared(
+                runtime,
+                [(items[g[0]].input_ids[: items[g[0]].completion_start], g) for g in batch],
+                items,
+                cands,
+                out,
+                batch_tokens,
+            )
             if progress is not None:
                 progress(sum(len(g) for g in batch), sum(len(items[i]) for g in batch for i in g))
         for batch_idx in token_budget_batches([len(items[i]) for i in alone], batch_tokens):
@@ -129,7 +160,9 @@ def extract(runtime: ModelRuntime, prompts: list[list[Message]], items: list[For
     return out
 
 
-def prefix_groups(runtime: ModelRuntime, prompts: list[list[Message]], items: list[Formatted]) -> tuple[list[list[int]], list[int]]:
+def prefix_groups(
+    runtime: ModelRuntime, prompts: list[list[Message]], items: list[Formatted]
+) -> tuple[list[list[int]], list[int]]:
     """(groups of item indexes that share their prompt tokens, items that run whole)."""
     if runtime.spec.kind != "causal" or not _supports_cache(runtime.model.backbone):
         return [], list(range(len(items)))
@@ -176,14 +209,25 @@ def _states(out, cands: list[Candidate]) -> dict[int, torch.Tensor]:
     return {c.layer: out.hidden_states[c.layer] for c in cands}
 
 
-def _pool_into(states: dict[int, torch.Tensor], mask: torch.Tensor, starts: torch.Tensor | None, cands: list[Candidate],
-               out: dict[Candidate, np.ndarray], rows: list[int]) -> None:
+def _pool_into(
+    states: dict[int, torch.Tensor],
+    mask: torch.Tensor,
+    starts: torch.Tensor | None,
+    cands: list[Candidate],
+    out: dict[Candidate, np.ndarray],
+    rows: list[int],
+) -> None:
     for c in cands:
         out[c][rows] = pool(states[c.layer], mask, starts, c.method).float().cpu().numpy()  # [b, H]
 
 
-def _run_whole(runtime: ModelRuntime, rows: list[int], items: list[Formatted], cands: list[Candidate],
-               out: dict[Candidate, np.ndarray]) -> None:
+def _run_whole(
+    runtime: ModelRuntime,
+    rows: list[int],
+    items: list[Formatted],
+    cands: list[Candidate],
+    out: dict[Candidate, np.ndarray],
+) -> None:
     """One padded batch of whole items: every candidate pooled from one pass."""
     batch = {k: v.to(runtime.device) for k, v in collate([items[i] for i in rows], runtime.pad_id).items()}
     starts = batch.pop("completion_start")  # [b]
@@ -191,8 +235,14 @@ def _run_whole(runtime: ModelRuntime, rows: list[int], items: list[Formatted], c
     _pool_into(_states(res, cands), batch["attention_mask"], starts, cands, out, rows)
 
 
-def _run_shared(runtime: ModelRuntime, groups: list[tuple[list[int], list[int]]], items: list[Formatted], cands: list[Candidate],
-                out: dict[Candidate, np.ndarray], budget: int) -> None:
+def _run_shared(
+    runtime: ModelRuntime,
+    groups: list[tuple[list[int], list[int]]],
+    items: list[Formatted],
+    cands: list[Candidate],
+    out: dict[Candidate, np.ndarray],
+    budget: int,
+) -> None:
     """Groups of (prompt ids, member items): the prompts run once, [G, P]; the completions
     then run on their prompt's keys and values, [S, C], in sub-batches of similar length (a
     long completion must not pad every row), and are pooled over their own tokens, which are
@@ -201,18 +251,30 @@ def _run_shared(runtime: ModelRuntime, groups: list[tuple[list[int], list[int]]]
     kw = _cache_kwarg(backbone)
     prompt_len = torch.tensor([len(p) for p, _ in groups], device=dev)  # [G]
     p_ids, p_mask = _padded([p for p, _ in groups], pad, dev)  # [G, P]
-    layers = _cache_layers(getattr(backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True), kw))  # per layer ([G, h, P, d], [G, h, P, d])
-    rows = sorted(((g, i) for g, (_, members) in enumerate(groups) for i in members),
-                  key=lambda r: len(items[r[1]]) - items[r[1]].completion_start)
-    for part in _length_chunks(rows, [len(items[i]) - items[i].completion_start for _, i in rows], int(p_ids.size(1)), budget):
+    layers = _cache_layers(
+        getattr(backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True), kw)
+    )  # per layer ([G, h, P, d], [G, h, P, d])
+    rows = sorted(
+        ((g, i) for g, (_, members) in enumerate(groups) for i in members),
+        key=lambda r: len(items[r[1]]) - items[r[1]].completion_start,
+    )
+    for part in _length_chunks(
+        rows, [len(items[i]) - items[i].completion_start for _, i in rows], int(p_ids.size(1)), budget
+    ):
         owner = torch.tensor([g for g, _ in part], device=dev)  # [S] group of each row
         members = [i for _, i in part]
         cache = _cache_from([(k[owner], v[owner]) for k, v in layers])  # [S, h, P, d] per layer
         s_ids, s_mask = _padded([items[i].input_ids[items[i].completion_start :] for i in members], pad, dev)  # [S, C]
         positions = prompt_len[owner, None] + torch.arange(s_ids.size(1), device=dev)[None, :]  # [S, C]
         attention = torch.cat([p_mask[owner], s_mask], dim=1)  # [S, P + C]
-        res = backbone(input_ids=s_ids, attention_mask=attention, position_ids=positions, use_cache=True, output_hidden_states=True,
-                       **{kw: cache})
+        res = backbone(
+            input_ids=s_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            output_hidden_states=True,
+            **{kw: cache},
+        )
         _pool_into(_states(res, cands), s_mask, None, cands, out, members)
 
 

@@ -93,11 +93,20 @@ class FeedbackData:
         s = np.array([bool(keep_group(g)) for g in self.session_group], dtype=bool)
         renumber = np.cumsum(s) - 1  # [S]: new session index of each kept session
         u = s[self.session] if len(self.session) else np.zeros(0, dtype=bool)
-        return FeedbackData(self.x_thumb[t], self.y_thumb[t], self.x_turn[u], renumber[self.session[u]], self.y_outcome[s],
-                            [g for g, k in zip(self.thumb_group, t) if k], [g for g, k in zip(self.session_group, s) if k])
+        return FeedbackData(
+            self.x_thumb[t],
+            self.y_thumb[t],
+            self.x_turn[u],
+            renumber[self.session[u]],
+            self.y_outcome[s],
+            [g for g, k in zip(self.thumb_group, t) if k],
+            [g for g, k in zip(self.session_group, s) if k],
+        )
 
 
-def feedback_data(labels: list[StoredFeedback], vector, have, thumbs: bool = True, outcomes: bool = True) -> FeedbackData:
+def feedback_data(
+    labels: list[StoredFeedback], vector, have, thumbs: bool = True, outcomes: bool = True
+) -> FeedbackData:
     """Rows of every thumb whose turn has features (`have(id)`), and every session whose turns
     all have them; `vector(id)` is a turn's feature vector [F]. `thumbs` / `outcomes` False
     leave that kind out (a term weighted 0 does not train)."""
@@ -128,8 +137,13 @@ def session_values(data: FeedbackData, weight: np.ndarray, bias: np.ndarray) -> 
     return np.bincount(data.session, weights=r, minlength=len(data.y_outcome))  # [S]
 
 
-def heldout_loss(data: FeedbackData, weight: np.ndarray, bias: np.ndarray, offsets: dict[str, float],
-                 term_weights: tuple[float, float]) -> tuple[float, float]:
+def heldout_loss(
+    data: FeedbackData,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    offsets: dict[str, float],
+    term_weights: tuple[float, float],
+) -> tuple[float, float]:
     """(weighted BCE summed over thumbs and sessions, their count): what cross-validation scores."""
     total, count = 0.0, 0.0
     if len(data.y_thumb):
@@ -162,12 +176,17 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def feedback_metrics(data: FeedbackData, weight: np.ndarray, bias: np.ndarray, offsets: dict[str, float], prefix: str) -> dict[str, float]:
+def feedback_metrics(
+    data: FeedbackData, weight: np.ndarray, bias: np.ndarray, offsets: dict[str, float], prefix: str
+) -> dict[str, float]:
     """Metrics of heads ([K, F], [K]) on `data`, with the ensemble mean of raw rewards:
     thumb_auc (does an up turn outrank a down turn, over all pairs of them), thumb_pair_accuracy
     (the same within each conversation group: e.g. two replies to one prompt), accuracy and log
     loss of P(up); the same for outcomes on the session value; and the counts."""
-    out: dict[str, float] = {f"{prefix}thumbs": float(len(data.y_thumb)), f"{prefix}outcomes": float(len(data.y_outcome))}
+    out: dict[str, float] = {
+        f"{prefix}thumbs": float(len(data.y_thumb)),
+        f"{prefix}outcomes": float(len(data.y_outcome)),
+    }
     if len(data.y_thumb):
         r = (data.x_thumb @ weight.T + bias).mean(1)  # [T]
         out.update(_binary(f"{prefix}thumb", r - offsets.get("thumb_offset", 0.0), data.y_thumb))

@@ -36,37 +36,70 @@ from rm_service.train.scores import Scores
 log = logging.getLogger(__name__)
 
 
-def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: TrainSettings, deadline: float,
-                  show_progress: bool, init: tuple[Pooling, np.ndarray, np.ndarray] | None = None) -> Scores:
+def fit_head_mode(
+    runtime: ModelRuntime,
+    store: Store,
+    split: Split,
+    settings: TrainSettings,
+    deadline: float,
+    show_progress: bool,
+    init: tuple[Pooling, np.ndarray, np.ndarray] | None = None,
+) -> Scores:
     """Choose the features and penalty, fit the K heads (from `init`'s heads when it has the
     chosen pooling), install them in runtime.model; return the rewards of every split."""
     cands = candidates_for(runtime, settings.feature_layers)
-    runtime.model.backbone = truncate(runtime.model.backbone, extraction_pooling(cands))  # blocks past the deepest candidate never run
+    runtime.model.backbone = truncate(
+        runtime.model.backbone, extraction_pooling(cands)
+    )  # blocks past the deepest candidate never run
     start = time.monotonic()
-    turns = fb.requests(split.feedback_heldout + split.feedback)  # thumbed turns and outcome sessions' turns, after the pairs
-    feats, tokens = split_features(runtime, store, split.heldout + split.train, cands, settings, deadline, show_progress, turns)
+    turns = fb.requests(
+        split.feedback_heldout + split.feedback
+    )  # thumbed turns and outcome sessions' turns, after the pairs
+    feats, tokens = split_features(
+        runtime, store, split.heldout + split.train, cands, settings, deadline, show_progress, turns
+    )
     feature_seconds = time.monotonic() - start
     has = lambda cid: all(cid in feats[c] for c in cands)  # noqa: E731
     have = lambda pairs: [p for p in pairs if has(p.chosen_id) and has(p.rejected_id)]  # noqa: E731
     train, heldout = have(split.train), have(split.heldout)
     options = feature_options(cands, runtime.spec.kind)
-    use = {"thumbs": settings.thumb_weight > 0, "outcomes": settings.outcome_weight > 0}  # a term weighted 0 does not train
-    fb_train = {name: fb.feedback_data(split.feedback, lambda cid, p=pooling: pooled(feats, p, cid), has, **use)
-                for name, pooling in options.items()}
+    use = {
+        "thumbs": settings.thumb_weight > 0,
+        "outcomes": settings.outcome_weight > 0,
+    }  # a term weighted 0 does not train
+    fb_train = {
+        name: fb.feedback_data(split.feedback, lambda cid, p=pooling: pooled(feats, p, cid), has, **use)
+        for name, pooling in options.items()
+    }
     if len(train) < 2 and next(iter(fb_train.values())).empty:
-        raise FailedPrecondition(f"only {len(train)} training pairs (and no thumbs or outcomes) have features within the budget; "
-                                 "raise max_minutes")
+        raise FailedPrecondition(
+            f"only {len(train)} training pairs (and no thumbs or outcomes) have features within the budget; "
+            "raise max_minutes"
+        )
     data = {name: pair_data(feats, pooling, train, settings) for name, pooling in options.items()}
-    if len(train) < MIN_PAIRS_FOR_CV and not next(iter(fb_train.values())).empty:  # too few pairs: choose on the feedback instead
-        selection = select_feedback_head(fb_train, data, settings.head_l2, (settings.thumb_weight, settings.outcome_weight))
+    if (
+        len(train) < MIN_PAIRS_FOR_CV and not next(iter(fb_train.values())).empty
+    ):  # too few pairs: choose on the feedback instead
+        selection = select_feedback_head(
+            fb_train, data, settings.head_l2, (settings.thumb_weight, settings.outcome_weight)
+        )
     else:
         selection = select_head(data, settings.head_l2)
     pooling = options[selection.name]
     start_heads = (init[1], init[2]) if init is not None and init[0] == pooling else None
-    fit = fit_heads(data[selection.name], settings.ensemble_size, selection.l2, settings.seed, start_heads, feedback=fb_train[selection.name],
-                    term_weights=(settings.pair_weight, settings.thumb_weight, settings.outcome_weight))
+    fit = fit_heads(
+        data[selection.name],
+        settings.ensemble_size,
+        selection.l2,
+        settings.seed,
+        start_heads,
+        feedback=fb_train[selection.name],
+        term_weights=(settings.pair_weight, settings.thumb_weight, settings.outcome_weight),
+    )
     install(runtime, pooling, fit.weight, fit.bias)
-    feedback_extra, feedback_info, reference = _feedback_results(split, feats, pooling, has, fit, fb_train[selection.name])
+    feedback_extra, feedback_info, reference = _feedback_results(
+        split, feats, pooling, has, fit, fb_train[selection.name]
+    )
 
     def rewards(pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
         if not pairs:
@@ -74,16 +107,34 @@ def fit_head_mode(runtime: ModelRuntime, store: Store, split: Split, settings: T
         d = pair_data(feats, pooling, pairs, settings)
         return (d.x_w @ fit.weight.T + fit.bias).mean(1), (d.x_l @ fit.weight.T + fit.bias).mean(1)  # [N]
 
-    return Scores(fit=rewards(train), heldout=rewards(heldout), steps=fit.steps, heldout_pairs=heldout,
-                  num_pairs={"train_pairs": len(train), "validation_pairs": 0, "heldout_pairs": len(heldout),
-                             "onpolicy_train_pairs": sum(p.on_policy for p in train)},
-                  extra={"head_l2": selection.l2, "head_cv_loss": selection.cv_loss, "feature_seconds": feature_seconds,
-                         "feature_tokens_per_s": tokens / max(feature_seconds, 1e-9), "feature_tokens": float(tokens), **feedback_extra},
-                  info={"features": selection.name, "selection": [list(row) for row in selection.table], **feedback_info},
-                  reference=reference, fit_pairs=train)
+    return Scores(
+        fit=rewards(train),
+        heldout=rewards(heldout),
+        steps=fit.steps,
+        heldout_pairs=heldout,
+        num_pairs={
+            "train_pairs": len(train),
+            "validation_pairs": 0,
+            "heldout_pairs": len(heldout),
+            "onpolicy_train_pairs": sum(p.on_policy for p in train),
+        },
+        extra={
+            "head_l2": selection.l2,
+            "head_cv_loss": selection.cv_loss,
+            "feature_seconds": feature_seconds,
+            "feature_tokens_per_s": tokens / max(feature_seconds, 1e-9),
+            "feature_tokens": float(tokens),
+            **feedback_extra,
+        },
+        info={"features": selection.name, "selection": [list(row) for row in selection.table], **feedback_info},
+        reference=reference,
+        fit_pairs=train,
+    )
 
 
-def _feedback_results(split: Split, feats: Features, pooling: Pooling, has, fit, train: fb.FeedbackData) -> tuple[dict, dict, np.ndarray | None]:
+def _feedback_results(
+    split: Split, feats: Features, pooling: Pooling, has, fit, train: fb.FeedbackData
+) -> tuple[dict, dict, np.ndarray | None]:
     """Held-out and training metrics of the feedback terms (thumb_auc, outcome_auc, ...), the
     version's feedback record (how its session value is made, the offsets) and the training
     turns' rewards; nothing when the run had no feedback."""
@@ -96,8 +147,16 @@ def _feedback_results(split: Split, feats: Features, pooling: Pooling, has, fit,
     return metrics, {"feedback": {"session_value": fb.SESSION_VALUE, **fit.offsets}}, reference
 
 
-def split_features(runtime: ModelRuntime, store: Store, pairs: list[Pair], cands: list[Candidate], settings: TrainSettings,
-                   deadline: float, show_progress: bool, turns: dict[str, tuple] | None = None) -> tuple[Features, int]:
+def split_features(
+    runtime: ModelRuntime,
+    store: Store,
+    pairs: list[Pair],
+    cands: list[Candidate],
+    settings: TrainSettings,
+    deadline: float,
+    show_progress: bool,
+    turns: dict[str, tuple] | None = None,
+) -> tuple[Features, int]:
     """Every candidate's features of the pairs' completions (held-out first, so a budget that
     runs out shortens training, not evaluation), then of the feedback `turns` ({id: (prompt,
     text)}), and the tokens computed."""
@@ -145,9 +204,14 @@ def pooled(feats: Features, pooling: Pooling, completion_id: str) -> np.ndarray:
 
 def pair_data(feats: Features, pooling: Pooling, pairs: list[Pair], settings: TrainSettings) -> PairData:
     if not pairs:  # feedback-only training: no pair rows, the features' width
-        width = sum(len(next(iter(feats[Candidate(layer, m)].values()), ())) for layer in pooling.layers
-                    for m in (("last", "mean") if pooling.method == "last+mean" else (pooling.method,)))
-        return PairData(np.zeros((0, width), dtype=np.float32), np.zeros((0, width), dtype=np.float32), np.zeros(0), None, [])
+        width = sum(
+            len(next(iter(feats[Candidate(layer, m)].values()), ()))
+            for layer in pooling.layers
+            for m in (("last", "mean") if pooling.method == "last+mean" else (pooling.method,))
+        )
+        return PairData(
+            np.zeros((0, width), dtype=np.float32), np.zeros((0, width), dtype=np.float32), np.zeros(0), None, []
+        )
     x_w = np.stack([pooled(feats, pooling, p.chosen_id) for p in pairs])  # [N, F]
     x_l = np.stack([pooled(feats, pooling, p.rejected_id) for p in pairs])  # [N, F]
     weight = np.array([settings.onpolicy_weight if p.on_policy else 1.0 for p in pairs])  # [N]

@@ -51,7 +51,9 @@ class HeadFit:
     steps: int  # L-BFGS iterations
     l2: float
     seconds: float
-    offsets: dict[str, float] = field(default_factory=dict)  # feedback terms: thumb_offset, outcome_offset (raw reward units)
+    offsets: dict[str, float] = field(
+        default_factory=dict
+    )  # feedback terms: thumb_offset, outcome_offset (raw reward units)
 
 
 @dataclass
@@ -66,13 +68,26 @@ class PairData:
     conversations: list[str]
 
     def rows(self, mask: np.ndarray) -> PairData:
-        return PairData(self.x_w[mask], self.x_l[mask], self.weight[mask], None if self.margin is None else self.margin[mask],
-                        [c for c, keep in zip(self.conversations, mask) if keep])
+        return PairData(
+            self.x_w[mask],
+            self.x_l[mask],
+            self.weight[mask],
+            None if self.margin is None else self.margin[mask],
+            [c for c, keep in zip(self.conversations, mask) if keep],
+        )
 
 
-def fit_heads(data: PairData, ensemble_size: int, l2: float, seed: int = 0, init: tuple[np.ndarray, np.ndarray] | None = None,
-              max_iter: int = 200, dtype: torch.dtype = torch.float64, feedback: FeedbackData | None = None,
-              term_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> HeadFit:
+def fit_heads(
+    data: PairData,
+    ensemble_size: int,
+    l2: float,
+    seed: int = 0,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    max_iter: int = 200,
+    dtype: torch.dtype = torch.float64,
+    feedback: FeedbackData | None = None,
+    term_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+) -> HeadFit:
     """K heads on `data` (bootstrap resamples when K > 1); `init` ([K, F], [K]) starts L-BFGS
     from a parent's heads (the optimum is the same, it is only reached sooner). Cross-validation
     fits in float32, which is twice as fast and chooses the same; the served heads in float64.
@@ -84,7 +99,9 @@ def fit_heads(data: PairData, ensemble_size: int, l2: float, seed: int = 0, init
     items = torch.cat([x_w, x_l])  # [2N, F]
     item_weight = np.concatenate([data.weight, data.weight])  # [2N]
     if fb is not None:  # feedback turns join the items the features are standardised and centred on
-        items = torch.cat([items, torch.from_numpy(fb.x_thumb).to(dtype), torch.from_numpy(fb.x_turn).to(dtype)])  # [2N + T + U, F]
+        items = torch.cat(
+            [items, torch.from_numpy(fb.x_thumb).to(dtype), torch.from_numpy(fb.x_turn).to(dtype)]
+        )  # [2N + T + U, F]
         item_weight = np.concatenate([item_weight, np.ones(len(fb.x_thumb) + len(fb.x_turn))])
     w_items = torch.from_numpy(item_weight).to(dtype)[:, None] / (float(item_weight.sum()) or 1.0)  # [I, 1]
     mu = (items * w_items).sum(0)  # [F]: the weighted statistics of the items the fit sees
@@ -95,15 +112,23 @@ def fit_heads(data: PairData, ensemble_size: int, l2: float, seed: int = 0, init
     delta = (x_w - x_l) / sigma  # [N, F] standardised differences (the mean cancels)
     counts = bootstrap_counts(len(delta), ensemble_size, torch.Generator().manual_seed(seed)).to(dtype)  # [N, K]
     c = counts * torch.from_numpy(data.weight).to(dtype)[:, None]  # [N, K]
-    m = torch.from_numpy(data.margin).to(dtype) if data.margin is not None else torch.zeros(len(delta), dtype=dtype)  # [N]
+    m = (
+        torch.from_numpy(data.margin).to(dtype) if data.margin is not None else torch.zeros(len(delta), dtype=dtype)
+    )  # [N]
     theta = torch.zeros(ensemble_size, delta.shape[1], dtype=dtype)  # [K, F]
     if init is not None and init[0].shape == (ensemble_size, delta.shape[1]):
         theta = torch.from_numpy(init[0]).to(dtype) * sigma  # W x = (W sigma) z + const
     theta.requires_grad_(True)
     terms = _FeedbackTerms(fb, mu, sigma, ensemble_size, seed, dtype) if fb is not None else None
     params = [theta] + ([terms.extra] if terms is not None else [])
-    opt = torch.optim.LBFGS(params, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        max_iter=max_iter,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def objective() -> torch.Tensor:
         opt.zero_grad()
@@ -112,7 +137,11 @@ def fit_heads(data: PairData, ensemble_size: int, l2: float, seed: int = 0, init
         if terms is None:
             total = loss.sum() + l2 * (theta * theta).sum()
         else:  # pairs, thumbs and outcomes, each a mean over its own items, weighted
-            total = term_weights[0] * loss.sum() + terms.loss(theta, term_weights[1], term_weights[2]) + l2 * (theta * theta).sum()
+            total = (
+                term_weights[0] * loss.sum()
+                + terms.loss(theta, term_weights[1], term_weights[2])
+                + l2 * (theta * theta).sum()
+            )
         total.backward()
         return total
 
@@ -138,7 +167,9 @@ class _FeedbackTerms:
         self.z_turn, self.y_outcome = z(fb.x_turn), torch.from_numpy(fb.y_outcome).to(dtype)  # [U, F], [S]
         self.session = torch.from_numpy(fb.session)  # [U]
         self.c_thumb = bootstrap_counts(len(fb.y_thumb), k, torch.Generator().manual_seed(seed + 1)).to(dtype)  # [T, K]
-        self.c_outcome = bootstrap_counts(len(fb.y_outcome), k, torch.Generator().manual_seed(seed + 2)).to(dtype)  # [S, K]
+        self.c_outcome = bootstrap_counts(len(fb.y_outcome), k, torch.Generator().manual_seed(seed + 2)).to(
+            dtype
+        )  # [S, K]
         self.has_outcomes = len(fb.y_outcome) > 0
         self.extra = torch.zeros(k, 3, dtype=dtype, requires_grad=True)  # [K, 3]: b, b_thumb, b_outcome
 
@@ -153,7 +184,9 @@ class _FeedbackTerms:
             total = total + w_thumb * _bce(logit, self.y_thumb, self.c_thumb)
         if self.has_outcomes:
             turns = self.z_turn @ theta.T + b  # [U, K]
-            value = torch.zeros(len(self.y_outcome), turns.shape[1], dtype=turns.dtype).index_add(0, self.session, turns)  # [S, K]: sums
+            value = torch.zeros(len(self.y_outcome), turns.shape[1], dtype=turns.dtype).index_add(
+                0, self.session, turns
+            )  # [S, K]: sums
             total = total + w_outcome * _bce(value - self.extra[:, 2], self.y_outcome, self.c_outcome)
         return total
 
@@ -218,13 +251,26 @@ def select_head(options: dict[str, PairData], default_l2: float, finalists: int 
     screen = {name: cv_losses(data, (default_l2,))[default_l2] for name, data in options.items()}
     best = sorted(screen, key=screen.get)[:finalists]
     table = [(name, default_l2, loss) for name, loss in screen.items() if name not in best]
-    table += [(name, l2, loss) for name in best for l2, loss in cv_losses(options[name], tuple(sorted({*L2_GRID, default_l2}))).items()]
+    table += [
+        (name, l2, loss)
+        for name in best
+        for l2, loss in cv_losses(options[name], tuple(sorted({*L2_GRID, default_l2}))).items()
+    ]
     name, l2, loss = min(table, key=lambda row: row[2])
-    log.info("head selection over %d options x %d penalties: %s, l2 %g (CV loss %.4f)", len(options), len(L2_GRID), name, l2, loss)
+    log.info(
+        "head selection over %d options x %d penalties: %s, l2 %g (CV loss %.4f)",
+        len(options),
+        len(L2_GRID),
+        name,
+        l2,
+        loss,
+    )
     return Selection(name, l2, loss, table)
 
 
-def cv_feedback_losses(fb: FeedbackData, no_pairs: PairData, grid: tuple[float, ...], term_weights: tuple[float, float]) -> dict[float, float]:
+def cv_feedback_losses(
+    fb: FeedbackData, no_pairs: PairData, grid: tuple[float, ...], term_weights: tuple[float, float]
+) -> dict[float, float]:
     """Weighted thumb and outcome BCE of one head over FOLDS folds split by conversation group,
     for every penalty of `grid` (warm-started along the path, as cv_losses does for pairs)."""
     total, count = dict.fromkeys(grid, 0.0), 0.0
@@ -234,7 +280,16 @@ def cv_feedback_losses(fb: FeedbackData, no_pairs: PairData, grid: tuple[float, 
             continue
         start, n = None, 0.0
         for l2 in sorted(grid, reverse=True):
-            fit = fit_heads(no_pairs, 1, l2, init=start, max_iter=60, dtype=torch.float32, feedback=train, term_weights=(1.0, *term_weights))
+            fit = fit_heads(
+                no_pairs,
+                1,
+                l2,
+                init=start,
+                max_iter=60,
+                dtype=torch.float32,
+                feedback=train,
+                term_weights=(1.0, *term_weights),
+            )
             start = (fit.weight, fit.bias)
             loss, n = heldout_loss(test, fit.weight, fit.bias, fit.offsets, term_weights)
             total[l2] += loss
@@ -242,8 +297,13 @@ def cv_feedback_losses(fb: FeedbackData, no_pairs: PairData, grid: tuple[float, 
     return {l2: loss / max(count, 1e-12) for l2, loss in total.items()}
 
 
-def select_feedback_head(options: dict[str, FeedbackData], no_pairs: dict[str, PairData], default_l2: float,
-                         term_weights: tuple[float, float], finalists: int = 3) -> Selection:
+def select_feedback_head(
+    options: dict[str, FeedbackData],
+    no_pairs: dict[str, PairData],
+    default_l2: float,
+    term_weights: tuple[float, float],
+    finalists: int = 3,
+) -> Selection:
     """select_head for a run with too few pairs to cross-validate but with thumbs or outcomes:
     the feature set and penalty with the lowest cross-validated feedback loss."""
     first = next(iter(options.values()))
@@ -252,11 +312,25 @@ def select_feedback_head(options: dict[str, FeedbackData], no_pairs: dict[str, P
         name = next(iter(options))
         log.info("too little feedback for %d-fold selection; %s with l2 %g", FOLDS, name, default_l2)
         return Selection(name, default_l2, float("nan"), [])
-    screen = {name: cv_feedback_losses(fb, no_pairs[name], (default_l2,), term_weights)[default_l2] for name, fb in options.items()}
+    screen = {
+        name: cv_feedback_losses(fb, no_pairs[name], (default_l2,), term_weights)[default_l2]
+        for name, fb in options.items()
+    }
     best = sorted(screen, key=screen.get)[:finalists]
     table = [(name, default_l2, loss) for name, loss in screen.items() if name not in best]
     grid = tuple(sorted({*L2_GRID, default_l2}))
-    table += [(name, l2, loss) for name in best for l2, loss in cv_feedback_losses(options[name], no_pairs[name], grid, term_weights).items()]
+    table += [
+        (name, l2, loss)
+        for name in best
+        for l2, loss in cv_feedback_losses(options[name], no_pairs[name], grid, term_weights).items()
+    ]
     name, l2, loss = min(table, key=lambda row: row[2])
-    log.info("head selection on feedback over %d options x %d penalties: %s, l2 %g (CV loss %.4f)", len(options), len(grid), name, l2, loss)
+    log.info(
+        "head selection on feedback over %d options x %d penalties: %s, l2 %g (CV loss %.4f)",
+        len(options),
+        len(grid),
+        name,
+        l2,
+        loss,
+    )
     return Selection(name, l2, loss, table)

@@ -17,7 +17,12 @@ def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, bins: int = 10) -
         return {"accuracy": float("nan"), "loss": float("nan"), "ece": float("nan"), "num_pairs": 0.0}
     accuracy = float(np.mean((delta > 0) + 0.5 * (delta == 0)))
     loss = float(np.mean(np.logaddexp(0.0, -delta)))  # -log sigmoid(delta)
-    return {"accuracy": accuracy, "loss": loss, "ece": expected_calibration_error(delta, bins), "num_pairs": float(delta.size)}
+    return {
+        "accuracy": accuracy,
+        "loss": loss,
+        "ece": expected_calibration_error(delta, bins),
+        "num_pairs": float(delta.size),
+    }
 
 
 def paired_changes(delta_new: np.ndarray, delta_old: np.ndarray) -> tuple[int, int]:

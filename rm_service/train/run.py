@@ -30,16 +30,20 @@ from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store.db import Pair, Store
 from rm_service.train import ddp
 from rm_service.train.data import Split, prepare_split
-from rm_service.train.full_mode import fit_full_mode, pair_rewards
-from rm_service.train.feedback import requests as feedback_requests
 from rm_service.train.features import Candidate
+from rm_service.train.feedback import requests as feedback_requests
+from rm_service.train.full_mode import fit_full_mode, pair_rewards
 from rm_service.train.head_mode import fit_head_mode, pair_data, split_features
 from rm_service.train.metrics import pair_metrics, paired_changes
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
 GOLDEN_ITEMS = 4
-FEEDBACK_WEIGHTS = ("pair_weight", "thumb_weight", "outcome_weight")  # head mode's only: a full-mode run resumes across them
+FEEDBACK_WEIGHTS = (
+    "pair_weight",
+    "thumb_weight",
+    "outcome_weight",
+)  # head mode's only: a full-mode run resumes across them
 UNCHANGED_RTOL = 1e-4  # L-BFGS stops within ~1e-5 of the optimum; float32 heads on disk
 
 
@@ -53,8 +57,13 @@ class TrainResult:
     details: str = ""  # how it was made: precision, and in head mode the features chosen
 
 
-def train(store: Store | None, settings: TrainSettings, models: ModelSettings | None = None, show_progress: bool = True,
-          parent: str | None = None) -> TrainResult | None:
+def train(
+    store: Store | None,
+    settings: TrainSettings,
+    models: ModelSettings | None = None,
+    show_progress: bool = True,
+    parent: str | None = None,
+) -> TrainResult | None:
     """Train and register a version. Under torchrun every rank calls this; rank 0 alone
     needs the store and returns the result (other ranks return None)."""
     start = time.monotonic()
@@ -66,13 +75,25 @@ def train(store: Store | None, settings: TrainSettings, models: ModelSettings | 
     ddp.init(world)
     try:
         split = ddp.broadcast(prepare_split(store, settings) if world.main else None, world)
-        runtime = load_backbone_runtime(settings.backbone, settings.max_tokens, settings.ensemble_size, device=ddp.device_for(world),
-                                        precision=settings.precision, settings=models)
-        log.info("training %s in %s mode, %s", settings.backbone, settings.mode, describe(runtime.precision, runtime.device))
+        runtime = load_backbone_runtime(
+            settings.backbone,
+            settings.max_tokens,
+            settings.ensemble_size,
+            device=ddp.device_for(world),
+            precision=settings.precision,
+            settings=models,
+        )
+        log.info(
+            "training %s in %s mode, %s", settings.backbone, settings.mode, describe(runtime.precision, runtime.device)
+        )
         if settings.mode == "head":
-            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress, parent_heads(store, runtime))
+            scores = fit_head_mode(
+                runtime, store, split, settings, deadline, show_progress, parent_heads(store, runtime)
+            )
         else:
-            scores = fit_full_mode(runtime, split, settings, deadline, run_dir(models, split, settings), world, show_progress)
+            scores = fit_full_mode(
+                runtime, split, settings, deadline, run_dir(models, split, settings), world, show_progress
+            )
         if not world.main:
             return None
         return _register(store, runtime, split, scores, settings, models, parent, time.monotonic() - start)
@@ -83,23 +104,34 @@ def train(store: Store | None, settings: TrainSettings, models: ModelSettings | 
 def run_dir(models: ModelSettings, split: Split, settings: TrainSettings) -> Path:
     """Checkpoints of a full-mode run: one directory per (snapshot, settings), so rerunning
     the same command resumes it."""
-    digest = hashlib.sha256(settings.model_dump_json(exclude={"max_minutes", "resume", "promote", *FEEDBACK_WEIGHTS}).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        settings.model_dump_json(exclude={"max_minutes", "resume", "promote", *FEEDBACK_WEIGHTS}).encode()
+    ).hexdigest()[:12]
     return Path(models.artifacts_dir) / ".runs" / f"{split.snapshot.snapshot_id}-{digest}"
 
 
-def heldout_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: list[Pair], prefix: str = "") -> dict[str, float]:
+def heldout_metrics(
+    r_chosen: np.ndarray, r_rejected: np.ndarray, pairs: list[Pair], prefix: str = ""
+) -> dict[str, float]:
     """accuracy/loss/ece overall, on dataset pairs (_human) and on on-policy pairs (_onpolicy)."""
     out = {f"{prefix}{k}": v for k, v in pair_metrics(r_chosen, r_rejected).items()}
     on = np.array([p.on_policy for p in pairs], dtype=bool)
     for name, mask in (("human", ~on), ("onpolicy", on)):
         if mask.any():
             m = pair_metrics(r_chosen[mask], r_rejected[mask])
-            out.update({f"{prefix}accuracy_{name}": m["accuracy"], f"{prefix}loss_{name}": m["loss"],
-                        f"{prefix}pairs_{name}": m["num_pairs"]})
+            out.update(
+                {
+                    f"{prefix}accuracy_{name}": m["accuracy"],
+                    f"{prefix}loss_{name}": m["loss"],
+                    f"{prefix}pairs_{name}": m["num_pairs"],
+                }
+            )
     return out
 
 
-def paired_human(candidate: tuple[np.ndarray, np.ndarray], baseline: tuple[np.ndarray, np.ndarray], pairs: list[Pair]) -> dict[str, float]:
+def paired_human(
+    candidate: tuple[np.ndarray, np.ndarray], baseline: tuple[np.ndarray, np.ndarray], pairs: list[Pair]
+) -> dict[str, float]:
     """On the held-out dataset pairs, how many the candidate orders right and its parent wrong
     (`paired_better_human`) and the reverse (`paired_worse_human`): what the gate tests a drop with."""
     human = ~np.array([p.on_policy for p in pairs], dtype=bool)  # [N]
@@ -109,11 +141,25 @@ def paired_human(candidate: tuple[np.ndarray, np.ndarray], baseline: tuple[np.nd
     return {"paired_better_human": float(better), "paired_worse_human": float(worse)}
 
 
-def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores, settings: TrainSettings, models: ModelSettings,
-              parent: str | None, seconds: float) -> TrainResult:
+def _register(
+    store: Store,
+    runtime: ModelRuntime,
+    split: Split,
+    scores: Scores,
+    settings: TrainSettings,
+    models: ModelSettings,
+    parent: str | None,
+    seconds: float,
+) -> TrainResult:
     pairs = scores.heldout_pairs
     metrics = heldout_metrics(*scores.heldout, pairs) if pairs else {"accuracy": float("nan")}
-    metrics.update({"train_accuracy": pair_metrics(*scores.fit)["accuracy"], "steps": float(scores.steps), "train_seconds": seconds})
+    metrics.update(
+        {
+            "train_accuracy": pair_metrics(*scores.fit)["accuracy"],
+            "steps": float(scores.steps),
+            "train_seconds": seconds,
+        }
+    )
     metrics.update({k: float(v) for k, v in scores.num_pairs.items()})
     metrics.update(scores.extra)
     current = registry.promoted(store)
@@ -125,7 +171,9 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
             metrics.update(paired_human(scores.heldout, baseline, pairs))
         if settings.mode == "head" and _same_heads(current, runtime):
             metrics["unchanged_from_parent"] = 1.0
-    reference = np.concatenate([*scores.fit] + ([scores.reference] if scores.reference is not None else []))  # pairs' and feedback turns' rewards
+    reference = np.concatenate(
+        [*scores.fit] + ([scores.reference] if scores.reference is not None else [])
+    )  # pairs' and feedback turns' rewards
     reward_mean, reward_std = float(reference.mean()), float(reference.std() or 1.0)
     metrics.update(reference_stats(reference, scores.fit_pairs))
 
@@ -138,27 +186,66 @@ def _register(store: Store, runtime: ModelRuntime, split: Split, scores: Scores,
     if settings.mode == "full":  # the fine-tuned backbone travels with the version
         backbone, key = _save_backbone(runtime, staging)
     golden_source = [(p.prompt, p.chosen) for p in (split.heldout or split.fit)[:GOLDEN_ITEMS]]
-    golden_source = golden_source or list(feedback_requests(split.feedback_heldout + split.feedback).values())[:GOLDEN_ITEMS]
+    golden_source = (
+        golden_source or list(feedback_requests(split.feedback_heldout + split.feedback).values())[:GOLDEN_ITEMS]
+    )
     meta = VersionMeta(
-        version=version, mode=settings.mode, backbone=backbone, base_backbone=settings.backbone, backbone_key=key, format=runtime.spec,
-        format_hash=runtime.spec.hash, precision=runtime.precision, pooling=runtime.model.pooling, ensemble_size=runtime.model.ensemble_size,
-        reward_mean=reward_mean, reward_std=reward_std, metrics=metrics, snapshot_id=split.snapshot.snapshot_id, parent=parent,
-        settings=settings.model_dump(mode="json"), golden=golden_items(runtime, golden_source),
-        info=scores.info)
+        version=version,
+        mode=settings.mode,
+        backbone=backbone,
+        base_backbone=settings.backbone,
+        backbone_key=key,
+        format=runtime.spec,
+        format_hash=runtime.spec.hash,
+        precision=runtime.precision,
+        pooling=runtime.model.pooling,
+        ensemble_size=runtime.model.ensemble_size,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
+        metrics=metrics,
+        snapshot_id=split.snapshot.snapshot_id,
+        parent=parent,
+        settings=settings.model_dump(mode="json"),
+        golden=golden_items(runtime, golden_source),
+        info=scores.info,
+    )
     if _wants_onnx(settings, runtime) and (split.heldout or split.fit):  # the export is parity-checked on pairs
         meta.onnx = _export_onnx(runtime, staging, split.heldout or split.fit)
     score = runtime.model.score
-    bias = score.bias.detach().cpu().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
+    bias = (
+        score.bias.detach().cpu().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
+    )
     write_version(directory, meta, score.weight.detach().cpu().numpy(), bias)
-    rec = registry.ModelRecord(version, parent, split.snapshot.snapshot_id, settings.backbone, runtime.spec.hash, "candidate",
-                               metrics, reward_mean, reward_std, runtime.model.ensemble_size, str(directory))
+    rec = registry.ModelRecord(
+        version,
+        parent,
+        split.snapshot.snapshot_id,
+        settings.backbone,
+        runtime.spec.hash,
+        "candidate",
+        metrics,
+        reward_mean,
+        reward_std,
+        runtime.model.ensemble_size,
+        str(directory),
+    )
     registry.register(store, rec, number)
     promoted, message = (False, f"{version} left as candidate")
     if metrics.get("unchanged_from_parent"):
-        promoted, message = False, f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)"
+        promoted, message = (
+            False,
+            f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)",
+        )
     elif settings.promote:  # announced only after the version loads from disk and re-scores its golden items
-        promoted, message = registry.promote(store, version, settings.gate_tolerance, verify=registry.load_check(models),
-                                             onpolicy=settings.gate_onpolicy, alpha=settings.gate_alpha, ties=settings.gate_onpolicy_ties)
+        promoted, message = registry.promote(
+            store,
+            version,
+            settings.gate_tolerance,
+            verify=registry.load_check(models),
+            onpolicy=settings.gate_onpolicy,
+            alpha=settings.gate_alpha,
+            ties=settings.gate_onpolicy_ties,
+        )
     return TrainResult(version, promoted, message, metrics, seconds, _details(runtime, metrics, scores))
 
 
@@ -177,9 +264,11 @@ def reference_stats(raw: np.ndarray, pairs: list[Pair]) -> dict[str, float]:
 def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
     line = f"precision {runtime.precision} on {runtime.device}"
     if "features" in scores.info:
-        line += (f"; features {scores.info['features']} chosen by 5-fold CV (loss {metrics['head_cv_loss']:.4f}, l2 {metrics['head_l2']:g}); "
-                 f"{int(metrics['feature_tokens'])} new tokens in {metrics['feature_seconds']:.0f}s "
-                 f"({metrics['feature_tokens_per_s']:.0f} tokens/s)")
+        line += (
+            f"; features {scores.info['features']} chosen by 5-fold CV (loss {metrics['head_cv_loss']:.4f}, l2 {metrics['head_l2']:g}); "
+            f"{int(metrics['feature_tokens'])} new tokens in {metrics['feature_seconds']:.0f}s "
+            f"({metrics['feature_tokens_per_s']:.0f} tokens/s)"
+        )
     for name in ("human", "onpolicy"):
         if f"accuracy_{name}" in metrics:
             line += f"; held-out {name} pairs: {metrics[f'accuracy_{name}']:.4f} ({int(metrics[f'pairs_{name}'])})"
@@ -187,8 +276,10 @@ def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
                 line += f", parent {metrics[f'baseline_accuracy_{name}']:.4f}"
     for kind, count in (("thumb", "thumbs"), ("outcome", "outcomes")):  # feedback labels (train.feedback)
         if metrics.get(count):
-            line += (f"; held-out {count}: AUC {metrics[f'{kind}_auc']:.4f} ({int(metrics[count])}), "
-                     f"pair accuracy {metrics[f'{kind}_pair_accuracy']:.4f}")
+            line += (
+                f"; held-out {count}: AUC {metrics[f'{kind}_auc']:.4f} ({int(metrics[count])}), "
+                f"pair accuracy {metrics[f'{kind}_pair_accuracy']:.4f}"
+            )
     return line
 
 
@@ -196,7 +287,9 @@ def reusable_head(directory: str | Path, runtime: ModelRuntime) -> tuple[Pooling
     """A version's (pooling, heads [K, F], [K]) when they read features this runtime computes
     (head mode, same backbone and formatting); None otherwise."""
     meta = read_meta(directory)
-    if not (meta.mode == "head" and meta.backbone_key == runtime.backbone_key and meta.format_hash == runtime.spec.hash):
+    if not (
+        meta.mode == "head" and meta.backbone_key == runtime.backbone_key and meta.format_hash == runtime.spec.hash
+    ):
         return None
     return (meta.pooling, *read_head(directory))
 
@@ -215,8 +308,14 @@ def _same_heads(current: registry.ModelRecord, runtime: ModelRuntime) -> bool:
     return bool(np.abs(weight - head[1]).max() <= UNCHANGED_RTOL * max(np.abs(head[1]).max(), 1e-12))
 
 
-def baseline_rewards(current: registry.ModelRecord, runtime: ModelRuntime, store: Store, pairs: list[Pair], settings: TrainSettings,
-                     models: ModelSettings) -> tuple[np.ndarray, np.ndarray]:
+def baseline_rewards(
+    current: registry.ModelRecord,
+    runtime: ModelRuntime,
+    store: Store,
+    pairs: list[Pair],
+    settings: TrainSettings,
+    models: ModelSettings,
+) -> tuple[np.ndarray, np.ndarray]:
     """The promoted version's (r_chosen, r_rejected) on this run's held-out pairs: the held-out
     set grows as labels arrive, so the gate compares candidate and parent on the same pairs.
     A head-mode parent whose features this run has cached reuses them; any other is loaded."""
@@ -225,11 +324,15 @@ def baseline_rewards(current: registry.ModelRecord, runtime: ModelRuntime, store
         pooling, weight, bias = head
         methods = ("last", "mean") if pooling.method == "last+mean" else (pooling.method,)
         cands = [Candidate(layer, m) for layer in pooling.layers for m in methods]
-        if cands and max(c.layer for c in cands) <= depth(runtime.model.backbone):  # its layers are still in the (cut) backbone
+        if cands and max(c.layer for c in cands) <= depth(
+            runtime.model.backbone
+        ):  # its layers are still in the (cut) backbone
             feats, _ = split_features(runtime, store, pairs, cands, settings, float("inf"), show_progress=False)
             d = pair_data(feats, pooling, pairs, settings)
             return (d.x_w @ weight.T + bias).mean(1), (d.x_l @ weight.T + bias).mean(1)  # [N]
-    other, _ = open_version(current.artifact_path, device=str(runtime.device), precision=runtime.precision, settings=models)
+    other, _ = open_version(
+        current.artifact_path, device=str(runtime.device), precision=runtime.precision, settings=models
+    )
     return pair_rewards(other, pairs, settings.feature_batch_tokens)
 
 
@@ -261,12 +364,24 @@ def _export_onnx(runtime: ModelRuntime, staging: Path, pairs: list[Pair]) -> dic
     staging.mkdir(parents=True, exist_ok=True)
     reference = runtime
     if runtime.device.type != "cpu" or runtime.precision != "fp32":
-        reference = ModelRuntime(copy.deepcopy(runtime.model).cpu().float(), runtime.tokenizer, runtime.spec, runtime.backbone,
-                                 runtime.backbone_key, precision="fp32")
-    items = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in pairs[:ONNX_CHECK_PAIRS]]
+        reference = ModelRuntime(
+            copy.deepcopy(runtime.model).cpu().float(),
+            runtime.tokenizer,
+            runtime.spec,
+            runtime.backbone,
+            runtime.backbone_key,
+            precision="fp32",
+        )
+    items = [
+        (runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in pairs[:ONNX_CHECK_PAIRS]
+    ]
     report = build_onnx_artifacts(reference, staging, items)
     for key in ("fp32_path", "int8_path"):  # relative to the version directory, which is renamed
         report[key] = Path(report[key]).name if report.get(key) else None
-    log.info("ONNX export: max relative difference %.2g; int8 agreement %.4f (%s)", report["max_rel_diff"],
-             report["int8_agreement"], "kept" if report["int8_kept"] else "deleted")
+    log.info(
+        "ONNX export: max relative difference %.2g; int8 agreement %.4f (%s)",
+        report["max_rel_diff"],
+        report["int8_agreement"],
+        "kept" if report["int8_kept"] else "deleted",
+    )
     return report

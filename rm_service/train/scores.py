@@ -17,6 +17,12 @@ class Scores:
     num_pairs: dict[str, int] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)  # numbers, into the version's metrics
     heldout_pairs: list[Pair] = field(default_factory=list)  # the M pairs of `heldout`, in order
-    info: dict = field(default_factory=dict)  # anything else worth keeping in version.json (head mode: the feature selection)
-    fit_pairs: list[Pair] = field(default_factory=list)  # the N pairs of `fit`, in order (their completion lengths: reference stats)
-    reference: np.ndarray | None = None  # rewards of the training feedback turns: with `fit`, what the served statistics are made of
+    info: dict = field(
+        default_factory=dict
+    )  # anything else worth keeping in version.json (head mode: the feature selection)
+    fit_pairs: list[Pair] = field(
+        default_factory=list
+    )  # the N pairs of `fit`, in order (their completion lengths: reference stats)
+    reference: np.ndarray | None = (
+        None  # rewards of the training feedback turns: with `fit`, what the served statistics are made of
+    )

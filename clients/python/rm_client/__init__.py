@@ -12,11 +12,30 @@ function), verl (verl's compute_score), api.v1 (the generated rm.v1 stubs).
 from rm_client.aio import AsyncRewardClient
 from rm_client.channel import open_channel
 from rm_client.client import RewardClient
-from rm_client.errors import (AuthError, BadResponse, DeadlineExceeded, InvalidRequest, ScoreError, ServerUnavailable,
-                              VersionUnavailable)
+from rm_client.errors import (
+    AuthError,
+    BadResponse,
+    DeadlineExceeded,
+    InvalidRequest,
+    ScoreError,
+    ServerUnavailable,
+    VersionUnavailable,
+)
 from rm_client.retry import backoff_delays
 from rm_client.scoring import ScoreResult
 
 __version__ = "0.1.0"
-__all__ = ["AsyncRewardClient", "AuthError", "BadResponse", "DeadlineExceeded", "InvalidRequest", "RewardClient", "ScoreError",
-           "ScoreResult", "ServerUnavailable", "VersionUnavailable", "backoff_delays", "open_channel"]
+__all__ = [
+    "AsyncRewardClient",
+    "AuthError",
+    "BadResponse",
+    "DeadlineExceeded",
+    "InvalidRequest",
+    "RewardClient",
+    "ScoreError",
+    "ScoreResult",
+    "ServerUnavailable",
+    "VersionUnavailable",
+    "backoff_delays",
+    "open_channel",
+]

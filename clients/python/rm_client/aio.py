@@ -40,15 +40,18 @@ class AsyncRewardClient(ClientBase):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def model_info(self, version: str = "") -> reward_pb2.ModelInfo:
-        return await self._call(lambda stub: stub.GetModel(reward_pb2.GetModelRequest(version=version), timeout=self.timeout_s),
-                                "GetModel")
+        return await self._call(
+            lambda stub: stub.GetModel(reward_pb2.GetModelRequest(version=version), timeout=self.timeout_s), "GetModel"
+        )
 
     async def current_version(self) -> str:
         return (await self.model_info()).version
 
     async def _score_chunk(self, chunk: list[reward_pb2.ScoreItem], version: str) -> reward_pb2.ScoreResponse:
         req = request(chunk, version)
-        return checked(await self._call(lambda stub: stub.Score(req, timeout=self.timeout_s), "Score", version), chunk, version)
+        return checked(
+            await self._call(lambda stub: stub.Score(req, timeout=self.timeout_s), "Score", version), chunk, version
+        )
 
     async def score(self, prompts: Sequence, completions: Sequence[str], version: str = "") -> ScoreResult:
         """See RewardClient.score."""

@@ -15,16 +15,25 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
 
 
-def open_channel(address: str, token: str | None = None, tls_ca: bytes | None = None, *, tls_cert: bytes | None = None,
-                 tls_key: bytes | None = None, tls_name: str | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, object]] = (), aio: bool = False):
+def open_channel(
+    address: str,
+    token: str | None = None,
+    tls_ca: bytes | None = None,
+    *,
+    tls_cert: bytes | None = None,
+    tls_key: bytes | None = None,
+    tls_name: str | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    options: Sequence[tuple[str, object]] = (),
+    aio: bool = False,
+):
     """A channel to `address` (host:port, or any gRPC target); a grpc.aio channel when `aio`."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("a client certificate needs both tls_cert and tls_key")
@@ -32,7 +41,11 @@ def open_channel(address: str, token: str | None = None, tls_ca: bytes | None = 
         raise ValueError("a client certificate (mutual TLS) needs tls_ca, the CA bundle that verifies the server")
     if token is not None and not token.strip():
         raise ValueError("token is empty")
-    opts = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes), *options]
+    opts = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *options,
+    ]
     if tls_name:
         opts.append(("grpc.ssl_target_name_override", tls_name))
     grpc_ = grpc.aio if aio else grpc
@@ -42,7 +55,9 @@ def open_channel(address: str, token: str | None = None, tls_ca: bytes | None = 
         if aio:
             return grpc.aio.insecure_channel(address, options=opts, interceptors=_aio_token_interceptors(token))
         return grpc.intercept_channel(grpc.insecure_channel(address, options=opts), _BearerToken(token))
-    credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls_ca, private_key=tls_key, certificate_chain=tls_cert
+    )
     if token is not None:
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
     return grpc_.secure_channel(address, credentials, options=opts)

@@ -52,7 +52,9 @@ class RewardClient(ClientBase):
 
     def model_info(self, version: str = "") -> reward_pb2.ModelInfo:
         """GetModel: the version served by default (empty `version`) or a named one."""
-        return self._call(lambda stub: stub.GetModel(reward_pb2.GetModelRequest(version=version), timeout=self.timeout_s), "GetModel")
+        return self._call(
+            lambda stub: stub.GetModel(reward_pb2.GetModelRequest(version=version), timeout=self.timeout_s), "GetModel"
+        )
 
     def current_version(self) -> str:
         """The version the (first reachable) server serves by default."""
@@ -60,7 +62,9 @@ class RewardClient(ClientBase):
 
     def _score_chunk(self, chunk: list[reward_pb2.ScoreItem], version: str) -> reward_pb2.ScoreResponse:
         req = request(chunk, version)
-        return checked(self._call(lambda stub: stub.Score(req, timeout=self.timeout_s), "Score", version), chunk, version)
+        return checked(
+            self._call(lambda stub: stub.Score(req, timeout=self.timeout_s), "Score", version), chunk, version
+        )
 
     def score(self, prompts: Sequence, completions: Sequence[str], version: str = "") -> ScoreResult:
         """Scores of (prompt, completion) pairs, all from one version. A prompt is a list of

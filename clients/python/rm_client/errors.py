@@ -1,12 +1,12 @@
 """Typed errors of the client: each names the call, the address, the status code and its cause.
 
-    ScoreError                  any failed call (its `code` is the gRPC status code's name)
-    ├── ServerUnavailable       UNAVAILABLE or RESOURCE_EXHAUSTED after the retry budget
-    ├── VersionUnavailable      a pinned version still NOT_FOUND after the retry budget
-    ├── DeadlineExceeded        a call ran past its deadline (not retried: it is the caller's bound)
-    ├── InvalidRequest          INVALID_ARGUMENT: the server names the field
-    ├── AuthError               UNAUTHENTICATED or PERMISSION_DENIED (a missing, wrong or under-privileged token)
-    └── BadResponse             an answer that breaks the contract (count, order, version, a non-finite reward)
+ScoreError                  any failed call (its `code` is the gRPC status code's name)
+├── ServerUnavailable       UNAVAILABLE or RESOURCE_EXHAUSTED after the retry budget
+├── VersionUnavailable      a pinned version still NOT_FOUND after the retry budget
+├── DeadlineExceeded        a call ran past its deadline (not retried: it is the caller's bound)
+├── InvalidRequest          INVALID_ARGUMENT: the server names the field
+├── AuthError               UNAUTHENTICATED or PERMISSION_DENIED (a missing, wrong or under-privileged token)
+└── BadResponse             an answer that breaks the contract (count, order, version, a non-finite reward)
 """
 
 from __future__ import annotations
@@ -44,5 +44,11 @@ class BadResponse(ScoreError):
     """The server's answer breaks the API's contract."""
 
 
-BY_CODE = {"UNAVAILABLE": ServerUnavailable, "RESOURCE_EXHAUSTED": ServerUnavailable, "DEADLINE_EXCEEDED": DeadlineExceeded,
-           "INVALID_ARGUMENT": InvalidRequest, "UNAUTHENTICATED": AuthError, "PERMISSION_DENIED": AuthError}
+BY_CODE = {
+    "UNAVAILABLE": ServerUnavailable,
+    "RESOURCE_EXHAUSTED": ServerUnavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "INVALID_ARGUMENT": InvalidRequest,
+    "UNAUTHENTICATED": AuthError,
+    "PERMISSION_DENIED": AuthError,
+}

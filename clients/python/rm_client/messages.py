@@ -19,7 +19,11 @@ def text_of(content, where: str = "content") -> str:
     if isinstance(content, Iterable) and not isinstance(content, (bytes, Mapping)):
         texts = []
         for i, part in enumerate(content):
-            if not isinstance(part, Mapping) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, Mapping)
+                or part.get("type", "text") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
                 raise ValueError(f"{where}[{i}]: only text content parts can be scored, got {kind!r}")
             texts.append(part["text"])

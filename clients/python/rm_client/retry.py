@@ -51,8 +51,15 @@ class Attempts:
                 time.sleep(attempts.failed(err))
     """
 
-    def __init__(self, policy: RetryPolicy, rng: random.Random, pick: Callable[[], int], addresses: Sequence[str], what: str,
-                 version: str = ""):
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        rng: random.Random,
+        pick: Callable[[], int],
+        addresses: Sequence[str],
+        what: str,
+        version: str = "",
+    ):
         self.policy, self.pick, self.addresses, self.what, self.version = policy, pick, addresses, what, version
         self.delays = backoff_delays(policy.backoff_s, policy.backoff_max_s, policy.max_retries, rng)
         self.attempt, self.index = 0, 0
@@ -68,12 +75,26 @@ class Attempts:
         where = f"{self.what} on {self.addresses[self.index]}"
         if (code in RETRYABLE or missing_version) and self.attempt < self.policy.max_retries:
             delay = self.delays[self.attempt]
-            log.warning("%s: %s (%s); retry %d/%d in %.2fs", where, code.name, details, self.attempt + 1, self.policy.max_retries, delay)
+            log.warning(
+                "%s: %s (%s); retry %d/%d in %.2fs",
+                where,
+                code.name,
+                details,
+                self.attempt + 1,
+                self.policy.max_retries,
+                delay,
+            )
             return delay
         attempts = self.attempt + 1
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         if missing_version:
-            raise VersionUnavailable(f"{where}: reward-model version {self.version!r} is not loaded{tries}: {details}", code.name,
-                                     self.addresses[self.index], attempts) from None
+            raise VersionUnavailable(
+                f"{where}: reward-model version {self.version!r} is not loaded{tries}: {details}",
+                code.name,
+                self.addresses[self.index],
+                attempts,
+            ) from None
         cls = BY_CODE.get(code.name, ScoreError)
-        raise cls(f"{where} failed{tries}: {code.name}: {details}", code.name, self.addresses[self.index], attempts) from None
+        raise cls(
+            f"{where} failed{tries}: {code.name}: {details}", code.name, self.addresses[self.index], attempts
+        ) from None

@@ -16,10 +16,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rm_client.api.v1 import reward_pb2
 from rm_client.channel import MAX_MESSAGE_BYTES, open_channel
 from rm_client.errors import BadResponse
 from rm_client.messages import score_item
-from rm_client.api.v1 import reward_pb2
 from rm_client.retry import Attempts, RetryPolicy
 
 
@@ -43,10 +43,22 @@ class ScoreResult:
 class ClientBase:
     """Addresses, deadline, retry budget, chunking and channel settings of a reward client."""
 
-    def __init__(self, addresses: str | Sequence[str], timeout_s: float = 60.0, max_retries: int = 4, backoff_s: float = 0.2,
-                 backoff_max_s: float = 5.0, chunk_items: int = 64, token: str | None = None, tls_ca: bytes | None = None, *,
-                 tls_cert: bytes | None = None, tls_key: bytes | None = None, tls_name: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        timeout_s: float = 60.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        chunk_items: int = 64,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
+        *,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        tls_name: str | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
         if not self.addresses or not all(isinstance(a, str) and a.strip() for a in self.addresses):
             raise ValueError(f"at least one reward server address (host:port) is needed, got {addresses!r}")
@@ -54,8 +66,14 @@ class ClientBase:
             raise ValueError(f"timeout_s and chunk_items must be > 0, got {timeout_s} and {chunk_items}")
         self.timeout_s, self.chunk_items = timeout_s, chunk_items
         self.policy = RetryPolicy(max_retries, backoff_s, backoff_max_s)
-        self._channel_kwargs = dict(token=token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_name=tls_name,
-                                    max_message_bytes=max_message_bytes)
+        self._channel_kwargs = dict(
+            token=token,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_name=tls_name,
+            max_message_bytes=max_message_bytes,
+        )
         self._next = itertools.count()
         self._lock = threading.Lock()
         self._rng = random.Random()  # jitter only; never part of a training run's RNG state
@@ -77,7 +95,9 @@ class ClientBase:
 
     def _chunks(self, prompts: Sequence, completions: Sequence[str]) -> list[list[reward_pb2.ScoreItem]]:
         if len(prompts) != len(completions):
-            raise ValueError(f"one prompt per completion: got {len(prompts)} prompts and {len(completions)} completions")
+            raise ValueError(
+                f"one prompt per completion: got {len(prompts)} prompts and {len(completions)} completions"
+            )
         if not completions:
             raise ValueError("nothing to score: no completions")
         items = []
@@ -92,7 +112,9 @@ def request(chunk: list[reward_pb2.ScoreItem], version: str) -> reward_pb2.Score
     return reward_pb2.ScoreRequest(items=chunk, model_version=version)
 
 
-def checked(response: reward_pb2.ScoreResponse, chunk: list[reward_pb2.ScoreItem], version: str) -> reward_pb2.ScoreResponse:
+def checked(
+    response: reward_pb2.ScoreResponse, chunk: list[reward_pb2.ScoreItem], version: str
+) -> reward_pb2.ScoreResponse:
     if len(response.results) != len(chunk) or any(r.id != i.id for r, i in zip(response.results, chunk)):
         raise BadResponse(f"Score answered {len(response.results)} results for {len(chunk)} items, or out of order")
     if version and response.model_version != version:
@@ -106,7 +128,13 @@ def result(responses: list[reward_pb2.ScoreResponse]) -> ScoreResult:
     bad = [i for i, r in enumerate(results) if not math.isfinite(r.reward)]
     if bad:
         raise BadResponse(f"the reward server returned non-finite rewards for items {bad[:5]} (version {version})")
-    return ScoreResult(rewards=[r.reward for r in results], raw_scores=[r.raw_score for r in results],
-                       uncertainty=[r.uncertainty for r in results], members=[list(r.members) or [r.raw_score] for r in results],
-                       truncated=[r.truncated for r in results], num_tokens=[r.num_tokens for r in results], version=version,
-                       format_hash=responses[0].format_hash)
+    return ScoreResult(
+        rewards=[r.reward for r in results],
+        raw_scores=[r.raw_score for r in results],
+        uncertainty=[r.uncertainty for r in results],
+        members=[list(r.members) or [r.raw_score] for r in results],
+        truncated=[r.truncated for r in results],
+        num_tokens=[r.num_tokens for r in results],
+        version=version,
+        format_hash=responses[0].format_hash,
+    )

@@ -35,8 +35,16 @@ class RewardFunction(LazyClient):
     the same for all completions of one call); `score` picks the normalised reward (default)
     or the raw score; `name` is how TRL names its logged reward (`rewards/<name>/mean`)."""
 
-    def __init__(self, client: RewardClient | None = None, *, addresses: str | Sequence[str] | None = None, version: str = "",
-                 score: Literal["reward", "raw_score"] = "reward", name: str = "rm_service", **client_kwargs):
+    def __init__(
+        self,
+        client: RewardClient | None = None,
+        *,
+        addresses: str | Sequence[str] | None = None,
+        version: str = "",
+        score: Literal["reward", "raw_score"] = "reward",
+        name: str = "rm_service",
+        **client_kwargs,
+    ):
         super().__init__(client, addresses, client_kwargs)
         if score not in ("reward", "raw_score"):
             raise ValueError(f"score must be 'reward' or 'raw_score', got {score!r}")
@@ -44,7 +52,9 @@ class RewardFunction(LazyClient):
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
         if len(prompts) != len(completions):
-            raise ValueError(f"one prompt per completion: got {len(prompts)} prompts and {len(completions)} completions")
+            raise ValueError(
+                f"one prompt per completion: got {len(prompts)} prompts and {len(completions)} completions"
+            )
         conversations = [prompt_messages(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         texts = [completion_text(c, f"completions[{i}]") for i, c in enumerate(completions)]
         scores = self.client.score(conversations, texts, version=self.version)
@@ -61,8 +71,10 @@ def completion_text(completion, where: str) -> str:
     if isinstance(completion, Mapping) or not isinstance(completion, Sequence):
         raise ValueError(f"{where}: expected a string or a list of messages, got {type(completion).__name__}")
     if len(completion) != 1:
-        raise ValueError(f"{where}: a completion of {len(completion)} messages (tool calls and results?) cannot be scored as one "
-                         "reply; rm.v1 scores one assistant message after the prompt")
+        raise ValueError(
+            f"{where}: a completion of {len(completion)} messages (tool calls and results?) cannot be scored as one "
+            "reply; rm.v1 scores one assistant message after the prompt"
+        )
     role, text = role_and_text(completion[0], f"{where}[0]")
     if role != "assistant":
         raise ValueError(f"{where}[0].role: a completion is the assistant's reply, got role {role!r}")

@@ -43,8 +43,17 @@ class ComputeScore(LazyClient):
     """verl's `compute_score` (and `.batch`, for the batch reward manager). Give a RewardClient
     (`client=`) or its addresses and settings (`addresses=`, then any RewardClient keyword)."""
 
-    def __init__(self, client: RewardClient | None = None, *, addresses: str | Sequence[str] | None = None, prompt_key: str = "prompt",
-                 version: str = "", score: Literal["reward", "raw_score"] = "reward", as_float: bool = False, **client_kwargs):
+    def __init__(
+        self,
+        client: RewardClient | None = None,
+        *,
+        addresses: str | Sequence[str] | None = None,
+        prompt_key: str = "prompt",
+        version: str = "",
+        score: Literal["reward", "raw_score"] = "reward",
+        as_float: bool = False,
+        **client_kwargs,
+    ):
         super().__init__(client, addresses, client_kwargs)
         self.shape = _Shape(prompt_key, version, score, as_float)
         self.__name__ = "compute_score"
@@ -52,14 +61,23 @@ class ComputeScore(LazyClient):
     def __call__(self, data_source=None, solution_str: str = "", ground_truth=None, extra_info=None, **kwargs):
         return self.batch([data_source], [solution_str], [ground_truth], [extra_info])[0]
 
-    def batch(self, data_sources=None, solution_strs: Sequence[str] = (), ground_truths=None, extra_infos=None, **kwargs) -> list:
+    def batch(
+        self, data_sources=None, solution_strs: Sequence[str] = (), ground_truths=None, extra_infos=None, **kwargs
+    ) -> list:
         infos = list(extra_infos) if extra_infos is not None else [None] * len(solution_strs)
         prompts = [self.shape.prompt(info, i) for i, info in enumerate(infos)]
         return self.shape.output(self.client.score(prompts, list(solution_strs), version=self.shape.version))
 
 
-def async_compute_score(*, addresses: str | Sequence[str], prompt_key: str = "prompt", version: str = "",
-                        score: Literal["reward", "raw_score"] = "reward", as_float: bool = False, **client_kwargs):
+def async_compute_score(
+    *,
+    addresses: str | Sequence[str],
+    prompt_key: str = "prompt",
+    version: str = "",
+    score: Literal["reward", "raw_score"] = "reward",
+    as_float: bool = False,
+    **client_kwargs,
+):
     """A coroutine function for verl's asyncio reward loop: each call is one Score request,
     and calls in flight together are batched by the server. One AsyncRewardClient per event
     loop, opened on first use. Keywords past the adapter's own go to AsyncRewardClient."""
@@ -86,12 +104,17 @@ class _Shape:
 
     def prompt(self, extra_info, i: int) -> list:
         if not isinstance(extra_info, Mapping) or self.prompt_key not in extra_info:
-            raise ValueError(f"extra_info[{i}] has no {self.prompt_key!r}: a reward model needs the prompt; put it (a list of "
-                             f"messages or a string) in each row's extra_info when preparing the data")
+            raise ValueError(
+                f"extra_info[{i}] has no {self.prompt_key!r}: a reward model needs the prompt; put it (a list of "
+                f"messages or a string) in each row's extra_info when preparing the data"
+            )
         return prompt_messages(extra_info[self.prompt_key], f"extra_info[{i}][{self.prompt_key!r}]")
 
     def output(self, scores: ScoreResult) -> list:
         values = scores.rewards if self.score == "reward" else scores.raw_scores
         if self.as_float:
             return list(values)
-        return [{"score": v, "raw_score": raw, "uncertainty": u} for v, raw, u in zip(values, scores.raw_scores, scores.uncertainty)]
+        return [
+            {"score": v, "raw_score": raw, "uncertainty": u}
+            for v, raw, u in zip(values, scores.raw_scores, scores.uncertainty)
+        ]

@@ -13,5 +13,13 @@ from rm_client.api.v1 import (
     training_pb2_grpc,
 )
 
-__all__ = ["common_pb2", "common_pb2_grpc", "preference_pb2", "preference_pb2_grpc", "reward_pb2", "reward_pb2_grpc", "training_pb2",
-           "training_pb2_grpc"]
+__all__ = [
+    "common_pb2",
+    "common_pb2_grpc",
+    "preference_pb2",
+    "preference_pb2_grpc",
+    "reward_pb2",
+    "reward_pb2_grpc",
+    "training_pb2",
+    "training_pb2_grpc",
+]

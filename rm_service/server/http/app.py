@@ -54,7 +54,9 @@ class HttpContext:
     writer: GroupCommitWriter | None
     tokens: Tokens
     settings: ServeSettings
-    reward: object | None = None  # server.reward.RewardService when this process serves a model: the reward routes, suggestions
+    reward: object | None = (
+        None  # server.reward.RewardService when this process serves a model: the reward routes, suggestions
+    )
     metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
 
@@ -161,8 +163,12 @@ _templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape
 
 # Pages load only their own scripts and styles and are never framed: text from the store is set
 # with textContent, and even a slip there could not run inline script or leak the token.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'", "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 def page(name: str, title: str):
@@ -199,6 +205,8 @@ def create_app(ctx: HttpContext) -> Starlette:
             *labeling.routes(),
             *admin.routes(),
         ]
-    app = Starlette(routes=routes, exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal})
+    app = Starlette(
+        routes=routes, exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal}
+    )
     app.state.ctx = ctx
     return app

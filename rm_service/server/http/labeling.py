@@ -60,8 +60,14 @@ def routes() -> list[Route]:
 async def me(request: Request) -> JSONResponse:
     who = caller(request, LABELER)
     ctx = context(request)
-    return JSONResponse({"annotator": who.annotator, "role": who.role, "auth": bool(ctx.tokens),
-                         "lease_seconds": ctx.settings.labeling_lease_s})
+    return JSONResponse(
+        {
+            "annotator": who.annotator,
+            "role": who.role,
+            "auth": bool(ctx.tokens),
+            "lease_seconds": ctx.settings.labeling_lease_s,
+        }
+    )
 
 
 async def progress(request: Request) -> JSONResponse:
@@ -77,16 +83,23 @@ async def next_task(request: Request) -> JSONResponse:
     if leased:
         t = leased[0]
         shown = await _suggest(ctx, t)
-        task = {"task_id": t.task_id, "prompt": [m.as_dict() for m in t.prompt], "completions": t.completions,
-                "policy_version": t.policy_version, "lease_expires_unix_ms": t.lease_expires_unix_ms,
-                "suggestions": [s.as_dict() for s in shown]}
+        task = {
+            "task_id": t.task_id,
+            "prompt": [m.as_dict() for m in t.prompt],
+            "completions": t.completions,
+            "policy_version": t.policy_version,
+            "lease_expires_unix_ms": t.lease_expires_unix_ms,
+            "suggestions": [s.as_dict() for s in shown],
+        }
     return JSONResponse({"task": task, "progress": await _progress(ctx, who)})
 
 
 async def renew(request: Request) -> JSONResponse:
     who = caller(request, LABELER)
     ctx = context(request)
-    expires = await asyncio.to_thread(tasks.renew, ctx.store, request.path_params["task_id"], who.annotator, ctx.settings.labeling_lease_s)
+    expires = await asyncio.to_thread(
+        tasks.renew, ctx.store, request.path_params["task_id"], who.annotator, ctx.settings.labeling_lease_s
+    )
     return JSONResponse({"lease_expires_unix_ms": expires})
 
 
@@ -125,7 +138,10 @@ def _answer(body: dict, task: tasks.Task, who: Caller, label_id: str, shown: lis
         raise InvalidArgument(unknown[0], f"unknown field; an answer has {', '.join(sorted(ANSWER_FIELDS))}")
     ranks = body.get("ranks")
     if not isinstance(ranks, list):
-        raise InvalidArgument("ranks", f"must be a list of {len(task.completions)} ranks (0 = best, ties equal), got {type(ranks).__name__}")
+        raise InvalidArgument(
+            "ranks",
+            f"must be a list of {len(task.completions)} ranks (0 = best, ties equal), got {type(ranks).__name__}",
+        )
     strength = body.get("strength")
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))):
         raise InvalidArgument("strength", f"must be a number or null, got {type(strength).__name__}")
@@ -138,9 +154,18 @@ def _answer(body: dict, task: tasks.Task, who: Caller, label_id: str, shown: lis
         metadata["turn_feedback"] = json.dumps(thumbs, sort_keys=True)
     if shown:
         metadata["suggestions_shown"] = ",".join(f"{s.kind}:{s.origin}" for s in shown)
-    return LabelIn(label_id=label_id, prompt=task.prompt, responses=task.completions, ranks=ranks, source="HUMAN",
-                   annotator=who.annotator, strength=float(strength) if strength is not None else None, rationale=rationale.strip(),
-                   metadata=metadata, task_id=task.task_id)
+    return LabelIn(
+        label_id=label_id,
+        prompt=task.prompt,
+        responses=task.completions,
+        ranks=ranks,
+        source="HUMAN",
+        annotator=who.annotator,
+        strength=float(strength) if strength is not None else None,
+        rationale=rationale.strip(),
+        metadata=metadata,
+        task_id=task.task_id,
+    )
 
 
 def _thumbs_label(answer: LabelIn, task: tasks.Task) -> list[FeedbackIn]:
@@ -148,12 +173,22 @@ def _thumbs_label(answer: LabelIn, task: tasks.Task) -> list[FeedbackIn]:
     reward model scores (an assistant greeting before any user turn stays in metadata only)."""
     chosen = json.loads(answer.metadata.get("turn_feedback", "{}"))
     scored = set(scored_turns(task.prompt))
-    thumbs = [TurnThumb(int(i), v == "up") for i, v in sorted(chosen.items(), key=lambda kv: int(kv[0])) if int(i) in scored]
+    thumbs = [
+        TurnThumb(int(i), v == "up") for i, v in sorted(chosen.items(), key=lambda kv: int(kv[0])) if int(i) in scored
+    ]
     if not thumbs:
         return []
-    return [FeedbackIn(label_id=f"{answer.label_id}/thumbs", conversation=task.prompt, thumbs=thumbs, source="HUMAN",
-                       annotator=answer.annotator, metadata={"interface": "labeling-page", "ranking": answer.label_id},
-                       task_id=task.task_id)]
+    return [
+        FeedbackIn(
+            label_id=f"{answer.label_id}/thumbs",
+            conversation=task.prompt,
+            thumbs=thumbs,
+            source="HUMAN",
+            annotator=answer.annotator,
+            metadata={"interface": "labeling-page", "ranking": answer.label_id},
+            task_id=task.task_id,
+        )
+    ]
 
 
 def _turn_feedback(value, task: tasks.Task) -> dict[str, str]:
@@ -164,9 +199,13 @@ def _turn_feedback(value, task: tasks.Task) -> dict[str, str]:
     for key, thumb in value.items():
         index = int(key) if isinstance(key, str) and key.isdigit() else -1
         if not 0 <= index < len(task.prompt) or task.prompt[index].role != "assistant":
-            raise InvalidArgument(f"turn_feedback[{str(key)[:20]!r}]", "is not the index of an assistant turn of the prompt")
+            raise InvalidArgument(
+                f"turn_feedback[{str(key)[:20]!r}]", "is not the index of an assistant turn of the prompt"
+            )
         if thumb not in THUMBS:
-            raise InvalidArgument(f"turn_feedback[{str(key)[:20]!r}]", f"must be one of {', '.join(THUMBS)}, got {str(thumb)[:20]!r}")
+            raise InvalidArgument(
+                f"turn_feedback[{str(key)[:20]!r}]", f"must be one of {', '.join(THUMBS)}, got {str(thumb)[:20]!r}"
+            )
         out[str(index)] = thumb
     return out
 
@@ -175,15 +214,20 @@ async def _suggest(ctx: HttpContext, task: tasks.Task) -> list[Suggestion]:
     """Record the served model's scores (once per version) and judges' rankings of the same
     completions for this task; return every suggestion recorded for it."""
     conv = conversation_id(task.prompt)
-    found = await asyncio.to_thread(suggestions.judge_suggestions, ctx.store, [completion_id(conv, c) for c in task.completions])
+    found = await asyncio.to_thread(
+        suggestions.judge_suggestions, ctx.store, [completion_id(conv, c) for c in task.completions]
+    )
     recorded = await asyncio.to_thread(suggestions.shown, ctx.store, task.task_id)
     served = ctx.reward.served.default if ctx.reward is not None else None  # None until the model is loaded
     if served is not None and not any(s.kind == "model" and s.origin == served for s in recorded):
         try:
-            scored = await ctx.reward.score([(task.prompt, c) for c in task.completions], "",
-                                            Ticket(time.monotonic() + SUGGESTION_DEADLINE_S))
+            scored = await ctx.reward.score(
+                [(task.prompt, c) for c in task.completions], "", Ticket(time.monotonic() + SUGGESTION_DEADLINE_S)
+            )
             rewards = [float(r) for r in scored.reward]
-            found.append(Suggestion("model", scored.version, scored.version, suggestions.ranks_from_scores(rewards), rewards))
+            found.append(
+                Suggestion("model", scored.version, scored.version, suggestions.ranks_from_scores(rewards), rewards)
+            )
         except RMError as exc:  # overloaded, swapping: the page works without the model's suggestion
             log.warning("no model suggestion for %s: %s", task.task_id, exc)
     if found:

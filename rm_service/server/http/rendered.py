@@ -42,9 +42,12 @@ def parse_chatml(text: str, field: str, ignorable: Iterable[str] = ()) -> tuple[
     ignorable = sorted({t for t in ignorable if t and t not in (IM_START, IM_END)}, key=len, reverse=True)
     first = text.find(IM_START)
     if first < 0:
-        raise InvalidArgument(field, f"is not a ChatML conversation: no {IM_START} marker. Send the conversation rendered with a ChatML "
-                                     "chat template, or as messages (POST /classify or /pooling with \"messages\")")
-    parts = text[first + len(IM_START):].split(IM_START)
+        raise InvalidArgument(
+            field,
+            f"is not a ChatML conversation: no {IM_START} marker. Send the conversation rendered with a ChatML "
+            'chat template, or as messages (POST /classify or /pooling with "messages")',
+        )
+    parts = text[first + len(IM_START) :].split(IM_START)
     turns = []
     for k, part in enumerate(parts):
         last = k == len(parts) - 1
@@ -54,14 +57,21 @@ def parse_chatml(text: str, field: str, ignorable: Iterable[str] = ()) -> tuple[
         content, closed, tail = rest.partition(IM_END)
         if closed:
             if _strip(tail, ignorable).strip():
-                raise InvalidArgument(field, f"turn {k}: text after {IM_END} that belongs to no turn: {_shown(tail.strip())}")
+                raise InvalidArgument(
+                    field, f"turn {k}: text after {IM_END} that belongs to no turn: {_shown(tail.strip())}"
+                )
         elif last:
             content = _strip_end(content, ignorable)  # the reply was cut at the token limit: no end marker
         else:
-            raise InvalidArgument(field, f"turn {k} ({role.strip()!r}) is not closed with {IM_END} before the next {IM_START}")
+            raise InvalidArgument(
+                field, f"turn {k} ({role.strip()!r}) is not closed with {IM_END} before the next {IM_START}"
+            )
         turns.append(Message(role.strip(), content))
     if turns[-1].role != "assistant":
-        raise InvalidArgument(field, f"the last turn must be the assistant's reply (the response to score), got role {_shown(turns[-1].role)}")
+        raise InvalidArgument(
+            field,
+            f"the last turn must be the assistant's reply (the response to score), got role {_shown(turns[-1].role)}",
+        )
     return turns[:-1], turns[-1].content
 
 

@@ -63,8 +63,11 @@ async def get_reward(request: Request) -> JSONResponse:
     for name in ("prompts", "labels"):  # OpenRLHF sends both; only their shape is checked
         value = body.get(name)
         if value is not None and (not isinstance(value, list) or len(value) != len(queries)):
-            raise InvalidArgument(name, f"must be a list of {len(queries)} entries, one per query, got "
-                                        f"{len(value) if isinstance(value, list) else type(value).__name__}")
+            raise InvalidArgument(
+                name,
+                f"must be a list of {len(queries)} entries, one per query, got "
+                f"{len(value) if isinstance(value, list) else type(value).__name__}",
+            )
     prompts = body.get("prompts")
     if prompts is not None and not all(isinstance(p, str) for p in prompts):
         i = next(i for i, p in enumerate(prompts) if not isinstance(p, str))
@@ -73,28 +76,57 @@ async def get_reward(request: Request) -> JSONResponse:
     pairs = _parsed(ctx, version, queries, "query")
     scored, reward = await _score(request, ctx, pairs, version)
     rewards = [float(r) for r in reward]
-    return JSONResponse({"rewards": rewards, "scores": rewards,
-                         "extra_logs": {"raw_score": [float(x) for x in scored.raw], "uncertainty": [float(x) for x in scored.std],
-                                        "truncated": [float(f.truncated) for f in scored.formatted]},
-                         "model_version": scored.version})
+    return JSONResponse(
+        {
+            "rewards": rewards,
+            "scores": rewards,
+            "extra_logs": {
+                "raw_score": [float(x) for x in scored.raw],
+                "uncertainty": [float(x) for x in scored.std],
+                "truncated": [float(f.truncated) for f in scored.formatted],
+            },
+            "model_version": scored.version,
+        }
+    )
 
 
 async def classify(request: Request) -> JSONResponse:
     ctx, body, pairs, version = await _vllm_request(request)
     scored, reward = await _score(request, ctx, pairs, version)
     activate = _activation(body, default=True)
-    data = [{"index": i, "label": "reward", "probs": [sigmoid(r) if activate else float(r)], "num_classes": 1} for i, r in enumerate(reward)]
-    return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": scored.version,
-                         "data": data, "usage": _usage(scored)})
+    data = [
+        {"index": i, "label": "reward", "probs": [sigmoid(r) if activate else float(r)], "num_classes": 1}
+        for i, r in enumerate(reward)
+    ]
+    return JSONResponse(
+        {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": scored.version,
+            "data": data,
+            "usage": _usage(scored),
+        }
+    )
 
 
 async def pooling(request: Request) -> JSONResponse:
     ctx, body, pairs, version = await _vllm_request(request)
     scored, reward = await _score(request, ctx, pairs, version)
     activate = _activation(body, default=False)
-    data = [{"index": i, "object": "pooling", "data": [sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)]
-    return JSONResponse({"id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": scored.version,
-                         "data": data, "usage": _usage(scored)})
+    data = [
+        {"index": i, "object": "pooling", "data": [sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)
+    ]
+    return JSONResponse(
+        {
+            "id": f"pool-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": scored.version,
+            "data": data,
+            "usage": _usage(scored),
+        }
+    )
 
 
 async def _vllm_request(request: Request):
@@ -105,8 +137,11 @@ async def _vllm_request(request: Request):
     version = _version(ctx, body.get("model"))
     given = [k for k in ("input", "messages") if body.get(k) is not None]
     if len(given) != 1:
-        raise InvalidArgument("input", "send either input (a ChatML-rendered conversation, or a list of them) or messages (one "
-                                       "conversation ending with the assistant's reply)" + (", not both" if given else ""))
+        raise InvalidArgument(
+            "input",
+            "send either input (a ChatML-rendered conversation, or a list of them) or messages (one "
+            "conversation ending with the assistant's reply)" + (", not both" if given else ""),
+        )
     if given == ["messages"]:
         return ctx, body, [_conversation(body["messages"], "messages", ctx)], version
     value = body["input"]
@@ -117,12 +152,16 @@ async def _vllm_request(request: Request):
 def _texts(value, field: str, ctx: HttpContext) -> list[str]:
     """A non-empty list of strings, at most max_items_per_request long."""
     if not isinstance(value, list):
-        raise InvalidArgument(field, f"must be a list of strings, got {'nothing' if value is None else type(value).__name__}")
+        raise InvalidArgument(
+            field, f"must be a list of strings, got {'nothing' if value is None else type(value).__name__}"
+        )
     if not value:
         raise InvalidArgument(field, "must hold at least one conversation")
     limit = ctx.settings.max_items_per_request
     if len(value) > limit:
-        raise InvalidArgument(field, f"holds {len(value)} conversations; the limit per request is {limit} (max_items_per_request)")
+        raise InvalidArgument(
+            field, f"holds {len(value)} conversations; the limit per request is {limit} (max_items_per_request)"
+        )
     for i, v in enumerate(value):
         if not isinstance(v, str):
             hint = "; token ids are not accepted, send text" if isinstance(v, (int, list)) else ""
@@ -159,7 +198,10 @@ def _validated(ctx: HttpContext, prompt: list[Message], completion: str, prompt_
 def _conversation(value, field: str, ctx: HttpContext) -> tuple[list[Message], str]:
     """OpenAI-style messages (content a string or a list of text parts) -> (prompt, completion)."""
     if not isinstance(value, list) or not value:
-        raise InvalidArgument(field, f"must be a non-empty list of messages, got {type(value).__name__ if value != [] else 'an empty list'}")
+        raise InvalidArgument(
+            field,
+            f"must be a non-empty list of messages, got {type(value).__name__ if value != [] else 'an empty list'}",
+        )
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
@@ -169,7 +211,10 @@ def _conversation(value, field: str, ctx: HttpContext) -> tuple[list[Message], s
             raise InvalidArgument(f"{field}[{i}].role", f"must be a string, got {type(role).__name__}")
         messages.append(Message(role, _content(m.get("content"), f"{field}[{i}].content")))
     if messages[-1].role != "assistant":
-        raise InvalidArgument(f"{field}[{len(messages) - 1}].role", "the last message must be the assistant's reply, the response to score")
+        raise InvalidArgument(
+            f"{field}[{len(messages) - 1}].role",
+            "the last message must be the assistant's reply, the response to score",
+        )
     return _validated(ctx, messages[:-1], messages[-1].content, field, f"{field}[{len(messages) - 1}].content")
 
 
@@ -180,10 +225,12 @@ def _content(value, field: str) -> str:
         texts = []
         for j, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidArgument(f"{field}[{j}]", "only text parts ({\"type\": \"text\", \"text\": ...}) can be scored")
+                raise InvalidArgument(f"{field}[{j}]", 'only text parts ({"type": "text", "text": ...}) can be scored')
             texts.append(part["text"])
         return "".join(texts)
-    raise InvalidArgument(field, f"must be a string or a list of text parts, got {'nothing' if value is None else type(value).__name__}")
+    raise InvalidArgument(
+        field, f"must be a string or a list of text parts, got {'nothing' if value is None else type(value).__name__}"
+    )
 
 
 def _activation(body: dict, default: bool) -> bool:
@@ -223,4 +270,3 @@ async def _score(request: Request, ctx: HttpContext, pairs, version: str):
 def _usage(scored) -> dict:
     tokens = sum(len(f) for f in scored.formatted)
     return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None}
-

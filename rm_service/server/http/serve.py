@@ -44,9 +44,17 @@ class HttpServer:
         sock = _bind(self.host, self.requested_port)
         self.port = sock.getsockname()[1]
         s = self.security
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=self.grace_seconds,
-                                ssl_certfile=s.tls_cert, ssl_keyfile=s.tls_key, ssl_ca_certs=s.tls_client_ca,
-                                ssl_cert_reqs=ssl.CERT_REQUIRED if s.tls_client_ca else ssl.CERT_NONE)
+        config = uvicorn.Config(
+            self.app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=self.grace_seconds,
+            ssl_certfile=s.tls_cert,
+            ssl_keyfile=s.tls_key,
+            ssl_ca_certs=s.tls_client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if s.tls_client_ca else ssl.CERT_NONE,
+        )
         self._server = _Server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]), name="http")
         while not self._server.started:
@@ -73,7 +81,9 @@ class HttpServer:
 
 def _bind(host: str, port: int) -> socket.socket:
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as exc:
         raise FailedPrecondition(f"cannot bind the labeling page to {host}: {exc.strerror}") from None
     sock = socket.socket(family, kind, proto)
@@ -84,7 +94,9 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         hint = " (in use)" if exc.errno == errno.EADDRINUSE else ""
-        raise FailedPrecondition(f"cannot serve the labeling page on {host}:{port}{hint}: {exc.strerror}; set RM_SERVE_HTTP_PORT "
-                                 "(serve --http-port) to a free port, 0 for any, or -1 for none") from None
+        raise FailedPrecondition(
+            f"cannot serve the labeling page on {host}:{port}{hint}: {exc.strerror}; set RM_SERVE_HTTP_PORT "
+            "(serve --http-port) to a free port, 0 for any, or -1 for none"
+        ) from None
     sock.setblocking(False)
     return sock
