@@ -76,6 +76,26 @@ def test_a_refused_call_is_resource_exhausted_and_never_tokenised(stalled_server
     assert first.result(timeout=30).results
 
 
+def test_a_full_queue_refuses_http_before_the_json_is_parsed(stalled_server):
+    """HTTP and gRPC are adapters of one scoring core: /get_reward asks it for room before it
+    reads the body, so with the queue full even a body that is not JSON is 429, not 400."""
+    import httpx
+
+    srv, stub, stall, runtime = stalled_server(max_queued_tokens=1, http_port=0)
+    formats = Counted(runtime, "format")
+    first = stub.Score.future(_request("first"), timeout=30)
+    wait_until(lambda: stall.batches == [1])
+    url = f"http://127.0.0.1:{srv.server.http.port}"
+    for path in ("/get_reward", "/classify", "/pooling"):
+        r = httpx.post(url + path, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code == 429 and "tokens queued" in r.json()["error"], (path, r.text)
+    assert formats.calls == 1
+    stall.release()
+    assert first.result(timeout=30).results
+    r = httpx.post(url + "/get_reward", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "body" in r.json()["error"]  # with room, the same body is read and refused as bad
+
+
 def test_a_call_that_cannot_make_its_deadline_is_refused_at_once(stalled_server):
     srv, stub, stall, runtime = stalled_server(max_queued_tokens=10**6)  # only the expected-wait rule can refuse
     formats = Counted(runtime, "format")

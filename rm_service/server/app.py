@@ -48,6 +48,7 @@ from rm_service.server.metrics import Metrics
 from rm_service.server.models import ServedModels, follow_registry, load_for_serving, load_pinned, resolve_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
+from rm_service.server.scoring import ScoringCore
 from rm_service.server.training import JobRunner, TrainingService
 from rm_service.settings import ModelSettings, SecuritySettings, ServeSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
@@ -89,7 +90,7 @@ class RewardServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.batcher: Batcher | None = None
-        self.reward: RewardService | None = None
+        self.reward: ScoringCore | None = None  # the scoring core that gRPC and HTTP adapt
         self.http: HttpServer | None = None
         self._follower: asyncio.Task | None = None
         self.services: list[str] = []  # the gRPC services this process serves, as health reports them
@@ -131,8 +132,8 @@ class RewardServer:
             self.batcher = Batcher(st, observer=self.metrics)
             self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
-            self.reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
-            reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
+            self.reward = ScoringCore(self.served, self.batcher, st, max_chars, observer=self.metrics)
+            reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.reward, self.store), self.server)
             names.append(REWARD_SERVICE)
         if self.store is not None:
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition, NotFound, Unavailable
+from rm_service.models.backend import RewardBackend
 from rm_service.models.precision import describe
 from rm_service.models.resolver import BUNDLED
 from rm_service.models.runtime import ModelRuntime
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 class Served:
     runtime: ModelRuntime
     record: ModelRecord
-    backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
+    backend: RewardBackend  # what runs batches: the torch runtime or an ONNX Runtime session
     feedback: dict = field(
         default_factory=dict
     )  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
@@ -187,7 +188,7 @@ def load_version_dir(
 
 def make_backend(
     runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: VersionMeta | None = None
-):
+) -> RewardBackend:
     """What runs batches (pad_id, run_collated): the torch runtime in its precision, or ONNX
     Runtime when the precision is fp32 on a CPU and the version was exported (and the backend
     setting allows it). An ONNX model must reproduce the version's golden scores before it serves."""

@@ -35,6 +35,7 @@ from starlette.staticfiles import StaticFiles
 
 from rm_service.errors import InvalidArgument, Overloaded, RMError, Unauthenticated, Unavailable, http_status
 from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
+from rm_service.server.scoring import ScoringCore
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
@@ -54,8 +55,8 @@ class HttpContext:
     writer: GroupCommitWriter | None
     tokens: Tokens
     settings: ServeSettings
-    reward: object | None = (
-        None  # server.reward.RewardService when this process serves a model: the reward routes, suggestions
+    reward: ScoringCore | None = (
+        None  # the scoring core when this process serves a model: the reward routes, suggestions
     )
     metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not

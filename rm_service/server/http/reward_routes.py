@@ -8,13 +8,13 @@
                                {"data": [{"index", "label", "probs": [p], "num_classes": 1}], ...}
     POST /pooling, /v1/pooling     vLLM's pooling API: the same inputs -> {"data": [{"index", "data": [r]}], ...}
 
-Every route scores through RewardService.score, the path of gRPC Score: the same admission
-control (429 with Retry-After when overloaded), batcher, model version and formatting contract,
-so a conversation gets the same reward over HTTP as over gRPC. Text inputs (`query`, `input`)
-are ChatML conversations parsed back into messages (server.http.rendered documents the
-contract); `messages` is one conversation, the last message the reply to score. The reward is
-gRPC's `reward` (normalised with the version's served statistics); `/classify` passes it
-through a sigmoid unless the request says `"use_activation": false` (vLLM's default and flag;
+Every route is an adapter of the scoring core (server.scoring), as gRPC Score is: the same
+admission control, asked before the body is read (429 with Retry-After when overloaded), batcher,
+model version and formatting contract, so a conversation gets the same reward over HTTP as over
+gRPC. Text inputs (`query`, `input`) are ChatML conversations parsed back into messages
+(server.http.rendered documents the contract); `messages` is one conversation, the last message
+the reply to score. The reward is gRPC's `reward` (normalised with the version's served
+statistics); `/classify` passes it through a sigmoid unless the request says `"use_activation": false` (vLLM's default and flag;
 verl sends the older `"activation": false`). Fields the peers send that rm-service has no use
 for (`labels`, `prompts` beyond their shape, `model` unless it names a loaded version,
 `add_special_tokens`, `truncate_prompt_tokens`...) are accepted and ignored: the served
@@ -40,7 +40,7 @@ from rm_service.errors import Cancelled, InvalidArgument
 from rm_service.server.admission import Ticket
 from rm_service.server.http.app import HttpContext, caller, context, counted, read_json
 from rm_service.server.http.rendered import parse_chatml
-from rm_service.server.reward import sigmoid
+from rm_service.server.scoring import sigmoid
 
 SCORER = "scorer"
 ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # vLLM's flag, then its deprecated names
@@ -58,6 +58,8 @@ def routes() -> list[Route]:
 async def get_reward(request: Request) -> JSONResponse:
     caller(request, SCORER)
     ctx = context(request)
+    ticket = _ticket(request)
+    ctx.reward.check_room(ticket)  # before the body is read: a refusal costs the request alone
     body = await read_json(request, ctx.settings.max_message_bytes)
     queries = _texts(body.get("query"), "query", ctx)
     for name in ("prompts", "labels"):  # OpenRLHF sends both; only their shape is checked
@@ -74,7 +76,7 @@ async def get_reward(request: Request) -> JSONResponse:
         raise InvalidArgument(f"prompts[{i}]", f"must be a string, got {type(prompts[i]).__name__}")
     version = _version(ctx, None)
     pairs = _parsed(ctx, version, queries, "query")
-    scored, reward = await _score(request, ctx, pairs, version)
+    scored, reward = await _score(request, ctx, pairs, version, ticket)
     rewards = [float(r) for r in reward]
     return JSONResponse(
         {
@@ -91,8 +93,8 @@ async def get_reward(request: Request) -> JSONResponse:
 
 
 async def classify(request: Request) -> JSONResponse:
-    ctx, body, pairs, version = await _vllm_request(request)
-    scored, reward = await _score(request, ctx, pairs, version)
+    ctx, body, pairs, version, ticket = await _vllm_request(request)
+    scored, reward = await _score(request, ctx, pairs, version, ticket)
     activate = _activation(body, default=True)
     data = [
         {"index": i, "label": "reward", "probs": [sigmoid(r) if activate else float(r)], "num_classes": 1}
@@ -111,8 +113,8 @@ async def classify(request: Request) -> JSONResponse:
 
 
 async def pooling(request: Request) -> JSONResponse:
-    ctx, body, pairs, version = await _vllm_request(request)
-    scored, reward = await _score(request, ctx, pairs, version)
+    ctx, body, pairs, version, ticket = await _vllm_request(request)
+    scored, reward = await _score(request, ctx, pairs, version, ticket)
     activate = _activation(body, default=False)
     data = [
         {"index": i, "object": "pooling", "data": [sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)
@@ -130,9 +132,11 @@ async def pooling(request: Request) -> JSONResponse:
 
 
 async def _vllm_request(request: Request):
-    """(context, body, (prompt, completion) pairs, version) of a vLLM-shaped request."""
+    """(context, body, (prompt, completion) pairs, version, ticket) of a vLLM-shaped request."""
     caller(request, SCORER)
     ctx = context(request)
+    ticket = _ticket(request)
+    ctx.reward.check_room(ticket)  # before the body is read
     body = await read_json(request, ctx.settings.max_message_bytes)
     version = _version(ctx, body.get("model"))
     given = [k for k in ("input", "messages") if body.get(k) is not None]
@@ -143,10 +147,10 @@ async def _vllm_request(request: Request):
             "conversation ending with the assistant's reply)" + (", not both" if given else ""),
         )
     if given == ["messages"]:
-        return ctx, body, [_conversation(body["messages"], "messages", ctx)], version
+        return ctx, body, [_conversation(body["messages"], "messages", ctx)], version, ticket
     value = body["input"]
     texts = [value] if isinstance(value, str) else _texts(value, "input", ctx)
-    return ctx, body, _parsed(ctx, version, texts, "input"), version
+    return ctx, body, _parsed(ctx, version, texts, "input"), version, ticket
 
 
 def _texts(value, field: str, ctx: HttpContext) -> list[str]:
@@ -243,10 +247,15 @@ def _activation(body: dict, default: bool) -> bool:
     return default
 
 
-async def _score(request: Request, ctx: HttpContext, pairs, version: str):
-    """RewardService.score, cancelled when the caller disconnects: its permit is released and its
+def _ticket(request: Request) -> Ticket:
+    """The call's claim on the queue: HTTP callers send no deadline."""
+    return Ticket(None)
+
+
+async def _score(request: Request, ctx: HttpContext, pairs, version: str, ticket: Ticket):
+    """The core's score, cancelled when the caller disconnects: its permit is released and its
     queued items are dropped before they reach the model, as for a cancelled gRPC call."""
-    scoring = asyncio.ensure_future(ctx.reward.score(pairs, version, Ticket(None)))
+    scoring = asyncio.ensure_future(ctx.reward.score(pairs, version, ticket))
     left = asyncio.Event()
 
     async def watch() -> None:
