@@ -112,11 +112,15 @@ class ServeSettings(BaseSettings):
         "0 = 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
         "bench/overload.py's queue; 6 and more kept it at 1.13-1.18 with the same longest wait).",
     )
-    target_wait_s: float = Field(
-        2.0,
+    max_queue_wait_s: float = Field(
+        30.0,
         gt=0,
-        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while the queued "
-        "tokens reach the measured model rate (tokens/s) x this.",
+        description="Longest queue admission accepts: unless max_queued_tokens is set, a call is refused "
+        "(RESOURCE_EXHAUSTED, with a retry pushback) while the work queued ahead of it is this many seconds at the "
+        "measured model rate. "
+        "Below that every call queues whatever its size, so a trainer's own concurrency (OpenRLHF's 64-128 one-item "
+        "calls without a deadline, a PPO step's 512-item calls) waits its turn instead of being refused; a call "
+        "with a deadline is also refused when it could not finish before it.",
     )
     max_inflight_items: int = Field(
         0,
@@ -127,7 +131,7 @@ class ServeSettings(BaseSettings):
         0,
         ge=0,
         description="Tokens admitted and not yet scored at which requests are refused (RESOURCE_EXHAUSTED at once). "
-        "0 = the measured model rate x target_wait_s.",
+        "0 = the measured model rate x max_queue_wait_s.",
     )
     max_wait_ms: float = Field(
         0.0,
@@ -147,6 +151,18 @@ class ServeSettings(BaseSettings):
     )
     watch_interval_s: float = Field(1.0, gt=0, description="How often to look for a promotion.")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent.")
+    max_concurrent_rpcs: int = Field(
+        512,
+        ge=0,
+        description="gRPC calls the server holds at once (queued ones included); beyond it grpc refuses new calls "
+        "RESOURCE_EXHAUSTED before they reach Python, which bounds the memory that queued requests hold. 0 = no limit.",
+    )
+    max_concurrent_streams: int = Field(
+        128,
+        ge=1,
+        description="HTTP/2 streams one gRPC connection may have open: a client with more calls in flight on one "
+        "channel queues them itself, at no cost to the server.",
+    )
     grace_seconds: float = Field(10.0, ge=0, description="On shutdown, how long in-flight calls may take to finish.")
     with_store: bool = Field(
         True, description="Open the preference store and serve PreferenceService from this process."

@@ -68,9 +68,15 @@ def test_a_refused_call_is_resource_exhausted_and_never_tokenised(stalled_server
         with pytest.raises(grpc.RpcError) as err:
             stub.Score(_request(f"refused {i}", NILE), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens queued" in err.value.details()
+        pushback = dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]  # how long to wait, for gRPC retries
+        assert int(pushback) >= 1
     assert _code(lambda: stub.ScoreTurns(_conversation(2), timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     # a full queue is the first check, before the request is read: even a request it would reject as invalid is refused
     assert _code(lambda: stub.Score(reward_pb2.ScoreRequest(), timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # nor parsed: bytes that are no ScoreRequest (INVALID_ARGUMENT once read) are refused as well
+    with grpc.insecure_channel(srv.address) as channel:
+        raw = channel.unary_unary("/rm.v1.RewardService/Score")
+        assert _code(lambda: raw(b"\xff\xff\xff", timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert formats.calls == 1  # the admitted call's one item; admission decided the others before any tokenising
     stall.release()
     assert first.result(timeout=30).results

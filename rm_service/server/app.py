@@ -42,6 +42,7 @@ from rm_service.api.v1 import (
 from rm_service.errors import FailedPrecondition
 from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
+from rm_service.server.gate import RoomGate
 from rm_service.server.handlers import DecodeGuard
 from rm_service.server.http import HttpContext, HttpServer, create_app
 from rm_service.server.metrics import Metrics
@@ -114,12 +115,19 @@ class RewardServer:
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
         interceptors = (
-            [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else []) + [DecodeGuard()]
+            [self.metrics.interceptor()]
+            + ([AuthInterceptor(self.tokens)] if self.tokens else [])
+            + [RoomGate(lambda: self.reward is not None and self.reward.check_room(None)), DecodeGuard()]
         )
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.server = grpc.aio.server(
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs or None,
+        )
         if not self.settings.with_store and not self.settings.with_model:
             raise FailedPrecondition("nothing to serve: both the store and the model are disabled")
         if self.settings.with_store:

@@ -1,6 +1,7 @@
 """RewardService: the gRPC adapter of the scoring core (server.scoring), and the model registry read API.
 
-Score and ScoreTurns ask the core for room before gRPC reads their request (`check_room`), turn
+Score and ScoreTurns are refused while the queue is full before gRPC reads their request
+(server.gate.RoomGate asks the core's `check_room`); the handlers turn
 the request into the core's validated pairs or conversation and the call's Ticket (its deadline,
 whether it was cancelled), and the core's answer into the response message.
 """
@@ -36,8 +37,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
     async def Score(
         self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.ScoreResponse:
-        claim = ticket(context)
-        self.core.check_room(claim)  # before reading the request: a refusal costs the RPC alone
+        claim = ticket(context)  # a full queue was refused before the request was read (server.gate.RoomGate)
         pairs = score_items(request, self.core.settings.max_items_per_request, self.core.max_chars)
         scored = await self.core.score(pairs, request.model_version, claim)
         raw, std, reward, formatted, members = scored.raw, scored.std, scored.reward, scored.formatted, scored.members
@@ -60,7 +60,6 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
     @rpc
     async def ScoreTurns(self, request: reward_pb2.ScoreTurnsRequest, context) -> reward_pb2.ScoreTurnsResponse:
         claim = ticket(context)
-        self.core.check_room(claim)
         scored = await self.core.score_turns(messages(request.conversation), request.model_version, claim)
         return turns_response(scored)
 
