@@ -39,8 +39,11 @@ TOKENS_PER_ITEM = 24  # special tokens and a default system prompt a template ma
 
 def estimate_tokens(texts: list[str], max_tokens: int) -> int:
     """Tokens one item (its messages' and completion's texts) will take, from its bytes alone."""
+    overhead = TOKENS_PER_ITEM + TOKENS_PER_MESSAGE * len(texts)
+    if overhead + sum(len(t) for t in texts) * TOKENS_PER_BYTE >= max_tokens:
+        return max_tokens  # a text has at least as many bytes as characters: no need to encode 16 MB to know
     nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    return min(max_tokens, TOKENS_PER_ITEM + TOKENS_PER_MESSAGE * len(texts) + math.ceil(nbytes * TOKENS_PER_BYTE))
+    return min(max_tokens, overhead + math.ceil(nbytes * TOKENS_PER_BYTE))
 
 
 class Dropped(DeadlineExceeded):
