@@ -228,3 +228,37 @@ def test_the_model_thread_runs_below_the_rpc_threads(stalled_server, model_nice)
     model = srv.server.batcher._thread
     base = _nice(srv.thread.native_id)  # the event loop's thread
     assert _nice(model.native_id) == min(19, base + model_nice)
+
+
+def test_rm_client_waits_the_pushback_and_throttles_its_retries(stalled_server):
+    """A refusal says how long to wait (grpc-retry-pushback-ms); rm_client's channels retry a refused
+    Score by themselves, and their retry throttling stops retrying while most calls are refused, so
+    a crowd of clients does not multiply an overload."""
+    import random
+
+    from rm_client import RewardClient, ServerUnavailable
+    from rm_client.retry import Attempts, RetryPolicy, pushback_s
+
+    srv, stub, stall, _ = stalled_server(max_queued_tokens=1)
+    first = stub.Score.future(_request("first"), timeout=30)
+    wait_until(lambda: stall.batches == [1])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(_request("refused"), timeout=30)
+    asked = pushback_s(err.value)
+    assert asked > 0
+    attempts = Attempts(RetryPolicy(max_retries=1, backoff_s=0.0), random.Random(0), lambda: 0, ["a"], "Score")
+    next(iter(attempts))
+    assert attempts.failed(err.value) >= asked  # the client's own retry waits at least what the server asked
+
+    core, arrived = srv.server.reward, []
+    check_room = core.check_room
+    core.check_room = lambda ticket: (arrived.append(1), check_room(ticket))  # every call the server sees
+    calls = 20
+    with RewardClient(srv.address, max_retries=0, timeout_s=30) as client:
+        for _ in range(calls):
+            with pytest.raises(ServerUnavailable):
+                client.score([[{"role": "user", "content": "Hi"}]], ["Hello"])
+    # retried by the channel (3 attempts at most), until the throttle's bucket of 10 is half spent
+    assert calls < len(arrived) <= calls + 5
+    stall.release()
+    assert first.result(timeout=30).results
