@@ -154,14 +154,10 @@ class ServeSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         512,
         ge=0,
-        description="gRPC calls the server holds at once (queued ones included); beyond it grpc refuses new calls "
-        "RESOURCE_EXHAUSTED before they reach Python, which bounds the memory that queued requests hold. 0 = no limit.",
+        description="gRPC calls held at once, queued ones included (grpc refuses more before Python runs). 0: any.",
     )
     max_concurrent_streams: int = Field(
-        128,
-        ge=1,
-        description="HTTP/2 streams one gRPC connection may have open: a client with more calls in flight on one "
-        "channel queues them itself, at no cost to the server.",
+        128, ge=1, description="HTTP/2 streams per gRPC connection; a client with more in flight queues them itself."
     )
     grace_seconds: float = Field(10.0, ge=0, description="On shutdown, how long in-flight calls may take to finish.")
     with_store: bool = Field(
