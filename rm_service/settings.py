@@ -198,8 +198,40 @@ class ServeSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
     )
+    http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names the HTTP Host header may carry (comma-separated; * for any): requests for other "
+        "names are refused (400), which stops DNS rebinding. Empty = the bound address, plus localhost, "
+        "127.0.0.1 and ::1 on a loopback bind; a wildcard bind (0.0.0.0, ::) accepts any name.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="An HTTP connection that has not sent a whole request head (line and headers) this long "
+        "after it opened, or after its last answer, is closed.",
+    )
+    http_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An HTTP request whose body has not fully arrived this long after its head is closed (a "
+        "client sending 1 byte/s holds no connection longer).",
+    )
+    http_keep_alive_s: int = Field(
+        5, ge=1, description="An idle keep-alive HTTP connection is closed after this many seconds (uvicorn's)."
+    )
+    http_max_connections: int = Field(
+        512,
+        ge=1,
+        description="Open HTTP connections (and requests in progress) beyond which a request is answered 503 at once "
+        "(uvicorn's limit_concurrency).",
+    )
+    http_access_log: bool = Field(
+        True,
+        description="One INFO line per HTTP request (method, path, status, seconds, client) on the "
+        "rm_service.http.access logger. Every 4xx is logged with its reason either way (rate-limited).",
+    )
 
-    @field_validator("also_load", mode="before")
+    @field_validator("also_load", "http_allowed_hosts", mode="before")
     @classmethod
     def _split_names(cls, value):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value

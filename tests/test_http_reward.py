@@ -246,7 +246,7 @@ def test_bad_requests_are_400_naming_the_field(srv, path, body, field):
 
 def test_unknown_routes_and_methods_and_the_labeling_page_without_a_store(srv):
     assert httpx.get(_url(srv, "/get_reward")).status_code == 405
-    assert httpx.post(_url(srv, "/score")).status_code == 404
+    assert httpx.post(_url(srv, "/score"), json={}).status_code == 404
     for path in ("/", "/api/next", "/admin"):  # no store in this process: no labeling page
         assert httpx.get(_url(srv, path)).status_code == 404
     r = httpx.get(_url(srv, "/health"))

@@ -17,7 +17,6 @@ serves a model, the labeling page and its API (labeling, admin) when it holds th
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -28,13 +27,15 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rm_service.errors import InvalidArgument, Overloaded, RMError, Unauthenticated, Unavailable, http_status
+from rm_service.errors import Overloaded, RMError, Unauthenticated, Unavailable, http_status
 from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
+from rm_service.server.http.guard import Guard, allowed_hosts
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 ANONYMOUS = "anonymous"
-MAX_BODY_BYTES = 1 << 20
 
 
 @dataclass
@@ -81,28 +81,6 @@ def caller(request: Request, needed: str) -> Caller:
     return Caller(identity(role, token), role)
 
 
-async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> dict:
-    """The request body as a JSON object (InvalidArgument otherwise), at most `limit` bytes: a
-    larger Content-Length is refused before anything is read, a longer stream as it passes it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise InvalidArgument("body", f"is larger than the limit of {limit} bytes (Content-Length {int(declared)})")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise InvalidArgument("body", f"is larger than the limit of {limit} bytes")
-    if not body.strip():
-        return {}
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument("body", f"is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument("body", f"must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def counted(route: str):
     """Count a route's finished requests by status and time them (server.metrics: rm_http_requests_total,
     rm_http_request_seconds), errors included with the status they are answered with."""
@@ -134,6 +112,7 @@ def finite(value):
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate a client sent, quoted
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
@@ -206,7 +185,15 @@ def create_app(ctx: HttpContext) -> Starlette:
             *admin.routes(),
         ]
     app = Starlette(
-        routes=routes, exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal}
+        routes=routes,
+        exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal},
+        middleware=[
+            Middleware(
+                Guard,
+                hosts=allowed_hosts(ctx.settings.host, ctx.settings.http_allowed_hosts),
+                access_log=ctx.settings.http_access_log,
+            )
+        ],
     )
     app.state.ctx = ctx
     return app

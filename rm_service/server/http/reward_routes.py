@@ -38,7 +38,8 @@ from starlette.routing import Route
 from rm_service.conversation import Message, validate_messages, validate_text
 from rm_service.errors import Cancelled, InvalidArgument
 from rm_service.server.admission import Ticket
-from rm_service.server.http.app import HttpContext, caller, context, counted, read_json
+from rm_service.server.http.app import HttpContext, caller, context, counted
+from rm_service.server.http.guard import read_json
 from rm_service.server.http.rendered import parse_chatml
 from rm_service.server.reward import sigmoid
 
