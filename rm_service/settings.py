@@ -200,35 +200,26 @@ class ServeSettings(BaseSettings):
     )
     http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Names the HTTP Host header may carry (comma-separated; * for any): requests for other "
-        "names are refused (400), which stops DNS rebinding. Empty = the bound address, plus localhost, "
-        "127.0.0.1 and ::1 on a loopback bind; a wildcard bind (0.0.0.0, ::) accepts any name.",
+        description="Names the HTTP Host header may carry (comma-separated; * any), against DNS rebinding. Empty = the "
+        "bound address (and localhost, 127.0.0.1, ::1 on loopback); a wildcard bind (0.0.0.0, ::) takes any name.",
     )
     http_header_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="An HTTP connection that has not sent a whole request head (line and headers) this long "
-        "after it opened, or after its last answer, is closed.",
+        description="Seconds an HTTP connection has to send a whole request head (after opening or an answer).",
     )
     http_body_timeout_s: float = Field(
-        60.0,
-        gt=0,
-        description="An HTTP request whose body has not fully arrived this long after its head is closed (a "
-        "client sending 1 byte/s holds no connection longer).",
+        60.0, gt=0, description="Seconds an HTTP request has for its whole body to arrive after its head."
     )
-    http_keep_alive_s: int = Field(
-        5, ge=1, description="An idle keep-alive HTTP connection is closed after this many seconds (uvicorn's)."
-    )
+    http_keep_alive_s: int = Field(5, ge=1, description="Seconds an idle keep-alive HTTP connection stays open.")
     http_max_connections: int = Field(
         512,
         ge=1,
-        description="Open HTTP connections (and requests in progress) beyond which a request is answered 503 at once "
-        "(uvicorn's limit_concurrency).",
+        description="Open HTTP connections beyond which a request is answered 503 at once (limit_concurrency).",
     )
-    http_access_log: bool = Field(
-        True,
-        description="One INFO line per HTTP request (method, path, status, seconds, client) on the "
-        "rm_service.http.access logger. Every 4xx is logged with its reason either way (rate-limited).",
+    http_access_log: bool = Field(True, description="One INFO line per HTTP request (4xx reasons are logged anyway).")
+    http_chat_template: Literal["auto", "chatml", "llama3", "gemma", "mistral"] = Field(
+        "auto", description="Chat template of rendered HTTP inputs (auto: the first turn marker's; docs/http.md)."
     )
 
     @field_validator("also_load", "http_allowed_hosts", mode="before")

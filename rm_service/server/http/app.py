@@ -6,7 +6,9 @@ retry 409, overload 429) and answered as JSON `{"error": message, "status": code
 else is a bug: logged, answered 500 without details.
 
 Auth is the gRPC side's (server.auth): `authorization: Bearer <token>` with the route's role,
-admin passing everywhere. With no tokens configured the server binds loopback only and every
+admin passing everywhere; HTTP Basic with the token as password is taken too (server.auth.http_token),
+for clients that cannot set a header but can put credentials in a URL (OpenRLHF's --remote_rm_url).
+With no tokens configured the server binds loopback only and every
 caller is the anonymous admin `anonymous`.
 
 What is mounted follows what the process serves: the reward routes (reward_routes) when it
@@ -34,7 +36,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rm_service.errors import Overloaded, RMError, Unauthenticated, Unavailable, http_status
-from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
+from rm_service.server.auth import ADMIN, Tokens, authorize, http_token, identity
 from rm_service.server.http.guard import Guard, allowed_hosts
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
@@ -76,7 +78,7 @@ def caller(request: Request, needed: str) -> Caller:
     ctx = context(request)
     if not ctx.tokens:
         return Caller(ANONYMOUS, ADMIN)
-    token = bearer_token(request.headers.items())
+    token = http_token(request.headers.items())
     role = authorize(ctx.tokens, token, needed, f"{request.method} {request.url.path}")
     return Caller(identity(role, token), role)
 

@@ -40,7 +40,7 @@ from rm_service.errors import Cancelled, InvalidArgument
 from rm_service.server.admission import Ticket
 from rm_service.server.http.app import HttpContext, caller, context, counted
 from rm_service.server.http.guard import read_json
-from rm_service.server.http.rendered import parse_chatml
+from rm_service.server.http.rendered import parse_rendered
 from rm_service.server.reward import sigmoid
 
 SCORER = "scorer"
@@ -183,7 +183,7 @@ def _parsed(ctx: HttpContext, version: str, texts: list[str], field: str) -> lis
     ignorable = getattr(tokenizer, "all_special_tokens", [])
     pairs = []
     for i, text in enumerate(texts):
-        prompt, completion = parse_chatml(text, f"{field}[{i}]", ignorable)
+        prompt, completion = parse_rendered(text, f"{field}[{i}]", ignorable, ctx.settings.http_chat_template)
         pairs.append(_validated(ctx, prompt, completion, f"{field}[{i}].prompt", f"{field}[{i}].completion"))
     return pairs
 
