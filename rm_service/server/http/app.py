@@ -2,7 +2,9 @@
 
 Every error an HTTP route raises is an RMError mapped by errors.HTTP_STATUS (bad input 400,
 no or unknown token 401, wrong role 403, unknown task 404, a lost lease or a conflicting
-retry 409, overload 429) and answered as JSON `{"error": message, "status": code}`. Anything
+retry 409, overload 429) and answered as JSON `{"error": message, "status": code}` (on vLLM's
+routes, /classify, /pooling and /v1/*, in vLLM's shape: `{"error": {"message", "type", "param",
+"code"}}`, param the field). Anything
 else is a bug: logged, answered 500 without details.
 
 Auth is the gRPC side's (server.auth): `authorization: Bearer <token>` with the route's role,
@@ -24,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -113,8 +116,18 @@ def finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+VLLM_PATHS = ("/classify", "/pooling", "/v1/")  # routes whose errors take vLLM's shape, for vLLM's clients
+
+
+def _error(
+    status: int, message: str, headers: dict | None = None, request: Request | None = None, param: str | None = None
+) -> JSONResponse:
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate a client sent, quoted
+    if request is not None and request.url.path.startswith(VLLM_PATHS):  # vLLM's ErrorResponse, for its clients
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Client Closed Request"
+        kind = phrase.title().replace(" ", "").replace("-", "") + "Error"  # BadRequestError, NotFoundError...
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
@@ -127,16 +140,16 @@ async def _rm_error(request: Request, exc: RMError) -> JSONResponse:
         headers = {"WWW-Authenticate": 'Bearer realm="rm-service"'}
     elif isinstance(exc, (Overloaded, Unavailable)):
         headers = {"Retry-After": "1"}  # 429 and 503 are worth retrying: say so, as gRPC clients know for their codes
-    return _error(status, str(exc), headers)
+    return _error(status, str(exc), headers, request, getattr(exc, "field", None))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, exc.detail, exc.headers)  # unknown route 404, wrong method 405
+    return _error(exc.status_code, exc.detail, exc.headers, request)  # unknown route 404, wrong method 405
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, f"internal error: {type(exc).__name__}")
+    return _error(500, f"internal error: {type(exc).__name__}", None, request)
 
 
 _templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
@@ -175,7 +188,7 @@ async def health(request: Request) -> JSONResponse:
 def create_app(ctx: HttpContext) -> Starlette:
     from rm_service.server.http import admin, labeling, reward_routes
 
-    routes = [Route("/health", health, methods=["GET"])]
+    routes = [Route("/health", health, methods=["GET"]), Route("/ping", health, methods=["GET"])]  # vLLM's /ping
     if ctx.reward is not None:
         routes += reward_routes.routes()
     if ctx.store is not None:
