@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from rm_service.settings_http import HttpServeSettings
+
 
 def rm_home() -> Path:
     """The service home directory: `$RM_HOME`, default `./var`."""
@@ -53,7 +55,7 @@ class ModelSettings(BaseSettings):
     )
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(HttpServeSettings):
     """The gRPC reward server."""
 
     model_config = SettingsConfigDict(env_prefix="RM_SERVE_")
@@ -180,49 +182,11 @@ class ServeSettings(BaseSettings):
         description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
         "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
     )
-    http_port: int = Field(
-        -1,
-        ge=-1,
-        le=65535,
-        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward routes OpenRLHF, verl "
-        "and vLLM clients call (docs/api.md) when this process serves a model, the labeling page (docs/labeling.md) when "
-        "it holds the store, GET /health always. 0 picks a free one, -1 (default) serves no HTTP.",
-    )
-    labeling_lease_s: int = Field(
-        120,
-        ge=1,
-        le=24 * 3600,
-        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed page frees "
-        "its task within this time.",
-    )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
     )
-    http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Names the HTTP Host header may carry (comma-separated; * any), against DNS rebinding. Empty = the "
-        "bound address (and localhost, 127.0.0.1, ::1 on loopback); a wildcard bind (0.0.0.0, ::) takes any name.",
-    )
-    http_header_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        description="Seconds an HTTP connection has to send a whole request head (after opening or an answer).",
-    )
-    http_body_timeout_s: float = Field(
-        60.0, gt=0, description="Seconds an HTTP request has for its whole body to arrive after its head."
-    )
-    http_keep_alive_s: int = Field(5, ge=1, description="Seconds an idle keep-alive HTTP connection stays open.")
-    http_max_connections: int = Field(
-        512,
-        ge=1,
-        description="Open HTTP connections beyond which a request is answered 503 at once (limit_concurrency).",
-    )
-    http_access_log: bool = Field(True, description="One INFO line per HTTP request (4xx reasons are logged anyway).")
-    http_chat_template: Literal["auto", "chatml", "llama3", "gemma", "mistral"] = Field(
-        "auto", description="Chat template of rendered HTTP inputs (auto: the first turn marker's; docs/http.md)."
-    )
 
-    @field_validator("also_load", "http_allowed_hosts", mode="before")
+    @field_validator("also_load", mode="before")
     @classmethod
     def _split_names(cls, value):
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
