@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from rm_service.settings_http import HttpServeSettings
+from rm_service.settings_http import HttpServeSettings, comma_list
 
 
 def rm_home() -> Path:
@@ -189,7 +189,7 @@ class ServeSettings(HttpServeSettings):
     @field_validator("also_load", mode="before")
     @classmethod
     def _split_names(cls, value):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return comma_list(value)
 
 
 class SecuritySettings(BaseSettings):

@@ -70,4 +70,9 @@ class HttpServeSettings(BaseSettings):
     @field_validator("http_allowed_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return comma_list(value)
+
+
+def comma_list(value):
+    """A comma-separated environment value as a list of its non-empty names (lists pass as they are)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
