@@ -338,6 +338,10 @@ def test_scorer_token_and_metrics_as_on_grpc(home, tiny_rm_dir):
         assert (
             value("rm_scores_total", {"version": server.server.served.default}) >= 2
         )  # the batcher's own counters saw the items
+        # The same registry on the HTTP port (vLLM's and TEI's place for it), open like the metrics port.
+        scraped = httpx.get(url + "/metrics", timeout=60)
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+        assert 'rm_http_requests_total{route="/get_reward",status="200"} 2.0' in scraped.text
     finally:
         server.stop()
 

@@ -15,7 +15,8 @@ caller is the anonymous admin `anonymous`.
 
 What is mounted follows what the process serves: the reward routes (reward_routes) when it
 serves a model, the labeling page and its API (labeling, admin) when it holds the store, and
-`GET /health` always (200 when ready, 503 otherwise; open, like gRPC health).
+`GET /health` always (200 when ready, 503 otherwise; open, like gRPC health), with `GET /ping`
+(vLLM's name for it) and `GET /metrics` (the process's Prometheus registry, as on the metrics port).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -185,10 +187,24 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "NOT_SERVING", "reason": why}, status_code=503, headers={"Retry-After": "1"})
 
 
+class _Asgi:
+    """An ASGI app as a Route's endpoint (a plain function would be called as a request handler)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.app(scope, receive, send)
+
+
 def create_app(ctx: HttpContext) -> Starlette:
     from rm_service.server.http import admin, labeling, reward_routes
 
     routes = [Route("/health", health, methods=["GET"]), Route("/ping", health, methods=["GET"])]  # vLLM's /ping
+    if (
+        ctx.metrics is not None
+    ):  # Prometheus on the HTTP port too, as vLLM and TEI serve it (open, like the metrics port)
+        routes.append(Route("/metrics", _Asgi(make_asgi_app(registry=ctx.metrics.registry)), methods=["GET"]))
     if ctx.reward is not None:
         routes += reward_routes.routes()
     if ctx.store is not None:
