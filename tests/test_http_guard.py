@@ -249,3 +249,24 @@ def test_allowed_hosts_setting_and_wildcard_binds():
     assert allowed_hosts("0.0.0.0", []) is None  # behind a Service or proxy: any name (tokens are required there)
     assert allowed_hosts("0.0.0.0", ["rm.example.org", "[::1]"]) == {"rm.example.org", "::1"}
     assert allowed_hosts("10.1.2.3", ["*"]) is None
+
+
+def test_every_4xx_is_logged_with_its_reason_at_most_twenty_per_window(home, caplog):
+    """Callers' mistakes are visible in the server's log (OpenRLHF turns a 400 into a silent None
+    reward), and a caller repeating one cannot flood it: 20 reason lines per 10 s, the rest counted."""
+    from rm_service.server.http.guard import LOG_4XX_PER_WINDOW
+
+    srv = ServerThread(ServeSettings(port=0, http_port=0, metrics_port=-1, with_model=False))
+    caplog.set_level(logging.WARNING, logger="rm_service.http")
+    try:
+        with httpx.Client(base_url=_url(srv), timeout=30) as c:
+            for _ in range(LOG_4XX_PER_WINDOW + 5):
+                assert c.post("/api/next", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 400
+        wait_until(lambda: len([r for r in caplog.records if "/api/next 400" in r.getMessage()]) >= LOG_4XX_PER_WINDOW)
+        reasons = [
+            r.getMessage() for r in caplog.records if r.name == "rm_service.http" and "/api/next 400" in r.getMessage()
+        ]
+        assert len(reasons) == LOG_4XX_PER_WINDOW
+        assert all(m.endswith("content-type: must be application/json for POST, got 'text/plain'") for m in reasons)
+    finally:
+        srv.stop()
