@@ -67,6 +67,14 @@ LLAMA3 = Template("llama3", "<|start_header_id|>", "<|end_header_id|>\n\n", "<|e
 GEMMA = Template("gemma", "<start_of_turn>", "\n", "<end_of_turn>", {"model": "assistant"})
 TEMPLATES = ("auto", "chatml", "llama3", "gemma", "mistral")
 _MARKED = {t.name: t for t in (CHATML, LLAMA3, GEMMA)}
+# What starts a conversation in each template: `auto` takes the template whose mark comes first.
+FIRST_MARKS = (
+    ("chatml", IM_START),
+    ("llama3", LLAMA3.start),
+    ("gemma", GEMMA.start),
+    ("mistral", INST),
+    ("mistral", SYS),
+)
 
 
 def parse_rendered(
@@ -75,7 +83,7 @@ def parse_rendered(
     """(prompt messages, completion) of one rendered conversation in `template` (or, for auto,
     the template whose first turn marker comes first); InvalidArgument naming `field` otherwise."""
     if template == "auto":
-        found = {name: text.find(mark) for name, mark in _FIRST_MARK.items() if mark in text}
+        found = [(text.find(mark), name) for name, mark in FIRST_MARKS if mark in text]
         if not found:
             raise InvalidArgument(
                 field,
@@ -83,7 +91,7 @@ def parse_rendered(
                 "(<|start_header_id|>), Gemma (<start_of_turn>) or Mistral ([INST]). Send the conversation rendered "
                 'with one of these chat templates, or as messages (POST /classify or /pooling with "messages")',
             )
-        template = min(found, key=found.get).strip()
+        template = min(found)[1]
     if template == "mistral":
         return parse_mistral(text, field, ignorable)
     return _parse_marked(text, field, ignorable, _MARKED[template])
@@ -173,9 +181,6 @@ def _split(turns: list[Message], field: str) -> tuple[list[Message], str]:
             + (f"role {_shown(turns[-1].role)}" if turns else "no turn"),
         )
     return turns[:-1], turns[-1].content
-
-
-_FIRST_MARK = {"chatml": IM_START, "llama3": LLAMA3.start, "gemma": GEMMA.start, "mistral": INST, "mistral ": SYS}
 
 
 def _lstrip(text: str, tokens: list[str]) -> str:
