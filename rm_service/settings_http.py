@@ -17,16 +17,17 @@ class HttpServeSettings(BaseSettings):
         -1,
         ge=-1,
         le=65535,
-        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward routes OpenRLHF, verl "
-        "and vLLM clients call (docs/api.md) when this process serves a model, the labeling page (docs/labeling.md) when "
-        "it holds the store, GET /health always. 0 picks a free one, -1 (default) serves no HTTP.",
+        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward "
+        "routes OpenRLHF, verl and vLLM clients call (docs/http.md) when this process serves a model, the labeling "
+        "page (docs/labeling.md) when it holds the store, GET /health and /metrics always. 0 picks a free one, -1 "
+        "(default) serves no HTTP.",
     )
     labeling_lease_s: int = Field(
         120,
         ge=1,
         le=24 * 3600,
-        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed page frees "
-        "its task within this time.",
+        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed "
+        "page frees its task within this time.",
     )
     http_allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
