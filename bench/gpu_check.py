@@ -228,7 +228,8 @@ def table(
         (
             f"served (bf16, {clients} clients), the version ({rm['params'] / 1e6:.0f}M)",
             f"{served['items_per_s']:,.1f} items/s, {served['tokens_per_s']:,.0f} tokens/s, p50 "
-            f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, MFU {mfu(2 * rm['params'], served['tokens_per_s']):.1f}%",
+            f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, MFU "
+            f"{mfu(2 * rm['params'], served['tokens_per_s']):.1f}%",
         ),
         (
             f"served (bf16, {clients} clients), a {big_params / 1e9:.2f}B checkpoint",
@@ -237,7 +238,8 @@ def table(
         ),
         (
             "PPO against the served version",
-            f"{ppo['steps']} steps, {ppo['seconds_per_step']:.1f} s/step, reward {ppo['reward']:+.3f}, KL {ppo['kl']:.3f}",
+            f"{ppo['steps']} steps, {ppo['seconds_per_step']:.1f} s/step, reward {ppo['reward']:+.3f}, KL "
+            f"{ppo['kl']:.3f}",
         ),
     ]
     return "\n".join(["| check | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])

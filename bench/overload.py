@@ -157,7 +157,10 @@ def hardware(log_path: Path) -> str:
         platform.processor() or "unknown CPU",
     )
     threads = os.environ.get("RM_SERVE_TORCH_THREADS") or str(os.cpu_count())
-    return f"{cpu}, {os.cpu_count()} cores shared by server and callers; server torch/ORT threads {threads}; {served_backend(log_path)}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores shared by server and callers; server torch/ORT threads {threads}; "
+        f"{served_backend(log_path)}"
+    )
 
 
 def main() -> None:
@@ -203,8 +206,8 @@ def main() -> None:
         server.wait(timeout=60)
 
     print(
-        f"\n{hardware(log_path)}; model {args.model}; HH-RLHF items, {per_item:.0f} tokens each on average, {args.items_per_call} "
-        f"per call; deadline {args.deadline:g} s; {args.seconds:g} s per load\n"
+        f"\n{hardware(log_path)}; model {args.model}; HH-RLHF items, {per_item:.0f} tokens each on average, "
+        f"{args.items_per_call} per call; deadline {args.deadline:g} s; {args.seconds:g} s per load\n"
     )
     total, by_server, by_callers, wall = used
     print(
@@ -217,16 +220,18 @@ def main() -> None:
     )
     base = levels[0][1].items / args.seconds
     print(
-        "| offered load | callers | goodput items/s | % of 1x (unloaded) | admitted p50 / p99 ms | rejection p50 / p99 ms | rejected | "
-        "DEADLINE_EXCEEDED | other errors | items per batch | padded / real tokens |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered load | callers | goodput items/s | % of 1x (unloaded) | admitted p50 / p99 ms | rejection p50 / "
+        "p99 ms | rejected | DEADLINE_EXCEEDED | other errors | items per batch | padded / real tokens "
+        "|\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for load, lv in levels:
         goodput = lv.items / args.seconds
         other = ", ".join(f"{k} {v}" for k, v in lv.other.items()) or "0"
         print(
-            f"| {load:g}x | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {pct(lv.ok, 50):.0f} / {pct(lv.ok, 99):.0f} | "
-            f"{pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {len(lv.rejected)} | {lv.deadline_exceeded} | {other} | "
-            f"{lv.batch_items / max(lv.batches, 1):.1f} | {lv.padding / max(lv.batches, 1):.2f} |"
+            f"| {load:g}x | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {pct(lv.ok, 50):.0f} / "
+            f"{pct(lv.ok, 99):.0f} | {pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {len(lv.rejected)} | "
+            f"{lv.deadline_exceeded} | {other} | {lv.batch_items / max(lv.batches, 1):.1f} | "
+            f"{lv.padding / max(lv.batches, 1):.2f} |"
         )
 
 

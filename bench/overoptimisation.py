@@ -130,10 +130,11 @@ def table(results: list[dict], hardware: str, args) -> str:
     names = [f"{lo:g}-{hi:g}" if hi != math.inf else f"{lo:g}+" for lo, hi in zip(BUCKETS, BUCKETS[1:])]
     cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
     lines = [
-        f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
-        f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
-        f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
-        f"pairs (ties: {args.gate_ties}).",
+        f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) "
+        f"{args.submit_fraction:.0%} of the batch's prompts go to labeling, chosen at random or by the proxy's "
+        f"doubt; label budget {args.label_budget} per outer-loop arm; retrain at {args.retrain_min_labels} new "
+        "labels, promoted only when more accurate than its parent on held-out on-policy pairs (ties: "
+        f"{args.gate_ties}).",
         "",
         "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
         "|---|---|" + "---:|" * len(names) + "---:|---:|---|",

@@ -362,7 +362,8 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
             (await system.call(item, time.perf_counter() + args.timeout, rng))[0] for item in probe
         ]  # also the warm-up
         print(
-            f"  {system.name}: {system.precision}, {system.backend}; probe of {len(probe)} items took {time.perf_counter() - t0:.1f} s",
+            f"  {system.name}: {system.precision}, {system.backend}; probe of {len(probe)} items took "
+            f"{time.perf_counter() - t0:.1f} s",
             flush=True,
         )
         points = []
@@ -385,7 +386,8 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
 
 
 def cached_gemm_rates() -> dict | None:
-    """This machine's fp32 and bf16 GEMM rates as rm-service's precision probe measured and cached them (None if never)."""
+    """This machine's fp32 and bf16 GEMM rates as rm-service's precision probe measured and cached them (None if
+    never)."""
     from rm_service.models.precision import cpu_measurement
 
     try:

@@ -367,7 +367,10 @@ def scale_out(run: Run) -> str:
     )
     codes = [c.stop_and_wait() for c in (*scorers, store)]
     check(codes == [0, 0, 0], f"exit codes after SIGTERM: {codes}")
-    return f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + {counts[1]}; all exited 0"
+    return (
+        f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + "
+        f"{counts[1]}; all exited 0"
+    )
 
 
 def _score_calls(metrics_text: str) -> int:

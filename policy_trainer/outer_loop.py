@@ -152,7 +152,8 @@ class OuterLoop:
             request = training_pb2.RetrainRequest(
                 mode=self.retrain_mode,
                 promote=True,
-                reason=f"policy trainer step {step}: {stats.labels_since_snapshot} labels since snapshot {stats.latest_snapshot_id or 'none'}",
+                reason=f"policy trainer step {step}: {stats.labels_since_snapshot} labels since snapshot "
+                f"{stats.latest_snapshot_id or 'none'}",
             )
             job = self.training.RequestRetrain(request, timeout=self.timeout_s)
         except grpc.RpcError as err:

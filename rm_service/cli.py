@@ -90,9 +90,10 @@ def _train(args) -> int:
         return 0
     m = result.metrics
     print(
-        f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
-        f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
-        f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)"
+        f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out "
+        f"accuracy {m['accuracy']:.4f} ({int(m.get('heldout_pairs', 0))} pairs), loss "
+        f"{m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; train accuracy "
+        f"{m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)"
     )
     if result.details:
         print(result.details)
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "train",
         help="train a Bradley-Terry reward model from the store and register it",
-        description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes the gate.",
+        description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes "
+        "the gate.",
     )
     s.settings_flags(TrainSettings)
     s.set_defaults(func=_train)
@@ -296,9 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "demo",
-        help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report",
-        description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
-        "report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults shown are the cpu profile's.",
+        help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
+        "report",
+        description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and "
+        "retraining, report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults "
+        "shown are the cpu profile's.",
     )
     s.settings_flags(
         _demo_settings,

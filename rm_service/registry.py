@@ -73,17 +73,17 @@ def gate(
         if chance is None or chance < alpha:
             test = "" if chance is None else f"; McNemar p = {chance:.3f} < {alpha}"
             return (
-                f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
-                f"(on {where}) minus tolerance {tolerance}{test}"
+                f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s "
+                f"{old_h:.4f} (on {where}) minus tolerance {tolerance}{test}"
             )
     if onpolicy and same and m.get("pairs_onpolicy", 0) > 0 and "baseline_accuracy_onpolicy" in m:
         new_o, old_o = m["accuracy_onpolicy"], m["baseline_accuracy_onpolicy"]
         tie_passes = ties == "lower_loss" and m["loss_onpolicy"] < m["baseline_loss_onpolicy"]
         if new_o < old_o or (new_o == old_o and not tie_passes):
             return (
-                f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy held-out "
-                f"accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs {m['baseline_loss_onpolicy']:.4f} "
-                f"({int(m['pairs_onpolicy'])} pairs)"
+                f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy "
+                f"held-out accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs "
+                f"{m['baseline_loss_onpolicy']:.4f} ({int(m['pairs_onpolicy'])} pairs)"
             )
     return None
 
@@ -125,7 +125,8 @@ def promote(
             versions.set_status(store, version, "rejected")
             return (
                 False,
-                f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} stays: {exc}",
+                f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} "
+                f"stays: {exc}",
             )
     versions.promote_version(store, version)
     write_promoted_pointer(candidate)

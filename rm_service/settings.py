@@ -34,7 +34,8 @@ class StoreSettings(BaseSettings):
     group_commit_max_labels: int = Field(
         4096,
         ge=1,
-        description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group commit).",
+        description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group "
+        "commit).",
     )
 
 
@@ -64,20 +65,22 @@ class ServeSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     model: str | None = Field(
         None,
-        description="Serve this model (a registry version, a bundled name or an HF directory) instead of the promoted version.",
+        description="Serve this model (a registry version, a bundled name or an HF directory) instead of the "
+        "promoted version.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device for the model; auto picks CUDA when present."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 autocast as measured "
-        "once per machine (models/precision.py); golden pairs are checked in the precision served.",
+        description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 "
+        "autocast as measured once per machine (models/precision.py); golden pairs are checked in the precision "
+        "served.",
     )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",
-        description="What runs batches: auto = PyTorch in the chosen precision, except ONNX Runtime when that precision is fp32 on a "
-        "CPU and the version has an ONNX export (always PyTorch on CUDA).",
+        description="What runs batches: auto = PyTorch in the chosen precision, except ONNX Runtime when that "
+        "precision is fp32 on a CPU and the version has an ONNX export (always PyTorch on CUDA).",
     )
     also_load: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -95,33 +98,35 @@ class ServeSettings(BaseSettings):
     max_batch_tokens: int = Field(
         2048,
         gt=0,
-        description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it (16k+) on a GPU.",
+        description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it "
+        "(16k+) on a GPU.",
     )
     max_padding: float = Field(
         0.3,
         ge=0,
         le=1,
-        description="An item that is not yet due joins a batch only while padding the batch's not-yet-due rows to its longest item "
-        "wastes at most this fraction of their tokens (due items join whatever their length).",
+        description="An item that is not yet due joins a batch only while padding the batch's not-yet-due rows to "
+        "its longest item wastes at most this fraction of their tokens (due items join whatever their length).",
     )
     fair_wait_s: float = Field(
         0.0,
         ge=0,
-        description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the tokens queued "
-        "ahead of it at admission over the measured rate) joins the next batch whatever its length. "
-        "0 = 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
+        description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the "
+        "tokens queued ahead of it at admission over the measured rate) joins the next batch whatever its length. 0 "
+        "= 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
         "bench/overload.py's queue; 6 and more kept it at 1.13-1.18 with the same longest wait).",
     )
     target_wait_s: float = Field(
         2.0,
         gt=0,
-        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while the queued "
-        "tokens reach the measured model rate (tokens/s) x this.",
+        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while "
+        "the queued tokens reach the measured model rate (tokens/s) x this.",
     )
     max_inflight_items: int = Field(
         0,
         ge=0,
-        description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once. 0 = no item cap.",
+        description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once. 0 = no "
+        "item cap.",
     )
     max_queued_tokens: int = Field(
         0,
@@ -140,7 +145,8 @@ class ServeSettings(BaseSettings):
     score_turns_max_tokens: int = Field(
         8192,
         gt=0,
-        description="Most tokens one ScoreTurns conversation may hold, formatted before truncation (INVALID_ARGUMENT above).",
+        description="Most tokens one ScoreTurns conversation may hold, formatted before truncation (INVALID_ARGUMENT "
+        "above).",
     )
     follow_registry: bool = Field(
         True, description="Hot-swap to each version the registry promotes (polls promoted.json)."
@@ -159,17 +165,17 @@ class ServeSettings(BaseSettings):
         10,
         ge=0,
         le=19,
-        description="How many nice steps the model thread and the OpenMP workers it starts run below the server's RPC threads: "
-        "when the CPU is oversubscribed, refusals, health checks and metrics are answered first and the model "
-        "takes what is left (Linux; 0 = the same priority). bench/overload.py, 2 cores at 4x load: rejection p99 "
-        "55-56 ms at 0, 25-59 ms at 10.",
+        description="How many nice steps the model thread and the OpenMP workers it starts run below the server's "
+        "RPC threads: when the CPU is oversubscribed, refusals, health checks and metrics are answered first and the "
+        "model takes what is left (Linux; 0 = the same priority). bench/overload.py, 2 cores at 4x load: rejection "
+        "p99 55-56 ms at 0, 25-59 ms at 10.",
     )
     gil_switch_interval_ms: float = Field(
         0.5,
         gt=0,
         le=100,
-        description="Python's GIL switch interval in `rm-service serve` (sys.setswitchinterval; Python's default is 5 ms): the "
-        "longest the event loop waits for the GIL while the tokeniser or the model thread holds it. "
+        description="Python's GIL switch interval in `rm-service serve` (sys.setswitchinterval; Python's default is "
+        "5 ms): the longest the event loop waits for the GIL while the tokeniser or the model thread holds it. "
         "bench/overload.py, 2 cores at 4x load with model_nice 10: rejection p99 25-59 ms at 5 ms, 45-84 ms at 1 ms, "
         "28-34 ms at 0.5 ms.",
     )
@@ -177,23 +183,25 @@ class ServeSettings(BaseSettings):
         9464,
         ge=-1,
         le=65535,
-        description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
-        "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
+        description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns "
+        "metrics off. If the default port is taken the server logs a warning and runs without metrics; a port set "
+        "explicitly must bind.",
     )
     http_port: int = Field(
         -1,
         ge=-1,
         le=65535,
-        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward routes OpenRLHF, verl "
-        "and vLLM clients call (docs/api.md) when this process serves a model, the labeling page (docs/labeling.md) when "
-        "it holds the store, GET /health always. 0 picks a free one, -1 (default) serves no HTTP.",
+        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward "
+        "routes OpenRLHF, verl and vLLM clients call (docs/api.md) when this process serves a model, the labeling "
+        "page (docs/labeling.md) when it holds the store, GET /health always. 0 picks a free one, -1 (default) "
+        "serves no HTTP.",
     )
     labeling_lease_s: int = Field(
         120,
         ge=1,
         le=24 * 3600,
-        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed page frees "
-        "its task within this time.",
+        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed "
+        "page frees its task within this time.",
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
@@ -213,8 +221,8 @@ class SecuritySettings(BaseSettings):
 
     tokens_file: Path | None = Field(
         None,
-        description="File of bearer tokens, one `role:token` per line (roles: scorer, labeler, admin; # starts a comment). "
-        "Keeps secrets off the command line; make it readable by the server's user only.",
+        description="File of bearer tokens, one `role:token` per line (roles: scorer, labeler, admin; # starts a "
+        "comment). Keeps secrets off the command line; make it readable by the server's user only.",
     )
     tokens: SecretStr | None = Field(
         None, description="Bearer tokens as `role:token,role:token`, added to those of tokens_file. Prefer tokens_file."
@@ -236,11 +244,13 @@ class TrainSettings(BaseSettings):
 
     backbone: str = Field(
         "smollm2-135m-instruct",
-        description="Bundled model name or HF directory to build the reward model on (a TRL reward checkpoint trains further).",
+        description="Bundled model name or HF directory to build the reward model on (a TRL reward checkpoint trains "
+        "further).",
     )
     mode: Literal["head", "full"] = Field(
         "head",
-        description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or LoRA adapters) with the heads.",
+        description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or "
+        "LoRA adapters) with the heads.",
     )
     ensemble_size: int = Field(
         4, ge=1, le=64, description="Score heads trained on bootstrap resamples; served as mean and std."
@@ -256,8 +266,8 @@ class TrainSettings(BaseSettings):
         1.0,
         gt=0,
         le=1,
-        description="Train on this share of the dataset's conversations (imported/human labels, chosen by hash, the same in "
-        "every retrain); labels of policy samples are always used. A proxy reward model for "
+        description="Train on this share of the dataset's conversations (imported/human labels, chosen by hash, the "
+        "same in every retrain); labels of policy samples are always used. A proxy reward model for "
         "over-optimisation studies trains on a fraction.",
     )
     max_minutes: float = Field(15.0, gt=0, description="Wall-clock budget for feature extraction and fitting together.")
@@ -274,14 +284,14 @@ class TrainSettings(BaseSettings):
     onpolicy_weight: float = Field(
         4.0,
         gt=0,
-        description="Loss weight of each on-policy pair against a dataset pair's 1: fresh labels of the policy's samples are few "
-        "beside the dataset, and they are where the served reward is wrong.",
+        description="Loss weight of each on-policy pair against a dataset pair's 1: fresh labels of the policy's "
+        "samples are few beside the dataset, and they are where the served reward is wrong.",
     )
     feature_layers: str = Field(
         "auto",
-        description="Head mode: backbone layers whose states are candidate features: auto (50/55/60% of the depth for decoders, "
-        "50/75/100% for encoders), last, or a list like 12,18,24. Head mode picks layer, pooling and penalty by "
-        "5-fold cross-validation on the training pairs.",
+        description="Head mode: backbone layers whose states are candidate features: auto (50/55/60% of the depth "
+        "for decoders, 50/75/100% for encoders), last, or a list like 12,18,24. Head mode picks layer, pooling and "
+        "penalty by 5-fold cross-validation on the training pairs.",
     )
     head_l2: float = Field(
         0.3, gt=0, description="Head mode: L2 penalty used when there are too few pairs (< 50) to cross-validate it."
@@ -289,30 +299,32 @@ class TrainSettings(BaseSettings):
     pair_weight: float = Field(
         1.0,
         ge=0,
-        description="Head mode, when feedback labels are in the snapshot: weight of the Bradley-Terry term (the mean loss over "
-        "pairs) in the objective beside the thumb and outcome terms (docs/feedback.md).",
+        description="Head mode, when feedback labels are in the snapshot: weight of the Bradley-Terry term (the mean "
+        "loss over pairs) in the objective beside the thumb and outcome terms (docs/feedback.md).",
     )
     thumb_weight: float = Field(
         1.0,
         ge=0,
-        description="Head mode: weight of the per-turn thumbs term, the mean logistic loss of sigmoid(r_turn - b_thumb) against "
-        "each thumb (1 up, 0 down); 0 ignores thumbs.",
+        description="Head mode: weight of the per-turn thumbs term, the mean logistic loss of sigmoid(r_turn - "
+        "b_thumb) against each thumb (1 up, 0 down); 0 ignores thumbs.",
     )
     outcome_weight: float = Field(
         1.0,
         ge=0,
-        description="Head mode: weight of the session-outcome term, the mean logistic loss of sigmoid(V - b_outcome) against "
-        "each outcome in [0, 1], V the sum of the session's turn rewards; 0 ignores outcomes.",
+        description="Head mode: weight of the session-outcome term, the mean logistic loss of sigmoid(V - b_outcome) "
+        "against each outcome in [0, 1], V the sum of the session's turn rewards; 0 ignores outcomes.",
     )
     feature_batch_tokens: int = Field(
         1024,
         gt=0,
-        description="Token budget of one feature-extraction batch (1024 measured fastest on a 2-core CPU; raise it on a GPU).",
+        description="Token budget of one feature-extraction batch (1024 measured fastest on a 2-core CPU; raise it "
+        "on a GPU).",
     )
     center_coef: float = Field(
         1e-3,
         ge=0,
-        description="Full mode: weight of the centring term coef * (r_chosen + r_rejected)^2 (head mode centres exactly).",
+        description="Full mode: weight of the centring term coef * (r_chosen + r_rejected)^2 (head mode centres "
+        "exactly).",
     )
     weight_decay: float = Field(1e-2, ge=0, description="Full mode: AdamW weight decay.")
     patience: int = Field(
@@ -324,8 +336,8 @@ class TrainSettings(BaseSettings):
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
     export_onnx: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs alike): auto = only "
-        "when it trained in fp32 on a CPU, where ONNX Runtime is what serves it.",
+        description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs "
+        "alike): auto = only when it trained in fp32 on a CPU, where ONNX Runtime is what serves it.",
     )
     full_learning_rate: float = Field(
         2e-5, gt=0, description="Full mode: AdamW learning rate of the backbone (LoRA adapters get 10x)."
@@ -347,30 +359,30 @@ class TrainSettings(BaseSettings):
     resume: bool = Field(True, description="Full mode: continue from the run's last checkpoint when one exists.")
     gate_onpolicy: bool = Field(
         True,
-        description="Promote a retrain only when it is more accurate than the promoted version on held-out on-policy pairs (labels "
-        "of the policy's samples; see gate_onpolicy_ties). Applies when there are such pairs.",
+        description="Promote a retrain only when it is more accurate than the promoted version on held-out on-policy "
+        "pairs (labels of the policy's samples; see gate_onpolicy_ties). Applies when there are such pairs.",
     )
     gate_onpolicy_ties: Literal["reject", "lower_loss"] = Field(
         "reject",
-        description="A retrain as accurate as its parent on held-out on-policy pairs: reject (the default: a promotion must be "
-        "more accurate on the policy's samples), or lower_loss: promote it when its loss there is lower, for "
-        "label budgets so small that a few held-out pairs rarely separate two versions' accuracy.",
+        description="A retrain as accurate as its parent on held-out on-policy pairs: reject (the default: a "
+        "promotion must be more accurate on the policy's samples), or lower_loss: promote it when its loss there is "
+        "lower, for label budgets so small that a few held-out pairs rarely separate two versions' accuracy.",
     )
     gate_tolerance: float = Field(
         0.02,
         ge=0,
-        description="Promote only if held-out accuracy on dataset pairs >= the promoted version's on the same pairs minus this "
-        "(and, when on-policy held-out pairs exist, on-policy accuracy rises).",
+        description="Promote only if held-out accuracy on dataset pairs >= the promoted version's on the same pairs "
+        "minus this (and, when on-policy held-out pairs exist, on-policy accuracy rises).",
     )
     gate_alpha: float = Field(
         0.05,
         ge=0,
         lt=1,
-        description="A retrain's drop on held-out dataset pairs beyond gate_tolerance rejects it only when McNemar's exact "
-        "test on the paired pairs finds the drop significant at this level (0: every such drop rejects).",
+        description="A retrain's drop on held-out dataset pairs beyond gate_tolerance rejects it only when McNemar's "
+        "exact test on the paired pairs finds the drop significant at this level (0: every such drop rejects).",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once "
-        "per machine (models/precision.py).",
+        description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, "
+        "measured once per machine (models/precision.py).",
     )

@@ -186,7 +186,8 @@ def test_feedback_file_imports_exports_exactly_and_rejects_bad_lines_alone(home,
     ]
     lines = [json.dumps(r) for r in good[:2]]
     lines += [
-        '{"conversation": [{"role": "user", "content": "x"}], "thumbs": [{"message_index": 5, "up": true}]}',  # out of range
+        # message_index out of range
+        '{"conversation": [{"role": "user", "content": "x"}], "thumbs": [{"message_index": 5, "up": true}]}',
         json.dumps(record("d", thumbs=[{"message_index": 1, "up": "yes"}])),  # not a bool
         json.dumps(record("e", outcome=1e309 * 0)),  # NaN
         json.dumps(record("f", colour="blue")),  # unknown key

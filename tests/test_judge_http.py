@@ -308,7 +308,8 @@ def test_stats_report_agreement_kappa_position_bias_and_length_bias(store, llm):
         """SELECT k.text FROM labels l JOIN label_rankings r ON r.label_id = l.label_id
                           JOIN completions k ON k.id = r.completion_id
                           WHERE l.source = 'JUDGE' AND r.rank = 0 AND l.label_id IN
-                                (SELECT label_id FROM label_rankings GROUP BY label_id HAVING count(DISTINCT rank) = 2)""",
+                                (SELECT label_id FROM label_rankings GROUP BY label_id
+                                 HAVING count(DISTINCT rank) = 2)""",
     )
     winners = {t for (t,) in judged}
     agree = sum(a in winners for a, _ in ANSWERS)

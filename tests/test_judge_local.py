@@ -75,7 +75,8 @@ def test_local_judge_labels_pairs_and_tournaments(store, tiny_lm_dir, tmp_path):
     assert {json.loads(m)["judge_template"] for _, m in labels} == {"house-rubric-v3"}
     ranks = rows(
         store,
-        "SELECT l.metadata, list(r.rank ORDER BY r.position) FROM labels l JOIN label_rankings r USING (label_id) GROUP BY ALL",
+        "SELECT l.metadata, list(r.rank ORDER BY r.position) FROM labels l JOIN label_rankings r USING (label_id) "
+        "GROUP BY ALL",
     )
     assert sorted(len(r) for _, r in ranks) == [2, 3]
 

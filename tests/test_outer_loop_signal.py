@@ -179,9 +179,10 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
     )
     # A candidate that does not fit the on-policy pairs better is refused by the gate.
     store.con.execute(
-        "UPDATE models SET metrics = json_object('accuracy_human', 0.9, 'baseline_accuracy_human', 0.9, 'accuracy', 0.9, "
-        "'baseline_accuracy', 0.9, 'pairs_onpolicy', 12, 'accuracy_onpolicy', 0.5, 'baseline_accuracy_onpolicy', 0.6, "
-        "'loss_onpolicy', 0.7, 'baseline_loss_onpolicy', 0.6), parent = ? WHERE version = ?",
+        "UPDATE models SET metrics = json_object('accuracy_human', 0.9, 'baseline_accuracy_human', 0.9, 'accuracy', "
+        "0.9, 'baseline_accuracy', 0.9, 'pairs_onpolicy', 12, 'accuracy_onpolicy', 0.5, "
+        "'baseline_accuracy_onpolicy', 0.6, 'loss_onpolicy', 0.7, 'baseline_loss_onpolicy', 0.6), parent = ? WHERE "
+        "version = ?",
         [v2.version, v3.version],
     )
     ok, why = registry.promote(store, v3.version, tolerance=0.02)

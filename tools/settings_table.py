@@ -1,7 +1,7 @@
 """Every settings class as a markdown table (environment variable, default, meaning).
 
     .venv/bin/python tools/settings_table.py            # print the tables of docs/configuration.md
-    .venv/bin/python tools/settings_table.py --write    # rewrite them in docs/configuration.md and docs/policy-trainer.md (make docs)
+    .venv/bin/python tools/settings_table.py --write    # rewrite them in the docs (make docs)
 
 Tests check that docs/configuration.md and docs/policy-trainer.md hold exactly these tables, so the docs
 cannot drift.

@@ -107,7 +107,8 @@ def run_demo(s: DemoSettings) -> int:
     report = write_report(facts)
     print("\n" + facts.summary_table())
     print(
-        f"\nreport: {report}\nplots:  {', '.join(str(p) for p in facts.plots)}\nstore:  {home / 'rm.duckdb'}   registry: {home / 'registry'}"
+        f"\nreport: {report}\nplots:  {', '.join(str(p) for p in facts.plots)}\nstore:  {home / 'rm.duckdb'}   "
+        f"registry: {home / 'registry'}"
     )
     return 0 if facts.server_exit_code == 0 else 1
 
@@ -140,7 +141,8 @@ def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
         )
 
         t = stages.start(
-            f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget {s.rm_max_minutes:g} min)"
+            f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget "
+            f"{s.rm_max_minutes:g} min)"
         )
         facts.gold = train(store, gold_settings(s), ModelSettings(), show_progress=s.progress)
         stages.done(
@@ -181,8 +183,8 @@ def _calibration_items(store: Store, settings: TrainSettings, n: int | None, pat
 
 def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start(
-        f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, owns the store, "
-        "runs retraining jobs)"
+        f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, "
+        "owns the store, runs retraining jobs)"
     )
     env = {
         **os.environ,

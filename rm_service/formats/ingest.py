@@ -30,9 +30,10 @@ class ImportStopped(Exception):
     def __init__(self, counts: Counter, reasons: list[str], resume_at: str, cause: BaseException):
         self.counts, self.reasons, self.resume_at, self.cause = counts, reasons, resume_at, cause
         super().__init__(
-            f"the import stopped at {resume_at} ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else 'interrupted'}). "
-            f"Every record before {resume_at} was stored or rejected as reported; nothing from {resume_at} on was stored. "
-            "Run the same import again to complete it (records already stored come back DUPLICATE)"
+            f"the import stopped at {resume_at} ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else 'interrupted'}). Every record before {resume_at} was "
+            f"stored or rejected as reported; nothing from {resume_at} on was stored. Run the same import again to "
+            "complete it (records already stored come back DUPLICATE)"
         )
 
 

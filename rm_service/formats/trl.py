@@ -118,7 +118,8 @@ def _split_conversations(chosen: list[Message], rejected: list[Message]) -> tupl
             raise FormatError(f"the last message of {name} must be an assistant message")
     if len(chosen) - shared != 1 or len(rejected) - shared != 1:
         raise FormatError(
-            "chosen and rejected must share every message but the last (the prompt), then differ in one assistant message"
+            "chosen and rejected must share every message but the last (the prompt), then differ in one assistant "
+            "message"
         )
     return chosen[:shared], chosen[-1].content, rejected[-1].content
 

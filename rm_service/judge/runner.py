@@ -65,8 +65,8 @@ class JudgeCounts:
         return (
             f"judged {self.items} items in {self.seconds:.1f}s ({self.calls} judge calls): labeled {self.labeled} "
             f"(ties {self.ties}), skipped {self.skipped} (inconsistent), parse failures {self.parse_failures}, "
-            f"backend errors {self.errors}, duplicates {self.duplicates}, rejected {self.rejected}; "
-            f"position flips {self.position_flips} of {self.pair_judgments} pair judgments ({self.position_bias_rate:.1%})"
+            f"backend errors {self.errors}, duplicates {self.duplicates}, rejected {self.rejected}; position flips "
+            f"{self.position_flips} of {self.pair_judgments} pair judgments ({self.position_bias_rate:.1%})"
         )
 
 

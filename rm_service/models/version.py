@@ -183,8 +183,8 @@ def check_golden(
         want = g.expected(precision)
         if abs(float(got) - want) > tolerance * max(1.0, abs(want)):
             raise FailedPrecondition(
-                f"{where}: golden pair check failed: an item scored {float(got):.5f} in {precision} at load but {want:.5f} "
-                f"in training (tolerance {tolerance:g}); {cause}. Refusing to serve this version"
+                f"{where}: golden pair check failed: an item scored {float(got):.5f} in {precision} at load but "
+                f"{want:.5f} in training (tolerance {tolerance:g}); {cause}. Refusing to serve this version"
             )
 
 

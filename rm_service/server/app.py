@@ -202,7 +202,8 @@ class RewardServer:
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
             self.served.loading = False  # from here a version this process does not hold is NOT_FOUND, not UNAVAILABLE
-            gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
+            # The models' objects never die: keep them out of the collector's full passes (270 ms pauses seen).
+            gc.freeze()
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s)

@@ -113,7 +113,8 @@ def _parse(lines: list[str], where: str) -> list[tuple[str, bytes]]:
             raise FailedPrecondition(f"{where} {n}: expected role:token with role one of {', '.join(ROLES)}")
         if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
             raise FailedPrecondition(
-                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces"
+                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                "spaces"
             )
         entries.append((role, token.encode("ascii")))
     return entries

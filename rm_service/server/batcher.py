@@ -144,7 +144,8 @@ class Batcher:
             await asyncio.to_thread(self._thread.join)
 
     def fair_wait(self) -> float:
-        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its length."""
+        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its
+        length."""
         return self.fair_wait_s or FAIR_WAIT_BATCHES * (self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS)
 
     def admit(self, items: int, tokens: int, ticket: Ticket) -> Permit:

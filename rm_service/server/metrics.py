@@ -6,9 +6,9 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_queue_depth | gauge | items waiting for a batch (Batcher.queue_depth()) |
 | rm_inflight_items | gauge | items admitted and not yet answered |
 | rm_queued_tokens | gauge | tokens admitted and not yet scored |
-| rm_admission_token_limit | gauge | queued tokens at which requests are refused (measured rate x target wait, or the setting) |
+| rm_admission_token_limit | gauge | queued tokens at which requests are refused (rate x target wait, or the setting) |
 | rm_model_tokens_per_second | gauge | the model's measured rate (real tokens/s, weighted over recent batches) |
-| rm_fair_wait_seconds | gauge | the fairness bound: an item waiting this long past its first-come-first-served turn joins the next batch |
+| rm_fair_wait_seconds | gauge | the fairness bound: an item this long past its FCFS turn joins the next batch |
 | rm_batch_size | histogram | items per model batch |
 | rm_batch_padding_ratio | histogram | padded / real tokens per batch |
 | rm_stage_seconds | histogram | stage = tokenise (per request), queue_wait (per item), inference (per batch) |
@@ -25,7 +25,7 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_raw_score_reference_mean, _std | gauge | version: raw score on its training items (version.json reward_mean/std) |
 | rm_raw_score_drift_mean | gauge | version: (window mean - reference mean) / reference std |
 | rm_raw_score_drift_std_ratio | gauge | version: window std / reference std |
-| rm_reward_length_correlation | gauge | version: Pearson r of completion length (characters) and raw score over the window |
+| rm_reward_length_correlation | gauge | version: Pearson r of completion length (chars) and raw score over the window |
 | rm_reward_length_correlation_reference | gauge | version: the same on its training items |
 | rm_reward_window_items | gauge | version: items in the window |
 | rm_http_requests_total | counter | route, status: finished requests to the HTTP reward routes and /health |
@@ -331,8 +331,8 @@ WINDOW_GAUGES = {
     "rm_raw_score_reference_std": "The version's raw-score standard deviation on its training items (reward_std).",
     "rm_raw_score_drift_mean": "(window mean - reference mean) / reference std: the served mean reward's shift.",
     "rm_raw_score_drift_std_ratio": "window std / reference std.",
-    "rm_reward_length_correlation": "Pearson correlation of completion length (characters) and raw score over the window; "
-    "rising above its reference is an early sign of a policy exploiting length.",
+    "rm_reward_length_correlation": "Pearson correlation of completion length (characters) and raw score over the "
+    "window; rising above its reference is an early sign of a policy exploiting length.",
     "rm_reward_length_correlation_reference": "The same correlation on the version's training items.",
 }
 

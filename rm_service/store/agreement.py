@@ -187,7 +187,10 @@ def annotators(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple[str, i
     ).fetchall()
 
 
-_IN_OTHER = "(list_contains($other_sources::VARCHAR[], l.source) AND ($other_annotator IS NULL OR l.annotator = $other_annotator))"
+_IN_OTHER = (
+    "(list_contains($other_sources::VARCHAR[], l.source) AND ($other_annotator IS NULL OR l.annotator = "
+    "$other_annotator))"
+)
 _IN_REF = (
     "(list_contains($ref_sources::VARCHAR[], l.source) AND ($ref_annotator IS NULL OR l.annotator = $ref_annotator))"
 )
@@ -197,8 +200,10 @@ _IN_REF = (
 # other set's labels and among the reference set's labels; pairs that both voted on.
 _SHARED_PAIRS_SQL = f"""
 WITH votes AS (
-    SELECT {_IN_OTHER} AS is_other, least(a.completion_id, b.completion_id) AS x, greatest(a.completion_id, b.completion_id) AS y,
-           CASE WHEN a.rank = b.rank THEN 0.5 WHEN (a.rank < b.rank) = (a.completion_id < b.completion_id) THEN 1.0 ELSE 0.0 END AS x_vote
+    SELECT {_IN_OTHER} AS is_other, least(a.completion_id, b.completion_id) AS x,
+           greatest(a.completion_id, b.completion_id) AS y,
+           CASE WHEN a.rank = b.rank THEN 0.5
+                WHEN (a.rank < b.rank) = (a.completion_id < b.completion_id) THEN 1.0 ELSE 0.0 END AS x_vote
     FROM labels l
     JOIN label_rankings a ON a.label_id = l.label_id
     JOIN label_rankings b ON b.label_id = l.label_id AND a.position < b.position

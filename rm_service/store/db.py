@@ -202,7 +202,8 @@ class Store:
                     raise NotFound(f"snapshot {snapshot_id!r} not found")
             else:
                 row = self.con.execute(
-                    "SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC LIMIT 1"
+                    "SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC "
+                    "LIMIT 1"
                 ).fetchone()
         return Snapshot(*row) if row else None
 
@@ -258,10 +259,10 @@ class Store:
             done = q("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
             judge = self.judge_agreement()
             pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
-                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[
-                0
-            ]
-            feedback = q("""SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'), count(*) FILTER (kind = 'outcome')
+                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank
+                         GROUP BY a.label_id)""").fetchone()[0]
+            feedback = q("""SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'),
+                                   count(*) FILTER (kind = 'outcome')
                             FROM label_feedback""").fetchone()
             return {
                 "feedback_labels": feedback[0],

@@ -159,8 +159,9 @@ def prepare_feedback(fb: FeedbackIn, where: str, max_chars: int) -> PreparedFeed
 # -- reading back --------------------------------------------------------------------------
 
 _QUERY = """
-SELECT l.seq, l.label_id, c.messages, list(f.kind ORDER BY f.message_index), list(f.message_index ORDER BY f.message_index),
-       list(f.value ORDER BY f.message_index), l.source, l.annotator, l.rationale, l.metadata, l.task_id
+SELECT l.seq, l.label_id, c.messages, list(f.kind ORDER BY f.message_index),
+       list(f.message_index ORDER BY f.message_index), list(f.value ORDER BY f.message_index), l.source,
+       l.annotator, l.rationale, l.metadata, l.task_id
 FROM labels l
 JOIN conversations c ON c.id = l.conversation_id
 JOIN label_feedback f ON f.label_id = l.label_id

@@ -74,24 +74,28 @@ class Rows:
         c = self.conversations
         con.execute(
             """INSERT INTO conversations (id, messages, num_turns)
-                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[])::JSON, unnest(?::INTEGER[]))
+                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[])::JSON,
+                                             unnest(?::INTEGER[]))
                        WHERE id NOT IN (SELECT id FROM conversations)""",
             [c["id"], c["messages"], c["num_turns"]],
         )
         k = self.completions
         con.execute(
             """INSERT INTO completions (id, conversation_id, text, origin)
-                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]))
+                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),
+                                             unnest(?::VARCHAR[]))
                        WHERE id NOT IN (SELECT id FROM completions)""",
             [k["id"], k["conversation_id"], k["text"], k["origin"]],
         )
         lab = self.labels
         con.execute(
-            """INSERT INTO labels (label_id, seq, conversation_id, source, annotator, strength, rationale, metadata, task_id, payload_hash)
+            """INSERT INTO labels (label_id, seq, conversation_id, source, annotator, strength, rationale, metadata,
+                                  task_id, payload_hash)
                        SELECT l, nextval('label_seq'), c, s, a, st, r, m::JSON, t, h FROM (
-                         SELECT unnest(?::VARCHAR[]) AS l, unnest(?::VARCHAR[]) AS c, unnest(?::VARCHAR[]) AS s, unnest(?::VARCHAR[]) AS a,
-                                unnest(?::DOUBLE[]) AS st, unnest(?::VARCHAR[]) AS r, unnest(?::VARCHAR[]) AS m, unnest(?::VARCHAR[]) AS t,
-                                unnest(?::VARCHAR[]) AS h, generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i""",
+                         SELECT unnest(?::VARCHAR[]) AS l, unnest(?::VARCHAR[]) AS c, unnest(?::VARCHAR[]) AS s,
+                                unnest(?::VARCHAR[]) AS a, unnest(?::DOUBLE[]) AS st, unnest(?::VARCHAR[]) AS r,
+                                unnest(?::VARCHAR[]) AS m, unnest(?::VARCHAR[]) AS t, unnest(?::VARCHAR[]) AS h,
+                                generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i""",
             [
                 lab["label_id"],
                 lab["conversation_id"],
@@ -115,7 +119,8 @@ class Rows:
         if f["label_id"]:
             con.execute(
                 """INSERT INTO label_feedback (label_id, kind, message_index, value)
-                           SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::DOUBLE[])""",
+                           SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]),
+                                  unnest(?::DOUBLE[])""",
                 [f["label_id"], f["kind"], f["message_index"], f["value"]],
             )
         closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t and l not in self._feedback_ids]

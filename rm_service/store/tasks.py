@@ -106,7 +106,8 @@ def _insert(store: Store, c: Candidate) -> str:
         cid = completion_id(conv, text)
         comp_ids.append(cid)
         q(
-            "INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON CONFLICT DO NOTHING",
+            "INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON "
+            "CONFLICT DO NOTHING",
             [cid, conv, text, origin, json.dumps(c.sampling)],
         )
     q(
@@ -135,7 +136,8 @@ def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int, resume: 
                 FROM tasks t JOIN conversations c ON c.id = t.conversation_id
                 WHERE ({TASK_AVAILABLE} OR ($resume AND state = 'leased' AND lease_owner = $owner))
                   AND t.task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = $owner)
-                ORDER BY ($resume AND state = 'leased' AND lease_owner = $owner) DESC, t.priority DESC, t.created_at, t.task_id
+                ORDER BY ($resume AND state = 'leased' AND lease_owner = $owner) DESC, t.priority DESC, t.created_at,
+                         t.task_id
                 LIMIT $limit""",
             {"owner": owner, "resume": resume, "limit": max_tasks},
         ).fetchall()
@@ -153,7 +155,8 @@ def get(store: Store, task_id: str) -> Task:
     """One task with its prompt and completions, whatever its state (NotFound if unknown)."""
     with store.transaction():
         rows = store.con.execute(
-            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''), epoch_ms(t.lease_expires_at)
+            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''),
+                      epoch_ms(t.lease_expires_at)
                FROM tasks t JOIN conversations c ON c.id = t.conversation_id WHERE t.task_id = ?""",
             [task_id],
         ).fetchall()

@@ -30,7 +30,10 @@ class ModelRecord:
     created_at_ms: int | None = None
 
 
-_COLUMNS = "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, ensemble_size, artifact_path, epoch_ms(created_at)"
+_COLUMNS = (
+    "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, "
+    "ensemble_size, artifact_path, epoch_ms(created_at)"
+)
 
 
 def _record(row) -> ModelRecord:
@@ -104,6 +107,7 @@ def last_retired_promotion(store: Store) -> str | None:
     """The retired version promoted most recently (what a rollback returns to), or None."""
     with store._lock:
         row = store.con.execute(
-            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at DESC LIMIT 1"
+            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at "
+            "DESC LIMIT 1"
         ).fetchone()
     return row[0] if row else None

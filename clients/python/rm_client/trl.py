@@ -4,8 +4,12 @@ same way), scored by an rm-service server.
     from trl import GRPOConfig, GRPOTrainer
     from rm_client.trl import RewardFunction
 
-    reward = RewardFunction(addresses=["10.0.0.5:50051"], token=os.environ["RM_TOKEN"], tls_ca=open("ca.pem", "rb").read())
-    trainer = GRPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[reward], train_dataset=dataset, args=GRPOConfig(...))
+    reward = RewardFunction(
+        addresses=["10.0.0.5:50051"], token=os.environ["RM_TOKEN"], tls_ca=open("ca.pem", "rb").read()
+    )
+    trainer = GRPOTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[reward], train_dataset=dataset, args=GRPOConfig(...)
+    )
 
 TRL calls `reward(prompts=..., completions=..., completion_ids=..., **columns)` with one entry
 per generated completion and expects one float each:
