@@ -20,11 +20,10 @@ import random
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rm_service.data import HH_PAIRS
-from rm_service.server.forming import pick_batch  # noqa: E402
+from rm_service.server.forming import pick_batch
 
 
 def item_tokens(path: Path, cap: int) -> list[int]:

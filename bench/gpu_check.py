@@ -31,8 +31,8 @@ from rm_service.data import HH_PAIRS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from score import closed_loop, hh_items, pct  # noqa: E402
-from train import non_embedding_params  # noqa: E402
+from score import closed_loop, hh_items, pct  # noqa: E402  (bench/score.py, once bench/ is on the path)
+from train import non_embedding_params  # noqa: E402  (bench/train.py)
 
 DATA = HH_PAIRS
 ONE_B = dict(
@@ -215,7 +215,7 @@ def ppo_steps(args, home: Path, version_dir: Path) -> dict:
 def table(
     device_name: str, peak: float, rm: dict, served: dict, big: dict, big_params: int, ppo: dict, clients: int
 ) -> str:
-    mfu = lambda flops_per_token, tokens: 100 * flops_per_token * tokens / peak  # noqa: E731
+    mfu = lambda flops_per_token, tokens: 100 * flops_per_token * tokens / peak
     rows = [
         ("device", device_name),
         ("bf16 GEMM (measured here)", f"{peak / 1e12:.1f} TFLOP/s"),

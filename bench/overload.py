@@ -43,7 +43,7 @@ from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.server.app import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score import hh_items, pct, served_backend, start_server  # noqa: E402
+from score import hh_items, pct, served_backend, start_server
 
 BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # the PPO client's defaults (PPOSettings.score_backoff_s, score_backoff_max_s)
 
@@ -124,7 +124,7 @@ def batch_figures(port: int) -> tuple[float, float, float]:
 def measured_level(address: str, port: int, items, callers: int, args) -> Level:
     before = batch_figures(port)
     level = asyncio.run(run_level(address, items, callers, args.items_per_call, args.seconds, args.deadline))
-    level.batches, level.batch_items, level.padding = (b - a for a, b in zip(before, batch_figures(port)))
+    level.batches, level.batch_items, level.padding = (b - a for a, b in zip(before, batch_figures(port), strict=True))
     return level
 
 
@@ -198,7 +198,9 @@ def main() -> None:
         used = [
             b - a
             for a, b in zip(
-                before, (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter())
+                before,
+                (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter()),
+                strict=False,
             )
         ]
     finally:

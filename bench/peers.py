@@ -45,7 +45,7 @@ from rm_service.data import HH_PAIRS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from peers_report import non_embedding_params, report  # noqa: E402  (bench/peers_report.py)
+from peers_report import non_embedding_params, report  # noqa: E402  (bench/peers_report.py, once bench/ is on the path)
 
 DATA = HH_PAIRS
 SYSTEMS = ("rm-service", "openrlhf", "naive")

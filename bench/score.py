@@ -44,7 +44,7 @@ from rm_service.data import HH_PAIRS
 from rm_service.formats.hh import HHFormatError, read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import gemm_flops, non_embedding_params  # noqa: E402
+from train import gemm_flops, non_embedding_params
 
 DATA = HH_PAIRS
 

@@ -51,7 +51,7 @@ def candidates(
 ) -> list[preference_pb2.Candidate]:
     """Candidates (prompt + its distinct non-empty completions, K >= 2) for the labeling queue."""
     out = []
-    for n, (prompt, texts) in enumerate(zip(prompts, completions)):
+    for n, (prompt, texts) in enumerate(zip(prompts, completions, strict=True)):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         if len(distinct) < 2:
             continue

@@ -157,7 +157,7 @@ def check_store(store: Path, acked: set[str], unknown: set[str], hashes: dict[st
     v: list[str] = []
     con = duckdb.connect(str(store), read_only=True)
     try:
-        q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+        q = lambda sql: con.execute(sql).fetchall()
         stored = dict(q("SELECT label_id, payload_hash FROM labels"))
         twice = q("SELECT label_id, count(*) FROM labels GROUP BY label_id HAVING count(*) > 1")
         bad_rankings = q("""SELECT l.label_id, count(r.label_id)

@@ -146,7 +146,7 @@ def test_each_hostile_feedback_fails_alone_naming_its_field(server, preference):
     response = preference.IngestFeedback(preference_pb2.IngestFeedbackRequest(feedback=items), timeout=30)
     statuses = [r.status for r in response.results]
     assert statuses == [preference_pb2.INSERTED] + [preference_pb2.REJECTED] * len(BAD) + [preference_pb2.INSERTED]
-    for result, (_, reason) in zip(response.results[1:], BAD):
+    for result, (_, reason) in zip(response.results[1:-1], BAD, strict=True):
         assert result.reason.startswith(reason), result.reason
     con = server.server.store.con
     assert [r[0] for r in con.execute("SELECT label_id FROM labels ORDER BY seq").fetchall()] == ["ok-1", "ok-2"]

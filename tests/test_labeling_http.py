@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 from labeling import CHAT, REPLIES, SECOND_LABELER, TOKENS, annotator, client, rows, start, submit, url
-from test_auth import pki  # noqa: F401 - the throwaway CA and certificates of the gRPC TLS tests
 
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition

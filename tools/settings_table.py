@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's settings, not an installed copy's
 
-from pydantic_settings import BaseSettings  # noqa: E402
+from pydantic_settings import BaseSettings
 
-from rm_service import settings as s  # noqa: E402
-from rm_service.demo.settings import DemoSettings  # noqa: E402
-from rm_service.judge.settings import JudgeSettings  # noqa: E402
+from rm_service import settings as s
+from rm_service.demo.settings import DemoSettings
+from rm_service.judge.settings import JudgeSettings
 
 CLASSES = [
     s.StoreSettings,

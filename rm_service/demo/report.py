@@ -216,8 +216,8 @@ def _accuracies(m) -> str:
 
 
 def _version_row(m) -> str:
-    get = lambda key: m.metrics.get(key)  # noqa: E731
-    cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    get = lambda key: m.metrics.get(key)
+    cell = lambda v: "" if v is None else f"{v:.4f}"
     return (
         f"| {m.version} | {m.status} | {m.parent or ''} | {cell(get('accuracy_human'))} | "
         f"{cell(get('baseline_accuracy_human'))} | {cell(get('accuracy_onpolicy'))} | "

@@ -48,7 +48,7 @@ def import_records(
 
     def flush() -> None:
         outcomes = store.ingest([label for _, label in batch], origin="dataset")
-        for i, ((record, _), outcome) in enumerate(zip(batch, outcomes)):
+        for i, ((record, _), outcome) in enumerate(zip(batch, outcomes, strict=True)):
             counts[outcome.status] += 1
             if outcome.status in ("REJECTED", "CONFLICT"):
                 reasons.append(
@@ -76,7 +76,7 @@ def import_records(
                 resume_at = f"{record.unit} {record.number + 1}"
         if batch:
             flush()
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report what was stored, then stop
+    except (Exception, KeyboardInterrupt) as exc:
         raise ImportStopped(counts, _in_order(reasons), resume_at, exc) from exc
     return counts, _in_order(reasons)
 

@@ -43,7 +43,7 @@ def parquet_records(path: Path) -> Iterator[Record]:
         yield Record("file", 0, "", FormatError(f"cannot read {path.name} as Parquet: {str(exc).splitlines()[0]}"))
         return
     for row in rows:
-        record = dict(zip(names, row))
+        record = dict(zip(names, row, strict=True))
         number = record.pop("file_row_number") + 1
         canonical = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
         yield Record("row", number, digest(canonical.encode("utf-8", "surrogatepass")), record)

@@ -93,7 +93,7 @@ def trl_turns(data: dict) -> tuple[list[Message], str, str]:
 def _standard(prompt: str | None, chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     if prompt is None:  # implicit: the longest common prefix of characters
         split = 0
-        for a, b in zip(chosen, rejected):
+        for a, b in zip(chosen, rejected, strict=False):
             if a != b:
                 break
             split += 1
@@ -107,7 +107,7 @@ def _standard(prompt: str | None, chosen: str, rejected: str) -> tuple[list[Mess
 
 def _split_conversations(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], str, str]:
     shared = 0
-    for a, b in zip(chosen, rejected):
+    for a, b in zip(chosen, rejected, strict=False):
         if a != b:
             break
         shared += 1

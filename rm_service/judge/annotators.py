@@ -16,6 +16,7 @@ Both give `annotate(item, counts) -> Label | None` (None: the policy left no out
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -69,7 +70,7 @@ def reward_ranks(rewards: list[float], tie_margin: float) -> list[int]:
     """Dense ranks (0 = best) by reward; neighbours within `tie_margin` of each other tie."""
     order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
     ranks, rank = [0] * len(rewards), 0
-    for previous, current in zip(order, order[1:]):
+    for previous, current in itertools.pairwise(order):
         if rewards[previous] - rewards[current] > tie_margin:
             rank += 1
         ranks[current] = rank

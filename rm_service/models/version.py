@@ -179,7 +179,7 @@ def check_golden(
     tolerance = GOLDEN_TOLERANCE[precision]
     items = [runtime.format([Message(**m) for m in g.prompt], g.completion) for g in golden]
     raw = (scorer or runtime).run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
-    for g, got in zip(golden, raw):
+    for g, got in zip(golden, raw, strict=True):
         want = g.expected(precision)
         if abs(float(got) - want) > tolerance * max(1.0, abs(want)):
             raise FailedPrecondition(

@@ -295,7 +295,7 @@ class Batcher:
                 rewards = backend.run_collated(batch)  # [b, K]
                 ran = _Ran(live, rewards, int(batch["input_ids"].numel()), start, time.monotonic() - start)
                 self.meter.record(sum(len(j.item) for j in live), len(live), ran.seconds)
-        except Exception as exc:  # noqa: BLE001 - the callers get the error, the thread goes on
+        except Exception as exc:
             log.exception("model batch failed")
             self._post(self._fail, live + dropped, exc)
             return
@@ -336,7 +336,7 @@ class Batcher:
             self._observe_drop()
         if ran.rewards is None:
             return
-        for j, row in zip(ran.jobs, ran.rewards):
+        for j, row in zip(ran.jobs, ran.rewards, strict=True):
             self.admission.spend(j.permit, len(j.item))
             if not j.future.done():
                 j.future.set_result(row)

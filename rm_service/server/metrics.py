@@ -176,7 +176,7 @@ class Metrics:
         """The items of one scoring call, as answered: raw and served rewards, tokens, truncation
         and completion lengths [N] each; `reference` is None for a version without one (external)."""
         hist, toks = self.reward.labels(version), self.item_tokens.labels(version)
-        for value, n in zip(reward, tokens):
+        for value, n in zip(reward, tokens, strict=True):
             hist.observe(float(value))
             toks.observe(n)
         cut = int(sum(bool(t) for t in truncated))

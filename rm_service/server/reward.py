@@ -257,7 +257,7 @@ def turns_response(served: Served, turns: list[int], raw: np.ndarray) -> reward_
     response = reward_pb2.ScoreTurnsResponse(
         model_version=served.record.version, format_hash=runtime.spec.hash, session_value=float(raw.sum())
     )
-    for i, r, s in zip(turns, reward, raw):
+    for i, r, s in zip(turns, reward, raw, strict=True):
         turn = response.turns.add(message_index=i, reward=float(r), raw_score=float(s))
         if "thumb_offset" in offsets:
             turn.thumb_up = sigmoid(float(s) - offsets["thumb_offset"])

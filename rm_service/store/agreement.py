@@ -73,7 +73,7 @@ def cohen_kappa(a: list[str], b: list[str]) -> float:
     n = len(a)
     if n == 0 or n != len(b):
         return math.nan
-    observed = sum(x == y for x, y in zip(a, b)) / n
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
     expected = sum((a.count(c) / n) * (b.count(c) / n) for c in set(a) | set(b))
     if expected == 1.0:
         return math.nan

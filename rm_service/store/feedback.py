@@ -188,8 +188,8 @@ def feedback_in_snapshot(store, snapshot) -> list[StoredFeedback]:
         rows = store.con.execute(_QUERY, {"max_seq": snapshot.max_seq}).fetchall()
     out = []
     for seq, label_id, messages, kinds, indexes, values, source, annotator, rationale, metadata, task_id in rows:
-        thumbs = [TurnThumb(int(i), v >= 0.5) for k, i, v in zip(kinds, indexes, values) if k == "thumb"]
-        outcome = next((float(v) for k, v in zip(kinds, values) if k == "outcome"), None)
+        thumbs = [TurnThumb(int(i), v >= 0.5) for k, i, v in zip(kinds, indexes, values, strict=True) if k == "thumb"]
+        outcome = next((float(v) for k, v in zip(kinds, values, strict=True) if k == "outcome"), None)
         out.append(
             StoredFeedback(
                 seq=seq,

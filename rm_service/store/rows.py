@@ -62,7 +62,7 @@ class Rows:
 
     def _add_ranking(self, p: PreparedLabel) -> None:
         label, conv = p.label, p.conversation_id
-        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids)):
+        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids, strict=True)):
             if comp not in self._seen_comp:  # a completion already stored keeps its origin (e.g. policy@<version>)
                 self._seen_comp.add(comp)
                 _append(self.completions, id=comp, conversation_id=conv, text=text, origin=p.origin)
@@ -123,13 +123,17 @@ class Rows:
                                   unnest(?::DOUBLE[])""",
                 [f["label_id"], f["kind"], f["message_index"], f["value"]],
             )
-        closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t and l not in self._feedback_ids]
+        closes = [
+            (task_id, label_id)
+            for task_id, label_id in zip(lab["task_id"], lab["label_id"], strict=True)
+            if task_id and label_id not in self._feedback_ids
+        ]
         if closes:  # a ranking answering a task closes it (feedback on the task's chat is provenance only)
             con.execute(
                 """UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
                            FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
                            WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",
-                [[t for t, _ in closes], [l for _, l in closes]],
+                [[task_id for task_id, _ in closes], [label_id for _, label_id in closes]],
             )
 
 

@@ -85,7 +85,7 @@ class GroupCommitWriter:
         try:
             results = self.store.ingest_batches([prepared for prepared, _ in items])
             self.commits += 1
-        except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
+        except Exception as exc:
             if len(items) > 1:
                 log.warning("group commit of %d requests failed (%s); committing them one by one", len(items), exc)
                 for item in items:
@@ -94,5 +94,5 @@ class GroupCommitWriter:
             log.exception("commit of a request with %d labels failed", len(items[0][0]))
             items[0][1].set_exception(exc)
             return
-        for (_, future), outcomes in zip(items, results):
+        for (_, future), outcomes in zip(items, results, strict=True):
             future.set_result(outcomes)

@@ -123,7 +123,7 @@ def cached_features(
         )  # cand -> [n, H]
         for c in cands:
             put_features(store, feature_key(runtime, c), runtime.spec.hash, part, vectors[c], [len(x) for x in items])
-            out[c].update(zip(part, vectors[c]))
+            out[c].update(zip(part, vectors[c], strict=True))
     return out
 
 
@@ -168,7 +168,7 @@ def prefix_groups(
         return [], list(range(len(items)))
     by_prompt: dict[str, list[int]] = {}
     alone = []
-    for i, (prompt, item) in enumerate(zip(prompts, items)):
+    for i, (prompt, item) in enumerate(zip(prompts, items, strict=True)):
         if item.truncated or item.completion_start <= 0 or item.completion_start >= len(item):
             alone.append(i)
         else:
@@ -291,7 +291,7 @@ def _padded(rows: list[list[int]], pad: int, dev: torch.device) -> tuple[torch.T
 def _length_chunks(rows: list, lengths: list[int], prompt_width: int, budget: int) -> list[list]:
     """Consecutive rows (sorted by length) whose padded completions and prompt keys fit the budget."""
     chunks, current, longest = [], [], 0
-    for row, n in zip(rows, lengths):
+    for row, n in zip(rows, lengths, strict=True):
         if current and (len(current) + 1) * (max(longest, n) + prompt_width // 4) > budget:
             chunks.append(current)
             current, longest = [], 0

@@ -101,7 +101,7 @@ class ClientBase:
         if not completions:
             raise ValueError("nothing to score: no completions")
         items = []
-        for i, (p, c) in enumerate(zip(prompts, completions)):
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             if not isinstance(c, str):
                 raise ValueError(f"completions[{i}]: expected a string, got {type(c).__name__}")
             items.append(score_item(p, c, str(i)))
@@ -115,7 +115,7 @@ def request(chunk: list[reward_pb2.ScoreItem], version: str) -> reward_pb2.Score
 def checked(
     response: reward_pb2.ScoreResponse, chunk: list[reward_pb2.ScoreItem], version: str
 ) -> reward_pb2.ScoreResponse:
-    if len(response.results) != len(chunk) or any(r.id != i.id for r, i in zip(response.results, chunk)):
+    if len(response.results) != len(chunk) or any(r.id != i.id for r, i in zip(response.results, chunk, strict=True)):
         raise BadResponse(f"Score answered {len(response.results)} results for {len(chunk)} items, or out of order")
     if version and response.model_version != version:
         raise BadResponse(f"Score pinned to {version!r} was answered by {response.model_version!r}")
