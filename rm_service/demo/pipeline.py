@@ -216,7 +216,7 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
 
     gold_dir = str(Path(ModelSettings().artifacts_dir) / facts.gold.version)
     judge_settings = JudgeSettings(backend="rm", model=gold_dir, server=address, concurrency=1)
-    gold = [RewardAnnotator(gold_dir, judge_settings)]
+    gold = RewardAnnotator(gold_dir, judge_settings)
     which = "the samples the proxy doubts most" if s.selection == "uncertainty" else "random samples"
     loop = (
         f"the gold labels {which}; retrain at {s.retrain_min_labels} new labels"
@@ -276,7 +276,7 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
             judge_settings,
             address=address,
             input_path=facts.calibration_file,
-            backends=gold,
+            annotator_=gold,
             progress=s.progress,
             progress_file=s.run_home / "calibration.done",
         )
@@ -290,8 +290,8 @@ class _JudgeWorker:
         self.counts = None
         self.error: Exception | None = None
 
-    def run(self, run_judge, settings, address, stop, backends) -> None:
+    def run(self, run_judge, settings, address, stop, annotator_) -> None:
         try:
-            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, backends=backends)
+            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, annotator_=annotator_)
         except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
             self.error = exc

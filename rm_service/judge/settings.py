@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The judge backends: rm_service.judge.annotators.ANNOTATORS opens each (and checks this list against it).
+BackendName = Literal["local", "http", "rm"]
+
 
 class JudgeSettings(BaseSettings):
     """LLM-as-judge labeling (`rm-service judge`): backends, position swap, retries, the queue."""
@@ -15,7 +18,7 @@ class JudgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RM_JUDGE_")
 
     # -- which judge -------------------------------------------------------------------------
-    backend: Literal["local", "http", "rm"] = Field(
+    backend: BackendName = Field(
         "local",
         description="local: an HF causal LM run in this process; http: an OpenAI-compatible chat-completions "
         "endpoint (vLLM, llama.cpp server, hosted APIs); rm: a reward model scores every response (a stronger or "
