@@ -34,6 +34,7 @@ from typing import Literal
 import duckdb
 
 from rm_service.errors import InvalidArgument
+from rm_service.store.tx import one_row
 
 Side = Literal["x", "y", "tie"]
 
@@ -175,7 +176,7 @@ def report(con: duckdb.DuckDBPyConnection, reference: LabelSet, other: LabelSet)
         )
     params = reference.params("ref") | other.params("other")
     rows = con.execute(_SHARED_PAIRS_SQL, params).fetchall()
-    swapped, flips = con.execute(_SWAP_SQL, other.params("other")).fetchone()
+    swapped, flips = one_row(con, _SWAP_SQL, other.params("other"))
     return agreement_report([SharedPair(*row) for row in rows], int(swapped), int(flips))
 
 

@@ -8,14 +8,17 @@ import duckdb
 from rm_service.store.feedback import PreparedFeedback
 from rm_service.store.labels import PreparedLabel
 
+# A table's rows column by column (DuckDB takes each column as one list parameter).
+Columns = dict[str, list]
+
 
 class Rows:
     """Column buffers for one ingestion transaction, written with one INSERT per table."""
 
-    def __init__(self):
-        self.conversations = {"id": [], "messages": [], "num_turns": []}
-        self.completions = {"id": [], "conversation_id": [], "text": [], "origin": []}
-        self.labels = {
+    def __init__(self) -> None:
+        self.conversations: Columns = {"id": [], "messages": [], "num_turns": []}
+        self.completions: Columns = {"id": [], "conversation_id": [], "text": [], "origin": []}
+        self.labels: Columns = {
             k: []
             for k in (
                 "label_id",
@@ -29,8 +32,8 @@ class Rows:
                 "payload_hash",
             )
         }
-        self.rankings = {"label_id": [], "position": [], "completion_id": [], "rank": []}
-        self.feedback = {"label_id": [], "kind": [], "message_index": [], "value": []}
+        self.rankings: Columns = {"label_id": [], "position": [], "completion_id": [], "rank": []}
+        self.feedback: Columns = {"label_id": [], "kind": [], "message_index": [], "value": []}
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
         self._feedback_ids: set[str] = set()
@@ -39,7 +42,7 @@ class Rows:
         label, conv = p.label, p.conversation_id
         if conv not in self._seen_conv:
             self._seen_conv.add(conv)
-            turns = len(label.conversation) if isinstance(p, PreparedFeedback) else len(label.prompt)
+            turns = len(p.label.conversation) if isinstance(p, PreparedFeedback) else len(p.label.prompt)
             _append(self.conversations, id=conv, messages=p.messages_json, num_turns=turns)
         if isinstance(p, PreparedFeedback):  # thumbs and an outcome: no completions, no ranking
             for kind, index, value in p.rows():
@@ -53,7 +56,7 @@ class Rows:
             conversation_id=conv,
             source=label.source,
             annotator=label.annotator,
-            strength=None if isinstance(p, PreparedFeedback) else label.strength,
+            strength=None if isinstance(p, PreparedFeedback) else p.label.strength,
             rationale=label.rationale,
             metadata=p.metadata_json,
             task_id=label.task_id or None,

@@ -26,6 +26,7 @@ from rm_service.conversation import (
 from rm_service.errors import Aborted, InvalidArgument, NotFound
 from rm_service.store.db import Store
 from rm_service.store.schema import TASK_AVAILABLE
+from rm_service.store.tx import one_row
 
 POLICY_PREFIX = "policy@"
 MAX_POLICY_VERSION_CHARS = 200
@@ -228,16 +229,18 @@ def progress(store: Store, annotator: str) -> dict[str, int]:
     queue_left: tasks it could lease now (available, and not skipped by it)."""
     with store.transaction() as con:
         # An answer's ranking and its thumbs (a feedback label with the same task) count once.
-        today = con.execute(
+        (today,) = one_row(
+            con,
             """SELECT count(DISTINCT coalesce(task_id, label_id)) FROM labels
                                WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date""",
             [annotator],
-        ).fetchone()[0]
-        left = con.execute(
+        )
+        (left,) = one_row(
+            con,
             f"""SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}
                                AND task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = ?)""",
             [annotator],
-        ).fetchone()[0]
+        )
     return {"labeled_today": int(today), "queue_left": int(left)}
 
 

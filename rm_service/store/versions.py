@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from rm_service.store.db import Store
+from rm_service.store.tx import one_row
 
 
 @dataclass
@@ -64,7 +65,7 @@ def promoted_version(store: Store) -> ModelRecord | None:
 def next_version(store: Store) -> tuple[str, int]:
     """The name and number the next registered version takes: v<N+1>."""
     with store._lock:
-        number = store.con.execute("SELECT coalesce(max(number), 0) + 1 FROM models").fetchone()[0]
+        number = one_row(store.con, "SELECT coalesce(max(number), 0) + 1 FROM models")[0]
     return f"v{number}", int(number)
 
 
