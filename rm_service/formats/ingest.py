@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterable
 
 from rm_service.formats.records import FormatError, Record
 from rm_service.store.db import Store
+from rm_service.store.feedback import FeedbackIn
 from rm_service.store.labels import LabelIn
 
 BATCH = 1000
 
 # (record, label id derived from its content, annotator) -> label; raises FormatError
-Parse = Callable[[Record, str, str], LabelIn]
+Parse = Callable[[Record, str, str], LabelIn | FeedbackIn]
 
 
 class ImportStopped(Exception):
@@ -43,7 +44,7 @@ def import_records(
     """Parse and store every record; counts per status and one reason per record not stored."""
     counts: Counter = Counter({"REJECTED": 0})
     reasons: list[tuple[int, str]] = []  # (record number, reason): sorted into file order at the end
-    batch: list[tuple[Record, LabelIn]] = []
+    batch: list[tuple[Record, LabelIn | FeedbackIn]] = []
     resume_at = "line 1"
 
     def flush() -> None:
@@ -85,7 +86,7 @@ def _in_order(reasons: list[tuple[int, str]]) -> list[str]:
     return [reason for _, reason in sorted(reasons, key=lambda r: r[0])]
 
 
-def _parse(record: Record, parse: Parse, fmt: str, annotator: str) -> LabelIn | FormatError:
+def _parse(record: Record, parse: Parse, fmt: str, annotator: str) -> LabelIn | FeedbackIn | FormatError:
     if isinstance(record.data, FormatError):
         return record.data
     try:

@@ -47,7 +47,7 @@ KEYS = ("prompt", "chosen", "rejected", "label_id", "annotator", "source", "stre
 
 def trl_label(record: Record, default_id: str, annotator: str) -> LabelIn:
     """The label of one TRL record of any shape above; raises FormatError."""
-    data = record.data
+    data = record.fields
     prompt, chosen, rejected = trl_turns(data)
     if "strength" in data and "margin" in data:
         raise FormatError("give strength or margin, not both")
