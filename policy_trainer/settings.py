@@ -321,6 +321,7 @@ if __name__ == "__main__":  # print the settings table of docs/policy-trainer.md
     spec = importlib.util.spec_from_file_location(
         "settings_table", Path(__file__).resolve().parent.parent / "tools" / "settings_table.py"
     )
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     print(module.table(PPOSettings))

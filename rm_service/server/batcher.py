@@ -318,6 +318,7 @@ class Batcher:
 
     def _post(self, fn, *args) -> None:
         """Run fn(*args) on the event loop (the one place the model thread hands results back)."""
+        assert self._loop is not None  # set by start(), before any batch runs
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -379,7 +380,8 @@ def lower_priority(nice: int) -> None:
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
     """(the jobs still wanted, the ones whose caller has gone or whose deadline passed)."""
-    live, gone = [], []
+    live: list[Job] = []
+    gone: list[Job] = []
     for j in jobs:
         (live if j.permit.runnable() else gone).append(j)
     return live, gone

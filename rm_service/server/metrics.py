@@ -273,7 +273,7 @@ class RewardWindows:
     scrape time: drift from the version's reference statistics and the length correlation.
     Written on the event loop, read by the metrics HTTP thread."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._windows: OrderedDict[str, _Window] = OrderedDict()
 

@@ -77,6 +77,7 @@ class JobRunner:
         )
         try:
             result = train(self.store, settings, self.models, show_progress=False, parent=req.get("parent_version"))
+            assert result is not None  # None only on torchrun's other ranks; this is one process
             record = registry.get_model(self.store, result.version)
             snapshot_id = record.snapshot_id
             if (

@@ -110,7 +110,13 @@ def feedback_data(
     """Rows of every thumb whose turn has features (`have(id)`), and every session whose turns
     all have them; `vector(id)` is a turn's feature vector [F]. `thumbs` / `outcomes` False
     leave that kind out (a term weighted 0 does not train)."""
-    xt, yt, xu, seg, yo, gt, gs = [], [], [], [], [], [], []
+    xt: list = []
+    yt: list = []
+    xu: list = []
+    seg: list = []
+    yo: list = []
+    gt: list = []
+    gs: list = []
     for fb in labels:
         key = split_key(fb)
         for t in fb.thumbs if thumbs else ():

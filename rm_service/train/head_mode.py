@@ -178,7 +178,7 @@ def split_features(
         feats = cached_features(runtime, store, requests, cands, settings.feature_batch_tokens, deadline, progress)
     finally:
         bar.close()
-    return feats, seen["tokens"]
+    return feats, int(seen["tokens"])
 
 
 def feature_options(cands: list[Candidate], kind: str) -> dict[str, Pooling]:

@@ -249,7 +249,7 @@ def select_head(options: dict[str, PairData], default_l2: float, finalists: int 
         log.info("%d training pairs: too few for %d-fold selection; %s with l2 %g", n, FOLDS, name, default_l2)
         return Selection(name, default_l2, float("nan"), [])
     screen = {name: cv_losses(data, (default_l2,))[default_l2] for name, data in options.items()}
-    best = sorted(screen, key=screen.get)[:finalists]
+    best = sorted(screen, key=lambda name: screen[name])[:finalists]
     table = [(name, default_l2, loss) for name, loss in screen.items() if name not in best]
     table += [
         (name, l2, loss)
@@ -316,7 +316,7 @@ def select_feedback_head(
         name: cv_feedback_losses(fb, no_pairs[name], (default_l2,), term_weights)[default_l2]
         for name, fb in options.items()
     }
-    best = sorted(screen, key=screen.get)[:finalists]
+    best = sorted(screen, key=lambda name: screen[name])[:finalists]
     table = [(name, default_l2, loss) for name, loss in screen.items() if name not in best]
     grid = tuple(sorted({*L2_GRID, default_l2}))
     table += [

@@ -15,6 +15,7 @@ import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rm_client.api.v1 import reward_pb2
 from rm_client.channel import MAX_MESSAGE_BYTES, open_channel
@@ -66,7 +67,7 @@ class ClientBase:
             raise ValueError(f"timeout_s and chunk_items must be > 0, got {timeout_s} and {chunk_items}")
         self.timeout_s, self.chunk_items = timeout_s, chunk_items
         self.policy = RetryPolicy(max_retries, backoff_s, backoff_max_s)
-        self._channel_kwargs = dict(
+        self._channel_kwargs: dict[str, Any] = dict(
             token=token,
             tls_ca=tls_ca,
             tls_cert=tls_cert,
