@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
+.PHONY: install browser demo test test-fast lint proto proto-check docs clean deploy-test bench-peers
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ test: $(STAMP) browser
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow'
+
+# Formatting, lint rules, types (configured in pyproject.toml) and the import-linter layer contracts,
+# the last also checked by tests/test_layers.py. A few seconds once mypy's cache is warm.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 # Build the CPU image with podman (installed if missing; needs root), run it and exercise it from
 # the host: health, Score, IngestLabels, restart on the volume, SIGTERM drain, two scorers behind
