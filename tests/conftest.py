@@ -25,6 +25,8 @@ sys.path.insert(0, str(CLIENT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
 
+pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
     "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
