@@ -276,7 +276,7 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
             judge_settings,
             address=address,
             input_path=facts.calibration_file,
-            annotator_=gold,
+            annotator=gold,
             progress=s.progress,
             progress_file=s.run_home / "calibration.done",
         )
@@ -290,8 +290,8 @@ class _JudgeWorker:
         self.counts = None
         self.error: Exception | None = None
 
-    def run(self, run_judge, settings, address, stop, annotator_) -> None:
+    def run(self, run_judge, settings, address, stop, annotator) -> None:
         try:
-            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, annotator_=annotator_)
+            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, annotator=annotator)
         except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
             self.error = exc

@@ -224,7 +224,7 @@ def run_judge(
     stop_event: threading.Event | None = None,
     follow: bool = False,
     progress: bool = False,
-    annotator_: Annotator | None = None,
+    annotator: Annotator | None = None,
     progress_file: Path | None = None,
 ) -> JudgeCounts:
     """Judge queued tasks (or the items of `input_path`) and ingest the labels; returns the counts.
@@ -232,29 +232,29 @@ def run_judge(
     settings: JudgeSettings (default: from the environment). address: the rm-service server
     (default settings.server). max_tasks: stop after this many items. stop_event: set it to stop
     taking items; the ones in flight finish. follow: keep polling an empty queue until stop_event.
-    annotator_: an annotator already open (annotators.open_annotator) to reuse across calls; the
+    annotator: an annotator already open (annotators.open_annotator) to reuse across calls; the
     caller keeps ownership. Raises an RMError when the server or the backend cannot be used.
     """
     settings = settings or JudgeSettings()
     items = read_items(Path(input_path)) if input_path is not None else None  # a bad file fails before anything loads
     token = settings.server_token.get_secret_value() if settings.server_token else None
     client = StoreClient(address or settings.server, token, settings.rpc_timeout_s, settings.server_tls_ca)
-    owned = annotator_ is None
+    owned = annotator is None
     try:
-        if annotator_ is None:
-            annotator_ = open_annotator(settings)
+        if annotator is None:
+            annotator = open_annotator(settings)
         source: Source
         if items is not None and input_path is not None:
-            file_source = FileSource(items, progress_file or default_progress_file(Path(input_path), annotator_))
+            file_source = FileSource(items, progress_file or default_progress_file(Path(input_path), annotator))
             source = file_source
             total: int | None = (
                 len(file_source.pending) if max_tasks is None else min(max_tasks, len(file_source.pending))
             )
         else:
-            owner = settings.owner or f"judge:{annotator_.name}@{socket.gethostname()}"
+            owner = settings.owner or f"judge:{annotator.name}@{socket.gethostname()}"
             source, total = QueueSource(client, owner, settings.lease_seconds), max_tasks
-        return JudgeRun(annotator_, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
+        return JudgeRun(annotator, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
     finally:
         client.close()
-        if owned and annotator_ is not None:
-            annotator_.close()
+        if owned and annotator is not None:
+            annotator.close()
