@@ -321,9 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         and len(extra) == 1
         and not extra[0].startswith("-")
     ):
-        args.dir = (
-            extra.pop()
-        )  # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
+        # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
+        args.dir = extra.pop()
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)
