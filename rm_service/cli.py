@@ -35,9 +35,8 @@ def _import(args) -> int:
     try:
         counts, rejected = import_file(store, path, args.format, args.annotator)
     except ImportStopped as stop:
-        _import_report(
-            args.file, stop.counts, stop.reasons, limit=None
-        )  # every rejected line: the rest before the stop is stored
+        # Every rejected line: the rest before the stop is stored.
+        _import_report(args.file, stop.counts, stop.reasons, limit=None)
         print(f"rm-service import: {stop}", file=sys.stderr)
         return 130 if isinstance(stop.cause, KeyboardInterrupt) else 1
     finally:

@@ -42,9 +42,8 @@ class RunFacts:
             self.models = sorted(registry.list_models(store), key=lambda m: int(m.version[1:]))
             self.jobs = list(reversed(jobs.list_jobs(store)))
             self.stats = store.stats()
-            self.agreement = store.judge_agreement(
-                reference=("HUMAN", "IMPORT")
-            )  # HH-RLHF labels are people's, imported
+            # HH-RLHF labels are people's, imported.
+            self.agreement = store.judge_agreement(reference=("HUMAN", "IMPORT"))
         finally:
             store.close()
 

@@ -156,10 +156,11 @@ def export_pad_id(runtime: ModelRuntime) -> int:
     if pad != tok.eos_token_id:
         return pad
     template = runtime.spec.chat_template or ""
+    # One the template never writes first.
     others = sorted(
         (i for i in tok.all_special_ids if i != tok.eos_token_id),
         key=lambda i: tok.convert_ids_to_tokens(i) in template,
-    )  # one the template never writes first
+    )
     if not others:
         raise InvalidArgument(
             "version",

@@ -59,21 +59,8 @@ from rm_service.server.handlers import behaviour, with_behaviour
 log = logging.getLogger(__name__)
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-REWARD_BUCKETS = (
-    -4,
-    -3,
-    -2,
-    -1.5,
-    -1,
-    -0.5,
-    0,
-    0.5,
-    1,
-    1.5,
-    2,
-    3,
-    4,
-)  # normalised: 0 mean, unit std on the training items
+# Normalised rewards: 0 mean, unit std on the training items.
+REWARD_BUCKETS = (-4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 WINDOW_ITEMS = 1000  # recent items per version behind the drift and length-correlation gauges

@@ -32,9 +32,8 @@ class Served:
     runtime: ModelRuntime
     record: ModelRecord
     backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
-    feedback: dict = field(
-        default_factory=dict
-    )  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
+    # A version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback).
+    feedback: dict = field(default_factory=dict)
 
 
 class ServedModels:
