@@ -67,8 +67,7 @@ class RunFacts:
         ]
 
     def reward_rise(self, key: str = "reward_mean") -> tuple[float, float]:
-        """Held-out prompts: mean reward (served proxy, final version; or gold) of the initial and the trained
-        policy."""
+        """Held-out prompts' mean reward (served proxy, final version; or gold): initial and trained policy."""
         if not self.ppo or not self.ppo.eval_before or not self.ppo.eval_after:
             return math.nan, math.nan
         return self.ppo.eval_before.get(key, math.nan), self.ppo.eval_after.get(key, math.nan)
