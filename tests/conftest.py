@@ -419,3 +419,17 @@ def pki(tmp_path_factory) -> Path:
             f"{name}.ext",
         )
     return d
+
+
+def peer(name: str, module: str):
+    """A peer's own released package (`make install` puts it with pip --target into .venv/peers/NAME,
+    without its heavy dependencies), imported: its folder goes last on sys.path, so the venv's own
+    packages win and the folder adds only what the venv lacks. Skips, naming the fix, when absent."""
+    folder = peer_folder(name)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return pytest.importorskip(module, reason=f"{name} is not installed in {folder}: run `make install`")
+
+
+def peer_folder(name: str) -> Path:
+    return Path(sys.prefix) / "peers" / name

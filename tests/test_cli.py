@@ -50,6 +50,14 @@ def test_unknown_model_version_is_a_message(home, capsys):
     assert code == 2 and "v9" in err and "Traceback" not in err
 
 
+def test_a_hub_id_as_serve_model_says_how_to_get_it(home, capsys):
+    """vLLM and TEI users pass a hub id; rm-service downloads nothing at run time and says so."""
+    code, _, err = _cli("serve", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "0", capsys=capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "looks like a Hugging Face Hub id" in err
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in err
+
+
 def test_bad_model_path_for_eval_is_a_message(home, capsys):
     code, _, err = _cli("eval", "--data", str(HH_FILE), "--model", "/no/such/model", capsys=capsys)
     assert code == 2 and "model:" in err and "Traceback" not in err

@@ -36,7 +36,7 @@ def _next(c: httpx.Client) -> dict:
 def test_tokens_and_roles_are_the_grpc_sides(srv):
     assert httpx.get(url(srv) + "/health").status_code == 200  # probes need no token
     assert httpx.get(url(srv) + "/").status_code == 200  # the page shell; its data needs a token
-    missing = httpx.post(url(srv) + "/api/next")
+    missing = httpx.post(url(srv) + "/api/next", json={})
     assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]
     assert missing.headers["www-authenticate"].startswith("Bearer")
     wrong = client(srv, "labeler-" + "x" * 30).post("/api/next")
