@@ -21,6 +21,7 @@ used) with the hardware named, and writes a PNG of gold and proxy against sqrt(K
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -120,20 +121,21 @@ def run_arm(arm: str, s, base_facts, home: Path) -> dict:
 def bucket_means(evals: list[dict], key: str) -> list[float]:
     """Mean of `key` over the evaluations whose sqrt(KL) falls in each bucket (NaN: none)."""
     out = []
-    for low, high in zip(BUCKETS, BUCKETS[1:]):
+    for low, high in itertools.pairwise(BUCKETS):
         values = [e[key] for e in evals if low <= math.sqrt(max(e.get("kl_seq", 0.0), 0.0)) < high and key in e]
         out.append(sum(values) / len(values) if values else math.nan)
     return out
 
 
 def table(results: list[dict], hardware: str, args) -> str:
-    names = [f"{lo:g}-{hi:g}" if hi != math.inf else f"{lo:g}+" for lo, hi in zip(BUCKETS, BUCKETS[1:])]
-    cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
+    names = [f"{lo:g}-{hi:g}" if hi != math.inf else f"{lo:g}+" for lo, hi in itertools.pairwise(BUCKETS)]
+    cell = lambda v: "" if v != v else f"{v:+.3f}"
     lines = [
-        f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
-        f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
-        f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
-        f"pairs (ties: {args.gate_ties}).",
+        f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) "
+        f"{args.submit_fraction:.0%} of the batch's prompts go to labeling, chosen at random or by the proxy's "
+        f"doubt; label budget {args.label_budget} per outer-loop arm; retrain at {args.retrain_min_labels} new "
+        "labels, promoted only when more accurate than its parent on held-out on-policy pairs (ties: "
+        f"{args.gate_ties}).",
         "",
         "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
         "|---|---|" + "---:|" * len(names) + "---:|---:|---|",
@@ -156,7 +158,7 @@ def plot(results: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], results):
+    for ax, r in zip(axes[0], results, strict=True):
         root_kl = [math.sqrt(max(e.get("kl_seq", 0.0), 0.0)) for e in r["evaluations"]]
         for key, label in (("gold_reward_mean", "gold"), ("reward_mean", "proxy (served)")):
             ax.plot(root_kl, [e.get(key, math.nan) for e in r["evaluations"]], marker="o", label=label)

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
+
+if TYPE_CHECKING:
+    from policy_trainer.settings import PPOSettings
 
 
 @dataclass(frozen=True)
 class Estimator:
     needs_value_head: bool
     # (rewards [B, R], values [B, R], mask [B, R], settings) -> (advantages [B, R], returns [B, R])
-    advantages: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor]]
+    advantages: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PPOSettings], tuple[torch.Tensor, torch.Tensor]]
     needs_groups: bool = False  # samples_per_prompt >= 2 (a baseline from the other samples)
 
 
@@ -46,4 +49,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "rloo": Estimator(False, _rloo, needs_groups=True),
 }
 
-EstimatorName = Literal[tuple(ESTIMATORS)]  # the settings' choices: every registered estimator
+# The settings' choices, written out so that type checkers see them; they must be the registry's names.
+EstimatorName = Literal["gae", "rloo"]
+if set(get_args(EstimatorName)) != set(ESTIMATORS):
+    raise ImportError(f"EstimatorName {get_args(EstimatorName)} must list the registered estimators {list(ESTIMATORS)}")
