@@ -6,7 +6,7 @@ outside the `slow` tier that took longer than its budget, `--test-budget` second
 ten times a typical server test's, so that a busy machine does not trip it). Such a test belongs in
 the slow tier or should be made cheaper: the default tier is what everyone runs on each change, and
 it must stay under ten minutes on a 2-core machine (a warning says when this run's was not). With
-`--enforce-budget` (CI: `.ci/run`) a test over its budget fails the run; elsewhere it is a warning.
+`--enforce-budget` a test over its budget fails the run; otherwise (CI included) it is a warning.
 
 This watches the suite, it asserts nothing about the product: speed claims live in bench/.
 """
