@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]  # auto (CUDA when present), cpu, cuda, cuda:N
+
 
 def rm_home() -> Path:
     """The service home directory: `$RM_HOME`, default `./var`."""
@@ -66,9 +68,7 @@ class ServeSettings(BaseSettings):
         None,
         description="Serve this model (a registry version, a bundled name or an HF directory) instead of the promoted version.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Device for the model; auto picks CUDA when present."
-    )
+    device: Device = Field("auto", description="Device for the model: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 autocast as measured "
@@ -198,6 +198,20 @@ class ServeSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
     )
+    max_loaded: int = Field(
+        2,
+        ge=1,
+        description="Versions kept loaded besides also_load (the default, the latest swapped out). Those beyond it are "
+        "released before a promoted version loads: a hot-swap holds at most the default plus the new one.",
+    )
+    weight_memory_gb: float = Field(
+        0.0,
+        ge=0,
+        description="Cap on the loaded versions' weights (GB). A promotion whose load would pass it (resident versions "
+        "plus its loading peak, from its weight files) is refused with the figures. 0: 90% of a GPU, no cap on a CPU.",
+    )
+    load_retry_s: float = Field(10.0, gt=0, description="Retry a failed load after this many s, doubled each time.")
+    load_retry_max_s: float = Field(600.0, gt=0, description="Longest wait between two tries of a failed load.")
 
     @field_validator("also_load", mode="before")
     @classmethod
@@ -373,4 +387,12 @@ class TrainSettings(BaseSettings):
         "auto",
         description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once "
         "per machine (models/precision.py).",
+    )
+    device: Device = Field(
+        "auto", description="Training device: auto (CUDA if any), cpu, cuda, cuda:N; under torchrun, each rank's GPU."
+    )
+    sharding: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Full mode under torchrun: ddp (replicated), fsdp (PyTorch's FSDP2: weights, gradients, optimizer "
+        "state sharded), or auto: fsdp on CUDA when weights+gradients+AdamW (16 B/parameter) pass half a GPU.",
     )
