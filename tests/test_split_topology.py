@@ -53,6 +53,22 @@ def promote_next(store_srv, scorers, tmp_path, lines: int) -> str:
     return last.model_version
 
 
+def _split_settings(split, tiny_lm_dir, prompts_file, tmp_path, **kw):
+    """A trainer that scores on both scorers and reads prompts and labels through the store process."""
+    store_srv, scorers = split
+    base = dict(prompts_per_step=4, samples_per_prompt=2, eval_prompts=0, plots=False, tensorboard=False)
+    return tiny_settings(
+        tiny_lm_dir,
+        prompts_file,
+        scorers[0].address,
+        tmp_path / "run",
+        reward_addresses=[s.address for s in scorers],
+        store_address=store_srv.address,
+        save_policy=False,
+        **{**base, **kw},
+    )
+
+
 def test_the_trainer_follows_two_promotions_served_by_no_store_scorers(split, tiny_lm_dir, prompts_file, tmp_path):
     store_srv, scorers = split
     promoted = []
@@ -62,22 +78,7 @@ def test_the_trainer_follows_two_promotions_served_by_no_store_scorers(split, ti
             promoted.append(promote_next(store_srv, scorers, tmp_path, 40 + 20 * len(promoted) + 20))
             time.sleep(0.5)  # the WatchModels events reach the trainer's watcher threads
 
-    settings = tiny_settings(
-        tiny_lm_dir,
-        prompts_file,
-        scorers[0].address,
-        tmp_path / "run",
-        reward_addresses=[s.address for s in scorers],
-        store_address=store_srv.address,
-        follow_models=True,
-        total_steps=6,
-        prompts_per_step=4,
-        samples_per_prompt=2,
-        eval_prompts=0,
-        plots=False,
-        tensorboard=False,
-        save_policy=False,
-    )
+    settings = _split_settings(split, tiny_lm_dir, prompts_file, tmp_path, follow_models=True, total_steps=6)
     summary = train_ppo(settings, on_step=on_step)
 
     v2, v3 = promoted
@@ -91,24 +92,10 @@ def test_a_trainer_pinned_to_an_unloaded_version_asks_the_scorers(split, tiny_lm
     """No watcher (follow_models off): after two promotions its v1 is gone from both scorers; the
     next batch scores with the scorers' default instead of failing."""
     store_srv, scorers = split
-    settings = tiny_settings(
-        tiny_lm_dir,
-        prompts_file,
-        scorers[0].address,
-        tmp_path / "run",
-        reward_addresses=[s.address for s in scorers],
-        store_address=store_srv.address,
-        follow_models=False,
-        total_steps=1,
-        prompts_per_step=2,
-        samples_per_prompt=2,
-        eval_prompts=0,
-        plots=False,
-        tensorboard=False,
-        save_policy=False,
-        score_max_retries=1,
-        score_backoff_s=0.01,
-    )
+    settings = _split_settings(
+        split, tiny_lm_dir, prompts_file, tmp_path, follow_models=False, total_steps=1, prompts_per_step=2,
+        score_max_retries=1, score_backoff_s=0.01,
+    )  # fmt: skip
     trainer = PPOTrainer(settings)
     try:
         assert trainer.version == "v1"
