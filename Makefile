@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
+.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers gpu-wheels
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ deploy-test: $(STAMP)
 bench-peers: $(STAMP)
 	bash bench/peers/setup.sh
 	$(PY) bench/peers.py
+
+# Wheels of what the offline GPU machine lacks (Python 3.12), into bench/wheels (< 64 MiB, carried): bench/gpu_check.sh.
+gpu-wheels: $(STAMP)
+	bash bench/gpu_wheels.sh
 
 proto: $(STAMP)
 	$(PY) tools/gen_proto.py
