@@ -199,16 +199,10 @@ class ServeSettings(BaseSettings):
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
     )
     max_loaded: int = Field(
-        2,
-        ge=1,
-        description="Versions kept loaded besides also_load (the default, the latest swapped out). Those beyond it are "
-        "released before a promoted version loads: a hot-swap holds at most the default plus the new one.",
+        2, ge=1, description="Versions kept loaded besides also_load; older ones go before a promoted one loads."
     )
     weight_memory_gb: float = Field(
-        0.0,
-        ge=0,
-        description="Cap on the loaded versions' weights (GB). A promotion whose load would pass it (resident versions "
-        "plus its loading peak, from its weight files) is refused with the figures. 0: 90% of a GPU, no cap on a CPU.",
+        0.0, ge=0, description="GB cap on loaded weights; loads past it are refused (0: 90% of a GPU, no CPU cap)."
     )
     load_retry_s: float = Field(10.0, gt=0, description="Retry a failed load after this many s, doubled each time.")
     load_retry_max_s: float = Field(600.0, gt=0, description="Longest wait between two tries of a failed load.")
@@ -402,7 +396,5 @@ class TrainSettings(BaseSettings):
         "auto", description="Training device: auto (CUDA if any), cpu, cuda, cuda:N; under torchrun, each rank's GPU."
     )
     sharding: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto",
-        description="Full mode under torchrun: ddp (replicated), fsdp (PyTorch's FSDP2: weights, gradients, optimizer "
-        "state sharded), or auto: fsdp on CUDA when weights+gradients+AdamW (16 B/parameter) pass half a GPU.",
+        "auto", description="torchrun full mode: ddp, fsdp (FSDP2), auto (fsdp when 16 B/param pass half a GPU)."
     )
