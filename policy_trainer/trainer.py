@@ -96,8 +96,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             raise
         self.gold = reward_client(s, [s.gold_address], token, tls_ca) if s.gold_address else None
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
-        # Versions are followed where they are served: the scorers (a store-only process serves no RewardService).
-        self.watcher = ModelWatcher(self.client.channels) if s.follow_models else None
+        self.watcher = ModelWatcher(self.client.channels) if s.follow_models else None  # where versions are served
         self.step = 0
         self.reward_stats: dict[str, tuple[float, float]] = {}  # version -> (reward_mean, reward_std), for pessimism
         self.switches: list[dict] = []
@@ -153,8 +152,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
     def served_rewards(self, prompts: list[Prompt], rollout: Rollout, step: int) -> tuple[torch.Tensor, dict]:
         """Served reward per row ([B], NaN for empty completions) from one pinned version.
         If the pinned version was unloaded meanwhile, switch to the one the scorers serve now
-        (policy_trainer.watch.recover_version) and score the whole batch again with it: a batch
-        never mixes versions."""
+        (watch.recover_version) and score the whole batch again with it: a batch never mixes versions."""
         real = [i for i, t in enumerate(rollout.texts) if t]
         served = torch.full((len(rollout.texts),), float("nan"))
         info = {

@@ -61,7 +61,7 @@ def three_versions(home, tmp_path, tiny_backbone_dir):
     )
     for seed in range(3):
         train(store, settings.model_copy(update={"seed": seed}), ModelSettings(), show_progress=False)
-    registry.promote(store, "v1", 0.0)
+    registry.promote(store, "v1")
     records = {v: registry.get_model(store, v) for v in ("v1", "v2", "v3")}
     store.close()
     return records

@@ -13,6 +13,7 @@ from conftest import HH_FILE, ServerThread, store_with_hh, tiny_settings, wait_u
 
 from policy_trainer import train_ppo
 from policy_trainer.trainer import PPOTrainer
+from rm_service import registry
 from rm_service.api.v1 import training_pb2, training_pb2_grpc
 from rm_service.formats import import_file
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
@@ -21,12 +22,9 @@ from rm_service.train.run import train
 
 @pytest.fixture
 def split(home, tmp_path, tiny_backbone_dir):
-    """(store, [scorer-1, scorer-2]): v1 (head mode, tiny backbone) promoted; the store retrains
-    with a gate that passes any version whose heads changed."""
+    """(store, [scorer-1, scorer-2]): v1 (head mode, tiny backbone) promoted; the store retrains."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(
-        backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0
-    )
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off")
     train(store, settings, ModelSettings(), show_progress=False)
     store.close()
     store_srv = ServerThread(ServeSettings(port=0, with_model=False, metrics_port=-1), train=settings)
@@ -40,15 +38,19 @@ def split(home, tmp_path, tiny_backbone_dir):
 
 
 def promote_next(store_srv, scorers, tmp_path, lines: int) -> str:
-    """New labels, a retrain through the store's TrainingService, and both scorers serving it."""
+    """New labels, a retrain through the store's TrainingService, promoted as an operator does
+    (`models promote --force`: this test is about following versions, not the promotion rule),
+    and both scorers serving it."""
     extra = tmp_path / f"more-{lines}.jsonl"
     extra.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:lines]))
     import_file(store_srv.server.store, extra, "hh")
     with grpc.insecure_channel(store_srv.address) as channel:
         training = training_pb2_grpc.TrainingServiceStub(channel)
-        job = training.RequestRetrain(training_pb2.RetrainRequest(promote=True, reason="test"), timeout=30)
+        job = training.RequestRetrain(training_pb2.RetrainRequest(promote=False, reason="test"), timeout=30)
         last = list(training.WatchJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=180))[-1]
-    assert (last.state, last.promoted) == ("succeeded", True), last
+    assert last.state == "succeeded", last
+    promoted, why = registry.promote(store_srv.server.store, last.model_version, force=True)
+    assert promoted, why
     wait_until(lambda: all(s.server.served.default == last.model_version for s in scorers), timeout=120)
     return last.model_version
 
