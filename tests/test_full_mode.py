@@ -241,8 +241,30 @@ def test_torchrun_two_cpu_processes_sharded_with_fsdp(home, tmp_path, tiny_backb
 
     env = {**os.environ, "RM_HOME": str(home), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["-m", "rm_service.cli", "train", "--mode", "full", "--sharding", "fsdp", "--backbone", str(tiny_backbone_dir)]
-    cmd += ["--max-tokens", "128", "--ensemble-size", "2", "--epochs", "1", "--eval-every", "1", "--heldout-fraction", "0.2"]
+    cmd += [
+        "-m",
+        "rm_service.cli",
+        "train",
+        "--mode",
+        "full",
+        "--sharding",
+        "fsdp",
+        "--backbone",
+        str(tiny_backbone_dir),
+    ]
+    cmd += [
+        "--max-tokens",
+        "128",
+        "--ensemble-size",
+        "2",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "1",
+        "--heldout-fraction",
+        "0.2",
+    ]
+    cmd += ["--checkpoint-every", "1"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained v1 (full mode)" in result.stdout and "sharded with FSDP2 over 2 ranks" in result.stderr
