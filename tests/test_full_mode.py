@@ -146,37 +146,24 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(home, tmp_path, tiny_bac
     store.close()
 
 
-def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
-    store = _store_with_labels(tmp_path, 24)
-    store.close()
+def _torchrun_train(home, tiny_backbone_dir, *flags: str) -> subprocess.CompletedProcess:
+    """`rm-service train --mode full` on two CPU processes under torchrun (gloo); it must succeed."""
     from rm_service.server.app import free_port
 
     env = {**os.environ, "RM_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "rm_service.cli",
-        "train",
-        "--mode",
-        "full",
-        "--backbone",
-        str(tiny_backbone_dir),
-        "--max-tokens",
-        "128",
-        "--ensemble-size",
-        "2",
-        "--epochs",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["-m", "rm_service.cli", "train", "--mode", "full", "--backbone", str(tiny_backbone_dir)]
+    cmd += ["--max-tokens", "128", "--ensemble-size", "2", "--epochs", "1", *flags]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained v1 (full mode)" in result.stdout
+    return result
+
+
+def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
+    store = _store_with_labels(tmp_path, 24)
+    store.close()
+    _torchrun_train(home, tiny_backbone_dir)
     store = Store(StoreSettings())
     try:
         assert registry.get_model(store, "v1").status == "promoted"
@@ -237,37 +224,9 @@ def test_torchrun_two_cpu_processes_sharded_with_fsdp(home, tmp_path, tiny_backb
     checkpoint, and rank 0's unsharded model registered and served."""
     store = _store_with_labels(tmp_path, 40)
     store.close()
-    from rm_service.server.app import free_port
-
-    env = {**os.environ, "RM_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += [
-        "-m",
-        "rm_service.cli",
-        "train",
-        "--mode",
-        "full",
-        "--sharding",
-        "fsdp",
-        "--backbone",
-        str(tiny_backbone_dir),
-    ]
-    cmd += [
-        "--max-tokens",
-        "128",
-        "--ensemble-size",
-        "2",
-        "--epochs",
-        "1",
-        "--eval-every",
-        "1",
-        "--heldout-fraction",
-        "0.2",
-    ]
-    cmd += ["--checkpoint-every", "1"]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "trained v1 (full mode)" in result.stdout and "sharded with FSDP2 over 2 ranks" in result.stderr
+    flags = ["--sharding", "fsdp", "--eval-every", "1", "--heldout-fraction", "0.2", "--checkpoint-every", "1"]
+    result = _torchrun_train(home, tiny_backbone_dir, *flags)
+    assert "sharded with FSDP2 over 2 ranks" in result.stderr
     runs = list((home / "registry" / ".runs").iterdir())
     assert (runs[0] / "checkpoint.dcp" / ".metadata").exists() and (runs[0] / "best.pt").exists()
     store = Store(StoreSettings())
