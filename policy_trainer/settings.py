@@ -209,7 +209,9 @@ class PPOSettings(BaseSettings):
         "reward address.",
     )
     follow_models: bool = Field(
-        True, description="Follow WatchModels and switch to each newly promoted reward-model version between batches."
+        True,
+        description="Follow WatchModels on the scorers (reward_addresses) and switch, between batches, to the "
+        "version they all serve by default after a promotion.",
     )
     submit_every: int = Field(
         0, ge=0, description="Every this many steps submit fresh samples as labeling candidates (0: never)."

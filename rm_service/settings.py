@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rm_service.settings_http import HttpServeSettings, comma_list
 
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]  # auto (CUDA when present), cpu, cuda, cuda:N
+
 
 def rm_home() -> Path:
     """The service home directory: `$RM_HOME`, default `./var`."""
@@ -70,9 +72,7 @@ class ServeSettings(HttpServeSettings):
         description="Serve this model (a registry version, a bundled name or an HF directory) instead of the "
         "promoted version.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Device for the model; auto picks CUDA when present."
-    )
+    device: Device = Field("auto", description="Device for the model: auto (CUDA when present), cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 "
@@ -192,6 +192,14 @@ class ServeSettings(HttpServeSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
     )
+    max_loaded: int = Field(
+        2, ge=1, description="Versions kept loaded besides also_load; older ones go before a promoted one loads."
+    )
+    weight_memory_gb: float = Field(
+        0.0, ge=0, description="GB cap on loaded weights; loads past it are refused (0: 90% of a GPU, no CPU cap)."
+    )
+    load_retry_s: float = Field(10.0, gt=0, description="Retry a failed load after this many s, doubled each time.")
+    load_retry_max_s: float = Field(600.0, gt=0, description="Longest wait between two tries of a failed load.")
 
     @field_validator("also_load", mode="before")
     @classmethod
@@ -381,4 +389,10 @@ class TrainSettings(BaseSettings):
         "auto",
         description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, "
         "measured once per machine (models/precision.py).",
+    )
+    device: Device = Field(
+        "auto", description="Training device: auto (CUDA if any), cpu, cuda, cuda:N; under torchrun, each rank's GPU."
+    )
+    sharding: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="torchrun full mode: ddp, fsdp (FSDP2), auto (fsdp when 16 B/param pass half a GPU)."
     )

@@ -217,6 +217,12 @@ def test_gpu_overlay_asks_for_a_gpu_and_the_cuda_image():
         "serve",
         "--no-store",
     ]
+    (metric,) = _one(docs, "HorizontalPodAutoscaler", "rm-scorer")["spec"]["metrics"]  # the queue, not the CPU
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "rm_queue_fill"
+    rules = yaml.safe_load((REPO / "deploy/k8s/overlays/gpu/prometheus-adapter-rules.yaml").read_text())
+    (rule,) = rules["rules"]["custom"]
+    assert rule["name"]["as"] == "rm_queue_fill"
+    assert "rm_queued_tokens" in rule["metricsQuery"] and "rm_admission_token_limit" in rule["metricsQuery"]
 
 
 @pytest.mark.parametrize("path", RENDERINGS)

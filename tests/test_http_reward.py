@@ -299,7 +299,11 @@ def test_unknown_routes_and_methods_and_the_labeling_page_without_a_store(srv):
     for path in ("/", "/api/next", "/admin"):  # no store in this process: no labeling page
         assert httpx.get(_url(srv, path)).status_code == 404
     r = httpx.get(_url(srv, "/health"))
-    assert r.status_code == 200 and r.json() == {"status": "SERVING"}
+    health = r.json()
+    assert r.status_code == 200 and health["status"] == "SERVING"
+    models = health["models"]  # the served version with its measured weights; no failed load
+    assert list(models["loaded"]) == [models["default"]] and models["load_failures"] == {}
+    assert models["loaded"][models["default"]]["weight_bytes"] > 0
 
 
 def test_scorer_token_and_metrics_as_on_grpc(home, tiny_rm_dir):

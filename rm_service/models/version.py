@@ -130,10 +130,16 @@ def read_head(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open_version(
-    directory: str | Path, device: str = "auto", precision: str = "auto", settings: ModelSettings | None = None
+    directory: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    settings: ModelSettings | None = None,
+    serving: bool = False,
 ) -> tuple[ModelRuntime, VersionMeta]:
     """Load a version to run: backbone (cut for its pooling), heads, normalisation; the
-    backbone identity and the golden items are checked."""
+    backbone identity and the golden items are checked. `serving`: one copy of the weights,
+    in the served precision, from the start (ModelRuntime.serve_only; the golden items are
+    scored by that copy: the same computation as a bf16 inference copy)."""
     directory = Path(directory)
     meta = read_meta(directory)
     runtime = load_backbone_runtime(
@@ -145,6 +151,7 @@ def open_version(
         spec=meta.format,
         identity=meta.backbone,
         pooling=meta.pooling,
+        serving=serving,
     )
     if runtime.backbone_key != meta.backbone_key:
         raise FailedPrecondition(

@@ -114,6 +114,7 @@ def model_info(rec: ModelRecord, loaded: bool, served=None) -> reward_pb2.ModelI
         info.created_at.FromMilliseconds(int(rec.created_at_ms))
     if served is not None:
         info.backend, info.precision = backend_and_precision(served)
+        info.weight_bytes, info.device = served.weight_bytes, served.device
     return info
 
 

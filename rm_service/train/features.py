@@ -11,9 +11,10 @@ its keys and values serve every completion (a KV cache). On HH-RLHF the prompt i
 item's tokens, so a pair costs ~40% fewer tokens. Items cut at max_tokens (cut differently
 per completion) and encoders (attention both ways) run whole, one pass per item.
 
-Features are cached per completion under `feature_key` (backbone identity, precision,
-method and layer) and the format hash: fp32 and bf16 features never mix in one fit. Missing
-ones are computed in chunks and written after each chunk, so an interrupted run resumes.
+Features are cached per completion under `feature_key` (backbone identity, precision, device
+kind, method and layer) and the format hash: fp32 and bf16, CPU and GPU features never mix in
+one fit. Missing ones are computed in chunks and written after each chunk, so an interrupted
+run resumes.
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def extraction_pooling(cands: list[Candidate]) -> Pooling:
 
 
 def feature_key(runtime: ModelRuntime, c: Candidate) -> str:
-    return f"{runtime.backbone_key}:{runtime.precision}:{c.method}@{c.layer}"
+    """Backbone identity, precision, the device kind where not the CPU (a GPU's kernels round
+    differently: its features are not mixed with a CPU's), method and layer."""
+    device = "" if runtime.device.type == "cpu" else f":{runtime.device.type}"
+    return f"{runtime.backbone_key}:{runtime.precision}{device}:{c.method}@{c.layer}"
 
 
 Features = dict[Candidate, dict[str, np.ndarray]]  # candidate -> {completion_id: [H]}

@@ -80,7 +80,7 @@ def train(
             settings.backbone,
             settings.max_tokens,
             settings.ensemble_size,
-            device=ddp.device_for(world),
+            device=ddp.device_for(world, settings.device),
             precision=settings.precision,
             settings=models,
         )

@@ -66,6 +66,7 @@ class HttpContext:
     )
     metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
+    models: Callable[[], dict] = dict  # the served versions, their weight bytes and failed loads (ServedModels.health)
 
 
 @dataclass(frozen=True)
@@ -181,10 +182,13 @@ def page(name: str, title: str):
 async def health(request: Request) -> JSONResponse:
     """200 only when the process is ready (its model loaded and warmed, when it serves one), 503
     while it starts, loads or drains (TEI's semantics). Open, like gRPC health: probes need no token."""
-    why = context(request).readiness()
+    ctx = context(request)
+    why, models = ctx.readiness(), ({"models": ctx.models()} if ctx.reward is not None else {})
     if why == "serving":
-        return JSONResponse({"status": "SERVING"})
-    return JSONResponse({"status": "NOT_SERVING", "reason": why}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "SERVING", **models})
+    return JSONResponse(
+        {"status": "NOT_SERVING", "reason": why, **models}, status_code=503, headers={"Retry-After": "1"}
+    )
 
 
 class _Asgi:
