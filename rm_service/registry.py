@@ -1,10 +1,11 @@
-"""The reward-model registry: versions v1, v2, ... with artifacts, metrics and a status.
+"""The model registry: reward models v1, v2, ... and user models u1, u2, ... with artifacts,
+metrics and a status.
 
-The store's `models` table holds each version's record; its artifact directory (see
-models.version) holds what loads it. Status: candidate -> promoted -> retired, or rejected
-by the promotion gate or its load check. Exactly one version is promoted at a time, and a
-version is announced as promoted (`promoted.json`) only after it loaded and re-scored its
-golden items.
+The store's `models` table holds each version's record and kind; its artifact directory (see
+models.version, usermodel.version) holds what loads it. Status: candidate -> promoted ->
+retired, or rejected by the promotion gate or its load check. Exactly one version of each kind
+is promoted at a time, and a version is announced as promoted (`promoted.json` in the
+directory of its kind's versions) only after it loaded and re-checked its golden items.
 """
 
 from __future__ import annotations
@@ -88,6 +89,25 @@ def gate(
     return None
 
 
+def user_gate(candidate: ModelRecord, current: ModelRecord | None, tolerance: float) -> str | None:
+    """Why a user model must not be promoted, or None. On its held-out conversations it must
+    predict user turns better than the untuned base model (NLL per user-turn token), and not
+    worse than the promoted user model measured on the same conversations (`baseline_nll`)
+    by more than `tolerance` nats per token."""
+    m = candidate.metrics
+    nll, base = m.get("nll", float("nan")), m.get("base_nll", float("nan"))
+    if math.isnan(nll) or not nll < base:
+        return (
+            f"{candidate.version} held-out NLL per user-turn token {nll:.4f} is not below the base model's {base:.4f}"
+        )
+    if current is not None and "baseline_nll" in m and nll > m["baseline_nll"] + tolerance:
+        return (
+            f"{candidate.version} held-out NLL per user-turn token {nll:.4f} is above {current.version}'s "
+            f"{m['baseline_nll']:.4f} on the same conversations plus tolerance {tolerance}"
+        )
+    return None
+
+
 def _drop_by_chance(metrics: dict) -> float | None:
     """McNemar's one-sided p for the candidate's drop on held-out dataset pairs (None: not recorded)."""
     if "paired_worse_human" not in metrics:
@@ -110,10 +130,15 @@ def promote(
     serve). Returns (promoted?, reason). A refused or broken candidate becomes `rejected`;
     the previously promoted version becomes `retired`."""
     candidate = get_model(store, version)
-    current = promoted(store)
+    current = promoted(store, candidate.kind)
     if current is not None and current.version == version:
         return True, f"{version} is already promoted"
-    if current is not None and not force:
+    if candidate.kind == "user" and not force:
+        why = user_gate(candidate, current, tolerance)
+        if why is not None:
+            versions.set_status(store, version, "rejected")
+            return False, why
+    elif current is not None and not force:
         why = gate(candidate, current, tolerance, onpolicy, alpha, ties)
         if why is not None:
             versions.set_status(store, version, "rejected")
@@ -176,12 +201,12 @@ def read_promoted_pointer(artifacts_dir: Path, strict: bool = False) -> dict | N
         return None
 
 
-def rollback(store: Store) -> str:
-    """Promote again the version promoted before the current one; the current one is retired."""
-    current = promoted(store)
+def rollback(store: Store, kind: str = "reward") -> str:
+    """Promote again the version of `kind` promoted before the current one; the current one is retired."""
+    current = promoted(store, kind)
     if current is None:
-        raise FailedPrecondition("no promoted version to roll back from")
-    previous = versions.last_retired_promotion(store)
+        raise FailedPrecondition(f"no promoted {kind} model to roll back from")
+    previous = versions.last_retired_promotion(store, kind)
     if previous is None:
         raise FailedPrecondition(f"{current.version} is the only version ever promoted; nothing to roll back to")
     versions.promote_version(store, previous)  # retires the current one in the same transaction
