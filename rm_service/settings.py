@@ -79,6 +79,12 @@ class ServeSettings(BaseSettings):
         description="What runs batches: auto = PyTorch in the chosen precision, except ONNX Runtime when that precision is fp32 on a "
         "CPU and the version has an ONNX export (always PyTorch on CUDA).",
     )
+    user_model: str | None = Field(
+        None,
+        description="Serve a user model beside the reward model (UserService.SimulateUser, POST /simulate_user): `promoted` "
+        "(the registry's promoted user model, followed through promotions), a user version (u3), a version directory, "
+        "or a causal LM served untuned. Unset: none. Its serving limits are UserModelSettings' (RM_USER_*).",
+    )
     also_load: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Versions (registry names or version directories) kept loaded beside the served one, never "

@@ -38,7 +38,10 @@ class Served:
 
 
 class ServedModels:
-    def __init__(self, max_loaded: int = 2):
+    """The loaded versions of one kind of model (`what`: "reward model" or "user model")."""
+
+    def __init__(self, max_loaded: int = 2, what: str = "reward model"):
+        self.what = what
         self.versions: dict[str, Served] = {}
         self.default: str | None = None
         self.max_loaded = max_loaded
@@ -54,10 +57,11 @@ class ServedModels:
         if name is None or name not in self.versions:
             if self.loading:
                 raise Unavailable(
-                    f"the reward model is still loading (model version {version or 'default'!r}); retry shortly"
+                    f"the {self.what} is still loading (model version {version or 'default'!r}); retry shortly"
                 )
             raise NotFound(
-                f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})"
+                f"{self.what} version {version!r} is not loaded by this server "
+                f"(loaded: {', '.join(self.versions) or 'none'})"
             )
         return self.versions[name]
 

@@ -18,6 +18,7 @@ stops there (DeadlineExceeded), so abandoned work does not hold the model.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -102,9 +103,9 @@ def _batch(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=header + 1,
+            **_cache_kwarg(model, cache),
         )
     logits = out.logits.float()  # [b, header + 1, V]: the decision position, then the header's tokens
     p_end = torch.softmax(logits[:, 0], dim=-1)[:, spec.end_id]  # [b]
@@ -146,8 +147,8 @@ def _batch(
                 input_ids=chosen[:, None],
                 attention_mask=mask,
                 position_ids=last[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **_cache_kwarg(model, cache),
             )
         next_logits = out.logits[:, -1].float()  # [l, V]
     return [(tokens[i], bool(ended[i]), float(p_end[i]), complete[i]) for i in range(len(prompts))]
@@ -172,6 +173,11 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
         scores = TopPLogitsWarper(sampling.top_p)(None, scores)
     probs = torch.softmax(scores, dim=-1)  # [l, V]
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _cache_kwarg(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """The KV cache argument under its name: `cache` in recent transformers, `past_key_values` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 def _check(runnable) -> None:

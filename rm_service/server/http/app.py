@@ -16,6 +16,7 @@ serves a model, the labeling page and its API (labeling, admin) when it holds th
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -33,7 +34,15 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rm_service.errors import InvalidArgument, Overloaded, RMError, Unauthenticated, Unavailable, http_status
+from rm_service.errors import (
+    Cancelled,
+    InvalidArgument,
+    Overloaded,
+    RMError,
+    Unauthenticated,
+    Unavailable,
+    http_status,
+)
 from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
@@ -59,6 +68,7 @@ class HttpContext:
     )
     metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
+    user: object | None = None  # server.user.UserService when this process serves a user model: POST /simulate_user
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,29 @@ def counted(route: str):
     return wrap
 
 
+async def until_disconnect(request: Request, work) -> object:
+    """Await `work` (a coroutine), cancelled when the caller disconnects: its admission permit is
+    released and its queued work dropped before it reaches the model, as for a cancelled gRPC call."""
+    task = asyncio.ensure_future(work)
+    left = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only a disconnect can come
+            await asyncio.sleep(0.05)  # never a busy loop, whatever the server answers
+        left.set()
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not left.is_set():
+            raise  # this handler itself was cancelled (shutdown)
+        raise Cancelled("the caller disconnected before its answer was ready") from None
+    finally:
+        watcher.cancel()
+
+
 def finite(value):
     """JSON has no NaN: an undefined statistic is null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -192,11 +225,13 @@ async def health(request: Request) -> JSONResponse:
 
 
 def create_app(ctx: HttpContext) -> Starlette:
-    from rm_service.server.http import admin, labeling, reward_routes
+    from rm_service.server.http import admin, labeling, reward_routes, user_routes
 
     routes = [Route("/health", health, methods=["GET"])]
     if ctx.reward is not None:
         routes += reward_routes.routes()
+    if ctx.user is not None:
+        routes += user_routes.routes()
     if ctx.store is not None:
         routes += [
             Route("/", page("label.html", "Label"), name="label"),
