@@ -4,7 +4,6 @@ validation, admission, deadline, cancellation, auth, the version on every reply,
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request

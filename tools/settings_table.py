@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings  # noqa: E402
 from rm_service import settings as s  # noqa: E402
 from rm_service.demo.settings import DemoSettings  # noqa: E402
 from rm_service.judge.settings import JudgeSettings  # noqa: E402
+from rm_service.usermodel.settings import UserModelSettings  # noqa: E402
 
 CLASSES = [
     s.StoreSettings,
@@ -26,6 +27,7 @@ CLASSES = [
     s.ServeSettings,
     s.SecuritySettings,
     s.TrainSettings,
+    UserModelSettings,
     JudgeSettings,
     DemoSettings,
 ]

@@ -153,7 +153,9 @@ def sample_report(
         [min(len(runtime.formatter.content_ids(x)) + 1, max_new_tokens) for x in texts], dtype=float
     )
     ks = ks_2samp(length(sampled), length(real)) if sampled and real else None
-    examples = [(r or "(ended)", "(ended)" if t.ended else t.content) for (_, r), t in zip(ctx[:5], turns[:5])]
+    examples = [
+        (r or "(ended)", "(ended)" if t.ended else t.content) for (_, r), t in zip(ctx[:5], turns[:5], strict=True)
+    ]
     return SampleReport(
         len(ctx),
         float(ks.statistic) if ks else float("nan"),
@@ -178,7 +180,8 @@ def format_report(
     name: str, base: str, table: dict, calib: dict, base_calib: dict | None, samples: SampleReport | None
 ) -> str:
     lines = [
-        f"NLL per user-turn token (nats), {name} vs the untuned base {base}; 95% bootstrap intervals over conversations",
+        f"NLL per user-turn token (nats), {name} vs the untuned base {base}; "
+        "95% bootstrap intervals over conversations",
         "",
         f"| prior user turns | tokens | {name} NLL | ppl | base NLL | ppl | difference |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -68,7 +68,7 @@ def simulate(
     for batch in token_batches([len(prompts[i][0]) + room for i in order], batch_tokens):
         rows = [order[j] for j in batch]
         turns = _batch(runtime, [prompts[r][0] for r in rows], sampling, room, generator, runnable)
-        for r, (tokens, ended, p_end, complete) in zip(rows, turns):
+        for r, (tokens, ended, p_end, complete) in zip(rows, turns, strict=True):
             text = (
                 "" if ended else runtime.tokenizer.decode(tokens[:-1] if complete else tokens, skip_special_tokens=True)
             )
@@ -125,7 +125,7 @@ def _batch(
             next_logits[:, spec.stop_id] = -math.inf
         chosen = _sample(next_logits, sampling, generator)  # [l]
         done = []
-        for j, (row, token) in enumerate(zip(live, chosen.tolist())):
+        for j, (row, token) in enumerate(zip(live, chosen.tolist(), strict=True)):
             tokens[row].append(token)
             if token == spec.stop_id:
                 complete[row] = True

@@ -125,7 +125,7 @@ def score(runtime: UserRuntime, seqs: list[Encoded], batch_tokens: int = 4096, p
         parts["nll"].append((-logp.gather(1, labels[:, None])[:, 0]).cpu().numpy())
         parts["p_end"].append(logp[:, runtime.spec.end_id].exp().cpu().numpy())
         parts["ended"].append((labels == runtime.spec.end_id).cpu().numpy())
-        for s, r in zip(part, rows):
+        for s, r in zip(part, rows, strict=True):
             learned = [i for i, k in enumerate(s.kind) if k in (USER_TOKEN, DECISION)]
             parts["kind"].append(np.array([s.kind[i] for i in learned], dtype=np.int64))
             parts["turn"].append(np.array([s.turn[i] for i in learned], dtype=np.int64))

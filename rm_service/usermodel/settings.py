@@ -20,13 +20,13 @@ class UserModelSettings(BaseSettings):
 
     backbone: str = Field(
         "smollm2-135m-instruct",
-        description="Causal LM to fine-tune: a bundled name or any HF causal LM directory (config.json, weights, tokenizer "
-        "with a chat template).",
+        description="Causal LM to fine-tune: a bundled name or any HF causal LM directory (config.json, weights, "
+        "tokenizer with a chat template).",
     )
     method: Literal["full", "lora"] = Field(
         "full",
-        description="full: fine-tune every weight; lora: LoRA adapters on every linear layer (merged into the saved model). "
-        "Full is the default by measurement (docs/user-model.md: on SmolLM2-135M, 2 cores, the same time budget).",
+        description="full: fine-tune every weight; lora: LoRA adapters on every linear layer (merged into the saved "
+        "model). Full is the default by measurement (docs/user-model.md: SmolLM2-135M, 2 cores, the same time budget).",
     )
     lora_rank: int = Field(16, gt=0, description="LoRA rank when method is lora.")
     learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (full fine-tune; LoRA adapters get 10x).")
@@ -38,8 +38,8 @@ class UserModelSettings(BaseSettings):
     max_tokens: int = Field(
         512,
         ge=32,
-        description="Tokens a conversation may hold; a longer one loses whole turns from its start (never dropped), and "
-        "the same cut applies when the model is served.",
+        description="Tokens a conversation may hold; a longer one loses whole turns from its start (never dropped), "
+        "and the same cut applies when the model is served.",
     )
     epochs: float = Field(
         2.0, gt=0, description="Passes over the training conversations (the time budget may end sooner)."
@@ -54,8 +54,8 @@ class UserModelSettings(BaseSettings):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="bf16 autocast or fp32; auto: bf16 on CUDA, on a CPU the faster of the two as measured once per machine "
-        "(models/precision.py). Weights stay fp32.",
+        description="bf16 autocast or fp32; auto: bf16 on CUDA, on a CPU the faster of the two as measured once per "
+        "machine (models/precision.py). Weights stay fp32.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device for training; auto picks CUDA when present."
@@ -63,8 +63,8 @@ class UserModelSettings(BaseSettings):
     seed: int = Field(0, description="Seed of the batch order.")
     promote: bool = Field(
         True,
-        description="Promote the new user model when its held-out NLL is below the base model's and not above the promoted "
-        "user model's on the same conversations (plus gate_tolerance).",
+        description="Promote the new user model when its held-out NLL is below the base model's and not above the "
+        "promoted user model's on the same conversations (plus gate_tolerance).",
     )
     gate_tolerance: float = Field(
         0.01, ge=0, description="Nats per user-turn token a new user model may lose to the promoted one."
@@ -72,7 +72,8 @@ class UserModelSettings(BaseSettings):
     max_new_tokens: int = Field(
         64,
         gt=0,
-        description="Serving: tokens a sampled user turn may take when a call does not say (SimulateUser max_new_tokens).",
+        description="Serving: tokens a sampled user turn may take when a call does not say (SimulateUser "
+        "max_new_tokens).",
     )
     max_new_tokens_cap: int = Field(
         256, gt=0, description="Serving: the most tokens a call may ask for per user turn (INVALID_ARGUMENT above)."
@@ -83,6 +84,6 @@ class UserModelSettings(BaseSettings):
     generate_batch_tokens: int = Field(
         16384,
         gt=0,
-        description="Serving: token budget of one generation batch (rows x (longest prompt + max_new_tokens)); a call with "
-        "more runs in several batches.",
+        description="Serving: token budget of one generation batch (rows x (longest prompt + max_new_tokens)); a "
+        "call with more runs in several batches.",
     )

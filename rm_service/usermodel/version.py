@@ -96,8 +96,8 @@ def check_golden(runtime: UserRuntime, golden: list[UserGolden], where: Path | s
         if abs(got - want) > tolerance * max(1.0, abs(want)):
             raise FailedPrecondition(
                 f"{where}: golden item check failed: a conversation's NLL is {got:.5f} in {runtime.precision} at load "
-                f"but was {want:.5f} at training (tolerance {tolerance:g}); the model, tokenizer, template or precision "
-                "differs from training. Refusing to serve this version"
+                f"but was {want:.5f} at training (tolerance {tolerance:g}); the model, tokenizer, template or "
+                "precision differs from training. Refusing to serve this version"
             )
 
 

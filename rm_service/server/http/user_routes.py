@@ -69,7 +69,8 @@ def _conversations(value) -> list[list[Message]]:
     if not isinstance(value, list):
         raise InvalidArgument(
             "conversations",
-            f"must be a list of conversations (lists of messages), got {'nothing' if value is None else type(value).__name__}",
+            "must be a list of conversations (lists of messages), got "
+            + ("nothing" if value is None else type(value).__name__),
         )
     out = []
     for i, conv in enumerate(value):
