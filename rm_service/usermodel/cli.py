@@ -125,7 +125,8 @@ def _registry(args) -> int:
                 m = r.metrics
                 print(
                     f"{r.version:<9}{r.status:<11}{r.backbone[:23]:<24}{m.get('nll', float('nan')):>8.4f}"
-                    f"{m.get('base_nll', float('nan')):>10.4f}{int(m.get('heldout_tokens', 0)):>8}  {r.snapshot_id or ''}"
+                    f"{m.get('base_nll', float('nan')):>10.4f}{int(m.get('heldout_tokens', 0)):>8}  "
+                    f"{r.snapshot_id or ''}"
                 )
         elif args.action == "show":
             print(json.dumps(registry.get_model(store, args.version).__dict__, indent=2, default=str))
@@ -142,6 +143,30 @@ def _registry(args) -> int:
     return 0
 
 
+def _prompts(args) -> int:
+    """Openings (every message up to the first user turn) of the store's conversations of one split."""
+    from rm_service.settings import StoreSettings, TrainSettings
+    from rm_service.store.db import Store
+    from rm_service.usermodel.data import split, store_conversations
+
+    store = Store(StoreSettings())
+    try:
+        snapshot = (
+            store.get_snapshot(None if args.snapshot in (None, "latest") else args.snapshot) or store.create_snapshot()
+        )
+        fit, validation, heldout = split(store_conversations(store, snapshot), TrainSettings())
+    finally:
+        store.close()
+    chosen = heldout if args.split == "heldout" else fit + validation
+    with open(args.out, "w", encoding="utf-8") as out:
+        for c in chosen:
+            first = next(i for i, m in enumerate(c.messages) if m.role == "user")
+            opening = [m.as_dict() for m in c.messages[: first + 1]]
+            out.write(json.dumps({"prompt": opening, "conversation_id": c.conversation_id}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(chosen)} openings of the {args.split} split of snapshot {snapshot.snapshot_id} to {args.out}")
+    return 0
+
+
 def add_user_model_commands(sub) -> None:
     p = sub.add_parser(
         "user-model",
@@ -153,9 +178,9 @@ def add_user_model_commands(sub) -> None:
     s = actions.add_parser(
         "train",
         help="fine-tune on the store's conversations and register a user-model version",
-        description="Snapshot the store, fine-tune on the user turns of its conversations (split by conversation as the "
-        "reward model's held-out split: RM_TRAIN_HELDOUT_FRACTION, RM_TRAIN_SEED), register the version (kind user), "
-        "promote it if it passes the gate.",
+        description="Snapshot the store, fine-tune on the user turns of its conversations (split by conversation as "
+        "the reward model's held-out split: RM_TRAIN_HELDOUT_FRACTION, RM_TRAIN_SEED), register the version (kind "
+        "user), promote it if it passes the gate.",
     )
     s.settings_flags(_settings)
     s.set_defaults(func=_train)
@@ -180,6 +205,20 @@ def add_user_model_commands(sub) -> None:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     s.set_defaults(func=_eval)
+
+    s = actions.add_parser(
+        "prompts",
+        help="write the openings of the store's conversations of one split (ConversationEnv's reset draws from them)",
+    )
+    s.add_argument(
+        "--split",
+        choices=["heldout", "train"],
+        default="heldout",
+        help="the reward model's held-out split, or the rest",
+    )
+    s.add_argument("--snapshot", help="store snapshot (an id or 'latest', the default)")
+    s.add_argument("--out", required=True, help='JSONL file to write: {"prompt": [messages], "conversation_id": ...}')
+    s.set_defaults(func=_prompts)
 
     for action, text in (
         ("list", "the user-model versions"),
