@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 class FitReport:
     steps: int
     tokens: int  # learned positions seen
-    seconds: float
-    tokens_per_s: float  # sequence tokens (padding excluded) per second
+    seconds: float  # in optimiser steps (validation checks not counted)
+    tokens_per_s: float  # sequence tokens (padding excluded) per second of optimiser steps
     best_validation_nll: float
     stopped: str  # epochs | budget | patience
     trainable_params: int
@@ -48,10 +48,11 @@ def fit(
     fit_seqs: list[Encoded],
     validation: list[Encoded],
     settings: UserModelSettings,
-    deadline: float,
+    budget_s: float,
     show_progress: bool = True,
 ) -> FitReport:
-    """Fine-tune runtime.model in place (LoRA merged back); returns what the run did."""
+    """Fine-tune runtime.model in place (LoRA merged back); returns what the run did. `budget_s` counts
+    optimiser steps only: validation checks (the one before training included) are not charged to it."""
     model = runtime.model
     if settings.method == "lora":
         model = with_lora(model, settings.lora_rank)
@@ -70,13 +71,14 @@ def fit(
     best_nll, since_best, stopped = validation_nll(runtime, validation), 0, "epochs"
     log.info("validation NLL before training: %.4f (%d windows)", best_nll, len(validation))
     rng = random.Random(settings.seed)
-    step, learned, seen, start = 0, 0, 0, time.monotonic()
+    step, learned, seen, trained_s = 0, 0, 0, 0.0
     bar = tqdm(total=total, desc="user model", unit="step", disable=not show_progress)
     model.train()
     while step < total:
         order = list(range(len(batches)))
         rng.shuffle(order)
         for b in order:
+            started = time.monotonic()
             batch = runtime.collate([fit_seqs[i] for i in batches[b]])  # [b, T]
             with runtime.autocast():
                 loss_sum, n = lm_loss(runtime.model, batch)  # peft adapts runtime.model's layers in place
@@ -85,9 +87,11 @@ def fit(
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            nll_step = loss_sum.item() / max(n, 1)  # waits for the step on CUDA
+            trained_s += time.monotonic() - started
             step, learned, seen = step + 1, learned + n, seen + int(batch["attention_mask"].sum())
             bar.update(1)
-            bar.set_postfix(nll=f"{loss_sum.item() / max(n, 1):.3f}", tok_s=f"{seen / (time.monotonic() - start):.0f}")
+            bar.set_postfix(nll=f"{nll_step:.3f}", tok_s=f"{seen / trained_s:.0f}")
             if validation and (step % settings.eval_every == 0 or step == total):
                 nll = validation_nll(runtime, validation)
                 model.train()
@@ -97,7 +101,7 @@ def fit(
                 else:
                     since_best += 1
                 log.info("step %d: validation NLL %.4f (best %.4f)", step, nll, best_nll)
-            if time.monotonic() > deadline:
+            if trained_s > budget_s:
                 stopped = "budget"
             elif since_best >= settings.patience:
                 stopped = "patience"
@@ -106,7 +110,6 @@ def fit(
         if stopped != "epochs":
             break
     bar.close()
-    seconds = time.monotonic() - start
     if validation:
         with torch.no_grad():
             for n_, p in model.named_parameters():
@@ -117,7 +120,7 @@ def fit(
     runtime.model = model.eval()
     runtime.refresh()
     return FitReport(
-        step, learned, seconds, seen / max(seconds, 1e-9), best_nll, stopped, sum(p.numel() for p in params)
+        step, learned, trained_s, seen / max(trained_s, 1e-9), best_nll, stopped, sum(p.numel() for p in params)
     )
 
 

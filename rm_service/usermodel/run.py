@@ -74,7 +74,7 @@ def train_user_model(
         seqs(split.fit),
         seqs(split.validation),
         settings,
-        time.monotonic() + settings.max_minutes * 60,
+        settings.max_minutes * 60,
         show_progress,
     )
     tuned = teacher_forced(runtime, heldout, desc="tuned model, held out" if show_progress else "")
