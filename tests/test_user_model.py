@@ -90,7 +90,7 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
     schema.current_version(con)
-    for number, sql in enumerate(schema.MIGRATIONS[:6], 1):  # a store written before kinds
+    for number, sql in enumerate(schema.MIGRATIONS[:7], 1):  # a store written before kinds
         con.execute(sql)
         con.execute("INSERT INTO schema_version (version) VALUES (?)", [number])
     con.execute(
@@ -106,15 +106,17 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
             "u1", None, None, "b", "f", "candidate", {"nll": 1.0, "base_nll": 2.0}, 0, 1, 1, "/y", kind="user"
         )
         registry.register(store, rec, 1)
-        ok, why = registry.promote(store, "u1", 0.0)
+        ok, why = registry.promote(store, "u1")
+        assert not ok and "no decision against its base model" in why  # a user model must beat its base, even first
+        ok, why = registry.promote(store, "u1", registry.user_decision(rec, None, 0.0))
         assert ok, why
         assert registry.promoted(store).version == "v1" and registry.promoted(store, "user").version == "u1"
         worse = ModelRecord(
             "u2", "u1", None, "b", "f", "candidate", {"nll": 2.5, "base_nll": 2.0}, 0, 1, 1, "/z", kind="user"
         )
         registry.register(store, worse, 2)
-        ok, why = registry.promote(store, "u2", 0.0)
-        assert not ok and "not below the base model's" in why
+        ok, why = registry.promote(store, "u2", registry.user_decision(worse, registry.promoted(store, "user"), 0.0))
+        assert not ok and "not below the base model's" in why and registry.get_model(store, "u2").status == "rejected"
     finally:
         store.close()
 

@@ -212,7 +212,7 @@ def test_hot_swap_follows_the_promoted_user_model(home, tmp_path, tiny_rm_dir, t
                 store, settings.model_copy(update={"promote": False, "seed": 1}), show_progress=False
             )
             assert second.version == "u2"
-            ok, why = registry.promote(store, "u2", 0.0, force=True)
+            ok, why = registry.promote(store, "u2", force=True)
             assert ok, why
             wait_until(lambda: srv.server.served_users.default == "u2", timeout=60)
             assert users.simulate(CONVS, max_new_tokens=2, seed=0).version == "u2"

@@ -131,9 +131,9 @@ def _registry(args) -> int:
         elif args.action == "show":
             print(json.dumps(registry.get_model(store, args.version).__dict__, indent=2, default=str))
         elif args.action == "promote":
-            ok, message = registry.promote(
-                store, args.version, UserModelSettings().gate_tolerance, force=args.force, verify=load_check()
-            )
+            candidate, current = registry.get_model(store, args.version), registry.promoted(store, "user")
+            decision = registry.user_decision(candidate, current, UserModelSettings().gate_tolerance)
+            ok, message = registry.promote(store, args.version, decision, force=args.force, verify=load_check())
             print(message)
             return 0 if ok else 1
         else:

@@ -5,7 +5,7 @@ golden items -> registry (kind `user`) -> gate -> promoted.
 Metrics of a version (held-out conversations, NLL per user-turn token): `nll` and `base_nll`
 with their 95% bootstrap intervals and `diff` (paired), `heldout_tokens`, the end event's
 calibration (`end_ece`, `end_brier`, ...), and with a promoted user model already there its
-NLL on the same conversations (`baseline_nll`), which the gate compares (registry.user_gate).
+NLL on the same conversations (`baseline_nll`), which the promotion rule compares (registry.user_decision).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rm_service import registry
 from rm_service.errors import FailedPrecondition
 from rm_service.models.precision import describe
 from rm_service.settings import ModelSettings, TrainSettings
+from rm_service.store import versions
 from rm_service.store.db import Store
 from rm_service.usermodel.data import UserSplit, prepare_split
 from rm_service.usermodel.evaluate import Teacher, end_calibration, nll_table, teacher_forced
@@ -91,11 +92,11 @@ def train_user_model(
         other, _ = open_user_version(current.artifact_path, str(runtime.device), runtime.precision, models)
         metrics["baseline_nll"] = nll_table(teacher_forced(other, heldout), None)["all"]["nll"]
     rec = _register(store, runtime, split, settings, split_settings, models, metrics, current)
-    promoted, message = False, f"{rec.version} left as candidate"
+    decision = registry.user_decision(rec, current, settings.gate_tolerance)
+    versions.set_decision(store, rec.version, decision.to_dict())
+    promoted, message = False, f"{rec.version} left as candidate; the rule says {decision.verdict}"
     if settings.promote:
-        promoted, message = registry.promote(
-            store, rec.version, settings.gate_tolerance, verify=load_check(models, settings.device)
-        )
+        promoted, message = registry.promote(store, rec.version, decision, verify=load_check(models, settings.device))
     details = (
         f"{settings.method} fine-tune, precision {runtime.precision} on {runtime.device}; {report.steps} steps in "
         f"{report.seconds:.0f} s ({report.tokens_per_s:.0f} tokens/s, stopped: {report.stopped})"
