@@ -172,7 +172,7 @@ def test_golden_check_refuses_a_changed_version(trained, tmp_path):
     home, result = trained
     source = home / "registry" / "user" / result.version
     runtime, meta = open_user_version(source, device="cpu", precision="fp32")
-    assert meta.golden and meta.split == {"heldout_fraction": 0.1, "seed": 0}
+    assert meta.golden and meta.split == {"heldout_fraction": 0.1, "seed": 0} and meta.method == "lora"  # the default
     broken = tmp_path / "broken"
     shutil.copytree(source, broken)
     record = json.loads((broken / META_FILE).read_text())

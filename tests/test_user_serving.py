@@ -190,7 +190,13 @@ def test_hot_swap_follows_the_promoted_user_model(home, tmp_path, tiny_rm_dir, t
 
     store = store_with_hh(tmp_path, 80)
     settings = UserModelSettings(
-        backbone=str(tiny_lm_dir), max_minutes=0.1, epochs=0.5, device="cpu", precision="fp32", learning_rate=1e-3
+        backbone=str(tiny_lm_dir),
+        method="full",  # the default (lora) is trained in test_user_model
+        max_minutes=0.1,
+        epochs=0.5,
+        device="cpu",
+        precision="fp32",
+        learning_rate=1e-3,
     )
     first = train_user_model(store, settings, show_progress=False)
     assert first.promoted and first.version == "u1"
