@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from policy_trainer.ppo import gae, rloo_advantages
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -28,16 +27,23 @@ class Estimator:
     needs_groups: bool = False  # samples_per_prompt >= 2 (a baseline from the other samples)
 
 
+def _gae(rewards, values, mask, s):
+    from policy_trainer.ppo import gae  # torch loads with the trainer, not with the settings (`--version`)
+
+    return gae(rewards, values, mask, s.gamma, s.gae_lambda)
+
+
+def _rloo(rewards, values, mask, s):
+    import torch
+
+    from policy_trainer.ppo import rloo_advantages
+
+    return rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)
+
+
 ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator(True, lambda rewards, values, mask, s: gae(rewards, values, mask, s.gamma, s.gae_lambda)),
-    "rloo": Estimator(
-        False,
-        lambda rewards, values, mask, s: (
-            rloo_advantages(rewards, mask, s.samples_per_prompt),
-            torch.zeros_like(rewards),
-        ),
-        needs_groups=True,
-    ),
+    "gae": Estimator(True, _gae),
+    "rloo": Estimator(False, _rloo, needs_groups=True),
 }
 
 EstimatorName = Literal[tuple(ESTIMATORS)]  # the settings' choices: every registered estimator

@@ -2,7 +2,7 @@
 reward model (verl's `BaseInteraction`: start_interaction, generate_response, calculate_score,
 finalize_interaction).
 
-verl (0.4 to 0.7) runs multi-turn rollouts with an interaction named in a YAML file
+verl runs multi-turn rollouts (checked with verl 0.7.1) with an interaction named in a YAML file
 (`actor_rollout_ref.rollout.multi_turn.interaction_config_path`):
 
     interaction:

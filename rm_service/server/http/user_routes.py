@@ -23,7 +23,8 @@ from rm_client.messages import role_and_text
 from rm_service.conversation import Message
 from rm_service.errors import InvalidArgument
 from rm_service.server.admission import Ticket
-from rm_service.server.http.app import caller, context, counted, finite, read_json, until_disconnect
+from rm_service.server.http.app import caller, context, counted, finite, until_disconnect
+from rm_service.server.http.guard import read_json
 
 SCORER = "scorer"
 
