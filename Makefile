@@ -27,6 +27,11 @@ peers:
 	rm -rf $(PEERS)/openrlhf
 	$(PIP) install --quiet --no-deps --target $(PEERS)/openrlhf openrlhf==0.11.2
 	$(PIP) install --quiet --target $(PEERS)/openrlhf pylatexenc==2.10 aiohttp==3.14.5
+	# verl 0.7.1's own Interaction API (BaseInteraction and its YAML registry, loaded without verl/__init__), for the test of
+	# rm_client.verl_interaction (tests/test_user_env.py); omegaconf is what verl's interaction registry reads YAML with.
+	rm -rf $(PEERS)/verl
+	$(PIP) install --quiet --no-deps --target $(PEERS)/verl verl==0.7.1
+	$(PIP) install --quiet --target $(PEERS)/verl omegaconf==2.3.0
 
 # verl 0.9.1's loader and reward loop for tests/test_peers_verl.py: not in `install`, since
 # verl.protocol imports ray (240 MB of the folder's 283 MB); the test skips without it.

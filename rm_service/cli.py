@@ -288,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_judge_commands(sub)  # judge, judge-agreement
 
+    from rm_service.usermodel.cli import add_user_model_commands
+
+    add_user_model_commands(sub)  # user-model train|eval|list|show|promote|rollback
+
     s = sub.add_parser(
         "demo",
         help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings
 from rm_service import settings as s
 from rm_service.demo.settings import DemoSettings
 from rm_service.judge.settings import JudgeSettings
+from rm_service.usermodel.settings import UserModelSettings
 
 CLASSES = [
     s.StoreSettings,
@@ -26,6 +27,7 @@ CLASSES = [
     s.ServeSettings,
     s.SecuritySettings,
     s.TrainSettings,
+    UserModelSettings,
     JudgeSettings,
     DemoSettings,
 ]

@@ -38,6 +38,8 @@ from rm_service.api.v1 import (
     reward_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
 )
 from rm_service.errors import FailedPrecondition
 from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
@@ -50,13 +52,18 @@ from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
 from rm_service.server.swap import ModelsCollector, follow_registry
 from rm_service.server.training import JobRunner, TrainingService
+from rm_service.server.user import UserService
+from rm_service.server.user_models import PROMOTED, follow_user_registry, load_user_model
 from rm_service.settings import ModelSettings, SecuritySettings, ServeSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
+from rm_service.usermodel.settings import UserModelSettings
 
 log = logging.getLogger(__name__)
 
 REWARD_SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+USER_SERVICE = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+MODEL_SERVICES = (REWARD_SERVICE, USER_SERVICE)  # NOT_SERVING until their models are loaded
 
 
 class RewardServer:
@@ -69,6 +76,7 @@ class RewardServer:
         models: ModelSettings | None = None,
         security: SecuritySettings | None = None,
         train: TrainSettings | None = None,
+        user: UserModelSettings | None = None,
     ):
         self.security = security or SecuritySettings()
         self.tokens = Tokens.from_settings(self.security)
@@ -88,6 +96,10 @@ class RewardServer:
         self.served = ServedModels(settings.max_loaded)
         if settings.with_model:
             self.metrics.registry.register(ModelsCollector(self.served))
+        self.user_settings = user or UserModelSettings()
+        self.served_users = ServedModels(what="user model")  # the user model beside the reward model, if any
+        self.user: UserService | None = None
+        self._user_follower: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -137,6 +149,12 @@ class RewardServer:
             self.reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
             reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
             names.append(REWARD_SERVICE)
+            if st.user_model:
+                self.user = UserService(self.served_users, self.batcher, self.user_settings, max_chars)
+                user_pb2_grpc.add_UserServiceServicer_to_server(self.user, self.server)
+                names.append(USER_SERVICE)
+        elif self.settings.user_model:
+            raise FailedPrecondition("a user model is served beside a reward model: --user-model needs the model on")
         if self.store is not None:
             assert self.writer is not None  # opened with the store
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(
@@ -170,7 +188,7 @@ class RewardServer:
             raise FailedPrecondition(f"cannot bind {address}: {exc}") from None
         await self.server.start()
         for name in self.services:  # the store's services work from here on; the model's wait for the model
-            if name != REWARD_SERVICE:
+            if name not in MODEL_SERVICES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gRPC on %s:%d: %s, %s",
@@ -207,6 +225,8 @@ class RewardServer:
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
             self.served.loading = False  # from here a version this process does not hold is NOT_FOUND, not UNAVAILABLE
+            if self.user is not None:
+                await self._load_user_model()
             # Start-up objects out of the collector's full passes (270 ms pauses seen); a released version is
             # collected by server.models.free_memory.
             gc.freeze()
@@ -219,6 +239,17 @@ class RewardServer:
         self.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _load_user_model(self) -> None:
+        name = self.settings.user_model
+        assert name is not None  # called only when a user model is configured
+        loop = asyncio.get_running_loop()
+        served = await loop.run_in_executor(None, load_user_model, name, self.settings, self.store, self.models)
+        self.served_users.swap_in(served, "loaded")
+        self.served_users.loading = False
+        log.info("serving user model %s (%s) beside the reward model", served.record.version, served.record.backbone)
+        if name == PROMOTED and self.settings.follow_registry:
+            self._user_follower = loop.create_task(follow_user_registry(self.served_users, self.settings, self.models))
 
     def _start_metrics(self) -> None:
         port = self.settings.metrics_port
@@ -253,6 +284,7 @@ class RewardServer:
                 self.metrics,
                 lambda: self.readiness,
                 self.served.health if self.settings.with_model else dict,
+                self.user,
             )
         )
         self.http = HttpServer(
@@ -263,7 +295,15 @@ class RewardServer:
             "HTTP on %s: %s",
             self.http.url,
             ", ".join(
-                filter(None, ["reward routes" if self.reward else "", "labeling page" if self.store else "", "/health"])
+                filter(
+                    None,
+                    [
+                        "reward routes" if self.reward else "",
+                        "POST /simulate_user" if self.user else "",
+                        "labeling page" if self.store else "",
+                        "/health",
+                    ],
+                )
             ),
         )
 
@@ -275,8 +315,9 @@ class RewardServer:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish, close the store."""
         self.ready = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._follower is not None:
-            self._follower.cancel()
+        for follower in (self._follower, self._user_follower):
+            if follower is not None:
+                follower.cancel()
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)  # new calls: UNAVAILABLE; in-flight ones finish
         if self.http is not None:

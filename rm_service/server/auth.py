@@ -1,7 +1,7 @@
 """Bearer tokens with roles, the bind rule, and TLS credentials for the gRPC server.
 
 Clients send metadata `authorization: Bearer <token>`. A token has one role: `scorer` may call
-RewardService, `labeler` PreferenceService, `admin` everything (TrainingService only admin).
+RewardService and UserService, `labeler` PreferenceService, `admin` everything (TrainingService only admin).
 Health and reflection stay open so probes and `grpcurl list` need no token. A missing or
 unknown token is UNAUTHENTICATED; a known token without the method's role PERMISSION_DENIED.
 
@@ -37,6 +37,7 @@ ADMIN = "admin"
 # everywhere). Services listed in OPEN need no token; any service not listed needs admin.
 SERVICE_ROLES = {
     "rm.v1.RewardService": "scorer",
+    "rm.v1.UserService": "scorer",  # trainers score and simulate with one token
     "rm.v1.PreferenceService": "labeler",
     "rm.v1.TrainingService": ADMIN,
 }

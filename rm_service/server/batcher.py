@@ -164,13 +164,14 @@ class Batcher:
         rows = await asyncio.gather(*(j.future for j in jobs))
         return np.stack(rows)  # [N, K]
 
-    async def run_solo(self, permit: Permit, tokens: int, fn, *args):
-        """fn(*args) on the model thread as one unit of `tokens` tokens (a ScoreTurns pass), after
-        the batch running now; Dropped if by then its caller has left or its deadline passed."""
+    async def run_solo(self, permit: Permit, tokens: int, fn, *args, record: bool = True):
+        """fn(*args) on the model thread as one unit of `tokens` tokens (a ScoreTurns pass, a
+        SimulateUser call), after the batch running now; Dropped if by then its caller has left or
+        its deadline passed. `record`: the rate meter counts its tokens and time (Score's kind of work)."""
         self.admission.correct(permit, tokens)
         try:
             out, seconds = await self._on_model_thread(
-                _Solo(lambda: fn(*args), permit.runnable, self._future(), tokens, 1)
+                _Solo(lambda: fn(*args), permit.runnable, self._future(), tokens if record else 0, 1)
             )
         finally:
             self.admission.spend(permit, tokens)

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Served:
-    runtime: ModelRuntime
+    runtime: ModelRuntime  # or, in a user model's ServedModels, a usermodel.runtime.UserRuntime
     record: ModelRecord
     backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
     # A version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback).
@@ -67,7 +67,10 @@ class LoadFailure:
 
 
 class ServedModels:
-    def __init__(self, max_loaded: int = 2):
+    """The loaded versions of one kind of model (`what`: "reward model" or "user model")."""
+
+    def __init__(self, max_loaded: int = 2, what: str = "reward model"):
+        self.what = what
         self.versions: dict[str, Served] = {}
         self.default: str | None = None
         self.max_loaded = max_loaded
@@ -85,12 +88,12 @@ class ServedModels:
         if name is None or name not in self.versions:
             if self.loading:
                 raise Unavailable(
-                    f"the reward model is still loading (model version {version or 'default'!r}); retry shortly"
+                    f"the {self.what} is still loading (model version {version or 'default'!r}); retry shortly"
                 )
             why = f"; its load failed ({self.failed[name]})" if name in self.failed else ""
             raise NotFound(
-                f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})"
-                + why
+                f"{self.what} version {version!r} is not loaded by this server "
+                f"(loaded: {', '.join(self.versions) or 'none'})" + why
             )
         return self.versions[name]
 

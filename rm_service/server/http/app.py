@@ -21,6 +21,7 @@ serves a model, the labeling page and its API (labeling, admin) when it holds th
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -40,7 +41,7 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rm_service.errors import Overloaded, RMError, Unauthenticated, Unavailable, http_status
+from rm_service.errors import Cancelled, Overloaded, RMError, Unauthenticated, Unavailable, http_status
 from rm_service.server.auth import ADMIN, Tokens, authorize, http_token, identity
 from rm_service.server.http.guard import Guard, allowed_hosts
 from rm_service.settings import ServeSettings
@@ -67,6 +68,7 @@ class HttpContext:
     metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
     models: Callable[[], dict] = dict  # the served versions, their weight bytes and failed loads (ServedModels.health)
+    user: object | None = None  # server.user.UserService when this process serves a user model: POST /simulate_user
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,29 @@ def counted(route: str):
         return run
 
     return wrap
+
+
+async def until_disconnect(request: Request, work) -> object:
+    """Await `work` (a coroutine), cancelled when the caller disconnects: its admission permit is
+    released and its queued work dropped before it reaches the model, as for a cancelled gRPC call."""
+    task = asyncio.ensure_future(work)
+    left = asyncio.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only a disconnect can come
+            await asyncio.sleep(0.05)  # never a busy loop, whatever the server answers
+        left.set()
+        task.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if not left.is_set():
+            raise  # this handler itself was cancelled (shutdown)
+        raise Cancelled("the caller disconnected before its answer was ready") from None
+    finally:
+        watcher.cancel()
 
 
 def finite(value):
@@ -202,7 +227,7 @@ class _Asgi:
 
 
 def create_app(ctx: HttpContext) -> Starlette:
-    from rm_service.server.http import admin, labeling, reward_routes
+    from rm_service.server.http import admin, labeling, reward_routes, user_routes
 
     routes = [Route("/health", health, methods=["GET"]), Route("/ping", health, methods=["GET"])]  # vLLM's /ping
     if (
@@ -211,6 +236,8 @@ def create_app(ctx: HttpContext) -> Starlette:
         routes.append(Route("/metrics", _Asgi(make_asgi_app(registry=ctx.metrics.registry)), methods=["GET"]))
     if ctx.reward is not None:
         routes += reward_routes.routes()
+    if ctx.user is not None:
+        routes += user_routes.routes()
     if ctx.store is not None:
         routes += [
             Route("/", page("label.html", "Label"), name="label"),

@@ -33,7 +33,6 @@ disconnects has its queued items dropped before they reach the model, as a cance
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import time
@@ -45,9 +44,9 @@ from starlette.routing import Route
 
 from rm_service import __version__
 from rm_service.conversation import Message, validate_messages, validate_text
-from rm_service.errors import Cancelled, InvalidArgument
+from rm_service.errors import InvalidArgument
 from rm_service.server.admission import Ticket
-from rm_service.server.http.app import HttpContext, caller, context, counted
+from rm_service.server.http.app import HttpContext, caller, context, counted, until_disconnect
 from rm_service.server.http.guard import read_json
 from rm_service.server.http.rendered import parse_rendered
 from rm_service.server.reward import sigmoid
@@ -323,24 +322,7 @@ def _activation(body: dict, default: bool) -> bool:
 async def _score(request: Request, ctx: HttpContext, pairs, version: str):
     """RewardService.score, cancelled when the caller disconnects: its permit is released and its
     queued items are dropped before they reach the model, as for a cancelled gRPC call."""
-    scoring = asyncio.ensure_future(ctx.reward.score(pairs, version, Ticket(None)))
-    left = asyncio.Event()
-
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only a disconnect can come
-            await asyncio.sleep(0.05)  # never a busy loop, whatever the server answers
-        left.set()
-        scoring.cancel()
-
-    watcher = asyncio.get_running_loop().create_task(watch())
-    try:
-        scored = await scoring
-    except asyncio.CancelledError:
-        if not left.is_set():
-            raise  # this handler itself was cancelled (shutdown)
-        raise Cancelled("the caller disconnected before its rewards were ready") from None
-    finally:
-        watcher.cancel()
+    scored = await until_disconnect(request, ctx.reward.score(pairs, version, Ticket(None)))
     return scored, scored.reward
 
 
