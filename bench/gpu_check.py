@@ -9,7 +9,15 @@
 3. serving: the version served in bf16 by `rm-service serve` in its own process, scored through
    gRPC by 64 closed-loop clients on HH items: items/s, tokens/s, p50/p99, MFU (2N per token);
    then a ~1B-parameter reward model built from a config (random weights: speed only) the same way;
-4. PPO: 2 steps of the SmolLM2 policy against the served version.
+4. PPO: 2 steps of the SmolLM2 policy against the served version;
+5. memory through a hot-swap at each of --sizes (135M, 1B, 7B Llama shapes from configs, two
+   head-mode versions on each): measured weights against the prediction from the weight files,
+   the bytes before, at the allocator's peak and after (bench/gpu_sizes.py).
+
+--offline (what gpu_check.sh picks where the bundled SmolLM2 package is absent, as on an offline
+GPU machine): the backbone and the policy are 135M-shaped Llama models built from configs with a
+tokenizer trained on the shipped HH pairs: random weights, so speed and memory, not accuracy.
+--dry-run prints the sizes' parameters and predicted bytes against the device and exits.
 
 N = non-embedding parameters. Nothing here is a timing assertion: the table is the result.
 """
@@ -27,12 +35,14 @@ from pathlib import Path
 
 import torch
 
-from rm_service.data import HH_PAIRS
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+# This checkout's code first, whatever is installed (an offline GPU machine has nothing installed).
+sys.path[:0] = [str(REPO), str(REPO / "clients" / "python"), str(REPO / "bench")]
+from gpu_sizes import GB, backbone_dir, hh_tokenizer, llama_config, plan, swap_memory, swap_rows  # noqa: E402
 from score import closed_loop, hh_items, pct  # noqa: E402
 from train import non_embedding_params  # noqa: E402
+
+from rm_service.data import HH_PAIRS  # noqa: E402
 
 DATA = HH_PAIRS
 ONE_B = dict(
@@ -212,10 +222,32 @@ def ppo_steps(args, home: Path, version_dir: Path) -> dict:
     }
 
 
+def offline_models(home: Path, device: torch.device, size: str) -> tuple[str, str]:
+    """A backbone and a policy of `size` from configs, with the HH tokenizer (no bundled model)."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = hh_tokenizer(vocab_size=600 if size == "tiny" else 8192)
+    backbone = backbone_dir(size, tokenizer, home, device)
+    config = llama_config(size, len(tokenizer), tokenizer.pad_token_id)
+    config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    policy = home / f"llama-{size}-policy"
+    LlamaForCausalLM(config).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    return str(backbone), str(policy)
+
+
 def table(
-    device_name: str, peak: float, rm: dict, served: dict, big: dict, big_params: int, ppo: dict, clients: int
+    device_name: str,
+    peak: float,
+    rm: dict,
+    served: dict,
+    big: dict,
+    big_params: int,
+    ppo: dict,
+    clients: int,
+    extra: list[tuple[str, str]] = (),
 ) -> str:
-    mfu = lambda flops_per_token, tokens: 100 * flops_per_token * tokens / peak  # noqa: E731
+    mfu = lambda flops_per_token, tokens: 100 * flops_per_token * tokens / peak
     rows = [
         ("device", device_name),
         ("bf16 GEMM (measured here)", f"{peak / 1e12:.1f} TFLOP/s"),
@@ -228,7 +260,8 @@ def table(
         (
             f"served (bf16, {clients} clients), the version ({rm['params'] / 1e6:.0f}M)",
             f"{served['items_per_s']:,.1f} items/s, {served['tokens_per_s']:,.0f} tokens/s, p50 "
-            f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, MFU {mfu(2 * rm['params'], served['tokens_per_s']):.1f}%",
+            f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, MFU "
+            f"{mfu(2 * rm['params'], served['tokens_per_s']):.1f}%",
         ),
         (
             f"served (bf16, {clients} clients), a {big_params / 1e9:.2f}B checkpoint",
@@ -237,8 +270,10 @@ def table(
         ),
         (
             "PPO against the served version",
-            f"{ppo['steps']} steps, {ppo['seconds_per_step']:.1f} s/step, reward {ppo['reward']:+.3f}, KL {ppo['kl']:.3f}",
+            f"{ppo['steps']} steps, {ppo['seconds_per_step']:.1f} s/step, reward {ppo['reward']:+.3f}, KL "
+            f"{ppo['kl']:.3f}",
         ),
+        *extra,
     ]
     return "\n".join(["| check | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
@@ -283,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=None, help="also write the table (and the raw figures as JSON) here")
+    p.add_argument("--offline", action="store_true", help="backbone and policy built from configs (no bundled model)")
+    p.add_argument("--sizes", default=None, help="hot-swap memory at these sizes (tiny,135m,1b,7b); default 135m,1b,7b")
+    p.add_argument("--dry-run", action="store_true", help="print the sizes' predicted memory against the device, exit")
     for key, value in GPU_SIZES.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value) if value is not None else int, default=None)
     args = p.parse_args(argv)
@@ -295,6 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RM_HOME"] = str(home)
     os.environ.setdefault("RM_MODELS_CACHE_DIR", str(REPO / "var" / "cache" / "models"))
     device = torch.device(args.device)
+    sizes = (args.sizes or ("tiny" if args.tiny else "135m,1b,7b")).split(",")
+    if args.dry_run:
+        for row in plan(sizes, device):
+            fits = "" if "fits" not in row else f"; {'fits' if row['fits'] else 'does NOT fit'} 90% of the device"
+            print(
+                f"{row['size']}: {row['parameters'] / 1e9:.2f}B parameters, {row['served_bytes'] / GB:.2f} GB served "
+                f"in bf16, {row['swap_peak_bytes'] / GB:.2f} GB through a swap (old + new){fits}"
+            )
+        shutil.rmtree(home, ignore_errors=True)
+        return 0
+    if args.offline:
+        args.backbone, args.policy = offline_models(home, device, "tiny" if args.tiny else "135m")
     peak = bf16_gemm_flops(device, n=512 if args.tiny else 8192)
     rm = train_reward_model(args, home)
     version_dir = home / "registry" / rm["version"]
@@ -305,14 +355,16 @@ def main(argv: list[str] | None = None) -> int:
     big_params = non_embedding_params(AutoModelForSequenceClassification.from_pretrained(big_dir).base_model)
     big = serve_and_score(str(big_dir), args, home, args.clients)
     ppo = ppo_steps(args, home, version_dir)
+    tokenizer = hh_tokenizer(vocab_size=600 if args.tiny else 8192)
+    swaps = [swap_memory(size, tokenizer, home / "swap", device) for size in sizes]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    text = table(name, peak, rm, served, big, big_params, ppo, args.clients)
+    text = table(name, peak, rm, served, big, big_params, ppo, args.clients, swap_rows(swaps))
     print(text)
     if args.out:
         args.out.write_text(
             text
             + "\n\n"
-            + json.dumps({"rm": rm, "served": served, "big": big, "big_params": big_params, "ppo": ppo})
+            + json.dumps({"rm": rm, "served": served, "big": big, "big_params": big_params, "ppo": ppo, "swaps": swaps})
             + "\n"
         )
     shutil.rmtree(home, ignore_errors=True)

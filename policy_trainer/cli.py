@@ -36,8 +36,8 @@ def _print_summary(summary) -> None:
     if summary.eval_before and summary.eval_after:
         b, a = summary.eval_before, summary.eval_after
         print(
-            f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> {a['reward_mean']:+.4f}, "
-            f"KL to reference {a['kl_seq']:.3f} nats/sequence"
+            f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> "
+            f"{a['reward_mean']:+.4f}, KL to reference {a['kl_seq']:.3f} nats/sequence"
         )
     if summary.seconds_per_phase:
         print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.seconds_per_phase.items()))

@@ -38,7 +38,7 @@ from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
 from policy_trainer.update import Batch, UpdateMixin, explained_variance
-from policy_trainer.watch import ModelWatcher
+from policy_trainer.watch import ModelWatcher, recover_version
 from rm_client import RewardClient, VersionUnavailable, open_channel
 
 log = logging.getLogger("policy_trainer")
@@ -96,7 +96,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             raise
         self.gold = reward_client(s, [s.gold_address], token, tls_ca) if s.gold_address else None
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
-        self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
+        self.watcher = ModelWatcher(self.client.channels) if s.follow_models else None  # where versions are served
         self.step = 0
         self.reward_stats: dict[str, tuple[float, float]] = {}  # version -> (reward_mean, reward_std), for pessimism
         self.switches: list[dict] = []
@@ -151,8 +151,8 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
 
     def served_rewards(self, prompts: list[Prompt], rollout: Rollout, step: int) -> tuple[torch.Tensor, dict]:
         """Served reward per row ([B], NaN for empty completions) from one pinned version.
-        If the pinned version was unloaded meanwhile, switch to the announced one and score
-        the whole batch again with it: a batch never mixes versions."""
+        If the pinned version was unloaded meanwhile, switch to the one the scorers serve now
+        (watch.recover_version) and score the whole batch again with it: a batch never mixes versions."""
         real = [i for i, t in enumerate(rollout.texts) if t]
         served = torch.full((len(rollout.texts),), float("nan"))
         info = {
@@ -167,8 +167,8 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         try:
             scores = Scores.of(self.client.score(*pairs, version=self.version))
         except VersionUnavailable:
-            latest = self.watcher.latest() if self.watcher else None
-            if not latest or latest == self.version:
+            latest = recover_version(self.version, self.watcher, self.client)  # the scorers' default now
+            if latest is None:
                 raise
             self.switch_version(latest, step, f"{self.version} no longer loaded")
             scores = Scores.of(self.client.score(*pairs, version=self.version))

@@ -1,11 +1,13 @@
-"""The reward-model registry: versions v1, v2, ... with artifacts, metrics and a status.
+"""The model registry: reward models v1, v2, ... and user models u1, u2, ... with artifacts,
+metrics and a status.
 
-The store's `models` table holds each version's record; its artifact directory (see
-models.version) holds what loads it. Status: candidate -> promoted -> retired, or rejected
-by the promotion rule (`decide`: promote, reject, or undecided, which leaves a candidate) or
-its load check. Exactly one version is promoted at a time, and a
-version is announced as promoted (`promoted.json`) only after it loaded and re-scored its
-golden items.
+The store's `models` table holds each version's record and kind; its artifact directory (see
+models.version, usermodel.version) holds what loads it. Status: candidate -> promoted ->
+retired, or rejected by the promotion rule (reward models: `decide`: promote, reject, or
+undecided, which leaves a candidate; user models: `user_decision`) or its load check. Exactly
+one version of each kind is promoted at a time, and a version is announced as promoted
+(`promoted.json` in the directory of its kind's versions) only after it loaded and re-checked
+its golden items.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
 from rm_service.store import versions
@@ -35,6 +38,7 @@ __all__ = [
     "promoted",
     "register",
     "rollback",
+    "user_decision",
 ]
 
 
@@ -115,7 +119,8 @@ def _json_safe(value):
 
 def _effect(d: dict) -> Effect:
     bounds = {"low": -math.inf, "high": math.inf}
-    return Effect(**{k: (bounds.get(k, math.nan) if v is None else v) for k, v in d.items()})
+    fields: dict[str, Any] = {k: (bounds.get(k, math.nan) if v is None else v) for k, v in d.items()}
+    return Effect(**fields)
 
 
 def decide(
@@ -158,6 +163,23 @@ def decide(
     return verdict("undecided", "not distinguishable from its parent yet")
 
 
+def user_decision(candidate: ModelRecord, current: ModelRecord | None, tolerance: float) -> Decision:
+    """The promotion rule of user models: on its held-out conversations the candidate must
+    predict user turns better than the untuned base model (NLL per user-turn token, `nll` <
+    `base_nll`), and not worse than the promoted user model measured on the same conversations
+    (`baseline_nll`) by more than `tolerance` nats per token."""
+    m, parent = candidate.metrics, current.version if current is not None else None
+    nll, base = m.get("nll", math.nan), m.get("base_nll", math.nan)
+    figures = f"held-out NLL per user-turn token {nll:.4f}, base model {base:.4f}"
+    if math.isnan(nll) or not nll < base:
+        return Decision("reject", f"not below the base model's NLL: {figures}", parent)
+    if current is not None and "baseline_nll" in m:
+        figures += f", {current.version} {m['baseline_nll']:.4f} on the same conversations"
+        if nll > m["baseline_nll"] + tolerance:
+            return Decision("reject", f"above {current.version}'s NLL plus tolerance {tolerance}: {figures}", parent)
+    return Decision("promote", f"below the base model's NLL and not above the promoted one's: {figures}", parent)
+
+
 def promote(
     store: Store, version: str, decision: Decision | None = None, force: bool = False, verify=None
 ) -> tuple[bool, str]:
@@ -167,12 +189,13 @@ def promote(
     becomes `rejected`, an undecided one stays a candidate; the previously promoted version
     becomes `retired`. (The training run records the decision on the version.)"""
     candidate = get_model(store, version)
-    current = promoted(store)
+    current = promoted(store, candidate.kind)
     if current is not None and current.version == version:
         return True, f"{version} is already promoted"
-    if current is not None and not force:
+    if (current is not None or candidate.kind == "user") and not force:  # a user model must beat its base
         if decision is None:
-            return False, f"{version} has no decision against {current.version}: retrain it, or promote with force"
+            against = current.version if current is not None else "its base model"
+            return False, f"{version} has no decision against {against}: retrain it, or promote with force"
         if not decision.promote:
             if decision.verdict == "reject":
                 versions.set_status(store, version, "rejected")
@@ -242,12 +265,12 @@ def read_promoted_pointer(artifacts_dir: Path, strict: bool = False) -> dict | N
         return None
 
 
-def rollback(store: Store) -> str:
-    """Promote again the version promoted before the current one; the current one is retired."""
-    current = promoted(store)
+def rollback(store: Store, kind: str = "reward") -> str:
+    """Promote again the version of `kind` promoted before the current one; the current one is retired."""
+    current = promoted(store, kind)
     if current is None:
-        raise FailedPrecondition("no promoted version to roll back from")
-    previous = versions.last_retired_promotion(store)
+        raise FailedPrecondition(f"no promoted {kind} model to roll back from")
+    previous = versions.last_retired_promotion(store, kind)
     if previous is None:
         raise FailedPrecondition(f"{current.version} is the only version ever promoted; nothing to roll back to")
     versions.promote_version(store, previous)  # retires the current one in the same transaction

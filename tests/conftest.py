@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -23,14 +25,16 @@ sys.path.insert(0, str(CLIENT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
 
+pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
+
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
 def hh_lines(n: int | None = None) -> list[str]:
-    lines = [l for l in HH_FILE.read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [line for line in HH_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines[:n] if n else lines
 
 
@@ -52,7 +56,7 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [json.loads(l)["chosen"] for l in hh_lines(300)]
+    corpus = [json.loads(line)["chosen"] for line in hh_lines(300)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -345,3 +349,87 @@ def server(home, tiny_rm_dir):
     srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), precision="fp32"))
     yield srv
     srv.stop()
+
+
+# --- fixtures shared by several test modules -----------------------------------------------------
+
+
+@pytest.fixture
+def llm(tiny_lm_dir):
+    """The OpenAI-compatible server (tests/openai_server.py) serving the tiny LM as "tiny-judge"."""
+    from openai_server import OpenAIServer
+
+    server = OpenAIServer(tiny_lm_dir)
+    yield server
+    server.stop()
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A throwaway CA and a server (127.0.0.1, localhost) and client certificate signed by it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        d,
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=rm-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    exts = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for name, ext in exts.items():
+        (d / f"{name}.ext").write_text(ext + "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
+        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=rm-test-{name}")
+        _openssl(
+            d,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return d
+
+
+def peer(name: str, module: str):
+    """A peer's own released package (`make install` puts it with pip --target into .venv/peers/NAME,
+    without its heavy dependencies), imported: its folder goes last on sys.path, so the venv's own
+    packages win and the folder adds only what the venv lacks. Skips, naming the fix, when absent."""
+    folder = peer_folder(name)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return pytest.importorskip(module, reason=f"{name} is not installed in {folder}: run `make install`")
+
+
+def peer_folder(name: str) -> Path:
+    return Path(sys.prefix) / "peers" / name

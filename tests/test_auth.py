@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
-import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -139,7 +138,7 @@ def _code(fn) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("who", list(MATRIX), ids=lambda w: str(w))
 def test_auth_matrix(channel, who):
-    got = {name: _code(lambda: call(channel, _metadata(who))) for name, call in CALLS.items()}
+    got = {name: _code(functools.partial(call, channel, _metadata(who))) for name, call in CALLS.items()}
     assert got == MATRIX[who]
 
 
@@ -176,7 +175,7 @@ def test_tokens_never_reach_the_logs(channel, caplog):
     caplog.set_level(logging.DEBUG)
     for who in MATRIX:
         for call in CALLS.values():
-            _code(lambda: call(channel, _metadata(who)))
+            _code(functools.partial(call, channel, _metadata(who)))
     bad = "not-a-configured-token-0123456789"
     _code(lambda: CALLS["Score"](channel, (("authorization", f"Bearer {bad}"),)))
     refusals = [r for r in caplog.records if r.name == "rm_service.server.auth"]
@@ -187,63 +186,6 @@ def test_tokens_never_reach_the_logs(channel, caplog):
 
 
 # --- TLS and mutual TLS ------------------------------------------------------------------------
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A throwaway CA and a server (127.0.0.1, localhost) and client certificate signed by it."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is needed to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        d,
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=rm-test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    exts = {
-        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        "client": "extendedKeyUsage=clientAuth\n",
-    }
-    for name, ext in exts.items():
-        (d / f"{name}.ext").write_text(ext + "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
-        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=rm-test-{name}")
-        _openssl(
-            d,
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "1",
-            "-extfile",
-            f"{name}.ext",
-        )
-    return d
 
 
 def _tls_server(monkeypatch, tiny_rm_dir, pki: Path, mutual: bool, tokens: str | None = None) -> ServerThread:

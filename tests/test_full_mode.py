@@ -146,41 +146,92 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(home, tmp_path, tiny_bac
     store.close()
 
 
-def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
-    store = _store_with_labels(tmp_path, 24)
-    store.close()
+def _torchrun_train(home, tiny_backbone_dir, *flags: str) -> subprocess.CompletedProcess:
+    """`rm-service train --mode full` on two CPU processes under torchrun (gloo); it must succeed."""
     from rm_service.server.app import free_port
 
     env = {**os.environ, "RM_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "rm_service.cli",
-        "train",
-        "--mode",
-        "full",
-        "--backbone",
-        str(tiny_backbone_dir),
-        "--max-tokens",
-        "128",
-        "--ensemble-size",
-        "2",
-        "--epochs",
-        "1",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["-m", "rm_service.cli", "train", "--mode", "full", "--backbone", str(tiny_backbone_dir)]
+    cmd += ["--max-tokens", "128", "--ensemble-size", "2", "--epochs", "1", *flags]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained v1 (full mode)" in result.stdout
+    return result
+
+
+def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
+    store = _store_with_labels(tmp_path, 24)
+    store.close()
+    _torchrun_train(home, tiny_backbone_dir)
     store = Store(StoreSettings())
     try:
         assert registry.get_model(store, "v1").status == "promoted"
         runtime, _ = open_version(registry.get_model(store, "v1").artifact_path)
+        assert runtime.model.ensemble_size == 2
+    finally:
+        store.close()
+
+
+def test_the_best_weights_wait_on_disk_and_come_back_at_the_end(home, tmp_path, tiny_backbone_dir):
+    """Early stopping keeps no clone of the weights beside the model: the best trainable weights
+    go to best.pt (host tensors) and are what the run ends with."""
+    store = _store_with_labels(tmp_path, 40)
+    settings = _settings(tiny_backbone_dir, ensemble_size=1, epochs=2.0, eval_every=1, full_learning_rate=1e-2)
+    split = prepare_split(store, settings)
+    assert split.validation
+    runtime = load_backbone_runtime(settings.backbone, 128, ensemble_size=1)
+    run = tmp_path / "run"
+    scores = full_mode.fit_full_mode(runtime, split, settings, float("inf"), run, show_progress=False)
+    best = torch.load(run / "best.pt")
+    trainable = {k: v for k, v in runtime.model.named_parameters() if v.requires_grad}
+    assert set(best) == set(trainable) and {v.device.type for v in best.values()} == {"cpu"}
+    assert all(torch.equal(best[k], v.detach()) for k, v in trainable.items())
+    assert "best" not in torch.load(run / "checkpoint.pt", weights_only=False)  # checkpoints hold no second copy
+    assert scores.extra["best_validation_loss"] < float("inf")
+    store.close()
+
+
+def test_a_gpu_feature_never_reads_a_cpu_cached_one(tiny_backbone_dir):
+    from rm_service.train.features import Candidate, feature_key
+
+    runtime = load_backbone_runtime(str(tiny_backbone_dir), 128, device="cpu", precision="bf16")
+    cpu = feature_key(runtime, Candidate(1, "last"))
+    runtime.device = torch.device("cuda", 0)  # only the key is computed: no GPU needed
+    gpu = feature_key(runtime, Candidate(1, "last"))
+    assert cpu != gpu and ":cuda:" in gpu and ":cpu" not in cpu  # CPU keys are those caches already hold
+
+
+def test_devices_are_checked_before_any_work():
+    from rm_service.errors import FailedPrecondition
+    from rm_service.models.runtime import pick_device
+    from rm_service.train.ddp import World, device_for
+
+    assert device_for(World(), "cuda:1", cuda_available=True) == "cuda:1"
+    assert device_for(World(1, 2, 1), "auto", cuda_available=True) == "cuda:1"
+    with pytest.raises(FailedPrecondition, match="CUDA_VISIBLE_DEVICES"):
+        device_for(World(0, 2, 0), "cuda:1", cuda_available=True)
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(FailedPrecondition, match="cuda:7"):
+            pick_device("cuda:7")
+    with pytest.raises(ValueError, match="device"):
+        TrainSettings(device="gpu0")
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_sharded_with_fsdp(home, tmp_path, tiny_backbone_dir):
+    """FSDP2 over two gloo ranks: sharded training, validation on both ranks, a sharded
+    checkpoint, and rank 0's unsharded model registered and served."""
+    store = _store_with_labels(tmp_path, 40)
+    store.close()
+    flags = ["--sharding", "fsdp", "--eval-every", "1", "--heldout-fraction", "0.2", "--checkpoint-every", "1"]
+    result = _torchrun_train(home, tiny_backbone_dir, *flags)
+    assert "sharded with FSDP2 over 2 ranks" in result.stderr
+    runs = list((home / "registry" / ".runs").iterdir())
+    assert (runs[0] / "checkpoint.dcp" / ".metadata").exists() and (runs[0] / "best.pt").exists()
+    store = Store(StoreSettings())
+    try:
+        runtime, _ = open_version(registry.get_model(store, "v1").artifact_path)  # golden pairs re-scored
         assert runtime.model.ensemble_size == 2
     finally:
         store.close()

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,13 +27,16 @@ from rm_service.models.resolver import resolve
 from rm_service.models.reward_model import CheckpointRewardModel, RewardModel, load_checkpoint_model, load_reward_model
 from rm_service.settings import ModelSettings
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelRuntime:
     model: RewardModel | CheckpointRewardModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     spec: FormatSpec
     backbone: str  # bundled name or path
     backbone_key: str  # identity of the backbone weights, keys the feature cache
@@ -59,6 +63,15 @@ class ModelRuntime:
     def refresh(self) -> None:
         """Forget the bf16 copy: the fp32 weights changed."""
         self._bf16 = None
+
+    def serve_only(self) -> None:
+        """Serving: hold one copy of the weights, in the served precision. In bf16 the backbone is
+        cast in place and is the inference model (no fp32 copy is kept beside it); a runtime
+        that must train or run in fp32 again is loaded again."""
+        if self.precision == "bf16" and self._bf16 is not self.model:
+            inner = self.model.backbone if isinstance(self.model, RewardModel) else self.model.classifier
+            inner.to(torch.bfloat16)
+            self._bf16 = self.model.eval()
 
     @property
     def pad_id(self) -> int:
@@ -123,7 +136,13 @@ def pick_device(device: str = "auto") -> torch.device:
     """ "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise FailedPrecondition(
+            f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)"
+            + ("" if torch.cuda.is_available() else " (a CPU-only torch, or no driver)")
+        )
+    return dev
 
 
 def backbone_key(model_dir: Path, name: str) -> str:
@@ -144,12 +163,14 @@ def load_backbone_runtime(
     spec: FormatSpec | None = None,
     identity: str | None = None,
     pooling: Pooling | None = None,
+    serving: bool = False,
 ) -> ModelRuntime:
     """Load a bundled model or HF directory as a RewardModel to train (or to serve with a
     version's heads); `spec` defaults to the backbone's own contract, `precision` "auto" to
     the one measured faster on `device`. `identity` is the name the backbone key is computed
     with (default `name_or_path`): a version stores its fine-tuned backbone as "./backbone"
-    wherever the directory lives."""
+    wherever the directory lives. `serving`: cast to the served precision on the host before
+    moving (`serve_only`), so the device never holds the fp32 weights of a bf16 server."""
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve(name_or_path, settings)
@@ -158,8 +179,7 @@ def load_backbone_runtime(
     spec = spec or spec_for(tokenizer, config.model_type, max_tokens)
     model = load_reward_model(model_dir, ensemble_size=ensemble_size, pooling=pooling)
     dev = pick_device(device)
-    model.to(dev)
-    return ModelRuntime(
+    runtime = ModelRuntime(
         model=model,
         tokenizer=tokenizer,
         spec=spec,
@@ -168,6 +188,10 @@ def load_backbone_runtime(
         device=dev,
         precision=resolve_precision(precision, dev),
     )
+    if serving:
+        runtime.serve_only()
+    model.to(dev)
+    return runtime
 
 
 def load_checkpoint_runtime(

@@ -130,10 +130,16 @@ def read_head(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open_version(
-    directory: str | Path, device: str = "auto", precision: str = "auto", settings: ModelSettings | None = None
+    directory: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    settings: ModelSettings | None = None,
+    serving: bool = False,
 ) -> tuple[ModelRuntime, VersionMeta]:
     """Load a version to run: backbone (cut for its pooling), heads, normalisation; the
-    backbone identity and the golden items are checked."""
+    backbone identity and the golden items are checked. `serving`: one copy of the weights,
+    in the served precision, from the start (ModelRuntime.serve_only; the golden items are
+    scored by that copy: the same computation as a bf16 inference copy)."""
     directory = Path(directory)
     meta = read_meta(directory)
     runtime = load_backbone_runtime(
@@ -145,6 +151,7 @@ def open_version(
         spec=meta.format,
         identity=meta.backbone,
         pooling=meta.pooling,
+        serving=serving,
     )
     if runtime.backbone_key != meta.backbone_key:
         raise FailedPrecondition(
@@ -179,12 +186,12 @@ def check_golden(
     tolerance = GOLDEN_TOLERANCE[precision]
     items = [runtime.format([Message(**m) for m in g.prompt], g.completion) for g in golden]
     raw = (scorer or runtime).run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
-    for g, got in zip(golden, raw):
+    for g, got in zip(golden, raw, strict=True):
         want = g.expected(precision)
         if abs(float(got) - want) > tolerance * max(1.0, abs(want)):
             raise FailedPrecondition(
-                f"{where}: golden pair check failed: an item scored {float(got):.5f} in {precision} at load but {want:.5f} "
-                f"in training (tolerance {tolerance:g}); {cause}. Refusing to serve this version"
+                f"{where}: golden pair check failed: an item scored {float(got):.5f} in {precision} at load but "
+                f"{want:.5f} in training (tolerance {tolerance:g}); {cause}. Refusing to serve this version"
             )
 
 

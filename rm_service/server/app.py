@@ -38,6 +38,8 @@ from rm_service.api.v1 import (
     reward_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
 )
 from rm_service.errors import FailedPrecondition
 from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
@@ -46,18 +48,24 @@ from rm_service.server.gate import RoomGate
 from rm_service.server.handlers import DecodeGuard
 from rm_service.server.http import HttpContext, HttpServer, create_app
 from rm_service.server.metrics import Metrics
-from rm_service.server.models import ServedModels, follow_registry, load_for_serving, load_pinned, resolve_for_serving
+from rm_service.server.models import ServedModels, load_for_serving, load_pinned, resolve_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
 from rm_service.server.scoring import ScoringCore
+from rm_service.server.swap import ModelsCollector, follow_registry
 from rm_service.server.training import JobRunner, TrainingService
+from rm_service.server.user import UserService
+from rm_service.server.user_models import PROMOTED, follow_user_registry, load_user_model
 from rm_service.settings import ModelSettings, SecuritySettings, ServeSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
+from rm_service.usermodel.settings import UserModelSettings
 
 log = logging.getLogger(__name__)
 
 REWARD_SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+USER_SERVICE = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+MODEL_SERVICES = (REWARD_SERVICE, USER_SERVICE)  # NOT_SERVING until their models are loaded
 
 
 class RewardServer:
@@ -70,6 +78,7 @@ class RewardServer:
         models: ModelSettings | None = None,
         security: SecuritySettings | None = None,
         train: TrainSettings | None = None,
+        user: UserModelSettings | None = None,
     ):
         self.security = security or SecuritySettings()
         self.tokens = Tokens.from_settings(self.security)
@@ -86,7 +95,13 @@ class RewardServer:
         self.store: Store | None = None
         self.jobs: JobRunner | None = None
         self.writer: GroupCommitWriter | None = None
-        self.served = ServedModels()
+        self.served = ServedModels(settings.max_loaded)
+        if settings.with_model:
+            self.metrics.registry.register(ModelsCollector(self.served))
+        self.user_settings = user or UserModelSettings()
+        self.served_users = ServedModels(what="user model")  # the user model beside the reward model, if any
+        self.user: UserService | None = None
+        self._user_follower: asyncio.Task | None = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -110,6 +125,11 @@ class RewardServer:
             else "not serving (starting or draining)"
         )
 
+    def _check_room(self) -> None:
+        """The gate's question, once the scoring core exists: raises Overloaded when the queue is full."""
+        if self.reward is not None:
+            self.reward.check_room(None)
+
     async def start(self) -> int:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
         options = [
@@ -121,7 +141,7 @@ class RewardServer:
         interceptors = (
             [self.metrics.interceptor()]
             + ([AuthInterceptor(self.tokens)] if self.tokens else [])
-            + [RoomGate(lambda: self.reward is not None and self.reward.check_room(None)), DecodeGuard()]
+            + [RoomGate(self._check_room), DecodeGuard()]
         )
         self.server = grpc.aio.server(
             options=options,
@@ -143,7 +163,14 @@ class RewardServer:
             self.reward = ScoringCore(self.served, self.batcher, st, max_chars, observer=self.metrics)
             reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.reward, self.store), self.server)
             names.append(REWARD_SERVICE)
+            if st.user_model:
+                self.user = UserService(self.served_users, self.reward, self.user_settings, max_chars)
+                user_pb2_grpc.add_UserServiceServicer_to_server(self.user, self.server)
+                names.append(USER_SERVICE)
+        elif self.settings.user_model:
+            raise FailedPrecondition("a user model is served beside a reward model: --user-model needs the model on")
         if self.store is not None:
+            assert self.writer is not None  # opened with the store
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(
                 PreferenceService(self.store, self.writer), self.server
             )
@@ -175,7 +202,7 @@ class RewardServer:
             raise FailedPrecondition(f"cannot bind {address}: {exc}") from None
         await self.server.start()
         for name in self.services:  # the store's services work from here on; the model's wait for the model
-            if name != REWARD_SERVICE:
+            if name not in MODEL_SERVICES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gRPC on %s:%d: %s, %s",
@@ -193,6 +220,7 @@ class RewardServer:
             served = await asyncio.get_running_loop().run_in_executor(
                 None, load_for_serving, self.settings, self.store, self.models, target
             )
+            assert self.reward is not None  # made above, with the batcher
             await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
             log.info(
@@ -211,7 +239,11 @@ class RewardServer:
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
             self.served.loading = False  # from here a version this process does not hold is NOT_FOUND, not UNAVAILABLE
-            gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
+            if self.user is not None:
+                await self._load_user_model()
+            # Start-up objects out of the collector's full passes (270 ms pauses seen); a released version is
+            # collected by server.models.free_memory.
+            gc.freeze()
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s)
@@ -221,6 +253,17 @@ class RewardServer:
         self.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _load_user_model(self) -> None:
+        name = self.settings.user_model
+        assert name is not None  # called only when a user model is configured
+        loop = asyncio.get_running_loop()
+        served = await loop.run_in_executor(None, load_user_model, name, self.settings, self.store, self.models)
+        self.served_users.swap_in(served, "loaded")
+        self.served_users.loading = False
+        log.info("serving user model %s (%s) beside the reward model", served.record.version, served.record.backbone)
+        if name == PROMOTED and self.settings.follow_registry:
+            self._user_follower = loop.create_task(follow_user_registry(self.served_users, self.settings, self.models))
 
     def _start_metrics(self) -> None:
         port = self.settings.metrics_port
@@ -247,18 +290,34 @@ class RewardServer:
             return
         app = create_app(
             HttpContext(
-                self.store, self.writer, self.tokens, self.settings, self.reward, self.metrics, lambda: self.readiness
+                self.store,
+                self.writer,
+                self.tokens,
+                self.settings,
+                self.reward,
+                self.metrics,
+                lambda: self.readiness,
+                self.served.health if self.settings.with_model else dict,
+                self.user,
             )
         )
         self.http = HttpServer(
-            app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds
+            app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds, self.settings
         )
         await self.http.start()
         log.info(
             "HTTP on %s: %s",
             self.http.url,
             ", ".join(
-                filter(None, ["reward routes" if self.reward else "", "labeling page" if self.store else "", "/health"])
+                filter(
+                    None,
+                    [
+                        "reward routes" if self.reward else "",
+                        "POST /simulate_user" if self.user else "",
+                        "labeling page" if self.store else "",
+                        "/health",
+                    ],
+                )
             ),
         )
 
@@ -270,8 +329,9 @@ class RewardServer:
         """Drain: health NOT_SERVING, refuse new calls, let in-flight calls finish, close the store."""
         self.ready = False
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._follower is not None:
-            self._follower.cancel()
+        for follower in (self._follower, self._user_follower):
+            if follower is not None:
+                follower.cancel()
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)  # new calls: UNAVAILABLE; in-flight ones finish
         if self.http is not None:

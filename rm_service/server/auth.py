@@ -1,7 +1,7 @@
 """Bearer tokens with roles, the bind rule, and TLS credentials for the gRPC server.
 
 Clients send metadata `authorization: Bearer <token>`. A token has one role: `scorer` may call
-RewardService, `labeler` PreferenceService, `admin` everything (TrainingService only admin).
+RewardService and UserService, `labeler` PreferenceService, `admin` everything (TrainingService only admin).
 Health and reflection stay open so probes and `grpcurl list` need no token. A missing or
 unknown token is UNAUTHENTICATED; a known token without the method's role PERMISSION_DENIED.
 
@@ -12,6 +12,8 @@ configured authentication is off, and the server binds loopback addresses only.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import hashlib
 import hmac
@@ -35,6 +37,7 @@ ADMIN = "admin"
 # everywhere). Services listed in OPEN need no token; any service not listed needs admin.
 SERVICE_ROLES = {
     "rm.v1.RewardService": "scorer",
+    "rm.v1.UserService": "scorer",  # trainers score and simulate with one token
     "rm.v1.PreferenceService": "labeler",
     "rm.v1.TrainingService": ADMIN,
 }
@@ -113,7 +116,8 @@ def _parse(lines: list[str], where: str) -> list[tuple[str, bytes]]:
             raise FailedPrecondition(f"{where} {n}: expected role:token with role one of {', '.join(ROLES)}")
         if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
             raise FailedPrecondition(
-                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces"
+                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                "spaces"
             )
         entries.append((role, token.encode("ascii")))
     return entries
@@ -138,6 +142,24 @@ def bearer_token(metadata) -> str | None:
             value = value.decode("latin-1") if isinstance(value, bytes) else value
             scheme, _, token = value.strip().partition(" ")
             return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def http_token(headers) -> str | None:
+    """The token an HTTP caller presents: a bearer token, or the password of HTTP Basic credentials
+    (`Authorization: Basic base64(user:token)`, what a client sends for `https://user:TOKEN@host/`
+    when it cannot set headers, as OpenRLHF's --remote_rm_url). The user name is ignored: the
+    token alone says who calls. '' when malformed, None when absent."""
+    for key, value in headers or ():
+        if key.lower() == "authorization":
+            scheme, _, credentials = value.strip().partition(" ")
+            if scheme.lower() != "basic":
+                return bearer_token([(key, value)])
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return ""
+            return decoded.partition(":")[2]
     return None
 
 
@@ -167,7 +189,10 @@ def authorize(tokens: Tokens, token: str | None, needed: str, what: str) -> str:
     if role is not None and role in (needed, ADMIN):
         return role
     if token is None:
-        raise Unauthenticated("missing bearer token: send `authorization: Bearer <token>`")
+        raise Unauthenticated(
+            "missing bearer token: send `authorization: Bearer <token>` (over HTTP, HTTP Basic with the token as "
+            "password also works)"
+        )
     if role is None:
         raise Unauthenticated("invalid bearer token")
     raise PermissionDenied(f"role {role} may not call {what}; it needs the {needed} or admin role")
@@ -257,11 +282,11 @@ def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | N
 def _check_tls_files(security: SecuritySettings) -> None:
     """Load the files with OpenSSL (Python's ssl) first: gRPC takes any PEM bytes here and
     fails later, at bind, with only "Failed to bind to address"."""
+    assert security.tls_cert is not None  # server_credentials checked that both are set
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(
-            security.tls_cert, security.tls_key, password=lambda: b""
-        )  # an encrypted key fails, never prompts
+        # An encrypted key fails, never prompts.
+        context.load_cert_chain(security.tls_cert, security.tls_key, password=lambda: b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise FailedPrecondition(

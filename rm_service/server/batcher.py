@@ -145,7 +145,8 @@ class Batcher:
             await asyncio.to_thread(self._thread.join)
 
     def fair_wait(self) -> float:
-        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its length."""
+        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its
+        length."""
         return self.fair_wait_s or FAIR_WAIT_BATCHES * (self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS)
 
     def admit(self, items: int, tokens: int, ticket: Ticket) -> Permit:
@@ -164,13 +165,14 @@ class Batcher:
         rows = await asyncio.gather(*(j.future for j in jobs))
         return np.stack(rows)  # [N, K]
 
-    async def run_solo(self, permit: Permit, tokens: int, fn, *args):
-        """fn(*args) on the model thread as one unit of `tokens` tokens (a ScoreTurns pass), after
-        the batch running now; Dropped if by then its caller has left or its deadline passed."""
+    async def run_solo(self, permit: Permit, tokens: int, fn, *args, record: bool = True):
+        """fn(*args) on the model thread as one unit of `tokens` tokens (a ScoreTurns pass, a
+        SimulateUser call), after the batch running now; Dropped if by then its caller has left or
+        its deadline passed. `record`: the rate meter counts its tokens and time (Score's kind of work)."""
         self.admission.correct(permit, tokens)
         try:
             out, seconds = await self._on_model_thread(
-                _Solo(lambda: fn(*args), permit.runnable, self._future(), tokens, 1)
+                _Solo(lambda: fn(*args), permit.runnable, self._future(), tokens if record else 0, 1)
             )
         finally:
             self.admission.spend(permit, tokens)
@@ -295,7 +297,7 @@ class Batcher:
                 rewards = backend.run_collated(batch)  # [b, K]
                 ran = _Ran(live, rewards, int(batch["input_ids"].numel()), start, time.monotonic() - start)
                 self.meter.record(sum(len(j.item) for j in live), len(live), ran.seconds)
-        except Exception as exc:  # noqa: BLE001 - the callers get the error, the thread goes on
+        except Exception as exc:
             log.exception("model batch failed")
             self._post(self._fail, live + dropped, exc)
             return
@@ -318,6 +320,7 @@ class Batcher:
 
     def _post(self, fn, *args) -> None:
         """Run fn(*args) on the event loop (the one place the model thread hands results back)."""
+        assert self._loop is not None  # set by start(), before any batch runs
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -336,7 +339,7 @@ class Batcher:
             self._observe_drop()
         if ran.rewards is None:
             return
-        for j, row in zip(ran.jobs, ran.rewards):
+        for j, row in zip(ran.jobs, ran.rewards, strict=True):
             self.admission.spend(j.permit, len(j.item))
             if not j.future.done():
                 j.future.set_result(row)
@@ -379,7 +382,8 @@ def lower_priority(nice: int) -> None:
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
     """(the jobs still wanted, the ones whose caller has gone or whose deadline passed)."""
-    live, gone = [], []
+    live: list[Job] = []
+    gone: list[Job] = []
     for j in jobs:
         (live if j.permit.runnable() else gone).append(j)
     return live, gone

@@ -11,7 +11,11 @@ from rm_service.registry import ModelRecord
 from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.labels import LabelIn
 
-SOURCE_NAMES = {preference_pb2.HUMAN: "HUMAN", preference_pb2.JUDGE: "JUDGE", preference_pb2.IMPORT: "IMPORT"}
+SOURCE_NAMES: dict[int, str] = {
+    preference_pb2.HUMAN: "HUMAN",
+    preference_pb2.JUDGE: "JUDGE",
+    preference_pb2.IMPORT: "IMPORT",
+}
 STATUS_VALUES = {
     "INSERTED": preference_pb2.INSERTED,
     "DUPLICATE": preference_pb2.DUPLICATE,
@@ -110,6 +114,7 @@ def model_info(rec: ModelRecord, loaded: bool, served=None) -> reward_pb2.ModelI
         info.created_at.FromMilliseconds(int(rec.created_at_ms))
     if served is not None:
         info.backend, info.precision = backend_and_precision(served)
+        info.weight_bytes, info.device = served.weight_bytes, served.device
     return info
 
 

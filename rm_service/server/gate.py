@@ -1,4 +1,4 @@
-"""RoomGate: Score and ScoreTurns are refused before their request is received or parsed.
+"""RoomGate: Score, ScoreTurns and SimulateUser are refused before their request is received or parsed.
 
 A servicer method runs only once grpc.aio has received the whole request and deserialised it:
 a refusal there costs the message's transfer and parse (a 512-item call, a 16 MB conversation)
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import grpc
 
-from rm_service.api.v1 import reward_pb2
+from rm_service.api.v1 import reward_pb2, user_pb2
 from rm_service.errors import Overloaded, status_code
 from rm_service.server.rpc import pushback
 
-_SERVICE = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
-GATED = frozenset(f"/{_SERVICE}/{name}" for name in ("Score", "ScoreTurns"))
+_REWARD = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+_USER = user_pb2.DESCRIPTOR.services_by_name["UserService"].full_name
+GATED = frozenset([f"/{_REWARD}/Score", f"/{_REWARD}/ScoreTurns", f"/{_USER}/SimulateUser"])
 
 
 class RoomGate(grpc.aio.ServerInterceptor):

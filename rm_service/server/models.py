@@ -1,22 +1,32 @@
 """The versions this server process has loaded, the one it serves by default, and hot-swap.
 
-Hot-swap: a new version is loaded and warmed (its golden pairs re-scored) beside the old
-one, then the default switches with one assignment; batches formed before the switch finish
-on the old model, which stays loaded for pinned requests. A version that fails to load
-leaves the old one serving. Scorers follow the registry through `promoted.json` in the
-artifacts directory, so a replica needs no store to pick up promotions.
+Hot-swap (server.swap): a new version is loaded and warmed (its golden pairs re-scored) beside
+the default, then the default switches with one assignment; batches formed before the switch
+finish on the old model, which stays loaded for pinned requests. Memory is bounded: each
+loaded version holds one copy of its weights, in the precision served (`ModelRuntime.serve_only`),
+measured once loaded (`Served.weight_bytes`, models.memory); swapped-out versions beyond
+`max_loaded` are released *before* a new one loads, so a swap holds at most the default plus
+the new version (plus the pinned ones). A version that fails to load leaves the old one
+serving and is tried again with backoff (`failed`). Scorers follow the registry through
+`promoted.json` in the artifacts directory, so a replica needs no store to pick up promotions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition, NotFound, Unavailable
 from rm_service.models.backend import RewardBackend
+from rm_service.models.memory import held_bytes
 from rm_service.models.precision import describe
 from rm_service.models.resolver import BUNDLED
 from rm_service.models.runtime import ModelRuntime
@@ -30,23 +40,47 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Served:
-    runtime: ModelRuntime
+    runtime: ModelRuntime  # or, in a user model's ServedModels, a usermodel.runtime.UserRuntime
     record: ModelRecord
     backend: RewardBackend  # what runs batches: the torch runtime or an ONNX Runtime session
-    feedback: dict = field(
-        default_factory=dict
-    )  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
+    # A version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback).
+    feedback: dict = field(default_factory=dict)
+    weight_bytes: int = 0  # measured once loaded: the distinct storages of its weights (models.memory)
+    device: str = "cpu"
+
+    def measure(self) -> Served:
+        """Record the bytes its weights hold now (the runtime and, if another, the backend's modules)."""
+        self.weight_bytes = held_bytes([self.runtime, self.backend])
+        self.device = str(self.runtime.device)
+        return self
+
+
+@dataclass
+class LoadFailure:
+    """A version that could not be loaded, and when it is tried again."""
+
+    error: str
+    attempts: int = 1
+    next_try: float = 0.0  # time.monotonic()
+
+    def __str__(self) -> str:
+        return self.error
 
 
 class ServedModels:
-    def __init__(self, max_loaded: int = 2):
+    """The loaded versions of one kind of model (`what`: "reward model" or "user model")."""
+
+    def __init__(self, max_loaded: int = 2, what: str = "reward model"):
+        self.what = what
         self.versions: dict[str, Served] = {}
         self.default: str | None = None
         self.max_loaded = max_loaded
         self._watchers: set[asyncio.Queue] = set()
-        self.failed: dict[str, str] = {}  # version -> why it could not be loaded
+        self.failed: dict[str, LoadFailure] = {}  # version -> why it could not be loaded, and when it is tried again
+        self.load_failures: dict[str, int] = {}  # version -> failed loads since start (a metric)
         self.pinned: set[str] = set()  # versions kept loaded beside the default (ServeSettings.also_load)
         self.loading = True  # until the server has loaded (and warmed) every version it starts with
+        self.last_swap: dict[str, int | str] = {}  # bytes held at each step of the last hot-swap (server.swap)
 
     def get(self, version: str = "") -> Served:
         """The pinned version if loaded, else the default one. While the server is still loading
@@ -55,22 +89,75 @@ class ServedModels:
         if name is None or name not in self.versions:
             if self.loading:
                 raise Unavailable(
-                    f"the reward model is still loading (model version {version or 'default'!r}); retry shortly"
+                    f"the {self.what} is still loading (model version {version or 'default'!r}); retry shortly"
                 )
+            why = f"; its load failed ({self.failed[name]})" if name in self.failed else ""
             raise NotFound(
-                f"model version {version!r} is not loaded by this server (loaded: {', '.join(self.versions) or 'none'})"
+                f"{self.what} version {version!r} is not loaded by this server "
+                f"(loaded: {', '.join(self.versions) or 'none'})" + why
             )
         return self.versions[name]
+
+    def held_bytes(self) -> int:
+        """Bytes of weights every loaded version holds together, measured now (shared storages once)."""
+        return held_bytes([obj for s in self.versions.values() for obj in (s.runtime, s.backend)])
+
+    def release_for_load(self) -> list[str]:
+        """Before a new version loads: release the swapped-out versions that it would push past
+        `max_loaded`, oldest first, and return their names. The default and pinned stay."""
+        released = []
+        while len(self._unpinned()) + 1 > self.max_loaded:
+            evictable = [v for v in self._unpinned() if v != self.default]
+            if not evictable:
+                break
+            del self.versions[evictable[0]]
+            released.append(evictable[0])
+        if released:
+            free_memory()
+        return released
+
+    def _unpinned(self) -> list[str]:
+        return [v for v in self.versions if v not in self.pinned]
+
+    def record_failure(self, version: str, error: str, first_wait: float, max_wait: float) -> LoadFailure:
+        """Remember a failed load; the next try waits first_wait, doubled per failure up to max_wait."""
+        attempts = self.failed[version].attempts + 1 if version in self.failed else 1
+        wait = min(max_wait, first_wait * 2 ** (attempts - 1))
+        self.failed[version] = LoadFailure(error, attempts, time.monotonic() + wait)
+        self.load_failures[version] = self.load_failures.get(version, 0) + 1
+        return self.failed[version]
+
+    def waiting(self, version: str) -> bool:
+        """True while a version whose load failed waits out its backoff."""
+        failure = self.failed.get(version)
+        return failure is not None and time.monotonic() < failure.next_try
+
+    def health(self) -> dict:
+        """What /health reports about the models: default, loaded versions with their bytes, failed loads."""
+        now = time.monotonic()
+        return {
+            "default": self.default,
+            "loaded": {v: {"weight_bytes": s.weight_bytes, "device": s.device} for v, s in self.versions.items()},
+            "load_failures": {
+                v: {"error": f.error, "attempts": f.attempts, "retry_in_s": round(max(0.0, f.next_try - now), 1)}
+                for v, f in self.failed.items()
+            },
+        }
 
     def swap_in(self, served: Served, kind: str = "promoted") -> None:
         """Make `served` the default (atomic for the event loop) and tell every watcher."""
         self.versions[served.record.version] = served
+        self.failed.pop(served.record.version, None)
         previous, self.default = self.default, served.record.version
+        released = False
         while (
             len(self.versions) - len(self.pinned - {self.default}) > self.max_loaded
         ):  # unload the oldest swapped-out version
             oldest = next(v for v in self.versions if v != self.default and v not in self.pinned)
             del self.versions[oldest]
+            released = True
+        if released:
+            free_memory()
         if previous != self.default:
             log.info("now serving %s (was %s)", self.default, previous)
             for queue in self._watchers:
@@ -116,19 +203,28 @@ def resolve_for_serving(settings: ServeSettings, store: Store | None, models: Mo
     name = settings.model
     if name is not None and _is_external(name) and not is_version_dir(name):
         return Target(external=name)
+    if name is not None and HUB_ID.fullmatch(name):  # not a directory here, and no version name has a slash
+        raise FailedPrecondition(
+            f"--model {name!r} is neither a registry version, a bundled model nor a directory here; it looks like a "
+            "Hugging Face Hub id, and rm-service downloads nothing at run time. Download it first "
+            f"(`huggingface-cli download {name} --local-dir DIR`) and pass --model DIR: a reward checkpoint "
+            "(*ForSequenceClassification) is served as trained, a plain model gets an untrained head "
+            "(`rm-service train --backbone DIR` trains a version on it)"
+        )
+    rec: ModelRecord | None = None
     if name is not None and is_version_dir(name):
-        target = Target(Path(name))
+        directory = Path(name)
     elif store is not None:
         rec = registry.get_model(store, name) if name else registry.promoted(store)
         if rec is None:
             raise FailedPrecondition(
                 "no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH"
             )
-        target = Target(Path(rec.artifact_path), rec)
+        directory = Path(rec.artifact_path)
     else:
-        target = Target(Path(models.artifacts_dir) / name if name else _pointer_dir(models))
-    read_meta(target.directory)
-    return target
+        directory = Path(models.artifacts_dir) / name if name else _pointer_dir(models)
+    read_meta(directory)
+    return Target(directory, rec)
 
 
 def load_for_serving(
@@ -136,8 +232,9 @@ def load_for_serving(
 ) -> Served:
     """Load (and warm) the model of `target`, by default resolve_for_serving's."""
     target = target or resolve_for_serving(settings, store, models)
-    if target.external is None:
+    if target.directory is not None:
         return load_version_dir(target.directory, settings, models, target.record)
+    assert target.external is not None  # a Target is one or the other
     name = target.external
     runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
     rec = ModelRecord(
@@ -153,7 +250,7 @@ def load_for_serving(
         runtime.model.ensemble_size,
         name,
     )
-    return Served(runtime, rec, make_backend(runtime, settings))
+    return serving(Served(runtime, rec, make_backend(runtime, settings)))
 
 
 def load_pinned(name: str, settings: ServeSettings, store: Store | None, models: ModelSettings) -> Served:
@@ -167,7 +264,9 @@ def load_version_dir(
     directory: str | Path, settings: ServeSettings, models: ModelSettings, rec: ModelRecord | None = None
 ) -> Served:
     """Load and warm a registry version (the golden-pair check runs the model)."""
-    runtime, meta = open_version(directory, device=settings.device, precision=settings.precision, settings=models)
+    runtime, meta = open_version(
+        directory, device=settings.device, precision=settings.precision, settings=models, serving=True
+    )
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
         rec = ModelRecord(
@@ -183,7 +282,23 @@ def load_version_dir(
             meta.ensemble_size,
             str(directory),
         )
-    return Served(runtime, rec, backend, dict(meta.info.get("feedback") or {}))
+    return serving(Served(runtime, rec, backend, dict(meta.info.get("feedback") or {})))
+
+
+def serving(served: Served) -> Served:
+    """A loaded version as it serves: one copy of its weights in the served precision, measured."""
+    served.runtime.serve_only()
+    return served.measure()
+
+
+def free_memory() -> None:
+    """Return released versions' memory: a full collection (models may sit in reference cycles,
+    and the server froze its start-up objects out of the collector) and, on CUDA, the cached blocks."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def make_backend(
@@ -194,6 +309,11 @@ def make_backend(
     setting allows it). An ONNX model must reproduce the version's golden scores before it serves."""
     onnx = (meta.onnx if meta is not None else None) or {}
     cpu_fp32 = runtime.device.type == "cpu" and runtime.precision == "fp32"
+    if settings.backend == "onnx" and not cpu_fp32:
+        raise FailedPrecondition(
+            f"backend onnx runs the fp32 export on the CPU; this server runs {runtime.precision} on {runtime.device}: "
+            "set backend torch (or auto), or device cpu and precision fp32"
+        )
     wanted = settings.backend == "onnx" or (settings.backend == "auto" and cpu_fp32)
     if not wanted or not onnx.get("fp32_path"):
         if settings.backend == "onnx":
@@ -204,6 +324,7 @@ def make_backend(
             describe(runtime.precision, runtime.device),
         )
         return runtime
+    assert meta is not None and directory is not None  # only a version's meta records an ONNX export
     from rm_service.models.onnx_backend import OnnxRuntimeModel
 
     name = onnx["int8_path"] if settings.onnx_int8 and onnx.get("int8_kept") else onnx["fp32_path"]
@@ -227,28 +348,7 @@ def _pointer_dir(models: ModelSettings) -> Path:
     return Path(pointer["artifact_path"])
 
 
-async def follow_registry(
-    served: ServedModels, settings: ServeSettings, models: ModelSettings, interval: float
-) -> None:
-    """Poll promoted.json; hot-swap to each newly promoted version (forever, until cancelled)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(interval)
-        pointer = registry.read_promoted_pointer(models.artifacts_dir)
-        if pointer is None or pointer["version"] == served.default or pointer["version"] in served.failed:
-            continue
-        version = pointer["version"]
-        if version in served.versions:  # a rollback to a version still loaded
-            served.swap_in(served.versions[version], "rolled_back")
-            continue
-        log.info("promotion of %s seen: loading it beside %s", version, served.default)
-        try:
-            new = await loop.run_in_executor(None, load_version_dir, pointer["artifact_path"], settings, models)
-        except Exception as exc:  # noqa: BLE001 - a bad candidate must never take the server down
-            served.failed[version] = str(exc)
-            log.error("could not load %s; %s keeps serving: %s", version, served.default, exc)
-            continue
-        served.swap_in(new)
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as vLLM, TEI and transformers take a model
 
 
 def _is_external(name: str) -> bool:

@@ -117,18 +117,22 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
 def turns_response(scored: TurnsScored) -> reward_pb2.ScoreTurnsResponse:
     """Per-turn rewards and the session value the version was trained for (train.feedback):
-    the sum of the turns' raw scores; with the version's fitted offsets, P(thumbs up) per turn
-    and P(success) for the session."""
-    served, turns, raw = scored.served, scored.turns, scored.raw
+    the sum of the session head's per-turn credit [P] when the version has one, else of the
+    turns' raw scores [P]; with the version's fitted offsets, P(thumbs up) per turn and
+    P(success) for the session."""
+    served, turns, raw, credit = scored.served, scored.turns, scored.raw, scored.credit
     runtime, offsets = served.runtime, served.feedback
     reward = runtime.normalise(raw)
+    value = float((raw if credit is None else credit).sum())
     response = reward_pb2.ScoreTurnsResponse(
-        model_version=served.record.version, format_hash=runtime.spec.hash, session_value=float(raw.sum())
+        model_version=served.record.version, format_hash=runtime.spec.hash, session_value=value
     )
-    for i, r, s in zip(turns, reward, raw, strict=True):
+    for n, (i, r, s) in enumerate(zip(turns, reward, raw, strict=True)):
         turn = response.turns.add(message_index=i, reward=float(r), raw_score=float(s))
         if "thumb_offset" in offsets:
             turn.thumb_up = sigmoid(float(s) - offsets["thumb_offset"])
+        if credit is not None:
+            turn.session_credit = float(credit[n])
     if "outcome_offset" in offsets:
-        response.session_success = sigmoid(float(raw.sum()) - offsets["outcome_offset"])
+        response.session_success = sigmoid(value - offsets["outcome_offset"])
     return response

@@ -64,12 +64,13 @@ class Scored:
 
 @dataclass(frozen=True)
 class TurnsScored:
-    """What one ScoreTurns call returns: the version, the scored turns' message indexes and
-    their raw scores (ensemble mean) [P]."""
+    """What one ScoreTurns call returns: the version, the scored turns' message indexes, their
+    raw scores (ensemble mean) [P] and, when the version has a session head, its per-turn credit [P]."""
 
     served: Served
     turns: list[int]
     raw: np.ndarray  # [P]
+    credit: np.ndarray | None = None  # [P]
 
 
 class ScoringCore:
@@ -83,7 +84,7 @@ class ScoringCore:
         # event loop (rejections waited longer for it under load: p99 68 -> 39 ms measured with one), not throughput.
         self.tokenise_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise")
 
-    def check_room(self, ticket: Ticket) -> None:
+    def check_room(self, ticket: Ticket | None) -> None:
         """Admission first: Overloaded at once when the queue has no room for any call, before
         the caller's request is read or parsed (a refusal then costs the call alone)."""
         self.batcher.admission.refuse_when_full()
@@ -138,17 +139,28 @@ class ScoringCore:
                 starts = [x.completion_start for x in items]
                 members = await self.batcher.run_solo(
                     permit, len(items[-1]), runtime.rewards_at, items[-1].input_ids, positions, starts
-                )  # [P, K]
-            else:
+                )  # [P, K] ([P, K + K_s] with a session head)
+            elif getattr(runtime.model, "session", None) is not None:  # each turn alone, both heads
+                members = await self.batcher.run_solo(
+                    permit, sum(len(x) for x in items), runtime.run, items, self.settings.max_batch_tokens, "turns"
+                )  # [P, K + K_s]
+            else:  # encoders, or a truncated conversation: each turn as its own item
                 members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
-        return TurnsScored(served, turns, members.mean(axis=1))
+        k = runtime.model.ensemble_size
+        credit = members[:, k:].mean(axis=1) if members.shape[1] > k else None  # [P]: the session head's
+        return TurnsScored(served, turns, members[:, :k].mean(axis=1), credit)
+
+    def admit(self, items: int, tokens: int, ticket: Ticket) -> Permit:
+        """Admission of a call of `items` items and about `tokens` tokens of model work (Score's,
+        ScoreTurns' and SimulateUser's one queue); raises Overloaded at once."""
+        return self.batcher.admit(items, tokens, ticket)
 
     def _admit(self, served: Served, items: int, work: Pairs, ticket: Ticket) -> Permit:
         """Admission of `items` items from the sizes of the texts the model will run (`work`)
-        alone, before any tokenising; raises Overloaded at once."""
+        alone, before any tokenising."""
         max_tokens = served.runtime.spec.max_tokens
         tokens = sum(estimate_tokens([m.content for m in p] + [c], max_tokens) for p, c in work)
-        return self.batcher.admit(items, tokens, ticket)
+        return self.admit(items, tokens, ticket)
 
     async def _tokenise(self, served: Served, pairs: Pairs, permit: Permit) -> list[Formatted]:
         """The pairs' items, TOKENISE_CHUNK at a time on the one tokenise thread: a big call's chunks

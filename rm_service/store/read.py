@@ -48,6 +48,50 @@ def labels_in_snapshot(store: Store, snapshot: Snapshot) -> list[StoredLabel]:
     return [_label(row) for row in rows]
 
 
+_DIALOGUES = """
+SELECT l.conversation_id, c.messages, arg_min(k.text, r.rank) AS best, arg_min(k.origin, r.rank) AS origin
+FROM labels l
+JOIN conversations c ON c.id = l.conversation_id
+JOIN label_rankings r ON r.label_id = l.label_id
+JOIN completions k ON k.id = r.completion_id
+WHERE l.seq <= $max_seq
+GROUP BY l.label_id, l.conversation_id, c.messages
+ORDER BY min(l.seq)
+"""
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """A ranking label's conversation carried on by its best-ranked response (ties: any of them)."""
+
+    conversation_id: str  # the prompt's id, what held-out splits go by
+    messages: list[Message]  # prompt + the best response as the last, assistant, turn
+    origin: str  # the best response's: dataset | policy@<version> | human
+
+
+def dialogues(store: Store, snapshot: Snapshot) -> list[Dialogue]:
+    """One Dialogue per ranking label of the snapshot, in commit order (one query)."""
+    with store._lock:
+        rows = store.con.execute(_DIALOGUES, {"max_seq": snapshot.max_seq}).fetchall()
+    return [
+        Dialogue(cid, [*messages_from_json(m), Message("assistant", best)], origin) for cid, m, best, origin in rows
+    ]
+
+
+def feedback_conversations(store: Store, snapshot: Snapshot) -> list[tuple[str, list[Message]]]:
+    """(conversation id, messages) of each whole conversation a feedback label (thumbs, outcome)
+    of the snapshot was given on, in commit order."""
+    with store._lock:
+        rows = store.con.execute(
+            """SELECT l.conversation_id, any_value(c.messages)
+               FROM labels l JOIN conversations c ON c.id = l.conversation_id
+               WHERE l.seq <= ? AND l.label_id IN (SELECT label_id FROM label_feedback)
+               GROUP BY l.conversation_id ORDER BY min(l.seq)""",
+            [snapshot.max_seq],
+        ).fetchall()
+    return [(cid, messages_from_json(m)) for cid, m in rows]
+
+
 def conversations(store: Store) -> list[list[Message]]:
     """Every stored conversation (a prompt), in id order."""
     with store._lock:

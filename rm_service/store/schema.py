@@ -9,7 +9,7 @@ from __future__ import annotations
 import duckdb
 
 from rm_service.errors import FailedPrecondition
-from rm_service.store.tx import transaction
+from rm_service.store.tx import one_row, transaction
 
 V1 = """
 CREATE TABLE conversations (
@@ -174,7 +174,38 @@ ALTER TABLE models ADD COLUMN decision JSON;
 ALTER TABLE jobs ADD COLUMN decision JSON;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
+# v8: the registry holds more than reward models: a `kind` per version (reward | user: the user
+# models of rm_service.usermodel), each kind numbered on its own (v1, v2, ... and u1, u2, ...).
+# DuckDB cannot drop the old UNIQUE (number), so the table is rebuilt; every row stays, as kind reward.
+V8 = """
+CREATE TABLE models_v8 (
+    version       VARCHAR PRIMARY KEY,        -- v1, v2, ... (reward), u1, u2, ... (user)
+    kind          VARCHAR NOT NULL DEFAULT 'reward',  -- reward | user
+    number        INTEGER NOT NULL,
+    parent        VARCHAR,
+    snapshot_id   VARCHAR,
+    backbone      VARCHAR NOT NULL,
+    format_hash   VARCHAR NOT NULL,
+    status        VARCHAR NOT NULL,           -- candidate | promoted | rejected | retired
+    metrics       JSON,
+    reward_mean   DOUBLE NOT NULL,
+    reward_std    DOUBLE NOT NULL,
+    ensemble_size INTEGER NOT NULL,
+    artifact_path VARCHAR NOT NULL,
+    created_at    TIMESTAMPTZ NOT NULL DEFAULT current_timestamp,
+    promoted_at   TIMESTAMPTZ,
+    decision      JSON,                       -- registry.Decision (v7)
+    UNIQUE (kind, number)
+);
+INSERT INTO models_v8 (version, kind, number, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean,
+                       reward_std, ensemble_size, artifact_path, created_at, promoted_at, decision)
+    SELECT version, 'reward', number, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean,
+           reward_std, ensemble_size, artifact_path, created_at, promoted_at, decision FROM models;
+DROP TABLE models;
+ALTER TABLE models_v8 RENAME TO models;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8]
 
 # A task anyone may lease now: queued, or leased and expired (a predicate on `tasks` rows).
 TASK_AVAILABLE = "(state = 'queued' OR (state = 'leased' AND lease_expires_at < now()))"
@@ -183,10 +214,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
     con.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)"
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT "
+        "current_timestamp)"
     )
-    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-    return int(row[0])
+    return int(one_row(con, "SELECT coalesce(max(version), 0) FROM schema_version")[0])
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:

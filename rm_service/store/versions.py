@@ -1,9 +1,11 @@
-"""The store's `models` table: one row per reward-model version of the registry.
+"""The store's `models` table: one row per model version of the registry.
 
 Rows are read and written here only; rm_service.registry decides what they mean (the
-promotion gate, the promoted pointer, rollback). A version moves candidate -> promoted ->
-retired, or to rejected; exactly one is promoted at a time, which `promote_version` keeps
-by retiring the promoted one in the same transaction.
+promotion gate, the promoted pointer, rollback). Versions come in kinds, each numbered on its
+own: `reward` (v1, v2, ...: reward models) and `user` (u1, u2, ...: user models, the
+simulators of rm_service.usermodel). A version moves candidate -> promoted -> retired, or to
+rejected; exactly one of each kind is promoted at a time, which `promote_version` keeps by
+retiring the promoted one of its kind in the same transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from dataclasses import dataclass
 
 from rm_service.store.db import Store
+from rm_service.store.tx import one_row
 
 
 @dataclass
@@ -29,11 +32,15 @@ class ModelRecord:
     artifact_path: str
     created_at_ms: int | None = None
     decision: dict | None = None  # registry.Decision as a dict, once the version was decided on
+    kind: str = "reward"  # reward | user (KINDS)
+
+
+KINDS = {"reward": "v", "user": "u"}  # kind -> the prefix of its version names
 
 
 _COLUMNS = (
     "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, ensemble_size, "
-    "artifact_path, epoch_ms(created_at), decision"
+    "artifact_path, epoch_ms(created_at), decision, kind"
 )
 
 
@@ -48,10 +55,10 @@ def _record(row) -> ModelRecord:
     return rec
 
 
-def list_versions(store: Store) -> list[ModelRecord]:
-    """Every version, in version-number order."""
+def list_versions(store: Store, kind: str = "reward") -> list[ModelRecord]:
+    """Every version of a kind, in version-number order."""
     with store._lock:
-        rows = store.con.execute(f"SELECT {_COLUMNS} FROM models ORDER BY number").fetchall()
+        rows = store.con.execute(f"SELECT {_COLUMNS} FROM models WHERE kind = ? ORDER BY number", [kind]).fetchall()
     return [_record(r) for r in rows]
 
 
@@ -61,17 +68,19 @@ def find_version(store: Store, version: str) -> ModelRecord | None:
     return _record(row) if row else None
 
 
-def promoted_version(store: Store) -> ModelRecord | None:
+def promoted_version(store: Store, kind: str = "reward") -> ModelRecord | None:
     with store._lock:
-        row = store.con.execute(f"SELECT {_COLUMNS} FROM models WHERE status = 'promoted'").fetchone()
+        row = store.con.execute(
+            f"SELECT {_COLUMNS} FROM models WHERE status = 'promoted' AND kind = ?", [kind]
+        ).fetchone()
     return _record(row) if row else None
 
 
-def next_version(store: Store) -> tuple[str, int]:
-    """The name and number the next registered version takes: v<N+1>."""
+def next_version(store: Store, kind: str = "reward") -> tuple[str, int]:
+    """The name and number the next registered version of `kind` takes: v<N+1> (reward), u<N+1> (user)."""
     with store._lock:
-        number = store.con.execute("SELECT coalesce(max(number), 0) + 1 FROM models").fetchone()[0]
-    return f"v{number}", int(number)
+        number = one_row(store.con, "SELECT coalesce(max(number), 0) + 1 FROM models WHERE kind = ?", [kind])[0]
+    return f"{KINDS[kind]}{number}", int(number)
 
 
 def insert_version(store: Store, rec: ModelRecord, number: int) -> None:
@@ -79,8 +88,8 @@ def insert_version(store: Store, rec: ModelRecord, number: int) -> None:
     with store._lock:
         store.con.execute(
             """INSERT INTO models (version, number, parent, snapshot_id, backbone, format_hash, status, metrics,
-                                   reward_mean, reward_std, ensemble_size, artifact_path)
-               VALUES (?, ?, ?, ?, ?, ?, 'candidate', ?, ?, ?, ?, ?)""",
+                                   reward_mean, reward_std, ensemble_size, artifact_path, kind)
+               VALUES (?, ?, ?, ?, ?, ?, 'candidate', ?, ?, ?, ?, ?, ?)""",
             [
                 rec.version,
                 number,
@@ -93,6 +102,7 @@ def insert_version(store: Store, rec: ModelRecord, number: int) -> None:
                 rec.reward_std,
                 rec.ensemble_size,
                 rec.artifact_path,
+                rec.kind,
             ],
         )
 
@@ -109,16 +119,22 @@ def set_decision(store: Store, version: str, decision: dict) -> None:
 
 
 def promote_version(store: Store, version: str) -> None:
-    """In one transaction: the promoted version (if any) becomes retired, `version` promoted now."""
+    """In one transaction: the promoted version of its kind (if any) becomes retired, `version` promoted now."""
     with store.transaction() as con:
-        con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
+        con.execute(
+            "UPDATE models SET status = 'retired' WHERE status = 'promoted' "
+            "AND kind = (SELECT kind FROM models WHERE version = ?)",
+            [version],
+        )
         con.execute("UPDATE models SET status = 'promoted', promoted_at = now() WHERE version = ?", [version])
 
 
-def last_retired_promotion(store: Store) -> str | None:
-    """The retired version promoted most recently (what a rollback returns to), or None."""
+def last_retired_promotion(store: Store, kind: str = "reward") -> str | None:
+    """The retired version of `kind` promoted most recently (what a rollback returns to), or None."""
     with store._lock:
         row = store.con.execute(
-            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at DESC LIMIT 1"
+            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL AND kind = ? "
+            "ORDER BY promoted_at DESC LIMIT 1",
+            [kind],
         ).fetchone()
     return row[0] if row else None

@@ -7,9 +7,13 @@ chosen and rejected items of a micro-batch run in one forward pass:
     r = model(chosen ++ rejected)                        [2b, K]
     loss = BT(r[:b], r[b:], margin, center) / grad_accum  (head k weighted by its bootstrap counts)
 
-Early stopping watches the validation loss every `eval_every` steps; the best weights are
-kept. A checkpoint every `checkpoint_every` steps makes the run resumable. Under torchrun
-the model is wrapped in DistributedDataParallel and each rank takes its share of every epoch.
+Early stopping watches the validation loss every `eval_every` steps (each rank scores its
+share of the validation pairs; the sums are all-reduced); the best trainable weights go to
+`best.pt` in the run directory, on disk, not beside the model on the device, and are loaded back
+at the end. A checkpoint every `checkpoint_every` steps makes the run resumable. Under torchrun
+each rank takes its share of every epoch, and the model is replicated (DistributedDataParallel)
+or, when it needs it (`TrainSettings.sharding`), sharded with PyTorch's FSDP2: then rank 0
+gathers the trained weights into an unsharded model at the end to register them.
 """
 
 from __future__ import annotations
@@ -21,16 +25,19 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from rm_service.errors import FailedPrecondition
 from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
 from rm_service.models.runtime import ModelRuntime
 from rm_service.settings import TrainSettings
 from rm_service.store.db import Pair
+from rm_service.train import ddp
 from rm_service.train.data import Split
 from rm_service.train.ddp import World, decide
 from rm_service.train.loss import bootstrap_counts, bradley_terry_loss
@@ -50,8 +57,16 @@ def fit_full_mode(
     show_progress: bool = True,
 ) -> Scores:
     model = runtime.model
+    sharded = ddp.use_fsdp(settings.sharding, world, sum(p.numel() for p in model.parameters()), runtime.device)
+    if sharded and settings.lora_rank:
+        raise FailedPrecondition(
+            "LoRA adapters are small enough to replicate: use sharding ddp (or auto) with lora_rank"
+        )
     if settings.lora_rank:
         model.backbone = with_lora(model.backbone, settings.lora_rank)
+    if sharded:
+        log.info("full mode sharded with FSDP2 over %d ranks", world.size)
+        ddp.shard(model, runtime.device, world)  # before the optimizer: it must hold the sharded parameters
     fit = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in split.fit]
     validation = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in split.validation]
     counts = bootstrap_counts(len(fit), model.ensemble_size, torch.Generator().manual_seed(settings.seed))  # [N, K]
@@ -70,15 +85,14 @@ def fit_full_mode(
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, 1 - s / total_steps)
     )
     wrapped = model
-    if world.size > 1:
+    if world.size > 1 and not sharded:
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None  # one GPU per rank
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
-    state = {"step": 0, "best_loss": float("inf"), "best_step": 0}
-    best = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    ckpt = run_dir / "checkpoint.pt"
-    if settings.resume and ckpt.exists():
-        state, best = _load_checkpoint(ckpt, model, opt, sched)
+    state: dict[str, Any] = {"step": 0, "best_loss": float("inf"), "best_step": 0}
+    ckpt, best_path = run_dir / "checkpoint.pt", run_dir / "best.pt"
+    if settings.resume and _checkpoint_exists(ckpt, sharded):
+        state = _load_checkpoint(ckpt, model, opt, sched, sharded)
         log.info("resumed from %s at step %d", ckpt, state["step"])
 
     stream = _pair_stream(
@@ -94,7 +108,9 @@ def fit_full_mode(
             idx = next(stream)
             batch = collate([fit[i][0] for i in idx] + [fit[i][1] for i in idx], runtime.pad_id)
             sync = micro == settings.grad_accum - 1 or world.size == 1
-            ctx = wrapped.no_sync() if not sync else contextlib.nullcontext()
+            if sharded:
+                model.set_requires_gradient_sync(sync)
+            ctx = wrapped.no_sync() if not sync and not sharded else contextlib.nullcontext()
             with ctx, runtime.autocast():
                 r = wrapped(**{k: v.to(runtime.device) for k, v in batch.items()}).float()  # [2b, K]
                 b = len(idx)
@@ -121,21 +137,25 @@ def fit_full_mode(
             tokens_per_s=f"{tokens / max(time.monotonic() - t0, 1e-9):.0f}",
         )
         if validation and (state["step"] % settings.eval_every == 0 or state["step"] == total_steps):
-            val_loss = _validation_loss(runtime, validation) if world.main else 0.0
-            if world.main and val_loss < state["best_loss"]:
+            val_loss = _validation_loss(runtime, validation, world)  # the same on every rank
+            if val_loss < state["best_loss"]:
                 state.update(best_loss=val_loss, best_step=state["step"])
-                best = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+                _save_best(best_path, model, world, sharded)
             model.train()
-        if world.main and state["step"] % settings.checkpoint_every == 0:
-            _save_checkpoint(ckpt, model, opt, sched, state, best)
+        if state["step"] % settings.checkpoint_every == 0:
+            _save_checkpoint(ckpt, model, opt, sched, state, world, sharded)
         stop = time.monotonic() > deadline or (
             bool(validation) and state["step"] - state["best_step"] >= settings.patience
         )
         if decide(world.main and stop, world):
             break
     bar.close()
-    if validation:
-        model.load_state_dict(best, strict=False)  # the best validation weights
+    if sharded:  # rank 0 registers the version: gather the weights into an unsharded model there
+        del opt, sched, wrapped
+        trained = ddp.full_state(model, world, sharded=True)
+        model = runtime.model = _unsharded(runtime, trained) if world.main else model
+    if validation and world.main and best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=runtime.device), strict=False)  # best validation
     model.eval()
     if settings.lora_rank:
         model.backbone = model.backbone.merge_and_unload()
@@ -184,19 +204,54 @@ def pair_rewards(runtime: ModelRuntime, pairs: list[Pair], max_batch_tokens: int
 
 
 @torch.no_grad()
-def _validation_loss(runtime: ModelRuntime, pairs: list[tuple[Formatted, Formatted]], micro: int = 16) -> float:
+def _validation_loss(
+    runtime: ModelRuntime, pairs: list[tuple[Formatted, Formatted]], world: World = World(), micro: int = 16
+) -> float:
+    """Mean Bradley-Terry loss over the validation pairs: each rank scores every world.size-th
+    pair and the sums are all-reduced. Every rank runs the same number of forward passes (a rank
+    whose share ran out scores one pair it does not count), as FSDP gathers layers in each."""
     runtime.model.eval()
+    mine = pairs[world.rank :: world.size]
+    rounds = math.ceil(math.ceil(len(pairs) / world.size) / micro)
     total, n = 0.0, 0
-    for begin in range(0, len(pairs), micro):
-        part = pairs[begin : begin + micro]
-        batch = collate([c for c, _ in part] + [r for _, r in part], runtime.pad_id)
+    for i in range(rounds):
+        part = mine[i * micro : (i + 1) * micro]
+        run = part or pairs[:1]
+        batch = collate([c for c, _ in run] + [r for _, r in run], runtime.pad_id)
         with runtime.autocast():
             r = (
                 runtime.model(**{k: v.to(runtime.device) for k, v in batch.items()}).float().mean(dim=1)
             )  # [2b, K] -> [2b]
-        total += bradley_terry_loss(r[: len(part)], r[len(part) :]).item() * len(part)
-        n += len(part)
-    return total / max(n, 1)
+        if part:
+            total += bradley_terry_loss(r[: len(part)], r[len(part) :]).item() * len(part)
+            n += len(part)
+    loss_sum, count = ddp.all_sum([total, float(n)], world)
+    return loss_sum / max(count, 1.0)
+
+
+def _save_best(path: Path, model: torch.nn.Module, world: World, sharded: bool) -> None:
+    """The trainable weights, on the host and then on disk (rank 0): no copy stays on the device."""
+    names = {k for k, v in model.named_parameters() if v.requires_grad}
+    if sharded:
+        weights = {k: v for k, v in ddp.full_state(model, world, sharded=True).items() if k in names}
+    elif world.main:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if k in names}
+    if world.main:
+        tmp = path.with_suffix(".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(weights, tmp)
+        os.replace(tmp, path)
+
+
+def _unsharded(runtime: ModelRuntime, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded) copy of the trained model on rank 0's device, from the gathered state."""
+    from rm_service.models.resolver import resolve
+    from rm_service.models.reward_model import load_reward_model
+
+    sharded = runtime.model
+    model = load_reward_model(resolve(runtime.backbone), sharded.ensemble_size, pooling=sharded.pooling)
+    model.load_state_dict(state)
+    return model.to(runtime.device)
 
 
 def _pair_stream(n: int, micro: int, seed: int, world: World, start_micro: int = 0):
@@ -213,20 +268,44 @@ def _pair_stream(n: int, micro: int, seed: int, world: World, start_micro: int =
         epoch += 1
 
 
-def _save_checkpoint(path: Path, model, opt, sched, state: dict, best: dict) -> None:
+def _checkpoint_exists(path: Path, sharded: bool) -> bool:
+    return (path.with_suffix(".dcp") / ".metadata").exists() if sharded else path.exists()
+
+
+def _save_checkpoint(path: Path, model, opt, sched, state: dict, world: World, sharded: bool) -> None:
+    """The trainable weights, optimizer and schedule: one file written by rank 0, or under FSDP
+    each rank's shards through torch.distributed.checkpoint (every rank calls it)."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        weights, optim = get_state_dict(model, opt)
+        dcp.save({"model": weights, "opt": optim}, checkpoint_id=path.with_suffix(".dcp"))
+        if world.main:
+            torch.save({"sched": sched.state_dict(), "state": state}, path)
+        return
+    if not world.main:
+        return
     names = {k for k, v in model.named_parameters() if v.requires_grad}
     trainable = {k: v for k, v in model.state_dict().items() if k in names}
     tmp = path.with_suffix(".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state, "best": best}, tmp
-    )
+    torch.save({"model": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(), "state": state}, tmp)
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, model, opt, sched) -> tuple[dict, dict]:
+def _load_checkpoint(path: Path, model, opt, sched, sharded: bool) -> dict:
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        weights, optim = get_state_dict(model, opt)
+        loaded = {"model": weights, "opt": optim}
+        dcp.load(loaded, checkpoint_id=path.with_suffix(".dcp"))
+        set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["opt"])
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["model"], strict=False)
-    opt.load_state_dict(ckpt["opt"])
+    if not sharded:
+        model.load_state_dict(ckpt["model"], strict=False)
+        opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
-    return ckpt["state"], ckpt["best"]
+    return ckpt["state"]

@@ -6,7 +6,9 @@
 
 Modules: client (RewardClient), aio (AsyncRewardClient), channel (open_channel: TLS, token,
 message sizes), errors, messages (messages <-> rm.v1 protos), trl (GRPOTrainer's reward
-function), verl (verl's compute_score), api.v1 (the generated rm.v1 stubs).
+function), verl (verl's compute_score), user (UserClient, AsyncUserClient: SimulateUser), env
+(ConversationEnv: multi-turn sessions against the served user model), verl_interaction (verl's
+BaseInteraction on that environment), api.v1 (the generated rm.v1 stubs).
 """
 
 from rm_client.aio import AsyncRewardClient
@@ -23,10 +25,12 @@ from rm_client.errors import (
 )
 from rm_client.retry import backoff_delays
 from rm_client.scoring import ScoreResult
+from rm_client.user import AsyncUserClient, SimulateResult, UserClient
 
 __version__ = "0.1.0"
 __all__ = [
     "AsyncRewardClient",
+    "AsyncUserClient",
     "AuthError",
     "BadResponse",
     "DeadlineExceeded",
@@ -35,6 +39,8 @@ __all__ = [
     "ScoreError",
     "ScoreResult",
     "ServerUnavailable",
+    "SimulateResult",
+    "UserClient",
     "VersionUnavailable",
     "backoff_delays",
     "open_channel",

@@ -11,6 +11,8 @@ from rm_client.api.v1 import (
     reward_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
+    user_pb2,
+    user_pb2_grpc,
 )
 
 __all__ = [
@@ -22,4 +24,6 @@ __all__ = [
     "reward_pb2_grpc",
     "training_pb2",
     "training_pb2_grpc",
+    "user_pb2",
+    "user_pb2_grpc",
 ]

@@ -107,7 +107,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("version", "parent", "snapshot_id", "backbone", "status", "format_hash", "metrics", "created_at", "reward_mean", "reward_std", "ensemble_size", "loaded", "precision", "backend")
+    __slots__ = ("version", "parent", "snapshot_id", "backbone", "status", "format_hash", "metrics", "created_at", "reward_mean", "reward_std", "ensemble_size", "loaded", "precision", "backend", "weight_bytes", "device")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,8 @@ class ModelInfo(_message.Message):
     LOADED_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     version: str
     parent: str
     snapshot_id: str
@@ -143,7 +145,9 @@ class ModelInfo(_message.Message):
     loaded: bool
     precision: str
     backend: str
-    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., backbone: _Optional[str] = ..., status: _Optional[str] = ..., format_hash: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., ensemble_size: _Optional[int] = ..., loaded: _Optional[bool] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    weight_bytes: int
+    device: str
+    def __init__(self, version: _Optional[str] = ..., parent: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., backbone: _Optional[str] = ..., status: _Optional[str] = ..., format_hash: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reward_mean: _Optional[float] = ..., reward_std: _Optional[float] = ..., ensemble_size: _Optional[int] = ..., loaded: _Optional[bool] = ..., precision: _Optional[str] = ..., backend: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class WatchModelsRequest(_message.Message):
     __slots__ = ()
