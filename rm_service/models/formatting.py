@@ -171,8 +171,8 @@ def _format_causal(tokenizer, spec: FormatSpec, prompt: list[Message], completio
     start = prompt_length(tokenizer, spec, prompt, ids)
     truncated = len(ids) > spec.max_tokens
     if truncated:
-        cut = len(ids) - spec.max_tokens
-        ids, start = ids[cut:], max(0, start - cut)  # keep the end of the conversation
+        drop = len(ids) - spec.max_tokens
+        ids, start = ids[drop:], max(0, start - drop)  # keep the end of the conversation
     return Formatted(ids, None, truncated, start)
 
 
