@@ -78,7 +78,8 @@ class PPOSettings(BaseSettings):
     max_prompt_tokens: int = Field(
         192,
         ge=8,
-        description="Prompts longer than this after the chat template are skipped (all prior turns are kept, never cut).",
+        description="Most prompt tokens after the chat template; a longer prompt is cut from the left at turn boundaries "
+        "(oldest turns first; the last turn's start only when it alone is longer), never dropped.",
     )
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts (None: all).")
     eval_prompts: int = Field(
