@@ -130,7 +130,7 @@ class PPOSettings(BaseSettings):
     # -- PPO -------------------------------------------------------------------------------
     advantage_estimator: EstimatorName = Field(
         "gae",
-        description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss).",
+        description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss). turn_gae, turn_rloo: the multi-turn estimators (`policy-trainer sessions`); on single replies, GAE and RLOO over each reply's total reward.",
     )
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy (and the value head).")
     value_learning_rate: float | None = Field(

@@ -1,0 +1,118 @@
+"""Multi-turn PPO end to end: sessions of the tiny policy against a real reward server on
+port 0 (ScoreTurns), user turns replayed from recorded conversations or written by a served
+user model; what a session's rows hold; that learning shows at every turn.
+
+The reward model is test_ppo_e2e's property model: its score grows with the share of words
+starting with "t" in the whole conversation, so each turn's reward rises when the policy's
+turns use more of them, and the later turns' rewards also rise with the earlier turns'.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TOPICS, ServerThread, tiny_settings
+
+from policy_trainer.multiturn import SessionTrainer, train_sessions
+from policy_trainer.session_settings import SessionSettings
+from policy_trainer.users import ReplayUsers, UserSimulator
+from rm_service.conversation import Message
+from rm_service.settings import ServeSettings
+
+FOLLOW_UPS = ["Tell me more about {}.", "What else about {}?", "And why {}?"]
+
+
+@pytest.fixture(scope="module")
+def conversations_file(tmp_path_factory):
+    """Recorded conversations of 1 to 3 user turns (HH-like: the assistant's turns are recorded too)."""
+    path = tmp_path_factory.mktemp("conversations") / "conversations.jsonl"
+    lines = []
+    for i, topic in enumerate(TOPICS * 2):
+        messages = [{"role": "user", "content": f"Say something about {topic} ({i})."}]
+        for follow in FOLLOW_UPS[: i % 3]:
+            messages += [
+                {"role": "assistant", "content": f"A {topic}."},
+                {"role": "user", "content": follow.format(topic)},
+            ]
+        lines.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def property_server(home, property_rm_dir):
+    srv = ServerThread(ServeSettings(port=0, model=str(property_rm_dir), with_store=False, metrics_port=-1))
+    yield srv
+    srv.stop()
+
+
+def session_settings(tiny_lm_dir, conversations_file, address, run_dir, **kw) -> SessionSettings:
+    base = tiny_settings(tiny_lm_dir, conversations_file, address, run_dir).model_dump()
+    base.update(max_turns=3, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, eval_prompts=4)
+    base.update(kw)
+    return SessionSettings(**base)
+
+
+def test_replay_users_follow_the_recording_whatever_the_policy_said():
+    recorded = [Message("user", "a"), Message("assistant", "x"), Message("user", "b"), Message("assistant", "y")]
+    users = ReplayUsers([recorded, [Message("user", "c")]])
+    assert isinstance(users, UserSimulator)
+    played = [
+        [Message("user", "a"), Message("assistant", "anything")],
+        [Message("user", "c"), Message("assistant", "z")],
+    ]
+    assert users.next_turns(played) == ["b", None]
+    assert users.next_turns([[*played[0], Message("user", "b"), Message("assistant", "w")]]) == [None]
+    with pytest.raises(KeyError, match="no recording"):
+        users.next_turns([[Message("user", "never said"), Message("assistant", "w")]])
+
+
+def test_a_session_step_rows_hold_only_the_policy_turns(property_server, tiny_lm_dir, conversations_file, tmp_path):
+    """User tokens are context, never actions: each row's response is exactly one assistant turn
+    the policy sampled, and the KL, advantages and value targets are zero outside those tokens."""
+    settings = session_settings(tiny_lm_dir, conversations_file, property_server.address, tmp_path / "run")
+    trainer = SessionTrainer(settings)
+    try:
+        _, batch = trainer.ppo_step(1)
+        played_rows = batch.rollout
+        mask = batch.mask.bool()
+        assert len(played_rows.texts) >= settings.prompts_per_step * settings.samples_per_prompt
+        for row, text in enumerate(played_rows.texts):
+            ids = played_rows.response_ids[row][mask[row].cpu()].tolist()
+            assert trainer.m.tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+        prompts = {tuple(m.content for m in trainer.train_starts[i]) for i in range(len(trainer.train_starts))}
+        assert prompts  # every session starts from a real first user turn
+        for tensor in (batch.kl, batch.advantages, batch.returns, batch.values):
+            assert torch.all(tensor[~mask] == 0)
+        assert torch.any(batch.kl[mask] != 0) or trainer.step == 0
+    finally:
+        trainer.close()
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) == r.get(key) and key in r]
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("estimator", ["turn_gae", "gae", "turn_rloo"])
+def test_multi_turn_ppo_raises_the_reward_of_every_turn(
+    property_server, tiny_lm_dir, conversations_file, tmp_path, estimator
+):
+    seen: list[dict] = []
+    settings = session_settings(
+        tiny_lm_dir, conversations_file, property_server.address, tmp_path / "run", advantage_estimator=estimator,
+        total_steps=12, plots=False, tensorboard=False,
+    )  # fmt: skip
+    summary = train_sessions(settings, on_step=seen.append)
+
+    assert [m["step"] for m in seen] == list(range(1, 13))
+    first, last = seen[:3], seen[-3:]
+    assert _mean(last, "reward/served_mean") > _mean(first, "reward/served_mean") + 0.15
+    for turn in (1, 2, 3):  # credit reached every turn, not only the first
+        assert _mean(last, f"reward/turn{turn}_mean") > _mean(first, f"reward/turn{turn}_mean") + 0.1, turn
+    assert _mean(last, "session/value_mean") > _mean(first, "session/value_mean") + 0.2
+    # held-out openings, the same draws for the reference and the policy
+    assert summary.eval_after["reward_mean"] > summary.eval_before["reward_mean"] + 0.1
+    assert 0 < summary.eval_after["kl_seq"] < 40.0  # nats per session of <= 3 turns of 8 tokens
