@@ -116,3 +116,43 @@ def test_multi_turn_ppo_raises_the_reward_of_every_turn(
     # held-out openings, the same draws for the reference and the policy
     assert summary.eval_after["reward_mean"] > summary.eval_before["reward_mean"] + 0.1
     assert 0 < summary.eval_after["kl_seq"] < 40.0  # nats per session of <= 3 turns of 8 tokens
+
+
+def _serves_user_models() -> bool:
+    return "user_model" in ServeSettings.model_fields
+
+
+@pytest.mark.skipif(not _serves_user_models(), reason="the user-model service (SimulateUser) is not in this checkout")
+def test_interactive_sessions_against_the_served_user_model(
+    home, property_rm_dir, tiny_lm_dir, conversations_file, tmp_path
+):
+    """A few interactive steps: the tiny LM serves as the user model beside the reward model;
+    the user turns it writes are what the policy answers next."""
+    srv = ServerThread(
+        ServeSettings(
+            port=0, model=str(property_rm_dir), user_model=str(tiny_lm_dir), with_store=False, metrics_port=-1
+        )
+    )
+    seen: list[dict] = []
+    try:
+        settings = session_settings(
+            tiny_lm_dir, conversations_file, srv.address, tmp_path / "run", user_simulator="served",
+            user_max_new_tokens=6, total_steps=3, eval_prompts=2, plots=False, tensorboard=False,
+        )  # fmt: skip
+        trainer = SessionTrainer(settings, on_step=seen.append)
+        try:
+            summary = trainer.train()
+            played = trainer.eval_rollout()
+        finally:
+            trainer.close()
+    finally:
+        srv.stop()
+    assert [m["step"] for m in seen] == [1, 2, 3]
+    assert {m["user/version"] for m in seen} == {tiny_lm_dir.name}
+    assert all(m["reward/served_mean"] == m["reward/served_mean"] for m in seen)  # every step scored
+    # the simulated users carried sessions past the opening, with turns the recordings never had
+    recorded = {line for line in conversations_file.read_text().splitlines()}
+    user_turns = [m.content for x in played.sessions for m in x.messages[2:] if m.role == "user"]
+    assert max(len(x.rows) for x in played.sessions) > 1 and user_turns
+    assert not any(t in line for t in user_turns for line in recorded if len(t) > 12)
+    assert summary.eval_after["n"] == 2 * settings.samples_per_prompt
