@@ -285,14 +285,15 @@ def _file_source(settings_cls, path: Path) -> PydanticBaseSettingsSource:
     raise ValueError(f"config file {path}: unknown type {suffix!r}; use .yaml, .json or .toml")
 
 
-def load_settings(config_file: Path | str | None = None, **flags) -> PPOSettings:
-    """Settings from flags (highest), the environment, `config_file`, then the defaults."""
+def load_settings(config_file: Path | str | None = None, settings_cls: type[PPOSettings] | None = None, **flags):
+    """Settings (PPOSettings or `settings_cls`, e.g. SessionSettings) from flags (highest), the
+    environment, `config_file`, then the defaults."""
     path = Path(config_file) if config_file is not None else None
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     token = _CONFIG_FILE.set(path)
     try:
-        return PPOSettings(**flags)
+        return (settings_cls or PPOSettings)(**flags)
     finally:
         _CONFIG_FILE.reset(token)
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import TOPICS, ServerThread, tiny_settings
 
+from policy_trainer.cli import main
+from policy_trainer.logs import read_jsonl
 from policy_trainer.multiturn import SessionTrainer, train_sessions
 from policy_trainer.session_settings import SessionSettings
 from policy_trainer.users import ReplayUsers, UserSimulator
@@ -156,3 +158,33 @@ def test_interactive_sessions_against_the_served_user_model(
     assert max(len(x.rows) for x in played.sessions) > 1 and user_turns
     assert not any(t in line for t in user_turns for line in recorded if len(t) > 12)
     assert summary.eval_after["n"] == 2 * settings.samples_per_prompt
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--advantage-estimator", "rloo"], "rloo is single-turn; use one of"),
+        (["--max-turns", "0"], "max_turns"),
+        (["--submit-every", "2"], "sessions are not sent for labeling yet"),
+        (["--user-temperature", "-1"], "user_temperature"),
+    ],
+)
+def test_bad_session_settings_are_one_line_and_exit_2(args, message, tmp_path, capsys):
+    assert main(["sessions", "--prompts-file", str(tmp_path / "p.jsonl"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("policy-trainer sessions: ") and message in err and "\n" not in err
+
+
+def test_the_sessions_command_trains_and_reports(property_server, tiny_lm_dir, conversations_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(
+        ["sessions", "--policy", str(tiny_lm_dir), "--prompts-file", str(conversations_file), "--reward-addresses",
+         property_server.address, "--run-dir", str(run), "--total-steps", "2", "--prompts-per-step", "2",
+         "--samples-per-prompt", "2", "--max-new-tokens", "6", "--max-turns", "2", "--eval-prompts", "2",
+         "--no-progress", "--no-plots", "--no-tensorboard", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and "held-out sessions: value" in out
+    steps = read_jsonl(run / "metrics.jsonl")
+    assert [m["step"] for m in steps] == [1, 2] and all("reward/turn1_mean" in m for m in steps)
