@@ -188,3 +188,18 @@ def test_the_sessions_command_trains_and_reports(property_server, tiny_lm_dir, c
     assert "trained 2 steps" in out and "held-out sessions: value" in out
     steps = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in steps] == [1, 2] and all("reward/turn1_mean" in m for m in steps)
+
+
+def test_the_documented_session_settings_table_matches_the_code():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("settings_table", REPO / "tools" / "settings_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = (REPO / "docs" / "policy-trainer.md").read_text()
+    begin, end = "<!-- SESSION-SETTINGS:BEGIN -->\n", "<!-- SESSION-SETTINGS:END -->"
+    documented = doc[doc.index(begin) + len(begin) : doc.index(end)]
+    assert documented == module.table(SessionSettings, own_only=True) + "\n", "run tools/settings_table.py --write"
+    assert "PPO_MAX_TURNS" in documented and "PPO_KL_COEF" not in documented
