@@ -89,7 +89,8 @@ def main() -> int:
         settings = load_settings(args.config, SessionSettings, **overrides)
         print(
             f"policy {settings.policy}; {settings.prompts_per_step} openings x {settings.samples_per_prompt} "
-            f"sessions x <= {settings.max_turns} turns x {settings.max_new_tokens} new tokens; users {settings.user_simulator}; "
+            f"sessions x <= {settings.max_turns} turns x {settings.max_new_tokens} new tokens; "
+            f"users {settings.user_simulator}; "
             f"estimator {settings.advantage_estimator}; lr {settings.learning_rate}; kl_coef {settings.kl_coef}; "
             f"server {address}",
             flush=True,
@@ -100,7 +101,8 @@ def main() -> int:
             metrics.append(m)
             print(
                 f"step {m['step']:3d}  reward/turn {m['reward/served_mean']:+.3f}  "
-                f"session {m['session/value_mean']:+.3f}  turns {m['session/turns_mean']:.2f}  KL {m['kl/ref_seq']:.3f}  step {m['time/step_s']:.1f}s",
+                f"session {m['session/value_mean']:+.3f}  turns {m['session/turns_mean']:.2f}  "
+                f"KL {m['kl/ref_seq']:.3f}  step {m['time/step_s']:.1f}s",
                 flush=True,
             )
 
