@@ -7,10 +7,14 @@
   `policy_version` and in the sampling map), chosen by the served ensemble's doubt about
   their order (policy_trainer.selection; or at random), with that doubt as task priority,
   until `label_budget` candidates have been sent.
-- `OuterLoop.maybe_retrain`: every `retrain_check_every` steps `GetStats`; with at least
-  `retrain_min_labels` labels since the latest snapshot (the one the last retraining took,
-  so a retraining the gate refused does not repeat on the same labels) and no job of ours
-  still running, `TrainingService.RequestRetrain(promote=true)`.
+- `OuterLoop.maybe_retrain`: every `retrain_check_every` steps `GetStats`; with enough labels
+  since the latest snapshot (the one the last retraining took, so a retraining the rule
+  refused does not repeat on the same labels) and no job of ours still running,
+  `TrainingService.RequestRetrain(promote=true)`. Enough is `retrain_min_labels`, until a
+  retrain comes back undecided: then the labels its evidence says a decision needs
+  (`label_budget_after`), between `retrain_min_labels` and `retrain_max_labels`. Each
+  decision is logged with its evidence (`retrain_finished`: verdict, reason, per group the
+  pairs, the mean log-likelihood gain and its interval).
 
 Outer-loop RPC failures are logged as events and retried at the next check: labeling and
 retraining are slow side paths that must not stop the policy's training. Scoring failures,
@@ -20,6 +24,7 @@ by contrast, do stop it (reward_client).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import TYPE_CHECKING
 
@@ -81,6 +86,7 @@ class OuterLoop:
         event,
         selection: str = "uncertainty",
         label_budget: int = 0,
+        retrain_max_labels: int = 0,
     ):
         self.preference = preference_pb2_grpc.PreferenceServiceStub(channel)
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
@@ -91,6 +97,8 @@ class OuterLoop:
             retrain_check_every,
             retrain_mode,
         )
+        self.retrain_max_labels = retrain_max_labels or 8 * retrain_min_labels
+        self.min_labels = retrain_min_labels  # labels the next retrain waits for (the rule's budget once undecided)
         self.timeout_s = timeout_s
         self.rng = random.Random(seed)
         self.event = event  # event(kind, step, **fields): the run's logger
@@ -102,7 +110,7 @@ class OuterLoop:
     def from_settings(cls, channel: grpc.Channel, s: PPOSettings, event) -> OuterLoop:
         return cls(
             channel, s.submit_every, s.submit_fraction, s.retrain_min_labels, s.retrain_check_every, s.retrain_mode,
-            s.score_timeout_s, s.seed, event, s.selection, s.label_budget,
+            s.score_timeout_s, s.seed, event, s.selection, s.label_budget, s.retrain_max_labels,
         )  # fmt: skip
 
     def maybe_submit(self, step: int, groups: list[Group], sampling: dict[str, str]) -> None:
@@ -147,7 +155,7 @@ class OuterLoop:
             if self.job_id is not None and not self._job_finished(step):
                 return
             stats = self.preference.GetStats(preference_pb2.GetStatsRequest(), timeout=self.timeout_s)
-            if stats.labels_since_snapshot < self.retrain_min_labels:
+            if stats.labels_since_snapshot < self.min_labels:
                 return
             request = training_pb2.RetrainRequest(
                 mode=self.retrain_mode,
@@ -172,6 +180,7 @@ class OuterLoop:
         job = self.training.GetJob(training_pb2.GetJobRequest(job_id=self.job_id), timeout=self.timeout_s)
         if job.state not in DONE_STATES:
             return False
+        self.min_labels = label_budget_after(job, self.retrain_min_labels, self.retrain_max_labels)
         self.event(
             "retrain_finished",
             step,
@@ -180,6 +189,10 @@ class OuterLoop:
             model_version=job.model_version,
             promoted=job.promoted,
             error=job.error,
+            decision=job.decision,
+            reason=job.decision_reason,
+            evidence=evidence(job.metrics),
+            next_retrain_labels=self.min_labels,
         )
         self.job_id = None
         return True
@@ -190,8 +203,40 @@ class OuterLoop:
             "job_id": self.job_id,
             "submitted": self.submitted,
             "retrains": self.retrains,
+            "min_labels": self.min_labels,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(state["rng"])
         self.job_id, self.submitted, self.retrains = state["job_id"], state["submitted"], state["retrains"]
+        self.min_labels = state.get("min_labels", self.retrain_min_labels)
+
+
+def evidence(metrics) -> dict[str, dict[str, float]]:
+    """A finished job's evidence by group (human, onpolicy, combined): pairs, the mean
+    per-pair log-likelihood gain over the parent and its interval (None: unbounded)."""
+    out = {}
+    for group in ("human", "onpolicy", "combined"):
+        if f"gate_{group}_pairs" in metrics:
+            out[group] = {
+                key: (value if math.isfinite(value) else None)
+                for key in ("pairs", "gain", "low", "high", "accuracy", "parent_accuracy")
+                for value in [float(metrics[f"gate_{group}_{key}"])]
+            }
+    return out
+
+
+def label_budget_after(job, floor: int, ceiling: int) -> int:
+    """Labels the next retrain waits for: `floor`, or after an undecided retrain the labels
+    still missing from the on-policy pairs its rule needs (pairs converted to labels at the
+    run's own pairs-per-label), capped at `ceiling`."""
+    m = job.metrics
+    needed, have, labels = (
+        m.get("gate_pairs_needed", math.nan),
+        m.get("gate_onpolicy_pairs", 0.0),
+        m.get("gate_onpolicy_labels", 0.0),
+    )
+    if job.decision != "undecided" or not math.isfinite(needed) or not (have > 0 and labels > 0):
+        return floor
+    missing = math.ceil(max(needed - have, 0.0) * labels / have)
+    return int(min(max(missing, floor), max(ceiling, floor)))

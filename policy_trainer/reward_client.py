@@ -33,3 +33,17 @@ class Scores:
             result.version,
             np.array(result.members, dtype=np.float64),
         )  # [N, K]
+
+
+def conservative(scores: Scores, reward_mean: float, reward_std: float, how: str, k: float = 1.0) -> np.ndarray:
+    """[N] the reward to optimise from the ensemble's members [N, M] in the version's
+    normalised units (z = (raw - reward_mean) / reward_std): "none" the served reward (their
+    mean), "mean_minus_std" mean(z) - k std(z), "min" min(z)."""
+    if how == "none":
+        return scores.rewards
+    z = (scores.members - reward_mean) / reward_std  # [N, M]
+    if how == "min":
+        return z.min(axis=1)
+    if how == "mean_minus_std":
+        return z.mean(axis=1) - k * z.std(axis=1)
+    raise ValueError(f"unknown reward_pessimism {how!r}")

@@ -164,6 +164,16 @@ class PPOSettings(BaseSettings):
     )
     kl_target: float = Field(6.0, gt=0, description="Adaptive KL: target KL per sequence (nats).")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL: horizon in sequences.")
+    reward_pessimism: Literal["none", "mean_minus_std", "min"] = Field(
+        "none",
+        description="The reward PPO optimises, from the served ensemble's members (in the version's normalised units): "
+        "none, their mean (the served reward); mean_minus_std, the mean minus pessimism_k standard deviations "
+        "(a conservative reward under the reward model's uncertainty, as offline model-based RL's pessimism and "
+        "Coste et al., 2023's conservative ensembles); or min, the most pessimistic member.",
+    )
+    pessimism_k: float = Field(
+        1.0, ge=0, description="Standard deviations subtracted by reward_pessimism=mean_minus_std."
+    )
     normalize_reward: bool = Field(
         True,
         description="Scale the served reward by running statistics of this reward-model version (reset at each version switch).",
@@ -199,7 +209,15 @@ class PPOSettings(BaseSettings):
     retrain_min_labels: int = Field(
         0,
         ge=0,
-        description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: never).",
+        description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: never). "
+        "After a retrain the promotion rule left undecided, the next waits for the labels the rule says a decision "
+        "needs (its pairs_needed), at least this many and at most retrain_max_labels.",
+    )
+    retrain_max_labels: int = Field(
+        0,
+        ge=0,
+        description="Most new labels an undecided retrain's budget may ask for before the next retrain "
+        "(0: 8 x retrain_min_labels).",
     )
     retrain_check_every: int = Field(1, gt=0, description="Steps between GetStats checks for retraining.")
     retrain_mode: Literal["", "head", "full"] = Field(

@@ -33,7 +33,7 @@ from policy_trainer.outer_loop import OuterLoop
 from policy_trainer.policy import load_policy, save_policy, stop_token_ids
 from policy_trainer.ppo import AdaptiveKLController, RunningMoments, masked_mean, shape_scores
 from policy_trainer.prompts import Prompt, PromptSampler, prompt_sets, read_conversations
-from policy_trainer.reward_client import Scores
+from policy_trainer.reward_client import Scores, conservative
 from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
@@ -98,6 +98,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         self.store_channel = open_channel(s.store_address or s.reward_addresses[0], token, tls_ca)
         self.watcher = ModelWatcher(self.store_channel) if s.follow_models else None
         self.step = 0
+        self.reward_stats: dict[str, tuple[float, float]] = {}  # version -> (reward_mean, reward_std), for pessimism
         self.switches: list[dict] = []
         self.eval_before: dict | None = None
         self.reference_eval: Rollout | None = None  # the held-out samples drawn at step 0, rescored at the end
@@ -171,7 +172,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
                 raise
             self.switch_version(latest, step, f"{self.version} no longer loaded")
             scores = Scores.of(self.client.score(*pairs, version=self.version))
-        served[real] = torch.from_numpy(scores.rewards).float()
+        served[real] = torch.from_numpy(self.pessimistic(scores)).float()
         members = np.full((len(rollout.texts), scores.members.shape[1]), np.nan)  # [B, M]
         members[real] = scores.members
         info = {
@@ -181,6 +182,14 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             "members": members,
         }
         return served, info
+
+    def pessimistic(self, scores: Scores) -> np.ndarray:
+        """[N] the reward optimised: the served one, or a conservative one (reward_pessimism)."""
+        if self.s.reward_pessimism != "none" and scores.version not in self.reward_stats:
+            info = self.client.model_info(scores.version)
+            self.reward_stats[scores.version] = (info.reward_mean, info.reward_std or 1.0)
+        stats = self.reward_stats.get(scores.version, (0.0, 1.0))
+        return conservative(scores, *stats, self.s.reward_pessimism, self.s.pessimism_k)
 
     def ppo_scores(self, served: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
         """[B] served (NaN: empty completion) -> [B] the score placed on the last token."""

@@ -126,7 +126,7 @@ def _eval(args) -> int:
 
 def _models(args) -> int:
     from rm_service import registry
-    from rm_service.settings import StoreSettings, TrainSettings
+    from rm_service.settings import StoreSettings
     from rm_service.store.db import Store
 
     if args.action == "export":  # reads the version's directory only: no store
@@ -146,17 +146,10 @@ def _models(args) -> int:
         elif args.action == "show":
             r = registry.get_model(store, args.version)
             print(json.dumps(r.__dict__, indent=2, default=str))
-        elif args.action == "promote":
-            gate = TrainSettings()
+        elif args.action == "promote":  # on the decision its training run made against the promoted version
+            decision = registry.stored_decision(store, args.version)
             ok, message = registry.promote(
-                store,
-                args.version,
-                gate.gate_tolerance,
-                force=args.force,
-                verify=registry.load_check(),
-                onpolicy=gate.gate_onpolicy,
-                alpha=gate.gate_alpha,
-                ties=gate.gate_onpolicy_ties,
+                store, args.version, decision, force=args.force, verify=registry.load_check()
             )
             print(message)
             return 0 if ok else 1

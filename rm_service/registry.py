@@ -2,7 +2,8 @@
 
 The store's `models` table holds each version's record; its artifact directory (see
 models.version) holds what loads it. Status: candidate -> promoted -> retired, or rejected
-by the promotion gate or its load check. Exactly one version is promoted at a time, and a
+by the promotion rule (`decide`: promote, reject, or undecided, which leaves a candidate) or
+its load check. Exactly one version is promoted at a time, and a
 version is announced as promoted (`promoted.json`) only after it loaded and re-scored its
 golden items.
 """
@@ -12,17 +13,29 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
 from rm_service.store import versions
 from rm_service.store.db import Store
 from rm_service.store.versions import ModelRecord
-from rm_service.train.metrics import worse_by_chance
+from rm_service.train.evidence import Effect
 
 log = logging.getLogger(__name__)
 STATUSES = ("candidate", "promoted", "rejected", "retired")
-__all__ = ["ModelRecord", "get_model", "list_models", "next_version", "promote", "promoted", "register", "rollback"]
+__all__ = [
+    "Decision",
+    "ModelRecord",
+    "decide",
+    "get_model",
+    "list_models",
+    "next_version",
+    "promote",
+    "promoted",
+    "register",
+    "rollback",
+]
 
 
 # Reading and writing version rows is the store's (rm_service.store.versions); the registry
@@ -40,96 +53,149 @@ def get_model(store: Store, version: str) -> ModelRecord:
     return rec
 
 
-def gate(
-    candidate: ModelRecord,
-    current: ModelRecord,
-    tolerance: float,
-    onpolicy: bool = True,
-    alpha: float = 0.0,
-    ties: str = "reject",
-) -> str | None:
-    """Why `candidate` must not replace `current`, or None when it may.
+@dataclass(frozen=True)
+class Decision:
+    """What the promotion rule answered for a candidate against its parent, and on what.
 
-    Compared on the candidate's own held-out pairs when it was trained with `current` as
-    parent (its metrics hold the parent's figures on them, `baseline_*`), else on each one's
-    own held-out pairs. Dataset pairs: accuracy may not drop by more than `tolerance`; with
-    `alpha` > 0 and the paired counts recorded, a larger drop rejects only when McNemar's exact
-    test on those pairs finds it significant at `alpha` (refitting on a few fresh pairs moves a
-    handful of a couple of hundred held-out pairs either way).
-    On-policy pairs (when the candidate has any): accuracy must rise (with `ties` "lower_loss",
-    equal accuracy and a lower loss also pass): a retrain on fresh labels must fit the policy's
-    samples better."""
-    m = candidate.metrics
-    same = candidate.parent == current.version and "baseline_accuracy" in m
-    new_h = m.get("accuracy_human", m.get("accuracy", float("nan")))
-    old_h = (
-        m.get("baseline_accuracy_human", m.get("baseline_accuracy"))
-        if same
-        else current.metrics.get("accuracy_human", current.metrics.get("accuracy", float("nan")))
-    )
-    where = "the candidate's held-out pairs" if same else "their own held-out pairs"
-    if math.isnan(new_h) or (old_h is not None and not math.isnan(old_h) and new_h < old_h - tolerance):
-        chance = _drop_by_chance(m) if same and alpha > 0 else None
-        if chance is None or chance < alpha:
-            test = "" if chance is None else f"; McNemar p = {chance:.3f} < {alpha}"
-            return (
-                f"{candidate.version} held-out accuracy {new_h:.4f} on dataset pairs is below {current.version}'s {old_h:.4f} "
-                f"(on {where}) minus tolerance {tolerance}{test}"
-            )
-    if onpolicy and same and m.get("pairs_onpolicy", 0) > 0 and "baseline_accuracy_onpolicy" in m:
-        new_o, old_o = m["accuracy_onpolicy"], m["baseline_accuracy_onpolicy"]
-        tie_passes = ties == "lower_loss" and m["loss_onpolicy"] < m["baseline_loss_onpolicy"]
-        if new_o < old_o or (new_o == old_o and not tie_passes):
-            return (
-                f"{candidate.version} does not fit the policy's samples better than {current.version}: on-policy held-out "
-                f"accuracy {new_o:.4f} vs {old_o:.4f}, loss {m['loss_onpolicy']:.4f} vs {m['baseline_loss_onpolicy']:.4f} "
-                f"({int(m['pairs_onpolicy'])} pairs)"
-            )
-    return None
+    verdict: "promote", "reject", or "undecided" (keep collecting labels: the evidence cannot
+    tell the two apart yet). `confidence` is the level of every interval in the evidence;
+    `pairs_needed` the on-policy pairs (counted from the parent's snapshot on) the rule expects
+    to need to decide when undecided (NaN when decided or unknown)."""
+
+    verdict: str
+    reason: str
+    parent: str | None = None
+    confidence: float = 0.95
+    human: Effect | None = None
+    onpolicy: Effect | None = None
+    combined: Effect | None = None
+    pairs_needed: float = math.nan
+
+    @property
+    def promote(self) -> bool:
+        return self.verdict == "promote"
+
+    def to_dict(self) -> dict:
+        """JSON-safe (infinite bounds and NaN become null)."""
+        return _json_safe({k: v for k, v in asdict(self).items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Decision:
+        effects = {k: _effect(d[k]) for k in ("human", "onpolicy", "combined") if d.get(k)}
+        needed = d.get("pairs_needed")
+        return cls(
+            d["verdict"],
+            d["reason"],
+            d.get("parent"),
+            d.get("confidence", 0.95),
+            pairs_needed=math.nan if needed is None else needed,
+            **effects,
+        )
+
+    def as_metrics(self) -> dict[str, float]:
+        """The evidence as numbers for the version's metrics (`gate_human_gain`, ...)."""
+        out = {"gate_verdict": float(VERDICTS.index(self.verdict)), "gate_pairs_needed": self.pairs_needed}
+        for name in ("human", "onpolicy", "combined"):
+            e = getattr(self, name)
+            if e is not None:
+                out.update(e.as_metrics(f"gate_{name}"))
+        return out
 
 
-def _drop_by_chance(metrics: dict) -> float | None:
-    """McNemar's one-sided p for the candidate's drop on held-out dataset pairs (None: not recorded)."""
-    if "paired_worse_human" not in metrics:
+VERDICTS = ("reject", "undecided", "promote")
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    return worse_by_chance(int(metrics["paired_better_human"]), int(metrics["paired_worse_human"]))
+    return value
+
+
+def _effect(d: dict) -> Effect:
+    bounds = {"low": -math.inf, "high": math.inf}
+    return Effect(**{k: (bounds.get(k, math.nan) if v is None else v) for k, v in d.items()})
+
+
+def decide(
+    human: Effect | None,
+    onpolicy: Effect | None,
+    combined: Effect | None = None,
+    confidence: float = 0.95,
+    parent: str | None = None,
+    pairs_needed: float = math.nan,
+) -> Decision:
+    """The promotion rule, on paired per-pair log-likelihood gains (train.evidence):
+
+    reject     significantly worse on the policy's samples; or on the held-out human pairs
+               while not significantly better on the policy's samples;
+    promote    significantly better on the human pairs, on the policy's samples, or on both
+               weighed together (`combined`), and significantly worse on neither;
+    undecided  anything else: ties on a handful of pairs, or better on the policy's samples
+               but worse on human pairs. A retrain on more labels decides again.
+    """
+    groups = [(n, e) for n, e in (("human pairs", human), ("the policy's samples", onpolicy)) if e is not None]
+    evidence = "; ".join(f"{n} {e.text()}" for n, e in groups) or "no held-out pairs"
+    if combined is not None:
+        evidence += f"; both weighed together {combined.gain:+.4f} [{combined.low:+.4f}, {combined.high:+.4f}]"
+
+    def verdict(kind: str, why: str) -> Decision:
+        reason = f"{why} (intervals at {confidence:.0%}): {evidence}"
+        return Decision(kind, reason, parent, confidence, human, onpolicy, combined, pairs_needed)
+
+    worse_h, better_h = bool(human and human.worse), bool(human and human.better)
+    worse_o, better_o = bool(onpolicy and onpolicy.worse), bool(onpolicy and onpolicy.better)
+    if worse_o:
+        return verdict("reject", "worse than its parent on the policy's samples")
+    if worse_h and not better_o:
+        return verdict("reject", "worse than its parent on held-out human pairs")
+    if worse_h:
+        return verdict("undecided", "better on the policy's samples but worse on human pairs")
+    if better_h or better_o or (combined is not None and combined.better):
+        where = "human pairs" if better_h else "the policy's samples" if better_o else "both weighed together"
+        return verdict("promote", f"better than its parent on {where} and worse on neither")
+    return verdict("undecided", "not distinguishable from its parent yet")
 
 
 def promote(
-    store: Store,
-    version: str,
-    tolerance: float,
-    force: bool = False,
-    verify=None,
-    onpolicy: bool = True,
-    alpha: float = 0.0,
-    ties: str = "reject",
+    store: Store, version: str, decision: Decision | None = None, force: bool = False, verify=None
 ) -> tuple[bool, str]:
-    """Promote `version` when it passes the gate (unless forced) and, before anything is
-    announced, `verify(record)` (load it and check its golden items; raises when it cannot
-    serve). Returns (promoted?, reason). A refused or broken candidate becomes `rejected`;
-    the previously promoted version becomes `retired`."""
+    """Promote `version` when `decision` says so (or when forced, or nothing is promoted yet)
+    and, before anything is announced, `verify(record)` (load it and check its golden items;
+    raises when it cannot serve). Returns (promoted?, reason). A rejected or broken candidate
+    becomes `rejected`, an undecided one stays a candidate; the previously promoted version
+    becomes `retired`. (The training run records the decision on the version.)"""
     candidate = get_model(store, version)
     current = promoted(store)
     if current is not None and current.version == version:
         return True, f"{version} is already promoted"
     if current is not None and not force:
-        why = gate(candidate, current, tolerance, onpolicy, alpha, ties)
-        if why is not None:
-            versions.set_status(store, version, "rejected")
-            return False, why
+        if decision is None:
+            return False, f"{version} has no decision against {current.version}: retrain it, or promote with force"
+        if not decision.promote:
+            if decision.verdict == "reject":
+                versions.set_status(store, version, "rejected")
+            return False, f"{version} {decision.verdict}: {decision.reason}"
     if verify is not None:
         try:
             verify(candidate)
         except RMError as exc:
             versions.set_status(store, version, "rejected")
-            return (
-                False,
-                f"{version} failed its load check and was rejected; {current.version if current else 'nothing'} stays: {exc}",
-            )
+            stays = current.version if current else "nothing"
+            return False, f"{version} failed its load check and was rejected; {stays} stays: {exc}"
     versions.promote_version(store, version)
     write_promoted_pointer(candidate)
     return True, f"{version} promoted" + (f" (replacing {current.version})" if current else "")
+
+
+def stored_decision(store: Store, version: str) -> Decision | None:
+    """The decision recorded on `version`, if it was made against the version promoted now
+    (None otherwise: evidence against another parent says nothing about this one)."""
+    d, current = get_model(store, version).decision, promoted(store)
+    if not d or current is None or d.get("parent") != current.version:
+        return None
+    return Decision.from_dict(d)
 
 
 def load_check(models=None, device: str = "auto"):

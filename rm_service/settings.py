@@ -268,8 +268,8 @@ class TrainSettings(BaseSettings):
         0.25,
         ge=0,
         lt=1,
-        description="Conversations of on-policy labels (a policy's samples) held out, to measure and gate retrains on "
-        "fresh samples.",
+        description="Full mode, or head mode with gate_crossfit_folds < 2: conversations of on-policy labels (a policy's "
+        "samples) held out, to measure and decide retrains on fresh samples.",
     )
     onpolicy_weight: float = Field(
         4.0,
@@ -354,27 +354,37 @@ class TrainSettings(BaseSettings):
     resume: bool = Field(True, description="Full mode: continue from the run's last checkpoint when one exists.")
     gate_onpolicy: bool = Field(
         True,
-        description="Promote a retrain only when it is more accurate than the promoted version on held-out on-policy pairs (labels "
-        "of the policy's samples; see gate_onpolicy_ties). Applies when there are such pairs.",
+        description="Weigh labels of the policy's own samples (those new since the parent's snapshot) as evidence when deciding "
+        "a promotion, beside the held-out human pairs.",
     )
-    gate_onpolicy_ties: Literal["reject", "lower_loss"] = Field(
-        "reject",
-        description="A retrain as accurate as its parent on held-out on-policy pairs: reject (the default: a promotion must be "
-        "more accurate on the policy's samples), or lower_loss: promote it when its loss there is lower, for "
-        "label budgets so small that a few held-out pairs rarely separate two versions' accuracy.",
-    )
-    gate_tolerance: float = Field(
-        0.02,
-        ge=0,
-        description="Promote only if held-out accuracy on dataset pairs >= the promoted version's on the same pairs minus this "
-        "(and, when on-policy held-out pairs exist, on-policy accuracy rises).",
-    )
-    gate_alpha: float = Field(
-        0.05,
-        ge=0,
+    gate_confidence: float = Field(
+        0.95,
+        gt=0.5,
         lt=1,
-        description="A retrain's drop on held-out dataset pairs beyond gate_tolerance rejects it only when McNemar's exact "
-        "test on the paired pairs finds the drop significant at this level (0: every such drop rejects).",
+        description="Level of the intervals the promotion rule decides on (the candidate's per-pair log-likelihood gain over "
+        "its parent, paired): promote when significantly better on held-out human pairs, on the policy's samples or "
+        "on both weighed together and significantly worse on neither; reject when significantly worse; otherwise "
+        "undecided (keep collecting labels). Its error rates are measured in docs/bench/gate.md.",
+    )
+    gate_onpolicy_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of the policy's samples in the evidence weighed together (the rest goes to the held-out human "
+        "pairs): the distribution the policy samples from now counts as much as the dataset's.",
+    )
+    gate_crossfit_folds: int = Field(
+        5,
+        ge=0,
+        description="Head mode: folds over the new on-policy labels; each fold is held out once from a refit of the heads, "
+        "so every new label is evidence and the version still trains on them all (0 or 1: hold out "
+        "onpolicy_heldout_fraction of them instead, as full mode does).",
+    )
+    gate_min_effect: float = Field(
+        0.01,
+        gt=0,
+        description="Smallest gain (nats per pair) worth detecting: an undecided retrain asks for the on-policy pairs that "
+        "would show a gain this size, or its measured one if larger, with 80% power.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

@@ -20,8 +20,6 @@ from rm_service.store.db import Store
 def test_the_demo_loop_with_tiny_models(home, tmp_path, monkeypatch, tiny_backbone_dir, tiny_lm_dir, capsys):
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(HH_FILE.read_text(encoding="utf-8").splitlines(keepends=True)[:80]), encoding="utf-8")
-    monkeypatch.setenv("RM_TRAIN_GATE_TOLERANCE", "1.0")  # random tiny models: the gate must not decide the test
-    monkeypatch.setenv("RM_TRAIN_GATE_ONPOLICY", "false")
     settings = DemoSettings(
         data=data,
         home=tmp_path / "demo",

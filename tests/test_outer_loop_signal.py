@@ -4,7 +4,6 @@ fit fresh on-policy labels, and the gold reward tracked during PPO."""
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import grpc
@@ -25,7 +24,6 @@ from rm_service.judge.runner import JudgeCounts, run_judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
 from rm_service.store.labels import LabelIn
-from rm_service.train.metrics import worse_by_chance
 from rm_service.train.run import train
 
 PROMPT = [Message("user", "Tell me about the river.")]
@@ -133,18 +131,12 @@ def test_the_most_doubted_candidate_is_leased_first(home):
 # -- retrains that move ----------------------------------------------------------------------
 
 
-def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_sees_it(
+def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_rule_sees_it(
     home, tmp_path, tiny_backbone_dir
 ):
     store = store_with_hh(tmp_path, 60)
     settings = TrainSettings(
-        backbone=str(tiny_backbone_dir),
-        ensemble_size=2,
-        max_tokens=128,
-        export_onnx="off",
-        gate_tolerance=1.0,
-        onpolicy_heldout_fraction=0.3,
-        onpolicy_weight=8.0,
+        backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", onpolicy_weight=8.0
     )
     v1 = train(store, settings, ModelSettings(), show_progress=False)
     from rm_service.models.version import open_version
@@ -166,9 +158,12 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
     assert all(o.status == "INSERTED" for o in store.ingest(labels, origin="policy@step-1"))
     v2 = train(store, settings, ModelSettings(), show_progress=False)
     m = v2.metrics
-    assert m["onpolicy_train_pairs"] > 50 and m["pairs_onpolicy"] > 10  # both split by conversation
+    # Cross-fitted: the version trains on every on-policy label, and every one is evidence once.
+    assert m["onpolicy_train_pairs"] == 120 and m["pairs_onpolicy"] == 120 and m["gate_onpolicy_labels"] == 120
     assert m["baseline_accuracy_onpolicy"] < 0.2  # the parent gets the fresh labels wrong, by construction
-    assert m["accuracy_onpolicy"] > m["baseline_accuracy_onpolicy"] + 0.3  # the retrain fits them, on held-out ones too
+    assert m["accuracy_onpolicy"] > m["baseline_accuracy_onpolicy"] + 0.3  # refits that never saw a pair fit it
+    assert m["gate_onpolicy_low"] > 0 and v2.decision["verdict"] == "promote"
+    assert "better than its parent on the policy's samples" in v2.decision["reason"]
     assert "unchanged_from_parent" not in m and v2.promoted and registry.promoted(store).version == v2.version
     # The same labels again: the heads come out the same; reported, and not promoted.
     v3 = train(store, settings, ModelSettings(), show_progress=False)
@@ -177,69 +172,8 @@ def test_a_retrain_on_labels_that_contradict_the_parent_changes_it_and_the_gate_
         and not v3.promoted
         and registry.promoted(store).version == v2.version
     )
-    # A candidate that does not fit the on-policy pairs better is refused by the gate.
-    store.con.execute(
-        "UPDATE models SET metrics = json_object('accuracy_human', 0.9, 'baseline_accuracy_human', 0.9, 'accuracy', 0.9, "
-        "'baseline_accuracy', 0.9, 'pairs_onpolicy', 12, 'accuracy_onpolicy', 0.5, 'baseline_accuracy_onpolicy', 0.6, "
-        "'loss_onpolicy', 0.7, 'baseline_loss_onpolicy', 0.6), parent = ? WHERE version = ?",
-        [v2.version, v3.version],
-    )
-    ok, why = registry.promote(store, v3.version, tolerance=0.02)
-    assert not ok and "does not fit the policy's samples better" in why
+    assert "gate_onpolicy_pairs" not in v3.metrics  # nothing labeled since v2's snapshot: no on-policy evidence
     store.close()
-
-
-def _retrain_record(better: int, worse: int) -> tuple[registry.ModelRecord, registry.ModelRecord]:
-    """A parent and a retrain of it, measured on the same 185 held-out dataset pairs."""
-    parent = registry.ModelRecord("v2", "v1", "s1", "b", "f", "promoted", {"accuracy": 0.61}, 0.0, 1.0, 1, "")
-    metrics = {
-        "accuracy_human": 0.61 + (better - worse) / 185,
-        "baseline_accuracy_human": 0.61,
-        "baseline_accuracy": 0.61,
-        "paired_better_human": better,
-        "paired_worse_human": worse,
-    }
-    return registry.ModelRecord("v3", "v2", "s2", "b", "f", "candidate", metrics, 0.0, 1.0, 1, ""), parent
-
-
-def test_the_gate_rejects_a_drop_on_human_pairs_only_when_mcnemar_finds_it_real():
-    assert worse_by_chance(3, 8) == pytest.approx(sum(math.comb(11, k) for k in range(8, 12)) / 2**11)  # 0.113
-    noisy = _retrain_record(better=3, worse=8)  # 5 of 185 pairs lost: 0.027 > tolerance, but 8 of 11 is a coin's work
-    assert registry.gate(*noisy, tolerance=0.02, alpha=0.0) is not None  # the plain tolerance rejects it
-    assert registry.gate(*noisy, tolerance=0.02, alpha=0.05) is None
-    real = _retrain_record(better=1, worse=12)  # p = 0.0017
-    why = registry.gate(*real, tolerance=0.02, alpha=0.05)
-    assert why is not None and "McNemar p = 0.002" in why
-    assert (
-        registry.gate(*_retrain_record(better=0, worse=3), tolerance=0.02, alpha=0.05) is None
-    )  # within the tolerance
-
-
-def _onpolicy_retrain(accuracy: float, loss: float) -> tuple[registry.ModelRecord, registry.ModelRecord]:
-    """A retrain of v2 measured on 8 held-out on-policy pairs, as accurate as v2 on dataset pairs."""
-    child, parent = _retrain_record(better=0, worse=0)
-    child.metrics.update(
-        {
-            "pairs_onpolicy": 8,
-            "accuracy_onpolicy": accuracy,
-            "baseline_accuracy_onpolicy": 0.75,
-            "loss_onpolicy": loss,
-            "baseline_loss_onpolicy": 0.5,
-        }
-    )
-    return child, parent
-
-
-def test_the_gate_promotes_only_a_retrain_more_accurate_on_the_policys_samples():
-    assert (
-        registry.gate(*_onpolicy_retrain(0.875, 0.6), tolerance=0.02) is None
-    )  # one more pair right: promoted, whatever the loss
-    tie = _onpolicy_retrain(0.75, 0.4)
-    why = registry.gate(*tie, tolerance=0.02)  # the default: a tie is not better, even with a lower loss
-    assert why is not None and "accuracy 0.7500 vs 0.7500" in why
-    assert registry.gate(*tie, tolerance=0.02, ties="lower_loss") is None
-    assert registry.gate(*_onpolicy_retrain(0.75, 0.6), tolerance=0.02, ties="lower_loss") is not None
-    assert registry.gate(*_onpolicy_retrain(0.625, 0.1), tolerance=0.02, ties="lower_loss") is not None
 
 
 # -- the gold reward during PPO --------------------------------------------------------------

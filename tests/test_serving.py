@@ -125,7 +125,7 @@ def registry_with_two_versions(home, tmp_path, tiny_backbone_dir):
     )
     train(store, settings, ModelSettings(), show_progress=False)
     train(store, settings.model_copy(update={"seed": 1}), ModelSettings(), show_progress=False)
-    registry.promote(store, "v1", 0.0)
+    registry.promote(store, "v1")
     records = {v: registry.get_model(store, v) for v in ("v1", "v2")}
     store.close()
     return records

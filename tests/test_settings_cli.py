@@ -111,11 +111,13 @@ def test_flags_override_the_environment_and_old_names_still_work(monkeypatch):
         ["judge", "--address", "h:1", "--template", "t.toml", "--concurrency", "2", "--input", "x.jsonl"]
     )
     assert flag_values(judge, JudgeSettings) == {"server": "h:1", "template_file": "t.toml", "concurrency": "2"}
-    train = build_parser().parse_args(["train", "--no-promote", "--mode", "full", "--gate-alpha", "0.1"])
-    assert TrainSettings(**flag_values(train, TrainSettings)).model_dump(include={"promote", "mode", "gate_alpha"}) == {
+    train = build_parser().parse_args(["train", "--no-promote", "--mode", "full", "--gate-confidence", "0.9"])
+    assert TrainSettings(**flag_values(train, TrainSettings)).model_dump(
+        include={"promote", "mode", "gate_confidence"}
+    ) == {
         "promote": False,
         "mode": "full",
-        "gate_alpha": 0.1,
+        "gate_confidence": 0.9,
     }
 
     from rm_service.demo.settings import DemoSettings, demo_settings

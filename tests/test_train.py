@@ -147,7 +147,7 @@ def test_tampered_golden_pair_refuses_the_version(trained):
     assert open_version(rec.artifact_path, precision="bf16")[0].precision == "bf16"
 
 
-def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypatch):
+def test_retrain_reuses_cached_features_and_an_identical_retrain_is_undecided(trained, monkeypatch):
     store, _, settings = trained
     computed = []
     import rm_service.train.features as features
@@ -164,23 +164,20 @@ def test_retrain_reuses_cached_features_and_gate_refuses_worse(trained, monkeypa
     assert second.metrics["unchanged_from_parent"] == 1.0  # the same labels: the same heads, reported as such
     # Same snapshot contents, same split: v1 scored on v2's held-out pairs is v1's own accuracy.
     assert second.metrics["baseline_accuracy"] == pytest.approx(registry.get_model(store, "v1").metrics["accuracy"])
-    # Pretend v2 is much worse than v1 on v2's held-out pairs (though v1 scored low on its own):
-    # the gate compares like with like, refuses v2 and keeps v1 promoted.
-    store.con.execute(
-        "UPDATE models SET metrics = json_object('accuracy', 0.1, 'baseline_accuracy', 0.9) WHERE version = ?",
-        [second.version],
-    )
-    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.05) WHERE version = 'v1'")
-    ok, message = registry.promote(store, second.version, tolerance=0.02)
-    assert not ok and "below v1" in message and "candidate's held-out pairs" in message
-    assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "rejected"
+    # The same heads score every held-out pair alike: a zero gain, which the rule cannot call
+    # better or worse. Recorded on the version, and what `models promote` decides on.
+    decision = registry.get_model(store, second.version).decision
+    assert decision["verdict"] == "undecided" and decision["parent"] == "v1"
+    assert decision["human"]["gain"] == pytest.approx(0.0, abs=1e-6) and decision["human"]["pairs"] > 0
+    ok, message = registry.promote(store, second.version, registry.stored_decision(store, second.version))
+    assert not ok and message.startswith(f"{second.version} undecided: not distinguishable from its parent")
+    assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "candidate"
 
 
 def test_rollback_returns_to_the_previous_version(trained):
     store, _, settings = trained
     second = train(store, settings, ModelSettings(), show_progress=False, parent="v1")
-    store.con.execute("UPDATE models SET metrics = json_object('accuracy', 0.5)")  # make the gate indifferent
-    ok, _ = registry.promote(store, second.version, tolerance=0.02, force=True)
+    ok, _ = registry.promote(store, second.version, force=True)
     assert ok and registry.promoted(store).version == second.version
     assert registry.rollback(store) == f"rolled back from {second.version} to v1"
     assert registry.promoted(store).version == "v1" and registry.get_model(store, second.version).status == "retired"
@@ -216,7 +213,7 @@ def test_a_corrupted_version_is_never_announced_as_promoted(trained, capsys):
         g["raw_scores"] = {k: v + 5.0 for k, v in g["raw_scores"].items()}  # the files no longer match what was trained
     (directory / "version.json").write_text(json.dumps(meta))
     pointer = (directory.parent / "promoted.json").read_text()
-    ok, why = registry.promote(store, second.version, tolerance=1.0, force=True, verify=registry.load_check())
+    ok, why = registry.promote(store, second.version, force=True, verify=registry.load_check())
     assert not ok and "failed its load check" in why and "golden pair check failed" in why
     assert registry.get_model(store, second.version).status == "rejected" and registry.promoted(store).version == "v1"
     assert (directory.parent / "promoted.json").read_text() == pointer  # scorers were never told

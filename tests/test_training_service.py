@@ -29,9 +29,7 @@ from rm_service.train.run import train
 def trained_home(home, tmp_path, tiny_backbone_dir):
     """A store with 40 HH labels and v1 promoted, trained on the tiny backbone; the store closed."""
     store = store_with_hh(tmp_path, 40)
-    settings = TrainSettings(
-        backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off", gate_tolerance=1.0
-    )
+    settings = TrainSettings(backbone=str(tiny_backbone_dir), ensemble_size=2, max_tokens=128, export_onnx="off")
     train(store, settings, ModelSettings(), show_progress=False)
     store.close()
     return settings
@@ -54,8 +52,9 @@ def _score_version(reward) -> str:
     return reward.Score(reward_pb2.ScoreRequest(items=[item]), timeout=30).model_version
 
 
-def _new_labels(channel, n: int = 12) -> None:
-    """n fresh human labels (an order the tiny model has no reason to agree with)."""
+def _new_labels(channel, n: int = 120) -> None:
+    """n fresh human labels of one clear preference (the specific answer over "Maybe."), which
+    v1 never saw: a retrain learns it, and its held-out share shows the promotion rule a gain."""
     labels = [
         preference_pb2.Label(
             label_id=f"new-{i}",
@@ -77,7 +76,7 @@ def test_request_retrain_promotes_a_new_version_and_the_server_switches_to_it(se
     channel, training, reward = _stubs(server.address)
     with channel:
         assert _score_version(reward) == "v1"
-        _new_labels(channel)  # a retrain on the same labels would give v1's heads again, and not be promoted
+        _new_labels(channel)
         job = training.RequestRetrain(training_pb2.RetrainRequest(promote=True, reason="test"), timeout=30)
         assert job.state in ("queued", "running") and job.job_id
         again = training.RequestRetrain(training_pb2.RetrainRequest(promote=True), timeout=30)
@@ -86,8 +85,9 @@ def test_request_retrain_promotes_a_new_version_and_the_server_switches_to_it(se
         states = [j.state for j in training.WatchJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=120)]
         assert states[-1] == "succeeded" and "running" in states
         done = training.GetJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=30)
-        assert (done.model_version, done.promoted) == ("v2", True)
+        assert (done.model_version, done.promoted, done.decision) == ("v2", True, "promote"), done.decision_reason
         assert done.snapshot_id and "accuracy" in done.metrics and done.finished_at.seconds > 0
+        assert done.metrics["gate_human_low"] > 0 and "better than its parent on human pairs" in done.decision_reason
 
         deadline = time.monotonic() + 30
         while _score_version(reward) != "v2":  # the registry follower hot-swaps

@@ -96,7 +96,7 @@ def seed_registry(store_settings, models, seed: Path) -> None:
             str(target),
         )
         registry.register(store, rec, number)
-        ok, message = registry.promote(store, version, 0.0, force=True)
+        ok, message = registry.promote(store, version, force=True)
         accuracy = rec.metrics.get("accuracy", float("nan"))
         print(
             f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} {meta.mode} "

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rm_service import registry
+from rm_service.demo.evidence import RULE, decision_table, gold_course
 from rm_service.settings import StoreSettings
 from rm_service.store import jobs
 from rm_service.store.db import Store
@@ -95,6 +96,19 @@ class RunFacts:
                 f"{gold_before:+.3f} -> {gold_after:+.3f} ({gold_after - gold_before:+.3f})",
             )
         )
+        course = gold_course(self.evaluations)
+        if course is not None:
+            rows.append(("gold reward along the run (held-out samples)", course.text()))
+        decided = [m for m in self.models if m.decision]
+        if decided:
+            rows.append(
+                (
+                    "promotion decisions",
+                    ", ".join(
+                        f"{m.version} {m.decision['verdict']} against {m.decision.get('parent')}" for m in decided
+                    ),
+                )
+            )
         if kl:
             rows.append(("KL to the reference per sequence (max, last step)", f"{max(kl):.3f}, {kl[-1]:.3f} nats"))
         rows.append(
@@ -249,6 +263,13 @@ def plot_overoptimisation(facts: RunFacts, path: Path) -> Path:
     return path
 
 
+def _train_setting(name: str, default: float) -> float:
+    """The promotion rule's setting as the demo's server ran it (TrainSettings from the environment)."""
+    from rm_service.settings import TrainSettings
+
+    return getattr(TrainSettings(), name, default)
+
+
 def write_report(facts: RunFacts) -> Path:
     """`report.md` and the plots in the demo's home; returns the report's path."""
     home = facts.home
@@ -311,13 +332,19 @@ def write_report(facts: RunFacts) -> Path:
         "Rewards are normalised with each version's statistics, so values before and after a switch are on different "
         "scales; the held-out comparison in the summary scores both policies with the final version.",
         "",
+        "## Promotion decisions",
+        "",
+        RULE.format(conf=_train_setting("gate_confidence", 0.95), share=_train_setting("gate_onpolicy_share", 0.5)),
+        "",
+        *decision_table(facts.models),
+        "",
         "## Reward-model versions",
         "",
-        "Held-out accuracy on human pairs and on on-policy pairs (labels of the policy's samples), each beside the parent's on "
-        "the same pairs; a retrain is promoted only when it fits the on-policy pairs better and loses at most the tolerance "
-        "on human pairs.",
+        "Accuracy on held-out human pairs and on the policy's samples (cross-fitted), each beside the parent's on the same "
+        "pairs: what people read; the decisions above weigh the per-pair log-likelihoods.",
         "",
-        "| version | status | parent | human | parent, human | on-policy | parent, on-policy | on-policy held-out pairs | on-policy training pairs | same heads as parent | snapshot |",
+        "| version | status | parent | human | parent, human | on-policy | parent, on-policy | on-policy pairs judged | "
+        "on-policy training pairs | same heads as parent | snapshot |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
         *[_version_row(m) for m in facts.models],
         "",

@@ -148,6 +148,21 @@ class DemoSettings(BaseSettings):
         "uncertainty", description="Which samples go to labeling: the ensemble's most doubted pairs, or random."
     )
     label_budget: int = Field(0, ge=0, description="Most labeling candidates over the run (0: no limit).")
+    retrain_max_labels: int = Field(
+        48,
+        ge=0,
+        description="Most new labels an undecided retrain may ask for before the next (the promotion rule's budget; "
+        "0: 8 x retrain_min_labels).",
+    )
+    reward_pessimism: Literal["none", "mean_minus_std", "min"] = Field(
+        "none",
+        description="The reward PPO optimises from the proxy's ensemble: its mean, mean minus pessimism_k std, or its "
+        "minimum (a conservative reward; see PPOSettings).",
+    )
+    pessimism_k: float = Field(
+        1.0, ge=0, description="Standard deviations subtracted by reward_pessimism=mean_minus_std."
+    )
+    seed: int = Field(0, description="Seed of the PPO run (prompt order, sampling).")
     # -- run --------------------------------------------------------------------------------
     server_start_timeout_s: float = Field(
         600.0, gt=0, description="How long the server may take to load and warm the model."

@@ -84,7 +84,9 @@ class JobRunner:
             ):  # WatchModels tells what happened
                 self._loop.call_soon_threadsafe(self.on_version, record.status, record)
             metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-            jobs.mark_succeeded(self.store, job.job_id, snapshot_id, result.version, result.promoted, metrics)
+            jobs.mark_succeeded(
+                self.store, job.job_id, snapshot_id, result.version, result.promoted, metrics, result.decision
+            )
             log.info("retraining job %s: %s (%s)", job.job_id, result.version, result.gate_message)
         except RMError as exc:
             jobs.mark_failed(self.store, job.job_id, str(exc))
@@ -108,6 +110,8 @@ def job_to_proto(job: jobs.Job) -> training_pb2.TrainingJob:
         model_version=job.model_version or "",
         promoted=job.promoted,
         error=job.error or "",
+        decision=job.decision.get("verdict", ""),
+        decision_reason=job.decision.get("reason", ""),
     )
     out.metrics.update(job.metrics)
     for name in ("created_at", "finished_at"):

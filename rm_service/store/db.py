@@ -41,6 +41,7 @@ class Pair:
     strength: float | None
     source: str
     origin: str = ""  # where the completions came from (dataset | policy@<version> | human); "a|b" when they differ
+    seq: int = 0  # the label's commit sequence number (snapshots hold labels up to a seq)
 
     @property
     def on_policy(self) -> bool:
@@ -213,7 +214,7 @@ class Store:
                 """
                 SELECT l.label_id, l.conversation_id, c.messages, l.strength, l.source,
                        list(r.completion_id ORDER BY r.position), list(r.rank ORDER BY r.position),
-                       list(k.text ORDER BY r.position), list(k.origin ORDER BY r.position)
+                       list(k.text ORDER BY r.position), list(k.origin ORDER BY r.position), min(l.seq)
                 FROM labels l
                 JOIN conversations c ON c.id = l.conversation_id
                 JOIN label_rankings r ON r.label_id = l.label_id
@@ -225,7 +226,7 @@ class Store:
                 [snapshot.max_seq],
             ).fetchall()
         out = []
-        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts, origins in rows:
+        for label_id, conv_id, messages, strength, source, comp_ids, ranks, texts, origins, seq in rows:
             prompt = messages_from_json(messages)
             for i, j in expand_pairs(ranks, policy):
                 origin = origins[i] if origins[i] == origins[j] else f"{origins[i]}|{origins[j]}"
@@ -241,6 +242,7 @@ class Store:
                         strength,
                         source,
                         origin,
+                        seq,
                     )
                 )
         return out

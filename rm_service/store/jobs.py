@@ -18,7 +18,7 @@ TERMINAL = ("succeeded", "failed")
 # Times as epoch seconds: fetching TIMESTAMPTZ values as datetimes would need pytz.
 _COLUMNS = (
     "job_id, kind, state, snapshot_id, model_version, promoted, error, metrics, request, epoch(created_at), "
-    "epoch(finished_at)"
+    "epoch(finished_at), decision"
 )
 
 
@@ -35,6 +35,7 @@ class Job:
     request: dict = field(default_factory=dict)
     created_at: float | None = None  # epoch seconds
     finished_at: float | None = None
+    decision: dict = field(default_factory=dict)  # the registry's promotion decision on the version (registry.Decision)
 
     @property
     def done(self) -> bool:
@@ -42,7 +43,7 @@ class Job:
 
 
 def _job(row) -> Job:
-    job_id, kind, state, snapshot_id, version, promoted, error, metrics, request, created, finished = row
+    job_id, kind, state, snapshot_id, version, promoted, error, metrics, request, created, finished, decision = row
     return Job(
         job_id,
         kind,
@@ -55,6 +56,7 @@ def _job(row) -> Job:
         json.loads(request) if request else {},
         created,
         finished,
+        json.loads(decision) if decision else {},
     )
 
 
@@ -96,13 +98,19 @@ def mark_running(store: Store, job_id: str) -> None:
 
 
 def mark_succeeded(
-    store: Store, job_id: str, snapshot_id: str, version: str, promoted: bool, metrics: dict[str, float]
+    store: Store,
+    job_id: str,
+    snapshot_id: str,
+    version: str,
+    promoted: bool,
+    metrics: dict[str, float],
+    decision: dict | None = None,
 ) -> None:
     with store.transaction() as con:
         con.execute(
             "UPDATE jobs SET state = 'succeeded', snapshot_id = ?, model_version = ?, promoted = ?, metrics = ?, "
-            "finished_at = now() WHERE job_id = ?",
-            [snapshot_id, version, promoted, json.dumps(metrics), job_id],
+            "decision = ?, finished_at = now() WHERE job_id = ?",
+            [snapshot_id, version, promoted, json.dumps(metrics), json.dumps(decision or {}), job_id],
         )
 
 

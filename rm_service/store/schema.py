@@ -167,7 +167,14 @@ CREATE TABLE label_feedback (
 );
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6]
+# v7: the promotion decision of a version (registry.Decision as JSON: promote | reject |
+# undecided, its reason and the evidence it weighed), on the version and on its training job.
+V7 = """
+ALTER TABLE models ADD COLUMN decision JSON;
+ALTER TABLE jobs ADD COLUMN decision JSON;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7]
 
 # A task anyone may lease now: queued, or leased and expired (a predicate on `tasks` rows).
 TASK_AVAILABLE = "(state = 'queued' OR (state = 'leased' AND lease_expires_at < now()))"

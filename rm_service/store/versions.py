@@ -28,14 +28,23 @@ class ModelRecord:
     ensemble_size: int
     artifact_path: str
     created_at_ms: int | None = None
+    decision: dict | None = None  # registry.Decision as a dict, once the version was decided on
 
 
-_COLUMNS = "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, ensemble_size, artifact_path, epoch_ms(created_at)"
+_COLUMNS = (
+    "version, parent, snapshot_id, backbone, format_hash, status, metrics, reward_mean, reward_std, ensemble_size, "
+    "artifact_path, epoch_ms(created_at), decision"
+)
+
+
+def _json(value) -> dict | None:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _record(row) -> ModelRecord:
     rec = ModelRecord(*row)
-    rec.metrics = json.loads(rec.metrics) if isinstance(rec.metrics, str) else (rec.metrics or {})
+    rec.metrics = _json(rec.metrics) or {}
+    rec.decision = _json(rec.decision)
     return rec
 
 
@@ -91,6 +100,12 @@ def insert_version(store: Store, rec: ModelRecord, number: int) -> None:
 def set_status(store: Store, version: str, status: str) -> None:
     with store._lock:
         store.con.execute("UPDATE models SET status = ? WHERE version = ?", [status, version])
+
+
+def set_decision(store: Store, version: str, decision: dict) -> None:
+    """Record the promotion decision made on `version` (what it was compared with and why)."""
+    with store._lock:
+        store.con.execute("UPDATE models SET decision = ? WHERE version = ?", [json.dumps(decision), version])
 
 
 def promote_version(store: Store, version: str) -> None:

@@ -1,9 +1,10 @@
 """The data of a training run: a snapshot's pairs split by conversation, never by pair.
 
-held-out:   measured once, at the end, and by the promotion gate. Two kinds: pairs of the
-            dataset (human labels) whose conversation hashes below heldout_fraction, and
-            on-policy pairs (labels of a policy's samples) below onpolicy_heldout_fraction,
-            with their own seed, so a retrain is judged on fresh samples it never saw.
+held-out:   measured once, at the end, and by the promotion rule. Pairs of the dataset
+            (human labels) whose conversation hashes below heldout_fraction; on-policy pairs
+            (labels of a policy's samples) below onpolicy_heldout_fraction, with their own seed,
+            only where the run does not cross-fit them (`crossfits`: head mode trains on every
+            on-policy label and holds each new one out of one refit instead, train.crossfit).
 validation: of the rest, conversations hashed below heldout_fraction with seed + 1; full mode
             stops early on it (head mode cross-validates over validation + fit instead).
 fit:        everything else. Before the validation is carved, `dataset_fraction` keeps only
@@ -45,10 +46,18 @@ class Split:
         return self.fit + self.validation
 
 
+def crossfits(settings: TrainSettings) -> bool:
+    """Whether on-policy labels are evidence by cross-fitting (head mode: refits take seconds)
+    rather than by a held-out share."""
+    return settings.mode == "head" and settings.gate_crossfit_folds >= 2
+
+
 def is_heldout_pair(pair: Pair, settings: TrainSettings) -> bool:
     """Whether training holds this pair out: by its conversation, with the fraction and seed of
-    its kind (dataset or on-policy)."""
+    its kind (dataset or on-policy; on-policy pairs never when the run cross-fits them)."""
     if pair.on_policy:
+        if crossfits(settings):
+            return False
         return is_heldout(
             pair.conversation_id, settings.onpolicy_heldout_fraction, settings.seed + ONPOLICY_SEED_OFFSET
         )

@@ -28,7 +28,8 @@ from rm_service.models.version import linear
 from rm_service.settings import TrainSettings
 from rm_service.store.db import Pair, Store
 from rm_service.train import feedback as fb
-from rm_service.train.data import Split
+from rm_service.train.crossfit import crossfit_rewards
+from rm_service.train.data import Split, crossfits
 from rm_service.train.features import Candidate, Features, cached_features, candidates_for, extraction_pooling
 from rm_service.train.heads import MIN_PAIRS_FOR_CV, PairData, fit_heads, select_feedback_head, select_head
 from rm_service.train.scores import Scores
@@ -44,9 +45,12 @@ def fit_head_mode(
     deadline: float,
     show_progress: bool,
     init: tuple[Pooling, np.ndarray, np.ndarray] | None = None,
+    evidence_since: int | None = None,
 ) -> Scores:
     """Choose the features and penalty, fit the K heads (from `init`'s heads when it has the
-    chosen pooling), install them in runtime.model; return the rewards of every split."""
+    chosen pooling), install them in runtime.model; return the rewards of every split. With
+    `evidence_since` (the parent's snapshot: its last label seq) and cross-fitting on, the
+    on-policy training pairs labeled after it get cross-fitted rewards (train.crossfit)."""
     cands = candidates_for(runtime, settings.feature_layers)
     runtime.model.backbone = truncate(
         runtime.model.backbone, extraction_pooling(cands)
@@ -102,6 +106,22 @@ def fit_head_mode(
         separate_session=settings.session_head == "separate",
     )
     install(runtime, pooling, fit.weight, fit.bias, fit.session)
+    new = np.array([p.on_policy and evidence_since is not None and p.seq > evidence_since for p in train], dtype=bool)
+    onpolicy_evidence = None
+    if crossfits(settings) and new.any():
+        terms = (settings.pair_weight, settings.thumb_weight, settings.outcome_weight)
+        oof = crossfit_rewards(
+            data[selection.name],
+            new,
+            settings.gate_crossfit_folds,
+            fit,
+            settings.ensemble_size,
+            settings.seed,
+            # a separate session head: outcomes never moved the reward heads, so the refits leave them out too
+            fb_train[selection.name].without_outcomes() if fit.session is not None else fb_train[selection.name],
+            terms,
+        )
+        onpolicy_evidence = ([p for p, n in zip(train, new, strict=True) if n], oof)
     feedback_extra, feedback_info, reference = _feedback_results(
         split, feats, pooling, has, fit, fb_train[selection.name]
     )
@@ -134,6 +154,7 @@ def fit_head_mode(
         info={"features": selection.name, "selection": [list(row) for row in selection.table], **feedback_info},
         reference=reference,
         fit_pairs=train,
+        onpolicy_evidence=onpolicy_evidence,
     )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -23,23 +21,6 @@ def pair_metrics(r_chosen: np.ndarray, r_rejected: np.ndarray, bins: int = 10) -
         "ece": expected_calibration_error(delta, bins),
         "num_pairs": float(delta.size),
     }
-
-
-def paired_changes(delta_new: np.ndarray, delta_old: np.ndarray) -> tuple[int, int]:
-    """On the same pairs, (better, worse): pairs the new model orders right and the old wrong, and
-    the reverse. delta_*: [N] r_chosen - r_rejected; a tie counts as wrong here."""
-    right_new, right_old = np.asarray(delta_new) > 0, np.asarray(delta_old) > 0  # [N]
-    return int(np.sum(right_new & ~right_old)), int(np.sum(~right_new & right_old))
-
-
-def worse_by_chance(better: int, worse: int) -> float:
-    """One-sided exact McNemar (sign) test: the probability of `worse` or more of the
-    `better + worse` discordant pairs going against the new model if both models were equally
-    good. Small values say the drop is real, not the noise of refitting on a few pairs."""
-    n = better + worse
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(worse, n + 1)) / 2.0**n
 
 
 def expected_calibration_error(delta: np.ndarray, bins: int = 10) -> float:

@@ -22,19 +22,19 @@ import numpy as np
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition
-from rm_service.models.pooling import Pooling, depth
 from rm_service.models.precision import describe
 from rm_service.models.runtime import ModelRuntime, backbone_key, load_backbone_runtime
-from rm_service.models.version import VersionMeta, golden_items, open_version, read_head, read_meta, write_version
+from rm_service.models.version import VersionMeta, golden_items, write_version
 from rm_service.settings import ModelSettings, TrainSettings
+from rm_service.store import versions
 from rm_service.store.db import Pair, Store
 from rm_service.train import ddp
 from rm_service.train.data import Split, prepare_split
-from rm_service.train.features import Candidate
 from rm_service.train.feedback import requests as feedback_requests
-from rm_service.train.full_mode import fit_full_mode, pair_rewards
-from rm_service.train.head_mode import fit_head_mode, pair_data, split_features
-from rm_service.train.metrics import pair_metrics, paired_changes
+from rm_service.train.full_mode import fit_full_mode
+from rm_service.train.gate import decide_retrain, evidence_since, reusable_head
+from rm_service.train.head_mode import fit_head_mode
+from rm_service.train.metrics import pair_metrics
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class TrainResult:
     metrics: dict
     seconds: float
     details: str = ""  # how it was made: precision, and in head mode the features chosen
+    decision: dict | None = None  # the promotion rule's decision against the promoted version (registry.Decision)
 
 
 def train(
@@ -88,9 +89,10 @@ def train(
             "training %s in %s mode, %s", settings.backbone, settings.mode, describe(runtime.precision, runtime.device)
         )
         if settings.mode == "head":
-            scores = fit_head_mode(
-                runtime, store, split, settings, deadline, show_progress, parent_heads(store, runtime)
-            )
+            current = registry.promoted(store) if store is not None else None
+            init = reusable_head(current.artifact_path, runtime) if current is not None else None
+            since = evidence_since(store, current)
+            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress, init, since)
         else:
             scores = fit_full_mode(
                 runtime, split, settings, deadline, run_dir(models, split, settings), world, show_progress
@@ -130,18 +132,6 @@ def heldout_metrics(
     return out
 
 
-def paired_human(
-    candidate: tuple[np.ndarray, np.ndarray], baseline: tuple[np.ndarray, np.ndarray], pairs: list[Pair]
-) -> dict[str, float]:
-    """On the held-out dataset pairs, how many the candidate orders right and its parent wrong
-    (`paired_better_human`) and the reverse (`paired_worse_human`): what the gate tests a drop with."""
-    human = ~np.array([p.on_policy for p in pairs], dtype=bool)  # [N]
-    if not human.any():
-        return {}
-    better, worse = paired_changes((candidate[0] - candidate[1])[human], (baseline[0] - baseline[1])[human])
-    return {"paired_better_human": float(better), "paired_worse_human": float(worse)}
-
-
 def _register(
     store: Store,
     runtime: ModelRuntime,
@@ -163,13 +153,11 @@ def _register(
     )
     metrics.update({k: float(v) for k, v in scores.num_pairs.items()})
     metrics.update(scores.extra)
-    current = registry.promoted(store)
+    current, decision = registry.promoted(store), None
     if current is not None:
         parent = parent or current.version
-        if pairs:
-            baseline = baseline_rewards(current, runtime, store, pairs, settings, models)
-            metrics.update(heldout_metrics(*baseline, pairs, "baseline_"))
-            metrics.update(paired_human(scores.heldout, baseline, pairs))
+        decision, evidence = decide_retrain(store, runtime, scores, settings, models, current)
+        metrics.update(evidence)
         if settings.mode == "head" and _same_heads(current, runtime):
             metrics["unchanged_from_parent"] = 1.0
     reference = np.concatenate(
@@ -238,23 +226,18 @@ def _register(
         str(directory),
     )
     registry.register(store, rec, number)
-    promoted, message = (False, f"{version} left as candidate")
+    if decision is not None:
+        versions.set_decision(store, version, decision.to_dict())
+    promoted, message = (
+        False,
+        f"{version} left as candidate" + (f"; the rule says {decision.verdict}" if decision else ""),
+    )
     if metrics.get("unchanged_from_parent"):
-        promoted, message = (
-            False,
-            f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)",
-        )
+        message = f"{version} has the same heads as {parent}: left as candidate (nothing new was learned)"
     elif settings.promote:  # announced only after the version loads from disk and re-scores its golden items
-        promoted, message = registry.promote(
-            store,
-            version,
-            settings.gate_tolerance,
-            verify=registry.load_check(models),
-            onpolicy=settings.gate_onpolicy,
-            alpha=settings.gate_alpha,
-            ties=settings.gate_onpolicy_ties,
-        )
-    return TrainResult(version, promoted, message, metrics, seconds, _details(runtime, metrics, scores))
+        promoted, message = registry.promote(store, version, decision, verify=registry.load_check(models))
+    details = _details(runtime, metrics, scores)
+    return TrainResult(version, promoted, message, metrics, seconds, details, decision.to_dict() if decision else None)
 
 
 def reference_stats(raw: np.ndarray, pairs: list[Pair]) -> dict[str, float]:
@@ -291,57 +274,12 @@ def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
     return line
 
 
-def reusable_head(directory: str | Path, runtime: ModelRuntime) -> tuple[Pooling, np.ndarray, np.ndarray] | None:
-    """A version's (pooling, heads [K, F], [K]) when they read features this runtime computes
-    (head mode, same backbone and formatting); None otherwise."""
-    meta = read_meta(directory)
-    if not (
-        meta.mode == "head" and meta.backbone_key == runtime.backbone_key and meta.format_hash == runtime.spec.hash
-    ):
-        return None
-    return (meta.pooling, *read_head(directory))
-
-
-def parent_heads(store: Store | None, runtime: ModelRuntime) -> tuple[Pooling, np.ndarray, np.ndarray] | None:
-    """The promoted version's heads, to start the fit from (the same optimum, reached sooner)."""
-    current = registry.promoted(store) if store is not None else None
-    return reusable_head(current.artifact_path, runtime) if current is not None else None
-
-
 def _same_heads(current: registry.ModelRecord, runtime: ModelRuntime) -> bool:
     head = reusable_head(current.artifact_path, runtime)
     if head is None or head[0] != runtime.model.pooling or head[1].shape != tuple(runtime.model.score.weight.shape):
         return False
     weight = runtime.model.score.weight.detach().cpu().numpy()
     return bool(np.abs(weight - head[1]).max() <= UNCHANGED_RTOL * max(np.abs(head[1]).max(), 1e-12))
-
-
-def baseline_rewards(
-    current: registry.ModelRecord,
-    runtime: ModelRuntime,
-    store: Store,
-    pairs: list[Pair],
-    settings: TrainSettings,
-    models: ModelSettings,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The promoted version's (r_chosen, r_rejected) on this run's held-out pairs: the held-out
-    set grows as labels arrive, so the gate compares candidate and parent on the same pairs.
-    A head-mode parent whose features this run has cached reuses them; any other is loaded."""
-    head = reusable_head(current.artifact_path, runtime)
-    if head is not None and settings.mode == "head":
-        pooling, weight, bias = head
-        methods = ("last", "mean") if pooling.method == "last+mean" else (pooling.method,)
-        cands = [Candidate(layer, m) for layer in pooling.layers for m in methods]
-        if cands and max(c.layer for c in cands) <= depth(
-            runtime.model.backbone
-        ):  # its layers are still in the (cut) backbone
-            feats, _ = split_features(runtime, store, pairs, cands, settings, float("inf"), show_progress=False)
-            d = pair_data(feats, pooling, pairs, settings)
-            return (d.x_w @ weight.T + bias).mean(1), (d.x_l @ weight.T + bias).mean(1)  # [N]
-    other, _ = open_version(
-        current.artifact_path, device=str(runtime.device), precision=runtime.precision, settings=models
-    )
-    return pair_rewards(other, pairs, settings.feature_batch_tokens)
 
 
 def _save_backbone(runtime: ModelRuntime, staging: Path) -> tuple[str, str]:

@@ -26,3 +26,5 @@ class Scores:
     reference: np.ndarray | None = (
         None  # rewards of the training feedback turns: with `fit`, what the served statistics are made of
     )
+    # Head mode's cross-fitted rewards of the new on-policy pairs (train.crossfit): (pairs, (r_chosen, r_rejected)).
+    onpolicy_evidence: tuple[list[Pair], tuple[np.ndarray, np.ndarray]] | None = None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rm/v1/training.proto\x12\x05rm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x0eRetrainRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x0f\n\x07promote\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xbc\x02\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x10\n\x08promoted\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x30\n\x07metrics\x18\x07 \x03(\x0b\x32\x1f.rm.v1.TrainingJob.MetricsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xba\x01\n\x0fTrainingService\x12;\n\x0eRequestRetrain\x12\x15.rm.v1.RetrainRequest\x1a\x12.rm.v1.TrainingJob\x12\x32\n\x06GetJob\x12\x14.rm.v1.GetJobRequest\x1a\x12.rm.v1.TrainingJob\x12\x36\n\x08WatchJob\x12\x14.rm.v1.GetJobRequest\x1a\x12.rm.v1.TrainingJob0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rm/v1/training.proto\x12\x05rm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x0eRetrainRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x16\n\x0eparent_version\x18\x02 \x01(\t\x12\x0f\n\x07promote\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe7\x02\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x10\n\x08promoted\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x30\n\x07metrics\x18\x07 \x03(\x0b\x32\x1f.rm.v1.TrainingJob.MetricsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64\x65\x63ision\x18\n \x01(\t\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x0b \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xba\x01\n\x0fTrainingService\x12;\n\x0eRequestRetrain\x12\x15.rm.v1.RetrainRequest\x1a\x12.rm.v1.TrainingJob\x12\x32\n\x06GetJob\x12\x14.rm.v1.GetJobRequest\x1a\x12.rm.v1.TrainingJob\x12\x36\n\x08WatchJob\x12\x14.rm.v1.GetJobRequest\x1a\x12.rm.v1.TrainingJob0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETJOBREQUEST']._serialized_start=153
   _globals['_GETJOBREQUEST']._serialized_end=184
   _globals['_TRAININGJOB']._serialized_start=187
-  _globals['_TRAININGJOB']._serialized_end=503
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=457
-  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=503
-  _globals['_TRAININGSERVICE']._serialized_start=506
-  _globals['_TRAININGSERVICE']._serialized_end=692
+  _globals['_TRAININGJOB']._serialized_end=546
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_start=500
+  _globals['_TRAININGJOB_METRICSENTRY']._serialized_end=546
+  _globals['_TRAININGSERVICE']._serialized_start=549
+  _globals['_TRAININGSERVICE']._serialized_end=735
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "state", "snapshot_id", "model_version", "promoted", "error", "metrics", "created_at", "finished_at")
+    __slots__ = ("job_id", "state", "snapshot_id", "model_version", "promoted", "error", "metrics", "created_at", "finished_at", "decision", "decision_reason")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,8 @@ class TrainingJob(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: str
     snapshot_id: str
@@ -54,4 +56,6 @@ class TrainingJob(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     created_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., model_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., error: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    decision: str
+    decision_reason: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., model_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., error: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decision: _Optional[str] = ..., decision_reason: _Optional[str] = ...) -> None: ...
