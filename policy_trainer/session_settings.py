@@ -61,6 +61,8 @@ class SessionSettings(PPOSettings):
         if not ESTIMATORS[self.advantage_estimator].multi_turn:
             multi = [name for name, e in ESTIMATORS.items() if e.multi_turn]
             raise ValueError(f"advantage_estimator={self.advantage_estimator} is single-turn; use one of {multi}")
+        if self.reward_pessimism != "none":
+            raise ValueError("reward_pessimism: ScoreTurns serves no ensemble members per turn; set it to none")
         if self.submit_every:
             raise ValueError("submit_every: sessions are not sent for labeling yet; set it to 0")
         return self

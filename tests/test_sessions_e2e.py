@@ -167,6 +167,7 @@ def test_interactive_sessions_against_the_served_user_model(
         (["--max-turns", "0"], "max_turns"),
         (["--submit-every", "2"], "sessions are not sent for labeling yet"),
         (["--user-temperature", "-1"], "user_temperature"),
+        (["--reward-pessimism", "min"], "ScoreTurns serves no ensemble members per turn"),
     ],
 )
 def test_bad_session_settings_are_one_line_and_exit_2(args, message, tmp_path, capsys):
