@@ -52,6 +52,8 @@ class SessionTrainer(PPOTrainer):
     """PPOTrainer playing sessions instead of single replies (settings: SessionSettings)."""
 
     def __init__(self, settings: SessionSettings, on_step: Callable[[dict], None] | None = None):
+        self.session_moments = RunningMoments()  # before PPOTrainer's __init__, which may resume into these
+        self.users_state: dict | None = None
         super().__init__(settings, on_step)
         s = self.s
         try:
@@ -61,10 +63,11 @@ class SessionTrainer(PPOTrainer):
             self.eval_starts = [opening(recordings[p.conversation_id]) for p in self.eval_prompts]
             self.recordings = list(recordings.values())
             self.users = self.make_users(s.seed)
+            if self.users_state is not None:
+                self.users.load_state_dict(self.users_state)
         except Exception:
             self.close()
             raise
-        self.session_moments = RunningMoments()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="score-turns")
 
     def make_users(self, seed: int) -> UserSimulator:
@@ -75,6 +78,18 @@ class SessionTrainer(PPOTrainer):
         tls_ca = s.tls_ca.read_bytes() if s.tls_ca else None
         settings = s.model_copy(update={"seed": seed})
         return served_users(s.user_addresses or s.reward_addresses, token, tls_ca, settings)
+
+    def state(self) -> dict:
+        users = self.users.state_dict() if hasattr(self.users, "state_dict") else None
+        return {**super().state(), "session_moments": self.session_moments.state_dict(), "users": users}
+
+    def _resume(self) -> None:
+        super()._resume()
+        from policy_trainer import checkpoint
+
+        state = checkpoint.load(checkpoint.latest(self.s.run_dir))  # the same RNG state again
+        self.session_moments.load_state_dict(state["session_moments"])
+        self.users_state = state["users"]  # loaded into the simulator once it exists (after PPOTrainer's __init__)
 
     def switch_version(self, new: str, step: int, reason: str) -> None:
         super().switch_version(new, step, reason)

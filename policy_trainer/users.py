@@ -15,7 +15,6 @@ next user turn or None when the user ends the conversation. Two implementations:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -87,7 +86,7 @@ class ServedUsers:
     ):
         self.client = client
         self.sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        self.seed, self.calls = seed, itertools.count()
+        self.seed, self.calls = seed, 0
         self._version, self.follow = version, follow
 
     @property
@@ -99,10 +98,11 @@ class ServedUsers:
             return []
         result = self.client.simulate(
             [[m.as_dict() for m in c] for c in conversations],
-            seed=self.seed * 1_000_003 + next(self.calls),
+            seed=self.seed * 1_000_003 + self.calls,
             version="" if self.follow else self._version,
             **self.sampling,
         )
+        self.calls += 1
         if len(result.turns) != len(conversations):
             raise ValueError(
                 f"the user model answered {len(result.turns)} turns for {len(conversations)} conversations"
@@ -110,6 +110,13 @@ class ServedUsers:
         self._version = result.version
         # An empty sampled turn cannot be scored or answered: the user said nothing, the session ends.
         return [t if t and t.strip() else None for t in result.turns]
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to draw the same user turns: the call counter and the pinned version."""
+        return {"calls": self.calls, "version": self._version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls, self._version = state["calls"], state["version"]
 
     def close(self) -> None:
         self.client.close()

@@ -120,6 +120,24 @@ def test_multi_turn_ppo_raises_the_reward_of_every_turn(
     assert 0 < summary.eval_after["kl_seq"] < 40.0  # nats per session of <= 3 turns of 8 tokens
 
 
+def test_a_resumed_session_run_continues_exactly(property_server, tiny_lm_dir, conversations_file, tmp_path):
+    def run(run_dir, total_steps, resume=False):
+        seen: list[dict] = []
+        settings = session_settings(
+            tiny_lm_dir, conversations_file, property_server.address, run_dir, total_steps=total_steps,
+            checkpoint_every=2, resume=resume, eval_prompts=2, plots=False, tensorboard=False, save_policy=False,
+        )  # fmt: skip
+        train_sessions(settings, on_step=seen.append)
+        return seen
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 4, resume=True)
+    assert [m["step"] for m in resumed] == [3, 4]
+    for key in ("reward/served_mean", "session/value_mean", "kl/ref_seq", "loss/policy"):
+        assert [m[key] for m in resumed] == pytest.approx([m[key] for m in straight[2:]], rel=1e-5, abs=1e-6), key
+
+
 def _serves_user_models() -> bool:
     return "user_model" in ServeSettings.model_fields
 
