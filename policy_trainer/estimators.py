@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from policy_trainer.ppo import gae, rloo_advantages
-from policy_trainer.turn_credit import Sessions, session_token_gae, turn_gae, turn_rloo
+    from policy_trainer.turn_credit import Sessions
+
+# torch loads with the trainer, not with the settings (`--version`): the estimators import it when called.
 
 
 @dataclass(frozen=True)
@@ -38,20 +40,33 @@ class Estimator:
 
 
 def _gae(rewards, values, mask, s, sessions: Sessions | None = None):
+    from policy_trainer.ppo import gae
+    from policy_trainer.turn_credit import session_token_gae
+
     if sessions is None:
         return gae(rewards, values, mask, s.gamma, s.gae_lambda)
     return session_token_gae(rewards, values, mask, sessions, s.gamma, s.gae_lambda)
 
 
 def _rloo(rewards, values, mask, s, sessions: Sessions | None = None):
+    import torch
+
+    from policy_trainer.ppo import rloo_advantages
+
     return rloo_advantages(rewards, mask, s.samples_per_prompt), torch.zeros_like(rewards)
 
 
 def _turn_gae(rewards, values, mask, s, sessions: Sessions | None = None):
+    from policy_trainer.turn_credit import Sessions, turn_gae
+
     return turn_gae(rewards, values, mask, sessions or Sessions.single(len(rewards)), s.gamma, s.gae_lambda)
 
 
 def _turn_rloo(rewards, values, mask, s, sessions: Sessions | None = None):
+    import torch
+
+    from policy_trainer.turn_credit import Sessions, turn_rloo
+
     sessions = sessions or Sessions.single(len(rewards))
     return turn_rloo(rewards, mask, sessions, s.gamma, s.samples_per_prompt), torch.zeros_like(rewards)
 

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from rm_service.settings_http import HttpServeSettings, comma_list
+
 
 def rm_home() -> Path:
     """The service home directory: `$RM_HOME`, default `./var`."""
@@ -53,7 +55,7 @@ class ModelSettings(BaseSettings):
     )
 
 
-class ServeSettings(BaseSettings):
+class ServeSettings(HttpServeSettings):
     """The gRPC reward server."""
 
     model_config = SettingsConfigDict(env_prefix="RM_SERVE_")
@@ -180,21 +182,6 @@ class ServeSettings(BaseSettings):
         description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
         "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
     )
-    http_port: int = Field(
-        -1,
-        ge=-1,
-        le=65535,
-        description="HTTP port, bound on the same host as gRPC with the same rules (bearer tokens, TLS): the reward routes OpenRLHF, verl "
-        "and vLLM clients call (docs/api.md) when this process serves a model, the labeling page (docs/labeling.md) when "
-        "it holds the store, GET /health always. 0 picks a free one, -1 (default) serves no HTTP.",
-    )
-    labeling_lease_s: int = Field(
-        120,
-        ge=1,
-        le=24 * 3600,
-        description="Lease of a task on the labeling page; the open page renews it every third of this, so a closed page frees "
-        "its task within this time.",
-    )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
     )
@@ -202,7 +189,7 @@ class ServeSettings(BaseSettings):
     @field_validator("also_load", mode="before")
     @classmethod
     def _split_names(cls, value):
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        return comma_list(value)
 
 
 class SecuritySettings(BaseSettings):

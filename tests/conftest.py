@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -345,3 +347,74 @@ def server(home, tiny_rm_dir):
     srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), precision="fp32"))
     yield srv
     srv.stop()
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A throwaway CA and a server (127.0.0.1, localhost) and client certificate signed by it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        d,
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=rm-test-ca",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    exts = {
+        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for name, ext in exts.items():
+        (d / f"{name}.ext").write_text(ext + "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
+        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=rm-test-{name}")
+        _openssl(
+            d,
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "1",
+            "-extfile",
+            f"{name}.ext",
+        )
+    return d
+
+
+def peer(name: str, module: str):
+    """A peer's own released package (`make install` puts it with pip --target into .venv/peers/NAME,
+    without its heavy dependencies), imported: its folder goes last on sys.path, so the venv's own
+    packages win and the folder adds only what the venv lacks. Skips, naming the fix, when absent."""
+    folder = peer_folder(name)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    return pytest.importorskip(module, reason=f"{name} is not installed in {folder}: run `make install`")
+
+
+def peer_folder(name: str) -> Path:
+    return Path(sys.prefix) / "peers" / name

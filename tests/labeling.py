@@ -48,6 +48,7 @@ def url(srv: ServerThread) -> str:
 
 def client(srv: ServerThread, token: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers["Content-Type"] = "application/json"  # every state-changing call is JSON (the page sends it too)
     return httpx.Client(base_url=url(srv), headers=headers, timeout=30)
 
 

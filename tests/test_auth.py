@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import shutil
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -187,63 +185,6 @@ def test_tokens_never_reach_the_logs(channel, caplog):
 
 
 # --- TLS and mutual TLS ------------------------------------------------------------------------
-
-
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A throwaway CA and a server (127.0.0.1, localhost) and client certificate signed by it."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is needed to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        d,
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=rm-test-ca",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
-    exts = {
-        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        "client": "extendedKeyUsage=clientAuth\n",
-    }
-    for name, ext in exts.items():
-        (d / f"{name}.ext").write_text(ext + "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n")
-        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=rm-test-{name}")
-        _openssl(
-            d,
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "1",
-            "-extfile",
-            f"{name}.ext",
-        )
-    return d
 
 
 def _tls_server(monkeypatch, tiny_rm_dir, pki: Path, mutual: bool, tokens: str | None = None) -> ServerThread:

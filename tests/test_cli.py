@@ -35,6 +35,14 @@ def test_unknown_model_version_is_a_message(home):
     assert result.returncode == 2 and "v9" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_hub_id_as_serve_model_says_how_to_get_it(home):
+    """vLLM and TEI users pass a hub id; rm-service downloads nothing at run time and says so."""
+    result = _cli("serve", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "0", home=home)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "looks like a Hugging Face Hub id" in result.stderr
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in result.stderr
+
+
 def test_bad_model_path_for_eval_is_a_message(home):
     result = _cli("eval", "--data", str(HH_FILE), "--model", "/no/such/model", home=home)
     assert result.returncode == 2 and "model:" in result.stderr and "Traceback" not in result.stderr

@@ -95,17 +95,19 @@ def test_raw_base_files_validate_without_kustomize():
 def test_a_broken_manifest_is_refused():
     """The validator is strict: a misspelt probe field fails."""
     deployment = yaml.safe_load((K8S / "base" / "scorer.yaml").read_text())
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["servce"] = "x"
+    deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["grpc"]["servce"] = "x"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_probes_call_the_grpc_health_service_on_the_served_port(rendered):
+def test_probes_call_health_on_the_served_ports_grpc_and_http(rendered):
+    """Startup and liveness are native gRPC probes of grpc.health.v1; readiness is HTTP GET
+    /health on the HTTP port the pod serves (200 exactly while the named gRPC service is SERVING)."""
     from rm_service.api.v1 import preference_pb2, reward_pb2
 
     _, docs = rendered
     settings = _settings(docs)
-    port = int(settings["RM_SERVE_PORT"])
+    port, http_port = int(settings["RM_SERVE_PORT"]), int(settings["RM_SERVE_HTTP_PORT"])
     wanted = {
         "rm-scorer": reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
         "rm-store": preference_pb2.DESCRIPTOR.services_by_name["PreferenceService"].full_name,
@@ -114,14 +116,12 @@ def test_probes_call_the_grpc_health_service_on_the_served_port(rendered):
         pod = workload["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": port, "metrics": int(settings["RM_SERVE_METRICS_PORT"])}
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert ports == {"grpc": port, "http": http_port, "metrics": int(settings["RM_SERVE_METRICS_PORT"])}
+        for kind, wanted_kind in (("startupProbe", "grpc"), ("readinessProbe", "httpGet"), ("livenessProbe", "grpc")):
             probe = container[kind]
-            assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, (
-                f"{kind} is not a native gRPC probe"
-            )
-            assert probe["grpc"]["port"] == port
-        assert container["readinessProbe"]["grpc"]["service"] == wanted[workload["metadata"]["name"]]
+            assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {wanted_kind}, kind
+        assert container["startupProbe"]["grpc"]["port"] == container["livenessProbe"]["grpc"]["port"] == port
+        assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
         assert container["startupProbe"]["grpc"]["service"] == wanted[workload["metadata"]["name"]]
         # Draining fits the grace period: preStop sleep, then RM_SERVE_GRACE_SECONDS for in-flight calls.
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -194,6 +194,9 @@ def test_services_select_the_pods_and_the_headless_one_lists_every_scorer(render
         target = "rm-scorer" if service["metadata"]["name"].startswith("rm-scorer") else "rm-store"
         assert service["spec"]["selector"].items() <= pods[target].items(), service["metadata"]["name"]
         assert [p for p in service["spec"]["ports"] if p["name"] == "grpc"][0]["targetPort"] == "grpc"
+    for name in ("rm-scorer", "rm-store"):  # HTTP (reward routes, labeling page) behind the ClusterIP services
+        ports = {p["name"]: p for p in _one(docs, "Service", name)["spec"]["ports"]}
+        assert ports["http"]["targetPort"] == "http" and ports["http"]["port"] == 8080
     assert _one(docs, "Service", "rm-scorer-headless")["spec"]["clusterIP"] == "None"
     assert _one(docs, "StatefulSet", "rm-store")["spec"]["serviceName"] == "rm-store-headless"
     assert _one(docs, "Service", "rm-store-headless")["spec"]["clusterIP"] == "None"
@@ -273,11 +276,14 @@ def test_compose_file_names_the_store_two_scorers_and_a_policy_trainer():
         assert "registry:/var/lib/rm-registry:ro" in scorer["volumes"]
         assert "rm.v1.RewardService" in scorer["healthcheck"]["test"]
         published |= {p.rsplit(":", 1)[0] for p in scorer["ports"]}
-    assert len(published) == 2  # two host ports: one per replica
+        assert {p.rsplit(":", 1)[1] for p in scorer["ports"]} == {"50051", "8080"}  # gRPC and HTTP
+    assert len(published) == 4  # two host ports (gRPC, HTTP) per replica
+    assert "127.0.0.1:8080:8080" in services["store"]["ports"]  # the labeling page
     assert "registry:/var/lib/rm-registry" in services["store"]["volumes"]
     assert {"home", "registry"} <= set(compose["volumes"])
     for name in ("store", "scorer-1", "scorer-2"):
         assert services[name]["environment"]["RM_MODELS_ARTIFACTS_DIR"] == "/var/lib/rm-registry"
+        assert services[name]["environment"]["RM_SERVE_HTTP_PORT"] == "8080"
         assert services[name]["healthcheck"]["test"][:3] == [
             "CMD",
             "/opt/rm-service/venv/bin/python",
@@ -336,7 +342,8 @@ def test_containerfile_runs_non_root_health_checked_serve():
     assert json.loads(ops["CMD"]) == ["serve"]
     assert ops["VOLUME"] == "/var/lib/rm-service" and "RM_HOME=/var/lib/rm-service" in ops["ENV"]
     assert "RM_SERVE_HOST=0.0.0.0" in ops["ENV"] and "RM_SERVE_PORT=50051" in ops["ENV"]
-    assert set(ops["EXPOSE"].split()) == {"50051", "9464"}
+    assert "RM_SERVE_HTTP_PORT=8080" in ops["ENV"]
+    assert set(ops["EXPOSE"].split()) == {"50051", "8080", "9464"}
     assert "HF_HUB_OFFLINE=1" in ops["ENV"]  # the image never reaches for a hub
     for op, arg in _instructions():
         assert not (op == "RUN" and re.search(r"\b(curl|wget)\b|pip install(?!.*--no-index)", arg)), (

@@ -7,8 +7,10 @@ model loads); what a store-only or model-only process mounts and reports."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import struct
 import threading
 
 import grpc
@@ -134,12 +136,42 @@ def test_vllm_classify_and_pooling_match_grpc_score(srv, tiny_tokenizer):
     assert data["index"] == 0 and data["num_classes"] == 1
     assert data["probs"] == [pytest.approx(1 / (1 + math.exp(-rewards[1])), abs=1e-5)]
     assert body["usage"]["prompt_tokens"] == expected.results[1].num_tokens and body["usage"]["completion_tokens"] == 0
-    # /pooling: a batch of texts, the reward as it is.
-    r = httpx.post(_url(srv, "/pooling"), json={"input": rendered}, timeout=60)
+    # /pooling: a batch of texts; the reward as it is with use_activation false, through the
+    # sigmoid by default (vLLM applies a classification model's activation on /pooling too).
+    r = httpx.post(_url(srv, "/pooling"), json={"input": rendered, "use_activation": False}, timeout=60)
     assert r.status_code == 200, r.text
     assert [d["data"][0] for d in r.json()["data"]] == pytest.approx(rewards, abs=1e-5)
     assert [d["index"] for d in r.json()["data"]] == [0, 1, 2]
     assert r.json()["usage"]["prompt_tokens"] == sum(x.num_tokens for x in expected.results)
+    r = httpx.post(_url(srv, "/v1/pooling"), json={"input": rendered, "encoding_format": "base64"}, timeout=60)
+    assert r.status_code == 200, r.text
+    decoded = [struct.unpack("<f", base64.b64decode(d["data"]))[0] for d in r.json()["data"]]
+    assert decoded == pytest.approx([1 / (1 + math.exp(-x)) for x in rewards], abs=1e-5)
+    # Token ids of the reward model's tokenizer, one conversation or several, read as the decoded text.
+    ids = [tiny_tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]
+    r = httpx.post(_url(srv, "/classify"), json={"input": ids, "use_activation": False}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [d["probs"][0] for d in r.json()["data"]] == pytest.approx(rewards, abs=1e-5)
+    r = httpx.post(_url(srv, "/pooling"), json={"input": ids[0], "use_activation": False}, timeout=60)
+    assert r.json()["data"][0]["data"] == [pytest.approx(rewards[0], abs=1e-5)]
+
+
+def test_vllm_models_ping_and_version(srv):
+    served = srv.server.served
+    r = httpx.get(_url(srv, "/v1/models"), timeout=60)
+    assert r.status_code == 200, r.text
+    [model] = r.json()["data"]
+    assert r.json()["object"] == "list" and model["id"] == served.default and model["object"] == "model"
+    assert model["max_model_len"] == served.get().runtime.spec.max_tokens
+    assert httpx.get(_url(srv, "/ping"), timeout=60).status_code == 200
+    from rm_service import __version__
+
+    assert httpx.get(_url(srv, "/version"), timeout=60).json() == {"version": __version__}
+
+
+def _message(r: httpx.Response) -> str:
+    error = r.json()["error"]
+    return error["message"] if isinstance(error, dict) else error
 
 
 def test_a_rendered_conversation_parses_back_to_its_messages(tiny_tokenizer):
@@ -207,7 +239,12 @@ GOOD = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>"
         ("/get_reward", {"query": [GOOD + " " * 70_000]}, "body"),
         ("/classify", {}, "input"),
         ("/classify", {"input": GOOD, "messages": [{"role": "user", "content": "x"}]}, "input"),
-        ("/classify", {"input": [1, 2, 3]}, "input[0]"),
+        ("/classify", {"input": [1, 2, 3]}, "input[0]"),  # token ids, decoded: no conversation in them
+        ("/classify", {"input": [[1, 2], [-1]]}, "input[1]"),
+        ("/classify", {"input": [[1, 2], [10**9]]}, "input[1]"),
+        ("/classify", {"input": [[1, 2], []]}, "input[1]"),
+        ("/pooling", {"input": GOOD, "task": "token_classify"}, "task"),
+        ("/pooling", {"input": GOOD, "encoding_format": "bytes"}, "encoding_format"),
         ("/classify", {"input": 5}, "input"),
         ("/classify", {"input": GOOD, "use_activation": "no"}, "use_activation"),
         ("/classify", {"messages": []}, "messages"),
@@ -241,12 +278,21 @@ def test_bad_requests_are_400_naming_the_field(srv, path, body, field):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     r = httpx.post(_url(srv, path), content=content, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400, r.text
-    assert r.json()["error"].startswith(field + ":"), r.json()
+    assert _message(r).startswith(field + ":"), r.json()
+    if path != "/get_reward":  # vLLM's routes answer vLLM's ErrorResponse
+        assert r.json()["error"] | {"message": ""} == {
+            "message": "",
+            "type": "BadRequestError",
+            "param": field,
+            "code": 400,
+        }
+    else:
+        assert r.json()["status"] == 400
 
 
 def test_unknown_routes_and_methods_and_the_labeling_page_without_a_store(srv):
     assert httpx.get(_url(srv, "/get_reward")).status_code == 405
-    assert httpx.post(_url(srv, "/score")).status_code == 404
+    assert httpx.post(_url(srv, "/score"), json={}).status_code == 404
     for path in ("/", "/api/next", "/admin"):  # no store in this process: no labeling page
         assert httpx.get(_url(srv, path)).status_code == 404
     r = httpx.get(_url(srv, "/health"))
@@ -292,6 +338,10 @@ def test_scorer_token_and_metrics_as_on_grpc(home, tiny_rm_dir):
         assert (
             value("rm_scores_total", {"version": server.server.served.default}) >= 2
         )  # the batcher's own counters saw the items
+        # The same registry on the HTTP port (vLLM's and TEI's place for it), open like the metrics port.
+        scraped = httpx.get(url + "/metrics", timeout=60)
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+        assert 'rm_http_requests_total{route="/get_reward",status="200"} 2.0' in scraped.text
     finally:
         server.stop()
 
@@ -404,7 +454,7 @@ CHATML = st.lists(PIECES, max_size=12).map("".join)
 def test_any_body_is_answered_200_or_400_never_500(srv, path, body):
     r = httpx.post(_url(srv, path), content=json.dumps(body), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code in (200, 400), r.text
-    assert r.status_code == 200 or ":" in r.json()["error"]  # a 400 names its field
+    assert r.status_code == 200 or ":" in _message(r)  # a 400 names its field
 
 
 def test_a_caller_that_disconnects_has_its_items_dropped_before_the_model(stalled_server):

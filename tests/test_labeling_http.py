@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 from labeling import CHAT, REPLIES, SECOND_LABELER, TOKENS, annotator, client, rows, start, submit, url
-from test_auth import pki  # noqa: F401 - the throwaway CA and certificates of the gRPC TLS tests
 
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition
@@ -37,7 +36,7 @@ def _next(c: httpx.Client) -> dict:
 def test_tokens_and_roles_are_the_grpc_sides(srv):
     assert httpx.get(url(srv) + "/health").status_code == 200  # probes need no token
     assert httpx.get(url(srv) + "/").status_code == 200  # the page shell; its data needs a token
-    missing = httpx.post(url(srv) + "/api/next")
+    missing = httpx.post(url(srv) + "/api/next", json={})
     assert missing.status_code == 401 and "missing bearer token" in missing.json()["error"]
     assert missing.headers["www-authenticate"].startswith("Bearer")
     wrong = client(srv, "labeler-" + "x" * 30).post("/api/next")

@@ -15,7 +15,7 @@ import pytest
 from conftest import CLIENT, ServerThread
 
 from rm_client import AsyncRewardClient, InvalidRequest, RewardClient
-from rm_client.trl import RewardFunction
+from rm_client.trl import AsyncRewardFunction, RewardFunction
 from rm_client.verl import ComputeScore, async_compute_score
 from rm_service.settings import ServeSettings
 
@@ -131,10 +131,68 @@ def test_trl_reward_function_refuses_what_it_cannot_score(client):
     reward = RewardFunction(client)
     with pytest.raises(ValueError, match=r"completions\[0\]\[0\]\.role"):
         reward(prompts=[[{"role": "user", "content": QUESTION}]], completions=[[{"role": "user", "content": "Hi"}]])
-    with pytest.raises(ValueError, match=r"only text content parts"):
+    with pytest.raises(ValueError, match=r"^prompts\[0\]\[0\]\.content\[0\]: only text content parts"):
         reward(prompts=[[{"role": "user", "content": [{"type": "image", "image": "x.png"}]}]], completions=["Hi"])
+    with pytest.raises(ValueError, match=r"^completions\[1\]\[0\]\.tool_calls\[0\]: a tool call needs a function name"):
+        reward(prompts=[QUESTION] * 2, completions=["Hi", [{"role": "assistant", "content": None, "tool_calls": [{}]}]])
+    with pytest.raises(ValueError, match=r"^completions\[0\]: expected a string or a non-empty list"):
+        reward(prompts=[QUESTION], completions=[[]])
     with pytest.raises(ValueError, match="either a RewardClient"):
         RewardFunction()
+
+
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALL = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+TOOL_TURNS = [  # what GRPOTrainer(tools=[weather]) hands a reward function: a tool-call turn has content=None
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "name": "weather", "content": "18 C, sunny"},
+]
+FOLDED = [  # the same turns as Qwen2.5's chat template renders them, in the roles rm.v1 knows
+    {
+        "role": "assistant",
+        "content": '\n<tool_call>\n{"name": "weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    },
+    {"role": "user", "content": "<tool_response>\n18 C, sunny\n</tool_response>"},
+]
+REPLY = "It is 18 C and sunny in Paris."
+
+
+def test_trl_tool_calling_completions_score_their_last_reply_after_the_folded_tool_turns(client):
+    reward = RewardFunction(client)
+    got = reward(
+        prompts=[WEATHER, WEATHER, WEATHER],
+        completions=[
+            [*TOOL_TURNS, {"role": "assistant", "content": REPLY}],
+            [{"role": "assistant", "content": REPLY}],
+            TOOL_TURNS[:1],  # ended in a tool call: the call is what is scored
+        ],
+    )
+    expected = client.score([WEATHER + FOLDED, WEATHER, WEATHER], [REPLY, REPLY, FOLDED[0]["content"]]).rewards
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert got[0] != pytest.approx(got[1], abs=1e-6)  # the tool turns reach the reward model
+    # Tool turns already in the prompt (a multi-turn dataset) fold the same way.
+    assert reward(prompts=[WEATHER + TOOL_TURNS], completions=[REPLY]) == pytest.approx(expected[:1], abs=1e-6)
+
+
+def test_trl_async_reward_function_is_awaited_as_trl_awaits_it(server, expected):
+    from trl.trainer.utils import is_async_callable
+
+    reward = AsyncRewardFunction(addresses=server.address, chunk_items=1)
+    assert is_async_callable(reward) and reward.__name__ == "rm_service"
+
+    async def run():  # TRL gathers async reward functions on its own event loop
+        return await asyncio.gather(
+            reward(prompts=[QUESTION] * 3, completions=ANSWERS),
+            reward(
+                prompts=[[{"role": "user", "content": QUESTION}]],
+                completions=[[{"role": "assistant", "content": ANSWERS[0]}]],
+            ),
+        )
+
+    both, one = asyncio.run(run())
+    assert both == pytest.approx(expected, abs=1e-6) and one == pytest.approx(expected[:1], abs=1e-6)
+    copy = pickle.loads(pickle.dumps(reward))
+    assert asyncio.run(copy(prompts=[QUESTION], completions=ANSWERS[:1])) == pytest.approx(expected[:1], abs=1e-6)
 
 
 def test_trl_reward_function_built_from_addresses_pickles_to_workers(server, expected):
@@ -205,7 +263,10 @@ def test_trl_grpo_trainer_runs_two_steps_on_served_rewards(server, tiny_lm_dir, 
         bf16=False,
         disable_tqdm=True,
     )
-    trainer = trl.GRPOTrainer(model=str(tiny_lm_dir), reward_funcs=[counted], train_dataset=dataset, args=args)
+    async_reward = AsyncRewardFunction(addresses=server.address, name="rm_service_async")
+    trainer = trl.GRPOTrainer(
+        model=str(tiny_lm_dir), reward_funcs=[counted, async_reward], train_dataset=dataset, args=args
+    )
     try:
         trainer.train()
     finally:
@@ -214,3 +275,7 @@ def test_trl_grpo_trainer_runs_two_steps_on_served_rewards(server, tiny_lm_dir, 
     assert calls and all(n == 4 for n in calls)
     logged = [h for h in trainer.state.log_history if "rewards/rm_service/mean" in h]
     assert logged and all(isinstance(h["rewards/rm_service/mean"], float) for h in logged)
+    # TRL ran the async function on its own loop, on the same completions: the same mean reward.
+    assert all(
+        h["rewards/rm_service_async/mean"] == pytest.approx(h["rewards/rm_service/mean"], abs=1e-5) for h in logged
+    )

@@ -210,3 +210,13 @@ def test_the_documented_settings_table_matches_the_code():
 def test_every_setting_is_documented():
     for name, field in PPOSettings.model_fields.items():
         assert field.description and len(field.description) > 10, name
+
+
+def test_version_and_help_do_not_import_torch():
+    """`policy-trainer --version` answers without loading torch (it took 1.5-1.8 s when it did):
+    the settings, the parser and the estimators' registry import it only when training runs."""
+    done = run_cli("--version", env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert done.returncode == 0 and done.stdout.startswith("policy-trainer ")
+    imported = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "policy_trainer.settings" in imported  # the probe sees the imports
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "transformers")]

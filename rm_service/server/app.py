@@ -242,7 +242,7 @@ class RewardServer:
             )
         )
         self.http = HttpServer(
-            app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds
+            app, self.settings.host, self.settings.http_port, self.security, self.settings.grace_seconds, self.settings
         )
         await self.http.start()
         log.info(

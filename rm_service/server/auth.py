@@ -12,6 +12,8 @@ configured authentication is off, and the server binds loopback addresses only.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import hashlib
 import hmac
@@ -141,6 +143,24 @@ def bearer_token(metadata) -> str | None:
     return None
 
 
+def http_token(headers) -> str | None:
+    """The token an HTTP caller presents: a bearer token, or the password of HTTP Basic credentials
+    (`Authorization: Basic base64(user:token)`, what a client sends for `https://user:TOKEN@host/`
+    when it cannot set headers, as OpenRLHF's --remote_rm_url). The user name is ignored: the
+    token alone says who calls. '' when malformed, None when absent."""
+    for key, value in headers or ():
+        if key.lower() == "authorization":
+            scheme, _, credentials = value.strip().partition(" ")
+            if scheme.lower() != "basic":
+                return bearer_token([(key, value)])
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return ""
+            return decoded.partition(":")[2]
+    return None
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks the bearer token and role of every call to a non-open method."""
 
@@ -167,7 +187,10 @@ def authorize(tokens: Tokens, token: str | None, needed: str, what: str) -> str:
     if role is not None and role in (needed, ADMIN):
         return role
     if token is None:
-        raise Unauthenticated("missing bearer token: send `authorization: Bearer <token>`")
+        raise Unauthenticated(
+            "missing bearer token: send `authorization: Bearer <token>` (over HTTP, HTTP Basic with the token as "
+            "password also works)"
+        )
     if role is None:
         raise Unauthenticated("invalid bearer token")
     raise PermissionDenied(f"role {role} may not call {what}; it needs the {needed} or admin role")

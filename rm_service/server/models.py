@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,14 @@ def resolve_for_serving(settings: ServeSettings, store: Store | None, models: Mo
     name = settings.model
     if name is not None and _is_external(name) and not is_version_dir(name):
         return Target(external=name)
+    if name is not None and HUB_ID.fullmatch(name):  # not a directory here, and no version name has a slash
+        raise FailedPrecondition(
+            f"--model {name!r} is neither a registry version, a bundled model nor a directory here; it looks like a "
+            "Hugging Face Hub id, and rm-service downloads nothing at run time. Download it first "
+            f"(`huggingface-cli download {name} --local-dir DIR`) and pass --model DIR: a reward checkpoint "
+            "(*ForSequenceClassification) is served as trained, a plain model gets an untrained head "
+            "(`rm-service train --backbone DIR` trains a version on it)"
+        )
     if name is not None and is_version_dir(name):
         target = Target(Path(name))
     elif store is not None:
@@ -248,6 +257,9 @@ async def follow_registry(
             log.error("could not load %s; %s keeps serving: %s", version, served.default, exc)
             continue
         served.swap_in(new)
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name, as vLLM, TEI and transformers take a model
 
 
 def _is_external(name: str) -> bool:

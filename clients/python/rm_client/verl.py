@@ -1,21 +1,22 @@
 """verl's custom reward function, scored by an rm-service server.
 
-verl loads `custom_reward_function.name` (default `compute_score`) from the file at
-`custom_reward_function.path` and calls it as
-`compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)`, expecting a
-float or a dict whose "score" is the reward (its other keys are logged). Its batch reward
-manager calls the function with lists (`data_sources=`, `solution_strs=`, `ground_truths=`,
-`extra_infos=`), and its asyncio reward loop awaits the function when it is a coroutine
-function. So a file `rm_reward.py`:
+verl loads `reward.custom_reward_function.name` (default `compute_score`) from the file at
+`reward.custom_reward_function.path` (verl 0.9's keys; before 0.9 they sat at the top level) and
+calls it as `compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)`,
+expecting a float or a dict whose "score" is the reward (its other keys are logged). verl 0.9's
+reward loop (`reward.reward_manager.name=naive`, the default) calls it once per sample, in a
+thread, or awaits it when it is a coroutine function; verl before 0.9 also had a batch reward
+manager that called it with lists (`data_sources=`, `solution_strs=`, `ground_truths=`,
+`extra_infos=`). So a file `rm_reward.py`:
 
     import os
     from rm_client.verl import ComputeScore, async_compute_score
 
     compute_score = ComputeScore(addresses=["10.0.0.5:50051"], token=os.environ.get("RM_TOKEN"))
-    compute_score_batch = compute_score.batch           # reward_model.reward_manager=batch
-    compute_score_async = async_compute_score(addresses=["10.0.0.5:50051"])  # the async reward loop
+    compute_score_async = async_compute_score(addresses=["10.0.0.5:50051"])  # verl 0.9's reward loop
+    compute_score_batch = compute_score.batch           # verl < 0.9: reward_model.reward_manager=batch
 
-and `custom_reward_function.path=rm_reward.py custom_reward_function.name=compute_score_batch`.
+and `reward.custom_reward_function.path=rm_reward.py reward.custom_reward_function.name=compute_score_async`.
 
 verl passes the decoded response but not the prompt, and a reward model needs both: put the
 prompt in each row's `extra_info` when preparing the Parquet files, e.g.

@@ -2,39 +2,47 @@
 
 Every error an HTTP route raises is an RMError mapped by errors.HTTP_STATUS (bad input 400,
 no or unknown token 401, wrong role 403, unknown task 404, a lost lease or a conflicting
-retry 409, overload 429) and answered as JSON `{"error": message, "status": code}`. Anything
+retry 409, overload 429) and answered as JSON `{"error": message, "status": code}` (on vLLM's
+routes, /classify, /pooling and /v1/*, in vLLM's shape: `{"error": {"message", "type", "param",
+"code"}}`, param the field). Anything
 else is a bug: logged, answered 500 without details.
 
 Auth is the gRPC side's (server.auth): `authorization: Bearer <token>` with the route's role,
-admin passing everywhere. With no tokens configured the server binds loopback only and every
+admin passing everywhere; HTTP Basic with the token as password is taken too (server.auth.http_token),
+for clients that cannot set a header but can put credentials in a URL (OpenRLHF's --remote_rm_url).
+With no tokens configured the server binds loopback only and every
 caller is the anonymous admin `anonymous`.
 
 What is mounted follows what the process serves: the reward routes (reward_routes) when it
 serves a model, the labeling page and its API (labeling, admin) when it holds the store, and
-`GET /health` always (200 when ready, 503 otherwise; open, like gRPC health).
+`GET /health` always (200 when ready, 503 otherwise; open, like gRPC health), with `GET /ping`
+(vLLM's name for it) and `GET /metrics` (the process's Prometheus registry, as on the metrics port).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from rm_service.errors import InvalidArgument, Overloaded, RMError, Unauthenticated, Unavailable, http_status
-from rm_service.server.auth import ADMIN, Tokens, authorize, bearer_token, identity
+from rm_service.errors import Overloaded, RMError, Unauthenticated, Unavailable, http_status
+from rm_service.server.auth import ADMIN, Tokens, authorize, http_token, identity
+from rm_service.server.http.guard import Guard, allowed_hosts
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
@@ -43,7 +51,6 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 ANONYMOUS = "anonymous"
-MAX_BODY_BYTES = 1 << 20
 
 
 @dataclass
@@ -76,31 +83,9 @@ def caller(request: Request, needed: str) -> Caller:
     ctx = context(request)
     if not ctx.tokens:
         return Caller(ANONYMOUS, ADMIN)
-    token = bearer_token(request.headers.items())
+    token = http_token(request.headers.items())
     role = authorize(ctx.tokens, token, needed, f"{request.method} {request.url.path}")
     return Caller(identity(role, token), role)
-
-
-async def read_json(request: Request, limit: int = MAX_BODY_BYTES) -> dict:
-    """The request body as a JSON object (InvalidArgument otherwise), at most `limit` bytes: a
-    larger Content-Length is refused before anything is read, a longer stream as it passes it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise InvalidArgument("body", f"is larger than the limit of {limit} bytes (Content-Length {int(declared)})")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise InvalidArgument("body", f"is larger than the limit of {limit} bytes")
-    if not body.strip():
-        return {}
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument("body", f"is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument("body", f"must be a JSON object, got {type(value).__name__}")
-    return value
 
 
 def counted(route: str):
@@ -133,7 +118,18 @@ def finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+VLLM_PATHS = ("/classify", "/pooling", "/v1/")  # routes whose errors take vLLM's shape, for vLLM's clients
+
+
+def _error(
+    status: int, message: str, headers: dict | None = None, request: Request | None = None, param: str | None = None
+) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate a client sent, quoted
+    if request is not None and request.url.path.startswith(VLLM_PATHS):  # vLLM's ErrorResponse, for its clients
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Client Closed Request"
+        kind = phrase.title().replace(" ", "").replace("-", "") + "Error"  # BadRequestError, NotFoundError...
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
@@ -146,16 +142,16 @@ async def _rm_error(request: Request, exc: RMError) -> JSONResponse:
         headers = {"WWW-Authenticate": 'Bearer realm="rm-service"'}
     elif isinstance(exc, (Overloaded, Unavailable)):
         headers = {"Retry-After": "1"}  # 429 and 503 are worth retrying: say so, as gRPC clients know for their codes
-    return _error(status, str(exc), headers)
+    return _error(status, str(exc), headers, request, getattr(exc, "field", None))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, exc.detail, exc.headers)  # unknown route 404, wrong method 405
+    return _error(exc.status_code, exc.detail, exc.headers, request)  # unknown route 404, wrong method 405
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.error("internal error in %s %s", request.method, request.url.path, exc_info=exc)
-    return _error(500, f"internal error: {type(exc).__name__}")
+    return _error(500, f"internal error: {type(exc).__name__}", None, request)
 
 
 _templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
@@ -191,10 +187,24 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "NOT_SERVING", "reason": why}, status_code=503, headers={"Retry-After": "1"})
 
 
+class _Asgi:
+    """An ASGI app as a Route's endpoint (a plain function would be called as a request handler)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.app(scope, receive, send)
+
+
 def create_app(ctx: HttpContext) -> Starlette:
     from rm_service.server.http import admin, labeling, reward_routes
 
-    routes = [Route("/health", health, methods=["GET"])]
+    routes = [Route("/health", health, methods=["GET"]), Route("/ping", health, methods=["GET"])]  # vLLM's /ping
+    if (
+        ctx.metrics is not None
+    ):  # Prometheus on the HTTP port too, as vLLM and TEI serve it (open, like the metrics port)
+        routes.append(Route("/metrics", _Asgi(make_asgi_app(registry=ctx.metrics.registry)), methods=["GET"]))
     if ctx.reward is not None:
         routes += reward_routes.routes()
     if ctx.store is not None:
@@ -206,7 +216,15 @@ def create_app(ctx: HttpContext) -> Starlette:
             *admin.routes(),
         ]
     app = Starlette(
-        routes=routes, exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal}
+        routes=routes,
+        exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal},
+        middleware=[
+            Middleware(
+                Guard,
+                hosts=allowed_hosts(ctx.settings.host, ctx.settings.http_allowed_hosts),
+                access_log=ctx.settings.http_access_log,
+            )
+        ],
     )
     app.state.ctx = ctx
     return app

@@ -32,7 +32,8 @@ from starlette.routing import Route
 from rm_service.conversation import completion_id, conversation_id, scored_turns
 from rm_service.errors import AlreadyExists, InvalidArgument, RMError
 from rm_service.server.admission import Ticket
-from rm_service.server.http.app import Caller, HttpContext, caller, context, read_json
+from rm_service.server.http.app import Caller, HttpContext, caller, context
+from rm_service.server.http.guard import field_name, read_json
 from rm_service.store import suggestions, tasks
 from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.labels import LabelIn
@@ -135,7 +136,9 @@ def _answer(body: dict, task: tasks.Task, who: Caller, label_id: str, shown: lis
     and strength. Here: the body's shape and the thumbs, which only this page sends."""
     unknown = sorted(set(body) - ANSWER_FIELDS)
     if unknown:
-        raise InvalidArgument(unknown[0], f"unknown field; an answer has {', '.join(sorted(ANSWER_FIELDS))}")
+        raise InvalidArgument(
+            field_name((unknown[0],)), f"unknown field; an answer has {', '.join(sorted(ANSWER_FIELDS))}"
+        )
     ranks = body.get("ranks")
     if not isinstance(ranks, list):
         raise InvalidArgument(
@@ -197,7 +200,7 @@ def _turn_feedback(value, task: tasks.Task) -> dict[str, str]:
         raise InvalidArgument("turn_feedback", f"must map message indexes to up or down, got {type(value).__name__}")
     out = {}
     for key, thumb in value.items():
-        index = int(key) if isinstance(key, str) and key.isdigit() else -1
+        index = int(key) if key.isascii() and key.isdecimal() and len(key) <= 6 else -1  # not '²', not 5,000 digits
         if not 0 <= index < len(task.prompt) or task.prompt[index].role != "assistant":
             raise InvalidArgument(
                 f"turn_feedback[{str(key)[:20]!r}]", "is not the index of an assistant turn of the prompt"

@@ -7,18 +7,24 @@
                                {"input": str | [str]} or {"messages": [...]} ->
                                {"data": [{"index", "label", "probs": [p], "num_classes": 1}], ...}
     POST /pooling, /v1/pooling     vLLM's pooling API: the same inputs -> {"data": [{"index", "data": [r]}], ...}
+    GET /v1/models, /version       vLLM's model list and version (GET /ping, vLLM's health, is app.health)
 
 Every route scores through RewardService.score, the path of gRPC Score: the same admission
 control (429 with Retry-After when overloaded), batcher, model version and formatting contract,
 so a conversation gets the same reward over HTTP as over gRPC. Text inputs (`query`, `input`)
-are ChatML conversations parsed back into messages (server.http.rendered documents the
-contract); `messages` is one conversation, the last message the reply to score. The reward is
-gRPC's `reward` (normalised with the version's served statistics); `/classify` passes it
-through a sigmoid unless the request says `"use_activation": false` (vLLM's default and flag;
-verl sends the older `"activation": false`). Fields the peers send that rm-service has no use
-for (`labels`, `prompts` beyond their shape, `model` unless it names a loaded version,
-`add_special_tokens`, `truncate_prompt_tokens`...) are accepted and ignored: the served
-version's formatting contract decides tokenization and truncation.
+are rendered conversations (ChatML, Llama 3, Gemma, Mistral) parsed back into messages
+(server.http.rendered documents the contract); a vLLM `input` may also be token ids of the
+reward model's tokenizer, decoded first; `messages` is one conversation, the last message the
+reply to score. The reward is gRPC's `reward` (normalised with the version's served
+statistics); `/classify` and `/pooling` pass it through a sigmoid unless the request says
+`"use_activation": false` (vLLM's flag and its default for a classification model, on both
+routes; verl sends the older `"activation": false`). `/pooling` takes vLLM's
+`encoding_format` (float or base64) and refuses a `task` other than classify (per-token outputs
+are not served). `GET /v1/models` lists the loaded versions, `GET /version` the server's.
+Fields the peers send that rm-service has no use for (`labels`, `prompts` beyond their shape,
+`model` unless it names a loaded version, `add_special_tokens`, `truncate_prompt_tokens`...)
+are accepted and ignored: the served version's formatting contract decides tokenization and
+truncation.
 
 Bad input is 400 naming the field; a request larger than `max_message_bytes` (gRPC's message
 limit) or with more than `max_items_per_request` conversations is 400 as well. A caller that
@@ -28,6 +34,8 @@ disconnects has its queued items dropped before they reach the model, as a cance
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import time
 import uuid
 
@@ -35,15 +43,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from rm_service import __version__
 from rm_service.conversation import Message, validate_messages, validate_text
 from rm_service.errors import Cancelled, InvalidArgument
 from rm_service.server.admission import Ticket
-from rm_service.server.http.app import HttpContext, caller, context, counted, read_json
-from rm_service.server.http.rendered import parse_chatml
+from rm_service.server.http.app import HttpContext, caller, context, counted
+from rm_service.server.http.guard import read_json
+from rm_service.server.http.rendered import parse_rendered
 from rm_service.server.reward import sigmoid
 
 SCORER = "scorer"
 ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # vLLM's flag, then its deprecated names
+TASKS = (None, "classify")  # vLLM's /pooling `task`: one score per conversation
+ENCODINGS = ("float", "base64")
 
 
 def routes() -> list[Route]:
@@ -52,7 +64,32 @@ def routes() -> list[Route]:
         out.append(Route(path, counted(path)(classify), methods=["POST"]))
     for path in ("/pooling", "/v1/pooling"):
         out.append(Route(path, counted(path)(pooling), methods=["POST"]))
+    out += [Route("/v1/models", models, methods=["GET"]), Route("/version", server_version, methods=["GET"])]
     return out
+
+
+async def models(request: Request) -> JSONResponse:
+    """vLLM's (OpenAI's) model list: the loaded versions, the served one first."""
+    caller(request, SCORER)
+    served = context(request).reward.served
+    names = sorted(served.versions, key=lambda v: v != served.default)
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "rm-service",
+            "root": name,
+            "parent": None,
+            "max_model_len": served.versions[name].runtime.spec.max_tokens,
+        }
+        for name in names
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def server_version(request: Request) -> JSONResponse:
+    return JSONResponse({"version": __version__})
 
 
 async def get_reward(request: Request) -> JSONResponse:
@@ -112,11 +149,19 @@ async def classify(request: Request) -> JSONResponse:
 
 async def pooling(request: Request) -> JSONResponse:
     ctx, body, pairs, version = await _vllm_request(request)
+    if body.get("task") not in TASKS:
+        raise InvalidArgument(
+            "task",
+            f"{body.get('task')!r} is not served: rm-service scores whole conversations, one reward each "
+            "(task classify, or none); per-token outputs (token_classify, token_embed) and embeddings are not",
+        )
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ENCODINGS:
+        raise InvalidArgument("encoding_format", f"must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
     scored, reward = await _score(request, ctx, pairs, version)
-    activate = _activation(body, default=False)
-    data = [
-        {"index": i, "object": "pooling", "data": [sigmoid(r) if activate else float(r)]} for i, r in enumerate(reward)
-    ]
+    activate = _activation(body, default=True)  # vLLM applies a classification model's activation here too
+    values = [sigmoid(r) if activate else float(r) for r in reward]
+    data = [{"index": i, "object": "pooling", "data": _encoded([v], encoding)} for i, v in enumerate(values)]
     return JSONResponse(
         {
             "id": f"pool-{uuid.uuid4().hex}",
@@ -127,6 +172,13 @@ async def pooling(request: Request) -> JSONResponse:
             "usage": _usage(scored),
         }
     )
+
+
+def _encoded(values: list[float], encoding: str) -> list[float] | str:
+    """As vLLM encodes pooled data: a list of floats, or base64 of their float32 little-endian bytes."""
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+    return values
 
 
 async def _vllm_request(request: Request):
@@ -145,8 +197,29 @@ async def _vllm_request(request: Request):
     if given == ["messages"]:
         return ctx, body, [_conversation(body["messages"], "messages", ctx)], version
     value = body["input"]
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        value = [value]  # one conversation as token ids
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        value = _decoded(ctx, version, value)
     texts = [value] if isinstance(value, str) else _texts(value, "input", ctx)
     return ctx, body, _parsed(ctx, version, texts, "input"), version
+
+
+def _decoded(ctx: HttpContext, version: str, ids: list[list], field: str = "input") -> list[str]:
+    """Token ids of the reward model's tokenizer (what a vLLM client sends after tokenizing with
+    the served model's tokenizer) decoded with their special tokens, to be read
+    as rendered text."""
+    _texts([""] * len(ids), field, ctx)  # the count within max_items_per_request before any decoding
+    tokenizer = ctx.reward.served.get(version).runtime.tokenizer
+    vocab = len(tokenizer)
+    for i, seq in enumerate(ids):
+        bad = next(
+            (j for j, t in enumerate(seq) if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None
+        )
+        if not seq or bad is not None:
+            got = "an empty list" if not seq else f"{seq[bad]!r} at [{bad}]"
+            raise InvalidArgument(f"{field}[{i}]", f"token ids must be integers in [0, {vocab}), got {got}")
+    return [tokenizer.decode(seq, skip_special_tokens=False) for seq in ids]
 
 
 def _texts(value, field: str, ctx: HttpContext) -> list[str]:
@@ -164,7 +237,11 @@ def _texts(value, field: str, ctx: HttpContext) -> list[str]:
         )
     for i, v in enumerate(value):
         if not isinstance(v, str):
-            hint = "; token ids are not accepted, send text" if isinstance(v, (int, list)) else ""
+            hint = (
+                "; token ids are taken on /classify and /pooling only, as lists of integers"
+                if isinstance(v, (int, list))
+                else ""
+            )
             raise InvalidArgument(f"{field}[{i}]", f"must be a string, got {type(v).__name__}{hint}")
     return value
 
@@ -182,7 +259,7 @@ def _parsed(ctx: HttpContext, version: str, texts: list[str], field: str) -> lis
     ignorable = getattr(tokenizer, "all_special_tokens", [])
     pairs = []
     for i, text in enumerate(texts):
-        prompt, completion = parse_chatml(text, f"{field}[{i}]", ignorable)
+        prompt, completion = parse_rendered(text, f"{field}[{i}]", ignorable, ctx.settings.http_chat_template)
         pairs.append(_validated(ctx, prompt, completion, f"{field}[{i}].prompt", f"{field}[{i}].completion"))
     return pairs
 

@@ -9,6 +9,8 @@ const Page = {
   async api(method, path, body) {
     const headers = {"Accept": "application/json"};
     if (Page.token) headers["Authorization"] = "Bearer " + Page.token;
+    // Every state-changing call is JSON (the server refuses anything else: no cross-site form can pass).
+    if (method !== "GET" && body === undefined) body = {};
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
     const data = await response.json().catch(() => ({}));
