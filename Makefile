@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install peers peers-verl browser demo test test-fast proto proto-check docs clean deploy-test bench-peers
+.PHONY: install peers peers-verl browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,11 +53,29 @@ install: $(STAMP) browser
 demo: $(STAMP)
 	$(VENV)/bin/rm-service demo
 
+# The suite in two tiers (docs/concepts.md, "Checks and tests"): `make test` runs all of it (README,
+# CI); `make test-fast` the default tier, everything not marked slow, for the edit loop; `make
+# test-slow` only the few end-to-end runs of the bundled models, the SIGKILL harness and the browser.
+# Each prints its ten slowest tests, each tier's time and any default-tier test over its time budget
+# (tests/timing.py; a warning: a busy machine must not fail the suite on time). PYTEST_ARGS adds
+# options (--enforce-budget turns the warning into a failure).
+PYTEST_ARGS ?=
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow'
+	$(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+test-slow: $(STAMP) browser
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+# Formatting, lint rules, types (configured in pyproject.toml) and the import-linter layer contracts,
+# the last also checked by tests/test_layers.py. A few seconds once mypy's cache is warm.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 # Build the CPU image with podman (installed if missing; needs root), run it and exercise it from
 # the host: health, Score, IngestLabels, restart on the volume, SIGTERM drain, two scorers behind

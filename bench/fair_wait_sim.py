@@ -20,11 +20,10 @@ import random
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rm_service.data import HH_PAIRS
-from rm_service.server.forming import pick_batch  # noqa: E402
+from rm_service.server.forming import pick_batch
 
 
 def item_tokens(path: Path, cap: int) -> list[int]:
@@ -90,7 +89,8 @@ def main() -> int:
     args = p.parse_args()
     lengths = item_tokens(args.data, args.max_tokens)
     print(
-        "| fair bound (batch times) | load | items/s | % of 1x | padded / real | longest wait s |\n|---:|---:|---:|---:|---:|---:|"
+        "| fair bound (batch times) | load | items/s | % of 1x | padded / real | longest wait s "
+        "|\n|---:|---:|---:|---:|---:|---:|"
     )
     for fair in (float(b) for b in args.bounds.split(",")):
         base = None
@@ -98,7 +98,8 @@ def main() -> int:
             r = simulate(lengths, load, fair, args, random.Random(args.seed))
             base = base or r["items_s"]
             print(
-                f"| {fair:g} | {load}x | {r['items_s']:.1f} | {r['items_s'] / base:.0%} | {r['padding']:.2f} | {r['longest_wait_s']:.1f} |"
+                f"| {fair:g} | {load}x | {r['items_s']:.1f} | {r['items_s'] / base:.0%} | {r['padding']:.2f} | "
+                f"{r['longest_wait_s']:.1f} |"
             )
     return 0
 

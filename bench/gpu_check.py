@@ -31,8 +31,8 @@ from rm_service.data import HH_PAIRS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from score import closed_loop, hh_items, pct  # noqa: E402
-from train import non_embedding_params  # noqa: E402
+from score import closed_loop, hh_items, pct  # noqa: E402  (bench/score.py, once bench/ is on the path)
+from train import non_embedding_params  # noqa: E402  (bench/train.py)
 
 DATA = HH_PAIRS
 ONE_B = dict(
@@ -215,7 +215,7 @@ def ppo_steps(args, home: Path, version_dir: Path) -> dict:
 def table(
     device_name: str, peak: float, rm: dict, served: dict, big: dict, big_params: int, ppo: dict, clients: int
 ) -> str:
-    mfu = lambda flops_per_token, tokens: 100 * flops_per_token * tokens / peak  # noqa: E731
+    mfu = lambda flops_per_token, tokens: 100 * flops_per_token * tokens / peak
     rows = [
         ("device", device_name),
         ("bf16 GEMM (measured here)", f"{peak / 1e12:.1f} TFLOP/s"),
@@ -228,7 +228,8 @@ def table(
         (
             f"served (bf16, {clients} clients), the version ({rm['params'] / 1e6:.0f}M)",
             f"{served['items_per_s']:,.1f} items/s, {served['tokens_per_s']:,.0f} tokens/s, p50 "
-            f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, MFU {mfu(2 * rm['params'], served['tokens_per_s']):.1f}%",
+            f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms, MFU "
+            f"{mfu(2 * rm['params'], served['tokens_per_s']):.1f}%",
         ),
         (
             f"served (bf16, {clients} clients), a {big_params / 1e9:.2f}B checkpoint",
@@ -237,7 +238,8 @@ def table(
         ),
         (
             "PPO against the served version",
-            f"{ppo['steps']} steps, {ppo['seconds_per_step']:.1f} s/step, reward {ppo['reward']:+.3f}, KL {ppo['kl']:.3f}",
+            f"{ppo['steps']} steps, {ppo['seconds_per_step']:.1f} s/step, reward {ppo['reward']:+.3f}, KL "
+            f"{ppo['kl']:.3f}",
         ),
     ]
     return "\n".join(["| check | result |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])

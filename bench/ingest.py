@@ -171,11 +171,12 @@ def main() -> int:
     args = p.parse_args()
     templates = load_templates(args.data)
     print(
-        f"machine: nproc={os.cpu_count()}, {cpu_model()}; Python {platform.python_version()}, duckdb {duckdb.__version__}"
+        f"machine: nproc={os.cpu_count()}, {cpu_model()}; Python {platform.python_version()}, duckdb "
+        f"{duckdb.__version__}"
     )
     print(
-        f"load: {args.threads} client threads in one process, 1 label per IngestLabels request, {args.seconds:g} s per mode, "
-        f"{len(templates)} HH-RLHF pairs from {args.data.name}\n"
+        f"load: {args.threads} client threads in one process, 1 label per IngestLabels request, {args.seconds:g} s "
+        f"per mode, {len(templates)} HH-RLHF pairs from {args.data.name}\n"
     )
     rows = {name: run_mode(env, templates, args.threads, args.seconds) for name, env in MODES.items()}
     print("| mode | labels acknowledged | labels/s | p50 ms | p99 ms | commits | labels/commit |")

@@ -95,14 +95,16 @@ def main() -> int:
     attempted = judged + parse_failures
     report = agreement_report(shared[settings.inconsistent], judged, flips)
     print(
-        f"\nLocal judge {args.model} ({args.decision} mode, template {judge.pairwise.version}) on {attempted} HH-RLHF harmless pairs "
-        f"(seed {args.seed}), inconsistent={args.inconsistent}, {args.threads} torch thread(s); model load {load_s:.1f}s\n"
+        f"\nLocal judge {args.model} ({args.decision} mode, template {judge.pairwise.version}) on {attempted} "
+        f"HH-RLHF harmless pairs (seed {args.seed}), inconsistent={args.inconsistent}, {args.threads} torch "
+        f"thread(s); model load {load_s:.1f}s\n"
     )
     print(format_report(report, reference="HH crowdworkers"))
     print(f"| flips where the reply shown first won both times | {flips_to_first} of {flips} |")
     print(f"| pairs with an unparseable answer (skipped) | {parse_failures} of {attempted} |")
     print(
-        f"| seconds per pair (both orders) / per pair-order | {seconds / max(attempted, 1):.2f} / {seconds / max(2 * attempted, 1):.2f} |"
+        f"| seconds per pair (both orders) / per pair-order | {seconds / max(attempted, 1):.2f} / "
+        f"{seconds / max(2 * attempted, 1):.2f} |"
     )
     print(f"| judge calls | {judge.calls} |")
     print("\nThe same verdicts under each policy for order-dependent verdicts:\n")

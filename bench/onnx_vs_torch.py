@@ -152,10 +152,10 @@ def bench_model(name: str, pairs: list[HHPair], args, work: Path) -> list[dict]:
     base = runs[0].tokens_per_s
     lengths = [len(x) for x in chosen]
     print(
-        f"{name}: loaded in {load_s:.1f}s, exported in {export_s:.1f}s "
-        f"({fp32_path.stat().st_size / 2**20:.0f} MiB), int8 in {quant_s:.1f}s ({int8_path.stat().st_size / 2**20:.0f} MiB); "
-        f"{len(chosen)} items, {sum(lengths)} tokens (min {min(lengths)}, median {int(np.median(lengths))}, max {max(lengths)}); "
-        f"{params / 1e6:.1f}M non-embedding params",
+        f"{name}: loaded in {load_s:.1f}s, exported in {export_s:.1f}s ({fp32_path.stat().st_size / 2**20:.0f} MiB), "
+        f"int8 in {quant_s:.1f}s ({int8_path.stat().st_size / 2**20:.0f} MiB); {len(chosen)} items, {sum(lengths)} "
+        f"tokens (min {min(lengths)}, median {int(np.median(lengths))}, max {max(lengths)}); {params / 1e6:.1f}M "
+        "non-embedding params",
         file=sys.stderr,
     )
     rows = []
@@ -178,7 +178,8 @@ def bench_model(name: str, pairs: list[HHPair], args, work: Path) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | path | tokens/s | items/s | vs 1-at-a-time | GEMM GFLOP/s | MFU | max rel diff vs torch batched | int8 pair-order agreement |",
+        "| model | path | tokens/s | items/s | vs 1-at-a-time | GEMM GFLOP/s | MFU | max rel diff vs torch batched | "
+        "int8 pair-order agreement |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     gflops_end = gemm_gflops()
     print(
         f"\ntorch fp32 GEMM (1024x1024, best of 5): {gflops:.1f} GFLOP/s at start, {gflops_end:.1f} GFLOP/s at end; "
-        f"MFU uses the figure measured before each model's timings. {os.cpu_count()} cores, "
-        f"torch threads {torch.get_num_threads()}, ORT intra-op threads {os.cpu_count()}; other processes may share them.\n"
+        f"MFU uses the figure measured before each model's timings. {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, ORT intra-op threads {os.cpu_count()}; other processes may share them.\n"
     )
     print(markdown(rows))
     return 0

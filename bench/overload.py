@@ -43,7 +43,7 @@ from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.server.app import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score import hh_items, pct, served_backend, start_server  # noqa: E402
+from score import hh_items, pct, served_backend, start_server
 
 BACKOFF_S, BACKOFF_MAX_S = 0.2, 5.0  # the PPO client's defaults (PPOSettings.score_backoff_s, score_backoff_max_s)
 
@@ -124,7 +124,7 @@ def batch_figures(port: int) -> tuple[float, float, float]:
 def measured_level(address: str, port: int, items, callers: int, args) -> Level:
     before = batch_figures(port)
     level = asyncio.run(run_level(address, items, callers, args.items_per_call, args.seconds, args.deadline))
-    level.batches, level.batch_items, level.padding = (b - a for a, b in zip(before, batch_figures(port)))
+    level.batches, level.batch_items, level.padding = (b - a for a, b in zip(before, batch_figures(port), strict=True))
     return level
 
 
@@ -157,7 +157,10 @@ def hardware(log_path: Path) -> str:
         platform.processor() or "unknown CPU",
     )
     threads = os.environ.get("RM_SERVE_TORCH_THREADS") or str(os.cpu_count())
-    return f"{cpu}, {os.cpu_count()} cores shared by server and callers; server torch/ORT threads {threads}; {served_backend(log_path)}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores shared by server and callers; server torch/ORT threads {threads}; "
+        f"{served_backend(log_path)}"
+    )
 
 
 def main() -> None:
@@ -195,7 +198,9 @@ def main() -> None:
         used = [
             b - a
             for a, b in zip(
-                before, (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter())
+                before,
+                (cpu_seconds(), cpu_seconds(server.pid), cpu_seconds(os.getpid()), time.perf_counter()),
+                strict=False,
             )
         ]
     finally:
@@ -203,8 +208,8 @@ def main() -> None:
         server.wait(timeout=60)
 
     print(
-        f"\n{hardware(log_path)}; model {args.model}; HH-RLHF items, {per_item:.0f} tokens each on average, {args.items_per_call} "
-        f"per call; deadline {args.deadline:g} s; {args.seconds:g} s per load\n"
+        f"\n{hardware(log_path)}; model {args.model}; HH-RLHF items, {per_item:.0f} tokens each on average, "
+        f"{args.items_per_call} per call; deadline {args.deadline:g} s; {args.seconds:g} s per load\n"
     )
     total, by_server, by_callers, wall = used
     print(
@@ -217,16 +222,18 @@ def main() -> None:
     )
     base = levels[0][1].items / args.seconds
     print(
-        "| offered load | callers | goodput items/s | % of 1x (unloaded) | admitted p50 / p99 ms | rejection p50 / p99 ms | rejected | "
-        "DEADLINE_EXCEEDED | other errors | items per batch | padded / real tokens |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| offered load | callers | goodput items/s | % of 1x (unloaded) | admitted p50 / p99 ms | rejection p50 / "
+        "p99 ms | rejected | DEADLINE_EXCEEDED | other errors | items per batch | padded / real tokens "
+        "|\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for load, lv in levels:
         goodput = lv.items / args.seconds
         other = ", ".join(f"{k} {v}" for k, v in lv.other.items()) or "0"
         print(
-            f"| {load:g}x | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {pct(lv.ok, 50):.0f} / {pct(lv.ok, 99):.0f} | "
-            f"{pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {len(lv.rejected)} | {lv.deadline_exceeded} | {other} | "
-            f"{lv.batch_items / max(lv.batches, 1):.1f} | {lv.padding / max(lv.batches, 1):.2f} |"
+            f"| {load:g}x | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {pct(lv.ok, 50):.0f} / "
+            f"{pct(lv.ok, 99):.0f} | {pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {len(lv.rejected)} | "
+            f"{lv.deadline_exceeded} | {other} | {lv.batch_items / max(lv.batches, 1):.1f} | "
+            f"{lv.padding / max(lv.batches, 1):.2f} |"
         )
 
 

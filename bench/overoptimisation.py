@@ -1,21 +1,26 @@
-"""Over-optimisation with and without the outer loop (Gao et al., 2023), on this machine.
+"""Over-optimisation with and without the outer loop (Gao et al., 2023), over paired seeds.
 
-The demo's setup, three times from the same start: a gold reward model (SmolLM2 head mode on
-every human training pair) stands in for people; the served proxy learns from a quarter of
-them. PPO (same seed, same steps) trains the policy against the proxy in three arms:
+The demo's setup from one start: a gold reward model (SmolLM2 head mode on every human training
+pair) stands in for people; the served proxy learns from 10% of them. PPO trains the policy
+against the proxy in four arms, each run with the same seeds (same prompts, same sampling
+streams at the start):
 
-    fixed    the proxy never changes;
-    random   the outer loop: every few steps the gold labels randomly chosen fresh samples,
-             the proxy is retrained on them and the trainer switches to it;
-    active   the same, but the samples the proxy's ensemble doubts most are labeled;
+    fixed         the proxy never changes;
+    random        the outer loop: every step the gold labels randomly chosen fresh samples, the
+                  proxy is retrained on them, the promotion rule decides, the trainer switches;
+    active        the same, but the samples the proxy's ensemble doubts most are labeled;
+    conservative  the fixed proxy, but PPO optimises its ensemble's mean minus one standard
+                  deviation (pessimism under the reward model's uncertainty; Coste et al., 2023);
 
 with the same label budget for the two outer-loop arms. Every few steps the held-out prompts'
-samples are scored by the served proxy and by the gold, with their KL to the reference.
-Prints one markdown table (gold and proxy reward per sqrt(KL) bucket, final figures, labels
-used) with the hardware named, and writes a PNG of gold and proxy against sqrt(KL) per arm.
+samples are scored by the served proxy and by the gold, with their KL to the reference. Prints
+(and writes to docs/bench/overoptimisation.md) gold and proxy per evaluation step against
+sqrt(KL), each a mean over seeds with its 95% interval, the final gold of each arm minus the
+fixed proxy's with the paired interval, and which claims those intervals support; a PNG.
+Every finished (arm, seed) is saved at once, so an interrupted run resumes where it stopped.
 
-    .venv/bin/python bench/overoptimisation.py                      # ~35 min on 2 cores
-    .venv/bin/python bench/overoptimisation.py --steps 12 --arms fixed,active
+    .venv/bin/python bench/overoptimisation.py --seeds 0,1,2,3,4   # ~6 min per (arm, seed) on 2 cores
+    .venv/bin/python bench/overoptimisation.py --seeds 0,1 --arms fixed,active --steps 12
 """
 
 from __future__ import annotations
@@ -30,16 +35,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from scipy import stats
+
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {
     "fixed": dict(submit_every=0, retrain_min_labels=0),
     "random": dict(selection="random"),
     "active": dict(selection="uncertainty"),
+    "conservative": dict(submit_every=0, retrain_min_labels=0, reward_pessimism="mean_minus_std", pessimism_k=1.0),
 }
-BUCKETS = (0.0, 1.0, 2.0, 3.0, 4.0, math.inf)  # sqrt(KL) edges
 
 
-def arm_settings(base, arm: str, home: Path, args):
+def arm_settings(base, arm: str, seed: int, home: Path, args):
     from rm_service.demo.settings import demo_settings
 
     fixed = dict(
@@ -51,6 +59,7 @@ def arm_settings(base, arm: str, home: Path, args):
         retrain_min_labels=args.retrain_min_labels,
         submit_every=args.submit_every,
         submit_fraction=args.submit_fraction,
+        seed=seed,
     )
     return demo_settings("cpu", home=home, data=base.data, **{**fixed, **ARMS[arm]})
 
@@ -96,7 +105,7 @@ def built_versions(home: Path):
     )
 
 
-def run_arm(arm: str, s, base_facts, home: Path) -> dict:
+def run_arm(arm: str, seed: int, s, base_facts, home: Path) -> dict:
     from rm_service.demo.pipeline import Stages, serve_and_loop, use_home
     from rm_service.demo.report import RunFacts
 
@@ -104,48 +113,129 @@ def run_arm(arm: str, s, base_facts, home: Path) -> dict:
     start = time.monotonic()
     with use_home(home):
         serve_and_loop(s, facts, Stages())
-    evals = facts.evaluations
-    switches = [f"{w['to_version']}@{w['step']}" for w in facts.ppo.switches]
-    labeled = facts.judge_queue.labeled if facts.judge_queue else 0
+    facts.read_store(home / "rm.duckdb")
+    decisions = [
+        {"version": m.version, "verdict": m.decision["verdict"], "parent": m.decision.get("parent")}
+        for m in facts.models
+        if m.decision
+    ]
     return {
         "arm": arm,
-        "evaluations": evals,
-        "labels": labeled,
-        "candidates": facts.ppo.candidates_submitted,
-        "switches": switches,
+        "seed": seed,
+        "evaluations": facts.evaluations,
+        "labels": facts.judge_queue.labeled if facts.judge_queue else 0,
+        "switches": [f"{w['to_version']}@{w['step']}" for w in facts.ppo.switches],
+        "decisions": decisions,
         "seconds": time.monotonic() - start,
     }
 
 
-def bucket_means(evals: list[dict], key: str) -> list[float]:
-    """Mean of `key` over the evaluations whose sqrt(KL) falls in each bucket (NaN: none)."""
-    out = []
-    for low, high in zip(BUCKETS, BUCKETS[1:]):
-        values = [e[key] for e in evals if low <= math.sqrt(max(e.get("kl_seq", 0.0), 0.0)) < high and key in e]
-        out.append(sum(values) / len(values) if values else math.nan)
-    return out
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% t-interval of the mean over seeds (NaN bounds for one seed)."""
+    x = np.asarray([v for v in values if v == v], dtype=float)
+    if len(x) < 2:
+        return (float(x.mean()) if len(x) else math.nan), math.nan, math.nan
+    half = float(stats.t.ppf(0.975, len(x) - 1)) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
-def table(results: list[dict], hardware: str, args) -> str:
-    names = [f"{lo:g}-{hi:g}" if hi != math.inf else f"{lo:g}+" for lo, hi in zip(BUCKETS, BUCKETS[1:])]
-    cell = lambda v: "" if v != v else f"{v:+.3f}"  # noqa: E731
-    lines = [
-        f"Hardware: {hardware}. {args.steps} PPO steps, same seed; every {args.submit_every} step(s) {args.submit_fraction:.0%} of the "
-        f"batch's prompts go to labeling, chosen at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; "
-        f"retrain at {args.retrain_min_labels} new labels, promoted only when more accurate than its parent on held-out on-policy "
-        f"pairs (ties: {args.gate_ties}).",
-        "",
-        "| arm | reward | " + " | ".join(f"sqrt(KL) {n}" for n in names) + " | final | labels | proxy versions |",
-        "|---|---|" + "---:|" * len(names) + "---:|---:|---|",
-    ]
+def fmt(m: tuple[float, float, float]) -> str:
+    mean, low, high = m
+    if mean != mean:
+        return ""
+    return f"{mean:+.3f}" if low != low else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def by_step(results: list[dict], arm: str, key: str) -> dict[int, list[float]]:
+    """{evaluation step: [value per seed]} of one arm."""
+    out: dict[int, list[float]] = {}
     for r in results:
-        final = r["evaluations"][-1] if r["evaluations"] else {}
-        for key, label in (("gold_reward_mean", "gold"), ("reward_mean", "proxy")):
+        if r["arm"] == arm:
+            seen = {}
+            for e in r["evaluations"]:  # the last evaluation of a step wins (the final one repeats the last step)
+                seen[e["step"]] = e.get(key, math.nan)
+            for step, value in seen.items():
+                out.setdefault(step, []).append(value)
+    return dict(sorted(out.items()))
+
+
+def final(r: dict, key: str = "gold_reward_mean") -> float:
+    return r["evaluations"][-1].get(key, math.nan) if r["evaluations"] else math.nan
+
+
+def paired(results: list[dict], arm: str, against: str) -> tuple[list[float], tuple[float, float, float]]:
+    """Per seed, final gold of `arm` minus `against`'s, and the interval of its mean."""
+    mine = {r["seed"]: final(r) for r in results if r["arm"] == arm}
+    theirs = {r["seed"]: final(r) for r in results if r["arm"] == against}
+    diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
+    return diffs, interval(diffs)
+
+
+def claim(text: str, m: tuple[float, float, float], n: int) -> str:
+    mean, low, high = m
+    if low != low:
+        return f"- {text}: not tested (fewer than two paired seeds)."
+    if low > 0:
+        return f"- **Supported**: {text} (paired difference {fmt(m)} over {n} seeds)."
+    if high < 0:
+        return f"- **The opposite holds**: {text} is contradicted (paired difference {fmt(m)} over {n} seeds)."
+    return f"- **Not supported**: {text}; the paired difference {fmt(m)} over {n} seeds includes zero."
+
+
+def table(results: list[dict], hardware: str, args, wall: float) -> str:
+    arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
+    seeds = sorted({r["seed"] for r in results})
+    lines = [
+        f"Hardware: {hardware}. Seeds {', '.join(map(str, seeds))} in every arm (paired); {args.steps} PPO steps; "
+        f"every {args.submit_every} step(s) {args.submit_fraction:.0%} of the prompts go to labeling, chosen "
+        f"at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; a retrain at "
+        f"{args.retrain_min_labels} new labels (more when the promotion rule asks for them), decided by the promotion "
+        f"rule. Mean over seeds [95% t-interval]. Wall time {wall / 60:.0f} min: the (arm, seed) runs together, "
+        f"{wall / 60 / max(len(results), 1):.1f} min each (the shared gold and proxy build not included).",
+        "",
+        "**Final reward on the held-out prompts**",
+        "",
+        "| arm | seeds | gold (final) | proxy (final, served version) | gold peak | labels | promotions |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for arm in arms:
+        rs = [r for r in results if r["arm"] == arm]
+        peaks = [max((e.get("gold_reward_mean", -math.inf) for e in r["evaluations"]), default=math.nan) for r in rs]
+        promoted = sum(d["verdict"] == "promote" for r in rs for d in r.get("decisions", []))
+        decided = sum(len(r.get("decisions", [])) for r in rs)
+        lines.append(
+            f"| {arm} | {len(rs)} | {fmt(interval([final(r) for r in rs]))} | "
+            f"{fmt(interval([final(r, 'reward_mean') for r in rs]))} | {fmt(interval(peaks))} | "
+            f"{np.mean([r['labels'] for r in rs]):.0f} | {promoted} of {decided} retrains |"
+        )
+    lines += ["", "**Gold and proxy along the run** (each cell: mean over seeds [95% interval]; sqrt(KL) its mean)", ""]
+    lines += ["| arm | step | sqrt(KL) | gold | proxy |", "|---|---:|---:|---:|---:|"]
+    for arm in arms:
+        kl, gold, proxy = (by_step(results, arm, k) for k in ("kl_seq", "gold_reward_mean", "reward_mean"))
+        for step in gold:
+            root = interval([math.sqrt(max(v, 0.0)) for v in kl.get(step, [])])[0]
             lines.append(
-                f"| {r['arm']} | {label} | "
-                + " | ".join(cell(v) for v in bucket_means(r["evaluations"], key))
-                + f" | {cell(final.get(key, math.nan))} | {r['labels']} | {', '.join(r['switches']) or 'fixed'} |"
+                f"| {arm} | {step} | {root:.2f} | {fmt(interval(gold[step]))} | {fmt(interval(proxy[step]))} |"
             )
+    lines += ["", "**Paired differences of the final gold** (per seed, arm minus arm)", ""]
+    lines += ["| comparison | per seed | mean [95% interval] |", "|---|---|---:|"]
+    comparisons = [(a, "fixed") for a in arms if a != "fixed"] + (
+        [("active", "random")] if {"active", "random"} <= set(arms) else []
+    )
+    claims = []
+    for arm, against in comparisons:
+        if against not in arms:
+            continue
+        diffs, m = paired(results, arm, against)
+        lines.append(f"| {arm} - {against} | {', '.join(f'{d:+.3f}' for d in diffs)} | {fmt(m)} |")
+        text = {
+            ("random", "fixed"): "the outer loop with random selection ends with more gold reward than the fixed proxy",
+            ("active", "fixed"): "the outer loop with active selection ends with more gold reward than the fixed proxy",
+            ("conservative", "fixed"): "the conservative reward ends with more gold reward than the fixed proxy",
+            ("active", "random"): "active selection ends with more gold reward than random at the same label budget",
+        }.get((arm, against), f"{arm} ends with more gold reward than {against}")
+        claims.append(claim(text, m, len(diffs)))
+    lines += ["", "**What these runs support**", "", *claims]
     return "\n".join(lines)
 
 
@@ -155,15 +245,22 @@ def plot(results: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.8), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], results):
-        root_kl = [math.sqrt(max(e.get("kl_seq", 0.0), 0.0)) for e in r["evaluations"]]
+    arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.8), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        kl = by_step(results, arm, "kl_seq")
         for key, label in (("gold_reward_mean", "gold"), ("reward_mean", "proxy (served)")):
-            ax.plot(root_kl, [e.get(key, math.nan) for e in r["evaluations"]], marker="o", label=label)
-        ax.set_title(f"{r['arm']} ({r['labels']} labels)")
-        ax.set_xlabel("sqrt(KL to the reference)")
+            values = by_step(results, arm, key)
+            steps = list(values)
+            x = [interval([math.sqrt(max(v, 0.0)) for v in kl.get(s, [])])[0] for s in steps]
+            m = [interval(values[s]) for s in steps]
+            (line,) = ax.plot(x, [v[0] for v in m], marker="o", label=label)
+            ax.fill_between(x, [v[1] for v in m], [v[2] for v in m], color=line.get_color(), alpha=0.2)
+        n = len({r["seed"] for r in results if r["arm"] == arm})
+        ax.set_title(f"{arm} ({n} seeds)")
+        ax.set_xlabel("sqrt(KL to the reference), mean over seeds")
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("mean reward, held-out prompts")
+    axes[0][0].set_ylabel("mean reward, held-out prompts\n(band: 95% interval over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -172,7 +269,8 @@ def plot(results: list[dict], path: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arms", default="fixed,random,active")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seeds", default="0,1,2,3,4", help="PPO seeds; every arm runs each one")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--submit-every", type=int, default=1)
@@ -184,22 +282,9 @@ def main() -> int:
     )
     p.add_argument("--retrain-min-labels", type=int, default=8)
     p.add_argument("--label-budget", type=int, default=20)
-    p.add_argument("--home", type=Path, help="work directory (default: a temp dir)")
+    p.add_argument("--home", type=Path, help="work directory (default: a temp dir); rerun with it to resume")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
-    p.add_argument(
-        "--reuse",
-        type=Path,
-        help="an earlier run's overoptimisation.json: its arms are taken as measured, not rerun "
-        "(the fixed arm does not depend on the retrain gate, say)",
-    )
-    p.add_argument(
-        "--gate-ties",
-        choices=["reject", "lower_loss"],
-        default="reject",
-        help="a retrain as accurate as its parent on held-out on-policy pairs: rejected, or promoted on a lower loss",
-    )
     args = p.parse_args()
-    os.environ["RM_TRAIN_GATE_ONPOLICY_TIES"] = args.gate_ties  # read by the arms' servers when they retrain
     home = args.home or Path(tempfile.mkdtemp(prefix="rm-bench-overopt-"))
     os.environ.setdefault("RM_MODELS_CACHE_DIR", str(REPO / "var" / "cache" / "models"))
     import torch
@@ -218,26 +303,27 @@ def main() -> int:
         shutil.rmtree(home / "base", ignore_errors=True)
         (home / "base").mkdir(parents=True)
         with use_home(home / "base"):
-            build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm
-    measured = {r["arm"]: r for r in json.loads(args.reuse.read_text())} if args.reuse else {}
-    results = []
-    for arm in args.arms.split(","):
-        if arm in measured:
-            results.append(measured[arm])
-            print(f"{arm}: taken from {args.reuse}", flush=True)
-            continue
-        copy_home(home / "base", home / arm)
-        results.append(run_arm(arm, arm_settings(base, arm, home / arm, args), base_facts, home / arm))
-        print(
-            f"{arm}: {results[-1]['labels']} labels, versions {results[-1]['switches']}, {results[-1]['seconds']:.0f}s",
-            flush=True,
-        )
+            build_models(base, base_facts, Stages())  # gold (v1) and proxy (v2), once for every arm and seed
+    done_file = home / "results.json"
+    results = json.loads(done_file.read_text()) if done_file.exists() else []
+    for seed in (int(x) for x in args.seeds.split(",")):
+        for arm in args.arms.split(","):
+            if any(r["arm"] == arm and r["seed"] == seed for r in results):
+                continue
+            work = home / f"{arm}-s{seed}"
+            copy_home(home / "base", work)
+            results.append(run_arm(arm, seed, arm_settings(base, arm, seed, work, args), base_facts, work))
+            shutil.rmtree(work, ignore_errors=True)  # the arm's store and registry: its results are kept
+            done_file.write_text(json.dumps(results, indent=1))
+            r = results[-1]
+            print(f"{arm} seed {seed}: final gold {final(r):+.3f}, {r['labels']} labels, versions {r['switches']}, "
+                  f"{r['seconds']:.0f}s", flush=True)  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hardware = describe(resolve_precision("auto", device), device)
-    text = table(results, hardware, args)
+    text = table(results, hardware, args, sum(r["seconds"] for r in results))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overoptimisation.md").write_text(text + "\n")
-    (args.out / "overoptimisation.json").write_text(json.dumps(results, indent=2))
+    (args.out / "overoptimisation.json").write_text(json.dumps(results, indent=1))
     plot(results, args.out / "overoptimisation.png")
     print("\n" + text + f"\n\nwrote {args.out / 'overoptimisation.md'} and {args.out / 'overoptimisation.png'}")
     return 0

@@ -45,7 +45,7 @@ from rm_service.data import HH_PAIRS
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from peers_report import non_embedding_params, report  # noqa: E402  (bench/peers_report.py)
+from peers_report import non_embedding_params, report  # noqa: E402  (bench/peers_report.py, once bench/ is on the path)
 
 DATA = HH_PAIRS
 SYSTEMS = ("rm-service", "openrlhf", "naive")
@@ -362,7 +362,8 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
             (await system.call(item, time.perf_counter() + args.timeout, rng))[0] for item in probe
         ]  # also the warm-up
         print(
-            f"  {system.name}: {system.precision}, {system.backend}; probe of {len(probe)} items took {time.perf_counter() - t0:.1f} s",
+            f"  {system.name}: {system.precision}, {system.backend}; probe of {len(probe)} items took "
+            f"{time.perf_counter() - t0:.1f} s",
             flush=True,
         )
         points = []
@@ -385,7 +386,8 @@ async def measure(system: System, items: list[Item], args, probe: list[Item]) ->
 
 
 def cached_gemm_rates() -> dict | None:
-    """This machine's fp32 and bf16 GEMM rates as rm-service's precision probe measured and cached them (None if never)."""
+    """This machine's fp32 and bf16 GEMM rates as rm-service's precision probe measured and cached them (None if
+    never)."""
     from rm_service.models.precision import cpu_measurement
 
     try:

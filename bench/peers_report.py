@@ -52,38 +52,42 @@ def report(run: dict) -> str:
         f"Hardware: **{hw['cpu']}, {hw['cores']} cores**{', GPU ' + hw['gpu'] if hw.get('gpu') else ', no GPU'} "
         f"(shared by the servers and the load generator); torch {hw['torch']}.",
         "",
-        f"Model: SmolLM2-135M-Instruct as a `LlamaForSequenceClassification` directory ({run['model']}, seeded score head). "
-        f"Items: {run['items']} HH-RLHF harmless sides within the {args['max_tokens']}-token cap every system is given "
-        f"({run['items_over_cap']} longer ones left out, so none truncates), mean {run['mean_tokens']:.0f} tokens; 1 item per call. "
-        f"Each point runs {args['duration']:.0f} s; a call unanswered after {args['timeout']:.0f} s is a timeout.",
+        f"Model: SmolLM2-135M-Instruct as a `LlamaForSequenceClassification` directory ({run['model']}, seeded score "
+        f"head). Items: {run['items']} HH-RLHF harmless sides within the {args['max_tokens']}-token cap every system "
+        f"is given ({run['items_over_cap']} longer ones left out, so none truncates), mean {run['mean_tokens']:.0f} "
+        f"tokens; 1 item per call. Each point runs {args['duration']:.0f} s; a call unanswered after "
+        f"{args['timeout']:.0f} s is a timeout.",
         "",
-        "How the peers run: OpenRLHF 0.11.2 from PyPI (`--no-deps`, then only what `openrlhf.cli.serve_rm` imports: transformers "
-        "5.15.0 as it pins, deepspeed 0.19.6 built without ops, flash-attn 2.8.3's Python files without its CUDA build, "
-        "imported with `FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE`, triton 3.4 for that import) and the CPU torch wheel, in a "
-        "venv outside the repository (bench/peers/setup.sh); serve_rm with its defaults (bf16 weights) except "
-        "`--ds.attn_implementation sdpa` (flash-attn kernels need a GPU) and `--data.max_len` set to the cap. The naive peer "
-        'is bench/peers/naive_server.py in the same venv. Both answer `POST /get_reward {"query": [text]}` one request '
-        "at a time (the handler runs the model on the event loop); rm-service is `rm-service serve` over gRPC with its "
-        "defaults, in the precision it measured fastest on this machine.",
+        "How the peers run: OpenRLHF 0.11.2 from PyPI (`--no-deps`, then only what `openrlhf.cli.serve_rm` imports: "
+        "transformers 5.15.0 as it pins, deepspeed 0.19.6 built without ops, flash-attn 2.8.3's Python files without "
+        "its CUDA build, imported with `FLASH_ATTENTION_TRITON_AMD_ENABLE=TRUE`, triton 3.4 for that import) and the "
+        "CPU torch wheel, in a venv outside the repository (bench/peers/setup.sh); serve_rm with its defaults (bf16 "
+        "weights) except `--ds.attn_implementation sdpa` (flash-attn kernels need a GPU) and `--data.max_len` set to "
+        "the cap. The naive peer is bench/peers/naive_server.py in the same venv. Both answer `POST /get_reward "
+        '{"query": [text]}` one request at a time (the handler runs the model on the event loop); rm-service is '
+        "`rm-service serve` over gRPC with its defaults, in the precision it measured fastest on this machine.",
         "",
-        "| system | precision, backend | load | items/s | tokens/s | model GFLOP/s | p50 | p99 | refused, retried | errors | timeouts |",
+        "| system | precision, backend | load | items/s | tokens/s | model GFLOP/s | p50 | p99 | refused, retried | "
+        "errors | timeouts |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     flops = 2 * run["non_embedding_params"]
     for s in run["systems"]:
         for p in s["points"]:
             lines.append(
-                f"| {s['name']} | {s['precision']}, {s['backend']} | {p['load']} | {p['items'] / p['duration']:.2f} | "
-                f"{p['tokens'] / p['duration']:.0f} | {flops * p['tokens'] / p['duration'] / 1e9:.0f} | "
-                f"{_ms(pct(p['latencies'], 50))} | {_ms(pct(p['latencies'], 99))} | {p['rejected']} | {p['errors']} | {p['timeouts']} |"
+                f"| {s['name']} | {s['precision']}, {s['backend']} | {p['load']} | {p['items'] / p['duration']:.2f} "
+                f"| {p['tokens'] / p['duration']:.0f} | {flops * p['tokens'] / p['duration'] / 1e9:.0f} | "
+                f"{_ms(pct(p['latencies'], 50))} | {_ms(pct(p['latencies'], 99))} | {p['rejected']} | {p['errors']} "
+                f"| {p['timeouts']} |"
             )
     lines += [
         "",
-        "items/s and tokens/s: calls answered inside the window. p50/p99: every answered call, from its first attempt "
-        "(rm-service refuses at once when its queue holds more than ~2 s of work; the client backs off as rm_client does and "
-        'retries; the refusals are the "refused, retried" column). Open loop: Poisson arrivals at 50% of the system\'s best '
-        "closed-loop items/s. Model GFLOP/s: 2 x the "
-        f"{run['non_embedding_params'] / 1e6:.1f} M non-embedding parameters x tokens/s (attention's own FLOPs left out)"
+        "items/s and tokens/s: calls answered inside the window. p50/p99: every answered call, from its first "
+        "attempt (rm-service refuses at once when its queue holds more than ~2 s of work; the client backs off as "
+        'rm_client does and retries; the refusals are the "refused, retried" column). Open loop: Poisson arrivals '
+        "at 50% of the system's best closed-loop items/s. Model GFLOP/s: 2 x the "
+        f"{run['non_embedding_params'] / 1e6:.1f} M non-embedding parameters x tokens/s (attention's own FLOPs left "
+        "out)"
         + (
             f"; this machine's GEMM rates as rm-service's precision probe measured and cached them: fp32 "
             f"{run['gemm']['fp32_gflops']:.0f}, bf16 {run['gemm']['bf16_gflops']:.0f} GFLOP/s"
@@ -94,8 +98,10 @@ def report(run: dict) -> str:
         "",
     ]
     lines += [
-        "Each system runs alone, in turn; the machine is shared with other work, so the 1-minute load average before each "
-        "system started is given: " + ", ".join(f"{s['name']} {s['loadavg_before']:.1f}" for s in run["systems"]) + ".",
+        "Each system runs alone, in turn; the machine is shared with other work, so the 1-minute load average before "
+        "each system started is given: "
+        + ", ".join(f"{s['name']} {s['loadavg_before']:.1f}" for s in run["systems"])
+        + ".",
         "",
     ]
     lines += _acceptance(run)
@@ -117,8 +123,9 @@ def _acceptance(run: dict) -> list[str]:
     if rm and "openrlhf" in by:
         ratio = rm["saturation_items_per_s"] / by["openrlhf"]["saturation_items_per_s"]
         out.append(
-            f"| rm-service items/s over OpenRLHF serve_rm's (best closed loop each) | {rm['saturation_items_per_s']:.2f} / "
-            f"{by['openrlhf']['saturation_items_per_s']:.2f} = **{ratio:.2f}x** | >= 2x |"
+            "| rm-service items/s over OpenRLHF serve_rm's (best closed loop each) | "
+            f"{rm['saturation_items_per_s']:.2f} / {by['openrlhf']['saturation_items_per_s']:.2f} = **{ratio:.2f}x** "
+            "| >= 2x |"
         )
         if run.get("gemm"):
             need = (
@@ -137,13 +144,14 @@ def _acceptance(run: dict) -> list[str]:
         single = pct(_point(rm, "closed 1")["latencies"], 50) if _point(rm, "closed 1") else float("nan")
         half = pct(_point(rm, "open")["latencies"], 99)
         out.append(
-            f"| rm-service p99 at 50% load over its single-call p50 | {_ms(half)} / {_ms(single)} = **{half / single:.1f}x** | <= 3x |"
+            f"| rm-service p99 at 50% load over its single-call p50 | {_ms(half)} / {_ms(single)} = "
+            f"**{half / single:.1f}x** | <= 3x |"
         )
         for name, s in by.items():
             if name != "rm-service":
                 out.append(
-                    f"| rm-service p99 at 50% load vs {name}'s | {_ms(half)} vs {_ms(pct(_point(s, 'open')['latencies'], 99))} | "
-                    f"no worse |"
+                    f"| rm-service p99 at 50% load vs {name}'s | {_ms(half)} vs "
+                    f"{_ms(pct(_point(s, 'open')['latencies'], 99))} | no worse |"
                 )
     for name, s in by.items():
         p64 = _point(s, "closed 64")
@@ -158,8 +166,8 @@ def _acceptance(run: dict) -> list[str]:
             if name != "rm-service":
                 diff = max(abs(a - b) for a, b in zip(ref, s["probe_rewards"], strict=True))
                 out.append(
-                    f"| same model, same token: max reward difference vs rm-service on {len(ref)} items | {name}: {diff:.3f} "
-                    f"(rewards span {min(ref):.2f} .. {max(ref):.2f}) | precision noise only |"
+                    f"| same model, same token: max reward difference vs rm-service on {len(ref)} items | {name}: "
+                    f"{diff:.3f} (rewards span {min(ref):.2f} .. {max(ref):.2f}) | precision noise only |"
                 )
     return out
 

@@ -40,19 +40,22 @@ def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
 
 def table(summary, metrics: list[dict]) -> str:
     lines = [
-        "| step | served reward (mean) | KL to reference (nats/seq) | kl_coef | entropy | clip frac | response tokens | generate s | score s | train s | step s |",
+        "| step | served reward (mean) | KL to reference (nats/seq) | kl_coef | entropy | clip frac | response "
+        "tokens | generate s | score s | train s | step s |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in metrics:
         lines.append(
-            f"| {m['step']} | {m['reward/served_mean']:+.3f} | {m['kl/ref_seq']:.3f} | {m['kl/coef']:.3f} | {m['policy/entropy']:.2f} | "
-            f"{m['policy/clipfrac']:.3f} | {m['response/length_mean']:.1f} | {m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | "
-            f"{m['time/train_s']:.1f} | {m['time/step_s']:.1f} |"
+            f"| {m['step']} | {m['reward/served_mean']:+.3f} | {m['kl/ref_seq']:.3f} | {m['kl/coef']:.3f} | "
+            f"{m['policy/entropy']:.2f} | {m['policy/clipfrac']:.3f} | {m['response/length_mean']:.1f} | "
+            f"{m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} | "
+            f"{m['time/step_s']:.1f} |"
         )
     p = summary.seconds_per_phase
     lines += [
         "",
-        f"mean seconds per step: generate {p['generate']:.1f}, score {p['score']:.1f}, train {p['train']:.1f}, total {p['step']:.1f}",
+        f"mean seconds per step: generate {p['generate']:.1f}, score {p['score']:.1f}, train {p['train']:.1f}, total "
+        f"{p['step']:.1f}",
     ]
     if summary.eval_before and summary.eval_after:
         b, a = summary.eval_before, summary.eval_after
@@ -62,8 +65,10 @@ def table(summary, metrics: list[dict]) -> str:
             "",
             "| policy | mean served reward | std | KL to reference | response tokens | ended with EOS |",
             "|---|---:|---:|---:|---:|---:|",
-            f"| before (reference) | {b['reward_mean']:+.4f} | {b['reward_std']:.3f} | 0 | {b['length_mean']:.1f} | {b['ended_fraction']:.2f} |",
-            f"| after {summary.steps} steps | {a['reward_mean']:+.4f} | {a['reward_std']:.3f} | {a['kl_seq']:.3f} | {a['length_mean']:.1f} | {a['ended_fraction']:.2f} |",
+            f"| before (reference) | {b['reward_mean']:+.4f} | {b['reward_std']:.3f} | 0 | {b['length_mean']:.1f} | "
+            f"{b['ended_fraction']:.2f} |",
+            f"| after {summary.steps} steps | {a['reward_mean']:+.4f} | {a['reward_std']:.3f} | {a['kl_seq']:.3f} | "
+            f"{a['length_mean']:.1f} | {a['ended_fraction']:.2f} |",
         ]
     return "\n".join(lines)
 
@@ -88,8 +93,9 @@ def main() -> int:
             overrides["run_dir"] = args.run_dir
         settings = load_settings(args.config, **overrides)
         print(
-            f"policy {settings.policy}; {settings.prompts_per_step} prompts x {settings.samples_per_prompt} samples x "
-            f"{settings.max_new_tokens} new tokens; lr {settings.learning_rate}; kl_coef {settings.kl_coef}; server {address}",
+            f"policy {settings.policy}; {settings.prompts_per_step} prompts x {settings.samples_per_prompt} samples "
+            f"x {settings.max_new_tokens} new tokens; lr {settings.learning_rate}; kl_coef {settings.kl_coef}; "
+            f"server {address}",
             flush=True,
         )
         metrics: list[dict] = []

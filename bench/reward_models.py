@@ -8,7 +8,7 @@ runs the largest size first: its wall time includes extracting the features of e
 fine-tunes the backbone for one epoch per row. Prints one markdown table with the hardware
 and precision named, and writes a learning curve (PNG).
 
-    .venv/bin/python bench/reward_models.py                                   # the table in docs/benchmarks.md (~20 min on 2 cores)
+    .venv/bin/python bench/reward_models.py    # the table in docs/benchmarks.md (~20 min on 2 cores)
     .venv/bin/python bench/reward_models.py --backbones minilm-l6 --modes head --sizes 250,all
 """
 
@@ -78,7 +78,8 @@ def run(args) -> list[dict]:
                         }
                     )
                     print(
-                        f"{backbone} {mode} {int(m['train_pairs'])} pairs: held-out {m['accuracy']:.4f} in {seconds:.0f}s ({result.details})",
+                        f"{backbone} {mode} {int(m['train_pairs'])} pairs: held-out {m['accuracy']:.4f} in "
+                        f"{seconds:.0f}s ({result.details})",
                         flush=True,
                     )
     finally:

@@ -44,7 +44,7 @@ from rm_service.data import HH_PAIRS
 from rm_service.formats.hh import HHFormatError, read_pairs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import gemm_flops, non_embedding_params  # noqa: E402
+from train import gemm_flops, non_embedding_params
 
 DATA = HH_PAIRS
 
@@ -236,11 +236,13 @@ def main() -> None:
     single_p50 = pct(single, 50)
 
     print(
-        f"\nmodel {args.model} served by {served_backend(log_path)} in its own process; {os.cpu_count()} cores shared with the "
-        f"clients; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); {args.items_per_call} items per call; HH-RLHF lengths\n"
+        f"\nmodel {args.model} served by {served_backend(log_path)} in its own process; {os.cpu_count()} cores "
+        f"shared with the clients; fp32 GEMM {gemm / 1e9:.0f} GFLOP/s (measured in this run); {args.items_per_call} "
+        "items per call; HH-RLHF lengths\n"
     )
     print(
-        "| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms | rejected calls (retried) |\n|---:|---:|---:|---:|---:|---:|"
+        "| closed loop clients | pairs/s | tokens/s | p50 ms | p99 ms | rejected calls (retried) "
+        "|\n|---:|---:|---:|---:|---:|---:|"
     )
     for c, pairs, tokens, lat, rejected in sweep:
         print(f"| {c} | {pairs:.1f} | {tokens:.0f} | {pct(lat, 50):.0f} | {pct(lat, 99):.0f} | {rejected} |")
@@ -250,21 +252,23 @@ def main() -> None:
     print("\n| figure | value |\n|---|---|")
     print(f"| saturation (closed loop, {best[0]} clients) | {best[1]:.1f} pairs/s, {best[2]:.0f} tokens/s |")
     print(
-        f"| naive loop (in process, torch, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} tokens/s, "
-        f"{2 * params * naive_tokens / gemm:.0%} MFU |"
+        f"| naive loop (in process, torch, one pair at a time) | {naive_pairs:.1f} pairs/s, {naive_tokens:.0f} "
+        f"tokens/s, {2 * params * naive_tokens / gemm:.0%} MFU |"
     )
     print(f"| ratio server / naive | {best[1] / naive_pairs:.2f}x |")
     print(f"| ceiling: server / naive at 100% MFU | {ceiling:.2f}x |")
     print(f"| model FLOPs utilisation at saturation (fp32 GEMM) | {mfu:.0%} |")
     print(f"| single-request latency ({args.items_per_call} items, nothing else in flight) p50 | {single_p50:.0f} ms |")
     print(
-        f"| open loop 50%: p50 / p99 latency ({len(half['ok'])} calls) | {pct(half['ok'], 50):.0f} / {pct(half['ok'], 99):.0f} ms |"
+        f"| open loop 50%: p50 / p99 latency ({len(half['ok'])} calls) | {pct(half['ok'], 50):.0f} / "
+        f"{pct(half['ok'], 99):.0f} ms |"
     )
     print(f"| p99 at 50% over single-request p50 | {pct(half['ok'], 99) / single_p50:.1f}x |")
     over_total = len(over["ok"]) + len(over["rejected"]) + len(over["errors"])
     print(f"| open loop 150%: rejected | {len(over['rejected'])} of {over_total} calls |")
     print(
-        f"| open loop 150%: rejection latency p50 / p99 | {pct(over['rejected'], 50):.1f} / {pct(over['rejected'], 99):.1f} ms |"
+        f"| open loop 150%: rejection latency p50 / p99 | {pct(over['rejected'], 50):.1f} / "
+        f"{pct(over['rejected'], 99):.1f} ms |"
     )
     print(f"| errors other than RESOURCE_EXHAUSTED | {len(half['errors']) + len(over['errors'])} |")
 

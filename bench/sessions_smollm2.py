@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_smollm2 import start_server  # noqa: E402
+from ppo_smollm2 import start_server
 
-from rm_service.data import HH_PAIRS  # noqa: E402
+from rm_service.data import HH_PAIRS
 
 
 def table(summary, metrics: list[dict], max_turns: int) -> str:

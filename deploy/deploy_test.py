@@ -43,14 +43,14 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import images  # noqa: E402  (deploy/images.py)
+import images
 
-from rm_client.channel import open_channel  # noqa: E402
-from rm_client.messages import to_proto  # noqa: E402
-from rm_service.api.v1 import preference_pb2, reward_pb2, reward_pb2_grpc  # noqa: E402
-from rm_service.client import Client, score_item  # noqa: E402
-from rm_service.conversation import Message  # noqa: E402
-from rm_service.server.app import free_port  # noqa: E402
+from rm_client.channel import open_channel
+from rm_client.messages import to_proto
+from rm_service.api.v1 import preference_pb2, reward_pb2, reward_pb2_grpc
+from rm_service.client import Client, score_item
+from rm_service.conversation import Message
+from rm_service.server.app import free_port
 
 NAME = "rm-deploy-test"
 VOLUME = "rm-deploy-test-home"
@@ -412,7 +412,10 @@ def scale_out(run: Run) -> str:
     )
     codes = [c.stop_and_wait() for c in (*scorers, store)]
     check(codes == [0, 0, 0], f"exit codes after SIGTERM: {codes}")
-    return f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + {counts[1]}; all exited 0"
+    return (
+        f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + "
+        f"{counts[1]}; all exited 0"
+    )
 
 
 def _score_calls(metrics_text: str) -> int:

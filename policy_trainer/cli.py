@@ -40,8 +40,8 @@ def _print_summary(summary) -> None:
     if summary.eval_before and summary.eval_after:
         b, a = summary.eval_before, summary.eval_after
         print(
-            f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> {a['reward_mean']:+.4f}, "
-            f"KL to reference {a['kl_seq']:.3f} nats/sequence"
+            f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> "
+            f"{a['reward_mean']:+.4f}, KL to reference {a['kl_seq']:.3f} nats/sequence"
         )
         if "session_value_mean" in a:  # sessions: the reward above is per assistant turn, the KL per session
             print(

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
 
     from policy_trainer.turn_credit import Sessions
+
+if TYPE_CHECKING:
+    from policy_trainer.settings import PPOSettings  # noqa: F401  (the settings argument's type)
 
 # torch loads with the trainer, not with the settings (`--version`): the estimators import it when called.
 
@@ -78,4 +81,7 @@ ESTIMATORS: dict[str, Estimator] = {
     "turn_rloo": Estimator(False, _turn_rloo, needs_groups=True),
 }
 
-EstimatorName = Literal[tuple(ESTIMATORS)]  # the settings' choices: every registered estimator
+# The settings' choices, written out so that type checkers see them; they must be the registry's names.
+EstimatorName = Literal["gae", "rloo", "turn_gae", "turn_rloo"]
+if set(get_args(EstimatorName)) != set(ESTIMATORS):
+    raise ImportError(f"EstimatorName {get_args(EstimatorName)} must list the registered estimators {list(ESTIMATORS)}")

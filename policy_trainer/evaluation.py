@@ -13,7 +13,8 @@ EVAL_SEED = 1234
 
 
 class EvaluationMixin:
-    """PPOTrainer's evaluation (needs self.m, self.s, self.eval_prompts, self.gold, rollout, served_rewards, token_logprobs)."""
+    """PPOTrainer's evaluation (needs self.m, self.s, self.eval_prompts, self.gold, rollout, served_rewards,
+    token_logprobs)."""
 
     def eval_rollout(self, lm=None) -> Rollout:
         """Held-out prompts, `samples_per_prompt` samples each, on a fixed RNG stream (restored

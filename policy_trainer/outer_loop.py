@@ -56,7 +56,7 @@ def candidates(
 ) -> list[preference_pb2.Candidate]:
     """Candidates (prompt + its distinct non-empty completions, K >= 2) for the labeling queue."""
     out = []
-    for n, (prompt, texts) in enumerate(zip(prompts, completions)):
+    for n, (prompt, texts) in enumerate(zip(prompts, completions, strict=True)):
         distinct = list(dict.fromkeys(t for t in texts if t.strip()))
         if len(distinct) < 2:
             continue
@@ -160,7 +160,8 @@ class OuterLoop:
             request = training_pb2.RetrainRequest(
                 mode=self.retrain_mode,
                 promote=True,
-                reason=f"policy trainer step {step}: {stats.labels_since_snapshot} labels since snapshot {stats.latest_snapshot_id or 'none'}",
+                reason=f"policy trainer step {step}: {stats.labels_since_snapshot} labels since snapshot "
+                f"{stats.latest_snapshot_id or 'none'}",
             )
             job = self.training.RequestRetrain(request, timeout=self.timeout_s)
         except grpc.RpcError as err:
@@ -212,7 +213,7 @@ class OuterLoop:
         self.min_labels = state.get("min_labels", self.retrain_min_labels)
 
 
-def evidence(metrics) -> dict[str, dict[str, float]]:
+def evidence(metrics) -> dict[str, dict[str, float | None]]:
     """A finished job's evidence by group (human, onpolicy, combined): pairs, the mean
     per-pair log-likelihood gain over the parent and its interval (None: unbounded)."""
     out = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from torch import nn
 from rm_service.models.precision import autocast, resolve_precision
 from rm_service.models.resolver import resolve
 from rm_service.settings import ModelSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class PolicyWithValue(nn.Module):
@@ -85,7 +89,7 @@ def reference_logits(
 class Loaded:
     policy: PolicyWithValue
     ref: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     precision: str  # "fp32" or "bf16" (autocast)
 

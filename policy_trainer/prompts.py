@@ -204,7 +204,7 @@ class PromptSampler:
         self.pos = 0
 
     def next(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             if self.pos == self.n:
                 self.order, self.pos = self.rng.permutation(self.n), 0

@@ -41,6 +41,7 @@ def conservative(scores: Scores, reward_mean: float, reward_std: float, how: str
     mean), "mean_minus_std" mean(z) - k std(z), "min" min(z)."""
     if how == "none":
         return scores.rewards
+    assert scores.members is not None  # Scores.of always sets them
     z = (scores.members - reward_mean) / reward_std  # [N, M]
     if how == "min":
         return z.min(axis=1)

@@ -76,7 +76,7 @@ def response_mask(response_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torc
 def decode(tokenizer, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [
         tokenizer.decode(ids[: int(m.sum())].tolist(), skip_special_tokens=True).strip()
-        for ids, m in zip(response_ids.cpu(), mask.cpu())
+        for ids, m in zip(response_ids.cpu(), mask.cpu(), strict=True)
     ]
 
 

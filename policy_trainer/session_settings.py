@@ -24,16 +24,21 @@ class SessionSettings(PPOSettings):
 
     advantage_estimator: EstimatorName = Field(
         "turn_gae",
-        description="Credit across turns: turn_gae (a turn is one action, GAE over turns), gae (token-level GAE over the session's policy tokens), turn_rloo (critic-free: each turn's return against the other sessions from the same start). rloo is single-turn only.",
+        description="Credit across turns: turn_gae (a turn is one action, GAE over turns), gae (token-level GAE over "
+        "the session's policy tokens), turn_rloo (critic-free: each turn's return against the other sessions from the "
+        "same start). rloo is single-turn only.",
     )
     max_turns: int = Field(3, ge=1, le=64, description="Most assistant turns per session.")
     user_simulator: Literal["replay", "served"] = Field(
         "replay",
-        description="Who writes the user turns: replay (static context: the recorded conversation's real next user turn, whatever the policy said) or served (interactive: the user model behind rm.v1.UserService.SimulateUser).",
+        description="Who writes the user turns: replay (static context: the recorded conversation's real next user "
+        "turn, whatever the policy said) or served (interactive: the user model behind "
+        "rm.v1.UserService.SimulateUser).",
     )
     user_addresses: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="host:port of the user-model server(s) for user_simulator=served (comma-separated in the environment); empty: the reward servers.",
+        description="host:port of the user-model server(s) for user_simulator=served (comma-separated in the "
+        "environment); empty: the reward servers.",
     )
     user_model_version: str = Field(
         "", description="Pin a user-model version; empty: the served one at the first call, kept for the run."
@@ -46,7 +51,8 @@ class SessionSettings(PPOSettings):
     session_reward_weight: float = Field(
         1.0,
         ge=0,
-        description="Weight of the session value (ScoreTurns' session_value, normalised like the turn rewards) added at the session's last turn; 0: per-turn rewards only.",
+        description="Weight of the session value (ScoreTurns' session_value, normalised like the turn rewards) added "
+        "at the session's last turn; 0: per-turn rewards only.",
     )
 
     @field_validator("user_addresses", mode="before")

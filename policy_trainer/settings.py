@@ -39,7 +39,8 @@ class PPOSettings(BaseSettings):
     # -- run -------------------------------------------------------------------------------
     run_dir: Path = Field(
         default_factory=lambda: rm_home() / "ppo",
-        description="Directory of the run (default `$RM_HOME/ppo`): metrics.jsonl, events.jsonl, TensorBoard files, plots, checkpoints, the final policy.",
+        description="Directory of the run (default `$RM_HOME/ppo`): metrics.jsonl, events.jsonl, TensorBoard files, "
+        "plots, checkpoints, the final policy.",
     )
     seed: int = Field(0, description="Seed of prompt order, sampling and the value head's initialisation.")
     total_steps: int = Field(
@@ -50,12 +51,14 @@ class PPOSettings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once per machine and cached under $RM_HOME/cache.",
+        description="bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once per "
+        "machine and cached under $RM_HOME/cache.",
     )
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
     resume: bool = Field(
         False,
-        description="Continue from the last checkpoint in run_dir: policy, value head, optimizer, RNG, KL controller, reward statistics, step.",
+        description="Continue from the last checkpoint in run_dir: policy, value head, optimizer, RNG, KL "
+        "controller, reward statistics, step.",
     )
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0: only the final one).")
     keep_checkpoints: int = Field(1, ge=1, description="Checkpoints kept on disk (the oldest are deleted).")
@@ -63,29 +66,33 @@ class PPOSettings(BaseSettings):
     # -- policy ----------------------------------------------------------------------------
     policy: str = Field(
         "smollm2-135m-instruct",
-        description="Policy to train: the bundled smollm2-135m-instruct or an HF causal-LM directory. The frozen reference is a copy of it.",
+        description="Policy to train: the bundled smollm2-135m-instruct or an HF causal-LM directory. The frozen "
+        "reference is a copy of it.",
     )
 
     # -- prompts ---------------------------------------------------------------------------
     prompts_file: Path | None = Field(
         None,
-        description='JSONL of prompts: {"prompt": [messages]} (our ranking/TRL exports), {"messages": [...]} (the turns up to the last user turn), or HH {"chosen": "\\n\\nHuman: ..."}.',
+        description='JSONL of prompts: {"prompt": [messages]} (our ranking/TRL exports), {"messages": [...]} (the '
+        'turns up to the last user turn), or HH {"chosen": "\\n\\nHuman: ..."}.',
     )
     prompts_store: Path | None = Field(
         None,
-        description="Read the prompts from a preference-store DuckDB file instead (read-only; the file must not be held by a running server).",
+        description="Read the prompts from a preference-store DuckDB file instead (read-only; the file must not be "
+        "held by a running server).",
     )
     max_prompt_tokens: int = Field(
         192,
         ge=8,
-        description="Most prompt tokens after the chat template; a longer prompt is cut from the left at turn boundaries "
-        "(oldest turns first; the last turn's start only when it alone is longer), never dropped.",
+        description="Most prompt tokens after the chat template; a longer prompt is cut from the left at turn "
+        "boundaries (oldest turns first; the last turn's start only when it alone is longer), never dropped.",
     )
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts (None: all).")
     eval_prompts: int = Field(
         8,
         ge=0,
-        description="Prompts held out from training (chosen by conversation id hash) and scored before and after training.",
+        description="Prompts held out from training (chosen by conversation id hash) and scored before and after "
+        "training.",
     )
     eval_every: int = Field(
         0,
@@ -108,13 +115,15 @@ class PPOSettings(BaseSettings):
     reward_addresses: Annotated[list[str], NoDecode] = Field(
         ["127.0.0.1:50051"],
         min_length=1,
-        description="Reward server address(es) host:port; several are used round-robin (retries go to the next one). Comma-separated in flags and the environment.",
+        description="Reward server address(es) host:port; several are used round-robin (retries go to the next one). "
+        "Comma-separated in flags and the environment.",
     )
     score_timeout_s: float = Field(60.0, gt=0, description="Deadline of every Score call.")
     score_max_retries: int = Field(
         4,
         ge=0,
-        description="Retries of a Score call answered UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND (pinned version not loaded yet), with exponential backoff.",
+        description="Retries of a Score call answered UNAVAILABLE, RESOURCE_EXHAUSTED or NOT_FOUND (pinned version "
+        "not loaded yet), with exponential backoff.",
     )
     score_backoff_s: float = Field(0.2, gt=0, description="First retry delay; doubled each retry, with jitter.")
     score_backoff_max_s: float = Field(5.0, gt=0, description="Longest retry delay.")
@@ -123,14 +132,17 @@ class PPOSettings(BaseSettings):
     )
     auth_token: SecretStr | None = Field(
         None,
-        description="Bearer token sent with every call (servers with RM_AUTH_TOKENS); prefer PPO_AUTH_TOKEN over the flag.",
+        description="Bearer token sent with every call (servers with RM_AUTH_TOKENS); prefer PPO_AUTH_TOKEN over the "
+        "flag.",
     )
     tls_ca: Path | None = Field(None, description="PEM CA bundle: connect with TLS, verifying the server against it.")
 
     # -- PPO -------------------------------------------------------------------------------
     advantage_estimator: EstimatorName = Field(
         "gae",
-        description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples of each prompt (no value head, no value loss). turn_gae, turn_rloo: the multi-turn estimators (`policy-trainer sessions`); on single replies, GAE and RLOO over each reply's total reward.",
+        description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples "
+        "of each prompt (no value head, no value loss). turn_gae, turn_rloo: the multi-turn estimators "
+        "(`policy-trainer sessions`); on single replies, GAE and RLOO over each reply's total reward.",
     )
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy (and the value head).")
     value_learning_rate: float | None = Field(
@@ -176,7 +188,8 @@ class PPOSettings(BaseSettings):
     )
     normalize_reward: bool = Field(
         True,
-        description="Scale the served reward by running statistics of this reward-model version (reset at each version switch).",
+        description="Scale the served reward by running statistics of this reward-model version (reset at each "
+        "version switch).",
     )
     reward_clip: float | None = Field(
         10.0, gt=0, description="Clip the (normalised) reward to [-reward_clip, reward_clip] (None: no clipping)."
@@ -186,13 +199,15 @@ class PPOSettings(BaseSettings):
     )
     empty_completion_reward: float = Field(
         -1.0,
-        description="Reward given to completions that decode to empty text (the server cannot score them); counted in `empty_fraction`.",
+        description="Reward given to completions that decode to empty text (the server cannot score them); counted "
+        "in `empty_fraction`.",
     )
 
     # -- outer loop ------------------------------------------------------------------------
     store_address: str | None = Field(
         None,
-        description="Address of the server that owns the store (PreferenceService, TrainingService); None: the first reward address.",
+        description="Address of the server that owns the store (PreferenceService, TrainingService); None: the first "
+        "reward address.",
     )
     follow_models: bool = Field(
         True, description="Follow WatchModels and switch to each newly promoted reward-model version between batches."
@@ -209,9 +224,9 @@ class PPOSettings(BaseSettings):
     retrain_min_labels: int = Field(
         0,
         ge=0,
-        description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: never). "
-        "After a retrain the promotion rule left undecided, the next waits for the labels the rule says a decision "
-        "needs (its pairs_needed), at least this many and at most retrain_max_labels.",
+        description="Request retraining when GetStats shows at least this many labels since the latest snapshot (0: "
+        "never). After a retrain the promotion rule left undecided, the next waits for the labels the rule says a "
+        "decision needs (its pairs_needed), at least this many and at most retrain_max_labels.",
     )
     retrain_max_labels: int = Field(
         0,
@@ -225,16 +240,18 @@ class PPOSettings(BaseSettings):
     )
     selection: Literal["uncertainty", "random"] = Field(
         "uncertainty",
-        description="Which prompts' samples go to labeling: uncertainty = those whose order the served ensemble doubts most "
-        "(members' disagreement and closeness of the rewards; the doubt is the task's priority); random = a uniform draw.",
+        description="Which prompts' samples go to labeling: uncertainty = those whose order the served ensemble "
+        "doubts most (members' disagreement and closeness of the rewards; the doubt is the task's priority); random "
+        "= a uniform draw.",
     )
     label_budget: int = Field(0, ge=0, description="Most labeling candidates submitted over the run (0: no limit).")
 
     # -- gold reward -----------------------------------------------------------------------
     gold_address: str | None = Field(
         None,
-        description="Reward server of a gold reward model, scored beside the served proxy on the held-out samples at every evaluation "
-        "(never trained against): over-optimisation shows as gold falling while the proxy rises (Gao et al., 2023).",
+        description="Reward server of a gold reward model, scored beside the served proxy on the held-out samples at "
+        "every evaluation (never trained against): over-optimisation shows as gold falling while the proxy rises "
+        "(Gao et al., 2023).",
     )
     gold_version: str = Field(
         "", description="Version of the gold model on gold_address (pinned; empty: that server's default)."
@@ -261,7 +278,8 @@ class PPOSettings(BaseSettings):
             raise ValueError("set prompts_file or prompts_store, not both")
         if ESTIMATORS[self.advantage_estimator].needs_groups and self.samples_per_prompt < 2:
             raise ValueError(
-                f"advantage_estimator={self.advantage_estimator} needs samples_per_prompt >= 2 (the baseline is the other samples' mean)"
+                f"advantage_estimator={self.advantage_estimator} needs samples_per_prompt >= 2 (the baseline is the "
+                "other samples' mean)"
             )
         if self.submit_every and self.samples_per_prompt < 2:
             raise ValueError("submit_every needs samples_per_prompt >= 2 (a labeling candidate has K >= 2 completions)")
@@ -322,6 +340,7 @@ if __name__ == "__main__":  # print the settings table of docs/policy-trainer.md
     spec = importlib.util.spec_from_file_location(
         "settings_table", Path(__file__).resolve().parent.parent / "tools" / "settings_table.py"
     )
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     print(module.table(PPOSettings))

@@ -5,13 +5,15 @@ minibatches of the clipped objective (CleanRL's inner loop). Per-token tensors a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from policy_trainer.estimators import ESTIMATORS
-from policy_trainer.policy import reference_logits
+from policy_trainer.policy import Loaded, reference_logits
 from policy_trainer.ppo import (
+    AdaptiveKLController,
     entropy_of,
     logprobs_of,
     masked_mean,
@@ -22,6 +24,9 @@ from policy_trainer.ppo import (
     value_loss,
 )
 from policy_trainer.rollout import Rollout
+
+if TYPE_CHECKING:
+    from policy_trainer.settings import PPOSettings
 
 
 @dataclass
@@ -42,7 +47,12 @@ class Batch:
 
 
 class UpdateMixin:
-    """PPOTrainer's update (needs self.m, self.s, self.optimizer, self.kl_ctl)."""
+    """PPOTrainer's update, on the trainer's state below."""
+
+    m: Loaded
+    s: PPOSettings
+    optimizer: torch.optim.Optimizer
+    kl_ctl: AdaptiveKLController
 
     def forward(self, rollout: Rollout, with_grad: bool):
         """Policy logits and values on a rollout (trimmed to its real columns)."""

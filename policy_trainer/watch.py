@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import grpc
 
@@ -25,7 +26,7 @@ class ModelWatcher:
         self._info: reward_pb2.ModelInfo | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._call = None
+        self._call: Any = None  # the WatchModels stream: a grpc.Call that is also an iterator of events
         self._thread = threading.Thread(target=self._run, name="watch-models", daemon=True)
         self._thread.start()
 

@@ -35,9 +35,8 @@ def _import(args) -> int:
     try:
         counts, rejected = import_file(store, path, args.format, args.annotator)
     except ImportStopped as stop:
-        _import_report(
-            args.file, stop.counts, stop.reasons, limit=None
-        )  # every rejected line: the rest before the stop is stored
+        # Every rejected line: the rest before the stop is stored.
+        _import_report(args.file, stop.counts, stop.reasons, limit=None)
         print(f"rm-service import: {stop}", file=sys.stderr)
         return 130 if isinstance(stop.cause, KeyboardInterrupt) else 1
     finally:
@@ -90,9 +89,10 @@ def _train(args) -> int:
         return 0
     m = result.metrics
     print(
-        f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out accuracy {m['accuracy']:.4f} "
-        f"({int(m.get('heldout_pairs', 0))} pairs), loss {m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; "
-        f"train accuracy {m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)"
+        f"trained {result.version} ({settings.mode} mode) on {settings.backbone} in {result.seconds:.0f}s: held-out "
+        f"accuracy {m['accuracy']:.4f} ({int(m.get('heldout_pairs', 0))} pairs), loss "
+        f"{m.get('loss', float('nan')):.4f}, ECE {m.get('ece', float('nan')):.4f}; train accuracy "
+        f"{m['train_accuracy']:.4f} ({int(m['train_pairs'])} pairs)"
     )
     if result.details:
         print(result.details)
@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "train",
         help="train a Bradley-Terry reward model from the store and register it",
-        description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes the gate.",
+        description="Snapshot the store, train a Bradley-Terry reward model, register it and promote it if it passes "
+        "the gate.",
     )
     s.settings_flags(TrainSettings)
     s.set_defaults(func=_train)
@@ -289,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "demo",
-        help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, report",
-        description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
-        "report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults shown are the cpu profile's.",
+        help="the whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and retraining, "
+        "report",
+        description="The whole RLHF loop: import HH-RLHF, train gold and proxy, serve, PPO with labeling and "
+        "retraining, report. Flags override RM_DEMO_* variables, which override the profile's sizes; the defaults "
+        "shown are the cpu profile's.",
     )
     s.settings_flags(
         _demo_settings,
@@ -317,9 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         and len(extra) == 1
         and not extra[0].startswith("-")
     ):
-        args.dir = (
-            extra.pop()
-        )  # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
+        # `models export VERSION --format hf DIR`: argparse leaves a positional after an option over
+        args.dir = extra.pop()
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)

@@ -1,10 +1,10 @@
 """Messages, conversations and their content-addressed ids.
 
 A preference item is (prompt, completion): the prompt holds every turn before the
-completion (multi-turn chats are first class), the completion is the final assistant turn. HH-RLHF's transcript text is the one text form of a
-conversation kept here (`parse_conversation`, `render_conversation`), so that readers of
-prompts outside the service (the policy trainer) use the same rules as the hh format
-(rm_service.formats.hh).
+completion (multi-turn chats are first class), the completion is the final assistant turn.
+HH-RLHF's transcript text is the one text form of a conversation kept here (`parse_conversation`,
+`render_conversation`), so that readers of prompts outside the service (the policy trainer) use
+the same rules as the hh format (rm_service.formats.hh).
 """
 
 from __future__ import annotations

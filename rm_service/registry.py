@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
 from rm_service.store import versions
@@ -115,7 +116,8 @@ def _json_safe(value):
 
 def _effect(d: dict) -> Effect:
     bounds = {"low": -math.inf, "high": math.inf}
-    return Effect(**{k: (bounds.get(k, math.nan) if v is None else v) for k, v in d.items()})
+    fields: dict[str, Any] = {k: (bounds.get(k, math.nan) if v is None else v) for k, v in d.items()}
+    return Effect(**fields)
 
 
 def decide(

@@ -36,7 +36,8 @@ class StoreSettings(BaseSettings):
     group_commit_max_labels: int = Field(
         4096,
         ge=1,
-        description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group commit).",
+        description="Most labels the writer commits in one transaction; 1 = one transaction per request (no group "
+        "commit).",
     )
 
 
@@ -66,20 +67,22 @@ class ServeSettings(HttpServeSettings):
     port: int = Field(50051, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     model: str | None = Field(
         None,
-        description="Serve this model (a registry version, a bundled name or an HF directory) instead of the promoted version.",
+        description="Serve this model (a registry version, a bundled name or an HF directory) instead of the "
+        "promoted version.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device for the model; auto picks CUDA when present."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 autocast as measured "
-        "once per machine (models/precision.py); golden pairs are checked in the precision served.",
+        description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 "
+        "autocast as measured once per machine (models/precision.py); golden pairs are checked in the precision "
+        "served.",
     )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",
-        description="What runs batches: auto = PyTorch in the chosen precision, except ONNX Runtime when that precision is fp32 on a "
-        "CPU and the version has an ONNX export (always PyTorch on CUDA).",
+        description="What runs batches: auto = PyTorch in the chosen precision, except ONNX Runtime when that "
+        "precision is fp32 on a CPU and the version has an ONNX export (always PyTorch on CUDA).",
     )
     also_load: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -97,33 +100,35 @@ class ServeSettings(HttpServeSettings):
     max_batch_tokens: int = Field(
         2048,
         gt=0,
-        description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it (16k+) on a GPU.",
+        description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it "
+        "(16k+) on a GPU.",
     )
     max_padding: float = Field(
         0.3,
         ge=0,
         le=1,
-        description="An item that is not yet due joins a batch only while padding the batch's not-yet-due rows to its longest item "
-        "wastes at most this fraction of their tokens (due items join whatever their length).",
+        description="An item that is not yet due joins a batch only while padding the batch's not-yet-due rows to "
+        "its longest item wastes at most this fraction of their tokens (due items join whatever their length).",
     )
     fair_wait_s: float = Field(
         0.0,
         ge=0,
-        description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the tokens queued "
-        "ahead of it at admission over the measured rate) joins the next batch whatever its length. "
-        "0 = 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
+        description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the "
+        "tokens queued ahead of it at admission over the measured rate) joins the next batch whatever its length. 0 "
+        "= 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
         "bench/overload.py's queue; 6 and more kept it at 1.13-1.18 with the same longest wait).",
     )
     target_wait_s: float = Field(
         2.0,
         gt=0,
-        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while the queued "
-        "tokens reach the measured model rate (tokens/s) x this.",
+        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while "
+        "the queued tokens reach the measured model rate (tokens/s) x this.",
     )
     max_inflight_items: int = Field(
         0,
         ge=0,
-        description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once. 0 = no item cap.",
+        description="Items admitted and not yet answered; beyond it Score answers RESOURCE_EXHAUSTED at once. 0 = no "
+        "item cap.",
     )
     max_queued_tokens: int = Field(
         0,
@@ -142,7 +147,8 @@ class ServeSettings(HttpServeSettings):
     score_turns_max_tokens: int = Field(
         8192,
         gt=0,
-        description="Most tokens one ScoreTurns conversation may hold, formatted before truncation (INVALID_ARGUMENT above).",
+        description="Most tokens one ScoreTurns conversation may hold, formatted before truncation (INVALID_ARGUMENT "
+        "above).",
     )
     follow_registry: bool = Field(
         True, description="Hot-swap to each version the registry promotes (polls promoted.json)."
@@ -161,17 +167,17 @@ class ServeSettings(HttpServeSettings):
         10,
         ge=0,
         le=19,
-        description="How many nice steps the model thread and the OpenMP workers it starts run below the server's RPC threads: "
-        "when the CPU is oversubscribed, refusals, health checks and metrics are answered first and the model "
-        "takes what is left (Linux; 0 = the same priority). bench/overload.py, 2 cores at 4x load: rejection p99 "
-        "55-56 ms at 0, 25-59 ms at 10.",
+        description="How many nice steps the model thread and the OpenMP workers it starts run below the server's "
+        "RPC threads: when the CPU is oversubscribed, refusals, health checks and metrics are answered first and the "
+        "model takes what is left (Linux; 0 = the same priority). bench/overload.py, 2 cores at 4x load: rejection "
+        "p99 55-56 ms at 0, 25-59 ms at 10.",
     )
     gil_switch_interval_ms: float = Field(
         0.5,
         gt=0,
         le=100,
-        description="Python's GIL switch interval in `rm-service serve` (sys.setswitchinterval; Python's default is 5 ms): the "
-        "longest the event loop waits for the GIL while the tokeniser or the model thread holds it. "
+        description="Python's GIL switch interval in `rm-service serve` (sys.setswitchinterval; Python's default is "
+        "5 ms): the longest the event loop waits for the GIL while the tokeniser or the model thread holds it. "
         "bench/overload.py, 2 cores at 4x load with model_nice 10: rejection p99 25-59 ms at 5 ms, 45-84 ms at 1 ms, "
         "28-34 ms at 0.5 ms.",
     )
@@ -179,8 +185,9 @@ class ServeSettings(HttpServeSettings):
         9464,
         ge=-1,
         le=65535,
-        description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns metrics off. "
-        "If the default port is taken the server logs a warning and runs without metrics; a port set explicitly must bind.",
+        description="Prometheus /metrics HTTP port, bound on the same host as gRPC; 0 picks a free one, -1 turns "
+        "metrics off. If the default port is taken the server logs a warning and runs without metrics; a port set "
+        "explicitly must bind.",
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or json: one object per line with time, level, logger, message."
@@ -200,8 +207,8 @@ class SecuritySettings(BaseSettings):
 
     tokens_file: Path | None = Field(
         None,
-        description="File of bearer tokens, one `role:token` per line (roles: scorer, labeler, admin; # starts a comment). "
-        "Keeps secrets off the command line; make it readable by the server's user only.",
+        description="File of bearer tokens, one `role:token` per line (roles: scorer, labeler, admin; # starts a "
+        "comment). Keeps secrets off the command line; make it readable by the server's user only.",
     )
     tokens: SecretStr | None = Field(
         None, description="Bearer tokens as `role:token,role:token`, added to those of tokens_file. Prefer tokens_file."
@@ -223,11 +230,13 @@ class TrainSettings(BaseSettings):
 
     backbone: str = Field(
         "smollm2-135m-instruct",
-        description="Bundled model name or HF directory to build the reward model on (a TRL reward checkpoint trains further).",
+        description="Bundled model name or HF directory to build the reward model on (a TRL reward checkpoint trains "
+        "further).",
     )
     mode: Literal["head", "full"] = Field(
         "head",
-        description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or LoRA adapters) with the heads.",
+        description="head: frozen backbone, cached features, trained score heads. full: fine-tune the backbone (or "
+        "LoRA adapters) with the heads.",
     )
     ensemble_size: int = Field(
         4, ge=1, le=64, description="Score heads trained on bootstrap resamples; served as mean and std."
@@ -243,8 +252,8 @@ class TrainSettings(BaseSettings):
         1.0,
         gt=0,
         le=1,
-        description="Train on this share of the dataset's conversations (imported/human labels, chosen by hash, the same in "
-        "every retrain); labels of policy samples are always used. A proxy reward model for "
+        description="Train on this share of the dataset's conversations (imported/human labels, chosen by hash, the "
+        "same in every retrain); labels of policy samples are always used. A proxy reward model for "
         "over-optimisation studies trains on a fraction.",
     )
     max_minutes: float = Field(15.0, gt=0, description="Wall-clock budget for feature extraction and fitting together.")
@@ -255,20 +264,20 @@ class TrainSettings(BaseSettings):
         0.25,
         ge=0,
         lt=1,
-        description="Full mode, or head mode with gate_crossfit_folds < 2: conversations of on-policy labels (a policy's "
-        "samples) held out, to measure and decide retrains on fresh samples.",
+        description="Full mode, or head mode with gate_crossfit_folds < 2: conversations of on-policy labels (a "
+        "policy's samples) held out, to measure and decide retrains on fresh samples.",
     )
     onpolicy_weight: float = Field(
         4.0,
         gt=0,
-        description="Loss weight of each on-policy pair against a dataset pair's 1: fresh labels of the policy's samples are few "
-        "beside the dataset, and they are where the served reward is wrong.",
+        description="Loss weight of each on-policy pair against a dataset pair's 1: fresh labels of the policy's "
+        "samples are few beside the dataset, and they are where the served reward is wrong.",
     )
     feature_layers: str = Field(
         "auto",
-        description="Head mode: backbone layers whose states are candidate features: auto (50/55/60% of the depth for decoders, "
-        "50/75/100% for encoders), last, or a list like 12,18,24. Head mode picks layer, pooling and penalty by "
-        "5-fold cross-validation on the training pairs.",
+        description="Head mode: backbone layers whose states are candidate features: auto (50/55/60% of the depth "
+        "for decoders, 50/75/100% for encoders), last, or a list like 12,18,24. Head mode picks layer, pooling and "
+        "penalty by 5-fold cross-validation on the training pairs.",
     )
     head_l2: float = Field(
         0.3, gt=0, description="Head mode: L2 penalty used when there are too few pairs (< 50) to cross-validate it."
@@ -276,37 +285,40 @@ class TrainSettings(BaseSettings):
     pair_weight: float = Field(
         1.0,
         ge=0,
-        description="Head mode, when feedback labels are in the snapshot: weight of the Bradley-Terry term (the mean loss over "
-        "pairs) in the objective beside the thumb and outcome terms (docs/feedback.md).",
+        description="Head mode, when feedback labels are in the snapshot: weight of the Bradley-Terry term (the mean "
+        "loss over pairs) in the objective beside the thumb and outcome terms (docs/feedback.md).",
     )
     thumb_weight: float = Field(
         1.0,
         ge=0,
-        description="Head mode: weight of the per-turn thumbs term, the mean logistic loss of sigmoid(r_turn - b_thumb) against "
-        "each thumb (1 up, 0 down); 0 ignores thumbs.",
+        description="Head mode: weight of the per-turn thumbs term, the mean logistic loss of sigmoid(r_turn - "
+        "b_thumb) against each thumb (1 up, 0 down); 0 ignores thumbs.",
     )
     outcome_weight: float = Field(
         1.0,
         ge=0,
-        description="Head mode: weight of the session-outcome term, the mean logistic loss of sigmoid(V - b_outcome) against "
-        "each outcome in [0, 1], V the session's value (session_head); 0 ignores outcomes.",
+        description="Head mode: weight of the session-outcome term, the mean logistic loss of sigmoid(V - b_outcome) "
+        "against each outcome in [0, 1], V the session's value (session_head); 0 ignores outcomes.",
     )
     session_head: Literal["separate", "shared"] = Field(
         "separate",
-        description="Head mode, with session outcomes beside pairs or thumbs: separate = the outcomes train a session head of "
-        "their own (V the sum of its per-turn credits) and the turn reward fits pairs and thumbs, so P(up) and P(success) "
-        "each fit their own target; shared = V is the sum of the turn rewards, one function explaining all three "
+        description="Head mode, with session outcomes beside pairs or thumbs: separate = the outcomes train a session "
+        "head of their own (V the sum of its per-turn credits) and the turn reward fits pairs and thumbs, so P(up) and "
+        "P(success) each fit their own target; shared = V is the sum of the turn rewards, one function explaining all "
+        "three "
         "(outcomes then also shape every turn's reward). docs/feedback.md.",
     )
     feature_batch_tokens: int = Field(
         1024,
         gt=0,
-        description="Token budget of one feature-extraction batch (1024 measured fastest on a 2-core CPU; raise it on a GPU).",
+        description="Token budget of one feature-extraction batch (1024 measured fastest on a 2-core CPU; raise it "
+        "on a GPU).",
     )
     center_coef: float = Field(
         1e-3,
         ge=0,
-        description="Full mode: weight of the centring term coef * (r_chosen + r_rejected)^2 (head mode centres exactly).",
+        description="Full mode: weight of the centring term coef * (r_chosen + r_rejected)^2 (head mode centres "
+        "exactly).",
     )
     weight_decay: float = Field(1e-2, ge=0, description="Full mode: AdamW weight decay.")
     patience: int = Field(
@@ -318,8 +330,8 @@ class TrainSettings(BaseSettings):
     promote: bool = Field(True, description="Promote the new version when it passes the gate.")
     export_onnx: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs alike): auto = only "
-        "when it trained in fp32 on a CPU, where ONNX Runtime is what serves it.",
+        description="Export the version to ONNX (fp32, parity-checked; int8 kept only if it orders >= 99% of pairs "
+        "alike): auto = only when it trained in fp32 on a CPU, where ONNX Runtime is what serves it.",
     )
     full_learning_rate: float = Field(
         2e-5, gt=0, description="Full mode: AdamW learning rate of the backbone (LoRA adapters get 10x)."
@@ -341,40 +353,40 @@ class TrainSettings(BaseSettings):
     resume: bool = Field(True, description="Full mode: continue from the run's last checkpoint when one exists.")
     gate_onpolicy: bool = Field(
         True,
-        description="Weigh labels of the policy's own samples (those new since the parent's snapshot) as evidence when deciding "
-        "a promotion, beside the held-out human pairs.",
+        description="Weigh labels of the policy's own samples (those new since the parent's snapshot) as evidence when "
+        "deciding a promotion, beside the held-out human pairs.",
     )
     gate_confidence: float = Field(
         0.95,
         gt=0.5,
         lt=1,
-        description="Level of the intervals the promotion rule decides on (the candidate's per-pair log-likelihood gain over "
-        "its parent, paired): promote when significantly better on held-out human pairs, on the policy's samples or "
-        "on both weighed together and significantly worse on neither; reject when significantly worse; otherwise "
-        "undecided (keep collecting labels). Its error rates are measured in docs/bench/gate.md.",
+        description="Level of the intervals the promotion rule decides on (the candidate's per-pair log-likelihood "
+        "gain over its parent, paired): promote when significantly better on held-out human pairs, on the policy's "
+        "samples or on both weighed together and significantly worse on neither; reject when significantly worse; "
+        "otherwise undecided (keep collecting labels). Its error rates are measured in docs/bench/gate.md.",
     )
     gate_onpolicy_share: float = Field(
         0.5,
         ge=0,
         le=1,
-        description="Weight of the policy's samples in the evidence weighed together (the rest goes to the held-out human "
-        "pairs): the distribution the policy samples from now counts as much as the dataset's.",
+        description="Weight of the policy's samples in the evidence weighed together (the rest goes to the held-out "
+        "human pairs): the distribution the policy samples from now counts as much as the dataset's.",
     )
     gate_crossfit_folds: int = Field(
         5,
         ge=0,
-        description="Head mode: folds over the new on-policy labels; each fold is held out once from a refit of the heads, "
-        "so every new label is evidence and the version still trains on them all (0 or 1: hold out "
+        description="Head mode: folds over the new on-policy labels; each fold is held out once from a refit of the "
+        "heads, so every new label is evidence and the version still trains on them all (0 or 1: hold out "
         "onpolicy_heldout_fraction of them instead, as full mode does).",
     )
     gate_min_effect: float = Field(
         0.01,
         gt=0,
-        description="Smallest gain (nats per pair) worth detecting: an undecided retrain asks for the on-policy pairs that "
-        "would show a gain this size, or its measured one if larger, with 80% power.",
+        description="Smallest gain (nats per pair) worth detecting: an undecided retrain asks for the on-policy pairs "
+        "that would show a gain this size, or its measured one if larger, with 80% power.",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, measured once "
-        "per machine (models/precision.py).",
+        description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, "
+        "measured once per machine (models/precision.py).",
     )

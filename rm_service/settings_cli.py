@@ -120,7 +120,11 @@ def add_settings_flags(
         field = model.model_fields[name]
         kind, _ = _unwrap(field.annotation)
         options = [flag(name), *aliases.get(name, [])]
-        common = {"dest": _dest(model, name), "default": argparse.SUPPRESS, "help": _help_text(model, name)}
+        common: dict[str, typing.Any] = {
+            "dest": _dest(model, name),
+            "default": argparse.SUPPRESS,
+            "help": _help_text(model, name),
+        }
         if kind is bool:
             group.add_argument(options[0], "--no-" + options[0][2:], *options[1:], action=_Switch, **common)
         elif typing.get_origin(kind) is typing.Literal:
@@ -174,7 +178,7 @@ def validation_message(err: ValidationError) -> str:
             where.append(f"got {got!r}")
         if name in flagged:
             where.append("flag " + "/".join([flag(name), *aliases.get(name, [])]))
-        if field is not None:
+        if field is not None and model is not None:
             where.append("env " + env_name(model, name))
         parts.append(f"{loc}: {msg}" + (f" ({'; '.join(where)})" if where else ""))
     return "invalid settings: " + "; ".join(parts)
@@ -210,10 +214,10 @@ class CommandParser(argparse.ArgumentParser):
     are added when it is used, to parse or for help: a command imports only its own settings
     modules (DemoSettings pulls in torch)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-        self._pending: list[tuple[typing.Callable[[], type[BaseModel]], dict]] = []
+        self._pending: list[tuple[type[BaseModel] | typing.Callable[[], type[BaseModel]], dict]] = []
 
     def settings_flags(self, load: type[BaseModel] | typing.Callable[[], type[BaseModel]], **options) -> None:
         """`add_settings_flags(self, model, **options)` once this command is used; `load` is the

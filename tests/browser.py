@@ -30,8 +30,8 @@ def missing() -> str | None:
     """Why no browser can run here, or None."""
     if shutil.which(CHROMIUM) is None or shutil.which(CHROMEDRIVER) is None:
         return (
-            f"Debian's chromium and chromium-driver are not installed ({CHROMIUM}, {CHROMEDRIVER}); `make install` installs them "
-            "(apt-get install chromium chromium-driver, as root)"
+            f"Debian's chromium and chromium-driver are not installed ({CHROMIUM}, {CHROMEDRIVER}); `make install` "
+            "installs them (apt-get install chromium chromium-driver, as root)"
         )
     return None
 

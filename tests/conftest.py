@@ -25,14 +25,16 @@ sys.path.insert(0, str(CLIENT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
 
+pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
+
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
 def hh_lines(n: int | None = None) -> list[str]:
-    lines = [l for l in HH_FILE.read_text(encoding="utf-8").splitlines() if l.strip()]
+    lines = [line for line in HH_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines[:n] if n else lines
 
 
@@ -54,7 +56,7 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [json.loads(l)["chosen"] for l in hh_lines(300)]
+    corpus = [json.loads(line)["chosen"] for line in hh_lines(300)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -347,6 +349,19 @@ def server(home, tiny_rm_dir):
     srv = ServerThread(ServeSettings(port=0, model=str(tiny_rm_dir), precision="fp32"))
     yield srv
     srv.stop()
+
+
+# --- fixtures shared by several test modules -----------------------------------------------------
+
+
+@pytest.fixture
+def llm(tiny_lm_dir):
+    """The OpenAI-compatible server (tests/openai_server.py) serving the tiny LM as "tiny-judge"."""
+    from openai_server import OpenAIServer
+
+    server = OpenAIServer(tiny_lm_dir)
+    yield server
+    server.stop()
 
 
 def _openssl(cwd: Path, *args: str) -> None:

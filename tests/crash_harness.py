@@ -157,11 +157,12 @@ def check_store(store: Path, acked: set[str], unknown: set[str], hashes: dict[st
     v: list[str] = []
     con = duckdb.connect(str(store), read_only=True)
     try:
-        q = lambda sql: con.execute(sql).fetchall()  # noqa: E731
+        q = lambda sql: con.execute(sql).fetchall()
         stored = dict(q("SELECT label_id, payload_hash FROM labels"))
         twice = q("SELECT label_id, count(*) FROM labels GROUP BY label_id HAVING count(*) > 1")
-        bad_rankings = q("""SELECT l.label_id, count(r.label_id) FROM labels l LEFT JOIN label_rankings r USING (label_id)
-                            GROUP BY l.label_id HAVING count(r.label_id) <> 2 OR list_sort(list(r.position)) <> [0, 1]""")
+        bad_rankings = q("""SELECT l.label_id, count(r.label_id)
+                            FROM labels l LEFT JOIN label_rankings r USING (label_id) GROUP BY l.label_id
+                            HAVING count(r.label_id) <> 2 OR list_sort(list(r.position)) <> [0, 1]""")
         orphan_rankings = q(
             "SELECT DISTINCT label_id FROM label_rankings WHERE label_id NOT IN (SELECT label_id FROM labels)"
         )
@@ -299,8 +300,8 @@ def format_summary(result: dict) -> str:
             f"| {r['stored_total']} | {', '.join(r['errors'])} |"
         )
     rows.append(
-        f"| **all {result['rounds']}** | | **{result['acked']}** | **{result['unknown']}** | **{result['unknown_stored']}** "
-        f"| **{result['stored']}** | |"
+        f"| **all {result['rounds']}** | | **{result['acked']}** | **{result['unknown']}** | "
+        f"**{result['unknown_stored']}** | **{result['stored']}** | |"
     )
     rows.append("")
     rows.append(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 import torch
 
 
@@ -83,7 +82,8 @@ class ChatModel:
         if top_logprobs is not None:
             choice["logprobs"] = {
                 "content": [
-                    self._token_logprobs(token, logits[0], top_logprobs) for token, logits in zip(new, out.logits)
+                    self._token_logprobs(token, logits[0], top_logprobs)
+                    for token, logits in zip(new, out.logits, strict=True)
                 ]
             }
         return {
@@ -103,7 +103,7 @@ class ChatModel:
             "logprob": float(logp[token]),
             "top_logprobs": [
                 {"token": self.tokenizer.decode([i]), "logprob": float(v)}
-                for v, i in zip(values.tolist(), indices.tolist())
+                for v, i in zip(values.tolist(), indices.tolist(), strict=True)
             ],
         }
 
@@ -275,17 +275,6 @@ def main() -> None:
         server.thread.join()
     except KeyboardInterrupt:
         server.stop()
-
-
-# -- a pytest fixture shared by the judge tests (import it into a test module to use it) --
-
-
-@pytest.fixture
-def llm(tiny_lm_dir):
-    """The OpenAI-compatible server serving the tiny LM as "tiny-judge"."""
-    server = OpenAIServer(tiny_lm_dir)
-    yield server
-    server.stop()
 
 
 if __name__ == "__main__":

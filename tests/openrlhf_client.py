@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(sys.prefix) / "peers" / "openrlhf"))
 
-from openrlhf.utils.agent import SingleTurnAgentExecutor  # noqa: E402
+from openrlhf.utils.agent import SingleTurnAgentExecutor
 
 
 def main() -> None:

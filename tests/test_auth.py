@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from pathlib import Path
@@ -137,7 +138,7 @@ def _code(fn) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("who", list(MATRIX), ids=lambda w: str(w))
 def test_auth_matrix(channel, who):
-    got = {name: _code(lambda: call(channel, _metadata(who))) for name, call in CALLS.items()}
+    got = {name: _code(functools.partial(call, channel, _metadata(who))) for name, call in CALLS.items()}
     assert got == MATRIX[who]
 
 
@@ -174,7 +175,7 @@ def test_tokens_never_reach_the_logs(channel, caplog):
     caplog.set_level(logging.DEBUG)
     for who in MATRIX:
         for call in CALLS.values():
-            _code(lambda: call(channel, _metadata(who)))
+            _code(functools.partial(call, channel, _metadata(who)))
     bad = "not-a-configured-token-0123456789"
     _code(lambda: CALLS["Score"](channel, (("authorization", f"Bearer {bad}"),)))
     refusals = [r for r in caplog.records if r.name == "rm_service.server.auth"]

@@ -12,7 +12,8 @@ import importlib.util, sys
 sys.path.insert(0, "bench")
 for path in sorted(__import__("pathlib").Path("bench").glob("*.py")):
     spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
-    module = sys.modules[f"bench_{path.stem}"] = importlib.util.module_from_spec(spec)  # registered: dataclasses look it up
+    # Registered under its name: dataclasses look the module up.
+    module = sys.modules[f"bench_{path.stem}"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # top level only: each runs under __main__ alone
 """
 

@@ -96,7 +96,7 @@ def test_served_scores_equal_the_checkpoints_own_forward(checkpoint):
     formatted = [runtime.format(p, c) for p, c in ITEMS]
     served = runtime.run(formatted, max_batch_tokens=1 << 20)[:, 0]  # one padded batch of mixed lengths
     reference = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    for item, got in zip(formatted, served):
+    for item, got in zip(formatted, served, strict=True):
         inputs = {"input_ids": torch.tensor([item.input_ids])}
         if item.token_type_ids is not None and family in ("bert",):
             inputs["token_type_ids"] = torch.tensor([item.token_type_ids])

@@ -1,4 +1,6 @@
-"""The CLI: real subprocesses, clear one-line errors, no tracebacks."""
+"""The CLI: clear one-line errors, no tracebacks. The commands run in-process through
+`rm_service.cli.main` (what the console script calls); one test starts the real module as a
+subprocess, for the exit status and stderr a shell sees."""
 
 from __future__ import annotations
 
@@ -6,59 +8,72 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import HH_FILE
 
+from rm_service.cli import main
 
-def _cli(*args, home):
+
+def _cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `rm-service ARGS`; RM_HOME is the `home` fixture's."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_missing_file_is_a_message_not_a_traceback_from_the_real_process(home):
     env = {**os.environ, "RM_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "rm_service.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    result = subprocess.run(
+        [sys.executable, "-m", "rm_service.cli", "import", "--format", "hh", "/no/such/file.jsonl"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
-
-
-def test_import_then_stats(home):
-    result = _cli("import", "--format", "hh", str(HH_FILE), home=home)
-    assert result.returncode == 0, result.stderr
-    assert "inserted 1842" in result.stdout and "rejected 7" in result.stdout
-    stats = _cli("stats", home=home)
-    assert '"IMPORT": 1842' in stats.stdout
-
-
-def test_missing_file_is_a_message_not_a_traceback(home):
-    result = _cli("import", "--format", "hh", "/no/such/file.jsonl", home=home)
     assert result.returncode == 2
     assert "no such file" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_unknown_model_version_is_a_message(home):
-    result = _cli("models", "show", "v9", home=home)
-    assert result.returncode == 2 and "v9" in result.stderr and "Traceback" not in result.stderr
+def test_import_then_stats(home, capsys):
+    code, out, err = _cli("import", "--format", "hh", str(HH_FILE), capsys=capsys)
+    assert code == 0, err
+    assert "inserted 1842" in out and "rejected 7" in out
+    code, out, _ = _cli("stats", capsys=capsys)
+    assert code == 0 and '"IMPORT": 1842' in out
 
 
-def test_a_hub_id_as_serve_model_says_how_to_get_it(home):
+def test_unknown_model_version_is_a_message(home, capsys):
+    code, _, err = _cli("models", "show", "v9", capsys=capsys)
+    assert code == 2 and "v9" in err and "Traceback" not in err
+
+
+def test_a_hub_id_as_serve_model_says_how_to_get_it(home, capsys):
     """vLLM and TEI users pass a hub id; rm-service downloads nothing at run time and says so."""
-    result = _cli("serve", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "0", home=home)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "looks like a Hugging Face Hub id" in result.stderr
-    assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in result.stderr
+    code, _, err = _cli("serve", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--port", "0", capsys=capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "looks like a Hugging Face Hub id" in err
+    assert "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir DIR" in err
 
 
-def test_bad_model_path_for_eval_is_a_message(home):
-    result = _cli("eval", "--data", str(HH_FILE), "--model", "/no/such/model", home=home)
-    assert result.returncode == 2 and "model:" in result.stderr and "Traceback" not in result.stderr
+def test_bad_model_path_for_eval_is_a_message(home, capsys):
+    code, _, err = _cli("eval", "--data", str(HH_FILE), "--model", "/no/such/model", capsys=capsys)
+    assert code == 2 and "model:" in err and "Traceback" not in err
 
 
-def test_train_on_empty_store_is_a_message(home):
-    result = _cli("train", "--backbone", "minilm-l6", home=home)
-    assert result.returncode == 2 and "no preference pairs" in result.stderr
+def test_train_on_empty_store_is_a_message(home, capsys):
+    code, _, err = _cli("train", "--backbone", "minilm-l6", capsys=capsys)
+    assert code == 2 and "no preference pairs" in err
 
 
-def test_eval_prints_a_table_for_any_model_directory(home, tiny_rm_dir):
-    result = _cli("eval", "--data", str(HH_FILE), "--model", str(tiny_rm_dir), "--limit", "12", home=home)
-    assert result.returncode == 0, result.stderr
-    assert "| all | 12 |" in result.stdout and "turn" in result.stdout and "tokens" in result.stdout
+def test_eval_prints_a_table_for_any_model_directory(home, tiny_rm_dir, capsys):
+    code, out, err = _cli("eval", "--data", str(HH_FILE), "--model", str(tiny_rm_dir), "--limit", "12", capsys=capsys)
+    assert code == 0, err
+    assert "| all | 12 |" in out and "turn" in out and "tokens" in out
 
 
-def test_eval_needs_data_or_snapshot(home):
-    result = _cli("eval", home=home)
-    assert result.returncode == 2 and "--data" in result.stderr
+def test_eval_needs_data_or_snapshot(home, capsys):
+    code, _, err = _cli("eval", capsys=capsys)
+    assert code == 2 and "--data" in err

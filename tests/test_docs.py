@@ -16,7 +16,8 @@ def test_configuration_settings_tables_match_the_code():
     begin, end = "<!-- SETTINGS:BEGIN -->\n", "<!-- SETTINGS:END -->"
     documented = readme[readme.index(begin) + len(begin) : readme.index(end)]
     assert documented == generated, (
-        "docs/configuration.md settings are stale: run `make docs` or paste `python tools/settings_table.py` between the markers"
+        "docs/configuration.md settings are stale: run `make docs` or paste `python tools/settings_table.py` between "
+        "the markers"
     )
 
 

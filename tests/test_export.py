@@ -218,7 +218,7 @@ def test_cli_export_writes_a_loadable_directory_and_a_bad_version_is_one_line(ho
     run = lambda *args: subprocess.run(
         [sys.executable, "-m", "rm_service.cli", "models", *args],
         capture_output=True,
-        text=True,  # noqa: E731
+        text=True,
         timeout=300,
     )
     ok = run("export", "v1", "--format", "hf", str(tmp_path / "hf"))

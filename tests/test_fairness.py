@@ -91,7 +91,7 @@ def test_batches_fill_up_to_the_token_budget(stalled_server):
     assert len(response.results) == 120 and sum(stall.batches) == 120
     full = [rows * width / BUDGET for rows, width in stall.shapes[:-1]]  # the last batch takes what is left
     assert sum(full) / len(full) >= 0.85  # batches fill the budget (not 3-4 items of ~300 tokens)
-    for (rows, width), lengths in zip(stall.shapes, stall.lengths):
+    for (rows, width), lengths in zip(stall.shapes, stall.lengths, strict=True):
         assert sum(lengths) >= 0.7 * rows * width  # padding within max_padding (0.3): no item was due
 
 

@@ -146,7 +146,7 @@ def test_each_hostile_feedback_fails_alone_naming_its_field(server, preference):
     response = preference.IngestFeedback(preference_pb2.IngestFeedbackRequest(feedback=items), timeout=30)
     statuses = [r.status for r in response.results]
     assert statuses == [preference_pb2.INSERTED] + [preference_pb2.REJECTED] * len(BAD) + [preference_pb2.INSERTED]
-    for result, (_, reason) in zip(response.results[1:], BAD):
+    for result, (_, reason) in zip(response.results[1:-1], BAD, strict=True):
         assert result.reason.startswith(reason), result.reason
     con = server.server.store.con
     assert [r[0] for r in con.execute("SELECT label_id FROM labels ORDER BY seq").fetchall()] == ["ok-1", "ok-2"]
@@ -186,7 +186,8 @@ def test_feedback_file_imports_exports_exactly_and_rejects_bad_lines_alone(home,
     ]
     lines = [json.dumps(r) for r in good[:2]]
     lines += [
-        '{"conversation": [{"role": "user", "content": "x"}], "thumbs": [{"message_index": 5, "up": true}]}',  # out of range
+        # message_index out of range
+        '{"conversation": [{"role": "user", "content": "x"}], "thumbs": [{"message_index": 5, "up": true}]}',
         json.dumps(record("d", thumbs=[{"message_index": 1, "up": "yes"}])),  # not a bool
         json.dumps(record("e", outcome=1e309 * 0)),  # NaN
         json.dumps(record("f", colour="blue")),  # unknown key

@@ -186,7 +186,8 @@ def test_task_ids_round_trip_where_the_task_exists(make_store, tmp_path):
     first = make_store("first")
     with first._lock:
         first.con.execute(
-            "INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('task-7', 'c', ['a', 'b'], 'queued')"
+            "INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('task-7', 'c', ['a', 'b'], "
+            "'queued')"
         )
     record = ranking("answer", [1, 0], task_id="task-7")
     counts, _ = import_file(first, write_jsonl(tmp_path / "in.jsonl", [record]), "ranking")

@@ -37,7 +37,10 @@ def test_encoder_format_is_a_pair_and_keeps_the_completion(tiny_encoder_dir):
     out = format_item(tok, spec, long_prompt, "The completion stays.")
     assert out.truncated and len(out) == 32
     assert out.input_ids[0] == tok.cls_token_id and out.input_ids[-1] == tok.sep_token_id
-    assert tok.decode([t for t, s in zip(out.input_ids, out.token_type_ids) if s == 1][:-1]) == "the completion stays."
+    assert (
+        tok.decode([t for t, s in zip(out.input_ids, out.token_type_ids, strict=True) if s == 1][:-1])
+        == "the completion stays."
+    )
 
 
 def test_spec_hash_changes_with_the_contract(tiny_tokenizer):

@@ -57,7 +57,7 @@ def test_import_round_trips_the_shared_file(store, tmp_path):
     assert turns == len(pair.prompt)
     out = tmp_path / "export.jsonl"
     n, _ = export_file(store, out, "hh")
-    exported = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+    exported = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert n == len(valid)
     assert exported == [json.loads(line) for line, _ in valid]  # chosen/rejected text exact, same order
 

@@ -117,10 +117,10 @@ def _stored(srv: ServerThread, prefix: str) -> dict[str, list[int]]:
 
 def _check(srv: ServerThread, prefix: str, clients, answers) -> None:
     expected: dict[str, list[int]] = {}
-    for requests, results in zip(clients, answers):
-        for labels, outcomes in zip(requests, results):
+    for requests, results in zip(clients, answers, strict=True):
+        for labels, outcomes in zip(requests, results, strict=True):
             assert len(outcomes) == len(labels)
-            for i, (label, outcome) in enumerate(zip(labels, outcomes)):
+            for i, (label, outcome) in enumerate(zip(labels, outcomes, strict=True)):
                 kind = label.metadata.get("kind")
                 if kind is None:
                     assert outcome.status == preference_pb2.INSERTED, outcome.reason

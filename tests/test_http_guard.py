@@ -198,7 +198,7 @@ def _cross_site_attempts(srv, task: str, token: str | None) -> list[httpx.Respon
                 f"/api/tasks/{task}/label",
                 content=answer,
                 headers={"Content-Type": "application/json", "Origin": "null"},
-            ),  # noqa: E501
+            ),
             c.post("/api/next", json={}, headers={"Host": f"evil.example:{port}"}),  # DNS rebinding
             c.get("/api/progress", headers={"Host": "evil.example"}),
         ]

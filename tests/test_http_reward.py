@@ -87,7 +87,10 @@ def _url(srv, path: str) -> str:
 
 def test_openrlhf_get_reward_matches_grpc_score(srv, tiny_tokenizer):
     tails = ["<|im_end|>", "<|im_end|><pad><pad>", ""]  # EOS; EOS and padding; a reply cut at the token limit
-    queries, prompts = zip(*[_openrlhf_query(tiny_tokenizer, p, c, t) for (p, c), t in zip(CONVERSATIONS, tails)])
+    queries, prompts = zip(
+        *[_openrlhf_query(tiny_tokenizer, p, c, t) for (p, c), t in zip(CONVERSATIONS, tails, strict=True)],
+        strict=True,
+    )
     r = httpx.post(
         _url(srv, "/get_reward"),
         json={"query": list(queries), "prompts": list(prompts), "labels": [None, "B", None]},

@@ -160,7 +160,8 @@ def _parquet(path, rows: list[tuple[str, str, object, object]]) -> None:
         for lid, ranks, strength, resp in rows
     )
     duckdb.sql(
-        f"COPY (SELECT * FROM (VALUES {values}) t(label_id, prompt, responses, ranks, strength)) TO '{path}' (FORMAT parquet)"
+        f"COPY (SELECT * FROM (VALUES {values}) t(label_id, prompt, responses, ranks, strength)) TO '{path}' (FORMAT "
+        "parquet)"
     )
 
 

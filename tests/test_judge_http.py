@@ -15,7 +15,6 @@ import time
 import grpc
 import pytest
 from conftest import ServerThread
-from openai_server import llm  # noqa: F401  (fixture)
 
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 from rm_service.judge.backend import BackendRefused, BackendUnavailable
@@ -260,7 +259,10 @@ def test_file_input_is_resumable(store, llm, tmp_path):
     srv, _ = store
     path = tmp_path / "items.jsonl"
     path.write_text(
-        "".join(json.dumps({"prompt": p, "completions": list(a)}) + "\n" for p, a in zip(PROMPTS[:3], ANSWERS))
+        "".join(
+            json.dumps({"prompt": p, "completions": list(a)}) + "\n"
+            for p, a in zip(PROMPTS[:3], ANSWERS[:3], strict=True)
+        )
     )
     progress = tmp_path / "progress.done"
     first = run_judge(settings(llm), address=srv.address, input_path=path, max_tasks=2, progress_file=progress)
@@ -308,7 +310,8 @@ def test_stats_report_agreement_kappa_position_bias_and_length_bias(store, llm):
         """SELECT k.text FROM labels l JOIN label_rankings r ON r.label_id = l.label_id
                           JOIN completions k ON k.id = r.completion_id
                           WHERE l.source = 'JUDGE' AND r.rank = 0 AND l.label_id IN
-                                (SELECT label_id FROM label_rankings GROUP BY label_id HAVING count(DISTINCT rank) = 2)""",
+                                (SELECT label_id FROM label_rankings GROUP BY label_id
+                                 HAVING count(DISTINCT rank) = 2)""",
     )
     winners = {t for (t,) in judged}
     agree = sum(a in winners for a, _ in ANSWERS)

@@ -54,7 +54,7 @@ def test_choice_shares_the_prefix_of_both_orders_exactly(tiny_lm_dir):
     ]
     together = backend.choose(chats, ("A", "B"))  # the rubric and conversation run once, then each order
     alone = [backend.choose([chat], ("A", "B"))[0] for chat in chats]
-    for t, a in zip(together, alone):
+    for t, a in zip(together, alone, strict=True):
         assert t.keys() == {"A", "B"} and all(abs(t[k] - a[k]) < 1e-4 for k in t)
     assert together[0] != together[1]  # the order changes the input, so the numbers
 
@@ -75,7 +75,8 @@ def test_local_judge_labels_pairs_and_tournaments(store, tiny_lm_dir, tmp_path):
     assert {json.loads(m)["judge_template"] for _, m in labels} == {"house-rubric-v3"}
     ranks = rows(
         store,
-        "SELECT l.metadata, list(r.rank ORDER BY r.position) FROM labels l JOIN label_rankings r USING (label_id) GROUP BY ALL",
+        "SELECT l.metadata, list(r.rank ORDER BY r.position) FROM labels l JOIN label_rankings r USING (label_id) "
+        "GROUP BY ALL",
     )
     assert sorted(len(r) for _, r in ranks) == [2, 3]
 

@@ -150,7 +150,7 @@ def test_a_wrong_token_is_refused(home, browser):
             (TOKENS["scorer"], "needs the labeler or admin role"),
         ):
             sign_in(browser, url(srv), token)
-            wait(lambda: refusal in by_id(browser, "message").text, f"the refusal {refusal!r}")
+            wait(lambda refusal=refusal: refusal in by_id(browser, "message").text, f"the refusal {refusal!r}")
             assert by_id(browser, "signin").is_displayed() and not by_id(browser, "work").is_displayed()
         sign_in(browser, url(srv), TOKENS["labeler"], "/admin")
         wait(lambda: "needs the admin" in by_id(browser, "message").text, "the admin page's refusal")

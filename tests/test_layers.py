@@ -12,7 +12,8 @@ MAX_LINES = 400
 
 
 def test_import_layers_point_down():
-    # import-linter's own entry point, run by this interpreter (a venv that borrows its packages has no lint-imports script)
+    # import-linter's own entry point, run by this interpreter (a venv that borrows its packages has no lint-imports
+    # script)
     lint = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     result = subprocess.run(
         [sys.executable, "-c", lint, "--config", str(REPO / "pyproject.toml")],

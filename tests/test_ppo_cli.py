@@ -139,7 +139,8 @@ def test_prompt_files_in_every_accepted_shape(tmp_path):
             ]
         },
         {
-            "chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: With flour.\n\nHuman: And yeast?\n\nAssistant: Yes.",
+            "chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: With flour.\n\nHuman: And yeast?\n\nAssistant: "
+            "Yes.",
             "rejected": "x",
         },
     ]

@@ -157,4 +157,4 @@ def test_backoff_grows_exponentially_and_is_capped():
 
     delays = backoff_delays(0.2, 1.0, 5, random.Random(0))
     caps = [0.2, 0.4, 0.8, 1.0, 1.0]
-    assert all(0.5 * c <= d <= c for d, c in zip(delays, caps))
+    assert all(0.5 * c <= d <= c for d, c in zip(delays, caps, strict=True))

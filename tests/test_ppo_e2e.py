@@ -50,7 +50,7 @@ def test_ppo_raises_the_served_reward_while_kl_stays_bounded(
 
     assert [m["step"] for m in seen] == list(range(1, 13))
     first, last = seen[:3], seen[-3:]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
     assert mean(last, "reward/served_mean") > mean(first, "reward/served_mean") + 0.3
     assert summary.eval_after["reward_mean"] > summary.eval_before["reward_mean"] + 0.3  # held-out prompts, same draws
     assert max(m["kl/ref_seq"] for m in seen) < 15.0  # nats per 12-token sequence; uniform-to-one-token would be ~77
@@ -90,7 +90,7 @@ def test_resume_continues_exactly(property_server, tiny_lm_dir, prompts_file, tm
 
     assert [m["step"] for m in resumed.metrics] == [3, 4]
     drop = ("time/", "outer/")
-    same = lambda m: {k: v for k, v in m.items() if not k.startswith(drop)}  # noqa: E731
+    same = lambda m: {k: v for k, v in m.items() if not k.startswith(drop)}
     assert [same(m) for m in resumed.metrics] == [same(m) for m in straight.metrics[2:]]
     a = torch.load(tmp_path / "a" / "checkpoints" / "step-000004.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoints" / "step-000004.pt", weights_only=False)

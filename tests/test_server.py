@@ -44,7 +44,7 @@ def test_score_returns_one_result_per_item_in_order(stubs, tiny_rm_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_rm_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir).eval()
     prompt = [{"role": m.role, "content": m.content} for m in PROMPT]
-    for result, completion in zip(response.results, completions):
+    for result, completion in zip(response.results, completions, strict=True):
         ids = tokenizer.apply_chat_template(
             prompt + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
         )["input_ids"]

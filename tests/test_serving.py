@@ -320,7 +320,7 @@ def test_a_version_with_an_onnx_export_is_served_by_onnx_runtime_on_cpu(registry
                     _request(["The Nile.", "No idea, sorry."]), timeout=30
                 )
             scores.append([r.raw_score for r in response.results])
-        assert max(abs(a - b) for a, b in zip(*scores)) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(*scores, strict=True)) <= 1e-4
     finally:
         onnx_srv.stop()
         torch_srv.stop()

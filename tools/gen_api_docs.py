@@ -92,8 +92,8 @@ def render_file(file: descriptor_pb2.FileDescriptorProto) -> list[str]:
         for mi, method in enumerate(service.method):
             stream = "stream " if method.server_streaming else ""
             lines.append(
-                f"| `{method.name}` | `{method.input_type.split('.')[-1]}` | `{stream}{method.output_type.split('.')[-1]}` | "
-                f"{notes.get((SERVICE, si, METHOD, mi), '')} |"
+                f"| `{method.name}` | `{method.input_type.split('.')[-1]}` | "
+                f"`{stream}{method.output_type.split('.')[-1]}` | {notes.get((SERVICE, si, METHOD, mi), '')} |"
             )
         lines.append("")
     for mi, message in enumerate(file.message_type):

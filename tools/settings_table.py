@@ -1,7 +1,7 @@
 """Every settings class as a markdown table (environment variable, default, meaning).
 
     .venv/bin/python tools/settings_table.py            # print the tables of docs/configuration.md
-    .venv/bin/python tools/settings_table.py --write    # rewrite them in docs/configuration.md and docs/policy-trainer.md (make docs)
+    .venv/bin/python tools/settings_table.py --write    # rewrite them in the docs (make docs)
 
 Tests check that docs/configuration.md and docs/policy-trainer.md hold exactly these tables, so the docs
 cannot drift.
@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's settings, not an installed copy's
 
-from pydantic_settings import BaseSettings  # noqa: E402
+from pydantic_settings import BaseSettings
 
-from rm_service import settings as s  # noqa: E402
-from rm_service.demo.settings import DemoSettings  # noqa: E402
-from rm_service.judge.settings import JudgeSettings  # noqa: E402
+from rm_service import settings as s
+from rm_service.demo.settings import DemoSettings
+from rm_service.judge.settings import JudgeSettings
 
 CLASSES = [
     s.StoreSettings,

@@ -99,8 +99,9 @@ def seed_registry(store_settings, models, seed: Path) -> None:
         ok, message = registry.promote(store, version, force=True)
         accuracy = rec.metrics.get("accuracy", float("nan"))
         print(
-            f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} {meta.mode} "
-            f"mode, held-out accuracy {accuracy:.4f}); {message}. Train your own with RequestRetrain, or `rm-service train` while no server holds the store.",
+            f"rm-service: empty registry: installed the image's starter model as {version} ({rec.backbone} "
+            f"{meta.mode} mode, held-out accuracy {accuracy:.4f}); {message}. Train your own with RequestRetrain, or "
+            "`rm-service train` while no server holds the store.",
             flush=True,
         )
     finally:

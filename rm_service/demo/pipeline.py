@@ -107,7 +107,8 @@ def run_demo(s: DemoSettings) -> int:
     report = write_report(facts)
     print("\n" + facts.summary_table())
     print(
-        f"\nreport: {report}\nplots:  {', '.join(str(p) for p in facts.plots)}\nstore:  {home / 'rm.duckdb'}   registry: {home / 'registry'}"
+        f"\nreport: {report}\nplots:  {', '.join(str(p) for p in facts.plots)}\nstore:  {home / 'rm.duckdb'}   "
+        f"registry: {home / 'registry'}"
     )
     return 0 if facts.server_exit_code == 0 else 1
 
@@ -140,7 +141,8 @@ def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
         )
 
         t = stages.start(
-            f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget {s.rm_max_minutes:g} min)"
+            f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget "
+            f"{s.rm_max_minutes:g} min)"
         )
         facts.gold = train(store, gold_settings(s), ModelSettings(), show_progress=s.progress)
         stages.done(
@@ -181,8 +183,8 @@ def _calibration_items(store: Store, settings: TrainSettings, n: int | None, pat
 
 def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
     t = stages.start(
-        f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, owns the store, "
-        "runs retraining jobs)"
+        f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, "
+        "owns the store, runs retraining jobs)"
     )
     env = {
         **os.environ,
@@ -214,7 +216,7 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
 
     gold_dir = str(Path(ModelSettings().artifacts_dir) / facts.gold.version)
     judge_settings = JudgeSettings(backend="rm", model=gold_dir, server=address, concurrency=1)
-    gold = [RewardAnnotator(gold_dir, judge_settings)]
+    gold = RewardAnnotator(gold_dir, judge_settings)
     which = "the samples the proxy doubts most" if s.selection == "uncertainty" else "random samples"
     loop = (
         f"the gold labels {which}; retrain at {s.retrain_min_labels} new labels"
@@ -278,7 +280,7 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
             judge_settings,
             address=address,
             input_path=facts.calibration_file,
-            backends=gold,
+            annotator=gold,
             progress=s.progress,
             progress_file=s.run_home / "calibration.done",
         )
@@ -292,8 +294,8 @@ class _JudgeWorker:
         self.counts = None
         self.error: Exception | None = None
 
-    def run(self, run_judge, settings, address, stop, backends) -> None:
+    def run(self, run_judge, settings, address, stop, annotator) -> None:
         try:
-            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, backends=backends)
+            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, annotator=annotator)
         except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
             self.error = exc

@@ -42,9 +42,8 @@ class RunFacts:
             self.models = sorted(registry.list_models(store), key=lambda m: int(m.version[1:]))
             self.jobs = list(reversed(jobs.list_jobs(store)))
             self.stats = store.stats()
-            self.agreement = store.judge_agreement(
-                reference=("HUMAN", "IMPORT")
-            )  # HH-RLHF labels are people's, imported
+            # HH-RLHF labels are people's, imported.
+            self.agreement = store.judge_agreement(reference=("HUMAN", "IMPORT"))
         finally:
             store.close()
 
@@ -68,7 +67,7 @@ class RunFacts:
         ]
 
     def reward_rise(self, key: str = "reward_mean") -> tuple[float, float]:
-        """Held-out prompts: mean reward (served proxy, final version; or gold) of the initial and the trained policy."""
+        """Held-out prompts' mean reward (served proxy, final version; or gold): initial and trained policy."""
         if not self.ppo or not self.ppo.eval_before or not self.ppo.eval_after:
             return math.nan, math.nan
         return self.ppo.eval_before.get(key, math.nan), self.ppo.eval_after.get(key, math.nan)
@@ -131,7 +130,8 @@ class RunFacts:
             rows.append(
                 (
                     "seconds per PPO step (generate / score / train)",
-                    f"{p.get('step', math.nan):.1f} ({p.get('generate', math.nan):.1f} / {p.get('score', math.nan):.1f} / {p.get('train', math.nan):.1f})",
+                    f"{p.get('step', math.nan):.1f} ({p.get('generate', math.nan):.1f} / "
+                    f"{p.get('score', math.nan):.1f} / {p.get('train', math.nan):.1f})",
                 )
             )
         rows.append(("total demo time", f"{self.total_seconds:.0f} s"))
@@ -228,12 +228,14 @@ def _accuracies(m) -> str:
 
 
 def _version_row(m) -> str:
-    get = lambda key: m.metrics.get(key)  # noqa: E731
-    cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    get = lambda key: m.metrics.get(key)
+    cell = lambda v: "" if v is None else f"{v:.4f}"
     return (
-        f"| {m.version} | {m.status} | {m.parent or ''} | {cell(get('accuracy_human'))} | {cell(get('baseline_accuracy_human'))} | "
-        f"{cell(get('accuracy_onpolicy'))} | {cell(get('baseline_accuracy_onpolicy'))} | {int(get('pairs_onpolicy') or 0)} | "
-        f"{int(get('onpolicy_train_pairs') or 0)} | {'yes' if get('unchanged_from_parent') else ''} | {m.snapshot_id} |"
+        f"| {m.version} | {m.status} | {m.parent or ''} | {cell(get('accuracy_human'))} | "
+        f"{cell(get('baseline_accuracy_human'))} | {cell(get('accuracy_onpolicy'))} | "
+        f"{cell(get('baseline_accuracy_onpolicy'))} | {int(get('pairs_onpolicy') or 0)} | "
+        f"{int(get('onpolicy_train_pairs') or 0)} | {'yes' if get('unchanged_from_parent') else ''} | "
+        f"{m.snapshot_id} |"
     )
 
 
@@ -283,11 +285,12 @@ def write_report(facts: RunFacts) -> Path:
     lines = [
         "# rm-service demo report",
         "",
-        f"Reward models on `{s.rm_backbone}`: the gold ({facts.gold.version if facts.gold else '?'}, head mode on every human training "
-        f"pair; {facts.gold.details if facts.gold else ''}) labels the policy's samples; the served proxy learns from "
-        f"{s.proxy_dataset_fraction:.0%} of the human-labeled conversations and those labels ({s.rm_mode} mode). Policy `{s.policy}`; "
-        f"profile `{s.profile}`; {s.ppo_steps} PPO steps of {s.prompts_per_step} prompts x {s.samples_per_prompt} samples "
-        f"x {s.max_new_tokens} new tokens; labeling candidates chosen by `{s.selection}`.",
+        f"Reward models on `{s.rm_backbone}`: the gold ({facts.gold.version if facts.gold else '?'}, head mode on "
+        f"every human training pair; {facts.gold.details if facts.gold else ''}) labels the policy's samples; the "
+        f"served proxy learns from {s.proxy_dataset_fraction:.0%} of the human-labeled conversations and those "
+        f"labels ({s.rm_mode} mode). Policy `{s.policy}`; profile `{s.profile}`; {s.ppo_steps} PPO steps of "
+        f"{s.prompts_per_step} prompts x {s.samples_per_prompt} samples x {s.max_new_tokens} new tokens; labeling "
+        f"candidates chosen by `{s.selection}`.",
         "",
         "## Summary",
         "",
@@ -305,12 +308,13 @@ def write_report(facts: RunFacts) -> Path:
         "|---:|---:|---:|---:|---:|",
         *[
             f"| {e['step']} | {e.get('kl_seq', math.nan):.3f} | {math.sqrt(max(e.get('kl_seq', 0.0), 0.0)):.3f} | "
-            f"{e.get('reward_mean', math.nan):+.3f} ({e.get('version', '')}) | {e.get('gold_reward_mean', math.nan):+.3f} |"
+            f"{e.get('reward_mean', math.nan):+.3f} ({e.get('version', '')}) | "
+            f"{e.get('gold_reward_mean', math.nan):+.3f} |"
             for e in facts.evaluations
         ],
         "",
-        "The proxy column is each evaluation's served version (rewards normalised by that version's statistics); the gold's "
-        "scale is fixed. Over-optimisation shows as the proxy rising while the gold falls (Gao et al., 2023).",
+        "The proxy column is each evaluation's served version (rewards normalised by that version's statistics); the "
+        "gold's scale is fixed. Over-optimisation shows as the proxy rising while the gold falls (Gao et al., 2023).",
         "",
         "## Stages",
         "",
@@ -320,12 +324,14 @@ def write_report(facts: RunFacts) -> Path:
         "",
         "## PPO steps",
         "",
-        "| step | RM version | mean reward | KL/seq | entropy | clip frac | response len | generate s | score s | train s |",
+        "| step | RM version | mean reward | KL/seq | entropy | clip frac | response len | generate s | score s | "
+        "train s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {m['step']} | {m['rm/version']} | {m['reward/served_mean']:+.3f} | {m['kl/ref_seq']:.3f} | "
-            f"{m.get('policy/entropy', math.nan):.3f} | {m.get('policy/clipfrac', math.nan):.3f} | {m['response/length_mean']:.1f} | "
-            f"{m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} |"
+            f"{m.get('policy/entropy', math.nan):.3f} | {m.get('policy/clipfrac', math.nan):.3f} | "
+            f"{m['response/length_mean']:.1f} | {m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | "
+            f"{m['time/train_s']:.1f} |"
             for m in facts.steps
         ],
         "",
@@ -340,11 +346,11 @@ def write_report(facts: RunFacts) -> Path:
         "",
         "## Reward-model versions",
         "",
-        "Accuracy on held-out human pairs and on the policy's samples (cross-fitted), each beside the parent's on the same "
-        "pairs: what people read; the decisions above weigh the per-pair log-likelihoods.",
+        "Accuracy on held-out human pairs and on the policy's samples (cross-fitted), each beside the parent's on the "
+        "same pairs: what people read; the decisions above weigh the per-pair log-likelihoods.",
         "",
-        "| version | status | parent | human | parent, human | on-policy | parent, on-policy | on-policy pairs judged | "
-        "on-policy training pairs | same heads as parent | snapshot |",
+        "| version | status | parent | human | parent, human | on-policy | parent, on-policy | on-policy pairs "
+        "judged | on-policy training pairs | same heads as parent | snapshot |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
         *[_version_row(m) for m in facts.models],
         "",

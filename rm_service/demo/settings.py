@@ -62,8 +62,8 @@ class DemoSettings(BaseSettings):
     # -- reward models ------------------------------------------------------------------------
     rm_backbone: str = Field(
         "smollm2-135m-instruct",
-        description="Backbone of the gold and proxy reward models (bundled name or HF directory). SmolLM2-135M head mode "
-        "is the most accurate model that fits the demo's budget on a 2-core CPU (see bench/reward_models.py).",
+        description="Backbone of the gold and proxy reward models (bundled name or HF directory). SmolLM2-135M head "
+        "mode is the most accurate model that fits the demo's budget on a 2-core CPU (see bench/reward_models.py).",
     )
     rm_mode: Literal["head", "full"] = Field(
         "head",
@@ -84,14 +84,15 @@ class DemoSettings(BaseSettings):
         0.1,
         gt=0,
         le=1,
-        description="Share of the human-labeled conversations the proxy (the served reward model) learns from; the gold "
-        "learns from all of them, so the proxy starts clearly weaker (Gao et al., 2023's setup; measured: 10% "
+        description="Share of the human-labeled conversations the proxy (the served reward model) learns from; the "
+        "gold learns from all of them, so the proxy starts clearly weaker (Gao et al., 2023's setup; measured: 10% "
         "-> 0.61 held-out, all -> 0.67).",
     )
     calibration_pairs: int | None = Field(
         None,
         ge=0,
-        description="Held-out human-labeled pairs the gold annotator also labels, to measure its agreement with people (None: all).",
+        description="Held-out human-labeled pairs the gold annotator also labels, to measure its agreement with "
+        "people (None: all).",
     )
     # -- policy -----------------------------------------------------------------------------
     policy: str = Field(
@@ -104,12 +105,13 @@ class DemoSettings(BaseSettings):
     max_prompt_tokens: int = Field(
         96,
         ge=8,
-        description="Prompts longer than this (after the chat template) are cut from the left at turn boundaries; short "
-        "prompts keep a CPU step short.",
+        description="Prompts longer than this (after the chat template) are cut from the left at turn boundaries; "
+        "short prompts keep a CPU step short.",
     )
     advantage_estimator: EstimatorName = Field(
         "rloo",
-        description="rloo: the clipped PPO surrogate with leave-one-out advantages (no value head to warm up in a short run); gae: a value head and GAE.",
+        description="rloo: the clipped PPO surrogate with leave-one-out advantages (no value head to warm up in a "
+        "short run); gae: a value head and GAE.",
     )
     learning_rate: float = Field(
         1e-4,
@@ -120,12 +122,14 @@ class DemoSettings(BaseSettings):
     eval_prompts: int = Field(
         24,
         ge=1,
-        description="Held-out prompts scored by the proxy and the gold before, during and after PPO (samples_per_prompt completions each).",
+        description="Held-out prompts scored by the proxy and the gold before, during and after PPO "
+        "(samples_per_prompt completions each).",
     )
     eval_every: int = Field(
         5,
         ge=0,
-        description="PPO steps between evaluations of proxy and gold reward on the held-out prompts (0: start and end only).",
+        description="PPO steps between evaluations of proxy and gold reward on the held-out prompts (0: start and "
+        "end only).",
     )
     update_epochs: int = Field(1, gt=0, description="PPO passes over each rollout batch.")
     num_minibatches: int = Field(2, gt=0, description="PPO minibatches per pass.")
@@ -133,7 +137,8 @@ class DemoSettings(BaseSettings):
     submit_every: int = Field(
         1,
         ge=0,
-        description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays fixed).",
+        description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays "
+        "fixed).",
     )
     submit_fraction: float = Field(
         0.5,

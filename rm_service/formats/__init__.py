@@ -103,4 +103,5 @@ def export_file(store: Store, path: Path | str, fmt: str, snapshot_id: str | Non
     (records written, snapshot id)."""
     spec = get(fmt)
     snapshot = store.get_snapshot(snapshot_id) if snapshot_id else store.create_snapshot()
+    assert snapshot is not None  # get_snapshot raises NotFound for an unknown id
     return spec.module().export_labels(store, Path(path), snapshot), snapshot.snapshot_id

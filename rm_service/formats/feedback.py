@@ -57,7 +57,7 @@ THUMB_KEYS = ("message_index", "up")
 
 def feedback_label(record: Record, default_id: str, annotator: str) -> FeedbackIn:
     """The feedback label of one line; raises FormatError naming the key."""
-    data = known_keys(record.data, FEEDBACK_KEYS)
+    data = known_keys(record.fields, FEEDBACK_KEYS)
     return FeedbackIn(
         label_id=string(data, "label_id", default_id),
         conversation=messages(data.get("conversation"), "conversation"),

@@ -83,7 +83,7 @@ def hh_label(record: Record, label_id: str, annotator: str, file: str) -> LabelI
     """The label of one HH line (source IMPORT; label_id from the line's hash, so a re-import
     is idempotent); raises FormatError."""
     try:
-        pair = parse_pair(record.data)
+        pair = parse_pair(record.fields)
     except HHFormatError as exc:
         raise FormatError(str(exc)) from None
     return LabelIn(

@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterable
 
 from rm_service.formats.records import FormatError, Record
 from rm_service.store.db import Store
+from rm_service.store.feedback import FeedbackIn
 from rm_service.store.labels import LabelIn
 
 BATCH = 1000
 
 # (record, label id derived from its content, annotator) -> label; raises FormatError
-Parse = Callable[[Record, str, str], LabelIn]
+Parse = Callable[[Record, str, str], LabelIn | FeedbackIn]
 
 
 class ImportStopped(Exception):
@@ -30,9 +31,10 @@ class ImportStopped(Exception):
     def __init__(self, counts: Counter, reasons: list[str], resume_at: str, cause: BaseException):
         self.counts, self.reasons, self.resume_at, self.cause = counts, reasons, resume_at, cause
         super().__init__(
-            f"the import stopped at {resume_at} ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else 'interrupted'}). "
-            f"Every record before {resume_at} was stored or rejected as reported; nothing from {resume_at} on was stored. "
-            "Run the same import again to complete it (records already stored come back DUPLICATE)"
+            f"the import stopped at {resume_at} ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else 'interrupted'}). Every record before {resume_at} was "
+            f"stored or rejected as reported; nothing from {resume_at} on was stored. Run the same import again to "
+            "complete it (records already stored come back DUPLICATE)"
         )
 
 
@@ -42,12 +44,12 @@ def import_records(
     """Parse and store every record; counts per status and one reason per record not stored."""
     counts: Counter = Counter({"REJECTED": 0})
     reasons: list[tuple[int, str]] = []  # (record number, reason): sorted into file order at the end
-    batch: list[tuple[Record, LabelIn]] = []
+    batch: list[tuple[Record, LabelIn | FeedbackIn]] = []
     resume_at = "line 1"
 
     def flush() -> None:
         outcomes = store.ingest([label for _, label in batch], origin="dataset")
-        for i, ((record, _), outcome) in enumerate(zip(batch, outcomes)):
+        for i, ((record, _), outcome) in enumerate(zip(batch, outcomes, strict=True)):
             counts[outcome.status] += 1
             if outcome.status in ("REJECTED", "CONFLICT"):
                 reasons.append(
@@ -75,7 +77,7 @@ def import_records(
                 resume_at = f"{record.unit} {record.number + 1}"
         if batch:
             flush()
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - report what was stored, then stop
+    except (Exception, KeyboardInterrupt) as exc:
         raise ImportStopped(counts, _in_order(reasons), resume_at, exc) from exc
     return counts, _in_order(reasons)
 
@@ -84,7 +86,7 @@ def _in_order(reasons: list[tuple[int, str]]) -> list[str]:
     return [reason for _, reason in sorted(reasons, key=lambda r: r[0])]
 
 
-def _parse(record: Record, parse: Parse, fmt: str, annotator: str) -> LabelIn | FormatError:
+def _parse(record: Record, parse: Parse, fmt: str, annotator: str) -> LabelIn | FeedbackIn | FormatError:
     if isinstance(record.data, FormatError):
         return record.data
     try:

@@ -24,8 +24,8 @@ from rm_service.formats.ranking import RANKING_KEYS
 from rm_service.formats.records import FormatError, Record, digest, input_file
 
 PARQUET_COLUMNS = (
-    "label_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[], ranks INTEGER[], "
-    "source VARCHAR, annotator VARCHAR, strength DOUBLE, rationale VARCHAR, metadata MAP(VARCHAR, VARCHAR), task_id VARCHAR"
+    "label_id VARCHAR, prompt STRUCT(role VARCHAR, content VARCHAR)[], responses VARCHAR[], ranks INTEGER[], source "
+    "VARCHAR, annotator VARCHAR, strength DOUBLE, rationale VARCHAR, metadata MAP(VARCHAR, VARCHAR), task_id VARCHAR"
 )
 
 
@@ -43,7 +43,7 @@ def parquet_records(path: Path) -> Iterator[Record]:
         yield Record("file", 0, "", FormatError(f"cannot read {path.name} as Parquet: {str(exc).splitlines()[0]}"))
         return
     for row in rows:
-        record = dict(zip(names, row))
+        record = dict(zip(names, row, strict=True))
         number = record.pop("file_row_number") + 1
         canonical = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
         yield Record("row", number, digest(canonical.encode("utf-8", "surrogatepass")), record)
@@ -59,12 +59,15 @@ def write_parquet(out: Path, records: list[dict]) -> None:
         con.execute(f"CREATE TABLE labels ({PARQUET_COLUMNS})")
         con.execute(
             """INSERT INTO labels
-               SELECT label_id, prompt, responses, ranks, source, annotator, strength, rationale, map(keys, vals), task_id
-               FROM (SELECT unnest(?::VARCHAR[]) AS label_id, unnest(?::STRUCT(role VARCHAR, content VARCHAR)[][]) AS prompt,
-                            unnest(?::VARCHAR[][]) AS responses, unnest(?::INTEGER[][]) AS ranks, unnest(?::VARCHAR[]) AS source,
-                            unnest(?::VARCHAR[]) AS annotator, unnest(?::DOUBLE[]) AS strength, unnest(?::VARCHAR[]) AS rationale,
-                            unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[][]) AS keys, unnest(?::VARCHAR[][]) AS vals,
-                            generate_subscripts(?::VARCHAR[], 1) AS i)
+               SELECT label_id, prompt, responses, ranks, source, annotator, strength, rationale, map(keys, vals),
+                      task_id
+               FROM (SELECT unnest(?::VARCHAR[]) AS label_id,
+                            unnest(?::STRUCT(role VARCHAR, content VARCHAR)[][]) AS prompt,
+                            unnest(?::VARCHAR[][]) AS responses, unnest(?::INTEGER[][]) AS ranks,
+                            unnest(?::VARCHAR[]) AS source, unnest(?::VARCHAR[]) AS annotator,
+                            unnest(?::DOUBLE[]) AS strength, unnest(?::VARCHAR[]) AS rationale,
+                            unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[][]) AS keys,
+                            unnest(?::VARCHAR[][]) AS vals, generate_subscripts(?::VARCHAR[], 1) AS i)
                ORDER BY i""",
             [*columns, keys, values, columns[0]],
         )

@@ -52,7 +52,7 @@ RANKING_KEYS = (
 
 def ranking_label(record: Record, default_id: str, annotator: str) -> LabelIn:
     """The label of one K-way ranking record; raises FormatError."""
-    data = known_keys(record.data, RANKING_KEYS)
+    data = known_keys(record.fields, RANKING_KEYS)
     return LabelIn(
         label_id=string(data, "label_id", default_id),
         prompt=messages(data.get("prompt"), "prompt"),

@@ -49,6 +49,13 @@ class Record:
     def where(self) -> str:
         return "file" if self.unit == "file" else f"{self.unit} {self.number}"
 
+    @property
+    def fields(self) -> dict:
+        """The record's object; raises its FormatError when it could not be read as one."""
+        if isinstance(self.data, FormatError):
+            raise self.data
+        return self.data
+
 
 def input_file(path: Path) -> Path:
     """`path` if it is a readable file; else an OSError whose message is one clear line."""
@@ -172,8 +179,8 @@ def strength(record: dict, key: str) -> float | None:
         raise FormatError(f"{key} must be a number or null")
     try:
         return float(value)
-    except OverflowError:
-        raise FormatError(f"{key} is out of range: an integer of {value.bit_length()} bits") from None
+    except OverflowError:  # only an int can be too large for a float
+        raise FormatError(f"{key} is out of range: an integer of {int(value).bit_length()} bits") from None
 
 
 def strings(value: object, field: str) -> list[str]:

@@ -47,7 +47,7 @@ KEYS = ("prompt", "chosen", "rejected", "label_id", "annotator", "source", "stre
 
 def trl_label(record: Record, default_id: str, annotator: str) -> LabelIn:
     """The label of one TRL record of any shape above; raises FormatError."""
-    data = record.data
+    data = record.fields
     prompt, chosen, rejected = trl_turns(data)
     if "strength" in data and "margin" in data:
         raise FormatError("give strength or margin, not both")
@@ -93,7 +93,7 @@ def trl_turns(data: dict) -> tuple[list[Message], str, str]:
 def _standard(prompt: str | None, chosen: str, rejected: str) -> tuple[list[Message], str, str]:
     if prompt is None:  # implicit: the longest common prefix of characters
         split = 0
-        for a, b in zip(chosen, rejected):
+        for a, b in zip(chosen, rejected, strict=False):
             if a != b:
                 break
             split += 1
@@ -107,7 +107,7 @@ def _standard(prompt: str | None, chosen: str, rejected: str) -> tuple[list[Mess
 
 def _split_conversations(chosen: list[Message], rejected: list[Message]) -> tuple[list[Message], str, str]:
     shared = 0
-    for a, b in zip(chosen, rejected):
+    for a, b in zip(chosen, rejected, strict=False):
         if a != b:
             break
         shared += 1
@@ -118,7 +118,8 @@ def _split_conversations(chosen: list[Message], rejected: list[Message]) -> tupl
             raise FormatError(f"the last message of {name} must be an assistant message")
     if len(chosen) - shared != 1 or len(rejected) - shared != 1:
         raise FormatError(
-            "chosen and rejected must share every message but the last (the prompt), then differ in one assistant message"
+            "chosen and rejected must share every message but the last (the prompt), then differ in one assistant "
+            "message"
         )
     return chosen[:shared], chosen[-1].content, rejected[-1].content
 

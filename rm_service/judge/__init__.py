@@ -12,7 +12,7 @@ Modules, one idea each:
 - items:         what is judged: leased tasks or JSONL lines
 - provenance:    the label written for a judged item (source JUDGE, model id, template, rationale)
 - store_client:  LeaseTasks / IngestLabels / GetStats calls
-- annotators:    an item to a label: the LLM panel (`load_judges`) or a reward model (`--backend rm`)
+- annotators:    an item to a label, one registry of backends (ANNOTATORS): the LLM panel or a reward model
 - runner:        `run_judge`, the concurrent, resumable run
 
 Agreement with human labels (Cohen's kappa, position-bias and length-bias rates) is computed

@@ -10,15 +10,19 @@
   model and its version.
 
 Both give `annotate(item, counts) -> Label | None` (None: the policy left no outcome) and a
-`config` string that label ids and progress files are derived from.
+`config` string that label ids and progress files are derived from. `ANNOTATORS` is the one
+registry of the settings' `backend` choices: adding a backend touches this module only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, get_args
 
 from rm_client.messages import to_proto
 from rm_service.api.v1 import preference_pb2
@@ -26,22 +30,73 @@ from rm_service.judge.backend import JudgeBackend
 from rm_service.judge.items import JudgeItem
 from rm_service.judge.pairwise import Judge, copeland_ranks, judge_item
 from rm_service.judge.provenance import annotator, judge_label, label_id
+from rm_service.judge.settings import BackendName, JudgeSettings
 
 
-def load_judges(settings) -> list[JudgeBackend]:
-    """One backend per model of the panel (settings.models)."""
-    if settings.backend == "http":
-        from rm_service.judge.openai_http import OpenAIBackend
+class Annotator(Protocol):
+    """What the judge runner drives: one item in, its label out (None: no decision)."""
 
-        return [OpenAIBackend(settings, model) for model in settings.models]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> str: ...
+
+    @property
+    def calls(self) -> int: ...
+
+    def annotate(self, item: JudgeItem, counts) -> preference_pb2.Label | None: ...
+
+    def close(self) -> None: ...
+
+
+def _local_panel(settings: JudgeSettings) -> Annotator:
     from rm_service.judge.local import LocalBackend
 
-    return [LocalBackend(model, device=settings.device, threads=settings.torch_threads) for model in settings.models]
+    return PanelAnnotator.of(
+        [LocalBackend(model, device=settings.device, threads=settings.torch_threads) for model in settings.models],
+        settings,
+    )
+
+
+def _http_panel(settings: JudgeSettings) -> Annotator:
+    from rm_service.judge.openai_http import OpenAIBackend
+
+    return PanelAnnotator.of([OpenAIBackend(settings, model) for model in settings.models], settings)
+
+
+def _reward_model(settings: JudgeSettings) -> Annotator:
+    return RewardAnnotator(settings.model, settings)
+
+
+# The settings' `backend` choices; each opens its annotator (loading models or connecting).
+ANNOTATORS: dict[str, Callable[[JudgeSettings], Annotator]] = {
+    "local": _local_panel,  # HF causal LMs in this process, one per panel model
+    "http": _http_panel,  # OpenAI-compatible chat-completions endpoints, one per panel model
+    "rm": _reward_model,  # a reward model ranks the responses by reward
+}
+if set(get_args(BackendName)) != set(ANNOTATORS):
+    raise ImportError(f"JudgeSettings.backend {get_args(BackendName)} must list the annotators {list(ANNOTATORS)}")
+
+
+def open_annotator(settings: JudgeSettings) -> Annotator:
+    """The annotator of `settings.backend`; the caller closes it."""
+    return ANNOTATORS[settings.backend](settings)
 
 
 class PanelAnnotator:
-    def __init__(self, judges: list[Judge], settings):
+    """LLM judges, one per backend, with position swap; several vote as a panel."""
+
+    def __init__(self, judges: list[Judge], settings: JudgeSettings):
         self.judges, self.settings = judges, settings
+
+    @classmethod
+    def of(cls, backends: list[JudgeBackend], settings: JudgeSettings) -> PanelAnnotator:
+        return cls([Judge(b, settings) for b in backends], settings)
+
+    def close(self) -> None:
+        for judge in self.judges:
+            judge.backend.close()
 
     @property
     def name(self) -> str:
@@ -69,7 +124,7 @@ def reward_ranks(rewards: list[float], tie_margin: float) -> list[int]:
     """Dense ranks (0 = best) by reward; neighbours within `tie_margin` of each other tie."""
     order = sorted(range(len(rewards)), key=lambda i: -rewards[i])
     ranks, rank = [0] * len(rewards), 0
-    for previous, current in zip(order, order[1:]):
+    for previous, current in itertools.pairwise(order):
         if rewards[previous] - rewards[current] > tie_margin:
             rank += 1
         ranks[current] = rank
@@ -89,6 +144,9 @@ class RewardAnnotator:
         self.version = version or model
         self.calls = 0
         runtime.inference_model()  # made now, not by concurrent first calls
+
+    def close(self) -> None:
+        """Nothing to release: the runtime is freed with this object."""
 
     @property
     def name(self) -> str:

@@ -76,8 +76,8 @@ def add_judge_commands(sub) -> None:
     s = sub.add_parser(
         "judge",
         help="label queued tasks (or a JSONL file) with an LLM judge (both orders of every pair) or a reward model",
-        description="Label queued tasks (or a JSONL file) with an LLM judge, both orders of every pair, or with a reward "
-        "model (docs/judge.md).",
+        description="Label queued tasks (or a JSONL file) with an LLM judge, both orders of every pair, or with a "
+        "reward model (docs/judge.md).",
     )
     s.add_argument(
         "--input",
@@ -106,7 +106,8 @@ def add_judge_commands(sub) -> None:
     s.add_argument(
         "--reference",
         default="HUMAN",
-        help="comma-separated label sources to compare with (default HUMAN; add IMPORT for imported human datasets such as HH-RLHF)",
+        help="comma-separated label sources to compare with (default HUMAN; add IMPORT for imported human datasets "
+        "such as HH-RLHF)",
     )
     s.add_argument(
         "--address",

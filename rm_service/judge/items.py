@@ -74,9 +74,10 @@ def _item(line: str, where: str, max_responses: int) -> JudgeItem:
         prompt, responses = pair.prompt, [pair.chosen, pair.rejected]
     else:
         prompt = _prompt(record.get("prompt"), where)
-        responses = record.get("completions", record.get("responses"))
-        if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        given = record.get("completions", record.get("responses"))
+        if not isinstance(given, list) or not all(isinstance(r, str) for r in given):
             raise InvalidArgument(f"{where}.completions", "must be a list of strings")
+        responses = given
     validate_messages(prompt, f"{where}.prompt")
     if not 2 <= len(responses) <= max_responses:
         raise InvalidArgument(f"{where}.completions", f"needs 2 to {max_responses} responses, got {len(responses)}")

@@ -142,7 +142,10 @@ class Judge:
             verdicts = [choice_verdict(lp, s.choice_tie_margin) for lp in self.backend.choose(chats, CHOICE_LABELS)]
         else:
             verdicts = [self._generate(chat, parse_pairwise) for chat in chats]
-        rationale = f"[{self.model_id}, {i} vs {j}] order {i},{j}: {verdicts[0].rationale} | order {j},{i}: {verdicts[1].rationale}"
+        rationale = (
+            f"[{self.model_id}, {i} vs {j}] order {i},{j}: {verdicts[0].rationale} | order {j},{i}: "
+            f"{verdicts[1].rationale}"
+        )
         return SwapJudgment(
             self.model_id,
             i,

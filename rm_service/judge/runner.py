@@ -24,12 +24,12 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 from rm_service.api.v1 import preference_pb2
-from rm_service.judge.annotators import PanelAnnotator, RewardAnnotator, load_judges
-from rm_service.judge.backend import BackendUnavailable, JudgeBackend
+from rm_service.judge.annotators import Annotator, open_annotator
+from rm_service.judge.backend import BackendUnavailable
 from rm_service.judge.items import JudgeItem, item_from_task, read_items
-from rm_service.judge.pairwise import Judge
 from rm_service.judge.settings import JudgeSettings
 from rm_service.judge.store_client import StoreClient
 from rm_service.judge.verdict import ParseFailure
@@ -65,9 +65,17 @@ class JudgeCounts:
         return (
             f"judged {self.items} items in {self.seconds:.1f}s ({self.calls} judge calls): labeled {self.labeled} "
             f"(ties {self.ties}), skipped {self.skipped} (inconsistent), parse failures {self.parse_failures}, "
-            f"backend errors {self.errors}, duplicates {self.duplicates}, rejected {self.rejected}; "
-            f"position flips {self.position_flips} of {self.pair_judgments} pair judgments ({self.position_bias_rate:.1%})"
+            f"backend errors {self.errors}, duplicates {self.duplicates}, rejected {self.rejected}; position flips "
+            f"{self.position_flips} of {self.pair_judgments} pair judgments ({self.position_bias_rate:.1%})"
         )
+
+
+class Source(Protocol):
+    """Where items come from: the labeling queue or a file."""
+
+    def take(self, n: int) -> list[JudgeItem]: ...
+
+    def finished(self, item: JudgeItem) -> None: ...
 
 
 class QueueSource:
@@ -111,16 +119,14 @@ class FileSource:
                 f.write(item.key + "\n")
 
 
-def default_progress_file(input_path: Path, annotator_: PanelAnnotator | RewardAnnotator) -> Path:
+def default_progress_file(input_path: Path, annotator_: Annotator) -> Path:
     """$RM_HOME/judge/<file stem>-<hash of the file path and the annotator's configuration>.done"""
     config = f"{input_path.resolve()}|{annotator_.config}"
     return rm_home() / "judge" / f"{input_path.stem}-{hashlib.sha256(config.encode()).hexdigest()[:12]}.done"
 
 
 class JudgeRun:
-    def __init__(
-        self, annotator_: PanelAnnotator | RewardAnnotator, settings: JudgeSettings, client: StoreClient, source
-    ):
+    def __init__(self, annotator_: Annotator, settings: JudgeSettings, client: StoreClient, source: Source):
         self.annotator, self.settings, self.client, self.source = annotator_, settings, client, source
 
     def judge_one(self, item: JudgeItem) -> tuple[JudgeCounts, str | None]:
@@ -218,7 +224,7 @@ def run_judge(
     stop_event: threading.Event | None = None,
     follow: bool = False,
     progress: bool = False,
-    backends: list[JudgeBackend] | None = None,
+    annotator: Annotator | None = None,
     progress_file: Path | None = None,
 ) -> JudgeCounts:
     """Judge queued tasks (or the items of `input_path`) and ingest the labels; returns the counts.
@@ -226,29 +232,29 @@ def run_judge(
     settings: JudgeSettings (default: from the environment). address: the rm-service server
     (default settings.server). max_tasks: stop after this many items. stop_event: set it to stop
     taking items; the ones in flight finish. follow: keep polling an empty queue until stop_event.
-    backends: already loaded judge backends (one per panel model) to reuse across calls; the
+    annotator: an annotator already open (annotators.open_annotator) to reuse across calls; the
     caller keeps ownership. Raises an RMError when the server or the backend cannot be used.
     """
     settings = settings or JudgeSettings()
     items = read_items(Path(input_path)) if input_path is not None else None  # a bad file fails before anything loads
     token = settings.server_token.get_secret_value() if settings.server_token else None
     client = StoreClient(address or settings.server, token, settings.rpc_timeout_s, settings.server_tls_ca)
-    owned = backends is None
+    owned = annotator is None
     try:
-        if settings.backend == "rm":
-            annotator_ = backends[0] if backends else RewardAnnotator(settings.model, settings)
+        if annotator is None:
+            annotator = open_annotator(settings)
+        source: Source
+        if items is not None and input_path is not None:
+            file_source = FileSource(items, progress_file or default_progress_file(Path(input_path), annotator))
+            source = file_source
+            total: int | None = (
+                len(file_source.pending) if max_tasks is None else min(max_tasks, len(file_source.pending))
+            )
         else:
-            backends = load_judges(settings) if owned else backends
-            annotator_ = PanelAnnotator([Judge(b, settings) for b in backends], settings)
-        if items is not None:
-            source = FileSource(items, progress_file or default_progress_file(Path(input_path), annotator_))
-            total = len(source.pending) if max_tasks is None else min(max_tasks, len(source.pending))
-        else:
-            owner = settings.owner or f"judge:{annotator_.name}@{socket.gethostname()}"
+            owner = settings.owner or f"judge:{annotator.name}@{socket.gethostname()}"
             source, total = QueueSource(client, owner, settings.lease_seconds), max_tasks
-        return JudgeRun(annotator_, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
+        return JudgeRun(annotator, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
     finally:
         client.close()
-        if owned and backends is not None and settings.backend != "rm":
-            for b in backends:
-                b.close()
+        if owned and annotator is not None:
+            annotator.close()

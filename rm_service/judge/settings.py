@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The judge backends: rm_service.judge.annotators.ANNOTATORS opens each (and checks this list against it).
+BackendName = Literal["local", "http", "rm"]
+
 
 class JudgeSettings(BaseSettings):
     """LLM-as-judge labeling (`rm-service judge`): backends, position swap, retries, the queue."""
@@ -15,38 +18,45 @@ class JudgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RM_JUDGE_")
 
     # -- which judge -------------------------------------------------------------------------
-    backend: Literal["local", "http", "rm"] = Field(
+    backend: BackendName = Field(
         "local",
-        description="local: an HF causal LM run in this process; http: an OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, hosted APIs); "
-        "rm: a reward model scores every response (a stronger or gold reward model as the annotator).",
+        description="local: an HF causal LM run in this process; http: an OpenAI-compatible chat-completions "
+        "endpoint (vLLM, llama.cpp server, hosted APIs); rm: a reward model scores every response (a stronger or "
+        "gold reward model as the annotator).",
     )
     model: str = Field(
         "smollm2-135m-instruct",
-        description="Judge model: for local a bundled name or HF directory, for http the served model name (several, comma-separated, form a panel "
-        "that votes); for rm a registry version (name or directory) or a reward checkpoint.",
+        description="Judge model: for local a bundled name or HF directory, for http the served model name (several, "
+        "comma-separated, form a panel that votes); for rm a registry version (name or directory) or a reward "
+        "checkpoint.",
     )
     decision: Literal["choice", "generate"] = Field(
         "choice",
-        description="choice: compare the next-token log-probabilities of the verdict letters after the rubric (one forward pass, always parseable; http needs logprobs); "
-        "generate: let the judge write a rationale and a strict [[A]]/[[B]]/[[C]] verdict.",
+        description="choice: compare the next-token log-probabilities of the verdict letters after the rubric (one "
+        "forward pass, always parseable; http needs logprobs); generate: let the judge write a rationale and a "
+        "strict [[A]]/[[B]]/[[C]] verdict.",
     )
     inconsistent: Literal["calibrate", "tie", "skip"] = Field(
         "calibrate",
-        description="When the verdict changes with the order of the replies: calibrate decides by the margin summed over both orders "
-        "(Balanced Position Calibration; a split generate verdict becomes a tie), tie stores a tie (MT-Bench's rule), skip stores no outcome.",
+        description="When the verdict changes with the order of the replies: calibrate decides by the margin summed "
+        "over both orders (Balanced Position Calibration; a split generate verdict becomes a tie), tie stores a tie "
+        "(MT-Bench's rule), skip stores no outcome.",
     )
     kway: Literal["tournament", "direct"] = Field(
         "tournament",
-        description="K > 2 responses: tournament judges every pair (both orders) and ranks by wins; direct asks for one ranking in both orders (needs decision=generate).",
+        description="K > 2 responses: tournament judges every pair (both orders) and ranks by wins; direct asks for "
+        "one ranking in both orders (needs decision=generate).",
     )
     template_file: Path | None = Field(
         None,
-        description="TOML file (version, kind = pairwise or ranking, system, user) replacing the built-in prompt template of that kind.",
+        description="TOML file (version, kind = pairwise or ranking, system, user) replacing the built-in prompt "
+        "template of that kind.",
     )
     choice_tie_margin: float = Field(
         0.0,
         ge=0,
-        description="choice: a verdict (one order's, or the calibrated mean of both) is a tie when the letters' log-probabilities differ by at most this.",
+        description="choice: a verdict (one order's, or the calibrated mean of both) is a tie when the letters' "
+        "log-probabilities differ by at most this.",
     )
     rm_tie_margin: float = Field(
         0.0, ge=0, description="rm: responses whose rewards differ by at most this tie (0: only equal rewards tie)."
@@ -58,7 +68,8 @@ class JudgeSettings(BaseSettings):
     parse_retries: int = Field(
         1,
         ge=0,
-        description="generate: extra attempts (at retry_temperature) when an answer has no valid verdict; then the item is counted and skipped.",
+        description="generate: extra attempts (at retry_temperature) when an answer has no valid verdict; then the "
+        "item is counted and skipped.",
     )
     retry_temperature: float = Field(
         0.7, ge=0, description="generate: sampling temperature of the retries after an unparseable answer."
@@ -77,7 +88,8 @@ class JudgeSettings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="local: torch intra-op threads for the whole process (0 = leave torch's default). 1 is much faster on a CPU that other processes keep busy.",
+        description="local: torch intra-op threads for the whole process (0 = leave torch's default). 1 is much "
+        "faster on a CPU that other processes keep busy.",
     )
 
     # -- http backend ------------------------------------------------------------------------
@@ -95,7 +107,8 @@ class JudgeSettings(BaseSettings):
     backoff_s: float = Field(
         0.5,
         ge=0,
-        description="http: first retry delay; doubles with each retry (with jitter), capped by max_backoff_s. Retry-After is honoured.",
+        description="http: first retry delay; doubles with each retry (with jitter), capped by max_backoff_s. "
+        "Retry-After is honoured.",
     )
     max_backoff_s: float = Field(10.0, ge=0, description="http: longest delay between two retries.")
     top_logprobs: int = Field(
@@ -104,7 +117,8 @@ class JudgeSettings(BaseSettings):
     concurrency: int = Field(
         4,
         ge=1,
-        description="Judge calls in flight at once (items judged concurrently; for http also the limit of open requests).",
+        description="Judge calls in flight at once (items judged concurrently; for http also the limit of open "
+        "requests).",
     )
     max_consecutive_errors: int = Field(
         5, ge=1, description="Abort the run after this many items in a row failed at the backend (after its retries)."

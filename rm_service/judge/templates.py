@@ -1,9 +1,9 @@
 """Versioned prompt templates of the judge (pairwise rubric, direct K-way ranking).
 
 A template is a system message and a user message with named placeholders, filled with
-str.format (write literal braces as {{ and }}): pairwise templates take {conversation}, {response_a} and {response_b}; ranking
-templates take {conversation}, {responses} and {k}. Every label records the template's
-`version`, so labels from different rubrics can be told apart. A TOML file (settings
+str.format (write literal braces as {{ and }}): pairwise templates take {conversation},
+{response_a} and {response_b}; ranking templates take {conversation}, {responses} and {k}.
+Every label records the template's `version`, so labels from different rubrics can be told apart. A TOML file (settings
 `template_file`) replaces the built-in template of its kind:
 
     version = "my-rubric-v2"

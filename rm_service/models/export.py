@@ -47,9 +47,9 @@ from rm_service.settings import ModelSettings
 EXPORT_TOLERANCE = 1e-4  # relative (to max(1, |score|)), fp32
 EXPORT_META = "rm_service.json"
 EXPORTABLE = (
-    "train a decoder backbone in full mode (rm-service train --mode full: bias-free heads on the last token of the final "
-    "layer), or in head mode with --feature-layers last on a backbone whose final norm has a bias (GPT-2 family), when "
-    "cross-validation picks the last token"
+    "train a decoder backbone in full mode (rm-service train --mode full: bias-free heads on the last token of the "
+    "final layer), or in head mode with --feature-layers last on a backbone whose final norm has a bias (GPT-2 "
+    "family), when cross-validation picks the last token"
 )
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
@@ -64,8 +64,8 @@ class Exported:
 
     def summary(self) -> str:
         return (
-            f"exported {self.version} to {self.directory} as {self.architecture}: {self.items_checked} items score as served "
-            f"(max relative difference {self.max_difference:.2g})"
+            f"exported {self.version} to {self.directory} as {self.architecture}: {self.items_checked} items score "
+            f"as served (max relative difference {self.max_difference:.2g})"
         )
 
 
@@ -81,20 +81,20 @@ def check_exportable(meta: VersionMeta, num_layers: int) -> None:
     why = None
     if meta.format.kind != "causal":
         why = (
-            "its backbone is an encoder: a standard encoder classifier scores the [CLS] token through its own pooler, and this "
-            f"version pools {meta.pooling.name}"
+            "its backbone is an encoder: a standard encoder classifier scores the [CLS] token through its own "
+            f"pooler, and this version pools {meta.pooling.name}"
         )
     elif meta.format.style != "rm_service":
         why = f"its formatting style is {meta.format.style!r}; only versions rm-service trained are exported"
     elif meta.pooling.method != "last":
         why = (
-            f"it pools {meta.pooling.name}: a standard classifier reads one token, the last, and has no completion mean "
-            "(head mode chose this by cross-validation)"
+            f"it pools {meta.pooling.name}: a standard classifier reads one token, the last, and has no completion "
+            "mean (head mode chose this by cross-validation)"
         )
     elif meta.pooling.layers not in ((), (num_layers,)):
         why = (
-            f"its features are layer {'+'.join(map(str, meta.pooling.layers))} of {num_layers}: a middle layer's states are "
-            "not normed, and a model cut after it would apply the final norm, which changes the scores"
+            f"its features are layer {'+'.join(map(str, meta.pooling.layers))} of {num_layers}: a middle layer's "
+            "states are not normed, and a model cut after it would apply the final norm, which changes the scores"
         )
     if why:
         raise InvalidArgument(
@@ -156,10 +156,11 @@ def export_pad_id(runtime: ModelRuntime) -> int:
     if pad != tok.eos_token_id:
         return pad
     template = runtime.spec.chat_template or ""
+    # One the template never writes first.
     others = sorted(
         (i for i in tok.all_special_ids if i != tok.eos_token_id),
         key=lambda i: tok.convert_ids_to_tokens(i) in template,
-    )  # one the template never writes first
+    )
     if not others:
         raise InvalidArgument(
             "version",
@@ -250,8 +251,8 @@ def export_record(meta: VersionMeta) -> dict:
         "base_backbone": meta.base_backbone,
         "formatting": (
             "tokenizer.apply_chat_template(prompt + [{'role': 'assistant', 'content': completion}], tokenize=False), "
-            "trailing whitespace stripped, tokenized without special tokens, EOS appended when missing; beyond max_tokens "
-            "the start is cut; the score is the logit at the last token"
+            "trailing whitespace stripped, tokenized without special tokens, EOS appended when missing; beyond "
+            "max_tokens the start is cut; the score is the logit at the last token"
         ),
         "max_tokens": meta.format.max_tokens,
         "format_hash": meta.format_hash,

@@ -88,7 +88,7 @@ class _ByName(torch.nn.Module):
         self.model, self.names = model, names
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, inputs)))  # [B, K]
+        return self.model(**dict(zip(self.names, inputs, strict=True)))  # [B, K]
 
 
 def _dummy_inputs(runtime: ModelRuntime, names: list[str]) -> tuple[torch.Tensor, ...]:

@@ -66,7 +66,7 @@ def autocast(precision: str, device: torch.device):
 def resolve_precision(setting: str, device: torch.device, cache_dir: Path | None = None) -> Precision:
     """ "fp32" or "bf16" for `setting` ("auto", "fp32" or "bf16") on `device`."""
     if setting in PRECISIONS:
-        return setting  # type: ignore[return-value]
+        return setting
     if setting != "auto":
         raise ValueError(f"precision must be auto, fp32 or bf16, got {setting!r}")
     if device.type == "cuda":

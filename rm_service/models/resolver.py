@@ -54,7 +54,8 @@ def resolve(name_or_path: str, settings: ModelSettings | None = None) -> Path:
         return path.resolve()
     raise InvalidArgument(
         "model",
-        f"{name_or_path!r} is neither a bundled model ({', '.join(BUNDLED)}) nor an HF model directory with a config.json",
+        f"{name_or_path!r} is neither a bundled model ({', '.join(BUNDLED)}) nor an HF model directory with a "
+        "config.json",
     )
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,13 +27,16 @@ from rm_service.models.resolver import resolve
 from rm_service.models.reward_model import CheckpointRewardModel, RewardModel, load_checkpoint_model, load_reward_model
 from rm_service.settings import ModelSettings
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelRuntime:
     model: RewardModel | CheckpointRewardModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     spec: FormatSpec
     backbone: str  # bundled name or path
     backbone_key: str  # identity of the backbone weights, keys the feature cache

@@ -197,12 +197,12 @@ def check_golden(
     tolerance = GOLDEN_TOLERANCE[precision]
     items = [runtime.format([Message(**m) for m in g.prompt], g.completion) for g in golden]
     raw = (scorer or runtime).run(items, max_batch_tokens=1).mean(axis=1)  # one item per batch, as at training
-    for g, got in zip(golden, raw):
+    for g, got in zip(golden, raw, strict=True):
         want = g.expected(precision)
         if abs(float(got) - want) > tolerance * max(1.0, abs(want)):
             raise FailedPrecondition(
-                f"{where}: golden pair check failed: an item scored {float(got):.5f} in {precision} at load but {want:.5f} "
-                f"in training (tolerance {tolerance:g}); {cause}. Refusing to serve this version"
+                f"{where}: golden pair check failed: an item scored {float(got):.5f} in {precision} at load but "
+                f"{want:.5f} in training (tolerance {tolerance:g}); {cause}. Refusing to serve this version"
             )
 
 

@@ -135,6 +135,7 @@ class RewardServer:
             reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
             names.append(REWARD_SERVICE)
         if self.store is not None:
+            assert self.writer is not None  # opened with the store
             preference_pb2_grpc.add_PreferenceServiceServicer_to_server(
                 PreferenceService(self.store, self.writer), self.server
             )
@@ -184,6 +185,7 @@ class RewardServer:
             served = await asyncio.get_running_loop().run_in_executor(
                 None, load_for_serving, self.settings, self.store, self.models, target
             )
+            assert self.reward is not None  # made above, with the batcher
             await self.reward.warm_up(served)  # the first measured model rate, before any call is admitted
             self.served.swap_in(served, "loaded")
             log.info(
@@ -202,7 +204,8 @@ class RewardServer:
                 self.served.pin(pinned)
                 log.info("also serving %s (%s) to callers that pin it", pinned.record.version, pinned.record.backbone)
             self.served.loading = False  # from here a version this process does not hold is NOT_FOUND, not UNAVAILABLE
-            gc.freeze()  # the models' objects never die: keep them out of the collector's full passes (270 ms pauses seen)
+            # The models' objects never die: keep them out of the collector's full passes (270 ms pauses seen).
+            gc.freeze()
             if self.settings.follow_registry and served.record.status != "external":
                 self._follower = asyncio.get_running_loop().create_task(
                     follow_registry(self.served, self.settings, self.models, self.settings.watch_interval_s)

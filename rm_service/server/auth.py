@@ -115,7 +115,8 @@ def _parse(lines: list[str], where: str) -> list[tuple[str, bytes]]:
             raise FailedPrecondition(f"{where} {n}: expected role:token with role one of {', '.join(ROLES)}")
         if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
             raise FailedPrecondition(
-                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without spaces"
+                f"{where} {n}: a {role} token must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                "spaces"
             )
         entries.append((role, token.encode("ascii")))
     return entries
@@ -280,11 +281,11 @@ def server_credentials(security: SecuritySettings) -> grpc.ServerCredentials | N
 def _check_tls_files(security: SecuritySettings) -> None:
     """Load the files with OpenSSL (Python's ssl) first: gRPC takes any PEM bytes here and
     fails later, at bind, with only "Failed to bind to address"."""
+    assert security.tls_cert is not None  # server_credentials checked that both are set
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(
-            security.tls_cert, security.tls_key, password=lambda: b""
-        )  # an encrypted key fails, never prompts
+        # An encrypted key fails, never prompts.
+        context.load_cert_chain(security.tls_cert, security.tls_key, password=lambda: b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise FailedPrecondition(

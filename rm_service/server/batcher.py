@@ -144,7 +144,8 @@ class Batcher:
             await asyncio.to_thread(self._thread.join)
 
     def fair_wait(self) -> float:
-        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its length."""
+        """Seconds past its first-come-first-served turn after which an item joins the next batch whatever its
+        length."""
         return self.fair_wait_s or FAIR_WAIT_BATCHES * (self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS)
 
     def admit(self, items: int, tokens: int, ticket: Ticket) -> Permit:
@@ -294,7 +295,7 @@ class Batcher:
                 rewards = backend.run_collated(batch)  # [b, K]
                 ran = _Ran(live, rewards, int(batch["input_ids"].numel()), start, time.monotonic() - start)
                 self.meter.record(sum(len(j.item) for j in live), len(live), ran.seconds)
-        except Exception as exc:  # noqa: BLE001 - the callers get the error, the thread goes on
+        except Exception as exc:
             log.exception("model batch failed")
             self._post(self._fail, live + dropped, exc)
             return
@@ -317,6 +318,7 @@ class Batcher:
 
     def _post(self, fn, *args) -> None:
         """Run fn(*args) on the event loop (the one place the model thread hands results back)."""
+        assert self._loop is not None  # set by start(), before any batch runs
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
@@ -335,7 +337,7 @@ class Batcher:
             self._observe_drop()
         if ran.rewards is None:
             return
-        for j, row in zip(ran.jobs, ran.rewards):
+        for j, row in zip(ran.jobs, ran.rewards, strict=True):
             self.admission.spend(j.permit, len(j.item))
             if not j.future.done():
                 j.future.set_result(row)
@@ -378,7 +380,8 @@ def lower_priority(nice: int) -> None:
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
     """(the jobs still wanted, the ones whose caller has gone or whose deadline passed)."""
-    live, gone = [], []
+    live: list[Job] = []
+    gone: list[Job] = []
     for j in jobs:
         (live if j.permit.runnable() else gone).append(j)
     return live, gone

@@ -11,7 +11,11 @@ from rm_service.registry import ModelRecord
 from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.labels import LabelIn
 
-SOURCE_NAMES = {preference_pb2.HUMAN: "HUMAN", preference_pb2.JUDGE: "JUDGE", preference_pb2.IMPORT: "IMPORT"}
+SOURCE_NAMES: dict[int, str] = {
+    preference_pb2.HUMAN: "HUMAN",
+    preference_pb2.JUDGE: "JUDGE",
+    preference_pb2.IMPORT: "IMPORT",
+}
 STATUS_VALUES = {
     "INSERTED": preference_pb2.INSERTED,
     "DUPLICATE": preference_pb2.DUPLICATE,

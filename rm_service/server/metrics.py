@@ -6,9 +6,9 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_queue_depth | gauge | items waiting for a batch (Batcher.queue_depth()) |
 | rm_inflight_items | gauge | items admitted and not yet answered |
 | rm_queued_tokens | gauge | tokens admitted and not yet scored |
-| rm_admission_token_limit | gauge | queued tokens at which requests are refused (measured rate x target wait, or the setting) |
+| rm_admission_token_limit | gauge | queued tokens at which requests are refused (rate x target wait, or the setting) |
 | rm_model_tokens_per_second | gauge | the model's measured rate (real tokens/s, weighted over recent batches) |
-| rm_fair_wait_seconds | gauge | the fairness bound: an item waiting this long past its first-come-first-served turn joins the next batch |
+| rm_fair_wait_seconds | gauge | the fairness bound: an item this long past its FCFS turn joins the next batch |
 | rm_batch_size | histogram | items per model batch |
 | rm_batch_padding_ratio | histogram | padded / real tokens per batch |
 | rm_stage_seconds | histogram | stage = tokenise (per request), queue_wait (per item), inference (per batch) |
@@ -25,7 +25,7 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_raw_score_reference_mean, _std | gauge | version: raw score on its training items (version.json reward_mean/std) |
 | rm_raw_score_drift_mean | gauge | version: (window mean - reference mean) / reference std |
 | rm_raw_score_drift_std_ratio | gauge | version: window std / reference std |
-| rm_reward_length_correlation | gauge | version: Pearson r of completion length (characters) and raw score over the window |
+| rm_reward_length_correlation | gauge | version: Pearson r of completion length (chars) and raw score over the window |
 | rm_reward_length_correlation_reference | gauge | version: the same on its training items |
 | rm_reward_window_items | gauge | version: items in the window |
 | rm_http_requests_total | counter | route, status: finished requests to the HTTP reward routes and /health |
@@ -59,21 +59,8 @@ from rm_service.server.handlers import behaviour, with_behaviour
 log = logging.getLogger(__name__)
 
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-REWARD_BUCKETS = (
-    -4,
-    -3,
-    -2,
-    -1.5,
-    -1,
-    -0.5,
-    0,
-    0.5,
-    1,
-    1.5,
-    2,
-    3,
-    4,
-)  # normalised: 0 mean, unit std on the training items
+# Normalised rewards: 0 mean, unit std on the training items.
+REWARD_BUCKETS = (-4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 WINDOW_ITEMS = 1000  # recent items per version behind the drift and length-correlation gauges
@@ -176,7 +163,7 @@ class Metrics:
         """The items of one scoring call, as answered: raw and served rewards, tokens, truncation
         and completion lengths [N] each; `reference` is None for a version without one (external)."""
         hist, toks = self.reward.labels(version), self.item_tokens.labels(version)
-        for value, n in zip(reward, tokens):
+        for value, n in zip(reward, tokens, strict=True):
             hist.observe(float(value))
             toks.observe(n)
         cut = int(sum(bool(t) for t in truncated))
@@ -273,7 +260,7 @@ class RewardWindows:
     scrape time: drift from the version's reference statistics and the length correlation.
     Written on the event loop, read by the metrics HTTP thread."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._windows: OrderedDict[str, _Window] = OrderedDict()
 
@@ -331,8 +318,8 @@ WINDOW_GAUGES = {
     "rm_raw_score_reference_std": "The version's raw-score standard deviation on its training items (reward_std).",
     "rm_raw_score_drift_mean": "(window mean - reference mean) / reference std: the served mean reward's shift.",
     "rm_raw_score_drift_std_ratio": "window std / reference std.",
-    "rm_reward_length_correlation": "Pearson correlation of completion length (characters) and raw score over the window; "
-    "rising above its reference is an early sign of a policy exploiting length.",
+    "rm_reward_length_correlation": "Pearson correlation of completion length (characters) and raw score over the "
+    "window; rising above its reference is an early sign of a policy exploiting length.",
     "rm_reward_length_correlation_reference": "The same correlation on the version's training items.",
 }
 

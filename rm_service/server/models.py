@@ -33,9 +33,8 @@ class Served:
     runtime: ModelRuntime
     record: ModelRecord
     backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
-    feedback: dict = field(
-        default_factory=dict
-    )  # a version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback)
+    # A version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback).
+    feedback: dict = field(default_factory=dict)
 
 
 class ServedModels:
@@ -124,19 +123,20 @@ def resolve_for_serving(settings: ServeSettings, store: Store | None, models: Mo
             "(*ForSequenceClassification) is served as trained, a plain model gets an untrained head "
             "(`rm-service train --backbone DIR` trains a version on it)"
         )
+    rec: ModelRecord | None = None
     if name is not None and is_version_dir(name):
-        target = Target(Path(name))
+        directory = Path(name)
     elif store is not None:
         rec = registry.get_model(store, name) if name else registry.promoted(store)
         if rec is None:
             raise FailedPrecondition(
                 "no promoted reward model in the registry; run `rm-service train` or pass --model NAME|PATH"
             )
-        target = Target(Path(rec.artifact_path), rec)
+        directory = Path(rec.artifact_path)
     else:
-        target = Target(Path(models.artifacts_dir) / name if name else _pointer_dir(models))
-    read_meta(target.directory)
-    return target
+        directory = Path(models.artifacts_dir) / name if name else _pointer_dir(models)
+    read_meta(directory)
+    return Target(directory, rec)
 
 
 def load_for_serving(
@@ -144,8 +144,9 @@ def load_for_serving(
 ) -> Served:
     """Load (and warm) the model of `target`, by default resolve_for_serving's."""
     target = target or resolve_for_serving(settings, store, models)
-    if target.external is None:
+    if target.directory is not None:
         return load_version_dir(target.directory, settings, models, target.record)
+    assert target.external is not None  # a Target is one or the other
     name = target.external
     runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
     rec = ModelRecord(
@@ -212,6 +213,7 @@ def make_backend(
             describe(runtime.precision, runtime.device),
         )
         return runtime
+    assert meta is not None and directory is not None  # only a version's meta records an ONNX export
     from rm_service.models.onnx_backend import OnnxRuntimeModel
 
     name = onnx["int8_path"] if settings.onnx_int8 and onnx.get("int8_kept") else onnx["fp32_path"]

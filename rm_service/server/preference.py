@@ -45,9 +45,8 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         item is REJECTED alone, naming its field."""
         if not request.feedback:
             raise InvalidArgument("feedback", "must hold at least one feedback label")
-        prepared = await asyncio.to_thread(
-            self._prepare_feedback, request
-        )  # validated off the event loop and off the writer
+        # Validated off the event loop and off the writer.
+        prepared = await asyncio.to_thread(self._prepare_feedback, request)
         outcomes = await asyncio.wrap_future(self.writer.submit(prepared))
         return preference_pb2.IngestLabelsResponse(
             results=[

@@ -25,7 +25,7 @@ def rpc(method):
             await context.abort(status_code(exc), str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001 - the catch-all that keeps UNKNOWN away
+        except Exception as exc:
             log.exception("internal error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -44,7 +44,7 @@ def stream_rpc(method):
             await context.abort(status_code(exc), str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("internal error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 

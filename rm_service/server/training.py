@@ -77,6 +77,7 @@ class JobRunner:
         )
         try:
             result = train(self.store, settings, self.models, show_progress=False, parent=req.get("parent_version"))
+            assert result is not None  # None only on torchrun's other ranks; this is one process
             record = registry.get_model(self.store, result.version)
             snapshot_id = record.snapshot_id
             if (
@@ -91,7 +92,7 @@ class JobRunner:
         except RMError as exc:
             jobs.mark_failed(self.store, job.job_id, str(exc))
             log.warning("retraining job %s failed: %s", job.job_id, exc)
-        except Exception as exc:  # noqa: BLE001 - a failed job is recorded, never lost with the thread
+        except Exception as exc:
             log.exception("retraining job %s failed", job.job_id)
             jobs.mark_failed(self.store, job.job_id, f"{type(exc).__name__}: {exc}")
         finally:

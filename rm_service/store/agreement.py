@@ -34,6 +34,7 @@ from typing import Literal
 import duckdb
 
 from rm_service.errors import InvalidArgument
+from rm_service.store.tx import one_row
 
 Side = Literal["x", "y", "tie"]
 
@@ -73,7 +74,7 @@ def cohen_kappa(a: list[str], b: list[str]) -> float:
     n = len(a)
     if n == 0 or n != len(b):
         return math.nan
-    observed = sum(x == y for x, y in zip(a, b)) / n
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
     expected = sum((a.count(c) / n) * (b.count(c) / n) for c in set(a) | set(b))
     if expected == 1.0:
         return math.nan
@@ -175,7 +176,7 @@ def report(con: duckdb.DuckDBPyConnection, reference: LabelSet, other: LabelSet)
         )
     params = reference.params("ref") | other.params("other")
     rows = con.execute(_SHARED_PAIRS_SQL, params).fetchall()
-    swapped, flips = con.execute(_SWAP_SQL, other.params("other")).fetchone()
+    swapped, flips = one_row(con, _SWAP_SQL, other.params("other"))
     return agreement_report([SharedPair(*row) for row in rows], int(swapped), int(flips))
 
 
@@ -187,7 +188,10 @@ def annotators(con: duckdb.DuckDBPyConnection, source: str) -> list[tuple[str, i
     ).fetchall()
 
 
-_IN_OTHER = "(list_contains($other_sources::VARCHAR[], l.source) AND ($other_annotator IS NULL OR l.annotator = $other_annotator))"
+_IN_OTHER = (
+    "(list_contains($other_sources::VARCHAR[], l.source) AND ($other_annotator IS NULL OR l.annotator = "
+    "$other_annotator))"
+)
 _IN_REF = (
     "(list_contains($ref_sources::VARCHAR[], l.source) AND ($ref_annotator IS NULL OR l.annotator = $ref_annotator))"
 )
@@ -197,8 +201,10 @@ _IN_REF = (
 # other set's labels and among the reference set's labels; pairs that both voted on.
 _SHARED_PAIRS_SQL = f"""
 WITH votes AS (
-    SELECT {_IN_OTHER} AS is_other, least(a.completion_id, b.completion_id) AS x, greatest(a.completion_id, b.completion_id) AS y,
-           CASE WHEN a.rank = b.rank THEN 0.5 WHEN (a.rank < b.rank) = (a.completion_id < b.completion_id) THEN 1.0 ELSE 0.0 END AS x_vote
+    SELECT {_IN_OTHER} AS is_other, least(a.completion_id, b.completion_id) AS x,
+           greatest(a.completion_id, b.completion_id) AS y,
+           CASE WHEN a.rank = b.rank THEN 0.5
+                WHEN (a.rank < b.rank) = (a.completion_id < b.completion_id) THEN 1.0 ELSE 0.0 END AS x_vote
     FROM labels l
     JOIN label_rankings a ON a.label_id = l.label_id
     JOIN label_rankings b ON b.label_id = l.label_id AND a.position < b.position

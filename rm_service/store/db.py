@@ -8,10 +8,11 @@ that opens a file in use gets `Unavailable` with a hint to go through the server
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import duckdb
 
@@ -24,7 +25,10 @@ from rm_service.store.feedback import FeedbackIn, PreparedFeedback, prepare_feed
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
 from rm_service.store.rows import Rows
 from rm_service.store.schema import TASK_AVAILABLE, migrate
-from rm_service.store.tx import transaction
+from rm_service.store.tx import one_row, transaction
+
+# A label as Store.prepare leaves it: validated, or already decided (REJECTED).
+Prepared = PreparedLabel | PreparedFeedback | IngestOutcome
 
 
 @dataclass(frozen=True)
@@ -93,21 +97,21 @@ class Store:
     # -- ingestion -------------------------------------------------------------------------
 
     def ingest(
-        self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
+        self, labels: Sequence[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
     ) -> list[IngestOutcome]:
         """Validate and store labels in one transaction; one outcome per label, in order."""
         return self.ingest_batches([self.prepare(labels, origin, field)])[0]
 
     def prepare(
-        self, labels: list[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
-    ) -> list[PreparedLabel | PreparedFeedback | IngestOutcome]:
+        self, labels: Sequence[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
+    ) -> list[Prepared]:
         """Validate each label (store.labels.prepare_label, or store.feedback.prepare_feedback
         for thumbs and outcomes, with this store's limits) before
         it joins a transaction: a bad one becomes its REJECTED outcome, naming `field[i].<name>`.
         `origin` is the provenance of completions not yet stored. Needs no lock: callers run
         it in their own thread, so a large request does not hold up other requests' commits."""
         s = self.settings
-        out: list[PreparedLabel | IngestOutcome] = []
+        out: list[Prepared] = []
         for i, label in enumerate(labels):
             try:
                 if isinstance(label, FeedbackIn):
@@ -120,9 +124,7 @@ class Store:
                 out.append(IngestOutcome(label.label_id, "REJECTED", str(exc)))
         return out
 
-    def ingest_batches(
-        self, batches: list[list[PreparedLabel | PreparedFeedback | IngestOutcome]]
-    ) -> list[list[IngestOutcome]]:
+    def ingest_batches(self, batches: list[list[Prepared]]) -> list[list[IngestOutcome]]:
         """Store several requests' prepared labels (Store.prepare) in ONE transaction (group commit).
 
         Outcomes already decided (REJECTED by validation) pass through. A label_id already
@@ -160,7 +162,7 @@ class Store:
                 rows.add(prepared)
                 outcomes[b][i] = IngestOutcome(label.label_id, "INSERTED")
             rows.write(self.con)
-        return outcomes
+        return cast(list[list[IngestOutcome]], outcomes)  # every None was decided above
 
     def _open_tasks(self, task_ids: list[str]) -> set[str]:
         if not task_ids:
@@ -183,8 +185,8 @@ class Store:
     def create_snapshot(self) -> Snapshot:
         """Freeze the set of labels committed so far: a reproducible training input."""
         with self.transaction() as con:
-            max_seq, count = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM labels").fetchone()
-            number = con.execute("SELECT count(*) FROM snapshots").fetchone()[0] + 1
+            max_seq, count = one_row(con, "SELECT coalesce(max(seq), 0), count(*) FROM labels")
+            number = one_row(con, "SELECT count(*) FROM snapshots")[0] + 1
             snap = Snapshot(f"snap-{number:06d}", int(max_seq), int(count))
             con.execute(
                 "INSERT INTO snapshots (snapshot_id, max_seq, num_labels) VALUES (?, ?, ?)",
@@ -203,7 +205,8 @@ class Store:
                     raise NotFound(f"snapshot {snapshot_id!r} not found")
             else:
                 row = self.con.execute(
-                    "SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC LIMIT 1"
+                    "SELECT snapshot_id, max_seq, num_labels FROM snapshots ORDER BY max_seq DESC, snapshot_id DESC "
+                    "LIMIT 1"
                 ).fetchone()
         return Snapshot(*row) if row else None
 
@@ -254,25 +257,33 @@ class Store:
             q = self.con.execute
             by_source = dict(q("SELECT source, count(*) FROM labels GROUP BY source").fetchall())
             snap = self.get_snapshot(since_snapshot_id)
-            since = q("SELECT count(*) FROM labels WHERE seq > ?", [snap.max_seq if snap else 0]).fetchone()[0]
-            queued = q(f"SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}").fetchone()[0]
-            leased = q("SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_expires_at >= now()").fetchone()[0]
-            done = q("SELECT count(*) FROM tasks WHERE state = 'done'").fetchone()[0]
+            since = one_row(self.con, "SELECT count(*) FROM labels WHERE seq > ?", [snap.max_seq if snap else 0])[0]
+            queued = one_row(self.con, f"SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}")[0]
+            leased = one_row(
+                self.con, "SELECT count(*) FROM tasks WHERE state = 'leased' AND lease_expires_at >= now()"
+            )[0]
+            done = one_row(self.con, "SELECT count(*) FROM tasks WHERE state = 'done'")[0]
             judge = self.judge_agreement()
-            pairs = q("""SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
-                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank GROUP BY a.label_id)""").fetchone()[
-                0
-            ]
-            feedback = q("""SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'), count(*) FILTER (kind = 'outcome')
-                            FROM label_feedback""").fetchone()
+            pairs = one_row(
+                self.con,
+                """SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
+                         JOIN label_rankings b ON a.label_id = b.label_id AND a.rank < b.rank
+                         GROUP BY a.label_id)""",
+            )[0]
+            feedback = one_row(
+                self.con,
+                """SELECT count(DISTINCT label_id), count(*) FILTER (kind = 'thumb'),
+                                   count(*) FILTER (kind = 'outcome')
+                            FROM label_feedback""",
+            )
             return {
                 "feedback_labels": feedback[0],
                 "thumbs": feedback[1],
                 "outcomes": feedback[2],
                 "labels_total": sum(by_source.values()),
                 "labels_by_source": by_source,
-                "conversations": q("SELECT count(*) FROM conversations").fetchone()[0],
-                "completions": q("SELECT count(*) FROM completions").fetchone()[0],
+                "conversations": one_row(self.con, "SELECT count(*) FROM conversations")[0],
+                "completions": one_row(self.con, "SELECT count(*) FROM completions")[0],
                 "pairs": int(pairs),
                 "latest_snapshot_id": snap.snapshot_id if snap else "",
                 "labels_since_snapshot": since,

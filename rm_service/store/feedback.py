@@ -159,8 +159,9 @@ def prepare_feedback(fb: FeedbackIn, where: str, max_chars: int) -> PreparedFeed
 # -- reading back --------------------------------------------------------------------------
 
 _QUERY = """
-SELECT l.seq, l.label_id, c.messages, list(f.kind ORDER BY f.message_index), list(f.message_index ORDER BY f.message_index),
-       list(f.value ORDER BY f.message_index), l.source, l.annotator, l.rationale, l.metadata, l.task_id
+SELECT l.seq, l.label_id, c.messages, list(f.kind ORDER BY f.message_index),
+       list(f.message_index ORDER BY f.message_index), list(f.value ORDER BY f.message_index), l.source,
+       l.annotator, l.rationale, l.metadata, l.task_id
 FROM labels l
 JOIN conversations c ON c.id = l.conversation_id
 JOIN label_feedback f ON f.label_id = l.label_id
@@ -187,8 +188,8 @@ def feedback_in_snapshot(store, snapshot) -> list[StoredFeedback]:
         rows = store.con.execute(_QUERY, {"max_seq": snapshot.max_seq}).fetchall()
     out = []
     for seq, label_id, messages, kinds, indexes, values, source, annotator, rationale, metadata, task_id in rows:
-        thumbs = [TurnThumb(int(i), v >= 0.5) for k, i, v in zip(kinds, indexes, values) if k == "thumb"]
-        outcome = next((float(v) for k, v in zip(kinds, values) if k == "outcome"), None)
+        thumbs = [TurnThumb(int(i), v >= 0.5) for k, i, v in zip(kinds, indexes, values, strict=True) if k == "thumb"]
+        outcome = next((float(v) for k, v in zip(kinds, values, strict=True) if k == "outcome"), None)
         out.append(
             StoredFeedback(
                 seq=seq,

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from rm_service.store.db import Store
+from rm_service.store.tx import one_row
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed")
@@ -100,7 +101,7 @@ def mark_running(store: Store, job_id: str) -> None:
 def mark_succeeded(
     store: Store,
     job_id: str,
-    snapshot_id: str,
+    snapshot_id: str | None,
     version: str,
     promoted: bool,
     metrics: dict[str, float],
@@ -124,7 +125,7 @@ def mark_failed(store: Store, job_id: str, error: str) -> None:
 def fail_interrupted(store: Store) -> int:
     """Jobs left queued or running by a process that is gone become failed. Returns how many."""
     with store.transaction() as con:
-        n = con.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+        n = one_row(con, "SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")[0]
         con.execute(
             "UPDATE jobs SET state = 'failed', error = 'interrupted: the server stopped before the job finished; "
             "request it again', finished_at = now() WHERE state IN ('queued', 'running')"

@@ -8,14 +8,17 @@ import duckdb
 from rm_service.store.feedback import PreparedFeedback
 from rm_service.store.labels import PreparedLabel
 
+# A table's rows column by column (DuckDB takes each column as one list parameter).
+Columns = dict[str, list]
+
 
 class Rows:
     """Column buffers for one ingestion transaction, written with one INSERT per table."""
 
-    def __init__(self):
-        self.conversations = {"id": [], "messages": [], "num_turns": []}
-        self.completions = {"id": [], "conversation_id": [], "text": [], "origin": []}
-        self.labels = {
+    def __init__(self) -> None:
+        self.conversations: Columns = {"id": [], "messages": [], "num_turns": []}
+        self.completions: Columns = {"id": [], "conversation_id": [], "text": [], "origin": []}
+        self.labels: Columns = {
             k: []
             for k in (
                 "label_id",
@@ -29,8 +32,8 @@ class Rows:
                 "payload_hash",
             )
         }
-        self.rankings = {"label_id": [], "position": [], "completion_id": [], "rank": []}
-        self.feedback = {"label_id": [], "kind": [], "message_index": [], "value": []}
+        self.rankings: Columns = {"label_id": [], "position": [], "completion_id": [], "rank": []}
+        self.feedback: Columns = {"label_id": [], "kind": [], "message_index": [], "value": []}
         self._seen_conv: set[str] = set()
         self._seen_comp: set[str] = set()
         self._feedback_ids: set[str] = set()
@@ -39,7 +42,7 @@ class Rows:
         label, conv = p.label, p.conversation_id
         if conv not in self._seen_conv:
             self._seen_conv.add(conv)
-            turns = len(label.conversation) if isinstance(p, PreparedFeedback) else len(label.prompt)
+            turns = len(p.label.conversation) if isinstance(p, PreparedFeedback) else len(p.label.prompt)
             _append(self.conversations, id=conv, messages=p.messages_json, num_turns=turns)
         if isinstance(p, PreparedFeedback):  # thumbs and an outcome: no completions, no ranking
             for kind, index, value in p.rows():
@@ -53,7 +56,7 @@ class Rows:
             conversation_id=conv,
             source=label.source,
             annotator=label.annotator,
-            strength=None if isinstance(p, PreparedFeedback) else label.strength,
+            strength=None if isinstance(p, PreparedFeedback) else p.label.strength,
             rationale=label.rationale,
             metadata=p.metadata_json,
             task_id=label.task_id or None,
@@ -62,7 +65,7 @@ class Rows:
 
     def _add_ranking(self, p: PreparedLabel) -> None:
         label, conv = p.label, p.conversation_id
-        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids)):
+        for position, (text, rank, comp) in enumerate(zip(label.responses, label.ranks, p.completion_ids, strict=True)):
             if comp not in self._seen_comp:  # a completion already stored keeps its origin (e.g. policy@<version>)
                 self._seen_comp.add(comp)
                 _append(self.completions, id=comp, conversation_id=conv, text=text, origin=p.origin)
@@ -74,24 +77,28 @@ class Rows:
         c = self.conversations
         con.execute(
             """INSERT INTO conversations (id, messages, num_turns)
-                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[])::JSON, unnest(?::INTEGER[]))
+                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[])::JSON,
+                                             unnest(?::INTEGER[]))
                        WHERE id NOT IN (SELECT id FROM conversations)""",
             [c["id"], c["messages"], c["num_turns"]],
         )
         k = self.completions
         con.execute(
             """INSERT INTO completions (id, conversation_id, text, origin)
-                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::VARCHAR[]))
+                       SELECT * FROM (SELECT unnest(?::VARCHAR[]) AS id, unnest(?::VARCHAR[]), unnest(?::VARCHAR[]),
+                                             unnest(?::VARCHAR[]))
                        WHERE id NOT IN (SELECT id FROM completions)""",
             [k["id"], k["conversation_id"], k["text"], k["origin"]],
         )
         lab = self.labels
         con.execute(
-            """INSERT INTO labels (label_id, seq, conversation_id, source, annotator, strength, rationale, metadata, task_id, payload_hash)
+            """INSERT INTO labels (label_id, seq, conversation_id, source, annotator, strength, rationale, metadata,
+                                  task_id, payload_hash)
                        SELECT l, nextval('label_seq'), c, s, a, st, r, m::JSON, t, h FROM (
-                         SELECT unnest(?::VARCHAR[]) AS l, unnest(?::VARCHAR[]) AS c, unnest(?::VARCHAR[]) AS s, unnest(?::VARCHAR[]) AS a,
-                                unnest(?::DOUBLE[]) AS st, unnest(?::VARCHAR[]) AS r, unnest(?::VARCHAR[]) AS m, unnest(?::VARCHAR[]) AS t,
-                                unnest(?::VARCHAR[]) AS h, generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i""",
+                         SELECT unnest(?::VARCHAR[]) AS l, unnest(?::VARCHAR[]) AS c, unnest(?::VARCHAR[]) AS s,
+                                unnest(?::VARCHAR[]) AS a, unnest(?::DOUBLE[]) AS st, unnest(?::VARCHAR[]) AS r,
+                                unnest(?::VARCHAR[]) AS m, unnest(?::VARCHAR[]) AS t, unnest(?::VARCHAR[]) AS h,
+                                generate_subscripts(?::VARCHAR[], 1) AS i) ORDER BY i""",
             [
                 lab["label_id"],
                 lab["conversation_id"],
@@ -115,16 +122,21 @@ class Rows:
         if f["label_id"]:
             con.execute(
                 """INSERT INTO label_feedback (label_id, kind, message_index, value)
-                           SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]), unnest(?::DOUBLE[])""",
+                           SELECT unnest(?::VARCHAR[]), unnest(?::VARCHAR[]), unnest(?::INTEGER[]),
+                                  unnest(?::DOUBLE[])""",
                 [f["label_id"], f["kind"], f["message_index"], f["value"]],
             )
-        closes = [(t, l) for t, l in zip(lab["task_id"], lab["label_id"]) if t and l not in self._feedback_ids]
+        closes = [
+            (task_id, label_id)
+            for task_id, label_id in zip(lab["task_id"], lab["label_id"], strict=True)
+            if task_id and label_id not in self._feedback_ids
+        ]
         if closes:  # a ranking answering a task closes it (feedback on the task's chat is provenance only)
             con.execute(
                 """UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
                            FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
                            WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",
-                [[t for t, _ in closes], [l for _, l in closes]],
+                [[task_id for task_id, _ in closes], [label_id for _, label_id in closes]],
             )
 
 

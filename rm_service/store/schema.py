@@ -9,7 +9,7 @@ from __future__ import annotations
 import duckdb
 
 from rm_service.errors import FailedPrecondition
-from rm_service.store.tx import transaction
+from rm_service.store.tx import one_row, transaction
 
 V1 = """
 CREATE TABLE conversations (
@@ -183,10 +183,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def current_version(con: duckdb.DuckDBPyConnection) -> int:
     con.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)"
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT "
+        "current_timestamp)"
     )
-    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-    return int(row[0])
+    return int(one_row(con, "SELECT coalesce(max(version), 0) FROM schema_version")[0])
 
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:

@@ -45,7 +45,8 @@ def judge_suggestions(store: Store, completion_ids: list[str]) -> list[Suggestio
         rows = con.execute(
             """SELECT l.label_id, l.annotator, map(list(r.completion_id), list(r.rank))
                FROM labels l JOIN label_rankings r ON r.label_id = l.label_id
-               WHERE l.source = 'JUDGE' AND l.conversation_id = (SELECT conversation_id FROM completions WHERE id = $first)
+               WHERE l.source = 'JUDGE'
+                 AND l.conversation_id = (SELECT conversation_id FROM completions WHERE id = $first)
                GROUP BY l.label_id, l.annotator, l.seq
                HAVING list_sort(list(r.completion_id)) = list_sort($ids::VARCHAR[])
                ORDER BY l.seq DESC""",
@@ -73,7 +74,8 @@ def shown(store: Store, task_id: str) -> list[Suggestion]:
     """The suggestions recorded for a task, oldest first."""
     with store.transaction() as con:
         rows = con.execute(
-            "SELECT kind, origin, suggester, ranks, scores FROM suggestions WHERE task_id = ? ORDER BY created_at, kind, origin",
+            "SELECT kind, origin, suggester, ranks, scores FROM suggestions WHERE task_id = ? ORDER BY created_at, "
+            "kind, origin",
             [task_id],
         ).fetchall()
     return [

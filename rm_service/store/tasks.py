@@ -26,6 +26,7 @@ from rm_service.conversation import (
 from rm_service.errors import Aborted, InvalidArgument, NotFound
 from rm_service.store.db import Store
 from rm_service.store.schema import TASK_AVAILABLE
+from rm_service.store.tx import one_row
 
 POLICY_PREFIX = "policy@"
 MAX_POLICY_VERSION_CHARS = 200
@@ -106,7 +107,8 @@ def _insert(store: Store, c: Candidate) -> str:
         cid = completion_id(conv, text)
         comp_ids.append(cid)
         q(
-            "INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON CONFLICT DO NOTHING",
+            "INSERT INTO completions (id, conversation_id, text, origin, sampling) VALUES (?, ?, ?, ?, ?::JSON) ON "
+            "CONFLICT DO NOTHING",
             [cid, conv, text, origin, json.dumps(c.sampling)],
         )
     q(
@@ -135,7 +137,8 @@ def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int, resume: 
                 FROM tasks t JOIN conversations c ON c.id = t.conversation_id
                 WHERE ({TASK_AVAILABLE} OR ($resume AND state = 'leased' AND lease_owner = $owner))
                   AND t.task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = $owner)
-                ORDER BY ($resume AND state = 'leased' AND lease_owner = $owner) DESC, t.priority DESC, t.created_at, t.task_id
+                ORDER BY ($resume AND state = 'leased' AND lease_owner = $owner) DESC, t.priority DESC, t.created_at,
+                         t.task_id
                 LIMIT $limit""",
             {"owner": owner, "resume": resume, "limit": max_tasks},
         ).fetchall()
@@ -153,7 +156,8 @@ def get(store: Store, task_id: str) -> Task:
     """One task with its prompt and completions, whatever its state (NotFound if unknown)."""
     with store.transaction():
         rows = store.con.execute(
-            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''), epoch_ms(t.lease_expires_at)
+            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''),
+                      epoch_ms(t.lease_expires_at)
                FROM tasks t JOIN conversations c ON c.id = t.conversation_id WHERE t.task_id = ?""",
             [task_id],
         ).fetchall()
@@ -225,16 +229,18 @@ def progress(store: Store, annotator: str) -> dict[str, int]:
     queue_left: tasks it could lease now (available, and not skipped by it)."""
     with store.transaction() as con:
         # An answer's ranking and its thumbs (a feedback label with the same task) count once.
-        today = con.execute(
+        (today,) = one_row(
+            con,
             """SELECT count(DISTINCT coalesce(task_id, label_id)) FROM labels
                                WHERE source = 'HUMAN' AND annotator = ? AND created_at >= current_date""",
             [annotator],
-        ).fetchone()[0]
-        left = con.execute(
+        )
+        (left,) = one_row(
+            con,
             f"""SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE}
                                AND task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = ?)""",
             [annotator],
-        ).fetchone()[0]
+        )
     return {"labeled_today": int(today), "queue_left": int(left)}
 
 

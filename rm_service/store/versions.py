@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from rm_service.store.db import Store
+from rm_service.store.tx import one_row
 
 
 @dataclass
@@ -70,7 +71,7 @@ def promoted_version(store: Store) -> ModelRecord | None:
 def next_version(store: Store) -> tuple[str, int]:
     """The name and number the next registered version takes: v<N+1>."""
     with store._lock:
-        number = store.con.execute("SELECT coalesce(max(number), 0) + 1 FROM models").fetchone()[0]
+        number = one_row(store.con, "SELECT coalesce(max(number), 0) + 1 FROM models")[0]
     return f"v{number}", int(number)
 
 
@@ -119,6 +120,7 @@ def last_retired_promotion(store: Store) -> str | None:
     """The retired version promoted most recently (what a rollback returns to), or None."""
     with store._lock:
         row = store.con.execute(
-            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at DESC LIMIT 1"
+            "SELECT version FROM models WHERE status = 'retired' AND promoted_at IS NOT NULL ORDER BY promoted_at "
+            "DESC LIMIT 1"
         ).fetchone()
     return row[0] if row else None

@@ -16,10 +16,12 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 
-from rm_service.store.db import Store
-from rm_service.store.labels import IngestOutcome, LabelIn, PreparedLabel
+from rm_service.store.db import Prepared, Store
+from rm_service.store.feedback import FeedbackIn
+from rm_service.store.labels import IngestOutcome, LabelIn
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -34,13 +36,13 @@ class GroupCommitWriter:
         self._thread.start()
         self.commits = 0  # transactions committed (for metrics and benchmarks)
 
-    def submit(self, prepared: list[PreparedLabel | IngestOutcome]) -> Future:
+    def submit(self, prepared: list[Prepared]) -> Future:
         """Queue one request's labels, already validated by Store.prepare in the caller's thread."""
         future: Future = Future()
         self._queue.put((prepared, future))
         return future
 
-    async def ingest(self, labels: list[LabelIn], origin: str = "dataset") -> list[IngestOutcome]:
+    async def ingest(self, labels: Sequence[LabelIn | FeedbackIn], origin: str = "dataset") -> list[IngestOutcome]:
         """Validate on a worker thread (never on the writer, never in a transaction), then group-commit."""
         prepared = await asyncio.to_thread(self.store.prepare, labels, origin)
         return await asyncio.wrap_future(self.submit(prepared))
@@ -85,7 +87,7 @@ class GroupCommitWriter:
         try:
             results = self.store.ingest_batches([prepared for prepared, _ in items])
             self.commits += 1
-        except Exception as exc:  # noqa: BLE001 - every waiting request learns of the failure
+        except Exception as exc:
             if len(items) > 1:
                 log.warning("group commit of %d requests failed (%s); committing them one by one", len(items), exc)
                 for item in items:
@@ -94,5 +96,5 @@ class GroupCommitWriter:
             log.exception("commit of a request with %d labels failed", len(items[0][0]))
             items[0][1].set_exception(exc)
             return
-        for (_, future), outcomes in zip(items, results):
+        for (_, future), outcomes in zip(items, results, strict=True):
             future.set_result(outcomes)

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ import torch
 from rm_service.conversation import Message, conversation_id
 from rm_service.models.batching import collate, token_budget_batches
 from rm_service.models.formatting import Formatted
-from rm_service.models.pooling import Pooling, depth, pool
+from rm_service.models.pooling import Method, Pooling, depth, pool
 from rm_service.models.runtime import ModelRuntime
 from rm_service.store.db import Store
 from rm_service.store.features import get_features, put_features
@@ -123,7 +124,7 @@ def cached_features(
         )  # cand -> [n, H]
         for c in cands:
             put_features(store, feature_key(runtime, c), runtime.spec.hash, part, vectors[c], [len(x) for x in items])
-            out[c].update(zip(part, vectors[c]))
+            out[c].update(zip(part, vectors[c], strict=True))
     return out
 
 
@@ -168,7 +169,7 @@ def prefix_groups(
         return [], list(range(len(items)))
     by_prompt: dict[str, list[int]] = {}
     alone = []
-    for i, (prompt, item) in enumerate(zip(prompts, items)):
+    for i, (prompt, item) in enumerate(zip(prompts, items, strict=True)):
         if item.truncated or item.completion_start <= 0 or item.completion_start >= len(item):
             alone.append(i)
         else:
@@ -186,7 +187,8 @@ def _group_batches(groups: list[list[int]], items: list[Formatted], budget: int)
     """Groups batched so that their padded prompts stay within the budget (the completions are
     batched again by length, in _run_shared); longest prompts first, so a batch pads little."""
     order = sorted(groups, key=lambda g: -items[g[0]].completion_start)
-    batches, current = [], []
+    batches: list[list] = []
+    current: list = []
     for g in order:
         if current and (len(current) + 1) * items[current[0][0]].completion_start > budget:
             batches.append(current)
@@ -218,7 +220,7 @@ def _pool_into(
     rows: list[int],
 ) -> None:
     for c in cands:
-        out[c][rows] = pool(states[c.layer], mask, starts, c.method).float().cpu().numpy()  # [b, H]
+        out[c][rows] = pool(states[c.layer], mask, starts, cast(Method, c.method)).float().cpu().numpy()  # [b, H]
 
 
 def _run_whole(
@@ -290,8 +292,10 @@ def _padded(rows: list[list[int]], pad: int, dev: torch.device) -> tuple[torch.T
 
 def _length_chunks(rows: list, lengths: list[int], prompt_width: int, budget: int) -> list[list]:
     """Consecutive rows (sorted by length) whose padded completions and prompt keys fit the budget."""
-    chunks, current, longest = [], [], 0
-    for row, n in zip(rows, lengths):
+    chunks: list[list] = []
+    current: list = []
+    longest = 0
+    for row, n in zip(rows, lengths, strict=True):
         if current and (len(current) + 1) * (max(longest, n) + prompt_width // 4) > budget:
             chunks.append(current)
             current, longest = [], 0

@@ -125,8 +125,8 @@ class FeedbackData:
             self.x_turn[u],
             renumber[self.session[u]],
             self.y_outcome[s],
-            [g for g, k in zip(self.thumb_group, t) if k],
-            [g for g, k in zip(self.session_group, s) if k],
+            [g for g, k in zip(self.thumb_group, t, strict=True) if k],
+            [g for g, k in zip(self.session_group, s, strict=True) if k],
         )
 
 
@@ -136,7 +136,13 @@ def feedback_data(
     """Rows of every thumb whose turn has features (`have(id)`), and every session whose turns
     all have them; `vector(id)` is a turn's feature vector [F]. `thumbs` / `outcomes` False
     leave that kind out (a term weighted 0 does not train)."""
-    xt, yt, xu, seg, yo, gt, gs = [], [], [], [], [], [], []
+    xt: list = []
+    yt: list = []
+    xu: list = []
+    seg: list = []
+    yo: list = []
+    gt: list = []
+    gs: list = []
     for fb in labels:
         key = split_key(fb)
         for t in fb.thumbs if thumbs else ():
@@ -153,7 +159,7 @@ def feedback_data(
                 yo.append(float(fb.outcome))
                 gs.append(key)
     width = len(xt[0]) if xt else (len(xu[0]) if xu else 0)
-    stack = lambda rows: np.stack(rows).astype(np.float64) if rows else np.zeros((0, width))  # noqa: E731
+    stack = lambda rows: np.stack(rows).astype(np.float64) if rows else np.zeros((0, width))
     return FeedbackData(stack(xt), np.array(yt), stack(xu), np.array(seg, dtype=np.int64), np.array(yo), gt, gs)
 
 

@@ -21,6 +21,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ def fit_full_mode(
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None  # one GPU per rank
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
-    state = {"step": 0, "best_loss": float("inf"), "best_step": 0}
+    state: dict[str, Any] = {"step": 0, "best_loss": float("inf"), "best_step": 0}  # step, best_step: ints
     best = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     ckpt = run_dir / "checkpoint.pt"
     if settings.resume and ckpt.exists():

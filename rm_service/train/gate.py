@@ -37,7 +37,9 @@ def evidence_since(store: Store | None, parent: registry.ModelRecord | None) -> 
     """The last label seq of the parent's snapshot: on-policy labels after it are new to it."""
     if store is None or parent is None or not parent.snapshot_id:
         return None
-    return store.get_snapshot(parent.snapshot_id).max_seq
+    snapshot = store.get_snapshot(parent.snapshot_id)
+    assert snapshot is not None  # an id given: the snapshot, or NotFound
+    return snapshot.max_seq
 
 
 def _rows(rewards: Rewards, mask: np.ndarray) -> Rewards:

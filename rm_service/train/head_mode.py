@@ -63,8 +63,8 @@ def fit_head_mode(
         runtime, store, split.heldout + split.train, cands, settings, deadline, show_progress, turns
     )
     feature_seconds = time.monotonic() - start
-    has = lambda cid: all(cid in feats[c] for c in cands)  # noqa: E731
-    have = lambda pairs: [p for p in pairs if has(p.chosen_id) and has(p.rejected_id)]  # noqa: E731
+    has = lambda cid: all(cid in feats[c] for c in cands)
+    have = lambda pairs: [p for p in pairs if has(p.chosen_id) and has(p.rejected_id)]
     train, heldout = have(split.train), have(split.heldout)
     options = feature_options(cands, runtime.spec.kind)
     use = {
@@ -205,7 +205,7 @@ def split_features(
         feats = cached_features(runtime, store, requests, cands, settings.feature_batch_tokens, deadline, progress)
     finally:
         bar.close()
-    return feats, seen["tokens"]
+    return feats, int(seen["tokens"])
 
 
 def feature_options(cands: list[Candidate], kind: str) -> dict[str, Pooling]:

@@ -76,7 +76,7 @@ class PairData:
             self.x_l[mask],
             self.weight[mask],
             None if self.margin is None else self.margin[mask],
-            [c for c, keep in zip(self.conversations, mask) if keep],
+            [c for c, keep in zip(self.conversations, mask, strict=True) if keep],
         )
 
 
@@ -193,7 +193,7 @@ class _FeedbackTerms:
     when outcomes fix it: a session's value sums it once per turn), b_thumb and b_outcome."""
 
     def __init__(self, fb: FeedbackData, mu: torch.Tensor, sigma: torch.Tensor, k: int, seed: int, dtype: torch.dtype):
-        z = lambda x: (torch.from_numpy(x).to(dtype) - mu) / sigma  # noqa: E731
+        z = lambda x: (torch.from_numpy(x).to(dtype) - mu) / sigma
         self.z_thumb, self.y_thumb = z(fb.x_thumb), torch.from_numpy(fb.y_thumb).to(dtype)  # [T, F], [T]
         self.z_turn, self.y_outcome = z(fb.x_turn), torch.from_numpy(fb.y_outcome).to(dtype)  # [U, F], [S]
         self.session = torch.from_numpy(fb.session)  # [U]
@@ -280,7 +280,7 @@ def select_head(options: dict[str, PairData], default_l2: float, finalists: int 
         log.info("%d training pairs: too few for %d-fold selection; %s with l2 %g", n, FOLDS, name, default_l2)
         return Selection(name, default_l2, float("nan"), [])
     screen = {name: cv_losses(data, (default_l2,))[default_l2] for name, data in options.items()}
-    best = sorted(screen, key=screen.get)[:finalists]
+    best = sorted(screen, key=lambda name: screen[name])[:finalists]
     table = [(name, default_l2, loss) for name, loss in screen.items() if name not in best]
     table += [
         (name, l2, loss)
@@ -353,7 +353,7 @@ def select_feedback_head(
         name: cv_feedback_losses(fb, no_pairs[name], (default_l2,), term_weights, separate_session)[default_l2]
         for name, fb in options.items()
     }
-    best = sorted(screen, key=screen.get)[:finalists]
+    best = sorted(screen, key=lambda name: screen[name])[:finalists]
     table = [(name, default_l2, loss) for name, loss in screen.items() if name not in best]
     grid = tuple(sorted({*L2_GRID, default_l2}))
     table += [

@@ -256,9 +256,9 @@ def _details(runtime: ModelRuntime, metrics: dict, scores: Scores) -> str:
     line = f"precision {runtime.precision} on {runtime.device}"
     if "features" in scores.info:
         line += (
-            f"; features {scores.info['features']} chosen by 5-fold CV (loss {metrics['head_cv_loss']:.4f}, l2 {metrics['head_l2']:g}); "
-            f"{int(metrics['feature_tokens'])} new tokens in {metrics['feature_seconds']:.0f}s "
-            f"({metrics['feature_tokens_per_s']:.0f} tokens/s)"
+            f"; features {scores.info['features']} chosen by 5-fold CV (loss {metrics['head_cv_loss']:.4f}, l2 "
+            f"{metrics['head_l2']:g}); {int(metrics['feature_tokens'])} new tokens in "
+            f"{metrics['feature_seconds']:.0f}s ({metrics['feature_tokens_per_s']:.0f} tokens/s)"
         )
     for name in ("human", "onpolicy"):
         if f"accuracy_{name}" in metrics:

@@ -21,6 +21,7 @@ class LazyClient:
     @property
     def client(self) -> RewardClient:
         if self._client is None:
+            assert self._addresses is not None  # __init__ took one of the two
             self._client = RewardClient(self._addresses, **self._client_kwargs)
         return self._client
 

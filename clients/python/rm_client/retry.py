@@ -65,8 +65,8 @@ class Attempts:
         self.attempt, self.index = 0, 0
 
     def __iter__(self) -> Iterator[int]:
-        for self.attempt in range(self.policy.max_retries + 1):
-            self.index = self.pick()
+        for attempt in range(self.policy.max_retries + 1):
+            self.attempt, self.index = attempt, self.pick()
             yield self.index
 
     def failed(self, err: grpc.RpcError) -> float:

@@ -15,6 +15,7 @@ import random
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rm_client.api.v1 import reward_pb2
 from rm_client.channel import MAX_MESSAGE_BYTES, open_channel
@@ -66,7 +67,7 @@ class ClientBase:
             raise ValueError(f"timeout_s and chunk_items must be > 0, got {timeout_s} and {chunk_items}")
         self.timeout_s, self.chunk_items = timeout_s, chunk_items
         self.policy = RetryPolicy(max_retries, backoff_s, backoff_max_s)
-        self._channel_kwargs = dict(
+        self._channel_kwargs: dict[str, Any] = dict(
             token=token,
             tls_ca=tls_ca,
             tls_cert=tls_cert,
@@ -101,7 +102,7 @@ class ClientBase:
         if not completions:
             raise ValueError("nothing to score: no completions")
         items = []
-        for i, (p, c) in enumerate(zip(prompts, completions)):
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             if not isinstance(c, str):
                 raise ValueError(f"completions[{i}]: expected a string, got {type(c).__name__}")
             items.append(score_item(p, c, str(i)))
@@ -115,7 +116,7 @@ def request(chunk: list[reward_pb2.ScoreItem], version: str) -> reward_pb2.Score
 def checked(
     response: reward_pb2.ScoreResponse, chunk: list[reward_pb2.ScoreItem], version: str
 ) -> reward_pb2.ScoreResponse:
-    if len(response.results) != len(chunk) or any(r.id != i.id for r, i in zip(response.results, chunk)):
+    if len(response.results) != len(chunk) or any(r.id != i.id for r, i in zip(response.results, chunk, strict=True)):
         raise BadResponse(f"Score answered {len(response.results)} results for {len(chunk)} items, or out of order")
     if version and response.model_version != version:
         raise BadResponse(f"Score pinned to {version!r} was answered by {response.model_version!r}")

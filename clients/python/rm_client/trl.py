@@ -4,8 +4,12 @@ same way), scored by an rm-service server.
     from trl import GRPOConfig, GRPOTrainer
     from rm_client.trl import RewardFunction
 
-    reward = RewardFunction(addresses=["10.0.0.5:50051"], token=os.environ["RM_TOKEN"], tls_ca=open("ca.pem", "rb").read())
-    trainer = GRPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[reward], train_dataset=dataset, args=GRPOConfig(...))
+    reward = RewardFunction(
+        addresses=["10.0.0.5:50051"], token=os.environ["RM_TOKEN"], tls_ca=open("ca.pem", "rb").read()
+    )
+    trainer = GRPOTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=[reward], train_dataset=dataset, args=GRPOConfig(...)
+    )
 
 TRL calls `reward(prompts=..., completions=..., completion_ids=..., **columns)` with one entry
 per generated completion and expects one float each:
@@ -83,10 +87,12 @@ class AsyncRewardFunction(RewardFunction):
         super().__init__(addresses=addresses, **kwargs)
         self._aclients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    async def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
+    # A coroutine function where the base class has a plain one, on purpose: TRL awaits it concurrently.
+    async def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:  # type: ignore[override]
         conversations, texts = conversations_and_replies(prompts, completions)
         loop = asyncio.get_running_loop()
         if loop not in self._aclients:
+            assert self._addresses is not None  # a keyword this class requires
             self._aclients[loop] = AsyncRewardClient(self._addresses, **self._client_kwargs)
         return self._output(await self._aclients[loop].score(conversations, texts, version=self.version), kwargs)
 

@@ -117,5 +117,5 @@ class _Shape:
             return list(values)
         return [
             {"score": v, "raw_score": raw, "uncertainty": u}
-            for v, raw, u in zip(values, scores.raw_scores, scores.uncertainty)
+            for v, raw, u in zip(values, scores.raw_scores, scores.uncertainty, strict=True)
         ]

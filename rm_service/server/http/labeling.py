@@ -14,8 +14,9 @@ An answer goes through the same ingestion as IngestLabels (Store.prepare, then t
 group-commit writer): source HUMAN, annotator from the token, label_id `<task_id>/<annotator>`,
 so a double submit stores one label (the second is DUPLICATE; a different second answer is
 409). Thumbs on the chat's assistant turns are also stored as a first-class feedback label
-(store.feedback, label_id `<task_id>/<annotator>/thumbs`), committed with the ranking. Suggestions (store.suggestions) are shown and recorded apart; the label's metadata names
-them, and they never become a label.
+(store.feedback, label_id `<task_id>/<annotator>/thumbs`), committed with the ranking.
+Suggestions (store.suggestions) are shown and recorded apart; the label's metadata names them,
+and they never become a label.
 """
 
 from __future__ import annotations
