@@ -65,7 +65,8 @@ def _ppo(args) -> int:
 
     try:  # bad input fails here: settings, config file, prompts, the model path
         settings = settings_from_args(args)
-        if args.command == "sessions":
+        trainer: PPOTrainer
+        if isinstance(settings, SessionSettings):
             from policy_trainer.multiturn import SessionTrainer
 
             trainer = SessionTrainer(settings)

@@ -51,6 +51,8 @@ def opening(messages: list[Message]) -> list[Message]:
 class SessionTrainer(PPOTrainer):
     """PPOTrainer playing sessions instead of single replies (settings: SessionSettings)."""
 
+    s: SessionSettings
+
     def __init__(self, settings: SessionSettings, on_step: Callable[[dict], None] | None = None):
         self.session_moments = RunningMoments()  # before PPOTrainer's __init__, which may resume into these
         self.users_state: dict | None = None
@@ -87,7 +89,9 @@ class SessionTrainer(PPOTrainer):
         super()._resume()
         from policy_trainer import checkpoint
 
-        state = checkpoint.load(checkpoint.latest(self.s.run_dir))  # the same RNG state again
+        path = checkpoint.latest(self.s.run_dir)
+        assert path is not None  # PPOTrainer's _resume raised otherwise
+        state = checkpoint.load(path)  # the same RNG state again
         self.session_moments.load_state_dict(state["session_moments"])
         self.users_state = state["users"]  # loaded into the simulator once it exists (after PPOTrainer's __init__)
 
@@ -192,7 +196,7 @@ class SessionTrainer(PPOTrainer):
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def eval_rollout(self, lm=None) -> SessionRollout:
+    def eval_rollout(self, lm=None) -> SessionRollout:  # type: ignore[override]  # sessions, not single replies
         """Held-out openings, `samples_per_prompt` sessions each, on a fixed RNG stream for the
         policy and the user simulator, so the policy and the reference see the same draws."""
         index = [i for i in range(len(self.eval_starts)) for _ in range(self.s.samples_per_prompt)]
@@ -200,7 +204,7 @@ class SessionTrainer(PPOTrainer):
             torch.manual_seed(EVAL_SEED)
             return play_sessions(self, self.eval_starts, index, self.make_users(EVAL_SEED), self.s.max_turns, lm)
 
-    def evaluate(self, lm=None, step: int = 0, rollout: SessionRollout | None = None) -> dict:
+    def evaluate(self, lm=None, step: int = 0, rollout: SessionRollout | None = None) -> dict:  # type: ignore[override]
         if not self.eval_starts:
             return {}
         played = rollout if rollout is not None else self.eval_rollout(lm)
