@@ -184,10 +184,16 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                     positions,
                     [x.completion_start for x in items],
                 )  # [P, K]
+            elif getattr(runtime.model, "session", None) is not None:  # each turn alone, both heads
+                members = await self.batcher.run_solo(
+                    permit, sum(len(x) for x in items), runtime.run, items, self.settings.max_batch_tokens, "turns"
+                )  # [P, K + K_s]
             else:  # encoders, or a truncated conversation: each turn as its own item
                 members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
-        raw = members.mean(axis=1)  # [P]
-        return turns_response(served, turns, raw)
+        k = runtime.model.ensemble_size
+        raw = members[:, :k].mean(axis=1)  # [P]
+        credit = members[:, k:].mean(axis=1) if members.shape[1] > k else None  # [P]: the session head's
+        return turns_response(served, turns, raw, credit)
 
     async def _conversation_tokens(self, served: Served, conversation: list[Message], last: int) -> int:
         """Tokens of the whole conversation up to its last scored turn, formatted without truncation:
@@ -248,21 +254,27 @@ def reference(served: Served) -> Reference | None:
     return Reference(rec.reward_mean, rec.reward_std or 1.0, None if corr is None or corr != corr else float(corr))
 
 
-def turns_response(served: Served, turns: list[int], raw: np.ndarray) -> reward_pb2.ScoreTurnsResponse:
+def turns_response(
+    served: Served, turns: list[int], raw: np.ndarray, credit: np.ndarray | None = None
+) -> reward_pb2.ScoreTurnsResponse:
     """Per-turn rewards and the session value the version was trained for (train.feedback):
-    the sum of the turns' raw scores; with the version's fitted offsets, P(thumbs up) per turn
-    and P(success) for the session."""
+    the sum of the session head's per-turn `credit` [P] when the version has one, else of the
+    turns' raw scores [P]; with the version's fitted offsets, P(thumbs up) per turn and
+    P(success) for the session."""
     runtime, offsets = served.runtime, served.feedback
     reward = runtime.normalise(raw)
+    value = float((raw if credit is None else credit).sum())
     response = reward_pb2.ScoreTurnsResponse(
-        model_version=served.record.version, format_hash=runtime.spec.hash, session_value=float(raw.sum())
+        model_version=served.record.version, format_hash=runtime.spec.hash, session_value=value
     )
-    for i, r, s in zip(turns, reward, raw, strict=True):
+    for n, (i, r, s) in enumerate(zip(turns, reward, raw, strict=True)):
         turn = response.turns.add(message_index=i, reward=float(r), raw_score=float(s))
         if "thumb_offset" in offsets:
             turn.thumb_up = sigmoid(float(s) - offsets["thumb_offset"])
+        if credit is not None:
+            turn.session_credit = float(credit[n])
     if "outcome_offset" in offsets:
-        response.session_success = sigmoid(float(raw.sum()) - offsets["outcome_offset"])
+        response.session_success = sigmoid(value - offsets["outcome_offset"])
     return response
 
 
