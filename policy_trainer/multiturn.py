@@ -30,13 +30,13 @@ import torch
 
 from policy_trainer.estimators import ESTIMATORS
 from policy_trainer.evaluation import EVAL_SEED
-from policy_trainer.ppo import RunningMoments, masked_mean, masked_whiten, per_token_rewards
+from policy_trainer.ppo import RunningMoments, masked_whiten, per_token_rewards
 from policy_trainer.prompts import read_conversations
 from policy_trainer.selection import Group
 from policy_trainer.session_settings import SessionSettings
 from policy_trainer.sessions import SessionRollout, TurnScores, play_sessions, score_turns
 from policy_trainer.trainer import PPOTrainer, Summary
-from policy_trainer.update import Batch, explained_variance
+from policy_trainer.update import Batch, update_metrics
 from policy_trainer.users import ReplayUsers, UserSimulator, served_users
 from rm_client import VersionUnavailable
 from rm_service.conversation import Message, conversation_id
@@ -170,16 +170,7 @@ class SessionTrainer(PPOTrainer):
             "reward/score_mean": float(scores.mean()),
             "kl/ref_turn": kl_turn,
             "kl/ref_seq": float(session_sums(batch.kl.sum(dim=1).cpu(), played).mean()),  # per session
-            "kl/ref_token": float(masked_mean(batch.kl, batch.mask)),
-            "kl/coef": kl_coef_used,
-            **stats,
-            "value/mean": float(masked_mean(batch.values, batch.mask)),
-            "value/explained_var": (
-                explained_variance(batch.values, batch.returns, batch.mask)
-                if ESTIMATORS[s.advantage_estimator].needs_value_head
-                else float("nan")
-            ),
-            "response/length_mean": float(batch.mask.sum(dim=1).mean()),
+            **update_metrics(batch, stats, kl_coef_used, s.advantage_estimator),
             "response/ended_fraction": float(played.rollout.ended.float().mean()),
             "rm/version": self.version,
             "user/version": self.users.version,
