@@ -3,6 +3,8 @@
     policy-trainer ppo --prompts-file prompts.jsonl --reward-addresses 127.0.0.1:50051 --total-steps 20
     policy-trainer ppo --config run.yaml --kl-coef 0.1        # flags override the file
     policy-trainer ppo --config run.yaml --resume             # continue the run in run_dir
+    policy-trainer sessions --prompts-file hh.jsonl --reward-addresses 127.0.0.1:50051 --max-turns 3
+                                                              # multi-turn PPO over whole conversations
 
 Every PPOSettings field is a flag (`--field-name`, booleans also `--no-field-name`; `none`
 sets an optional field to None) and an environment variable (`PPO_FIELD_NAME`), both shown in
@@ -18,6 +20,7 @@ import sys
 
 from pydantic import ValidationError
 
+from policy_trainer.session_settings import SessionSettings
 from policy_trainer.settings import PPOSettings
 from rm_service.logs import configure_logging
 from rm_service.settings_cli import CommandParser, add_settings_flags, add_version_flag, flag_values, validation_message
@@ -26,7 +29,8 @@ from rm_service.settings_cli import CommandParser, add_settings_flags, add_versi
 def settings_from_args(args: argparse.Namespace) -> PPOSettings:
     from policy_trainer.settings import load_settings
 
-    return load_settings(args.config, **flag_values(args, PPOSettings))
+    cls = SessionSettings if args.command == "sessions" else PPOSettings
+    return load_settings(args.config, cls, **flag_values(args, cls))
 
 
 def _print_summary(summary) -> None:
@@ -39,15 +43,15 @@ def _print_summary(summary) -> None:
             f"held-out prompts ({a['n']} samples, reward model {a['version']}): reward {b['reward_mean']:+.4f} -> "
             f"{a['reward_mean']:+.4f}, KL to reference {a['kl_seq']:.3f} nats/sequence"
         )
+        if "session_value_mean" in a:  # sessions: the reward above is per assistant turn, the KL per session
+            print(
+                f"held-out sessions: value {b['session_value_mean']:+.4f} -> {a['session_value_mean']:+.4f}, "
+                f"assistant turns per session {b['turns_mean']:.2f} -> {a['turns_mean']:.2f}"
+            )
     if summary.seconds_per_phase:
         print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.seconds_per_phase.items()))
     for sw in summary.switches:
         print(f"switched {sw['from_version']} -> {sw['to_version']} before step {sw['step']} ({sw['reason']})")
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"policy-trainer ppo: {message}", file=sys.stderr)
-    return code
 
 
 def _ppo(args) -> int:
@@ -55,20 +59,31 @@ def _ppo(args) -> int:
     from rm_client import ScoreError
     from rm_service.errors import InvalidArgument, NotFound, RMError
 
+    def fail(message: str, code: int) -> int:
+        print(f"policy-trainer {args.command}: {message}", file=sys.stderr)
+        return code
+
     try:  # bad input fails here: settings, config file, prompts, the model path
-        trainer = PPOTrainer(settings_from_args(args))
+        settings = settings_from_args(args)
+        trainer: PPOTrainer
+        if isinstance(settings, SessionSettings):
+            from policy_trainer.multiturn import SessionTrainer
+
+            trainer = SessionTrainer(settings)
+        else:
+            trainer = PPOTrainer(settings)
     except ValidationError as err:
-        return _fail(validation_message(err), 2)
+        return fail(validation_message(err), 2)
     except (ValueError, FileNotFoundError, InvalidArgument, NotFound) as err:
-        return _fail(str(err), 2)
+        return fail(str(err), 2)
     except (ScoreError, RMError) as err:  # no reward server answers
-        return _fail(str(err), 1)
+        return fail(str(err), 1)
     try:
         summary = trainer.train()
     except (ScoreError, RMError) as err:  # a score failed after its retries
-        return _fail(str(err), 1)
+        return fail(str(err), 1)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return fail("interrupted", 130)
     finally:
         trainer.close()
     _print_summary(summary)
@@ -93,13 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="settings file (.yaml, .json or .toml) with PPOSettings field names as keys",
     )
     add_settings_flags(ppo, PPOSettings)
+    sessions = sub.add_parser(
+        "sessions",
+        help="multi-turn PPO: play whole conversations against a user simulator, rewarded per turn and per session",
+        description="Multi-turn PPO: the policy plays sessions from real first user turns against recorded (replay) "
+        "or simulated (served) user turns; ScoreTurns rewards each turn and the session. Flags override PPO_* "
+        "environment variables, which override --config.",
+    )
+    sessions.add_argument(
+        "--config", default=None, metavar="FILE", help="settings file (.yaml, .json or .toml) with SessionSettings keys"
+    )
+    add_settings_flags(sessions, SessionSettings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    if args.command == "ppo":
+    if args.command in ("ppo", "sessions"):
         return _ppo(args)
     return 0
 

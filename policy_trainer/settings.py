@@ -84,8 +84,8 @@ class PPOSettings(BaseSettings):
     max_prompt_tokens: int = Field(
         192,
         ge=8,
-        description="Prompts longer than this after the chat template are skipped (all prior turns are kept, never "
-        "cut).",
+        description="Most prompt tokens after the chat template; a longer prompt is cut from the left at turn "
+        "boundaries (oldest turns first; the last turn's start only when it alone is longer), never dropped.",
     )
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts (None: all).")
     eval_prompts: int = Field(
@@ -141,7 +141,8 @@ class PPOSettings(BaseSettings):
     advantage_estimator: EstimatorName = Field(
         "gae",
         description="gae: PPO with a value head and GAE. rloo: critic-free REINFORCE leave-one-out over the samples "
-        "of each prompt (no value head, no value loss).",
+        "of each prompt (no value head, no value loss). turn_gae, turn_rloo: the multi-turn estimators "
+        "(`policy-trainer sessions`); on single replies, GAE and RLOO over each reply's total reward.",
     )
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate of the policy (and the value head).")
     value_learning_rate: float | None = Field(
@@ -322,14 +323,15 @@ def _file_source(settings_cls, path: Path) -> PydanticBaseSettingsSource:
     raise ValueError(f"config file {path}: unknown type {suffix!r}; use .yaml, .json or .toml")
 
 
-def load_settings(config_file: Path | str | None = None, **flags) -> PPOSettings:
-    """Settings from flags (highest), the environment, `config_file`, then the defaults."""
+def load_settings(config_file: Path | str | None = None, settings_cls: type[PPOSettings] | None = None, **flags):
+    """Settings (PPOSettings or `settings_cls`, e.g. SessionSettings) from flags (highest), the
+    environment, `config_file`, then the defaults."""
     path = Path(config_file) if config_file is not None else None
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     token = _CONFIG_FILE.set(path)
     try:
-        return PPOSettings(**flags)
+        return (settings_cls or PPOSettings)(**flags)
     finally:
         _CONFIG_FILE.reset(token)
 

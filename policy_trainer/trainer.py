@@ -31,13 +31,13 @@ from policy_trainer.evaluation import EvaluationMixin, eval_scalars
 from policy_trainer.logs import RunLogger, plot
 from policy_trainer.outer_loop import OuterLoop
 from policy_trainer.policy import load_policy, save_policy, stop_token_ids
-from policy_trainer.ppo import AdaptiveKLController, RunningMoments, masked_mean, shape_scores
+from policy_trainer.ppo import AdaptiveKLController, RunningMoments, shape_scores
 from policy_trainer.prompts import Prompt, PromptSampler, prompt_sets, read_conversations
 from policy_trainer.reward_client import Scores, conservative
 from policy_trainer.rollout import Rollout, generate
 from policy_trainer.selection import Group
 from policy_trainer.settings import PPOSettings
-from policy_trainer.update import Batch, UpdateMixin, explained_variance
+from policy_trainer.update import Batch, UpdateMixin, update_metrics
 from policy_trainer.watch import ModelWatcher, recover_version
 from rm_client import RewardClient, VersionUnavailable, open_channel
 
@@ -224,7 +224,6 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
         self.kl_ctl.update(kl_seq, len(rollout.texts))
         t4 = time.perf_counter()
         real = ~torch.isnan(served)
-        lengths = batch.mask.sum(dim=1)
         metrics = {
             "step": step,
             "reward/served_mean": float(served[real].mean()) if real.any() else float("nan"),
@@ -235,16 +234,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             "reward/running_mean": self.moments.mean,
             "reward/running_std": self.moments.std,
             "kl/ref_seq": kl_seq,
-            "kl/ref_token": float(masked_mean(batch.kl, batch.mask)),
-            "kl/coef": kl_coef_used,
-            **stats,
-            "value/mean": float(masked_mean(batch.values, batch.mask)),
-            "value/explained_var": (
-                explained_variance(batch.values, batch.returns, batch.mask)
-                if ESTIMATORS[s.advantage_estimator].needs_value_head
-                else float("nan")
-            ),
-            "response/length_mean": float(lengths.mean()),
+            **update_metrics(batch, stats, kl_coef_used, s.advantage_estimator),
             "response/ended_fraction": float(rollout.ended.float().mean()),
             "response/empty_fraction": float((~real).float().mean()),
             "response/truncated_by_rm_fraction": info["truncated"],

@@ -175,3 +175,20 @@ def pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     var_returns = float(masked_var(returns, mask))
     return float("nan") if var_returns == 0 else 1 - float(masked_var(returns - values, mask)) / var_returns
+
+
+def update_metrics(batch: Batch, stats: dict, kl_coef: float, estimator: str) -> dict:
+    """What a step reports about its update, single- or multi-turn: the KL per token and the
+    coefficient it was charged at, the loss statistics, the value head's fit, the response length."""
+    return {
+        "kl/ref_token": float(masked_mean(batch.kl, batch.mask)),
+        "kl/coef": kl_coef,
+        **stats,
+        "value/mean": float(masked_mean(batch.values, batch.mask)),
+        "value/explained_var": (
+            explained_variance(batch.values, batch.returns, batch.mask)
+            if ESTIMATORS[estimator].needs_value_head
+            else float("nan")
+        ),
+        "response/length_mean": float(batch.mask.sum(dim=1).mean()),
+    }

@@ -89,7 +89,14 @@ class TrainSettings(BaseSettings):
         1.0,
         ge=0,
         description="Head mode: weight of the session-outcome term, the mean logistic loss of sigmoid(V - b_outcome) "
-        "against each outcome in [0, 1], V the sum of the session's turn rewards; 0 ignores outcomes.",
+        "against each outcome in [0, 1], V the session's value (session_head); 0 ignores outcomes.",
+    )
+    session_head: Literal["separate", "shared"] = Field(
+        "separate",
+        description="Head mode, with session outcomes beside pairs or thumbs: separate = the outcomes train a session "
+        "head of their own (V the sum of its per-turn credits) and the turn reward fits pairs and thumbs, so P(up) and "
+        "P(success) each fit their own target; shared = V is the sum of the turn rewards, one function explaining all "
+        "three (outcomes then also shape every turn's reward). docs/feedback.md.",
     )
     feature_batch_tokens: int = Field(
         1024,

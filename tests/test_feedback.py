@@ -297,6 +297,54 @@ def test_feedback_terms_leave_a_pairs_only_fit_unchanged():
     assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias) and b.offsets == {}
 
 
+def _sessions(n: int, seed: int) -> FeedbackData:
+    """Sessions of 2-4 turns where the turns people upvote are not the turns that lead to success:
+    P(up | turn) = sigmoid(w_thumb . x - 0.3), P(success) = sigmoid(sum of w_success . x + 0.5),
+    w_thumb and w_success nearly orthogonal (and opposed on one feature). Every turn has a thumb."""
+    rng = np.random.default_rng(seed)
+    w_thumb, w_success = np.array([1.5, 0.0, 0.5, 0.0, 0.0]), np.array([0.0, 1.5, -0.5, 0.0, 0.0])
+    lengths = rng.integers(2, 5, size=n)
+    session = np.repeat(np.arange(n), lengths)  # [U]
+    x = rng.normal(size=(len(session), 5))  # [U, F]
+    up = (rng.random(len(session)) < 1 / (1 + np.exp(-(x @ w_thumb - 0.3)))).astype(float)  # [U]
+    y = (rng.random(n) < 1 / (1 + np.exp(-(np.bincount(session, weights=x @ w_success) + 0.5)))).astype(float)  # [S]
+    groups = [f"{i}" for i in range(n)]
+    return FeedbackData(x, up, x, session, y, [groups[i] for i in session], groups)
+
+
+def test_separate_heads_fit_thumbs_and_outcomes_as_well_as_single_objective_fits():
+    """The probe of issue #28: one reward explaining both thumbs and outcomes serves a P(up)
+    that carries little when they disagree; a separate session head fits each as well as a fit
+    on that kind alone (held-out AUC within 0.03)."""
+    data = _sessions(3000, 3)
+    train, test = data.rows(lambda g: int(g) % 4 != 0), data.rows(lambda g: int(g) % 4 == 0)  # 750 held-out sessions
+
+    def heldout(feedback, **kw):
+        fit = fit_heads(_no_pairs(5), 1, 1e-3, feedback=feedback, **kw)
+        return feedback_metrics(test, fit.weight, fit.bias, fit.offsets, "", fit.session)
+
+    thumbs_only, outcomes_only = heldout(train.without_outcomes()), heldout(train.outcomes_only())
+    shared, separate = heldout(train), heldout(train, separate_session=True)
+    print(
+        f"held-out thumb AUC / outcome AUC: thumbs only {thumbs_only['thumb_auc']:.3f}, outcomes only "
+        f"{outcomes_only['outcome_auc']:.3f}, shared {shared['thumb_auc']:.3f} / {shared['outcome_auc']:.3f}, "
+        f"separate {separate['thumb_auc']:.3f} / {separate['outcome_auc']:.3f}"
+    )
+    assert thumbs_only["thumb_auc"] > 0.75 and outcomes_only["outcome_auc"] > 0.85  # each kind is learnable alone
+    assert shared["thumb_auc"] < thumbs_only["thumb_auc"] - 0.1  # the defect: the outcomes pull the one reward away
+    assert abs(separate["thumb_auc"] - thumbs_only["thumb_auc"]) <= 0.03
+    assert abs(separate["outcome_auc"] - outcomes_only["outcome_auc"]) <= 0.03
+
+
+def test_separate_session_head_needs_something_else_for_the_turn_reward():
+    """Outcomes alone: one head (the turn reward is the outcome head) whatever the setting."""
+    data = _sessions(300, 4)
+    alone = fit_heads(_no_pairs(5), 1, 1e-3, feedback=data.outcomes_only(), separate_session=True)
+    assert alone.session is None and set(alone.offsets) == {"outcome_offset"}
+    both = fit_heads(_no_pairs(5), 2, 1e-3, feedback=data, separate_session=True)
+    assert both.session[0].shape == (2, 5) and set(both.offsets) == {"thumb_offset", "outcome_offset"}
+
+
 # -- training on the tiny backbone and serving the version ----------------------------------
 
 
@@ -329,7 +377,8 @@ def test_feedback_only_training_registers_a_version_with_its_offsets(feedback_ve
     assert 0 <= m["thumb_auc"] <= 1 and 0 <= m["outcome_auc"] <= 1 and m["train_thumb_loss"] < math.log(2) + 0.05
     meta = read_meta(rec.artifact_path)
     assert meta.info["feedback"]["session_value"] == "sum" and len(meta.golden) == 4
-    assert set(meta.info["feedback"]) == {"session_value", "thumb_offset", "outcome_offset"}
+    assert set(meta.info["feedback"]) == {"session_value", "session_head", "thumb_offset", "outcome_offset"}
+    assert meta.info["feedback"]["session_head"] == "separate"  # thumbs train the turn reward, outcomes their own head
     assert math.isfinite(meta.reward_mean) and meta.reward_std > 0
 
 
@@ -344,12 +393,18 @@ def test_score_turns_returns_the_session_value_the_model_was_trained_for(home, f
         response = stub.ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation()), timeout=60)
         offsets = read_meta(rec.artifact_path).info["feedback"]
         raw = [t.raw_score for t in response.turns]
+        credit = [t.session_credit for t in response.turns]  # the session head's, one per turn
         assert [t.message_index for t in response.turns] == [1, 3]
-        assert response.session_value == pytest.approx(sum(raw), rel=1e-5, abs=1e-5)
+        assert all(t.HasField("session_credit") for t in response.turns) and credit != pytest.approx(raw)
+        assert response.session_value == pytest.approx(sum(credit), rel=1e-5, abs=1e-5)
         assert response.HasField("session_success")
         assert response.session_success == pytest.approx(
-            1 / (1 + math.exp(-(sum(raw) - offsets["outcome_offset"]))), rel=1e-4
+            1 / (1 + math.exp(-(sum(credit) - offsets["outcome_offset"]))), rel=1e-4
         )
+        long_chat = [(r, c * 40) for r, c in CHAT]  # past the model's max tokens: each turn scored alone
+        cut = stub.ScoreTurns(reward_pb2.ScoreTurnsRequest(conversation=conversation(long_chat)), timeout=60)
+        assert cut.session_value == pytest.approx(sum(t.session_credit for t in cut.turns), rel=1e-5, abs=1e-5)
+        assert cut.turns[1].raw_score != pytest.approx(raw[1], abs=1e-3)
         for t in response.turns:
             assert t.HasField("thumb_up") and t.thumb_up == pytest.approx(
                 1 / (1 + math.exp(-(t.raw_score - offsets["thumb_offset"]))), rel=1e-4
@@ -379,6 +434,7 @@ def test_score_turns_of_a_pairs_only_model_has_a_value_but_no_probabilities(serv
         channel.close()
     assert response.session_value == pytest.approx(sum(t.raw_score for t in response.turns), rel=1e-5, abs=1e-5)
     assert not response.HasField("session_success") and not any(t.HasField("thumb_up") for t in response.turns)
+    assert not any(t.HasField("session_credit") for t in response.turns)  # no session head: the value sums raw scores
 
 
 def test_full_mode_refuses_a_store_of_feedback_only(home):

@@ -173,9 +173,8 @@ def test_multi_turn_prompts_keep_every_prior_turn_under_the_chat_template(tiny_t
     text = tiny_tokenizer.decode(encode(tiny_tokenizer, turns))
     assert text.index("Tell me about rivers.") < text.index("Which river?") < text.index("The longest one.")
     assert text.endswith("<|im_start|>assistant\n")  # the generation prompt: the policy writes the next assistant turn
-    long = [Message("user", "word " * 400)]
-    prompts = build_prompts([turns, long, turns], tiny_tokenizer, max_prompt_tokens=64)
-    assert [p.messages for p in prompts] == [turns]  # deduplicated; the long one skipped, never cut
+    prompts = build_prompts([turns, turns], tiny_tokenizer, max_prompt_tokens=64)
+    assert [p.messages for p in prompts] == [turns]  # deduplicated; long ones are cut (tests/test_prompts.py)
 
 
 def test_heldout_prompts_are_fixed_by_conversation_id(tiny_tokenizer):

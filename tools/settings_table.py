@@ -52,15 +52,20 @@ def default_text(cls: type[BaseSettings], name: str, field) -> str:
     return f"`{value}`"
 
 
-def table(cls: type[BaseSettings]) -> str:
+def table(cls: type[BaseSettings], own_only: bool = False) -> str:
+    """`own_only`: only the fields a subclass adds or redefines (SessionSettings over PPOSettings)."""
     prefix = cls.model_config.get("env_prefix", "")
+    base = cls.__mro__[1]
+    title = f"**`{cls.__name__}`** ({cls.__doc__.strip().splitlines()[0].rstrip('.')}; prefix `{prefix}`"
     lines = [
-        f"**`{cls.__name__}`** ({cls.__doc__.strip().splitlines()[0].rstrip('.')}; prefix `{prefix}`)",
+        title + (f"; every `{base.__name__}` field too)" if own_only else ")"),
         "",
         "| Variable | Default | Description |",
         "|---|---|---|",
     ]
     for name, field in cls.model_fields.items():
+        if own_only and name not in cls.__dict__.get("__annotations__", {}):
+            continue
         lines.append(f"| `{prefix}{name.upper()}` | {default_text(cls, name, field)} | {field.description} |")
     return "\n".join(lines)
 
@@ -77,6 +82,7 @@ def write_between(path: Path, begin: str, end: str, text: str) -> None:
 
 if __name__ == "__main__":
     if "--write" in sys.argv[1:]:
+        from policy_trainer.session_settings import SessionSettings
         from policy_trainer.settings import PPOSettings
 
         root = Path(__file__).resolve().parent.parent
@@ -88,6 +94,12 @@ if __name__ == "__main__":
             "<!-- PPO-SETTINGS:BEGIN -->\n",
             "<!-- PPO-SETTINGS:END -->",
             table(PPOSettings) + "\n",
+        )
+        write_between(
+            root / "docs" / "policy-trainer.md",
+            "<!-- SESSION-SETTINGS:BEGIN -->\n",
+            "<!-- SESSION-SETTINGS:END -->",
+            table(SessionSettings, own_only=True) + "\n",
         )
     else:
         print(render(), end="")

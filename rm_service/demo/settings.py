@@ -105,8 +105,8 @@ class DemoSettings(BaseSettings):
     max_prompt_tokens: int = Field(
         96,
         ge=8,
-        description="Prompts longer than this (after the chat template) are skipped; short prompts keep a CPU step "
-        "short.",
+        description="Prompts longer than this (after the chat template) are cut from the left at turn boundaries; "
+        "short prompts keep a CPU step short.",
     )
     advantage_estimator: EstimatorName = Field(
         "rloo",

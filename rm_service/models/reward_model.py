@@ -5,7 +5,11 @@
     h = pool(backbone(x ++ y), layers, method)     see models.pooling
     r = W h + b                                    W: [K, F], one row per ensemble member
 
-The served reward is the mean over the K members and the uncertainty their std.
+The served reward is the mean over the K members and the uncertainty their std. A version
+trained with session outcomes beside pairs or thumbs may also hold a session head (`session`,
+U: [K, F]): each turn's credit v = U h + c, whose sum over a conversation's turns is the
+session value ScoreTurns serves (train.feedback). Score and the exported graphs read `score`
+only; ScoreTurns reads both.
 
 `CheckpointRewardModel`, a `*ForSequenceClassification` directory from elsewhere (TRL's
 RewardTrainer writes these; OpenAssistant's DeBERTa reward models are these): run by
@@ -35,11 +39,12 @@ class RewardModel(nn.Module):
 
     kind = "heads"
 
-    def __init__(self, backbone: nn.Module, score: nn.Linear, pooling: Pooling):
+    def __init__(self, backbone: nn.Module, score: nn.Linear, pooling: Pooling, session: nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone
         self.score = score
         self.pooling = pooling
+        self.session = session
 
     @property
     def ensemble_size(self) -> int:
@@ -70,17 +75,25 @@ class RewardModel(nn.Module):
         h = self.features(input_ids, attention_mask, token_type_ids, completion_start)  # [B, F]
         return self.score(h.to(self.score.weight.dtype))  # [B, K]
 
+    def turn_heads(self, h: torch.Tensor) -> torch.Tensor:
+        """What ScoreTurns reads from features: the reward members, then the session head's
+        members when there is one. [B, F] -> [B, K] or [B, K + K_s]."""
+        h = h.to(self.score.weight.dtype)
+        rewards = self.score(h)  # [B, K]
+        return rewards if self.session is None else torch.cat([rewards, self.session(h)], dim=-1)
+
     def rewards_at(self, input_ids: torch.Tensor, positions: list[int], starts: list[int]) -> torch.Tensor:
-        """Member rewards read at several positions of one causal sequence [1, T] -> [P, K]:
-        the reward of the prefix ending at each position, its completion starting at the
-        matching start. With causal attention the states at t see tokens <= t only, so this
-        equals scoring each prefix on its own, from one forward pass."""
+        """Member rewards read at several positions of one causal sequence [1, T] -> [P, K]
+        ([P, K + K_s] with a session head: turn_heads): the reward of the prefix ending at each
+        position, its completion starting at the matching start. With causal attention the
+        states at t see tokens <= t only, so this equals scoring each prefix on its own, from
+        one forward pass."""
         t = torch.arange(input_ids.size(1), device=input_ids.device)  # [T]
         row_masks = (
             t[None, :] <= torch.tensor(positions, device=t.device)[:, None]
         ).long()  # [P, T]: row p ends at positions[p]
         h = prefix_features(self, input_ids, row_masks, torch.tensor(starts, device=t.device))  # [P, F]
-        return self.score(h.to(self.score.weight.dtype))  # [P, K]
+        return self.turn_heads(h)  # [P, K(+K_s)]
 
 
 def prefix_features(

@@ -86,24 +86,29 @@ class ModelRuntime:
 
     @torch.inference_mode()
     def run_collated(self, batch: dict[str, torch.Tensor], what: str = "rewards") -> np.ndarray:
-        """One padded batch: features [b, F] or member rewards [b, K]."""
+        """One padded batch: features [b, F], member rewards [b, K], or (what="turns") the
+        members ScoreTurns reads, [b, K] or [b, K + K_s] with a session head."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         model = self.inference_model()
         with self.autocast():
             if what == "features":
                 return model.features(**batch).float().cpu().numpy()  # [b, F]
+            if what == "turns":
+                return model.turn_heads(model.features(**batch)).float().cpu().numpy()  # [b, K(+K_s)]
             return model(**batch).float().cpu().numpy()  # [b, K]
 
     @torch.inference_mode()
     def rewards_at(self, input_ids: list[int], positions: list[int], starts: list[int]) -> np.ndarray:
         """Member rewards of the prefixes of one causal sequence ending at `positions` (their
-        completions starting at `starts`), from one forward pass: [P, K]."""
+        completions starting at `starts`), from one forward pass: [P, K] ([P, K + K_s] with a
+        session head)."""
         ids = torch.tensor([input_ids], device=self.device)  # [1, T]
         with self.autocast():
-            return self.inference_model().rewards_at(ids, positions, starts).float().cpu().numpy()  # [P, K]
+            return self.inference_model().rewards_at(ids, positions, starts).float().cpu().numpy()  # [P, K(+K_s)]
 
     def run(self, items: list[Formatted], max_batch_tokens: int, what: str = "rewards", progress=None) -> np.ndarray:
-        """Features [N, F] (what="features") or member rewards [N, K] (what="rewards")."""
+        """Features [N, F] (what="features"), member rewards [N, K] (what="rewards") or what
+        ScoreTurns reads (what="turns": run_collated)."""
         out: np.ndarray | None = None
         for batch_idx in token_budget_batches([len(x) for x in items], max_batch_tokens):
             values = self.run_collated(collate([items[i] for i in batch_idx], self.pad_id), what)

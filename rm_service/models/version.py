@@ -2,7 +2,8 @@
 
 A version directory holds `version.json` (`VersionMeta`: formatting contract, backbone,
 pooling, precision, normalisation, golden items, metrics) and `head.safetensors` (the K
-score heads, [K, F] and [K]); a full-mode version also holds its fine-tuned `./backbone`,
+score heads, [K, F] and [K]; and `session_weight`/`session_bias` when the version has a
+separate session head, train.feedback); a full-mode version also holds its fine-tuned `./backbone`,
 and an exported one `model.onnx`. `open_version` is how evaluation, serving, the judge and
 the container load one: the backbone is checked against the recorded identity, and the
 golden items are re-scored in the precision the version will run in and compared with
@@ -106,17 +107,22 @@ def read_meta(directory: str | Path) -> VersionMeta:
         raise FailedPrecondition(f"{path} is not a valid version record: {exc}") from None
 
 
-def write_version(directory: Path, meta: VersionMeta, weight: np.ndarray, bias: np.ndarray) -> None:
-    """version.json + head.safetensors ([K, F], [K]), atomically: written to `<dir>.tmp`
-    (which may already hold ./backbone and ONNX files) and renamed."""
+def write_version(
+    directory: Path,
+    meta: VersionMeta,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    session: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """version.json + head.safetensors ([K, F], [K], and the session head's when given),
+    atomically: written to `<dir>.tmp` (which may already hold ./backbone and ONNX files) and renamed."""
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {"weight": weight, "bias": bias}
+    if session is not None:
+        tensors.update(session_weight=session[0], session_bias=session[1])
     save_file(
-        {
-            "weight": torch.from_numpy(np.ascontiguousarray(weight)).float(),
-            "bias": torch.from_numpy(np.ascontiguousarray(bias)).float(),
-        },
-        str(tmp / HEAD_FILE),
+        {name: torch.from_numpy(np.ascontiguousarray(t)).float() for name, t in tensors.items()}, str(tmp / HEAD_FILE)
     )
     (tmp / META_FILE).write_text(meta.model_dump_json(indent=2))
     if directory.exists():
@@ -127,6 +133,21 @@ def write_version(directory: Path, meta: VersionMeta, weight: np.ndarray, bias: 
 def read_head(directory: str | Path) -> tuple[np.ndarray, np.ndarray]:
     head = load_file(str(Path(directory) / HEAD_FILE))
     return head["weight"].numpy(), head["bias"].numpy()
+
+
+def read_session_head(directory: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The version's separate session head ([K, F], [K]), or None (its session value sums the turn rewards)."""
+    head = load_file(str(Path(directory) / HEAD_FILE))
+    return (head["session_weight"].numpy(), head["session_bias"].numpy()) if "session_weight" in head else None
+
+
+def linear(weight: np.ndarray, bias: np.ndarray, device) -> torch.nn.Linear:
+    """A linear layer holding heads ([K, F], [K]) on `device`."""
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer.to(device)
 
 
 def open_version(
@@ -158,12 +179,9 @@ def open_version(
             f"{directory}: backbone {meta.backbone!r} is {runtime.backbone_key}, "
             f"but the version was trained on {meta.backbone_key}"
         )
-    weight, bias = read_head(directory)
-    score = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
-    with torch.no_grad():
-        score.weight.copy_(torch.from_numpy(weight))
-        score.bias.copy_(torch.from_numpy(bias))
-    runtime.model.score = score.to(runtime.device)
+    runtime.model.score = linear(*read_head(directory), runtime.device)
+    session = read_session_head(directory)
+    runtime.model.session = linear(*session, runtime.device) if session is not None else None
     runtime.reward_mean, runtime.reward_std = meta.reward_mean, meta.reward_std
     check_golden(runtime, meta.golden, directory)
     return runtime, meta

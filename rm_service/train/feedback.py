@@ -21,6 +21,17 @@ Each term is a weighted mean over its own items (bootstrap counts per ensemble m
 pairs), scaled by TrainSettings.pair_weight / thumb_weight / outcome_weight; the offsets
 b_thumb and b_outcome are fitted with the heads and kept in the version (`info["feedback"]`),
 so ScoreTurns can return P(up) per turn and P(success) for the session.
+
+Turn satisfaction and session success are different targets: people upvote turns of sessions
+that fail, and a session can succeed through a turn nobody upvoted. One reward explaining both
+serves a P(up) that carries nothing when they disagree (tests/test_feedback.py: held-out thumb
+AUC 0.50 where a thumbs-only fit reaches 0.92). So by default (TrainSettings.session_head
+"separate") the outcomes train a head of their own, the session head, with per-turn credits
+v_t = U h_t + c and V = sum of v_t; pairs and thumbs train the turn reward r_t. Each head then
+fits what a single-objective fit would (the probe: within 0.03 AUC of each). "shared" keeps V
+the sum of the turn rewards (outcomes then also shape every turn's reward, which helps when
+they agree with the thumbs). A run with outcomes and no pairs or thumbs has one head either
+way: the turn reward is the outcome head.
 """
 
 from __future__ import annotations
@@ -87,6 +98,21 @@ class FeedbackData:
     def empty(self) -> bool:
         return len(self.y_thumb) == 0 and len(self.y_outcome) == 0
 
+    def without_outcomes(self) -> FeedbackData:
+        """The thumbs alone (what the turn reward fits beside a separate session head)."""
+        width = self.x_thumb.shape[1]
+        return FeedbackData(
+            self.x_thumb, self.y_thumb, np.zeros((0, width)), np.zeros(0, dtype=np.int64), np.zeros(0),
+            self.thumb_group, [],
+        )  # fmt: skip
+
+    def outcomes_only(self) -> FeedbackData:
+        """The sessions alone (what a separate session head fits)."""
+        width = self.x_turn.shape[1]
+        return FeedbackData(
+            np.zeros((0, width)), np.zeros(0), self.x_turn, self.session, self.y_outcome, [], self.session_group
+        )
+
     def rows(self, keep_group) -> FeedbackData:
         """The thumbs and sessions whose group `keep_group(key)` keeps."""
         t = np.array([bool(keep_group(g)) for g in self.thumb_group], dtype=bool)
@@ -138,7 +164,8 @@ def feedback_data(
 
 
 def session_values(data: FeedbackData, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Each session's value [S]: the sum of its turns' raw rewards (ensemble mean)."""
+    """Each session's value [S]: the sum of its turns' outputs (ensemble mean) under heads
+    ([K, F], [K]): the session head's credits when the version has one, else the turn rewards."""
     r = (data.x_turn @ weight.T + bias).mean(1)  # [U]
     return np.bincount(data.session, weights=r, minlength=len(data.y_outcome))  # [S]
 
@@ -149,15 +176,17 @@ def heldout_loss(
     bias: np.ndarray,
     offsets: dict[str, float],
     term_weights: tuple[float, float],
+    session: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[float, float]:
-    """(weighted BCE summed over thumbs and sessions, their count): what cross-validation scores."""
+    """(weighted BCE summed over thumbs and sessions, their count): what cross-validation scores.
+    `session`: a separate session head ([K, F], [K]); None: sessions sum the turn rewards."""
     total, count = 0.0, 0.0
     if len(data.y_thumb):
         logit = (data.x_thumb @ weight.T + bias).mean(1) - offsets.get("thumb_offset", 0.0)
         total += term_weights[0] * float((np.logaddexp(0.0, logit) - data.y_thumb * logit).sum())
         count += term_weights[0] * len(data.y_thumb)
     if len(data.y_outcome):
-        logit = session_values(data, weight, bias) - offsets.get("outcome_offset", 0.0)
+        logit = session_values(data, *(session or (weight, bias))) - offsets.get("outcome_offset", 0.0)
         total += term_weights[1] * float((np.logaddexp(0.0, logit) - data.y_outcome * logit).sum())
         count += term_weights[1] * len(data.y_outcome)
     return total, count
@@ -183,12 +212,18 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def feedback_metrics(
-    data: FeedbackData, weight: np.ndarray, bias: np.ndarray, offsets: dict[str, float], prefix: str
+    data: FeedbackData,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    offsets: dict[str, float],
+    prefix: str,
+    session: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Metrics of heads ([K, F], [K]) on `data`, with the ensemble mean of raw rewards:
     thumb_auc (does an up turn outrank a down turn, over all pairs of them), thumb_pair_accuracy
     (the same within each conversation group: e.g. two replies to one prompt), accuracy and log
-    loss of P(up); the same for outcomes on the session value; and the counts."""
+    loss of P(up); the same for outcomes on the session value (from `session`, a separate
+    session head, when given); and the counts."""
     out: dict[str, float] = {
         f"{prefix}thumbs": float(len(data.y_thumb)),
         f"{prefix}outcomes": float(len(data.y_outcome)),
@@ -198,7 +233,7 @@ def feedback_metrics(
         out.update(_binary(f"{prefix}thumb", r - offsets.get("thumb_offset", 0.0), data.y_thumb))
         out.update(_paired(f"{prefix}thumb", r, data.y_thumb, data.thumb_group))
     if len(data.y_outcome):
-        value = session_values(data, weight, bias)  # [S]
+        value = session_values(data, *(session or (weight, bias)))  # [S]
         out.update(_binary(f"{prefix}outcome", value - offsets.get("outcome_offset", 0.0), data.y_outcome))
         out.update(_paired(f"{prefix}outcome", value, data.y_outcome, data.session_group))
     return out

@@ -19,12 +19,12 @@ import logging
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from rm_service.errors import FailedPrecondition
 from rm_service.models.pooling import Pooling, truncate
 from rm_service.models.runtime import ModelRuntime
+from rm_service.models.version import linear
 from rm_service.settings import TrainSettings
 from rm_service.store.db import Pair, Store
 from rm_service.train import feedback as fb
@@ -85,7 +85,11 @@ def fit_head_mode(
         len(train) < MIN_PAIRS_FOR_CV and not next(iter(fb_train.values())).empty
     ):  # too few pairs: choose on the feedback instead
         selection = select_feedback_head(
-            fb_train, data, settings.head_l2, (settings.thumb_weight, settings.outcome_weight)
+            fb_train,
+            data,
+            settings.head_l2,
+            (settings.thumb_weight, settings.outcome_weight),
+            separate_session=settings.session_head == "separate",
         )
     else:
         selection = select_head(data, settings.head_l2)
@@ -99,8 +103,9 @@ def fit_head_mode(
         start_heads,
         feedback=fb_train[selection.name],
         term_weights=(settings.pair_weight, settings.thumb_weight, settings.outcome_weight),
+        separate_session=settings.session_head == "separate",
     )
-    install(runtime, pooling, fit.weight, fit.bias)
+    install(runtime, pooling, fit.weight, fit.bias, fit.session)
     new = np.array([p.on_policy and evidence_since is not None and p.seq > evidence_since for p in train], dtype=bool)
     onpolicy_evidence = None
     if crossfits(settings) and new.any():
@@ -112,7 +117,8 @@ def fit_head_mode(
             fit,
             settings.ensemble_size,
             settings.seed,
-            fb_train[selection.name],
+            # a separate session head: outcomes never moved the reward heads, so the refits leave them out too
+            fb_train[selection.name].without_outcomes() if fit.session is not None else fb_train[selection.name],
             terms,
         )
         onpolicy_evidence = ([p for p, n in zip(train, new, strict=True) if n], oof)
@@ -161,10 +167,11 @@ def _feedback_results(
     if train.empty:
         return {}, {}, None
     heldout = fb.feedback_data(split.feedback_heldout, lambda cid: pooled(feats, pooling, cid), has)
-    metrics = fb.feedback_metrics(heldout, fit.weight, fit.bias, fit.offsets, "")
-    metrics.update(fb.feedback_metrics(train, fit.weight, fit.bias, fit.offsets, "train_"))
+    metrics = fb.feedback_metrics(heldout, fit.weight, fit.bias, fit.offsets, "", fit.session)
+    metrics.update(fb.feedback_metrics(train, fit.weight, fit.bias, fit.offsets, "train_", fit.session))
     reference = (np.concatenate([train.x_thumb, train.x_turn]) @ fit.weight.T + fit.bias).mean(1)  # [T + U]
-    return metrics, {"feedback": {"session_value": fb.SESSION_VALUE, **fit.offsets}}, reference
+    head = "separate" if fit.session is not None else "shared"  # which head the session value sums
+    return metrics, {"feedback": {"session_value": fb.SESSION_VALUE, "session_head": head, **fit.offsets}}, reference
 
 
 def split_features(
@@ -239,15 +246,18 @@ def pair_data(feats: Features, pooling: Pooling, pairs: list[Pair], settings: Tr
     return PairData(x_w, x_l, weight, margin, [p.conversation_id for p in pairs])
 
 
-def install(runtime: ModelRuntime, pooling: Pooling, weight: np.ndarray, bias: np.ndarray) -> None:
+def install(
+    runtime: ModelRuntime,
+    pooling: Pooling,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    session: tuple[np.ndarray, np.ndarray] | None = None,
+) -> None:
     """Make runtime.model the version as it will be served: `pooling`, the backbone cut after
-    its deepest layer, the heads ([K, F], [K]) on the runtime's device."""
+    its deepest layer, the heads ([K, F], [K]) and the session head, if any, on the runtime's device."""
     model = runtime.model
     model.pooling = pooling
     model.backbone = truncate(model.backbone, pooling)
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
-    with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(weight))
-        layer.bias.copy_(torch.from_numpy(bias))
-    model.score = layer.to(runtime.device)
+    model.score = linear(weight, bias, runtime.device)
+    model.session = linear(*session, runtime.device) if session is not None else None
     runtime.refresh()

@@ -16,7 +16,9 @@ served head reads raw features.
 Feedback beyond pairs (train.feedback, docs/feedback.md) adds, per member, the logistic loss of
 sigmoid(theta . z_t + b - b_thumb) against each thumb and of sigmoid(V - b_outcome), V the sum
 of the session's turn rewards, against each outcome; the offsets (and b, when outcomes fix it)
-are fitted with theta. Without feedback the fit is the pairs-only one above.
+are fitted with theta. Without feedback the fit is the pairs-only one above. With
+`separate_session` the outcomes fit a session head of their own (V the sum of its per-turn
+credits) and the turn reward fits pairs and thumbs: two exact fits (train.feedback says why).
 
 Selection (`select_head`), by the weighted BT loss of 5-fold cross-validation over the
 training pairs, split by conversation: every candidate feature set (a layer's last token, its
@@ -54,6 +56,7 @@ class HeadFit:
     offsets: dict[str, float] = field(
         default_factory=dict
     )  # feedback terms: thumb_offset, outcome_offset (raw reward units)
+    session: tuple[np.ndarray, np.ndarray] | None = None  # a separate session head: [K, F], [K] (raw features)
 
 
 @dataclass
@@ -87,14 +90,42 @@ def fit_heads(
     dtype: torch.dtype = torch.float64,
     feedback: FeedbackData | None = None,
     term_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    separate_session: bool = False,
 ) -> HeadFit:
     """K heads on `data` (bootstrap resamples when K > 1); `init` ([K, F], [K]) starts L-BFGS
     from a parent's heads (the optimum is the same, it is only reached sooner). Cross-validation
     fits in float32, which is twice as fast and chooses the same; the served heads in float64.
     `feedback` (thumbs, sessions: train.feedback) adds its terms, weighted by `term_weights`
-    (pairs, thumbs, outcomes), and fits their offsets with the heads (HeadFit.offsets)."""
-    start = time.monotonic()
+    (pairs, thumbs, outcomes), and fits their offsets with the heads (HeadFit.offsets).
+    `separate_session`: outcomes fit a session head of their own (HeadFit.session) when the run
+    also has pairs or thumbs for the turn reward."""
     fb = feedback if feedback is not None and not feedback.empty else None
+    if separate_session and fb is not None and len(fb.y_outcome) and (len(data.x_w) or len(fb.y_thumb)):
+        start = time.monotonic()
+        turn = _fit(data, ensemble_size, l2, seed, init, max_iter, dtype, fb.without_outcomes(), term_weights)
+        no_pairs = data.rows(np.zeros(len(data.x_w), dtype=bool))
+        session = _fit(no_pairs, ensemble_size, l2, seed, None, max_iter, dtype, fb.outcomes_only(), term_weights)
+        return HeadFit(
+            turn.weight, turn.bias, turn.steps + session.steps, l2, time.monotonic() - start,
+            {**turn.offsets, **session.offsets}, (session.weight, session.bias),
+        )  # fmt: skip
+    return _fit(data, ensemble_size, l2, seed, init, max_iter, dtype, fb, term_weights)
+
+
+def _fit(
+    data: PairData,
+    ensemble_size: int,
+    l2: float,
+    seed: int,
+    init: tuple[np.ndarray, np.ndarray] | None,
+    max_iter: int,
+    dtype: torch.dtype,
+    fb: FeedbackData | None,
+    term_weights: tuple[float, float, float],
+) -> HeadFit:
+    """One exact fit of K heads on pairs and the feedback terms `fb` holds (fit_heads)."""
+    start = time.monotonic()
+    fb = fb if fb is not None and not fb.empty else None
     x_w, x_l = torch.from_numpy(data.x_w).to(dtype), torch.from_numpy(data.x_l).to(dtype)  # [N, F]
     items = torch.cat([x_w, x_l])  # [2N, F]
     item_weight = np.concatenate([data.weight, data.weight])  # [2N]
@@ -269,7 +300,11 @@ def select_head(options: dict[str, PairData], default_l2: float, finalists: int 
 
 
 def cv_feedback_losses(
-    fb: FeedbackData, no_pairs: PairData, grid: tuple[float, ...], term_weights: tuple[float, float]
+    fb: FeedbackData,
+    no_pairs: PairData,
+    grid: tuple[float, ...],
+    term_weights: tuple[float, float],
+    separate_session: bool = False,
 ) -> dict[float, float]:
     """Weighted thumb and outcome BCE of one head over FOLDS folds split by conversation group,
     for every penalty of `grid` (warm-started along the path, as cv_losses does for pairs)."""
@@ -289,9 +324,10 @@ def cv_feedback_losses(
                 dtype=torch.float32,
                 feedback=train,
                 term_weights=(1.0, *term_weights),
+                separate_session=separate_session,
             )
             start = (fit.weight, fit.bias)
-            loss, n = heldout_loss(test, fit.weight, fit.bias, fit.offsets, term_weights)
+            loss, n = heldout_loss(test, fit.weight, fit.bias, fit.offsets, term_weights, fit.session)
             total[l2] += loss
         count += n
     return {l2: loss / max(count, 1e-12) for l2, loss in total.items()}
@@ -303,6 +339,7 @@ def select_feedback_head(
     default_l2: float,
     term_weights: tuple[float, float],
     finalists: int = 3,
+    separate_session: bool = False,
 ) -> Selection:
     """select_head for a run with too few pairs to cross-validate but with thumbs or outcomes:
     the feature set and penalty with the lowest cross-validated feedback loss."""
@@ -313,7 +350,7 @@ def select_feedback_head(
         log.info("too little feedback for %d-fold selection; %s with l2 %g", FOLDS, name, default_l2)
         return Selection(name, default_l2, float("nan"), [])
     screen = {
-        name: cv_feedback_losses(fb, no_pairs[name], (default_l2,), term_weights)[default_l2]
+        name: cv_feedback_losses(fb, no_pairs[name], (default_l2,), term_weights, separate_session)[default_l2]
         for name, fb in options.items()
     }
     best = sorted(screen, key=lambda name: screen[name])[:finalists]
@@ -322,7 +359,7 @@ def select_feedback_head(
     table += [
         (name, l2, loss)
         for name in best
-        for l2, loss in cv_feedback_losses(options[name], no_pairs[name], grid, term_weights).items()
+        for l2, loss in cv_feedback_losses(options[name], no_pairs[name], grid, term_weights, separate_session).items()
     ]
     name, l2, loss = min(table, key=lambda row: row[2])
     log.info(

@@ -43,6 +43,7 @@ FEEDBACK_WEIGHTS = (
     "pair_weight",
     "thumb_weight",
     "outcome_weight",
+    "session_head",
 )  # head mode's only: a full-mode run resumes across them
 UNCHANGED_RTOL = 1e-4  # L-BFGS stops within ~1e-5 of the optimum; float32 heads on disk
 
@@ -203,7 +204,14 @@ def _register(
     bias = (
         score.bias.detach().cpu().numpy() if score.bias is not None else np.zeros(score.out_features, dtype=np.float32)
     )
-    write_version(directory, meta, score.weight.detach().cpu().numpy(), bias)
+    session = getattr(runtime.model, "session", None)  # a separate session head (train.feedback)
+    write_version(
+        directory,
+        meta,
+        score.weight.detach().cpu().numpy(),
+        bias,
+        None if session is None else (session.weight.detach().cpu().numpy(), session.bias.detach().cpu().numpy()),
+    )
     rec = registry.ModelRecord(
         version,
         parent,

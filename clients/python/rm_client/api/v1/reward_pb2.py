@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from rm_client.api.v1 import common_pb2 as rm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rm/v1/reward.proto\x12\x05rm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12rm/v1/common.proto\"K\n\tScoreItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06prompt\x18\x02 \x03(\x0b\x32\x0e.rm.v1.Message\x12\x12\n\ncompletion\x18\x03 \x01(\t\"F\n\x0cScoreRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.rm.v1.ScoreItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x89\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x11\n\traw_score\x18\x03 \x01(\x02\x12\x13\n\x0buncertainty\x18\x04 \x01(\x02\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x0f\n\x07members\x18\x07 \x03(\x02\"`\n\rScoreResponse\x12#\n\x07results\x18\x01 \x03(\x0b\x32\x12.rm.v1.ScoreResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ormat_hash\x18\x03 \x01(\t\"P\n\x11ScoreTurnsRequest\x12$\n\x0c\x63onversation\x18\x01 \x03(\x0b\x32\x0e.rm.v1.Message\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"j\n\nTurnReward\x12\x15\n\rmessage_index\x18\x01 \x01(\x05\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x11\n\traw_score\x18\x03 \x01(\x02\x12\x15\n\x08thumb_up\x18\x04 \x01(\x02H\x00\x88\x01\x01\x42\x0b\n\t_thumb_up\"\xab\x01\n\x12ScoreTurnsResponse\x12 \n\x05turns\x18\x01 \x03(\x0b\x32\x11.rm.v1.TurnReward\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ormat_hash\x18\x03 \x01(\t\x12\x15\n\rsession_value\x18\x04 \x01(\x02\x12\x1c\n\x0fsession_success\x18\x05 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_session_success\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.rm.v1.ModelInfo\"\"\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xa2\x03\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0b\x66ormat_hash\x18\x06 \x01(\t\x12.\n\x07metrics\x18\x07 \x03(\x0b\x32\x1d.rm.v1.ModelInfo.MetricsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breward_mean\x18\t \x01(\x01\x12\x12\n\nreward_std\x18\n \x01(\x01\x12\x15\n\rensemble_size\x18\x0b \x01(\x05\x12\x0e\n\x06loaded\x18\x0c \x01(\x08\x12\x11\n\tprecision\x18\r \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0f \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x14\n\x12WatchModelsRequest\";\n\nModelEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.rm.v1.ModelInfo2\xbe\x02\n\rRewardService\x12\x32\n\x05Score\x12\x13.rm.v1.ScoreRequest\x1a\x14.rm.v1.ScoreResponse\x12\x41\n\nScoreTurns\x12\x18.rm.v1.ScoreTurnsRequest\x1a\x19.rm.v1.ScoreTurnsResponse\x12\x41\n\nListModels\x12\x18.rm.v1.ListModelsRequest\x1a\x19.rm.v1.ListModelsResponse\x12\x34\n\x08GetModel\x12\x16.rm.v1.GetModelRequest\x1a\x10.rm.v1.ModelInfo\x12=\n\x0bWatchModels\x12\x19.rm.v1.WatchModelsRequest\x1a\x11.rm.v1.ModelEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12rm/v1/reward.proto\x12\x05rm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x12rm/v1/common.proto\"K\n\tScoreItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06prompt\x18\x02 \x03(\x0b\x32\x0e.rm.v1.Message\x12\x12\n\ncompletion\x18\x03 \x01(\t\"F\n\x0cScoreRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.rm.v1.ScoreItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x89\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x11\n\traw_score\x18\x03 \x01(\x02\x12\x13\n\x0buncertainty\x18\x04 \x01(\x02\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x0f\n\x07members\x18\x07 \x03(\x02\"`\n\rScoreResponse\x12#\n\x07results\x18\x01 \x03(\x0b\x32\x12.rm.v1.ScoreResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ormat_hash\x18\x03 \x01(\t\"P\n\x11ScoreTurnsRequest\x12$\n\x0c\x63onversation\x18\x01 \x03(\x0b\x32\x0e.rm.v1.Message\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x9a\x01\n\nTurnReward\x12\x15\n\rmessage_index\x18\x01 \x01(\x05\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12\x11\n\traw_score\x18\x03 \x01(\x02\x12\x15\n\x08thumb_up\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x1b\n\x0esession_credit\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x0b\n\t_thumb_upB\x11\n\x0f_session_credit\"\xab\x01\n\x12ScoreTurnsResponse\x12 \n\x05turns\x18\x01 \x03(\x0b\x32\x11.rm.v1.TurnReward\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ormat_hash\x18\x03 \x01(\t\x12\x15\n\rsession_value\x18\x04 \x01(\x02\x12\x1c\n\x0fsession_success\x18\x05 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_session_success\"\x13\n\x11ListModelsRequest\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.rm.v1.ModelInfo\"\"\n\x0fGetModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\xa2\x03\n\tModelInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06parent\x18\x02 \x01(\t\x12\x13\n\x0bsnapshot_id\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x13\n\x0b\x66ormat_hash\x18\x06 \x01(\t\x12.\n\x07metrics\x18\x07 \x03(\x0b\x32\x1d.rm.v1.ModelInfo.MetricsEntry\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breward_mean\x18\t \x01(\x01\x12\x12\n\nreward_std\x18\n \x01(\x01\x12\x15\n\rensemble_size\x18\x0b \x01(\x05\x12\x0e\n\x06loaded\x18\x0c \x01(\x08\x12\x11\n\tprecision\x18\r \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x0e \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0f \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x14\n\x12WatchModelsRequest\";\n\nModelEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1f\n\x05model\x18\x02 \x01(\x0b\x32\x10.rm.v1.ModelInfo2\xbe\x02\n\rRewardService\x12\x32\n\x05Score\x12\x13.rm.v1.ScoreRequest\x1a\x14.rm.v1.ScoreResponse\x12\x41\n\nScoreTurns\x12\x18.rm.v1.ScoreTurnsRequest\x1a\x19.rm.v1.ScoreTurnsResponse\x12\x41\n\nListModels\x12\x18.rm.v1.ListModelsRequest\x1a\x19.rm.v1.ListModelsResponse\x12\x34\n\x08GetModel\x12\x16.rm.v1.GetModelRequest\x1a\x10.rm.v1.ModelInfo\x12=\n\x0bWatchModels\x12\x19.rm.v1.WatchModelsRequest\x1a\x11.rm.v1.ModelEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,24 +45,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_end=467
   _globals['_SCORETURNSREQUEST']._serialized_start=469
   _globals['_SCORETURNSREQUEST']._serialized_end=549
-  _globals['_TURNREWARD']._serialized_start=551
-  _globals['_TURNREWARD']._serialized_end=657
-  _globals['_SCORETURNSRESPONSE']._serialized_start=660
-  _globals['_SCORETURNSRESPONSE']._serialized_end=831
-  _globals['_LISTMODELSREQUEST']._serialized_start=833
-  _globals['_LISTMODELSREQUEST']._serialized_end=852
-  _globals['_LISTMODELSRESPONSE']._serialized_start=854
-  _globals['_LISTMODELSRESPONSE']._serialized_end=908
-  _globals['_GETMODELREQUEST']._serialized_start=910
-  _globals['_GETMODELREQUEST']._serialized_end=944
-  _globals['_MODELINFO']._serialized_start=947
-  _globals['_MODELINFO']._serialized_end=1365
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1319
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1365
-  _globals['_WATCHMODELSREQUEST']._serialized_start=1367
-  _globals['_WATCHMODELSREQUEST']._serialized_end=1387
-  _globals['_MODELEVENT']._serialized_start=1389
-  _globals['_MODELEVENT']._serialized_end=1448
-  _globals['_REWARDSERVICE']._serialized_start=1451
-  _globals['_REWARDSERVICE']._serialized_end=1769
+  _globals['_TURNREWARD']._serialized_start=552
+  _globals['_TURNREWARD']._serialized_end=706
+  _globals['_SCORETURNSRESPONSE']._serialized_start=709
+  _globals['_SCORETURNSRESPONSE']._serialized_end=880
+  _globals['_LISTMODELSREQUEST']._serialized_start=882
+  _globals['_LISTMODELSREQUEST']._serialized_end=901
+  _globals['_LISTMODELSRESPONSE']._serialized_start=903
+  _globals['_LISTMODELSRESPONSE']._serialized_end=957
+  _globals['_GETMODELREQUEST']._serialized_start=959
+  _globals['_GETMODELREQUEST']._serialized_end=993
+  _globals['_MODELINFO']._serialized_start=996
+  _globals['_MODELINFO']._serialized_end=1414
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=1368
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=1414
+  _globals['_WATCHMODELSREQUEST']._serialized_start=1416
+  _globals['_WATCHMODELSREQUEST']._serialized_end=1436
+  _globals['_MODELEVENT']._serialized_start=1438
+  _globals['_MODELEVENT']._serialized_end=1497
+  _globals['_REWARDSERVICE']._serialized_start=1500
+  _globals['_REWARDSERVICE']._serialized_end=1818
 # @@protoc_insertion_point(module_scope)

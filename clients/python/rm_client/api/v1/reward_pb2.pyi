@@ -65,16 +65,18 @@ class ScoreTurnsRequest(_message.Message):
     def __init__(self, conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class TurnReward(_message.Message):
-    __slots__ = ("message_index", "reward", "raw_score", "thumb_up")
+    __slots__ = ("message_index", "reward", "raw_score", "thumb_up", "session_credit")
     MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     RAW_SCORE_FIELD_NUMBER: _ClassVar[int]
     THUMB_UP_FIELD_NUMBER: _ClassVar[int]
+    SESSION_CREDIT_FIELD_NUMBER: _ClassVar[int]
     message_index: int
     reward: float
     raw_score: float
     thumb_up: float
-    def __init__(self, message_index: _Optional[int] = ..., reward: _Optional[float] = ..., raw_score: _Optional[float] = ..., thumb_up: _Optional[float] = ...) -> None: ...
+    session_credit: float
+    def __init__(self, message_index: _Optional[int] = ..., reward: _Optional[float] = ..., raw_score: _Optional[float] = ..., thumb_up: _Optional[float] = ..., session_credit: _Optional[float] = ...) -> None: ...
 
 class ScoreTurnsResponse(_message.Message):
     __slots__ = ("turns", "model_version", "format_hash", "session_value", "session_success")

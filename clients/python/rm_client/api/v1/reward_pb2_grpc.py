@@ -72,8 +72,9 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScoreTurns(self, request, context):
-        """One reward per assistant turn of a multi-turn conversation, and the session's value (the sum
-        of its turn rewards, what session outcomes train).
+        """One reward per assistant turn of a multi-turn conversation, and the session's value (what
+        session outcomes train: the sum of the session head's per-turn credits, or of the turn
+        rewards for a version without a separate session head).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
