@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install peers peers-verl browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers gpu-wheels
+.PHONY: install peers peers-verl browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -93,6 +93,10 @@ deploy-test: $(STAMP)
 bench-peers: $(STAMP)
 	bash bench/peers/setup.sh
 	$(PY) bench/peers.py
+
+bench-openrlhf: $(STAMP)
+	bash bench/peers/setup.sh
+	$(PY) bench/openrlhf_rewards.py
 
 # Wheels of what the offline GPU machine lacks (Python 3.12), into bench/wheels (< 64 MiB, carried): bench/gpu_check.sh.
 gpu-wheels: $(STAMP)

@@ -3,7 +3,7 @@
 The queue of bench/overload.py without the model: calls of `--items-per-call` HH items (token
 counts estimated as characters / 4, capped at `--max-tokens`) arrive as a Poisson process at
 1x, 2x and 4x the model's capacity; admission refuses a call when the queued tokens would pass
-rate x `target_wait_s`; whenever the model is free, `server.forming.pick_batch` forms the next
+rate x `max_queue_wait_s`; whenever the model is free, `server.forming.pick_batch` forms the next
 batch, which takes (padded tokens) / rate + a fixed overhead, as padded positions cost as much
 as real ones on a CPU. An item is due `fair` batch times after its first-come-first-served
 turn, as Batcher.fair_wait sets it. Prints, per bound: items/s, padded / real tokens and the

@@ -2,7 +2,7 @@
 
 1. the server runs as `rm-service serve` in its own process (scorer only, bench/score.py's
    helpers), with its default admission: the in-flight token limit is the model's measured
-   rate x `target_wait_s`;
+   rate x `max_queue_wait_s`;
 2. calibration: one call of 256 items gives the mean tokens of an item, then 64 callers for 5 s
    saturate the server; its capacity, in calls, is then its token limit (read from /metrics:
    the measured rate x target wait) over the tokens of one call;

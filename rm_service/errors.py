@@ -31,7 +31,12 @@ class AlreadyExists(RMError):
 
 
 class Overloaded(RMError):
-    """An admission limit (queue, in-flight items) is reached; retry later."""
+    """An admission limit (queue, in-flight items) is reached; retry after `retry_after_s`
+    seconds (gRPC's `grpc-retry-pushback-ms` trailer, HTTP's Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class DeadlineExceeded(RMError):

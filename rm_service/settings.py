@@ -124,11 +124,15 @@ class ServeSettings(HttpServeSettings):
         "= 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
         "bench/overload.py's queue; 6 and more kept it at 1.13-1.18 with the same longest wait).",
     )
-    target_wait_s: float = Field(
-        2.0,
+    max_queue_wait_s: float = Field(
+        30.0,
         gt=0,
-        description="Queueing delay admission aims for: unless max_queued_tokens is set, requests are refused while "
-        "the queued tokens reach the measured model rate (tokens/s) x this.",
+        description="Longest queue admission accepts: unless max_queued_tokens is set, a call is refused "
+        "(RESOURCE_EXHAUSTED, with a retry pushback) while the work queued ahead of it is this many seconds at the "
+        "measured model rate. "
+        "Below that every call queues whatever its size, so a trainer's own concurrency (OpenRLHF's 64-128 one-item "
+        "calls without a deadline, a PPO step's 512-item calls) waits its turn instead of being refused; a call "
+        "with a deadline is also refused when it could not finish before it.",
     )
     max_inflight_items: int = Field(
         0,
@@ -140,7 +144,7 @@ class ServeSettings(HttpServeSettings):
         0,
         ge=0,
         description="Tokens admitted and not yet scored at which requests are refused (RESOURCE_EXHAUSTED at once). "
-        "0 = the measured model rate x target_wait_s.",
+        "0 = the measured model rate x max_queue_wait_s.",
     )
     max_wait_ms: float = Field(
         0.0,
@@ -161,6 +165,14 @@ class ServeSettings(HttpServeSettings):
     )
     watch_interval_s: float = Field(1.0, gt=0, description="How often to look for a promotion.")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent.")
+    max_concurrent_rpcs: int = Field(
+        512,
+        ge=0,
+        description="gRPC calls held at once, queued ones included (grpc refuses more before Python runs). 0: any.",
+    )
+    max_concurrent_streams: int = Field(
+        128, ge=1, description="HTTP/2 streams per gRPC connection; a client with more in flight queues them itself."
+    )
     grace_seconds: float = Field(10.0, ge=0, description="On shutdown, how long in-flight calls may take to finish.")
     with_store: bool = Field(
         True, description="Open the preference store and serve PreferenceService from this process."

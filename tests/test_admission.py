@@ -68,12 +68,42 @@ def test_a_refused_call_is_resource_exhausted_and_never_tokenised(stalled_server
         with pytest.raises(grpc.RpcError) as err:
             stub.Score(_request(f"refused {i}", NILE), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens queued" in err.value.details()
+        pushback = dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]  # how long to wait, for gRPC retries
+        assert int(pushback) >= 1
     assert _code(lambda: stub.ScoreTurns(_conversation(2), timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     # a full queue is the first check, before the request is read: even a request it would reject as invalid is refused
     assert _code(lambda: stub.Score(reward_pb2.ScoreRequest(), timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # nor parsed: bytes that are no ScoreRequest (INVALID_ARGUMENT once read) are refused as well
+    with grpc.insecure_channel(srv.address) as channel:
+        raw = channel.unary_unary("/rm.v1.RewardService/Score")
+        assert _code(lambda: raw(b"\xff\xff\xff", timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert formats.calls == 1  # the admitted call's one item; admission decided the others before any tokenising
     stall.release()
     assert first.result(timeout=30).results
+
+
+def test_a_full_queue_refuses_http_before_the_json_is_parsed(stalled_server):
+    """HTTP and gRPC are adapters of one scoring core: /get_reward asks it for room before it
+    reads the body, so with the queue full even a body that is not JSON is 429, not 400."""
+    import httpx
+
+    srv, stub, stall, runtime = stalled_server(max_queued_tokens=1, http_port=0)
+    formats = Counted(runtime, "format")
+    first = stub.Score.future(_request("first"), timeout=30)
+    wait_until(lambda: stall.batches == [1])
+    url = f"http://127.0.0.1:{srv.server.http.port}"
+    for path in ("/get_reward", "/classify", "/pooling"):
+        r = httpx.post(url + path, content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+        error = r.json()["error"]  # vLLM's routes answer in vLLM's shape: {"error": {"message": ...}}
+        assert r.status_code == 429 and "tokens queued" in (error if path == "/get_reward" else error["message"]), (
+            path,
+            r.text,
+        )
+    assert formats.calls == 1
+    stall.release()
+    assert first.result(timeout=30).results
+    r = httpx.post(url + "/get_reward", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "body" in r.json()["error"]  # with room, the same body is read and refused as bad
 
 
 def test_a_call_that_cannot_make_its_deadline_is_refused_at_once(stalled_server):
@@ -202,3 +232,37 @@ def test_the_model_thread_runs_below_the_rpc_threads(stalled_server, model_nice)
     model = srv.server.batcher._thread
     base = _nice(srv.thread.native_id)  # the event loop's thread
     assert _nice(model.native_id) == min(19, base + model_nice)
+
+
+def test_rm_client_waits_the_pushback_and_throttles_its_retries(stalled_server):
+    """A refusal says how long to wait (grpc-retry-pushback-ms); rm_client's channels retry a refused
+    Score by themselves, and their retry throttling stops retrying while most calls are refused, so
+    a crowd of clients does not multiply an overload."""
+    import random
+
+    from rm_client import RewardClient, ServerUnavailable
+    from rm_client.retry import Attempts, RetryPolicy, pushback_s
+
+    srv, stub, stall, _ = stalled_server(max_queued_tokens=1)
+    first = stub.Score.future(_request("first"), timeout=30)
+    wait_until(lambda: stall.batches == [1])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Score(_request("refused"), timeout=30)
+    asked = pushback_s(err.value)
+    assert asked > 0
+    attempts = Attempts(RetryPolicy(max_retries=1, backoff_s=0.0), random.Random(0), lambda: 0, ["a"], "Score")
+    next(iter(attempts))
+    assert attempts.failed(err.value) >= asked  # the client's own retry waits at least what the server asked
+
+    core, arrived = srv.server.reward, []
+    check_room = core.check_room
+    core.check_room = lambda ticket: (arrived.append(1), check_room(ticket))  # every call the server sees
+    calls = 20
+    with RewardClient(srv.address, max_retries=0, timeout_s=30) as client:
+        for _ in range(calls):
+            with pytest.raises(ServerUnavailable):
+                client.score([[{"role": "user", "content": "Hi"}]], ["Hello"])
+    # retried by the channel (3 attempts at most), until the throttle's bucket of 10 is half spent
+    assert calls < len(arrived) <= calls + 5
+    stall.release()
+    assert first.result(timeout=30).results

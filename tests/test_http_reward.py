@@ -404,6 +404,7 @@ def test_while_the_model_loads_score_is_unavailable_and_health_not_serving(home,
         assert health.status_code == 503 and health.json() == {
             "status": "NOT_SERVING",
             "reason": "loading the reward model",
+            "models": {"default": None, "loaded": {}, "load_failures": {}},  # nothing loaded yet, nothing failed
         }
         early = httpx.post(url + "/get_reward", json={"query": [GOOD]}, timeout=60)
         assert early.status_code == 503 and early.headers["retry-after"] == "1"

@@ -89,6 +89,18 @@ def test_parity_on_a_padded_batch_of_mixed_lengths(exported):
     assert rewards.shape == (len(items), runtime.model.ensemble_size)
 
 
+def test_both_backends_serve_through_one_interface(exported):
+    """The batcher runs either backend through RewardBackend: same pad id, same batches, the same rewards."""
+    from rm_service.models.backend import RewardBackend
+    from rm_service.models.batching import collate
+
+    runtime, ort_model = exported
+    items = _mixed_length_items(runtime)
+    rows = [b.run_collated(collate(items, b.pad_id)) for b in (runtime, ort_model) if isinstance(b, RewardBackend)]
+    assert len(rows) == 2 and rows[0].shape == (len(items), runtime.model.ensemble_size)
+    assert np.abs(rows[0] - rows[1]).max() <= 1e-4 * max(1.0, float(np.abs(rows[0]).max()))
+
+
 def test_ort_scores_are_batch_invariant(exported):
     """An item scored alone equals the same item padded inside a batch of longer ones."""
     runtime, ort_model = exported

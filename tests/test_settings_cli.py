@@ -22,7 +22,7 @@ BATCHING = [
     "max_batch_tokens",
     "max_padding",
     "fair_wait_s",
-    "target_wait_s",
+    "max_queue_wait_s",
     "max_inflight_items",
     "max_queued_tokens",
     "max_wait_ms",

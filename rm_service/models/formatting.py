@@ -18,6 +18,15 @@ than it was trained with.
   special tokens (RoBERTa's `<s> a </s></s> b </s>`, DistilBERT without token types).
 - truncation keeps the end of the conversation: tokens are cut from the start. For
   encoders the prompt's start is cut first and the completion keeps at least 3/4 of the budget.
+
+Text the model cannot read is cut before it reaches the chat template and the tokeniser, so an
+item costs what its window costs whatever its length (a 16 MB prompt formats in milliseconds):
+the kept text is the end of the conversation (for encoders, the prompt's end and the
+completion's start) with CUT_MARGIN_TOKENS tokens to spare, and the ids are those of formatting
+the whole text and truncating. Messages wholly outside the window keep their role with no text,
+and are dropped in pairs (a leading system message stays), so templates that check the roles'
+order or the system turn see what they would have seen. When the kept text turns out to hold
+fewer tokens than the window needs (long tokens), it is widened and formatted again.
 """
 
 from __future__ import annotations
@@ -115,13 +124,40 @@ def spec_for(tokenizer, model_type: str, max_tokens: int, style: str = "rm_servi
 
 
 def format_item(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
-    """Token ids of one (prompt, completion) under `spec`."""
-    if spec.kind == "causal":
-        return _format_causal(tokenizer, spec, prompt, completion)
-    return _format_encoder(tokenizer, spec, prompt, completion)
+    """Token ids of one (prompt, completion) under `spec`, from the text the window can hold."""
+    chars = (spec.max_tokens + CUT_MARGIN_TOKENS) * CHARS_PER_TOKEN
+    while True:
+        item = _FORMATTERS[spec.kind if spec.style != "pair" else "pair"](tokenizer, spec, prompt, completion, chars)
+        if item is not None:
+            return item
+        chars *= 4  # the kept text held fewer tokens than the window: keep more
 
 
-def _format_causal(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
+CUT_MARGIN_TOKENS = (
+    128  # tokens kept beyond the window (template tokens included), so the window's ids do not depend on the cut
+)
+CHARS_PER_TOKEN = 4  # first guess of the characters one token spans (English BPE and WordPiece: 3-5)
+
+
+def keep_last_chars(prompt: list[Message], completion: str, chars: int) -> tuple[list[Message], str, bool]:
+    """(prompt, completion, cut): the conversation's last `chars` characters of text; messages
+    before them keep their role with no text, and are dropped in pairs after a leading system turn."""
+    if len(completion) + sum(len(m.content) for m in prompt) <= chars:
+        return prompt, completion, False
+    kept_completion = completion[-chars:]
+    left, kept = chars - len(kept_completion), []
+    for m in reversed(prompt):
+        text = m.content[max(0, len(m.content) - left) :] if left > 0 else ""
+        left -= len(text)
+        kept.append(m if len(text) == len(m.content) else Message(m.role, text))
+    kept.reverse()
+    head = 1 if kept and kept[0].role == "system" else 0
+    blank = next((i for i in range(head, len(kept)) if kept[i].content), len(kept)) - head
+    return kept[:head] + kept[head + blank - blank % 2 :], kept_completion, True
+
+
+def _format_causal(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str, chars: int) -> Formatted | None:
+    prompt, completion, cut = keep_last_chars(prompt, completion, chars)
     messages = [m.as_dict() for m in prompt] + [{"role": "assistant", "content": completion}]
     text = tokenizer.apply_chat_template(messages, chat_template=spec.chat_template, tokenize=False)
     if spec.style == "rm_service":
@@ -130,11 +166,13 @@ def _format_causal(tokenizer, spec: FormatSpec, prompt: list[Message], completio
     eos = tokenizer.eos_token_id
     if spec.eos_policy == "ensure_eos" and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
+    if cut and len(ids) < spec.max_tokens + CUT_MARGIN_TOKENS:
+        return None
     start = prompt_length(tokenizer, spec, prompt, ids)
     truncated = len(ids) > spec.max_tokens
     if truncated:
-        cut = len(ids) - spec.max_tokens
-        ids, start = ids[cut:], max(0, start - cut)  # keep the end of the conversation
+        drop = len(ids) - spec.max_tokens
+        ids, start = ids[drop:], max(0, start - drop)  # keep the end of the conversation
     return Formatted(ids, None, truncated, start)
 
 
@@ -154,11 +192,23 @@ def render_prompt_text(prompt: list[Message]) -> str:
     return "\n".join(f"{ENCODER_ROLE_NAMES[m.role]}: {m.content}" for m in prompt)
 
 
-def _format_encoder(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
-    if spec.style == "pair":
-        return _format_pair(tokenizer, spec, prompt, completion)
-    p = tokenizer(render_prompt_text(prompt), add_special_tokens=False, verbose=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"]
+def _cut(text: str, chars: int, keep: str) -> str:
+    """The first (keep="start") or last (keep="end") `chars` characters of `text`."""
+    return text if len(text) <= chars else text[:chars] if keep == "start" else text[-chars:]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _format_encoder(
+    tokenizer, spec: FormatSpec, prompt: list[Message], completion: str, chars: int
+) -> Formatted | None:
+    text = render_prompt_text(keep_last_chars(prompt, "", chars)[0])
+    p, c = _ids(tokenizer, _cut(text, chars, "end")), _ids(tokenizer, _cut(completion, chars, "start"))
+    window = spec.max_tokens + CUT_MARGIN_TOKENS
+    if (len(text) > chars and len(p) < window) or (len(completion) > chars and len(c) < window):
+        return None  # the prompt keeps its end and the completion its start: too few tokens kept
     budget = spec.max_tokens - 3  # [CLS] p [SEP] c [SEP]
     truncated = len(p) + len(c) > budget
     if truncated:
@@ -170,13 +220,32 @@ def _format_encoder(tokenizer, spec: FormatSpec, prompt: list[Message], completi
     return Formatted(ids, token_type_ids, truncated, len(p) + 2)
 
 
-def _format_pair(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str) -> Formatted:
+def _format_pair(tokenizer, spec: FormatSpec, prompt: list[Message], completion: str, chars: int) -> Formatted | None:
     """The tokenizer's own pair encoding of (prompt text, completion). When it is too long the
     prompt text loses its start (whole tokens, found through the offsets), then, if the
-    completion alone is over budget, the tokenizer cuts the longest side."""
+    completion alone is over budget, the tokenizer cuts the longest side (both keep their start;
+    the longer one, in tokens, keeps the odd middle token).
+
+    Cut before tokenising: the prompt text keeps its end, or its start when the completion alone
+    fills the window; then the completion (one message, within the text cap) is tokenised whole,
+    so which side is the longer one is known."""
     text = prompt[0].content if len(prompt) == 1 and prompt[0].role == "user" else render_prompt_text(prompt)
+    window = spec.max_tokens + CUT_MARGIN_TOKENS
+    alone = len(_ids(tokenizer, _cut(completion, chars, "start")))
+    fills = alone + 3 >= spec.max_tokens  # the completion alone fills the window: both sides keep their start
+    t_cut, c_cut = len(text) > chars, len(completion) > chars and not (fills and len(text) > chars)
+    if fills and t_cut and len(completion) > chars:
+        alone = len(_ids(tokenizer, completion))
+    text, completion = (
+        _cut(text, chars, "start" if fills else "end"),
+        _cut(completion, chars, "start") if c_cut else completion,
+    )
+    kept = len(_ids(tokenizer, text))
+    if (c_cut and alone < window) or (t_cut and kept < window):
+        return None
+    if fills and (t_cut and kept <= alone or c_cut and alone <= kept):
+        return None  # a side that was cut must be known to be the longer one
     enc = tokenizer(text, completion, add_special_tokens=True, verbose=False)
-    alone = len(tokenizer(completion, add_special_tokens=False, verbose=False)["input_ids"])
     truncated = len(enc["input_ids"]) > spec.max_tokens
     if truncated:
         head = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -195,3 +264,6 @@ def _format_pair(tokenizer, spec: FormatSpec, prompt: list[Message], completion:
             )
     ids, types = list(enc["input_ids"]), enc.get("token_type_ids")
     return Formatted(ids, list(types) if types is not None else None, truncated, max(0, len(ids) - alone - 1))
+
+
+_FORMATTERS = {"causal": _format_causal, "encoder": _format_encoder, "pair": _format_pair}

@@ -1,18 +1,23 @@
 """Admission control: decide at once, before any tokenising, whether a request may queue.
 
 A request takes a Permit for its items and its tokens, estimated from its characters (UTF-8
-bytes) and corrected once it is tokenised. It is refused with Overloaded (RESOURCE_EXHAUSTED)
-when:
+bytes) and corrected once it is tokenised. Calls queue whatever their size while the work
+ahead of them is short enough; a call is refused with Overloaded (RESOURCE_EXHAUSTED, with a
+retry pushback: the seconds until there is room at the measured rate) when:
 
 - its items would pass `max_inflight_items` (when set; 0 means no item cap);
 - the tokens already queued reach the token limit: `max_queued_tokens` when set, else the
-  model's measured rate (real tokens/s, see RateMeter) x `target_wait_s`. The queue may
-  overshoot by one request, so a request larger than the limit still runs when there is room;
+  model's measured rate (real tokens/s, see RateMeter) x `max_queue_wait_s` (30 s by default).
+  The limit bounds the work *ahead* of a call, not the call itself: a 512-item PPO call is
+  queued behind what is there, never refused for being bigger than what is free;
 - the expected wait, (tokens queued + its own) / measured rate, is longer than the time left
   before its deadline: it could only time out in the queue.
 
-The rate comes from the batches themselves (and the warm-up batch at start), so the limit
-follows the model, the backend and the hardware instead of being a constant.
+A trainer's own traffic at 1x never reaches the limit (OpenRLHF's 128 one-item calls in flight
+are ~20 s of work for SmolLM2-135M on 2 cores, its calls carry no deadline and it gives up after
+5 tries 1 s apart); the limit is for true overload, where it keeps the queue's wait bounded and
+the model fed. The rate comes from the batches themselves (and the warm-up batch at start), so
+the limit follows the model, the backend and the hardware instead of being a constant.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ TOKENS_PER_ITEM = 24  # special tokens and a default system prompt a template ma
 
 def estimate_tokens(texts: list[str], max_tokens: int) -> int:
     """Tokens one item (its messages' and completion's texts) will take, from its bytes alone."""
+    overhead = TOKENS_PER_ITEM + TOKENS_PER_MESSAGE * len(texts)
+    if overhead + sum(len(t) for t in texts) * TOKENS_PER_BYTE >= max_tokens:
+        return max_tokens  # a text has at least as many bytes as characters: no need to encode 16 MB to know
     nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    return min(max_tokens, TOKENS_PER_ITEM + TOKENS_PER_MESSAGE * len(texts) + math.ceil(nbytes * TOKENS_PER_BYTE))
+    return min(max_tokens, overhead + math.ceil(nbytes * TOKENS_PER_BYTE))
 
 
 class Dropped(DeadlineExceeded):
@@ -114,7 +122,7 @@ class Admission:
     """The in-flight counts and the admission rule; every permit comes from `admit`."""
 
     def __init__(self, settings: ServeSettings, meter: RateMeter, observer=None):
-        self.target_wait = settings.target_wait_s
+        self.max_wait = settings.max_queue_wait_s
         self.max_items = settings.max_inflight_items  # 0: no item cap
         self.max_tokens = settings.max_queued_tokens  # 0: derived from the rate
         self.meter = meter
@@ -127,7 +135,7 @@ class Admission:
         if self.max_tokens:
             return self.max_tokens
         rate = self.meter.tokens_per_s()
-        return None if rate is None else max(1, int(rate * self.target_wait))
+        return None if rate is None else max(1, int(rate * self.max_wait))
 
     def expected_wait(self, extra_tokens: int = 0) -> float | None:
         """Seconds until `extra_tokens` more would be scored, at the measured rate."""
@@ -145,6 +153,7 @@ class Admission:
                 "expected_wait",
                 f"the expected wait, {wait:.2f} s, is longer than the {max(left, 0):.2f} s "
                 "left before the call's deadline",
+                wait - left,
             )
         ahead = self.expected_wait() or 0.0
         self.inflight_items += items
@@ -153,14 +162,23 @@ class Admission:
 
     def refuse_when_full(self, items: int = 1) -> None:
         """Overloaded at once when the queue has no room for `items` more, whatever their tokens.
-        Handlers call it before they read a request, so in a burst a refusal costs the RPC alone
-        (bench/overload.py, 2 cores, 52 callers at 4x: rejection p99 54-60 ms -> 39 ms)."""
+        The transports call it before they read a request (gRPC: server.gate.RoomGate, before the
+        request is received or parsed), so in a burst a refusal costs the RPC alone."""
         if self.max_items and self.inflight_items + items > self.max_items:
-            self._refuse("inflight_items", f"{self.inflight_items} items in flight; the limit is {self.max_items}")
+            self._refuse(
+                "inflight_items",
+                f"{self.inflight_items} items in flight; the limit is {self.max_items}",
+                self.meter.batch_seconds() or 1.0,
+            )
         limit = self.token_limit()
         if limit is not None and self.queued_tokens >= limit:
-            derived = "" if self.max_tokens else f" ({self.target_wait:g} s of work at the measured rate)"
-            self._refuse("queued_tokens", f"{self.queued_tokens} tokens queued; the limit is {limit}{derived}")
+            derived = "" if self.max_tokens else f" ({self.max_wait:g} s of work at the measured rate)"
+            rate = self.meter.tokens_per_s()
+            self._refuse(
+                "queued_tokens",
+                f"{self.queued_tokens} tokens queued; the limit is {limit}{derived}",
+                (self.queued_tokens - limit + 1) / rate if rate else 1.0,
+            )
 
     def correct(self, permit: Permit, tokens: int) -> None:
         """Replace the permit's estimate by the tokens it really holds, once tokenised."""
@@ -182,7 +200,10 @@ class Admission:
             self.queued_tokens -= permit.tokens
             permit.tokens = 0
 
-    def _refuse(self, reason: str, why: str) -> None:
+    def _refuse(self, reason: str, why: str, retry_after: float) -> None:
+        """Overloaded, asking the caller to wait `retry_after` seconds (at least a batch, at most 30 s)."""
         if self.observer is not None:
             self.observer.rejected(reason)
-        raise Overloaded(f"{why}. Retry with backoff")
+        batch = self.meter.batch_seconds() or 0.05
+        retry_after = min(30.0, max(batch, retry_after))
+        raise Overloaded(f"{why}. Retry after {retry_after:.2f} s", retry_after)

@@ -44,12 +44,14 @@ from rm_service.api.v1 import (
 from rm_service.errors import FailedPrecondition
 from rm_service.server.auth import AuthInterceptor, Tokens, check_address_free, check_bind, server_credentials
 from rm_service.server.batcher import Batcher
+from rm_service.server.gate import RoomGate
 from rm_service.server.handlers import DecodeGuard
 from rm_service.server.http import HttpContext, HttpServer, create_app
 from rm_service.server.metrics import Metrics
 from rm_service.server.models import ServedModels, load_for_serving, load_pinned, resolve_for_serving
 from rm_service.server.preference import PreferenceService
 from rm_service.server.reward import RewardService
+from rm_service.server.scoring import ScoringCore
 from rm_service.server.swap import ModelsCollector, follow_registry
 from rm_service.server.training import JobRunner, TrainingService
 from rm_service.server.user import UserService
@@ -104,7 +106,7 @@ class RewardServer:
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.batcher: Batcher | None = None
-        self.reward: RewardService | None = None
+        self.reward: ScoringCore | None = None  # the scoring core that gRPC and HTTP adapt
         self.http: HttpServer | None = None
         self._follower: asyncio.Task | None = None
         self.services: list[str] = []  # the gRPC services this process serves, as health reports them
@@ -123,17 +125,29 @@ class RewardServer:
             else "not serving (starting or draining)"
         )
 
+    def _check_room(self) -> None:
+        """The gate's question, once the scoring core exists: raises Overloaded when the queue is full."""
+        if self.reward is not None:
+            self.reward.check_room(None)
+
     async def start(self) -> int:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""
         options = [
             ("grpc.max_receive_message_length", self.settings.max_message_bytes),
             ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
         torch.set_num_threads(self.settings.torch_threads or os.cpu_count() or 1)
         interceptors = (
-            [self.metrics.interceptor()] + ([AuthInterceptor(self.tokens)] if self.tokens else []) + [DecodeGuard()]
+            [self.metrics.interceptor()]
+            + ([AuthInterceptor(self.tokens)] if self.tokens else [])
+            + [RoomGate(self._check_room), DecodeGuard()]
         )
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.server = grpc.aio.server(
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs or None,
+        )
         if not self.settings.with_store and not self.settings.with_model:
             raise FailedPrecondition("nothing to serve: both the store and the model are disabled")
         if self.settings.with_store:
@@ -146,11 +160,11 @@ class RewardServer:
             self.batcher = Batcher(st, observer=self.metrics)
             self.metrics.watch_batcher(self.batcher)
             self.batcher.start()
-            self.reward = RewardService(self.served, self.batcher, st, self.store, max_chars, observer=self.metrics)
-            reward_pb2_grpc.add_RewardServiceServicer_to_server(self.reward, self.server)
+            self.reward = ScoringCore(self.served, self.batcher, st, max_chars, observer=self.metrics)
+            reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardService(self.reward, self.store), self.server)
             names.append(REWARD_SERVICE)
             if st.user_model:
-                self.user = UserService(self.served_users, self.batcher, self.user_settings, max_chars)
+                self.user = UserService(self.served_users, self.reward, self.user_settings, max_chars)
                 user_pb2_grpc.add_UserServiceServicer_to_server(self.user, self.server)
                 names.append(USER_SERVICE)
         elif self.settings.user_model:

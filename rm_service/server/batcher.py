@@ -42,6 +42,7 @@ from functools import partial
 
 import numpy as np
 
+from rm_service.models.backend import RewardBackend
 from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
 from rm_service.server.admission import Admission, Dropped, Permit, RateMeter, Ticket
@@ -73,7 +74,7 @@ class Job:
 class _Waiting:
     """One version's waiting jobs and the backend they run on."""
 
-    backend: object
+    backend: RewardBackend
     jobs: list[Job] = field(default_factory=list)
 
 
@@ -152,7 +153,7 @@ class Batcher:
         """A permit (a context manager: leaving it gives everything back), or Overloaded at once."""
         return self.admission.admit(items, tokens, ticket, self._release)
 
-    async def score(self, permit: Permit, version: str, backend, items: list[Formatted]) -> np.ndarray:
+    async def score(self, permit: Permit, version: str, backend: RewardBackend, items: list[Formatted]) -> np.ndarray:
         """Member rewards [N, K] of the permit's tokenised items, in order; raises Dropped."""
         self.admission.correct(permit, sum(len(x) for x in items))
         loop = asyncio.get_running_loop()
@@ -180,7 +181,7 @@ class Batcher:
             raise Dropped("the call's deadline passed or it was cancelled before its turn on the model")
         return out
 
-    async def warm_up(self, backend, items: list[Formatted]) -> None:
+    async def warm_up(self, backend: RewardBackend, items: list[Formatted]) -> None:
         """Prime the backend with one item, then run `items` as one batch and measure it: the
         rate admission starts from."""
         for rows, measured in ((items[:1], False), (items, True)):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
+
+BIG_MESSAGE_BYTES = 1 << 20  # requests past this are parsed on a worker thread, not on the event loop
 
 
 def behaviour(handler: grpc.RpcMethodHandler):
@@ -30,6 +34,16 @@ class _Undecodable:
         self.error = error
 
 
+class _Unparsed:
+    """A big request's bytes, parsed later off the event loop (a 16 MB message: ~5-15 ms of parsing)."""
+
+    def __init__(self, parse, data: bytes):
+        self.parse, self.data = parse, data
+
+    async def parsed(self):
+        return await asyncio.to_thread(self.parse, self.data)
+
+
 def _safe_deserializer(deserialize):
     def parse(data: bytes):
         try:
@@ -37,12 +51,17 @@ def _safe_deserializer(deserialize):
         except Exception as exc:  # noqa: BLE001 - DecodeError and friends
             return _Undecodable(str(exc))
 
-    return parse
+    def parse_or_defer(data: bytes):
+        return _Unparsed(parse, data) if len(data) > BIG_MESSAGE_BYTES else parse(data)
+
+    return parse_or_defer
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
     """Undecodable request bytes get INVALID_ARGUMENT naming the request instead of grpc's
-    UNKNOWN (grpc.aio answers UNKNOWN when the deserializer raises)."""
+    UNKNOWN (grpc.aio answers UNKNOWN when the deserializer raises). Requests over
+    BIG_MESSAGE_BYTES are parsed on a worker thread: grpc.aio runs deserializers on the event
+    loop, where a 16 MB parse would hold up every other caller."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -54,6 +73,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
 
             async def guarded_stream(request, context):
+                if isinstance(request, _Unparsed):
+                    request = await request.parsed()
                 if isinstance(request, _Undecodable):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}"
@@ -65,6 +86,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         else:
 
             async def guarded_unary(request, context):
+                if isinstance(request, _Unparsed):
+                    request = await request.parsed()
                 if isinstance(request, _Undecodable):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}: {request.error}"

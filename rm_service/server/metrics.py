@@ -31,7 +31,7 @@ RPC-counting interceptor and the /metrics HTTP endpoint.
 | rm_http_requests_total | counter | route, status: finished requests to the HTTP reward routes and /health |
 | rm_http_request_seconds | histogram | route |
 
-The reward figures come from `observe_scores`, which RewardService.score calls for every item
+The reward figures come from `observe_scores`, which the scoring core (server.scoring) calls for every item
 it answers (gRPC Score and the HTTP routes; not ScoreTurns, whose per-turn rewards are not a
 policy's final reward). Drift and reference gauges exist for registry versions only (an
 external checkpoint has no reference statistics); the window is kept for the last

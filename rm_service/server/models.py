@@ -25,6 +25,7 @@ import torch
 
 from rm_service import registry
 from rm_service.errors import FailedPrecondition, NotFound, Unavailable
+from rm_service.models.backend import RewardBackend
 from rm_service.models.memory import held_bytes
 from rm_service.models.precision import describe
 from rm_service.models.resolver import BUNDLED
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 class Served:
     runtime: ModelRuntime  # or, in a user model's ServedModels, a usermodel.runtime.UserRuntime
     record: ModelRecord
-    backend: object  # what runs batches: the torch runtime or an ONNX Runtime session
+    backend: RewardBackend  # what runs batches: the torch runtime or an ONNX Runtime session
     # A version trained on thumbs/outcomes: thumb_offset, outcome_offset (train.feedback).
     feedback: dict = field(default_factory=dict)
     weight_bytes: int = 0  # measured once loaded: the distinct storages of its weights (models.memory)
@@ -302,7 +303,7 @@ def free_memory() -> None:
 
 def make_backend(
     runtime: ModelRuntime, settings: ServeSettings, directory: Path | None = None, meta: VersionMeta | None = None
-):
+) -> RewardBackend:
     """What runs batches (pad_id, run_collated): the torch runtime in its precision, or ONNX
     Runtime when the precision is fp32 on a CPU and the version was exported (and the backend
     setting allows it). An ONNX model must reproduce the version's golden scores before it serves."""

@@ -8,9 +8,17 @@ import logging
 
 import grpc
 
-from rm_service.errors import RMError, status_code
+from rm_service.errors import Overloaded, RMError, status_code
 
 log = logging.getLogger(__name__)
+
+
+def pushback(exc: RMError) -> tuple[tuple[str, str], ...]:
+    """The trailers of an error: `grpc-retry-pushback-ms` on a refusal, so a channel with a retry
+    policy (rm_client's service config) waits as long as the server asks before it tries again."""
+    if isinstance(exc, Overloaded):
+        return (("grpc-retry-pushback-ms", str(max(1, round(exc.retry_after_s * 1000)))),)
+    return ()
 
 
 def rpc(method):
@@ -22,7 +30,7 @@ def rpc(method):
         try:
             return await method(self, request, context)
         except RMError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), str(exc), trailing_metadata=pushback(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:

@@ -1,10 +1,11 @@
 """UserService.SimulateUser: the next user turn of each conversation, or its end, sampled by the
 served user model; the one sampling path of gRPC and of the HTTP route (server.http.user_routes).
 
-A call is admitted like Score (server.admission: its conversations count as items, its tokens
-as the characters' estimate plus max_new_tokens per conversation; refused at once with
-RESOURCE_EXHAUSTED when the queue is full or its deadline is too near) and runs on the model
-thread between Score batches, as one unit: its conversations are one generation batch (or
+A call is admitted by the scoring core's admission, Score's (server.scoring, server.admission:
+refused before its request is read when the queue is full, server.gate; its conversations count
+as items, its tokens as the characters' estimate plus max_new_tokens per conversation; refused
+at once with RESOURCE_EXHAUSTED when its deadline is too near) and runs on the model thread
+between Score batches, as one unit: its conversations are one generation batch (or
 several, by `generate_batch_tokens`), never mixed with another call's, so the same request and
 seed sample the same turns. Callers batch by sending many conversations in one call (the
 clients' ConversationEnv gathers concurrent sessions into one). A call whose caller leaves or
@@ -25,11 +26,11 @@ from rm_service.api.v1 import user_pb2, user_pb2_grpc
 from rm_service.conversation import Message, validate_finite, validate_turns
 from rm_service.errors import InvalidArgument
 from rm_service.server.admission import Ticket, estimate_tokens
-from rm_service.server.batcher import Batcher
 from rm_service.server.convert import messages
 from rm_service.server.models import Served, ServedModels
 from rm_service.server.reward import ticket
 from rm_service.server.rpc import rpc
+from rm_service.server.scoring import ScoringCore
 from rm_service.usermodel.generate import Sampling, Turn, simulate
 from rm_service.usermodel.settings import UserModelSettings
 
@@ -46,8 +47,8 @@ class Simulated:
 
 
 class UserService(user_pb2_grpc.UserServiceServicer):
-    def __init__(self, served: ServedModels, batcher: Batcher, settings: UserModelSettings, max_chars: int):
-        self.served, self.batcher, self.settings, self.max_chars = served, batcher, settings, max_chars
+    def __init__(self, served: ServedModels, core: ScoringCore, settings: UserModelSettings, max_chars: int):
+        self.served, self.core, self.settings, self.max_chars = served, core, settings, max_chars
 
     def sampling(
         self, temperature: float | None, top_p: float | None, max_new_tokens: int, seed: int | None
@@ -89,13 +90,13 @@ class UserService(user_pb2_grpc.UserServiceServicer):
         return convs
 
     async def simulate(self, convs: list[list[Message]], sampling: Sampling, version: str, claim: Ticket) -> Simulated:
-        """Admission, then the model thread: the one sampling path of gRPC and HTTP."""
+        """The scoring core's admission, then the model thread: the one sampling path of gRPC and HTTP."""
         served = self.served.get(version)
         max_tokens = served.runtime.spec.max_tokens
         tokens = sum(estimate_tokens([m.content for m in c], max_tokens) for c in convs)
         tokens += len(convs) * sampling.max_new_tokens
-        with self.batcher.admit(len(convs), tokens, claim) as permit:
-            turns = await self.batcher.run_solo(
+        with self.core.admit(len(convs), tokens, claim) as permit:
+            turns = await self.core.batcher.run_solo(
                 permit,
                 tokens,
                 simulate,
@@ -110,7 +111,7 @@ class UserService(user_pb2_grpc.UserServiceServicer):
 
     @rpc
     async def SimulateUser(self, request: user_pb2.SimulateUserRequest, context: grpc.aio.ServicerContext):
-        self.batcher.admission.refuse_when_full()
+        # a full queue was refused before the request was read (server.gate.RoomGate)
         convs = self.conversations([messages(c.messages) for c in request.conversations])
         sampling = self.sampling(
             request.temperature if request.HasField("temperature") else None,

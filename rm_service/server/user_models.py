@@ -69,7 +69,9 @@ def load_user_model(name: str, settings: ServeSettings, store: Store | None, mod
         rec.kind = "user"
     warm = [[Message("user", "Hello, can you help me?"), Message("assistant", "Of course. What do you need?")]]
     simulate(runtime, warm, Sampling(max_new_tokens=4))
-    return Served(cast(Any, runtime), rec, runtime)  # Served is typed for reward runtimes; the user's is its own
+    return Served(
+        cast(Any, runtime), rec, cast(Any, runtime)
+    )  # Served is typed for reward runtimes; the user's is its own
 
 
 def _record(meta: UserVersionMeta, directory: Path) -> ModelRecord:

@@ -11,15 +11,39 @@
   an interceptor, since gRPC refuses call credentials on insecure channels.
 - `max_message_bytes`: the send and receive limits (gRPC's default receive limit is 4 MiB,
   which a batch of long conversations passes).
+- `service_config`: gRPC's service config, by default SERVICE_CONFIG: Score and ScoreTurns
+  refused with RESOURCE_EXHAUSTED or UNAVAILABLE are retried by the channel itself, after the
+  server's `grpc-retry-pushback-ms` when it sends one (rm-service does on every refusal), and
+  retry throttling stops those retries while most calls to the server fail, so clients never
+  multiply an overload. `None` turns it off.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
+
+# gRPC retry design (A6): up to 3 attempts; each failure takes a token from a bucket of 10 and
+# each answer gives back 0.1, and retries stop while fewer than 5 tokens are left.
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{"service": "rm.v1.RewardService", "method": m} for m in ("Score", "ScoreTurns")],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+            },
+        }
+    ],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+}
 
 
 def open_channel(
@@ -33,6 +57,7 @@ def open_channel(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     options: Sequence[tuple[str, object]] = (),
     aio: bool = False,
+    service_config: dict | None = SERVICE_CONFIG,
 ):
     """A channel to `address` (host:port, or any gRPC target); a grpc.aio channel when `aio`."""
     if (tls_cert is None) != (tls_key is None):
@@ -46,6 +71,8 @@ def open_channel(
         ("grpc.max_receive_message_length", max_message_bytes),
         *options,
     ]
+    if service_config is not None:
+        opts += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(service_config))]
     if tls_name:
         opts.append(("grpc.ssl_target_name_override", tls_name))
     grpc_ = grpc.aio if aio else grpc

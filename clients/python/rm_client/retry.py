@@ -5,6 +5,8 @@
   backoff and full jitter, each retry on the next address (round-robin).
 - NOT_FOUND for a pinned version is retried the same way: a replica may not have loaded a
   just-promoted version yet.
+- A refusal's `grpc-retry-pushback-ms` trailer is a floor on the wait: the server says when it
+  will have room (the channel's own retries, rm_client.channel.SERVICE_CONFIG, come first).
 - Anything else, or the budget used up, raises the typed error of its code (rm_client.errors).
   DEADLINE_EXCEEDED is not retried: each call's deadline is the caller's bound.
 """
@@ -38,6 +40,21 @@ class RetryPolicy:
 def backoff_delays(first: float, cap: float, retries: int, rng: random.Random) -> list[float]:
     """Exponential backoff with full jitter: retry k waits uniform(0.5, 1) * min(cap, first * 2^k)."""
     return [min(cap, first * 2**k) * rng.uniform(0.5, 1.0) for k in range(retries)]
+
+
+def pushback_s(err: grpc.RpcError) -> float:
+    """The seconds the server asked the caller to wait (`grpc-retry-pushback-ms`), else 0."""
+    try:
+        trailers = err.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an error raised before the call had trailers
+        return 0.0
+    for key, value in trailers:
+        if key == "grpc-retry-pushback-ms":
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 class Attempts:
@@ -74,7 +91,7 @@ class Attempts:
         missing_version = code == grpc.StatusCode.NOT_FOUND and bool(self.version)
         where = f"{self.what} on {self.addresses[self.index]}"
         if (code in RETRYABLE or missing_version) and self.attempt < self.policy.max_retries:
-            delay = self.delays[self.attempt]
+            delay = max(self.delays[self.attempt], pushback_s(err))
             log.warning(
                 "%s: %s (%s); retry %d/%d in %.2fs",
                 where,

@@ -42,8 +42,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rm_service.errors import Cancelled, Overloaded, RMError, Unauthenticated, Unavailable, http_status
+from rm_service.server.admission import Ticket
 from rm_service.server.auth import ADMIN, Tokens, authorize, http_token, identity
 from rm_service.server.http.guard import Guard, allowed_hosts
+from rm_service.server.scoring import ScoringCore
+from rm_service.server.user import UserService
 from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 ANONYMOUS = "anonymous"
+HTTP_TICKET = Ticket(None)  # an HTTP call's claim on the queue: no deadline; a disconnect cancels it (until_disconnect)
 
 
 @dataclass
@@ -62,13 +66,11 @@ class HttpContext:
     writer: GroupCommitWriter | None
     tokens: Tokens
     settings: ServeSettings
-    reward: object | None = (
-        None  # server.reward.RewardService when this process serves a model: the reward routes, suggestions
-    )
+    reward: ScoringCore | None = None  # the scoring core when this process serves a model: the reward routes
     metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
     models: Callable[[], dict] = dict  # the served versions, their weight bytes and failed loads (ServedModels.health)
-    user: object | None = None  # server.user.UserService when this process serves a user model: POST /simulate_user
+    user: UserService | None = None  # when this process serves a user model: POST /simulate_user
 
 
 @dataclass(frozen=True)

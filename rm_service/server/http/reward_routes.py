@@ -9,9 +9,10 @@
     POST /pooling, /v1/pooling     vLLM's pooling API: the same inputs -> {"data": [{"index", "data": [r]}], ...}
     GET /v1/models, /version       vLLM's model list and version (GET /ping, vLLM's health, is app.health)
 
-Every route scores through RewardService.score, the path of gRPC Score: the same admission
-control (429 with Retry-After when overloaded), batcher, model version and formatting contract,
-so a conversation gets the same reward over HTTP as over gRPC. Text inputs (`query`, `input`)
+Every route is an adapter of the scoring core (server.scoring), as gRPC Score is: the same
+admission control, asked before the body is read (429 with Retry-After when overloaded), batcher,
+model version and formatting contract, so a conversation gets the same reward over HTTP as over
+gRPC. Text inputs (`query`, `input`)
 are rendered conversations (ChatML, Llama 3, Gemma, Mistral) parsed back into messages
 (server.http.rendered documents the contract); a vLLM `input` may also be token ids of the
 reward model's tokenizer, decoded first; `messages` is one conversation, the last message the
@@ -45,11 +46,10 @@ from starlette.routing import Route
 from rm_service import __version__
 from rm_service.conversation import Message, validate_messages, validate_text
 from rm_service.errors import InvalidArgument
-from rm_service.server.admission import Ticket
-from rm_service.server.http.app import HttpContext, caller, context, counted, until_disconnect
+from rm_service.server.http.app import HTTP_TICKET, HttpContext, caller, context, counted, until_disconnect
 from rm_service.server.http.guard import read_json
 from rm_service.server.http.rendered import parse_rendered
-from rm_service.server.reward import sigmoid
+from rm_service.server.scoring import sigmoid
 
 SCORER = "scorer"
 ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # vLLM's flag, then its deprecated names
@@ -94,6 +94,7 @@ async def server_version(request: Request) -> JSONResponse:
 async def get_reward(request: Request) -> JSONResponse:
     caller(request, SCORER)
     ctx = context(request)
+    ctx.reward.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
     body = await read_json(request, ctx.settings.max_message_bytes)
     queries = _texts(body.get("query"), "query", ctx)
     for name in ("prompts", "labels"):  # OpenRLHF sends both; only their shape is checked
@@ -184,6 +185,7 @@ async def _vllm_request(request: Request):
     """(context, body, (prompt, completion) pairs, version) of a vLLM-shaped request."""
     caller(request, SCORER)
     ctx = context(request)
+    ctx.reward.check_room(HTTP_TICKET)  # before the body is read
     body = await read_json(request, ctx.settings.max_message_bytes)
     version = _version(ctx, body.get("model"))
     given = [k for k in ("input", "messages") if body.get(k) is not None]
@@ -320,9 +322,9 @@ def _activation(body: dict, default: bool) -> bool:
 
 
 async def _score(request: Request, ctx: HttpContext, pairs, version: str):
-    """RewardService.score, cancelled when the caller disconnects: its permit is released and its
+    """The core's score, cancelled when the caller disconnects: its permit is released and its
     queued items are dropped before they reach the model, as for a cancelled gRPC call."""
-    scored = await until_disconnect(request, ctx.reward.score(pairs, version, Ticket(None)))
+    scored = await until_disconnect(request, ctx.reward.score(pairs, version, HTTP_TICKET))
     return scored, scored.reward
 
 

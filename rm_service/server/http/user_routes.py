@@ -6,7 +6,8 @@
                      "complete": bool, "truncated": bool}, ...], "model_version": "u3", "seed": 7}
 
 The same path as gRPC's SimulateUser (server.user.UserService.simulate): the same validation
-(400 naming the field), admission (429 with Retry-After when overloaded), model thread, version
+(400 naming the field), the scoring core's admission (429 with Retry-After when overloaded, asked
+before the body is read), model thread, version
 pinning and seed. Every field but `conversations` may be left out (temperature 1, top-p 1, the
 server's max_new_tokens, a fresh seed, the served user model). A `content` is a string or a
 list of text parts. A caller that disconnects has its call dropped before, or stopped during,
@@ -22,8 +23,7 @@ from starlette.routing import Route
 from rm_client.messages import role_and_text
 from rm_service.conversation import Message
 from rm_service.errors import InvalidArgument
-from rm_service.server.admission import Ticket
-from rm_service.server.http.app import caller, context, counted, finite, until_disconnect
+from rm_service.server.http.app import HTTP_TICKET, caller, context, counted, finite, until_disconnect
 from rm_service.server.http.guard import read_json
 
 SCORER = "scorer"
@@ -37,7 +37,7 @@ async def simulate_user(request: Request) -> JSONResponse:
     caller(request, SCORER)
     ctx = context(request)
     user = ctx.user
-    user.batcher.admission.refuse_when_full()
+    user.core.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
     body = await read_json(request, ctx.settings.max_message_bytes)
     convs = user.conversations(_conversations(body.get("conversations")))
     sampling = user.sampling(
@@ -46,7 +46,7 @@ async def simulate_user(request: Request) -> JSONResponse:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidArgument("model", f"must be a string (a loaded user-model version), got {type(model).__name__}")
-    done = await until_disconnect(request, user.simulate(convs, sampling, model or "", Ticket(None)))
+    done = await until_disconnect(request, user.simulate(convs, sampling, model or "", HTTP_TICKET))
     return JSONResponse(
         {
             "results": [
