@@ -182,16 +182,30 @@ def claim(text: str, m: tuple[float, float, float], n: int) -> str:
     return f"- **Not supported**: {text}; the paired difference {fmt(m)} over {n} seeds includes zero."
 
 
+def paired_only(results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the runs of seeds every arm has finished, the others): only the first are compared."""
+    arms = {r["arm"] for r in results}
+    complete = {s for s in {r["seed"] for r in results} if {r["arm"] for r in results if r["seed"] == s} == arms}
+    return [r for r in results if r["seed"] in complete], [r for r in results if r["seed"] not in complete]
+
+
 def table(results: list[dict], hardware: str, args, wall: float) -> str:
+    results, unpaired = paired_only(results)
     arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
     seeds = sorted({r["seed"] for r in results})
+    extra = "".join(
+        f" Not compared (its seed is not finished in every arm): {r['arm']} seed {r['seed']}, final gold "
+        f"{final(r):+.3f}."
+        for r in unpaired
+    )
     lines = [
         f"Hardware: {hardware}. Seeds {', '.join(map(str, seeds))} in every arm (paired); {args.steps} PPO steps; "
         f"every {args.submit_every} step(s) {args.submit_fraction:.0%} of the prompts go to labeling, chosen "
         f"at random or by the proxy's doubt; label budget {args.label_budget} per outer-loop arm; a retrain at "
         f"{args.retrain_min_labels} new labels (more when the promotion rule asks for them), decided by the promotion "
         f"rule. Mean over seeds [95% t-interval]. Wall time {wall / 60:.0f} min: the (arm, seed) runs together, "
-        f"{wall / 60 / max(len(results), 1):.1f} min each (the shared gold and proxy build not included).",
+        f"{wall / 60 / max(len(results) + len(unpaired), 1):.1f} min each (the shared gold and proxy build not "
+        f"included).{extra}",
         "",
         "**Final reward on the held-out prompts**",
         "",
@@ -245,6 +259,7 @@ def plot(results: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results, _ = paired_only(results)
     arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
     fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.8), sharey=True, squeeze=False)
     for ax, arm in zip(axes[0], arms, strict=True):
