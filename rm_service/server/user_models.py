@@ -65,8 +65,20 @@ def load_user_model(name: str, settings: ServeSettings, store: Store | None, mod
         rec = _record(meta, target)
     else:
         runtime = load_user_runtime(target, 512, settings.device, settings.precision, models)
-        rec = ModelRecord(Path(target).name, None, None, target, runtime.spec.hash, "external", {}, 0.0, 1.0, 1, target)
-        rec.kind = "user"
+        rec = ModelRecord(
+            version=Path(target).name,
+            parent=None,
+            snapshot_id=None,
+            backbone=target,
+            format_hash=runtime.spec.hash,
+            status="external",
+            metrics={},
+            reward_mean=0.0,
+            reward_std=1.0,
+            ensemble_size=1,
+            artifact_path=target,
+            kind="user",
+        )
     warm = [[Message("user", "Hello, can you help me?"), Message("assistant", "Of course. What do you need?")]]
     simulate(runtime, warm, Sampling(max_new_tokens=4))
     return Served(
@@ -75,21 +87,20 @@ def load_user_model(name: str, settings: ServeSettings, store: Store | None, mod
 
 
 def _record(meta: UserVersionMeta, directory: Path) -> ModelRecord:
-    rec = ModelRecord(
-        meta.version,
-        meta.parent,
-        meta.snapshot_id,
-        meta.base_backbone,
-        meta.format_hash,
-        "promoted",
-        meta.metrics,
-        0.0,
-        1.0,
-        1,
-        str(directory),
+    return ModelRecord(
+        version=meta.version,
+        parent=meta.parent,
+        snapshot_id=meta.snapshot_id,
+        backbone=meta.base_backbone,
+        format_hash=meta.format_hash,
+        status="promoted",
+        metrics=meta.metrics,
+        reward_mean=0.0,  # a user model serves no rewards: the identity normalisation
+        reward_std=1.0,
+        ensemble_size=1,
+        artifact_path=str(directory),
+        kind="user",
     )
-    rec.kind = "user"
-    return rec
 
 
 async def follow_user_registry(served: ServedModels, settings: ServeSettings, models: ModelSettings) -> None:
