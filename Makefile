@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install peers peers-verl browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
+.PHONY: install peers peers-verl peers-vllm browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ peers:
 	rm -rf $(PEERS)/verl
 	$(PIP) install --quiet --no-deps --target $(PEERS)/verl verl==0.7.1
 	$(PIP) install --quiet --target $(PEERS)/verl omegaconf==2.3.0
+	$(MAKE) peers-vllm
+
+# vLLM 0.33.0's own protocol models (pydantic: ClassificationRequest/Response, PoolingRequest/Response, ModelList,
+# ErrorResponse) for tests/test_peers_vllm.py. Its wheel is 336 MB, 790 of its 837 MB unpacked are compiled kernels
+# the tests never load: pip downloads the released wheel (--no-deps), tools/wheel_sources.py unpacks only its Python
+# code and metadata, and pip adds the light packages that `vllm.entrypoints.pooling.*.protocol` imports (torch and
+# transformers are the venv's): 129 MB in all. The test imports vLLM's real modules from there, in a subprocess.
+VLLM_LIGHT_DEPS := fastapi==0.136.3 msgspec==0.23.0 cbor2==6.3.0 pyzmq==27.3.0 openai==3.63.0 openai-harmony==0.0.8 \
+  cloudpickle==3.1.3 pybase64==1.5.1 cachetools==8.0.3 uvloop==0.23.0 py-cpuinfo==9.0.0 aiohttp==3.14.5 \
+  multidict==7.2.1 yarl==1.25.1 propcache==0.5.4 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0
+peers-vllm:
+	rm -rf $(PEERS)/vllm $(PEERS)/.vllm-wheel
+	$(PIP) download --quiet --no-deps --dest $(PEERS)/.vllm-wheel vllm==0.33.0
+	$(PY) tools/wheel_sources.py $(PEERS)/.vllm-wheel/vllm-0.33.0-*.whl $(PEERS)/vllm
+	rm -rf $(PEERS)/.vllm-wheel
+	$(PIP) install --quiet --no-deps --target $(PEERS)/vllm $(VLLM_LIGHT_DEPS)
 
 # verl 0.9.1's loader and reward loop for tests/test_peers_verl.py: not in `install`, since
 # verl.protocol imports ray (240 MB of the folder's 283 MB); the test skips without it.
