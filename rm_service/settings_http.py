@@ -61,11 +61,13 @@ class HttpServeSettings(BaseSettings):
         description="One INFO line per HTTP request (method, path, status, seconds, client) on the "
         "rm_service.http.access logger. Every 4xx is logged with its reason either way (rate-limited).",
     )
-    http_chat_template: Literal["auto", "chatml", "llama3", "gemma", "mistral"] = Field(
+    http_chat_template: Literal["auto", "chatml", "llama3", "gemma", "mistral", "raw"] = Field(
         "auto",
         description="The chat template of the rendered text the HTTP reward routes parse back into messages "
-        "(OpenRLHF's query, a vLLM input): auto = the template whose turn marker comes first in each text "
-        "(docs/http.md).",
+        "(OpenRLHF's query, a vLLM input): auto = the template whose turn marker comes first in each text; raw = "
+        "no parsing: each text (or token-id list) is scored as it is, tokenised with the reward model's tokenizer "
+        "without special tokens, as OpenRLHF's serve_rm scores a query (docs/http.md). Messages always go "
+        "through the version's formatting contract.",
     )
 
     @field_validator("http_allowed_hosts", mode="before")

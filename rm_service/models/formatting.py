@@ -139,6 +139,34 @@ CUT_MARGIN_TOKENS = (
 CHARS_PER_TOKEN = 4  # first guess of the characters one token spans (English BPE and WordPiece: 3-5)
 
 
+def format_raw(tokenizer, spec: FormatSpec, text: str | list[int]) -> Formatted:
+    """One text (or its token ids) scored as it is, the HTTP routes' raw mode (as OpenRLHF's
+    `serve_rm` scores a query): its tokens under the version's tokenizer, no special tokens added,
+    no chat template parsed or applied, nothing stripped or appended; an encoder's [CLS] and [SEP]
+    around them. Too long, the end is kept (the reply), as format_item keeps it."""
+    encoder = spec.kind == "encoder"
+    room = spec.max_tokens - (2 if encoder else 0)  # [CLS] text [SEP]
+    ids = _last_ids(tokenizer, text, room) if isinstance(text, str) else list(text)
+    truncated = len(ids) > room
+    if truncated:
+        ids = ids[len(ids) - room :]
+    if not encoder:
+        return Formatted(ids, None, truncated)
+    ids = [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
+    typed = spec.style != "pair" or "token_type_ids" in tokenizer.model_input_names  # as the version's items are
+    return Formatted(ids, [0] * len(ids) if typed else None, truncated)
+
+
+def _last_ids(tokenizer, text: str, room: int) -> list[int]:
+    """The ids of (at least) the last `room` tokens' worth of `text`, from its end alone."""
+    chars = (room + CUT_MARGIN_TOKENS) * CHARS_PER_TOKEN
+    while True:
+        ids = _ids(tokenizer, _cut(text, chars, "end"))
+        if len(text) <= chars or len(ids) >= room + CUT_MARGIN_TOKENS:
+            return ids
+        chars *= 4
+
+
 def keep_last_chars(prompt: list[Message], completion: str, chars: int) -> tuple[list[Message], str, bool]:
     """(prompt, completion, cut): the conversation's last `chars` characters of text; messages
     before them keep their role with no text, and are dropped in pairs after a leading system turn."""

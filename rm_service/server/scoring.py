@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from rm_service.conversation import Message, scored_turns, validate_turns
 from rm_service.errors import InvalidArgument
-from rm_service.models.formatting import Formatted, format_item
+from rm_service.models.formatting import Formatted, format_item, format_raw
 from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Reference
@@ -101,8 +102,31 @@ class ScoringCore:
         """Score validated (prompt, completion) pairs through admission and the batcher. `version`
         "" is the served default."""
         served = self.served.get(version)
-        with self._admit(served, len(pairs), pairs, ticket) as permit:
-            formatted = await self._tokenise(served, pairs, permit)
+        permit = self._admit(served, len(pairs), pairs, ticket)
+        return await self._score(
+            served, permit, pairs, lambda runtime, pair: runtime.format(*pair), [len(c) for _, c in pairs]
+        )
+
+    async def score_raw(self, texts: Sequence[str | list[int]], version: str, ticket: Ticket) -> Scored:
+        """Score texts (or token ids) as they are, the HTTP routes' raw mode: tokenised with the
+        version's tokenizer, no chat template parsed or applied (models.formatting.format_raw).
+        The length-drift figures count each whole text as its completion."""
+        served = self.served.get(version)
+        max_tokens = served.runtime.spec.max_tokens
+        tokens = sum(estimate_tokens([x], max_tokens) if isinstance(x, str) else min(len(x), max_tokens) for x in texts)
+        permit = self.admit(len(texts), tokens, ticket)
+        return await self._score(
+            served,
+            permit,
+            texts,
+            lambda runtime, x: format_raw(runtime.tokenizer, runtime.spec, x),
+            [len(x) for x in texts],
+        )
+
+    async def _score(self, served: Served, permit: Permit, work: Sequence, fmt, lengths: list[int]) -> Scored:
+        """The admitted work's items (`fmt(runtime, item)`) through the batcher, observed."""
+        with permit:
+            formatted = await self._tokenise(served, work, permit, fmt)
             members = await self.batcher.score(permit, served.record.version, served.backend, formatted)  # [N, K]
         scored = Scored(served, formatted, members)
         if self.observer is not None:
@@ -112,7 +136,7 @@ class ScoringCore:
                 scored.reward,
                 [len(x) for x in formatted],
                 [x.truncated for x in formatted],
-                [len(c) for _, c in pairs],
+                lengths,
                 reference(served),
             )
         return scored
@@ -133,7 +157,7 @@ class ScoringCore:
                     "conversation",
                     f"holds more than {cap} tokens; the cap per ScoreTurns call is {cap} (score_turns_max_tokens)",
                 )
-            items = await self._tokenise(served, pairs, permit)
+            items = await self._tokenise(served, pairs, permit, lambda runtime, pair: runtime.format(*pair))
             positions = _prefix_positions(items)
             if positions is not None and runtime.spec.kind == "causal":  # one forward pass, read at each turn's end
                 starts = [x.completion_start for x in items]
@@ -162,24 +186,25 @@ class ScoringCore:
         tokens = sum(estimate_tokens([m.content for m in p] + [c], max_tokens) for p, c in work)
         return self.admit(items, tokens, ticket)
 
-    async def _tokenise(self, served: Served, pairs: Pairs, permit: Permit) -> list[Formatted]:
-        """The pairs' items, TOKENISE_CHUNK at a time on the one tokenise thread: a big call's chunks
-        queue behind those of calls that came after it started, so no call waits for another's whole
-        tokenising. Stops at the next item once the caller has gone or the deadline has passed."""
+    async def _tokenise(self, served: Served, work: Sequence, permit: Permit, fmt) -> list[Formatted]:
+        """The items of `work` (`fmt(runtime, x)` of each x), TOKENISE_CHUNK at a time on the one
+        tokenise thread: a big call's chunks queue behind those of calls that came after it started,
+        so no call waits for another's whole tokenising. Stops at the next item once the caller has
+        gone or the deadline has passed."""
         runtime = served.runtime
         start = time.monotonic()
 
-        def run(chunk: Pairs) -> list[Formatted]:
+        def run(chunk: Sequence) -> list[Formatted]:
             out = []
-            for prompt, completion in chunk:
+            for x in chunk:
                 if not permit.runnable():  # the caller left, its deadline passed or the server is draining
                     raise Dropped("the call was cancelled or expired while its items were tokenised")
-                out.append(runtime.format(prompt, completion))
+                out.append(fmt(runtime, x))
             return out
 
         loop, formatted = asyncio.get_running_loop(), []
-        for i in range(0, len(pairs), TOKENISE_CHUNK):
-            formatted += await loop.run_in_executor(self.tokenise_pool, run, pairs[i : i + TOKENISE_CHUNK])
+        for i in range(0, len(work), TOKENISE_CHUNK):
+            formatted += await loop.run_in_executor(self.tokenise_pool, run, work[i : i + TOKENISE_CHUNK])
         if self.observer is not None:
             self.observer.stage("tokenise", time.monotonic() - start)
         return formatted

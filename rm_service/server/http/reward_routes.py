@@ -12,20 +12,20 @@
 Every route is an adapter of the scoring core (server.scoring), as gRPC Score is: the same
 admission control, asked before the body is read (429 with Retry-After when overloaded), batcher,
 model version and formatting contract, so a conversation gets the same reward over HTTP as over
-gRPC. Text inputs (`query`, `input`)
-are rendered conversations (ChatML, Llama 3, Gemma, Mistral) parsed back into messages
-(server.http.rendered documents the contract); a vLLM `input` may also be token ids of the
-reward model's tokenizer, decoded first; `messages` is one conversation, the last message the
-reply to score. The reward is gRPC's `reward` (normalised with the version's served
-statistics); `/classify` and `/pooling` pass it through a sigmoid unless the request says
-`"use_activation": false` (vLLM's flag and its default for a classification model, on both
-routes; verl sends the older `"activation": false`). `/pooling` takes vLLM's
-`encoding_format` (float or base64) and refuses a `task` other than classify (per-token outputs
-are not served). `GET /v1/models` lists the loaded versions, `GET /version` the server's.
-Fields the peers send that rm-service has no use for (`labels`, `prompts` beyond their shape,
-`model` unless it names a loaded version, `add_special_tokens`, `truncate_prompt_tokens`...)
-are accepted and ignored: the served version's formatting contract decides tokenization and
-truncation.
+gRPC. Text inputs (`query`, `input`) are rendered conversations (ChatML, Llama 3, Gemma, Mistral)
+parsed back into messages (server.http.rendered documents the contract); a vLLM `input` may also
+be token ids of the reward model's tokenizer, decoded first; `messages` is one conversation, the
+last message the reply to score. With `http_chat_template` "raw" texts and token ids are not
+parsed: each is scored as it is (models.formatting.format_raw), as OpenRLHF's serve_rm and vLLM
+score a text. The reward is gRPC's `reward` (normalised with the version's served statistics);
+`/classify` and `/pooling` pass it through a sigmoid unless the request says `"use_activation":
+false` (vLLM's flag and its default for a classification model, on both routes; verl sends the
+older `"activation": false`). `/pooling` takes vLLM's `encoding_format` (float or base64) and
+refuses a `task` other than classify (per-token outputs are not served). `GET /v1/models` lists
+the loaded versions, `GET /version` the server's. Fields the peers send that rm-service has no use
+for (`labels`, `prompts` beyond their shape, `model` unless it names a loaded version,
+`add_special_tokens`, `truncate_prompt_tokens`...) are accepted and ignored: the served version's
+formatting contract decides tokenization and truncation.
 
 Bad input is 400 naming the field; a request larger than `max_message_bytes` (gRPC's message
 limit) or with more than `max_items_per_request` conversations is 400 as well. A caller that
@@ -38,6 +38,8 @@ import base64
 import struct
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -49,12 +51,22 @@ from rm_service.errors import InvalidArgument
 from rm_service.server.http.app import HTTP_TICKET, HttpContext, caller, context, counted, until_disconnect
 from rm_service.server.http.guard import read_json
 from rm_service.server.http.rendered import parse_rendered
-from rm_service.server.scoring import sigmoid
+from rm_service.server.scoring import Pairs, sigmoid
 
 SCORER = "scorer"
 ACTIVATION_KEYS = ("use_activation", "activation", "softmax")  # vLLM's flag, then its deprecated names
 TASKS = (None, "classify")  # vLLM's /pooling `task`: one score per conversation
 ENCODINGS = ("float", "base64")
+RAW = "raw"  # http_chat_template: texts scored as they are, not parsed
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one request scores: (prompt, completion) pairs under the version's formatting contract,
+    or, in raw mode, texts and token-id lists as they are."""
+
+    pairs: Pairs | None = None
+    raw: Sequence[str | list[int]] | None = None
 
 
 def routes() -> list[Route]:
@@ -110,8 +122,7 @@ async def get_reward(request: Request) -> JSONResponse:
         i = next(i for i, p in enumerate(prompts) if not isinstance(p, str))
         raise InvalidArgument(f"prompts[{i}]", f"must be a string, got {type(prompts[i]).__name__}")
     version = _version(ctx, None)
-    pairs = _parsed(ctx, version, queries, "query")
-    scored, reward = await _score(request, ctx, pairs, version)
+    scored, reward = await _score(request, ctx, _read(ctx, version, queries, "query"), version)
     rewards = [float(r) for r in reward]
     return JSONResponse(
         {
@@ -128,8 +139,8 @@ async def get_reward(request: Request) -> JSONResponse:
 
 
 async def classify(request: Request) -> JSONResponse:
-    ctx, body, pairs, version = await _vllm_request(request)
-    scored, reward = await _score(request, ctx, pairs, version)
+    ctx, body, work, version = await _vllm_request(request)
+    scored, reward = await _score(request, ctx, work, version)
     activate = _activation(body, default=True)
     data = [
         {"index": i, "label": "reward", "probs": [sigmoid(r) if activate else float(r)], "num_classes": 1}
@@ -148,7 +159,7 @@ async def classify(request: Request) -> JSONResponse:
 
 
 async def pooling(request: Request) -> JSONResponse:
-    ctx, body, pairs, version = await _vllm_request(request)
+    ctx, body, work, version = await _vllm_request(request)
     if body.get("task") not in TASKS:
         raise InvalidArgument(
             "task",
@@ -158,7 +169,7 @@ async def pooling(request: Request) -> JSONResponse:
     encoding = body.get("encoding_format") or "float"
     if encoding not in ENCODINGS:
         raise InvalidArgument("encoding_format", f"must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
-    scored, reward = await _score(request, ctx, pairs, version)
+    scored, reward = await _score(request, ctx, work, version)
     activate = _activation(body, default=True)  # vLLM applies a classification model's activation here too
     values = [sigmoid(r) if activate else float(r) for r in reward]
     data = [{"index": i, "object": "pooling", "data": _encoded([v], encoding)} for i, v in enumerate(values)]
@@ -182,7 +193,7 @@ def _encoded(values: list[float], encoding: str) -> list[float] | str:
 
 
 async def _vllm_request(request: Request):
-    """(context, body, (prompt, completion) pairs, version) of a vLLM-shaped request."""
+    """(context, body, Work, version) of a vLLM-shaped request."""
     caller(request, SCORER)
     ctx = context(request)
     ctx.reward.check_room(HTTP_TICKET)  # before the body is read
@@ -196,20 +207,24 @@ async def _vllm_request(request: Request):
             "conversation ending with the assistant's reply)" + (", not both" if given else ""),
         )
     if given == ["messages"]:
-        return ctx, body, [_conversation(body["messages"], "messages", ctx)], version
+        return ctx, body, Work(pairs=[_conversation(body["messages"], "messages", ctx)]), version
     value = body["input"]
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         value = [value]  # one conversation as token ids
     if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-        value = _decoded(ctx, version, value)
+        ids = _checked_ids(ctx, version, value)
+        if ctx.settings.http_chat_template == RAW:
+            return ctx, body, Work(raw=ids), version  # scored as sent, as vLLM scores token ids
+        tokenizer = ctx.reward.served.get(version).runtime.tokenizer
+        value = [tokenizer.decode(seq, skip_special_tokens=False) for seq in ids]
     texts = [value] if isinstance(value, str) else _texts(value, "input", ctx)
-    return ctx, body, _parsed(ctx, version, texts, "input"), version
+    return ctx, body, _read(ctx, version, texts, "input"), version
 
 
-def _decoded(ctx: HttpContext, version: str, ids: list[list], field: str = "input") -> list[str]:
+def _checked_ids(ctx: HttpContext, version: str, ids: list[list], field: str = "input") -> list[list[int]]:
     """Token ids of the reward model's tokenizer (what a vLLM client sends after tokenizing with
-    the served model's tokenizer) decoded with their special tokens, to be read
-    as rendered text."""
+    the served model's tokenizer), each in its vocabulary, to be decoded with their special tokens
+    and read as rendered text, or scored as they are in raw mode."""
     _texts([""] * len(ids), field, ctx)  # the count within max_items_per_request before any decoding
     tokenizer = ctx.reward.served.get(version).runtime.tokenizer
     vocab = len(tokenizer)
@@ -220,7 +235,7 @@ def _decoded(ctx: HttpContext, version: str, ids: list[list], field: str = "inpu
         if not seq or bad is not None:
             got = "an empty list" if not seq else f"{seq[bad]!r} at [{bad}]"
             raise InvalidArgument(f"{field}[{i}]", f"token ids must be integers in [0, {vocab}), got {got}")
-    return [tokenizer.decode(seq, skip_special_tokens=False) for seq in ids]
+    return ids
 
 
 def _texts(value, field: str, ctx: HttpContext) -> list[str]:
@@ -253,6 +268,16 @@ def _version(ctx: HttpContext, model) -> str:
     served = ctx.reward.served
     name = model if isinstance(model, str) and model in served.versions else ""
     return served.get(name).record.version
+
+
+def _read(ctx: HttpContext, version: str, texts: list[str], field: str) -> Work:
+    """Rendered texts parsed into (prompt, completion) pairs; in raw mode, the texts as they are."""
+    if ctx.settings.http_chat_template != RAW:
+        return Work(pairs=_parsed(ctx, version, texts, field))
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidArgument(f"{field}[{i}]", "is empty: there is no text to score")
+    return Work(raw=texts)
 
 
 def _parsed(ctx: HttpContext, version: str, texts: list[str], field: str) -> list[tuple[list[Message], str]]:
@@ -321,10 +346,14 @@ def _activation(body: dict, default: bool) -> bool:
     return default
 
 
-async def _score(request: Request, ctx: HttpContext, pairs, version: str):
+async def _score(request: Request, ctx: HttpContext, work: Work, version: str):
     """The core's score, cancelled when the caller disconnects: its permit is released and its
     queued items are dropped before they reach the model, as for a cancelled gRPC call."""
-    scored = await until_disconnect(request, ctx.reward.score(pairs, version, HTTP_TICKET))
+    if work.raw is not None:
+        job = ctx.reward.score_raw(work.raw, version, HTTP_TICKET)
+    else:
+        job = ctx.reward.score(work.pairs or [], version, HTTP_TICKET)
+    scored = await until_disconnect(request, job)
     return scored, scored.reward
 
 
