@@ -16,7 +16,8 @@ caller is the anonymous admin `anonymous`.
 What is mounted follows what the process serves: the reward routes (reward_routes) when it
 serves a model, the labeling page and its API (labeling, admin) when it holds the store, and
 `GET /health` always (200 when ready, 503 otherwise; open, like gRPC health), with `GET /ping`
-(vLLM's name for it) and `GET /metrics` (the process's Prometheus registry, as on the metrics port).
+(vLLM's name for it), `GET /metrics` (the process's Prometheus registry, as on the metrics port)
+and `GET /openapi.json` and `/docs` (server.http.openapi: the routes mounted, described).
 """
 
 from __future__ import annotations
@@ -229,9 +230,10 @@ class _Asgi:
 
 
 def create_app(ctx: HttpContext) -> Starlette:
-    from rm_service.server.http import admin, labeling, reward_routes, user_routes
+    from rm_service.server.http import admin, labeling, openapi, reward_routes, user_routes
 
     routes = [Route("/health", health, methods=["GET"]), Route("/ping", health, methods=["GET"])]  # vLLM's /ping
+    routes += openapi.routes()  # GET /openapi.json, /docs: what is mounted here, described
     if (
         ctx.metrics is not None
     ):  # Prometheus on the HTTP port too, as vLLM and TEI serve it (open, like the metrics port)
