@@ -60,12 +60,11 @@ def test_raw_mode_scores_the_text_as_it_is(servers, tiny_tokenizer):
     expected = _score(raw)
     assert r.json()["rewards"] == [pytest.approx(expected.reward, abs=1e-5)]
     assert r.json()["extra_logs"]["truncated"] == [0.0]
-    # Nothing appended: the same render without its closing EOS scores differently in raw mode,
-    # while the strict parser reads both as the same messages (the contract appends EOS).
-    cut = contract_text.removesuffix(tiny_tokenizer.eos_token)
-    assert cut != contract_text
-    r_raw = _post(raw, "/get_reward", {"query": [cut]}).json()["rewards"][0]
-    r_strict = _post(strict, "/get_reward", {"query": [cut]}).json()["rewards"][0]
+    # Nothing stripped: whitespace after the last turn changes the tokens, so the reward, in raw
+    # mode, while the strict parser reads the same messages (the contract renders them anew).
+    spaced = contract_text + "\n\n"
+    r_raw = _post(raw, "/get_reward", {"query": [spaced]}).json()["rewards"][0]
+    r_strict = _post(strict, "/get_reward", {"query": [spaced]}).json()["rewards"][0]
     assert r_strict == pytest.approx(expected.reward, abs=1e-5)
     assert abs(r_raw - expected.reward) > 1e-4
     # Token ids on vLLM's routes are scored as sent too (not decoded and parsed).
