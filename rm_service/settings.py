@@ -134,6 +134,15 @@ class ServeSettings(HttpServeSettings):
         "calls without a deadline, a PPO step's 512-item calls) waits its turn instead of being refused; a call "
         "with a deadline is also refused when it could not finish before it.",
     )
+    room_wait_ms: float = Field(
+        20.0,
+        ge=0,
+        le=10_000,
+        description="A Score, ScoreTurns or SimulateUser call that finds the queue full waits this long for room, "
+        "its request unread, before it is refused (the longest waiter goes first when room opens): a caller that "
+        "retries the moment it is refused is then refused at most once per wait, so a crowd of them cannot take the "
+        "model's CPU with refusals. 0 = refuse at once.",
+    )
     max_inflight_items: int = Field(
         0,
         ge=0,

@@ -94,7 +94,7 @@ async def server_version(request: Request) -> JSONResponse:
 async def get_reward(request: Request) -> JSONResponse:
     caller(request, SCORER)
     ctx = context(request)
-    ctx.reward.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
+    await ctx.reward.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
     body = await read_json(request, ctx.settings.max_message_bytes)
     queries = _texts(body.get("query"), "query", ctx)
     for name in ("prompts", "labels"):  # OpenRLHF sends both; only their shape is checked
@@ -185,7 +185,7 @@ async def _vllm_request(request: Request):
     """(context, body, (prompt, completion) pairs, version) of a vLLM-shaped request."""
     caller(request, SCORER)
     ctx = context(request)
-    ctx.reward.check_room(HTTP_TICKET)  # before the body is read
+    await ctx.reward.check_room(HTTP_TICKET)  # before the body is read
     body = await read_json(request, ctx.settings.max_message_bytes)
     version = _version(ctx, body.get("model"))
     given = [k for k in ("input", "messages") if body.get(k) is not None]
