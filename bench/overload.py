@@ -15,8 +15,12 @@ within `max_queue_wait_s` (or the item cap), and are refused past it.
    `--warmup` s uncounted (the queue fills), then `--seconds` s counted.
    Every caller talks to 127.0.0.1 only.
 
-Goodput is the items of the calls answered OK inside the counted window, per second; "% of 1x"
-compares it with the 1x level of the same run. The CPU columns are cores over the window: the
+Goodput is the items the model scored inside the counted window, per second (from /metrics:
+exact, where counting answers would move by a whole 512-item call at the window's edges); with
+no call failing in the whole load (DEADLINE_EXCEEDED, other: 0) and no item dropped, every one
+went to a call answered OK. "answered items/s" counts the answers inside the window instead.
+"% of 1x" compares goodput with the 1x level of the same run. Calls still in flight when a
+window ends are cancelled, so the next load starts from an empty queue. The CPU columns are cores over the window: the
 model thread with its OpenMP workers (threads named "model"), the rest of the server, and the
 callers' process.
 
@@ -65,6 +69,7 @@ class Level:
     other: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)  # cores over the window: model, server_rest, callers, other
     model_items: float = 0.0  # items the model scored in the window (from /metrics)
+    dropped: float = 0.0  # items that left the queue unscored in the window (deadline passed, caller gone)
     batches: float = 0.0
     batch_items: float = 0.0
 
@@ -103,8 +108,7 @@ async def run_level(address: str, items, level: Level, args, on_window) -> None:
                 except grpc.aio.AioRpcError as exc:
                     code, err = exc.code(), exc
                 t1 = time.perf_counter()
-                if window[0] <= t1 <= window[1]:
-                    _count(level, code, t1 - t0, args.items_per_call)
+                _count(level, code, t1 - t0, args.items_per_call, window[0] <= t1 <= window[1])
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     await asyncio.sleep(retry.delay(err))
                 else:
@@ -114,18 +118,22 @@ async def run_level(address: str, items, level: Level, args, on_window) -> None:
         await asyncio.sleep(args.warmup)
         marks = on_window()
         await asyncio.sleep(args.seconds)
-        level.cpu, (level.model_items, level.batches, level.batch_items) = on_window(marks)
-        await asyncio.wait(tasks, timeout=args.deadline + 5)
-        for t in tasks:
-            t.cancel()
+        level.cpu, (level.model_items, level.dropped, level.batches, level.batch_items) = on_window(marks)
+        for t in tasks:  # calls still in flight are cancelled (their items leave the queue): the next load starts
+            t.cancel()  # from an empty queue without waiting up to a deadline for them
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(1.0)
 
 
-def _count(level: Level, code: grpc.StatusCode, latency: float, per_call: int) -> None:
+def _count(level: Level, code: grpc.StatusCode, latency: float, per_call: int, counted: bool) -> None:
+    """Answers inside the window are counted; a failure (neither OK nor a refusal) at any time."""
     if code == grpc.StatusCode.OK:
-        level.ok.append(latency)
-        level.items += per_call
+        if counted:
+            level.ok.append(latency)
+            level.items += per_call
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        level.rejected.append(latency)
+        if counted:
+            level.rejected.append(latency)
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         level.deadline_exceeded += 1
     else:
@@ -141,10 +149,15 @@ def metric(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def model_figures(port: int) -> tuple[float, float, float]:
-    """Items scored so far, model batches, and the items in them."""
+def model_figures(port: int) -> tuple[float, float, float, float]:
+    """Items scored so far, items dropped unscored, model batches, and the items in them."""
     text = metrics_text(port)
-    return metric(text, "rm_scores_total"), metric(text, "rm_batch_size_count"), metric(text, "rm_batch_size_sum")
+    return (
+        metric(text, "rm_scores_total"),
+        metric(text, "rm_dropped_items_total"),
+        metric(text, "rm_batch_size_count"),
+        metric(text, "rm_batch_size_sum"),
+    )
 
 
 def thread_cpu(pid: int) -> tuple[float, float]:
@@ -298,23 +311,22 @@ def report(args, levels: list[Level], per_item: float, how: str, hw: str, log_pa
         f"{per_item:.0f} tokens each on average, {args.items_per_call} per call; callers retry {retry}; deadline "
         f"{args.deadline:g} s; {args.warmup:g} s warm-up then {args.seconds:g} s counted per load\n\ncapacity: {how}\n"
     )
-    base = next((lv for lv in levels if lv.name == "1x"), levels[0]).items / args.seconds
+    base = next((lv for lv in levels if lv.name == "1x"), levels[0]).model_items / args.seconds
     print(
-        "| load | callers | goodput items/s | % of 1x | model items/s | admitted p50 / p99 ms | refusals/s | "
-        "refusal p50 / p99 ms | DEADLINE_EXCEEDED | other | items per batch | CPU cores: model / server rest / "
-        "callers / other |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| load | callers | goodput items/s | % of 1x | answered items/s | admitted p50 / p99 ms | refusals/s | "
+        "refusal p50 / p99 ms | DEADLINE_EXCEEDED | other | dropped items | items per batch | CPU cores: model / "
+        "server rest / callers / other |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     for lv in levels:
-        goodput = lv.items / args.seconds
+        goodput = lv.model_items / args.seconds
         other = ", ".join(f"{k} {v}" for k, v in lv.other.items()) or "0"
         c = lv.cpu
         print(
-            f"| {lv.name} | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | "
-            f"{lv.model_items / args.seconds:.1f} | "
+            f"| {lv.name} | {lv.callers} | {goodput:.1f} | {goodput / base:.0%} | {lv.items / args.seconds:.1f} | "
             f"{pct(lv.ok, 50):.0f} / {pct(lv.ok, 99):.0f} | {len(lv.rejected) / args.seconds:.0f} | "
             f"{pct(lv.rejected, 50):.1f} / {pct(lv.rejected, 99):.1f} | {lv.deadline_exceeded} | {other} | "
-            f"{lv.batch_items / max(lv.batches, 1):.1f} | {c['model']:.2f} / {c['server_rest']:.2f} / "
-            f"{c['callers']:.2f} / {c['other']:.2f} |"
+            f"{lv.dropped:.0f} | {lv.batch_items / max(lv.batches, 1):.1f} | {c['model']:.2f} / "
+            f"{c['server_rest']:.2f} / {c['callers']:.2f} / {c['other']:.2f} |"
         )
 
 
