@@ -98,12 +98,13 @@ async def run_level(address: str, items, level: Level, args, on_window) -> None:
         async def caller(seed: int) -> None:
             rng = random.Random(seed)
             retry = Retry(args.retry_after_s if args.retry == "fixed" else None, rng)
+            request = None
             while time.perf_counter() < window[1]:
+                if request is None:  # a refused call is retried as it was, as a client's retry resends its message
+                    request = reward_pb2.ScoreRequest(items=rng.sample(items, args.items_per_call))
                 t0 = time.perf_counter()
                 try:
-                    await stub.Score(
-                        reward_pb2.ScoreRequest(items=rng.sample(items, args.items_per_call)), timeout=args.deadline
-                    )
+                    await stub.Score(request, timeout=args.deadline)
                     code, err = grpc.StatusCode.OK, None
                 except grpc.aio.AioRpcError as exc:
                     code, err = exc.code(), exc
@@ -112,7 +113,7 @@ async def run_level(address: str, items, level: Level, args, on_window) -> None:
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     await asyncio.sleep(retry.delay(err))
                 else:
-                    retry.refusals = 0
+                    request, retry.refusals = None, 0
 
         tasks = [asyncio.ensure_future(caller(i)) for i in range(level.callers)]
         await asyncio.sleep(args.warmup)
