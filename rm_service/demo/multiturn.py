@@ -147,30 +147,22 @@ def play(s: DemoSettings, address: str, gold: str):
     from policy_trainer.multiturn import SessionTrainer
     from policy_trainer.session_settings import SessionSettings
 
+    same = "policy prompts_per_step samples_per_prompt max_new_tokens max_prompt_tokens max_turns user_max_new_tokens"
+    same += (
+        " learning_rate kl_coef update_epochs num_minibatches seed progress"  # DemoSettings' names are the trainer's
+    )
     settings = SessionSettings(
+        **{name: getattr(s, name) for name in same.split()},
         run_dir=s.run_home / "sessions",
-        policy=s.policy,
         prompts_file=s.data,
         total_steps=s.session_steps,
-        prompts_per_step=s.prompts_per_step,
-        samples_per_prompt=s.samples_per_prompt,
-        max_new_tokens=s.max_new_tokens,
-        max_prompt_tokens=s.max_prompt_tokens,
-        max_turns=s.max_turns,
         user_simulator="served",
-        user_max_new_tokens=s.user_max_new_tokens,
         advantage_estimator=SESSION_ESTIMATOR.get(s.advantage_estimator, "turn_gae"),
-        learning_rate=s.learning_rate,
-        kl_coef=s.kl_coef,
         eval_prompts=s.session_eval_openings,
         eval_every=0,
-        update_epochs=s.update_epochs,
-        num_minibatches=s.num_minibatches,
         reward_addresses=[address],
         gold_address=address,
         gold_version=gold,
-        seed=s.seed,
-        progress=s.progress,
         save_policy=False,
     )
     trainer = SessionTrainer(settings)
