@@ -259,6 +259,31 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `rm-service ARGS`, run in this process through
+    `rm_service.cli.main` (what the console script calls): a CLI case pays no interpreter start.
+    A case that needs what only a process shows (its exit status to a shell, every line on its
+    stderr, logs included) starts `python -m rm_service.cli` instead, as test_cli does once."""
+    from rm_service.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def lapse_leases(srv) -> int:
+    """The lease clock moved on instead of slept through: every leased task of the server's store
+    gets a lease that expired a second ago (the store compares lease_expires_at with now()).
+    Returns how many leases lapsed."""
+    with srv.server.store._lock:  # the server's connection: take its lock, as the server does
+        return srv.server.store.con.execute(
+            "UPDATE tasks SET lease_expires_at = now() - INTERVAL 1 SECOND WHERE state = 'leased'"
+        ).fetchall()[0][0]
+
+
 def wait_until(condition, timeout: float = 30.0) -> None:
     """Poll `condition` until it holds; AssertionError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
