@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import socketserver
 import subprocess
 import sys
 import threading
@@ -26,6 +27,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT),
 from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
 
 pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
+
+# socketserver's serve_forever notices shutdown() only at its next poll, every 0.5 s by default, and
+# prometheus_client serves /metrics (on in most test servers) and tests/openai_server.py its API with
+# it: every server stop in the suite waited ~0.5 s for that poll. Polled every 50 ms in this process.
+socketserver.BaseServer.serve_forever.__defaults__ = (0.05,)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
