@@ -235,11 +235,13 @@ def open_model(
     precision: str = "auto",
     settings: ModelSettings | None = None,
     max_tokens: int = 1024,
+    serving: bool = False,
 ) -> tuple[ModelRuntime, VersionMeta | None]:
     """A model by any name a user gives, and its version record when it is a version:
     a registry version's name (in the artifacts directory), a version directory, a reward
     checkpoint from elsewhere (`*ForSequenceClassification`, served as it was trained), or a
-    bundled name / HF backbone directory (with an untrained head)."""
+    bundled name / HF backbone directory (with an untrained head). `serving`: one copy of the
+    weights, in the served precision, from the start (ModelRuntime.serve_only)."""
     from rm_service.models.resolver import resolve
     from rm_service.models.reward_model import is_classifier_checkpoint
     from rm_service.models.runtime import load_checkpoint_runtime
@@ -247,7 +249,10 @@ def open_model(
     settings = settings or ModelSettings()
     for directory in (Path(settings.artifacts_dir) / name, Path(name)):
         if is_version_dir(directory):
-            return open_version(directory, device, precision, settings)
+            return open_version(directory, device, precision, settings, serving=serving)
     if is_classifier_checkpoint(resolve(name, settings)):
-        return load_checkpoint_runtime(name, max_tokens, device, precision, settings), None
-    return load_backbone_runtime(name, max_tokens, device=device, precision=precision, settings=settings), None
+        return load_checkpoint_runtime(name, max_tokens, device, precision, settings, serving=serving), None
+    runtime = load_backbone_runtime(
+        name, max_tokens, device=device, precision=precision, settings=settings, serving=serving
+    )
+    return runtime, None

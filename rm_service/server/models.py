@@ -236,7 +236,7 @@ def load_for_serving(
         return load_version_dir(target.directory, settings, models, target.record)
     assert target.external is not None  # a Target is one or the other
     name = target.external
-    runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
+    runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models, serving=True)
     rec = ModelRecord(
         Path(name).name,
         None,
