@@ -26,7 +26,6 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score import hh_items, start_server
+from score import closed_loop, hh_items, start_server
 from train import non_embedding_params
 
 from rm_client.channel import open_channel
@@ -76,32 +75,6 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def drive(address: str, items, clients: int, per_call: int, seconds: float) -> tuple[float, int]:
-    """Closed loop: `clients` callers each keep one call of `per_call` consecutive items in flight.
-    Returns (wall seconds, tokens answered)."""
-    tokens, lock = [0], threading.Lock()
-    stop = time.perf_counter() + seconds
-
-    def client(i: int) -> None:
-        at = i * 997
-        with open_channel(address) as channel:
-            stub = reward_pb2_grpc.RewardServiceStub(channel)
-            while time.perf_counter() < stop:
-                batch = [items[(at + k) % len(items)] for k in range(per_call)]
-                at += per_call
-                response = stub.Score(reward_pb2.ScoreRequest(items=batch), timeout=120)
-                with lock:
-                    tokens[0] += sum(r.num_tokens for r in response.results)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, tokens[0]
-
-
 def bare_loop(runtime, formatted, batch_items: int, seconds: float) -> tuple[float, float]:
     """(real tokens/s, padded / real) over consecutive items in batches of `batch_items`, in the runtime's
     precision and inference weights, as the server's model thread runs them (run_collated)."""
@@ -141,13 +114,12 @@ def main() -> None:
         with open_channel(address) as channel:
             info = reward_pb2_grpc.RewardServiceStub(channel).GetModel(reward_pb2.GetModelRequest(), timeout=30)
         precision = info.precision
-        drive(address, items, 1, 64, 2.0)  # warm-up
+        closed_loop(address, items, 1, 64, 2.0)  # warm-up
         for name, clients, per_call in loads:
-            before = scrape(port)
-            wall, tokens = drive(address, items, clients, per_call, args.seconds)
-            after = scrape(port)
-            d = {k: after[k] - before[k] for k in after}
-            served.append((name, tokens / wall, d, wall))
+            before, start = scrape(port), time.perf_counter()
+            _, rate, _, _ = closed_loop(address, items, clients, per_call, args.seconds)
+            wall, after = time.perf_counter() - start, scrape(port)
+            served.append((name, rate, {k: after[k] - before[k] for k in after}, wall))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
