@@ -76,9 +76,12 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def bare_loop(runtime, formatted, batch_items: int, seconds: float) -> tuple[float, float]:
-    """(real tokens/s, padded / real) over consecutive items in batches of `batch_items`, in the runtime's
-    precision and inference weights, as the server's model thread runs them (run_collated)."""
-    batches = [formatted[i : i + batch_items] for i in range(0, len(formatted) - batch_items + 1, batch_items)]
+    """(real tokens/s, padded / real) over items in batches of `batch_items` of similar length (sorted: little
+    padding), in the runtime's precision and inference weights, as the server's model thread runs them
+    (run_collated)."""
+    ordered = sorted(formatted, key=len)
+    batches = [ordered[i : i + batch_items] for i in range(0, len(ordered) - batch_items + 1, batch_items)]
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(0))]
     runtime.run_collated(collate(batches[0], runtime.pad_id))  # warm-up
     real = padded = 0
     start, k = time.perf_counter(), 0
@@ -98,7 +101,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="per load, and per bare-loop measurement")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--settings", nargs="*", default=[], help="more RM_SERVE_*=value for the server")
-    parser.add_argument("--curve", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32], help="bare-loop batch sizes")
+    parser.add_argument("--curve", type=int, nargs="*", default=[1, 4, 8, 16], help="bare-loop batch sizes")
     args = parser.parse_args()
     home = Path(os.environ.setdefault("RM_HOME", tempfile.mkdtemp(prefix="rm-bench-")))
     torch.set_num_threads(os.cpu_count() or 1)
@@ -108,7 +111,7 @@ def main() -> None:
     extra = dict(s.split("=", 1) for s in args.settings)
     env = {"RM_SERVE_METRICS_PORT": str(port), "RM_SERVE_PRECISION": args.precision, **extra}
     server, address, log_path = start_server(args.model, 4096, False, home, env)
-    loads = [("1 client x 64 items", 1, 64), ("4 clients x 64 items", 4, 64), ("64 clients x 1 item", 64, 1)]
+    loads = [("1 client x 64 items", 1, 64), ("4 clients x 16 items", 4, 16), ("64 clients x 1 item", 64, 1)]
     served = []
     try:
         with open_channel(address) as channel:
@@ -157,7 +160,7 @@ def main() -> None:
         )
     print("\n| bare loop batch (items) | tokens/s | padded/real | MFU |\n|---:|---:|---:|---:|")
     for size in args.curve:
-        rate, pad = bare_loop(runtime, formatted, size, min(args.seconds / 2, 6.0))
+        rate, pad = bare_loop(runtime, formatted, size, min(args.seconds / 2, 4.0))
         print(f"| {size} | {rate:.0f} | {pad:.2f} | {mfu(rate)} |")
 
 
