@@ -76,8 +76,8 @@ class ServeSettings(HttpServeSettings):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Precision of the served model: auto = bf16 on CUDA, and on a CPU the faster of fp32 and bf16 "
-        "autocast as measured once per machine (models/precision.py); golden pairs are checked in the precision "
-        "served.",
+        "weights as measured on a layer of the model, once per machine (models/precision.py); golden pairs are "
+        "checked in the precision served (auto falls back to fp32 for a version whose bf16 check fails).",
     )
     backend: Literal["auto", "torch", "onnx"] = Field(
         "auto",

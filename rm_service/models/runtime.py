@@ -74,6 +74,11 @@ class ModelRuntime:
             self._bf16 = self.model.eval()
 
     @property
+    def config(self):
+        """The transformers config of the model run (the precision probe times one of its layers)."""
+        return self.model.backbone.config if isinstance(self.model, RewardModel) else self.model.classifier.config
+
+    @property
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -191,7 +196,7 @@ def load_backbone_runtime(
         backbone=name_or_path,
         backbone_key=backbone_key(model_dir, identity or name_or_path),
         device=dev,
-        precision=resolve_precision(precision, dev),
+        precision=resolve_precision(precision, dev, config=config),
     )
     if serving:
         runtime.serve_only()
@@ -225,7 +230,7 @@ def load_checkpoint_runtime(
         spec=spec,
         backbone=name_or_path,
         backbone_key=backbone_key(model_dir, name_or_path),
-        precision=resolve_precision(precision, dev),
+        precision=resolve_precision(precision, dev, config=config),
     )
     pad = model.classifier.config.pad_token_id
     if pad is None:  # transformers finds the last token through the pad id; TRL sets it from the tokenizer

@@ -8,11 +8,13 @@ and an exported one `model.onnx`. `open_version` is how evaluation, serving, the
 the container load one: the backbone is checked against the recorded identity, and the
 golden items are re-scored in the precision the version will run in and compared with
 the score recorded for that precision at training (`precision.GOLDEN_TOLERANCE`); a version
-that fails is refused, never served.
+that fails is refused, never served (with precision auto, one that fails in bf16 is tried in
+fp32: the fastest precision that passes serves).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -29,6 +31,8 @@ from rm_service.models.pooling import Pooling, legacy_pooling
 from rm_service.models.precision import GOLDEN_TOLERANCE
 from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
 from rm_service.settings import ModelSettings
+
+log = logging.getLogger(__name__)
 
 META_FILE = "version.json"
 HEAD_FILE = "head.safetensors"
@@ -183,7 +187,13 @@ def open_version(
     session = read_session_head(directory)
     runtime.model.session = linear(*session, runtime.device) if session is not None else None
     runtime.reward_mean, runtime.reward_std = meta.reward_mean, meta.reward_std
-    check_golden(runtime, meta.golden, directory)
+    try:
+        check_golden(runtime, meta.golden, directory)
+    except FailedPrecondition as exc:  # auto serves the fastest precision that passes: fp32 if bf16 fails
+        if precision != "auto" or runtime.precision == "fp32":
+            raise
+        log.warning("%s; precision auto: trying fp32, where its golden items are checked again", exc)
+        return open_version(directory, device, "fp32", settings, serving)
     return runtime, meta
 
 

@@ -321,7 +321,7 @@ def make_backend(
         log.info(
             "serving %s with PyTorch, %s",
             meta.version if meta else runtime.backbone,
-            describe(runtime.precision, runtime.device),
+            describe(runtime.precision, runtime.device, runtime.config),
         )
         return runtime
     assert meta is not None and directory is not None  # only a version's meta records an ONNX export
@@ -337,7 +337,12 @@ def make_backend(
         precision="fp32",
         cause=f"the ONNX model {name} does not reproduce the trained model",
     )
-    log.info("serving %s with ONNX Runtime (%s)", meta.version, name)
+    log.info(
+        "serving %s with ONNX Runtime (%s), %s",
+        meta.version,
+        name,
+        describe(runtime.precision, runtime.device, runtime.config),
+    )
     return backend
 
 

@@ -86,7 +86,10 @@ def train(
             settings=models,
         )
         log.info(
-            "training %s in %s mode, %s", settings.backbone, settings.mode, describe(runtime.precision, runtime.device)
+            "training %s in %s mode, %s",
+            settings.backbone,
+            settings.mode,
+            describe(runtime.precision, runtime.device, runtime.config),
         )
         if settings.mode == "head":
             current = registry.promoted(store) if store is not None else None

@@ -68,7 +68,7 @@ def train_user_model(
         "fine-tuning %s (%s) as a user model, %s",
         settings.backbone,
         settings.method,
-        describe(runtime.precision, runtime.device),
+        describe(runtime.precision, runtime.device, runtime.model.config),
     )
     heldout = split.heldout or split.validation
     base = teacher_forced(runtime, heldout, desc="base model, held out" if show_progress else "")
