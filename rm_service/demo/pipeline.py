@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rm_service.client import Client, start_server_process
 from rm_service.demo.report import RunFacts, write_report
-from rm_service.demo.settings import DemoSettings
+from rm_service.demo.settings import DemoSettings, composed
 from rm_service.errors import RMError
 from rm_service.formats import import_file
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
@@ -61,14 +61,7 @@ class Stages:
 
 def train_settings(s: DemoSettings) -> TrainSettings:
     """The proxy's settings (v2); the server's retraining jobs get the same ones, so features are reused."""
-    return TrainSettings(
-        backbone=s.rm_backbone,
-        mode=s.rm_mode,
-        max_minutes=s.rm_max_minutes,
-        max_tokens=s.rm_max_tokens,
-        ensemble_size=s.rm_ensemble_size,
-        dataset_fraction=s.proxy_dataset_fraction,
-    )
+    return composed(s, TrainSettings)
 
 
 def gold_settings(s: DemoSettings) -> TrainSettings:
@@ -227,33 +220,12 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     stop, worker = threading.Event(), _JudgeWorker()
     thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, gold), daemon=True)
     thread.start()
-    ppo = PPOSettings(
+    ppo = composed(
+        s,
+        PPOSettings,
         run_dir=s.run_home / "ppo",
-        policy=s.policy,
         prompts_file=s.data,
-        total_steps=s.ppo_steps,
-        prompts_per_step=s.prompts_per_step,
-        samples_per_prompt=s.samples_per_prompt,
-        max_new_tokens=s.max_new_tokens,
-        max_prompt_tokens=s.max_prompt_tokens,
-        advantage_estimator=s.advantage_estimator,
-        learning_rate=s.learning_rate,
-        kl_coef=s.kl_coef,
-        eval_prompts=s.eval_prompts,
-        eval_every=s.eval_every,
-        update_epochs=s.update_epochs,
-        num_minibatches=s.num_minibatches,
         reward_addresses=[address],
-        submit_every=s.submit_every,
-        submit_fraction=s.submit_fraction,
-        retrain_min_labels=s.retrain_min_labels,
-        retrain_max_labels=s.retrain_max_labels,
-        retrain_mode=s.rm_mode,
-        selection=s.selection,
-        label_budget=s.label_budget,
-        reward_pessimism=s.reward_pessimism,
-        pessimism_k=s.pessimism_k,
-        seed=s.seed,
         gold_address=address,
         gold_version=facts.gold.version,
         progress=s.progress,
