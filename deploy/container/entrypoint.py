@@ -83,17 +83,17 @@ def seed_registry(store_settings, models, seed: Path) -> None:
             shutil.rmtree(target)
         staging.rename(target)
         rec = registry.ModelRecord(
-            version,
-            None,
-            None,
-            meta.base_backbone,
-            meta.format_hash,
-            "candidate",
-            meta.metrics,
-            meta.reward_mean,
-            meta.reward_std,
-            meta.ensemble_size,
-            str(target),
+            version=version,
+            parent=None,
+            snapshot_id=None,
+            backbone=meta.base_backbone,
+            format_hash=meta.format_hash,
+            status="candidate",
+            metrics=meta.metrics,
+            reward_mean=meta.reward_mean,
+            reward_std=meta.reward_std,
+            ensemble_size=meta.ensemble_size,
+            artifact_path=str(target),
         )
         registry.register(store, rec, number)
         ok, message = registry.promote(store, version, force=True)

@@ -237,19 +237,7 @@ def load_for_serving(
     assert target.external is not None  # a Target is one or the other
     name = target.external
     runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
-    rec = ModelRecord(
-        Path(name).name,
-        None,
-        None,
-        name,
-        runtime.spec.hash,
-        "external",
-        {},
-        0.0,
-        1.0,
-        runtime.model.ensemble_size,
-        name,
-    )
+    rec = ModelRecord.external(name, runtime.spec.hash, runtime.model.ensemble_size)
     return serving(Served(runtime, rec, make_backend(runtime, settings)))
 
 
@@ -270,17 +258,17 @@ def load_version_dir(
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
         rec = ModelRecord(
-            meta.version,
-            meta.parent,
-            meta.snapshot_id,
-            meta.base_backbone,
-            meta.format_hash,
-            "promoted",
-            meta.metrics,
-            meta.reward_mean,
-            meta.reward_std,
-            meta.ensemble_size,
-            str(directory),
+            version=meta.version,
+            parent=meta.parent,
+            snapshot_id=meta.snapshot_id,
+            backbone=meta.base_backbone,
+            format_hash=meta.format_hash,
+            status="promoted",
+            metrics=meta.metrics,
+            reward_mean=meta.reward_mean,
+            reward_std=meta.reward_std,
+            ensemble_size=meta.ensemble_size,
+            artifact_path=str(directory),
         )
     return serving(Served(runtime, rec, backend, dict(meta.info.get("feedback") or {})))
 

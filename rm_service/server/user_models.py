@@ -65,20 +65,7 @@ def load_user_model(name: str, settings: ServeSettings, store: Store | None, mod
         rec = _record(meta, target)
     else:
         runtime = load_user_runtime(target, 512, settings.device, settings.precision, models)
-        rec = ModelRecord(
-            version=Path(target).name,
-            parent=None,
-            snapshot_id=None,
-            backbone=target,
-            format_hash=runtime.spec.hash,
-            status="external",
-            metrics={},
-            reward_mean=0.0,
-            reward_std=1.0,
-            ensemble_size=1,
-            artifact_path=target,
-            kind="user",
-        )
+        rec = ModelRecord.external(target, runtime.spec.hash, 1, kind="user")
     warm = [[Message("user", "Hello, can you help me?"), Message("assistant", "Of course. What do you need?")]]
     simulate(runtime, warm, Sampling(max_new_tokens=4))
     return Served(

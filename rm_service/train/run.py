@@ -213,17 +213,17 @@ def _register(
         None if session is None else (session.weight.detach().cpu().numpy(), session.bias.detach().cpu().numpy()),
     )
     rec = registry.ModelRecord(
-        version,
-        parent,
-        split.snapshot.snapshot_id,
-        settings.backbone,
-        runtime.spec.hash,
-        "candidate",
-        metrics,
-        reward_mean,
-        reward_std,
-        runtime.model.ensemble_size,
-        str(directory),
+        version=version,
+        parent=parent,
+        snapshot_id=split.snapshot.snapshot_id,
+        backbone=settings.backbone,
+        format_hash=runtime.spec.hash,
+        status="candidate",
+        metrics=metrics,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
+        ensemble_size=runtime.model.ensemble_size,
+        artifact_path=str(directory),
     )
     registry.register(store, rec, number)
     if decision is not None:
