@@ -24,8 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from policy_trainer.estimators import EstimatorName
 from policy_trainer.settings import PPOSettings
 from rm_service.data import HH_PAIRS
-from rm_service.settings import rm_home
-from rm_service.settings_train import TrainSettings
+from rm_service.settings import TrainSettings, rm_home
 
 DEFAULT_DATA = HH_PAIRS
 M = TypeVar("M", bound=BaseModel)
