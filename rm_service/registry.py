@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
+from rm_service.evidence import Effect
 from rm_service.store import versions
 from rm_service.store.db import Store
 from rm_service.store.versions import ModelRecord
-from rm_service.evidence import Effect
 
 log = logging.getLogger(__name__)
 STATUSES = ("candidate", "promoted", "rejected", "retired")
