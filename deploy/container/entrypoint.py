@@ -15,6 +15,7 @@ Preparing the home:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -82,19 +83,9 @@ def seed_registry(store_settings, models, seed: Path) -> None:
         if target.exists():  # a directory without a store row: left by an earlier store file
             shutil.rmtree(target)
         staging.rename(target)
-        rec = registry.ModelRecord(
-            version=version,
-            parent=None,
-            snapshot_id=None,
-            backbone=meta.base_backbone,
-            format_hash=meta.format_hash,
-            status="candidate",
-            metrics=meta.metrics,
-            reward_mean=meta.reward_mean,
-            reward_std=meta.reward_std,
-            ensemble_size=meta.ensemble_size,
-            artifact_path=str(target),
-        )
+        # the first version of an empty registry: no parent and no snapshot of this store
+        starter = registry.ModelRecord.of_version(meta, str(target), "candidate")
+        rec = dataclasses.replace(starter, parent=None, snapshot_id=None)
         registry.register(store, rec, number)
         ok, message = registry.promote(store, version, force=True)
         accuracy = rec.metrics.get("accuracy", float("nan"))

@@ -257,19 +257,7 @@ def load_version_dir(
     )
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
-        rec = ModelRecord(
-            version=meta.version,
-            parent=meta.parent,
-            snapshot_id=meta.snapshot_id,
-            backbone=meta.base_backbone,
-            format_hash=meta.format_hash,
-            status="promoted",
-            metrics=meta.metrics,
-            reward_mean=meta.reward_mean,
-            reward_std=meta.reward_std,
-            ensemble_size=meta.ensemble_size,
-            artifact_path=str(directory),
-        )
+        rec = ModelRecord.of_version(meta, str(directory), "promoted")
     return serving(Served(runtime, rec, backend, dict(meta.info.get("feedback") or {})))
 
 

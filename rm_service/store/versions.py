@@ -13,9 +13,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 from rm_service.store.db import Store
 from rm_service.store.tx import one_row
+
+
+class VersionFacts(Protocol):
+    """What a version directory's metadata says of it (models.version.VersionMeta, usermodel's UserVersionMeta)."""
+
+    version: str
+    parent: str | None
+    snapshot_id: str | None
+    base_backbone: str
+    format_hash: str
+    metrics: dict[str, float]
 
 
 @dataclass(kw_only=True)
@@ -34,6 +46,25 @@ class ModelRecord:
     created_at_ms: int | None = None
     decision: dict | None = None  # registry.Decision as a dict, once the version was decided on
     kind: str = "reward"  # reward | user (KINDS)
+
+    @classmethod
+    def of_version(cls, meta: VersionFacts, artifact_path: str, status: str) -> ModelRecord:
+        """The record of a version directory. A user model's metadata has no reward statistics: it
+        serves no rewards, so the identity normalisation and one head."""
+        return cls(
+            version=meta.version,
+            parent=meta.parent,
+            snapshot_id=meta.snapshot_id,
+            backbone=meta.base_backbone,
+            format_hash=meta.format_hash,
+            status=status,
+            metrics=meta.metrics,
+            reward_mean=getattr(meta, "reward_mean", 0.0),
+            reward_std=getattr(meta, "reward_std", 1.0),
+            ensemble_size=getattr(meta, "ensemble_size", 1),
+            artifact_path=artifact_path,
+            kind=getattr(meta, "kind", "reward"),
+        )
 
     @classmethod
     def external(cls, name: str, format_hash: str, ensemble_size: int, kind: str = "reward") -> ModelRecord:
