@@ -73,15 +73,16 @@ def of(model: type[BaseModel], name: str, note: str = "") -> FieldInfo:
 
 
 def composed(settings: BaseModel, model: type[M], **more: Any) -> M:
-    """`model` built from the fields of `settings` that are its fields (`of`), and `more`; the
-    rest from the environment and its defaults, as always."""
+    """`model` built from the fields of `settings` that are its fields (`of`; a subclass's too:
+    SessionSettings takes the PPOSettings ones) and `more` (over them); the rest from the
+    environment and its defaults, as always."""
     values = {
         mark.name: getattr(settings, name)
         for name, field in type(settings).model_fields.items()
         for mark in field.metadata
-        if isinstance(mark, Of) and mark.model is model
+        if isinstance(mark, Of) and issubclass(model, mark.model)
     }
-    return model(**values, **more)
+    return model(**{**values, **more})
 
 
 class DemoSettings(BaseSettings):
