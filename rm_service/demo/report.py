@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rm_service import registry
-from rm_service.demo.evidence import RULE, decision_table, gold_course
+from rm_service.demo.evidence import decision_table, gold_course, rule_text
 from rm_service.settings import StoreSettings
 from rm_service.store import jobs
-from rm_service.store.agreement import AgreementReport
+from rm_service.store.agreement import AgreementReport, format_report
 from rm_service.store.db import Store
 
 if TYPE_CHECKING:  # the modules that load torch, imported by the stages that run them
@@ -273,13 +273,6 @@ def plot_overoptimisation(facts: RunFacts, path: Path) -> Path:
     return path
 
 
-def _train_setting(name: str, default: float) -> float:
-    """The promotion rule's setting as the demo's server ran it (TrainSettings from the environment)."""
-    from rm_service.settings import TrainSettings
-
-    return getattr(TrainSettings(), name, default)
-
-
 def write_report(facts: RunFacts) -> Path:
     """`report.md` and the plots in the demo's home; returns the report's path."""
     home = facts.home
@@ -348,7 +341,7 @@ def write_report(facts: RunFacts) -> Path:
         "",
         "## Promotion decisions",
         "",
-        RULE.format(conf=_train_setting("gate_confidence", 0.95), share=_train_setting("gate_onpolicy_share", 0.5)),
+        rule_text(),
         "",
         *decision_table(facts.models),
         "",
@@ -380,8 +373,6 @@ def write_report(facts: RunFacts) -> Path:
         "",
     ]
     if facts.agreement is not None:
-        from rm_service.store.agreement import format_report
-
         lines += [
             "## The gold annotator",
             "",
