@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install peers peers-verl browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
+.PHONY: install peers peers-verl browser demo demo-multiturn test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ install: $(STAMP) browser
 
 demo: $(STAMP)
 	$(VENV)/bin/rm-service demo
+
+# Whole conversations: a user model, then PPO over sessions against it (docs/demo.md).
+demo-multiturn: $(STAMP)
+	$(VENV)/bin/rm-service demo --multi-turn
 
 # The suite in two tiers (docs/concepts.md, "Checks and tests"): `make test` runs all of it (README,
 # CI); `make test-fast` the default tier, everything not marked slow, for the edit loop; `make

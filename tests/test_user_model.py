@@ -247,3 +247,19 @@ def test_eval_command_reports_both_models(trained, capsys, monkeypatch, tmp_path
     assert "| all |" in out and "| 0 prior |" in out and "KS distance" in out and "distinct-2" in out
     assert "ECE" in out and out.count(f"| {result.version} |") >= 1
     assert main(["user-model", "eval", "--data", str(HH_FILE), "--format", "feedback", "--samples", "0"]) == 2
+
+
+def test_the_two_halves_are_disjoint_and_cover_the_fit_conversations(home, tmp_path):
+    from rm_service.settings import TrainSettings
+    from rm_service.usermodel.data import fit_half, split, store_conversations
+
+    store = store_with_hh(tmp_path, 300)
+    try:
+        fit, _, _ = split(store_conversations(store, store.create_snapshot()), TrainSettings())
+    finally:
+        store.close()
+    a, b = fit_half(fit, "a", 0), fit_half(fit, "b", 0)
+    ids = lambda convs: {c.conversation_id for c in convs}
+    assert a and b and not ids(a) & ids(b) and ids(a) | ids(b) == ids(fit)
+    assert 0.35 < len(a) / len(fit) < 0.65
+    assert fit_half(fit, "all", 0) == fit and ids(fit_half(fit, "a", 1)) != ids(a)  # the seed moves the halves

@@ -84,6 +84,10 @@ def settings_env(settings, prefix: str) -> dict[str, str]:
 
 def run_demo(s: DemoSettings) -> int:
     """Run the loop; 0 when every stage ran (the report says what the loop achieved)."""
+    if s.multi_turn:
+        from rm_service.demo.multiturn import run_multiturn_demo
+
+        return run_multiturn_demo(s)
     if not s.data.exists():
         print(f"demo: no data file at {s.data}; pass --data", file=sys.stderr)
         return 2

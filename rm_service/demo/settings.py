@@ -173,6 +173,28 @@ class DemoSettings(BaseSettings):
         600.0, gt=0, description="How long the server may take to load and warm the model."
     )
     progress: bool = Field(True, description="Progress bars.")
+    # -- multi-turn (rm-service demo --multi-turn) ---------------------------------------------
+    multi_turn: bool = Field(
+        False,
+        description="Run the multi-turn loop instead (rm_service/demo/multiturn.py): the reward models as above, a "
+        "user model trained (or reused), then PPO over whole conversations against the served user model, the held-out "
+        "sessions' per-turn and session gold in the report.",
+    )
+    max_turns: int = Field(2, ge=1, le=16, description="Multi-turn: most assistant turns per session.")
+    session_steps: int = Field(4, gt=0, description="Multi-turn: PPO steps over sessions.")
+    session_eval_openings: int = Field(
+        8, ge=1, description="Multi-turn: held-out first user turns played (samples_per_prompt sessions each)."
+    )
+    user_model: str | None = Field(
+        None,
+        description="Multi-turn: a user-model version directory to reuse (e.g. one an earlier run registered); unset: "
+        "train one on the imported conversations.",
+    )
+    user_backbone: str = Field(
+        "smollm2-135m-instruct", description="Multi-turn: backbone of the user model trained (LoRA, as the default)."
+    )
+    user_max_minutes: float = Field(3.0, gt=0, description="Multi-turn: training budget of the user model.")
+    user_max_new_tokens: int = Field(24, gt=0, description="Multi-turn: most tokens of one simulated user turn.")
 
     @property
     def run_home(self) -> Path:

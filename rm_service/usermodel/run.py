@@ -22,7 +22,7 @@ from rm_service.models.precision import describe
 from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store import versions
 from rm_service.store.db import Store
-from rm_service.usermodel.data import UserSplit, prepare_split
+from rm_service.usermodel.data import UserSplit, fit_half, prepare_split
 from rm_service.usermodel.evaluate import Teacher, end_calibration, nll_table, teacher_forced
 from rm_service.usermodel.fit import fit
 from rm_service.usermodel.runtime import UserRuntime, load_user_runtime
@@ -60,6 +60,9 @@ def train_user_model(
     models = models or ModelSettings()
     split_settings = split_settings or TrainSettings()
     split = prepare_split(store, split_settings)
+    split.fit = fit_half(split.fit, settings.fit_half, split_settings.seed)
+    if not split.fit:
+        raise FailedPrecondition(f"half {settings.fit_half} of the training conversations is empty: import more")
     runtime = load_user_runtime(settings.backbone, settings.max_tokens, settings.device, settings.precision, models)
     log.info(
         "fine-tuning %s (%s) as a user model, %s",
