@@ -87,6 +87,22 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
     from rm_service.store.db import Store
     from rm_service.store.versions import ModelRecord
 
+    def user_record(version: str, parent: str | None, metrics: dict, path: str) -> ModelRecord:
+        return ModelRecord(
+            version=version,
+            parent=parent,
+            snapshot_id=None,
+            backbone="b",
+            format_hash="f",
+            status="candidate",
+            metrics=metrics,
+            reward_mean=0.0,
+            reward_std=1.0,
+            ensemble_size=1,
+            artifact_path=path,
+            kind="user",
+        )
+
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
     schema.current_version(con)
@@ -102,18 +118,14 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
     try:
         assert [(r.version, r.kind, r.status) for r in registry.list_models(store)] == [("v1", "reward", "promoted")]
         assert registry.next_version(store, "user") == ("u1", 1) and registry.next_version(store) == ("v2", 2)
-        rec = ModelRecord(
-            "u1", None, None, "b", "f", "candidate", {"nll": 1.0, "base_nll": 2.0}, 0, 1, 1, "/y", kind="user"
-        )
+        rec = user_record("u1", None, {"nll": 1.0, "base_nll": 2.0}, "/y")
         registry.register(store, rec, 1)
         ok, why = registry.promote(store, "u1")
         assert not ok and "no decision against its base model" in why  # a user model must beat its base, even first
         ok, why = registry.promote(store, "u1", registry.user_decision(rec, None, 0.0))
         assert ok, why
         assert registry.promoted(store).version == "v1" and registry.promoted(store, "user").version == "u1"
-        worse = ModelRecord(
-            "u2", "u1", None, "b", "f", "candidate", {"nll": 2.5, "base_nll": 2.0}, 0, 1, 1, "/z", kind="user"
-        )
+        worse = user_record("u2", "u1", {"nll": 2.5, "base_nll": 2.0}, "/z")
         registry.register(store, worse, 2)
         ok, why = registry.promote(store, "u2", registry.user_decision(worse, registry.promoted(store, "user"), 0.0))
         assert not ok and "not below the base model's" in why and registry.get_model(store, "u2").status == "rejected"

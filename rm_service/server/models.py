@@ -237,19 +237,7 @@ def load_for_serving(
     assert target.external is not None  # a Target is one or the other
     name = target.external
     runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models, serving=True)
-    rec = ModelRecord(
-        Path(name).name,
-        None,
-        None,
-        name,
-        runtime.spec.hash,
-        "external",
-        {},
-        0.0,
-        1.0,
-        runtime.model.ensemble_size,
-        name,
-    )
+    rec = ModelRecord.external(name, runtime.spec.hash, runtime.model.ensemble_size)
     return serving(Served(runtime, rec, make_backend(runtime, settings)))
 
 
@@ -269,19 +257,7 @@ def load_version_dir(
     )
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
-        rec = ModelRecord(
-            meta.version,
-            meta.parent,
-            meta.snapshot_id,
-            meta.base_backbone,
-            meta.format_hash,
-            "promoted",
-            meta.metrics,
-            meta.reward_mean,
-            meta.reward_std,
-            meta.ensemble_size,
-            str(directory),
-        )
+        rec = ModelRecord.of_version(meta, str(directory), "promoted")
     return serving(Served(runtime, rec, backend, dict(meta.info.get("feedback") or {})))
 
 

@@ -155,17 +155,17 @@ def _register(
         shutil.rmtree(staging)
     write_user_version(directory, meta, runtime)
     rec = registry.ModelRecord(
-        version,
-        meta.parent,
-        meta.snapshot_id,
-        settings.backbone,
-        meta.format_hash,
-        "candidate",
-        metrics,
-        0.0,
-        1.0,
-        1,
-        str(directory),
+        version=version,
+        parent=meta.parent,
+        snapshot_id=meta.snapshot_id,
+        backbone=settings.backbone,
+        format_hash=meta.format_hash,
+        status="candidate",
+        metrics=metrics,
+        reward_mean=0.0,  # a user model serves no rewards: the identity normalisation
+        reward_std=1.0,
+        ensemble_size=1,
+        artifact_path=str(directory),
         kind="user",
     )
     registry.register(store, rec, number)
