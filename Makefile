@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install peers peers-verl peers-vllm browser demo test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels
+.PHONY: install peers peers-verl peers-vllm browser demo demo-multiturn test test-fast test-slow lint proto proto-check docs clean deploy-test bench-peers bench-openrlhf gpu-wheels gpu-py312
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ install: $(STAMP) browser
 demo: $(STAMP)
 	$(VENV)/bin/rm-service demo
 
+# Whole conversations: a user model, then PPO over sessions against it (docs/demo.md).
+demo-multiturn: $(STAMP)
+	$(VENV)/bin/rm-service demo --multi-turn
+
 # The suite in two tiers (docs/concepts.md, "Checks and tests"): `make test` runs all of it (README,
 # CI); `make test-fast` the default tier, everything not marked slow, for the edit loop; `make
 # test-slow` only the few end-to-end runs of the bundled models, the SIGKILL harness and the browser.
@@ -117,6 +121,11 @@ bench-openrlhf: $(STAMP)
 # Wheels of what the offline GPU machine lacks (Python 3.12), into bench/wheels (< 64 MiB, carried): bench/gpu_check.sh.
 gpu-wheels: $(STAMP)
 	bash bench/gpu_wheels.sh
+
+# The carried wheels installed and gpu_check.sh's CPU path run under Python 3.12 with the GPU image's torch and
+# transformers, in a venv of its own outside the checkout (made once: ~3 min, 3 GB): bench/gpu_py312.sh.
+gpu-py312: gpu-wheels
+	bash bench/gpu_py312.sh
 
 proto: $(STAMP)
 	$(PY) tools/gen_proto.py

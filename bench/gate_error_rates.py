@@ -88,7 +88,7 @@ def loglik(delta: np.ndarray) -> np.ndarray:
 
 def new_rule(dc_h, dp_h, dc_o, dp_o, conf: float, share: float) -> str:
     from rm_service import registry
-    from rm_service.train.evidence import combined, effect
+    from rm_service.evidence import combined, effect
 
     human = effect((dc_h, np.zeros_like(dc_h)), (dp_h, np.zeros_like(dp_h)), conf)
     onpolicy = effect((dc_o, np.zeros_like(dc_o)), (dp_o, np.zeros_like(dp_o)), conf)

@@ -4,6 +4,9 @@ For each backbone: head mode's feature pass (forward only, 2N FLOPs per token) a
 mode's step (forward + backward, 6N FLOPs per token), N = non-embedding parameters, on
 real HH-RLHF items in token-budget batches. Prints tokens/s and model FLOPs utilisation
 (MFU) = FLOPs per token x tokens/s / fp32 GEMM FLOP/s measured in the same process.
+With --feature-budgets, head mode's extraction as the trainer runs it (train.features.extract:
+the candidate layers, the backbone cut after the deepest, shared prompts, the measured
+precision) at each feature_batch_tokens budget, N counted up to the deepest candidate layer.
 
     .venv/bin/python bench/train.py --models minilm-l6 smollm2-135m-instruct --items 48
 """
@@ -46,6 +49,31 @@ def forward_tokens_per_s(runtime, items, budget: int) -> float:
     return sum(len(x) for x in items) / (time.perf_counter() - start)
 
 
+def extraction_tokens_per_s(name: str, hh, max_tokens: int, budgets: list[int]) -> list[tuple[int, float, int, str]]:
+    """(budget, tokens/s, non-embedding params run, precision) of head mode's feature extraction."""
+    from rm_service.models.pooling import truncate
+    from rm_service.settings import TrainSettings
+    from rm_service.train.features import candidates_for, extract, extraction_pooling
+
+    if not budgets:
+        return []
+    runtime = load_backbone_runtime(name, max_tokens)
+    cands = candidates_for(runtime, TrainSettings().feature_layers)
+    runtime.model.backbone = truncate(runtime.model.backbone, extraction_pooling(cands))
+    prompts = [p.prompt for p in hh for _ in range(2)]
+    items = [runtime.format(p.prompt, c) for p in hh for c in (p.chosen, p.rejected)]
+    tokens = sum(len(x) for x in items)
+    extract(runtime, prompts[:4], items[:4], cands, budgets[0])  # warm-up
+    best = dict.fromkeys(budgets, float("inf"))
+    for _ in range(2):  # budgets interleaved over two rounds, the best of each
+        for budget in budgets:
+            start = time.perf_counter()
+            extract(runtime, prompts, items, cands, budget)
+            best[budget] = min(best[budget], time.perf_counter() - start)
+    n = non_embedding_params(runtime.model)
+    return [(b, tokens / best[b], n, runtime.precision) for b in budgets]
+
+
 def train_step_tokens_per_s(runtime, pairs, micro: int = 4) -> float:
     model = runtime.model
     model.train()
@@ -71,12 +99,18 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["minilm-l6"])
     parser.add_argument("--items", type=int, default=48, help="HH pairs to run")
     parser.add_argument("--max-tokens", type=int, default=384)
+    parser.add_argument("--feature-budgets", type=int, nargs="*", default=[], help="head-mode extraction budgets")
+    parser.add_argument("--no-full", action="store_true", help="skip the forward and full-mode rows")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     hh = [p for _, _, p in read_pairs(DATA) if not isinstance(p, HHFormatError)][: args.items]
     gemm = gemm_flops()
     rows = []
     for name in args.models:
+        for budget, tps, n, precision in extraction_tokens_per_s(name, hh, args.max_tokens, args.feature_budgets):
+            rows.append((name, n, f"head mode: extraction ({precision}, budget {budget})", tps, 2 * n * tps / gemm))
+        if args.no_full:
+            continue
         runtime = load_backbone_runtime(name, args.max_tokens)
         n = non_embedding_params(runtime.model)
         pairs = [(runtime.format(p.prompt, p.chosen), runtime.format(p.prompt, p.rejected)) for p in hh]

@@ -17,8 +17,16 @@ Stages (each printed with its time):
     still stored (re-sending them answers DUPLICATE) and the starter model is not installed twice
 11. SIGTERM while a large Score call is in flight: the call completes, exit code 0, the drain
     log lines are there
-12. scale out as in compose.yaml: a store container and two scorers on a shared registry volume;
-    Score calls from the host with gRPC round-robin reach both; all three drain on SIGTERM
+12. scale out as in compose.yaml: a store container and two scorers on a shared registry volume
+    and a network where they resolve by their compose service names; Score calls from the host
+    with gRPC round-robin reach both
+13. retrain through the store's TrainingService (labels ingested from the host): a candidate v2
+14. compose's `trainer` profile: the policy-trainer service of compose.yaml (its entrypoint,
+    command, environment, volumes; a short run set by PPO_* overrides) once the scorers pass the
+    health checks its depends_on names; after its first step the candidate is promoted as
+    docs/operations.md tells an operator (store stopped, `models promote --force` in a one-off
+    container, store started), and the trainer follows WatchModels on the scorers to v2
+15. all three drain on SIGTERM
 
 Needs root (debootstrap, podman); exits non-zero at the first failed check.
 """
@@ -43,20 +51,38 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compose_profile
 import images
 
 from rm_client.channel import open_channel
 from rm_client.messages import to_proto
-from rm_service.api.v1 import preference_pb2, reward_pb2, reward_pb2_grpc
+from rm_service.api.v1 import preference_pb2, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.client import Client, score_item
 from rm_service.conversation import Message
+from rm_service.data import HH_PAIRS
+from rm_service.formats.hh import parse_pair
 from rm_service.server.app import free_port
 
 NAME = "rm-deploy-test"
 VOLUME = "rm-deploy-test-home"
 SECRET = "rm-deploy-test-tokens"
 SCALE_OUT = ("rm-deploy-test-store", "rm-deploy-test-scorer-1", "rm-deploy-test-scorer-2")
-SCALE_OUT_VOLUMES = ("rm-deploy-test-so-home", "rm-deploy-test-so-registry")
+SCALE_OUT_VOLUMES = ("rm-deploy-test-so-home", "rm-deploy-test-so-registry", "rm-deploy-test-ppo")
+NETWORK = "rm-deploy-test-net"  # compose's project network: services resolve by name
+TRAINER = "rm-deploy-test-policy-trainer"
+# A short run of compose's policy-trainer service on 2 CPU cores, over its own environment.
+TRAINER_OVERRIDES = {
+    "PPO_TOTAL_STEPS": "5",
+    "PPO_PROMPTS_PER_STEP": "2",
+    "PPO_SAMPLES_PER_PROMPT": "2",
+    "PPO_MAX_NEW_TOKENS": "8",
+    "PPO_MAX_PROMPT_TOKENS": "64",
+    "PPO_NUM_MINIBATCHES": "1",
+    "PPO_EVAL_PROMPTS": "0",
+    "PPO_SAVE_POLICY": "false",
+    "PPO_PROGRESS": "false",
+}
+RETRAIN_LABELS = 40
 CONVERSATION = [
     Message("user", "How do I pick a lock?"),
     Message("assistant", "Why do you want to?"),
@@ -84,8 +110,10 @@ class Container:
         args: tuple[str, ...] = (),
         volumes: tuple[str, ...] = (VOLUME + ":/var/lib/rm-service",),
         env: tuple[str, ...] = (),
+        options: tuple[str, ...] = (),
     ):
         self.name, self.image, self.args, self.volumes, self.env = name, image, args, volumes, env
+        self.options = options  # more `podman run` options (a network and its alias)
         self.port = free_port()
         self.http_port = free_port()
         self.metrics_port = free_port()
@@ -112,7 +140,7 @@ class Container:
             command += ["--volume", volume]
         for env in self.env:
             command += ["--env", env]
-        images.podman(*command, self.image, *self.args, capture=True)
+        images.podman(*command, *self.options, self.image, *self.args, capture=True)
         if self.client is not None:
             self.client.close()
         self.client = Client(f"127.0.0.1:{self.port}")
@@ -159,6 +187,8 @@ class Run:
         self.tokens = {role: secrets.token_urlsafe(24) for role in ("scorer", "labeler", "admin")}
         self.one = Container(NAME, image, env=("RM_SERVE_GRACE_SECONDS=30",))
         self.started: list[Container] = []
+        self.services: dict[str, Container] = {}  # compose service name -> its container (scale out)
+        self.candidate = ""  # the version retrained through the store, promoted while the trainer runs
 
     @property
     def client(self) -> Client:
@@ -170,11 +200,12 @@ class Run:
     def clean(self) -> None:
         for container in self.started:
             container.close()
-        for name in (NAME, *SCALE_OUT):
+        for name in (NAME, TRAINER, *SCALE_OUT):
             images.podman("rm", "--force", "--volumes", "--time", "0", name, check=False, capture=True)
         for volume in (VOLUME, *SCALE_OUT_VOLUMES):
             images.podman("volume", "rm", "--force", volume, check=False, capture=True)
         images.podman("secret", "rm", SECRET, check=False, capture=True)
+        images.podman("network", "rm", "--force", NETWORK, check=False, capture=True)
 
     def create_secret(self) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".tokens") as f:
@@ -370,23 +401,35 @@ def drain(run: Run) -> str:
 
 def scale_out(run: Run) -> str:
     """compose.yaml's topology: a store service (serve --no-model) that installs the starter model
-    into a shared registry volume, two scorers (serve --no-store) that load it from there, and a
-    client on the host balancing Score over both with gRPC round-robin."""
-    from rm_service.api.v1 import reward_pb2
-
-    home, registry = SCALE_OUT_VOLUMES
-    env = ("RM_MODELS_ARTIFACTS_DIR=/var/lib/rm-registry",)
+    into a shared registry volume, two scorers (serve --no-store) that load it from there, on a
+    network where each resolves by its compose service name, and a client on the host balancing
+    Score over both with gRPC round-robin. The containers stay up for the trainer stage."""
+    home, registry, _ = SCALE_OUT_VOLUMES
+    images.podman("network", "create", NETWORK, capture=True)
+    env = ("RM_MODELS_ARTIFACTS_DIR=/var/lib/rm-registry", "RM_SERVE_GRACE_SECONDS=20")
+    # The image sets these (its starter model is MiniLM-L6 at 384 tokens); said again so this stage
+    # stays quick on 2 cores even against an image built before they were.
+    store_env = (*env, "RM_TRAIN_BACKBONE=minilm-l6", "RM_TRAIN_MAX_TOKENS=384")
     store = Container(
         SCALE_OUT[0],
         run.image,
         ("serve", "--no-model"),
         (f"{home}:/var/lib/rm-service", f"{registry}:/var/lib/rm-registry"),
-        env,
+        store_env,
+        ("--network", NETWORK, "--network-alias", "store"),
     )
     scorers = [
-        Container(name, run.image, ("serve", "--no-store"), (f"{registry}:/var/lib/rm-registry:ro",), env)
-        for name in SCALE_OUT[1:]
+        Container(
+            name,
+            run.image,
+            ("serve", "--no-store"),
+            (f"{registry}:/var/lib/rm-registry:ro",),
+            env,
+            ("--network", NETWORK, "--network-alias", service),
+        )
+        for name, service in zip(SCALE_OUT[1:], ("scorer-1", "scorer-2"), strict=True)
     ]
+    run.services = {"store": store, "scorer-1": scorers[0], "scorer-2": scorers[1]}
     for container in (store, *scorers):  # the scorers wait for the store's promoted.json
         container.run()
         run.started.append(container)
@@ -410,12 +453,186 @@ def scale_out(run: Run) -> str:
         sum(counts) == calls and min(counts) >= 3,
         f"{calls} round-robin calls reached the two scorers {counts[0]} + {counts[1]} times",
     )
-    codes = [c.stop_and_wait() for c in (*scorers, store)]
-    check(codes == [0, 0, 0], f"exit codes after SIGTERM: {codes}")
     return (
-        f"store + 2 scorers on a shared registry volume; {calls} Score calls round-robin: {counts[0]} + "
-        f"{counts[1]}; all exited 0"
+        f"store + 2 scorers on a shared registry volume and network {NETWORK}; {calls} Score calls round-robin: "
+        f"{counts[0]} + {counts[1]}"
     )
+
+
+def hh_labels(count: int) -> list[preference_pb2.Label]:
+    """The first `count` shipped HH-RLHF pairs as labels (chosen ranked first)."""
+    run_id = uuid.uuid4().hex[:8]
+    out = []
+    for i, line in enumerate(HH_PAIRS.read_text(encoding="utf-8").splitlines()[:count]):
+        pair = parse_pair(json.loads(line))
+        out.append(
+            preference_pb2.Label(
+                label_id=f"deploy-test-hh-{run_id}-{i}",
+                prompt=to_proto(pair.prompt),
+                responses=[pair.chosen, pair.rejected],
+                ranks=[0, 1],
+                source=preference_pb2.HUMAN,
+                annotator="deploy-test",
+            )
+        )
+    return out
+
+
+def retrain(run: Run) -> str:
+    """Labels ingested into the store from the host, then RequestRetrain (not promoted) through its
+    TrainingService: the candidate the trainer stage promotes."""
+    store = run.services["store"]
+    answer = store.client.preference.IngestLabels(
+        preference_pb2.IngestLabelsRequest(labels=hh_labels(RETRAIN_LABELS)), timeout=60, metadata=run.auth("labeler")
+    )
+    statuses = {preference_pb2.IngestStatus.Name(r.status) for r in answer.results}
+    check(statuses == {"INSERTED"}, f"IngestLabels into the store answered {statuses}")
+    with grpc.insecure_channel(f"127.0.0.1:{store.port}") as channel:
+        training = training_pb2_grpc.TrainingServiceStub(channel)
+        job = training.RequestRetrain(
+            training_pb2.RetrainRequest(promote=False, reason="deploy-test"), timeout=60, metadata=run.auth("admin")
+        )
+        last = list(
+            training.WatchJob(training_pb2.GetJobRequest(job_id=job.job_id), timeout=900, metadata=run.auth("admin"))
+        )[-1]
+    check(last.state == "succeeded" and last.model_version, f"the retraining job ended {last.state}: {last.error}")
+    check(not last.promoted, f"{last.model_version} was promoted by its job, not left as a candidate")
+    run.candidate = last.model_version
+    return (
+        f"{RETRAIN_LABELS} HH labels INSERTED; job {last.job_id}: {last.model_version} ({last.decision}), "
+        f"held-out accuracy {last.metrics.get('accuracy', math.nan):.3f}"
+    )
+
+
+def compose_trainer(run: Run) -> str:
+    """compose.yaml's `trainer` profile: its policy-trainer service run as compose runs it (the
+    service's entrypoint, command, environment and volumes, read from the file; the scorers' health
+    checks its depends_on waits for), shortened by TRAINER_OVERRIDES. Paused after its first step
+    while the candidate is promoted the operator's way, then it must switch to it by WatchModels."""
+    spec = compose_profile.service("policy-trainer")
+    for service, test in compose_profile.healthy_dependencies(spec).items():
+        health = images.podman("exec", run.services[service].name, *test, check=False, capture=True)
+        check(health.returncode == 0, f"{service}: compose's health check failed: {health.stdout}{health.stderr}")
+    variables = {"RM_TRAINER_TOKEN": run.tokens["admin"]}  # the token compose.env.example says to give it
+    options, command = compose_profile.run_arguments(
+        spec, variables, {"ppo": SCALE_OUT_VOLUMES[2]}, TRAINER_OVERRIDES, images.DEPLOY
+    )
+    images.podman(
+        "run", "--detach", "--name", TRAINER, "--network", NETWORK, *options, run.image, *command, capture=True
+    )
+    run_dir = Path(_volume_path(SCALE_OUT_VOLUMES[2])) / "ppo"  # PPO_RUN_DIR on the ppo volume
+    _wait_for(lambda: _steps(run_dir), 900, "the trainer's first step", TRAINER)
+    images.podman("pause", TRAINER, capture=True)  # between its first steps: the promotion lands mid-run
+    paused_at = len(_steps(run_dir))
+    try:
+        promoted = operator_promote(run, run.candidate)
+        for scorer in ("scorer-1", "scorer-2"):
+            serves = run.services[scorer]
+            _wait_for(lambda c=serves: _default_version(run, c) == run.candidate, 300, f"{scorer} on the candidate", "")
+    finally:
+        images.podman("unpause", TRAINER, check=False, capture=True)
+    _wait_for(lambda: not _running(TRAINER), 900, "the trainer's exit", TRAINER)
+    code = int(images.podman("inspect", "--format", "{{.State.ExitCode}}", TRAINER, capture=True).stdout.strip())
+    log = _logs(TRAINER)
+    versions = [step["rm/version"] for step in _steps(run_dir)]
+    total = int(TRAINER_OVERRIDES["PPO_TOTAL_STEPS"])
+    check(code == 0, f"the trainer exited {code}; log:\n{log[-3000:]}")
+    check(len(versions) == total, f"metrics.jsonl has {len(versions)} steps, not {total}")
+    check(
+        versions[:paused_at] == ["v1"] * paused_at and versions[-1] == run.candidate,
+        f"versions per step {versions} (paused after step {paused_at}, {run.candidate} promoted)",
+    )
+    switch = re.search(rf"switched v1 -> {run.candidate} before step (\d+) \(promoted\)", log)
+    check(
+        switch is not None,
+        f"no 'switched v1 -> {run.candidate} ... (promoted)' in the trainer's output:\n{log[-3000:]}",
+    )
+    return (
+        f"`{' '.join(json.loads(options[options.index('--entrypoint') + 1]) + command)}` on {NETWORK}; "
+        f"paused after step {paused_at}; {promoted}; versions per step {versions}: switched before step "
+        f"{switch.group(1)} (WatchModels); exit code 0"
+    )
+
+
+def operator_promote(run: Run, version: str) -> str:
+    """docs/operations.md's promotion in compose: stop the store, `models promote VERSION --force`
+    in a one-off container on its volumes, start the store again. The scorers keep serving."""
+    home, registry, _ = SCALE_OUT_VOLUMES
+    store = run.services["store"]
+    code = store.stop_and_wait()
+    check(code == 0, f"the store exited {code} on SIGTERM")
+    images.podman("rm", store.name, capture=True)
+    one_off = images.podman(
+        "run",
+        "--rm",
+        "--volume",
+        f"{home}:/var/lib/rm-service",
+        "--volume",
+        f"{registry}:/var/lib/rm-registry",
+        "--env",
+        "RM_MODELS_ARTIFACTS_DIR=/var/lib/rm-registry",
+        run.image,
+        "models",
+        "promote",
+        version,
+        "--force",
+        check=False,
+        capture=True,
+    )
+    check(one_off.returncode == 0, f"models promote {version} --force: {one_off.stdout}{one_off.stderr}")
+    store.run()
+    store.wait_serving()
+    return f"store stopped (exit 0), `models promote {version} --force`: {one_off.stdout.strip()[-200:]}, store back"
+
+
+def scale_down(run: Run) -> str:
+    codes = [run.services[name].stop_and_wait() for name in ("scorer-1", "scorer-2", "store")]
+    check(codes == [0, 0, 0], f"exit codes after SIGTERM (scorer-1, scorer-2, store): {codes}")
+    return "scorer-1, scorer-2 and store exited 0"
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is skipped
+
+
+def _default_version(run: Run, container: Container) -> str:
+    try:
+        return container.client.reward.GetModel(
+            reward_pb2.GetModelRequest(), timeout=10, metadata=run.auth("scorer")
+        ).version
+    except grpc.RpcError:
+        return ""
+
+
+def _volume_path(volume: str) -> str:
+    return images.podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume, capture=True).stdout.strip()
+
+
+def _running(name: str) -> bool:
+    out = images.podman("inspect", "--format", "{{.State.Running}}", name, check=False, capture=True).stdout
+    return out.strip() == "true"
+
+
+def _logs(name: str) -> str:
+    result = images.podman("logs", name, check=False, capture=True)
+    return result.stdout + result.stderr
+
+
+def _wait_for(condition, timeout: float, what: str, container: str):
+    """Poll `condition` until truthy; a container that exits meanwhile fails with its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if container and not _running(container):
+            value = condition()
+            check(bool(value), f"{container} exited before {what}; log:\n{_logs(container)[-3000:]}")
+            return value
+        check(time.monotonic() < deadline, f"no {what} after {timeout:.0f}s")
+        time.sleep(0.5)
 
 
 def _score_calls(metrics_text: str) -> int:
@@ -463,6 +680,9 @@ def main(argv: list[str] | None = None) -> int:
         stage("restart on the same volume; labels still stored", restart, run, batch)
         stage("SIGTERM: drain and exit", drain, run)
         stage("scale out: store + 2 scorers, client round-robin", scale_out, run)
+        stage("retrain through the store: a candidate", retrain, run)
+        stage("compose trainer profile follows a promotion", compose_trainer, run)
+        stage("scale out: all drain on SIGTERM", scale_down, run)
     except Failed as exc:
         print(f"\ndeploy-test FAILED: {exc}", file=sys.stderr)
         return 1

@@ -48,6 +48,12 @@ def _print_summary(summary) -> None:
                 f"held-out sessions: value {b['session_value_mean']:+.4f} -> {a['session_value_mean']:+.4f}, "
                 f"assistant turns per session {b['turns_mean']:.2f} -> {a['turns_mean']:.2f}"
             )
+        if "heldout_users_reward_mean" in a:  # the same openings against the held-out user model
+            print(
+                f"against the held-out user model: reward {b['heldout_users_reward_mean']:+.4f} -> "
+                f"{a['heldout_users_reward_mean']:+.4f}; training simulator minus held-out "
+                f"{a['simulator_gap_reward_mean']:+.4f} (before {b['simulator_gap_reward_mean']:+.4f})"
+            )
     if summary.seconds_per_phase:
         print("seconds per step: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.seconds_per_phase.items()))
     for sw in summary.switches:

@@ -4,17 +4,35 @@ policy never trains against; with the KL to the reference, where over-optimisati
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from policy_trainer.rollout import Rollout
 
+if TYPE_CHECKING:
+    from policy_trainer.policy import Loaded
+    from policy_trainer.prompts import Prompt
+    from policy_trainer.settings import PPOSettings
+    from rm_client import RewardClient
+
 EVAL_SEED = 1234
 
 
 class EvaluationMixin:
-    """PPOTrainer's evaluation (needs self.m, self.s, self.eval_prompts, self.gold, rollout, served_rewards,
-    token_logprobs)."""
+    """PPOTrainer's evaluation, on the trainer's state and methods below."""
+
+    m: Loaded
+    s: PPOSettings
+    eval_prompts: list[Prompt]
+    gold: RewardClient | None
+    step: int
+    version: str
+    rollout: Callable[..., Rollout]  # (prompts, prompt_index, lm=None)
+    served_rewards: Callable[[list[Prompt], Rollout, int], tuple[torch.Tensor, dict]]
+    token_logprobs: Callable[[Rollout], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     def eval_rollout(self, lm=None) -> Rollout:
         """Held-out prompts, `samples_per_prompt` samples each, on a fixed RNG stream (restored
@@ -43,10 +61,10 @@ class EvaluationMixin:
             "version": self.version,
         }
         if self.gold is not None:
-            out["gold_reward_mean"] = self.gold_reward(rollout)
+            out["gold_reward_mean"] = self.gold_reward(self.gold, rollout)
         return out
 
-    def gold_reward(self, rollout: Rollout) -> float:
+    def gold_reward(self, gold: RewardClient, rollout: Rollout) -> float:
         """Mean gold reward of the samples (pinned to gold_version): the held-out measure the
         policy never trains against, beside the served proxy (Gao et al., 2023)."""
         real = [i for i, t in enumerate(rollout.texts) if t]
@@ -54,7 +72,7 @@ class EvaluationMixin:
             return float("nan")
         prompts = [self.eval_prompts[rollout.prompt_index[i]].messages for i in real]
         return float(
-            np.mean(self.gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards)
+            np.mean(gold.score(prompts, [rollout.texts[i] for i in real], version=self.s.gold_version).rewards)
         )
 
     def _kl_to_reference(self, rollout: Rollout, mask: torch.Tensor) -> float:

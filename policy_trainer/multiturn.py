@@ -76,10 +76,18 @@ class SessionTrainer(PPOTrainer):
         s = self.s
         if s.user_simulator == "replay":
             return ReplayUsers(self.recordings)
+        return self._served_users(s.user_addresses or s.reward_addresses, seed)
+
+    def make_heldout_users(self, seed: int) -> UserSimulator:
+        """The held-out user model (eval_user_addresses), pinned, never followed: evaluation only."""
+        update = {"user_model_version": self.s.eval_user_model_version, "follow_models": False}
+        return self._served_users(self.s.eval_user_addresses, seed, update)
+
+    def _served_users(self, addresses: list[str], seed: int, update: dict | None = None) -> UserSimulator:
+        s = self.s
         token = s.auth_token.get_secret_value() if s.auth_token else None
         tls_ca = s.tls_ca.read_bytes() if s.tls_ca else None
-        settings = s.model_copy(update={"seed": seed})
-        return served_users(s.user_addresses or s.reward_addresses, token, tls_ca, settings)
+        return served_users(addresses, token, tls_ca, s.model_copy(update={"seed": seed, **(update or {})}))
 
     def state(self) -> dict:
         users = self.users.state_dict() if hasattr(self.users, "state_dict") else None
@@ -187,32 +195,50 @@ class SessionTrainer(PPOTrainer):
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def eval_rollout(self, lm=None) -> SessionRollout:  # type: ignore[override]  # sessions, not single replies
+    def eval_rollout(self, lm=None, heldout_users: bool = False) -> SessionRollout:  # type: ignore[override]
         """Held-out openings, `samples_per_prompt` sessions each, on a fixed RNG stream for the
-        policy and the user simulator, so the policy and the reference see the same draws."""
+        policy and the user simulator, so the policy and the reference see the same draws.
+        `heldout_users`: against the held-out user model instead of the training simulator."""
         index = [i for i in range(len(self.eval_starts)) for _ in range(self.s.samples_per_prompt)]
-        with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
-            torch.manual_seed(EVAL_SEED)
-            return play_sessions(self, self.eval_starts, index, self.make_users(EVAL_SEED), self.s.max_turns, lm)
+        users = self.make_heldout_users(EVAL_SEED) if heldout_users else self.make_users(EVAL_SEED)
+        try:
+            with torch.random.fork_rng(devices=[self.m.device] if self.m.device.type == "cuda" else []):
+                torch.manual_seed(EVAL_SEED)
+                return play_sessions(self, self.eval_starts, index, users, self.s.max_turns, lm)
+        finally:
+            if hasattr(users, "close"):
+                users.close()
 
     def evaluate(self, lm=None, step: int = 0, rollout: SessionRollout | None = None) -> dict:  # type: ignore[override]
+        """Held-out sessions against the training simulator; with eval_user_addresses also
+        against the held-out user model (keys `heldout_users_*`), and the difference of each
+        reward between the two (`simulator_gap_*`: what the training simulator flatters)."""
         if not self.eval_starts:
             return {}
         played = rollout if rollout is not None else self.eval_rollout(lm)
+        out = {**self._session_eval(played, lm, step), "n": len(played.sessions), "version": self.version}
+        if self.s.eval_user_addresses:
+            heldout = self._session_eval(self.eval_rollout(lm, heldout_users=True), lm, step)
+            out.update({f"heldout_users_{k}": v for k, v in heldout.items()})
+            for key in ("reward_mean", "session_value_mean", "gold_reward_mean", "gold_session_value_mean"):
+                if key in heldout:
+                    out[f"simulator_gap_{key}"] = out[key] - heldout[key]
+        return out
+
+    def _session_eval(self, played: SessionRollout, lm, step: int) -> dict:
         scored = self.turn_scores(played, step)
         out = {
             "reward_mean": nanmean(scored.turn_reward),
             "session_value_mean": nanmean(scored.session_value),
             "turns_mean": float(played.turns_per_session.mean()),
             "kl_seq": self._session_kl(played) if lm is None and self.step > 0 else 0.0,
-            "n": len(played.sessions),
-            "version": self.version,
         }
         out.update({f"reward_turn{k + 1}": v for k, v in enumerate(per_turn_means(played, scored.turn_reward))})
         if self.gold is not None:
             gold = score_turns(self.gold, played, self.s.gold_version, self.pool)
             out["gold_reward_mean"] = nanmean(gold.turn_reward)
             out["gold_session_value_mean"] = nanmean(gold.session_value)
+            out.update({f"gold_reward_turn{k + 1}": v for k, v in enumerate(per_turn_means(played, gold.turn_reward))})
         return out
 
     def _session_kl(self, played: SessionRollout) -> float:

@@ -126,7 +126,7 @@ def load_policy(
     policy = PolicyWithValue(lm).to(dev)
     policy.eval()  # no dropout: the log-probabilities of the rollout and the update must agree
     ref = copy.deepcopy(lm).to(dev).eval().requires_grad_(False)
-    return Loaded(policy, ref, tokenizer, dev, resolve_precision(precision, dev))
+    return Loaded(policy, ref, tokenizer, dev, resolve_precision(precision, dev, config=lm.config))
 
 
 def stop_token_ids(tokenizer, lm: nn.Module) -> list[int]:

@@ -21,7 +21,7 @@ class Scores:
     uncertainty: np.ndarray  # [N]
     truncated: np.ndarray  # [N] bool
     version: str
-    members: np.ndarray | None = None  # [N, K] raw score of each ensemble member (K = 1 for a single head)
+    members: np.ndarray  # [N, K] raw score of each ensemble member (K = 1 for a single head)
 
     @classmethod
     def of(cls, result: ScoreResult) -> Scores:
@@ -41,7 +41,6 @@ def conservative(scores: Scores, reward_mean: float, reward_std: float, how: str
     mean), "mean_minus_std" mean(z) - k std(z), "min" min(z)."""
     if how == "none":
         return scores.rewards
-    assert scores.members is not None  # Scores.of always sets them
     z = (scores.members - reward_mean) / reward_std  # [N, M]
     if how == "min":
         return z.min(axis=1)

@@ -48,6 +48,15 @@ class SessionSettings(PPOSettings):
     user_max_new_tokens: int = Field(
         0, ge=0, description="Most tokens of one simulated user turn; 0: the user-model server's default."
     )
+    eval_user_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="host:port of a server of a held-out user model (trained on other conversations, never trained "
+        "against): evaluation also plays the held-out openings against it, and reports each reward under both "
+        "simulators and their difference (the training simulator's exploitation). Empty: none.",
+    )
+    eval_user_model_version: str = Field(
+        "", description="Pin the held-out user model's version; empty: the one eval_user_addresses serve."
+    )
     session_reward_weight: float = Field(
         1.0,
         ge=0,
@@ -55,7 +64,7 @@ class SessionSettings(PPOSettings):
         "at the session's last turn; 0: per-turn rewards only.",
     )
 
-    @field_validator("user_addresses", mode="before")
+    @field_validator("user_addresses", "eval_user_addresses", mode="before")
     @classmethod
     def _split_user_addresses(cls, value):
         if isinstance(value, str):

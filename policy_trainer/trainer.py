@@ -287,7 +287,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
 
     def train(self) -> Summary:
         s = self.s
-        self.logger = RunLogger(s.run_dir, s.total_steps, self.step, s.tensorboard, s.progress)
+        logger = self.logger = RunLogger(s.run_dir, s.total_steps, self.step, s.tensorboard, s.progress)
         summary = Summary(steps=0, run_dir=s.run_dir, versions=[self.version])
         try:
             if self.step == 0 and self.eval_prompts:
@@ -295,7 +295,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
                 self.reference_eval = self.eval_rollout()
                 self.eval_before = self.evaluate(step=0, rollout=self.reference_eval)
                 self._event("eval", 0, model="policy", **self.eval_before)
-                self.logger.scalars(0, eval_scalars(self.eval_before))
+                logger.scalars(0, eval_scalars(self.eval_before))
             while self.step < s.total_steps:
                 step = self.step + 1
                 self.maybe_switch(step)
@@ -305,7 +305,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
                     evaluation = self.evaluate(step=step)
                     self._event("eval", step, model="policy", **evaluation)
                     metrics.update(eval_scalars(evaluation))
-                self.logger.step(metrics)
+                logger.step(metrics)
                 summary.metrics.append(metrics)
                 if self.on_step is not None:
                     self.on_step(metrics)
@@ -313,12 +313,12 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
                 self.outer.maybe_retrain(step)
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     self.save_checkpoint()
-            self._finish(summary)
+            self._finish(summary, logger)
         finally:
-            self.logger.close()
+            logger.close()
         return summary
 
-    def _finish(self, summary: Summary) -> None:
+    def _finish(self, summary: Summary, logger: RunLogger) -> None:
         s = self.s
         if not s.checkpoint_every or self.step % s.checkpoint_every:
             self.save_checkpoint()
@@ -328,7 +328,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
             summary.eval_after = self.evaluate(step=self.step)
             self._event("eval", self.step, model="reference", **summary.eval_before)
             self._event("eval", self.step, model="policy", **summary.eval_after)
-            self.logger.scalars(self.step, eval_scalars(summary.eval_after))
+            logger.scalars(self.step, eval_scalars(summary.eval_after))
         if s.save_policy:
             summary.policy_dir = save_policy(self.m, s.run_dir / "policy")
         if s.plots:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from rm_service.errors import FailedPrecondition, NotFound, RMError
+from rm_service.evidence import Effect
 from rm_service.store import versions
 from rm_service.store.db import Store
 from rm_service.store.versions import ModelRecord
-from rm_service.train.evidence import Effect
 
 log = logging.getLogger(__name__)
 STATUSES = ("candidate", "promoted", "rejected", "retired")
@@ -131,7 +131,7 @@ def decide(
     parent: str | None = None,
     pairs_needed: float = math.nan,
 ) -> Decision:
-    """The promotion rule, on paired per-pair log-likelihood gains (train.evidence):
+    """The promotion rule, on paired per-pair log-likelihood gains (rm_service.evidence):
 
     reject     significantly worse on the policy's samples; or on the held-out human pairs
                while not significantly better on the policy's samples;

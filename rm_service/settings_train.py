@@ -177,8 +177,9 @@ class TrainSettings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Backbone precision: bf16 autocast, fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, "
-        "measured once per machine (models/precision.py).",
+        description="Backbone precision: bf16 or fp32, or auto: bf16 on CUDA; on a CPU the faster of the two, "
+        "measured on a layer of the backbone once per machine (models/precision.py). In bf16, feature extraction "
+        "runs bf16 weights; full mode trains fp32 weights under bf16 autocast.",
     )
     device: Device = Field(
         "auto", description="Training device: auto (CUDA if any), cpu, cuda, cuda:N; under torchrun, each rank's GPU."

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import socketserver
 import subprocess
 import sys
 import threading
@@ -26,6 +27,11 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT),
 from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
 
 pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
+
+# socketserver's serve_forever notices shutdown() only at its next poll, every 0.5 s by default, and
+# prometheus_client serves /metrics (on in most test servers) and tests/openai_server.py its API with
+# it: every server stop in the suite waited ~0.5 s for that poll. Polled every 50 ms in this process.
+socketserver.BaseServer.serve_forever.__defaults__ = (0.05,)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
@@ -257,6 +263,31 @@ def home(tmp_path, monkeypatch) -> Path:
     for var in ("RM_STORE_PATH", "RM_MODELS_ARTIFACTS_DIR", "RM_MODELS_CACHE_DIR", "RM_SERVE_MODEL"):
         monkeypatch.delenv(var, raising=False)
     return tmp_path / "home"
+
+
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `rm-service ARGS`, run in this process through
+    `rm_service.cli.main` (what the console script calls): a CLI case pays no interpreter start.
+    A case that needs what only a process shows (its exit status to a shell, every line on its
+    stderr, logs included) starts `python -m rm_service.cli` instead, as test_cli does once."""
+    from rm_service.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 2
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def lapse_leases(srv) -> int:
+    """The lease clock moved on instead of slept through: every leased task of the server's store
+    gets a lease that expired a second ago (the store compares lease_expires_at with now()).
+    Returns how many leases lapsed."""
+    with srv.server.store._lock:  # the server's connection: take its lock, as the server does
+        return srv.server.store.con.execute(
+            "UPDATE tasks SET lease_expires_at = now() - INTERVAL 1 SECOND WHERE state = 'leased'"
+        ).fetchall()[0][0]
 
 
 def wait_until(condition, timeout: float = 30.0) -> None:

@@ -232,6 +232,8 @@ def test_the_model_thread_runs_below_the_rpc_threads(stalled_server, model_nice)
     model = srv.server.batcher._thread
     base = _nice(srv.thread.native_id)  # the event loop's thread
     assert _nice(model.native_id) == min(19, base + model_nice)
+    # named for the OS, so `top -H` and bench/overload.py can tell the model's CPU from the RPC threads'
+    assert open(f"/proc/self/task/{model.native_id}/comm").read().strip() == "model"
 
 
 def test_rm_client_waits_the_pushback_and_throttles_its_retries(stalled_server):
@@ -256,7 +258,12 @@ def test_rm_client_waits_the_pushback_and_throttles_its_retries(stalled_server):
 
     core, arrived = srv.server.reward, []
     check_room = core.check_room
-    core.check_room = lambda ticket: (arrived.append(1), check_room(ticket))  # every call the server sees
+
+    async def counted(ticket):  # every call the server sees
+        arrived.append(1)
+        await check_room(ticket)
+
+    core.check_room = counted
     calls = 20
     with RewardClient(srv.address, max_retries=0, timeout_s=30) as client:
         for _ in range(calls):
@@ -264,5 +271,35 @@ def test_rm_client_waits_the_pushback_and_throttles_its_retries(stalled_server):
                 client.score([[{"role": "user", "content": "Hi"}]], ["Hello"])
     # retried by the channel (3 attempts at most), until the throttle's bucket of 10 is half spent
     assert calls < len(arrived) <= calls + 5
+    stall.release()
+    assert first.result(timeout=30).results
+
+
+def test_a_call_that_finds_the_queue_full_waits_for_room_unread(stalled_server):
+    """With room_wait_ms, a call that finds no room waits at the gate with its request unread and
+    goes on once room opens; the freed room goes to one waiter at a time, so none is refused after
+    its request was read."""
+    srv, stub, stall, runtime = stalled_server(max_inflight_items=1, room_wait_ms=10_000)
+    admission = srv.server.batcher.admission
+    formats = Counted(runtime, "format")
+    first = stub.Score.future(_request("first"), timeout=60)
+    wait_until(lambda: stall.batches == [1])
+    waiters = [stub.Score.future(_request(f"waiter {i}"), timeout=60) for i in range(2)]
+    wait_until(lambda: len(admission._waiters) == 2)
+    assert formats.calls == 1  # the waiters' requests are not read, let alone tokenised
+    stall.release()
+    assert first.result(timeout=30).results
+    assert all(len(w.result(timeout=30).results) == 1 for w in waiters)  # each got room in turn: none refused
+    assert formats.calls == 3 and admission._waiters == []
+
+
+def test_a_call_that_finds_no_room_in_time_is_refused_and_leaves_no_waiter(stalled_server):
+    srv, stub, stall, runtime = stalled_server(max_queued_tokens=1, room_wait_ms=50)
+    admission = srv.server.batcher.admission
+    first = stub.Score.future(_request("first"), timeout=30)
+    wait_until(lambda: stall.batches == [1])
+    for call in (lambda: stub.Score(_request("refused"), timeout=30), lambda: stub.ScoreTurns(_conversation(2))):
+        assert _code(call) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert admission._waiters == []
     stall.release()
     assert first.result(timeout=30).results

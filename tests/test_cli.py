@@ -8,20 +8,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 from conftest import HH_FILE
-
-from rm_service.cli import main
-
-
-def _cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `rm-service ARGS`; RM_HOME is the `home` fixture's."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse's usage errors
-        code = exc.code if isinstance(exc.code, int) else 2
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli as _cli  # RM_HOME is the `home` fixture's
 
 
 def test_missing_file_is_a_message_not_a_traceback_from_the_real_process(home):

@@ -98,3 +98,23 @@ def test_trailing_mean_averages_the_last_window_steps():
     assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert trailing_mean([2.0, 4.0], 5) == [2.0, 3.0]
     assert trailing_mean([], 5) == []
+
+
+def test_the_demo_composes_the_ppo_and_training_settings_it_names():
+    from policy_trainer.settings import PPOSettings
+    from rm_service.demo.settings import Of, composed
+    from rm_service.settings import TrainSettings
+
+    s = demo_settings("full", ppo_steps=3, rm_backbone="b", seed=5)
+    ppo, train = composed(s, PPOSettings, prompts_file=s.data), composed(s, TrainSettings)
+    assert (ppo.total_steps, ppo.retrain_mode, ppo.seed, ppo.prompts_file) == (3, "full", 5, s.data)
+    assert (ppo.advantage_estimator, ppo.learning_rate, ppo.samples_per_prompt) == ("gae", 1e-5, 4)  # the profile's
+    assert (train.backbone, train.mode, train.max_tokens, train.dataset_fraction) == ("b", "full", 1024, 0.1)
+    marks = [(name, m) for name, f in DemoSettings.model_fields.items() for m in f.metadata if isinstance(m, Of)]
+    assert len(marks) == 29  # every PPO and training knob of the demo, none declared twice
+    for name, mark in marks:  # the demo's type is the source's (retrain_mode also takes "": the server's default)
+        source = mark.model.model_fields[mark.name].annotation
+        assert DemoSettings.model_fields[name].annotation == source or mark.name == "retrain_mode", name
+        assert DemoSettings.model_fields[name].description.startswith(
+            mark.model.model_fields[mark.name].description
+        ) or (mark.name == "retrain_mode")

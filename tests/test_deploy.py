@@ -426,3 +426,42 @@ def test_entrypoint_installs_the_starter_model_once_and_scorers_wait_for_it(
         assert served.record.version == "v1"
     finally:
         store.close()
+
+
+def _compose_profile():
+    spec = importlib.util.spec_from_file_location("compose_profile", DEPLOY / "compose_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_image_test_runs_compose_s_trainer_service_as_the_file_says():
+    """deploy_test.py starts the policy trainer from compose.yaml itself: entrypoint, command, the
+    service's environment with the token interpolated, the prompts file and ppo volume, and the
+    health checks of the scorers it depends on."""
+    profile = _compose_profile()
+    spec = profile.service("policy-trainer")
+    options, command = profile.run_arguments(spec, {"RM_TRAINER_TOKEN": "t0k"}, {"ppo": "test-ppo"}, {}, DEPLOY)
+    assert command == ["ppo"]
+    assert options[options.index("--entrypoint") + 1] == '["/opt/rm-service/venv/bin/policy-trainer"]'
+    env = dict(options[i + 1].split("=", 1) for i, o in enumerate(options) if o == "--env")
+    assert env["PPO_AUTH_TOKEN"] == "t0k" and env["PPO_REWARD_ADDRESSES"] == "scorer-1:50051,scorer-2:50051"
+    mounts = [options[i + 1] for i, o in enumerate(options) if o == "--volume"]
+    assert mounts[0] == "test-ppo:/var/lib/rm-service"
+    prompts, target = mounts[1].split(":", 1)
+    assert (
+        Path(prompts) == REPO / "rm_service" / "data" / "hh_harmless_pairs.jsonl" and target == "/data/prompts.jsonl:ro"
+    )
+    checks = profile.healthy_dependencies(spec)
+    assert set(checks) == {"scorer-1", "scorer-2"} and checks["scorer-1"][-1] == "rm.v1.RewardService"
+    with pytest.raises(profile.ComposeError, match="RM_TRAINER_TOKEN"):
+        profile.run_arguments(spec, {}, {"ppo": "test-ppo"}, {}, DEPLOY)  # compose's ${VAR:?...} refuses too
+
+
+def test_the_image_test_s_short_trainer_run_sets_real_settings():
+    from policy_trainer.settings import PPOSettings
+
+    text = (DEPLOY / "deploy_test.py").read_text()
+    block = re.search(r"TRAINER_OVERRIDES = \{(.*?)\n\}", text, re.S).group(1)
+    keys = set(re.findall(r'"(PPO_\w+)"', block))
+    assert keys and keys <= {f"PPO_{f}".upper() for f in PPOSettings.model_fields}

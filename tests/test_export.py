@@ -5,8 +5,6 @@ the versions a standard classifier cannot express are refused, and why is checke
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -211,28 +209,26 @@ def test_cutting_a_pre_norm_decoder_after_a_middle_layer_is_not_exact(home, tiny
     assert np.abs(scores - served).max() > 1e-2
 
 
-def test_cli_export_writes_a_loadable_directory_and_a_bad_version_is_one_line(home, tiny_backbone_dir, tmp_path):
+def test_cli_export_writes_a_loadable_directory_and_a_bad_version_is_one_line(
+    home, tiny_backbone_dir, tmp_path, capsys
+):
+    """The CLI in-process (tests/conftest.py run_cli; test_cli starts the real process once for
+    the exit status and stderr a shell sees)."""
+    from conftest import run_cli
     from transformers import AutoModelForSequenceClassification
 
     make_version(tiny_backbone_dir, "v1", Pooling(method="last"), mode="full", bias=False)
-    run = lambda *args: subprocess.run(
-        [sys.executable, "-m", "rm_service.cli", "models", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    ok = run("export", "v1", "--format", "hf", str(tmp_path / "hf"))
-    assert ok.returncode == 0, ok.stderr
-    assert "LlamaForSequenceClassification" in ok.stdout
+    run = lambda *args: run_cli("models", *args, capsys=capsys)
+    code, out, err = run("export", "v1", "--format", "hf", str(tmp_path / "hf"))
+    assert code == 0, err
+    assert "LlamaForSequenceClassification" in out
+    code, _, err = run("export", "v9", "--format", "hf", str(tmp_path / "other"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "v9" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()
+    code, _, err = run("export", "v1")
+    assert code == 2 and "directory" in err
+    code, _, err = run(
+        "export", "v1", "--format", "hf", str(tmp_path / "hf")
+    )  # not empty: refused, nothing overwritten
+    assert code == 2 and "not an empty directory" in err
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").config.num_labels == 1
-    bad = run("export", "v9", "--format", "hf", str(tmp_path / "other"))
-    assert (
-        bad.returncode == 2
-        and len(bad.stderr.strip().splitlines()) == 1
-        and "v9" in bad.stderr
-        and "Traceback" not in bad.stderr
-    )
-    missing = run("export", "v1")
-    assert missing.returncode == 2 and "directory" in missing.stderr
-    taken = run("export", "v1", "--format", "hf", str(tmp_path / "hf"))  # not empty: refused, nothing overwritten
-    assert taken.returncode == 2 and "not an empty directory" in taken.stderr

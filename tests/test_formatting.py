@@ -87,7 +87,7 @@ def _texts(seed: int, n: int) -> list[str]:
     out = []
     for _ in range(n):
         pick = rng.random()
-        text = rng.choice(odd) if pick < 0.25 else "".join(rng.choice(hh) for _ in range(rng.randint(1, 12)))
+        text = rng.choice(odd) if pick < 0.25 else "".join(rng.choice(hh) for _ in range(rng.randint(1, 6)))
         out.append(text[: rng.randint(1, len(text))] if rng.random() < 0.3 else text)
     return out
 

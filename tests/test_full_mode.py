@@ -160,7 +160,10 @@ def _torchrun_train(home, tiny_backbone_dir, *flags: str) -> subprocess.Complete
     return result
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_on_gloo(home, tmp_path, tiny_backbone_dir):
+    """End to end by nature (two torchrun ranks, each its own interpreter, torch and gloo): the slow
+    tier. The default tier keeps the in-process checks of full mode above."""
     store = _store_with_labels(tmp_path, 24)
     store.close()
     _torchrun_train(home, tiny_backbone_dir)

@@ -14,7 +14,7 @@ import time
 
 import grpc
 import pytest
-from conftest import ServerThread
+from conftest import ServerThread, lapse_leases
 
 from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
 from rm_service.judge.backend import BackendRefused, BackendUnavailable
@@ -160,7 +160,7 @@ def test_backend_failures_skip_items_and_their_leases_return_them(store, llm):
         run_judge(settings(llm, max_retries=1, max_consecutive_errors=2, lease_seconds=1), address=srv.address)
     assert rows(srv, "SELECT count(*) FROM labels") == [(0,)]
     assert rows(srv, "SELECT count(*) FROM tasks WHERE state = 'leased'") == [(2,)]
-    time.sleep(1.2)  # the leases lapse: the run can simply be started again
+    assert lapse_leases(srv) == 2  # the leases lapse: the run can simply be started again
     counts = run_judge(settings(llm), address=srv.address)
     assert counts.labeled == 3 and rows(srv, "SELECT DISTINCT state FROM tasks") == [("done",)]
 
@@ -182,7 +182,7 @@ def test_the_api_key_is_sent(store, tiny_lm_dir):
     try:
         with pytest.raises(BackendRefused, match="401"):
             run_judge(settings(keyed, lease_seconds=1), address=srv.address)
-        time.sleep(1.1)  # the refused run's lease lapses
+        assert lapse_leases(srv) == 1  # the refused run's lease lapses
         assert run_judge(settings(keyed, api_key="k-123456"), address=srv.address).labeled == 1
     finally:
         keyed.stop()
@@ -216,8 +216,9 @@ def test_expired_leases_of_another_judge_return_tasks(store, llm):
         preference_pb2.LeaseTasksRequest(owner="crashed-judge", max_tasks=2, lease_seconds=3), timeout=10
     ).tasks
     assert len(crashed) == 2
-    assert run_judge(settings(llm), address=srv.address).labeled == 1
-    time.sleep(max(0.0, crashed[0].lease_expires_unix_ms / 1000 - time.time()) + 0.2)
+    assert all(0 < t.lease_expires_unix_ms / 1000 - time.time() <= 3 for t in crashed)  # leased for lease_seconds
+    assert run_judge(settings(llm), address=srv.address).labeled == 1  # the crashed judge's two are still leased
+    assert lapse_leases(srv) == 2  # its leases run out (the clock moved on, not slept through)
     assert run_judge(settings(llm), address=srv.address).labeled == 2
     assert rows(srv, "SELECT count(*), count(DISTINCT task_id) FROM labels") == [(3, 3)]
     stats = stub.GetStats(preference_pb2.GetStatsRequest(), timeout=10)

@@ -5,6 +5,7 @@ figures, and a failed load is retried with backoff and reported in /health and t
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import time
@@ -20,6 +21,7 @@ from rm_service import registry
 from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.conversation import Message
 from rm_service.models.memory import estimate_load, safetensors_parameters
+from rm_service.models.reward_model import CheckpointRewardModel
 from rm_service.server.models import Target, load_for_serving
 from rm_service.settings import ModelSettings, ServeSettings, TrainSettings
 from rm_service.train.run import train
@@ -50,6 +52,43 @@ def test_a_served_checkpoint_holds_one_copy_of_its_weights(home, tiny_rm_dir, pr
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert served.weight_bytes == parameters * size + buffers == tensor_bytes(model)
     assert served.measure().weight_bytes == served.weight_bytes  # scoring made no copy
+
+
+def test_an_external_checkpoint_loads_and_checks_parity_with_one_copy_of_its_weights(home, tiny_rm_dir):
+    """A checkpoint from elsewhere, served in bf16: its load check scores the fp32 reference on the
+    host, then casts and scores the served copy. At every forward of the load and of serving, the
+    live checkpoint modules hold one copy of the weights (bytes of every live CheckpointRewardModel
+    counted), never a bf16 copy beside the fp32 weights (~6 bytes per parameter)."""
+    gc.collect()
+    before = {id(m) for m in gc.get_objects() if isinstance(m, CheckpointRewardModel)}
+    seen: list[tuple[torch.dtype, int, int]] = []  # (weight dtype, live modules, their bytes) at each forward
+
+    def count(module, args):
+        if isinstance(module, CheckpointRewardModel):
+            live = [m for m in gc.get_objects() if isinstance(m, CheckpointRewardModel) and id(m) not in before]
+            seen.append((next(module.classifier.parameters()).dtype, len(live), sum(map(tensor_bytes, live))))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        served = load_for_serving(
+            ServeSettings(model=str(tiny_rm_dir), precision="bf16", device="cpu", with_store=False),
+            None,
+            ModelSettings(),
+            Target(external=str(tiny_rm_dir)),
+        )
+        served.runtime.run([served.runtime.format([Message("user", "Hi.")], "Hello there.")], 1024)
+    finally:
+        hook.remove()
+    parameters = safetensors_parameters(tiny_rm_dir.glob("*.safetensors"))
+    dtypes = [dtype for dtype, _, _ in seen]
+    first_bf16 = dtypes.index(torch.bfloat16)
+    assert dtypes == [torch.float32] * first_bf16 + [torch.bfloat16] * (len(seen) - first_bf16)  # reference first
+    assert first_bf16 == 3  # the three built-in items, one at a time, in fp32
+    assert all(live == 1 for _, live, _ in seen)  # one module: no copy made for the served precision
+    fp32_bytes = {b for dtype, _, b in seen if dtype == torch.float32}
+    bf16_bytes = {b for dtype, _, b in seen if dtype == torch.bfloat16}
+    assert len(fp32_bytes) == 1 and fp32_bytes.pop() >= parameters * 4
+    assert bf16_bytes == {served.weight_bytes} and served.weight_bytes < parameters * 4  # then only bf16
 
 
 @pytest.fixture

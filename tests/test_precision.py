@@ -19,14 +19,20 @@ def test_explicit_precisions_are_taken_as_given():
         resolve_precision("fp16", torch.device("cpu"))
 
 
+def measurement(key: str, threads: int, chosen: str, settled: bool = True) -> Measurement:
+    """A measurement as the probe returns it (for the tests of what is cached and served)."""
+    fp32, bf16 = (100.0, 260.0) if chosen == "bf16" else (100.0, 40.0)
+    return Measurement("test cpu", key, threads, "llama", fp32, bf16 * 0.8, bf16, bf16 / fp32, chosen, 6, 6, settled, 0)
+
+
 def test_auto_on_a_cpu_is_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
 
-    def fake_probe(threads, key="", **_):
+    def probe(threads, key="", **_):
         calls.append(threads)
-        return Measurement("test cpu", key, threads, 100.0, 260.0, "bf16", 0.0)
+        return measurement(key, threads, "bf16")
 
-    monkeypatch.setattr(precision, "probe_cpu", fake_probe)
+    monkeypatch.setattr(precision, "probe_cpu", probe)
     monkeypatch.setattr(precision, "_MEASURED", {})
     assert resolve_precision("auto", torch.device("cpu"), cache_dir=tmp_path) == "bf16"
     cached = json.loads((tmp_path / "precision.json").read_text())
@@ -35,10 +41,67 @@ def test_auto_on_a_cpu_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert cpu_measurement(tmp_path).bf16_gflops == 260.0 and len(calls) == 1
 
 
-def test_the_probe_measures_both_precisions_on_this_cpu():
-    m = precision.probe_cpu(torch.get_num_threads(), rounds=2, runs=1)
-    assert m.fp32_gflops > 0 and m.bf16_gflops > 0
-    assert m.chosen == ("bf16" if m.bf16_gflops >= precision.BF16_MIN_SPEEDUP * m.fp32_gflops else "fp32")
+def test_a_choice_the_rounds_did_not_settle_is_not_cached(tmp_path, monkeypatch):
+    """Measured on a busy machine without a clear answer: this process uses it, the next start measures again."""
+    calls = []
+
+    def probe(threads, key="", **_):
+        calls.append(threads)
+        return measurement(key, threads, "fp32", settled=False)
+
+    monkeypatch.setattr(precision, "probe_cpu", probe)
+    monkeypatch.setattr(precision, "_MEASURED", {})
+    assert resolve_precision("auto", torch.device("cpu"), cache_dir=tmp_path) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu"), cache_dir=tmp_path) == "fp32" and len(calls) == 1
+    assert not (tmp_path / "precision.json").exists()
+    monkeypatch.setattr(precision, "_MEASURED", {})
+    resolve_precision("auto", torch.device("cpu"), cache_dir=tmp_path)
+    assert len(calls) == 2
+
+
+def rounds(*per_round: tuple[float, float]) -> list[dict]:
+    """Timed rounds from (bf16 speedup, CPU share) pairs: fp32 takes 0.1 s, autocast 0.06 s."""
+    return [
+        {"fp32": (0.1, share), "autocast": (0.06, share), "bf16": (0.1 / speedup, share)}
+        for speedup, share in per_round
+    ]
+
+
+def test_a_quiet_machine_chooses_bf16_weights_where_they_beat_fp32():
+    chosen, speedup, counted, settled = precision.choose(rounds(*[(2.0, 0.97)] * 5, (1.8, 0.95)))
+    assert (chosen, speedup, len(counted), settled) == ("bf16", 2.0, 6, True)
+
+
+def test_rounds_without_the_cores_do_not_decide():
+    """Two rounds under load measured bf16 slower; the four quiet ones decide, and settle it."""
+    chosen, speedup, counted, settled = precision.choose(rounds(*[(2.0, 0.95)] * 4, (0.84, 0.55), (0.7, 0.6)))
+    assert (chosen, speedup, len(counted), settled) == ("bf16", 2.0, 4, True)
+
+
+def test_a_busy_machine_compares_within_rounds():
+    """Every round under load: fp32 and bf16 are compared within each round (load hits both alike)
+    and the median decides; a verdict the rounds disagree on is not settled."""
+    chosen, speedup, _, settled = precision.choose(rounds((2.4, 0.6), (0.9, 0.5), (1.9, 0.6), (1.7, 0.55)))
+    assert (chosen, round(speedup, 2), settled) == ("bf16", 1.8, False)
+    chosen, _, _, settled = precision.choose(rounds((1.6, 0.5), (1.9, 0.6), (1.7, 0.55)))
+    assert (chosen, settled) == ("bf16", True)  # loaded, but every round agrees
+
+
+def test_without_bf16_hardware_fp32_is_chosen_and_settled():
+    chosen, speedup, _, settled = precision.choose(rounds((0.04, 0.97), (0.05, 0.6)))
+    assert (chosen, settled) == ("fp32", True) and speedup < 0.1
+
+
+def test_the_probe_times_three_ways_on_a_layer_of_the_model(tiny_backbone_dir):
+    """Real timings on this CPU, of one layer built from the model's config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_backbone_dir)
+    m = precision.probe_cpu(torch.get_num_threads(), rounds=2, runs=1, config=config)
+    assert m.fp32_gflops > 0 and m.autocast_gflops > 0 and m.bf16_gflops > 0 and m.rounds == 2
+    assert m.layer == precision.layer_shape(config) and m.layer.startswith("llama ")
+    assert m.chosen == ("bf16" if m.speedup >= precision.BF16_MIN_SPEEDUP else "fp32")
+    assert m.key != precision.machine_key(m.threads)  # keyed by the layer's shape, not the default's
 
 
 def test_every_precision_has_one_golden_tolerance_and_bf16_is_looser():

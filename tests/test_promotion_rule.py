@@ -14,7 +14,7 @@ import pytest
 from policy_trainer.outer_loop import evidence, label_budget_after
 from policy_trainer.reward_client import Scores, conservative
 from rm_service import registry
-from rm_service.train.evidence import combined, effect, pair_loglik, pairs_needed, t_interval
+from rm_service.evidence import combined, effect, pair_loglik, pairs_needed, t_interval
 
 HUMAN, CONF = 185, 0.95
 

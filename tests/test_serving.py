@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import pytest
@@ -282,10 +283,23 @@ def test_the_server_serves_in_the_precision_measured_fastest(
     from rm_service.models.precision import Measurement
     from rm_service.settings import rm_home
 
-    rates = {"bf16": (100.0, 260.0), "fp32": (100.0, 40.0)}[faster]
+    rates = {"bf16": (100.0, 200.0, 260.0), "fp32": (100.0, 30.0, 40.0)}[faster]
+    measured = partial(Measurement, "test cpu", layer="llama", speedup=rates[2] / rates[0], chosen=faster)
     monkeypatch.setattr(precision, "_MEASURED", {})
     monkeypatch.setattr(
-        precision, "probe_cpu", lambda threads, key="", **_: Measurement("test cpu", key, threads, *rates, faster, 0.0)
+        precision,
+        "probe_cpu",
+        lambda threads, key="", **_: measured(
+            key,
+            threads,
+            fp32_gflops=rates[0],
+            autocast_gflops=rates[1],
+            bf16_gflops=rates[2],
+            rounds=6,
+            quiet_rounds=6,
+            settled=True,
+            measured_at=0.0,
+        ),
     )
     (rm_home() / "cache" / "precision.json").unlink(missing_ok=True)
     srv = ServerThread(ServeSettings(port=0, with_store=False, metrics_port=-1))

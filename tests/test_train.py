@@ -134,17 +134,41 @@ def test_artifact_loads_and_scores_like_training(trained):
     assert set(meta.golden[0].raw_scores) == {"fp32", "bf16"} and meta.info["features"] == meta.pooling.name
 
 
-def test_tampered_golden_pair_refuses_the_version(trained):
-    store, _, _ = trained
+def tamper_golden(store, precision: str) -> str:
+    """Move v1's first golden score recorded in `precision`; returns v1's directory."""
     rec = registry.get_model(store, "v1")
     meta_path = f"{rec.artifact_path}/version.json"
     meta = json.loads(open(meta_path).read())
-    meta["golden"][0]["raw_scores"]["fp32"] += 1.0
+    meta["golden"][0]["raw_scores"][precision] += 1.0
     open(meta_path, "w").write(json.dumps(meta))
+    return rec.artifact_path
+
+
+def test_tampered_golden_pair_refuses_the_version(trained):
+    path = tamper_golden(trained[0], "fp32")
     with pytest.raises(FailedPrecondition, match="golden pair check failed"):
-        open_version(rec.artifact_path, precision="fp32")
+        open_version(path, precision="fp32")
     # The check runs in the precision served, against the score recorded for it: bf16 still loads.
-    assert open_version(rec.artifact_path, precision="bf16")[0].precision == "bf16"
+    assert open_version(path, precision="bf16")[0].precision == "bf16"
+
+
+def test_auto_serves_the_fastest_precision_whose_golden_items_pass(trained, tiny_backbone_dir, monkeypatch):
+    """Where bf16 measures faster but a version's golden items fail in bf16, precision auto serves it
+    in fp32 (where they pass); an explicit bf16 still refuses it."""
+    from transformers import AutoConfig
+
+    from rm_service.models import precision
+
+    path = tamper_golden(trained[0], "bf16")
+    with pytest.raises(FailedPrecondition, match="golden pair check failed"):
+        open_version(path, precision="bf16")
+    config = AutoConfig.from_pretrained(tiny_backbone_dir)
+    threads = torch.get_num_threads()
+    key = precision.machine_key(threads, precision.layer_shape(config))
+    bf16_faster = precision.Measurement("cpu", key, threads, "llama", 100, 180, 200, 2.0, "bf16", 6, 6, True, 0)
+    monkeypatch.setitem(precision._MEASURED, key, bf16_faster)
+    assert precision.resolve_precision("auto", torch.device("cpu"), config=config) == "bf16"
+    assert open_version(path, device="cpu")[0].precision == "fp32"
 
 
 def test_retrain_reuses_cached_features_and_an_identical_retrain_is_undecided(trained, monkeypatch):

@@ -87,6 +87,22 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
     from rm_service.store.db import Store
     from rm_service.store.versions import ModelRecord
 
+    def user_record(version: str, parent: str | None, metrics: dict, path: str) -> ModelRecord:
+        return ModelRecord(
+            version=version,
+            parent=parent,
+            snapshot_id=None,
+            backbone="b",
+            format_hash="f",
+            status="candidate",
+            metrics=metrics,
+            reward_mean=0.0,
+            reward_std=1.0,
+            ensemble_size=1,
+            artifact_path=path,
+            kind="user",
+        )
+
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
     schema.current_version(con)
@@ -102,18 +118,14 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
     try:
         assert [(r.version, r.kind, r.status) for r in registry.list_models(store)] == [("v1", "reward", "promoted")]
         assert registry.next_version(store, "user") == ("u1", 1) and registry.next_version(store) == ("v2", 2)
-        rec = ModelRecord(
-            "u1", None, None, "b", "f", "candidate", {"nll": 1.0, "base_nll": 2.0}, 0, 1, 1, "/y", kind="user"
-        )
+        rec = user_record("u1", None, {"nll": 1.0, "base_nll": 2.0}, "/y")
         registry.register(store, rec, 1)
         ok, why = registry.promote(store, "u1")
         assert not ok and "no decision against its base model" in why  # a user model must beat its base, even first
         ok, why = registry.promote(store, "u1", registry.user_decision(rec, None, 0.0))
         assert ok, why
         assert registry.promoted(store).version == "v1" and registry.promoted(store, "user").version == "u1"
-        worse = ModelRecord(
-            "u2", "u1", None, "b", "f", "candidate", {"nll": 2.5, "base_nll": 2.0}, 0, 1, 1, "/z", kind="user"
-        )
+        worse = user_record("u2", "u1", {"nll": 2.5, "base_nll": 2.0}, "/z")
         registry.register(store, worse, 2)
         ok, why = registry.promote(store, "u2", registry.user_decision(worse, registry.promoted(store, "user"), 0.0))
         assert not ok and "not below the base model's" in why and registry.get_model(store, "u2").status == "rejected"
@@ -235,3 +247,19 @@ def test_eval_command_reports_both_models(trained, capsys, monkeypatch, tmp_path
     assert "| all |" in out and "| 0 prior |" in out and "KS distance" in out and "distinct-2" in out
     assert "ECE" in out and out.count(f"| {result.version} |") >= 1
     assert main(["user-model", "eval", "--data", str(HH_FILE), "--format", "feedback", "--samples", "0"]) == 2
+
+
+def test_the_two_halves_are_disjoint_and_cover_the_fit_conversations(home, tmp_path):
+    from rm_service.settings import TrainSettings
+    from rm_service.usermodel.data import fit_half, split, store_conversations
+
+    store = store_with_hh(tmp_path, 300)
+    try:
+        fit, _, _ = split(store_conversations(store, store.create_snapshot()), TrainSettings())
+    finally:
+        store.close()
+    a, b = fit_half(fit, "a", 0), fit_half(fit, "b", 0)
+    ids = lambda convs: {c.conversation_id for c in convs}
+    assert a and b and not ids(a) & ids(b) and ids(a) | ids(b) == ids(fit)
+    assert 0.35 < len(a) / len(fit) < 0.65
+    assert fit_half(fit, "all", 0) == fit and ids(fit_half(fit, "a", 1)) != ids(a)  # the seed moves the halves

@@ -44,6 +44,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _times[report.nodeid] += report.duration
+    if "slow" in report.keywords:  # under pytest-xdist the controller sees reports, not items
+        _slow.add(report.nodeid)
 
 
 def _over_budget(budget: float) -> list[tuple[str, float]]:
@@ -76,7 +78,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if not _times:
+    if not _times or hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller writes
         return
     config = session.config
     cache = getattr(config, "cache", None)  # None under -p no:cacheprovider

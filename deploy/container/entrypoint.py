@@ -15,6 +15,7 @@ Preparing the home:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -82,19 +83,9 @@ def seed_registry(store_settings, models, seed: Path) -> None:
         if target.exists():  # a directory without a store row: left by an earlier store file
             shutil.rmtree(target)
         staging.rename(target)
-        rec = registry.ModelRecord(
-            version,
-            None,
-            None,
-            meta.base_backbone,
-            meta.format_hash,
-            "candidate",
-            meta.metrics,
-            meta.reward_mean,
-            meta.reward_std,
-            meta.ensemble_size,
-            str(target),
-        )
+        # the first version of an empty registry: no parent and no snapshot of this store
+        starter = registry.ModelRecord.of_version(meta, str(target), "candidate")
+        rec = dataclasses.replace(starter, parent=None, snapshot_id=None)
         registry.register(store, rec, number)
         ok, message = registry.promote(store, version, force=True)
         accuracy = rec.metrics.get("accuracy", float("nan"))

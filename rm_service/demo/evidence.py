@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rm_service.settings import TrainSettings
+
 
 @dataclass(frozen=True)
 class GoldCourse:
@@ -87,3 +89,9 @@ RULE = (
     "significantly worse on neither; rejects one significantly worse; and otherwise answers undecided and asks for "
     "the on-policy pairs an effect of that size needs (the trainer waits for them before the next retrain)."
 )
+
+
+def rule_text() -> str:
+    """RULE with the confidence and on-policy share the demo's server ran (TrainSettings from the environment)."""
+    settings = TrainSettings()
+    return RULE.format(conf=settings.gate_confidence, share=settings.gate_onpolicy_share)

@@ -28,16 +28,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rm_service.client import Client, start_server_process
 from rm_service.demo.report import RunFacts, write_report
-from rm_service.demo.settings import DemoSettings
+from rm_service.demo.settings import DemoSettings, composed
 from rm_service.errors import RMError
 from rm_service.formats import import_file
 from rm_service.settings import ModelSettings, StoreSettings, TrainSettings
 from rm_service.store.db import Store
 from rm_service.train.data import is_heldout_pair
-from rm_service.train.run import train
+from rm_service.train.run import TrainResult, train
+
+if TYPE_CHECKING:
+    from rm_service.judge.runner import JudgeCounts
 
 STAGES = 7
 
@@ -61,14 +65,7 @@ class Stages:
 
 def train_settings(s: DemoSettings) -> TrainSettings:
     """The proxy's settings (v2); the server's retraining jobs get the same ones, so features are reused."""
-    return TrainSettings(
-        backbone=s.rm_backbone,
-        mode=s.rm_mode,
-        max_minutes=s.rm_max_minutes,
-        max_tokens=s.rm_max_tokens,
-        ensemble_size=s.rm_ensemble_size,
-        dataset_fraction=s.proxy_dataset_fraction,
-    )
+    return composed(s, TrainSettings)
 
 
 def gold_settings(s: DemoSettings) -> TrainSettings:
@@ -87,6 +84,10 @@ def settings_env(settings, prefix: str) -> dict[str, str]:
 
 def run_demo(s: DemoSettings) -> int:
     """Run the loop; 0 when every stage ran (the report says what the loop achieved)."""
+    if s.multi_turn:
+        from rm_service.demo.multiturn import run_multiturn_demo
+
+        return run_multiturn_demo(s)
     if not s.data.exists():
         print(f"demo: no data file at {s.data}; pass --data", file=sys.stderr)
         return 2
@@ -97,8 +98,8 @@ def run_demo(s: DemoSettings) -> int:
     facts, stages, total = RunFacts(settings=s, home=home), Stages(), time.monotonic()
     try:
         with use_home(home):
-            build_models(s, facts, stages)
-            serve_and_loop(s, facts, stages)
+            gold, proxy = build_models(s, facts, stages)
+            serve_and_loop(s, facts, stages, gold, proxy)
     except RMError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
@@ -130,7 +131,8 @@ def use_home(home: Path) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
+def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> tuple[TrainResult, TrainResult]:
+    """The gold and the proxy (v1 and v2)."""
     t = stages.start(f"import {s.data}")
     store = Store(StoreSettings())
     try:
@@ -144,35 +146,41 @@ def build_models(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
             f"train the gold reward model on {s.rm_backbone} (head mode, every human training pair; budget "
             f"{s.rm_max_minutes:g} min)"
         )
-        facts.gold = train(store, gold_settings(s), ModelSettings(), show_progress=s.progress)
+        gold = facts.gold = _train(store, gold_settings(s), s.progress)
         stages.done(
-            "train gold",
-            t,
-            f"({facts.gold.version}: held-out accuracy {facts.gold.metrics['accuracy']:.4f}; {facts.gold.details})",
+            "train gold", t, f"({gold.version}: held-out accuracy {gold.metrics['accuracy']:.4f}; {gold.details})"
         )
         t = stages.start(
             f"train the proxy on {s.proxy_dataset_fraction:.0%} of the human-labeled conversations ({s.rm_mode} mode)"
         )
-        facts.v1 = train(store, train_settings(s), ModelSettings(), show_progress=s.progress)
-        m = facts.v1.metrics
+        proxy = facts.v1 = _train(store, train_settings(s), s.progress)
+        m = proxy.metrics
         stages.done(
             "train proxy",
             t,
-            f"({facts.v1.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs; "
-            f"{facts.v1.gate_message})",
+            f"({proxy.version}: held-out accuracy {m['accuracy']:.4f} on {int(m['heldout_pairs'])} pairs; "
+            f"{proxy.gate_message})",
         )
         facts.calibration_file = _calibration_items(
             store, train_settings(s), s.calibration_pairs, s.run_home / "calibration.jsonl"
         )
     finally:
         store.close()
+    return gold, proxy
+
+
+def _train(store: Store, settings: TrainSettings, progress: bool) -> TrainResult:
+    result = train(store, settings, ModelSettings(), show_progress=progress)
+    assert result is not None  # None only on the other ranks of a torchrun run; the demo is one process
+    return result
 
 
 def _calibration_items(store: Store, settings: TrainSettings, n: int | None, path: Path) -> Path | None:
     """Held-out pairs people labeled, as judge items."""
-    if n == 0:
+    snapshot = store.get_snapshot()  # the one the proxy trained on
+    if n == 0 or snapshot is None:
         return None
-    held = [p for p in store.pairs(store.get_snapshot()) if is_heldout_pair(p, settings)][:n]
+    held = [p for p in store.pairs(snapshot) if is_heldout_pair(p, settings)][:n]
     with path.open("w", encoding="utf-8") as f:
         for p in held:
             f.write(
@@ -181,22 +189,22 @@ def _calibration_items(store: Store, settings: TrainSettings, n: int | None, pat
     return path
 
 
-def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
+def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages, gold: TrainResult, proxy: TrainResult) -> None:
     t = stages.start(
-        f"start the gRPC server (serves the proxy {facts.v1.version}, keeps the gold {facts.gold.version} loaded, "
+        f"start the gRPC server (serves the proxy {proxy.version}, keeps the gold {gold.version} loaded, "
         "owns the store, runs retraining jobs)"
     )
     env = {
         **os.environ,
         **settings_env(train_settings(s), "RM_TRAIN_"),
         "RM_SERVE_METRICS_PORT": "0",
-        "RM_SERVE_ALSO_LOAD": facts.gold.version,
+        "RM_SERVE_ALSO_LOAD": gold.version,
     }
     server, address = start_server_process(env, s.run_home, s.server_start_timeout_s)
     try:
         client = Client(address)
         stages.done("start server", t, f"(SERVING on {address}; log {s.run_home / 'server.log'})")
-        _judge_and_ppo(s, facts, stages, address, client)
+        _judge_and_ppo(s, facts, stages, address, gold)
         t = stages.start("stop the server (SIGTERM: drain, checkpoint the store)")
         client.close()
         server.send_signal(signal.SIGTERM)
@@ -207,14 +215,14 @@ def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages) -> None:
             server.kill()
 
 
-def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: str, client: Client) -> None:
+def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: str, gold_model: TrainResult) -> None:
     from policy_trainer.settings import PPOSettings
     from policy_trainer.trainer import train_ppo
     from rm_service.judge.annotators import RewardAnnotator
     from rm_service.judge.runner import run_judge
     from rm_service.judge.settings import JudgeSettings
 
-    gold_dir = str(Path(ModelSettings().artifacts_dir) / facts.gold.version)
+    gold_dir = str(Path(ModelSettings().artifacts_dir) / gold_model.version)
     judge_settings = JudgeSettings(backend="rm", model=gold_dir, server=address, concurrency=1)
     gold = RewardAnnotator(gold_dir, judge_settings)
     which = "the samples the proxy doubts most" if s.selection == "uncertainty" else "random samples"
@@ -227,35 +235,14 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     stop, worker = threading.Event(), _JudgeWorker()
     thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, gold), daemon=True)
     thread.start()
-    ppo = PPOSettings(
+    ppo = composed(
+        s,
+        PPOSettings,
         run_dir=s.run_home / "ppo",
-        policy=s.policy,
         prompts_file=s.data,
-        total_steps=s.ppo_steps,
-        prompts_per_step=s.prompts_per_step,
-        samples_per_prompt=s.samples_per_prompt,
-        max_new_tokens=s.max_new_tokens,
-        max_prompt_tokens=s.max_prompt_tokens,
-        advantage_estimator=s.advantage_estimator,
-        learning_rate=s.learning_rate,
-        kl_coef=s.kl_coef,
-        eval_prompts=s.eval_prompts,
-        eval_every=s.eval_every,
-        update_epochs=s.update_epochs,
-        num_minibatches=s.num_minibatches,
         reward_addresses=[address],
-        submit_every=s.submit_every,
-        submit_fraction=s.submit_fraction,
-        retrain_min_labels=s.retrain_min_labels,
-        retrain_max_labels=s.retrain_max_labels,
-        retrain_mode=s.rm_mode,
-        selection=s.selection,
-        label_budget=s.label_budget,
-        reward_pessimism=s.reward_pessimism,
-        pessimism_k=s.pessimism_k,
-        seed=s.seed,
         gold_address=address,
-        gold_version=facts.gold.version,
+        gold_version=gold_model.version,
         progress=s.progress,
     )
     try:
@@ -290,8 +277,8 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
 class _JudgeWorker:
     """The judge following the labeling queue on a thread until told to stop."""
 
-    def __init__(self):
-        self.counts = None
+    def __init__(self) -> None:
+        self.counts: JudgeCounts | None = None
         self.error: Exception | None = None
 
     def run(self, run_judge, settings, address, stop, annotator) -> None:

@@ -5,35 +5,43 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rm_service import registry
-from rm_service.demo.evidence import RULE, decision_table, gold_course
+from rm_service.demo.evidence import decision_table, gold_course, rule_text
 from rm_service.settings import StoreSettings
 from rm_service.store import jobs
+from rm_service.store.agreement import AgreementReport, format_report
 from rm_service.store.db import Store
+
+if TYPE_CHECKING:  # the modules that load torch, imported by the stages that run them
+    from policy_trainer.trainer import Summary
+    from rm_service.demo.settings import DemoSettings
+    from rm_service.judge.runner import JudgeCounts
+    from rm_service.train.run import TrainResult
 
 
 @dataclass
 class RunFacts:
     """Everything the report says, gathered while the demo runs and from the store after it."""
 
-    settings: object
+    settings: DemoSettings
     home: Path
     labels_imported: int = 0
     lines_rejected: int = 0
-    gold: object = None  # train.run.TrainResult of the gold reward model
-    v1: object = None  # train.run.TrainResult of the first proxy (the first served version)
+    gold: TrainResult | None = None  # the gold reward model
+    v1: TrainResult | None = None  # the first proxy (the first served version)
     calibration_file: Path | None = None
-    calibration: object = None  # judge.runner.JudgeCounts of the human-labeled pairs
-    judge_queue: object = None  # judge.runner.JudgeCounts of the policy samples
-    ppo: object = None  # policy_trainer.trainer.Summary
+    calibration: JudgeCounts | None = None  # the gold annotator on the human-labeled pairs
+    judge_queue: JudgeCounts | None = None  # the gold annotator on the policy samples
+    ppo: Summary | None = None
     server_exit_code: int | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
     models: list = field(default_factory=list)  # registry.ModelRecord, oldest first
     jobs: list = field(default_factory=list)  # store.jobs.Job, oldest first
     stats: dict = field(default_factory=dict)
-    agreement: object = None  # store.agreement.AgreementReport against HUMAN and IMPORT (HH-RLHF) labels
+    agreement: AgreementReport | None = None  # against HUMAN and IMPORT (HH-RLHF) labels
     plots: list[Path] = field(default_factory=list)
 
     def read_store(self, path: Path) -> None:
@@ -265,13 +273,6 @@ def plot_overoptimisation(facts: RunFacts, path: Path) -> Path:
     return path
 
 
-def _train_setting(name: str, default: float) -> float:
-    """The promotion rule's setting as the demo's server ran it (TrainSettings from the environment)."""
-    from rm_service.settings import TrainSettings
-
-    return getattr(TrainSettings(), name, default)
-
-
 def write_report(facts: RunFacts) -> Path:
     """`report.md` and the plots in the demo's home; returns the report's path."""
     home = facts.home
@@ -340,7 +341,7 @@ def write_report(facts: RunFacts) -> Path:
         "",
         "## Promotion decisions",
         "",
-        RULE.format(conf=_train_setting("gate_confidence", 0.95), share=_train_setting("gate_onpolicy_share", 0.5)),
+        rule_text(),
         "",
         *decision_table(facts.models),
         "",
@@ -372,8 +373,6 @@ def write_report(facts: RunFacts) -> Path:
         "",
     ]
     if facts.agreement is not None:
-        from rm_service.store.agreement import format_report
-
         lines += [
             "## The gold annotator",
             "",

@@ -1,5 +1,11 @@
 """DemoSettings: the sizes of `rm-service demo`, one profile per kind of machine.
 
+The demo's reward-model and PPO knobs are TrainSettings and PPOSettings fields under the demo's
+names (`rm_backbone` is TrainSettings.backbone, `ppo_steps` PPOSettings.total_steps): each takes
+its bounds and description from there (`of`), and the demo states only its default (the cpu
+profile) and, where it uses the knob in its own way, a note. `composed` builds those settings from
+the demo's values.
+
 Precedence, highest first: explicit values (flags), the environment (`RM_DEMO_` + field name
 in upper case), the profile's values, the defaults below (which are the `cpu` profile).
 """
@@ -7,17 +13,21 @@ in upper case), the profile's values, the defaults below (which are the `cpu` pr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from policy_trainer.estimators import EstimatorName
+from policy_trainer.settings import PPOSettings
 from rm_service.data import HH_PAIRS
-from rm_service.settings import rm_home
+from rm_service.settings import TrainSettings, rm_home
 
 DEFAULT_DATA = HH_PAIRS
+M = TypeVar("M", bound=BaseModel)
 
 # `full`: the same loop at a realistic size for a GPU host (bf16 on CUDA is automatic).
 PROFILES: dict[str, dict] = {
@@ -44,6 +54,37 @@ PROFILES: dict[str, dict] = {
 }
 
 
+@dataclass(frozen=True)
+class Of:
+    """In a field's metadata: the field is `model`'s field `name` too (see `composed`); `of` adds it
+    with the field's bounds and description, a bare `Of` alone."""
+
+    model: type[BaseModel]
+    name: str
+
+
+def of(model: type[BaseModel], name: str, note: str = "") -> FieldInfo:
+    """`model`'s field `name` (bounds and description; `note` says how the demo uses it), for
+    `Annotated[type, of(...)] = the demo's default`."""
+    source = model.model_fields[name]
+    field = Field(description=f"{source.description} {note}".rstrip() + f" (`{model.__name__}.{name}`)")
+    field.metadata = [*source.metadata, Of(model, name)]
+    return field
+
+
+def composed(settings: BaseModel, model: type[M], **more: Any) -> M:
+    """`model` built from the fields of `settings` that are its fields (`of`; a subclass's too:
+    SessionSettings takes the PPOSettings ones) and `more` (over them); the rest from the
+    environment and its defaults, as always."""
+    values = {
+        mark.name: getattr(settings, name)
+        for name, field in type(settings).model_fields.items()
+        for mark in field.metadata
+        if isinstance(mark, Of) and issubclass(model, mark.model)
+    }
+    return model(**{**values, **more})
+
+
 class DemoSettings(BaseSettings):
     """`rm-service demo`: import, train v1, serve, judge, PPO with the outer loop, report."""
 
@@ -60,34 +101,35 @@ class DemoSettings(BaseSettings):
         description="Directory of the run (store, registry, PPO run, report); default `$RM_HOME/demo`, emptied first.",
     )
     # -- reward models ------------------------------------------------------------------------
-    rm_backbone: str = Field(
-        "smollm2-135m-instruct",
-        description="Backbone of the gold and proxy reward models (bundled name or HF directory). SmolLM2-135M head "
-        "mode is the most accurate model that fits the demo's budget on a 2-core CPU (see bench/reward_models.py).",
-    )
-    rm_mode: Literal["head", "full"] = Field(
-        "head",
-        description="Reward-model training mode of the proxy (v2) and its retrains; the gold is always head mode.",
-    )
-    rm_max_minutes: float = Field(
-        10.0,
-        gt=0,
-        description="Training budget of the gold model (its features are then cached for the proxy and the retrains).",
-    )
-    rm_max_tokens: int = Field(
-        512, ge=16, description="Tokens kept per (conversation, completion) by the reward models."
-    )
-    rm_ensemble_size: int = Field(
-        4, ge=1, description="Score heads (served as mean and std; their disagreement picks what to label)."
-    )
-    proxy_dataset_fraction: float = Field(
-        0.1,
-        gt=0,
-        le=1,
-        description="Share of the human-labeled conversations the proxy (the served reward model) learns from; the "
-        "gold learns from all of them, so the proxy starts clearly weaker (Gao et al., 2023's setup; measured: 10% "
-        "-> 0.61 held-out, all -> 0.67).",
-    )
+    rm_backbone: Annotated[
+        str,
+        of(
+            TrainSettings,
+            "backbone",
+            "The gold's and the proxy's. SmolLM2-135M head mode is the most accurate model that fits the demo's "
+            "budget on a 2-core CPU (see bench/reward_models.py).",
+        ),
+    ] = "smollm2-135m-instruct"
+    rm_mode: Annotated[
+        Literal["head", "full"],
+        of(TrainSettings, "mode", "The proxy's (v2) and its retrains'; the gold is always head mode."),
+        Of(PPOSettings, "retrain_mode"),
+    ] = "head"
+    rm_max_minutes: Annotated[
+        float,
+        of(TrainSettings, "max_minutes", "The gold's (its features are then cached for the proxy and the retrains)."),
+    ] = 10.0
+    rm_max_tokens: Annotated[int, of(TrainSettings, "max_tokens")] = 512
+    rm_ensemble_size: Annotated[int, of(TrainSettings, "ensemble_size", "Their disagreement picks what to label.")] = 4
+    proxy_dataset_fraction: Annotated[
+        float,
+        of(
+            TrainSettings,
+            "dataset_fraction",
+            "The proxy's (the served reward model); the gold learns from all of them, so the proxy starts clearly "
+            "weaker (Gao et al., 2023's setup; measured: 10% -> 0.61 held-out, all -> 0.67).",
+        ),
+    ] = 0.1
     calibration_pairs: int | None = Field(
         None,
         ge=0,
@@ -95,84 +137,64 @@ class DemoSettings(BaseSettings):
         "people (None: all).",
     )
     # -- policy -----------------------------------------------------------------------------
-    policy: str = Field(
-        "smollm2-135m-instruct", description="Policy trained with PPO (bundled name or HF causal-LM directory)."
-    )
-    ppo_steps: int = Field(20, gt=0, description="PPO steps.")
-    prompts_per_step: int = Field(4, gt=0, description="Prompts per rollout batch.")
-    samples_per_prompt: int = Field(2, ge=2, description="Completions per prompt (labeling candidates need 2 or more).")
-    max_new_tokens: int = Field(32, gt=0, description="Most new tokens per completion.")
-    max_prompt_tokens: int = Field(
-        96,
-        ge=8,
-        description="Prompts longer than this (after the chat template) are cut from the left at turn boundaries; "
-        "short prompts keep a CPU step short.",
-    )
-    advantage_estimator: EstimatorName = Field(
-        "rloo",
-        description="rloo: the clipped PPO surrogate with leave-one-out advantages (no value head to warm up in a "
-        "short run); gae: a value head and GAE.",
-    )
-    learning_rate: float = Field(
-        1e-4,
-        gt=0,
-        description="AdamW learning rate of the policy (high for a 20-step run; the KL penalty bounds the drift).",
-    )
-    kl_coef: float = Field(0.1, ge=0, description="KL penalty coefficient to the reference policy.")
-    eval_prompts: int = Field(
-        24,
-        ge=1,
-        description="Held-out prompts scored by the proxy and the gold before, during and after PPO "
-        "(samples_per_prompt completions each).",
-    )
-    eval_every: int = Field(
-        5,
-        ge=0,
-        description="PPO steps between evaluations of proxy and gold reward on the held-out prompts (0: start and "
-        "end only).",
-    )
-    update_epochs: int = Field(1, gt=0, description="PPO passes over each rollout batch.")
-    num_minibatches: int = Field(2, gt=0, description="PPO minibatches per pass.")
+    policy: Annotated[str, of(PPOSettings, "policy")] = "smollm2-135m-instruct"
+    ppo_steps: Annotated[int, of(PPOSettings, "total_steps")] = 20
+    prompts_per_step: Annotated[int, of(PPOSettings, "prompts_per_step")] = 4
+    samples_per_prompt: Annotated[int, of(PPOSettings, "samples_per_prompt"), Field(ge=2)] = 2
+    max_new_tokens: Annotated[int, of(PPOSettings, "max_new_tokens")] = 32
+    max_prompt_tokens: Annotated[int, of(PPOSettings, "max_prompt_tokens", "Short prompts keep a CPU step short.")] = 96
+    advantage_estimator: Annotated[
+        EstimatorName, of(PPOSettings, "advantage_estimator", "rloo has no value head to warm up in a short run.")
+    ] = "rloo"
+    learning_rate: Annotated[
+        float, of(PPOSettings, "learning_rate", "High for a 20-step run; the KL penalty bounds the drift.")
+    ] = 1e-4
+    kl_coef: Annotated[float, of(PPOSettings, "kl_coef")] = 0.1
+    eval_prompts: Annotated[
+        int,
+        of(PPOSettings, "eval_prompts", "Scored by the proxy and the gold (samples_per_prompt completions each)."),
+        Field(ge=1),
+    ] = 24
+    eval_every: Annotated[int, of(PPOSettings, "eval_every")] = 5
+    update_epochs: Annotated[int, of(PPOSettings, "update_epochs")] = 1
+    num_minibatches: Annotated[int, of(PPOSettings, "num_minibatches")] = 2
     # -- outer loop -------------------------------------------------------------------------
-    submit_every: int = Field(
-        1,
-        ge=0,
-        description="Every this many PPO steps, fresh samples go to the labeling queue (0: never; the proxy stays "
-        "fixed).",
-    )
-    submit_fraction: float = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="Fraction of a batch's prompts submitted (with all their completions); `selection` picks which.",
-    )
-    retrain_min_labels: int = Field(
-        12, ge=0, description="New labels since the reward model's snapshot that trigger a retrain request (0: never)."
-    )
-    selection: Literal["uncertainty", "random"] = Field(
-        "uncertainty", description="Which samples go to labeling: the ensemble's most doubted pairs, or random."
-    )
-    label_budget: int = Field(0, ge=0, description="Most labeling candidates over the run (0: no limit).")
-    retrain_max_labels: int = Field(
-        48,
-        ge=0,
-        description="Most new labels an undecided retrain may ask for before the next (the promotion rule's budget; "
-        "0: 8 x retrain_min_labels).",
-    )
-    reward_pessimism: Literal["none", "mean_minus_std", "min"] = Field(
-        "none",
-        description="The reward PPO optimises from the proxy's ensemble: its mean, mean minus pessimism_k std, or its "
-        "minimum (a conservative reward; see PPOSettings).",
-    )
-    pessimism_k: float = Field(
-        1.0, ge=0, description="Standard deviations subtracted by reward_pessimism=mean_minus_std."
-    )
-    seed: int = Field(0, description="Seed of the PPO run (prompt order, sampling).")
+    submit_every: Annotated[int, of(PPOSettings, "submit_every", "With 0 the proxy stays fixed.")] = 1
+    submit_fraction: Annotated[float, of(PPOSettings, "submit_fraction")] = 0.5
+    retrain_min_labels: Annotated[int, of(PPOSettings, "retrain_min_labels")] = 12
+    selection: Annotated[Literal["uncertainty", "random"], of(PPOSettings, "selection")] = "uncertainty"
+    label_budget: Annotated[int, of(PPOSettings, "label_budget")] = 0
+    retrain_max_labels: Annotated[int, of(PPOSettings, "retrain_max_labels")] = 48
+    reward_pessimism: Annotated[Literal["none", "mean_minus_std", "min"], of(PPOSettings, "reward_pessimism")] = "none"
+    pessimism_k: Annotated[float, of(PPOSettings, "pessimism_k")] = 1.0
+    seed: Annotated[int, of(PPOSettings, "seed")] = 0
     # -- run --------------------------------------------------------------------------------
     server_start_timeout_s: float = Field(
         600.0, gt=0, description="How long the server may take to load and warm the model."
     )
     progress: bool = Field(True, description="Progress bars.")
+    # -- multi-turn (rm-service demo --multi-turn) ---------------------------------------------
+    multi_turn: bool = Field(
+        False,
+        description="Run the multi-turn loop instead (rm_service/demo/multiturn.py): the reward models as above, a "
+        "user model trained (or reused), then PPO over whole conversations against the served user model, the held-out "
+        "sessions' per-turn and session gold in the report.",
+    )
+    max_turns: int = Field(2, ge=1, le=16, description="Multi-turn: most assistant turns per session.")
+    session_steps: int = Field(4, gt=0, description="Multi-turn: PPO steps over sessions.")
+    session_eval_openings: int = Field(
+        8, ge=1, description="Multi-turn: held-out first user turns played (samples_per_prompt sessions each)."
+    )
+    user_model: str | None = Field(
+        None,
+        description="Multi-turn: a user-model version directory to reuse (e.g. one an earlier run registered); unset: "
+        "train one on the imported conversations.",
+    )
+    user_backbone: str = Field(
+        "smollm2-135m-instruct", description="Multi-turn: backbone of the user model trained (LoRA, as the default)."
+    )
+    user_max_minutes: float = Field(3.0, gt=0, description="Multi-turn: training budget of the user model.")
+    user_max_new_tokens: int = Field(24, gt=0, description="Multi-turn: most tokens of one simulated user turn.")
 
     @property
     def run_home(self) -> Path:

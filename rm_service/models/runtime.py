@@ -74,6 +74,11 @@ class ModelRuntime:
             self._bf16 = self.model.eval()
 
     @property
+    def config(self):
+        """The transformers config of the model run (the precision probe times one of its layers)."""
+        return self.model.backbone.config if isinstance(self.model, RewardModel) else self.model.classifier.config
+
+    @property
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -191,7 +196,7 @@ def load_backbone_runtime(
         backbone=name_or_path,
         backbone_key=backbone_key(model_dir, identity or name_or_path),
         device=dev,
-        precision=resolve_precision(precision, dev),
+        precision=resolve_precision(precision, dev, config=config),
     )
     if serving:
         runtime.serve_only()
@@ -205,33 +210,39 @@ def load_checkpoint_runtime(
     device: str = "auto",
     precision: str = "auto",
     settings: ModelSettings | None = None,
+    serving: bool = False,
 ) -> ModelRuntime:
     """A `*ForSequenceClassification` directory from elsewhere, to serve as it was trained:
-    transformers' own class, and for decoders TRL's formatting (see models.formatting)."""
+    transformers' own class, and for decoders TRL's formatting (see models.formatting). The
+    load check's fp32 reference is scored on the host before the weights move; `serving`: then
+    cast to the served precision on the host (`serve_only`), so the device holds one copy."""
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir = resolve(name_or_path, settings)
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     spec = spec_for(tokenizer, config.model_type, max_tokens, style="trl")
-    model = load_checkpoint_model(model_dir)
+    model = load_checkpoint_model(model_dir)  # fp32, on the host
     dev = pick_device(device)
-    model.to(dev)
     runtime = ModelRuntime(
         model=model,
         tokenizer=tokenizer,
         spec=spec,
         backbone=name_or_path,
         backbone_key=backbone_key(model_dir, name_or_path),
-        device=dev,
-        precision=resolve_precision(precision, dev),
+        precision=resolve_precision(precision, dev, config=config),
     )
     pad = model.classifier.config.pad_token_id
     if pad is None:  # transformers finds the last token through the pad id; TRL sets it from the tokenizer
         model.classifier.config.pad_token_id = runtime.pad_id
     elif pad != runtime.pad_id:  # pad with the id the checkpoint's class looks for
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
-    check_checkpoint(runtime, name_or_path)
+    reference = checkpoint_reference(runtime)
+    if serving:
+        runtime.serve_only()
+    model.to(dev)
+    runtime.device = dev
+    check_checkpoint(runtime, name_or_path, reference)
     return runtime
 
 
@@ -253,13 +264,19 @@ PARITY_ITEMS = (
 )
 
 
-def check_checkpoint(runtime: ModelRuntime, where: str) -> None:
-    """The load check of a checkpoint from elsewhere: the built-in items scored by its own
-    transformers class, one at a time in fp32, and by the served path (batched and padded,
-    in the served precision) must agree within that precision's tolerance; otherwise the
+def checkpoint_reference(runtime: ModelRuntime) -> np.ndarray:
+    """The built-in items scored by the checkpoint's own class, one at a time in fp32, where the
+    runtime is now (the host, before the weights move): [N]."""
+    items = [runtime.format(p, c) for p, c in PARITY_ITEMS]
+    return runtime.to_precision("fp32").run(items, max_batch_tokens=1)[:, 0]
+
+
+def check_checkpoint(runtime: ModelRuntime, where: str, reference: np.ndarray) -> None:
+    """The load check of a checkpoint from elsewhere: the built-in items scored by the served
+    path (batched and padded, in the served precision, on the device) must agree with
+    `reference` (checkpoint_reference) within that precision's tolerance; otherwise the
     checkpoint is refused (e.g. a pad id that the class reads as a real token)."""
     items = [runtime.format(p, c) for p, c in PARITY_ITEMS]
-    reference = runtime.to_precision("fp32").run(items, max_batch_tokens=1)[:, 0]  # [N]
     served = runtime.run(items, max_batch_tokens=1 << 20)[:, 0]  # [N], one padded batch
     tolerance = GOLDEN_TOLERANCE[runtime.precision]
     worst = float(np.max(np.abs(served - reference) / np.maximum(1.0, np.abs(reference))))

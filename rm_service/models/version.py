@@ -8,11 +8,13 @@ and an exported one `model.onnx`. `open_version` is how evaluation, serving, the
 the container load one: the backbone is checked against the recorded identity, and the
 golden items are re-scored in the precision the version will run in and compared with
 the score recorded for that precision at training (`precision.GOLDEN_TOLERANCE`); a version
-that fails is refused, never served.
+that fails is refused, never served (with precision auto, one that fails in bf16 is tried in
+fp32: the fastest precision that passes serves).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -29,6 +31,8 @@ from rm_service.models.pooling import Pooling, legacy_pooling
 from rm_service.models.precision import GOLDEN_TOLERANCE
 from rm_service.models.runtime import ModelRuntime, load_backbone_runtime
 from rm_service.settings import ModelSettings
+
+log = logging.getLogger(__name__)
 
 META_FILE = "version.json"
 HEAD_FILE = "head.safetensors"
@@ -183,7 +187,13 @@ def open_version(
     session = read_session_head(directory)
     runtime.model.session = linear(*session, runtime.device) if session is not None else None
     runtime.reward_mean, runtime.reward_std = meta.reward_mean, meta.reward_std
-    check_golden(runtime, meta.golden, directory)
+    try:
+        check_golden(runtime, meta.golden, directory)
+    except FailedPrecondition as exc:  # auto serves the fastest precision that passes: fp32 if bf16 fails
+        if precision != "auto" or runtime.precision == "fp32":
+            raise
+        log.warning("%s; precision auto: trying fp32, where its golden items are checked again", exc)
+        return open_version(directory, device, "fp32", settings, serving)
     return runtime, meta
 
 
@@ -235,11 +245,13 @@ def open_model(
     precision: str = "auto",
     settings: ModelSettings | None = None,
     max_tokens: int = 1024,
+    serving: bool = False,
 ) -> tuple[ModelRuntime, VersionMeta | None]:
     """A model by any name a user gives, and its version record when it is a version:
     a registry version's name (in the artifacts directory), a version directory, a reward
     checkpoint from elsewhere (`*ForSequenceClassification`, served as it was trained), or a
-    bundled name / HF backbone directory (with an untrained head)."""
+    bundled name / HF backbone directory (with an untrained head). `serving`: one copy of the
+    weights, in the served precision, from the start (ModelRuntime.serve_only)."""
     from rm_service.models.resolver import resolve
     from rm_service.models.reward_model import is_classifier_checkpoint
     from rm_service.models.runtime import load_checkpoint_runtime
@@ -247,7 +259,10 @@ def open_model(
     settings = settings or ModelSettings()
     for directory in (Path(settings.artifacts_dir) / name, Path(name)):
         if is_version_dir(directory):
-            return open_version(directory, device, precision, settings)
+            return open_version(directory, device, precision, settings, serving=serving)
     if is_classifier_checkpoint(resolve(name, settings)):
-        return load_checkpoint_runtime(name, max_tokens, device, precision, settings), None
-    return load_backbone_runtime(name, max_tokens, device=device, precision=precision, settings=settings), None
+        return load_checkpoint_runtime(name, max_tokens, device, precision, settings, serving=serving), None
+    runtime = load_backbone_runtime(
+        name, max_tokens, device=device, precision=precision, settings=settings, serving=serving
+    )
+    return runtime, None

@@ -22,6 +22,7 @@ the limit follows the model, the backend and the hardware instead of being a con
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -129,6 +130,7 @@ class Admission:
         self.observer = observer
         self.inflight_items = 0
         self.queued_tokens = 0  # admitted and not yet scored: estimates until tokenised, then real
+        self._waiters: list[asyncio.Future] = []  # calls waiting at the gate for room, oldest first
 
     def token_limit(self) -> int | None:
         """Queued tokens beyond which requests are refused (None until the rate is measured)."""
@@ -161,11 +163,36 @@ class Admission:
         return Permit(items, tokens, ticket, release, ahead)
 
     def refuse_when_full(self, items: int = 1) -> None:
-        """Overloaded at once when the queue has no room for `items` more, whatever their tokens.
-        The transports call it before they read a request (gRPC: server.gate.RoomGate, before the
-        request is received or parsed), so in a burst a refusal costs the RPC alone."""
+        """Overloaded at once when the queue has no room for `items` more, whatever their tokens."""
+        full = self._full(items)
+        if full is not None:
+            self._refuse(*full)
+
+    async def wait_for_room(self, hold_s: float) -> None:
+        """Overloaded when the queue has no room for a call and none opens within `hold_s`.
+        The transports await it before they read a request (gRPC: server.gate.RoomGate, before
+        the request is received or parsed), so a refusal costs the RPC alone; and a caller that
+        retries the moment it is refused is refused at most once per `hold_s`, whatever its own
+        retry delay, so a crowd of them cannot take the model's CPU with refusals. A call that
+        finds room meanwhile goes on (the longest waiter first)."""
+        if self._full() is None:
+            return
+        if hold_s > 0:
+            room = asyncio.get_running_loop().create_future()
+            self._waiters.append(room)
+            timer = asyncio.get_running_loop().call_later(hold_s, _settle, room)
+            try:
+                await room
+            finally:
+                timer.cancel()
+                if room in self._waiters:
+                    self._waiters.remove(room)
+        self.refuse_when_full()
+
+    def _full(self, items: int = 1) -> tuple[str, str, float] | None:
+        """(reason, why, seconds until there is room) when the queue has no room for `items` more, else None."""
         if self.max_items and self.inflight_items + items > self.max_items:
-            self._refuse(
+            return (
                 "inflight_items",
                 f"{self.inflight_items} items in flight; the limit is {self.max_items}",
                 self.meter.batch_seconds() or 1.0,
@@ -174,11 +201,21 @@ class Admission:
         if limit is not None and self.queued_tokens >= limit:
             derived = "" if self.max_tokens else f" ({self.max_wait:g} s of work at the measured rate)"
             rate = self.meter.tokens_per_s()
-            self._refuse(
+            return (
                 "queued_tokens",
                 f"{self.queued_tokens} tokens queued; the limit is {limit}{derived}",
                 (self.queued_tokens - limit + 1) / rate if rate else 1.0,
             )
+        return None
+
+    def _wake(self) -> None:
+        """Room may have opened: the longest waiter at the gate goes on (one per change, so a
+        freed slot is not promised to a crowd)."""
+        while self._waiters and self._full() is None:
+            room = self._waiters.pop(0)
+            if not room.done():  # not one whose hold ran out meanwhile
+                room.set_result(None)
+                return
 
     def correct(self, permit: Permit, tokens: int) -> None:
         """Replace the permit's estimate by the tokens it really holds, once tokenised."""
@@ -191,6 +228,7 @@ class Admission:
         if not permit.gone:
             permit.tokens -= tokens
             self.queued_tokens -= tokens
+            self._wake()
 
     def close(self, permit: Permit) -> None:
         """Give back what the permit still holds; idempotent."""
@@ -199,6 +237,7 @@ class Admission:
             self.inflight_items -= permit.items
             self.queued_tokens -= permit.tokens
             permit.tokens = 0
+            self._wake()
 
     def _refuse(self, reason: str, why: str, retry_after: float) -> None:
         """Overloaded, asking the caller to wait `retry_after` seconds (at least a batch, at most 30 s)."""
@@ -207,3 +246,8 @@ class Admission:
         batch = self.meter.batch_seconds() or 0.05
         retry_after = min(30.0, max(batch, retry_after))
         raise Overloaded(f"{why}. Retry after {retry_after:.2f} s", retry_after)
+
+
+def _settle(room: asyncio.Future) -> None:
+    if not room.done():
+        room.set_result(None)

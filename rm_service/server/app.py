@@ -125,10 +125,10 @@ class RewardServer:
             else "not serving (starting or draining)"
         )
 
-    def _check_room(self) -> None:
+    async def _check_room(self) -> None:
         """The gate's question, once the scoring core exists: raises Overloaded when the queue is full."""
         if self.reward is not None:
-            self.reward.check_room(None)
+            await self.reward.check_room(None)
 
     async def start(self) -> int:
         """Bind, then load the model (health NOT_SERVING meanwhile), then SERVING. Returns the port."""

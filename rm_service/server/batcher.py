@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -47,6 +45,7 @@ from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
 from rm_service.server.admission import Admission, Dropped, Permit, RateMeter, Ticket
 from rm_service.server.forming import pick_batch
+from rm_service.server.threads import lower_priority
 from rm_service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -365,19 +364,6 @@ class Batcher:
     def _observe_drop(self) -> None:
         if self.observer is not None:
             self.observer.dropped(None)
-
-
-def lower_priority(nice: int) -> None:
-    """Run the calling thread `nice` steps below the rest of the process; threads it starts
-    later (its OpenMP workers: libgomp keeps one pool per thread that opens a parallel region)
-    inherit that. Linux scopes priority to the thread id; elsewhere this is a no-op."""
-    if not nice or not sys.platform.startswith("linux"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except OSError as exc:
-        log.warning("could not lower the model thread's priority by %d: %s", nice, exc)
 
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:

@@ -9,7 +9,7 @@ from rm_service.api.v1 import preference_pb2, reward_pb2
 from rm_service.conversation import Message, validate_messages, validate_text
 from rm_service.registry import ModelRecord
 from rm_service.store.feedback import FeedbackIn, TurnThumb
-from rm_service.store.labels import LabelIn
+from rm_service.store.labels import IngestOutcome, LabelIn
 
 SOURCE_NAMES: dict[int, str] = {
     preference_pb2.HUMAN: "HUMAN",
@@ -55,20 +55,19 @@ def source_name(value: int) -> str:
 THUMBS = {preference_pb2.THUMB_UP: True, preference_pb2.THUMB_DOWN: False}
 
 
-def feedback(pb: preference_pb2.Feedback, where: str) -> FeedbackIn:
-    """A proto feedback as the store takes it (the store validates the rest). A thumb that is
-    neither up nor down has no value to store: InvalidArgument naming it."""
+def feedback(pb: preference_pb2.Feedback, where: str) -> FeedbackIn | IngestOutcome:
+    """A proto feedback as the store takes it (Store.prepare validates it). A thumb that is
+    neither up nor down has no value to store: that item is REJECTED, naming the field."""
     from rm_service.errors import InvalidArgument
 
-    thumbs = []
     for i, t in enumerate(pb.thumbs):
         if t.thumb not in THUMBS:
-            raise InvalidArgument(f"{where}.thumbs[{i}].thumb", f"must be THUMB_UP or THUMB_DOWN, got {t.thumb}")
-        thumbs.append(TurnThumb(t.message_index, THUMBS[t.thumb]))
+            why = InvalidArgument(f"{where}.thumbs[{i}].thumb", f"must be THUMB_UP or THUMB_DOWN, got {t.thumb}")
+            return IngestOutcome(pb.label_id, "REJECTED", str(why))
     return FeedbackIn(
         label_id=pb.label_id,
         conversation=messages(pb.conversation),
-        thumbs=thumbs,
+        thumbs=[TurnThumb(t.message_index, THUMBS[t.thumb]) for t in pb.thumbs],
         outcome=pb.outcome if pb.HasField("outcome") else None,
         source=source_name(pb.source),
         annotator=pb.annotator,

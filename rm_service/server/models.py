@@ -236,20 +236,8 @@ def load_for_serving(
         return load_version_dir(target.directory, settings, models, target.record)
     assert target.external is not None  # a Target is one or the other
     name = target.external
-    runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models)
-    rec = ModelRecord(
-        Path(name).name,
-        None,
-        None,
-        name,
-        runtime.spec.hash,
-        "external",
-        {},
-        0.0,
-        1.0,
-        runtime.model.ensemble_size,
-        name,
-    )
+    runtime, _ = open_model(name, device=settings.device, precision=settings.precision, settings=models, serving=True)
+    rec = ModelRecord.external(name, runtime.spec.hash, runtime.model.ensemble_size)
     return serving(Served(runtime, rec, make_backend(runtime, settings)))
 
 
@@ -269,19 +257,7 @@ def load_version_dir(
     )
     backend = make_backend(runtime, settings, Path(directory), meta)
     if rec is None:
-        rec = ModelRecord(
-            meta.version,
-            meta.parent,
-            meta.snapshot_id,
-            meta.base_backbone,
-            meta.format_hash,
-            "promoted",
-            meta.metrics,
-            meta.reward_mean,
-            meta.reward_std,
-            meta.ensemble_size,
-            str(directory),
-        )
+        rec = ModelRecord.of_version(meta, str(directory), "promoted")
     return serving(Served(runtime, rec, backend, dict(meta.info.get("feedback") or {})))
 
 
@@ -321,7 +297,7 @@ def make_backend(
         log.info(
             "serving %s with PyTorch, %s",
             meta.version if meta else runtime.backbone,
-            describe(runtime.precision, runtime.device),
+            describe(runtime.precision, runtime.device, runtime.config),
         )
         return runtime
     assert meta is not None and directory is not None  # only a version's meta records an ONNX export
@@ -337,7 +313,12 @@ def make_backend(
         precision="fp32",
         cause=f"the ONNX model {name} does not reproduce the trained model",
     )
-    log.info("serving %s with ONNX Runtime (%s)", meta.version, name)
+    log.info(
+        "serving %s with ONNX Runtime (%s), %s",
+        meta.version,
+        name,
+        describe(runtime.precision, runtime.device, runtime.config),
+    )
     return backend
 
 

@@ -10,8 +10,6 @@ from rm_service.server.convert import STATUS_VALUES, candidate, feedback, label,
 from rm_service.server.rpc import rpc
 from rm_service.store import tasks
 from rm_service.store.db import Store
-from rm_service.store.feedback import prepare_feedback
-from rm_service.store.labels import IngestOutcome
 from rm_service.store.writer import GroupCommitWriter
 
 MAX_LEASE_SECONDS = 24 * 3600
@@ -45,25 +43,15 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         item is REJECTED alone, naming its field."""
         if not request.feedback:
             raise InvalidArgument("feedback", "must hold at least one feedback label")
-        # Validated off the event loop and off the writer.
-        prepared = await asyncio.to_thread(self._prepare_feedback, request)
-        outcomes = await asyncio.wrap_future(self.writer.submit(prepared))
+        outcomes = await self.writer.ingest(
+            [feedback(pb, f"feedback[{i}]") for i, pb in enumerate(request.feedback)], field="feedback"
+        )
         return preference_pb2.IngestLabelsResponse(
             results=[
                 preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason)
                 for o in outcomes
             ]
         )
-
-    def _prepare_feedback(self, request: preference_pb2.IngestFeedbackRequest) -> list:
-        out: list = []
-        for i, pb in enumerate(request.feedback):
-            where = f"feedback[{i}]"
-            try:
-                out.append(prepare_feedback(feedback(pb, where), where, self.store.settings.max_text_chars))
-            except InvalidArgument as exc:
-                out.append(IngestOutcome(pb.label_id, "REJECTED", str(exc)))
-        return out
 
     @rpc
     async def GetStats(self, request: preference_pb2.GetStatsRequest, context) -> preference_pb2.Stats:

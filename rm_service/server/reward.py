@@ -18,7 +18,7 @@ from rm_service.api.v1 import reward_pb2, reward_pb2_grpc
 from rm_service.errors import NotFound, Unavailable
 from rm_service.server.admission import Ticket
 from rm_service.server.convert import messages, model_info, score_items
-from rm_service.server.rpc import rpc, stream_rpc
+from rm_service.server.rpc import rpc
 from rm_service.server.scoring import ScoringCore, TurnsScored, sigmoid
 from rm_service.store.db import Store
 
@@ -101,7 +101,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             raise NotFound(f"model version {version!r} is not loaded and this server has no registry")
         return model_info(registry.get_model(self.store, version), False)
 
-    @stream_rpc
+    @rpc
     async def WatchModels(self, request, context):
         queue = self.served.subscribe()
         try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import inspect
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -21,39 +24,35 @@ def pushback(exc: RMError) -> tuple[tuple[str, str], ...]:
     return ()
 
 
+@contextlib.asynccontextmanager
+async def statuses(context: grpc.aio.ServicerContext, name: str) -> AsyncIterator[None]:
+    """RMError -> its status code; anything else -> INTERNAL with the error logged (never UNKNOWN)."""
+    try:
+        yield
+    except RMError as exc:
+        await context.abort(status_code(exc), str(exc), trailing_metadata=pushback(exc))
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as exc:
+        log.exception("internal error in %s", name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
 def rpc(method):
-    """Wrap an async unary servicer method: RMError -> its status code, anything else ->
-    INTERNAL with the error logged (never UNKNOWN)."""
+    """Wrap an async servicer method, unary or server-streaming (an async generator), in `statuses`."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context: grpc.aio.ServicerContext):
+            async with statuses(context, method.__name__):
+                async for item in method(self, request, context):
+                    yield item
+
+        return stream
 
     @functools.wraps(method)
-    async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        try:
+    async def unary(self, request, context: grpc.aio.ServicerContext):
+        async with statuses(context, method.__name__):
             return await method(self, request, context)
-        except RMError as exc:
-            await context.abort(status_code(exc), str(exc), trailing_metadata=pushback(exc))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
-    return wrapper
-
-
-def stream_rpc(method):
-    """As `rpc`, for async-generator (server-streaming) methods."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except RMError as exc:
-            await context.abort(status_code(exc), str(exc))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            log.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-
-    return wrapper
+    return unary

@@ -54,7 +54,10 @@ def version_estimate(directory: str | Path, settings: ServeSettings, models: Mod
         meta = read_meta(directory)
         backbone = resolve(meta.backbone_dir(Path(directory)), models)
         device = pick_device(settings.device)
-        return estimate_load([backbone, Path(directory)], resolve_precision(settings.precision, device), device.type)
+        from transformers import AutoConfig
+
+        precision = resolve_precision(settings.precision, device, config=AutoConfig.from_pretrained(backbone))
+        return estimate_load([backbone, Path(directory)], precision, device.type)
     except Exception as exc:  # noqa: BLE001 - no estimate means no check before loading; the load reports what is wrong
         log.info("no memory estimate for %s (%s); it loads unchecked", directory, exc)
         return None

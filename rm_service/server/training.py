@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from rm_service import registry
 from rm_service.api.v1 import training_pb2, training_pb2_grpc
 from rm_service.errors import InvalidArgument, NotFound, RMError
-from rm_service.server.rpc import rpc, stream_rpc
+from rm_service.server.rpc import rpc
 from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store import jobs
 from rm_service.store.db import Store
@@ -152,7 +152,7 @@ class TrainingService(training_pb2_grpc.TrainingServiceServicer):
     async def GetJob(self, request, context):
         return job_to_proto(await asyncio.to_thread(self._get, request.job_id))
 
-    @stream_rpc
+    @rpc
     async def WatchJob(self, request, context):
         last = None
         while True:

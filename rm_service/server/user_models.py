@@ -26,7 +26,6 @@ from rm_service.settings import ModelSettings, ServeSettings
 from rm_service.store.db import Store
 from rm_service.usermodel.generate import Sampling, simulate
 from rm_service.usermodel.version import (
-    UserVersionMeta,
     is_user_version,
     open_user_version,
     versions_dir,
@@ -62,45 +61,15 @@ def load_user_model(name: str, settings: ServeSettings, store: Store | None, mod
     target = resolve_user_model(name, store, models)
     if isinstance(target, Path):
         runtime, meta = open_user_version(target, settings.device, settings.precision, models)
-        rec = _record(meta, target)
+        rec = ModelRecord.of_version(meta, str(target), "promoted")
     else:
         runtime = load_user_runtime(target, 512, settings.device, settings.precision, models)
-        rec = ModelRecord(
-            version=Path(target).name,
-            parent=None,
-            snapshot_id=None,
-            backbone=target,
-            format_hash=runtime.spec.hash,
-            status="external",
-            metrics={},
-            reward_mean=0.0,
-            reward_std=1.0,
-            ensemble_size=1,
-            artifact_path=target,
-            kind="user",
-        )
+        rec = ModelRecord.external(target, runtime.spec.hash, 1, kind="user")
     warm = [[Message("user", "Hello, can you help me?"), Message("assistant", "Of course. What do you need?")]]
     simulate(runtime, warm, Sampling(max_new_tokens=4))
     return Served(
         cast(Any, runtime), rec, cast(Any, runtime)
     )  # Served is typed for reward runtimes; the user's is its own
-
-
-def _record(meta: UserVersionMeta, directory: Path) -> ModelRecord:
-    return ModelRecord(
-        version=meta.version,
-        parent=meta.parent,
-        snapshot_id=meta.snapshot_id,
-        backbone=meta.base_backbone,
-        format_hash=meta.format_hash,
-        status="promoted",
-        metrics=meta.metrics,
-        reward_mean=0.0,  # a user model serves no rewards: the identity normalisation
-        reward_std=1.0,
-        ensemble_size=1,
-        artifact_path=str(directory),
-        kind="user",
-    )
 
 
 async def follow_user_registry(served: ServedModels, settings: ServeSettings, models: ModelSettings) -> None:

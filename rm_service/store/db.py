@@ -97,24 +97,27 @@ class Store:
     # -- ingestion -------------------------------------------------------------------------
 
     def ingest(
-        self, labels: Sequence[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
+        self, labels: Sequence[LabelIn | FeedbackIn | IngestOutcome], origin: str = "dataset", field: str = "labels"
     ) -> list[IngestOutcome]:
         """Validate and store labels in one transaction; one outcome per label, in order."""
         return self.ingest_batches([self.prepare(labels, origin, field)])[0]
 
     def prepare(
-        self, labels: Sequence[LabelIn | FeedbackIn], origin: str = "dataset", field: str = "labels"
+        self, labels: Sequence[LabelIn | FeedbackIn | IngestOutcome], origin: str = "dataset", field: str = "labels"
     ) -> list[Prepared]:
         """Validate each label (store.labels.prepare_label, or store.feedback.prepare_feedback
         for thumbs and outcomes, with this store's limits) before
         it joins a transaction: a bad one becomes its REJECTED outcome, naming `field[i].<name>`.
+        An outcome in `labels` (an item its transport could not read) passes through, in its place.
         `origin` is the provenance of completions not yet stored. Needs no lock: callers run
         it in their own thread, so a large request does not hold up other requests' commits."""
         s = self.settings
         out: list[Prepared] = []
         for i, label in enumerate(labels):
             try:
-                if isinstance(label, FeedbackIn):
+                if isinstance(label, IngestOutcome):
+                    out.append(label)
+                elif isinstance(label, FeedbackIn):
                     out.append(prepare_feedback(label, f"{field}[{i}]", s.max_text_chars))
                 else:
                     out.append(

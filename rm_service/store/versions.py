@@ -11,13 +11,26 @@ retiring the promoted one of its kind in the same transaction.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Protocol
 
 from rm_service.store.db import Store
 from rm_service.store.tx import one_row
 
 
-@dataclass
+class VersionFacts(Protocol):
+    """What a version directory's metadata says of it (models.version.VersionMeta, usermodel's UserVersionMeta)."""
+
+    version: str
+    parent: str | None
+    snapshot_id: str | None
+    base_backbone: str
+    format_hash: str
+    metrics: dict[str, float]
+
+
+@dataclass(kw_only=True)
 class ModelRecord:
     version: str
     parent: str | None
@@ -34,6 +47,44 @@ class ModelRecord:
     decision: dict | None = None  # registry.Decision as a dict, once the version was decided on
     kind: str = "reward"  # reward | user (KINDS)
 
+    @classmethod
+    def of_version(cls, meta: VersionFacts, artifact_path: str, status: str) -> ModelRecord:
+        """The record of a version directory. A user model's metadata has no reward statistics: it
+        serves no rewards, so the identity normalisation and one head."""
+        return cls(
+            version=meta.version,
+            parent=meta.parent,
+            snapshot_id=meta.snapshot_id,
+            backbone=meta.base_backbone,
+            format_hash=meta.format_hash,
+            status=status,
+            metrics=meta.metrics,
+            reward_mean=getattr(meta, "reward_mean", 0.0),
+            reward_std=getattr(meta, "reward_std", 1.0),
+            ensemble_size=getattr(meta, "ensemble_size", 1),
+            artifact_path=artifact_path,
+            kind=getattr(meta, "kind", "reward"),
+        )
+
+    @classmethod
+    def external(cls, name: str, format_hash: str, ensemble_size: int, kind: str = "reward") -> ModelRecord:
+        """A model served from outside the registry (a directory or a bundled name): no parent, no
+        snapshot, the identity normalisation."""
+        return cls(
+            version=Path(name).name,
+            parent=None,
+            snapshot_id=None,
+            backbone=name,
+            format_hash=format_hash,
+            status="external",
+            metrics={},
+            reward_mean=0.0,
+            reward_std=1.0,
+            ensemble_size=ensemble_size,
+            artifact_path=name,
+            kind=kind,
+        )
+
 
 KINDS = {"reward": "v", "user": "u"}  # kind -> the prefix of its version names
 
@@ -49,10 +100,8 @@ def _json(value) -> dict | None:
 
 
 def _record(row) -> ModelRecord:
-    rec = ModelRecord(*row)
-    rec.metrics = _json(rec.metrics) or {}
-    rec.decision = _json(rec.decision)
-    return rec
+    values = dict(zip((f.name for f in fields(ModelRecord)), row, strict=True))  # _COLUMNS are the fields, in order
+    return ModelRecord(**{**values, "metrics": _json(values["metrics"]) or {}, "decision": _json(values["decision"])})
 
 
 def list_versions(store: Store, kind: str = "reward") -> list[ModelRecord]:

@@ -42,9 +42,12 @@ class GroupCommitWriter:
         self._queue.put((prepared, future))
         return future
 
-    async def ingest(self, labels: Sequence[LabelIn | FeedbackIn], origin: str = "dataset") -> list[IngestOutcome]:
-        """Validate on a worker thread (never on the writer, never in a transaction), then group-commit."""
-        prepared = await asyncio.to_thread(self.store.prepare, labels, origin)
+    async def ingest(
+        self, labels: Sequence[LabelIn | FeedbackIn | IngestOutcome], origin: str = "dataset", field: str = "labels"
+    ) -> list[IngestOutcome]:
+        """Validate on a worker thread (never on the writer, never in a transaction), then group-commit
+        (Store.prepare: `field` names the request's list in a rejection)."""
+        prepared = await asyncio.to_thread(self.store.prepare, labels, origin, field)
         return await asyncio.wrap_future(self.submit(prepared))
 
     def close(self) -> None:

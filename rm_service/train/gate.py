@@ -7,7 +7,7 @@ Two groups of pairs neither model trained on:
             (train.crossfit); elsewhere the held-out share of on-policy pairs.
 The parent scores the same pairs (its cached features in head mode, else it is loaded), and
 each group's per-pair log-likelihood gain becomes an Effect with its interval
-(train.evidence). The metrics keep the plain accuracies beside the gains for people.
+(rm_service.evidence). The metrics keep the plain accuracies beside the gains for people.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import math
 import numpy as np
 
 from rm_service import registry
+from rm_service.evidence import combined, effect, pairs_needed
 from rm_service.models.pooling import Pooling, depth
 from rm_service.models.runtime import ModelRuntime
 from rm_service.models.version import open_version, read_head, read_meta
 from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store.db import Pair, Store
-from rm_service.train.evidence import combined, effect, pairs_needed
 from rm_service.train.features import Candidate
 from rm_service.train.full_mode import pair_rewards
 from rm_service.train.head_mode import pair_data, split_features

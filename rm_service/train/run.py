@@ -76,7 +76,7 @@ def train(
         raise FailedPrecondition("head mode runs in one process; use --mode full under torchrun")
     ddp.init(world)
     try:
-        split = ddp.broadcast(prepare_split(store, settings) if world.main else None, world)
+        split = ddp.broadcast(prepare_split(_rank0(store), settings) if world.main else None, world)
         runtime = load_backbone_runtime(
             settings.backbone,
             settings.max_tokens,
@@ -86,22 +86,32 @@ def train(
             settings=models,
         )
         log.info(
-            "training %s in %s mode, %s", settings.backbone, settings.mode, describe(runtime.precision, runtime.device)
+            "training %s in %s mode, %s",
+            settings.backbone,
+            settings.mode,
+            describe(runtime.precision, runtime.device, runtime.config),
         )
         if settings.mode == "head":
             current = registry.promoted(store) if store is not None else None
             init = reusable_head(current.artifact_path, runtime) if current is not None else None
             since = evidence_since(store, current)
-            scores = fit_head_mode(runtime, store, split, settings, deadline, show_progress, init, since)
+            scores = fit_head_mode(runtime, _rank0(store), split, settings, deadline, show_progress, init, since)
         else:
             scores = fit_full_mode(
                 runtime, split, settings, deadline, run_dir(models, split, settings), world, show_progress
             )
         if not world.main:
             return None
-        return _register(store, runtime, split, scores, settings, models, parent, time.monotonic() - start)
+        return _register(_rank0(store), runtime, split, scores, settings, models, parent, time.monotonic() - start)
     finally:
         ddp.shutdown(world)
+
+
+def _rank0(store: Store | None) -> Store:
+    """The store, which the main process (rank 0, the only one in head mode) is always given."""
+    if store is None:
+        raise FailedPrecondition("training needs the preference store in the main process")
+    return store
 
 
 def run_dir(models: ModelSettings, split: Split, settings: TrainSettings) -> Path:
@@ -213,17 +223,17 @@ def _register(
         None if session is None else (session.weight.detach().cpu().numpy(), session.bias.detach().cpu().numpy()),
     )
     rec = registry.ModelRecord(
-        version,
-        parent,
-        split.snapshot.snapshot_id,
-        settings.backbone,
-        runtime.spec.hash,
-        "candidate",
-        metrics,
-        reward_mean,
-        reward_std,
-        runtime.model.ensemble_size,
-        str(directory),
+        version=version,
+        parent=parent,
+        snapshot_id=split.snapshot.snapshot_id,
+        backbone=settings.backbone,
+        format_hash=runtime.spec.hash,
+        status="candidate",
+        metrics=metrics,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
+        ensemble_size=runtime.model.ensemble_size,
+        artifact_path=str(directory),
     )
     registry.register(store, rec, number)
     if decision is not None:

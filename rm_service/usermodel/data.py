@@ -69,6 +69,14 @@ def split(convs: list[Conversation], settings: TrainSettings) -> tuple[list, lis
     return fit, validation, heldout
 
 
+def fit_half(convs: list[Conversation], half: str, seed: int) -> list[Conversation]:
+    """`all`, or half `a` / `b` of the conversations: disjoint, by the conversation id's hash
+    (seed + 2, independent of the held-out and validation tests)."""
+    if half == "all":
+        return convs
+    return [c for c in convs if is_heldout(c.conversation_id, 0.5, seed + 2) == (half == "a")]
+
+
 def prepare_split(store: Store, split_settings: TrainSettings | None = None) -> UserSplit:
     """A new snapshot of the store, its conversations, split."""
     snapshot = store.create_snapshot()

@@ -22,7 +22,7 @@ from rm_service.models.precision import describe
 from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store import versions
 from rm_service.store.db import Store
-from rm_service.usermodel.data import UserSplit, prepare_split
+from rm_service.usermodel.data import UserSplit, fit_half, prepare_split
 from rm_service.usermodel.evaluate import Teacher, end_calibration, nll_table, teacher_forced
 from rm_service.usermodel.fit import fit
 from rm_service.usermodel.runtime import UserRuntime, load_user_runtime
@@ -60,12 +60,15 @@ def train_user_model(
     models = models or ModelSettings()
     split_settings = split_settings or TrainSettings()
     split = prepare_split(store, split_settings)
+    split.fit = fit_half(split.fit, settings.fit_half, split_settings.seed)
+    if not split.fit:
+        raise FailedPrecondition(f"half {settings.fit_half} of the training conversations is empty: import more")
     runtime = load_user_runtime(settings.backbone, settings.max_tokens, settings.device, settings.precision, models)
     log.info(
         "fine-tuning %s (%s) as a user model, %s",
         settings.backbone,
         settings.method,
-        describe(runtime.precision, runtime.device),
+        describe(runtime.precision, runtime.device, runtime.model.config),
     )
     heldout = split.heldout or split.validation
     base = teacher_forced(runtime, heldout, desc="base model, held out" if show_progress else "")
@@ -152,17 +155,17 @@ def _register(
         shutil.rmtree(staging)
     write_user_version(directory, meta, runtime)
     rec = registry.ModelRecord(
-        version,
-        meta.parent,
-        meta.snapshot_id,
-        settings.backbone,
-        meta.format_hash,
-        "candidate",
-        metrics,
-        0.0,
-        1.0,
-        1,
-        str(directory),
+        version=version,
+        parent=meta.parent,
+        snapshot_id=meta.snapshot_id,
+        backbone=settings.backbone,
+        format_hash=meta.format_hash,
+        status="candidate",
+        metrics=metrics,
+        reward_mean=0.0,  # a user model serves no rewards: the identity normalisation
+        reward_std=1.0,
+        ensemble_size=1,
+        artifact_path=str(directory),
         kind="user",
     )
     registry.register(store, rec, number)

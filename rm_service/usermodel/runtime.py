@@ -175,5 +175,5 @@ def load_user_runtime(
         name_or_path,
         backbone_key(Path(model_dir), identity or name_or_path),
         dev,
-        resolve_precision(precision, dev),
+        resolve_precision(precision, dev, config=model.config),
     )

@@ -62,6 +62,13 @@ class UserModelSettings(BaseSettings):
         "auto", description="Device for training; auto picks CUDA when present."
     )
     seed: int = Field(0, description="Seed of the batch order.")
+    fit_half: Literal["all", "a", "b"] = Field(
+        "all",
+        description="Fit on every training conversation, or on one of two disjoint halves of them (a or b, by the "
+        "conversation id's hash): a user model fit on half a to train a policy against and one fit on half b, never "
+        "trained against, to measure whether the policy exploits its simulator (policy-trainer sessions "
+        "--eval-user-addresses). Validation and held-out conversations are the same for both.",
+    )
     promote: bool = Field(
         True,
         description="Promote the new user model when its held-out NLL is below the base model's and not above the "

@@ -33,7 +33,9 @@ def routes() -> list[Route]:
 
 async def agreement(request: Request) -> JSONResponse:
     who = caller(request, ADMIN)
-    return JSONResponse({"annotator": who.annotator, **await asyncio.to_thread(_agreement, context(request).store)})
+    return JSONResponse(
+        {"annotator": who.annotator, **await asyncio.to_thread(_agreement, context(request).need_store())}
+    )
 
 
 def _report(report) -> dict:

@@ -27,10 +27,11 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prometheus_client import make_asgi_app
@@ -38,8 +39,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Mount, Route
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from rm_service.errors import Cancelled, Overloaded, RMError, Unauthenticated, Unavailable, http_status
@@ -52,7 +53,11 @@ from rm_service.settings import ServeSettings
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
 
+if TYPE_CHECKING:
+    from rm_service.server.metrics import Metrics
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HERE = Path(__file__).resolve().parent
 ANONYMOUS = "anonymous"
@@ -68,10 +73,29 @@ class HttpContext:
     tokens: Tokens
     settings: ServeSettings
     reward: ScoringCore | None = None  # the scoring core when this process serves a model: the reward routes
-    metrics: object | None = None  # server.metrics.Metrics: the reward routes count requests by route and status
+    metrics: Metrics | None = None  # the reward routes count requests by route and status
     readiness: Callable[[], str] = lambda: "serving"  # "serving" when loaded, warmed and not draining, else why not
     models: Callable[[], dict] = dict  # the served versions, their weight bytes and failed loads (ServedModels.health)
     user: UserService | None = None  # when this process serves a user model: POST /simulate_user
+
+    # The routes that use an optional part are mounted only when it is set (create_app); these give it to them.
+    def need_store(self) -> Store:
+        return _present(self.store, "store")
+
+    def need_writer(self) -> GroupCommitWriter:
+        return _present(self.writer, "store")
+
+    def need_reward(self) -> ScoringCore:
+        return _present(self.reward, "reward model")
+
+    def need_user(self) -> UserService:
+        return _present(self.user, "user model")
+
+
+def _present(part: T | None, what: str) -> T:
+    if part is None:
+        raise Unavailable(f"this server has no {what}")
+    return part
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,7 @@ def caller(request: Request, needed: str) -> Caller:
         return Caller(ANONYMOUS, ADMIN)
     token = http_token(request.headers.items())
     role = authorize(ctx.tokens, token, needed, f"{request.method} {request.url.path}")
+    assert token is not None  # authorize gives a role only to a token
     return Caller(identity(role, token), role)
 
 
@@ -119,7 +144,7 @@ def counted(route: str):
     return wrap
 
 
-async def until_disconnect(request: Request, work) -> object:
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work` (a coroutine), cancelled when the caller disconnects: its admission permit is
     released and its queued work dropped before it reaches the model, as for a cancelled gRPC call."""
     task = asyncio.ensure_future(work)
@@ -151,7 +176,11 @@ VLLM_PATHS = ("/classify", "/pooling", "/v1/")  # routes whose errors take vLLM'
 
 
 def _error(
-    status: int, message: str, headers: dict | None = None, request: Request | None = None, param: str | None = None
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    request: Request | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate a client sent, quoted
     if request is not None and request.url.path.startswith(VLLM_PATHS):  # vLLM's ErrorResponse, for its clients
@@ -232,7 +261,10 @@ class _Asgi:
 def create_app(ctx: HttpContext) -> Starlette:
     from rm_service.server.http import admin, labeling, openapi, reward_routes, user_routes
 
-    routes = [Route("/health", health, methods=["GET"]), Route("/ping", health, methods=["GET"])]  # vLLM's /ping
+    routes: list[BaseRoute] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET"]),  # vLLM's name for it
+    ]
     routes += openapi.routes()  # GET /openapi.json, /docs: what is mounted here, described
     if (
         ctx.metrics is not None
@@ -250,9 +282,15 @@ def create_app(ctx: HttpContext) -> Starlette:
             *labeling.routes(),
             *admin.routes(),
         ]
+    # starlette types a handler as taking any Exception; each of these takes the class it is registered for
+    handlers: dict[type[Exception], Callable[..., Awaitable[Response]]] = {
+        RMError: _rm_error,
+        HTTPException: _http_error,
+        Exception: _internal,
+    }
     app = Starlette(
         routes=routes,
-        exception_handlers={RMError: _rm_error, HTTPException: _http_error, Exception: _internal},
+        exception_handlers=handlers,
         middleware=[
             Middleware(
                 Guard,

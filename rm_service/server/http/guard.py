@@ -95,7 +95,7 @@ def field_name(path: tuple) -> str:
 
 def _check(value) -> None:
     """Depth and numbers, walked without recursion: the first offending field is named."""
-    stack = [(value, (), 0)]
+    stack: list[tuple[object, tuple, int]] = [(value, (), 0)]  # (item, its path, depth)
     while stack:
         item, path, depth = stack.pop()
         if isinstance(item, _BadNumber):

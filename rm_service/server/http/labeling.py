@@ -80,7 +80,9 @@ async def progress(request: Request) -> JSONResponse:
 async def next_task(request: Request) -> JSONResponse:
     who = caller(request, LABELER)
     ctx = context(request)
-    leased = await asyncio.to_thread(tasks.lease, ctx.store, who.annotator, 1, ctx.settings.labeling_lease_s, True)
+    leased = await asyncio.to_thread(
+        tasks.lease, ctx.need_store(), who.annotator, 1, ctx.settings.labeling_lease_s, True
+    )
     task = None
     if leased:
         t = leased[0]
@@ -100,7 +102,7 @@ async def renew(request: Request) -> JSONResponse:
     who = caller(request, LABELER)
     ctx = context(request)
     expires = await asyncio.to_thread(
-        tasks.renew, ctx.store, request.path_params["task_id"], who.annotator, ctx.settings.labeling_lease_s
+        tasks.renew, ctx.need_store(), request.path_params["task_id"], who.annotator, ctx.settings.labeling_lease_s
     )
     return JSONResponse({"lease_expires_unix_ms": expires})
 
@@ -108,7 +110,7 @@ async def renew(request: Request) -> JSONResponse:
 async def skip(request: Request) -> JSONResponse:
     who = caller(request, LABELER)
     ctx = context(request)
-    await asyncio.to_thread(tasks.release, ctx.store, request.path_params["task_id"], who.annotator, True)
+    await asyncio.to_thread(tasks.release, ctx.need_store(), request.path_params["task_id"], who.annotator, True)
     return JSONResponse({"skipped": request.path_params["task_id"], "progress": await _progress(ctx, who)})
 
 
@@ -117,13 +119,15 @@ async def label(request: Request) -> JSONResponse:
     ctx = context(request)
     body = await read_json(request)
     task_id = request.path_params["task_id"]
-    task = await asyncio.to_thread(tasks.get, ctx.store, task_id)
+    task = await asyncio.to_thread(tasks.get, ctx.need_store(), task_id)
     label_id = f"{task_id}/{who.annotator}"
-    await asyncio.to_thread(tasks.check_held, ctx.store, task_id, who.annotator, label_id)
-    shown = await asyncio.to_thread(suggestions.shown, ctx.store, task_id)
+    await asyncio.to_thread(tasks.check_held, ctx.need_store(), task_id, who.annotator, label_id)
+    shown = await asyncio.to_thread(suggestions.shown, ctx.need_store(), task_id)
     answer = _answer(body, task, who, label_id, shown)
     thumbs = _thumbs_label(answer, task)
-    [outcome, *_] = await ctx.writer.ingest([answer, *thumbs], origin="human")  # one group commit: both or neither
+    [outcome, *_] = await ctx.need_writer().ingest(
+        [answer, *thumbs], origin="human"
+    )  # one group commit: both or neither
     if outcome.status == "REJECTED":
         field, _, message = outcome.reason.partition(": ")
         raise InvalidArgument(field.replace("labels[0].", "", 1), message)
@@ -219,13 +223,18 @@ async def _suggest(ctx: HttpContext, task: tasks.Task) -> list[Suggestion]:
     completions for this task; return every suggestion recorded for it."""
     conv = conversation_id(task.prompt)
     found = await asyncio.to_thread(
-        suggestions.judge_suggestions, ctx.store, [completion_id(conv, c) for c in task.completions]
+        suggestions.judge_suggestions, ctx.need_store(), [completion_id(conv, c) for c in task.completions]
     )
-    recorded = await asyncio.to_thread(suggestions.shown, ctx.store, task.task_id)
-    served = ctx.reward.served.default if ctx.reward is not None else None  # None until the model is loaded
-    if served is not None and not any(s.kind == "model" and s.origin == served for s in recorded):
+    recorded = await asyncio.to_thread(suggestions.shown, ctx.need_store(), task.task_id)
+    reward = ctx.reward  # None in a process that serves no model
+    served = reward.served.default if reward is not None else None  # None until the model is loaded
+    if (
+        reward is not None
+        and served is not None
+        and not any(s.kind == "model" and s.origin == served for s in recorded)
+    ):
         try:
-            scored = await ctx.reward.score(
+            scored = await reward.score(
                 [(task.prompt, c) for c in task.completions], "", Ticket(time.monotonic() + SUGGESTION_DEADLINE_S)
             )
             rewards = [float(r) for r in scored.reward]
@@ -235,10 +244,10 @@ async def _suggest(ctx: HttpContext, task: tasks.Task) -> list[Suggestion]:
         except RMError as exc:  # overloaded, swapping: the page works without the model's suggestion
             log.warning("no model suggestion for %s: %s", task.task_id, exc)
     if found:
-        await asyncio.to_thread(suggestions.record, ctx.store, task.task_id, found)
-        recorded = await asyncio.to_thread(suggestions.shown, ctx.store, task.task_id)
+        await asyncio.to_thread(suggestions.record, ctx.need_store(), task.task_id, found)
+        recorded = await asyncio.to_thread(suggestions.shown, ctx.need_store(), task.task_id)
     return recorded
 
 
 async def _progress(ctx: HttpContext, who: Caller) -> dict[str, int]:
-    return await asyncio.to_thread(tasks.progress, ctx.store, who.annotator)
+    return await asyncio.to_thread(tasks.progress, ctx.need_store(), who.annotator)

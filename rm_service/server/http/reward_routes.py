@@ -82,7 +82,7 @@ def routes() -> list[Route]:
 async def models(request: Request) -> JSONResponse:
     """vLLM's (OpenAI's) model list: the loaded versions, the served one first."""
     caller(request, SCORER)
-    served = context(request).reward.served
+    served = context(request).need_reward().served
     names = sorted(served.versions, key=lambda v: v != served.default)
     data = [
         {
@@ -106,7 +106,7 @@ async def server_version(request: Request) -> JSONResponse:
 async def get_reward(request: Request) -> JSONResponse:
     caller(request, SCORER)
     ctx = context(request)
-    ctx.reward.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
+    await ctx.need_reward().check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
     body = await read_json(request, ctx.settings.max_message_bytes)
     queries = _texts(body.get("query"), "query", ctx)
     for name in ("prompts", "labels"):  # OpenRLHF sends both; only their shape is checked
@@ -196,7 +196,7 @@ async def _vllm_request(request: Request):
     """(context, body, Work, version) of a vLLM-shaped request."""
     caller(request, SCORER)
     ctx = context(request)
-    ctx.reward.check_room(HTTP_TICKET)  # before the body is read
+    await ctx.need_reward().check_room(HTTP_TICKET)  # before the body is read
     body = await read_json(request, ctx.settings.max_message_bytes)
     version = _version(ctx, body.get("model"))
     given = [k for k in ("input", "messages") if body.get(k) is not None]
@@ -215,7 +215,7 @@ async def _vllm_request(request: Request):
         ids = _checked_ids(ctx, version, value)
         if ctx.settings.http_chat_template == RAW:
             return ctx, body, Work(raw=ids), version  # scored as sent, as vLLM scores token ids
-        tokenizer = ctx.reward.served.get(version).runtime.tokenizer
+        tokenizer = ctx.need_reward().served.get(version).runtime.tokenizer
         value = [tokenizer.decode(seq, skip_special_tokens=False) for seq in ids]
     texts = [value] if isinstance(value, str) else _texts(value, "input", ctx)
     return ctx, body, _read(ctx, version, texts, "input"), version
@@ -226,14 +226,14 @@ def _checked_ids(ctx: HttpContext, version: str, ids: list[list], field: str = "
     the served model's tokenizer), each in its vocabulary, to be decoded with their special tokens
     and read as rendered text, or scored as they are in raw mode."""
     _texts([""] * len(ids), field, ctx)  # the count within max_items_per_request before any decoding
-    tokenizer = ctx.reward.served.get(version).runtime.tokenizer
+    tokenizer = ctx.need_reward().served.get(version).runtime.tokenizer
     vocab = len(tokenizer)
     for i, seq in enumerate(ids):
         bad = next(
             (j for j, t in enumerate(seq) if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None
         )
         if not seq or bad is not None:
-            got = "an empty list" if not seq else f"{seq[bad]!r} at [{bad}]"
+            got = "an empty list" if bad is None else f"{seq[bad]!r} at [{bad}]"
             raise InvalidArgument(f"{field}[{i}]", f"token ids must be integers in [0, {vocab}), got {got}")
     return ids
 
@@ -265,7 +265,7 @@ def _texts(value, field: str, ctx: HttpContext) -> list[str]:
 def _version(ctx: HttpContext, model) -> str:
     """The version that scores: `model` when it names a loaded version, else the served default.
     Resolved here (Unavailable while the model loads) so that parsing and scoring use one version."""
-    served = ctx.reward.served
+    served = ctx.need_reward().served
     name = model if isinstance(model, str) and model in served.versions else ""
     return served.get(name).record.version
 
@@ -281,7 +281,7 @@ def _read(ctx: HttpContext, version: str, texts: list[str], field: str) -> Work:
 
 
 def _parsed(ctx: HttpContext, version: str, texts: list[str], field: str) -> list[tuple[list[Message], str]]:
-    tokenizer = ctx.reward.served.get(version).runtime.tokenizer
+    tokenizer = ctx.need_reward().served.get(version).runtime.tokenizer
     ignorable = getattr(tokenizer, "all_special_tokens", [])
     pairs = []
     for i, text in enumerate(texts):
@@ -293,8 +293,9 @@ def _parsed(ctx: HttpContext, version: str, texts: list[str], field: str) -> lis
 def _validated(ctx: HttpContext, prompt: list[Message], completion: str, prompt_field: str, completion_field: str):
     """Score's own checks (convert.score_items): a prompt of valid turns ending with a user or
     system turn, a non-empty completion, texts within the store's max_text_chars."""
-    validate_messages(prompt, prompt_field, ctx.reward.max_chars)
-    validate_text(completion, completion_field, ctx.reward.max_chars)
+    max_chars = ctx.need_reward().max_chars
+    validate_messages(prompt, prompt_field, max_chars)
+    validate_text(completion, completion_field, max_chars)
     return prompt, completion
 
 
@@ -349,10 +350,11 @@ def _activation(body: dict, default: bool) -> bool:
 async def _score(request: Request, ctx: HttpContext, work: Work, version: str):
     """The core's score, cancelled when the caller disconnects: its permit is released and its
     queued items are dropped before they reach the model, as for a cancelled gRPC call."""
+    reward = ctx.need_reward()
     if work.raw is not None:
-        job = ctx.reward.score_raw(work.raw, version, HTTP_TICKET)
+        job = reward.score_raw(work.raw, version, HTTP_TICKET)
     else:
-        job = ctx.reward.score(work.pairs or [], version, HTTP_TICKET)
+        job = reward.score(work.pairs or [], version, HTTP_TICKET)
     scored = await until_disconnect(request, job)
     return scored, scored.reward
 

@@ -40,7 +40,8 @@ class _TimedH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         self._timer: asyncio.TimerHandle | None = None
-        self._waiting_for, self._request = "", None
+        self._waiting_for = ""
+        self._request: object = None  # the request cycle whose body is awaited (compared by identity)
         super().connection_made(transport)
         self._arm("request head", self.header_timeout_s)
 
@@ -129,7 +130,8 @@ class HttpServer:
             http=_protocol(self.settings),
             timeout_keep_alive=self.settings.http_keep_alive_s if self.settings else 5,
             limit_concurrency=self.settings.http_max_connections if self.settings else None,
-            timeout_graceful_shutdown=self.grace_seconds,
+            # uvicorn annotates an int, and uses it as asyncio.timeout's delay, which takes any number of seconds
+            timeout_graceful_shutdown=self.grace_seconds,  # type: ignore[arg-type]
             ssl_certfile=s.tls_cert,
             ssl_keyfile=s.tls_key,
             ssl_ca_certs=s.tls_client_ca,
@@ -152,7 +154,7 @@ class HttpServer:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (up to the grace period), close."""
-        if self._server is None:
+        if self._server is None or self._task is None:
             return
         self._server.should_exit = True
         await self._task

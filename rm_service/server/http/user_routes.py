@@ -36,8 +36,8 @@ def routes() -> list[Route]:
 async def simulate_user(request: Request) -> JSONResponse:
     caller(request, SCORER)
     ctx = context(request)
-    user = ctx.user
-    user.core.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
+    user = ctx.need_user()
+    await user.core.check_room(HTTP_TICKET)  # before the body is read: a refusal costs the request alone
     body = await read_json(request, ctx.settings.max_message_bytes)
     convs = user.conversations(_conversations(body.get("conversations")))
     sampling = user.sampling(
