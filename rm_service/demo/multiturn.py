@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rm_service.client import Client, start_server_process
-from rm_service.demo.pipeline import Stages, build_models, settings_env, train_settings, use_home
+from rm_service.client import start_server_process
+from rm_service.demo.pipeline import Stages, build_models, settings_env, stop_server, train_settings, use_home
 from rm_service.demo.report import RunFacts
 from rm_service.demo.settings import DemoSettings
 from rm_service.errors import RMError
@@ -133,11 +132,7 @@ def serve_and_play(s: DemoSettings, facts: SessionFacts, stages: Stages, user_di
         )
         facts.summary, facts.example = play(s, address, gold)
         stages.done("sessions", t, f"(seconds per step: {facts.summary.seconds_per_phase.get('step', 0):.1f})")
-        t = stages.start("stop the server (SIGTERM: drain, checkpoint the store)")
-        Client(address).close()
-        server.send_signal(signal.SIGTERM)
-        facts.server_exit_code = server.wait(timeout=600)
-        stages.done("stop", t, f"(exit code {facts.server_exit_code})")
+        facts.server_exit_code = stop_server(server, stages)
     finally:
         if server.poll() is None:
             server.kill()

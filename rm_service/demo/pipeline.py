@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -205,14 +206,20 @@ def serve_and_loop(s: DemoSettings, facts: RunFacts, stages: Stages, gold: Train
         client = Client(address)
         stages.done("start server", t, f"(SERVING on {address}; log {s.run_home / 'server.log'})")
         _judge_and_ppo(s, facts, stages, address, gold)
-        t = stages.start("stop the server (SIGTERM: drain, checkpoint the store)")
         client.close()
-        server.send_signal(signal.SIGTERM)
-        facts.server_exit_code = server.wait(timeout=600)
-        stages.done("stop", t, f"(exit code {facts.server_exit_code})")
+        facts.server_exit_code = stop_server(server, stages)
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def stop_server(server: subprocess.Popen, stages: Stages) -> int:
+    """The last stage of both demos: SIGTERM, the server drains and checkpoints the store; its exit code."""
+    t = stages.start("stop the server (SIGTERM: drain, checkpoint the store)")
+    server.send_signal(signal.SIGTERM)
+    code = server.wait(timeout=600)
+    stages.done("stop", t, f"(exit code {code})")
+    return code
 
 
 def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: str, gold_model: TrainResult) -> None:
