@@ -27,7 +27,7 @@ from typing import Any
 from rm_service.client import start_server_process
 from rm_service.demo.pipeline import Stages, build_models, settings_env, stop_server, train_settings, use_home
 from rm_service.demo.report import RunFacts
-from rm_service.demo.settings import DemoSettings
+from rm_service.demo.settings import DemoSettings, composed
 from rm_service.errors import RMError
 from rm_service.settings import ModelSettings, StoreSettings
 
@@ -142,12 +142,9 @@ def play(s: DemoSettings, address: str, gold: str):
     from policy_trainer.multiturn import SessionTrainer
     from policy_trainer.session_settings import SessionSettings
 
-    same = "policy prompts_per_step samples_per_prompt max_new_tokens max_prompt_tokens max_turns user_max_new_tokens"
-    same += (
-        " learning_rate kl_coef update_epochs num_minibatches seed progress"  # DemoSettings' names are the trainer's
-    )
-    settings = SessionSettings(
-        **{name: getattr(s, name) for name in same.split()},
+    settings = composed(
+        s,
+        SessionSettings,
         run_dir=s.run_home / "sessions",
         prompts_file=s.data,
         total_steps=s.session_steps,
@@ -155,10 +152,13 @@ def play(s: DemoSettings, address: str, gold: str):
         advantage_estimator=SESSION_ESTIMATOR.get(s.advantage_estimator, "turn_gae"),
         eval_prompts=s.session_eval_openings,
         eval_every=0,
+        submit_every=0,  # sessions are labeled by people on the page or a judge; the demo keeps the proxy fixed
+        reward_pessimism="none",  # ScoreTurns serves no members per turn
         reward_addresses=[address],
         gold_address=address,
         gold_version=gold,
         save_policy=False,
+        progress=s.progress,
     )
     trainer = SessionTrainer(settings)
     try:

@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from policy_trainer.estimators import EstimatorName
+from policy_trainer.session_settings import SessionSettings
 from policy_trainer.settings import PPOSettings
 from rm_service.data import HH_PAIRS
 from rm_service.settings import TrainSettings, rm_home
@@ -180,7 +181,7 @@ class DemoSettings(BaseSettings):
         "user model trained (or reused), then PPO over whole conversations against the served user model, the held-out "
         "sessions' per-turn and session gold in the report.",
     )
-    max_turns: int = Field(2, ge=1, le=16, description="Multi-turn: most assistant turns per session.")
+    max_turns: Annotated[int, of(SessionSettings, "max_turns", "Multi-turn."), Field(le=16)] = 2
     session_steps: int = Field(4, gt=0, description="Multi-turn: PPO steps over sessions.")
     session_eval_openings: int = Field(
         8, ge=1, description="Multi-turn: held-out first user turns played (samples_per_prompt sessions each)."
@@ -194,7 +195,7 @@ class DemoSettings(BaseSettings):
         "smollm2-135m-instruct", description="Multi-turn: backbone of the user model trained (LoRA, as the default)."
     )
     user_max_minutes: float = Field(3.0, gt=0, description="Multi-turn: training budget of the user model.")
-    user_max_new_tokens: int = Field(24, gt=0, description="Multi-turn: most tokens of one simulated user turn.")
+    user_max_new_tokens: Annotated[int, of(SessionSettings, "user_max_new_tokens", "Multi-turn."), Field(gt=0)] = 24
 
     @property
     def run_home(self) -> Path:
