@@ -136,11 +136,41 @@ def candidate(pb: preference_pb2.Candidate):
     )
 
 
+def session_candidate(pb: preference_pb2.SessionCandidate):
+    from rm_service.store.session_tasks import SessionCandidate
+
+    return SessionCandidate(
+        conversation=messages(pb.conversation),
+        policy_version=pb.policy_version,
+        sampling=dict(pb.sampling),
+        priority=pb.priority,
+    )
+
+
+TASK_KINDS = {"ranking": preference_pb2.RANKING, "session": preference_pb2.SESSION}
+
+
+def task_kinds(kinds) -> tuple[str, ...]:
+    """LeaseTasksRequest.kinds as store kinds; empty: ranking only."""
+    from rm_service.errors import InvalidArgument
+
+    names = {v: k for k, v in TASK_KINDS.items()}
+    out = []
+    for i, k in enumerate(kinds):
+        if k not in names:
+            raise InvalidArgument(f"kinds[{i}]", f"must be RANKING or SESSION, got {preference_pb2.TaskKind.Name(k)}")
+        out.append(names[k])
+    return tuple(dict.fromkeys(out)) or ("ranking",)
+
+
 def task(t) -> preference_pb2.Task:
+    session = t.kind == "session"
     return preference_pb2.Task(
         task_id=t.task_id,
-        prompt=to_proto(t.prompt),
+        prompt=[] if session else to_proto(t.prompt),
         completions=t.completions,
         policy_version=t.policy_version,
         lease_expires_unix_ms=t.lease_expires_unix_ms,
+        kind=TASK_KINDS[t.kind],
+        conversation=to_proto(t.prompt) if session else [],
     )

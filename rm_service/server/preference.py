@@ -6,9 +6,9 @@ import asyncio
 
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.errors import InvalidArgument
-from rm_service.server.convert import STATUS_VALUES, candidate, feedback, label, task
+from rm_service.server.convert import STATUS_VALUES, candidate, feedback, label, session_candidate, task, task_kinds
 from rm_service.server.rpc import rpc
-from rm_service.store import tasks
+from rm_service.store import session_tasks, tasks
 from rm_service.store.db import Store
 from rm_service.store.writer import GroupCommitWriter
 
@@ -68,12 +68,29 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         return preference_pb2.SubmitCandidatesResponse(task_ids=ids)
 
     @rpc
+    async def SubmitSessions(
+        self, request: preference_pb2.SubmitSessionsRequest, context
+    ) -> preference_pb2.SubmitCandidatesResponse:
+        if not request.sessions:
+            raise InvalidArgument("sessions", "must hold at least one session")
+        ids = await asyncio.to_thread(
+            session_tasks.submit_sessions, self.store, [session_candidate(c) for c in request.sessions]
+        )
+        return preference_pb2.SubmitCandidatesResponse(task_ids=ids)
+
+    @rpc
     async def LeaseTasks(self, request: preference_pb2.LeaseTasksRequest, context) -> preference_pb2.LeaseTasksResponse:
         if request.max_tasks > MAX_TASKS_PER_LEASE:
             raise InvalidArgument("max_tasks", f"is {request.max_tasks}; the limit is {MAX_TASKS_PER_LEASE}")
         if request.lease_seconds > MAX_LEASE_SECONDS:
             raise InvalidArgument("lease_seconds", f"is {request.lease_seconds}; the limit is {MAX_LEASE_SECONDS}")
         leased = await asyncio.to_thread(
-            tasks.lease, self.store, request.owner, request.max_tasks, request.lease_seconds
+            tasks.lease,
+            self.store,
+            request.owner,
+            request.max_tasks,
+            request.lease_seconds,
+            False,
+            task_kinds(request.kinds),
         )
         return preference_pb2.LeaseTasksResponse(tasks=[task(t) for t in leased])

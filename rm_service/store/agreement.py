@@ -225,3 +225,44 @@ SELECT coalesce(sum(TRY_CAST(json_extract_string(metadata, '$.judge_pairs') AS B
        coalesce(sum(TRY_CAST(json_extract_string(metadata, '$.judge_flips') AS BIGINT)), 0)
 FROM labels l WHERE {_IN_OTHER}
 """
+
+
+# -- feedback: thumbs and outcomes on the same turns and sessions ---------------------------
+
+_SHARED_FEEDBACK = """
+WITH sides AS (
+    SELECT l.conversation_id AS conv, f.message_index AS turn, l.source = 'JUDGE' AS judge, avg(f.value) AS value
+    FROM label_feedback f JOIN labels l ON l.label_id = f.label_id
+    WHERE f.kind = $kind AND l.source IN ('JUDGE', 'HUMAN')
+    GROUP BY ALL
+)
+SELECT h.value, j.value FROM sides h JOIN sides j ON h.conv = j.conv AND h.turn = j.turn AND NOT h.judge AND j.judge
+WHERE h.value <> 0.5 AND j.value <> 0.5
+"""
+
+
+@dataclass(frozen=True)
+class FeedbackAgreement:
+    shared_thumbs: int  # turns both sides thumbed, both majorities decisive
+    thumb_agreement: float
+    thumb_kappa: float
+    shared_outcomes: int  # sessions both sides gave an outcome, both means off 0.5
+    outcome_agreement: float
+
+
+def feedback_agreement(con: duckdb.DuckDBPyConnection) -> FeedbackAgreement:
+    """JUDGE feedback against HUMAN feedback: on each assistant turn both thumbed, the
+    judges' majority thumb (mean of up = 1, down = 0) against the people's; on each session both
+    gave an outcome, success (mean > 0.5) or failure against the people's. NaN when none shared."""
+    thumbs = con.execute(_SHARED_FEEDBACK, {"kind": "thumb"}).fetchall()
+    outcomes = con.execute(_SHARED_FEEDBACK, {"kind": "outcome"}).fetchall()
+    people = ["up" if h > 0.5 else "down" for h, _ in thumbs]
+    judges = ["up" if j > 0.5 else "down" for _, j in thumbs]
+    same = [(h > 0.5) == (j > 0.5) for h, j in outcomes]
+    return FeedbackAgreement(
+        len(thumbs),
+        sum(p == j for p, j in zip(people, judges, strict=True)) / len(thumbs) if thumbs else math.nan,
+        cohen_kappa(people, judges),
+        len(outcomes),
+        sum(same) / len(same) if same else math.nan,
+    )

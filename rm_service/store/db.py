@@ -19,7 +19,7 @@ import duckdb
 from rm_service.conversation import Message, messages_from_json
 from rm_service.errors import InvalidArgument, NotFound, Unavailable
 from rm_service.settings import StoreSettings
-from rm_service.store.agreement import LabelSet, annotators
+from rm_service.store.agreement import LabelSet, annotators, feedback_agreement
 from rm_service.store.agreement import report as agreement_report
 from rm_service.store.feedback import FeedbackIn, PreparedFeedback, prepare_feedback
 from rm_service.store.labels import IngestOutcome, LabelIn, PairPolicy, PreparedLabel, expand_pairs, prepare_label
@@ -156,10 +156,9 @@ class Store:
                         "" if same else "label_id already stored with a different payload",
                     )
                     continue
-                if label.task_id and label.task_id not in tasks:
-                    outcomes[b][i] = IngestOutcome(
-                        label.label_id, "REJECTED", f"{prepared.field}.task_id: unknown task {label.task_id!r}"
-                    )
+                mismatch = _task_mismatch(prepared, tasks)
+                if mismatch:
+                    outcomes[b][i] = IngestOutcome(label.label_id, "REJECTED", mismatch)
                     continue
                 known[label.label_id] = phash
                 rows.add(prepared)
@@ -167,13 +166,15 @@ class Store:
             rows.write(self.con)
         return cast(list[list[IngestOutcome]], outcomes)  # every None was decided above
 
-    def _open_tasks(self, task_ids: list[str]) -> set[str]:
+    def _open_tasks(self, task_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """{task id: (kind, conversation id)} of the tasks named."""
         if not task_ids:
-            return set()
+            return {}
         rows = self.con.execute(
-            "SELECT task_id FROM tasks WHERE task_id IN (SELECT unnest(?::VARCHAR[]))", [task_ids]
+            "SELECT task_id, kind, conversation_id FROM tasks WHERE task_id IN (SELECT unnest(?::VARCHAR[]))",
+            [task_ids],
         ).fetchall()
-        return {r[0] for r in rows}
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def _stored_hashes(self, label_ids: list[str]) -> dict[str, str]:
         if not label_ids:
@@ -267,6 +268,10 @@ class Store:
             )[0]
             done = one_row(self.con, "SELECT count(*) FROM tasks WHERE state = 'done'")[0]
             judge = self.judge_agreement()
+            fb = feedback_agreement(self.con)
+            session_queued = one_row(
+                self.con, f"SELECT count(*) FROM tasks WHERE {TASK_AVAILABLE} AND kind = 'session'"
+            )
             pairs = one_row(
                 self.con,
                 """SELECT coalesce(sum(n), 0) FROM (SELECT a.label_id, count(*) AS n FROM label_rankings a
@@ -300,6 +305,12 @@ class Store:
                 "judge_position_bias_rate": judge.position_bias_rate,
                 "judge_longer_preferred": _finite(judge.judge_longer),
                 "human_longer_preferred": _finite(judge.reference_longer),
+                "judge_human_shared_thumbs": fb.shared_thumbs,
+                "judge_human_thumb_agreement": _finite(fb.thumb_agreement),
+                "judge_human_thumb_kappa": _finite(fb.thumb_kappa),
+                "judge_human_shared_outcomes": fb.shared_outcomes,
+                "judge_human_outcome_agreement": _finite(fb.outcome_agreement),
+                "session_queue_depth": session_queued[0],
             }
 
     def judge_agreement(self, reference: tuple[str, ...] = ("HUMAN",), judge: str | None = None):
@@ -321,6 +332,23 @@ class Store:
         """(annotator, labels) of one source, most labels first."""
         with self._lock:
             return annotators(self.con, source)
+
+
+def _task_mismatch(prepared: PreparedLabel | PreparedFeedback, tasks: dict[str, tuple[str, str]]) -> str:
+    """Why a label may not answer the task it names ("" when it may, or names none): an unknown
+    task; a ranking for a session task; feedback on a session task about another conversation."""
+    task_id = prepared.label.task_id
+    if not task_id:
+        return ""
+    if task_id not in tasks:
+        return f"{prepared.field}.task_id: unknown task {task_id!r}"
+    kind, conv = tasks[task_id]
+    feedback = isinstance(prepared, PreparedFeedback)
+    if kind == "session" and not feedback:
+        return f"{prepared.field}.task_id: task {task_id!r} is a session task; answer it with feedback (IngestFeedback)"
+    if kind == "session" and prepared.conversation_id != conv:
+        return f"{prepared.field}.conversation: is not the conversation of session task {task_id!r}"
+    return ""
 
 
 def _finite(value: float) -> float:

@@ -127,16 +127,22 @@ class Rows:
                 [f["label_id"], f["kind"], f["message_index"], f["value"]],
             )
         closes = [
-            (task_id, label_id)
-            for task_id, label_id in zip(lab["task_id"], lab["label_id"], strict=True)
-            if task_id and label_id not in self._feedback_ids
+            (task_id, label_id) for task_id, label_id in zip(lab["task_id"], lab["label_id"], strict=True) if task_id
         ]
-        if closes:  # a ranking answering a task closes it (feedback on the task's chat is provenance only)
+        if closes:
+            # A ranking answering a task closes it; feedback closes only a session task (feedback on a
+            # ranking task's chat is provenance only). Ingestion checked each label fits its task's kind.
             con.execute(
                 """UPDATE tasks SET state = 'done', lease_owner = NULL, lease_expires_at = NULL, closed_by = c.label_id
-                           FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id) c
-                           WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'""",
-                [[task_id for task_id, _ in closes], [label_id for _, label_id in closes]],
+                           FROM (SELECT unnest(?::VARCHAR[]) AS task_id, unnest(?::VARCHAR[]) AS label_id,
+                                        unnest(?::BOOLEAN[]) AS feedback) c
+                           WHERE tasks.task_id = c.task_id AND tasks.state <> 'done'
+                             AND (NOT c.feedback OR tasks.kind = 'session')""",
+                [
+                    [task_id for task_id, _ in closes],
+                    [label_id for _, label_id in closes],
+                    [label_id in self._feedback_ids for _, label_id in closes],
+                ],
             )
 
 

@@ -205,7 +205,15 @@ DROP TABLE models;
 ALTER TABLE models_v8 RENAME TO models;
 """
 
-MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8]
+# v9: the labeling queue holds two kinds of task: `ranking` (a prompt and K >= 2 completions to
+# rank, every task before v9) and `session` (a conversation the policy played, for per-turn thumbs
+# and a session outcome: its conversation_id is the whole conversation's, completion_ids empty).
+V9 = """
+ALTER TABLE tasks ADD COLUMN kind VARCHAR DEFAULT 'ranking';
+UPDATE tasks SET kind = 'ranking' WHERE kind IS NULL;
+"""
+
+MIGRATIONS: list[str] = [V1, V2, V3, V4, V5, V6, V7, V8, V9]
 
 # A task anyone may lease now: queued, or leased and expired (a predicate on `tasks` rows).
 TASK_AVAILABLE = "(state = 'queued' OR (state = 'leased' AND lease_expires_at < now()))"

@@ -1,6 +1,8 @@
 """The labeling queue: trainers submit their samples, labelers (people or judges) lease them.
 
-A task is a prompt with K >= 2 completions to rank. `submit` is idempotent (the task id is
+A task is of one of two kinds: `ranking`, a prompt with K >= 2 completions to rank, or
+`session`, a whole conversation the policy played, for per-turn thumbs and a session outcome
+(store.session_tasks; a feedback label answers it). `submit` is idempotent (the task id is
 the hash of prompt, completions and policy version). `lease` hands out the highest-priority
 tasks that are queued or whose lease expired, marking them leased to `owner` until
 now + lease_seconds; a label with `task_id` closes its task (see Store.ingest_batches).
@@ -29,6 +31,7 @@ from rm_service.store.schema import TASK_AVAILABLE
 from rm_service.store.tx import one_row
 
 POLICY_PREFIX = "policy@"
+KINDS = ("ranking", "session")
 MAX_POLICY_VERSION_CHARS = 200
 
 
@@ -48,6 +51,7 @@ class Task:
     completions: list[str]
     policy_version: str
     lease_expires_unix_ms: int
+    kind: str = "ranking"  # ranking | session: then `prompt` is the whole played conversation, `completions` empty
 
 
 def task_id(c: Candidate) -> str:
@@ -119,8 +123,15 @@ def _insert(store: Store, c: Candidate) -> str:
     return tid
 
 
-def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int, resume: bool = False) -> list[Task]:
-    """Lease up to max_tasks tasks, highest priority first, then oldest. A task the owner
+def lease(
+    store: Store,
+    owner: str,
+    max_tasks: int,
+    lease_seconds: int,
+    resume: bool = False,
+    kinds: tuple[str, ...] = ("ranking",),
+) -> list[Task]:
+    """Lease up to max_tasks tasks of `kinds`, highest priority first, then oldest. A task the owner
     skipped (`release(..., skip=True)`) is never offered to it again. With `resume`, tasks
     whose lease the owner still holds come first and their lease is extended: a reopened
     labeling page gets its task back instead of leaving it leased to nobody."""
@@ -130,17 +141,21 @@ def lease(store: Store, owner: str, max_tasks: int, lease_seconds: int, resume: 
         raise InvalidArgument("max_tasks", f"must be > 0, got {max_tasks}")
     if lease_seconds <= 0:
         raise InvalidArgument("lease_seconds", f"must be > 0, got {lease_seconds}")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if not kinds or unknown:
+        raise InvalidArgument("kinds", f"must name task kinds of {', '.join(KINDS)}, got {unknown or 'none'}")
     expires_ms = int(time.time() * 1000) + lease_seconds * 1000
     with store.transaction():
         rows = store.con.execute(
-            f"""SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, '')
+            f"""SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''), t.kind
                 FROM tasks t JOIN conversations c ON c.id = t.conversation_id
                 WHERE ({TASK_AVAILABLE} OR ($resume AND state = 'leased' AND lease_owner = $owner))
+                  AND t.kind IN (SELECT unnest($kinds::VARCHAR[]))
                   AND t.task_id NOT IN (SELECT task_id FROM task_skips WHERE annotator = $owner)
                 ORDER BY ($resume AND state = 'leased' AND lease_owner = $owner) DESC, t.priority DESC, t.created_at,
                          t.task_id
                 LIMIT $limit""",
-            {"owner": owner, "resume": resume, "limit": max_tasks},
+            {"owner": owner, "resume": resume, "limit": max_tasks, "kinds": list(kinds)},
         ).fetchall()
         ids = [r[0] for r in rows]
         if ids:
@@ -156,14 +171,14 @@ def get(store: Store, task_id: str) -> Task:
     """One task with its prompt and completions, whatever its state (NotFound if unknown)."""
     with store.transaction():
         rows = store.con.execute(
-            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''),
+            """SELECT t.task_id, c.messages, t.completion_ids, coalesce(t.policy_version, ''), t.kind,
                       epoch_ms(t.lease_expires_at)
                FROM tasks t JOIN conversations c ON c.id = t.conversation_id WHERE t.task_id = ?""",
             [task_id],
         ).fetchall()
         if not rows:
             raise NotFound(f"task {task_id!r} not found")
-        return _tasks(store, [r[:4] for r in rows], rows[0][4] or 0)[0]
+        return _tasks(store, [r[:5] for r in rows], rows[0][5] or 0)[0]
 
 
 def renew(store: Store, task_id: str, owner: str, lease_seconds: int) -> int:
@@ -247,8 +262,8 @@ def progress(store: Store, annotator: str) -> dict[str, int]:
 def _tasks(store: Store, rows: list[tuple], expires_ms: int) -> list[Task]:
     texts = _texts(store, [cid for r in rows for cid in r[2]])
     return [
-        Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms)
-        for tid, msgs, comp_ids, pv in rows
+        Task(tid, messages_from_json(msgs), [texts[c] for c in comp_ids], pv, expires_ms, kind)
+        for tid, msgs, comp_ids, pv, kind in rows
     ]
 
 

@@ -28,6 +28,12 @@ class IngestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DUPLICATE: _ClassVar[IngestStatus]
     REJECTED: _ClassVar[IngestStatus]
     CONFLICT: _ClassVar[IngestStatus]
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    RANKING: _ClassVar[TaskKind]
+    SESSION: _ClassVar[TaskKind]
 LABEL_SOURCE_UNSPECIFIED: LabelSource
 HUMAN: LabelSource
 JUDGE: LabelSource
@@ -40,6 +46,9 @@ INSERTED: IngestStatus
 DUPLICATE: IngestStatus
 REJECTED: IngestStatus
 CONFLICT: IngestStatus
+TASK_KIND_UNSPECIFIED: TaskKind
+RANKING: TaskKind
+SESSION: TaskKind
 
 class Label(_message.Message):
     __slots__ = ("label_id", "prompt", "responses", "ranks", "strength", "source", "annotator", "rationale", "metadata", "task_id")
@@ -170,29 +179,60 @@ class SubmitCandidatesResponse(_message.Message):
     task_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SessionCandidate(_message.Message):
+    __slots__ = ("conversation", "policy_version", "sampling", "priority")
+    class SamplingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    conversation: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    policy_version: str
+    sampling: _containers.ScalarMap[str, str]
+    priority: int
+    def __init__(self, conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., policy_version: _Optional[str] = ..., sampling: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class SubmitSessionsRequest(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionCandidate]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionCandidate, _Mapping]]] = ...) -> None: ...
+
 class LeaseTasksRequest(_message.Message):
-    __slots__ = ("owner", "max_tasks", "lease_seconds")
+    __slots__ = ("owner", "max_tasks", "lease_seconds", "kinds")
     OWNER_FIELD_NUMBER: _ClassVar[int]
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     owner: str
     max_tasks: int
     lease_seconds: int
-    def __init__(self, owner: _Optional[str] = ..., max_tasks: _Optional[int] = ..., lease_seconds: _Optional[int] = ...) -> None: ...
+    kinds: _containers.RepeatedScalarFieldContainer[TaskKind]
+    def __init__(self, owner: _Optional[str] = ..., max_tasks: _Optional[int] = ..., lease_seconds: _Optional[int] = ..., kinds: _Optional[_Iterable[_Union[TaskKind, str]]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "prompt", "completions", "policy_version", "lease_expires_unix_ms")
+    __slots__ = ("task_id", "prompt", "completions", "policy_version", "lease_expires_unix_ms", "kind", "conversation")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     prompt: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
     completions: _containers.RepeatedScalarFieldContainer[str]
     policy_version: str
     lease_expires_unix_ms: int
-    def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., completions: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ...) -> None: ...
+    kind: TaskKind
+    conversation: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
+    def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., completions: _Optional[_Iterable[str]] = ..., policy_version: _Optional[str] = ..., lease_expires_unix_ms: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., conversation: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ...) -> None: ...
 
 class LeaseTasksResponse(_message.Message):
     __slots__ = ("tasks",)
@@ -207,7 +247,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, since_snapshot_id: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement", "judge_human_kappa", "judge_swapped_pairs", "judge_position_bias_rate", "judge_longer_preferred", "human_longer_preferred", "feedback_labels", "thumbs", "outcomes")
+    __slots__ = ("labels_total", "labels_by_source", "conversations", "completions", "pairs", "latest_snapshot_id", "labels_since_snapshot", "queue_depth", "tasks_leased", "tasks_done", "judge_human_shared_pairs", "judge_human_agreement", "judge_human_kappa", "judge_swapped_pairs", "judge_position_bias_rate", "judge_longer_preferred", "human_longer_preferred", "feedback_labels", "thumbs", "outcomes", "judge_human_shared_thumbs", "judge_human_thumb_agreement", "judge_human_thumb_kappa", "judge_human_shared_outcomes", "judge_human_outcome_agreement", "session_queue_depth")
     class LabelsBySourceEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +275,12 @@ class Stats(_message.Message):
     FEEDBACK_LABELS_FIELD_NUMBER: _ClassVar[int]
     THUMBS_FIELD_NUMBER: _ClassVar[int]
     OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_SHARED_THUMBS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_THUMB_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_THUMB_KAPPA_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_SHARED_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_HUMAN_OUTCOME_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     labels_total: int
     labels_by_source: _containers.ScalarMap[str, int]
     conversations: int
@@ -255,4 +301,10 @@ class Stats(_message.Message):
     feedback_labels: int
     thumbs: int
     outcomes: int
-    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ..., judge_human_kappa: _Optional[float] = ..., judge_swapped_pairs: _Optional[int] = ..., judge_position_bias_rate: _Optional[float] = ..., judge_longer_preferred: _Optional[float] = ..., human_longer_preferred: _Optional[float] = ..., feedback_labels: _Optional[int] = ..., thumbs: _Optional[int] = ..., outcomes: _Optional[int] = ...) -> None: ...
+    judge_human_shared_thumbs: int
+    judge_human_thumb_agreement: float
+    judge_human_thumb_kappa: float
+    judge_human_shared_outcomes: int
+    judge_human_outcome_agreement: float
+    session_queue_depth: int
+    def __init__(self, labels_total: _Optional[int] = ..., labels_by_source: _Optional[_Mapping[str, int]] = ..., conversations: _Optional[int] = ..., completions: _Optional[int] = ..., pairs: _Optional[int] = ..., latest_snapshot_id: _Optional[str] = ..., labels_since_snapshot: _Optional[int] = ..., queue_depth: _Optional[int] = ..., tasks_leased: _Optional[int] = ..., tasks_done: _Optional[int] = ..., judge_human_shared_pairs: _Optional[int] = ..., judge_human_agreement: _Optional[float] = ..., judge_human_kappa: _Optional[float] = ..., judge_swapped_pairs: _Optional[int] = ..., judge_position_bias_rate: _Optional[float] = ..., judge_longer_preferred: _Optional[float] = ..., human_longer_preferred: _Optional[float] = ..., feedback_labels: _Optional[int] = ..., thumbs: _Optional[int] = ..., outcomes: _Optional[int] = ..., judge_human_shared_thumbs: _Optional[int] = ..., judge_human_thumb_agreement: _Optional[float] = ..., judge_human_thumb_kappa: _Optional[float] = ..., judge_human_shared_outcomes: _Optional[int] = ..., judge_human_outcome_agreement: _Optional[float] = ..., session_queue_depth: _Optional[int] = ...) -> None: ...

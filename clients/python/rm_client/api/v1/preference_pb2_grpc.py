@@ -49,6 +49,11 @@ class PreferenceServiceStub:
                 request_serializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesRequest.SerializeToString,
                 response_deserializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesResponse.FromString,
                 _registered_method=True)
+        self.SubmitSessions = channel.unary_unary(
+                '/rm.v1.PreferenceService/SubmitSessions',
+                request_serializer=rm_dot_v1_dot_preference__pb2.SubmitSessionsRequest.SerializeToString,
+                response_deserializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesResponse.FromString,
+                _registered_method=True)
         self.LeaseTasks = channel.unary_unary(
                 '/rm.v1.PreferenceService/LeaseTasks',
                 request_serializer=rm_dot_v1_dot_preference__pb2.LeaseTasksRequest.SerializeToString,
@@ -87,6 +92,14 @@ class PreferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSessions(self, request, context):
+        """Adds whole conversations a policy played to the labeling queue as SESSION tasks, for per-turn
+        thumbs and a session outcome (answered with IngestFeedback; its task_id closes the task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LeaseTasks(self, request, context):
         """Leases queued tasks to a labeler (a person's UI or a judge); leases expire.
         """
@@ -117,6 +130,11 @@ def add_PreferenceServiceServicer_to_server(servicer, server):
             'SubmitCandidates': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitCandidates,
                     request_deserializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesRequest.FromString,
+                    response_serializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesResponse.SerializeToString,
+            ),
+            'SubmitSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitSessions,
+                    request_deserializer=rm_dot_v1_dot_preference__pb2.SubmitSessionsRequest.FromString,
                     response_serializer=rm_dot_v1_dot_preference__pb2.SubmitCandidatesResponse.SerializeToString,
             ),
             'LeaseTasks': grpc.unary_unary_rpc_method_handler(
@@ -210,6 +228,33 @@ class PreferenceService:
             target,
             '/rm.v1.PreferenceService/SubmitCandidates',
             rm_dot_v1_dot_preference__pb2.SubmitCandidatesRequest.SerializeToString,
+            rm_dot_v1_dot_preference__pb2.SubmitCandidatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rm.v1.PreferenceService/SubmitSessions',
+            rm_dot_v1_dot_preference__pb2.SubmitSessionsRequest.SerializeToString,
             rm_dot_v1_dot_preference__pb2.SubmitCandidatesResponse.FromString,
             options,
             channel_credentials,
