@@ -10,7 +10,9 @@
   model and its version.
 
 Both give `annotate(item, counts) -> Label | None` (None: the policy left no outcome) and a
-`config` string that label ids and progress files are derived from. `ANNOTATORS` is the one
+`config` string that label ids and progress files are derived from. `TurnsAnnotator`
+(judge.sessions, `--backend turns`) answers SESSION tasks with a Feedback instead: an
+annotator's `kinds` (default: ranking only) are the tasks it leases. `ANNOTATORS` is the one
 registry of the settings' `backend` choices: adding a backend touches this module only.
 """
 
@@ -45,7 +47,7 @@ class Annotator(Protocol):
     @property
     def calls(self) -> int: ...
 
-    def annotate(self, item: JudgeItem, counts) -> preference_pb2.Label | None: ...
+    def annotate(self, item: JudgeItem, counts) -> preference_pb2.Label | preference_pb2.Feedback | None: ...
 
     def close(self) -> None: ...
 
@@ -69,11 +71,18 @@ def _reward_model(settings: JudgeSettings) -> Annotator:
     return RewardAnnotator(settings.model, settings)
 
 
+def _score_turns(settings: JudgeSettings) -> Annotator:
+    from rm_service.judge.sessions import TurnsAnnotator
+
+    return TurnsAnnotator(settings.model, settings)
+
+
 # The settings' `backend` choices; each opens its annotator (loading models or connecting).
 ANNOTATORS: dict[str, Callable[[JudgeSettings], Annotator]] = {
     "local": _local_panel,  # HF causal LMs in this process, one per panel model
     "http": _http_panel,  # OpenAI-compatible chat-completions endpoints, one per panel model
     "rm": _reward_model,  # a reward model ranks the responses by reward
+    "turns": _score_turns,  # a served version's ScoreTurns gives thumbs and an outcome on SESSION tasks
 }
 if set(get_args(BackendName)) != set(ANNOTATORS):
     raise ImportError(f"JudgeSettings.backend {get_args(BackendName)} must list the annotators {list(ANNOTATORS)}")

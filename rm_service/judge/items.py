@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rm_service.api.v1 import preference_pb2
 from rm_service.conversation import Message, canonical_json, validate_messages, validate_text
 from rm_service.errors import InvalidArgument
 from rm_service.formats.hh import HHFormatError, parse_pair
@@ -26,17 +27,20 @@ from rm_service.formats.hh import HHFormatError, parse_pair
 class JudgeItem:
     key: str  # task id, or the file item's id: what the label's id is derived from
     prompt: list[Message]
-    responses: list[str]
+    responses: list[str]  # empty for a session (then `prompt` is the whole played conversation)
     task_id: str = ""
+    kind: str = "ranking"  # ranking | session
 
 
 def item_from_task(task) -> JudgeItem:
     """A leased Task (proto) as an item; its label will close the task."""
+    session = task.kind == preference_pb2.SESSION
     return JudgeItem(
         key=task.task_id,
-        prompt=[Message(m.role, m.content) for m in task.prompt],
+        prompt=[Message(m.role, m.content) for m in (task.conversation if session else task.prompt)],
         responses=list(task.completions),
         task_id=task.task_id,
+        kind="session" if session else "ranking",
     )
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from rm_service.api.v1 import preference_pb2
+from rm_service.errors import InvalidArgument
 from rm_service.judge.annotators import Annotator, open_annotator
 from rm_service.judge.backend import BackendUnavailable
 from rm_service.judge.items import JudgeItem, item_from_task, read_items
@@ -83,13 +84,13 @@ class QueueSource:
     waiting). A task seen earlier in this run (leased again after its lease lapsed) is not
     judged twice."""
 
-    def __init__(self, client: StoreClient, owner: str, lease_seconds: int):
-        self.client, self.owner, self.lease_seconds = client, owner, lease_seconds
+    def __init__(self, client: StoreClient, owner: str, lease_seconds: int, kinds: tuple[str, ...] = ("ranking",)):
+        self.client, self.owner, self.lease_seconds, self.kinds = client, owner, lease_seconds, kinds
         self.seen: set[str] = set()
 
     def take(self, n: int) -> list[JudgeItem]:
         while True:
-            tasks = self.client.lease(self.owner, n, self.lease_seconds)
+            tasks = self.client.lease(self.owner, n, self.lease_seconds, self.kinds)
             fresh = [t for t in tasks if t.task_id not in self.seen]
             self.seen.update(t.task_id for t in fresh)
             if fresh or not tasks:
@@ -145,10 +146,11 @@ class JudgeRun:
             counts.skipped = 1
             self.source.finished(item)
             return counts, None
-        result = self.client.ingest(label)
+        feedback = isinstance(label, preference_pb2.Feedback)
+        result = self.client.ingest_feedback(label) if feedback else self.client.ingest(label)
         if result.status == preference_pb2.INSERTED:
             counts.labeled = 1
-            counts.ties = int(len(set(label.ranks)) == 1)
+            counts.ties = 0 if feedback else int(len(set(label.ranks)) == 1)
         elif result.status == preference_pb2.DUPLICATE:
             counts.duplicates = 1
         else:
@@ -244,6 +246,9 @@ def run_judge(
         if annotator is None:
             annotator = open_annotator(settings)
         source: Source
+        kinds = getattr(annotator, "kinds", ("ranking",))
+        if items is not None and "ranking" not in kinds:
+            raise InvalidArgument("input", f"the {settings.backend} backend labels SESSION tasks from the queue only")
         if items is not None and input_path is not None:
             file_source = FileSource(items, progress_file or default_progress_file(Path(input_path), annotator))
             source = file_source
@@ -252,7 +257,7 @@ def run_judge(
             )
         else:
             owner = settings.owner or f"judge:{annotator.name}@{socket.gethostname()}"
-            source, total = QueueSource(client, owner, settings.lease_seconds), max_tasks
+            source, total = QueueSource(client, owner, settings.lease_seconds, kinds), max_tasks
         return JudgeRun(annotator, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
     finally:
         client.close()

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The judge backends: rm_service.judge.annotators.ANNOTATORS opens each (and checks this list against it).
-BackendName = Literal["local", "http", "rm"]
+BackendName = Literal["local", "http", "rm", "turns"]
 
 
 class JudgeSettings(BaseSettings):
@@ -22,13 +22,14 @@ class JudgeSettings(BaseSettings):
         "local",
         description="local: an HF causal LM run in this process; http: an OpenAI-compatible chat-completions "
         "endpoint (vLLM, llama.cpp server, hosted APIs); rm: a reward model scores every response (a stronger or "
-        "gold reward model as the annotator).",
+        "gold reward model as the annotator); turns: a served reward-model version's ScoreTurns gives thumbs and an "
+        "outcome on SESSION tasks (played conversations; rm_service/judge/sessions.py).",
     )
     model: str = Field(
         "smollm2-135m-instruct",
         description="Judge model: for local a bundled name or HF directory, for http the served model name (several, "
         "comma-separated, form a panel that votes); for rm a registry version (name or directory) or a reward "
-        "checkpoint.",
+        "checkpoint; for turns a version the server (`server`) has loaded.",
     )
     decision: Literal["choice", "generate"] = Field(
         "choice",

@@ -37,13 +37,25 @@ class StoreClient:
     def close(self) -> None:
         self.channel.close()
 
-    def lease(self, owner: str, max_tasks: int, lease_seconds: int) -> list[preference_pb2.Task]:
-        request = preference_pb2.LeaseTasksRequest(owner=owner, max_tasks=max_tasks, lease_seconds=lease_seconds)
+    def lease(
+        self, owner: str, max_tasks: int, lease_seconds: int, kinds: tuple[str, ...] = ("ranking",)
+    ) -> list[preference_pb2.Task]:
+        request = preference_pb2.LeaseTasksRequest(
+            owner=owner,
+            max_tasks=max_tasks,
+            lease_seconds=lease_seconds,
+            kinds=[preference_pb2.SESSION if k == "session" else preference_pb2.RANKING for k in kinds],
+        )
         return list(self._call(self.stub.LeaseTasks, request, "LeaseTasks").tasks)
 
     def ingest(self, label: preference_pb2.Label) -> preference_pb2.IngestResult:
         return self._call(
             self.stub.IngestLabels, preference_pb2.IngestLabelsRequest(labels=[label]), "IngestLabels"
+        ).results[0]
+
+    def ingest_feedback(self, feedback: preference_pb2.Feedback) -> preference_pb2.IngestResult:
+        return self._call(
+            self.stub.IngestFeedback, preference_pb2.IngestFeedbackRequest(feedback=[feedback]), "IngestFeedback"
         ).results[0]
 
     def stats(self) -> preference_pb2.Stats:
