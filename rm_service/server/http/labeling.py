@@ -1,13 +1,17 @@
 """The labeling page's JSON API (role `labeler`; admin passes too).
 
     GET  /api/me                       who the token is: annotator id, role, lease length
-    POST /api/next                     lease the next task (store.tasks.lease, highest priority
-                                       first; a task this person still holds comes back first)
-                                       with the suggestions shown for it, and progress
+    POST /api/next                     lease the next task of either kind (store.tasks.lease,
+                                       highest priority first; a task this person still holds
+                                       comes back first) with the suggestions shown for it, and
+                                       progress
     POST /api/tasks/{task_id}/renew    extend the lease while the page is open (409 once lost)
     POST /api/tasks/{task_id}/skip     release the task; this person is not offered it again
-    POST /api/tasks/{task_id}/label    the person's answer: ranks (0 = best, ties equal),
-                                       strength, rationale, thumbs per assistant turn
+    POST /api/tasks/{task_id}/label    the person's answer. A ranking task: ranks (0 = best, ties
+                                       equal), strength, rationale, thumbs per assistant turn. A
+                                       session task (a conversation a policy played): thumbs per
+                                       assistant turn, the session's outcome (1 success, 0
+                                       failure, or between), rationale
     GET  /api/progress                 labeled today by this person, tasks left for them
 
 An answer goes through the same ingestion as IngestLabels (Store.prepare, then the
@@ -16,7 +20,8 @@ so a double submit stores one label (the second is DUPLICATE; a different second
 409). Thumbs on the chat's assistant turns are also stored as a first-class feedback label
 (store.feedback, label_id `<task_id>/<annotator>/thumbs`), committed with the ranking.
 Suggestions (store.suggestions) are shown and recorded apart; the label's metadata names them,
-and they never become a label.
+and they never become a label. A session task's answer is one feedback label (label_id
+`<task_id>/<annotator>`, the task's conversation) that closes the task (store.session_tasks).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ LABELER = "labeler"
 SUGGESTION_DEADLINE_S = 30.0
 THUMBS = ("up", "down")
 ANSWER_FIELDS = {"ranks", "strength", "rationale", "turn_feedback"}
+SESSION_FIELDS = {"turn_feedback", "outcome", "rationale"}
 
 
 def routes() -> list[Route]:
@@ -81,15 +87,19 @@ async def next_task(request: Request) -> JSONResponse:
     who = caller(request, LABELER)
     ctx = context(request)
     leased = await asyncio.to_thread(
-        tasks.lease, ctx.need_store(), who.annotator, 1, ctx.settings.labeling_lease_s, True
+        tasks.lease, ctx.need_store(), who.annotator, 1, ctx.settings.labeling_lease_s, True, tasks.KINDS
     )
     task = None
     if leased:
         t = leased[0]
-        shown = await _suggest(ctx, t)
+        session = t.kind == "session"
+        shown = [] if session else await _suggest(ctx, t)
         task = {
             "task_id": t.task_id,
-            "prompt": [m.as_dict() for m in t.prompt],
+            "kind": t.kind,
+            "prompt": [] if session else [m.as_dict() for m in t.prompt],
+            "conversation": [m.as_dict() for m in t.prompt] if session else [],
+            "scored_turns": scored_turns(t.prompt) if session else [],
             "completions": t.completions,
             "policy_version": t.policy_version,
             "lease_expires_unix_ms": t.lease_expires_unix_ms,
@@ -122,15 +132,16 @@ async def label(request: Request) -> JSONResponse:
     task = await asyncio.to_thread(tasks.get, ctx.need_store(), task_id)
     label_id = f"{task_id}/{who.annotator}"
     await asyncio.to_thread(tasks.check_held, ctx.need_store(), task_id, who.annotator, label_id)
-    shown = await asyncio.to_thread(suggestions.shown, ctx.need_store(), task_id)
-    answer = _answer(body, task, who, label_id, shown)
-    thumbs = _thumbs_label(answer, task)
-    [outcome, *_] = await ctx.need_writer().ingest(
-        [answer, *thumbs], origin="human"
-    )  # one group commit: both or neither
+    if task.kind == "session":
+        answers: list[LabelIn | FeedbackIn] = [_session_answer(body, task, who, label_id)]
+    else:
+        shown = await asyncio.to_thread(suggestions.shown, ctx.need_store(), task_id)
+        answer = _answer(body, task, who, label_id, shown)
+        answers = [answer, *_thumbs_label(answer, task)]
+    [outcome, *_] = await ctx.need_writer().ingest(answers, origin="human")  # one group commit: all or none
     if outcome.status == "REJECTED":
         field, _, message = outcome.reason.partition(": ")
-        raise InvalidArgument(field.replace("labels[0].", "", 1), message)
+        raise InvalidArgument(field.replace("labels[0].", "", 1).replace("feedback[0].", "", 1), message)
     if outcome.status == "CONFLICT":
         raise AlreadyExists(f"task {task_id} was already answered by {who.annotator} with another answer; it is kept")
     return JSONResponse({"label_id": label_id, "status": outcome.status, "progress": await _progress(ctx, who)})
@@ -172,6 +183,43 @@ def _answer(body: dict, task: tasks.Task, who: Caller, label_id: str, shown: lis
         strength=float(strength) if strength is not None else None,
         rationale=rationale.strip(),
         metadata=metadata,
+        task_id=task.task_id,
+    )
+
+
+def _session_answer(body: dict, task: tasks.Task, who: Caller, label_id: str) -> FeedbackIn:
+    """A person's thumbs and outcome on a played session, as one feedback label on its conversation."""
+    unknown = sorted(set(body) - SESSION_FIELDS)
+    if unknown:
+        raise InvalidArgument(
+            field_name((unknown[0],)), f"unknown field; a session's answer has {', '.join(sorted(SESSION_FIELDS))}"
+        )
+    outcome = body.get("outcome")
+    if outcome is not None and (isinstance(outcome, bool) or not isinstance(outcome, (int, float))):
+        raise InvalidArgument(
+            "outcome", f"must be a number in [0, 1] (1 = success) or null, got {type(outcome).__name__}"
+        )
+    rationale = body.get("rationale") or ""
+    if not isinstance(rationale, str):
+        raise InvalidArgument("rationale", f"must be a string, got {type(rationale).__name__}")
+    chosen = _turn_feedback(body.get("turn_feedback") or {}, task)
+    scored = set(scored_turns(task.prompt))
+    for index in chosen:
+        if int(index) not in scored:
+            raise InvalidArgument(
+                f"turn_feedback[{index!r}]", "is an assistant turn before any user turn; it answers nothing"
+            )
+    if not chosen and outcome is None:
+        raise InvalidArgument("turn_feedback", "give a thumb on at least one turn or the session's outcome (or both)")
+    return FeedbackIn(
+        label_id=label_id,
+        conversation=task.prompt,
+        thumbs=[TurnThumb(int(i), v == "up") for i, v in sorted(chosen.items(), key=lambda kv: int(kv[0]))],
+        outcome=float(outcome) if outcome is not None else None,
+        source="HUMAN",
+        annotator=who.annotator,
+        rationale=rationale.strip(),
+        metadata={"interface": "labeling-page"},
         task_id=task.task_id,
     )
 

@@ -1,8 +1,10 @@
 // The labeling page: lease a task, show the chat and the K replies, rank them (ties allowed),
 // thumbs per assistant turn, strength, rationale; submit or skip. Everything has a key.
+// A session task (a conversation a policy played) has no replies to rank: thumbs on its
+// assistant turns and the session's outcome (succeeded / failed) are the answer.
 "use strict";
 
-const S = {task: null, places: [], focus: 0, turn: -1, thumbs: {}, renew: null, leaseSeconds: 120, busy: false};
+const S = {task: null, places: [], focus: 0, turn: -1, thumbs: {}, outcome: null, renew: null, leaseSeconds: 120, busy: false};
 const LETTERS = "ABCDEFGHIJKLMNOP";
 const $ = Page.$;
 
@@ -26,30 +28,61 @@ async function next() {
   else $("reload").focus();
 }
 
+function isSession() {
+  return S.task.kind === "session";
+}
+
+// The chat shown: a ranking task's prompt, or a session task's whole conversation.
+function chat() {
+  return isSession() ? S.task.conversation : S.task.prompt;
+}
+
+// Assistant turns that take a thumb (a session's: only those answering a user turn).
+function thumbTurns() {
+  const all = chat().map((m, i) => (m.role === "assistant" ? i : -1)).filter((i) => i >= 0);
+  return isSession() ? all.filter((i) => S.task.scored_turns.includes(i)) : all;
+}
+
 function show(task) {
   S.task = task;
   $("task").dataset.taskId = task.task_id;
+  $("task").dataset.kind = task.kind;
   S.places = task.completions.map(() => null);
   S.focus = 0;
   S.thumbs = {};
-  const assistantTurns = task.prompt.map((m, i) => (m.role === "assistant" ? i : -1)).filter((i) => i >= 0);
-  S.turn = assistantTurns.length ? assistantTurns[assistantTurns.length - 1] : -1;
+  S.outcome = null;
+  const turns = thumbTurns();
+  S.turn = turns.length ? (isSession() ? turns[0] : turns[turns.length - 1]) : -1;
   $("strength").value = "";
   $("rationale").value = "";
+  for (const id of ["replies-box", "strength-box", "ranking-keys"]) $(id).hidden = isSession();
+  for (const id of ["outcome-box", "session-keys"]) $(id).hidden = !isSession();
   renderChat();
   renderReplies();
+  renderOutcome();
   renderSuggestions();
   startRenew();
-  focusReply(0);
+  if (isSession()) $("submit").focus(); else focusReply(0);
+}
+
+function renderOutcome() {
+  $("outcome-success").setAttribute("aria-pressed", String(S.outcome === 1));
+  $("outcome-failure").setAttribute("aria-pressed", String(S.outcome === 0));
+}
+
+function setOutcome(value) {
+  S.outcome = S.outcome === value ? null : value;
+  renderOutcome();
 }
 
 function renderChat() {
   const list = $("chat");
   list.replaceChildren();
-  S.task.prompt.forEach((m, i) => {
+  const turns = thumbTurns();
+  chat().forEach((m, i) => {
     const item = el("li", {class: "turn " + m.role + (i === S.turn ? " picked" : ""), "data-index": i},
                     el("div", {class: "role"}, m.role), el("div", {class: "content"}, m.content));
-    if (m.role === "assistant") {
+    if (turns.includes(i)) {
       const up = el("button", {type: "button", class: "thumb", "aria-label": `thumbs up, turn ${i}`, "aria-pressed": String(S.thumbs[i] === "up"),
                                onclick: () => thumb(i, "up")}, "▲ up");
       const down = el("button", {type: "button", class: "thumb", "aria-label": `thumbs down, turn ${i}`,
@@ -97,6 +130,7 @@ function renderSuggestions() {
 }
 
 function focusReply(i) {
+  if (isSession()) return;
   const k = S.task.completions.length;
   S.focus = (i + k) % k;
   $("reply-" + S.focus).focus();
@@ -122,7 +156,7 @@ function thumb(index, value) {
 }
 
 function moveTurn(step) {
-  const turns = S.task.prompt.map((m, i) => (m.role === "assistant" ? i : -1)).filter((i) => i >= 0);
+  const turns = thumbTurns();
   if (!turns.length) return;
   const at = turns.indexOf(S.turn);
   S.turn = turns[Math.min(turns.length - 1, Math.max(0, (at < 0 ? turns.length : at) + step))];
@@ -143,6 +177,7 @@ function denseRanks(places) {
 
 async function submit() {
   if (S.busy || !S.task) return;
+  if (isSession()) return submitSession();
   if (S.places.some((p) => p === null)) {
     Page.say(`Rank every reply first (1..${S.places.length}; the same number for a tie).`, "error");
     return;
@@ -150,6 +185,19 @@ async function submit() {
   const strength = $("strength").value;
   const body = {ranks: denseRanks(S.places), strength: strength === "" ? null : Number(strength), rationale: $("rationale").value,
                 turn_feedback: S.thumbs};
+  await act(async () => {
+    const data = await Page.api("POST", `/api/tasks/${encodeURIComponent(S.task.task_id)}/label`, body);
+    Page.say(data.status === "DUPLICATE" ? "Already saved." : "Saved.", "ok");
+    Page.showProgress(data.progress);
+  });
+}
+
+async function submitSession() {
+  if (!Object.keys(S.thumbs).length && S.outcome === null) {
+    Page.say("Give a thumb on a turn (u/d) or the session's outcome (y/n), or both.", "error");
+    return;
+  }
+  const body = {turn_feedback: S.thumbs, outcome: S.outcome, rationale: $("rationale").value};
   await act(async () => {
     const data = await Page.api("POST", `/api/tasks/${encodeURIComponent(S.task.task_id)}/label`, body);
     Page.say(data.status === "DUPLICATE" ? "Already saved." : "Saved.", "ok");
@@ -209,7 +257,8 @@ function onKey(event) {
   }
   const k = S.task.completions.length;
   const key = event.key;
-  if (/^[1-9]$/.test(key) && Number(key) <= k) setPlace(S.focus, Number(key), true);
+  if (isSession() && (key === "y" || key === "n")) setOutcome(key === "y" ? 1 : 0);
+  else if (/^[1-9]$/.test(key) && Number(key) <= k) setPlace(S.focus, Number(key), true);
   else if (key === "0" || key === "Backspace" || key === "Delete") setPlace(S.focus, null, false);
   else if (key === "ArrowRight" || key === "l") focusReply(S.focus + 1);
   else if (key === "ArrowLeft" || key === "h") focusReply(S.focus - 1);
@@ -229,4 +278,6 @@ document.addEventListener("keydown", onKey);
 $("submit").addEventListener("click", submit);
 $("skip").addEventListener("click", skip);
 $("reload").addEventListener("click", next);
+$("outcome-success").addEventListener("click", () => setOutcome(1));
+$("outcome-failure").addEventListener("click", () => setOutcome(0));
 Page.start("/api/me", async (me) => { S.leaseSeconds = me.lease_seconds; await next(); });
