@@ -12,7 +12,11 @@ One step:
   4. credit across turns by the registered estimator given the session structure
      (turn_gae, gae over the session's tokens, turn_rloo), whitened over policy tokens;
   5. the same clipped PPO update as single-turn (each assistant turn is a row; user tokens
-     are context in the row's query, so they get no gradient, no KL, no value loss, no entropy).
+     are context in the row's query, so they get no gradient, no KL, no value loss, no entropy);
+  6. the outer loop: every `submit_every` steps a `submit_fraction` of the step's sessions go to
+     the labeling queue as SESSION tasks (OuterLoop.maybe_submit_sessions), where the gold's
+     ScoreTurns or people give per-turn thumbs and an outcome; the reward model retrains on
+     that feedback (`retrain_min_labels`) and the trainer switches under the promotion rule.
 
 Evaluation plays held-out openings on a fixed RNG stream with the policy and the reference
 and scores them with the served version and, when set, the gold: per-turn reward and session
@@ -32,7 +36,6 @@ from policy_trainer.estimators import ESTIMATORS
 from policy_trainer.evaluation import EVAL_SEED
 from policy_trainer.ppo import RunningMoments, masked_whiten, per_token_rewards
 from policy_trainer.prompts import read_conversations
-from policy_trainer.selection import Group
 from policy_trainer.session_settings import SessionSettings
 from policy_trainer.sessions import SessionRollout, TurnScores, play_sessions, score_turns
 from policy_trainer.trainer import PPOTrainer, Summary
@@ -55,6 +58,7 @@ class SessionTrainer(PPOTrainer):
 
     def __init__(self, settings: SessionSettings, on_step: Callable[[dict], None] | None = None):
         self.session_moments = RunningMoments()  # before PPOTrainer's __init__, which may resume into these
+        self.last_played: SessionRollout | None = None  # the latest step's sessions, for the outer loop
         self.users_state: dict | None = None
         super().__init__(settings, on_step)
         s = self.s
@@ -160,7 +164,7 @@ class SessionTrainer(PPOTrainer):
         t0 = time.perf_counter()
         chosen = self.sampler.next(s.prompts_per_step)
         start_index = [i for i in chosen for _ in range(s.samples_per_prompt)]  # start-major: groups of sessions
-        played = play_sessions(self, self.train_starts, start_index, self.users, s.max_turns)
+        played = self.last_played = play_sessions(self, self.train_starts, start_index, self.users, s.max_turns)
         t1 = time.perf_counter()
         scored = self.turn_scores(played, step)
         scores = self.row_scores(played, scored)
@@ -190,8 +194,12 @@ class SessionTrainer(PPOTrainer):
         }
         return metrics, batch
 
-    def _groups(self, batch: Batch) -> list[Group]:
-        return []  # sessions are not sent for labeling yet (SessionSettings refuses submit_every)
+    def submit_for_labeling(self, step: int, batch: Batch) -> None:
+        """The step's played sessions as SESSION tasks (thumbs per turn, a session outcome)."""
+        played = self.last_played
+        conversations = [x.scored_conversation() for x in played.sessions] if played is not None else []
+        sampling = {**self._sampling(), "user_simulator": self.s.user_simulator, "user_version": self.users.version}
+        self.outer.maybe_submit_sessions(step, conversations, sampling)
 
     # -- evaluation ------------------------------------------------------------------------
 

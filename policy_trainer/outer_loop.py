@@ -7,6 +7,11 @@
   `policy_version` and in the sampling map), chosen by the served ensemble's doubt about
   their order (policy_trainer.selection; or at random), with that doubt as task priority,
   until `label_budget` candidates have been sent.
+- `OuterLoop.maybe_submit_sessions` (multi-turn PPO): every `submit_every` steps, a
+  `submit_fraction` of the step's played sessions, drawn at random (ScoreTurns serves no
+  ensemble members to doubt with), go to `PreferenceService.SubmitSessions` as SESSION tasks:
+  per-turn thumbs and a session outcome, by a judge (`rm-service judge --backend turns`) or
+  people on the labeling page; the feedback they give counts towards the retrain like labels.
 - `OuterLoop.maybe_retrain`: every `retrain_check_every` steps `GetStats`; with enough labels
   since the latest snapshot (the one the last retraining took, so a retraining the rule
   refused does not repeat on the same labels) and no job of ours still running,
@@ -23,6 +28,7 @@ by contrast, do stop it (reward_client).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -38,7 +44,7 @@ from rm_client.api.v1 import (
     training_pb2_grpc,
 )
 from rm_client.messages import to_proto
-from rm_service.conversation import Message
+from rm_service.conversation import Message, scored_turns
 
 if TYPE_CHECKING:
     from policy_trainer.settings import PPOSettings
@@ -147,6 +153,32 @@ class OuterLoop:
             selection=self.selection,
             acquisition=[round(a, 4) for _, a in chosen],
         )
+
+    def maybe_submit_sessions(self, step: int, conversations: list[list[Message]], sampling: dict[str, str]) -> None:
+        """conversations: the step's played sessions (each up to its last assistant turn)."""
+        if not self.submit_every or step % self.submit_every:
+            return
+        distinct = list({json.dumps([m.as_dict() for m in c]): c for c in conversations if scored_turns(c)}.values())
+        n = min(max(1, round(self.submit_fraction * len(conversations))), len(distinct))
+        if self.label_budget:
+            n = min(n, self.label_budget - self.submitted)
+        if n <= 0:
+            return
+        sessions = [
+            preference_pb2.SessionCandidate(
+                conversation=to_proto(c), policy_version=f"step-{step}", sampling={**sampling, "policy_step": str(step)}
+            )
+            for c in self.rng.sample(distinct, n)
+        ]
+        try:
+            response = self.preference.SubmitSessions(
+                preference_pb2.SubmitSessionsRequest(sessions=sessions), timeout=self.timeout_s
+            )
+        except grpc.RpcError as err:
+            self.event("submit_failed", step, code=err.code().name, details=err.details())
+            return
+        self.submitted += len(response.task_ids)
+        self.event("sessions_submitted", step, count=len(response.task_ids), selection="random")
 
     def maybe_retrain(self, step: int) -> None:
         if not self.retrain_min_labels or step % self.retrain_check_every:

@@ -4,8 +4,10 @@ Every PPOSettings field keeps its meaning, with sessions in place of samples: a 
 `prompts_per_step` real openings x `samples_per_prompt` sessions each, every session up to
 `max_turns` assistant turns; `max_new_tokens` bounds each turn; `max_prompt_tokens` bounds
 the conversation the policy reads before each turn (cut from the left at turn boundaries);
-`gamma` and `gae_lambda` are per turn for the turn-level estimators. Same environment prefix
-(`PPO_`), config files and flags.
+`gamma` and `gae_lambda` are per turn for the turn-level estimators; the outer loop's
+`submit_every` / `submit_fraction` / `label_budget` send played sessions (drawn at random:
+ScoreTurns serves no ensemble members to doubt with) to the labeling queue as SESSION tasks.
+Same environment prefix (`PPO_`), config files and flags.
 """
 
 from __future__ import annotations
@@ -78,6 +80,4 @@ class SessionSettings(PPOSettings):
             raise ValueError(f"advantage_estimator={self.advantage_estimator} is single-turn; use one of {multi}")
         if self.reward_pessimism != "none":
             raise ValueError("reward_pessimism: ScoreTurns serves no ensemble members per turn; set it to none")
-        if self.submit_every:
-            raise ValueError("submit_every: sessions are not sent for labeling yet; set it to 0")
         return self

@@ -309,7 +309,7 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
                 summary.metrics.append(metrics)
                 if self.on_step is not None:
                     self.on_step(metrics)
-                self.outer.maybe_submit(step, self._groups(batch), self._sampling())
+                self.submit_for_labeling(step, batch)
                 self.outer.maybe_retrain(step)
                 if s.checkpoint_every and step % s.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -342,6 +342,10 @@ class PPOTrainer(UpdateMixin, EvaluationMixin):
                 for phase in ("generate", "score", "train", "step")
             }
         summary.retrains_requested, summary.candidates_submitted = self.outer.retrains, self.outer.submitted
+
+    def submit_for_labeling(self, step: int, batch: Batch) -> None:
+        """The outer loop's labeling side: this step's prompts and completions as ranking tasks."""
+        self.outer.maybe_submit(step, self._groups(batch), self._sampling())
 
     def _groups(self, batch: Batch) -> list[Group]:
         k = self.s.samples_per_prompt
