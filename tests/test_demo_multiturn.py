@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import pytest
 from conftest import HH_FILE
 
@@ -41,6 +42,22 @@ def test_the_multi_turn_demo_with_tiny_models(home, tmp_path, tiny_backbone_dir,
     for e in evaluations:  # every held-out session scored by the gold: per turn and the session
         assert e["n"] == 4 and e["gold_session_value_mean"] == e["gold_session_value_mean"]
         assert e["gold_reward_turn1"] == e["gold_reward_turn1"]
+
+    # the outer loop on sessions: played sessions queued, the gold's ScoreTurns labeled them
+    submitted = [e for e in events if e["event"] == "sessions_submitted"]
+    total = sum(e["count"] for e in submitted)  # 2 of each step's 4 sessions (fewer only if two were identical)
+    assert [e["step"] for e in submitted] == [1, 2] and 2 <= total <= 4
+    assert f"Sessions sent for labeling: {total}" in report
+    con = duckdb.connect(str(demo / "rm.duckdb"), read_only=True)
+    try:
+        judged = con.execute(
+            """SELECT count(DISTINCT l.label_id), count(*) FILTER (f.kind = 'outcome') FROM labels l
+               JOIN label_feedback f USING (label_id) JOIN tasks t ON t.task_id = l.task_id
+               WHERE l.source = 'JUDGE' AND l.annotator = 'turns:v1' AND t.kind = 'session' AND t.state = 'done'"""
+        ).fetchone()
+    finally:
+        con.close()
+    assert judged[0] >= 2 and judged[1] == judged[0]  # step 1's at least (step 2's may come after the judge stopped)
 
 
 def test_a_user_model_to_reuse_that_is_not_one_is_a_one_line_error(home, tmp_path, capsys):

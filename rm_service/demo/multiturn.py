@@ -9,7 +9,11 @@
    turns, the served user model writes every later user turn (or ends the session), ScoreTurns
    of the proxy rewards each assistant turn and the session; held-out openings are played by
    the reference and by the trained policy on the same random draws and scored by the gold:
-   reward per turn, per turn index, and the session value;
+   reward per turn, per turn index, and the session value. The outer loop as in `rm-service
+   demo`: every `submit_every` steps a share of the played sessions goes to the labeling queue
+   as session tasks, the gold labels them with per-turn thumbs and an outcome from its
+   ScoreTurns (`judge --backend turns`), and at `retrain_min_labels` new labels the proxy
+   retrains on that feedback and the trainer switches if the promotion rule promotes it;
 7. SIGTERM drains the server; `report.md` (settings, stages, per-step table, the held-out
    sessions' proxy and gold before and after, one played conversation) is written.
 """
@@ -25,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from rm_service.client import start_server_process
-from rm_service.demo.pipeline import Stages, build_models, settings_env, stop_server, train_settings, use_home
+from rm_service.demo.pipeline import (
+    Stages,
+    build_models,
+    judge_following,
+    settings_env,
+    stop_server,
+    train_settings,
+    use_home,
+)
 from rm_service.demo.report import RunFacts
 from rm_service.demo.settings import DemoSettings, composed
 from rm_service.errors import RMError
@@ -43,6 +55,7 @@ class SessionFacts:
     user_details: str = ""
     user_metrics: dict = field(default_factory=dict)
     summary: Any = None  # policy_trainer.trainer.Summary
+    judge_queue: Any = None  # judge.runner.JudgeCounts: the gold on the session tasks
     example: list = field(default_factory=list)  # one held-out session of the trained policy (Messages)
     server_exit_code: int | None = None
     total_seconds: float = 0.0
@@ -130,7 +143,7 @@ def serve_and_play(s: DemoSettings, facts: SessionFacts, stages: Stages, user_di
             f"multi-turn PPO: {s.policy}, {s.session_steps} steps of {s.prompts_per_step} openings x "
             f"{s.samples_per_prompt} sessions x <= {s.max_turns} turns against the served user model"
         )
-        facts.summary, facts.example = play(s, address, gold)
+        facts.summary, facts.example, facts.judge_queue = play(s, address, gold)
         stages.done("sessions", t, f"(seconds per step: {facts.summary.seconds_per_phase.get('step', 0):.1f})")
         facts.server_exit_code = stop_server(server, stages)
     finally:
@@ -141,6 +154,8 @@ def serve_and_play(s: DemoSettings, facts: SessionFacts, stages: Stages, user_di
 def play(s: DemoSettings, address: str, gold: str):
     from policy_trainer.multiturn import SessionTrainer
     from policy_trainer.session_settings import SessionSettings
+    from rm_service.judge.sessions import TurnsAnnotator
+    from rm_service.judge.settings import JudgeSettings
 
     settings = composed(
         s,
@@ -152,7 +167,6 @@ def play(s: DemoSettings, address: str, gold: str):
         advantage_estimator=SESSION_ESTIMATOR.get(s.advantage_estimator, "turn_gae"),
         eval_prompts=s.session_eval_openings,
         eval_every=0,
-        submit_every=0,  # sessions are labeled by people on the page or a judge; the demo keeps the proxy fixed
         reward_pessimism="none",  # ScoreTurns serves no members per turn
         reward_addresses=[address],
         gold_address=address,
@@ -160,13 +174,17 @@ def play(s: DemoSettings, address: str, gold: str):
         save_policy=False,
         progress=s.progress,
     )
+    judge = JudgeSettings(backend="turns", model=gold, server=address, concurrency=1)
+    annotator = TurnsAnnotator(gold, judge)
     trainer = SessionTrainer(settings)
     try:
-        summary = trainer.train()
+        with judge_following(judge, address, annotator) as worker:
+            summary = trainer.train()
         example = trainer.eval_rollout().sessions[0].messages  # the same draws as the evaluation's first session
     finally:
         trainer.close()
-    return summary, example
+        annotator.close()
+    return summary, example, worker.counts
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -210,6 +228,22 @@ def step_table(summary) -> list[str]:
     return lines
 
 
+def outer_loop_lines(s: DemoSettings, facts: SessionFacts) -> list[str]:
+    summary = facts.summary
+    if not s.submit_every:
+        return ["Off (submit_every 0): the proxy stayed fixed."]
+    switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in summary.switches)
+    judged = facts.judge_queue.summary() if facts.judge_queue is not None else "no judge counts"
+    return [
+        f"Sessions sent for labeling: {summary.candidates_submitted} ({s.submit_fraction:.0%} of each step's, every "
+        f"{s.submit_every} step(s)); the gold {facts.reward.gold.version} gave each per-turn thumbs and an outcome "
+        f"from its ScoreTurns: {judged}.",
+        "",
+        f"Retrains requested (at {s.retrain_min_labels} new labels): {summary.retrains_requested}; reward-model "
+        f"switches: {switches or 'none'}.",
+    ]
+
+
 def write_session_report(s: DemoSettings, facts: SessionFacts) -> Path:
     r: Any = facts.reward
     summary = facts.summary
@@ -238,6 +272,10 @@ def write_session_report(s: DemoSettings, facts: SessionFacts) -> Path:
         "## Training steps (proxy rewards of the sessions played)",
         "",
         *step_table(summary),
+        "",
+        "## The outer loop on sessions",
+        "",
+        *outer_loop_lines(s, facts),
         "",
         "## One held-out session of the trained policy",
         "",

@@ -239,9 +239,6 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
         else "the proxy stays fixed"
     )
     t = stages.start(f"PPO: {s.policy}, {s.ppo_steps} steps against the proxy; {loop}")
-    stop, worker = threading.Event(), _JudgeWorker()
-    thread = threading.Thread(target=worker.run, args=(run_judge, judge_settings, address, stop, gold), daemon=True)
-    thread.start()
     ppo = composed(
         s,
         PPOSettings,
@@ -252,14 +249,9 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
         gold_version=gold_model.version,
         progress=s.progress,
     )
-    try:
+    with judge_following(judge_settings, address, gold) as worker:
         facts.ppo = train_ppo(ppo)
-    finally:
-        stop.set()
-        thread.join(timeout=600)
     facts.judge_queue = worker.counts
-    if worker.error is not None:
-        raise worker.error
     switches = (
         ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in facts.ppo.switches) or "none"
     )
@@ -281,7 +273,25 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
     stages.done("calibration", t, f"({facts.calibration.summary() if facts.calibration else 'skipped'})")
 
 
-class _JudgeWorker:
+@contextmanager
+def judge_following(settings, address: str, annotator) -> Iterator[JudgeWorker]:
+    """A judge following the labeling queue on a thread while the body runs (both demos' PPO);
+    its counts on the worker afterwards, its error raised here."""
+    from rm_service.judge.runner import run_judge
+
+    stop, worker = threading.Event(), JudgeWorker()
+    thread = threading.Thread(target=worker.run, args=(run_judge, settings, address, stop, annotator), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(timeout=600)
+    if worker.error is not None:
+        raise worker.error
+
+
+class JudgeWorker:
     """The judge following the labeling queue on a thread until told to stop."""
 
     def __init__(self) -> None:
