@@ -185,7 +185,6 @@ def test_interactive_sessions_against_the_served_user_model(
     [
         (["--advantage-estimator", "rloo"], "rloo is single-turn; use one of"),
         (["--max-turns", "0"], "max_turns"),
-        (["--submit-every", "2"], "sessions are not sent for labeling yet"),
         (["--user-temperature", "-1"], "user_temperature"),
         (["--reward-pessimism", "min"], "ScoreTurns serves no ensemble members per turn"),
     ],
