@@ -119,13 +119,26 @@ class OuterLoop:
             s.score_timeout_s, s.seed, event, s.selection, s.label_budget, s.retrain_max_labels,
         )  # fmt: skip
 
+    def _quota(self, step: int, available: int) -> int:
+        """How many of `available` to send for labeling at this step (0: none)."""
+        if not self.submit_every or step % self.submit_every:
+            return 0
+        n = max(1, round(self.submit_fraction * available))
+        return min(n, self.label_budget - self.submitted) if self.label_budget else n
+
+    def _send(self, step: int, submit, request, event: str, **fields) -> None:
+        """One Submit* call; its tasks counted and logged, a failure logged (retried next time)."""
+        try:
+            response = submit(request, timeout=self.timeout_s)
+        except grpc.RpcError as err:
+            self.event("submit_failed", step, code=err.code().name, details=err.details())
+            return
+        self.submitted += len(response.task_ids)
+        self.event(event, step, count=len(response.task_ids), **fields)
+
     def maybe_submit(self, step: int, groups: list[Group], sampling: dict[str, str]) -> None:
         """groups: each prompt of this batch with its completions and their member rewards."""
-        if not self.submit_every or step % self.submit_every:
-            return
-        n = max(1, round(self.submit_fraction * len(groups)))
-        if self.label_budget:
-            n = min(n, self.label_budget - self.submitted)
+        n = self._quota(step, len(groups))
         if n <= 0:
             return
         chosen = select(groups, n, self.selection, self.rng)
@@ -136,32 +149,20 @@ class OuterLoop:
             sampling,
             [int(round(1000 * a)) for _, a in chosen],
         )
-        if not batch:
-            return
-        try:
-            response = self.preference.SubmitCandidates(
-                preference_pb2.SubmitCandidatesRequest(candidates=batch), timeout=self.timeout_s
+        if batch:
+            self._send(
+                step,
+                self.preference.SubmitCandidates,
+                preference_pb2.SubmitCandidatesRequest(candidates=batch),
+                "candidates_submitted",
+                selection=self.selection,
+                acquisition=[round(a, 4) for _, a in chosen],
             )
-        except grpc.RpcError as err:
-            self.event("submit_failed", step, code=err.code().name, details=err.details())
-            return
-        self.submitted += len(response.task_ids)
-        self.event(
-            "candidates_submitted",
-            step,
-            count=len(response.task_ids),
-            selection=self.selection,
-            acquisition=[round(a, 4) for _, a in chosen],
-        )
 
     def maybe_submit_sessions(self, step: int, conversations: list[list[Message]], sampling: dict[str, str]) -> None:
         """conversations: the step's played sessions (each up to its last assistant turn)."""
-        if not self.submit_every or step % self.submit_every:
-            return
         distinct = list({json.dumps([m.as_dict() for m in c]): c for c in conversations if scored_turns(c)}.values())
-        n = min(max(1, round(self.submit_fraction * len(conversations))), len(distinct))
-        if self.label_budget:
-            n = min(n, self.label_budget - self.submitted)
+        n = min(self._quota(step, len(conversations)), len(distinct))
         if n <= 0:
             return
         sessions = [
@@ -170,15 +171,13 @@ class OuterLoop:
             )
             for c in self.rng.sample(distinct, n)
         ]
-        try:
-            response = self.preference.SubmitSessions(
-                preference_pb2.SubmitSessionsRequest(sessions=sessions), timeout=self.timeout_s
-            )
-        except grpc.RpcError as err:
-            self.event("submit_failed", step, code=err.code().name, details=err.details())
-            return
-        self.submitted += len(response.task_ids)
-        self.event("sessions_submitted", step, count=len(response.task_ids), selection="random")
+        self._send(
+            step,
+            self.preference.SubmitSessions,
+            preference_pb2.SubmitSessionsRequest(sessions=sessions),
+            "sessions_submitted",
+            selection="random",
+        )
 
     def maybe_retrain(self, step: int) -> None:
         if not self.retrain_min_labels or step % self.retrain_check_every:

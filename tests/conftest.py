@@ -373,6 +373,21 @@ def stalled_server(home, tiny_rm_dir):
 
 
 @pytest.fixture
+def preference(home):
+    """A store server without a model on port 0: (PreferenceService stub, the ServerThread)."""
+    import grpc
+
+    from rm_service.api.v1 import preference_pb2_grpc
+    from rm_service.settings import ServeSettings
+
+    srv = ServerThread(ServeSettings(port=0, with_model=False))
+    channel = grpc.insecure_channel(srv.address)
+    yield preference_pb2_grpc.PreferenceServiceStub(channel), srv
+    channel.close()
+    srv.stop()
+
+
+@pytest.fixture
 def server(home, tiny_rm_dir):
     """The server with the tiny TRL-style checkpoint and a store in the temp home."""
     from rm_service.settings import ServeSettings

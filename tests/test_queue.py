@@ -6,21 +6,10 @@ import time
 
 import grpc
 import pytest
-from conftest import ServerThread
 
-from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
-from rm_service.settings import ServeSettings
+from rm_service.api.v1 import common_pb2, preference_pb2
 
 PROMPT = [common_pb2.Message(role="user", content="Write a haiku about rain.")]
-
-
-@pytest.fixture
-def preference(home):
-    srv = ServerThread(ServeSettings(port=0, with_model=False))
-    channel = grpc.insecure_channel(srv.address)
-    yield preference_pb2_grpc.PreferenceServiceStub(channel), srv
-    channel.close()
-    srv.stop()
 
 
 def _candidate(completions, priority=0):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import duckdb
 import grpc
 import pytest
-from conftest import ServerThread
 
-from rm_service.api.v1 import common_pb2, preference_pb2, preference_pb2_grpc
-from rm_service.settings import ServeSettings, StoreSettings
+from rm_service.api.v1 import common_pb2, preference_pb2
+from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
 from rm_service.store.schema import MIGRATIONS
 
@@ -19,15 +18,6 @@ PLAYED = [
     M(role="user", content="It is wilting anyway."),
     M(role="assistant", content="Check the roots; a bigger pot may help."),
 ]
-
-
-@pytest.fixture
-def preference(home):
-    srv = ServerThread(ServeSettings(port=0, with_model=False))
-    channel = grpc.insecure_channel(srv.address)
-    yield preference_pb2_grpc.PreferenceServiceStub(channel), srv
-    channel.close()
-    srv.stop()
 
 
 def _submit(stub, conversation=PLAYED, priority=0):
