@@ -229,14 +229,14 @@ def step_table(summary) -> list[str]:
 
 
 def outer_loop_lines(s: DemoSettings, facts: SessionFacts) -> list[str]:
-    summary = facts.summary
+    summary, gold = facts.summary, facts.reward.gold.version if facts.reward.gold else "?"
     if not s.submit_every:
         return ["Off (submit_every 0): the proxy stayed fixed."]
     switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in summary.switches)
     judged = facts.judge_queue.summary() if facts.judge_queue is not None else "no judge counts"
     return [
         f"Sessions sent for labeling: {summary.candidates_submitted} ({s.submit_fraction:.0%} of each step's, every "
-        f"{s.submit_every} step(s)); the gold {facts.reward.gold.version} gave each per-turn thumbs and an outcome "
+        f"{s.submit_every} step(s)); the gold {gold} gave each per-turn thumbs and an outcome "
         f"from its ScoreTurns: {judged}.",
         "",
         f"Retrains requested (at {s.retrain_min_labels} new labels): {summary.retrains_requested}; reward-model "
