@@ -70,7 +70,7 @@ def test_played_sessions_are_labeled_by_the_gold_and_count_towards_a_retrain(
         # the judge's thumbs are the signs of the gold's turn rewards (no thumb offset on this version)
         label_id, messages, metadata = store.con.execute(
             "SELECT l.label_id, c.messages, l.metadata FROM labels l JOIN conversations c ON c.id = l.conversation_id "
-            "ORDER BY l.seq LIMIT 1"
+            "WHERE l.label_id IN (SELECT label_id FROM label_feedback WHERE kind = 'thumb') ORDER BY l.seq LIMIT 1"
         ).fetchone()
         logits = json.loads(json.loads(metadata)["turn_logits"])
         thumbs = dict(
