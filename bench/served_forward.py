@@ -144,7 +144,8 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-    chosen = [line for line in log_path.read_text().splitlines() if "precision probe" in line or "serving" in line]
+    said = ("precision probe", "batch budget measured", "warm-up:", "serving")
+    chosen = [line for line in log_path.read_text().splitlines() if any(x in line for x in said)]
 
     from rm_service.models.version import open_model
 
@@ -161,7 +162,7 @@ def main() -> None:
         f"({params / 1e6:.0f}M non-embedding parameters) served in {precision}; bf16 GEMM {bf16_gemm:.0f} GFLOP/s, "
         f"fp32 GEMM {fp32_gemm:.0f} GFLOP/s (this run); {args.seconds:.0f} s per row; HH items"
     )
-    for line in chosen[-2:]:
+    for line in chosen[-4:]:
         print(f"server log: {line.split(' - ')[-1].strip()}")
     print(
         "\n| load | served tokens/s | batches | items/batch | padded/real | model thread busy | bare loop tokens/s "
