@@ -75,6 +75,21 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads by kind: "model" (the model thread and the OpenMP workers it starts,
+    named by server.threads) and "other" (gRPC, the event loop, the tokeniser)."""
+    out = {"model": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        out["model" if name == "model" else "other"] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def bare_loop(runtime, formatted, batch_items: int, seconds: float) -> tuple[float, float]:
     """(real tokens/s, padded / real) over items in batches of `batch_items` of similar length (sorted: little
     padding), in the runtime's precision and inference weights, as the server's model thread runs them
@@ -120,13 +135,17 @@ def main() -> None:
         closed_loop(address, items, 1, 64, 2.0)  # warm-up
         for name, clients, per_call in loads:
             before, start = scrape(port), time.perf_counter()
+            cpu_before, own_before = thread_cpu(server.pid), time.process_time()
             _, rate, _, _ = closed_loop(address, items, clients, per_call, args.seconds)
             wall, after = time.perf_counter() - start, scrape(port)
-            served.append((name, rate, {k: after[k] - before[k] for k in after}, wall))
+            cpu = {k: (v - cpu_before[k]) / wall for k, v in thread_cpu(server.pid).items()}
+            cpu["clients"] = (time.process_time() - own_before) / wall
+            served.append((name, rate, {k: after[k] - before[k] for k in after}, wall, cpu))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-    chosen = [line for line in log_path.read_text().splitlines() if "precision probe" in line or "serving" in line]
+    said = ("precision probe", "batch budget measured", "warm-up:", "serving")
+    chosen = [line for line in log_path.read_text().splitlines() if any(x in line for x in said)]
 
     from rm_service.models.version import open_model
 
@@ -143,20 +162,21 @@ def main() -> None:
         f"({params / 1e6:.0f}M non-embedding parameters) served in {precision}; bf16 GEMM {bf16_gemm:.0f} GFLOP/s, "
         f"fp32 GEMM {fp32_gemm:.0f} GFLOP/s (this run); {args.seconds:.0f} s per row; HH items"
     )
-    for line in chosen[-2:]:
+    for line in chosen[-4:]:
         print(f"server log: {line.split(' - ')[-1].strip()}")
     print(
         "\n| load | served tokens/s | batches | items/batch | padded/real | model thread busy | bare loop tokens/s "
-        "(same batch size) | served / bare | MFU served | MFU bare |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "(same batch size) | served / bare | MFU served | MFU bare | cores: model threads / other server / clients |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
-    for name, rate, d, wall in served:
+    for name, rate, d, wall, cpu in served:
         size = max(1, round(d["items"] / max(d["batches"], 1)))
         bare, bare_pad = bare_loop(runtime, formatted, size, args.seconds / 2)
         print(
             f"| {name} | {rate:.0f} | {d['batches']:.0f} | {d['items'] / max(d['batches'], 1):.1f} | "
             f"{d['padding_sum'] / max(d['batches'], 1):.2f} (bare {bare_pad:.2f}) | {d['model_s'] / wall:.0%} | "
-            f"{bare:.0f} | {rate / bare:.2f}x | {mfu(rate)} | {mfu(bare)} |"
+            f"{bare:.0f} | {rate / bare:.2f}x | {mfu(rate)} | {mfu(bare)} | "
+            f"{cpu['model']:.2f} / {cpu['other']:.2f} / {cpu['clients']:.2f} |"
         )
     print("\n| bare loop batch (items) | tokens/s | padded/real | MFU |\n|---:|---:|---:|---:|")
     for size in args.curve:

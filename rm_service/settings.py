@@ -104,10 +104,11 @@ class ServeSettings(HttpServeSettings):
         512, gt=0, description="Most items one Score request may carry (INVALID_ARGUMENT above)."
     )
     max_batch_tokens: int = Field(
-        2048,
-        gt=0,
-        description="Token budget of one model batch (padded tokens: count x longest). 2048 suits a CPU; raise it "
-        "(16k+) on a GPU.",
+        0,
+        ge=0,
+        description="Token budget of one model batch (padded tokens: count x longest). 0 = measured at start on the "
+        "served model: budgets doubling from 1024 while tokens/s still rises, the smallest within 5% of the best "
+        "(logged; server.budget). A CPU peaks at a few thousand, a GPU at tens of thousands.",
     )
     max_padding: float = Field(
         0.3,
@@ -191,14 +192,16 @@ class ServeSettings(HttpServeSettings):
     )
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch; 0 = number of cores.")
     model_nice: int = Field(
-        10,
+        0,
         ge=0,
         le=19,
         description="How many nice steps the model thread and the OpenMP workers it starts run below the server's "
-        "RPC threads: when the CPU is oversubscribed, refusals, health checks and metrics are answered first and the "
-        "model takes what is left (Linux; 0 = the same priority). bench/overload.py, 2 cores at 4x load: rejection "
-        "p99 55-56 ms at 0, 25-59 ms at 10; with callers retrying 10 ms after a refusal, goodput the same at both "
-        "(60-72% of 1x) and refusal p99 4-6 ms slower at 0.",
+        "RPC threads (Linux): above 0, refusals, health checks and metrics are answered first when the CPU is "
+        "oversubscribed, but every thread at nice 0 that wakes (the RPC threads, any other process) preempts an "
+        "OpenMP worker and stalls the batch at its next barrier. bench/served_forward.py, 2 cores, one locked run "
+        "each: served tokens/s 0.89-0.93x a bare loop at 0, 0.72-0.87x at 10. bench/overload.py at 4x load: "
+        "rejection p99 55-56 ms at 0, 25-59 ms at 10; with callers retrying 10 ms after a refusal, goodput the same "
+        "at both (60-72% of 1x) and refusal p99 4-6 ms slower at 0.",
     )
     gil_switch_interval_ms: float = Field(
         0.5,

@@ -26,6 +26,11 @@ sys.path.insert(0, str(CLIENT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(CLIENT), os.environ.get("PYTHONPATH")]))
 from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this checkout is put first on the path)
 
+# The servers the tests start batch within a fixed token budget (the default, 0, measures one at start:
+# server.budget), so which items share a batch does not depend on the machine's speed; tests/test_budget.py
+# runs the measurement.
+os.environ.setdefault("RM_SERVE_MAX_BATCH_TOKENS", "2048")
+
 pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
 
 # socketserver's serve_forever notices shutdown() only at its next poll, every 0.5 s by default, and

@@ -13,7 +13,7 @@ from rm_service.server.forming import pick_batch
 
 PROMPT = [common_pb2.Message(role="user", content="Tell me about rivers.")]
 NILE = "The Nile, in Africa, runs about 6,650 km from Lake Victoria to the Mediterranean. "  # ~50 tokens
-BUDGET = 2048  # ServeSettings.max_batch_tokens default
+BUDGET = 2048  # a CPU budget of the size server.budget measures
 
 
 def _request(*completions: str) -> reward_pb2.ScoreRequest:

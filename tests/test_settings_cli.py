@@ -53,7 +53,7 @@ def test_serve_help_lists_the_batching_and_admission_flags_with_env_and_default(
     result = _run("rm_service.cli", "serve", "--help")
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "[env: RM_SERVE_MAX_BATCH_TOKENS] [default: 2048]" in text
+    assert "[env: RM_SERVE_MAX_BATCH_TOKENS] [default: 0]" in text
     for name in BATCHING:
         default = ServeSettings.model_fields[name].default
         after = text[
@@ -146,9 +146,13 @@ def test_version(module):
     "args, env, needles",
     [
         (
-            ["serve", "--max-batch-tokens", "0"],
+            ["serve", "--max-batch-tokens", "-1"],
             {},
-            ["max_batch_tokens: Input should be greater than 0", "--max-batch-tokens", "RM_SERVE_MAX_BATCH_TOKENS"],
+            [
+                "max_batch_tokens: Input should be greater than or equal to 0",
+                "--max-batch-tokens",
+                "RM_SERVE_MAX_BATCH_TOKENS",
+            ],
         ),
         (
             ["serve", "--no-model", "--port", "0"],
@@ -192,5 +196,5 @@ def test_the_container_entrypoint_leaves_a_bad_serve_setting_to_rm_service(tmp_p
     entrypoint = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entrypoint)
     monkeypatch.setenv("RM_HOME", str(tmp_path / "home"))
-    assert entrypoint.prepare(["--max-batch-tokens", "0"]) is None
+    assert entrypoint.prepare(["--max-batch-tokens", "-1"]) is None
     assert not (tmp_path / "home").exists()

@@ -10,10 +10,10 @@ the measured rate), or when its deadline is less than one batch time away. A bat
 by the item due first; the items already due join next, nearest in length to the seed first,
 whatever their padding; then the others, nearest in length first, while padding their rows to
 the batch's longest item wastes at most `max_padding` of their tokens. The batch fills up to
-the token budget (count x longest; an item longer than the budget runs alone). Batches stay
-dense and full (on a CPU padded positions cost as much as real ones, and a 2,048-token batch
-runs ~1.5x the tokens/s of a 256-token one), callers' deadlines order the queue, and no item
-waits past the bound while items of other lengths overtake it.
+the token budget (count x longest; an item longer than the budget runs alone; the budget is
+measured at start, server.budget). Batches stay dense (on a CPU padded positions cost as much
+as real ones), callers' deadlines order the queue, and no item waits past the bound while
+items of other lengths overtake it.
 
 The model thread forms each batch itself the moment it is free, from everything waiting
 (forming and collating cost well under a millisecond), so the model never waits for a busy
@@ -43,6 +43,7 @@ import numpy as np
 from rm_service.models.backend import RewardBackend
 from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
+from rm_service.server import budget
 from rm_service.server.admission import Admission, Dropped, Permit, RateMeter, Ticket
 from rm_service.server.forming import pick_batch
 from rm_service.server.threads import lower_priority
@@ -99,7 +100,7 @@ class _Ran:
 
 class Batcher:
     def __init__(self, settings: ServeSettings, observer=None):
-        self.max_batch_tokens = settings.max_batch_tokens
+        self.max_batch_tokens = settings.max_batch_tokens  # 0 until warm_up measures it (server.budget)
         self.max_padding = settings.max_padding
         self.max_wait = settings.max_wait_ms / 1000
         self.fair_wait_s = settings.fair_wait_s  # 0: FAIR_WAIT_BATCHES x the measured batch time
@@ -180,23 +181,38 @@ class Batcher:
             raise Dropped("the call's deadline passed or it was cancelled before its turn on the model")
         return out
 
-    async def warm_up(self, backend: RewardBackend, items: list[Formatted]) -> None:
-        """Prime the backend with one item, then run `items` as one batch and measure it: the
-        rate admission starts from."""
-        for rows, measured in ((items[:1], False), (items, True)):
-            batch = collate(rows, backend.pad_id)  # [b, T]
-            tokens = sum(len(x) for x in rows) if measured else 0  # the meter records only what has tokens
-            _, seconds = await self._on_model_thread(
-                _Solo(partial(backend.run_collated, batch), lambda: True, self._future(), tokens, len(rows))
-            )
+    async def warm_up(self, backend: RewardBackend, fill: Callable[[int], list[Formatted]]) -> None:
+        """Prime the backend with one item; choose the token budget (server.budget: measured when the setting is 0)
+        and measure a batch of `fill(budget)` at it: the rate admission starts from."""
+        await self._time_batch(backend, fill(1)[:1], record=False)
+        if not self.max_batch_tokens:
+
+            async def rate_at(tokens: int) -> float:
+                rows = fill(tokens)
+                await self._time_batch(backend, rows, record=False)  # its shape's kernels, the allocator
+                best = min([await self._time_batch(backend, rows, record=False) for _ in range(budget.RUNS)])
+                return sum(len(x) for x in rows) / best
+
+            curve = await budget.measure_curve(rate_at)
+            self.max_batch_tokens = budget.choose_budget(curve)
+            log.info(budget.describe(curve, self.max_batch_tokens))
+        rows = fill(self.max_batch_tokens)
+        seconds = await self._time_batch(backend, rows, record=True)
         log.info(
-            "warm-up: %d tokens in %.3f s (%.0f tokens/s); token limit %s, fairness bound %.2f s",
-            sum(len(x) for x in items),
-            seconds,
-            self.meter.tokens_per_s(),
-            self.admission.token_limit(),
-            self.fair_wait(),
+            "warm-up: %d tokens in %.3f s (%.0f tokens/s); batch budget %d tokens, token limit %s, fairness %.2f s",
+            *(sum(len(x) for x in rows), seconds, self.meter.tokens_per_s(), self.max_batch_tokens),
+            *(self.admission.token_limit(), self.fair_wait()),
         )
+
+    async def _time_batch(self, backend: RewardBackend, rows: list[Formatted], record: bool) -> float:
+        """Seconds of one padded batch of `rows` on the model thread (`record`: the rate meter counts it)."""
+        tokens = sum(len(x) for x in rows) if record else 0  # the meter records only what has tokens
+        batch = collate(rows, backend.pad_id)  # [b, T]
+        _, seconds = await self._on_model_thread(
+            _Solo(partial(backend.run_collated, batch), lambda: True, self._future(), tokens, len(rows))
+        )
+        assert seconds is not None  # runnable() is always true
+        return seconds
 
     def queue_depth(self) -> int:
         with self._lock:

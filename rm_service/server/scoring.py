@@ -21,12 +21,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from rm_service.conversation import Message, scored_turns, validate_turns
 from rm_service.errors import InvalidArgument
 from rm_service.models.formatting import Formatted, format_item, format_raw
+from rm_service.server import budget
 from rm_service.server.admission import Dropped, Permit, Ticket, estimate_tokens
 from rm_service.server.batcher import Batcher
 from rm_service.server.metrics import Reference
@@ -92,8 +94,9 @@ class ScoringCore:
         await self.batcher.admission.wait_for_room(self.settings.room_wait_ms / 1000)
 
     async def warm_up(self, served: Served) -> None:
-        """One full batch through the batcher's model thread: the first measured rate."""
-        await self.batcher.warm_up(served.backend, warm_up_items(served.runtime, self.settings.max_batch_tokens))
+        """The batch budget (measured unless set) and one full batch through the batcher's model thread: the first
+        measured rate."""
+        await self.batcher.warm_up(served.backend, partial(warm_up_items, served.runtime))
 
     def close(self) -> None:
         """Stop tokenising: queued tokenisations are cancelled, a running one stops at its next item."""
@@ -167,7 +170,7 @@ class ScoringCore:
                 )  # [P, K] ([P, K + K_s] with a session head)
             elif getattr(runtime.model, "session", None) is not None:  # each turn alone, both heads
                 members = await self.batcher.run_solo(
-                    permit, sum(len(x) for x in items), runtime.run, items, self.settings.max_batch_tokens, "turns"
+                    permit, sum(len(x) for x in items), runtime.run, items, self.batcher.max_batch_tokens, "turns"
                 )  # [P, K + K_s]
             else:  # encoders, or a truncated conversation: each turn as its own item
                 members = await self.batcher.score(permit, served.record.version, served.backend, items)  # [P, K]
@@ -269,12 +272,14 @@ def _turns_work(spec, pairs: Pairs) -> Pairs:
     return pairs
 
 
-def warm_up_items(runtime, max_batch_tokens: int) -> list[Formatted]:
-    """Rows of the longest item the model takes (at most the budget), as many as fill the budget."""
-    width = min(runtime.spec.max_tokens, max_batch_tokens)
+def warm_up_items(runtime, tokens: int) -> list[Formatted]:
+    """Rows of `budget.ROW_TOKENS` tokens (fewer when the model or `tokens` takes fewer), as many as fill `tokens`."""
+    width = max(1, min(runtime.spec.max_tokens, tokens, budget.ROW_TOKENS))
     text = "The quick brown fox jumps over the lazy dog. " * (width // 4 + 1)
     item = runtime.format([Message("user", text[: len(text) // 4])], text)
-    return [item] * max(1, max_batch_tokens // len(item))
+    n = min(width, len(item))
+    ids, types = item.input_ids[:n], None if item.token_type_ids is None else item.token_type_ids[:n]
+    return [Formatted(ids, types, True, min(item.completion_start, n - 1))] * max(1, tokens // n)
 
 
 def _prefix_positions(items: list[Formatted]) -> list[int] | None:
