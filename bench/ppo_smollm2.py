@@ -14,31 +14,14 @@ the same reward-model version. The table is also written to <run_dir>/bench.md.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
-import tempfile
+import sys
 from pathlib import Path
 
-from rm_service.data import HH_PAIRS
-
-REPO = Path(__file__).resolve().parent.parent
-DATA = HH_PAIRS
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppo_harness import base_overrides, phase_line, run
 
 
-def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
-    from rm_service.client import start_server_process
-    from rm_service.errors import RMError
-
-    run_dir = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
-    args = ["--metrics-port", "-1", *(["--model", model] if model else [])]
-    try:
-        return start_server_process(dict(os.environ), run_dir, timeout=600, args=args)
-    except RMError as exc:
-        raise SystemExit(f"the reward server did not start: {exc}") from None
-
-
-def table(summary, metrics: list[dict]) -> str:
+def table(settings, summary, metrics: list[dict]) -> str:
     lines = [
         "| step | served reward (mean) | KL to reference (nats/seq) | kl_coef | entropy | clip frac | response "
         "tokens | generate s | score s | train s | step s |",
@@ -51,12 +34,7 @@ def table(summary, metrics: list[dict]) -> str:
             f"{m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} | "
             f"{m['time/step_s']:.1f} |"
         )
-    p = summary.seconds_per_phase
-    lines += [
-        "",
-        f"mean seconds per step: generate {p['generate']:.1f}, score {p['score']:.1f}, train {p['train']:.1f}, total "
-        f"{p['step']:.1f}",
-    ]
+    lines += ["", phase_line(summary)]
     if summary.eval_before and summary.eval_after:
         b, a = summary.eval_before, summary.eval_after
         lines += [
@@ -84,38 +62,22 @@ def main() -> int:
     from policy_trainer.settings import load_settings
     from policy_trainer.trainer import train_ppo
 
-    proc, address = start_server(args.model)
-    try:
-        overrides = {"total_steps": args.steps, "reward_addresses": [address], "progress": False}
-        if "PPO_PROMPTS_FILE" not in os.environ and "PPO_PROMPTS_STORE" not in os.environ:
-            overrides["prompts_file"] = DATA
-        if args.run_dir:
-            overrides["run_dir"] = args.run_dir
-        settings = load_settings(args.config, **overrides)
-        print(
-            f"policy {settings.policy}; {settings.prompts_per_step} prompts x {settings.samples_per_prompt} samples "
-            f"x {settings.max_new_tokens} new tokens; lr {settings.learning_rate}; kl_coef {settings.kl_coef}; "
-            f"server {address}",
-            flush=True,
+    def settings_for(address: str):
+        return load_settings(args.config, **base_overrides(address, args.steps, args.run_dir))
+
+    def describe(s, address: str) -> str:
+        return (
+            f"policy {s.policy}; {s.prompts_per_step} prompts x {s.samples_per_prompt} samples x {s.max_new_tokens} "
+            f"new tokens; lr {s.learning_rate}; kl_coef {s.kl_coef}; server {address}"
         )
-        metrics: list[dict] = []
 
-        def on_step(m: dict) -> None:
-            metrics.append(m)
-            print(
-                f"step {m['step']:3d}  reward {m['reward/served_mean']:+.3f}  KL {m['kl/ref_seq']:.3f}  "
-                f"generate {m['time/generate_s']:.1f}s score {m['time/score_s']:.1f}s train {m['time/train_s']:.1f}s",
-                flush=True,
-            )
+    def progress(m: dict) -> str:
+        return (
+            f"step {m['step']:3d}  reward {m['reward/served_mean']:+.3f}  KL {m['kl/ref_seq']:.3f}  "
+            f"generate {m['time/generate_s']:.1f}s score {m['time/score_s']:.1f}s train {m['time/train_s']:.1f}s"
+        )
 
-        summary = train_ppo(settings, on_step=on_step)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    text = table(summary, metrics)
-    print(text)
-    (Path(summary.run_dir) / "bench.md").write_text(text + "\n")
-    return 0
+    return run(args.model, settings_for, describe, train_ppo, progress, table)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,15 @@ written to <run_dir>/bench.md. Other SessionSettings come from --config and PPO_
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_smollm2 import start_server
-
-from rm_service.data import HH_PAIRS
+from ppo_harness import base_overrides, phase_line, run
 
 
-def table(summary, metrics: list[dict], max_turns: int) -> str:
+def table(settings, summary, metrics: list[dict]) -> str:
+    max_turns = settings.max_turns
     turns = [f"turn {k} reward" for k in range(1, max_turns + 1)]
     lines = [
         "| step | "
@@ -40,9 +37,7 @@ def table(summary, metrics: list[dict], max_turns: int) -> str:
             f"| {m['step']} | {per_turn} | {m['session/value_mean']:+.3f} | {m['session/turns_mean']:.2f} | "
             f"{m['kl/ref_seq']:.3f} | {m['time/generate_s']:.1f} | {m['time/score_s']:.1f} | {m['time/train_s']:.1f} |"
         )
-    p = summary.seconds_per_phase
-    lines += ["", f"mean seconds per step: generate {p['generate']:.1f}, score {p['score']:.1f}, "
-              f"train {p['train']:.1f}, total {p['step']:.1f}"]  # fmt: skip
+    lines += ["", phase_line(summary)]
     if summary.eval_before and summary.eval_after:
         b, a = summary.eval_before, summary.eval_after
         lines += [
@@ -73,47 +68,26 @@ def main() -> int:
     from policy_trainer.session_settings import SessionSettings
     from policy_trainer.settings import load_settings
 
-    proc, address = start_server(args.model)
-    try:
-        overrides = {
-            "total_steps": args.steps,
-            "max_turns": args.max_turns,
-            "user_simulator": args.users,
-            "reward_addresses": [address],
-            "progress": False,
-        }
-        if "PPO_PROMPTS_FILE" not in os.environ and "PPO_PROMPTS_STORE" not in os.environ:
-            overrides["prompts_file"] = HH_PAIRS
-        if args.run_dir:
-            overrides["run_dir"] = args.run_dir
-        settings = load_settings(args.config, SessionSettings, **overrides)
-        print(
-            f"policy {settings.policy}; {settings.prompts_per_step} openings x {settings.samples_per_prompt} "
-            f"sessions x <= {settings.max_turns} turns x {settings.max_new_tokens} new tokens; "
-            f"users {settings.user_simulator}; "
-            f"estimator {settings.advantage_estimator}; lr {settings.learning_rate}; kl_coef {settings.kl_coef}; "
-            f"server {address}",
-            flush=True,
+    def settings_for(address: str):
+        overrides = base_overrides(address, args.steps, args.run_dir)
+        overrides.update(max_turns=args.max_turns, user_simulator=args.users)
+        return load_settings(args.config, SessionSettings, **overrides)
+
+    def describe(s, address: str) -> str:
+        return (
+            f"policy {s.policy}; {s.prompts_per_step} openings x {s.samples_per_prompt} sessions x <= {s.max_turns} "
+            f"turns x {s.max_new_tokens} new tokens; users {s.user_simulator}; estimator {s.advantage_estimator}; "
+            f"lr {s.learning_rate}; kl_coef {s.kl_coef}; server {address}"
         )
-        metrics: list[dict] = []
 
-        def on_step(m: dict) -> None:
-            metrics.append(m)
-            print(
-                f"step {m['step']:3d}  reward/turn {m['reward/served_mean']:+.3f}  "
-                f"session {m['session/value_mean']:+.3f}  turns {m['session/turns_mean']:.2f}  "
-                f"KL {m['kl/ref_seq']:.3f}  step {m['time/step_s']:.1f}s",
-                flush=True,
-            )
+    def progress(m: dict) -> str:
+        return (
+            f"step {m['step']:3d}  reward/turn {m['reward/served_mean']:+.3f}  "
+            f"session {m['session/value_mean']:+.3f}  turns {m['session/turns_mean']:.2f}  "
+            f"KL {m['kl/ref_seq']:.3f}  step {m['time/step_s']:.1f}s"
+        )
 
-        summary = train_sessions(settings, on_step=on_step)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    text = table(summary, metrics, settings.max_turns)
-    print(text)
-    (Path(summary.run_dir) / "bench.md").write_text(text + "\n")
-    return 0
+    return run(args.model, settings_for, describe, train_sessions, progress, table)
 
 
 if __name__ == "__main__":

@@ -160,11 +160,29 @@ class DemoSettings(BaseSettings):
     num_minibatches: Annotated[int, of(PPOSettings, "num_minibatches")] = 2
     # -- outer loop -------------------------------------------------------------------------
     submit_every: Annotated[int, of(PPOSettings, "submit_every", "With 0 the proxy stays fixed.")] = 1
-    submit_fraction: Annotated[float, of(PPOSettings, "submit_fraction")] = 0.5
-    retrain_min_labels: Annotated[int, of(PPOSettings, "retrain_min_labels")] = 12
+    submit_fraction: Annotated[
+        float,
+        of(
+            PPOSettings,
+            "submit_fraction",
+            "3 of each step's 4 prompts: 60 gold labels over 20 steps, so two retrains can each decide on 24 or "
+            "more of the policy's samples (at 2 a step the first decided on 12 and the rule mostly waited).",
+        ),
+    ] = 0.75
+    retrain_min_labels: Annotated[
+        int, of(PPOSettings, "retrain_min_labels", "A retrain about step 8 and, if it is undecided, another about 16.")
+    ] = 24
     selection: Annotated[Literal["uncertainty", "random"], of(PPOSettings, "selection")] = "uncertainty"
     label_budget: Annotated[int, of(PPOSettings, "label_budget")] = 0
-    retrain_max_labels: Annotated[int, of(PPOSettings, "retrain_max_labels")] = 48
+    retrain_max_labels: Annotated[
+        int,
+        of(
+            PPOSettings,
+            "retrain_max_labels",
+            "The rule usually asks for more than 20 steps bring; 24 more keeps a second decision inside the run, "
+            "on the 48 labels since the proxy's snapshot.",
+        ),
+    ] = 24
     reward_pessimism: Annotated[Literal["none", "mean_minus_std", "min"], of(PPOSettings, "reward_pessimism")] = "none"
     pessimism_k: Annotated[float, of(PPOSettings, "pessimism_k")] = 1.0
     seed: Annotated[int, of(PPOSettings, "seed")] = 0
