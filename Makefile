@@ -79,17 +79,19 @@ demo-multiturn: $(STAMP)
 	$(VENV)/bin/rm-service demo --multi-turn
 
 # The suite in two tiers (docs/concepts.md, "Checks and tests"): `make test` runs all of it (README,
-# CI); `make test-fast` the default tier, everything not marked slow, for the edit loop; `make
-# test-slow` only the few end-to-end runs of the bundled models, the SIGKILL harness and the browser.
-# Each prints its ten slowest tests, each tier's time and any default-tier test over its time budget
-# (tests/timing.py; a warning: a busy machine must not fail the suite on time). PYTEST_ARGS adds
-# options (--enforce-budget turns the warning into a failure).
+# CI): the default tier, then the slow tier; `make test-fast` the default tier, everything not marked
+# slow, for the edit loop; `make test-slow` only the few end-to-end runs of the bundled models, the
+# SIGKILL harness and the browser. The default tier runs in PYTEST_WORKERS pytest-xdist processes,
+# a test file to each at a time (its module fixtures built once); the slow tier one test at a time
+# (each already keeps the cores busy). Each prints its ten slowest tests, its time and any
+# default-tier test over its time budget (tests/timing.py; a warning: a busy machine must not fail
+# the suite on time). PYTEST_ARGS adds options (--enforce-budget turns the warning into a failure).
 PYTEST_ARGS ?=
-test: $(STAMP) browser
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+PYTEST_WORKERS ?= 2
+test: test-fast test-slow
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m 'not slow' -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP) browser
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

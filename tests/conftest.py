@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,19 @@ def tiny_settings(tiny_lm_dir, prompts_file, address, run_dir, **kw):
         device="cpu",
     )
     return PPOSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory) -> Iterator[Path]:
+    """What every test runs in, `home` or not: an RM_HOME of this session (of this pytest-xdist worker
+    under `-n`), never the checkout's ./var that other sessions and workers share (stores, precision
+    cache, models cache); and servers' /metrics on a free port (RM_SERVE_METRICS_PORT=0) instead of
+    9464, which only one of the servers running at once could have. Subprocesses inherit both."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("session-home")
+        mp.setenv("RM_HOME", str(path))
+        mp.setenv("RM_SERVE_METRICS_PORT", "0")
+        yield path
 
 
 @pytest.fixture

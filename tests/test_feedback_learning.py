@@ -7,6 +7,14 @@ rejected one's last turn thumbs-down and its session a failure (0.0). MiniLM-L6 
 (outcome_weight 0), then on the outcomes alone (thumb_weight 0). Each must rank held-out turns
 (conversations it never saw) better than chance: thumbs-up turns above thumbs-down turns, over
 all of them (AUC) and between the two replies to one prompt (pair accuracy).
+
+What it costs is MiniLM's features of every scored turn (6,299 of them), computed once for both
+runs. With the automatic candidates (layers 3, 4 and 6 of 6) at 256 tokens, head selection chose
+the completion mean of layer 3 for both runs (thumbs: AUC 0.596 over 928 held-out turns, pair
+accuracy 0.621 over 515 prompts; outcomes: 0.601 and 0.612), in 120 s on 2 cores. So the backbone
+is cut after layer 3 (the other half never runs) and each turn keeps its last 64 tokens, the end of
+the reply the thumb is on: AUC 0.593 and 0.599, pair accuracy 0.618 and 0.600 (z 5.3 and 4.5
+against the 2.33 asserted), in 40 s. Same data, same split, same assertions.
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ def test_minilm_trained_on_hh_thumbs_or_outcomes_ranks_heldout_turns_above_chanc
     outcomes = [o.status for o in store.ingest(hh_feedback(LINES, thumbs=True, outcomes=True))]
     assert outcomes.count("INSERTED") >= 0.99 * len(outcomes)  # a few HH turns are empty: those labels are REJECTED
     common = dict(
-        backbone="minilm-l6", max_minutes=8, ensemble_size=2, max_tokens=256, heldout_fraction=0.25, export_onnx="off"
+        backbone="minilm-l6",
+        feature_layers="3",
+        max_tokens=64,
+        max_minutes=8,
+        ensemble_size=2,
+        heldout_fraction=0.25,
+        export_onnx="off",
     )
     thumbs = train(store, TrainSettings(**common, outcome_weight=0.0), ModelSettings(), show_progress=False).metrics
     outcomes = train(store, TrainSettings(**common, thumb_weight=0.0), ModelSettings(), show_progress=False).metrics

