@@ -111,7 +111,7 @@ def test_the_demo_composes_the_ppo_and_training_settings_it_names():
     assert (ppo.advantage_estimator, ppo.learning_rate, ppo.samples_per_prompt) == ("gae", 1e-5, 4)  # the profile's
     assert (train.backbone, train.mode, train.max_tokens, train.dataset_fraction) == ("b", "full", 1024, 0.1)
     marks = [(name, m) for name, f in DemoSettings.model_fields.items() for m in f.metadata if isinstance(m, Of)]
-    assert len(marks) == 29  # every PPO and training knob of the demo, none declared twice
+    assert len(marks) == 31  # every PPO, session and training knob of the demo, none declared twice
     for name, mark in marks:  # the demo's type is the source's (retrain_mode also takes "": the server's default)
         source = mark.model.model_fields[mark.name].annotation
         assert DemoSettings.model_fields[name].annotation == source or mark.name == "retrain_mode", name
