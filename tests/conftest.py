@@ -499,3 +499,18 @@ def peer(name: str, module: str):
 
 def peer_folder(name: str) -> Path:
     return Path(sys.prefix) / "peers" / name
+
+
+def store_at_version(path: Path, version: int):
+    """An open DuckDB connection to a store written at schema `version` (migrations 1..version
+    applied and recorded), for tests that an older file migrates on open."""
+    import duckdb
+
+    from rm_service.store import schema
+
+    con = duckdb.connect(str(path))
+    schema.current_version(con)
+    for number, sql in enumerate(schema.MIGRATIONS[:version], start=1):
+        con.execute(sql)
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", [number])
+    return con

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import duckdb
 import grpc
 import pytest
+from conftest import store_at_version
 
 from rm_service.api.v1 import common_pb2, preference_pb2
 from rm_service.settings import StoreSettings
 from rm_service.store.db import Store
-from rm_service.store.schema import MIGRATIONS
 
 M = common_pb2.Message
 PLAYED = [
@@ -129,11 +128,7 @@ def test_unspecified_kind_is_invalid_argument(preference):
 
 def test_a_v8_store_migrates_its_tasks_to_ranking(tmp_path):
     path = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(path))
-    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)")
-    for number, sql in enumerate(MIGRATIONS[:8], start=1):
-        con.execute(sql)
-        con.execute("INSERT INTO schema_version (version) VALUES (?)", [number])
+    con = store_at_version(path, 8)
     con.execute(
         "INSERT INTO tasks (task_id, conversation_id, completion_ids, state) VALUES ('task-old', 'c', ['a', 'b'], "
         "'queued')"

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
-import duckdb
 import pytest
 import torch
-from conftest import HH_FILE, hh_lines, store_with_hh
+from conftest import HH_FILE, hh_lines, store_at_version, store_with_hh
 
 from rm_service.conversation import Message
 from rm_service.errors import FailedPrecondition
@@ -83,7 +82,6 @@ def test_user_split_is_the_reward_models(home, tmp_path):
 def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
     from rm_service import registry
     from rm_service.settings import StoreSettings
-    from rm_service.store import schema
     from rm_service.store.db import Store
     from rm_service.store.versions import ModelRecord
 
@@ -104,11 +102,7 @@ def test_migration_keeps_reward_versions_and_numbers_each_kind(home, tmp_path):
         )
 
     path = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(path))
-    schema.current_version(con)
-    for number, sql in enumerate(schema.MIGRATIONS[:7], 1):  # a store written before kinds
-        con.execute(sql)
-        con.execute("INSERT INTO schema_version (version) VALUES (?)", [number])
+    con = store_at_version(path, 7)  # a store written before kinds
     con.execute(
         "INSERT INTO models (version, number, backbone, format_hash, status, metrics, reward_mean, reward_std, "
         "ensemble_size, artifact_path) VALUES ('v1', 1, 'b', 'f', 'promoted', '{}', 0, 1, 1, '/x')"
