@@ -275,8 +275,8 @@ def _judge_and_ppo(s: DemoSettings, facts: RunFacts, stages: Stages, address: st
 
 @contextmanager
 def judge_following(settings, address: str, annotator) -> Iterator[JudgeWorker]:
-    """A judge following the labeling queue on a thread while the body runs (both demos' PPO);
-    its counts on the worker afterwards, its error raised here."""
+    """A judge following the labeling queue on a thread while the body runs (both demos' PPO),
+    then labeling what is still queued; its counts on the worker afterwards, its error raised here."""
     from rm_service.judge.runner import run_judge
 
     stop, worker = threading.Event(), JudgeWorker()
@@ -300,6 +300,8 @@ class JudgeWorker:
 
     def run(self, run_judge, settings, address, stop, annotator) -> None:
         try:
-            self.counts = run_judge(settings, address=address, stop_event=stop, follow=True, annotator=annotator)
+            self.counts = run_judge(
+                settings, address=address, stop_event=stop, follow=True, annotator=annotator, drain=True
+            )
         except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
             self.error = exc

@@ -160,7 +160,13 @@ class JudgeRun:
         return counts, None
 
     def run(
-        self, max_tasks: int | None, stop_event: threading.Event | None, follow: bool, progress: bool, total: int | None
+        self,
+        max_tasks: int | None,
+        stop_event: threading.Event | None,
+        follow: bool,
+        progress: bool,
+        total: int | None,
+        drain: bool = False,
     ) -> JudgeCounts:
         from tqdm import tqdm
 
@@ -174,17 +180,17 @@ class JudgeRun:
         inflight: dict[Future, JudgeItem] = {}
         try:
             while True:
-                room = s.concurrency - len(inflight)
-                if room > 0 and not exhausted and not stop.is_set():
+                room, stopping = s.concurrency - len(inflight), stop.is_set()
+                if room > 0 and not exhausted and (drain or not stopping):
                     want = room if max_tasks is None else min(room, max_tasks - taken)
                     batch = self.source.take(want) if want > 0 else []
                     for item in batch:
                         inflight[pool.submit(self.judge_one, item)] = item
                     taken += len(batch)
-                    if (not batch and not follow) or (max_tasks is not None and taken >= max_tasks):
-                        exhausted = True
+                    if (not batch and (not follow or stopping)) or (max_tasks is not None and taken >= max_tasks):
+                        exhausted = True  # draining: the queue was empty after the stop
                 if not inflight:
-                    if exhausted or stop.is_set():
+                    if exhausted or (stopping and not drain):
                         break
                     stop.wait(s.poll_interval_s)  # follow: the queue is empty for now
                     continue
@@ -228,12 +234,15 @@ def run_judge(
     progress: bool = False,
     annotator: Annotator | None = None,
     progress_file: Path | None = None,
+    drain: bool = False,
 ) -> JudgeCounts:
     """Judge queued tasks (or the items of `input_path`) and ingest the labels; returns the counts.
 
     settings: JudgeSettings (default: from the environment). address: the rm-service server
     (default settings.server). max_tasks: stop after this many items. stop_event: set it to stop
     taking items; the ones in flight finish. follow: keep polling an empty queue until stop_event.
+    drain: once stop_event is set, label what is still queued before returning (a run's last
+    samples are labeled, not left behind).
     annotator: an annotator already open (annotators.open_annotator) to reuse across calls; the
     caller keeps ownership. Raises an RMError when the server or the backend cannot be used.
     """
@@ -258,7 +267,7 @@ def run_judge(
         else:
             owner = settings.owner or f"judge:{annotator.name}@{socket.gethostname()}"
             source, total = QueueSource(client, owner, settings.lease_seconds, kinds), max_tasks
-        return JudgeRun(annotator, settings, client, source).run(max_tasks, stop_event, follow, progress, total)
+        return JudgeRun(annotator, settings, client, source).run(max_tasks, stop_event, follow, progress, total, drain)
     finally:
         client.close()
         if owned and annotator is not None:
