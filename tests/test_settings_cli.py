@@ -53,7 +53,7 @@ def test_serve_help_lists_the_batching_and_admission_flags_with_env_and_default(
     result = _run("rm_service.cli", "serve", "--help")
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    assert "[env: RM_SERVE_MAX_BATCH_TOKENS] [default: 0]" in text
+    assert "[env: RM_SERVE_MAX_BATCH_TOKENS] [default: 2048]" in text
     for name in BATCHING:
         default = ServeSettings.model_fields[name].default
         after = text[
