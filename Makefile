@@ -82,12 +82,15 @@ demo-multiturn: $(STAMP)
 # CI): the default tier, then the slow tier; `make test-fast` the default tier, everything not marked
 # slow, for the edit loop; `make test-slow` only the few end-to-end runs of the bundled models, the
 # SIGKILL harness and the browser. The default tier runs in PYTEST_WORKERS pytest-xdist processes,
-# a test file to each at a time (its module fixtures built once); the slow tier one test at a time
+# a test file to each at a time (its module fixtures built once), each with cores // workers torch threads
+# (at least one; tests/conftest.py); three on this 2-core machine, measured back to back under the CPU lock:
+# 146 s wall with 3 workers against 163 s with 2 (the cores were 78% busy with 2: tests also wait on servers,
+# subprocesses and sockets). Give PYTEST_WORKERS for another count. The slow tier one test at a time
 # (each already keeps the cores busy). Each prints its ten slowest tests, its time and any
 # default-tier test over its time budget (tests/timing.py; a warning: a busy machine must not fail
 # the suite on time). PYTEST_ARGS adds options (--enforce-budget turns the warning into a failure).
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 2
+PYTEST_WORKERS ?= 3
 test: test-fast test-slow
 
 test-fast: $(STAMP)

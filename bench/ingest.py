@@ -30,7 +30,7 @@ import duckdb
 import grpc
 
 from rm_client.channel import open_channel
-from rm_client.messages import to_proto
+from rm_client.messages import pair_label
 from rm_service.api.v1 import preference_pb2, preference_pb2_grpc
 from rm_service.client import start_server_process
 from rm_service.data import HH_PAIRS
@@ -46,15 +46,7 @@ def load_templates(path: Path) -> list[preference_pb2.Label]:
     out = []
     for _, _, pair in read_pairs(path):
         if isinstance(pair, HHPair) and pair.chosen.strip() and pair.rejected.strip() and pair.chosen != pair.rejected:
-            out.append(
-                preference_pb2.Label(
-                    prompt=to_proto(pair.prompt),
-                    responses=[pair.chosen, pair.rejected],
-                    ranks=[0, 1],
-                    source=preference_pb2.HUMAN,
-                    annotator="bench",
-                )
-            )
+            out.append(pair_label(pair.prompt, pair.chosen, pair.rejected, annotator="bench"))
     return out
 
 

@@ -55,7 +55,7 @@ import compose_profile
 import images
 
 from rm_client.channel import open_channel
-from rm_client.messages import to_proto
+from rm_client.messages import pair_label
 from rm_service.api.v1 import preference_pb2, reward_pb2, reward_pb2_grpc, training_pb2, training_pb2_grpc
 from rm_service.client import Client, score_item
 from rm_service.conversation import Message
@@ -316,14 +316,12 @@ def http(run: Run) -> str:
 
 def labels(count: int = 3) -> list[preference_pb2.Label]:
     run_id = uuid.uuid4().hex[:8]
-    prompt = to_proto(CONVERSATION)
     return [
-        preference_pb2.Label(
+        pair_label(
+            CONVERSATION,
+            f"Call a locksmith ({i}).",
+            f"Break a window ({i}).",
             label_id=f"deploy-test-{run_id}-{i}",
-            prompt=prompt,
-            responses=[f"Call a locksmith ({i}).", f"Break a window ({i})."],
-            ranks=[0, 1],
-            source=preference_pb2.HUMAN,
             annotator="deploy-test",
         )
         for i in range(count)
@@ -466,12 +464,11 @@ def hh_labels(count: int) -> list[preference_pb2.Label]:
     for i, line in enumerate(HH_PAIRS.read_text(encoding="utf-8").splitlines()[:count]):
         pair = parse_pair(json.loads(line))
         out.append(
-            preference_pb2.Label(
+            pair_label(
+                pair.prompt,
+                pair.chosen,
+                pair.rejected,
                 label_id=f"deploy-test-hh-{run_id}-{i}",
-                prompt=to_proto(pair.prompt),
-                responses=[pair.chosen, pair.rejected],
-                ranks=[0, 1],
-                source=preference_pb2.HUMAN,
                 annotator="deploy-test",
             )
         )

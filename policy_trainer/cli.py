@@ -61,7 +61,6 @@ def _print_summary(summary) -> None:
 
 
 def _ppo(args) -> int:
-    from policy_trainer.trainer import PPOTrainer
     from rm_client import ScoreError
     from rm_service.errors import InvalidArgument, NotFound, RMError
 
@@ -70,7 +69,9 @@ def _ppo(args) -> int:
         return code
 
     try:  # bad input fails here: settings, config file, prompts, the model path
-        settings = settings_from_args(args)
+        settings = settings_from_args(args)  # a bad flag or PPO_* value is refused before torch is imported
+        from policy_trainer.trainer import PPOTrainer
+
         trainer: PPOTrainer
         if isinstance(settings, SessionSettings):
             from policy_trainer.multiturn import SessionTrainer

@@ -72,12 +72,12 @@ def _export(args) -> int:
 
 
 def _train(args) -> int:
+    settings = TrainSettings(**flag_values(args, TrainSettings))  # a bad flag or RM_TRAIN_* value: before torch
     from rm_service.settings import ModelSettings, StoreSettings
     from rm_service.store.db import Store
     from rm_service.train.ddp import launched_world
     from rm_service.train.run import train
 
-    settings = TrainSettings(**flag_values(args, TrainSettings))
     world = launched_world()
     store = Store(StoreSettings()) if world.main else None  # under torchrun, rank 0 owns the store
     try:
@@ -182,10 +182,10 @@ def _serve(args) -> int:
     # tokeniser need a core (bench/overload.py, MiniLM on 2 cores: goodput at 4x load 83-86% of 1x -> 87-108% over
     # five runs). Set OMP_WAIT_POLICY yourself to keep another policy.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    serve, security = serve_settings(args)  # a bad flag or RM_* value is refused before the server's imports (~4 s)
     from rm_service.logs import set_log_format
     from rm_service.server.app import serve_forever
 
-    serve, security = serve_settings(args)
     sys.setswitchinterval(serve.gil_switch_interval_ms / 1000)  # process-wide, so set by the process that serves
     set_log_format(serve.log_format)
     asyncio.run(serve_forever(serve, Path(args.port_file) if args.port_file else None, security))

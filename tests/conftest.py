@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "clients" / "python"
@@ -33,6 +32,18 @@ from rm_service.data import HH_PAIRS as HH_FILE  # noqa: E402  (after this check
 os.environ.setdefault("RM_SERVE_MAX_BATCH_TOKENS", "2048")
 
 pytest_plugins = ["timing"]  # the suite's time budget (tests/timing.py)
+
+# pytest-xdist workers (make test-fast) share the cores: each worker's torch, and every server, trainer and
+# subprocess it starts, gets its share of them (cores // workers, at least one) instead of all of them each,
+# which made two workers' threads wait on one another. Measured under the CPU lock on this 2-core machine, six
+# of the heaviest default-tier modules in 2 workers: 75 s wall with 2 threads each, 62.5 s with 1.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for var in ("OMP_NUM_THREADS", "RM_SERVE_TORCH_THREADS", "PPO_TORCH_THREADS"):
+        os.environ.setdefault(var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+    import torch  # here and in the fixtures, not at the top: xdist's controller starts its workers 1.3 s sooner
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # socketserver's serve_forever notices shutdown() only at its next poll, every 0.5 s by default, and
 # prometheus_client serves /metrics (on in most test servers) and tests/openai_server.py its API with
@@ -107,6 +118,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_rm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A TRL-style reward checkpoint: LlamaForSequenceClassification, num_labels=1."""
+    import torch
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(0)
@@ -122,6 +134,7 @@ def tiny_rm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A plain causal backbone (LlamaModel) for head-mode training."""
+    import torch
     from transformers import LlamaModel
 
     torch.manual_seed(1)
@@ -135,6 +148,7 @@ def tiny_backbone_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """A tiny causal LM (LlamaForCausalLM) with the chat-template tokenizer: policy or judge."""
+    import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(3)
@@ -158,6 +172,8 @@ def tiny_encoder_dir(tmp_path_factory) -> Path:
     from rm_service.models.resolver import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve("minilm-l6"))
+    import torch
+
     torch.manual_seed(2)
     path = tmp_path_factory.mktemp("tiny-encoder")
     config = BertConfig(
@@ -196,6 +212,8 @@ def build_property_rm(tokenizer, path: Path, sign: float = 1.0) -> Path:
         num_labels=1,
     )
     model = LlamaForSequenceClassification(config)
+    import torch
+
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()

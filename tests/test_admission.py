@@ -116,9 +116,10 @@ def test_a_call_that_cannot_make_its_deadline_is_refused_at_once(stalled_server)
     with pytest.raises(grpc.RpcError) as err:
         stub.Score(_request("in a hurry"), timeout=2)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "expected wait" in err.value.details()
+    assert formats.calls == 1  # the refused call was never tokenised
     patient = stub.Score.future(_request("patient"), timeout=60)  # the same wait fits its deadline: admitted
     wait_until(lambda: srv.server.batcher.inflight_items == 2)
-    assert formats.calls == 2
+    wait_until(lambda: formats.calls == 2)  # admitted items are counted before they are tokenised, not after
     stall.release()
     assert first.result(timeout=30).results and patient.result(timeout=30).results
 

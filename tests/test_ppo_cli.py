@@ -94,30 +94,35 @@ def test_none_turns_off_an_optional_setting_and_booleans_have_no_flags():
     assert settings_from_args(build_parser().parse_args(["ppo"])) == PPOSettings()
 
 
-def test_an_unreachable_reward_server_is_one_line_and_exit_1(tmp_path, tiny_lm_dir):
+def test_an_unreachable_reward_server_is_one_line_and_exit_1(tmp_path, tiny_lm_dir, capsys):
+    """In this process (`main`, what the console script calls): the policy is loaded, then the reward
+    server's absence is the last line on stderr and exit 1, not an exception out of main."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}?"}) for i in range(12)) + "\n")
     from rm_service.server.app import free_port
 
-    out = run_cli(
-        "ppo",
-        "--policy",
-        str(tiny_lm_dir),
-        "--prompts-file",
-        str(prompts),
-        "--reward-addresses",
-        f"127.0.0.1:{free_port()}",
-        "--score-max-retries",
-        "1",
-        "--score-backoff-s",
-        "0.01",
-        "--run-dir",
-        str(tmp_path / "run"),
-        "--device",
-        "cpu",
+    code = main(
+        [
+            "ppo",
+            "--policy",
+            str(tiny_lm_dir),
+            "--prompts-file",
+            str(prompts),
+            "--reward-addresses",
+            f"127.0.0.1:{free_port()}",
+            "--score-max-retries",
+            "1",
+            "--score-backoff-s",
+            "0.01",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ]
     )
-    assert out.returncode == 1, out.stderr
-    assert "UNAVAILABLE" in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "UNAVAILABLE" in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
 def test_prompt_files_in_every_accepted_shape(tmp_path):

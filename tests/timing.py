@@ -9,6 +9,11 @@ the slow tier or should be made cheaper: the default tier is what everyone runs 
 it must stay under ten minutes on a 2-core machine (a warning says when this run's was not). With
 `--enforce-budget` a test over its budget fails the run; otherwise (CI included) it is a warning.
 
+Under `-n N --dist loadfile` (make test-fast) the test files go to the workers slowest first, by the
+times earlier runs measured (kept in the pytest cache, `timing/tests`, each test's latest time), so that
+the run does not end with one worker idle while the other finishes a long file (a longest-first schedule);
+without those times (a fresh clone) pytest-xdist's own order (files with the most tests first) is kept.
+
 This watches the suite, it asserts nothing about the product: speed claims live in bench/.
 """
 
@@ -41,8 +46,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+UNKNOWN_TEST_S = 1.0  # a test no earlier run timed (new, or renamed): about a typical server test
+_KNOWN = "timing/tests"  # the pytest cache's key for each test's latest time, merged over runs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On pytest-xdist's controller under --dist loadfile: the measured times, read once here (the
+    workers get this copy, so all of them order the files alike), and xdist's own reordering off."""
+    cache = getattr(config, "cache", None)
+    if hasattr(config, "workerinput") or cache is None or not getattr(config.option, "numprocesses", None):
+        return
+    if getattr(config.option, "dist", "no") == "loadfile":
+        config.stash[_known_key] = cache.get(_KNOWN, {})
+        if config.stash[_known_key]:
+            config.option.loadscopereorder = False  # the files' order is the one the workers collect
+
+
+_known_key = pytest.StashKey[dict]()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called where xdist runs workers
+def pytest_configure_node(node) -> None:
+    node.workerinput["rm_test_times"] = node.config.stash.get(_known_key, {})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _slow.update(item.nodeid for item in items if item.get_closest_marker("slow"))
+    known = getattr(config, "workerinput", {}).get("rm_test_times")
+    if known:  # a worker under --dist loadfile: its files slowest first, each file's tests in their order
+        per_file: defaultdict[str, float] = defaultdict(float)
+        for item in items:
+            per_file[item.nodeid.split("::")[0]] += known.get(item.nodeid, UNKNOWN_TEST_S)
+        items.sort(key=lambda item: -per_file[item.nodeid.split("::")[0]])  # stable: keeps each file's order
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -93,5 +128,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         path = cache.mkdir("timing") / "durations.json"
         ordered = dict(sorted(_times.items(), key=lambda x: -x[1]))
         path.write_text(json.dumps({k: round(v, 3) for k, v in ordered.items()}, indent=1) + "\n", encoding="utf-8")
+        cache.set(_KNOWN, {**cache.get(_KNOWN, {}), **{k: round(v, 3) for k, v in _times.items()}})
     if config.getoption("--enforce-budget") and _over_budget(config.getoption("--test-budget")) and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

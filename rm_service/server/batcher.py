@@ -5,8 +5,9 @@ admitted, tokenised items reach this queue.
 
 Forming (`pick_batch`, whenever the model thread is free): an item is *due* once it has
 waited the fairness bound (`fair_wait_s`; by default FAIR_WAIT_BATCHES x the measured batch
-time) past its first-come-first-served turn (the tokens queued ahead of it at admission over
-the measured rate), or when its deadline is less than one batch time away. A batch is seeded
+time) past its first-come-first-served turn (the first batch formed while the items queued
+before it, its own included, fit in one batch's token budget: read from the queue itself, not
+estimated at admission), or when its deadline is less than one batch time away. A batch is seeded
 by the item due first; the items already due join next, nearest in length to the seed first,
 whatever their padding; then the others, nearest in length first, while padding their rows to
 the batch's longest item wastes at most `max_padding` of their tokens. The batch fills up to
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -61,12 +63,13 @@ class Job:
     permit: Permit
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    turn: float | None = None  # when a first-come-first-served queue reached it (see _mark_turns)
 
     def due(self, fair_wait: float, batch_seconds: float) -> float:
         """When the item must join the next batch: the fairness bound after its first-come-first-served
         turn, or one batch before its deadline."""
         deadline = self.permit.ticket.deadline
-        bound = self.enqueued + self.permit.fifo_wait + fair_wait
+        bound = math.inf if self.turn is None else self.turn + fair_wait
         return bound if deadline is None else min(bound, deadline - batch_seconds)
 
 
@@ -276,6 +279,8 @@ class Batcher:
                 self._post(self._deliver, "", dropped, _Ran([], None))
             return None
         now = time.monotonic()
+        for w in self._waiting.values():
+            _mark_turns(w.jobs, self.max_batch_tokens, now)
         fair, batch_seconds = self.fair_wait(), self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS
         due = {v: [j.due(fair, batch_seconds) for j in w.jobs] for v, w in self._waiting.items()}
         version = min(due, key=lambda v: min(due[v]))
@@ -380,6 +385,18 @@ class Batcher:
     def _observe_drop(self) -> None:
         if self.observer is not None:
             self.observer.dropped(None)
+
+
+def _mark_turns(jobs: list[Job], budget: int, now: float) -> None:
+    """Stamp `now` as the turn of the jobs a first-come-first-served queue would run next: the
+    oldest ones (`jobs` is in arrival order) whose tokens fit in one batch's budget, at least one."""
+    tokens = 0
+    for i, j in enumerate(jobs):
+        tokens += len(j.item)
+        if i and tokens > budget:
+            return
+        if j.turn is None:
+            j.turn = now
 
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from rm_client.api.v1 import common_pb2, reward_pb2
+from rm_client.api.v1 import common_pb2, preference_pb2, reward_pb2
 
 
 def text_of(content, where: str = "content") -> str:
@@ -52,6 +52,13 @@ def to_proto(messages, where: str = "prompt") -> list[common_pb2.Message]:
         role, text = role_and_text(m, f"{where}[{i}]")
         out.append(common_pb2.Message(role=role, content=text))
     return out
+
+
+def pair_label(prompt, chosen: str, rejected: str, **fields) -> preference_pb2.Label:
+    """An rm.v1 Label of one preference pair: `chosen` ranked over `rejected` after the `prompt` turns,
+    a HUMAN label unless `fields` (label_id, annotator, source, ...) say otherwise."""
+    fields.setdefault("source", preference_pb2.HUMAN)
+    return preference_pb2.Label(prompt=to_proto(prompt), responses=[chosen, rejected], ranks=[0, 1], **fields)
 
 
 def from_proto(messages: Iterable[common_pb2.Message]) -> list[dict[str, str]]:
