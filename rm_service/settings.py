@@ -123,7 +123,8 @@ class ServeSettings(HttpServeSettings):
         0.0,
         ge=0,
         description="Fairness bound: an item still waiting this long after its first-come-first-served turn (the "
-        "first batch formed while the items queued before it, its own included, fit one batch's token budget) joins the next batch whatever its length. 0 "
+        "first batch formed while the items queued before it, its own included, fit one batch's token budget) "
+        "joins the next batch whatever its length. 0 "
         "= 8 x the measured mean batch time (4 let padding grow to 1.5x under overload in a simulation of "
         "bench/overload.py's queue; 6 and more kept it at 1.13-1.18 with the same longest wait).",
     )

@@ -8,7 +8,8 @@ import pytest
 
 from rm_service.errors import Overloaded
 from rm_service.server.admission import ESTIMATE_FLOOR, ESTIMATE_MARGIN, Admission, RateMeter, Ticket
-from rm_service.server.batcher import Job, _mark_turns
+from rm_service.server.batcher import Job
+from rm_service.server.forming import at_turn
 from rm_service.settings import ServeSettings
 
 
@@ -70,25 +71,15 @@ def test_a_burst_counted_at_its_learned_size_is_queued_where_the_bytes_rule_refu
     assert len(permits) == 128 and warm.queued_tokens <= 128 * 226 < 30_000
 
 
-def _jobs(lengths: list[int]) -> list[Job]:
-    permit = Admission(ServeSettings(), RateMeter()).admit(len(lengths), 1, Ticket(None), lambda p: None)
-    return [Job(item=[0] * n, permit=permit, future=None) for n in lengths]  # type: ignore[arg-type]
-
-
 def test_an_items_turn_is_when_the_items_before_it_fit_one_batch():
-    jobs = _jobs([300, 500, 400, 900, 100])
-    _mark_turns(jobs, budget=1200, now=5.0)
-    assert [j.turn for j in jobs] == [5.0, 5.0, 5.0, None, None]  # 300 + 500 + 400 fit 1,200; +900 does not
-    del jobs[:3]  # those three ran
-    _mark_turns(jobs, budget=1200, now=7.0)
-    assert [j.turn for j in jobs] == [7.0, 7.0]  # 900 + 100 fit now
-    _mark_turns(jobs, budget=1200, now=9.0)
-    assert [j.turn for j in jobs] == [7.0, 7.0]  # a turn, once come, stays
+    assert at_turn([300, 500, 400, 900, 100], budget=1200) == 3  # 300 + 500 + 400 fit 1,200; + 900 does not
+    assert at_turn([900, 100], budget=1200) == 2  # once those three ran
+    assert at_turn([5000, 10], budget=2048) == 1  # the oldest has its turn even when longer than a batch
+    assert at_turn([], budget=2048) == 0
 
 
-def test_the_oldest_item_has_its_turn_even_when_longer_than_a_batch():
-    jobs = _jobs([5000, 10])
-    _mark_turns(jobs, budget=2048, now=1.0)
-    assert [j.turn for j in jobs] == [1.0, None]
-    assert jobs[0].due(fair_wait=2.0, batch_seconds=0.5) == 3.0
-    assert jobs[1].due(fair_wait=2.0, batch_seconds=0.5) == float("inf")
+def test_an_item_is_due_the_fairness_bound_after_its_turn_and_not_before():
+    permit = Admission(ServeSettings(), RateMeter()).admit(2, 1, Ticket(None), lambda p: None)
+    at, waiting = (Job(item=[0] * 10, permit=permit, future=None, turn=t) for t in (1.0, None))  # type: ignore[arg-type]
+    assert at.due(fair_wait=2.0, batch_seconds=0.5) == 3.0
+    assert waiting.due(fair_wait=2.0, batch_seconds=0.5) == float("inf")

@@ -3,18 +3,8 @@
 Admission (server.admission) comes first, in the caller's task and before tokenising; only
 admitted, tokenised items reach this queue.
 
-Forming (`pick_batch`, whenever the model thread is free): an item is *due* once it has
-waited the fairness bound (`fair_wait_s`; by default FAIR_WAIT_BATCHES x the measured batch
-time) past its first-come-first-served turn (the first batch formed while the items queued
-before it, its own included, fit in one batch's token budget: read from the queue itself, not
-estimated at admission), or when its deadline is less than one batch time away. A batch is seeded
-by the item due first; the items already due join next, nearest in length to the seed first,
-whatever their padding; then the others, nearest in length first, while padding their rows to
-the batch's longest item wastes at most `max_padding` of their tokens. The batch fills up to
-the token budget (count x longest; an item longer than the budget runs alone; the budget is
-measured at start, server.budget). Batches stay dense (on a CPU padded positions cost as much
-as real ones), callers' deadlines order the queue, and no item waits past the bound while
-items of other lengths overtake it.
+Forming (server.forming, whenever the model thread is free) picks each batch: dense, by length,
+with a fairness bound past each item's first-come-first-served turn and callers' deadlines.
 
 The model thread forms each batch itself the moment it is free, from everything waiting
 (forming and collating cost well under a millisecond), so the model never waits for a busy
@@ -47,7 +37,7 @@ from rm_service.models.batching import collate
 from rm_service.models.formatting import Formatted
 from rm_service.server import budget
 from rm_service.server.admission import Admission, Dropped, Permit, RateMeter, Ticket
-from rm_service.server.forming import pick_batch
+from rm_service.server.forming import at_turn, pick_batch
 from rm_service.server.threads import lower_priority
 from rm_service.settings import ServeSettings
 
@@ -63,7 +53,7 @@ class Job:
     permit: Permit
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
-    turn: float | None = None  # when a first-come-first-served queue reached it (see _mark_turns)
+    turn: float | None = None  # when a first-come-first-served queue reached it (forming.at_turn)
 
     def due(self, fair_wait: float, batch_seconds: float) -> float:
         """When the item must join the next batch: the fairness bound after its first-come-first-served
@@ -279,8 +269,9 @@ class Batcher:
                 self._post(self._deliver, "", dropped, _Ran([], None))
             return None
         now = time.monotonic()
-        for w in self._waiting.values():
-            _mark_turns(w.jobs, self.max_batch_tokens, now)
+        for w in self._waiting.values():  # stamp the turn of the items a first-come-first-served queue runs next
+            for j in w.jobs[: at_turn([len(j.item) for j in w.jobs], self.max_batch_tokens)]:
+                j.turn = now if j.turn is None else j.turn
         fair, batch_seconds = self.fair_wait(), self.meter.batch_seconds() or DEFAULT_BATCH_SECONDS
         due = {v: [j.due(fair, batch_seconds) for j in w.jobs] for v, w in self._waiting.items()}
         version = min(due, key=lambda v: min(due[v]))
@@ -385,18 +376,6 @@ class Batcher:
     def _observe_drop(self) -> None:
         if self.observer is not None:
             self.observer.dropped(None)
-
-
-def _mark_turns(jobs: list[Job], budget: int, now: float) -> None:
-    """Stamp `now` as the turn of the jobs a first-come-first-served queue would run next: the
-    oldest ones (`jobs` is in arrival order) whose tokens fit in one batch's budget, at least one."""
-    tokens = 0
-    for i, j in enumerate(jobs):
-        tokens += len(j.item)
-        if i and tokens > budget:
-            return
-        if j.turn is None:
-            j.turn = now
 
 
 def _partition(jobs: list[Job]) -> tuple[list[Job], list[Job]]:

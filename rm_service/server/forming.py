@@ -1,6 +1,18 @@
 """Forming a batch: which waiting items run next (the policy the batcher applies whenever the
 model thread is free; see server.batcher). Pure: lengths, due times and a budget in, indexes
-out, so `bench/fair_wait_sim.py` simulates the server's own rule."""
+out, so `bench/fair_wait_sim.py` simulates the server's own rule.
+
+An item is *due* once it has waited the fairness bound (`fair_wait_s`; by default
+FAIR_WAIT_BATCHES x the measured batch time) past its first-come-first-served turn (the first
+batch formed while the items queued before it, its own included, fit in one batch's token
+budget: read from the queue itself, not estimated at admission), or when its deadline is less
+than one batch time away. A batch is seeded by the item due first; the items already due join
+next, nearest in length to the seed first, whatever their padding; then the others, nearest in
+length first, while padding their rows to the batch's longest item wastes at most `max_padding`
+of their tokens. The batch fills up to the token budget (count x longest; an item longer than
+the budget runs alone; the budget is measured at start, server.budget). Batches stay dense (on a
+CPU padded positions cost as much as real ones), callers' deadlines order the queue, and no item
+waits past the bound while items of other lengths overtake it."""
 
 from __future__ import annotations
 
@@ -28,3 +40,14 @@ def pick_batch(lengths: list[int], due: list[float], now: float, budget: int, ma
         taken.append(i)
         longest = longest_if
     return taken
+
+
+def at_turn(lengths: list[int], budget: int) -> int:
+    """How many of the oldest items (`lengths` in arrival order) a first-come-first-served queue
+    runs next: those whose tokens fit one batch's budget, at least one."""
+    tokens = 0
+    for i, n in enumerate(lengths):
+        tokens += n
+        if i and tokens > budget:
+            return i
+    return len(lengths)
