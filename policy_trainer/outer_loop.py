@@ -245,10 +245,10 @@ class OuterLoop:
 
 
 def evidence(metrics) -> dict[str, dict[str, float | None]]:
-    """A finished job's evidence by group (human, onpolicy, combined): pairs, the mean
-    per-pair log-likelihood gain over the parent and its interval (None: unbounded)."""
+    """A finished job's evidence by group (human, onpolicy, feedback, combined): pairs (feedback:
+    labels), the mean per-item log-likelihood gain over the parent and its interval (None: unbounded)."""
     out = {}
-    for group in ("human", "onpolicy", "combined"):
+    for group in ("human", "onpolicy", "feedback", "combined"):
         if f"gate_{group}_pairs" in metrics:
             out[group] = {
                 key: (value if math.isfinite(value) else None)
@@ -261,13 +261,16 @@ def evidence(metrics) -> dict[str, dict[str, float | None]]:
 def label_budget_after(job, floor: int, ceiling: int) -> int:
     """Labels the next retrain waits for: `floor`, or after an undecided retrain the labels
     still missing from the on-policy pairs its rule needs (pairs converted to labels at the
-    run's own pairs-per-label), capped at `ceiling`."""
+    run's own pairs-per-label; feedback labels when the policy's evidence was feedback alone),
+    capped at `ceiling`."""
     m = job.metrics
     needed, have, labels = (
         m.get("gate_pairs_needed", math.nan),
         m.get("gate_onpolicy_pairs", 0.0),
         m.get("gate_onpolicy_labels", 0.0),
     )
+    if not have and m.get("gate_feedback_pairs"):  # a retrain on session feedback: one label, one item
+        have = labels = m["gate_feedback_pairs"]
     if job.decision != "undecided" or not math.isfinite(needed) or not (have > 0 and labels > 0):
         return floor
     missing = math.ceil(max(needed - have, 0.0) * labels / have)

@@ -10,7 +10,9 @@ and the effect is the mean gain per pair with its t-interval over pairs (paired:
 score the same pairs, so what the pairs have in common cancels). A positive gain means the
 candidate puts more probability on what the labeler chose. Pairs are grouped by where they
 come from: the dataset's held-out pairs (`human`) and labels of the policy's own samples
-(`onpolicy`), the distribution that matters now; `combined` weighs the two groups by a share.
+(`onpolicy`), the distribution that matters now; thumbs and session outcomes people gave the
+policy's sessions (`feedback`, per label: train.feedback_gate); `combined` weighs the human
+group against the policy's by a share.
 
 `labels_needed` turns an undecided on-policy effect into a label budget: how many on-policy
 pairs the interval would need to exclude zero with 80% power if the effect is what it looks
@@ -55,9 +57,9 @@ class Effect:
     def worse(self) -> bool:
         return self.high < 0
 
-    def text(self) -> str:
+    def text(self, unit: str = "pair") -> str:
         return (
-            f"{self.gain:+.4f} nats/pair [{self.low:+.4f}, {self.high:+.4f}] on {self.pairs} pairs "
+            f"{self.gain:+.4f} nats/{unit} [{self.low:+.4f}, {self.high:+.4f}] on {self.pairs} {unit}s "
             f"(accuracy {self.accuracy:.3f} vs {self.parent_accuracy:.3f})"
         )
 
@@ -99,33 +101,50 @@ def effect(
     None when there are no pairs."""
     if len(candidate[0]) == 0:
         return None
-    gains = pair_loglik(*candidate) - pair_loglik(*parent)  # [N]
-    mean, low, high, sd = t_interval(gains, confidence)
-    return Effect(
-        len(gains),
-        mean,
-        low,
-        high,
-        sd,
+    return gain_effect(
+        pair_loglik(*candidate) - pair_loglik(*parent),
         _accuracy(candidate[0] - candidate[1]),
         _accuracy(parent[0] - parent[1]),
+        confidence,
     )
 
 
-def combined(human: Effect | None, onpolicy: Effect | None, share: float, confidence: float) -> Effect | None:
-    """share x the on-policy gain + (1 - share) x the human gain, with a normal interval from
-    the two groups' standard errors (independent pairs); None unless both groups have pairs
-    enough for an interval."""
-    if human is None or onpolicy is None or not (human.pairs > 1 and onpolicy.pairs > 1):
+def gain_effect(gains: np.ndarray, accuracy: float, parent_accuracy: float, confidence: float) -> Effect | None:
+    """The Effect of per-item log-likelihood gains [N] (candidate minus parent, paired); None
+    when there are none. Pairs and feedback labels (train.feedback_gate) both end here."""
+    if len(gains) == 0:
         return None
-    if not (human.sd > 0 and onpolicy.sd > 0):
+    mean, low, high, sd = t_interval(np.asarray(gains, dtype=np.float64), confidence)
+    return Effect(len(gains), mean, low, high, sd, accuracy, parent_accuracy)
+
+
+def _usable(e: Effect | None) -> bool:
+    return e is not None and e.pairs > 1 and e.sd > 0
+
+
+def combined(
+    human: Effect | None,
+    onpolicy: Effect | None,
+    share: float,
+    confidence: float,
+    feedback: Effect | None = None,
+) -> Effect | None:
+    """share x the policy's evidence + (1 - share) x the human gain, with a normal interval from
+    the groups' standard errors (independent items). The policy's evidence is its on-policy
+    pairs and its feedback labels (thumbs and outcomes on its sessions), the share split between
+    them by their counts. None unless the human group and one of the policy's groups have items
+    enough for an interval (a group without is left out)."""
+    policy = [e for e in (onpolicy, feedback) if e is not None and _usable(e)]
+    if human is None or not _usable(human) or not policy:
         return None
-    gain = share * onpolicy.gain + (1 - share) * human.gain
-    se = math.sqrt((share * onpolicy.sd) ** 2 / onpolicy.pairs + ((1 - share) * human.sd) ** 2 / human.pairs)
+    n_policy = sum(e.pairs for e in policy)
+    groups = [(human, 1 - share)] + [(e, share * e.pairs / n_policy) for e in policy]
+    gain = sum(w * e.gain for e, w in groups)
+    se = math.sqrt(sum((w * e.sd) ** 2 / e.pairs for e, w in groups))
     half = z_quantile(confidence) * se
-    pairs = human.pairs + onpolicy.pairs
-    accuracy = (human.accuracy * human.pairs + onpolicy.accuracy * onpolicy.pairs) / pairs
-    parent = (human.parent_accuracy * human.pairs + onpolicy.parent_accuracy * onpolicy.pairs) / pairs
+    pairs = sum(e.pairs for e, _ in groups)
+    accuracy = sum(e.accuracy * e.pairs for e, _ in groups) / pairs
+    parent = sum(e.parent_accuracy * e.pairs for e, _ in groups) / pairs
     return Effect(pairs, gain, gain - half, gain + half, float("nan"), accuracy, parent)
 
 

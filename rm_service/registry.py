@@ -63,8 +63,10 @@ class Decision:
 
     verdict: "promote", "reject", or "undecided" (keep collecting labels: the evidence cannot
     tell the two apart yet). `confidence` is the level of every interval in the evidence;
-    `pairs_needed` the on-policy pairs (counted from the parent's snapshot on) the rule expects
-    to need to decide when undecided (NaN when decided or unknown)."""
+    `pairs_needed` the on-policy pairs (counted from the parent's snapshot on; feedback labels
+    when the policy's evidence is feedback alone) the rule expects to need to decide when
+    undecided (NaN when decided or unknown). `feedback`: the thumbs and outcomes on the policy's
+    sessions (train.feedback_gate), gains per label."""
 
     verdict: str
     reason: str
@@ -74,6 +76,7 @@ class Decision:
     onpolicy: Effect | None = None
     combined: Effect | None = None
     pairs_needed: float = math.nan
+    feedback: Effect | None = None
 
     @property
     def promote(self) -> bool:
@@ -85,7 +88,7 @@ class Decision:
 
     @classmethod
     def from_dict(cls, d: dict) -> Decision:
-        effects = {k: _effect(d[k]) for k in ("human", "onpolicy", "combined") if d.get(k)}
+        effects = {k: _effect(d[k]) for k in GROUPS if d.get(k)}
         needed = d.get("pairs_needed")
         return cls(
             d["verdict"],
@@ -99,7 +102,7 @@ class Decision:
     def as_metrics(self) -> dict[str, float]:
         """The evidence as numbers for the version's metrics (`gate_human_gain`, ...)."""
         out = {"gate_verdict": float(VERDICTS.index(self.verdict)), "gate_pairs_needed": self.pairs_needed}
-        for name in ("human", "onpolicy", "combined"):
+        for name in GROUPS:
             e = getattr(self, name)
             if e is not None:
                 out.update(e.as_metrics(f"gate_{name}"))
@@ -107,6 +110,7 @@ class Decision:
 
 
 VERDICTS = ("reject", "undecided", "promote")
+GROUPS = ("human", "onpolicy", "feedback", "combined")  # the evidence's groups, as stored and in metrics (gate_*)
 
 
 def _json_safe(value):
@@ -130,36 +134,43 @@ def decide(
     confidence: float = 0.95,
     parent: str | None = None,
     pairs_needed: float = math.nan,
+    feedback: Effect | None = None,
 ) -> Decision:
-    """The promotion rule, on paired per-pair log-likelihood gains (rm_service.evidence):
+    """The promotion rule, on paired per-item log-likelihood gains (rm_service.evidence). The
+    policy's evidence is its on-policy pairs and the feedback (thumbs, outcomes) on its sessions:
 
-    reject     significantly worse on the policy's samples; or on the held-out human pairs
-               while not significantly better on the policy's samples;
-    promote    significantly better on the human pairs, on the policy's samples, or on both
-               weighed together (`combined`), and significantly worse on neither;
-    undecided  anything else: ties on a handful of pairs, or better on the policy's samples
+    reject     significantly worse on the policy's pairs or on its feedback; or on the held-out
+               human pairs while not significantly better on the policy's evidence;
+    promote    significantly better on the human pairs, on the policy's pairs or feedback, or on
+               all weighed together (`combined`), and significantly worse on none;
+    undecided  anything else: ties on a handful of pairs, or better on the policy's evidence
                but worse on human pairs. A retrain on more labels decides again.
     """
-    groups = [(n, e) for n, e in (("human pairs", human), ("the policy's samples", onpolicy)) if e is not None]
-    evidence = "; ".join(f"{n} {e.text()}" for n, e in groups) or "no held-out pairs"
+    named = (("human pairs", human), ("the policy's samples", onpolicy), ("feedback on its sessions", feedback))
+    groups = [(n, e) for n, e in named if e is not None]
+    evidence = "; ".join(f"{n} {e.text('label' if e is feedback else 'pair')}" for n, e in groups)
+    evidence = evidence or "no held-out pairs"
     if combined is not None:
-        evidence += f"; both weighed together {combined.gain:+.4f} [{combined.low:+.4f}, {combined.high:+.4f}]"
+        evidence += f"; weighed together {combined.gain:+.4f} [{combined.low:+.4f}, {combined.high:+.4f}]"
 
     def verdict(kind: str, why: str) -> Decision:
         reason = f"{why} (intervals at {confidence:.0%}): {evidence}"
-        return Decision(kind, reason, parent, confidence, human, onpolicy, combined, pairs_needed)
+        return Decision(kind, reason, parent, confidence, human, onpolicy, combined, pairs_needed, feedback)
 
     worse_h, better_h = bool(human and human.worse), bool(human and human.better)
-    worse_o, better_o = bool(onpolicy and onpolicy.worse), bool(onpolicy and onpolicy.better)
+    policy = [(n, e) for n, e in named[1:] if e is not None]  # the policy's pairs and feedback
+    worse = [n for n, e in policy if e.worse]
+    better = [n for n, e in policy if e.better]
+    worse_o, better_o = bool(worse), bool(better)
     if worse_o:
-        return verdict("reject", "worse than its parent on the policy's samples")
+        return verdict("reject", f"worse than its parent on {' and '.join(worse)}")
     if worse_h and not better_o:
         return verdict("reject", "worse than its parent on held-out human pairs")
     if worse_h:
-        return verdict("undecided", "better on the policy's samples but worse on human pairs")
+        return verdict("undecided", f"better on {' and '.join(better)} but worse on human pairs")
     if better_h or better_o or (combined is not None and combined.better):
-        where = "human pairs" if better_h else "the policy's samples" if better_o else "both weighed together"
-        return verdict("promote", f"better than its parent on {where} and worse on neither")
+        where = " and ".join((["human pairs"] if better_h else []) + better) or "all weighed together"
+        return verdict("promote", f"better than its parent on {where} and worse on none")
     return verdict("undecided", "not distinguishable from its parent yet")
 
 

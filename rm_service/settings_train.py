@@ -146,6 +146,12 @@ class TrainSettings(BaseSettings):
         description="Weigh labels of the policy's own samples (those new since the parent's snapshot) as evidence when "
         "deciding a promotion, beside the held-out human pairs.",
     )
+    gate_feedback: bool = Field(
+        True,
+        description="Head mode: weigh the thumbs and session outcomes committed since the parent's snapshot (the "
+        "policy's sessions, labeled) as evidence too: each label's log-likelihood gain over the parent, read by a "
+        "model that never saw it (held out, or cross-fitted as the on-policy pairs are).",
+    )
     gate_confidence: float = Field(
         0.95,
         gt=0.5,

@@ -10,9 +10,12 @@ import duckdb
 import pytest
 from conftest import HH_FILE
 
+from rm_service import registry
 from rm_service.cli import main
 from rm_service.demo import run_demo
 from rm_service.demo.settings import DemoSettings
+from rm_service.settings import StoreSettings
+from rm_service.store.db import Store
 
 
 @pytest.mark.slow
@@ -22,9 +25,9 @@ def test_the_multi_turn_demo_with_tiny_models(home, tmp_path, tiny_backbone_dir,
     settings = DemoSettings(
         data=data, home=tmp_path / "demo", rm_backbone=str(tiny_backbone_dir), rm_max_minutes=1.0, rm_max_tokens=128,
         rm_ensemble_size=2, calibration_pairs=0, proxy_dataset_fraction=0.5, policy=str(tiny_lm_dir),
-        multi_turn=True, user_backbone=str(tiny_lm_dir), user_max_minutes=0.2, session_steps=2, prompts_per_step=2,
+        multi_turn=True, user_backbone=str(tiny_lm_dir), user_max_minutes=0.2, session_steps=20, prompts_per_step=2,
         samples_per_prompt=2, max_new_tokens=4, user_max_new_tokens=6, session_eval_openings=2, max_turns=2,
-        progress=False,
+        session_submit_fraction=0.5, session_retrain_min_labels=4, progress=False,
     )  # fmt: skip
     assert run_demo(settings) == 0
     out = capsys.readouterr().out
@@ -34,8 +37,8 @@ def test_the_multi_turn_demo_with_tiny_models(home, tmp_path, tiny_backbone_dir,
     assert "User model u1" in report and "Server exit code 0" in report and "[7/7]" in out
 
     steps = [json.loads(line) for line in (demo / "sessions" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in steps] == [1, 2]
-    assert {m["user/version"] for m in steps} == {"u1"} and {m["rm/version"] for m in steps} == {"v2"}
+    assert [m["step"] for m in steps] == list(range(1, 21))
+    assert {m["user/version"] for m in steps} == {"u1"} and steps[0]["rm/version"] == "v2"
     events = [json.loads(line) for line in (demo / "sessions" / "events.jsonl").read_text().splitlines()]
     evaluations = [e for e in events if e["event"] == "eval"]
     assert {e["model"] for e in evaluations} == {"policy", "reference"}
@@ -45,8 +48,8 @@ def test_the_multi_turn_demo_with_tiny_models(home, tmp_path, tiny_backbone_dir,
 
     # the outer loop on sessions: played sessions queued, the gold's ScoreTurns labeled them
     submitted = [e for e in events if e["event"] == "sessions_submitted"]
-    total = sum(e["count"] for e in submitted)  # 3 of each step's 4 sessions (fewer only if two were identical)
-    assert [e["step"] for e in submitted] == [1, 2] and 2 <= total <= 6
+    total = sum(e["count"] for e in submitted)  # 2 of each step's 4 sessions (fewer only if two were identical)
+    assert [e["step"] for e in submitted] == list(range(1, 21)) and 20 <= total <= 40
     assert f"Sessions sent for labeling: {total}" in report
     con = duckdb.connect(str(demo / "rm.duckdb"), read_only=True)
     try:
@@ -58,6 +61,16 @@ def test_the_multi_turn_demo_with_tiny_models(home, tmp_path, tiny_backbone_dir,
     finally:
         con.close()
     assert judged[0] == total and judged[1] == total  # every session sent: the judge drains the queue at the end
+
+    # the retrain on that feedback, decided by the promotion rule with the feedback as evidence of its own
+    assert any(e["event"] == "retrain_requested" for e in events)
+    store = Store(StoreSettings(path=demo / "rm.duckdb"), read_only=True)
+    try:
+        retrained = [m for m in registry.list_models(store) if m.parent == "v2"]  # a running retrain finishes at stop
+    finally:
+        store.close()
+    assert retrained and retrained[0].decision["parent"] == "v2"
+    assert retrained[0].decision["feedback"]["pairs"] >= 4 and "feedback on its sessions" in report
 
 
 def test_a_user_model_to_reuse_that_is_not_one_is_a_one_line_error(home, tmp_path, capsys):

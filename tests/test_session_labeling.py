@@ -10,6 +10,7 @@ from browser import missing
 from labeling import CHAT, REPLIES, TOKENS, annotator, client, rows, start, submit
 
 from rm_service.conversation import Message
+from rm_service.store.feedback import FeedbackIn, TurnThumb
 from rm_service.store.session_tasks import SessionCandidate, submit_sessions
 
 LABELER = TOKENS["labeler"]
@@ -118,6 +119,23 @@ def test_label_a_session_from_the_keyboard_in_chromium(home):
             (second, "outcome", -1, 1.0),
         ]
         assert rows(srv, "SELECT count(*) FROM tasks WHERE state = 'done'") == [(2,)]
+
+        # the gold's feedback on the first session: turn 2 up as the person said, turn 4 up where they said
+        # down, success where they said failure; the admin page shows the agreement on thumbs and outcomes
+        judge = FeedbackIn("gold-1", PLAYED, [TurnThumb(2, True), TurnThumb(4, True)], 1.0, "JUDGE", "turns:v1")
+        assert srv.server.store.ingest([judge])[0].status == "INSERTED"
+        driver.execute_script("sessionStorage.clear()")
+        sign_in(driver, f"http://127.0.0.1:{srv.server.http.port}", TOKENS["admin"], "/admin")
+        wait(lambda: "thumbs on assistant turns" in by_id(driver, "sessions-judges").text, "the sessions table")
+        table = [
+            [td.text for td in tr.find_elements("css selector", "td")]
+            for tr in by_id(driver, "sessions-judges").find_elements("css selector", "tr")[1:]
+        ]
+        assert table == [
+            ["thumbs on assistant turns", "2", "0.500", "0.000"],  # the judge always up: kappa 0
+            ["session outcomes", "1", "0.000", "n/a"],
+        ]
+        assert "session tasks in the queue" in by_id(driver, "stats").text
     finally:
         session_browser.quit()
         srv.stop()

@@ -64,8 +64,9 @@ def decision_table(models: list) -> list[str]:
     """One row per decided version: what it was compared with, the verdict and its evidence."""
     rows = [
         "| version | against | verdict | human pairs: gain [interval] on n | policy's samples: gain [interval] on n "
-        "| weighed together | on-policy pairs needed | status |",
-        "|---|---|---|---|---|---|---:|---|",
+        "| feedback on its sessions: gain [interval] on n labels | weighed together | on-policy pairs needed "
+        "| status |",
+        "|---|---|---|---|---|---|---|---:|---|",
     ]
     for m in models:
         d = m.decision
@@ -74,7 +75,7 @@ def decision_table(models: list) -> list[str]:
         needed = d.get("pairs_needed")
         rows.append(
             f"| {m.version} | {d.get('parent') or ''} | **{d['verdict']}** | {_interval(d, 'human')} | "
-            f"{_interval(d, 'onpolicy')} | {_interval(d, 'combined')} | "
+            f"{_interval(d, 'onpolicy')} | {_interval(d, 'feedback')} | {_interval(d, 'combined')} | "
             f"{'' if needed is None or not math.isfinite(needed) else int(needed)} | {m.status} |"
         )
     return rows if len(rows) > 2 else []
@@ -83,10 +84,13 @@ def decision_table(models: list) -> list[str]:
 RULE = (
     "Each retrain is compared with the version served when it was trained, pair by pair, on pairs neither trained on: "
     "the held-out human pairs, and every label of the policy's samples since the parent's snapshot (each scored by "
-    "a refit of the heads that left its fold out). The gain is the mean per-pair log-likelihood of the label, "
-    "candidate minus parent, in nats, with its {conf:.0%} interval. The rule promotes a retrain significantly better "
-    "on human pairs, on the policy's samples or on both weighed together ({share:.0%} to the policy's samples) and "
-    "significantly worse on neither; rejects one significantly worse; and otherwise answers undecided and asks for "
+    "a refit of the heads that left its fold out), and the thumbs and session outcomes given to the policy's "
+    "sessions since then (per label, read the same way). The gain is the mean per-pair (per-label) "
+    "log-likelihood of the label, candidate minus parent, in nats, with its {conf:.0%} interval. The rule "
+    "promotes a retrain significantly better "
+    "on human pairs, on the policy's samples, on that feedback or on all weighed together ({share:.0%} to the "
+    "policy's evidence) and "
+    "significantly worse on none; rejects one significantly worse; and otherwise answers undecided and asks for "
     "the on-policy pairs an effect of that size needs (the trainer waits for them before the next retrain)."
 )
 

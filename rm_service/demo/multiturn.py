@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rm_service.client import start_server_process
+from rm_service.demo.evidence import decision_table, rule_text
 from rm_service.demo.pipeline import (
     Stages,
     build_models,
@@ -86,6 +87,7 @@ def run_multiturn_demo(s: DemoSettings) -> int:
     except RMError as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
+    facts.reward.read_store(home / "rm.duckdb")  # the registry's decisions on the retrains
     facts.reward.stage_seconds, facts.total_seconds = stages.seconds, time.monotonic() - total
     report = write_session_report(s, facts)
     print(f"\n{report.read_text()}\nreport: {report}\nstore:  {home / 'rm.duckdb'}")
@@ -163,6 +165,8 @@ def play(s: DemoSettings, address: str, gold: str):
         run_dir=s.run_home / "sessions",
         prompts_file=s.data,
         total_steps=s.session_steps,
+        submit_fraction=s.session_submit_fraction,
+        retrain_min_labels=s.session_retrain_min_labels,
         user_simulator="served",
         advantage_estimator=SESSION_ESTIMATOR.get(s.advantage_estimator, "turn_gae"),
         eval_prompts=s.session_eval_openings,
@@ -235,12 +239,16 @@ def outer_loop_lines(s: DemoSettings, facts: SessionFacts) -> list[str]:
     switches = ", ".join(f"{w['from_version']} -> {w['to_version']} at step {w['step']}" for w in summary.switches)
     judged = facts.judge_queue.summary() if facts.judge_queue is not None else "no judge counts"
     return [
-        f"Sessions sent for labeling: {summary.candidates_submitted} ({s.submit_fraction:.0%} of each step's, every "
-        f"{s.submit_every} step(s)); the gold {gold} gave each per-turn thumbs and an outcome "
+        f"Sessions sent for labeling: {summary.candidates_submitted} ({s.session_submit_fraction:.0%} of each "
+        f"step's, every {s.submit_every} step(s)); the gold {gold} gave each per-turn thumbs and an outcome "
         f"from its ScoreTurns: {judged}.",
         "",
-        f"Retrains requested (at {s.retrain_min_labels} new labels): {summary.retrains_requested}; reward-model "
-        f"switches: {switches or 'none'}.",
+        f"Retrains requested (at {s.session_retrain_min_labels} new labels): {summary.retrains_requested}; "
+        f"reward-model switches: {switches or 'none'}.",
+        "",
+        *(decision_table(facts.reward.models) or ["No retrain was decided during the run."]),
+        "",
+        rule_text(),
     ]
 
 

@@ -200,7 +200,27 @@ class DemoSettings(BaseSettings):
         "sessions' per-turn and session gold in the report.",
     )
     max_turns: Annotated[int, of(SessionSettings, "max_turns", "Multi-turn."), Field(le=16)] = 2
-    session_steps: int = Field(4, gt=0, description="Multi-turn: PPO steps over sessions.")
+    session_steps: int = Field(
+        5,
+        gt=0,
+        description="Multi-turn: PPO steps over sessions. With every session labeled (session_submit_fraction) and a "
+        "retrain at session_retrain_min_labels, the retrain is requested after step 3 and decided during step 4; "
+        "step 5 plays against the new version if it was promoted.",
+    )
+    session_submit_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Multi-turn: share of each step's played sessions sent for labeling (every submit_every steps). "
+        "All of them: 8 a step, so a retrain has 16 labels after two steps (at 0.75 the demo labeled about 12 "
+        "sessions in 4 steps and never retrained).",
+    )
+    session_retrain_min_labels: int = Field(
+        16,
+        ge=0,
+        description="Multi-turn: request a retrain at this many new feedback labels (0: never); the single-turn "
+        "demo's retrain_min_labels counts ranking labels.",
+    )
     session_eval_openings: int = Field(
         8, ge=1, description="Multi-turn: held-out first user turns played (samples_per_prompt sessions each)."
     )

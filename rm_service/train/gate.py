@@ -7,7 +7,12 @@ Two groups of pairs neither model trained on:
             (train.crossfit); elsewhere the held-out share of on-policy pairs.
 The parent scores the same pairs (its cached features in head mode, else it is loaded), and
 each group's per-pair log-likelihood gain becomes an Effect with its interval
-(rm_service.evidence). The metrics keep the plain accuracies beside the gains for people.
+(rm_service.evidence). A third group, in head mode:
+- feedback: thumbs and session outcomes committed after the parent's snapshot (the policy's
+            sessions, labeled by people or the gold judge), each label read by a model that never
+            saw it (held out, or cross-fitted like the on-policy pairs) and by the parent with its
+            cached features: the per-label log-likelihood gain (train.feedback_gate).
+The metrics keep the plain accuracies beside the gains for people.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from rm_service import registry
 from rm_service.evidence import combined, effect, pairs_needed
 from rm_service.models.pooling import Pooling, depth
 from rm_service.models.runtime import ModelRuntime
-from rm_service.models.version import open_version, read_head, read_meta
+from rm_service.models.version import open_version, read_head, read_meta, read_session_head
 from rm_service.settings import ModelSettings, TrainSettings
 from rm_service.store.db import Pair, Store
+from rm_service.train import feedback as fb
 from rm_service.train.features import Candidate
+from rm_service.train.feedback_gate import LabelRead, Reader, feedback_effect, read_label
 from rm_service.train.full_mode import pair_rewards
-from rm_service.train.head_mode import pair_data, split_features
+from rm_service.train.head_mode import pair_data, pooled, split_features
 from rm_service.train.metrics import pair_metrics
 from rm_service.train.scores import Scores
 
@@ -70,10 +77,18 @@ def decide_retrain(
     conf = settings.gate_confidence
     e_human = effect(_rows(scores.heldout, human), parent_h, conf)
     e_onpolicy = effect(r_onpolicy, parent_o, conf) if on_pairs else None
-    e_both = combined(e_human, e_onpolicy, settings.gate_onpolicy_share, conf)
-    decision = registry.decide(e_human, e_onpolicy, e_both, conf, parent.version)
-    if decision.verdict == "undecided":
-        decision = dataclasses.replace(decision, pairs_needed=pairs_needed(e_onpolicy, conf, settings.gate_min_effect))
+    e_feedback = None
+    if settings.gate_feedback and scores.feedback_evidence:
+        reads = parent_feedback_reads(
+            parent, runtime, store, [lab for lab, _ in scores.feedback_evidence.values()], settings
+        )
+        folds = max(settings.gate_crossfit_folds, 2)
+        e_feedback = feedback_effect(scores.feedback_evidence, reads, folds, conf) if reads is not None else None
+    e_both = combined(e_human, e_onpolicy, settings.gate_onpolicy_share, conf, e_feedback)
+    decision = registry.decide(e_human, e_onpolicy, e_both, conf, parent.version, feedback=e_feedback)
+    if decision.verdict == "undecided":  # asked in the policy's evidence: its pairs, or its feedback labels without
+        policy = e_onpolicy if e_onpolicy is not None else e_feedback
+        decision = dataclasses.replace(decision, pairs_needed=pairs_needed(policy, conf, settings.gate_min_effect))
     metrics = decision.as_metrics()
     if heldout:
         metrics.update({f"baseline_{k}": v for k, v in pair_metrics(*both).items() if k in ("accuracy", "loss")})
@@ -87,6 +102,34 @@ def decide_retrain(
             metrics.update({f"baseline_accuracy_{name}": b["accuracy"], f"baseline_loss_{name}": b["loss"]})
     metrics["gate_onpolicy_labels"] = float(len({p.label_id for p in on_pairs}))
     return decision, metrics
+
+
+def parent_feedback_reads(
+    parent: registry.ModelRecord,
+    runtime: ModelRuntime,
+    store: Store,
+    labels: list,
+    settings: TrainSettings,
+) -> dict[str, LabelRead] | None:
+    """{label id: the parent's read of it} (its heads, session head and offsets on this run's
+    cached features); None when the parent cannot be read that way (not a head-mode version of
+    this backbone and formatting, or it reads layers this run's cut backbone lacks)."""
+    head = reusable_head(parent.artifact_path, runtime)
+    if head is None or settings.mode != "head":
+        return None
+    pooling, weight, bias = head
+    methods = ("last", "mean") if pooling.method == "last+mean" else (pooling.method,)
+    cands = [Candidate(layer, m) for layer in pooling.layers for m in methods]
+    if not cands or max(c.layer for c in cands) > depth(runtime.model.backbone):
+        return None
+    feats, _ = split_features(runtime, store, [], cands, settings, math.inf, False, fb.requests(labels))
+    has = lambda cid: all(cid in feats[c] for c in cands)
+    info = read_meta(parent.artifact_path).info.get("feedback", {})
+    offsets = {k: float(v) for k, v in info.items() if k.endswith("_offset")}  # none: trained on pairs alone
+    reader = Reader(weight, bias, read_session_head(parent.artifact_path), offsets)
+    use = {"thumbs": settings.thumb_weight > 0, "outcomes": settings.outcome_weight > 0}
+    reads = {lab.label_id: read_label(lab, lambda cid: pooled(feats, pooling, cid), has, reader, use) for lab in labels}
+    return {i: r for i, r in reads.items() if r is not None}
 
 
 def reusable_head(directory, runtime: ModelRuntime) -> tuple[Pooling, np.ndarray, np.ndarray] | None:

@@ -31,7 +31,8 @@ from rm_service.train import feedback as fb
 from rm_service.train.crossfit import crossfit_rewards
 from rm_service.train.data import Split, crossfits
 from rm_service.train.features import Candidate, Features, cached_features, candidates_for, extraction_pooling
-from rm_service.train.heads import MIN_PAIRS_FOR_CV, PairData, fit_heads, select_feedback_head, select_head
+from rm_service.train.feedback_gate import candidate_reads
+from rm_service.train.heads import MIN_PAIRS_FOR_CV, PairData, fit_heads, fold_of, select_feedback_head, select_head
 from rm_service.train.scores import Scores
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,12 @@ def fit_head_mode(
             terms,
         )
         onpolicy_evidence = ([p for p, n in zip(train, new, strict=True) if n], oof)
+    feedback_evidence = None
+    if evidence_since is not None:
+        feedback_evidence = _feedback_evidence(
+            split, settings, evidence_since, fit, data[selection.name], fb_train[selection.name], use,
+            lambda cid: pooled(feats, pooling, cid), has,
+        )  # fmt: skip
     feedback_extra, feedback_info, reference = _feedback_results(
         split, feats, pooling, has, fit, fb_train[selection.name]
     )
@@ -155,7 +162,41 @@ def fit_head_mode(
         reference=reference,
         fit_pairs=train,
         onpolicy_evidence=onpolicy_evidence,
+        feedback_evidence=feedback_evidence,
     )
+
+
+def _feedback_evidence(
+    split: Split,
+    settings: TrainSettings,
+    since: int,
+    fit,
+    pairs: PairData,
+    train: fb.FeedbackData,
+    use: dict[str, bool],
+    vector,
+    has,
+) -> dict | None:
+    """The feedback labels committed after the parent's snapshot (`since`) as this run's version
+    reads them without having seen them (train.feedback_gate): the held-out ones, and with
+    cross-fitting the training ones, each fold by heads refitted without it."""
+    folds = settings.gate_crossfit_folds
+    new_heldout = [f for f in split.feedback_heldout if f.seq > since]
+    new_train = [f for f in split.feedback if f.seq > since] if crossfits(settings) else []
+    if not (new_heldout or new_train):
+        return None
+    terms = (settings.pair_weight, settings.thumb_weight, settings.outcome_weight)
+
+    def refit(k: int):
+        rest = train.rows(lambda g: fold_of(g, folds) != k)
+        if rest.empty and len(pairs.x_w) == 0:
+            return None
+        return fit_heads(
+            pairs, settings.ensemble_size, fit.l2, settings.seed, (fit.weight, fit.bias), feedback=rest,
+            term_weights=terms, separate_session=settings.session_head == "separate",
+        )  # fmt: skip
+
+    return candidate_reads(new_train, new_heldout, fit, refit, max(folds, 2), vector, has, use)
 
 
 def _feedback_results(

@@ -28,3 +28,6 @@ class Scores:
     )
     # Head mode's cross-fitted rewards of the new on-policy pairs (train.crossfit): (pairs, (r_chosen, r_rejected)).
     onpolicy_evidence: tuple[list[Pair], tuple[np.ndarray, np.ndarray]] | None = None
+    # Head mode's reads of the feedback labels new since the parent's snapshot by a model that never saw them
+    # (train.feedback_gate.candidate_reads): {label id: (label, LabelRead)}.
+    feedback_evidence: dict | None = None

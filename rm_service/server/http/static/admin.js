@@ -1,4 +1,4 @@
-// The admin view: agreement between people, and between people and each judge.
+// The admin view: agreement between people, between people and each judge, and on sessions (thumbs, outcomes).
 "use strict";
 
 // Counts print as they are; rates (the columns in `rates`) with three decimals; undefined as n/a.
@@ -30,12 +30,17 @@ function show(data) {
   }
   table("people-judges", ["judge", "shared pairs", "agreement", "Cohen's kappa", "judge tied where people decided", "position-bias rate",
                           "judge prefers longer", "people prefer longer"], judges, [2, 3, 5, 6, 7]);
+  const s = data.stats;  // judge feedback (thumbs, outcomes) against people's on the same turns and sessions
+  table("sessions-judges", ["on sessions", "shared", "agreement", "Cohen's kappa"], [
+    ["thumbs on assistant turns", s.judge_human_shared_thumbs, s.judge_human_thumb_agreement, s.judge_human_thumb_kappa],
+    ["session outcomes", s.judge_human_shared_outcomes, s.judge_human_outcome_agreement, null],
+  ], [2, 3]);
   table("labelers", ["annotator", "source", "labels"],
         [...data.people.map((p) => [p.annotator, "HUMAN", p.labels]), ...data.judges.map((j) => [j.annotator, "JUDGE", j.labels])]);
-  const s = data.stats;
   table("stats", ["what", "count"], [
     ...Object.entries(s.labels_by_source).map(([k, v]) => [`labels, ${k}`, v]),
-    ["tasks in the queue", s.queue_depth], ["tasks leased", s.tasks_leased], ["tasks done", s.tasks_done],
+    ["tasks in the queue", s.queue_depth], ["session tasks in the queue", s.session_queue_depth],
+    ["tasks leased", s.tasks_leased], ["tasks done", s.tasks_done],
   ]);
 }
 
