@@ -28,12 +28,7 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         if not request.labels:
             raise InvalidArgument("labels", "must hold at least one label")
         outcomes = await self.writer.ingest([label(pb) for pb in request.labels])
-        return preference_pb2.IngestLabelsResponse(
-            results=[
-                preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason)
-                for o in outcomes
-            ]
-        )
+        return _ingest_response(outcomes)
 
     @rpc
     async def IngestFeedback(
@@ -46,12 +41,7 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
         outcomes = await self.writer.ingest(
             [feedback(pb, f"feedback[{i}]") for i, pb in enumerate(request.feedback)], field="feedback"
         )
-        return preference_pb2.IngestLabelsResponse(
-            results=[
-                preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason)
-                for o in outcomes
-            ]
-        )
+        return _ingest_response(outcomes)
 
     @rpc
     async def GetStats(self, request: preference_pb2.GetStatsRequest, context) -> preference_pb2.Stats:
@@ -94,3 +84,13 @@ class PreferenceService(preference_pb2_grpc.PreferenceServiceServicer):
             task_kinds(request.kinds),
         )
         return preference_pb2.LeaseTasksResponse(tasks=[task(t) for t in leased])
+
+
+def _ingest_response(outcomes) -> preference_pb2.IngestLabelsResponse:
+    """One IngestResult per label or feedback item, in the request's order."""
+    return preference_pb2.IngestLabelsResponse(
+        results=[
+            preference_pb2.IngestResult(label_id=o.label_id, status=STATUS_VALUES[o.status], reason=o.reason)
+            for o in outcomes
+        ]
+    )
